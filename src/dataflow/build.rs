@@ -1,0 +1,84 @@
+//! Assembles the whole dataflow from a definition: sources, the stages of
+//! this module, and the commit stage.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use differential_dataflow::AsCollection;
+use timely::dataflow::operators::Concatenate;
+use timely::dataflow::Scope;
+
+use super::{identity, profiles, segments, traits, Coll, Time};
+use crate::io::sinks::{commit, Outputs, RunSummary, StateUpdate};
+use crate::io::sources::{source, ReadParams, SourceDef};
+use crate::model::Record;
+use crate::spec::{SegmentSpec, Spec, TraitSpec};
+
+/// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
+/// the run's summary appears in `result` when the dataflow has drained.
+pub fn build<'s>(
+    scope: Scope<'s, Time>,
+    spec: &Spec,
+    sources: &[SourceDef],
+    params: Arc<ReadParams>,
+    outputs: Option<Outputs>,
+    result: Rc<RefCell<Option<RunSummary>>>,
+) {
+    let trait_specs: Rc<[TraitSpec]> = spec.traits.clone().into();
+    let segment_specs: Rc<[SegmentSpec]> = spec.segments.clone().into();
+
+    let mut record_streams = Vec::new();
+    let mut control_streams = Vec::new();
+    for def in sources {
+        let (records, control) = source(scope, def.clone(), Arc::clone(&params));
+        record_streams.push(records.as_collection());
+        control_streams.push(control);
+    }
+    let records: Coll<'s, Record> = differential_dataflow::collection::concatenate(scope, record_streams);
+
+    // CRM records are upserts; their current versions link identifiers and
+    // carry attributes.
+    let crm_versions = records.clone().flat_map(|r| match r {
+        Record::Crm(c) => Some((c.crm_id.clone(), c)),
+        _ => None,
+    });
+    let crm_current = profiles::crm_current(crm_versions);
+
+    // Identity: identifier sets of events and of current CRM records.
+    let event_sets = records.clone().flat_map(|r| match r {
+        Record::Crm(_) => None,
+        other => Some(other.ids().to_vec()),
+    });
+    let crm_sets = crm_current.clone().map(|(_, c)| c.ids);
+    let id_profile = identity::resolve(event_sets.concat(crm_sets));
+    let id_profile_arranged = id_profile.clone().arrange_by_key_named("Arrange: identifier -> profile");
+
+    // Traits and attributes per profile, then segments.
+    let events = records.filter(|r| !matches!(r, Record::Crm(_)));
+    let contributions = traits::contributions(events, Rc::clone(&trait_specs));
+    let trait_values = traits::per_profile(contributions, id_profile_arranged.clone());
+    let attributes = profiles::attributes(crm_current, id_profile_arranged);
+    let profile_ids = identity::profiles(id_profile.clone());
+    let memberships = segments::evaluate(
+        profile_ids.clone(),
+        trait_values.clone(),
+        attributes.clone(),
+        Rc::clone(&trait_specs),
+        Rc::clone(&segment_specs),
+    );
+
+    let updates = differential_dataflow::collection::concatenate(
+        scope,
+        vec![
+            memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
+            profile_ids.map(StateUpdate::Profile),
+            id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
+            trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v as i64)),
+            attributes.map(|(p, a)| StateUpdate::Attrs(p, a)),
+        ],
+    );
+    let control = scope.concatenate(control_streams);
+    let names = sources.iter().map(|s| s.name.clone()).collect();
+    commit(updates.inner, control, outputs, names, trait_specs, segment_specs, result);
+}

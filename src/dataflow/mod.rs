@@ -1,0 +1,29 @@
+//! The dataflow stages, each a free function from collections to collections.
+//!
+//! Records flow one way:
+//!
+//! ```text
+//! records ─► identity::resolve ─► (identifier, profile)
+//!    │                                   │
+//!    ├─► profiles::crm_current ─► profiles::attributes (per profile)
+//!    └─► traits::contributions ─► traits::per_profile ─► segments::evaluate
+//! ```
+//!
+//! All collections are timed by event time rounded to the engine tick
+//! ([`Time`], milliseconds since the epoch). Because the time is totally
+//! ordered, abelian aggregates use `count_total` rather than `reduce`.
+
+use differential_dataflow::VecCollection;
+
+pub mod build;
+pub mod identity;
+pub mod profiles;
+pub mod segments;
+pub mod traits;
+
+/// Logical time of every collection: event time in milliseconds since the
+/// Unix epoch, rounded down to a multiple of the engine tick.
+pub type Time = u64;
+
+/// A differential collection at event time.
+pub type Coll<'s, D, R = isize> = VecCollection<'s, Time, D, R>;

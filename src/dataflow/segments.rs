@@ -1,0 +1,92 @@
+//! Segment membership.
+//!
+//! A segment is a boolean condition over a profile's traits (by name, a
+//! missing trait is 0) and CRM attributes (`attributes.NAME`, missing is
+//! null). For every profile the facts — that it exists, its trait values and
+//! its merged attributes — are gathered by profile and every condition is
+//! evaluated; the output is the set of `(segment, profile)` memberships, whose
+//! changes over time are the entry (+1) and exit (-1) diffs.
+
+use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
+
+use super::profiles::Attributes;
+use super::traits::SUM_SCALE;
+use super::Coll;
+use crate::model::{Ident, Scalar};
+use crate::spec::{Aggregate, SegmentSpec, TraitSpec};
+
+/// One fact about a profile, the input of segment evaluation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Fact {
+    /// The profile exists (it has at least one identifier).
+    Exists,
+    /// The current value of trait `index` (sums in thousandths).
+    Trait(u32, i64),
+    /// The merged CRM attributes.
+    Attrs(Attributes),
+}
+
+/// A trait's stored integer as the number users wrote conditions against.
+pub fn trait_scalar(spec: &TraitSpec, raw: i64) -> Scalar {
+    match spec.aggregate {
+        Aggregate::Count => Scalar::Num(raw as f64),
+        Aggregate::Sum => Scalar::Num(raw as f64 / SUM_SCALE),
+    }
+}
+
+/// Evaluates every segment for one profile's facts; returns the indices of
+/// the segments it belongs to.
+pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpec]) -> Vec<u32> {
+    let mut values: Vec<i64> = vec![0; traits.len()];
+    let mut attrs: Option<&Attributes> = None;
+    for fact in facts {
+        match fact {
+            Fact::Exists => {}
+            Fact::Trait(index, value) => values[*index as usize] = *value,
+            Fact::Attrs(a) => attrs = Some(a),
+        }
+    }
+    let mut lookup = |path: &[String]| -> Scalar {
+        match path {
+            [name] => traits
+                .iter()
+                .position(|t| &t.name == name)
+                .map(|i| trait_scalar(&traits[i], values[i]))
+                .unwrap_or(Scalar::Null),
+            [first, field] if first == "attributes" => attrs
+                .and_then(|a| a.iter().find(|(k, _)| k == field).map(|(_, v)| v.clone()))
+                .unwrap_or(Scalar::Null),
+            _ => Scalar::Null,
+        }
+    };
+    segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.when.eval_bool(&mut lookup))
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+/// Segment memberships `(segment index, profile)`.
+pub fn evaluate<'s>(
+    profiles: Coll<'s, Ident>,
+    traits: Coll<'s, ((Ident, u32), isize)>,
+    attributes: Coll<'s, (Ident, Attributes)>,
+    trait_specs: Rc<[TraitSpec]>,
+    segment_specs: Rc<[SegmentSpec]>,
+) -> Coll<'s, (u32, Ident)> {
+    let facts = profiles
+        .map(|p| (p, Fact::Exists))
+        .concat(traits.map(|((p, t), v)| (p, Fact::Trait(t, v as i64))))
+        .concat(attributes.map(|(p, a)| (p, Fact::Attrs(a))));
+    facts
+        .reduce_named("Evaluate: segments", move |_profile, input, output| {
+            let present: Vec<&Fact> = input.iter().filter(|(_, c)| *c > 0).map(|(f, _)| *f).collect();
+            for segment in memberships(&present, &trait_specs, &segment_specs) {
+                output.push((segment, 1isize));
+            }
+        })
+        .map(|(profile, segment)| (segment, profile))
+}

@@ -1,0 +1,117 @@
+//! Windowed traits: count and sum per profile.
+//!
+//! A trait is declared in the dataflow file (`[traits.NAME]`) over one
+//! stream (web or transactions), with an optional filter, an aggregate
+//! (`count` or `sum` of a field) and an optional sliding window.
+//!
+//! Traits are abelian, so they are computed as *differences* rather than by
+//! reducing over all events of a key:
+//!
+//! 1. [`contributions`]: each matching event becomes the update
+//!    `((identifier, trait), +value)` at its tick, where the identifier is the
+//!    event's highest-priority identifier and `value` is 1 for a count or the
+//!    field's value in thousandths for a sum. A window of length `w` adds the
+//!    negated update at `tick + w`, so the event leaves the window exactly `w`
+//!    after it entered.
+//! 2. [`per_profile`]: the contributions are re-keyed by profile through the
+//!    shared `(identifier, profile)` arrangement and totalled with
+//!    `count_total`. When two profiles merge, the join moves every
+//!    contribution to the merged profile and the totals follow.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::operators::CountTotal;
+use differential_dataflow::trace::implementations::ValSpine;
+
+use super::{Coll, Time};
+use crate::model::{Ident, Record, Scalar};
+use crate::spec::{Aggregate, StreamKind, TraitSpec};
+
+/// Sum traits are kept as integers in thousandths of the summed field.
+pub const SUM_SCALE: f64 = 1000.0;
+
+/// The `(identifier, profile)` arrangement shared by every consumer.
+pub type IdProfileArrangement<'s> = Arranged<'s, TraceAgent<ValSpine<Ident, Ident, Time, isize>>>;
+
+/// Evaluates one trait on one record: `Some(value)` if the record counts
+/// towards the trait (value 1 for counts, thousandths for sums).
+pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<isize> {
+    let mut lookup = |path: &[String]| -> Scalar {
+        match record {
+            Record::Web(e) => e.field(path),
+            Record::Txn(t) => t.field(path),
+            Record::Crm(_) => Scalar::Null,
+        }
+    };
+    let stream_matches = matches!(
+        (spec.stream, record),
+        (StreamKind::Web, Record::Web(_)) | (StreamKind::Transactions, Record::Txn(_))
+    );
+    if !stream_matches {
+        return None;
+    }
+    if let Some(filter) = &spec.filter {
+        if !filter.eval_bool(&mut lookup) {
+            return None;
+        }
+    }
+    match spec.aggregate {
+        Aggregate::Count => Some(1),
+        Aggregate::Sum => {
+            let path = spec.of.as_deref().unwrap_or(&[]);
+            let v = lookup(path).as_f64()?;
+            if !v.is_finite() {
+                return None;
+            }
+            let scaled = (v * SUM_SCALE).round();
+            (scaled != 0.0).then_some(scaled as isize)
+        }
+    }
+}
+
+/// The trait contributions of web events and transactions, windowed.
+pub fn contributions<'s>(records: Coll<'s, Record>, traits: Rc<[TraitSpec]>) -> Coll<'s, (Ident, u32)> {
+    let specs = Rc::clone(&traits);
+    let raw: Coll<'s, (Ident, u32)> = records.explode(move |record| {
+        let mut out = Vec::new();
+        if let Some(key) = record.ids().first() {
+            for (index, spec) in specs.iter().enumerate() {
+                if let Some(value) = trait_value(spec, &record) {
+                    out.push(((key.clone(), index as u32), value));
+                }
+            }
+        }
+        out
+    });
+
+    // Group traits by window length; one delayed retraction per length.
+    let mut by_window: BTreeMap<Option<u64>, Vec<u32>> = BTreeMap::new();
+    for (index, spec) in traits.iter().enumerate() {
+        by_window.entry(spec.window_ms).or_default().push(index as u32);
+    }
+    let mut parts = Vec::new();
+    for (window, members) in by_window {
+        let part = raw.clone().filter(move |(_, t)| members.contains(t));
+        match window {
+            None => parts.push(part),
+            Some(w) => {
+                let expiry = part.clone().delay(move |t| t.saturating_add(w)).negate();
+                parts.push(part);
+                parts.push(expiry);
+            }
+        }
+    }
+    differential_dataflow::collection::concatenate(raw.scope(), parts)
+}
+
+/// Totals per `(profile, trait)`: the data is `((profile, trait), value)`.
+pub fn per_profile<'s>(
+    contributions: Coll<'s, (Ident, u32)>,
+    id_profile: IdProfileArrangement<'s>,
+) -> Coll<'s, ((Ident, u32), isize)> {
+    contributions
+        .join_core(id_profile, |_id, trait_index, profile| Some((profile.clone(), *trait_index)))
+        .count_total()
+}

@@ -1,0 +1,256 @@
+//! The embeddable engine: a dataflow definition plus inputs and outputs,
+//! run on a timely configuration (threads, processes).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::dataflow::build::build;
+use crate::io::sinks::{DiffCallback, Outputs, RunSummary, SegmentSink};
+use crate::io::sources::{Input, ReadParams, SourceDef};
+use crate::model::{IdentityRules, RecordKind};
+use crate::spec::{Spec, SpecError, StreamKind};
+use crate::store::{Store, StoreError};
+
+/// Where segment diffs go.
+#[derive(Clone)]
+pub enum Output {
+    /// Nowhere.
+    Discard,
+    /// A file (created or truncated).
+    Path(PathBuf),
+    /// Standard output.
+    Stdout,
+    /// A TCP peer to connect to (`host:port`).
+    Tcp(String),
+    /// A function called for every committed diff, in order.
+    Callback(DiffCallback),
+}
+
+impl Output {
+    /// Parses a command-line location: `-`, `tcp://ADDR` or a path.
+    pub fn parse(location: &str) -> Output {
+        if location == "-" {
+            Output::Stdout
+        } else if let Some(addr) = location.strip_prefix("tcp://") {
+            Output::Tcp(addr.to_string())
+        } else {
+            Output::Path(PathBuf::from(location))
+        }
+    }
+}
+
+/// Why a run could not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The dataflow definition is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// `--input NAME=..` names a source the definition does not declare.
+    #[error("unknown source `{name}`; the dataflow declares: {known}")]
+    UnknownSource {
+        /// The name given.
+        name: String,
+        /// Declared names.
+        known: String,
+    },
+    /// A source has no location.
+    #[error("source `{0}` has no input: give `--input {0}=PATH` (or tcp://ADDR), or set `path` in [sources.{0}]")]
+    MissingInput(String),
+    /// A file cannot be opened or created.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What the file is for.
+        what: &'static str,
+        /// Its path or address.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A worker failed.
+    #[error("worker failed: {0}")]
+    Worker(String),
+}
+
+fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineError {
+    EngineError::Io { what, path: path.display().to_string(), source }
+}
+
+/// A configured run of a dataflow definition.
+///
+/// ```no_run
+/// use segflow::{Engine, Output, spec::parse_spec};
+/// let spec = parse_spec(&std::fs::read_to_string("dataflows/ecommerce.toml")?, "ecommerce.toml")?;
+/// let summary = Engine::new(spec)
+///     .output(Output::Path("out/segments.jsonl".into()))
+///     .run(timely::Config::process(2))?;
+/// println!("{} profiles", summary.profiles);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Engine {
+    spec: Spec,
+    inputs: BTreeMap<String, Input>,
+    output: Option<Output>,
+    dead_letter: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+impl Engine {
+    /// An engine for `spec`, with the inputs and outputs the file names.
+    pub fn new(spec: Spec) -> Engine {
+        let mut inputs = BTreeMap::new();
+        for s in &spec.sources {
+            if let Some(location) = &s.location {
+                inputs.insert(s.name.clone(), Input::parse(location, s.follow, s.until_disconnect));
+            }
+        }
+        let output = spec.output.segments.as_deref().map(Output::parse);
+        let dead_letter = spec.output.dead_letter.as_ref().map(PathBuf::from);
+        let state_dir = spec.output.state_dir.as_ref().map(PathBuf::from);
+        Engine { spec, inputs, output, dead_letter, state_dir }
+    }
+
+    /// The definition being run.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Sets (or overrides) the input of source `name`.
+    pub fn input(mut self, name: &str, input: Input) -> Result<Engine, EngineError> {
+        if self.spec.source(name).is_none() {
+            let known = self.spec.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(EngineError::UnknownSource { name: name.to_string(), known });
+        }
+        self.inputs.insert(name.to_string(), input);
+        Ok(self)
+    }
+
+    /// Sets the input of source `name` from a command-line location, keeping
+    /// the file's `follow`/`until` settings.
+    pub fn input_location(self, name: &str, location: &str) -> Result<Engine, EngineError> {
+        let (follow, until) = self.spec.source(name).map(|s| (s.follow, s.until_disconnect)).unwrap_or((false, false));
+        self.input(name, Input::parse(location, follow, until))
+    }
+
+    /// Sets where segment diffs go.
+    pub fn output(mut self, output: Output) -> Engine {
+        self.output = Some(output);
+        self
+    }
+
+    /// Sets the dead-letter file.
+    pub fn dead_letter(mut self, path: impl Into<PathBuf>) -> Engine {
+        self.dead_letter = Some(path.into());
+        self
+    }
+
+    /// Sets the RocksDB state directory.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Engine {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    fn source_defs(&self) -> Result<Vec<SourceDef>, EngineError> {
+        let mut defs = Vec::new();
+        for (index, s) in self.spec.sources.iter().enumerate() {
+            let input = self.inputs.get(&s.name).cloned().ok_or_else(|| EngineError::MissingInput(s.name.clone()))?;
+            if let Input::File { path, .. } = &input {
+                std::fs::File::open(path).map_err(|e| io_err("cannot open input", path, e))?;
+            }
+            let kind = match s.kind {
+                StreamKind::Web => RecordKind::Web,
+                StreamKind::Crm => RecordKind::Crm,
+                StreamKind::Transactions => RecordKind::Transactions,
+            };
+            defs.push(SourceDef { index: index as u32, name: s.name.clone(), kind, format: s.format, input });
+        }
+        Ok(defs)
+    }
+
+    fn open_outputs(&self) -> Result<Outputs, EngineError> {
+        fn create(what: &'static str, path: &Path) -> Result<std::fs::File, EngineError> {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| io_err(what, parent, e))?;
+            }
+            std::fs::File::create(path).map_err(|e| io_err(what, path, e))
+        }
+        let segments = match self.output.clone().unwrap_or(Output::Discard) {
+            Output::Discard => SegmentSink::Discard,
+            Output::Stdout => SegmentSink::Writer(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+            Output::Path(p) => SegmentSink::Writer(Box::new(std::io::BufWriter::with_capacity(1 << 20, create("cannot create output", &p)?))),
+            Output::Tcp(addr) => {
+                let stream = std::net::TcpStream::connect(&addr).map_err(|e| io_err("cannot connect output to", Path::new(&addr), e))?;
+                stream.set_nodelay(true).ok();
+                SegmentSink::Writer(Box::new(std::io::BufWriter::new(stream)))
+            }
+            Output::Callback(f) => SegmentSink::Callback(f),
+        };
+        let dead_letters = match &self.dead_letter {
+            Some(p) => Some(Box::new(std::io::BufWriter::new(create("cannot create dead-letter output", p)?)) as Box<dyn Write + Send>),
+            None => None,
+        };
+        let store = match &self.state_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create state directory", dir, e))?;
+                Some(Store::open(dir)?)
+            }
+            None => None,
+        };
+        Ok(Outputs { segments, dead_letters, store })
+    }
+
+    /// Runs the dataflow on `config` until every input has ended; returns
+    /// worker 0's summary (on other processes of a cluster, an empty one).
+    pub fn run(self, mut config: timely::Config) -> Result<RunSummary, EngineError> {
+        let started = Instant::now();
+        let defs = Arc::new(self.source_defs()?);
+        let process = match &config.communication {
+            timely::CommunicationConfig::Cluster { process, .. } => *process,
+            _ => 0,
+        };
+        let outputs = if process == 0 { Some(self.open_outputs()?) } else { None };
+        let outputs = Arc::new(Mutex::new(outputs));
+        let e = &self.spec.engine;
+        let params = Arc::new(ReadParams {
+            tick_ms: e.tick_ms,
+            lateness_ms: e.allowed_lateness_ms,
+            idle_advance_ms: e.idle_advance_ms,
+            late_policy: e.late_policy,
+            max_line_bytes: e.max_line_bytes,
+            rules: IdentityRules::new(self.spec.identity.priority.clone(), e.default_region.clone()),
+        });
+        differential_dataflow::configure(
+            &mut config.worker,
+            &differential_dataflow::Config::default().idle_merge_effort(Some(1000)),
+        );
+        let spec = Arc::new(self.spec);
+        let guards = timely::execute(config, move |worker| {
+            let outputs = if worker.index() == 0 { outputs.lock().ok().and_then(|mut o| o.take()) } else { None };
+            let result = Rc::new(RefCell::new(None));
+            worker.dataflow_named::<crate::dataflow::Time, _, _>("segflow", |scope| {
+                build(scope, &spec, &defs, Arc::clone(&params), outputs, Rc::clone(&result));
+            });
+            while worker.step_or_park(Some(Duration::from_millis(20))) {}
+            result.borrow_mut().take()
+        })
+        .map_err(EngineError::Worker)?;
+        let mut summary = None;
+        for r in guards.join() {
+            match r {
+                Ok(Some(s)) => summary = Some(s),
+                Ok(None) => {}
+                Err(e) => return Err(EngineError::Worker(e)),
+            }
+        }
+        let mut summary = summary.unwrap_or_default();
+        summary.elapsed_secs = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+}

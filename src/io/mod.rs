@@ -1,0 +1,63 @@
+//! Sources and sinks: how records enter the dataflow and results leave it.
+//!
+//! Besides records, every source sends *control* messages ([`Control`]) to the
+//! commit stage on worker 0: its event-time clock (the largest tick seen,
+//! which bounds what may be written), its byte offset, counters, and the dead
+//! letters of records it could not use.
+
+use serde::{Deserialize, Serialize};
+
+pub mod sinks;
+pub mod sources;
+
+/// A record that could not be used, with the reason and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The source name from the dataflow file (e.g. `web`).
+    pub source: String,
+    /// Where the source reads from: a file path, or `tcp://` and the peer.
+    pub input: String,
+    /// 1-based line number within the file or TCP connection.
+    pub line: u64,
+    /// Byte offset of the line's first byte within the file or connection.
+    pub offset: u64,
+    /// What is wrong, e.g. `missing field \`ts\``.
+    pub reason: String,
+    /// The line, lossily decoded and truncated to 1000 bytes.
+    pub raw: String,
+}
+
+/// Messages from sources to the commit stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// The source's event-time clock: the largest tick it has seen (or its
+    /// idle-advanced clock). Nothing later than the largest clock is written.
+    Clock {
+        /// Source index.
+        source: u32,
+        /// Tick in milliseconds.
+        tick: u64,
+    },
+    /// Bytes consumed so far (files) or lines read (sockets).
+    Offset {
+        /// Source index.
+        source: u32,
+        /// The offset.
+        offset: u64,
+    },
+    /// Counter increments since the last report.
+    Stats {
+        /// Source index.
+        source: u32,
+        /// Lines read.
+        lines: u64,
+        /// Records decoded and admitted into the dataflow.
+        records: u64,
+        /// Lines sent to the dead-letter output (including late ones).
+        dead: u64,
+        /// Records older than the watermark.
+        late: u64,
+    },
+    /// A dead letter to write.
+    Dead(DeadLetter),
+}

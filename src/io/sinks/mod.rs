@@ -1,0 +1,335 @@
+//! Sinks and the commit stage.
+//!
+//! All results are routed to worker 0, which buffers them by timestamp and
+//! *commits* a timestamp once it is complete (no worker can still produce
+//! updates at or before it) and not later than the largest event time seen:
+//!
+//! 1. the segment diffs of that time are consolidated (no `+1`/`-1` pairs),
+//!    sorted by segment and profile, and written as JSON lines
+//!    (`{"time":..,"segment":..,"profile":..,"diff":1}`) to the segment sink;
+//! 2. the state changes of that time and the checkpoint go to RocksDB in one
+//!    `WriteBatch`.
+//!
+//! Timestamps are committed in increasing order, so the output is in time
+//! order and identical for any number of workers or processes.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::Stream;
+
+use crate::dataflow::profiles::Attributes;
+use crate::dataflow::segments::trait_scalar;
+use crate::dataflow::Time;
+use crate::io::{Control, DeadLetter};
+use crate::model::Ident;
+use crate::spec::{SegmentSpec, TraitSpec};
+use crate::store::{attributes_json, Checkpoint, Store, StoreOp};
+
+/// One segment entry (`diff = 1`) or exit (`diff = -1`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SegmentDiff {
+    /// Event time of the change, in milliseconds (a multiple of the tick).
+    pub time: u64,
+    /// Segment name.
+    pub segment: String,
+    /// Profile id.
+    pub profile: String,
+    /// `1` on entry, `-1` on exit.
+    pub diff: i64,
+}
+
+impl SegmentDiff {
+    /// The JSON line of the output contract (without newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("segment diff serializes")
+    }
+}
+
+/// A callback receiving every committed segment diff.
+pub type DiffCallback = Arc<dyn Fn(&SegmentDiff) + Send + Sync>;
+
+/// Where segment diffs go.
+pub enum SegmentSink {
+    /// Nowhere (state only).
+    Discard,
+    /// A writer: file, stdout or TCP peer.
+    Writer(Box<dyn Write + Send>),
+    /// A function.
+    Callback(DiffCallback),
+}
+
+impl SegmentSink {
+    fn write(&mut self, diff: &SegmentDiff) -> std::io::Result<()> {
+        match self {
+            SegmentSink::Discard => Ok(()),
+            SegmentSink::Writer(w) => {
+                w.write_all(diff.to_line().as_bytes())?;
+                w.write_all(b"\n")
+            }
+            SegmentSink::Callback(f) => {
+                f(diff);
+                Ok(())
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            SegmentSink::Writer(w) => w.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Everything the commit stage writes to; only worker 0 has one.
+pub struct Outputs {
+    /// Segment diffs.
+    pub segments: SegmentSink,
+    /// Dead letters, one JSON object per line.
+    pub dead_letters: Option<Box<dyn Write + Send>>,
+    /// RocksDB state.
+    pub store: Option<Store>,
+}
+
+/// A change of state, keyed so that it can be routed and consolidated.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum StateUpdate {
+    /// Segment membership `(segment index, profile)`.
+    Segment(u32, Ident),
+    /// A profile exists.
+    Profile(Ident),
+    /// Identifier belongs to profile.
+    Link(Ident, Ident),
+    /// Trait `index` of a profile has this (stored) value.
+    Trait(Ident, u32, i64),
+    /// A profile's merged attributes.
+    Attrs(Ident, Attributes),
+}
+
+/// Per-source counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceSummary {
+    /// Source name.
+    pub name: String,
+    /// Lines read.
+    pub lines: u64,
+    /// Records admitted into the dataflow.
+    pub records: u64,
+    /// Lines dead-lettered (including late records).
+    pub dead_letters: u64,
+    /// Late records.
+    pub late: u64,
+    /// Final offset.
+    pub offset: u64,
+}
+
+/// What a run did, as seen by worker 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Per source.
+    pub sources: Vec<SourceSummary>,
+    /// Profiles at the end.
+    pub profiles: i64,
+    /// Members per segment at the end, in definition order.
+    pub segments: Vec<(String, i64)>,
+    /// Segment diff lines written.
+    pub diffs_written: u64,
+    /// Timestamps committed.
+    pub times_committed: u64,
+    /// Last committed time (ms), if any.
+    pub last_time: Option<u64>,
+    /// Wall-clock seconds of the run (set by the engine).
+    pub elapsed_secs: f64,
+}
+
+impl RunSummary {
+    /// Total records admitted across sources.
+    pub fn records(&self) -> u64 {
+        self.sources.iter().map(|s| s.records).sum()
+    }
+    /// Total dead letters.
+    pub fn dead_letters(&self) -> u64 {
+        self.sources.iter().map(|s| s.dead_letters).sum()
+    }
+    /// Total late records.
+    pub fn late(&self) -> u64 {
+        self.sources.iter().map(|s| s.late).sum()
+    }
+}
+
+struct Committer {
+    outputs: Outputs,
+    traits: Rc<[TraitSpec]>,
+    segments: Rc<[SegmentSpec]>,
+    pending: BTreeMap<Time, Vec<(StateUpdate, isize)>>,
+    max_clock: Option<u64>,
+    summary: RunSummary,
+    checkpoint: Checkpoint,
+    members: Vec<i64>,
+}
+
+impl Committer {
+    fn dead(&mut self, letter: &DeadLetter) {
+        if let Some(w) = self.outputs.dead_letters.as_mut() {
+            let line = serde_json::to_string(letter).expect("dead letter serializes");
+            if let Err(e) = w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")) {
+                tracing::error!("dead-letter output: {e}");
+            }
+        }
+    }
+
+    fn control(&mut self, c: &Control) {
+        match c {
+            Control::Clock { tick, .. } => self.max_clock = Some(self.max_clock.map_or(*tick, |m| m.max(*tick))),
+            Control::Offset { source, offset } => {
+                let s = &mut self.summary.sources[*source as usize];
+                s.offset = s.offset.max(*offset);
+                self.checkpoint.offsets.insert(s.name.clone(), s.offset);
+            }
+            Control::Stats { source, lines, records, dead, late } => {
+                let s = &mut self.summary.sources[*source as usize];
+                s.lines += lines;
+                s.records += records;
+                s.dead_letters += dead;
+                s.late += late;
+            }
+            Control::Dead(letter) => self.dead(letter),
+        }
+    }
+
+    fn commit(&mut self, time: Time, mut updates: Vec<(StateUpdate, isize)>) -> std::io::Result<()> {
+        differential_dataflow::consolidation::consolidate(&mut updates);
+        let mut diffs = Vec::new();
+        let mut ops = Vec::new();
+        for (update, diff) in &updates {
+            match update {
+                StateUpdate::Segment(seg, profile) => {
+                    let name = self.segments[*seg as usize].name.clone();
+                    self.members[*seg as usize] += *diff as i64;
+                    diffs.push(SegmentDiff { time, segment: name.clone(), profile: profile.value.clone(), diff: *diff as i64 });
+                    ops.push((StoreOp::Segment { profile: profile.value.clone(), name }, *diff));
+                }
+                StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
+                StateUpdate::Link(id, profile) => {
+                    ops.push((StoreOp::Link { id: id.value.clone(), profile: profile.value.clone() }, *diff))
+                }
+                StateUpdate::Trait(profile, index, raw) => {
+                    let spec = &self.traits[*index as usize];
+                    let value = trait_scalar(spec, *raw).as_f64().unwrap_or(0.0);
+                    ops.push((StoreOp::Trait { profile: profile.value.clone(), name: spec.name.clone(), value }, *diff));
+                }
+                StateUpdate::Attrs(profile, attrs) => {
+                    ops.push((StoreOp::Attributes { profile: profile.value.clone(), json: attributes_json(attrs) }, *diff))
+                }
+            }
+        }
+        diffs.sort();
+        for d in &diffs {
+            self.outputs.segments.write(d)?;
+        }
+        self.summary.diffs_written += diffs.len() as u64;
+        self.summary.times_committed += 1;
+        self.summary.last_time = Some(time);
+        self.checkpoint.time = time;
+        if let Some(store) = &self.outputs.store {
+            store.commit(&ops, &self.checkpoint).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> RunSummary {
+        if let Err(e) = self.outputs.segments.flush() {
+            tracing::error!("segment output: {e}");
+        }
+        if let Some(w) = self.outputs.dead_letters.as_mut() {
+            let _ = w.flush();
+        }
+        let mut summary = self.summary.clone();
+        summary.segments = self.segments.iter().zip(&self.members).map(|(s, m)| (s.name.clone(), *m)).collect();
+        summary
+    }
+}
+
+/// Builds the commit stage. `outputs` is `Some` on worker 0 only; the final
+/// summary is left in `result` when the inputs are exhausted.
+pub fn commit<'s>(
+    updates: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
+    control: Stream<'s, Time, Vec<Control>>,
+    outputs: Option<Outputs>,
+    source_names: Vec<String>,
+    traits: Rc<[TraitSpec]>,
+    segments: Rc<[SegmentSpec]>,
+    result: Rc<RefCell<Option<RunSummary>>>,
+) {
+    let scope = updates.scope();
+    let mut builder = OperatorBuilder::new("Commit".to_string(), scope);
+    let mut updates_in = builder.new_input(updates, Exchange::new(|_: &(StateUpdate, Time, isize)| 0u64));
+    let mut control_in = builder.new_input(control, Exchange::new(|_: &Control| 0u64));
+    let members = vec![0; segments.len()];
+    let mut committer = outputs.map(|outputs| Committer {
+        outputs,
+        summary: RunSummary {
+            sources: source_names.iter().map(|n| SourceSummary { name: n.clone(), ..Default::default() }).collect(),
+            ..Default::default()
+        },
+        traits,
+        segments,
+        pending: BTreeMap::new(),
+        max_clock: None,
+        checkpoint: Checkpoint::default(),
+        members,
+    });
+    let mut finished = false;
+    builder.build(move |_caps| {
+        move |frontiers| {
+            let Some(c) = committer.as_mut() else {
+                updates_in.for_each(|_, _| {});
+                control_in.for_each(|_, _| {});
+                return;
+            };
+            control_in.for_each(|_cap, data| {
+                for item in data.drain(..) {
+                    c.control(&item);
+                }
+            });
+            updates_in.for_each(|_cap, data| {
+                for (update, time, diff) in data.drain(..) {
+                    c.pending.entry(time).or_default().push((update, diff));
+                }
+            });
+            // The earliest time some worker may still produce.
+            let frontier = frontiers.iter().flat_map(|f| f.frontier().iter().copied()).min();
+            let mut wrote = false;
+            while let Some((&time, _)) = c.pending.first_key_value() {
+                let complete = frontier.is_none_or(|f| time < f);
+                let reached = c.max_clock.is_some_and(|m| time <= m);
+                if !(complete && reached) {
+                    break;
+                }
+                let updates = c.pending.pop_first().map(|(_, u)| u).unwrap_or_default();
+                if let Err(e) = c.commit(time, updates) {
+                    panic!("commit of time {time} failed: {e}");
+                }
+                wrote = true;
+            }
+            if wrote {
+                if let Err(e) = c.outputs.segments.flush() {
+                    tracing::error!("segment output: {e}");
+                }
+            }
+            if frontier.is_none() && !finished {
+                finished = true;
+                // Times after the last event (window expiries) are not
+                // part of a finite replay's result.
+                c.pending.clear();
+                *result.borrow_mut() = Some(c.finish());
+            }
+        }
+    });
+}

@@ -1,0 +1,118 @@
+//! A TCP source: line-delimited JSON from any number of clients at once.
+//!
+//! The engine listens on the configured address. A small tokio runtime on
+//! its own thread accepts connections and frames lines per connection (with
+//! the same length limit as files); complete lines reach the dataflow through
+//! a bounded channel, which pushes back on clients when the engine is busy.
+//! With `until_disconnect`, the source ends once every client that connected
+//! has disconnected (handy for batch loads and tests); otherwise it runs until
+//! the process is stopped.
+
+use std::io;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use super::lines::{Framer, LineSource, Next};
+
+enum Msg {
+    Connected,
+    Item(Next),
+    Disconnected,
+}
+
+/// Lines received on a TCP listener.
+pub struct TcpLines {
+    rx: mpsc::Receiver<Msg>,
+    connected: usize,
+    seen_client: bool,
+    until_disconnect: bool,
+    lines: u64,
+    _runtime: std::thread::JoinHandle<()>,
+}
+
+impl TcpLines {
+    /// Binds `addr` now (so a bad address fails at start) and accepts clients
+    /// in the background.
+    pub fn listen(addr: &str, until_disconnect: bool, limit: usize) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let (tx, rx) = mpsc::channel(4096);
+        let runtime = std::thread::Builder::new().name(format!("segflow-tcp-{addr}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("tcp source: {e}");
+                        return;
+                    }
+                };
+                loop {
+                    let Ok((mut stream, peer)) = listener.accept().await else { continue };
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        if tx.send(Msg::Connected).await.is_err() {
+                            return;
+                        }
+                        let peer = Some(peer.to_string());
+                        let mut framer = Framer::new(limit);
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let mut chunk = &buf[..n];
+                            while !chunk.is_empty() {
+                                let (used, line) = framer.feed(chunk, &peer);
+                                chunk = &chunk[used..];
+                                if let Some(line) = line {
+                                    if tx.send(Msg::Item(line)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        if framer.has_partial() {
+                            let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
+                        }
+                        let _ = tx.send(Msg::Disconnected).await;
+                    });
+                }
+            });
+        })?;
+        Ok(TcpLines { rx, connected: 0, seen_client: false, until_disconnect, lines: 0, _runtime: runtime })
+    }
+}
+
+impl LineSource for TcpLines {
+    fn next_line(&mut self) -> io::Result<Next> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Msg::Connected) => {
+                    self.connected += 1;
+                    self.seen_client = true;
+                }
+                Ok(Msg::Disconnected) => self.connected = self.connected.saturating_sub(1),
+                Ok(Msg::Item(item)) => {
+                    self.lines += 1;
+                    return Ok(item);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if self.until_disconnect && self.seen_client && self.connected == 0 {
+                        return Ok(Next::End);
+                    }
+                    return Ok(Next::Pending);
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Next::End),
+            }
+        }
+    }
+    fn position(&self) -> u64 {
+        self.lines
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,265 @@
+//! The `segflow` command: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use segflow::generate::{generate_dir, GenConfig};
+use segflow::model::IdentityRules;
+use segflow::spec::load_spec;
+use segflow::store::Store;
+use segflow::{Engine, Output, RunSummary};
+
+/// segflow: identity-resolved profiles, windowed traits and segment diffs
+/// from web events, CRM records and transactions.
+#[derive(Parser)]
+#[command(name = "segflow", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a dataflow definition over its sources until they end.
+    Run(RunArgs),
+    /// Write a seeded, realistic e-commerce data set (web.jsonl, crm.jsonl, transactions.jsonl).
+    Generate(GenerateArgs),
+    /// Print everything known about the profile of an identifier, as JSON.
+    Query(QueryArgs),
+    /// Check a dataflow definition and print what it declares.
+    Check {
+        /// The dataflow definition file (TOML).
+        dataflow: PathBuf,
+    },
+}
+
+#[derive(Args)]
+#[command(disable_help_flag = true)]
+struct RunArgs {
+    /// The dataflow definition file (TOML), e.g. dataflows/ecommerce.toml.
+    dataflow: PathBuf,
+    /// Input of a declared source: NAME=PATH or NAME=tcp://HOST:PORT (repeatable).
+    #[arg(long = "input", value_name = "NAME=LOCATION")]
+    inputs: Vec<String>,
+    /// Segment diffs: a file, `-` for stdout, or tcp://HOST:PORT.
+    #[arg(long, value_name = "PATH|-|tcp://ADDR")]
+    output: Option<String>,
+    /// Dead-letter file (JSON lines).
+    #[arg(long, value_name = "PATH")]
+    dead_letter: Option<PathBuf>,
+    /// RocksDB state directory.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Worker threads per process.
+    #[arg(short = 'w', long = "workers", value_name = "N")]
+    workers: Option<usize>,
+    /// Number of processes in the cluster.
+    #[arg(short = 'n', long = "processes", value_name = "N", default_value_t = 1)]
+    processes: usize,
+    /// Index of this process (0-based).
+    #[arg(short = 'p', long = "process", value_name = "I", default_value_t = 0)]
+    process: usize,
+    /// Host file: one host:port per line, line i is process i (default localhost:2101+i).
+    #[arg(short = 'h', long = "hostfile", value_name = "HOSTFILE")]
+    hostfile: Option<PathBuf>,
+    /// Print the summary as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Print help.
+    #[arg(long = "help", action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Output directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of web events.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Random seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    /// RocksDB state directory written by `segflow run`.
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Dataflow definition, for its identifier priority and phone region (defaults otherwise).
+    #[arg(long, value_name = "FILE")]
+    dataflow: Option<PathBuf>,
+    /// An identifier: KIND:VALUE (crm:C1, email:a@b.com, user:u1, anon:a-1, phone:+1...) or a bare value.
+    identifier: String,
+}
+
+fn timely_config(args: &RunArgs, workers: usize) -> anyhow::Result<timely::Config> {
+    let mut config = timely::Config::process(workers);
+    if args.processes > 1 || args.hostfile.is_some() {
+        anyhow::ensure!(args.process < args.processes, "-p {} is out of range for -n {}", args.process, args.processes);
+        let addresses = match &args.hostfile {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read hostfile {}: {e}", path.display()))?;
+                let hosts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                anyhow::ensure!(
+                    hosts.len() >= args.processes,
+                    "hostfile {} lists {} hosts but -n is {}",
+                    path.display(),
+                    hosts.len(),
+                    args.processes
+                );
+                hosts[..args.processes].to_vec()
+            }
+            None => (0..args.processes).map(|i| format!("localhost:{}", 2101 + i)).collect(),
+        };
+        config.communication = timely::CommunicationConfig::Cluster {
+            threads: workers,
+            process: args.process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        };
+    }
+    Ok(config)
+}
+
+fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
+    let text = if json {
+        serde_json::to_string(s).unwrap_or_default()
+    } else {
+        let mut t = String::new();
+        let records = s.records();
+        t += &format!("segflow run finished in {:.2} s\n", s.elapsed_secs);
+        for src in &s.sources {
+            t += &format!(
+                "  source {:<14} lines {:>10}  records {:>10}  dead letters {:>6}  late {:>6}\n",
+                src.name, src.lines, src.records, src.dead_letters, src.late
+            );
+        }
+        t += &format!("  records read      {records}\n");
+        t += &format!("  dead letters      {} (of which late {})\n", s.dead_letters(), s.late());
+        t += &format!("  profiles          {}\n", s.profiles);
+        t += &format!("  segment diffs     {} over {} timestamps\n", s.diffs_written, s.times_committed);
+        for (name, members) in &s.segments {
+            t += &format!("  segment {:<20} {members} members\n", name);
+        }
+        let rate = if s.elapsed_secs > 0.0 { records as f64 / s.elapsed_secs } else { 0.0 };
+        t += &format!("  throughput        {:.0} records/s\n", rate);
+        t
+    };
+    if to_stderr {
+        eprintln!("{}", text.trim_end());
+    } else {
+        println!("{}", text.trim_end());
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let spec = load_spec(&args.dataflow)?;
+    let workers = args.workers.or(spec.engine.workers).unwrap_or(1).max(1);
+    let config = timely_config(&args, workers)?;
+    let mut engine = Engine::new(spec);
+    for item in &args.inputs {
+        let (name, location) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--input {item:?}: expected NAME=PATH or NAME=tcp://ADDR"))?;
+        engine = engine.input_location(name, location)?;
+    }
+    let mut to_stderr = false;
+    if let Some(o) = &args.output {
+        let output = Output::parse(o);
+        to_stderr = matches!(output, Output::Stdout);
+        engine = engine.output(output);
+    } else if engine.spec().output.segments.as_deref() == Some("-") {
+        to_stderr = true;
+    }
+    if let Some(d) = &args.dead_letter {
+        engine = engine.dead_letter(d);
+    }
+    if let Some(d) = &args.state_dir {
+        engine = engine.state_dir(d);
+    }
+    let summary = engine.run(config)?;
+    if args.process == 0 {
+        print_summary(&summary, to_stderr, args.json);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SEGFLOW_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Generate(args) => (|| {
+            let cfg = GenConfig { events: args.events, seed: args.seed, ..GenConfig::default() };
+            let started = std::time::Instant::now();
+            let stats = generate_dir(&cfg, &args.out)
+                .map_err(|e| anyhow::anyhow!("cannot write data set to {}: {e}", args.out.display()))?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "out": args.out.display().to_string(),
+                    "web_events": stats.web_events,
+                    "crm_records": stats.crm_records,
+                    "transactions": stats.transactions,
+                    "malformed": stats.malformed,
+                    "late": stats.late,
+                    "out_of_order": stats.out_of_order,
+                    "bytes": stats.bytes,
+                    "seconds": secs,
+                    "web_events_per_sec": stats.web_events as f64 / secs.max(1e-9),
+                })
+            );
+            Ok(())
+        })(),
+        Command::Query(args) => (|| {
+            let rules = match &args.dataflow {
+                Some(path) => {
+                    let spec = load_spec(path)?;
+                    IdentityRules::new(spec.identity.priority, spec.engine.default_region)
+                }
+                None => {
+                    let spec = segflow::spec::parse_spec("[segments.none]\nwhen = \"false\"\n", "<defaults>")?;
+                    IdentityRules::new(spec.identity.priority, spec.engine.default_region)
+                }
+            };
+            let ids = rules.parse_query(&args.identifier);
+            anyhow::ensure!(!ids.is_empty(), "{:?} is not an identifier: use KIND:VALUE, e.g. email:ann@example.com", args.identifier);
+            let store = Store::open_read_only(&args.state_dir)?;
+            match store.lookup(&ids)? {
+                Some(view) => {
+                    println!("{}", serde_json::to_string_pretty(&view)?);
+                    Ok(())
+                }
+                None => anyhow::bail!("no profile has identifier {:?} in {}", args.identifier, args.state_dir.display()),
+            }
+        })(),
+        Command::Check { dataflow } => (|| {
+            let spec = load_spec(&dataflow)?;
+            println!(
+                "{}: ok: {} sources, {} traits, {} segments",
+                dataflow.display(),
+                spec.sources.len(),
+                spec.traits.len(),
+                spec.segments.len()
+            );
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

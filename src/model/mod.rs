@@ -1,0 +1,28 @@
+//! The segflow data model.
+//!
+//! Everything that enters the dataflow is decoded here, once, into a typed
+//! [`Record`]:
+//!
+//! * [`scalar`] — [`Scalar`], a totally ordered JSON-like value used for
+//!   attributes, event fields and expression results;
+//! * [`time`] — timestamp parsing ([`parse_time`]) and tick rounding
+//!   ([`to_tick`]);
+//! * [`normalize`] — canonical forms of e-mail addresses, phone numbers
+//!   (E.164) and opaque ids;
+//! * [`ident`] — [`Ident`], a ranked, normalized identifier, and
+//!   [`IdentityRules`], which decide which input fields are identifiers and
+//!   how they rank;
+//! * [`record`] — web events, CRM records and transactions, with their JSON
+//!   and CSV decoders.
+
+pub mod ident;
+pub mod normalize;
+pub mod record;
+pub mod scalar;
+pub mod time;
+
+pub use ident::*;
+pub use normalize::*;
+pub use record::*;
+pub use scalar::Scalar;
+pub use time::*;

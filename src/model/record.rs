@@ -1,0 +1,1190 @@
+//! Input records and their decoders.
+//!
+//! Three kinds of input feed the engine, one record per line:
+//!
+//! * **web events** ([`WebEvent`]) — behavioural events from a site or app:
+//!   `{"event":"view_item","ts":..,"anonymous_id":..,"item":{..},"context":{..}}`;
+//! * **CRM records** ([`CrmRecord`]) — the latest known state of a customer,
+//!   as JSON ([`decode_json`]) or as CSV rows ([`decode_csv`]);
+//! * **transactions** ([`Transaction`]) — orders with an amount and items.
+//!
+//! Decoding validates once, at the edge: required fields must be present
+//! with the right type, timestamps are parsed with
+//! [`parse_time`], and identifiers are normalized into
+//! ranked [`Ident`]s according to [`IdentityRules`]. Errors ([`DecodeError`])
+//! name the field and say what was expected and what was found, so a bad
+//! input line can be fixed without reading code. A JSON `null` counts as a
+//! missing field.
+//!
+//! Identifier policy: every field listed in [`IdentityRules::priority`] that
+//! is present becomes an identifier (strings, or numbers using their JSON
+//! text). An e-mail address or phone number that does **not** normalize
+//! (e.g. `"email":"n/a"`) is simply not used as an identifier — the record is
+//! kept as long as some other identifier remains. Web events and transactions
+//! need at least one identifier; CRM records always have their `crm_id`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::ident::{prefix_for, Ident, IdentityRules};
+use super::normalize::normalize_id;
+use super::scalar::Scalar;
+use super::time::{json_type, parse_time};
+
+/// Named scalar fields (item properties, context, free-form properties).
+pub type Fields = BTreeMap<String, Scalar>;
+
+/// A behavioural event (page view, add to cart, ...).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WebEvent {
+    /// Event time, epoch milliseconds.
+    pub ts_ms: i64,
+    /// Event name, e.g. `"view_item"` (trimmed).
+    pub event: String,
+    /// The event's identifiers: sorted, deduplicated, never empty.
+    pub ids: Vec<Ident>,
+    /// The `"item"` object (id, price, category, brand, ...).
+    pub item: Fields,
+    /// The `"context"` object (session_id, device, country, referrer, page, ...).
+    pub context: Fields,
+    /// Top-level fields that are neither known fields nor identifier fields.
+    pub properties: Fields,
+}
+
+/// The latest state of a CRM customer record.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CrmRecord {
+    /// The normalized CRM id.
+    pub crm_id: String,
+    /// When the record was last updated, epoch milliseconds.
+    pub updated_ms: i64,
+    /// Whether the record is a deletion (tombstone).
+    pub deleted: bool,
+    /// Identifiers, including the `crm` identifier: sorted, deduplicated.
+    pub ids: Vec<Ident>,
+    /// Attributes sorted by key: the `"attributes"` object plus unknown
+    /// top-level fields (the `"attributes"` object wins on a name clash).
+    pub attributes: Vec<(String, Scalar)>,
+}
+
+/// A purchase.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// Order time, epoch milliseconds.
+    pub ts_ms: i64,
+    /// The normalized order id.
+    pub order_id: String,
+    /// The buyer's identifiers: sorted, deduplicated, never empty.
+    pub ids: Vec<Ident>,
+    /// Order total.
+    pub amount: f64,
+    /// ISO currency code, trimmed and upper-cased, if given.
+    pub currency: Option<String>,
+    /// Sum of the items' `qty` (1 for an item without `qty`).
+    pub item_count: u64,
+    /// The `"items"` array, one field map per item.
+    pub items: Vec<Fields>,
+    /// Top-level fields that are neither known fields nor identifier fields.
+    pub properties: Fields,
+}
+
+/// One decoded input record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    /// A web event.
+    Web(WebEvent),
+    /// A CRM record.
+    Crm(CrmRecord),
+    /// A transaction.
+    Txn(Transaction),
+}
+
+impl Record {
+    /// The record's time in epoch milliseconds (`updated_ms` for CRM records).
+    pub fn ts_ms(&self) -> i64 {
+        match self {
+            Record::Web(w) => w.ts_ms,
+            Record::Crm(c) => c.updated_ms,
+            Record::Txn(t) => t.ts_ms,
+        }
+    }
+
+    /// Overwrites the record's time (`updated_ms` for CRM records).
+    pub fn set_ts_ms(&mut self, ms: i64) {
+        match self {
+            Record::Web(w) => w.ts_ms = ms,
+            Record::Crm(c) => c.updated_ms = ms,
+            Record::Txn(t) => t.ts_ms = ms,
+        }
+    }
+
+    /// The record's identifiers (sorted, deduplicated).
+    pub fn ids(&self) -> &[Ident] {
+        match self {
+            Record::Web(w) => &w.ids,
+            Record::Crm(c) => &c.ids,
+            Record::Txn(t) => &t.ids,
+        }
+    }
+}
+
+/// The normalized value (without prefix) of the identifier named by a field
+/// name (`email`, `crm_id`) or a prefix (`crm`, `anon`).
+fn ident_value(ids: &[Ident], name: &str) -> Option<Scalar> {
+    let prefix = prefix_for(name);
+    ids.iter()
+        .find(|i| i.kind() == prefix || i.kind() == name)
+        .map(|i| Scalar::Str(i.raw_value().to_string()))
+}
+
+fn lookup(fields: &Fields, key: &str) -> Scalar {
+    fields.get(key).cloned().unwrap_or(Scalar::Null)
+}
+
+impl WebEvent {
+    /// Looks up a field by path; anything missing is [`Scalar::Null`].
+    ///
+    /// * `["event"]`, `["ts"]` (epoch ms);
+    /// * `["item", k]`, `["context", k]`, `["properties", k]`;
+    /// * `[id]` where `id` is an identifier field name or prefix (`"email"`,
+    ///   `"user_id"`, `"anon"`): the normalized value without prefix;
+    /// * any other single name: the top-level property of that name.
+    pub fn field(&self, path: &[String]) -> Scalar {
+        match path {
+            [one] => match one.as_str() {
+                "event" => Scalar::Str(self.event.clone()),
+                "ts" => Scalar::Num(self.ts_ms as f64),
+                name => {
+                    ident_value(&self.ids, name).unwrap_or_else(|| lookup(&self.properties, name))
+                }
+            },
+            [group, key] => match group.as_str() {
+                "item" => lookup(&self.item, key),
+                "context" => lookup(&self.context, key),
+                "properties" => lookup(&self.properties, key),
+                _ => Scalar::Null,
+            },
+            _ => Scalar::Null,
+        }
+    }
+}
+
+impl Transaction {
+    /// Looks up a field by path; anything missing is [`Scalar::Null`].
+    ///
+    /// * `["amount"]`, `["currency"]`, `["order_id"]`, `["item_count"]`,
+    ///   `["ts"]` (epoch ms);
+    /// * `["properties", k]`;
+    /// * `[id]` where `id` is an identifier field name or prefix (`"crm_id"`,
+    ///   `"user_id"`, `"email"`): the normalized value without prefix;
+    /// * any other single name: the top-level property of that name.
+    pub fn field(&self, path: &[String]) -> Scalar {
+        match path {
+            [one] => match one.as_str() {
+                "amount" => Scalar::Num(self.amount),
+                "currency" => self.currency.clone().map_or(Scalar::Null, Scalar::Str),
+                "order_id" => Scalar::Str(self.order_id.clone()),
+                "item_count" => Scalar::Num(self.item_count as f64),
+                "ts" => Scalar::Num(self.ts_ms as f64),
+                name => {
+                    ident_value(&self.ids, name).unwrap_or_else(|| lookup(&self.properties, name))
+                }
+            },
+            [group, key] if group == "properties" => lookup(&self.properties, key),
+            _ => Scalar::Null,
+        }
+    }
+}
+
+/// Which decoder to use for a JSON line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Web events.
+    Web,
+    /// CRM records.
+    Crm,
+    /// Transactions.
+    Transactions,
+}
+
+/// Why an input line could not be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DecodeError {
+    /// Human-readable reason naming the field and what was expected.
+    pub reason: String,
+    /// Where in the line: the 1-based character column for invalid JSON, the
+    /// 1-based column (field) number for CSV; `None` otherwise.
+    pub column: Option<usize>,
+}
+
+impl DecodeError {
+    fn new(reason: impl Into<String>) -> Self {
+        DecodeError {
+            reason: reason.into(),
+            column: None,
+        }
+    }
+
+    fn at(reason: impl Into<String>, column: usize) -> Self {
+        DecodeError {
+            reason: reason.into(),
+            column: Some(column),
+        }
+    }
+}
+
+fn missing(field: &str) -> DecodeError {
+    DecodeError::new(format!("missing field `{field}`"))
+}
+
+fn expected(field: &str, what: &str, found: &Value) -> DecodeError {
+    DecodeError::new(format!(
+        "field `{field}`: expected {what}, found {}",
+        json_type(found)
+    ))
+}
+
+type Obj = Map<String, Value>;
+
+/// A present, non-null value.
+fn get<'a>(o: &'a Obj, key: &str) -> Option<&'a Value> {
+    o.get(key).filter(|v| !v.is_null())
+}
+
+fn parse_object(line: &str) -> Result<Obj, DecodeError> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(other) => Err(DecodeError::new(format!(
+            "expected a JSON object, found {}",
+            json_type(&other)
+        ))),
+        Err(e) => {
+            let text = e.to_string();
+            let msg = text
+                .rfind(" at line ")
+                .map_or(text.as_str(), |i| &text[..i]);
+            Err(DecodeError::at(
+                format!("invalid JSON at column {}: {msg}", e.column()),
+                e.column(),
+            ))
+        }
+    }
+}
+
+fn req_string(o: &Obj, key: &str) -> Result<String, DecodeError> {
+    match get(o, key) {
+        None => Err(missing(key)),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Some(Value::String(_)) => Err(DecodeError::new(format!(
+            "field `{key}`: expected a non-empty string, found an empty string"
+        ))),
+        Some(v) => Err(expected(key, "a string", v)),
+    }
+}
+
+/// A required id: a string or a number (its JSON text), normalized.
+fn req_id(o: &Obj, key: &str) -> Result<String, DecodeError> {
+    match get(o, key) {
+        None => Err(missing(key)),
+        Some(Value::String(s)) => normalize_id(s).ok_or_else(|| {
+            DecodeError::new(format!(
+                "field `{key}`: expected a non-empty string, found an empty string"
+            ))
+        }),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(v) => Err(expected(key, "a string", v)),
+    }
+}
+
+fn req_time(o: &Obj, key: &str) -> Result<i64, DecodeError> {
+    let v = get(o, key).ok_or_else(|| missing(key))?;
+    parse_time(v).map_err(|e| DecodeError::new(format!("field `{key}`: {e}")))
+}
+
+fn opt_fields(o: &Obj, key: &str) -> Result<Fields, DecodeError> {
+    match get(o, key) {
+        None => Ok(Fields::new()),
+        Some(Value::Object(m)) => Ok(to_fields(m)),
+        Some(v) => Err(expected(key, "an object", v)),
+    }
+}
+
+fn to_fields(m: &Obj) -> Fields {
+    m.iter()
+        .map(|(k, v)| (k.clone(), Scalar::from_json(v)))
+        .collect()
+}
+
+/// Collects identifiers from the priority fields of `o` (falling back to
+/// `ctx`, the web `context` object). Values that do not normalize are
+/// recorded in `dropped` for the "no identifier" message.
+fn collect_ids(
+    o: &Obj,
+    ctx: Option<&Obj>,
+    rules: &IdentityRules,
+    ids: &mut Vec<Ident>,
+    dropped: &mut Vec<String>,
+) -> Result<(), DecodeError> {
+    for field in &rules.priority {
+        let (value, name) = match (get(o, field), ctx.and_then(|c| get(c, field))) {
+            (Some(v), _) => (v, field.clone()),
+            (None, Some(v)) => (v, format!("context.{field}")),
+            (None, None) => continue,
+        };
+        let text = match value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            v => return Err(expected(&name, "a string", v)),
+        };
+        match rules.make(field, &text) {
+            Some(id) => ids.push(id),
+            None => dropped.push(format!("{name} {text:?}")),
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    Ok(())
+}
+
+fn no_identifier(rules: &IdentityRules, dropped: &[String]) -> DecodeError {
+    let mut reason = format!(
+        "no identifier: expected one of {}",
+        rules.priority.join(", ")
+    );
+    if !dropped.is_empty() {
+        reason.push_str(&format!(
+            " (ignored values that do not normalize: {})",
+            dropped.join(", ")
+        ));
+    }
+    DecodeError::new(reason)
+}
+
+/// Top-level fields that are neither in `known` nor identifier fields.
+fn unknown_fields(o: &Obj, known: &[&str], rules: &IdentityRules) -> Fields {
+    o.iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()) && !rules.priority.iter().any(|p| p == *k))
+        .map(|(k, v)| (k.clone(), Scalar::from_json(v)))
+        .collect()
+}
+
+/// Decodes one JSON line of the given kind.
+///
+/// See the [module documentation](self) for the identifier policy; the
+/// required fields are `event` and `ts` (web), `crm_id` and `updated_at`
+/// (CRM), `order_id`, `ts` and `amount` (transactions).
+pub fn decode_json(
+    kind: RecordKind,
+    line: &str,
+    rules: &IdentityRules,
+) -> Result<Record, DecodeError> {
+    let o = parse_object(line)?;
+    match kind {
+        RecordKind::Web => decode_web(&o, rules).map(Record::Web),
+        RecordKind::Crm => decode_crm(&o, rules).map(Record::Crm),
+        RecordKind::Transactions => decode_txn(&o, rules).map(Record::Txn),
+    }
+}
+
+fn decode_web(o: &Obj, rules: &IdentityRules) -> Result<WebEvent, DecodeError> {
+    let event = req_string(o, "event")?;
+    let ts_ms = req_time(o, "ts")?;
+    let item = opt_fields(o, "item")?;
+    let context = opt_fields(o, "context")?;
+    let ctx = match get(o, "context") {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
+    };
+    let (mut ids, mut dropped) = (Vec::new(), Vec::new());
+    collect_ids(o, ctx, rules, &mut ids, &mut dropped)?;
+    if ids.is_empty() {
+        return Err(no_identifier(rules, &dropped));
+    }
+    let properties = unknown_fields(o, &["event", "ts", "item", "context"], rules);
+    Ok(WebEvent {
+        ts_ms,
+        event,
+        ids,
+        item,
+        context,
+        properties,
+    })
+}
+
+/// The CRM identifier; when `crm_id` is not in the priority list it ranks
+/// after every listed field.
+fn crm_ident(rules: &IdentityRules, crm_id: &str) -> Ident {
+    rules.make("crm_id", crm_id).unwrap_or_else(|| Ident {
+        rank: rules.priority.len().min(u8::MAX as usize) as u8,
+        value: format!("crm:{crm_id}"),
+    })
+}
+
+fn decode_crm(o: &Obj, rules: &IdentityRules) -> Result<CrmRecord, DecodeError> {
+    let crm_id = req_id(o, "crm_id")?;
+    let updated_ms = req_time(o, "updated_at")?;
+    let deleted = match get(o, "deleted") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
+            n.as_f64() == Some(1.0)
+        }
+        Some(Value::String(s)) => parse_bool(s).ok_or_else(|| {
+            DecodeError::new(format!(
+                "field `deleted`: expected true/false, 1/0 or yes/no, found {s:?}"
+            ))
+        })?,
+        Some(v) => return Err(expected("deleted", "a boolean", v)),
+    };
+    let mut ids = vec![crm_ident(rules, &crm_id)];
+    let mut dropped = Vec::new();
+    let others: Obj = o
+        .iter()
+        .filter(|(k, _)| *k != "crm_id")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    collect_ids(&others, None, rules, &mut ids, &mut dropped)?;
+    let mut attrs = unknown_fields(o, &["crm_id", "updated_at", "deleted", "attributes"], rules);
+    attrs.extend(opt_fields(o, "attributes")?);
+    Ok(CrmRecord {
+        crm_id,
+        updated_ms,
+        deleted,
+        ids,
+        attributes: attrs.into_iter().collect(),
+    })
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" | "" => Some(false),
+        _ => None,
+    }
+}
+
+fn decode_txn(o: &Obj, rules: &IdentityRules) -> Result<Transaction, DecodeError> {
+    let order_id = req_id(o, "order_id")?;
+    let ts_ms = req_time(o, "ts")?;
+    let amount = match get(o, "amount") {
+        None => return Err(missing("amount")),
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .ok_or_else(|| {
+                DecodeError::new(format!(
+                    "field `amount`: expected a number, found string {s:?}"
+                ))
+            })?,
+        Some(v) => return Err(expected("amount", "a number", v)),
+    };
+    let currency = match get(o, "currency") {
+        None => None,
+        Some(Value::String(s)) => Some(s.trim().to_ascii_uppercase()).filter(|c| !c.is_empty()),
+        Some(v) => return Err(expected("currency", "a string", v)),
+    };
+    let mut items = Vec::new();
+    let mut count = 0.0f64;
+    match get(o, "items") {
+        None => {}
+        Some(Value::Array(arr)) => {
+            for (i, it) in arr.iter().enumerate() {
+                let m = match it {
+                    Value::Object(m) => m,
+                    v => return Err(expected(&format!("items[{i}]"), "an object", v)),
+                };
+                count += match get(m, "qty") {
+                    None => 1.0,
+                    Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
+                    Some(Value::String(s)) => s
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| f.is_finite())
+                        .ok_or_else(|| {
+                            DecodeError::new(format!(
+                                "field `items[{i}].qty`: expected a number, found string {s:?}"
+                            ))
+                        })?,
+                    Some(v) => return Err(expected(&format!("items[{i}].qty"), "a number", v)),
+                };
+                items.push(to_fields(m));
+            }
+        }
+        Some(v) => return Err(expected("items", "an array", v)),
+    }
+    let (mut ids, mut dropped) = (Vec::new(), Vec::new());
+    collect_ids(o, None, rules, &mut ids, &mut dropped)?;
+    if ids.is_empty() {
+        return Err(no_identifier(rules, &dropped));
+    }
+    let properties = unknown_fields(o, &["order_id", "ts", "amount", "currency", "items"], rules);
+    Ok(Transaction {
+        ts_ms,
+        order_id,
+        ids,
+        amount,
+        currency,
+        item_count: count.max(0.0).round() as u64,
+        items,
+        properties,
+    })
+}
+
+fn read_csv_record(line: &str) -> Result<Option<csv::StringRecord>, DecodeError> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(line.as_bytes());
+    let mut rec = csv::StringRecord::new();
+    match rdr.read_record(&mut rec) {
+        Ok(true) => Ok(Some(rec)),
+        Ok(false) => Ok(None),
+        Err(e) => Err(DecodeError::new(format!("invalid CSV: {e}"))),
+    }
+}
+
+/// Parses a CSV header line into trimmed column names (a leading UTF-8 BOM
+/// is dropped). Empty and duplicate names are errors.
+pub fn parse_csv_header(line: &str) -> Result<Vec<String>, DecodeError> {
+    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+    let rec = read_csv_record(line)?
+        .ok_or_else(|| DecodeError::new("empty CSV header: expected column names"))?;
+    let mut names: Vec<String> = Vec::with_capacity(rec.len());
+    for (i, name) in rec.iter().enumerate() {
+        if name.is_empty() {
+            return Err(DecodeError::at(
+                format!("empty column name at column {}", i + 1),
+                i + 1,
+            ));
+        }
+        if let Some(j) = names.iter().position(|n| n == name) {
+            return Err(DecodeError::at(
+                format!(
+                    "duplicate column name `{name}` at columns {} and {}",
+                    j + 1,
+                    i + 1
+                ),
+                i + 1,
+            ));
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+/// Decodes one CSV line of CRM data, given the header from
+/// [`parse_csv_header`].
+///
+/// Columns `crm_id` (required), `email`, `phone`, `updated_at` (required; any
+/// [`parse_time`] string form) and `deleted`
+/// (`true`/`1`/`yes` → deleted; `false`/`0`/`no`/empty → not; anything else
+/// is an error) are fields; every other non-empty column becomes a string
+/// attribute. Values are trimmed; quoting follows RFC 4180. `email` and
+/// `phone` values that do not normalize are not used as identifiers. Errors
+/// about a value carry its 1-based column number.
+pub fn decode_csv(
+    header: &[String],
+    line: &str,
+    rules: &IdentityRules,
+) -> Result<Record, DecodeError> {
+    let rec = read_csv_record(line)?.ok_or_else(|| DecodeError::new("empty CSV line"))?;
+    if rec.len() != header.len() {
+        return Err(DecodeError::new(format!(
+            "expected {} columns (from the header), found {}",
+            header.len(),
+            rec.len()
+        )));
+    }
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let ci = col("crm_id").ok_or_else(|| missing("crm_id"))?;
+    let crm_id = normalize_id(&rec[ci]).ok_or_else(|| {
+        DecodeError::at(
+            format!(
+                "field `crm_id` (column {}): expected a non-empty value",
+                ci + 1
+            ),
+            ci + 1,
+        )
+    })?;
+    let ti = col("updated_at").ok_or_else(|| missing("updated_at"))?;
+    let updated_ms = parse_time(&Value::String(rec[ti].to_string())).map_err(|e| {
+        DecodeError::at(
+            format!("field `updated_at` (column {}): {e}", ti + 1),
+            ti + 1,
+        )
+    })?;
+    let deleted = match col("deleted") {
+        None => false,
+        Some(di) => parse_bool(&rec[di]).ok_or_else(|| {
+            DecodeError::at(
+                format!(
+                    "field `deleted` (column {}): expected true/false, 1/0 or yes/no, found {:?}",
+                    di + 1,
+                    &rec[di]
+                ),
+                di + 1,
+            )
+        })?,
+    };
+    let mut ids = vec![crm_ident(rules, &crm_id)];
+    let mut attributes = Vec::new();
+    for (name, value) in header.iter().zip(rec.iter()) {
+        match name.as_str() {
+            "crm_id" | "updated_at" | "deleted" => {}
+            "email" | "phone" => ids.extend(rules.make(name, value)),
+            _ if !value.is_empty() => {
+                attributes.push((name.clone(), Scalar::Str(value.to_string())))
+            }
+            _ => {}
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    attributes.sort();
+    Ok(Record::Crm(CrmRecord {
+        crm_id,
+        updated_ms,
+        deleted,
+        ids,
+        attributes,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOON: i64 = 1_772_366_400_000; // 2026-03-01T12:00:00Z
+
+    fn rules() -> IdentityRules {
+        IdentityRules::new(
+            [
+                "crm_id",
+                "user_id",
+                "email",
+                "phone",
+                "anonymous_id",
+                "device_id",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "US".into(),
+        )
+    }
+
+    fn p(path: &str) -> Vec<String> {
+        path.split('.').map(String::from).collect()
+    }
+
+    fn values(ids: &[Ident]) -> Vec<&str> {
+        ids.iter().map(|i| i.as_str()).collect()
+    }
+
+    fn web(line: &str) -> Result<WebEvent, DecodeError> {
+        match decode_json(RecordKind::Web, line, &rules())? {
+            Record::Web(w) => Ok(w),
+            other => panic!("not web: {other:?}"),
+        }
+    }
+
+    fn crm(line: &str) -> Result<CrmRecord, DecodeError> {
+        match decode_json(RecordKind::Crm, line, &rules())? {
+            Record::Crm(c) => Ok(c),
+            other => panic!("not crm: {other:?}"),
+        }
+    }
+
+    fn txn(line: &str) -> Result<Transaction, DecodeError> {
+        match decode_json(RecordKind::Transactions, line, &rules())? {
+            Record::Txn(t) => Ok(t),
+            other => panic!("not txn: {other:?}"),
+        }
+    }
+
+    fn reason<T: std::fmt::Debug>(r: Result<T, DecodeError>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn web_event_decodes() {
+        let w = web(r#"{"event":"view_item","ts":"2026-03-01T12:00:00Z","anonymous_id":"a-1","user_id":42,
+            "email":"  Bob@Example.COM ","phone":"(415) 555-2671",
+            "item":{"id":"sku-1","price":19.99,"category":"shoes","brand":"acme"},
+            "context":{"session_id":"s1","device":"mobile","country":"US","referrer":null,"page":"/p/1","device_id":"d-9"},
+            "campaign":"spring","ab":{"x":1}}"#)
+        .unwrap();
+        assert_eq!(w.ts_ms, NOON);
+        assert_eq!(w.event, "view_item");
+        assert_eq!(
+            values(&w.ids),
+            [
+                "user:42",
+                "email:bob@example.com",
+                "phone:+14155552671",
+                "anon:a-1",
+                "device_id:d-9"
+            ]
+        );
+        assert_eq!(
+            w.ids.iter().map(|i| i.rank).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(w.item["price"], Scalar::Num(19.99));
+        assert_eq!(w.context["device"], Scalar::Str("mobile".into()));
+        assert_eq!(w.context["referrer"], Scalar::Null);
+        assert_eq!(w.properties.keys().collect::<Vec<_>>(), ["ab", "campaign"]);
+        assert_eq!(w.properties["ab"], Scalar::Str(r#"{"x":1}"#.into()));
+
+        let rec = Record::Web(w.clone());
+        assert_eq!(rec.ts_ms(), NOON);
+        assert_eq!(rec.ids(), &w.ids[..]);
+    }
+
+    #[test]
+    fn web_field_lookup() {
+        let w = web(
+            r#"{"event":"add_to_cart","ts":1772366400,"email":"Bob@X.com","anonymous_id":"a1",
+            "item":{"price":5,"category":"hats"},"context":{"device":"desktop"},"coupon":"X1"}"#,
+        )
+        .unwrap();
+        assert_eq!(w.field(&p("event")), Scalar::Str("add_to_cart".into()));
+        assert_eq!(w.field(&p("ts")), Scalar::Num(NOON as f64));
+        assert_eq!(w.field(&p("item.price")), Scalar::Num(5.0));
+        assert_eq!(w.field(&p("item.category")), Scalar::Str("hats".into()));
+        assert_eq!(w.field(&p("context.device")), Scalar::Str("desktop".into()));
+        assert_eq!(w.field(&p("properties.coupon")), Scalar::Str("X1".into()));
+        assert_eq!(w.field(&p("coupon")), Scalar::Str("X1".into()));
+        assert_eq!(w.field(&p("email")), Scalar::Str("bob@x.com".into()));
+        assert_eq!(w.field(&p("anonymous_id")), Scalar::Str("a1".into()));
+        assert_eq!(w.field(&p("anon")), Scalar::Str("a1".into()));
+        assert_eq!(w.field(&p("user_id")), Scalar::Null);
+        assert_eq!(w.field(&p("item.brand")), Scalar::Null);
+        assert_eq!(w.field(&p("nope.x")), Scalar::Null);
+        assert_eq!(w.field(&p("item.a.b")), Scalar::Null);
+        assert_eq!(w.field(&[]), Scalar::Null);
+    }
+
+    #[test]
+    fn invalid_email_is_not_an_identifier() {
+        let w = web(r#"{"event":"e","ts":1,"email":"n/a","anonymous_id":"a1"}"#).unwrap();
+        assert_eq!(values(&w.ids), ["anon:a1"]);
+        assert!(w.properties.is_empty());
+        let e = reason(web(
+            r#"{"event":"e","ts":1,"email":"n/a","phone":"call me"}"#,
+        ));
+        assert_eq!(
+            e,
+            "no identifier: expected one of crm_id, user_id, email, phone, anonymous_id, device_id \
+             (ignored values that do not normalize: email \"n/a\", phone \"call me\")"
+        );
+    }
+
+    #[test]
+    fn web_errors() {
+        let e = web(r#"{"event":"x" "ts":1}"#).unwrap_err();
+        assert_eq!(e.reason, "invalid JSON at column 14: expected `,` or `}`");
+        assert_eq!(e.column, Some(14));
+        let e = web(r#"{"event":"view","ts":1,"#).unwrap_err();
+        assert!(
+            e.reason.starts_with("invalid JSON at column"),
+            "{}",
+            e.reason
+        );
+        assert_eq!(reason(web("[1,2]")), "expected a JSON object, found array");
+        assert_eq!(reason(web("\"x\"")), "expected a JSON object, found string");
+        assert_eq!(
+            reason(web(r#"{"event":"v","anonymous_id":"a"}"#)),
+            "missing field `ts`"
+        );
+        assert_eq!(
+            reason(web(r#"{"ts":1,"anonymous_id":"a"}"#)),
+            "missing field `event`"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":null,"ts":1,"anonymous_id":"a"}"#)),
+            "missing field `event`"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":5,"ts":1,"anonymous_id":"a"}"#)),
+            "field `event`: expected a string, found number"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":" ","ts":1,"anonymous_id":"a"}"#)),
+            "field `event`: expected a non-empty string, found an empty string"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":"v","ts":"yesterday","anonymous_id":"a"}"#)),
+            "field `ts`: unparsable timestamp \"yesterday\": expected RFC 3339 with offset, epoch seconds or epoch milliseconds"
+        );
+        let e = reason(web(
+            r#"{"event":"v","ts":"2026-03-01T12:00:00","anonymous_id":"a"}"#,
+        ));
+        assert!(
+            e.starts_with("field `ts`: timestamp \"2026-03-01T12:00:00\" has no UTC offset"),
+            "{e}"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":"v","ts":1}"#)),
+            "no identifier: expected one of crm_id, user_id, email, phone, anonymous_id, device_id"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":"v","ts":1,"user_id":true}"#)),
+            "field `user_id`: expected a string, found boolean"
+        );
+        assert_eq!(
+            reason(web(r#"{"event":"v","ts":1,"context":{"device_id":[1]}}"#)),
+            "field `context.device_id`: expected a string, found array"
+        );
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","item":"sku"}"#
+            )),
+            "field `item`: expected an object, found string"
+        );
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","context":3}"#
+            )),
+            "field `context`: expected an object, found number"
+        );
+    }
+
+    #[test]
+    fn crm_decodes() {
+        let c = crm(r#"{"crm_id":" C1 ","email":"  Bob@Example.COM ","phone":"+44 20 7946 0958",
+            "updated_at":"2026-03-01T14:00:00+02:00","attributes":{"tier":"gold","ltv":120.5,"vip":true},
+            "city":"Berlin","tier":"silver"}"#)
+        .unwrap();
+        assert_eq!(c.crm_id, "C1");
+        assert_eq!(c.updated_ms, NOON);
+        assert!(!c.deleted);
+        assert_eq!(
+            values(&c.ids),
+            ["crm:C1", "email:bob@example.com", "phone:+442079460958"]
+        );
+        assert_eq!(
+            c.attributes,
+            vec![
+                ("city".to_string(), Scalar::Str("Berlin".into())),
+                ("ltv".to_string(), Scalar::Num(120.5)),
+                ("tier".to_string(), Scalar::Str("gold".into())),
+                ("vip".to_string(), Scalar::Bool(true)),
+            ]
+        );
+        let mut rec = Record::Crm(c);
+        assert_eq!(rec.ts_ms(), NOON);
+        rec.set_ts_ms(5);
+        assert_eq!(rec.ts_ms(), 5);
+
+        let c = crm(r#"{"crm_id":17,"updated_at":1772366400000,"deleted":true,"email":"bad"}"#)
+            .unwrap();
+        assert_eq!(c.crm_id, "17");
+        assert!(c.deleted);
+        assert_eq!(values(&c.ids), ["crm:17"]);
+        assert!(c.attributes.is_empty());
+        assert!(
+            crm(r#"{"crm_id":"C","updated_at":1,"deleted":"yes"}"#)
+                .unwrap()
+                .deleted
+        );
+    }
+
+    #[test]
+    fn crm_without_crm_in_priority_still_has_crm_ident() {
+        let r = IdentityRules::new(vec!["email".into()], "US".into());
+        let Record::Crm(c) = decode_json(
+            RecordKind::Crm,
+            r#"{"crm_id":"C1","updated_at":1,"email":"a@b.c"}"#,
+            &r,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.ids,
+            vec![
+                Ident {
+                    rank: 0,
+                    value: "email:a@b.c".into()
+                },
+                Ident {
+                    rank: 1,
+                    value: "crm:C1".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn crm_errors() {
+        assert_eq!(reason(crm(r#"{"updated_at":1}"#)), "missing field `crm_id`");
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"C1"}"#)),
+            "missing field `updated_at`"
+        );
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"","updated_at":1}"#)),
+            "field `crm_id`: expected a non-empty string, found an empty string"
+        );
+        assert_eq!(
+            reason(crm(r#"{"crm_id":[],"updated_at":1}"#)),
+            "field `crm_id`: expected a string, found array"
+        );
+        assert!(reason(crm(r#"{"crm_id":"C","updated_at":"soon"}"#))
+            .starts_with("field `updated_at`: unparsable timestamp \"soon\""));
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"C","updated_at":1,"deleted":"maybe"}"#)),
+            "field `deleted`: expected true/false, 1/0 or yes/no, found \"maybe\""
+        );
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"C","updated_at":1,"deleted":{}}"#)),
+            "field `deleted`: expected a boolean, found object"
+        );
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"C","updated_at":1,"attributes":[1]}"#)),
+            "field `attributes`: expected an object, found array"
+        );
+    }
+
+    #[test]
+    fn transaction_decodes() {
+        let t = txn(r#"{"order_id":"O-1","ts":"2026-03-01T12:00:00.5Z","crm_id":"C1","email":"Bob@X.com ",
+            "amount":"59.90","currency":" eur ","items":[{"id":"a","qty":2,"price":10,"category":"shoes"},
+            {"id":"b","price":39.9},{"id":"c","qty":"3"}],"channel":"web"}"#)
+        .unwrap();
+        assert_eq!(t.ts_ms, NOON + 500);
+        assert_eq!(t.order_id, "O-1");
+        assert_eq!(values(&t.ids), ["crm:C1", "email:bob@x.com"]);
+        assert_eq!(t.amount, 59.9);
+        assert_eq!(t.currency.as_deref(), Some("EUR"));
+        assert_eq!(t.item_count, 6);
+        assert_eq!(t.items.len(), 3);
+        assert_eq!(t.items[0]["category"], Scalar::Str("shoes".into()));
+        assert_eq!(t.properties["channel"], Scalar::Str("web".into()));
+
+        assert_eq!(t.field(&p("amount")), Scalar::Num(59.9));
+        assert_eq!(t.field(&p("currency")), Scalar::Str("EUR".into()));
+        assert_eq!(t.field(&p("order_id")), Scalar::Str("O-1".into()));
+        assert_eq!(t.field(&p("item_count")), Scalar::Num(6.0));
+        assert_eq!(t.field(&p("properties.channel")), Scalar::Str("web".into()));
+        assert_eq!(t.field(&p("channel")), Scalar::Str("web".into()));
+        assert_eq!(t.field(&p("crm_id")), Scalar::Str("C1".into()));
+        assert_eq!(t.field(&p("email")), Scalar::Str("bob@x.com".into()));
+        assert_eq!(t.field(&p("user_id")), Scalar::Null);
+        assert_eq!(t.field(&p("properties.nope")), Scalar::Null);
+
+        let t = txn(r#"{"order_id":99,"ts":1772366400,"user_id":"u1","amount":10}"#).unwrap();
+        assert_eq!(
+            (
+                t.order_id.as_str(),
+                t.amount,
+                t.item_count,
+                t.currency.clone()
+            ),
+            ("99", 10.0, 0, None)
+        );
+        assert_eq!(t.field(&p("currency")), Scalar::Null);
+    }
+
+    #[test]
+    fn transaction_errors() {
+        assert_eq!(
+            reason(txn(r#"{"ts":1,"user_id":"u","amount":1}"#)),
+            "missing field `order_id`"
+        );
+        assert_eq!(
+            reason(txn(r#"{"order_id":"o","user_id":"u","amount":1}"#)),
+            "missing field `ts`"
+        );
+        assert_eq!(
+            reason(txn(r#"{"order_id":"o","ts":1,"user_id":"u"}"#)),
+            "missing field `amount`"
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":"ten"}"#
+            )),
+            "field `amount`: expected a number, found string \"ten\""
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":true}"#
+            )),
+            "field `amount`: expected a number, found boolean"
+        );
+        assert_eq!(
+            reason(txn(r#"{"order_id":"o","ts":1,"amount":1}"#)),
+            "no identifier: expected one of crm_id, user_id, email, phone, anonymous_id, device_id"
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":{}}"#
+            )),
+            "field `items`: expected an array, found object"
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{},5]}"#
+            )),
+            "field `items[1]`: expected an object, found number"
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":"x"}]}"#
+            )),
+            "field `items[0].qty`: expected a number, found string \"x\""
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"currency":5}"#
+            )),
+            "field `currency`: expected a string, found number"
+        );
+    }
+
+    #[test]
+    fn csv_header() {
+        let h =
+            parse_csv_header("\u{feff}crm_id, email ,phone,updated_at,deleted,\"first name\",tier")
+                .unwrap();
+        assert_eq!(
+            h,
+            [
+                "crm_id",
+                "email",
+                "phone",
+                "updated_at",
+                "deleted",
+                "first name",
+                "tier"
+            ]
+        );
+        let e = parse_csv_header("crm_id,email,,tier").unwrap_err();
+        assert_eq!(
+            (e.reason.as_str(), e.column),
+            ("empty column name at column 3", Some(3))
+        );
+        let e = parse_csv_header("crm_id,email,tier, email").unwrap_err();
+        assert_eq!(
+            (e.reason.as_str(), e.column),
+            ("duplicate column name `email` at columns 2 and 4", Some(4))
+        );
+        assert_eq!(
+            parse_csv_header("").unwrap_err().reason,
+            "empty CSV header: expected column names"
+        );
+    }
+
+    #[test]
+    fn csv_rows() {
+        let r = rules();
+        let h =
+            parse_csv_header("crm_id,email,phone,updated_at,deleted,first name,tier,note").unwrap();
+        let rec = decode_csv(
+            &h,
+            r#" C7 ,"  Bob@Example.COM ","(415) 555-2671",2026-03-01T12:00:00Z,no,"Smith, Bob",gold,"said ""hi""""#,
+            &r,
+        )
+        .unwrap();
+        let Record::Crm(c) = rec else { panic!() };
+        assert_eq!(c.crm_id, "C7");
+        assert_eq!(c.updated_ms, NOON);
+        assert!(!c.deleted);
+        assert_eq!(
+            values(&c.ids),
+            ["crm:C7", "email:bob@example.com", "phone:+14155552671"]
+        );
+        assert_eq!(
+            c.attributes,
+            vec![
+                ("first name".to_string(), Scalar::Str("Smith, Bob".into())),
+                ("note".to_string(), Scalar::Str("said \"hi\"".into())),
+                ("tier".to_string(), Scalar::Str("gold".into())),
+            ]
+        );
+
+        // empty optional columns, epoch-seconds time, deleted flag, bad email dropped
+        let Record::Crm(c) = decode_csv(&h, "C8,not-an-email,,1772366400,YES,,,", &r).unwrap()
+        else {
+            panic!()
+        };
+        assert!(c.deleted);
+        assert_eq!(c.updated_ms, NOON);
+        assert_eq!(values(&c.ids), ["crm:C8"]);
+        assert!(c.attributes.is_empty());
+        let Record::Crm(c) = decode_csv(&h, "C9,,,1772366400000,1,,,", &r).unwrap() else {
+            panic!()
+        };
+        assert!(c.deleted);
+    }
+
+    #[test]
+    fn csv_errors() {
+        let r = rules();
+        let h = parse_csv_header("crm_id,email,updated_at,deleted").unwrap();
+        assert_eq!(
+            decode_csv(&h, "C1,a@b.c,2026-03-01T12:00:00Z", &r)
+                .unwrap_err()
+                .reason,
+            "expected 4 columns (from the header), found 3"
+        );
+        let e = decode_csv(&h, " ,a@b.c,2026-03-01T12:00:00Z,", &r).unwrap_err();
+        assert_eq!(
+            (e.reason.as_str(), e.column),
+            (
+                "field `crm_id` (column 1): expected a non-empty value",
+                Some(1)
+            )
+        );
+        let e = decode_csv(&h, "C1,a@b.c,last week,", &r).unwrap_err();
+        assert_eq!(e.column, Some(3));
+        assert!(
+            e.reason
+                .starts_with("field `updated_at` (column 3): unparsable timestamp \"last week\""),
+            "{}",
+            e.reason
+        );
+        let e = decode_csv(&h, "C1,a@b.c,2026-03-01T12:00:00,", &r).unwrap_err();
+        assert!(e.reason.contains("no UTC offset"), "{}", e.reason);
+        let e = decode_csv(&h, "C1,a@b.c,1,maybe", &r).unwrap_err();
+        assert_eq!(
+            (e.reason.as_str(), e.column),
+            (
+                "field `deleted` (column 4): expected true/false, 1/0 or yes/no, found \"maybe\"",
+                Some(4)
+            )
+        );
+        let no_crm = parse_csv_header("email,updated_at").unwrap();
+        assert_eq!(
+            decode_csv(&no_crm, "a@b.c,1", &r).unwrap_err().reason,
+            "missing field `crm_id`"
+        );
+        let no_time = parse_csv_header("crm_id,email").unwrap();
+        assert_eq!(
+            decode_csv(&no_time, "C1,a@b.c", &r).unwrap_err().reason,
+            "missing field `updated_at`"
+        );
+        assert_eq!(decode_csv(&h, "", &r).unwrap_err().reason, "empty CSV line");
+    }
+
+    #[test]
+    fn records_round_trip_through_serde() {
+        let rec = decode_json(
+            RecordKind::Web,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"p":1.5}}"#,
+            &rules(),
+        )
+        .unwrap();
+        let text = serde_json::to_string(&rec).unwrap();
+        let back: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, rec);
+    }
+}

@@ -1,0 +1,1405 @@
+//! The dataflow definition file: a TOML document describing the engine
+//! settings, identity resolution, input sources, outputs, traits and
+//! segments.
+//!
+//! [`parse_spec`] turns the text into a validated [`Spec`]; every error is a
+//! [`SpecError`] pointing at the offending value with a 1-based line and
+//! column.
+
+pub mod expr;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use self::expr::{parse_expr, Expr};
+#[cfg(test)]
+use crate::model::Scalar;
+
+/// An error in a dataflow definition file, with its position.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct SpecError {
+    /// The file name as given to the parser.
+    pub file: String,
+    /// 1-based line (0 when the file could not be read).
+    pub line: usize,
+    /// 1-based column in characters (0 when the file could not be read).
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The kind of an input stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamKind {
+    /// Web / app behavioural events (`"web"`).
+    Web,
+    /// CRM attribute records (`"crm"`).
+    Crm,
+    /// Purchase transactions (`"transactions"`).
+    Transactions,
+}
+
+impl StreamKind {
+    /// The name used in the definition file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Web => "web",
+            StreamKind::Crm => "crm",
+            StreamKind::Transactions => "transactions",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<StreamKind> {
+        match s {
+            "web" => Some(StreamKind::Web),
+            "crm" => Some(StreamKind::Crm),
+            "transactions" => Some(StreamKind::Transactions),
+            _ => None,
+        }
+    }
+}
+
+/// The record format of a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// One JSON object per line (`"jsonl"`).
+    Jsonl,
+    /// Comma-separated values with a header line (`"csv"`, crm only).
+    Csv,
+}
+
+/// What to do with events older than the allowed lateness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LatePolicy {
+    /// Write them to the dead-letter output (`"dead-letter"`).
+    DeadLetter,
+    /// Treat them as if they arrived at the frontier (`"clamp"`).
+    Clamp,
+}
+
+/// How a trait aggregates matching events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Aggregate {
+    /// Number of matching events (`"count"`).
+    Count,
+    /// Sum of a numeric field of matching events (`"sum"`).
+    Sum,
+}
+
+/// The `[engine]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineSpec {
+    /// Processing tick in milliseconds (> 0).
+    pub tick_ms: u64,
+    /// How far behind the watermark an event may arrive, in milliseconds.
+    pub allowed_lateness_ms: u64,
+    /// Idle time after which the watermark advances with wall-clock time.
+    pub idle_advance_ms: u64,
+    /// What to do with too-late events.
+    pub late_policy: LatePolicy,
+    /// Longest accepted input line in bytes (> 0).
+    pub max_line_bytes: usize,
+    /// Two-letter region used for phone normalisation.
+    pub default_region: String,
+    /// Number of worker threads, if set.
+    pub workers: Option<usize>,
+}
+
+impl Default for EngineSpec {
+    fn default() -> Self {
+        EngineSpec {
+            tick_ms: 1_000,
+            allowed_lateness_ms: 0,
+            idle_advance_ms: 1_000,
+            late_policy: LatePolicy::DeadLetter,
+            max_line_bytes: 1 << 20,
+            default_region: "US".to_string(),
+            workers: None,
+        }
+    }
+}
+
+/// The default identifier priority list.
+pub const DEFAULT_PRIORITY: [&str; 5] = ["crm_id", "user_id", "email", "phone", "anonymous_id"];
+
+/// The `[identity]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentitySpec {
+    /// Identifier names, highest priority first (extras appended).
+    pub priority: Vec<String>,
+    /// Additional identifier names, as written in the file.
+    pub extra: Vec<String>,
+}
+
+impl Default for IdentitySpec {
+    fn default() -> Self {
+        IdentitySpec {
+            priority: DEFAULT_PRIORITY.iter().map(|s| s.to_string()).collect(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// One `[sources.NAME]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSpec {
+    /// The table key.
+    pub name: String,
+    /// What the source carries.
+    pub kind: StreamKind,
+    /// File path or `tcp://host:port`; may come from the command line instead.
+    pub location: Option<String>,
+    /// Record format.
+    pub format: Format,
+    /// Keep reading a file as it grows.
+    pub follow: bool,
+    /// For tcp sources: stop when the peer disconnects.
+    pub until_disconnect: bool,
+}
+
+/// The `[output]` table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutputSpec {
+    /// Where segment changes go: a path, `-` or `tcp://addr`.
+    pub segments: Option<String>,
+    /// Where rejected records go.
+    pub dead_letter: Option<String>,
+    /// Directory for checkpoints.
+    pub state_dir: Option<String>,
+}
+
+/// One `[traits.NAME]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraitSpec {
+    /// The table key.
+    pub name: String,
+    /// The stream the trait is computed over (web or transactions).
+    pub stream: StreamKind,
+    /// Which events count.
+    pub filter: Option<Expr>,
+    /// How matching events are aggregated.
+    pub aggregate: Aggregate,
+    /// The summed field path (for `sum`).
+    pub of: Option<Vec<String>>,
+    /// Sliding window length; `None` = lifetime.
+    pub window_ms: Option<u64>,
+}
+
+/// One `[segments.NAME]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegmentSpec {
+    /// The table key.
+    pub name: String,
+    /// Membership condition over traits and `attributes.<name>`.
+    pub when: Expr,
+    /// Free text.
+    pub description: Option<String>,
+}
+
+/// A validated dataflow definition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    /// The file name it was read from.
+    pub file: String,
+    /// Engine settings.
+    pub engine: EngineSpec,
+    /// Identity resolution settings.
+    pub identity: IdentitySpec,
+    /// Input sources, in file order.
+    pub sources: Vec<SourceSpec>,
+    /// Outputs.
+    pub output: OutputSpec,
+    /// Traits, in file order (the trait index is the position here).
+    pub traits: Vec<TraitSpec>,
+    /// Segments, in file order.
+    pub segments: Vec<SegmentSpec>,
+}
+
+impl Spec {
+    /// Position of the trait called `name`.
+    pub fn trait_index(&self, name: &str) -> Option<usize> {
+        self.traits.iter().position(|t| t.name == name)
+    }
+
+    /// The source called `name`.
+    pub fn source(&self, name: &str) -> Option<&SourceSpec> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw TOML shape
+// ---------------------------------------------------------------------------
+
+type Named<T> = BTreeMap<Spanned<String>, Spanned<T>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    engine: Option<RawEngine>,
+    identity: Option<RawIdentity>,
+    sources: Option<Named<RawSource>>,
+    output: Option<RawOutput>,
+    traits: Option<Named<RawTrait>>,
+    segments: Option<Named<RawSegment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    tick: Option<Spanned<String>>,
+    allowed_lateness: Option<Spanned<String>>,
+    idle_advance: Option<Spanned<String>>,
+    late_policy: Option<Spanned<String>>,
+    max_line_bytes: Option<Spanned<i64>>,
+    default_region: Option<Spanned<String>>,
+    workers: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    priority: Option<Vec<Spanned<String>>>,
+    extra: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    kind: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+    follow: Option<Spanned<bool>>,
+    until: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    segments: Option<String>,
+    dead_letter: Option<String>,
+    state_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrait {
+    stream: Option<Spanned<String>>,
+    filter: Option<Spanned<String>>,
+    aggregate: Option<Spanned<String>>,
+    of: Option<Spanned<String>>,
+    window: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSegment {
+    when: Option<Spanned<String>>,
+    description: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Positions
+// ---------------------------------------------------------------------------
+
+struct Cx<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Cx<'_> {
+    /// An error at byte `offset` of the file.
+    fn err(&self, offset: usize, message: impl Into<String>) -> SpecError {
+        let (line, column) = line_col(self.text, offset);
+        SpecError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    /// File offset of byte `inner` of the decoded string whose TOML value
+    /// starts at `value_start`.
+    fn string_offset(&self, value_start: usize, inner: usize) -> usize {
+        string_inner_offset(self.text, value_start, inner)
+    }
+}
+
+/// 1-based line and character column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+    let column = text[line_start..offset].chars().count() + 1;
+    (line, column)
+}
+
+/// Maps a byte offset in the decoded value of a TOML string (whose raw
+/// token starts at `start`) to a byte offset in the file. Escapes of
+/// single-line basic strings are accounted for; multi-line strings are
+/// mapped from their content start.
+fn string_inner_offset(text: &str, start: usize, inner: usize) -> usize {
+    let raw = text.get(start..).unwrap_or("");
+    if raw.starts_with("'''") || raw.starts_with("\"\"\"") {
+        let mut pos = start + 3;
+        let rest = &text[pos..];
+        if rest.starts_with("\r\n") {
+            pos += 2;
+        } else if rest.starts_with('\n') {
+            pos += 1;
+        }
+        return pos + inner;
+    }
+    let content = start + 1;
+    if !raw.starts_with('"') {
+        return content + inner;
+    }
+    // Walk the basic string, decoding escapes, until `inner` decoded bytes.
+    let bytes = text.as_bytes();
+    let mut pos = content;
+    let mut decoded = 0;
+    while decoded < inner && pos < bytes.len() && bytes[pos] != b'"' {
+        if bytes[pos] == b'\\' && pos + 1 < bytes.len() {
+            let hex = |n: usize| -> (usize, usize) {
+                let digits = text.get(pos + 2..pos + 2 + n).unwrap_or("");
+                let len = u32::from_str_radix(digits, 16)
+                    .ok()
+                    .and_then(char::from_u32)
+                    .map_or(1, char::len_utf8);
+                (2 + n, len)
+            };
+            let (raw_len, dec_len) = match bytes[pos + 1] {
+                b'u' => hex(4),
+                b'U' => hex(8),
+                b'x' => hex(2),
+                _ => (2, 1),
+            };
+            pos += raw_len;
+            decoded += dec_len;
+        } else {
+            let c_len = text[pos..].chars().next().map_or(1, char::len_utf8);
+            pos += c_len;
+            decoded += c_len;
+        }
+    }
+    pos
+}
+
+// ---------------------------------------------------------------------------
+// Public entry points
+// ---------------------------------------------------------------------------
+
+/// Parses a duration such as `"500ms"`, `"1s"`, `"30m"`, `"2h"` or `"7d"`
+/// into milliseconds. The unit is required.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid duration `{s}`: expected a whole number followed by a unit \
+             (ms, s, m, h or d), e.g. \"30m\""
+        )
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let factor: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}`: number too large"))?;
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("invalid duration `{s}`: number too large"))
+}
+
+/// Reads and parses a definition file.
+pub fn load_spec(path: &Path) -> Result<Spec, SpecError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse_spec(&text, &file)
+}
+
+/// Parses and validates a definition file's text; `file` is used in errors.
+pub fn parse_spec(text: &str, file: &str) -> Result<Spec, SpecError> {
+    let cx = Cx { text, file };
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        cx.err(offset, e.message().trim().to_string())
+    })?;
+
+    let engine = engine(&cx, raw.engine)?;
+    let identity = identity(&cx, raw.identity)?;
+    let sources = sources(&cx, raw.sources)?;
+    let output = raw.output.map_or_else(OutputSpec::default, |o| OutputSpec {
+        segments: o.segments,
+        dead_letter: o.dead_letter,
+        state_dir: o.state_dir,
+    });
+    let traits = traits(&cx, raw.traits, &identity)?;
+    let segments = segments(&cx, raw.segments, &traits)?;
+
+    Ok(Spec {
+        file: file.to_string(),
+        engine,
+        identity,
+        sources,
+        output,
+        traits,
+        segments,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+fn is_name(s: &str) -> bool {
+    let mut cs = s.chars();
+    cs.next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && cs.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Entries of a named table in file order.
+fn in_file_order<T>(m: Option<Named<T>>) -> Vec<(Spanned<String>, Spanned<T>)> {
+    let mut v: Vec<_> = m.map(|m| m.into_iter().collect()).unwrap_or_default();
+    v.sort_by_key(|(k, _)| k.span().start);
+    v
+}
+
+fn duration(cx: &Cx<'_>, v: &Spanned<String>) -> Result<u64, SpecError> {
+    parse_duration_ms(v.get_ref()).map_err(|m| cx.err(v.span().start, m))
+}
+
+fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> {
+    let mut e = EngineSpec::default();
+    let Some(raw) = raw else { return Ok(e) };
+    if let Some(v) = &raw.tick {
+        e.tick_ms = duration(cx, v)?;
+        if e.tick_ms == 0 {
+            return Err(cx.err(v.span().start, "`tick` must be greater than 0"));
+        }
+    }
+    if let Some(v) = &raw.allowed_lateness {
+        e.allowed_lateness_ms = duration(cx, v)?;
+    }
+    if let Some(v) = &raw.idle_advance {
+        e.idle_advance_ms = duration(cx, v)?;
+    }
+    if let Some(v) = &raw.late_policy {
+        e.late_policy = match v.get_ref().as_str() {
+            "dead-letter" => LatePolicy::DeadLetter,
+            "clamp" => LatePolicy::Clamp,
+            other => {
+                return Err(cx.err(
+                    v.span().start,
+                    format!("unknown late_policy `{other}`; expected \"dead-letter\" or \"clamp\""),
+                ))
+            }
+        };
+    }
+    if let Some(v) = &raw.max_line_bytes {
+        let n = *v.get_ref();
+        if n <= 0 {
+            return Err(cx.err(v.span().start, "`max_line_bytes` must be greater than 0"));
+        }
+        e.max_line_bytes = usize::try_from(n)
+            .map_err(|_| cx.err(v.span().start, "`max_line_bytes` is too large"))?;
+    }
+    if let Some(v) = &raw.default_region {
+        let r = v.get_ref();
+        if r.len() != 2 || !r.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(cx.err(
+                v.span().start,
+                format!("`default_region` must be two uppercase ASCII letters (e.g. \"US\"), found `{r}`"),
+            ));
+        }
+        e.default_region = r.clone();
+    }
+    if let Some(v) = &raw.workers {
+        let n = *v.get_ref();
+        if n < 1 {
+            return Err(cx.err(v.span().start, "`workers` must be at least 1"));
+        }
+        e.workers = Some(
+            usize::try_from(n).map_err(|_| cx.err(v.span().start, "`workers` is too large"))?,
+        );
+    }
+    Ok(e)
+}
+
+fn identity(cx: &Cx<'_>, raw: Option<RawIdentity>) -> Result<IdentitySpec, SpecError> {
+    let mut id = IdentitySpec::default();
+    let Some(raw) = raw else { return Ok(id) };
+    let check = |list: &[Spanned<String>], key: &str| -> Result<Vec<String>, SpecError> {
+        let mut out: Vec<String> = Vec::new();
+        for n in list {
+            let s = n.get_ref();
+            if !is_name(s) {
+                return Err(cx.err(
+                    n.span().start,
+                    format!("invalid identifier name `{s}` in `{key}`: names must match [a-z_][a-z0-9_]*"),
+                ));
+            }
+            if out.contains(s) {
+                return Err(cx.err(n.span().start, format!("duplicate identifier `{s}` in `{key}`")));
+            }
+            out.push(s.clone());
+        }
+        Ok(out)
+    };
+    if let Some(p) = &raw.priority {
+        id.priority = check(p, "priority")?;
+    }
+    if let Some(x) = &raw.extra {
+        id.extra = check(x, "extra")?;
+    }
+    for x in &id.extra {
+        if !id.priority.contains(x) {
+            id.priority.push(x.clone());
+        }
+    }
+    Ok(id)
+}
+
+fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>, SpecError> {
+    let mut out = Vec::new();
+    for (key, table) in in_file_order(raw) {
+        let name = key.get_ref().clone();
+        let kstart = key.span().start;
+        let r = table.into_inner();
+        let kind = match &r.kind {
+            Some(k) => StreamKind::from_name(k.get_ref()).ok_or_else(|| {
+                cx.err(
+                    k.span().start,
+                    format!(
+                        "unknown source kind `{}`; expected \"web\", \"crm\" or \"transactions\"",
+                        k.get_ref()
+                    ),
+                )
+            })?,
+            None => StreamKind::from_name(&name).ok_or_else(|| {
+                cx.err(
+                    kstart,
+                    format!("source `{name}` needs `kind = \"web\"`, `\"crm\"` or `\"transactions\"`"),
+                )
+            })?,
+        };
+        let format = match &r.format {
+            None => Format::Jsonl,
+            Some(f) => match f.get_ref().as_str() {
+                "jsonl" => Format::Jsonl,
+                "csv" if kind == StreamKind::Crm => Format::Csv,
+                "csv" => {
+                    return Err(cx.err(
+                        f.span().start,
+                        format!(
+                            "format \"csv\" is only supported for crm sources; source `{name}` is {}",
+                            kind.as_str()
+                        ),
+                    ))
+                }
+                other => {
+                    return Err(cx.err(
+                        f.span().start,
+                        format!("unknown format `{other}`; expected \"jsonl\" or \"csv\""),
+                    ))
+                }
+            },
+        };
+        let location = r.path.as_ref().map(|p| p.get_ref().clone());
+        let is_tcp = location.as_deref().map(|l| l.starts_with("tcp://"));
+        let follow = match &r.follow {
+            Some(f) if *f.get_ref() && is_tcp == Some(true) => {
+                return Err(cx.err(
+                    f.span().start,
+                    "`follow` only applies to file sources, not tcp://",
+                ))
+            }
+            Some(f) => *f.get_ref(),
+            None => false,
+        };
+        let until_disconnect = match &r.until {
+            None => false,
+            Some(u) => {
+                if u.get_ref() != "disconnect" {
+                    return Err(cx.err(
+                        u.span().start,
+                        format!("unknown `until` value `{}`; expected \"disconnect\"", u.get_ref()),
+                    ));
+                }
+                if is_tcp == Some(false) {
+                    return Err(cx.err(u.span().start, "`until` only applies to tcp:// sources"));
+                }
+                if follow {
+                    return Err(cx.err(
+                        u.span().start,
+                        "`until` (tcp sources) cannot be combined with `follow` (file sources)",
+                    ));
+                }
+                true
+            }
+        };
+        out.push(SourceSpec {
+            name,
+            kind,
+            location,
+            format,
+            follow,
+            until_disconnect,
+        });
+    }
+    Ok(out)
+}
+
+const WEB_FIELDS: [&str; 8] = [
+    "event",
+    "item",
+    "context",
+    "properties",
+    "anonymous_id",
+    "user_id",
+    "email",
+    "phone",
+];
+const TX_FIELDS: [&str; 8] = [
+    "amount",
+    "currency",
+    "order_id",
+    "item_count",
+    "crm_id",
+    "user_id",
+    "email",
+    "properties",
+];
+
+/// Checks a field path of a `stream` event; returns the error message.
+fn check_field(stream: StreamKind, path: &[String], identity: &IdentitySpec) -> Result<(), String> {
+    let first = path[0].as_str();
+    let joined = path.join(".");
+    let (fixed, nested): (&[&str], &[&str]) = match stream {
+        StreamKind::Web => (&WEB_FIELDS, &["item", "context", "properties"]),
+        _ => (&TX_FIELDS, &["properties"]),
+    };
+    let extra = stream == StreamKind::Web
+        && identity.priority.iter().any(|p| p == first)
+        && !DEFAULT_PRIORITY.contains(&first);
+    if !fixed.contains(&first) && !extra {
+        let mut allowed: Vec<String> = fixed
+            .iter()
+            .map(|f| {
+                if nested.contains(f) {
+                    format!("{f}.<field>")
+                } else {
+                    f.to_string()
+                }
+            })
+            .collect();
+        if stream == StreamKind::Web {
+            allowed.extend(
+                identity
+                    .priority
+                    .iter()
+                    .filter(|p| !DEFAULT_PRIORITY.contains(&p.as_str()))
+                    .cloned(),
+            );
+        }
+        return Err(format!(
+            "unknown {} field `{joined}`; expected one of: {}",
+            stream.as_str(),
+            allowed.join(", ")
+        ));
+    }
+    if nested.contains(&first) {
+        if path.len() != 2 {
+            return Err(format!("`{first}` needs exactly one field, e.g. {first}.name (found `{joined}`)"));
+        }
+    } else if path.len() != 1 {
+        return Err(format!("`{first}` has no fields (found `{joined}`)"));
+    }
+    Ok(())
+}
+
+fn parse_in_file(cx: &Cx<'_>, v: &Spanned<String>) -> Result<Expr, SpecError> {
+    parse_expr(v.get_ref()).map_err(|e| {
+        cx.err(
+            cx.string_offset(v.span().start, e.offset),
+            format!("invalid expression: {}", e.message),
+        )
+    })
+}
+
+fn traits(
+    cx: &Cx<'_>,
+    raw: Option<Named<RawTrait>>,
+    identity: &IdentitySpec,
+) -> Result<Vec<TraitSpec>, SpecError> {
+    let mut out = Vec::new();
+    for (key, table) in in_file_order(raw) {
+        let name = key.get_ref().clone();
+        let kstart = key.span().start;
+        if !is_name(&name) {
+            return Err(cx.err(
+                kstart,
+                format!("invalid trait name `{name}`: names must match [a-z_][a-z0-9_]*"),
+            ));
+        }
+        let r = table.into_inner();
+        let stream = match &r.stream {
+            None => {
+                return Err(cx.err(
+                    kstart,
+                    format!("trait `{name}` needs `stream = \"web\"` or `stream = \"transactions\"`"),
+                ))
+            }
+            Some(s) => match StreamKind::from_name(s.get_ref()) {
+                Some(StreamKind::Crm) => {
+                    return Err(cx.err(
+                        s.span().start,
+                        "traits are computed over web or transactions",
+                    ))
+                }
+                Some(k) => k,
+                None => {
+                    return Err(cx.err(
+                        s.span().start,
+                        format!(
+                            "unknown stream `{}`; expected \"web\" or \"transactions\"",
+                            s.get_ref()
+                        ),
+                    ))
+                }
+            },
+        };
+        let filter = match &r.filter {
+            None => None,
+            Some(f) => {
+                let e = parse_in_file(cx, f)?;
+                for (p, span) in e.paths() {
+                    check_field(stream, p, identity).map_err(|m| {
+                        cx.err(cx.string_offset(f.span().start, span.start), m)
+                    })?;
+                }
+                Some(e)
+            }
+        };
+        let aggregate = match &r.aggregate {
+            None => Aggregate::Count,
+            Some(a) => match a.get_ref().as_str() {
+                "count" => Aggregate::Count,
+                "sum" => Aggregate::Sum,
+                other => {
+                    return Err(cx.err(
+                        a.span().start,
+                        format!("unknown aggregate `{other}`; expected \"count\" or \"sum\""),
+                    ))
+                }
+            },
+        };
+        let of = match (&r.of, aggregate) {
+            (None, Aggregate::Count) => None,
+            (None, Aggregate::Sum) => {
+                return Err(cx.err(
+                    r.aggregate.as_ref().map_or(kstart, |a| a.span().start),
+                    format!("trait `{name}` uses aggregate = \"sum\" and needs `of = \"<field>\"`"),
+                ))
+            }
+            (Some(o), Aggregate::Count) => {
+                return Err(cx.err(
+                    o.span().start,
+                    "`of` is only allowed with aggregate = \"sum\"",
+                ))
+            }
+            (Some(o), Aggregate::Sum) => {
+                let parts: Vec<String> = o.get_ref().split('.').map(str::to_string).collect();
+                let ok = parts.iter().all(|p| {
+                    p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+                if !ok {
+                    return Err(cx.err(
+                        o.span().start,
+                        format!(
+                            "invalid field path `{}` in `of`: expected e.g. \"amount\" or \"item.price\"",
+                            o.get_ref()
+                        ),
+                    ));
+                }
+                check_field(stream, &parts, identity)
+                    .map_err(|m| cx.err(o.span().start, m))?;
+                Some(parts)
+            }
+        };
+        let window_ms = match &r.window {
+            None => None,
+            Some(w) => {
+                let ms = duration(cx, w)?;
+                if ms == 0 {
+                    return Err(cx.err(
+                        w.span().start,
+                        "`window` must be greater than 0 (omit it for a lifetime trait)",
+                    ));
+                }
+                Some(ms)
+            }
+        };
+        out.push(TraitSpec {
+            name,
+            stream,
+            filter,
+            aggregate,
+            of,
+            window_ms,
+        });
+    }
+    Ok(out)
+}
+
+fn segments(
+    cx: &Cx<'_>,
+    raw: Option<Named<RawSegment>>,
+    traits: &[TraitSpec],
+) -> Result<Vec<SegmentSpec>, SpecError> {
+    let entries = in_file_order(raw);
+    if entries.is_empty() {
+        return Err(cx.err(
+            0,
+            "no segments defined: add a [segments.NAME] table with `when = ...`",
+        ));
+    }
+    let declared = if traits.is_empty() {
+        "(none)".to_string()
+    } else {
+        traits.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+    };
+    let mut out = Vec::new();
+    for (key, table) in entries {
+        let name = key.get_ref().clone();
+        let kstart = key.span().start;
+        if !is_name(&name) {
+            return Err(cx.err(
+                kstart,
+                format!("invalid segment name `{name}`: names must match [a-z_][a-z0-9_]*"),
+            ));
+        }
+        if traits.iter().any(|t| t.name == name) {
+            return Err(cx.err(
+                kstart,
+                format!("segment `{name}` has the same name as a trait"),
+            ));
+        }
+        let r = table.into_inner();
+        let Some(w) = &r.when else {
+            return Err(cx.err(
+                kstart,
+                format!("segment `{name}` needs `when = \"<condition>\"`"),
+            ));
+        };
+        let when = parse_in_file(cx, w)?;
+        for (p, span) in when.paths() {
+            let at = cx.string_offset(w.span().start, span.start);
+            if p[0] == "attributes" {
+                if p.len() != 2 {
+                    return Err(cx.err(at, "`attributes` needs one field, e.g. attributes.tier"));
+                }
+            } else if p.len() != 1 || !traits.iter().any(|t| t.name == p[0]) {
+                return Err(cx.err(
+                    at,
+                    format!("unknown trait `{}`; declared traits: {declared}", p.join(".")),
+                ));
+            }
+        }
+        out.push(SegmentSpec {
+            name,
+            when,
+            description: r.description,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"# segflow definition
+[engine]
+tick = "500ms"
+allowed_lateness = "5m"
+idle_advance = "2s"
+late_policy = "clamp"
+max_line_bytes = 4096
+default_region = "GB"
+workers = 2
+
+[identity]
+priority = ["user_id", "crm_id", "email"]
+extra = ["device_id", "email"]
+
+[sources.web]
+path = "data/web.jsonl"
+follow = true
+
+[sources.crm_file]
+kind = "crm"
+path = "data/crm.csv"
+format = "csv"
+
+[sources.transactions]
+path = "tcp://127.0.0.1:7001"
+until = "disconnect"
+
+[output]
+segments = "-"
+dead_letter = "out/dead.jsonl"
+state_dir = "out/state"
+
+[traits.premium_views_30m]
+stream = "web"
+filter = 'event == "view_item" and item.price >= 100 and device_id != null'
+window = "30m"
+
+[traits.spend]
+stream = "transactions"
+aggregate = "sum"
+of = "amount"
+
+[traits.a_views]
+stream = "web"
+
+[segments.high_intent]
+when = "premium_views_30m >= 3 and attributes.tier == 'gold'"
+description = "Engaged shoppers"
+
+[segments.big_spender]
+when = "spend > 1000 or a_views in [1, 2]"
+"#;
+
+    fn ok(text: &str) -> Spec {
+        parse_spec(text, "flow.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(text: &str) -> SpecError {
+        match parse_spec(text, "flow.toml") {
+            Ok(s) => panic!("parsed: {s:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Asserts line, column and that the message contains `needle`.
+    fn assert_err(text: &str, line: usize, column: usize, needle: &str) {
+        let e = err(text);
+        assert_eq!((e.line, e.column), (line, column), "{e}");
+        assert!(e.message.contains(needle), "`{}` does not contain `{needle}`", e.message);
+    }
+
+    const SEG: &str = "[segments.s]\nwhen = \"attributes.x == 1\"\n";
+
+    #[test]
+    fn full_file() {
+        let s = ok(FULL);
+        assert_eq!(s.file, "flow.toml");
+        assert_eq!(
+            s.engine,
+            EngineSpec {
+                tick_ms: 500,
+                allowed_lateness_ms: 300_000,
+                idle_advance_ms: 2_000,
+                late_policy: LatePolicy::Clamp,
+                max_line_bytes: 4096,
+                default_region: "GB".into(),
+                workers: Some(2),
+            }
+        );
+        assert_eq!(s.identity.priority, ["user_id", "crm_id", "email", "device_id"]);
+        assert_eq!(s.identity.extra, ["device_id", "email"]);
+        assert_eq!(
+            s.sources,
+            vec![
+                SourceSpec {
+                    name: "web".into(),
+                    kind: StreamKind::Web,
+                    location: Some("data/web.jsonl".into()),
+                    format: Format::Jsonl,
+                    follow: true,
+                    until_disconnect: false,
+                },
+                SourceSpec {
+                    name: "crm_file".into(),
+                    kind: StreamKind::Crm,
+                    location: Some("data/crm.csv".into()),
+                    format: Format::Csv,
+                    follow: false,
+                    until_disconnect: false,
+                },
+                SourceSpec {
+                    name: "transactions".into(),
+                    kind: StreamKind::Transactions,
+                    location: Some("tcp://127.0.0.1:7001".into()),
+                    format: Format::Jsonl,
+                    follow: false,
+                    until_disconnect: true,
+                },
+            ]
+        );
+        assert_eq!(s.source("crm_file").map(|x| x.kind), Some(StreamKind::Crm));
+        assert!(s.source("nope").is_none());
+        assert_eq!(
+            s.output,
+            OutputSpec {
+                segments: Some("-".into()),
+                dead_letter: Some("out/dead.jsonl".into()),
+                state_dir: Some("out/state".into()),
+            }
+        );
+        let names: Vec<_> = s.traits.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["premium_views_30m", "spend", "a_views"]);
+        assert_eq!(s.trait_index("spend"), Some(1));
+        assert_eq!(s.trait_index("a_views"), Some(2));
+        assert_eq!(s.trait_index("zzz"), None);
+        let t0 = &s.traits[0];
+        assert_eq!(t0.stream, StreamKind::Web);
+        assert_eq!(t0.aggregate, Aggregate::Count);
+        assert_eq!(t0.window_ms, Some(1_800_000));
+        assert_eq!(t0.of, None);
+        let f = t0.filter.as_ref().expect("filter");
+        let mut env = |p: &[String]| match p.join(".").as_str() {
+            "event" => Scalar::Str("view_item".into()),
+            "item.price" => Scalar::Num(150.0),
+            "device_id" => Scalar::Str("d1".into()),
+            _ => Scalar::Null,
+        };
+        assert!(f.eval_bool(&mut env));
+        let t1 = &s.traits[1];
+        assert_eq!(t1.stream, StreamKind::Transactions);
+        assert_eq!(t1.aggregate, Aggregate::Sum);
+        assert_eq!(t1.of, Some(vec!["amount".to_string()]));
+        assert_eq!(t1.window_ms, None);
+        assert_eq!(s.traits[2].filter, None);
+
+        let segs: Vec<_> = s.segments.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(segs, ["high_intent", "big_spender"]);
+        assert_eq!(s.segments[0].description.as_deref(), Some("Engaged shoppers"));
+        assert_eq!(s.segments[1].description, None);
+        let mut env = |p: &[String]| match p.join(".").as_str() {
+            "premium_views_30m" => Scalar::Num(3.0),
+            "attributes.tier" => Scalar::Str("gold".into()),
+            _ => Scalar::Null,
+        };
+        assert!(s.segments[0].when.eval_bool(&mut env));
+        assert!(!s.segments[1].when.eval_bool(&mut env));
+    }
+
+    #[test]
+    fn defaults() {
+        let s = ok("[traits.v]\nstream = \"web\"\n[segments.s]\nwhen = \"v > 0\"\n");
+        assert_eq!(s.engine, EngineSpec::default());
+        assert_eq!(s.engine.tick_ms, 1000);
+        assert_eq!(s.engine.allowed_lateness_ms, 0);
+        assert_eq!(s.engine.idle_advance_ms, 1000);
+        assert_eq!(s.engine.late_policy, LatePolicy::DeadLetter);
+        assert_eq!(s.engine.max_line_bytes, 1_048_576);
+        assert_eq!(s.engine.default_region, "US");
+        assert_eq!(s.engine.workers, None);
+        assert_eq!(s.identity.priority, ["crm_id", "user_id", "email", "phone", "anonymous_id"]);
+        assert!(s.identity.extra.is_empty());
+        assert!(s.sources.is_empty());
+        assert_eq!(s.output, OutputSpec::default());
+        assert_eq!(s.traits[0].aggregate, Aggregate::Count);
+        assert_eq!(s.traits[0].window_ms, None);
+
+        // Source defaults, and extra appended to the default list.
+        let s = ok(&format!(
+            "[identity]\nextra = [\"device_id\"]\n[sources.crm]\n[sources.web]\n{SEG}"
+        ));
+        assert_eq!(s.identity.priority.last().map(String::as_str), Some("device_id"));
+        assert_eq!(s.identity.priority.len(), 6);
+        assert_eq!(
+            s.sources[0],
+            SourceSpec {
+                name: "crm".into(),
+                kind: StreamKind::Crm,
+                location: None,
+                format: Format::Jsonl,
+                follow: false,
+                until_disconnect: false,
+            }
+        );
+        assert_eq!(s.sources[1].name, "web");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("1s"), Ok(1_000));
+        assert_eq!(parse_duration_ms("30m"), Ok(1_800_000));
+        assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
+        assert_eq!(parse_duration_ms("7d"), Ok(604_800_000));
+        assert_eq!(parse_duration_ms("0s"), Ok(0));
+        for bad in ["", "5", "s", "1.5s", "-1s", "1 w", "1sec", "99999999999999999999d", "999999999999999d"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+        assert_err("[engine]\ntick = \"1x\"\n", 2, 8, "invalid duration `1x`");
+        assert_err("[engine]\ntick = \"0s\"\n", 2, 8, "greater than 0");
+        assert_err(
+            &format!("[traits.t]\nstream = \"web\"\nwindow = \"0s\"\n{SEG}"),
+            3,
+            10,
+            "`window` must be greater than 0",
+        );
+    }
+
+    #[test]
+    fn unknown_trait_in_segment() {
+        let text = "[traits.views]\nstream = \"web\"\n\n[traits.buys]\nstream = \"transactions\"\n[segments.hot]\nwhen = \"nope >= 3\"\n";
+        let e = err(text);
+        assert_eq!((e.line, e.column), (7, 9));
+        assert_eq!(e.message, "unknown trait `nope`; declared traits: views, buys");
+        assert_eq!(e.to_string(), format!("flow.toml:7:9: {}", e.message));
+
+        assert_err(
+            "[segments.hot]\nwhen = 'x > 1'\n",
+            2,
+            9,
+            "unknown trait `x`; declared traits: (none)",
+        );
+        // Position of a later path, with a multi-byte character before it.
+        assert_err(
+            "[traits.views]\nstream = \"web\"\n[segments.hot]\nwhen = \"views > 'é' or views.x > 1\"\n",
+            4,
+            24,
+            "unknown trait `views.x`",
+        );
+        // Escapes in a basic string shift the position correctly.
+        assert_err(
+            "[traits.views]\nstream = \"web\"\n[segments.hot]\nwhen = \"views == \\\"a\\\" or bad\"\n",
+            4,
+            27,
+            "unknown trait `bad`",
+        );
+        assert_err(
+            "[segments.hot]\nwhen = '''\nattributes.a.b == 1'''\n",
+            3,
+            1,
+            "`attributes` needs one field, e.g. attributes.tier",
+        );
+        assert_err("[segments.hot]\nwhen = 'attributes'\n", 2, 9, "`attributes` needs one field");
+    }
+
+    #[test]
+    fn expression_syntax_error_position() {
+        assert_err("[segments.hot]\nwhen = \"a = 1\"\n", 2, 11, "found `=`");
+        assert_err("[segments.hot]\nwhen = \"(a > 1\"\n", 2, 15, "`)`");
+        assert_err(
+            "[traits.t]\nstream = \"web\"\nfilter = \"event >= \"\n",
+            3,
+            20,
+            "invalid expression: expected an operand",
+        );
+    }
+
+    #[test]
+    fn trait_filter_fields() {
+        let t = |filter: &str, stream: &str| {
+            format!("[traits.t]\nstream = \"{stream}\"\nfilter = \"{filter}\"\n{SEG}")
+        };
+        ok(&t("event == 'x' and item.price > 1 and context.ip != null and properties.a == 1", "web"));
+        ok(&t("anonymous_id != null or user_id != null or email != null or phone != null", "web"));
+        ok(&t("amount > 1 and currency == 'USD' and order_id != null and item_count > 0", "transactions"));
+        ok(&t("crm_id != null and properties.x == 1 and user_id != null and email != null", "transactions"));
+        assert_err(&t("amount > 1", "web"), 3, 11, "unknown web field `amount`");
+        assert_err(&t("event == 1 and item > 1", "web"), 3, 26, "`item` needs exactly one field");
+        assert_err(&t("item.a.b > 1", "web"), 3, 11, "`item` needs exactly one field");
+        assert_err(&t("event.x == 1", "web"), 3, 11, "`event` has no fields");
+        assert_err(&t("event == 1", "transactions"), 3, 11, "unknown transactions field `event`");
+        assert_err(&t("device_id == 1", "web"), 3, 11, "unknown web field `device_id`");
+        ok(&format!("[identity]\nextra = [\"device_id\"]\n{}", t("device_id == 1", "web")));
+        assert_err(
+            &format!("[identity]\nextra = [\"device_id\"]\n{}", t("device_id == 1", "transactions")),
+            5,
+            11,
+            "unknown transactions field",
+        );
+    }
+
+    #[test]
+    fn trait_errors() {
+        assert_err(
+            &format!("[traits.t]\nstream = \"crm\"\n{SEG}"),
+            2,
+            10,
+            "traits are computed over web or transactions",
+        );
+        assert_err(&format!("[traits.t]\nfilter = \"event == 1\"\n{SEG}"), 1, 9, "needs `stream");
+        assert_err(
+            &format!("[traits.t]\nstream = \"web\"\naggregate = \"sum\"\n{SEG}"),
+            3,
+            13,
+            "needs `of",
+        );
+        assert_err(
+            &format!("[traits.t]\nstream = \"web\"\nof = \"item.price\"\n{SEG}"),
+            3,
+            6,
+            "`of` is only allowed",
+        );
+        assert_err(
+            &format!("[traits.t]\nstream = \"web\"\naggregate = \"avg\"\n{SEG}"),
+            3,
+            13,
+            "unknown aggregate `avg`",
+        );
+        assert_err(
+            &format!("[traits.t]\nstream = \"transactions\"\naggregate = \"sum\"\nof = \"amount.\"\n{SEG}"),
+            4,
+            6,
+            "invalid field path",
+        );
+        let s = ok(&format!("[traits.t]\nstream = \"web\"\naggregate = \"sum\"\nof = \"item.price\"\n{SEG}"));
+        assert_eq!(s.traits[0].of, Some(vec!["item".to_string(), "price".to_string()]));
+        assert_err(&format!("[traits.Bad]\nstream = \"web\"\n{SEG}"), 1, 9, "invalid trait name `Bad`");
+    }
+
+    #[test]
+    fn segment_errors() {
+        assert_err(
+            "[traits.t]\nstream = \"web\"\n",
+            1,
+            1,
+            "no segments defined: add a [segments.NAME] table with `when = ...`",
+        );
+        assert_err(
+            "[traits.t]\nstream = \"web\"\n[segments.t]\nwhen = \"t > 1\"\n",
+            3,
+            11,
+            "segment `t` has the same name as a trait",
+        );
+        assert_err("[segments.\"a-b\"]\nwhen = \"attributes.x\"\n", 1, 11, "invalid segment name");
+        assert_err("[segments.s]\ndescription = \"x\"\n", 1, 11, "needs `when");
+    }
+
+    #[test]
+    fn csv_only_for_crm() {
+        let e = err(&format!("[sources.web]\nformat = \"csv\"\n{SEG}"));
+        assert_eq!((e.line, e.column), (2, 10), "{e}");
+        assert_eq!(
+            e.message,
+            "format \"csv\" is only supported for crm sources; source `web` is web"
+        );
+        ok(&format!("[sources.crm]\nformat = \"csv\"\n{SEG}"));
+        assert_err(&format!("[sources.crm]\nformat = \"xml\"\n{SEG}"), 2, 10, "unknown format");
+    }
+
+    #[test]
+    fn source_errors() {
+        assert_err(&format!("[sources.clicks]\npath = \"x\"\n{SEG}"), 1, 10, "needs `kind");
+        assert_err(&format!("[sources.x]\nkind = \"logs\"\n{SEG}"), 2, 8, "unknown source kind `logs`");
+        assert_err(
+            &format!("[sources.web]\npath = \"tcp://h:1\"\nfollow = true\n{SEG}"),
+            3,
+            10,
+            "`follow` only applies to file sources",
+        );
+        assert_err(
+            &format!("[sources.web]\npath = \"a.jsonl\"\nuntil = \"disconnect\"\n{SEG}"),
+            3,
+            9,
+            "`until` only applies to tcp",
+        );
+        assert_err(
+            &format!("[sources.web]\nuntil = \"eof\"\n{SEG}"),
+            2,
+            9,
+            "unknown `until` value",
+        );
+    }
+
+    #[test]
+    fn engine_and_identity_errors() {
+        assert_err(&format!("[engine]\nmax_line_bytes = 0\n{SEG}"), 2, 18, "greater than 0");
+        assert_err(&format!("[engine]\ndefault_region = \"usa\"\n{SEG}"), 2, 18, "two uppercase");
+        assert_err(&format!("[engine]\ndefault_region = \"us\"\n{SEG}"), 2, 18, "two uppercase");
+        assert_err(&format!("[engine]\nlate_policy = \"drop\"\n{SEG}"), 2, 15, "unknown late_policy");
+        assert_err(&format!("[engine]\nworkers = 0\n{SEG}"), 2, 11, "at least 1");
+        assert_err(
+            &format!("[identity]\nextra = [\"a\", \"Dev\"]\n{SEG}"),
+            2,
+            15,
+            "invalid identifier name `Dev`",
+        );
+        assert_err(
+            &format!("[identity]\npriority = [\"a\", \"b\", \"a\"]\n{SEG}"),
+            2,
+            23,
+            "duplicate identifier `a`",
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_toml_errors() {
+        let e = err(&format!("[engine]\ntick = \"1s\"\nticks = \"2s\"\n{SEG}"));
+        assert_eq!((e.line, e.column), (3, 1), "{e}");
+        assert!(e.message.contains("`ticks`"), "{}", e.message);
+        assert!(e.message.contains("`tick`") && e.message.contains("`workers`"), "{}", e.message);
+
+        let e = err(&format!("{SEG}[traits.t]\nstream = \"web\"\nwindows = \"1m\"\n"));
+        assert_eq!((e.line, e.column), (5, 1), "{e}");
+        assert!(e.message.contains("unknown field `windows`"), "{}", e.message);
+        assert!(e.message.contains("`window`"), "{}", e.message);
+
+        let e = err(&format!("[outputs]\nsegments = \"-\"\n{SEG}"));
+        assert_eq!((e.line, e.column), (1, 2), "{e}");
+        assert!(e.message.contains("`outputs`") && e.message.contains("`output`"), "{}", e.message);
+
+        // Plain syntax errors and type errors.
+        let e = err("[engine\n");
+        assert_eq!(e.line, 1, "{e}");
+        assert_err(&format!("[engine]\nworkers = \"two\"\n{SEG}"), 2, 11, "invalid type");
+    }
+
+    #[test]
+    fn load_spec_errors_and_success() {
+        let e = load_spec(Path::new("/definitely/not/here.toml")).unwrap_err();
+        assert_eq!((e.line, e.column), (0, 0));
+        assert!(e.message.starts_with("cannot read: "), "{}", e.message);
+        assert_eq!(e.file, "/definitely/not/here.toml");
+
+        let dir = std::env::temp_dir().join(format!("segflow-spec-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flow.toml");
+        std::fs::write(&path, FULL).unwrap();
+        let s = load_spec(&path).unwrap();
+        assert_eq!(s.file, path.display().to_string());
+        assert_eq!(s.traits.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("abc", 0), (1, 1));
+        assert_eq!(line_col("a\nbc", 3), (2, 2));
+        assert_eq!(line_col("é\néé x", 7), (2, 3));
+        assert_eq!(line_col("ab", 99), (1, 3));
+    }
+}

@@ -1,0 +1,162 @@
+//! The cluster binary: the same inputs with `-w 1`, `-w 2` and two
+//! processes on localhost give byte-identical segment-diff files; the state
+//! is queryable from the command line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_segflow");
+
+fn segflow(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("segflow runs")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "segflow failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run_args<'a>(data: &'a str, out: &'a str, dead: &'a str, state: &'a str) -> Vec<String> {
+    let dataflow = concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml");
+    vec![
+        "run".into(),
+        dataflow.into(),
+        "--input".into(),
+        format!("web={data}/web.jsonl"),
+        "--input".into(),
+        format!("crm={data}/crm.jsonl"),
+        "--input".into(),
+        format!("transactions={data}/transactions.jsonl"),
+        "--output".into(),
+        out.into(),
+        "--dead-letter".into(),
+        dead.into(),
+        "--state-dir".into(),
+        state.into(),
+    ]
+}
+
+fn run(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("{name}.jsonl"));
+    let dead = dir.join(format!("{name}.dead.jsonl"));
+    let state = dir.join(format!("{name}.state"));
+    let mut args = run_args(data.to_str().unwrap(), out.to_str().unwrap(), dead.to_str().unwrap(), state.to_str().unwrap());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ok(Command::new(BIN).args(&args).output().unwrap());
+    out
+}
+
+#[test]
+fn worker_and_process_counts_give_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let gen = ok(segflow(&["generate", "--out", data.to_str().unwrap(), "--events", "6000", "--seed", "3"]));
+    let stats: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
+    assert_eq!(stats["web_events"], 6000);
+
+    let one = std::fs::read(run(dir.path(), &data, "w1", &["-w", "1"])).unwrap();
+    let two = std::fs::read(run(dir.path(), &data, "w2", &["-w", "2"])).unwrap();
+    assert!(one.len() > 1000, "the run produced few diffs: {} bytes", one.len());
+    assert!(one == two, "-w 1 and -w 2 differ");
+
+    // Two processes on localhost.
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let out = dir.path().join("n2.jsonl");
+    let mut children = Vec::new();
+    for p in ["0", "1"] {
+        let mut args = run_args(
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+            dir.path().join("n2.dead.jsonl").to_str().unwrap(),
+            dir.path().join("n2.state").to_str().unwrap(),
+        );
+        args.extend(["-w", "1", "-n", "2", "-p", p, "-h", hostfile.to_str().unwrap()].iter().map(|s| s.to_string()));
+        children.push(Command::new(BIN).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap());
+    }
+    for child in children {
+        ok(child.wait_with_output().unwrap());
+    }
+    let n2 = std::fs::read(&out).unwrap();
+    assert!(one == n2, "-w 1 and -n 2 differ");
+
+    // Every line is a diff in the contract's shape, in time order.
+    let mut last = 0;
+    for line in String::from_utf8(one).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let t = v["time"].as_u64().unwrap();
+        assert!(t >= last);
+        last = t;
+        assert!(v["diff"] == 1 || v["diff"] == -1);
+        assert!(v["segment"].is_string() && v["profile"].is_string());
+    }
+}
+
+#[test]
+fn query_prints_a_profile_for_any_of_its_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("crm.jsonl"),
+        "{\"crm_id\":\"C9\",\"email\":\" Zoe@Example.com\",\"phone\":\"(303) 555-0100\",\"updated_at\":\"2026-03-02T10:00:00+01:00\",\"attributes\":{\"tier\":\"gold\"}}\n",
+    )
+    .unwrap();
+    std::fs::write(data.join("web.jsonl"), "{\"event\":\"login\",\"ts\":1772445600000,\"anonymous_id\":\"a-1\",\"email\":\"zoe@example.com\"}\n").unwrap();
+    std::fs::write(data.join("transactions.jsonl"), "").unwrap();
+    let out = run(dir.path(), &data, "q", &[]);
+    let diffs = std::fs::read_to_string(out).unwrap();
+    assert!(diffs.contains(r#""segment":"vip","profile":"crm:C9","diff":1"#), "{diffs}");
+    let state = dir.path().join("q.state");
+    for id in ["anon:a-1", "email:zoe@EXAMPLE.com", "crm:C9", "zoe@example.com"] {
+        let out = ok(segflow(&["query", "--state-dir", state.to_str().unwrap(), id]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["profile"], "crm:C9", "{id}");
+        assert_eq!(v["attributes"]["tier"], "gold");
+        assert_eq!(v["segments"][0], "vip");
+    }
+    let missing = segflow(&["query", "--state-dir", state.to_str().unwrap(), "email:nobody@example.com"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no profile"));
+}
+
+#[test]
+fn definition_errors_name_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[sources.web]\n\n[segments.s]\nwhen = \"views >= 3\"\n").unwrap();
+    let out = segflow(&["check", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:4:9"), "{err}");
+    assert!(err.contains("unknown trait `views`"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
+
+    let shipped = ok(segflow(&["check", concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml")]));
+    assert!(String::from_utf8_lossy(&shipped.stdout).contains("ok"));
+}
+
+#[test]
+fn usage_errors_and_help() {
+    for cmd in [&["--help"][..], &["run", "--help"], &["generate", "--help"], &["query", "--help"], &["check", "--help"]] {
+        let out = ok(segflow(cmd));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{cmd:?}");
+    }
+    let out = segflow(&["run", concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"), "--input", "clicks=x.jsonl"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown source `clicks`"));
+    let out = segflow(&["run", concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"), "--input", "web=/nonexistent/web.jsonl"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/web.jsonl"));
+    assert!(!segflow(&["frobnicate"]).status.success());
+}

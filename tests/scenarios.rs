@@ -1,0 +1,250 @@
+//! Hand-written inputs with hand-written expected diffs: a merge, a window
+//! expiry, a late record, a CRM update and delete, segments entered and
+//! left. Each scenario runs with one worker and with two.
+
+use std::sync::{Arc, Mutex};
+
+use segflow::spec::parse_spec;
+use segflow::store::Store;
+use segflow::{Engine, Input, Output, RunSummary};
+
+const SPEC: &str = r#"
+[engine]
+tick = "1s"
+allowed_lateness = "5s"
+
+[sources.web]
+[sources.crm]
+[sources.transactions]
+
+[traits.views_10s]
+stream = "web"
+filter = 'event == "view_item"'
+window = "10s"
+
+[traits.spend]
+stream = "transactions"
+aggregate = "sum"
+of = "amount"
+
+[segments.active]
+when = "views_10s >= 2"
+
+[segments.buyer]
+when = "spend >= 100"
+
+[segments.vip]
+when = 'attributes.tier == "gold"'
+"#;
+
+struct Run {
+    diffs: Vec<String>,
+    dead: Vec<serde_json::Value>,
+    summary: RunSummary,
+}
+
+fn run_with(web: &[&str], crm: &[&str], txn: &[&str], workers: usize, state: Option<&std::path::Path>) -> Run {
+    let spec = parse_spec(SPEC, "scenarios.toml").unwrap();
+    let diffs = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&diffs);
+    let lines = |v: &[&str]| Input::Memory(Arc::new(v.iter().map(|s| s.to_string()).collect()));
+    let dir = tempfile::tempdir().unwrap();
+    let dead_path = dir.path().join("dead.jsonl");
+    let mut engine = Engine::new(spec)
+        .input("web", lines(web))
+        .unwrap()
+        .input("crm", lines(crm))
+        .unwrap()
+        .input("transactions", lines(txn))
+        .unwrap()
+        .output(Output::Callback(Arc::new(move |d| sink.lock().unwrap().push(d.to_line()))))
+        .dead_letter(&dead_path);
+    if let Some(state) = state {
+        engine = engine.state_dir(state);
+    }
+    let summary = engine.run(timely::Config::process(workers)).unwrap();
+    let dead = std::fs::read_to_string(&dead_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let diffs = diffs.lock().unwrap().clone();
+    Run { diffs, dead, summary }
+}
+
+fn check(web: &[&str], crm: &[&str], txn: &[&str], expected: &[&str]) -> Run {
+    let mut first = None;
+    for workers in [1, 2] {
+        let run = run_with(web, crm, txn, workers, None);
+        assert_eq!(run.diffs, expected, "diffs with -w {workers}");
+        first.get_or_insert(run);
+    }
+    first.unwrap()
+}
+
+#[test]
+fn window_expiry_enters_and_leaves() {
+    let web = [
+        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2500,"anonymous_id":"a1"}"#,
+        r#"{"event":"page_view","ts":20000,"anonymous_id":"a2"}"#,
+    ];
+    check(
+        &web,
+        &[],
+        &[],
+        &[
+            r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#,
+            r#"{"time":11000,"segment":"active","profile":"anon:a1","diff":-1}"#,
+        ],
+    );
+}
+
+#[test]
+fn finite_replay_ends_at_the_last_event() {
+    // The window would expire at 11 s, but the input ends at 2 s: the final
+    // state is as of the last event, so no exit is written.
+    let web = [
+        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#,
+    ];
+    let run = check(&web, &[], &[], &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#]);
+    assert_eq!(run.summary.segments[0], ("active".to_string(), 1));
+    assert_eq!(run.summary.last_time, Some(2000));
+}
+
+#[test]
+fn login_merges_profiles_and_moves_memberships() {
+    let web = [
+        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#,
+        r#"{"event":"login","ts":3000,"anonymous_id":"a1","user_id":" u1 "}"#,
+        r#"{"event":"view_item","ts":4000,"user_id":"u2"}"#,
+        r#"{"event":"view_item","ts":4000,"anonymous_id":"a9"}"#,
+        r#"{"event":"login","ts":5000,"anonymous_id":"a9","user_id":"u2"}"#,
+    ];
+    let run = check(
+        &web,
+        &[],
+        &[],
+        &[
+            r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#,
+            r#"{"time":3000,"segment":"active","profile":"anon:a1","diff":-1}"#,
+            r#"{"time":3000,"segment":"active","profile":"user:u1","diff":1}"#,
+            // u2 and a9 each had one view; merged they have two.
+            r#"{"time":5000,"segment":"active","profile":"user:u2","diff":1}"#,
+        ],
+    );
+    assert_eq!(run.summary.profiles, 2);
+}
+
+#[test]
+fn late_records_are_dead_lettered_and_ignored() {
+    let web = [
+        r#"{"event":"view_item","ts":10000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":20000,"anonymous_id":"a2"}"#,
+        // Watermark is now 20 s - 5 s = 15 s: 12 s is late, 16 s is not.
+        r#"{"event":"view_item","ts":12000,"anonymous_id":"a2"}"#,
+        r#"{"event":"view_item","ts":16000,"anonymous_id":"a1"}"#,
+    ];
+    // a1 viewed at 10 s and 16 s: two views within 10 s.
+    let run = check(&web, &[], &[], &[r#"{"time":16000,"segment":"active","profile":"anon:a1","diff":1}"#]);
+    assert_eq!(run.summary.late(), 1);
+    assert_eq!(run.dead.len(), 1);
+    assert_eq!(run.dead[0]["line"], 3);
+    assert_eq!(run.dead[0]["source"], "web");
+    assert!(run.dead[0]["reason"].as_str().unwrap().starts_with("late"), "{}", run.dead[0]);
+}
+
+#[test]
+fn crm_update_and_delete() {
+    let crm = [
+        r#"{"crm_id":"C1","email":"ann@example.com","updated_at":1000,"attributes":{"tier":"gold"}}"#,
+        r#"{"crm_id":"C2","email":"bob@example.com","updated_at":2000,"attributes":{"tier":"gold"}}"#,
+        r#"{"crm_id":"C1","email":"ann@example.com","updated_at":5000,"attributes":{"tier":"silver"}}"#,
+        r#"{"crm_id":"C2","updated_at":8000,"deleted":true}"#,
+    ];
+    let web = [r#"{"event":"page_view","ts":9000,"anonymous_id":"a1"}"#];
+    check(
+        &web,
+        &crm,
+        &[],
+        &[
+            r#"{"time":1000,"segment":"vip","profile":"crm:C1","diff":1}"#,
+            r#"{"time":2000,"segment":"vip","profile":"crm:C2","diff":1}"#,
+            r#"{"time":5000,"segment":"vip","profile":"crm:C1","diff":-1}"#,
+            r#"{"time":8000,"segment":"vip","profile":"crm:C2","diff":-1}"#,
+        ],
+    );
+}
+
+#[test]
+fn transactions_join_crm_profiles_through_normalized_emails() {
+    let crm = [r#"{"crm_id":"C1","email":"  Bob@Example.COM ","phone":"(415) 234-5678","updated_at":1000,"attributes":{"tier":"bronze"}}"#];
+    let txn = [
+        r#"{"order_id":"o1","ts":2000,"email":"bob@example.com","amount":60.5,"currency":"USD"}"#,
+        r#"{"order_id":"o2","ts":3000,"email":" BOB@example.com","amount":"39.5","currency":"USD"}"#,
+        r#"{"order_id":"o3","ts":4000,"user_id":"u7","amount":500,"currency":"USD"}"#,
+    ];
+    check(
+        &[],
+        &crm,
+        &txn,
+        &[
+            r#"{"time":3000,"segment":"buyer","profile":"crm:C1","diff":1}"#,
+            r#"{"time":4000,"segment":"buyer","profile":"user:u7","diff":1}"#,
+        ],
+    );
+}
+
+#[test]
+fn bad_lines_go_to_dead_letters_with_reasons_and_the_run_goes_on() {
+    let web = [
+        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":1000,"anonymous_id":"#,
+        r#"{"ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":42,"ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":"yesterday","anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":1000}"#,
+        r#"[1,2,3]"#,
+        r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#,
+    ];
+    let run = check(&web, &[], &[], &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#]);
+    let lines: Vec<u64> = run.dead.iter().map(|d| d["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, vec![2, 3, 4, 5, 6, 7]);
+    let reasons: Vec<&str> = run.dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert!(reasons[0].contains("invalid JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("ts") || reasons[1].contains("event"), "{reasons:?}");
+    assert!(reasons[2].contains("event"), "{reasons:?}");
+    assert!(reasons[3].contains("timestamp"), "{reasons:?}");
+    assert!(reasons[4].contains("identifier"), "{reasons:?}");
+    assert_eq!(run.summary.dead_letters(), 6);
+    assert_eq!(run.summary.sources[0].records, 2);
+}
+
+#[test]
+fn state_is_queryable_by_any_identifier() {
+    let crm = [r#"{"crm_id":"C1","email":"ann@example.com","phone":"+1 415 234 5678","updated_at":1000,"attributes":{"tier":"gold","first_name":"Ann"}}"#];
+    let web = [
+        r#"{"event":"login","ts":2000,"anonymous_id":"a1","email":"ANN@example.com"}"#,
+        r#"{"event":"view_item","ts":3000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":4000,"anonymous_id":"a1"}"#,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_with(&web, &crm, &[], 2, Some(dir.path()));
+    assert!(run.diffs.contains(&r#"{"time":4000,"segment":"active","profile":"crm:C1","diff":1}"#.to_string()));
+    let store = Store::open_read_only(dir.path()).unwrap();
+    let rules = segflow::model::IdentityRules::new(
+        ["crm_id", "user_id", "email", "phone", "anonymous_id"].iter().map(|s| s.to_string()).collect(),
+        "US".into(),
+    );
+    for query in ["anon:a1", "email:Ann@Example.com", "phone:(415) 234-5678", "crm:C1"] {
+        let view = store.lookup(&rules.parse_query(query)).unwrap().unwrap_or_else(|| panic!("{query} not found"));
+        assert_eq!(view.profile, "crm:C1");
+        assert_eq!(view.identifiers, vec!["anon:a1", "crm:C1", "email:ann@example.com", "phone:+14152345678"]);
+        assert_eq!(view.traits.get("views_10s"), Some(&2.0));
+        assert_eq!(view.segments, vec!["active", "vip"]);
+        assert_eq!(view.attributes["tier"], "gold");
+        assert_eq!(view.as_of.as_ref().unwrap().time, 4000);
+    }
+}
