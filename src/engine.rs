@@ -238,7 +238,8 @@ impl Engine {
                 build(scope, &spec, &defs, Arc::clone(&params), outputs, Rc::clone(&result));
             });
             while worker.step_or_park(Some(Duration::from_millis(20))) {}
-            result.borrow_mut().take()
+            let summary = result.borrow_mut().take();
+            summary
         })
         .map_err(EngineError::Worker)?;
         let mut summary = None;

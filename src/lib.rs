@@ -39,8 +39,8 @@
 //!     when = "views >= 2"
 //! "#, "inline.toml").unwrap();
 //! let web = vec![
-//!     r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#.to_string(),
-//!     r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#.to_string(),
+//!     r#"{"event":"view_item","ts":1,"anonymous_id":"a1"}"#.to_string(),
+//!     r#"{"event":"view_item","ts":2,"anonymous_id":"a1"}"#.to_string(),
 //! ];
 //! let seen = Arc::new(Mutex::new(Vec::new()));
 //! let sink = Arc::clone(&seen);

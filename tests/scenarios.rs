@@ -85,9 +85,9 @@ fn check(web: &[&str], crm: &[&str], txn: &[&str], expected: &[&str]) -> Run {
 #[test]
 fn window_expiry_enters_and_leaves() {
     let web = [
-        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":2500,"anonymous_id":"a1"}"#,
-        r#"{"event":"page_view","ts":20000,"anonymous_id":"a2"}"#,
+        r#"{"event":"view_item","ts":1,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2.5,"anonymous_id":"a1"}"#,
+        r#"{"event":"page_view","ts":20,"anonymous_id":"a2"}"#,
     ];
     check(
         &web,
@@ -105,8 +105,8 @@ fn finite_replay_ends_at_the_last_event() {
     // The window would expire at 11 s, but the input ends at 2 s: the final
     // state is as of the last event, so no exit is written.
     let web = [
-        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":1,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2,"anonymous_id":"a1"}"#,
     ];
     let run = check(&web, &[], &[], &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#]);
     assert_eq!(run.summary.segments[0], ("active".to_string(), 1));
@@ -116,12 +116,12 @@ fn finite_replay_ends_at_the_last_event() {
 #[test]
 fn login_merges_profiles_and_moves_memberships() {
     let web = [
-        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#,
-        r#"{"event":"login","ts":3000,"anonymous_id":"a1","user_id":" u1 "}"#,
-        r#"{"event":"view_item","ts":4000,"user_id":"u2"}"#,
-        r#"{"event":"view_item","ts":4000,"anonymous_id":"a9"}"#,
-        r#"{"event":"login","ts":5000,"anonymous_id":"a9","user_id":"u2"}"#,
+        r#"{"event":"view_item","ts":1,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2,"anonymous_id":"a1"}"#,
+        r#"{"event":"login","ts":3,"anonymous_id":"a1","user_id":" u1 "}"#,
+        r#"{"event":"view_item","ts":4,"user_id":"u2"}"#,
+        r#"{"event":"view_item","ts":4,"anonymous_id":"a9"}"#,
+        r#"{"event":"login","ts":5,"anonymous_id":"a9","user_id":"u2"}"#,
     ];
     let run = check(
         &web,
@@ -141,14 +141,23 @@ fn login_merges_profiles_and_moves_memberships() {
 #[test]
 fn late_records_are_dead_lettered_and_ignored() {
     let web = [
-        r#"{"event":"view_item","ts":10000,"anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":20000,"anonymous_id":"a2"}"#,
+        r#"{"event":"view_item","ts":10,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":20,"anonymous_id":"a2"}"#,
         // Watermark is now 20 s - 5 s = 15 s: 12 s is late, 16 s is not.
-        r#"{"event":"view_item","ts":12000,"anonymous_id":"a2"}"#,
-        r#"{"event":"view_item","ts":16000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":12,"anonymous_id":"a2"}"#,
+        r#"{"event":"view_item","ts":16,"anonymous_id":"a1"}"#,
     ];
-    // a1 viewed at 10 s and 16 s: two views within 10 s.
-    let run = check(&web, &[], &[], &[r#"{"time":16000,"segment":"active","profile":"anon:a1","diff":1}"#]);
+    // a1 viewed at 10 s and 16 s: two views within 10 s; the first leaves
+    // the window at 20 s, which is still within the input (a2 at 20 s).
+    let run = check(
+        &web,
+        &[],
+        &[],
+        &[
+            r#"{"time":16000,"segment":"active","profile":"anon:a1","diff":1}"#,
+            r#"{"time":20000,"segment":"active","profile":"anon:a1","diff":-1}"#,
+        ],
+    );
     assert_eq!(run.summary.late(), 1);
     assert_eq!(run.dead.len(), 1);
     assert_eq!(run.dead[0]["line"], 3);
@@ -159,12 +168,12 @@ fn late_records_are_dead_lettered_and_ignored() {
 #[test]
 fn crm_update_and_delete() {
     let crm = [
-        r#"{"crm_id":"C1","email":"ann@example.com","updated_at":1000,"attributes":{"tier":"gold"}}"#,
-        r#"{"crm_id":"C2","email":"bob@example.com","updated_at":2000,"attributes":{"tier":"gold"}}"#,
-        r#"{"crm_id":"C1","email":"ann@example.com","updated_at":5000,"attributes":{"tier":"silver"}}"#,
-        r#"{"crm_id":"C2","updated_at":8000,"deleted":true}"#,
+        r#"{"crm_id":"C1","email":"ann@example.com","updated_at":1,"attributes":{"tier":"gold"}}"#,
+        r#"{"crm_id":"C2","email":"bob@example.com","updated_at":2,"attributes":{"tier":"gold"}}"#,
+        r#"{"crm_id":"C1","email":"ann@example.com","updated_at":5,"attributes":{"tier":"silver"}}"#,
+        r#"{"crm_id":"C2","updated_at":8,"deleted":true}"#,
     ];
-    let web = [r#"{"event":"page_view","ts":9000,"anonymous_id":"a1"}"#];
+    let web = [r#"{"event":"page_view","ts":9,"anonymous_id":"a1"}"#];
     check(
         &web,
         &crm,
@@ -180,11 +189,11 @@ fn crm_update_and_delete() {
 
 #[test]
 fn transactions_join_crm_profiles_through_normalized_emails() {
-    let crm = [r#"{"crm_id":"C1","email":"  Bob@Example.COM ","phone":"(415) 234-5678","updated_at":1000,"attributes":{"tier":"bronze"}}"#];
+    let crm = [r#"{"crm_id":"C1","email":"  Bob@Example.COM ","phone":"(415) 234-5678","updated_at":1,"attributes":{"tier":"bronze"}}"#];
     let txn = [
-        r#"{"order_id":"o1","ts":2000,"email":"bob@example.com","amount":60.5,"currency":"USD"}"#,
-        r#"{"order_id":"o2","ts":3000,"email":" BOB@example.com","amount":"39.5","currency":"USD"}"#,
-        r#"{"order_id":"o3","ts":4000,"user_id":"u7","amount":500,"currency":"USD"}"#,
+        r#"{"order_id":"o1","ts":2,"email":"bob@example.com","amount":60.5,"currency":"USD"}"#,
+        r#"{"order_id":"o2","ts":3,"email":" BOB@example.com","amount":"39.5","currency":"USD"}"#,
+        r#"{"order_id":"o3","ts":4,"user_id":"u7","amount":500,"currency":"USD"}"#,
     ];
     check(
         &[],
@@ -200,14 +209,14 @@ fn transactions_join_crm_profiles_through_normalized_emails() {
 #[test]
 fn bad_lines_go_to_dead_letters_with_reasons_and_the_run_goes_on() {
     let web = [
-        r#"{"event":"view_item","ts":1000,"anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":1000,"anonymous_id":"#,
-        r#"{"ts":1000,"anonymous_id":"a1"}"#,
-        r#"{"event":42,"ts":1000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":1,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":1,"anonymous_id":"#,
+        r#"{"ts":1,"anonymous_id":"a1"}"#,
+        r#"{"event":42,"ts":1,"anonymous_id":"a1"}"#,
         r#"{"event":"view_item","ts":"yesterday","anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":1000}"#,
+        r#"{"event":"view_item","ts":1}"#,
         r#"[1,2,3]"#,
-        r#"{"event":"view_item","ts":2000,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":2,"anonymous_id":"a1"}"#,
     ];
     let run = check(&web, &[], &[], &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#]);
     let lines: Vec<u64> = run.dead.iter().map(|d| d["line"].as_u64().unwrap()).collect();
@@ -224,11 +233,11 @@ fn bad_lines_go_to_dead_letters_with_reasons_and_the_run_goes_on() {
 
 #[test]
 fn state_is_queryable_by_any_identifier() {
-    let crm = [r#"{"crm_id":"C1","email":"ann@example.com","phone":"+1 415 234 5678","updated_at":1000,"attributes":{"tier":"gold","first_name":"Ann"}}"#];
+    let crm = [r#"{"crm_id":"C1","email":"ann@example.com","phone":"+1 415 234 5678","updated_at":1,"attributes":{"tier":"gold","first_name":"Ann"}}"#];
     let web = [
-        r#"{"event":"login","ts":2000,"anonymous_id":"a1","email":"ANN@example.com"}"#,
-        r#"{"event":"view_item","ts":3000,"anonymous_id":"a1"}"#,
-        r#"{"event":"view_item","ts":4000,"anonymous_id":"a1"}"#,
+        r#"{"event":"login","ts":2,"anonymous_id":"a1","email":"ANN@example.com"}"#,
+        r#"{"event":"view_item","ts":3,"anonymous_id":"a1"}"#,
+        r#"{"event":"view_item","ts":4,"anonymous_id":"a1"}"#,
     ];
     let dir = tempfile::tempdir().unwrap();
     let run = run_with(&web, &crm, &[], 2, Some(dir.path()));

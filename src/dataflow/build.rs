@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::AsCollection;
-use timely::dataflow::operators::Concatenate;
+use timely::dataflow::operators::{Concatenate, Exchange};
 use timely::dataflow::Scope;
 
 use super::{identity, profiles, segments, traits, Coll, Time};
@@ -35,7 +35,12 @@ pub fn build<'s>(
         record_streams.push(records.as_collection());
         control_streams.push(control);
     }
-    let records: Coll<'s, Record> = differential_dataflow::collection::concatenate(scope, record_streams);
+    // Each source is decoded by its owner worker; from here on the records
+    // are spread over all workers by their key identifier.
+    let records: Coll<'s, Record> = differential_dataflow::collection::concatenate(scope, record_streams)
+        .inner
+        .exchange(|(record, _, _): &(Record, Time, isize)| key_hash(record))
+        .as_collection();
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
@@ -81,4 +86,12 @@ pub fn build<'s>(
     let control = scope.concatenate(control_streams);
     let names = sources.iter().map(|s| s.name.clone()).collect();
     commit(updates.inner, control, outputs, names, trait_specs, segment_specs, result);
+}
+
+/// Routes a record by its key (highest-priority) identifier.
+fn key_hash(record: &Record) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    record.ids().first().hash(&mut h);
+    h.finish()
 }

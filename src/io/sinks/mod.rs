@@ -304,7 +304,7 @@ pub fn commit<'s>(
                 }
             });
             // The earliest time some worker may still produce.
-            let frontier = frontiers.iter().flat_map(|f| f.frontier().iter().copied()).min();
+            let frontier = frontiers.iter().filter_map(|f| f.frontier().iter().min().copied()).min();
             let mut wrote = false;
             while let Some((&time, _)) = c.pending.first_key_value() {
                 let complete = frontier.is_none_or(|f| time < f);
