@@ -257,3 +257,81 @@ fn state_is_queryable_by_any_identifier() {
         assert_eq!(view.as_of.as_ref().unwrap().time, 4000);
     }
 }
+
+#[test]
+fn crm_as_csv_with_header() {
+    let spec = parse_spec(
+        r#"
+        [sources.crm]
+        format = "csv"
+        [segments.vip]
+        when = 'attributes.tier == "gold"'
+        "#,
+        "csv.toml",
+    )
+    .unwrap();
+    let csv = [
+        "crm_id,email,phone,updated_at,tier,first_name",
+        r#"C1, Ann@Example.com ,+1 415 234 5678,2026-03-02T10:00:00Z,gold,"Ann, Jr""#,
+        "C2,bob@example.com,,1772445600,silver,Bob",
+        "C3,only,three",
+        "C1,ann@example.com,,1772449200,silver,Ann",
+    ];
+    for workers in [1, 2] {
+        let diffs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&diffs);
+        let dir = tempfile::tempdir().unwrap();
+        let summary = Engine::new(spec.clone())
+            .input("crm", Input::Memory(Arc::new(csv.iter().map(|s| s.to_string()).collect())))
+            .unwrap()
+            .output(Output::Callback(Arc::new(move |d| sink.lock().unwrap().push(d.to_line()))))
+            .dead_letter(dir.path().join("dead.jsonl"))
+            .run(timely::Config::process(workers))
+            .unwrap();
+        assert_eq!(
+            *diffs.lock().unwrap(),
+            vec![
+                r#"{"time":1772445600000,"segment":"vip","profile":"crm:C1","diff":1}"#,
+                r#"{"time":1772449200000,"segment":"vip","profile":"crm:C1","diff":-1}"#,
+            ]
+        );
+        assert_eq!(summary.sources[0].records, 3);
+        assert_eq!(summary.sources[0].dead_letters, 1);
+    }
+}
+
+#[test]
+fn invalid_utf8_and_over_long_lines_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.jsonl");
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"a1\"}\n");
+    bytes.extend_from_slice(b"{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"a\xff\xfe\"}\n");
+    bytes.extend_from_slice(format!("{{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"{}\"}}\n", "x".repeat(5000)).as_bytes());
+    bytes.extend_from_slice(b"{\"event\":\"view_item\",\"ts\":2,\"anonymous_id\":\"a1\"}");
+    std::fs::write(&web, &bytes).unwrap();
+    let mut spec = parse_spec(SPEC, "scenarios.toml").unwrap();
+    spec.engine.max_line_bytes = 1024;
+    spec.sources.retain(|s| s.name == "web");
+    let dead_path = dir.path().join("dead.jsonl");
+    let out = dir.path().join("out.jsonl");
+    let summary = Engine::new(spec)
+        .input("web", Input::File { path: web.clone(), follow: false })
+        .unwrap()
+        .output(Output::Path(out.clone()))
+        .dead_letter(&dead_path)
+        .run(timely::Config::process(2))
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"time\":2000,\"segment\":\"active\",\"profile\":\"anon:a1\",\"diff\":1}\n");
+    let dead: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dead_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["line"], 2);
+    assert_eq!(dead[0]["offset"], 49);
+    assert_eq!(dead[0]["input"], web.display().to_string());
+    assert!(dead[0]["reason"].as_str().unwrap().contains("invalid UTF-8 at byte 45 of the line (input offset 94)"), "{}", dead[0]);
+    assert_eq!(dead[1]["line"], 3);
+    assert!(dead[1]["reason"].as_str().unwrap().contains("exceeds max_line_bytes = 1024"), "{}", dead[1]);
+    assert_eq!(summary.sources[0].lines, 4);
+    assert_eq!(summary.sources[0].records, 2);
+}

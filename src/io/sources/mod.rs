@@ -184,7 +184,11 @@ impl Reader {
         let text = match std::str::from_utf8(&bytes) {
             Ok(t) => t,
             Err(e) => {
-                let reason = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
+                let reason = format!(
+                    "invalid UTF-8 at byte {} of the line (input offset {})",
+                    e.valid_up_to(),
+                    offset + e.valid_up_to() as u64
+                );
                 return self.dead(ctl, line, offset, peer, reason, &bytes);
             }
         };

@@ -1,0 +1,133 @@
+//! Live inputs: TCP sources with several clients, a TCP sink, and the
+//! wall-clock watermark that expires windows while no events arrive.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use segflow::spec::parse_spec;
+use segflow::{Engine, Input, Output};
+
+const SPEC: &str = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "0s"
+idle_advance = "200ms"
+
+[sources.web]
+
+[traits.views_2s]
+stream = "web"
+filter = 'event == "view_item"'
+window = "2s"
+
+[segments.active]
+when = "views_2s >= 2"
+"#;
+
+const T: u64 = 1_772_409_600_000;
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot connect to {addr}: {e}"),
+        }
+    }
+}
+
+fn view(ts: u64, anon: &str) -> String {
+    format!("{{\"event\":\"view_item\",\"ts\":{ts},\"anonymous_id\":\"{anon}\"}}\n")
+}
+
+#[test]
+fn idle_sources_expire_windows_without_new_events() {
+    let addr = free_addr();
+    let seen: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let engine_addr = addr.clone();
+    let engine = std::thread::spawn(move || {
+        Engine::new(parse_spec(SPEC, "live.toml").unwrap())
+            .input("web", Input::Tcp { addr: engine_addr, until_disconnect: true })
+            .unwrap()
+            .output(Output::Callback(Arc::new(move |d| sink.lock().unwrap().push((Instant::now(), d.to_line())))))
+            .run(timely::Config::process(2))
+            .unwrap()
+    });
+    let mut client = connect(&addr);
+    client.write_all((view(T, "a1") + &view(T + 100, "a1")).as_bytes()).unwrap();
+    client.flush().unwrap();
+    // No more events: the exit at T + 2 s must come from the idle clock.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let disconnected = Instant::now();
+    drop(client);
+    let summary = engine.join().unwrap();
+    let seen = seen.lock().unwrap();
+    let lines: Vec<&str> = seen.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!(r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#, T + 100),
+            format!(r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":-1}}"#, T + 2000),
+        ]
+    );
+    assert!(seen[1].0 <= disconnected, "the exit was emitted while the client was still connected");
+    assert_eq!(summary.sources[0].records, 2);
+}
+
+#[test]
+fn tcp_source_with_several_clients_and_tcp_sink() {
+    let source_addr = free_addr();
+    let sink_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = sink_listener.local_addr().unwrap().to_string();
+    let collector = std::thread::spawn(move || {
+        let (stream, _) = sink_listener.accept().unwrap();
+        BufReader::new(stream).lines().map(|l| l.unwrap()).collect::<Vec<String>>()
+    });
+    let engine_addr = source_addr.clone();
+    let engine = std::thread::spawn(move || {
+        Engine::new(parse_spec(SPEC, "live.toml").unwrap())
+            .input("web", Input::Tcp { addr: engine_addr, until_disconnect: true })
+            .unwrap()
+            .output(Output::Tcp(sink_addr))
+            .run(timely::Config::process(2))
+            .unwrap()
+    });
+    let mut a = connect(&source_addr);
+    let mut b = connect(&source_addr);
+    // Both clients use the same event times, so neither can be late
+    // whatever order their lines arrive in.
+    a.write_all((view(T + 100, "a1") + &view(T + 100, "a1")).as_bytes()).unwrap();
+    b.write_all((view(T + 100, "b1") + "not json\n" + &view(T + 100, "b1")).as_bytes()).unwrap();
+    a.flush().unwrap();
+    b.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(a);
+    drop(b);
+    let summary = engine.join().unwrap();
+    let lines = collector.join().unwrap();
+    let enters: Vec<&String> = lines.iter().filter(|l| l.contains(r#""diff":1"#)).collect();
+    assert_eq!(
+        enters,
+        vec![
+            &format!(r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#, T + 100),
+            &format!(r#"{{"time":{},"segment":"active","profile":"anon:b1","diff":1}}"#, T + 100),
+        ]
+    );
+    assert_eq!(summary.sources[0].records, 4);
+    assert_eq!(summary.sources[0].dead_letters, 1);
+}
