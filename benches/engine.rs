@@ -12,15 +12,35 @@ use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
 
 fn lines(bytes: Vec<u8>) -> Arc<Vec<String>> {
-    Arc::new(String::from_utf8(bytes).unwrap().lines().map(String::from).collect())
+    Arc::new(
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect(),
+    )
 }
 
 fn bench(c: &mut Criterion) {
     let events = 50_000;
     let (mut w, mut cr, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    generate_to(&GenConfig { events, seed: 1, ..GenConfig::default() }, &mut w, &mut cr, &mut t).unwrap();
+    generate_to(
+        &GenConfig {
+            events,
+            seed: 1,
+            ..GenConfig::default()
+        },
+        &mut w,
+        &mut cr,
+        &mut t,
+    )
+    .unwrap();
     let (web, crm, txn) = (lines(w), lines(cr), lines(t));
-    let mut spec = load_spec(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"))).unwrap();
+    let mut spec = load_spec(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    )))
+    .unwrap();
     spec.output = Default::default();
     let state = tempfile::tempdir().unwrap();
     let mut group = c.benchmark_group("engine");

@@ -49,12 +49,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let summary = Engine::new(spec)
         .input("web", Input::Memory(Arc::new(web)))?
         .input("crm", Input::Memory(Arc::new(crm)))?
-        .output(Output::Callback(Arc::new(move |d: &SegmentDiff| sink.lock().unwrap().push(d.clone()))))
+        .output(Output::Callback(Arc::new(move |d: &SegmentDiff| {
+            sink.lock().unwrap().push(d.clone())
+        })))
         .run(timely::Config::process(2))?;
 
     for d in diffs.lock().unwrap().iter() {
         println!("{}", d.to_line());
     }
-    println!("{} profiles, {} diffs", summary.profiles, summary.diffs_written);
+    println!(
+        "{} profiles, {} diffs",
+        summary.profiles, summary.diffs_written
+    );
     Ok(())
 }

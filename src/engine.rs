@@ -80,7 +80,11 @@ pub enum EngineError {
 }
 
 fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineError {
-    EngineError::Io { what, path: path.display().to_string(), source }
+    EngineError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// A configured run of a dataflow definition.
@@ -108,13 +112,22 @@ impl Engine {
         let mut inputs = BTreeMap::new();
         for s in &spec.sources {
             if let Some(location) = &s.location {
-                inputs.insert(s.name.clone(), Input::parse(location, s.follow, s.until_disconnect));
+                inputs.insert(
+                    s.name.clone(),
+                    Input::parse(location, s.follow, s.until_disconnect),
+                );
             }
         }
         let output = spec.output.segments.as_deref().map(Output::parse);
         let dead_letter = spec.output.dead_letter.as_ref().map(PathBuf::from);
         let state_dir = spec.output.state_dir.as_ref().map(PathBuf::from);
-        Engine { spec, inputs, output, dead_letter, state_dir }
+        Engine {
+            spec,
+            inputs,
+            output,
+            dead_letter,
+            state_dir,
+        }
     }
 
     /// The definition being run.
@@ -125,8 +138,17 @@ impl Engine {
     /// Sets (or overrides) the input of source `name`.
     pub fn input(mut self, name: &str, input: Input) -> Result<Engine, EngineError> {
         if self.spec.source(name).is_none() {
-            let known = self.spec.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
-            return Err(EngineError::UnknownSource { name: name.to_string(), known });
+            let known = self
+                .spec
+                .sources
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(EngineError::UnknownSource {
+                name: name.to_string(),
+                known,
+            });
         }
         self.inputs.insert(name.to_string(), input);
         Ok(self)
@@ -135,7 +157,11 @@ impl Engine {
     /// Sets the input of source `name` from a command-line location, keeping
     /// the file's `follow`/`until` settings.
     pub fn input_location(self, name: &str, location: &str) -> Result<Engine, EngineError> {
-        let (follow, until) = self.spec.source(name).map(|s| (s.follow, s.until_disconnect)).unwrap_or((false, false));
+        let (follow, until) = self
+            .spec
+            .source(name)
+            .map(|s| (s.follow, s.until_disconnect))
+            .unwrap_or((false, false));
         self.input(name, Input::parse(location, follow, until))
     }
 
@@ -160,7 +186,11 @@ impl Engine {
     fn source_defs(&self) -> Result<Vec<SourceDef>, EngineError> {
         let mut defs = Vec::new();
         for (index, s) in self.spec.sources.iter().enumerate() {
-            let input = self.inputs.get(&s.name).cloned().ok_or_else(|| EngineError::MissingInput(s.name.clone()))?;
+            let input = self
+                .inputs
+                .get(&s.name)
+                .cloned()
+                .ok_or_else(|| EngineError::MissingInput(s.name.clone()))?;
             if let Input::File { path, .. } = &input {
                 std::fs::File::open(path).map_err(|e| io_err("cannot open input", path, e))?;
             }
@@ -169,7 +199,13 @@ impl Engine {
                 StreamKind::Crm => RecordKind::Crm,
                 StreamKind::Transactions => RecordKind::Transactions,
             };
-            defs.push(SourceDef { index: index as u32, name: s.name.clone(), kind, format: s.format, input });
+            defs.push(SourceDef {
+                index: index as u32,
+                name: s.name.clone(),
+                kind,
+                format: s.format,
+                input,
+            });
         }
         Ok(defs)
     }
@@ -183,27 +219,41 @@ impl Engine {
         }
         let segments = match self.output.clone().unwrap_or(Output::Discard) {
             Output::Discard => SegmentSink::Discard,
-            Output::Stdout => SegmentSink::Writer(Box::new(std::io::BufWriter::new(std::io::stdout()))),
-            Output::Path(p) => SegmentSink::Writer(Box::new(std::io::BufWriter::with_capacity(1 << 20, create("cannot create output", &p)?))),
+            Output::Stdout => {
+                SegmentSink::Writer(Box::new(std::io::BufWriter::new(std::io::stdout())))
+            }
+            Output::Path(p) => SegmentSink::Writer(Box::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                create("cannot create output", &p)?,
+            ))),
             Output::Tcp(addr) => {
-                let stream = std::net::TcpStream::connect(&addr).map_err(|e| io_err("cannot connect output to", Path::new(&addr), e))?;
+                let stream = std::net::TcpStream::connect(&addr)
+                    .map_err(|e| io_err("cannot connect output to", Path::new(&addr), e))?;
                 stream.set_nodelay(true).ok();
                 SegmentSink::Writer(Box::new(std::io::BufWriter::new(stream)))
             }
             Output::Callback(f) => SegmentSink::Callback(f),
         };
         let dead_letters = match &self.dead_letter {
-            Some(p) => Some(Box::new(std::io::BufWriter::new(create("cannot create dead-letter output", p)?)) as Box<dyn Write + Send>),
+            Some(p) => Some(Box::new(std::io::BufWriter::new(create(
+                "cannot create dead-letter output",
+                p,
+            )?)) as Box<dyn Write + Send>),
             None => None,
         };
         let store = match &self.state_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create state directory", dir, e))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| io_err("cannot create state directory", dir, e))?;
                 Some(Store::open(dir)?)
             }
             None => None,
         };
-        Ok(Outputs { segments, dead_letters, store })
+        Ok(Outputs {
+            segments,
+            dead_letters,
+            store,
+        })
     }
 
     /// Runs the dataflow on `config` until every input has ended; returns
@@ -215,7 +265,11 @@ impl Engine {
             timely::CommunicationConfig::Cluster { process, .. } => *process,
             _ => 0,
         };
-        let outputs = if process == 0 { Some(self.open_outputs()?) } else { None };
+        let outputs = if process == 0 {
+            Some(self.open_outputs()?)
+        } else {
+            None
+        };
         let outputs = Arc::new(Mutex::new(outputs));
         let e = &self.spec.engine;
         let params = Arc::new(ReadParams {
@@ -224,7 +278,10 @@ impl Engine {
             idle_advance_ms: e.idle_advance_ms,
             late_policy: e.late_policy,
             max_line_bytes: e.max_line_bytes,
-            rules: IdentityRules::new(self.spec.identity.priority.clone(), e.default_region.clone()),
+            rules: IdentityRules::new(
+                self.spec.identity.priority.clone(),
+                e.default_region.clone(),
+            ),
         });
         differential_dataflow::configure(
             &mut config.worker,
@@ -232,10 +289,21 @@ impl Engine {
         );
         let spec = Arc::new(self.spec);
         let guards = timely::execute(config, move |worker| {
-            let outputs = if worker.index() == 0 { outputs.lock().ok().and_then(|mut o| o.take()) } else { None };
+            let outputs = if worker.index() == 0 {
+                outputs.lock().ok().and_then(|mut o| o.take())
+            } else {
+                None
+            };
             let result = Rc::new(RefCell::new(None));
             worker.dataflow_named::<crate::dataflow::Time, _, _>("segflow", |scope| {
-                build(scope, &spec, &defs, Arc::clone(&params), outputs, Rc::clone(&result));
+                build(
+                    scope,
+                    &spec,
+                    &defs,
+                    Arc::clone(&params),
+                    outputs,
+                    Rc::clone(&result),
+                );
             });
             while worker.step_or_park(Some(Duration::from_millis(20))) {}
             let summary = result.borrow_mut().take();

@@ -100,11 +100,22 @@ struct QueryArgs {
 fn timely_config(args: &RunArgs, workers: usize) -> anyhow::Result<timely::Config> {
     let mut config = timely::Config::process(workers);
     if args.processes > 1 || args.hostfile.is_some() {
-        anyhow::ensure!(args.process < args.processes, "-p {} is out of range for -n {}", args.process, args.processes);
+        anyhow::ensure!(
+            args.process < args.processes,
+            "-p {} is out of range for -n {}",
+            args.process,
+            args.processes
+        );
         let addresses = match &args.hostfile {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read hostfile {}: {e}", path.display()))?;
-                let hosts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read hostfile {}: {e}", path.display()))?;
+                let hosts: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect();
                 anyhow::ensure!(
                     hosts.len() >= args.processes,
                     "hostfile {} lists {} hosts but -n is {}",
@@ -114,7 +125,9 @@ fn timely_config(args: &RunArgs, workers: usize) -> anyhow::Result<timely::Confi
                 );
                 hosts[..args.processes].to_vec()
             }
-            None => (0..args.processes).map(|i| format!("localhost:{}", 2101 + i)).collect(),
+            None => (0..args.processes)
+                .map(|i| format!("localhost:{}", 2101 + i))
+                .collect(),
         };
         config.communication = timely::CommunicationConfig::Cluster {
             threads: workers,
@@ -141,13 +154,24 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
             );
         }
         t += &format!("  records read      {records}\n");
-        t += &format!("  dead letters      {} (of which late {})\n", s.dead_letters(), s.late());
+        t += &format!(
+            "  dead letters      {} (of which late {})\n",
+            s.dead_letters(),
+            s.late()
+        );
         t += &format!("  profiles          {}\n", s.profiles);
-        t += &format!("  segment diffs     {} over {} timestamps\n", s.diffs_written, s.times_committed);
+        t += &format!(
+            "  segment diffs     {} over {} timestamps\n",
+            s.diffs_written, s.times_committed
+        );
         for (name, members) in &s.segments {
             t += &format!("  segment {:<20} {members} members\n", name);
         }
-        let rate = if s.elapsed_secs > 0.0 { records as f64 / s.elapsed_secs } else { 0.0 };
+        let rate = if s.elapsed_secs > 0.0 {
+            records as f64 / s.elapsed_secs
+        } else {
+            0.0
+        };
         t += &format!("  throughput        {:.0} records/s\n", rate);
         t
     };
@@ -164,9 +188,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = timely_config(&args, workers)?;
     let mut engine = Engine::new(spec);
     for item in &args.inputs {
-        let (name, location) = item
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--input {item:?}: expected NAME=PATH or NAME=tcp://ADDR"))?;
+        let (name, location) = item.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--input {item:?}: expected NAME=PATH or NAME=tcp://ADDR")
+        })?;
         engine = engine.input_location(name, location)?;
     }
     let mut to_stderr = false;
@@ -192,17 +216,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SEGFLOW_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEGFLOW_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Generate(args) => (|| {
-            let cfg = GenConfig { events: args.events, seed: args.seed, ..GenConfig::default() };
+            let cfg = GenConfig {
+                events: args.events,
+                seed: args.seed,
+                ..GenConfig::default()
+            };
             let started = std::time::Instant::now();
-            let stats = generate_dir(&cfg, &args.out)
-                .map_err(|e| anyhow::anyhow!("cannot write data set to {}: {e}", args.out.display()))?;
+            let stats = generate_dir(&cfg, &args.out).map_err(|e| {
+                anyhow::anyhow!("cannot write data set to {}: {e}", args.out.display())
+            })?;
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "{}",
@@ -228,19 +260,30 @@ fn main() -> ExitCode {
                     IdentityRules::new(spec.identity.priority, spec.engine.default_region)
                 }
                 None => {
-                    let spec = segflow::spec::parse_spec("[segments.none]\nwhen = \"false\"\n", "<defaults>")?;
+                    let spec = segflow::spec::parse_spec(
+                        "[segments.none]\nwhen = \"false\"\n",
+                        "<defaults>",
+                    )?;
                     IdentityRules::new(spec.identity.priority, spec.engine.default_region)
                 }
             };
             let ids = rules.parse_query(&args.identifier);
-            anyhow::ensure!(!ids.is_empty(), "{:?} is not an identifier: use KIND:VALUE, e.g. email:ann@example.com", args.identifier);
+            anyhow::ensure!(
+                !ids.is_empty(),
+                "{:?} is not an identifier: use KIND:VALUE, e.g. email:ann@example.com",
+                args.identifier
+            );
             let store = Store::open_read_only(&args.state_dir)?;
             match store.lookup(&ids)? {
                 Some(view) => {
                     println!("{}", serde_json::to_string_pretty(&view)?);
                     Ok(())
                 }
-                None => anyhow::bail!("no profile has identifier {:?} in {}", args.identifier, args.state_dir.display()),
+                None => anyhow::bail!(
+                    "no profile has identifier {:?} in {}",
+                    args.identifier,
+                    args.state_dir.display()
+                ),
             }
         })(),
         Command::Check { dataflow } => (|| {

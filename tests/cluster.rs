@@ -23,7 +23,11 @@ fn ok(out: Output) -> Output {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn run_args<'a>(data: &'a str, out: &'a str, dead: &'a str, state: &'a str) -> Vec<String> {
@@ -50,7 +54,12 @@ fn run(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let out = dir.join(format!("{name}.jsonl"));
     let dead = dir.join(format!("{name}.dead.jsonl"));
     let state = dir.join(format!("{name}.state"));
-    let mut args = run_args(data.to_str().unwrap(), out.to_str().unwrap(), dead.to_str().unwrap(), state.to_str().unwrap());
+    let mut args = run_args(
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        dead.to_str().unwrap(),
+        state.to_str().unwrap(),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     ok(Command::new(BIN).args(&args).output().unwrap());
     out
@@ -60,18 +69,34 @@ fn run(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
 fn worker_and_process_counts_give_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let gen = ok(segflow(&["generate", "--out", data.to_str().unwrap(), "--events", "6000", "--seed", "3"]));
+    let gen = ok(segflow(&[
+        "generate",
+        "--out",
+        data.to_str().unwrap(),
+        "--events",
+        "6000",
+        "--seed",
+        "3",
+    ]));
     let stats: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
     assert_eq!(stats["web_events"], 6000);
 
     let one = std::fs::read(run(dir.path(), &data, "w1", &["-w", "1"])).unwrap();
     let two = std::fs::read(run(dir.path(), &data, "w2", &["-w", "2"])).unwrap();
-    assert!(one.len() > 1000, "the run produced few diffs: {} bytes", one.len());
+    assert!(
+        one.len() > 1000,
+        "the run produced few diffs: {} bytes",
+        one.len()
+    );
     assert!(one == two, "-w 1 and -w 2 differ");
 
     // Two processes on localhost.
     let hostfile = dir.path().join("hosts");
-    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
     let out = dir.path().join("n2.jsonl");
     let mut children = Vec::new();
     for p in ["0", "1"] {
@@ -81,8 +106,28 @@ fn worker_and_process_counts_give_identical_outputs() {
             dir.path().join("n2.dead.jsonl").to_str().unwrap(),
             dir.path().join("n2.state").to_str().unwrap(),
         );
-        args.extend(["-w", "1", "-n", "2", "-p", p, "-h", hostfile.to_str().unwrap()].iter().map(|s| s.to_string()));
-        children.push(Command::new(BIN).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap());
+        args.extend(
+            [
+                "-w",
+                "1",
+                "-n",
+                "2",
+                "-p",
+                p,
+                "-h",
+                hostfile.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        children.push(
+            Command::new(BIN)
+                .args(&args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
     }
     for child in children {
         ok(child.wait_with_output().unwrap());
@@ -116,16 +161,34 @@ fn query_prints_a_profile_for_any_of_its_identifiers() {
     std::fs::write(data.join("transactions.jsonl"), "").unwrap();
     let out = run(dir.path(), &data, "q", &[]);
     let diffs = std::fs::read_to_string(out).unwrap();
-    assert!(diffs.contains(r#""segment":"vip","profile":"crm:C9","diff":1"#), "{diffs}");
+    assert!(
+        diffs.contains(r#""segment":"vip","profile":"crm:C9","diff":1"#),
+        "{diffs}"
+    );
     let state = dir.path().join("q.state");
-    for id in ["anon:a-1", "email:zoe@EXAMPLE.com", "crm:C9", "zoe@example.com"] {
-        let out = ok(segflow(&["query", "--state-dir", state.to_str().unwrap(), id]));
+    for id in [
+        "anon:a-1",
+        "email:zoe@EXAMPLE.com",
+        "crm:C9",
+        "zoe@example.com",
+    ] {
+        let out = ok(segflow(&[
+            "query",
+            "--state-dir",
+            state.to_str().unwrap(),
+            id,
+        ]));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["profile"], "crm:C9", "{id}");
         assert_eq!(v["attributes"]["tier"], "gold");
         assert_eq!(v["segments"][0], "vip");
     }
-    let missing = segflow(&["query", "--state-dir", state.to_str().unwrap(), "email:nobody@example.com"]);
+    let missing = segflow(&[
+        "query",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "email:nobody@example.com",
+    ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no profile"));
 }
@@ -134,7 +197,11 @@ fn query_prints_a_profile_for_any_of_its_identifiers() {
 fn definition_errors_name_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
-    std::fs::write(&file, "[sources.web]\n\n[segments.s]\nwhen = \"views >= 3\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[sources.web]\n\n[segments.s]\nwhen = \"views >= 3\"\n",
+    )
+    .unwrap();
     let out = segflow(&["check", file.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -142,20 +209,42 @@ fn definition_errors_name_file_line_and_column() {
     assert!(err.contains("unknown trait `views`"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
 
-    let shipped = ok(segflow(&["check", concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml")]));
+    let shipped = ok(segflow(&[
+        "check",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"),
+    ]));
     assert!(String::from_utf8_lossy(&shipped.stdout).contains("ok"));
 }
 
 #[test]
 fn usage_errors_and_help() {
-    for cmd in [&["--help"][..], &["run", "--help"], &["generate", "--help"], &["query", "--help"], &["check", "--help"]] {
+    for cmd in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["generate", "--help"],
+        &["query", "--help"],
+        &["check", "--help"],
+    ] {
         let out = ok(segflow(cmd));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{cmd:?}"
+        );
     }
-    let out = segflow(&["run", concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"), "--input", "clicks=x.jsonl"]);
+    let out = segflow(&[
+        "run",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"),
+        "--input",
+        "clicks=x.jsonl",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown source `clicks`"));
-    let out = segflow(&["run", concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"), "--input", "web=/nonexistent/web.jsonl"]);
+    let out = segflow(&[
+        "run",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"),
+        "--input",
+        "web=/nonexistent/web.jsonl",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/web.jsonl"));
     assert!(!segflow(&["frobnicate"]).status.success());

@@ -59,14 +59,24 @@ fn idle_sources_expire_windows_without_new_events() {
     let engine_addr = addr.clone();
     let engine = std::thread::spawn(move || {
         Engine::new(parse_spec(SPEC, "live.toml").unwrap())
-            .input("web", Input::Tcp { addr: engine_addr, until_disconnect: true })
+            .input(
+                "web",
+                Input::Tcp {
+                    addr: engine_addr,
+                    until_disconnect: true,
+                },
+            )
             .unwrap()
-            .output(Output::Callback(Arc::new(move |d| sink.lock().unwrap().push((Instant::now(), d.to_line())))))
+            .output(Output::Callback(Arc::new(move |d| {
+                sink.lock().unwrap().push((Instant::now(), d.to_line()))
+            })))
             .run(timely::Config::process(2))
             .unwrap()
     });
     let mut client = connect(&addr);
-    client.write_all((view(T, "a1") + &view(T + 100, "a1")).as_bytes()).unwrap();
+    client
+        .write_all((view(T, "a1") + &view(T + 100, "a1")).as_bytes())
+        .unwrap();
     client.flush().unwrap();
     // No more events: the exit at T + 2 s must come from the idle clock.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -81,11 +91,20 @@ fn idle_sources_expire_windows_without_new_events() {
     assert_eq!(
         lines,
         vec![
-            format!(r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#, T + 100),
-            format!(r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":-1}}"#, T + 2000),
+            format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#,
+                T + 100
+            ),
+            format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":-1}}"#,
+                T + 2000
+            ),
         ]
     );
-    assert!(seen[1].0 <= disconnected, "the exit was emitted while the client was still connected");
+    assert!(
+        seen[1].0 <= disconnected,
+        "the exit was emitted while the client was still connected"
+    );
     assert_eq!(summary.sources[0].records, 2);
 }
 
@@ -96,12 +115,21 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     let sink_addr = sink_listener.local_addr().unwrap().to_string();
     let collector = std::thread::spawn(move || {
         let (stream, _) = sink_listener.accept().unwrap();
-        BufReader::new(stream).lines().map(|l| l.unwrap()).collect::<Vec<String>>()
+        BufReader::new(stream)
+            .lines()
+            .map(|l| l.unwrap())
+            .collect::<Vec<String>>()
     });
     let engine_addr = source_addr.clone();
     let engine = std::thread::spawn(move || {
         Engine::new(parse_spec(SPEC, "live.toml").unwrap())
-            .input("web", Input::Tcp { addr: engine_addr, until_disconnect: true })
+            .input(
+                "web",
+                Input::Tcp {
+                    addr: engine_addr,
+                    until_disconnect: true,
+                },
+            )
             .unwrap()
             .output(Output::Tcp(sink_addr))
             .run(timely::Config::process(2))
@@ -111,8 +139,10 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     let mut b = connect(&source_addr);
     // Both clients use the same event times, so neither can be late
     // whatever order their lines arrive in.
-    a.write_all((view(T + 100, "a1") + &view(T + 100, "a1")).as_bytes()).unwrap();
-    b.write_all((view(T + 100, "b1") + "not json\n" + &view(T + 100, "b1")).as_bytes()).unwrap();
+    a.write_all((view(T + 100, "a1") + &view(T + 100, "a1")).as_bytes())
+        .unwrap();
+    b.write_all((view(T + 100, "b1") + "not json\n" + &view(T + 100, "b1")).as_bytes())
+        .unwrap();
     a.flush().unwrap();
     b.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -124,8 +154,14 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     assert_eq!(
         enters,
         vec![
-            &format!(r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#, T + 100),
-            &format!(r#"{{"time":{},"segment":"active","profile":"anon:b1","diff":1}}"#, T + 100),
+            &format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#,
+                T + 100
+            ),
+            &format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:b1","diff":1}}"#,
+                T + 100
+            ),
         ]
     );
     assert_eq!(summary.sources[0].records, 4);

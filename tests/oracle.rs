@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use segflow::generate::{generate_to, GenConfig};
-use segflow::model::{decode_json, to_tick, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar};
+use segflow::model::{
+    decode_json, to_tick, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar,
+};
 use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
 
@@ -24,14 +26,37 @@ struct Data {
 
 fn data(events: u64, seed: u64) -> Data {
     let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    generate_to(&GenConfig { events, seed, ..GenConfig::default() }, &mut w, &mut c, &mut t).unwrap();
-    let lines = |b: Vec<u8>| String::from_utf8(b).unwrap().lines().map(String::from).collect();
-    Data { web: lines(w), crm: lines(c), txn: lines(t) }
+    generate_to(
+        &GenConfig {
+            events,
+            seed,
+            ..GenConfig::default()
+        },
+        &mut w,
+        &mut c,
+        &mut t,
+    )
+    .unwrap();
+    let lines = |b: Vec<u8>| {
+        String::from_utf8(b)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    Data {
+        web: lines(w),
+        crm: lines(c),
+        txn: lines(t),
+    }
 }
 
 fn rules() -> IdentityRules {
     IdentityRules::new(
-        ["crm_id", "user_id", "email", "phone", "anonymous_id"].iter().map(|s| s.to_string()).collect(),
+        ["crm_id", "user_id", "email", "phone", "anonymous_id"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         "US".to_string(),
     )
 }
@@ -44,7 +69,9 @@ fn admitted(lines: &[String], kind: RecordKind) -> Vec<(Record, u64)> {
     let mut max_tick: Option<u64> = None;
     let mut out = Vec::new();
     for line in lines {
-        let Ok(record) = decode_json(kind, line, &rules) else { continue };
+        let Ok(record) = decode_json(kind, line, &rules) else {
+            continue;
+        };
         let tick = to_tick(record.ts_ms(), TICK);
         if let Some(m) = max_tick {
             let watermark = m.saturating_sub(LATENESS) / TICK * TICK;
@@ -64,7 +91,11 @@ struct UnionFind {
 
 impl UnionFind {
     fn find(&mut self, x: &Ident) -> Ident {
-        let p = self.parent.entry(x.clone()).or_insert_with(|| x.clone()).clone();
+        let p = self
+            .parent
+            .entry(x.clone())
+            .or_insert_with(|| x.clone())
+            .clone();
         if &p == x {
             return p;
         }
@@ -87,7 +118,13 @@ fn oracle(d: &Data) -> BTreeSet<(String, String)> {
     let web = admitted(&d.web, RecordKind::Web);
     let crm = admitted(&d.crm, RecordKind::Crm);
     let txn = admitted(&d.txn, RecordKind::Transactions);
-    let end = web.iter().chain(&crm).chain(&txn).map(|(_, t)| *t).max().unwrap();
+    let end = web
+        .iter()
+        .chain(&crm)
+        .chain(&txn)
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap();
 
     // CRM upserts: latest version per crm_id; deletes remove.
     let mut latest: BTreeMap<String, CrmRecord> = BTreeMap::new();
@@ -100,8 +137,14 @@ fn oracle(d: &Data) -> BTreeSet<(String, String)> {
     }
     let current: Vec<&CrmRecord> = latest.values().filter(|c| !c.deleted).collect();
 
-    let mut uf = UnionFind { parent: HashMap::new() };
-    let id_lists = web.iter().chain(&txn).map(|(r, _)| r.ids().to_vec()).chain(current.iter().map(|c| c.ids.clone()));
+    let mut uf = UnionFind {
+        parent: HashMap::new(),
+    };
+    let id_lists = web
+        .iter()
+        .chain(&txn)
+        .map(|(r, _)| r.ids().to_vec())
+        .chain(current.iter().map(|c| c.ids.clone()));
     for ids in id_lists {
         for id in &ids {
             uf.find(id);
@@ -129,10 +172,16 @@ fn oracle(d: &Data) -> BTreeSet<(String, String)> {
                 let event = e.event.as_str();
                 let price = e.item.get("price").and_then(Scalar::as_f64);
                 let category = e.item.get("category");
-                if event == "view_item" && price.is_some_and(|p| p >= 100.0) && in_window(*tick, 30 * MIN) {
+                if event == "view_item"
+                    && price.is_some_and(|p| p >= 100.0)
+                    && in_window(*tick, 30 * MIN)
+                {
                     t.premium_30m += 1;
                 }
-                if event == "view_item" && category == Some(&Scalar::Str("outdoor".into())) && in_window(*tick, 7 * DAY) {
+                if event == "view_item"
+                    && category == Some(&Scalar::Str("outdoor".into()))
+                    && in_window(*tick, 7 * DAY)
+                {
                     t.outdoor_7d += 1;
                 }
                 if event == "add_to_cart" && in_window(*tick, 60 * MIN) {
@@ -161,7 +210,14 @@ fn oracle(d: &Data) -> BTreeSet<(String, String)> {
         }
     }
 
-    let profiles: BTreeSet<Ident> = uf.parent.keys().cloned().collect::<Vec<_>>().iter().map(|i| uf.find(i)).collect();
+    let profiles: BTreeSet<Ident> = uf
+        .parent
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|i| uf.find(i))
+        .collect();
     let mut out = BTreeSet::new();
     let none = Traits::default();
     for p in profiles {
@@ -188,7 +244,11 @@ fn oracle(d: &Data) -> BTreeSet<(String, String)> {
 }
 
 fn engine_memberships(d: &Data, workers: usize) -> BTreeSet<(String, String)> {
-    let mut spec = load_spec(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"))).unwrap();
+    let mut spec = load_spec(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    )))
+    .unwrap();
     // Inputs and outputs are set here, not taken from the file.
     spec.output = Default::default();
     assert_eq!(spec.engine.tick_ms, TICK);
@@ -205,9 +265,16 @@ fn engine_memberships(d: &Data, workers: usize) -> BTreeSet<(String, String)> {
         .input("transactions", mem(&d.txn))
         .unwrap()
         .output(Output::Callback(Arc::new(move |diff| {
-            *sink.lock().unwrap().entry((diff.segment.clone(), diff.profile.clone())).or_default() += diff.diff;
+            *sink
+                .lock()
+                .unwrap()
+                .entry((diff.segment.clone(), diff.profile.clone()))
+                .or_default() += diff.diff;
         })))
-        .dead_letter(std::env::temp_dir().join(format!("segflow-oracle-dead-{}-{workers}.jsonl", std::process::id())))
+        .dead_letter(std::env::temp_dir().join(format!(
+            "segflow-oracle-dead-{}-{workers}.jsonl",
+            std::process::id()
+        )))
         .run(timely::Config::process(workers))
         .unwrap();
     last_time = summary.last_time.unwrap_or(last_time);
@@ -216,7 +283,11 @@ fn engine_memberships(d: &Data, workers: usize) -> BTreeSet<(String, String)> {
     for (key, total) in totals.iter() {
         assert!(*total == 0 || *total == 1, "{key:?} has membership {total}");
     }
-    totals.iter().filter(|(_, t)| **t == 1).map(|(k, _)| k.clone()).collect()
+    totals
+        .iter()
+        .filter(|(_, t)| **t == 1)
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 #[test]
@@ -225,12 +296,18 @@ fn final_memberships_match_a_sequential_oracle() {
     let expected = oracle(&d);
     // The generated data must exercise every segment.
     for segment in ["high_intent", "big_spender", "outdoor_enthusiast", "vip"] {
-        assert!(expected.iter().any(|(s, _)| s == segment), "oracle found no member of {segment}");
+        assert!(
+            expected.iter().any(|(s, _)| s == segment),
+            "oracle found no member of {segment}"
+        );
     }
     for workers in [1, 2] {
         let got = engine_memberships(&d, workers);
         let missing: Vec<_> = expected.difference(&got).take(5).collect();
         let extra: Vec<_> = got.difference(&expected).take(5).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "-w {workers}: missing {missing:?}, extra {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "-w {workers}: missing {missing:?}, extra {extra:?}"
+        );
     }
 }

@@ -43,7 +43,13 @@ struct Run {
     summary: RunSummary,
 }
 
-fn run_with(web: &[&str], crm: &[&str], txn: &[&str], workers: usize, state: Option<&std::path::Path>) -> Run {
+fn run_with(
+    web: &[&str],
+    crm: &[&str],
+    txn: &[&str],
+    workers: usize,
+    state: Option<&std::path::Path>,
+) -> Run {
     let spec = parse_spec(SPEC, "scenarios.toml").unwrap();
     let diffs = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&diffs);
@@ -57,7 +63,9 @@ fn run_with(web: &[&str], crm: &[&str], txn: &[&str], workers: usize, state: Opt
         .unwrap()
         .input("transactions", lines(txn))
         .unwrap()
-        .output(Output::Callback(Arc::new(move |d| sink.lock().unwrap().push(d.to_line()))))
+        .output(Output::Callback(Arc::new(move |d| {
+            sink.lock().unwrap().push(d.to_line())
+        })))
         .dead_letter(&dead_path);
     if let Some(state) = state {
         engine = engine.state_dir(state);
@@ -69,7 +77,11 @@ fn run_with(web: &[&str], crm: &[&str], txn: &[&str], workers: usize, state: Opt
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let diffs = diffs.lock().unwrap().clone();
-    Run { diffs, dead, summary }
+    Run {
+        diffs,
+        dead,
+        summary,
+    }
 }
 
 fn check(web: &[&str], crm: &[&str], txn: &[&str], expected: &[&str]) -> Run {
@@ -108,7 +120,12 @@ fn finite_replay_ends_at_the_last_event() {
         r#"{"event":"view_item","ts":1,"anonymous_id":"a1"}"#,
         r#"{"event":"view_item","ts":2,"anonymous_id":"a1"}"#,
     ];
-    let run = check(&web, &[], &[], &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#]);
+    let run = check(
+        &web,
+        &[],
+        &[],
+        &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#],
+    );
     assert_eq!(run.summary.segments[0], ("active".to_string(), 1));
     assert_eq!(run.summary.last_time, Some(2000));
 }
@@ -162,7 +179,11 @@ fn late_records_are_dead_lettered_and_ignored() {
     assert_eq!(run.dead.len(), 1);
     assert_eq!(run.dead[0]["line"], 3);
     assert_eq!(run.dead[0]["source"], "web");
-    assert!(run.dead[0]["reason"].as_str().unwrap().starts_with("late"), "{}", run.dead[0]);
+    assert!(
+        run.dead[0]["reason"].as_str().unwrap().starts_with("late"),
+        "{}",
+        run.dead[0]
+    );
 }
 
 #[test]
@@ -189,7 +210,9 @@ fn crm_update_and_delete() {
 
 #[test]
 fn transactions_join_crm_profiles_through_normalized_emails() {
-    let crm = [r#"{"crm_id":"C1","email":"  Bob@Example.COM ","phone":"(415) 234-5678","updated_at":1,"attributes":{"tier":"bronze"}}"#];
+    let crm = [
+        r#"{"crm_id":"C1","email":"  Bob@Example.COM ","phone":"(415) 234-5678","updated_at":1,"attributes":{"tier":"bronze"}}"#,
+    ];
     let txn = [
         r#"{"order_id":"o1","ts":2,"email":"bob@example.com","amount":60.5,"currency":"USD"}"#,
         r#"{"order_id":"o2","ts":3,"email":" BOB@example.com","amount":"39.5","currency":"USD"}"#,
@@ -218,12 +241,28 @@ fn bad_lines_go_to_dead_letters_with_reasons_and_the_run_goes_on() {
         r#"[1,2,3]"#,
         r#"{"event":"view_item","ts":2,"anonymous_id":"a1"}"#,
     ];
-    let run = check(&web, &[], &[], &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#]);
-    let lines: Vec<u64> = run.dead.iter().map(|d| d["line"].as_u64().unwrap()).collect();
+    let run = check(
+        &web,
+        &[],
+        &[],
+        &[r#"{"time":2000,"segment":"active","profile":"anon:a1","diff":1}"#],
+    );
+    let lines: Vec<u64> = run
+        .dead
+        .iter()
+        .map(|d| d["line"].as_u64().unwrap())
+        .collect();
     assert_eq!(lines, vec![2, 3, 4, 5, 6, 7]);
-    let reasons: Vec<&str> = run.dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = run
+        .dead
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
     assert!(reasons[0].contains("invalid JSON"), "{reasons:?}");
-    assert!(reasons[1].contains("ts") || reasons[1].contains("event"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("ts") || reasons[1].contains("event"),
+        "{reasons:?}"
+    );
     assert!(reasons[2].contains("event"), "{reasons:?}");
     assert!(reasons[3].contains("timestamp"), "{reasons:?}");
     assert!(reasons[4].contains("identifier"), "{reasons:?}");
@@ -233,7 +272,9 @@ fn bad_lines_go_to_dead_letters_with_reasons_and_the_run_goes_on() {
 
 #[test]
 fn state_is_queryable_by_any_identifier() {
-    let crm = [r#"{"crm_id":"C1","email":"ann@example.com","phone":"+1 415 234 5678","updated_at":1,"attributes":{"tier":"gold","first_name":"Ann"}}"#];
+    let crm = [
+        r#"{"crm_id":"C1","email":"ann@example.com","phone":"+1 415 234 5678","updated_at":1,"attributes":{"tier":"gold","first_name":"Ann"}}"#,
+    ];
     let web = [
         r#"{"event":"login","ts":2,"anonymous_id":"a1","email":"ANN@example.com"}"#,
         r#"{"event":"view_item","ts":3,"anonymous_id":"a1"}"#,
@@ -241,16 +282,37 @@ fn state_is_queryable_by_any_identifier() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let run = run_with(&web, &crm, &[], 2, Some(dir.path()));
-    assert!(run.diffs.contains(&r#"{"time":4000,"segment":"active","profile":"crm:C1","diff":1}"#.to_string()));
+    assert!(run
+        .diffs
+        .contains(&r#"{"time":4000,"segment":"active","profile":"crm:C1","diff":1}"#.to_string()));
     let store = Store::open_read_only(dir.path()).unwrap();
     let rules = segflow::model::IdentityRules::new(
-        ["crm_id", "user_id", "email", "phone", "anonymous_id"].iter().map(|s| s.to_string()).collect(),
+        ["crm_id", "user_id", "email", "phone", "anonymous_id"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         "US".into(),
     );
-    for query in ["anon:a1", "email:Ann@Example.com", "phone:(415) 234-5678", "crm:C1"] {
-        let view = store.lookup(&rules.parse_query(query)).unwrap().unwrap_or_else(|| panic!("{query} not found"));
+    for query in [
+        "anon:a1",
+        "email:Ann@Example.com",
+        "phone:(415) 234-5678",
+        "crm:C1",
+    ] {
+        let view = store
+            .lookup(&rules.parse_query(query))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{query} not found"));
         assert_eq!(view.profile, "crm:C1");
-        assert_eq!(view.identifiers, vec!["anon:a1", "crm:C1", "email:ann@example.com", "phone:+14152345678"]);
+        assert_eq!(
+            view.identifiers,
+            vec![
+                "anon:a1",
+                "crm:C1",
+                "email:ann@example.com",
+                "phone:+14152345678"
+            ]
+        );
         assert_eq!(view.traits.get("views_10s"), Some(&2.0));
         assert_eq!(view.segments, vec!["active", "vip"]);
         assert_eq!(view.attributes["tier"], "gold");
@@ -282,9 +344,14 @@ fn crm_as_csv_with_header() {
         let sink = Arc::clone(&diffs);
         let dir = tempfile::tempdir().unwrap();
         let summary = Engine::new(spec.clone())
-            .input("crm", Input::Memory(Arc::new(csv.iter().map(|s| s.to_string()).collect())))
+            .input(
+                "crm",
+                Input::Memory(Arc::new(csv.iter().map(|s| s.to_string()).collect())),
+            )
             .unwrap()
-            .output(Output::Callback(Arc::new(move |d| sink.lock().unwrap().push(d.to_line()))))
+            .output(Output::Callback(Arc::new(move |d| {
+                sink.lock().unwrap().push(d.to_line())
+            })))
             .dead_letter(dir.path().join("dead.jsonl"))
             .run(timely::Config::process(workers))
             .unwrap();
@@ -307,7 +374,13 @@ fn invalid_utf8_and_over_long_lines_from_files() {
     let mut bytes = Vec::new();
     bytes.extend_from_slice(b"{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"a1\"}\n");
     bytes.extend_from_slice(b"{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"a\xff\xfe\"}\n");
-    bytes.extend_from_slice(format!("{{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"{}\"}}\n", "x".repeat(5000)).as_bytes());
+    bytes.extend_from_slice(
+        format!(
+            "{{\"event\":\"view_item\",\"ts\":1,\"anonymous_id\":\"{}\"}}\n",
+            "x".repeat(5000)
+        )
+        .as_bytes(),
+    );
     bytes.extend_from_slice(b"{\"event\":\"view_item\",\"ts\":2,\"anonymous_id\":\"a1\"}");
     std::fs::write(&web, &bytes).unwrap();
     let mut spec = parse_spec(SPEC, "scenarios.toml").unwrap();
@@ -316,22 +389,48 @@ fn invalid_utf8_and_over_long_lines_from_files() {
     let dead_path = dir.path().join("dead.jsonl");
     let out = dir.path().join("out.jsonl");
     let summary = Engine::new(spec)
-        .input("web", Input::File { path: web.clone(), follow: false })
+        .input(
+            "web",
+            Input::File {
+                path: web.clone(),
+                follow: false,
+            },
+        )
         .unwrap()
         .output(Output::Path(out.clone()))
         .dead_letter(&dead_path)
         .run(timely::Config::process(2))
         .unwrap();
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"time\":2000,\"segment\":\"active\",\"profile\":\"anon:a1\",\"diff\":1}\n");
-    let dead: Vec<serde_json::Value> =
-        std::fs::read_to_string(&dead_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "{\"time\":2000,\"segment\":\"active\",\"profile\":\"anon:a1\",\"diff\":1}\n"
+    );
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(&dead_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0]["line"], 2);
     assert_eq!(dead[0]["offset"], 49);
     assert_eq!(dead[0]["input"], web.display().to_string());
-    assert!(dead[0]["reason"].as_str().unwrap().contains("invalid UTF-8 at byte 45 of the line (input offset 94)"), "{}", dead[0]);
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("invalid UTF-8 at byte 45 of the line (input offset 94)"),
+        "{}",
+        dead[0]
+    );
     assert_eq!(dead[1]["line"], 3);
-    assert!(dead[1]["reason"].as_str().unwrap().contains("exceeds max_line_bytes = 1024"), "{}", dead[1]);
+    assert!(
+        dead[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds max_line_bytes = 1024"),
+        "{}",
+        dead[1]
+    );
     assert_eq!(summary.sources[0].lines, 4);
     assert_eq!(summary.sources[0].records, 2);
 }

@@ -37,10 +37,11 @@ pub fn build<'s>(
     }
     // Each source is decoded by its owner worker; from here on the records
     // are spread over all workers by their key identifier.
-    let records: Coll<'s, Record> = differential_dataflow::collection::concatenate(scope, record_streams)
-        .inner
-        .exchange(|(record, _, _): &(Record, Time, isize)| key_hash(record))
-        .as_collection();
+    let records: Coll<'s, Record> =
+        differential_dataflow::collection::concatenate(scope, record_streams)
+            .inner
+            .exchange(|(record, _, _): &(Record, Time, isize)| key_hash(record))
+            .as_collection();
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
@@ -57,7 +58,9 @@ pub fn build<'s>(
     });
     let crm_sets = crm_current.clone().map(|(_, c)| c.ids);
     let id_profile = identity::resolve(event_sets.concat(crm_sets));
-    let id_profile_arranged = id_profile.clone().arrange_by_key_named("Arrange: identifier -> profile");
+    let id_profile_arranged = id_profile
+        .clone()
+        .arrange_by_key_named("Arrange: identifier -> profile");
 
     // Traits and attributes per profile, then segments.
     let events = records.filter(|r| !matches!(r, Record::Crm(_)));
@@ -85,7 +88,15 @@ pub fn build<'s>(
     );
     let control = scope.concatenate(control_streams);
     let names = sources.iter().map(|s| s.name.clone()).collect();
-    commit(updates.inner, control, outputs, names, trait_specs, segment_specs, result);
+    commit(
+        updates.inner,
+        control,
+        outputs,
+        names,
+        trait_specs,
+        segment_specs,
+        result,
+    );
 }
 
 /// Routes a record by its key (highest-priority) identifier.

@@ -22,7 +22,10 @@ use crate::model::Ident;
 /// identifiers add nothing to the link graph.
 pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>> {
     sets.filter(|ids| !ids.is_empty())
-        .threshold_named("Distinct: identifier sets", |_, c| if *c > 0 { 1isize } else { 0 })
+        .threshold_named(
+            "Distinct: identifier sets",
+            |_, c| if *c > 0 { 1isize } else { 0 },
+        )
 }
 
 /// Resolves identifier sets into `(identifier, profile)` pairs, where the
@@ -35,7 +38,10 @@ pub fn resolve<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, (Ident, Ident)> {
     let nodes = sets
         .clone()
         .flat_map(|ids| ids.into_iter())
-        .threshold_named("Distinct: identifiers", |_, c| if *c > 0 { 1isize } else { 0 });
+        .threshold_named(
+            "Distinct: identifiers",
+            |_, c| if *c > 0 { 1isize } else { 0 },
+        );
     let edges = sets
         .flat_map(|ids| {
             let mut out = Vec::with_capacity(2 * ids.len());
@@ -56,4 +62,118 @@ pub fn profiles<'s>(id_profile: Coll<'s, (Ident, Ident)>) -> Coll<'s, Ident> {
     id_profile
         .map(|(_, profile)| profile)
         .threshold_named("Distinct: profiles", |_, c| if *c > 0 { 1isize } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::input::Input;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ident(n: u8) -> Ident {
+        // Ranks 0..3 so that priority matters, values so that ties break.
+        Ident {
+            rank: n % 3,
+            value: format!("k{}:{}", n % 3, n),
+        }
+    }
+
+    /// Plain sequential components: repeatedly merge overlapping sets.
+    fn oracle(sets: &[Vec<Ident>]) -> BTreeMap<Ident, Ident> {
+        let mut comps: Vec<BTreeSet<Ident>> = Vec::new();
+        for set in sets {
+            let mut merged: BTreeSet<Ident> = set.iter().cloned().collect();
+            comps.retain(|c| {
+                if c.is_disjoint(&merged) {
+                    true
+                } else {
+                    merged.extend(c.iter().cloned());
+                    false
+                }
+            });
+            comps.push(merged);
+        }
+        let mut out = BTreeMap::new();
+        for c in comps {
+            let canonical = c.iter().min().unwrap().clone();
+            for id in c {
+                out.insert(id, canonical.clone());
+            }
+        }
+        out
+    }
+
+    /// Feeds `rounds` of identifier-set changes and returns the final
+    /// (identifier, profile) map as seen by the dataflow.
+    fn run(rounds: Vec<Vec<(Vec<Ident>, isize)>>, workers: usize) -> BTreeMap<Ident, Ident> {
+        let result = Arc::new(Mutex::new(BTreeMap::<(Ident, Ident), isize>::new()));
+        let shared = Arc::clone(&result);
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let shared = Arc::clone(&shared);
+            let index = worker.index();
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, sets) = scope.new_collection::<Vec<Ident>, isize>();
+                let probe = resolve(sets)
+                    .inspect(move |((id, p), _, diff)| {
+                        *shared
+                            .lock()
+                            .unwrap()
+                            .entry((id.clone(), p.clone()))
+                            .or_default() += diff
+                    })
+                    .probe();
+                (input, probe.0)
+            });
+            for (round, changes) in rounds.iter().enumerate() {
+                if index == 0 {
+                    for (set, diff) in changes {
+                        input.update(set.clone(), *diff);
+                    }
+                }
+                input.advance_to(round as u64 + 1);
+                input.flush();
+                worker.step_while(|| probe.less_than(input.time()));
+            }
+        })
+        .unwrap();
+        let totals = result.lock().unwrap();
+        totals
+            .iter()
+            .filter(|(_, d)| **d != 0)
+            .map(|((id, p), d)| {
+                assert_eq!(*d, 1, "{id:?} -> {p:?} has multiplicity {d}");
+                (id.clone(), p.clone())
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Components match the sequential oracle after inserts and after
+        /// retracting some sets (splits), for one and two workers.
+        #[test]
+        fn components_match_oracle(
+            sets in prop::collection::vec(prop::collection::btree_set(0u8..24, 1..4), 1..20),
+            retract in prop::collection::vec(any::<bool>(), 20),
+        ) {
+            let sets: Vec<Vec<Ident>> = sets.into_iter().map(|s| {
+                let mut v: Vec<Ident> = s.into_iter().map(ident).collect();
+                v.sort();
+                v
+            }).collect();
+            let removed: Vec<Vec<Ident>> = sets.iter().zip(&retract).filter(|(_, r)| **r).map(|(s, _)| s.clone()).collect();
+            let kept: Vec<Vec<Ident>> = sets.iter().zip(retract.iter().chain(std::iter::repeat(&false))).filter(|(_, r)| !**r).map(|(s, _)| s.clone()).collect();
+            let rounds = vec![
+                sets.iter().map(|s| (s.clone(), 1)).collect(),
+                removed.iter().map(|s| (s.clone(), -1)).collect(),
+            ];
+            for workers in [1, 2] {
+                prop_assert_eq!(run(rounds.clone(), workers), oracle(&kept));
+            }
+        }
+    }
 }

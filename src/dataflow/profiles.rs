@@ -41,7 +41,9 @@ pub fn attributes<'s>(
             let key = record.ids.iter().find(|id| id.kind() == "crm").cloned();
             key.map(|key| (key, (record.updated_ms, crm_id, record.attributes)))
         })
-        .join_core(id_profile, |_crm, version, profile| Some((profile.clone(), version.clone())))
+        .join_core(id_profile, |_crm, version, profile| {
+            Some((profile.clone(), version.clone()))
+        })
         .reduce_named("Merge: profile attributes", |_profile, input, output| {
             let mut merged: std::collections::BTreeMap<String, Scalar> = Default::default();
             // Sorted by (updated_ms, crm_id, ..): later versions override.

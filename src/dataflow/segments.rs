@@ -83,7 +83,11 @@ pub fn evaluate<'s>(
         .concat(attributes.map(|(p, a)| (p, Fact::Attrs(a))));
     facts
         .reduce_named("Evaluate: segments", move |_profile, input, output| {
-            let present: Vec<&Fact> = input.iter().filter(|(_, c)| *c > 0).map(|(f, _)| *f).collect();
+            let present: Vec<&Fact> = input
+                .iter()
+                .filter(|(_, c)| *c > 0)
+                .map(|(f, _)| *f)
+                .collect();
             for segment in memberships(&present, &trait_specs, &segment_specs) {
                 output.push((segment, 1isize));
             }

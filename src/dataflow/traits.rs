@@ -72,7 +72,10 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<isize> {
 }
 
 /// The trait contributions of web events and transactions, windowed.
-pub fn contributions<'s>(records: Coll<'s, Record>, traits: Rc<[TraitSpec]>) -> Coll<'s, (Ident, u32)> {
+pub fn contributions<'s>(
+    records: Coll<'s, Record>,
+    traits: Rc<[TraitSpec]>,
+) -> Coll<'s, (Ident, u32)> {
     let specs = Rc::clone(&traits);
     let raw: Coll<'s, (Ident, u32)> = records.explode(move |record| {
         let mut out = Vec::new();
@@ -89,7 +92,10 @@ pub fn contributions<'s>(records: Coll<'s, Record>, traits: Rc<[TraitSpec]>) -> 
     // Group traits by window length; one delayed retraction per length.
     let mut by_window: BTreeMap<Option<u64>, Vec<u32>> = BTreeMap::new();
     for (index, spec) in traits.iter().enumerate() {
-        by_window.entry(spec.window_ms).or_default().push(index as u32);
+        by_window
+            .entry(spec.window_ms)
+            .or_default()
+            .push(index as u32);
     }
     let mut parts = Vec::new();
     for (window, members) in by_window {
@@ -112,6 +118,8 @@ pub fn per_profile<'s>(
     id_profile: IdProfileArrangement<'s>,
 ) -> Coll<'s, ((Ident, u32), isize)> {
     contributions
-        .join_core(id_profile, |_id, trait_index, profile| Some((profile.clone(), *trait_index)))
+        .join_core(id_profile, |_id, trait_index, profile| {
+            Some((profile.clone(), *trait_index))
+        })
         .count_total()
 }

@@ -154,7 +154,9 @@ fn describe_next(i: &Input<'_>) -> String {
         let n = rest.find(|c: char| !is_ident_char(c)).unwrap_or(rest.len());
         &rest[..n]
     } else if "=!<>".contains(c) {
-        let n = rest.find(|c: char| !"=!<>".contains(c)).unwrap_or(rest.len());
+        let n = rest
+            .find(|c: char| !"=!<>".contains(c))
+            .unwrap_or(rest.len());
         &rest[..n]
     } else {
         &rest[..c.len_utf8()]
@@ -325,7 +327,10 @@ fn list_literal(i: &mut Input<'_>) -> PResult<Scalar> {
             return Ok(v);
         }
     }
-    fail_at(i, "expected a literal (a number, a string, true, false or null)")
+    fail_at(
+        i,
+        "expected a literal (a number, a string, true, false or null)",
+    )
 }
 
 fn operand(i: &mut Input<'_>) -> PResult<Expr> {
@@ -596,7 +601,11 @@ impl fmt::Display for Expr {
             Expr::Path(p, _) => write!(f, "{}", p.join(".")),
             Expr::Not(e) => write!(f, "not ({e})"),
             Expr::And(es) | Expr::Or(es) => {
-                let sep = if matches!(self, Expr::And(_)) { " and " } else { " or " };
+                let sep = if matches!(self, Expr::And(_)) {
+                    " and "
+                } else {
+                    " or "
+                };
                 for (n, e) in es.iter().enumerate() {
                     if n > 0 {
                         f.write_str(sep)?;
@@ -648,8 +657,10 @@ mod tests {
     }
 
     fn eval_with(src: &str, vars: &[(&str, Scalar)]) -> bool {
-        let map: HashMap<String, Scalar> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let map: HashMap<String, Scalar> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let mut env = |p: &[String]| map.get(&p.join(".")).cloned().unwrap_or(Scalar::Null);
         p(src).eval_bool(&mut env)
     }
@@ -743,9 +754,15 @@ mod tests {
 
     #[test]
     fn strings_and_escapes() {
-        assert_eq!(p(r#""a\"b\\c\nd""#), Expr::Lit(Scalar::Str("a\"b\\c\nd".into())));
+        assert_eq!(
+            p(r#""a\"b\\c\nd""#),
+            Expr::Lit(Scalar::Str("a\"b\\c\nd".into()))
+        );
         assert_eq!(p(r"'it\'s'"), Expr::Lit(Scalar::Str("it's".into())));
-        assert_eq!(p(r#"'say "hi"'"#), Expr::Lit(Scalar::Str("say \"hi\"".into())));
+        assert_eq!(
+            p(r#"'say "hi"'"#),
+            Expr::Lit(Scalar::Str("say \"hi\"".into()))
+        );
         assert_eq!(p("'é'"), Expr::Lit(Scalar::Str("é".into())));
         let e = err(r#"a == "x\qy""#);
         assert_eq!(e.offset, 7);
@@ -788,9 +805,18 @@ mod tests {
                 ]
             )
         );
-        assert_eq!(p("x in[1]"), Expr::In(Box::new(path(&["x"], 0, 1)), vec![Scalar::Num(1.0)]));
-        assert!(eval_with("c in ['US', 'CA']", &[("c", Scalar::Str("CA".into()))]));
-        assert!(!eval_with("c in ['US', 'CA']", &[("c", Scalar::Str("MX".into()))]));
+        assert_eq!(
+            p("x in[1]"),
+            Expr::In(Box::new(path(&["x"], 0, 1)), vec![Scalar::Num(1.0)])
+        );
+        assert!(eval_with(
+            "c in ['US', 'CA']",
+            &[("c", Scalar::Str("CA".into()))]
+        ));
+        assert!(!eval_with(
+            "c in ['US', 'CA']",
+            &[("c", Scalar::Str("MX".into()))]
+        ));
         assert!(eval_with("c in [1, 2]", &[("c", Scalar::Str("2".into()))]));
         assert!(eval_with("c in [null]", &[]));
         assert!(eval_with("not c in [1]", &[]));
@@ -819,7 +845,11 @@ mod tests {
         assert!(!compare(CmpOp::Lt, &Scalar::Null, &n(1.0)));
         assert!(!compare(CmpOp::Gt, &n(1.0), &Scalar::Null));
         assert!(compare(CmpOp::Eq, &Scalar::Bool(true), &Scalar::Bool(true)));
-        assert!(compare(CmpOp::Gt, &Scalar::Bool(true), &Scalar::Bool(false)));
+        assert!(compare(
+            CmpOp::Gt,
+            &Scalar::Bool(true),
+            &Scalar::Bool(false)
+        ));
         assert!(!compare(CmpOp::Eq, &Scalar::Bool(true), &n(1.0)));
         assert!(compare(CmpOp::Ne, &Scalar::Bool(true), &n(1.0)));
     }
@@ -830,8 +860,14 @@ mod tests {
             ("event", Scalar::Str("view_item".into())),
             ("item.price", Scalar::Num(120.0)),
         ];
-        assert!(eval_with(r#"event == "view_item" and item.price >= 100"#, &vars));
-        assert!(!eval_with(r#"event == "view_item" and item.price >= 200"#, &vars));
+        assert!(eval_with(
+            r#"event == "view_item" and item.price >= 100"#,
+            &vars
+        ));
+        assert!(!eval_with(
+            r#"event == "view_item" and item.price >= 200"#,
+            &vars
+        ));
         assert!(eval_with("missing == null", &vars));
         assert!(!eval_with("missing > 0", &vars));
         assert!(eval_with("item.price", &vars));
@@ -843,7 +879,11 @@ mod tests {
     #[test]
     fn paths_in_source_order() {
         let e = p("a.b > 1 and (c in [1] or not d == e.f)");
-        let ps: Vec<(String, Span)> = e.paths().into_iter().map(|(p, s)| (p.join("."), s)).collect();
+        let ps: Vec<(String, Span)> = e
+            .paths()
+            .into_iter()
+            .map(|(p, s)| (p.join("."), s))
+            .collect();
         assert_eq!(
             ps,
             vec![
@@ -859,8 +899,16 @@ mod tests {
     fn error_offsets() {
         let e = err("a >= ");
         assert_eq!(e.offset, 5);
-        assert!(e.message.starts_with("expected an operand"), "{}", e.message);
-        assert!(e.message.ends_with("found end of expression"), "{}", e.message);
+        assert!(
+            e.message.starts_with("expected an operand"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.ends_with("found end of expression"),
+            "{}",
+            e.message
+        );
 
         let e = err("a = 1");
         assert_eq!(e.offset, 2);
@@ -875,7 +923,10 @@ mod tests {
 
         let e = err("a > 1 > 2");
         assert_eq!(e.offset, 6);
-        assert_eq!(e.message, "expected `and`, `or` or end of expression, found `>`");
+        assert_eq!(
+            e.message,
+            "expected `and`, `or` or end of expression, found `>`"
+        );
 
         assert_eq!(err("").offset, 0);
         assert_eq!(err("a and").offset, 5);

@@ -542,9 +542,8 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         if n < 1 {
             return Err(cx.err(v.span().start, "`workers` must be at least 1"));
         }
-        e.workers = Some(
-            usize::try_from(n).map_err(|_| cx.err(v.span().start, "`workers` is too large"))?,
-        );
+        e.workers =
+            Some(usize::try_from(n).map_err(|_| cx.err(v.span().start, "`workers` is too large"))?);
     }
     Ok(e)
 }
@@ -563,7 +562,10 @@ fn identity(cx: &Cx<'_>, raw: Option<RawIdentity>) -> Result<IdentitySpec, SpecE
                 ));
             }
             if out.contains(s) {
-                return Err(cx.err(n.span().start, format!("duplicate identifier `{s}` in `{key}`")));
+                return Err(cx.err(
+                    n.span().start,
+                    format!("duplicate identifier `{s}` in `{key}`"),
+                ));
             }
             out.push(s.clone());
         }
@@ -602,7 +604,9 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             None => StreamKind::from_name(&name).ok_or_else(|| {
                 cx.err(
                     kstart,
-                    format!("source `{name}` needs `kind = \"web\"`, `\"crm\"` or `\"transactions\"`"),
+                    format!(
+                        "source `{name}` needs `kind = \"web\"`, `\"crm\"` or `\"transactions\"`"
+                    ),
                 )
             })?,
         };
@@ -611,15 +615,13 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             Some(f) => match f.get_ref().as_str() {
                 "jsonl" => Format::Jsonl,
                 "csv" if kind == StreamKind::Crm => Format::Csv,
-                "csv" => {
-                    return Err(cx.err(
-                        f.span().start,
-                        format!(
-                            "format \"csv\" is only supported for crm sources; source `{name}` is {}",
-                            kind.as_str()
-                        ),
-                    ))
-                }
+                "csv" => return Err(cx.err(
+                    f.span().start,
+                    format!(
+                        "format \"csv\" is only supported for crm sources; source `{name}` is {}",
+                        kind.as_str()
+                    ),
+                )),
                 other => {
                     return Err(cx.err(
                         f.span().start,
@@ -646,7 +648,10 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
                 if u.get_ref() != "disconnect" {
                     return Err(cx.err(
                         u.span().start,
-                        format!("unknown `until` value `{}`; expected \"disconnect\"", u.get_ref()),
+                        format!(
+                            "unknown `until` value `{}`; expected \"disconnect\"",
+                            u.get_ref()
+                        ),
                     ));
                 }
                 if is_tcp == Some(false) {
@@ -733,7 +738,9 @@ fn check_field(stream: StreamKind, path: &[String], identity: &IdentitySpec) -> 
     }
     if nested.contains(&first) {
         if path.len() != 2 {
-            return Err(format!("`{first}` needs exactly one field, e.g. {first}.name (found `{joined}`)"));
+            return Err(format!(
+                "`{first}` needs exactly one field, e.g. {first}.name (found `{joined}`)"
+            ));
         }
     } else if path.len() != 1 {
         return Err(format!("`{first}` has no fields (found `{joined}`)"));
@@ -766,40 +773,40 @@ fn traits(
             ));
         }
         let r = table.into_inner();
-        let stream = match &r.stream {
-            None => {
-                return Err(cx.err(
+        let stream =
+            match &r.stream {
+                None => return Err(cx.err(
                     kstart,
-                    format!("trait `{name}` needs `stream = \"web\"` or `stream = \"transactions\"`"),
-                ))
-            }
-            Some(s) => match StreamKind::from_name(s.get_ref()) {
-                Some(StreamKind::Crm) => {
-                    return Err(cx.err(
-                        s.span().start,
-                        "traits are computed over web or transactions",
-                    ))
-                }
-                Some(k) => k,
-                None => {
-                    return Err(cx.err(
-                        s.span().start,
-                        format!(
-                            "unknown stream `{}`; expected \"web\" or \"transactions\"",
-                            s.get_ref()
-                        ),
-                    ))
-                }
-            },
-        };
+                    format!(
+                        "trait `{name}` needs `stream = \"web\"` or `stream = \"transactions\"`"
+                    ),
+                )),
+                Some(s) => match StreamKind::from_name(s.get_ref()) {
+                    Some(StreamKind::Crm) => {
+                        return Err(cx.err(
+                            s.span().start,
+                            "traits are computed over web or transactions",
+                        ))
+                    }
+                    Some(k) => k,
+                    None => {
+                        return Err(cx.err(
+                            s.span().start,
+                            format!(
+                                "unknown stream `{}`; expected \"web\" or \"transactions\"",
+                                s.get_ref()
+                            ),
+                        ))
+                    }
+                },
+            };
         let filter = match &r.filter {
             None => None,
             Some(f) => {
                 let e = parse_in_file(cx, f)?;
                 for (p, span) in e.paths() {
-                    check_field(stream, p, identity).map_err(|m| {
-                        cx.err(cx.string_offset(f.span().start, span.start), m)
-                    })?;
+                    check_field(stream, p, identity)
+                        .map_err(|m| cx.err(cx.string_offset(f.span().start, span.start), m))?;
                 }
                 Some(e)
             }
@@ -834,7 +841,9 @@ fn traits(
             (Some(o), Aggregate::Sum) => {
                 let parts: Vec<String> = o.get_ref().split('.').map(str::to_string).collect();
                 let ok = parts.iter().all(|p| {
-                    p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    p.chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                         && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 });
                 if !ok {
@@ -846,8 +855,7 @@ fn traits(
                         ),
                     ));
                 }
-                check_field(stream, &parts, identity)
-                    .map_err(|m| cx.err(o.span().start, m))?;
+                check_field(stream, &parts, identity).map_err(|m| cx.err(o.span().start, m))?;
                 Some(parts)
             }
         };
@@ -891,7 +899,11 @@ fn segments(
     let declared = if traits.is_empty() {
         "(none)".to_string()
     } else {
-        traits.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+        traits
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let mut out = Vec::new();
     for (key, table) in entries {
@@ -926,7 +938,10 @@ fn segments(
             } else if p.len() != 1 || !traits.iter().any(|t| t.name == p[0]) {
                 return Err(cx.err(
                     at,
-                    format!("unknown trait `{}`; declared traits: {declared}", p.join(".")),
+                    format!(
+                        "unknown trait `{}`; declared traits: {declared}",
+                        p.join(".")
+                    ),
                 ));
             }
         }
@@ -1011,7 +1026,11 @@ when = "spend > 1000 or a_views in [1, 2]"
     fn assert_err(text: &str, line: usize, column: usize, needle: &str) {
         let e = err(text);
         assert_eq!((e.line, e.column), (line, column), "{e}");
-        assert!(e.message.contains(needle), "`{}` does not contain `{needle}`", e.message);
+        assert!(
+            e.message.contains(needle),
+            "`{}` does not contain `{needle}`",
+            e.message
+        );
     }
 
     const SEG: &str = "[segments.s]\nwhen = \"attributes.x == 1\"\n";
@@ -1032,7 +1051,10 @@ when = "spend > 1000 or a_views in [1, 2]"
                 workers: Some(2),
             }
         );
-        assert_eq!(s.identity.priority, ["user_id", "crm_id", "email", "device_id"]);
+        assert_eq!(
+            s.identity.priority,
+            ["user_id", "crm_id", "email", "device_id"]
+        );
         assert_eq!(s.identity.extra, ["device_id", "email"]);
         assert_eq!(
             s.sources,
@@ -1100,7 +1122,10 @@ when = "spend > 1000 or a_views in [1, 2]"
 
         let segs: Vec<_> = s.segments.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(segs, ["high_intent", "big_spender"]);
-        assert_eq!(s.segments[0].description.as_deref(), Some("Engaged shoppers"));
+        assert_eq!(
+            s.segments[0].description.as_deref(),
+            Some("Engaged shoppers")
+        );
         assert_eq!(s.segments[1].description, None);
         let mut env = |p: &[String]| match p.join(".").as_str() {
             "premium_views_30m" => Scalar::Num(3.0),
@@ -1122,7 +1147,10 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!(s.engine.max_line_bytes, 1_048_576);
         assert_eq!(s.engine.default_region, "US");
         assert_eq!(s.engine.workers, None);
-        assert_eq!(s.identity.priority, ["crm_id", "user_id", "email", "phone", "anonymous_id"]);
+        assert_eq!(
+            s.identity.priority,
+            ["crm_id", "user_id", "email", "phone", "anonymous_id"]
+        );
         assert!(s.identity.extra.is_empty());
         assert!(s.sources.is_empty());
         assert_eq!(s.output, OutputSpec::default());
@@ -1133,7 +1161,10 @@ when = "spend > 1000 or a_views in [1, 2]"
         let s = ok(&format!(
             "[identity]\nextra = [\"device_id\"]\n[sources.crm]\n[sources.web]\n{SEG}"
         ));
-        assert_eq!(s.identity.priority.last().map(String::as_str), Some("device_id"));
+        assert_eq!(
+            s.identity.priority.last().map(String::as_str),
+            Some("device_id")
+        );
         assert_eq!(s.identity.priority.len(), 6);
         assert_eq!(
             s.sources[0],
@@ -1157,7 +1188,17 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
         assert_eq!(parse_duration_ms("7d"), Ok(604_800_000));
         assert_eq!(parse_duration_ms("0s"), Ok(0));
-        for bad in ["", "5", "s", "1.5s", "-1s", "1 w", "1sec", "99999999999999999999d", "999999999999999d"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1.5s",
+            "-1s",
+            "1 w",
+            "1sec",
+            "99999999999999999999d",
+            "999999999999999d",
+        ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
         assert_err("[engine]\ntick = \"1x\"\n", 2, 8, "invalid duration `1x`");
@@ -1175,7 +1216,10 @@ when = "spend > 1000 or a_views in [1, 2]"
         let text = "[traits.views]\nstream = \"web\"\n\n[traits.buys]\nstream = \"transactions\"\n[segments.hot]\nwhen = \"nope >= 3\"\n";
         let e = err(text);
         assert_eq!((e.line, e.column), (7, 9));
-        assert_eq!(e.message, "unknown trait `nope`; declared traits: views, buys");
+        assert_eq!(
+            e.message,
+            "unknown trait `nope`; declared traits: views, buys"
+        );
         assert_eq!(e.to_string(), format!("flow.toml:7:9: {}", e.message));
 
         assert_err(
@@ -1204,7 +1248,12 @@ when = "spend > 1000 or a_views in [1, 2]"
             1,
             "`attributes` needs one field, e.g. attributes.tier",
         );
-        assert_err("[segments.hot]\nwhen = 'attributes'\n", 2, 9, "`attributes` needs one field");
+        assert_err(
+            "[segments.hot]\nwhen = 'attributes'\n",
+            2,
+            9,
+            "`attributes` needs one field",
+        );
     }
 
     #[test]
@@ -1224,19 +1273,57 @@ when = "spend > 1000 or a_views in [1, 2]"
         let t = |filter: &str, stream: &str| {
             format!("[traits.t]\nstream = \"{stream}\"\nfilter = \"{filter}\"\n{SEG}")
         };
-        ok(&t("event == 'x' and item.price > 1 and context.ip != null and properties.a == 1", "web"));
-        ok(&t("anonymous_id != null or user_id != null or email != null or phone != null", "web"));
-        ok(&t("amount > 1 and currency == 'USD' and order_id != null and item_count > 0", "transactions"));
-        ok(&t("crm_id != null and properties.x == 1 and user_id != null and email != null", "transactions"));
+        ok(&t(
+            "event == 'x' and item.price > 1 and context.ip != null and properties.a == 1",
+            "web",
+        ));
+        ok(&t(
+            "anonymous_id != null or user_id != null or email != null or phone != null",
+            "web",
+        ));
+        ok(&t(
+            "amount > 1 and currency == 'USD' and order_id != null and item_count > 0",
+            "transactions",
+        ));
+        ok(&t(
+            "crm_id != null and properties.x == 1 and user_id != null and email != null",
+            "transactions",
+        ));
         assert_err(&t("amount > 1", "web"), 3, 11, "unknown web field `amount`");
-        assert_err(&t("event == 1 and item > 1", "web"), 3, 26, "`item` needs exactly one field");
-        assert_err(&t("item.a.b > 1", "web"), 3, 11, "`item` needs exactly one field");
-        assert_err(&t("event.x == 1", "web"), 3, 11, "`event` has no fields");
-        assert_err(&t("event == 1", "transactions"), 3, 11, "unknown transactions field `event`");
-        assert_err(&t("device_id == 1", "web"), 3, 11, "unknown web field `device_id`");
-        ok(&format!("[identity]\nextra = [\"device_id\"]\n{}", t("device_id == 1", "web")));
         assert_err(
-            &format!("[identity]\nextra = [\"device_id\"]\n{}", t("device_id == 1", "transactions")),
+            &t("event == 1 and item > 1", "web"),
+            3,
+            26,
+            "`item` needs exactly one field",
+        );
+        assert_err(
+            &t("item.a.b > 1", "web"),
+            3,
+            11,
+            "`item` needs exactly one field",
+        );
+        assert_err(&t("event.x == 1", "web"), 3, 11, "`event` has no fields");
+        assert_err(
+            &t("event == 1", "transactions"),
+            3,
+            11,
+            "unknown transactions field `event`",
+        );
+        assert_err(
+            &t("device_id == 1", "web"),
+            3,
+            11,
+            "unknown web field `device_id`",
+        );
+        ok(&format!(
+            "[identity]\nextra = [\"device_id\"]\n{}",
+            t("device_id == 1", "web")
+        ));
+        assert_err(
+            &format!(
+                "[identity]\nextra = [\"device_id\"]\n{}",
+                t("device_id == 1", "transactions")
+            ),
             5,
             11,
             "unknown transactions field",
@@ -1251,7 +1338,12 @@ when = "spend > 1000 or a_views in [1, 2]"
             10,
             "traits are computed over web or transactions",
         );
-        assert_err(&format!("[traits.t]\nfilter = \"event == 1\"\n{SEG}"), 1, 9, "needs `stream");
+        assert_err(
+            &format!("[traits.t]\nfilter = \"event == 1\"\n{SEG}"),
+            1,
+            9,
+            "needs `stream",
+        );
         assert_err(
             &format!("[traits.t]\nstream = \"web\"\naggregate = \"sum\"\n{SEG}"),
             3,
@@ -1276,9 +1368,19 @@ when = "spend > 1000 or a_views in [1, 2]"
             6,
             "invalid field path",
         );
-        let s = ok(&format!("[traits.t]\nstream = \"web\"\naggregate = \"sum\"\nof = \"item.price\"\n{SEG}"));
-        assert_eq!(s.traits[0].of, Some(vec!["item".to_string(), "price".to_string()]));
-        assert_err(&format!("[traits.Bad]\nstream = \"web\"\n{SEG}"), 1, 9, "invalid trait name `Bad`");
+        let s = ok(&format!(
+            "[traits.t]\nstream = \"web\"\naggregate = \"sum\"\nof = \"item.price\"\n{SEG}"
+        ));
+        assert_eq!(
+            s.traits[0].of,
+            Some(vec!["item".to_string(), "price".to_string()])
+        );
+        assert_err(
+            &format!("[traits.Bad]\nstream = \"web\"\n{SEG}"),
+            1,
+            9,
+            "invalid trait name `Bad`",
+        );
     }
 
     #[test]
@@ -1295,7 +1397,12 @@ when = "spend > 1000 or a_views in [1, 2]"
             11,
             "segment `t` has the same name as a trait",
         );
-        assert_err("[segments.\"a-b\"]\nwhen = \"attributes.x\"\n", 1, 11, "invalid segment name");
+        assert_err(
+            "[segments.\"a-b\"]\nwhen = \"attributes.x\"\n",
+            1,
+            11,
+            "invalid segment name",
+        );
         assert_err("[segments.s]\ndescription = \"x\"\n", 1, 11, "needs `when");
     }
 
@@ -1308,13 +1415,28 @@ when = "spend > 1000 or a_views in [1, 2]"
             "format \"csv\" is only supported for crm sources; source `web` is web"
         );
         ok(&format!("[sources.crm]\nformat = \"csv\"\n{SEG}"));
-        assert_err(&format!("[sources.crm]\nformat = \"xml\"\n{SEG}"), 2, 10, "unknown format");
+        assert_err(
+            &format!("[sources.crm]\nformat = \"xml\"\n{SEG}"),
+            2,
+            10,
+            "unknown format",
+        );
     }
 
     #[test]
     fn source_errors() {
-        assert_err(&format!("[sources.clicks]\npath = \"x\"\n{SEG}"), 1, 10, "needs `kind");
-        assert_err(&format!("[sources.x]\nkind = \"logs\"\n{SEG}"), 2, 8, "unknown source kind `logs`");
+        assert_err(
+            &format!("[sources.clicks]\npath = \"x\"\n{SEG}"),
+            1,
+            10,
+            "needs `kind",
+        );
+        assert_err(
+            &format!("[sources.x]\nkind = \"logs\"\n{SEG}"),
+            2,
+            8,
+            "unknown source kind `logs`",
+        );
         assert_err(
             &format!("[sources.web]\npath = \"tcp://h:1\"\nfollow = true\n{SEG}"),
             3,
@@ -1337,11 +1459,36 @@ when = "spend > 1000 or a_views in [1, 2]"
 
     #[test]
     fn engine_and_identity_errors() {
-        assert_err(&format!("[engine]\nmax_line_bytes = 0\n{SEG}"), 2, 18, "greater than 0");
-        assert_err(&format!("[engine]\ndefault_region = \"usa\"\n{SEG}"), 2, 18, "two uppercase");
-        assert_err(&format!("[engine]\ndefault_region = \"us\"\n{SEG}"), 2, 18, "two uppercase");
-        assert_err(&format!("[engine]\nlate_policy = \"drop\"\n{SEG}"), 2, 15, "unknown late_policy");
-        assert_err(&format!("[engine]\nworkers = 0\n{SEG}"), 2, 11, "at least 1");
+        assert_err(
+            &format!("[engine]\nmax_line_bytes = 0\n{SEG}"),
+            2,
+            18,
+            "greater than 0",
+        );
+        assert_err(
+            &format!("[engine]\ndefault_region = \"usa\"\n{SEG}"),
+            2,
+            18,
+            "two uppercase",
+        );
+        assert_err(
+            &format!("[engine]\ndefault_region = \"us\"\n{SEG}"),
+            2,
+            18,
+            "two uppercase",
+        );
+        assert_err(
+            &format!("[engine]\nlate_policy = \"drop\"\n{SEG}"),
+            2,
+            15,
+            "unknown late_policy",
+        );
+        assert_err(
+            &format!("[engine]\nworkers = 0\n{SEG}"),
+            2,
+            11,
+            "at least 1",
+        );
         assert_err(
             &format!("[identity]\nextra = [\"a\", \"Dev\"]\n{SEG}"),
             2,
@@ -1361,21 +1508,40 @@ when = "spend > 1000 or a_views in [1, 2]"
         let e = err(&format!("[engine]\ntick = \"1s\"\nticks = \"2s\"\n{SEG}"));
         assert_eq!((e.line, e.column), (3, 1), "{e}");
         assert!(e.message.contains("`ticks`"), "{}", e.message);
-        assert!(e.message.contains("`tick`") && e.message.contains("`workers`"), "{}", e.message);
+        assert!(
+            e.message.contains("`tick`") && e.message.contains("`workers`"),
+            "{}",
+            e.message
+        );
 
-        let e = err(&format!("{SEG}[traits.t]\nstream = \"web\"\nwindows = \"1m\"\n"));
+        let e = err(&format!(
+            "{SEG}[traits.t]\nstream = \"web\"\nwindows = \"1m\"\n"
+        ));
         assert_eq!((e.line, e.column), (5, 1), "{e}");
-        assert!(e.message.contains("unknown field `windows`"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown field `windows`"),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("`window`"), "{}", e.message);
 
         let e = err(&format!("[outputs]\nsegments = \"-\"\n{SEG}"));
         assert_eq!((e.line, e.column), (1, 2), "{e}");
-        assert!(e.message.contains("`outputs`") && e.message.contains("`output`"), "{}", e.message);
+        assert!(
+            e.message.contains("`outputs`") && e.message.contains("`output`"),
+            "{}",
+            e.message
+        );
 
         // Plain syntax errors and type errors.
         let e = err("[engine\n");
         assert_eq!(e.line, 1, "{e}");
-        assert_err(&format!("[engine]\nworkers = \"two\"\n{SEG}"), 2, 11, "invalid type");
+        assert_err(
+            &format!("[engine]\nworkers = \"two\"\n{SEG}"),
+            2,
+            11,
+            "invalid type",
+        );
     }
 
     #[test]

@@ -24,7 +24,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Ident, Scalar};
 
-const CFS: [&str; 6] = ["id_profile", "profile_ids", "attributes", "traits", "segments", "checkpoint"];
+const CFS: [&str; 6] = [
+    "id_profile",
+    "profile_ids",
+    "attributes",
+    "traits",
+    "segments",
+    "checkpoint",
+];
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +130,14 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let cfs = CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let name = dir.display().to_string();
-        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Rocks { dir: name.clone(), source })?;
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Rocks {
+            dir: name.clone(),
+            source,
+        })?;
         Ok(Store { db, dir: name })
     }
 
@@ -133,21 +145,35 @@ impl Store {
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
         let opts = Options::default();
         let name = dir.display().to_string();
-        let db = DB::open_cf_for_read_only(&opts, dir, CFS, false).map_err(|source| StoreError::Rocks { dir: name.clone(), source })?;
+        let db = DB::open_cf_for_read_only(&opts, dir, CFS, false).map_err(|source| {
+            StoreError::Rocks {
+                dir: name.clone(),
+                source,
+            }
+        })?;
         Ok(Store { db, dir: name })
     }
 
     fn err(&self, source: rocksdb::Error) -> StoreError {
-        StoreError::Rocks { dir: self.dir.clone(), source }
+        StoreError::Rocks {
+            dir: self.dir.clone(),
+            source,
+        }
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     /// Applies one completed timestamp's changes and its checkpoint in one
     /// atomic write.
-    pub fn commit(&self, ops: &[(StoreOp, isize)], checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    pub fn commit(
+        &self,
+        ops: &[(StoreOp, isize)],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         // Removals first, then insertions: a value that changed at this time
         // appears as (old, -1) and (new, +1) on the same key.
@@ -166,7 +192,11 @@ impl Store {
                             batch.delete_cf(self.cf("profile_ids"), key2(profile, id));
                         }
                     }
-                    StoreOp::Trait { profile, name, value } => {
+                    StoreOp::Trait {
+                        profile,
+                        name,
+                        value,
+                    } => {
                         let key = key2(profile, name);
                         if pass_insert {
                             batch.put_cf(self.cf("traits"), key, value.to_string());
@@ -199,28 +229,43 @@ impl Store {
 
     /// The last checkpoint, if any run completed a timestamp.
     pub fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
-        match self.db.get_cf(self.cf("checkpoint"), b"checkpoint").map_err(|e| self.err(e))? {
+        match self
+            .db
+            .get_cf(self.cf("checkpoint"), b"checkpoint")
+            .map_err(|e| self.err(e))?
+        {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|_| StoreError::Corrupt("checkpoint".into())),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("checkpoint".into())),
         }
     }
 
     /// The profile of an identifier (`kind:value`, normalized).
     pub fn profile_of(&self, id: &str) -> Result<Option<String>, StoreError> {
-        let v = self.db.get_cf(self.cf("id_profile"), id).map_err(|e| self.err(e))?;
+        let v = self
+            .db
+            .get_cf(self.cf("id_profile"), id)
+            .map_err(|e| self.err(e))?;
         Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     fn scan(&self, cf: &str, profile: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = key2(profile, "");
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(self.cf(cf), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        let iter = self.db.iterator_cf(
+            self.cf(cf),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
         for item in iter {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            out.push((String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), v.to_vec()));
+            out.push((
+                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                v.to_vec(),
+            ));
         }
         Ok(out)
     }
@@ -237,24 +282,49 @@ impl Store {
 
     /// Everything about one profile id.
     pub fn view(&self, profile: &str) -> Result<ProfileView, StoreError> {
-        let identifiers = self.scan("profile_ids", profile)?.into_iter().map(|(k, _)| k).collect();
+        let identifiers = self
+            .scan("profile_ids", profile)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         let mut traits = BTreeMap::new();
         for (name, v) in self.scan("traits", profile)? {
-            let value = String::from_utf8_lossy(&v).parse().map_err(|_| StoreError::Corrupt("traits".into()))?;
+            let value = String::from_utf8_lossy(&v)
+                .parse()
+                .map_err(|_| StoreError::Corrupt("traits".into()))?;
             traits.insert(name, value);
         }
-        let segments = self.scan("segments", profile)?.into_iter().map(|(k, _)| k).collect();
-        let attributes = match self.db.get_cf(self.cf("attributes"), profile).map_err(|e| self.err(e))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|_| StoreError::Corrupt("attributes".into()))?,
+        let segments = self
+            .scan("segments", profile)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let attributes = match self
+            .db
+            .get_cf(self.cf("attributes"), profile)
+            .map_err(|e| self.err(e))?
+        {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|_| StoreError::Corrupt("attributes".into()))?,
             None => Default::default(),
         };
-        Ok(ProfileView { profile: profile.to_string(), identifiers, attributes, traits, segments, as_of: self.checkpoint()? })
+        Ok(ProfileView {
+            profile: profile.to_string(),
+            identifiers,
+            attributes,
+            traits,
+            segments,
+            as_of: self.checkpoint()?,
+        })
     }
 }
 
 /// Attributes as the JSON object stored and shown to users.
 pub fn attributes_json(attrs: &[(String, Scalar)]) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = attrs.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+    let map: serde_json::Map<String, serde_json::Value> = attrs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_json()))
+        .collect();
     serde_json::Value::Object(map).to_string()
 }
 
@@ -268,26 +338,99 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let p = "crm:C1".to_string();
         let ops = vec![
-            (StoreOp::Link { id: "crm:C1".into(), profile: p.clone() }, 1),
-            (StoreOp::Link { id: "email:a@b.c".into(), profile: p.clone() }, 1),
-            (StoreOp::Trait { profile: p.clone(), name: "views".into(), value: 3.0 }, 1),
-            (StoreOp::Segment { profile: p.clone(), name: "vip".into() }, 1),
-            (StoreOp::Attributes { profile: p.clone(), json: r#"{"tier":"gold"}"#.into() }, 1),
+            (
+                StoreOp::Link {
+                    id: "crm:C1".into(),
+                    profile: p.clone(),
+                },
+                1,
+            ),
+            (
+                StoreOp::Link {
+                    id: "email:a@b.c".into(),
+                    profile: p.clone(),
+                },
+                1,
+            ),
+            (
+                StoreOp::Trait {
+                    profile: p.clone(),
+                    name: "views".into(),
+                    value: 3.0,
+                },
+                1,
+            ),
+            (
+                StoreOp::Segment {
+                    profile: p.clone(),
+                    name: "vip".into(),
+                },
+                1,
+            ),
+            (
+                StoreOp::Attributes {
+                    profile: p.clone(),
+                    json: r#"{"tier":"gold"}"#.into(),
+                },
+                1,
+            ),
         ];
-        store.commit(&ops, &Checkpoint { time: 1000, offsets: Default::default() }).unwrap();
+        store
+            .commit(
+                &ops,
+                &Checkpoint {
+                    time: 1000,
+                    offsets: Default::default(),
+                },
+            )
+            .unwrap();
         // The trait changes from 3 to 4 at the next time.
         let ops2 = vec![
-            (StoreOp::Trait { profile: p.clone(), name: "views".into(), value: 4.0 }, 1),
-            (StoreOp::Trait { profile: p.clone(), name: "views".into(), value: 3.0 }, -1),
+            (
+                StoreOp::Trait {
+                    profile: p.clone(),
+                    name: "views".into(),
+                    value: 4.0,
+                },
+                1,
+            ),
+            (
+                StoreOp::Trait {
+                    profile: p.clone(),
+                    name: "views".into(),
+                    value: 3.0,
+                },
+                -1,
+            ),
         ];
-        store.commit(&ops2, &Checkpoint { time: 2000, offsets: Default::default() }).unwrap();
-        let view = store.lookup(&[Ident { rank: 2, value: "email:a@b.c".into() }]).unwrap().unwrap();
+        store
+            .commit(
+                &ops2,
+                &Checkpoint {
+                    time: 2000,
+                    offsets: Default::default(),
+                },
+            )
+            .unwrap();
+        let view = store
+            .lookup(&[Ident {
+                rank: 2,
+                value: "email:a@b.c".into(),
+            }])
+            .unwrap()
+            .unwrap();
         assert_eq!(view.profile, "crm:C1");
         assert_eq!(view.identifiers, vec!["crm:C1", "email:a@b.c"]);
         assert_eq!(view.traits.get("views"), Some(&4.0));
         assert_eq!(view.segments, vec!["vip"]);
         assert_eq!(view.attributes["tier"], "gold");
         assert_eq!(view.as_of.unwrap().time, 2000);
-        assert!(store.lookup(&[Ident { rank: 0, value: "crm:nope".into() }]).unwrap().is_none());
+        assert!(store
+            .lookup(&[Ident {
+                rank: 0,
+                value: "crm:nope".into()
+            }])
+            .unwrap()
+            .is_none());
     }
 }

@@ -178,7 +178,10 @@ impl Committer {
     fn dead(&mut self, letter: &DeadLetter) {
         if let Some(w) = self.outputs.dead_letters.as_mut() {
             let line = serde_json::to_string(letter).expect("dead letter serializes");
-            if let Err(e) = w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")) {
+            if let Err(e) = w
+                .write_all(line.as_bytes())
+                .and_then(|_| w.write_all(b"\n"))
+            {
                 tracing::error!("dead-letter output: {e}");
             }
         }
@@ -186,13 +189,21 @@ impl Committer {
 
     fn control(&mut self, c: &Control) {
         match c {
-            Control::Clock { tick, .. } => self.max_clock = Some(self.max_clock.map_or(*tick, |m| m.max(*tick))),
+            Control::Clock { tick, .. } => {
+                self.max_clock = Some(self.max_clock.map_or(*tick, |m| m.max(*tick)))
+            }
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
                 s.offset = s.offset.max(*offset);
                 self.checkpoint.offsets.insert(s.name.clone(), s.offset);
             }
-            Control::Stats { source, lines, records, dead, late } => {
+            Control::Stats {
+                source,
+                lines,
+                records,
+                dead,
+                late,
+            } => {
                 let s = &mut self.summary.sources[*source as usize];
                 s.lines += lines;
                 s.records += records;
@@ -203,7 +214,11 @@ impl Committer {
         }
     }
 
-    fn commit(&mut self, time: Time, mut updates: Vec<(StateUpdate, isize)>) -> std::io::Result<()> {
+    fn commit(
+        &mut self,
+        time: Time,
+        mut updates: Vec<(StateUpdate, isize)>,
+    ) -> std::io::Result<()> {
         differential_dataflow::consolidation::consolidate(&mut updates);
         let mut diffs = Vec::new();
         let mut ops = Vec::new();
@@ -212,21 +227,47 @@ impl Committer {
                 StateUpdate::Segment(seg, profile) => {
                     let name = self.segments[*seg as usize].name.clone();
                     self.members[*seg as usize] += *diff as i64;
-                    diffs.push(SegmentDiff { time, segment: name.clone(), profile: profile.value.clone(), diff: *diff as i64 });
-                    ops.push((StoreOp::Segment { profile: profile.value.clone(), name }, *diff));
+                    diffs.push(SegmentDiff {
+                        time,
+                        segment: name.clone(),
+                        profile: profile.value.clone(),
+                        diff: *diff as i64,
+                    });
+                    ops.push((
+                        StoreOp::Segment {
+                            profile: profile.value.clone(),
+                            name,
+                        },
+                        *diff,
+                    ));
                 }
                 StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
-                StateUpdate::Link(id, profile) => {
-                    ops.push((StoreOp::Link { id: id.value.clone(), profile: profile.value.clone() }, *diff))
-                }
+                StateUpdate::Link(id, profile) => ops.push((
+                    StoreOp::Link {
+                        id: id.value.clone(),
+                        profile: profile.value.clone(),
+                    },
+                    *diff,
+                )),
                 StateUpdate::Trait(profile, index, raw) => {
                     let spec = &self.traits[*index as usize];
                     let value = trait_scalar(spec, *raw).as_f64().unwrap_or(0.0);
-                    ops.push((StoreOp::Trait { profile: profile.value.clone(), name: spec.name.clone(), value }, *diff));
+                    ops.push((
+                        StoreOp::Trait {
+                            profile: profile.value.clone(),
+                            name: spec.name.clone(),
+                            value,
+                        },
+                        *diff,
+                    ));
                 }
-                StateUpdate::Attrs(profile, attrs) => {
-                    ops.push((StoreOp::Attributes { profile: profile.value.clone(), json: attributes_json(attrs) }, *diff))
-                }
+                StateUpdate::Attrs(profile, attrs) => ops.push((
+                    StoreOp::Attributes {
+                        profile: profile.value.clone(),
+                        json: attributes_json(attrs),
+                    },
+                    *diff,
+                )),
             }
         }
         diffs.sort();
@@ -238,7 +279,9 @@ impl Committer {
         self.summary.last_time = Some(time);
         self.checkpoint.time = time;
         if let Some(store) = &self.outputs.store {
-            store.commit(&ops, &self.checkpoint).map_err(std::io::Error::other)?;
+            store
+                .commit(&ops, &self.checkpoint)
+                .map_err(std::io::Error::other)?;
         }
         Ok(())
     }
@@ -251,7 +294,12 @@ impl Committer {
             let _ = w.flush();
         }
         let mut summary = self.summary.clone();
-        summary.segments = self.segments.iter().zip(&self.members).map(|(s, m)| (s.name.clone(), *m)).collect();
+        summary.segments = self
+            .segments
+            .iter()
+            .zip(&self.members)
+            .map(|(s, m)| (s.name.clone(), *m))
+            .collect();
         summary
     }
 }
@@ -269,13 +317,22 @@ pub fn commit<'s>(
 ) {
     let scope = updates.scope();
     let mut builder = OperatorBuilder::new("Commit".to_string(), scope);
-    let mut updates_in = builder.new_input(updates, Exchange::new(|_: &(StateUpdate, Time, isize)| 0u64));
+    let mut updates_in = builder.new_input(
+        updates,
+        Exchange::new(|_: &(StateUpdate, Time, isize)| 0u64),
+    );
     let mut control_in = builder.new_input(control, Exchange::new(|_: &Control| 0u64));
     let members = vec![0; segments.len()];
     let mut committer = outputs.map(|outputs| Committer {
         outputs,
         summary: RunSummary {
-            sources: source_names.iter().map(|n| SourceSummary { name: n.clone(), ..Default::default() }).collect(),
+            sources: source_names
+                .iter()
+                .map(|n| SourceSummary {
+                    name: n.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         },
         traits,
@@ -304,7 +361,10 @@ pub fn commit<'s>(
                 }
             });
             // The earliest time some worker may still produce.
-            let frontier = frontiers.iter().filter_map(|f| f.frontier().iter().min().copied()).min();
+            let frontier = frontiers
+                .iter()
+                .filter_map(|f| f.frontier().iter().min().copied())
+                .min();
             let mut wrote = false;
             while let Some((&time, _)) = c.pending.first_key_value() {
                 let complete = frontier.is_none_or(|f| time < f);

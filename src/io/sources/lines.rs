@@ -65,7 +65,10 @@ pub struct Framer {
 impl Framer {
     /// A framer for lines of at most `limit` bytes.
     pub fn new(limit: usize) -> Self {
-        Framer { limit, ..Default::default() }
+        Framer {
+            limit,
+            ..Default::default()
+        }
     }
 
     /// Feeds bytes; returns how many were used and, if a line ended within
@@ -86,7 +89,11 @@ impl Framer {
             }
         }
         self.consumed += used as u64;
-        if done { (used, Some(self.finish(peer))) } else { (used, None) }
+        if done {
+            (used, Some(self.finish(peer)))
+        } else {
+            (used, None)
+        }
     }
 
     /// Ends the current line (at a newline or at end of input).
@@ -96,13 +103,23 @@ impl Framer {
         self.start = self.consumed;
         let len = std::mem::take(&mut self.len);
         if std::mem::take(&mut self.too_long) {
-            Next::TooLong { line: self.line, offset, len, peer: peer.clone() }
+            Next::TooLong {
+                line: self.line,
+                offset,
+                len,
+                peer: peer.clone(),
+            }
         } else {
             let mut bytes = std::mem::take(&mut self.buf);
             if bytes.last() == Some(&b'\r') {
                 bytes.pop();
             }
-            Next::Line { bytes, line: self.line, offset, peer: peer.clone() }
+            Next::Line {
+                bytes,
+                line: self.line,
+                offset,
+                peer: peer.clone(),
+            }
         }
     }
 
@@ -133,7 +150,11 @@ impl FileLines {
     /// Opens `path`; with `follow`, end of file means "pending", not "end".
     pub fn open(path: &Path, follow: bool, limit: usize) -> io::Result<Self> {
         let file = File::open(path)?;
-        Ok(FileLines { reader: BufReader::with_capacity(1 << 20, file), framer: Framer::new(limit), follow })
+        Ok(FileLines {
+            reader: BufReader::with_capacity(1 << 20, file),
+            framer: Framer::new(limit),
+            follow,
+        })
     }
 }
 
@@ -179,21 +200,38 @@ pub struct MemoryLines {
 impl MemoryLines {
     /// Serves `lines` in order.
     pub fn new(lines: Arc<Vec<String>>, limit: usize) -> Self {
-        MemoryLines { lines, next: 0, offset: 0, limit }
+        MemoryLines {
+            lines,
+            next: 0,
+            offset: 0,
+            limit,
+        }
     }
 }
 
 impl LineSource for MemoryLines {
     fn next_line(&mut self) -> io::Result<Next> {
-        let Some(text) = self.lines.get(self.next) else { return Ok(Next::End) };
+        let Some(text) = self.lines.get(self.next) else {
+            return Ok(Next::End);
+        };
         self.next += 1;
         let offset = self.offset;
         self.offset += text.len() as u64 + 1;
         let line = self.next as u64;
         if text.len() > self.limit {
-            return Ok(Next::TooLong { line, offset, len: text.len() as u64, peer: None });
+            return Ok(Next::TooLong {
+                line,
+                offset,
+                len: text.len() as u64,
+                peer: None,
+            });
         }
-        Ok(Next::Line { bytes: text.as_bytes().to_vec(), line, offset, peer: None })
+        Ok(Next::Line {
+            bytes: text.as_bytes().to_vec(),
+            line,
+            offset,
+            peer: None,
+        })
     }
     fn position(&self) -> u64 {
         self.offset
@@ -228,9 +266,24 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Next::Line { bytes: b"ab".to_vec(), line: 1, offset: 0, peer: None },
-                Next::Line { bytes: b"cd".to_vec(), line: 2, offset: 4, peer: None },
-                Next::Line { bytes: b"last".to_vec(), line: 3, offset: 7, peer: None },
+                Next::Line {
+                    bytes: b"ab".to_vec(),
+                    line: 1,
+                    offset: 0,
+                    peer: None
+                },
+                Next::Line {
+                    bytes: b"cd".to_vec(),
+                    line: 2,
+                    offset: 4,
+                    peer: None
+                },
+                Next::Line {
+                    bytes: b"last".to_vec(),
+                    line: 3,
+                    offset: 7,
+                    peer: None
+                },
             ]
         );
     }
@@ -238,8 +291,24 @@ mod tests {
     #[test]
     fn too_long_lines_are_skipped_not_buffered() {
         let out = lines_of(b"short\n0123456789abcdef\nok\n", 8);
-        assert_eq!(out[1], Next::TooLong { line: 2, offset: 6, len: 16, peer: None });
-        assert_eq!(out[2], Next::Line { bytes: b"ok".to_vec(), line: 3, offset: 23, peer: None });
+        assert_eq!(
+            out[1],
+            Next::TooLong {
+                line: 2,
+                offset: 6,
+                len: 16,
+                peer: None
+            }
+        );
+        assert_eq!(
+            out[2],
+            Next::Line {
+                bytes: b"ok".to_vec(),
+                line: 3,
+                offset: 23,
+                peer: None
+            }
+        );
     }
 
     #[test]
@@ -251,8 +320,59 @@ mod tests {
         let mut f = FileLines::open(&path, true, 100).unwrap();
         assert!(matches!(f.next_line().unwrap(), Next::Line { .. }));
         assert_eq!(f.next_line().unwrap(), Next::Pending);
-        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         file.write_all(b"o\n").unwrap();
-        assert_eq!(f.next_line().unwrap(), Next::Line { bytes: b"two".to_vec(), line: 2, offset: 4, peer: None });
+        assert_eq!(
+            f.next_line().unwrap(),
+            Next::Line {
+                bytes: b"two".to_vec(),
+                line: 2,
+                offset: 4,
+                peer: None
+            }
+        );
+    }
+
+    proptest::proptest! {
+        /// However the input is cut into chunks (as TCP delivers it), the
+        /// framer yields the same lines, numbers and offsets.
+        #[test]
+        fn framing_does_not_depend_on_chunking(
+            text in proptest::collection::vec(proptest::sample::select(vec![b'a', b'b', b'\n', b'\r']), 0..200),
+            cuts in proptest::collection::vec(1usize..17, 1..40),
+        ) {
+            let whole = {
+                let mut f = Framer::new(8);
+                let mut out = Vec::new();
+                let mut rest = &text[..];
+                while !rest.is_empty() {
+                    let (used, line) = f.feed(rest, &None);
+                    rest = &rest[used..];
+                    out.extend(line);
+                }
+                if f.has_partial() { out.push(f.finish(&None)); }
+                out
+            };
+            let mut f = Framer::new(8);
+            let mut out = Vec::new();
+            let mut rest = &text[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                i += 1;
+                let mut chunk = &rest[..n];
+                rest = &rest[n..];
+                while !chunk.is_empty() {
+                    let (used, line) = f.feed(chunk, &None);
+                    chunk = &chunk[used..];
+                    out.extend(line);
+                }
+            }
+            if f.has_partial() { out.push(f.finish(&None)); }
+            proptest::prop_assert_eq!(out, whole);
+        }
     }
 }

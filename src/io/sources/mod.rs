@@ -32,7 +32,9 @@ use timely::dataflow::{Scope, Stream};
 
 use crate::dataflow::Time;
 use crate::io::{Control, DeadLetter};
-use crate::model::{decode_csv, decode_json, parse_csv_header, to_tick, IdentityRules, Record, RecordKind};
+use crate::model::{
+    decode_csv, decode_json, parse_csv_header, to_tick, IdentityRules, Record, RecordKind,
+};
 use crate::spec::{Format, LatePolicy};
 
 pub mod lines;
@@ -65,8 +67,14 @@ impl Input {
     /// Parses a command-line location: `tcp://ADDR` or a file path.
     pub fn parse(location: &str, follow: bool, until_disconnect: bool) -> Input {
         match location.strip_prefix("tcp://") {
-            Some(addr) => Input::Tcp { addr: addr.to_string(), until_disconnect },
-            None => Input::File { path: PathBuf::from(location), follow },
+            Some(addr) => Input::Tcp {
+                addr: addr.to_string(),
+                until_disconnect,
+            },
+            None => Input::File {
+                path: PathBuf::from(location),
+                follow,
+            },
         }
     }
 
@@ -138,7 +146,10 @@ impl Reader {
         let limit = params.max_line_bytes;
         let lines: Box<dyn LineSource> = match &def.input {
             Input::File { path, follow } => Box::new(FileLines::open(path, *follow, limit)?),
-            Input::Tcp { addr, until_disconnect } => Box::new(tcp::TcpLines::listen(addr, *until_disconnect, limit)?),
+            Input::Tcp {
+                addr,
+                until_disconnect,
+            } => Box::new(tcp::TcpLines::listen(addr, *until_disconnect, limit)?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
         let input_name = def.input.describe();
@@ -158,11 +169,22 @@ impl Reader {
     /// The watermark: largest tick seen minus the allowed lateness.
     fn watermark(&self) -> u64 {
         let tick = self.params.tick_ms.max(1);
-        let wm = self.max_tick.unwrap_or(0).saturating_sub(self.params.lateness_ms);
+        let wm = self
+            .max_tick
+            .unwrap_or(0)
+            .saturating_sub(self.params.lateness_ms);
         wm / tick * tick
     }
 
-    fn dead(&mut self, ctl: &mut Vec<Control>, line: u64, offset: u64, peer: Option<String>, reason: String, raw: &[u8]) {
+    fn dead(
+        &mut self,
+        ctl: &mut Vec<Control>,
+        line: u64,
+        offset: u64,
+        peer: Option<String>,
+        reason: String,
+        raw: &[u8],
+    ) {
         self.stats.2 += 1;
         let cut = raw.len().min(1000);
         let input = match peer {
@@ -179,7 +201,15 @@ impl Reader {
         }));
     }
 
-    fn handle_line(&mut self, bytes: Vec<u8>, line: u64, offset: u64, peer: Option<String>, out: &mut Vec<(Record, Time, isize)>, ctl: &mut Vec<Control>) {
+    fn handle_line(
+        &mut self,
+        bytes: Vec<u8>,
+        line: u64,
+        offset: u64,
+        peer: Option<String>,
+        out: &mut Vec<(Record, Time, isize)>,
+        ctl: &mut Vec<Control>,
+    ) {
         self.stats.0 += 1;
         let text = match std::str::from_utf8(&bytes) {
             Ok(t) => t,
@@ -207,7 +237,11 @@ impl Reader {
                     }
                     return;
                 }
-                decode_csv(self.header.as_deref().unwrap_or(&[]), text, &self.params.rules)
+                decode_csv(
+                    self.header.as_deref().unwrap_or(&[]),
+                    text,
+                    &self.params.rules,
+                )
             }
             Format::Jsonl => decode_json(self.def.kind, text, &self.params.rules),
         };
@@ -221,7 +255,11 @@ impl Reader {
             self.stats.3 += 1;
             match self.params.late_policy {
                 LatePolicy::DeadLetter => {
-                    let reason = format!("late: event time {} ms is before the watermark {} ms", record.ts_ms(), watermark);
+                    let reason = format!(
+                        "late: event time {} ms is before the watermark {} ms",
+                        record.ts_ms(),
+                        watermark
+                    );
                     return self.dead(ctl, line, offset, peer, reason, &bytes);
                 }
                 LatePolicy::Clamp => tick = watermark,
@@ -236,14 +274,27 @@ impl Reader {
         let mut status = Status::More;
         for _ in 0..BATCH {
             match self.lines.next_line() {
-                Ok(Next::Line { bytes, line, offset, peer }) => {
+                Ok(Next::Line {
+                    bytes,
+                    line,
+                    offset,
+                    peer,
+                }) => {
                     self.last_activity = Instant::now();
                     self.handle_line(bytes, line, offset, peer, out, ctl);
                 }
-                Ok(Next::TooLong { line, offset, len, peer }) => {
+                Ok(Next::TooLong {
+                    line,
+                    offset,
+                    len,
+                    peer,
+                }) => {
                     self.last_activity = Instant::now();
                     self.stats.0 += 1;
-                    let reason = format!("line of {len} bytes exceeds max_line_bytes = {}", self.params.max_line_bytes);
+                    let reason = format!(
+                        "line of {len} bytes exceeds max_line_bytes = {}",
+                        self.params.max_line_bytes
+                    );
                     self.dead(ctl, line, offset, peer, reason, b"");
                 }
                 Ok(Next::Pending) => {
@@ -283,12 +334,24 @@ impl Reader {
         }
         let (lines, records, dead, late) = std::mem::take(&mut self.stats);
         if lines + records + dead + late > 0 {
-            ctl.push(Control::Stats { source: self.def.index, lines, records, dead, late });
-            ctl.push(Control::Offset { source: self.def.index, offset: self.lines.position() });
+            ctl.push(Control::Stats {
+                source: self.def.index,
+                lines,
+                records,
+                dead,
+                late,
+            });
+            ctl.push(Control::Offset {
+                source: self.def.index,
+                offset: self.lines.position(),
+            });
         }
         if self.max_tick != self.reported_tick {
             if let Some(tick) = self.max_tick {
-                ctl.push(Control::Clock { source: self.def.index, tick });
+                ctl.push(Control::Clock {
+                    source: self.def.index,
+                    tick,
+                });
             }
             self.reported_tick = self.max_tick;
         }
@@ -297,7 +360,10 @@ impl Reader {
 }
 
 /// The records of one source (at their ticks) and its control messages.
-pub type SourceStreams<'s> = (Stream<'s, Time, Vec<(Record, Time, isize)>>, Stream<'s, Time, Vec<Control>>);
+pub type SourceStreams<'s> = (
+    Stream<'s, Time, Vec<(Record, Time, isize)>>,
+    Stream<'s, Time, Vec<Control>>,
+);
 
 /// Builds the source operator. Only the owner worker reads; the others
 /// release their capabilities at once.
@@ -306,14 +372,22 @@ pub type SourceStreams<'s> = (Stream<'s, Time, Vec<(Record, Time, isize)>>, Stre
 ///
 /// If the owner cannot open its input; [`crate::Engine::run`] checks files
 /// beforehand so this only happens when a file vanishes or a port is taken.
-pub fn source<'s>(scope: Scope<'s, Time>, def: SourceDef, params: Arc<ReadParams>) -> SourceStreams<'s> {
+pub fn source<'s>(
+    scope: Scope<'s, Time>,
+    def: SourceDef,
+    params: Arc<ReadParams>,
+) -> SourceStreams<'s> {
     let mut builder = OperatorBuilder::new(format!("Source: {}", def.name), scope);
     let info = builder.operator_info();
     let activator = scope.activator_for(info.address.clone());
     let (records_out, records) = builder.new_output::<Vec<(Record, Time, isize)>>();
     let (control_out, control) = builder.new_output::<Vec<Control>>();
-    let mut records_out = OutputBuilder::<Time, CapacityContainerBuilder<Vec<(Record, Time, isize)>>>::from(records_out);
-    let mut control_out = OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
+    let mut records_out =
+        OutputBuilder::<Time, CapacityContainerBuilder<Vec<(Record, Time, isize)>>>::from(
+            records_out,
+        );
+    let mut control_out =
+        OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
     let owner = def.index as usize % scope.peers();
     let is_owner = scope.index() == owner;
 
@@ -336,15 +410,25 @@ pub fn source<'s>(scope: Scope<'s, Time>, def: SourceDef, params: Arc<ReadParams
         let mut batch = Vec::new();
         let mut ctl = Vec::new();
         move |_frontiers| {
-            let Some(reader) = reader.as_mut() else { return };
-            let (Some(rcap), Some(ccap)) = (records_cap.as_mut(), control_cap.as_mut()) else { return };
+            let Some(reader) = reader.as_mut() else {
+                return;
+            };
+            let (Some(rcap), Some(ccap)) = (records_cap.as_mut(), control_cap.as_mut()) else {
+                return;
+            };
             let status = reader.step(&mut batch, &mut ctl);
             if !batch.is_empty() {
-                records_out.activate().session(&*rcap).give_container(&mut batch);
+                records_out
+                    .activate()
+                    .session(&*rcap)
+                    .give_container(&mut batch);
                 batch.clear();
             }
             if !ctl.is_empty() {
-                control_out.activate().session(&*ccap).give_container(&mut ctl);
+                control_out
+                    .activate()
+                    .session(&*ccap)
+                    .give_container(&mut ctl);
                 ctl.clear();
             }
             match status {
@@ -360,7 +444,9 @@ pub fn source<'s>(scope: Scope<'s, Time>, def: SourceDef, params: Arc<ReadParams
                     }
                     match status {
                         Status::More => activator.activate(),
-                        _ => activator.activate_after(Duration::from_millis(reader.params.idle_advance_ms.clamp(1, 50))),
+                        _ => activator.activate_after(Duration::from_millis(
+                            reader.params.idle_advance_ms.clamp(1, 50),
+                        )),
                     }
                 }
             }

@@ -38,51 +38,65 @@ impl TcpLines {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let (tx, rx) = mpsc::channel(4096);
-        let runtime = std::thread::Builder::new().name(format!("segflow-tcp-{addr}")).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-            rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!("tcp source: {e}");
-                        return;
-                    }
-                };
-                loop {
-                    let Ok((mut stream, peer)) = listener.accept().await else { continue };
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        if tx.send(Msg::Connected).await.is_err() {
+        let runtime = std::thread::Builder::new()
+            .name(format!("segflow-tcp-{addr}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("tcp source: {e}");
                             return;
                         }
-                        let peer = Some(peer.to_string());
-                        let mut framer = Framer::new(limit);
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            let mut chunk = &buf[..n];
-                            while !chunk.is_empty() {
-                                let (used, line) = framer.feed(chunk, &peer);
-                                chunk = &chunk[used..];
-                                if let Some(line) = line {
-                                    if tx.send(Msg::Item(line)).await.is_err() {
-                                        return;
+                    };
+                    loop {
+                        let Ok((mut stream, peer)) = listener.accept().await else {
+                            continue;
+                        };
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            if tx.send(Msg::Connected).await.is_err() {
+                                return;
+                            }
+                            let peer = Some(peer.to_string());
+                            let mut framer = Framer::new(limit);
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => n,
+                                };
+                                let mut chunk = &buf[..n];
+                                while !chunk.is_empty() {
+                                    let (used, line) = framer.feed(chunk, &peer);
+                                    chunk = &chunk[used..];
+                                    if let Some(line) = line {
+                                        if tx.send(Msg::Item(line)).await.is_err() {
+                                            return;
+                                        }
                                     }
                                 }
                             }
-                        }
-                        if framer.has_partial() {
-                            let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
-                        }
-                        let _ = tx.send(Msg::Disconnected).await;
-                    });
-                }
-            });
-        })?;
-        Ok(TcpLines { rx, connected: 0, seen_client: false, until_disconnect, lines: 0, _runtime: runtime })
+                            if framer.has_partial() {
+                                let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
+                            }
+                            let _ = tx.send(Msg::Disconnected).await;
+                        });
+                    }
+                });
+            })?;
+        Ok(TcpLines {
+            rx,
+            connected: 0,
+            seen_client: false,
+            until_disconnect,
+            lines: 0,
+            _runtime: runtime,
+        })
     }
 }
 
