@@ -167,3 +167,72 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     assert_eq!(summary.sources[0].records, 4);
     assert_eq!(summary.sources[0].dead_letters, 1);
 }
+
+#[test]
+fn followed_file_is_read_as_it_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.jsonl");
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(&web, view(T, "f1") + &view(T + 100, "f1")).unwrap();
+    let spec = dir.path().join("follow.toml");
+    std::fs::write(
+        &spec,
+        SPEC.replace(
+            "[sources.web]",
+            &format!(
+                "[sources.web]\npath = {:?}\nfollow = true",
+                web.display().to_string()
+            ),
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_segflow"))
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Append two views of another visitor 10 s of event time later (well
+    // ahead of the idle clock), the first in two pieces.
+    let lines = view(T + 10_000, "f2") + &view(T + 10_000, "f2");
+    let (head, tail) = lines.split_at(10);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&web).unwrap();
+    f.write_all(head.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    f.write_all(tail.as_bytes()).unwrap();
+    f.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.lines().count() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec![
+            format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:f1","diff":1}}"#,
+                T + 100
+            ),
+            format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:f1","diff":-1}}"#,
+                T + 2000
+            ),
+            format!(
+                r#"{{"time":{},"segment":"active","profile":"anon:f2","diff":1}}"#,
+                T + 10_000
+            ),
+        ]
+    );
+}

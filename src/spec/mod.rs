@@ -615,13 +615,15 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             Some(f) => match f.get_ref().as_str() {
                 "jsonl" => Format::Jsonl,
                 "csv" if kind == StreamKind::Crm => Format::Csv,
-                "csv" => return Err(cx.err(
-                    f.span().start,
-                    format!(
+                "csv" => {
+                    return Err(cx.err(
+                        f.span().start,
+                        format!(
                         "format \"csv\" is only supported for crm sources; source `{name}` is {}",
                         kind.as_str()
                     ),
-                )),
+                    ))
+                }
                 other => {
                     return Err(cx.err(
                         f.span().start,
@@ -773,33 +775,34 @@ fn traits(
             ));
         }
         let r = table.into_inner();
-        let stream =
-            match &r.stream {
-                None => return Err(cx.err(
+        let stream = match &r.stream {
+            None => {
+                return Err(cx.err(
                     kstart,
                     format!(
                         "trait `{name}` needs `stream = \"web\"` or `stream = \"transactions\"`"
                     ),
-                )),
-                Some(s) => match StreamKind::from_name(s.get_ref()) {
-                    Some(StreamKind::Crm) => {
-                        return Err(cx.err(
-                            s.span().start,
-                            "traits are computed over web or transactions",
-                        ))
-                    }
-                    Some(k) => k,
-                    None => {
-                        return Err(cx.err(
-                            s.span().start,
-                            format!(
-                                "unknown stream `{}`; expected \"web\" or \"transactions\"",
-                                s.get_ref()
-                            ),
-                        ))
-                    }
-                },
-            };
+                ))
+            }
+            Some(s) => match StreamKind::from_name(s.get_ref()) {
+                Some(StreamKind::Crm) => {
+                    return Err(cx.err(
+                        s.span().start,
+                        "traits are computed over web or transactions",
+                    ))
+                }
+                Some(k) => k,
+                None => {
+                    return Err(cx.err(
+                        s.span().start,
+                        format!(
+                            "unknown stream `{}`; expected \"web\" or \"transactions\"",
+                            s.get_ref()
+                        ),
+                    ))
+                }
+            },
+        };
         let filter = match &r.filter {
             None => None,
             Some(f) => {
