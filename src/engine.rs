@@ -245,7 +245,7 @@ impl Engine {
             Some(dir) => {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| io_err("cannot create state directory", dir, e))?;
-                Some(Store::open(dir)?)
+                Some(Store::create_fresh(dir)?)
             }
             None => None,
         };

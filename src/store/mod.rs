@@ -141,6 +141,17 @@ impl Store {
         Ok(Store { db, dir: name })
     }
 
+    /// Opens an empty store in `dir`, removing any state a previous run left
+    /// there: a run's state is always exactly its own result. (Resuming from
+    /// the checkpoint after a crash will open the existing state instead.)
+    pub fn create_fresh(dir: &Path) -> Result<Store, StoreError> {
+        if dir.join("CURRENT").exists() {
+            tracing::warn!("replacing the state in {}", dir.display());
+            DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks { dir: dir.display().to_string(), source })?;
+        }
+        Store::open(dir)
+    }
+
     /// Opens an existing store for reading (works while a run holds it).
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
         let opts = Options::default();
@@ -432,5 +443,18 @@ mod tests {
             }])
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_fresh_store_forgets_the_previous_run() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::create_fresh(dir.path()).unwrap();
+            let ops = vec![(StoreOp::Link { id: "anon:a".into(), profile: "anon:a".into() }, 1)];
+            store.commit(&ops, &Checkpoint::default()).unwrap();
+        }
+        let store = Store::create_fresh(dir.path()).unwrap();
+        assert_eq!(store.profile_of("anon:a").unwrap(), None);
+        assert_eq!(store.checkpoint().unwrap(), None);
     }
 }
