@@ -249,3 +249,47 @@ fn usage_errors_and_help() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/web.jsonl"));
     assert!(!segflow(&["frobnicate"]).status.success());
 }
+
+#[test]
+fn stdout_output_keeps_the_summary_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(segflow(&[
+        "generate",
+        "--out",
+        data.to_str().unwrap(),
+        "--events",
+        "2000",
+        "--seed",
+        "5",
+    ]));
+    let mut args = run_args(
+        data.to_str().unwrap(),
+        "-",
+        dir.path().join("d.jsonl").to_str().unwrap(),
+        dir.path().join("s").to_str().unwrap(),
+    );
+    args.push("--json".into());
+    let out = ok(Command::new(BIN).args(&args).output().unwrap());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.lines().count() > 0);
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["segment"].is_string(), "{line}");
+    }
+    let summary: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .trim()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["sources"][0]["name"], "web");
+    assert_eq!(summary["sources"][0]["lines"], 2000);
+    assert_eq!(
+        summary["diffs_written"].as_u64().unwrap() as usize,
+        stdout.lines().count()
+    );
+}

@@ -434,3 +434,49 @@ fn invalid_utf8_and_over_long_lines_from_files() {
     assert_eq!(summary.sources[0].lines, 4);
     assert_eq!(summary.sources[0].records, 2);
 }
+
+#[test]
+fn configured_extra_identifiers_link_profiles() {
+    let spec = parse_spec(
+        &SPEC.replace(
+            "[sources.web]",
+            "[identity]\nextra = [\"device_id\"]\n\n[sources.web]",
+        ),
+        "extra.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        spec.identity.priority.last().map(String::as_str),
+        Some("device_id")
+    );
+    // Two cookies on the same device: one profile, named by the
+    // higher-priority anonymous id (device_id comes last in the priority).
+    let web: Vec<String> = [
+        r#"{"event":"view_item","ts":1,"anonymous_id":"c1","context":{"device_id":"d-9"}}"#,
+        r#"{"event":"view_item","ts":2,"anonymous_id":"c2","context":{"device_id":"d-9"}}"#,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for workers in [1, 2] {
+        let diffs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&diffs);
+        let summary = Engine::new(spec.clone())
+            .input("web", Input::Memory(Arc::new(web.clone())))
+            .unwrap()
+            .input("crm", Input::Memory(Arc::new(vec![])))
+            .unwrap()
+            .input("transactions", Input::Memory(Arc::new(vec![])))
+            .unwrap()
+            .output(Output::Callback(Arc::new(move |d| {
+                sink.lock().unwrap().push(d.to_line())
+            })))
+            .run(timely::Config::process(workers))
+            .unwrap();
+        assert_eq!(
+            *diffs.lock().unwrap(),
+            vec![r#"{"time":2000,"segment":"active","profile":"anon:c1","diff":1}"#]
+        );
+        assert_eq!(summary.profiles, 1);
+    }
+}

@@ -147,7 +147,10 @@ impl Store {
     pub fn create_fresh(dir: &Path) -> Result<Store, StoreError> {
         if dir.join("CURRENT").exists() {
             tracing::warn!("replacing the state in {}", dir.display());
-            DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks { dir: dir.display().to_string(), source })?;
+            DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
+                dir: dir.display().to_string(),
+                source,
+            })?;
         }
         Store::open(dir)
     }
@@ -450,7 +453,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::create_fresh(dir.path()).unwrap();
-            let ops = vec![(StoreOp::Link { id: "anon:a".into(), profile: "anon:a".into() }, 1)];
+            let ops = vec![(
+                StoreOp::Link {
+                    id: "anon:a".into(),
+                    profile: "anon:a".into(),
+                },
+                1,
+            )];
             store.commit(&ops, &Checkpoint::default()).unwrap();
         }
         let store = Store::create_fresh(dir.path()).unwrap();
