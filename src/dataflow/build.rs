@@ -6,13 +6,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use differential_dataflow::AsCollection;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::core::Partition;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Exchange};
 use timely::dataflow::Scope;
 
 use super::{identity, profiles, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Outputs, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
-use crate::model::Record;
+use crate::model::{CrmRecord, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
 
 /// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
@@ -43,19 +46,59 @@ pub fn build<'s>(
             .exchange(|(record, _, _): &(Record, Time, isize)| key_hash(record))
             .as_collection();
 
+    // One pass splits every record into what the stages need, without
+    // copying records: CRM versions, identifier sets, trait contributions.
+    let specs = Rc::clone(&trait_specs);
+    let parts = records
+        .inner
+        .flat_map(move |(record, tick, diff)| {
+            let mut out = Vec::new();
+            if !matches!(record, Record::Crm(_)) {
+                for (key, time, value) in traits::contributions(&record, tick, &specs) {
+                    out.push((Part::Contribution(key), time, diff * value));
+                }
+            }
+            match record {
+                Record::Crm(c) => out.push((Part::Crm(c.crm_id.clone(), c), tick, diff)),
+                Record::Web(e) => out.push((Part::Ids(e.ids), tick, diff)),
+                Record::Txn(t) => out.push((Part::Ids(t.ids), tick, diff)),
+            }
+            out
+        })
+        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(3, |(part, time, diff)| {
+            let index = match &part {
+                Part::Crm(..) => 0,
+                Part::Ids(_) => 1,
+                Part::Contribution(_) => 2,
+            };
+            (index, (part, time, diff))
+        });
+    let mut parts = parts.into_iter();
+    let mut next = || parts.next().expect("three partitions");
+    let crm_versions: Coll<'s, (String, CrmRecord)> = next()
+        .flat_map(|(p, t, r)| match p {
+            Part::Crm(k, c) => Some(((k, c), t, r)),
+            _ => None,
+        })
+        .as_collection();
+    let event_sets: Coll<'s, Vec<Ident>> = next()
+        .flat_map(|(p, t, r)| match p {
+            Part::Ids(ids) => Some((ids, t, r)),
+            _ => None,
+        })
+        .as_collection();
+    let contributions: Coll<'s, (Ident, u32)> = next()
+        .flat_map(|(p, t, r)| match p {
+            Part::Contribution(k) => Some((k, t, r)),
+            _ => None,
+        })
+        .as_collection();
+
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
-    let crm_versions = records.clone().flat_map(|r| match r {
-        Record::Crm(c) => Some((c.crm_id.clone(), c)),
-        _ => None,
-    });
     let crm_current = profiles::crm_current(crm_versions);
 
     // Identity: identifier sets of events and of current CRM records.
-    let event_sets = records.clone().flat_map(|r| match r {
-        Record::Crm(_) => None,
-        other => Some(other.ids().to_vec()),
-    });
     let crm_sets = crm_current.clone().map(|(_, c)| c.ids);
     let id_profile = identity::resolve(event_sets.concat(crm_sets));
     let id_profile_arranged = id_profile
@@ -63,8 +106,6 @@ pub fn build<'s>(
         .arrange_by_key_named("Arrange: identifier -> profile");
 
     // Traits and attributes per profile, then segments.
-    let events = records.filter(|r| !matches!(r, Record::Crm(_)));
-    let contributions = traits::contributions(events, Rc::clone(&trait_specs));
     let trait_values = traits::per_profile(contributions, id_profile_arranged.clone());
     let attributes = profiles::attributes(crm_current, id_profile_arranged);
     let profile_ids = identity::profiles(id_profile.clone());
@@ -97,6 +138,16 @@ pub fn build<'s>(
         segment_specs,
         result,
     );
+}
+
+/// What one record contributes to the stages.
+enum Part {
+    /// A CRM record version, keyed by `crm_id`.
+    Crm(String, CrmRecord),
+    /// The identifier set of an event or transaction.
+    Ids(Vec<Ident>),
+    /// A trait contribution `(identifier, trait)` (the value is the diff).
+    Contribution((Ident, u32)),
 }
 
 /// Routes a record by its key (highest-priority) identifier.

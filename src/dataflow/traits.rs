@@ -12,14 +12,12 @@
 //!    event's highest-priority identifier and `value` is 1 for a count or the
 //!    field's value in thousandths for a sum. A window of length `w` adds the
 //!    negated update at `tick + w`, so the event leaves the window exactly `w`
-//!    after it entered.
+//!    after it entered (an update may carry a later time than the message
+//!    that holds it; differential dataflow only needs it to be no earlier).
 //! 2. [`per_profile`]: the contributions are re-keyed by profile through the
 //!    shared `(identifier, profile)` arrangement and totalled with
 //!    `count_total`. When two profiles merge, the join moves every
 //!    contribution to the merged profile and the totals follow.
-
-use std::collections::BTreeMap;
-use std::rc::Rc;
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::operators::CountTotal;
@@ -71,45 +69,23 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<isize> {
     }
 }
 
-/// The trait contributions of web events and transactions, windowed.
-pub fn contributions<'s>(
-    records: Coll<'s, Record>,
-    traits: Rc<[TraitSpec]>,
-) -> Coll<'s, (Ident, u32)> {
-    let specs = Rc::clone(&traits);
-    let raw: Coll<'s, (Ident, u32)> = records.explode(move |record| {
-        let mut out = Vec::new();
-        if let Some(key) = record.ids().first() {
-            for (index, spec) in specs.iter().enumerate() {
-                if let Some(value) = trait_value(spec, &record) {
-                    out.push(((key.clone(), index as u32), value));
-                }
-            }
-        }
-        out
-    });
-
-    // Group traits by window length; one delayed retraction per length.
-    let mut by_window: BTreeMap<Option<u64>, Vec<u32>> = BTreeMap::new();
+/// The windowed contributions of one record at `tick`, each
+/// `((identifier, trait), time, value)`: `+value` at the tick and, for a
+/// windowed trait, `-value` at `tick + window`, when the event leaves the
+/// window. Emitting the retraction here (rather than with a separate
+/// `delay`/`negate` per window length) keeps the pass over records single.
+pub fn contributions(record: &Record, tick: Time, traits: &[TraitSpec]) -> Vec<((Ident, u32), Time, isize)> {
+    let mut out = Vec::new();
+    let Some(key) = record.ids().first() else { return out };
     for (index, spec) in traits.iter().enumerate() {
-        by_window
-            .entry(spec.window_ms)
-            .or_default()
-            .push(index as u32);
-    }
-    let mut parts = Vec::new();
-    for (window, members) in by_window {
-        let part = raw.clone().filter(move |(_, t)| members.contains(t));
-        match window {
-            None => parts.push(part),
-            Some(w) => {
-                let expiry = part.clone().delay(move |t| t.saturating_add(w)).negate();
-                parts.push(part);
-                parts.push(expiry);
+        if let Some(value) = trait_value(spec, record) {
+            out.push(((key.clone(), index as u32), tick, value));
+            if let Some(w) = spec.window_ms {
+                out.push(((key.clone(), index as u32), tick.saturating_add(w), -value));
             }
         }
     }
-    differential_dataflow::collection::concatenate(raw.scope(), parts)
+    out
 }
 
 /// Totals per `(profile, trait)`: the data is `((profile, trait), value)`.

@@ -47,6 +47,30 @@ pub fn normalize_id(s: &str) -> Option<String> {
 /// Returns `None` when the text does not parse or is not a valid number for
 /// its region.
 pub fn normalize_phone(s: &str, default_region: &str) -> Option<String> {
+    // Parsing with the full numbering-plan metadata costs tens of
+    // microseconds; the same numbers recur (in the same spellings), so each
+    // thread remembers its recent answers.
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<(String, String), Option<String>>> =
+            Default::default();
+    }
+    const CACHE_LIMIT: usize = 100_000;
+    let key = (s.to_string(), default_region.to_string());
+    if let Some(hit) = CACHE.with(|c| c.borrow().get(&key).cloned()) {
+        return hit;
+    }
+    let answer = parse_phone(s, default_region);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= CACHE_LIMIT {
+            c.clear();
+        }
+        c.insert(key, answer.clone());
+    });
+    answer
+}
+
+fn parse_phone(s: &str, default_region: &str) -> Option<String> {
     let t = s.trim();
     if t.is_empty() || !t.bytes().any(|b| b.is_ascii_digit()) {
         return None;
