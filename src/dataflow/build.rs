@@ -100,6 +100,7 @@ pub fn build<'s>(
 
     // Identity: identifier sets of events and of current CRM records.
     let crm_sets = crm_current.clone().map(|(_, c)| c.ids);
+    let event_sets = identity::first_occurrences(event_sets);
     let id_profile = identity::resolve(event_sets.concat(crm_sets));
     let id_profile_arranged = id_profile
         .clone()

@@ -15,7 +15,7 @@
 
 use differential_dataflow::algorithms::graphs::propagate::propagate;
 
-use super::Coll;
+use super::{Coll, Time};
 use crate::model::Ident;
 
 /// The identifier set of each record, deduplicated: records with the same
@@ -26,6 +26,55 @@ pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>> {
             "Distinct: identifier sets",
             |_, c| if *c > 0 { 1isize } else { 0 },
         )
+}
+
+/// Keeps only the first occurrence (in event time) of each identifier set of
+/// an insert-only stream of sets, such as the sets carried by web events and
+/// transactions: a later occurrence of a set already seen changes nothing in
+/// the link graph. An occurrence *earlier* than every one passed on so far is
+/// passed on too, so the distinct sets at every time are exactly those of
+/// the unfiltered input, whatever the arrival order. Retractions (negative
+/// diffs) pass through unchanged.
+///
+/// This spares the identity arrangements one update per event: most events
+/// repeat the identifiers of earlier events of the same visitor.
+pub fn first_occurrences<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>> {
+    use std::collections::hash_map::Entry;
+    use std::collections::HashMap;
+
+    use differential_dataflow::AsCollection;
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::generic::operator::Operator;
+
+    sets.inner
+        .unary(Pipeline, "Dedup: identifier sets", |_, _| {
+            let mut earliest: HashMap<Vec<Ident>, Time> = HashMap::new();
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for (set, time, diff) in data.drain(..) {
+                        if diff > 0 {
+                            match earliest.entry(set) {
+                                Entry::Occupied(mut seen) => {
+                                    if *seen.get() <= time {
+                                        continue;
+                                    }
+                                    seen.insert(time);
+                                    session.give((seen.key().clone(), time, diff));
+                                }
+                                Entry::Vacant(new) => {
+                                    session.give((new.key().clone(), time, diff));
+                                    new.insert(time);
+                                }
+                            }
+                        } else {
+                            session.give((set, time, diff));
+                        }
+                    }
+                });
+            }
+        })
+        .as_collection()
 }
 
 /// Resolves identifier sets into `(identifier, profile)` pairs, where the
@@ -174,6 +223,49 @@ mod tests {
             for workers in [1, 2] {
                 prop_assert_eq!(run(rounds.clone(), workers), oracle(&kept));
             }
+        }
+    }
+
+    /// The distinct sets, with the times they appear, of a collection.
+    fn distinct_history(updates: Vec<(Vec<Ident>, u64)>, dedup: bool) -> Vec<(Vec<Ident>, u64, isize)> {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::clone(&out);
+        timely::execute_directly(move |worker| {
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, sets) = scope.new_collection::<Vec<Ident>, isize>();
+                let sets = if dedup { first_occurrences(sets) } else { sets };
+                let probe = identifier_sets(sets)
+                    .inspect(move |(d, t, r)| shared.lock().unwrap().push((d.clone(), *t, *r)))
+                    .probe();
+                (input, probe.0)
+            });
+            // All updates arrive in one batch, in the given (unordered) times.
+            for (set, time) in &updates {
+                input.update_at(set.clone(), *time + 1, 1);
+            }
+            input.advance_to(1_000);
+            input.flush();
+            worker.step_while(|| probe.less_than(input.time()));
+        });
+        let mut v = out.lock().unwrap().clone();
+        differential_dataflow::consolidation::consolidate_updates(&mut v);
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Dropping repeated occurrences does not change the distinct sets
+        /// at any time, whatever the order of event times.
+        #[test]
+        fn first_occurrences_preserve_distinct_sets(
+            updates in prop::collection::vec((prop::collection::btree_set(0u8..6, 1..3), 0u64..50), 0..40),
+        ) {
+            let updates: Vec<(Vec<Ident>, u64)> = updates.into_iter().map(|(s, t)| {
+                let mut v: Vec<Ident> = s.into_iter().map(ident).collect();
+                v.sort();
+                (v, t)
+            }).collect();
+            prop_assert_eq!(distinct_history(updates.clone(), true), distinct_history(updates, false));
         }
     }
 }
