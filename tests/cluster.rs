@@ -135,6 +135,17 @@ fn worker_and_process_counts_give_identical_outputs() {
     let n2 = std::fs::read(&out).unwrap();
     assert!(one == n2, "-w 1 and -n 2 differ");
 
+    // Dead letters too are identical (sorted within each completed time).
+    let dead = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.dead.jsonl"))).unwrap()
+    };
+    assert!(
+        dead("w1").lines().count() > 0,
+        "the generated data has malformed lines"
+    );
+    assert_eq!(dead("w1"), dead("w2"));
+    assert_eq!(dead("w1"), dead("n2"));
+
     // Every line is a diff in the contract's shape, in time order.
     let mut last = 0;
     for line in String::from_utf8(one).unwrap().lines() {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use segflow::generate::{generate_to, GenConfig};
 use segflow::model::{
-    decode_json, to_tick, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar,
+    decode_json, parse_time, to_tick, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar,
 };
 use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
@@ -61,18 +61,35 @@ fn rules() -> IdentityRules {
     )
 }
 
-/// Decodes a source in order and drops what the engine would drop: bad
-/// lines and records behind the watermark (largest tick so far minus the
-/// allowed lateness).
+/// The event time of a line, if it is a JSON object whose time field
+/// (`ts`, or `updated_at` for CRM records) parses.
+fn time_of(kind: RecordKind, line: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let field = if kind == RecordKind::Crm {
+        "updated_at"
+    } else {
+        "ts"
+    };
+    let t = v.as_object()?.get(field)?;
+    if t.is_null() {
+        return None;
+    }
+    parse_time(t).ok()
+}
+
+/// Reads a source in order and drops what the engine drops: lines without a
+/// valid time, records behind the watermark (largest tick so far minus the
+/// allowed lateness; every line with a valid time advances it) and records
+/// that do not decode.
 fn admitted(lines: &[String], kind: RecordKind) -> Vec<(Record, u64)> {
     let rules = rules();
     let mut max_tick: Option<u64> = None;
     let mut out = Vec::new();
     for line in lines {
-        let Ok(record) = decode_json(kind, line, &rules) else {
+        let Some(ms) = time_of(kind, line) else {
             continue;
         };
-        let tick = to_tick(record.ts_ms(), TICK);
+        let tick = to_tick(ms, TICK);
         if let Some(m) = max_tick {
             let watermark = m.saturating_sub(LATENESS) / TICK * TICK;
             if tick < watermark {
@@ -80,7 +97,9 @@ fn admitted(lines: &[String], kind: RecordKind) -> Vec<(Record, u64)> {
             }
         }
         max_tick = Some(max_tick.map_or(tick, |m| m.max(tick)));
-        out.push((record, tick));
+        if let Ok(record) = decode_json(kind, line, &rules) {
+            out.push((record, tick));
+        }
     }
     out
 }

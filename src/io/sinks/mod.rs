@@ -168,6 +168,7 @@ struct Committer {
     traits: Rc<[TraitSpec]>,
     segments: Rc<[SegmentSpec]>,
     pending: BTreeMap<Time, Vec<(StateUpdate, isize)>>,
+    dead_pending: BTreeMap<Time, Vec<DeadLetter>>,
     max_clock: Option<u64>,
     summary: RunSummary,
     checkpoint: Checkpoint,
@@ -338,6 +339,7 @@ pub fn commit<'s>(
         traits,
         segments,
         pending: BTreeMap::new(),
+        dead_pending: BTreeMap::new(),
         max_clock: None,
         checkpoint: Checkpoint::default(),
         members,
@@ -350,9 +352,18 @@ pub fn commit<'s>(
                 control_in.for_each(|_, _| {});
                 return;
             };
-            control_in.for_each(|_cap, data| {
+            control_in.for_each(|cap, data| {
+                let time = cap.least().copied().unwrap_or_default();
                 for item in data.drain(..) {
-                    c.control(&item);
+                    match item {
+                        // Dead letters wait for their time to complete, then
+                        // are written sorted: the same input gives the same
+                        // dead-letter file for any number of workers.
+                        Control::Dead(letter) => {
+                            c.dead_pending.entry(time).or_default().push(letter)
+                        }
+                        other => c.control(&other),
+                    }
                 }
             });
             updates_in.for_each(|_cap, data| {
@@ -381,6 +392,22 @@ pub fn commit<'s>(
             if wrote {
                 if let Err(e) = c.outputs.segments.flush() {
                     tracing::error!("segment output: {e}");
+                }
+            }
+            while let Some((&time, _)) = c.dead_pending.first_key_value() {
+                if frontier.is_some_and(|f| time >= f) {
+                    break;
+                }
+                let mut letters = c
+                    .dead_pending
+                    .pop_first()
+                    .map(|(_, l)| l)
+                    .unwrap_or_default();
+                letters.sort_by(|a, b| {
+                    (&a.source, &a.input, a.line).cmp(&(&b.source, &b.input, b.line))
+                });
+                for letter in &letters {
+                    c.dead(letter);
                 }
             }
             if frontier.is_none() && !finished {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Concat;
 use timely::dataflow::{Scope, Stream};
 
 use crate::dataflow::Time;
@@ -37,9 +38,11 @@ use crate::model::{
 };
 use crate::spec::{Format, LatePolicy};
 
+pub mod decode;
 pub mod lines;
 pub mod tcp;
 
+use decode::{decode_stage, peek_time, RawLine};
 use lines::{FileLines, LineSource, MemoryLines, Next};
 
 /// Where a source reads from.
@@ -201,6 +204,7 @@ impl Reader {
         }));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn handle_line(
         &mut self,
         bytes: Vec<u8>,
@@ -208,6 +212,7 @@ impl Reader {
         offset: u64,
         peer: Option<String>,
         out: &mut Vec<(Record, Time, isize)>,
+        raw: &mut Vec<RawLine>,
         ctl: &mut Vec<Control>,
     ) {
         self.stats.0 += 1;
@@ -224,6 +229,27 @@ impl Reader {
         };
         if text.trim().is_empty() {
             return;
+        }
+        // JSON lines: peek at the time here, decode in full on some worker.
+        if self.def.format == Format::Jsonl {
+            if let Some(ms) = peek_time(self.def.kind, text) {
+                let Some(tick) = self.admit(ms, line, offset, &peer, &bytes, ctl) else {
+                    return;
+                };
+                let input = match &peer {
+                    Some(p) => format!("{} (peer {p})", self.input_name),
+                    None => self.input_name.clone(),
+                };
+                let text = text.to_string();
+                raw.push(RawLine {
+                    line,
+                    offset,
+                    tick,
+                    input,
+                    text,
+                });
+                return;
+            }
         }
         let decoded = match self.def.format {
             Format::Csv => {
@@ -249,28 +275,48 @@ impl Reader {
             Ok(r) => r,
             Err(e) => return self.dead(ctl, line, offset, peer, e.to_string(), &bytes),
         };
-        let mut tick = to_tick(record.ts_ms(), self.params.tick_ms.max(1));
+        let Some(tick) = self.admit(record.ts_ms(), line, offset, &peer, &bytes, ctl) else {
+            return;
+        };
+        self.stats.1 += 1;
+        out.push((record, tick, 1));
+    }
+
+    /// Checks an event time against the watermark: the tick to use, or
+    /// `None` if the record is late and dead-lettered.
+    fn admit(
+        &mut self,
+        ms: i64,
+        line: u64,
+        offset: u64,
+        peer: &Option<String>,
+        bytes: &[u8],
+        ctl: &mut Vec<Control>,
+    ) -> Option<u64> {
+        let mut tick = to_tick(ms, self.params.tick_ms.max(1));
         let watermark = self.watermark();
         if self.max_tick.is_some() && tick < watermark {
             self.stats.3 += 1;
             match self.params.late_policy {
                 LatePolicy::DeadLetter => {
-                    let reason = format!(
-                        "late: event time {} ms is before the watermark {} ms",
-                        record.ts_ms(),
-                        watermark
-                    );
-                    return self.dead(ctl, line, offset, peer, reason, &bytes);
+                    let reason =
+                        format!("late: event time {ms} ms is before the watermark {watermark} ms");
+                    self.dead(ctl, line, offset, peer.clone(), reason, bytes);
+                    return None;
                 }
                 LatePolicy::Clamp => tick = watermark,
             }
         }
         self.max_tick = Some(self.max_tick.map_or(tick, |m| m.max(tick)));
-        self.stats.1 += 1;
-        out.push((record, tick, 1));
+        Some(tick)
     }
 
-    fn step(&mut self, out: &mut Vec<(Record, Time, isize)>, ctl: &mut Vec<Control>) -> Status {
+    fn step(
+        &mut self,
+        out: &mut Vec<(Record, Time, isize)>,
+        raw: &mut Vec<RawLine>,
+        ctl: &mut Vec<Control>,
+    ) -> Status {
         let mut status = Status::More;
         for _ in 0..BATCH {
             match self.lines.next_line() {
@@ -281,7 +327,7 @@ impl Reader {
                     peer,
                 }) => {
                     self.last_activity = Instant::now();
-                    self.handle_line(bytes, line, offset, peer, out, ctl);
+                    self.handle_line(bytes, line, offset, peer, out, raw, ctl);
                 }
                 Ok(Next::TooLong {
                     line,
@@ -381,19 +427,23 @@ pub fn source<'s>(
     let info = builder.operator_info();
     let activator = scope.activator_for(info.address.clone());
     let (records_out, records) = builder.new_output::<Vec<(Record, Time, isize)>>();
+    let (raw_out, raw) = builder.new_output::<Vec<RawLine>>();
     let (control_out, control) = builder.new_output::<Vec<Control>>();
     let mut records_out =
         OutputBuilder::<Time, CapacityContainerBuilder<Vec<(Record, Time, isize)>>>::from(
             records_out,
         );
+    let mut raw_out = OutputBuilder::<Time, CapacityContainerBuilder<Vec<RawLine>>>::from(raw_out);
     let mut control_out =
         OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
     let owner = def.index as usize % scope.peers();
     let is_owner = scope.index() == owner;
+    let decode_def = def.clone();
+    let decode_params = Arc::clone(&params);
 
-    builder.build(move |mut caps| {
-        let mut control_cap = caps.pop();
-        let mut records_cap = caps.pop();
+    builder.build(move |caps| {
+        // One capability per output: records, raw lines, control.
+        let mut caps: Option<Vec<_>> = Some(caps);
         let mut reader = None;
         if is_owner {
             let name = def.name.clone();
@@ -404,43 +454,46 @@ pub fn source<'s>(
             }
             activator.activate();
         } else {
-            control_cap = None;
-            records_cap = None;
+            caps = None;
         }
         let mut batch = Vec::new();
+        let mut raw_batch = Vec::new();
         let mut ctl = Vec::new();
         move |_frontiers| {
             let Some(reader) = reader.as_mut() else {
                 return;
             };
-            let (Some(rcap), Some(ccap)) = (records_cap.as_mut(), control_cap.as_mut()) else {
-                return;
-            };
-            let status = reader.step(&mut batch, &mut ctl);
+            let Some(held) = caps.as_mut() else { return };
+            let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
             if !batch.is_empty() {
                 records_out
                     .activate()
-                    .session(&*rcap)
+                    .session(&held[0])
                     .give_container(&mut batch);
                 batch.clear();
+            }
+            if !raw_batch.is_empty() {
+                raw_out
+                    .activate()
+                    .session(&held[1])
+                    .give_container(&mut raw_batch);
+                raw_batch.clear();
             }
             if !ctl.is_empty() {
                 control_out
                     .activate()
-                    .session(&*ccap)
+                    .session(&held[2])
                     .give_container(&mut ctl);
                 ctl.clear();
             }
             match status {
-                Status::Finished => {
-                    records_cap = None;
-                    control_cap = None;
-                }
+                Status::Finished => caps = None,
                 status => {
                     let watermark = reader.watermark();
-                    if watermark > *rcap.time() {
-                        rcap.downgrade(&watermark);
-                        ccap.downgrade(&watermark);
+                    if watermark > *held[0].time() {
+                        for cap in held.iter_mut() {
+                            cap.downgrade(&watermark);
+                        }
                     }
                     match status {
                         Status::More => activator.activate(),
@@ -452,5 +505,6 @@ pub fn source<'s>(
             }
         }
     });
-    (records, control)
+    let (decoded, decode_control) = decode_stage(raw, &decode_def, decode_params);
+    (records.concat(decoded), control.concat(decode_control))
 }
