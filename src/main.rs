@@ -219,6 +219,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints to stdout; a closed pipe (`segflow query .. | head`) is not an error.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|_| out.flush());
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -281,7 +288,7 @@ fn main() -> ExitCode {
             let store = Store::open_read_only(&args.state_dir)?;
             match store.lookup(&ids)? {
                 Some(view) => {
-                    println!("{}", serde_json::to_string_pretty(&view)?);
+                    print_out(&serde_json::to_string_pretty(&view)?);
                     Ok(())
                 }
                 None => anyhow::bail!(

@@ -227,7 +227,10 @@ mod tests {
     }
 
     /// The distinct sets, with the times they appear, of a collection.
-    fn distinct_history(updates: Vec<(Vec<Ident>, u64)>, dedup: bool) -> Vec<(Vec<Ident>, u64, isize)> {
+    fn distinct_history(
+        updates: Vec<(Vec<Ident>, u64)>,
+        dedup: bool,
+    ) -> Vec<(Vec<Ident>, u64, isize)> {
         let out = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::clone(&out);
         timely::execute_directly(move |worker| {

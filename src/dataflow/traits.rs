@@ -74,9 +74,15 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<isize> {
 /// windowed trait, `-value` at `tick + window`, when the event leaves the
 /// window. Emitting the retraction here (rather than with a separate
 /// `delay`/`negate` per window length) keeps the pass over records single.
-pub fn contributions(record: &Record, tick: Time, traits: &[TraitSpec]) -> Vec<((Ident, u32), Time, isize)> {
+pub fn contributions(
+    record: &Record,
+    tick: Time,
+    traits: &[TraitSpec],
+) -> Vec<((Ident, u32), Time, isize)> {
     let mut out = Vec::new();
-    let Some(key) = record.ids().first() else { return out };
+    let Some(key) = record.ids().first() else {
+        return out;
+    };
     for (index, spec) in traits.iter().enumerate() {
         if let Some(value) = trait_value(spec, record) {
             out.push(((key.clone(), index as u32), tick, value));

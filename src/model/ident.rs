@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::normalize::{normalize_email, normalize_id, normalize_phone};
+use super::normalize::{normalize_email, normalize_phone};
 
 /// A normalized, ranked identifier. Ordered by `(rank, value)`: the minimum
 /// identifier of a cluster is the profile's canonical id.
@@ -99,20 +99,53 @@ impl IdentityRules {
     /// Normalizes `raw` according to `field` and returns its identifier.
     ///
     /// `email` uses [`normalize_email`], `phone` uses [`normalize_phone`] with
-    /// [`Self::default_region`], anything else [`normalize_id`]. Returns
+    /// [`Self::default_region`], anything else [`normalize_id`](super::normalize::normalize_id). Returns
     /// `None` when `field` is not in [`Self::priority`] or the value does not
     /// normalize.
     pub fn make(&self, field: &str, raw: &str) -> Option<Ident> {
-        let rank = self.rank_of(field)?;
-        let norm = match field {
-            "email" => normalize_email(raw)?,
-            "phone" => normalize_phone(raw, &self.default_region)?,
-            _ => normalize_id(raw)?,
+        self.make_ranked(self.rank_of(field)?, field, raw)
+    }
+
+    /// [`Self::make`] for a caller that knows `rank`, the rank of `field`.
+    pub(crate) fn make_ranked(&self, rank: u8, field: &str, raw: &str) -> Option<Ident> {
+        let prefix = prefix_for(field);
+        // Builds "<prefix>:<normalized>" with one allocation where possible
+        // (the same result as `format!("{prefix}:{}", normalize_*(raw)?)`).
+        let with_prefix = |norm: &str| {
+            let mut value = String::with_capacity(prefix.len() + 1 + norm.len());
+            value.push_str(prefix);
+            value.push(':');
+            value.push_str(norm);
+            value
         };
-        Some(Ident {
-            rank,
-            value: format!("{}:{}", prefix_for(field), norm),
-        })
+        let value = match field {
+            "email" => {
+                let t = raw.trim();
+                if t.is_ascii() {
+                    // normalize_email, for ASCII text: lower-casing neither
+                    // adds nor removes an `@` nor empties either side of it.
+                    let (local, domain) = t.rsplit_once('@')?;
+                    if local.is_empty() || domain.is_empty() {
+                        return None;
+                    }
+                    let mut value = with_prefix(t);
+                    value[prefix.len() + 1..].make_ascii_lowercase();
+                    value
+                } else {
+                    with_prefix(&normalize_email(raw)?)
+                }
+            }
+            "phone" => with_prefix(&normalize_phone(raw, &self.default_region)?),
+            _ => {
+                // normalize_id without its allocation
+                let t = raw.trim();
+                if t.is_empty() {
+                    return None;
+                }
+                with_prefix(t)
+            }
+        };
+        Some(Ident { rank, value })
     }
 
     /// Interprets a lookup query as identifiers.

@@ -8,6 +8,7 @@
 //! `None` when the input cannot be an identifier of that kind; callers drop
 //! such values rather than inventing an identity.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use phonenumber::{country, Mode};
@@ -50,22 +51,41 @@ pub fn normalize_phone(s: &str, default_region: &str) -> Option<String> {
     // Parsing with the full numbering-plan metadata costs tens of
     // microseconds; the same numbers recur (in the same spellings), so each
     // thread remembers its recent answers.
+    // Keyed by region, then by text, so that a hit allocates no key.
+    #[derive(Default)]
+    struct Cache {
+        len: usize,
+        by_region: HashMap<String, HashMap<String, Option<String>>>,
+    }
     thread_local! {
-        static CACHE: std::cell::RefCell<std::collections::HashMap<(String, String), Option<String>>> =
-            Default::default();
+        static CACHE: std::cell::RefCell<Cache> = Default::default();
     }
     const CACHE_LIMIT: usize = 100_000;
-    let key = (s.to_string(), default_region.to_string());
-    if let Some(hit) = CACHE.with(|c| c.borrow().get(&key).cloned()) {
+    let hit = CACHE.with(|c| {
+        c.borrow()
+            .by_region
+            .get(default_region)
+            .and_then(|m| m.get(s))
+            .cloned()
+    });
+    if let Some(hit) = hit {
         return hit;
     }
     let answer = parse_phone(s, default_region);
     CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() >= CACHE_LIMIT {
-            c.clear();
+        let c = &mut *c.borrow_mut();
+        if c.len >= CACHE_LIMIT {
+            c.by_region.clear();
+            c.len = 0;
         }
-        c.insert(key, answer.clone());
+        if !c.by_region.contains_key(default_region) {
+            c.by_region
+                .insert(default_region.to_string(), HashMap::new());
+        }
+        let texts = c.by_region.get_mut(default_region).expect("just inserted");
+        if texts.insert(s.to_string(), answer.clone()).is_none() {
+            c.len += 1;
+        }
     });
     answer
 }

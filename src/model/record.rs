@@ -381,6 +381,19 @@ pub fn decode_json(
     line: &str,
     rules: &IdentityRules,
 ) -> Result<Record, DecodeError> {
+    if let Some(record) = fast::decode(kind, line, rules) {
+        return Ok(record);
+    }
+    decode_json_value(kind, line, rules)
+}
+
+/// [`decode_json`] through a `serde_json::Value`: the reference decoder, and
+/// the one that reports every error.
+fn decode_json_value(
+    kind: RecordKind,
+    line: &str,
+    rules: &IdentityRules,
+) -> Result<Record, DecodeError> {
     let o = parse_object(line)?;
     match kind {
         RecordKind::Web => decode_web(&o, rules).map(Record::Web),
@@ -656,6 +669,590 @@ pub fn decode_csv(
         ids,
         attributes,
     }))
+}
+
+// ---------------------------------------------------------------------------
+// Fast path
+//
+// `decode_json` first tries a decoder that reads the line straight into the
+// record: strings are borrowed from the line until they are stored, nested
+// arrays and objects that end up as JSON text are built as `Value`s by the
+// same deserializer (so their text, duplicate-key handling and nesting limit
+// are those of the Value-based decoder), and no intermediate `Value` tree of
+// the whole line is built. It gives up (returns `None`) on anything unusual:
+// invalid JSON, a wrong type, a missing field, a value that does not parse,
+// no identifier, an identity rule naming a known field. The Value-based
+// decoder above then decides, so errors and their messages are exactly its
+// own. When the fast path succeeds, its record is the one the Value-based
+// decoder would build: every rule above is mirrored here, including "a
+// duplicate key keeps its last value" and "null counts as missing".
+// ---------------------------------------------------------------------------
+
+mod fast {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::{Number, Value};
+
+    use super::super::time::{parse_time_number, parse_time_str};
+    use super::{
+        crm_ident, normalize_id, parse_bool, CrmRecord, Fields, Ident, IdentityRules, Record,
+        RecordKind, Scalar, Transaction, WebEvent,
+    };
+
+    /// Identifier fields handled by the fast path (longer priority lists use
+    /// the Value-based decoder).
+    const MAX_IDS: usize = 16;
+
+    /// The error that makes the fast path give up; its text is never shown.
+    fn give_up<E: de::Error>() -> E {
+        E::custom("fast path: fall back")
+    }
+
+    /// A JSON value whose strings borrow from the line where possible.
+    /// Arrays and objects are only ever needed as JSON text, via `Value`.
+    enum Val<'a> {
+        Null,
+        Bool(bool),
+        Num(Number),
+        Str(Cow<'a, str>),
+        Tree(Value),
+    }
+
+    impl Val<'_> {
+        /// Same as `Scalar::from_json` of the corresponding `Value`.
+        fn into_scalar(self) -> Scalar {
+            match self {
+                Val::Null => Scalar::Null,
+                Val::Bool(b) => Scalar::Bool(b),
+                Val::Num(n) => Scalar::Num(n.as_f64().unwrap_or(f64::NAN)),
+                Val::Str(s) => Scalar::Str(s.into_owned()),
+                Val::Tree(v) => Scalar::Str(v.to_string()),
+            }
+        }
+    }
+
+    struct ValVisitor;
+
+    impl<'de> Visitor<'de> for ValVisitor {
+        type Value = Val<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Val<'de>, E> {
+            Ok(Val::Null)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Val<'de>, E> {
+            Ok(Val::Null)
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<Val<'de>, E> {
+            Ok(Val::Bool(b))
+        }
+        // The conversions of serde_json's `Value` visitor.
+        fn visit_i64<E: de::Error>(self, i: i64) -> Result<Val<'de>, E> {
+            Ok(Val::Num(i.into()))
+        }
+        fn visit_u64<E: de::Error>(self, u: u64) -> Result<Val<'de>, E> {
+            Ok(Val::Num(u.into()))
+        }
+        fn visit_f64<E: de::Error>(self, f: f64) -> Result<Val<'de>, E> {
+            Ok(Number::from_f64(f).map_or(Val::Null, Val::Num))
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Val<'de>, E> {
+            Ok(Val::Str(Cow::Borrowed(s)))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Val<'de>, E> {
+            Ok(Val::Str(Cow::Owned(s.to_owned())))
+        }
+        fn visit_string<E: de::Error>(self, s: String) -> Result<Val<'de>, E> {
+            Ok(Val::Str(Cow::Owned(s)))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Val<'de>, A::Error> {
+            Value::deserialize(SeqAccessDeserializer::new(seq)).map(Val::Tree)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Val<'de>, A::Error> {
+            Value::deserialize(MapAccessDeserializer::new(map)).map(Val::Tree)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Val<'de> {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(ValVisitor)
+        }
+    }
+
+    /// An object key, borrowed unless it has escapes.
+    struct Key<'a>(Cow<'a, str>);
+
+    struct KeyVisitor;
+
+    impl<'de> Visitor<'de> for KeyVisitor {
+        type Value = Key<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string key")
+        }
+        fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+            Ok(Key(Cow::Borrowed(s)))
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+            Ok(Key(Cow::Owned(s.to_owned())))
+        }
+        fn visit_string<E: de::Error>(self, s: String) -> Result<Key<'de>, E> {
+            Ok(Key(Cow::Owned(s)))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_str(KeyVisitor)
+        }
+    }
+
+    /// A present (non-null) identifier value: a string without escapes or
+    /// a number (nothing to drop). Any other value makes the fast path give
+    /// up.
+    enum IdVal<'a> {
+        Str(&'a str),
+        Num(Number),
+    }
+
+    impl IdVal<'_> {
+        /// The identifier for `field` (`IdentityRules::make` of the value's
+        /// text: the string as is, a number's JSON text), given its rank.
+        fn ident(&self, rules: &IdentityRules, rank: u8, field: &str) -> Option<Ident> {
+            match self {
+                IdVal::Str(s) => rules.make_ranked(rank, field, s),
+                IdVal::Num(n) => rules.make_ranked(rank, field, &n.to_string()),
+            }
+        }
+    }
+
+    /// `Some` for a string or number, `None` for null, give up otherwise.
+    fn id_val<'a, E: de::Error>(v: &Val<'a>) -> Result<Option<IdVal<'a>>, E> {
+        match v {
+            Val::Null => Ok(None),
+            Val::Str(Cow::Borrowed(s)) => Ok(Some(IdVal::Str(s))),
+            Val::Num(n) => Ok(Some(IdVal::Num(n.clone()))),
+            Val::Str(Cow::Owned(_)) | Val::Bool(_) | Val::Tree(_) => Err(give_up()),
+        }
+    }
+
+    /// Identifier values by position in `IdentityRules::priority` (the
+    /// first position of a field listed twice).
+    type IdSlots<'a> = [Option<IdVal<'a>>; MAX_IDS];
+
+    /// `a == b`, mostly decided without a call to `memcmp`.
+    #[inline]
+    fn same(a: &str, b: &str) -> bool {
+        a.len() == b.len() && a.as_bytes().first() == b.as_bytes().first() && a == b
+    }
+
+    fn id_slot(rules: &IdentityRules, key: &str) -> Option<usize> {
+        rules.priority.iter().position(|f| same(f, key))
+    }
+
+    /// How a known top-level field is read.
+    #[derive(Clone, Copy)]
+    enum Shape {
+        /// Any value.
+        Plain,
+        /// An object of fields (`item`, `attributes`).
+        Obj,
+        /// The web `context` object: fields, and identifier values.
+        Ctx,
+        /// The transaction `items` array of objects.
+        Items,
+    }
+
+    /// A known top-level field's (non-null) value.
+    enum Slot<'a> {
+        Val(Val<'a>),
+        Fields(Fields),
+        Items(Vec<Fields>, f64),
+    }
+
+    /// Reads an object into fields; for the context object, also keeps the
+    /// identifier fields' values in `ids` (which start empty). Null is
+    /// `None`; other types give up.
+    struct ObjSeed<'r, 'a> {
+        rules: &'r IdentityRules,
+        ids: Option<&'r mut IdSlots<'a>>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for ObjSeed<'_, 'de> {
+        type Value = Option<Slot<'de>>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ObjSeed<'_, 'de> {
+        type Value = Option<Slot<'de>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object or null")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Fields::new();
+            let Some(ids) = self.ids else {
+                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    let v: Val<'de> = map.next_value()?;
+                    fields.insert(k.into_owned(), v.into_scalar());
+                }
+                return Ok(Some(Slot::Fields(fields)));
+            };
+            while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                let v: Val<'de> = map.next_value()?;
+                if let Some(i) = id_slot(self.rules, &k) {
+                    ids[i] = id_val(&v)?;
+                }
+                fields.insert(k.into_owned(), v.into_scalar());
+            }
+            Ok(Some(Slot::Fields(fields)))
+        }
+    }
+
+    /// Reads the transaction `items` array: each item's fields, and the sum
+    /// of the items' `qty`. Null is `None`; anything unusual gives up.
+    struct ItemsSeed;
+
+    impl<'de> DeserializeSeed<'de> for ItemsSeed {
+        type Value = Option<Slot<'de>>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ItemsSeed {
+        type Value = Option<Slot<'de>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array or null")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            let mut count = 0.0f64;
+            while let Some((fields, qty)) = seq.next_element_seed(ItemSeed)? {
+                count += qty;
+                items.push(fields);
+            }
+            Ok(Some(Slot::Items(items, count)))
+        }
+    }
+
+    /// One transaction item: its fields and its quantity (1 without `qty`).
+    struct ItemSeed;
+
+    impl<'de> DeserializeSeed<'de> for ItemSeed {
+        type Value = (Fields, f64);
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ItemSeed {
+        type Value = (Fields, f64);
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Fields::new();
+            // The last `qty` counts; `Err` when it is not a valid quantity.
+            let mut qty: Result<f64, ()> = Ok(1.0);
+            while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                let v: Val<'de> = map.next_value()?;
+                if k == "qty" {
+                    qty = match &v {
+                        Val::Null => Ok(1.0),
+                        Val::Num(n) => Ok(n.as_f64().unwrap_or(0.0)),
+                        Val::Str(s) => parse_finite(s).ok_or(()),
+                        Val::Bool(_) | Val::Tree(_) => Err(()),
+                    };
+                }
+                fields.insert(k.into_owned(), v.into_scalar());
+            }
+            let qty = qty.map_err(|()| give_up::<A::Error>())?;
+            Ok((fields, qty))
+        }
+    }
+
+    fn parse_finite(s: &str) -> Option<f64> {
+        s.trim().parse::<f64>().ok().filter(|f| f.is_finite())
+    }
+
+    /// The top-level object: known fields by position in `known`,
+    /// identifier fields by priority position, everything else as fields.
+    struct Top<'a> {
+        known: [Option<Slot<'a>>; 5],
+        ids: IdSlots<'a>,
+        /// The identifier values of the (last) `Shape::Ctx` object.
+        ctx_ids: IdSlots<'a>,
+        properties: Fields,
+    }
+
+    /// Reads the top-level object into `top` (which starts empty).
+    struct TopVisitor<'r, 'a> {
+        kind: RecordKind,
+        rules: &'r IdentityRules,
+        top: &'r mut Top<'a>,
+    }
+
+    impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let (rules, top) = (self.rules, self.top);
+            while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                if let Some((i, shape)) = known(self.kind, &k) {
+                    top.known[i] = match shape {
+                        Shape::Plain => match map.next_value::<Val<'de>>()? {
+                            Val::Null => None,
+                            v => Some(Slot::Val(v)),
+                        },
+                        Shape::Obj => map.next_value_seed(ObjSeed { rules, ids: None })?,
+                        Shape::Ctx => {
+                            // The last `context` counts, even a null one.
+                            top.ctx_ids = Default::default();
+                            let ids = Some(&mut top.ctx_ids);
+                            map.next_value_seed(ObjSeed { rules, ids })?
+                        }
+                        Shape::Items => map.next_value_seed(ItemsSeed)?,
+                    };
+                } else if let Some(i) = id_slot(rules, &k) {
+                    top.ids[i] = id_val(&map.next_value::<Val<'de>>()?)?;
+                } else {
+                    let v: Val<'de> = map.next_value()?;
+                    top.properties.insert(k.into_owned(), v.into_scalar());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The known top-level fields of each kind: their index in
+    /// `Top::known` and how they are read.
+    fn known(kind: RecordKind, key: &str) -> Option<(usize, Shape)> {
+        use Shape::*;
+        Some(match kind {
+            RecordKind::Web => match key {
+                "event" => (0, Plain),
+                "ts" => (1, Plain),
+                "item" => (2, Obj),
+                "context" => (3, Ctx),
+                _ => return None,
+            },
+            RecordKind::Crm => match key {
+                "crm_id" => (0, Plain),
+                "updated_at" => (1, Plain),
+                "deleted" => (2, Plain),
+                "attributes" => (3, Obj),
+                _ => return None,
+            },
+            RecordKind::Transactions => match key {
+                "order_id" => (0, Plain),
+                "ts" => (1, Plain),
+                "amount" => (2, Plain),
+                "currency" => (3, Plain),
+                "items" => (4, Items),
+                _ => return None,
+            },
+        })
+    }
+
+    /// Decodes `line`, or `None` to let the Value-based decoder decide.
+    pub(super) fn decode(kind: RecordKind, line: &str, rules: &IdentityRules) -> Option<Record> {
+        // A known field that is also an identifier field is read both ways by
+        // the Value-based decoder (except the CRM `crm_id`, which it leaves
+        // out of the identifier fields); leave such rules to it.
+        if rules.priority.len() > MAX_IDS
+            || rules
+                .priority
+                .iter()
+                .any(|f| known(kind, f).is_some() && !(kind == RecordKind::Crm && f == "crm_id"))
+        {
+            return None;
+        }
+        let mut top = Top {
+            known: Default::default(),
+            ids: Default::default(),
+            ctx_ids: Default::default(),
+            properties: Fields::new(),
+        };
+        let mut de = serde_json::Deserializer::from_str(line);
+        (&mut de)
+            .deserialize_map(TopVisitor {
+                kind,
+                rules,
+                top: &mut top,
+            })
+            .ok()?;
+        de.end().ok()?;
+        match kind {
+            RecordKind::Web => web(&mut top, rules).map(Record::Web),
+            RecordKind::Crm => crm(&mut top, rules).map(Record::Crm),
+            RecordKind::Transactions => txn(&mut top, rules).map(Record::Txn),
+        }
+    }
+
+    /// `req_string`: a non-empty string after trimming, trimmed.
+    fn string(slot: Option<Slot>) -> Option<String> {
+        match slot? {
+            Slot::Val(Val::Str(s)) => {
+                let t = s.trim();
+                (!t.is_empty()).then(|| t.to_string())
+            }
+            _ => None,
+        }
+    }
+
+    /// `req_id`: a string (normalized) or a number (its JSON text).
+    fn id(slot: Option<Slot>) -> Option<String> {
+        match slot? {
+            Slot::Val(Val::Str(s)) => normalize_id(&s),
+            Slot::Val(Val::Num(n)) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// `req_time`.
+    fn time(slot: Option<Slot>) -> Option<i64> {
+        match slot? {
+            Slot::Val(Val::Num(n)) => parse_time_number(&n).ok(),
+            Slot::Val(Val::Str(s)) => parse_time_str(&s).ok(),
+            _ => None,
+        }
+    }
+
+    /// `opt_fields` of an object read with `ObjSeed { ctx: false }`.
+    fn fields(slot: Option<Slot>) -> Fields {
+        match slot {
+            Some(Slot::Fields(f)) => f,
+            _ => Fields::new(),
+        }
+    }
+
+    /// `collect_ids`: a field's top-level value, else its context value;
+    /// values that do not normalize are left out.
+    fn collect_ids(
+        rules: &IdentityRules,
+        top: &IdSlots,
+        ctx: Option<&IdSlots>,
+        ids: &mut Vec<Ident>,
+    ) {
+        // A field's values are in the slot of its first position, which is
+        // its rank (`MAX_IDS` < 255); the position of a field listed twice
+        // would only add the same identifier again.
+        for (i, field) in rules.priority.iter().enumerate() {
+            let value = match (&top[i], ctx.and_then(|c| c[i].as_ref())) {
+                (Some(v), _) => v,
+                (None, Some(v)) => v,
+                (None, None) => continue,
+            };
+            ids.extend(value.ident(rules, i as u8, field));
+        }
+        ids.sort();
+        ids.dedup();
+    }
+
+    fn web(top: &mut Top, rules: &IdentityRules) -> Option<WebEvent> {
+        let event = string(top.known[0].take())?;
+        let ts_ms = time(top.known[1].take())?;
+        let item = fields(top.known[2].take());
+        let (context, ctx_ids) = match top.known[3].take() {
+            Some(Slot::Fields(f)) => (f, Some(&top.ctx_ids)),
+            _ => (Fields::new(), None),
+        };
+        let mut ids = Vec::new();
+        collect_ids(rules, &top.ids, ctx_ids, &mut ids);
+        if ids.is_empty() {
+            return None;
+        }
+        Some(WebEvent {
+            ts_ms,
+            event,
+            ids,
+            item,
+            context,
+            properties: std::mem::take(&mut top.properties),
+        })
+    }
+
+    fn crm(top: &mut Top, rules: &IdentityRules) -> Option<CrmRecord> {
+        let crm_id = id(top.known[0].take())?;
+        let updated_ms = time(top.known[1].take())?;
+        let deleted = match top.known[2].take() {
+            None => false,
+            Some(Slot::Val(Val::Bool(b))) => b,
+            Some(Slot::Val(Val::Num(n))) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
+                n.as_f64() == Some(1.0)
+            }
+            Some(Slot::Val(Val::Str(s))) => parse_bool(&s)?,
+            Some(_) => return None,
+        };
+        let mut ids = vec![crm_ident(rules, &crm_id)];
+        collect_ids(rules, &top.ids, None, &mut ids);
+        let mut attrs = std::mem::take(&mut top.properties);
+        attrs.extend(fields(top.known[3].take()));
+        Some(CrmRecord {
+            crm_id,
+            updated_ms,
+            deleted,
+            ids,
+            attributes: attrs.into_iter().collect(),
+        })
+    }
+
+    fn txn(top: &mut Top, rules: &IdentityRules) -> Option<Transaction> {
+        let order_id = id(top.known[0].take())?;
+        let ts_ms = time(top.known[1].take())?;
+        let amount = match top.known[2].take()? {
+            Slot::Val(Val::Num(n)) => n.as_f64().unwrap_or(f64::NAN),
+            Slot::Val(Val::Str(s)) => parse_finite(&s)?,
+            _ => return None,
+        };
+        let currency = match top.known[3].take() {
+            None => None,
+            Some(Slot::Val(Val::Str(s))) => {
+                Some(s.trim().to_ascii_uppercase()).filter(|c| !c.is_empty())
+            }
+            Some(_) => return None,
+        };
+        let (items, count) = match top.known[4].take() {
+            None => (Vec::new(), 0.0),
+            Some(Slot::Items(items, count)) => (items, count),
+            Some(_) => return None,
+        };
+        let mut ids = Vec::new();
+        collect_ids(rules, &top.ids, None, &mut ids);
+        if ids.is_empty() {
+            return None;
+        }
+        Some(Transaction {
+            ts_ms,
+            order_id,
+            ids,
+            amount,
+            currency,
+            item_count: count.max(0.0).round() as u64,
+            items,
+            properties: std::mem::take(&mut top.properties),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1173,6 +1770,117 @@ mod tests {
             "missing field `updated_at`"
         );
         assert_eq!(decode_csv(&h, "", &r).unwrap_err().reason, "empty CSV line");
+    }
+
+    /// The fast path agrees with the Value-based decoder: same record when
+    /// it decodes, and it never accepts a line the reference rejects.
+    fn assert_fast_agrees(kind: RecordKind, line: &str, rules: &IdentityRules) -> bool {
+        let slow = decode_json_value(kind, line, rules);
+        match fast::decode(kind, line, rules) {
+            Some(rec) => {
+                assert_eq!(Ok(&rec), slow.as_ref(), "{kind:?} {line}");
+                // Scalar::Num compares with total_cmp; compare the text too.
+                assert_eq!(format!("{rec:?}"), format!("{:?}", slow.unwrap()), "{line}");
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn fast_path_matches_value_decoder() {
+        let r = rules();
+        let dup_rules = IdentityRules::new(
+            ["email", "anonymous_id", "email", "device_id", "crm_id"]
+                .map(String::from)
+                .to_vec(),
+            "US".into(),
+        );
+        let odd_rules = IdentityRules::new(
+            ["ts", "anonymous_id", "amount", "deleted"]
+                .map(String::from)
+                .to_vec(),
+            "US".into(),
+        );
+        let no_crm = IdentityRules::new(vec!["email".into(), "phone".into()], "DE".into());
+        let lines = [
+            r#"{"event":"a","event":"b","ts":1,"anonymous_id":"x"}"#,
+            r#"{"event":"a","event":null,"ts":1,"anonymous_id":"x"}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"device_id":"d"},"context":null}"#,
+            r#"{"event":"v","ts":1,"context":{"anonymous_id":"c","device_id":"d"},"user_id":null}"#,
+            r#"{"event":"v","ts":1,"context":{"anonymous_id":"c"},"context":{"x":1}}"#,
+            r#"{"event":"v","ts":1,"context":{"anonymous_id":"c","anonymous_id":null},"email":"a@b"}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"user_id":true}}"#,
+            r#"{"event":"v","ts":1,"user_id":"u","context":{"user_id":true}}"#,
+            r#"{"event":"v","ts":1,"user_id":true,"user_id":"u"}"#,
+            r#"{"event":"v\u0041","ts":1,"anonymous_id":"a\"b","item":{"k\n":"\u00e9","k\n":2}}"#,
+            r#"{"event":" v ","ts":1,"anonymous_id":"a","ab":{"z":[1,2.50,{"b":1,"a":null}],"a":"x"},"item":{"arr":[1e2,-0,"\u00e9"]},"n":null}"#,
+            r#"{"event":"v","ts":1,"user_id":1.0,"anonymous_id":-5,"device_id":1e3}"#,
+            r#"{"event":"v","ts":1,"user_id":18446744073709551615,"anonymous_id":18446744073709551616}"#,
+            r#"{"event":"v","ts":1772366400.5,"anonymous_id":" a "}"#,
+            r#"{"event":"v","ts":"1772366400","anonymous_id":"a"}"#,
+            r#"{"event":"v","ts":" 2026-03-01T14:00:00.250+02:00 ","anonymous_id":"a"}"#,
+            r#"{"event":"v","ts":-1e300,"anonymous_id":"a"}"#,
+            r#"{"event":"v","ts":1,"email":"  BÖB@Example.COM ","phone":"+44 20 7946 0958"}"#,
+            r#"{"event":"v","ts":1,"email":"ΑΣ@Χ.ΓΡ","anonymous_id":"\u0041"}"#,
+            r#"{"event":"v","ts":1,"email":"n/a","anonymous_id":"a","item":null,"context":null}"#,
+            r#"{"event":"v","ts":1,"email":"@x","phone":"nope"}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","item":"sku"}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a"} x"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a",}"#,
+            r#" {"event":"v","ts":1,"anonymous_id":"a"} "#,
+            r#"{"event":"v","ts":1,"anonymous_id":"\ud800"}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","deep":[[[[[[[[[[{"a":[]}]]]]]]]]]]}"#,
+            r#"[1]"#,
+            r#"{}"#,
+            r#"{"crm_id":" C1 ","email":" Bob@X.com","phone":"(415) 555-2671","updated_at":"2026-03-01T14:00:00+02:00","attributes":{"tier":"gold","city":null},"city":"Berlin","tier":"silver","user_id":null}"#,
+            r#"{"crm_id":17,"updated_at":1772366400000,"deleted":1,"email":"bad"}"#,
+            r#"{"crm_id":17.5,"updated_at":1,"deleted":0.0,"crm_id":"C2"}"#,
+            r#"{"crm_id":"C","updated_at":1,"deleted":" YES "}"#,
+            r#"{"crm_id":"C","updated_at":1,"deleted":2}"#,
+            r#"{"crm_id":"C","updated_at":1,"deleted":null,"attributes":null,"attributes":{"a":[1]}}"#,
+            r#"{"crm_id":"C","updated_at":1,"deleted":false,"phone":"030 1234567"}"#,
+            r#"{"order_id":"O-1","ts":"2026-03-01T12:00:00.5Z","crm_id":"C1","email":"Bob@X.com ","amount":"59.90","currency":" eur ","items":[{"id":"a","qty":2,"price":10},{"id":"b","price":39.9},{"id":"c","qty":"3","qty":null}],"channel":"web"}"#,
+            r#"{"order_id":99,"ts":1772366400,"user_id":"u1","amount":10,"currency":"  ","items":null}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1e400}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":" inf "}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":"x","qty":1.5},{"qty":-7}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":"x"}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":[1]}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[5]}"#,
+            r#"{"order_id":"o","ts":1,"amount":1}"#,
+        ];
+        let mut fast_ok = 0;
+        for line in lines {
+            for rules in [&r, &dup_rules, &odd_rules, &no_crm] {
+                for kind in [RecordKind::Web, RecordKind::Crm, RecordKind::Transactions] {
+                    fast_ok += assert_fast_agrees(kind, line, rules) as usize;
+                }
+            }
+        }
+        assert!(fast_ok > 40, "{fast_ok}");
+
+        // Generated data, malformed lines included.
+        let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
+        let cfg = crate::generate::GenConfig {
+            events: 3_000,
+            seed: 7,
+            malformed_every: 100,
+            ..Default::default()
+        };
+        crate::generate::generate_to(&cfg, &mut w, &mut c, &mut t).unwrap();
+        for (kind, bytes) in [
+            (RecordKind::Web, &w),
+            (RecordKind::Crm, &c),
+            (RecordKind::Transactions, &t),
+        ] {
+            let (mut n, mut fast_ok) = (0, 0);
+            for line in std::str::from_utf8(bytes).unwrap().lines() {
+                n += 1;
+                fast_ok += assert_fast_agrees(kind, line, &r) as usize;
+            }
+            assert!(n > 0 && fast_ok * 10 >= n * 9, "{kind:?}: {fast_ok} of {n}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! millisecond timestamp down to its tick.
 
 use chrono::{DateTime, NaiveDateTime};
-use serde_json::Value;
+use serde_json::{Number, Value};
 
 /// Numbers whose magnitude is below this are epoch seconds; at or above it,
 /// epoch milliseconds (1e11 s is the year 5138; 1e11 ms is March 1973).
@@ -30,14 +30,7 @@ const ACCEPTED: &str = "expected RFC 3339 with offset, epoch seconds or epoch mi
 /// seconds or epoch milliseconds`.
 pub fn parse_time(v: &Value) -> Result<i64, String> {
     match v {
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                int_to_ms(i).ok_or_else(|| format!("timestamp {n} is out of range"))
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                float_to_ms(f).ok_or_else(|| format!("timestamp {n} is out of range"))
-            }
-        }
+        Value::Number(n) => parse_time_number(n),
         Value::String(s) => parse_time_str(s),
         other => Err(format!(
             "expected a timestamp (RFC 3339 string with offset, epoch seconds or epoch milliseconds), found {}",
@@ -46,7 +39,18 @@ pub fn parse_time(v: &Value) -> Result<i64, String> {
     }
 }
 
-fn parse_time_str(raw: &str) -> Result<i64, String> {
+/// [`parse_time`] of a JSON number.
+pub(crate) fn parse_time_number(n: &Number) -> Result<i64, String> {
+    if let Some(i) = n.as_i64() {
+        int_to_ms(i).ok_or_else(|| format!("timestamp {n} is out of range"))
+    } else {
+        let f = n.as_f64().unwrap_or(f64::NAN);
+        float_to_ms(f).ok_or_else(|| format!("timestamp {n} is out of range"))
+    }
+}
+
+/// [`parse_time`] of a JSON string.
+pub(crate) fn parse_time_str(raw: &str) -> Result<i64, String> {
     let s = raw.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         return s
