@@ -57,3 +57,68 @@ pub fn attributes<'s>(
             output.push((merged.into_iter().collect::<Attributes>(), 1isize));
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::input::Input;
+
+    use super::*;
+
+    fn version(updated_ms: i64, deleted: bool, tier: &str) -> CrmRecord {
+        CrmRecord {
+            crm_id: "C1".into(),
+            updated_ms,
+            deleted,
+            ids: vec![Ident {
+                rank: 0,
+                value: "crm:C1".into(),
+            }],
+            attributes: vec![("tier".into(), Scalar::Str(tier.into()))],
+        }
+    }
+
+    /// Feeds versions at the given times (out of order) and returns the
+    /// current version's tier after each time.
+    #[test]
+    fn latest_version_wins_and_deletes_remove() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = Arc::clone(&seen);
+        timely::execute_directly(move |worker| {
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, versions) = scope.new_collection::<(String, CrmRecord), isize>();
+                let probe = crm_current(versions)
+                    .inspect(move |((_, c), t, d)| {
+                        out.lock()
+                            .unwrap()
+                            .push((*t, c.attributes[0].1.to_string(), *d))
+                    })
+                    .probe();
+                (input, probe.0)
+            });
+            // At time 1: versions updated at 5 and (older) 3 arrive together.
+            input.advance_to(1);
+            input.insert(("C1".into(), version(5, false, "gold")));
+            input.insert(("C1".into(), version(3, false, "silver")));
+            input.advance_to(2);
+            // At time 2: a delete updated at 4 is older than the current
+            // version and changes nothing; at 3 a newer delete removes it.
+            input.insert(("C1".into(), version(4, true, "")));
+            input.advance_to(3);
+            input.insert(("C1".into(), version(6, true, "")));
+            input.advance_to(4);
+            input.flush();
+            worker.step_while(|| probe.less_than(input.time()));
+        });
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (1, "\"gold\"".to_string(), 1),
+                (3, "\"gold\"".to_string(), -1)
+            ]
+        );
+    }
+}

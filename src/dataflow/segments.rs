@@ -94,3 +94,48 @@ pub fn evaluate<'s>(
         })
         .map(|(profile, segment)| (segment, profile))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::parse_spec;
+
+    #[test]
+    fn conditions_see_traits_defaulting_to_zero_and_attributes() {
+        let spec = parse_spec(
+            r#"
+            [traits.views]
+            stream = "web"
+            [traits.spend]
+            stream = "transactions"
+            aggregate = "sum"
+            of = "amount"
+            [segments.active]
+            when = "views >= 2"
+            [segments.idle]
+            when = "views == 0 and not attributes.tier == \"gold\""
+            [segments.big]
+            when = "spend >= 500"
+            [segments.gold]
+            when = 'attributes.tier == "gold"'
+            "#,
+            "s.toml",
+        )
+        .unwrap();
+        let eval = |facts: &[Fact]| {
+            memberships(
+                &facts.iter().collect::<Vec<_>>(),
+                &spec.traits,
+                &spec.segments,
+            )
+        };
+        assert_eq!(eval(&[Fact::Exists]), vec![1]);
+        assert_eq!(
+            eval(&[Fact::Exists, Fact::Trait(0, 2), Fact::Trait(1, 500_000)]),
+            vec![0, 2]
+        );
+        assert_eq!(eval(&[Fact::Exists, Fact::Trait(1, 499_999)]), vec![1]);
+        let gold = Fact::Attrs(vec![("tier".into(), Scalar::Str("gold".into()))]);
+        assert_eq!(eval(&[Fact::Exists, gold]), vec![3]);
+    }
+}

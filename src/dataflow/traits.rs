@@ -105,3 +105,76 @@ pub fn per_profile<'s>(
         })
         .count_total()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{decode_json, IdentityRules, RecordKind};
+    use crate::spec::parse_spec;
+
+    fn specs() -> Vec<TraitSpec> {
+        parse_spec(
+            r#"
+            [traits.premium_30m]
+            stream = "web"
+            filter = 'event == "view_item" and item.price >= 100'
+            window = "30m"
+            [traits.spend]
+            stream = "transactions"
+            aggregate = "sum"
+            of = "amount"
+            [segments.s]
+            when = "premium_30m >= 1"
+            "#,
+            "t.toml",
+        )
+        .unwrap()
+        .traits
+    }
+
+    fn record(kind: RecordKind, line: &str) -> Record {
+        let rules = IdentityRules::new(vec!["user_id".into(), "anonymous_id".into()], "US".into());
+        decode_json(kind, line, &rules).unwrap()
+    }
+
+    #[test]
+    fn filters_and_windows_give_an_entry_and_a_retraction() {
+        let view = record(
+            RecordKind::Web,
+            r#"{"event":"view_item","ts":1,"anonymous_id":"a","user_id":"u","item":{"price":120}}"#,
+        );
+        let out = contributions(&view, 1000, &specs());
+        // Keyed by the highest-priority identifier; leaves the window 30 min later.
+        let key = view.ids()[0].clone();
+        assert_eq!(key.value, "user:u");
+        assert_eq!(
+            out,
+            vec![
+                ((key.clone(), 0), 1000, 1),
+                ((key, 0), 1000 + 30 * 60 * 1000, -1)
+            ]
+        );
+        let cheap = record(
+            RecordKind::Web,
+            r#"{"event":"view_item","ts":1,"anonymous_id":"a","item":{"price":99.99}}"#,
+        );
+        assert!(contributions(&cheap, 1000, &specs()).is_empty());
+    }
+
+    #[test]
+    fn sums_are_exact_thousandths_and_lifetime_traits_never_expire() {
+        let txn = record(
+            RecordKind::Transactions,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":19.999}"#,
+        );
+        let out = contributions(&txn, 1000, &specs());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].2, 19_999);
+        assert_eq!(trait_value(&specs()[1], &txn), Some(19_999));
+        assert_eq!(
+            trait_value(&specs()[0], &txn),
+            None,
+            "web trait on a transaction"
+        );
+    }
+}
