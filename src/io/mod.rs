@@ -27,6 +27,38 @@ pub struct DeadLetter {
     pub raw: String,
 }
 
+impl DeadLetter {
+    /// Longest prefix of the line kept in [`DeadLetter::raw`].
+    pub const RAW_LIMIT: usize = 1000;
+
+    /// A dead letter for a line of `input` (a TCP `peer`, if any, is named
+    /// after the listening address); keeps at most [`Self::RAW_LIMIT`] bytes
+    /// of the line, decoded lossily.
+    pub fn new(
+        source: &str,
+        input: &str,
+        peer: Option<&str>,
+        line: u64,
+        offset: u64,
+        reason: String,
+        raw: &[u8],
+    ) -> Self {
+        let input = match peer {
+            Some(p) => format!("{input} (peer {p})"),
+            None => input.to_string(),
+        };
+        let raw = String::from_utf8_lossy(&raw[..raw.len().min(Self::RAW_LIMIT)]).into_owned();
+        DeadLetter {
+            source: source.to_string(),
+            input,
+            line,
+            offset,
+            reason,
+            raw,
+        }
+    }
+}
+
 /// Messages from sources to the commit stage.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {

@@ -36,8 +36,8 @@ pub struct RawLine {
     pub offset: u64,
     /// The tick the record will carry.
     pub tick: Time,
-    /// Where it came from (path, or TCP peer).
-    pub input: String,
+    /// The TCP peer that sent it, for socket sources.
+    pub peer: Option<String>,
     /// The line.
     pub text: String,
 }
@@ -92,6 +92,7 @@ pub fn decode_stage<'s>(
     let mut control_out =
         OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
     let (kind, name, index) = (def.kind, def.name.clone(), def.index);
+    let input_name = def.input.describe();
     builder.build(move |_caps| {
         let mut decoded = Vec::new();
         let mut control = Vec::new();
@@ -106,19 +107,15 @@ pub fn decode_stage<'s>(
                         }
                         Err(e) => {
                             dead += 1;
-                            let cut = raw.text.len().min(1000);
-                            let cut = (0..=cut)
-                                .rev()
-                                .find(|i| raw.text.is_char_boundary(*i))
-                                .unwrap_or(0);
-                            control.push(Control::Dead(DeadLetter {
-                                source: name.clone(),
-                                input: raw.input,
-                                line: raw.line,
-                                offset: raw.offset,
-                                reason: e.to_string(),
-                                raw: raw.text[..cut].to_string(),
-                            }));
+                            control.push(Control::Dead(DeadLetter::new(
+                                &name,
+                                &input_name,
+                                raw.peer.as_deref(),
+                                raw.line,
+                                raw.offset,
+                                e.to_string(),
+                                raw.text.as_bytes(),
+                            )));
                         }
                     }
                 }

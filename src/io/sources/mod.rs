@@ -189,19 +189,16 @@ impl Reader {
         raw: &[u8],
     ) {
         self.stats.2 += 1;
-        let cut = raw.len().min(1000);
-        let input = match peer {
-            Some(p) => format!("{} (peer {p})", self.input_name),
-            None => self.input_name.clone(),
-        };
-        ctl.push(Control::Dead(DeadLetter {
-            source: self.def.name.clone(),
-            input,
+        let letter = DeadLetter::new(
+            &self.def.name,
+            &self.input_name,
+            peer.as_deref(),
             line,
             offset,
             reason,
-            raw: String::from_utf8_lossy(&raw[..cut]).into_owned(),
-        }));
+            raw,
+        );
+        ctl.push(Control::Dead(letter));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -236,16 +233,12 @@ impl Reader {
                 let Some(tick) = self.admit(ms, line, offset, &peer, &bytes, ctl) else {
                     return;
                 };
-                let input = match &peer {
-                    Some(p) => format!("{} (peer {p})", self.input_name),
-                    None => self.input_name.clone(),
-                };
                 let text = text.to_string();
                 raw.push(RawLine {
                     line,
                     offset,
                     tick,
-                    input,
+                    peer,
                     text,
                 });
                 return;
