@@ -51,22 +51,35 @@ fn run_with(
     state: Option<&std::path::Path>,
 ) -> Run {
     let spec = parse_spec(SPEC, "scenarios.toml").unwrap();
+    run_spec(
+        spec,
+        &[("web", web), ("crm", crm), ("transactions", txn)],
+        workers,
+        state,
+    )
+}
+
+/// Runs `spec` over in-memory lines per source, collecting diffs, dead
+/// letters and the summary.
+fn run_spec(
+    spec: segflow::spec::Spec,
+    inputs: &[(&str, &[&str])],
+    workers: usize,
+    state: Option<&std::path::Path>,
+) -> Run {
     let diffs = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&diffs);
-    let lines = |v: &[&str]| Input::Memory(Arc::new(v.iter().map(|s| s.to_string()).collect()));
     let dir = tempfile::tempdir().unwrap();
     let dead_path = dir.path().join("dead.jsonl");
     let mut engine = Engine::new(spec)
-        .input("web", lines(web))
-        .unwrap()
-        .input("crm", lines(crm))
-        .unwrap()
-        .input("transactions", lines(txn))
-        .unwrap()
         .output(Output::Callback(Arc::new(move |d| {
             sink.lock().unwrap().push(d.to_line())
         })))
         .dead_letter(&dead_path);
+    for (name, lines) in inputs {
+        let lines = Input::Memory(Arc::new(lines.iter().map(|s| s.to_string()).collect()));
+        engine = engine.input(name, lines).unwrap();
+    }
     if let Some(state) = state {
         engine = engine.state_dir(state);
     }
@@ -340,23 +353,10 @@ fn crm_as_csv_with_header() {
         "C1,ann@example.com,,1772449200,silver,Ann",
     ];
     for workers in [1, 2] {
-        let diffs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&diffs);
-        let dir = tempfile::tempdir().unwrap();
-        let summary = Engine::new(spec.clone())
-            .input(
-                "crm",
-                Input::Memory(Arc::new(csv.iter().map(|s| s.to_string()).collect())),
-            )
-            .unwrap()
-            .output(Output::Callback(Arc::new(move |d| {
-                sink.lock().unwrap().push(d.to_line())
-            })))
-            .dead_letter(dir.path().join("dead.jsonl"))
-            .run(timely::Config::process(workers))
-            .unwrap();
+        let run = run_spec(spec.clone(), &[("crm", &csv)], workers, None);
+        let summary = run.summary;
         assert_eq!(
-            *diffs.lock().unwrap(),
+            run.diffs,
             vec![
                 r#"{"time":1772445600000,"segment":"vip","profile":"crm:C1","diff":1}"#,
                 r#"{"time":1772449200000,"segment":"vip","profile":"crm:C1","diff":-1}"#,
@@ -451,30 +451,16 @@ fn configured_extra_identifiers_link_profiles() {
     );
     // Two cookies on the same device: one profile, named by the
     // higher-priority anonymous id (device_id comes last in the priority).
-    let web: Vec<String> = [
+    let web = [
         r#"{"event":"view_item","ts":1,"anonymous_id":"c1","context":{"device_id":"d-9"}}"#,
         r#"{"event":"view_item","ts":2,"anonymous_id":"c2","context":{"device_id":"d-9"}}"#,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ];
     for workers in [1, 2] {
-        let diffs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&diffs);
-        let summary = Engine::new(spec.clone())
-            .input("web", Input::Memory(Arc::new(web.clone())))
-            .unwrap()
-            .input("crm", Input::Memory(Arc::new(vec![])))
-            .unwrap()
-            .input("transactions", Input::Memory(Arc::new(vec![])))
-            .unwrap()
-            .output(Output::Callback(Arc::new(move |d| {
-                sink.lock().unwrap().push(d.to_line())
-            })))
-            .run(timely::Config::process(workers))
-            .unwrap();
+        let inputs: [(&str, &[&str]); 3] = [("web", &web), ("crm", &[]), ("transactions", &[])];
+        let run = run_spec(spec.clone(), &inputs, workers, None);
+        let summary = run.summary;
         assert_eq!(
-            *diffs.lock().unwrap(),
+            run.diffs,
             vec![r#"{"time":2000,"segment":"active","profile":"anon:c1","diff":1}"#]
         );
         assert_eq!(summary.profiles, 1);
