@@ -47,6 +47,11 @@ fn connect(addr: &str) -> TcpStream {
     }
 }
 
+/// The segment-diff line of the `active` segment.
+fn active(profile: &str, time: u64, diff: i64) -> String {
+    format!(r#"{{"time":{time},"segment":"active","profile":"{profile}","diff":{diff}}}"#)
+}
+
 fn view(ts: u64, anon: &str) -> String {
     format!("{{\"event\":\"view_item\",\"ts\":{ts},\"anonymous_id\":\"{anon}\"}}\n")
 }
@@ -91,14 +96,8 @@ fn idle_sources_expire_windows_without_new_events() {
     assert_eq!(
         lines,
         vec![
-            format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#,
-                T + 100
-            ),
-            format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":-1}}"#,
-                T + 2000
-            ),
+            active("anon:a1", T + 100, 1),
+            active("anon:a1", T + 2000, -1),
         ]
     );
     assert!(
@@ -154,14 +153,8 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     assert_eq!(
         enters,
         vec![
-            &format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:a1","diff":1}}"#,
-                T + 100
-            ),
-            &format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:b1","diff":1}}"#,
-                T + 100
-            ),
+            &active("anon:a1", T + 100, 1),
+            &active("anon:b1", T + 100, 1),
         ]
     );
     assert_eq!(summary.sources[0].records, 4);
@@ -221,18 +214,9 @@ fn followed_file_is_read_as_it_grows() {
     assert_eq!(
         text.lines().collect::<Vec<_>>(),
         vec![
-            format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:f1","diff":1}}"#,
-                T + 100
-            ),
-            format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:f1","diff":-1}}"#,
-                T + 2000
-            ),
-            format!(
-                r#"{{"time":{},"segment":"active","profile":"anon:f2","diff":1}}"#,
-                T + 10_000
-            ),
+            active("anon:f1", T + 100, 1),
+            active("anon:f1", T + 2000, -1),
+            active("anon:f2", T + 10_000, 1),
         ]
     );
 }
