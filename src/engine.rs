@@ -7,13 +7,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::dataflow::build::build;
 use crate::io::sinks::{DiffCallback, Outputs, RunSummary, SegmentSink};
 use crate::io::sources::{Input, ReadParams, SourceDef};
+use crate::model::limits::SummedField;
 use crate::model::{IdentityRules, RecordKind};
-use crate::spec::{Spec, SpecError, StreamKind};
+use crate::spec::{Aggregate, Spec, SpecError, StreamKind};
 use crate::store::{Store, StoreError};
 
 /// Where segment diffs go.
@@ -84,6 +85,15 @@ fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineErro
         what,
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// The record kind a stream carries.
+fn record_kind(stream: StreamKind) -> RecordKind {
+    match stream {
+        StreamKind::Web => RecordKind::Web,
+        StreamKind::Crm => RecordKind::Crm,
+        StreamKind::Transactions => RecordKind::Transactions,
     }
 }
 
@@ -194,16 +204,13 @@ impl Engine {
             if let Input::File { path, .. } = &input {
                 std::fs::File::open(path).map_err(|e| io_err("cannot open input", path, e))?;
             }
-            let kind = match s.kind {
-                StreamKind::Web => RecordKind::Web,
-                StreamKind::Crm => RecordKind::Crm,
-                StreamKind::Transactions => RecordKind::Transactions,
-            };
+            let kind = record_kind(s.kind);
             defs.push(SourceDef {
                 index: index as u32,
                 name: s.name.clone(),
                 kind,
                 format: s.format,
+                time_unit: s.time_unit,
                 input,
             });
         }
@@ -273,15 +280,22 @@ impl Engine {
         let outputs = Arc::new(Mutex::new(outputs));
         let e = &self.spec.engine;
         let params = Arc::new(ReadParams {
-            tick_ms: e.tick_ms,
-            lateness_ms: e.allowed_lateness_ms,
-            idle_advance_ms: e.idle_advance_ms,
-            late_policy: e.late_policy,
+            time: e.time_config(),
             max_line_bytes: e.max_line_bytes,
             rules: IdentityRules::new(
                 self.spec.identity.priority.clone(),
                 e.default_region.clone(),
             ),
+            summed: self
+                .spec
+                .traits
+                .iter()
+                .filter(|t| t.aggregate == Aggregate::Sum)
+                .map(|t| SummedField {
+                    kind: record_kind(t.stream),
+                    path: t.of.clone().unwrap_or_default(),
+                })
+                .collect(),
         });
         differential_dataflow::configure(
             &mut config.worker,
@@ -295,7 +309,7 @@ impl Engine {
                 None
             };
             let result = Rc::new(RefCell::new(None));
-            worker.dataflow_named::<crate::dataflow::Time, _, _>("segflow", |scope| {
+            worker.dataflow_named::<crate::time::Time, _, _>("segflow", |scope| {
                 build(
                     scope,
                     &spec,
@@ -305,7 +319,9 @@ impl Engine {
                     Rc::clone(&result),
                 );
             });
-            while worker.step_or_park(Some(Duration::from_millis(20))) {}
+            // Park until there is work: sources wake their worker when input
+            // arrives, and schedule themselves when their watermark moves.
+            while worker.step_or_park(None) {}
             let summary = result.borrow_mut().take();
             summary
         })

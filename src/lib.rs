@@ -17,7 +17,9 @@
 //! ```
 //!
 //! - [`spec`]: the dataflow definition file (TOML) and its condition language;
-//! - [`model`]: typed records, identifiers, normalization of time, email, phone;
+//! - [`time`]: event time — ticks, timestamps, watermarks, lateness,
+//!   idleness, completion (one owner, with a glossary);
+//! - [`model`]: typed records, identifiers, normalization of email, phone, ids;
 //! - [`io::sources`]: files, TCP, memory; watermarks and dead letters;
 //! - [`dataflow`]: identity resolution, traits, profiles, segments;
 //! - [`io::sinks`]: the commit stage writing complete timestamps in order;
@@ -61,6 +63,7 @@ pub mod io;
 pub mod model;
 pub mod spec;
 pub mod store;
+pub mod time;
 
 pub use engine::{Engine, EngineError, Output};
 pub use io::sinks::{RunSummary, SegmentDiff};

@@ -1,14 +1,22 @@
-//! Live inputs: TCP sources with several clients, a TCP sink, and the
-//! wall-clock watermark that expires windows while no events arrive.
+//! Live inputs the way real clients use them: events stamped with the
+//! current wall clock, pauses longer than `idle_advance`, slow clients,
+//! clients that connect late, a device clock far ahead, several clients,
+//! a followed file, a TCP sink. Expected diffs are computed from the
+//! timestamps the clients actually sent by a plain sequential model
+//! ([`expected_active`]); nothing on time may be lost, and no diff may be
+//! written before the wall clock has passed its time.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use segflow::spec::parse_spec;
-use segflow::{Engine, Input, Output};
+use segflow::{Engine, Input, Output, RunSummary};
 
+/// Tick 100 ms, no allowed lateness, idle after 200 ms; `active` = two
+/// views within two seconds.
 const SPEC: &str = r#"
 [engine]
 tick = "100ms"
@@ -26,7 +34,31 @@ window = "2s"
 when = "views_2s >= 2"
 "#;
 
-const T: u64 = 1_772_409_600_000;
+const TICK: u64 = 100;
+const WINDOW: u64 = 2_000;
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The current wall clock, taken in the middle of a tick (20–70 ms into
+/// it), so that a record's transit on loopback never crosses a tick
+/// boundary: with `allowed_lateness = "0s"` a record that does is late by
+/// definition, and that is not what these tests are about.
+fn stamp() -> u64 {
+    loop {
+        let now = wall_ms();
+        let into = now % TICK;
+        if (20..70).contains(&into) {
+            return now;
+        }
+        let wait = if into < 20 { 20 - into } else { TICK - into + 20 };
+        std::thread::sleep(Duration::from_millis(wait));
+    }
+}
 
 fn free_addr() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -56,55 +88,248 @@ fn view(ts: u64, anon: &str) -> String {
     format!("{{\"event\":\"view_item\",\"ts\":{ts},\"anonymous_id\":\"{anon}\"}}\n")
 }
 
-#[test]
-fn idle_sources_expire_windows_without_new_events() {
-    let addr = free_addr();
-    let seen: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+/// The sequential model: the `active` diffs of views `(visitor, event
+/// time)` with [`TICK`] and a [`WINDOW`] sliding window, for every time up
+/// to `until`, in output order (time, then profile).
+fn expected_active(views: &[(&str, u64)], until: u64) -> Vec<String> {
+    let mut visitors: Vec<&str> = views.iter().map(|(v, _)| *v).collect();
+    visitors.sort();
+    visitors.dedup();
+    let mut times: Vec<u64> = views
+        .iter()
+        .flat_map(|(_, ts)| {
+            let t = ts / TICK * TICK;
+            [t, t + WINDOW]
+        })
+        .filter(|t| *t <= until)
+        .collect();
+    times.sort();
+    times.dedup();
+    let mut out = Vec::new();
+    let mut member: std::collections::BTreeMap<&str, bool> = Default::default();
+    for t in times {
+        for v in &visitors {
+            let count = views
+                .iter()
+                .filter(|(w, ts)| w == v && ts / TICK * TICK <= t && t < ts / TICK * TICK + WINDOW)
+                .count();
+            let now = count >= 2;
+            let was = member.insert(v, now).unwrap_or(false);
+            if now != was {
+                out.push(active(&format!("anon:{v}"), t, if now { 1 } else { -1 }));
+            }
+        }
+    }
+    out
+}
+
+/// Diffs as they arrive: the instant, the wall clock, the line.
+type Seen = Arc<Mutex<Vec<(Instant, u64, String)>>>;
+
+/// Runs `spec` on a TCP source at `addr` (ending when its clients have
+/// disconnected), diffs to a callback, dead letters to `dead`.
+fn start(
+    spec: &str,
+    addr: &str,
+    dead: &Path,
+    workers: usize,
+) -> (Seen, std::thread::JoinHandle<RunSummary>) {
+    let seen: Seen = Arc::default();
     let sink = Arc::clone(&seen);
-    let engine_addr = addr.clone();
+    let spec = parse_spec(spec, "live.toml").unwrap();
+    let (addr, dead) = (addr.to_string(), dead.to_path_buf());
     let engine = std::thread::spawn(move || {
-        Engine::new(parse_spec(SPEC, "live.toml").unwrap())
+        Engine::new(spec)
             .input(
                 "web",
                 Input::Tcp {
-                    addr: engine_addr,
+                    addr,
                     until_disconnect: true,
                 },
             )
             .unwrap()
             .output(Output::Callback(Arc::new(move |d| {
-                sink.lock().unwrap().push((Instant::now(), d.to_line()))
+                sink.lock()
+                    .unwrap()
+                    .push((Instant::now(), wall_ms(), d.to_line()))
             })))
-            .run(timely::Config::process(2))
+            .dead_letter(dead)
+            .run(timely::Config::process(workers))
             .unwrap()
     });
-    let mut client = connect(&addr);
-    client
-        .write_all((view(T, "a1") + &view(T + 100, "a1")).as_bytes())
-        .unwrap();
-    client.flush().unwrap();
-    // No more events: the exit at T + 2 s must come from the idle clock.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    (seen, engine)
+}
+
+fn lines_of(seen: &Seen) -> Vec<String> {
+    seen.lock().unwrap().iter().map(|(_, _, l)| l.clone()).collect()
+}
+
+fn wait_for(seen: &Seen, n: usize, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while seen.lock().unwrap().len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let disconnected = Instant::now();
+}
+
+/// No diff is written before the wall clock has passed its time: the
+/// watermark never runs ahead of the wall clock.
+fn assert_behind_wall_clock(seen: &Seen) {
+    for (_, wall, line) in seen.lock().unwrap().iter() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let time = v["time"].as_u64().unwrap();
+        assert!(
+            time < *wall,
+            "{line} written at wall clock {wall}, before its time"
+        );
+    }
+}
+
+fn dead_letters(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The scenario that lost 9 of 10 events: one view every 300 ms, a pause
+/// of one second, five more views 50 ms apart, all stamped with the wall
+/// clock. Nothing is late, the diffs are exactly the model's, and the exit
+/// comes from the idle watermark while the client is still connected.
+#[test]
+fn wall_clock_client_with_pauses_loses_nothing() {
+    for workers in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join("dead.jsonl");
+        let addr = free_addr();
+        let (seen, engine) = start(SPEC, &addr, &dead, workers);
+        let mut client = connect(&addr);
+        let mut sent = Vec::new();
+        for i in 0..10 {
+            if i > 0 {
+                let pause = match i {
+                    1..=4 => 300,
+                    5 => 1_000,
+                    _ => 50,
+                };
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+            let ts = stamp();
+            client.write_all(view(ts, "a1").as_bytes()).unwrap();
+            sent.push(("a1", ts));
+        }
+        let last = sent.last().unwrap().1;
+        let expected = expected_active(&sent, u64::MAX);
+        // The window expires while nothing arrives: wait for the exit.
+        wait_for(&seen, expected.len(), 30);
+        let connected_until = Instant::now();
+        assert!(wall_ms() > last / TICK * TICK + WINDOW);
+        drop(client);
+        let summary = engine.join().unwrap();
+        assert_eq!(lines_of(&seen), expected, "-w {workers}");
+        assert!(
+            seen.lock().unwrap().iter().all(|(at, _, _)| *at <= connected_until),
+            "every diff, the exit too, is written while the client is connected"
+        );
+        assert_behind_wall_clock(&seen);
+        assert_eq!(summary.sources[0].records, 10);
+        assert_eq!(summary.late(), 0);
+        assert_eq!(dead_letters(&dead), Vec::<serde_json::Value>::new());
+    }
+}
+
+/// The first event arrives long after `idle_advance`: it is on time and
+/// its diff is written while the client is connected.
+#[test]
+fn a_client_that_connects_late_is_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let addr = free_addr();
+    let (seen, engine) = start(SPEC, &addr, &dead, 2);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut client = connect(&addr);
+    std::thread::sleep(Duration::from_millis(500));
+    let t1 = stamp();
+    client.write_all(view(t1, "late").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let t2 = stamp();
+    client.write_all(view(t2, "late").as_bytes()).unwrap();
+    wait_for(&seen, 1, 30);
+    let entered = lines_of(&seen);
     drop(client);
     let summary = engine.join().unwrap();
-    let seen = seen.lock().unwrap();
-    let lines: Vec<&str> = seen.iter().map(|(_, l)| l.as_str()).collect();
-    assert_eq!(
-        lines,
-        vec![
-            active("anon:a1", T + 100, 1),
-            active("anon:a1", T + 2000, -1),
-        ]
-    );
-    assert!(
-        seen[1].0 <= disconnected,
-        "the exit was emitted while the client was still connected"
-    );
+    assert_eq!(entered, vec![active("anon:late", t2 / TICK * TICK, 1)]);
+    // The replay of the live run ends at its end of data: the window's end
+    // (two seconds later) is not reached, so nothing else is written.
+    assert_eq!(lines_of(&seen), entered);
     assert_eq!(summary.sources[0].records, 2);
+    assert_eq!(summary.late(), 0);
+    assert_behind_wall_clock(&seen);
+}
+
+/// Each line takes 300 ms to arrive (longer than `idle_advance`); with an
+/// allowed lateness of one second none is late.
+#[test]
+fn a_slow_client_within_the_allowed_lateness_loses_nothing() {
+    let spec = SPEC.replace(r#"allowed_lateness = "0s""#, r#"allowed_lateness = "1s""#);
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let addr = free_addr();
+    let (seen, engine) = start(&spec, &addr, &dead, 2);
+    let mut client = connect(&addr);
+    let mut sent = Vec::new();
+    for visitor in ["s1", "s1", "s2", "s2"] {
+        let ts = stamp();
+        let line = view(ts, visitor);
+        let (head, tail) = line.split_at(line.len() / 2);
+        client.write_all(head.as_bytes()).unwrap();
+        client.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        client.write_all(tail.as_bytes()).unwrap();
+        sent.push((visitor, ts));
+    }
+    let expected = expected_active(&sent, sent.last().unwrap().1);
+    wait_for(&seen, expected.len(), 30);
+    drop(client);
+    let summary = engine.join().unwrap();
+    assert_eq!(lines_of(&seen)[..expected.len()], expected[..]);
+    assert_eq!(summary.sources[0].records, 4);
+    assert_eq!(summary.late(), 0);
+    assert_eq!(dead_letters(&dead), Vec::<serde_json::Value>::new());
+}
+
+/// A device whose clock is an hour ahead sends one event: it is
+/// dead-lettered as `future` and does not make the honest events late.
+#[test]
+fn a_device_clock_far_ahead_does_not_make_honest_records_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let addr = free_addr();
+    let (seen, engine) = start(SPEC, &addr, &dead, 2);
+    let mut client = connect(&addr);
+    let t1 = stamp();
+    client.write_all(view(t1, "h1").as_bytes()).unwrap();
+    let bogus = t1 + 3_600_000;
+    client.write_all(view(bogus, "h1").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(120));
+    let t2 = stamp();
+    client.write_all(view(t2, "h1").as_bytes()).unwrap();
+    wait_for(&seen, 1, 30);
+    drop(client);
+    let summary = engine.join().unwrap();
+    assert_eq!(lines_of(&seen), vec![active("anon:h1", t2 / TICK * TICK, 1)]);
+    assert_eq!(summary.sources[0].records, 2);
+    assert_eq!(summary.late(), 0);
+    let dead = dead_letters(&dead);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["line"], 2);
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!(
+            "future: event time {bogus} ms is more than max_future_skew = 60000 ms ahead of the wall clock "
+        )),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -136,11 +361,12 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     });
     let mut a = connect(&source_addr);
     let mut b = connect(&source_addr);
-    // Both clients use the same event times, so neither can be late
+    // Both clients use the same event time, so neither can be late
     // whatever order their lines arrive in.
-    a.write_all((view(T + 100, "a1") + &view(T + 100, "a1")).as_bytes())
+    let ts = stamp();
+    a.write_all((view(ts, "a1") + &view(ts, "a1")).as_bytes())
         .unwrap();
-    b.write_all((view(T + 100, "b1") + "not json\n" + &view(T + 100, "b1")).as_bytes())
+    b.write_all((view(ts, "b1") + "not json\n" + &view(ts, "b1")).as_bytes())
         .unwrap();
     a.flush().unwrap();
     b.flush().unwrap();
@@ -149,13 +375,10 @@ fn tcp_source_with_several_clients_and_tcp_sink() {
     drop(b);
     let summary = engine.join().unwrap();
     let lines = collector.join().unwrap();
-    let enters: Vec<&String> = lines.iter().filter(|l| l.contains(r#""diff":1"#)).collect();
+    let t = ts / TICK * TICK;
     assert_eq!(
-        enters,
-        vec![
-            &active("anon:a1", T + 100, 1),
-            &active("anon:b1", T + 100, 1),
-        ]
+        lines,
+        vec![active("anon:a1", t, 1), active("anon:b1", t, 1)]
     );
     assert_eq!(summary.sources[0].records, 4);
     assert_eq!(summary.sources[0].dead_letters, 1);
@@ -166,8 +389,13 @@ fn followed_file_is_read_as_it_grows() {
     let dir = tempfile::tempdir().unwrap();
     let web = dir.path().join("web.jsonl");
     let out = dir.path().join("out.jsonl");
-    std::fs::write(&web, view(T, "f1") + &view(T + 100, "f1")).unwrap();
+    let mut sent = vec![("f1", stamp())];
+    std::thread::sleep(Duration::from_millis(100));
+    sent.push(("f1", stamp()));
+    std::fs::write(&web, view(sent[0].1, "f1") + &view(sent[1].1, "f1")).unwrap();
     let spec = dir.path().join("follow.toml");
+    // The writer below flushes a line in two pieces 100 ms apart: the
+    // allowed lateness covers that.
     std::fs::write(
         &spec,
         SPEC.replace(
@@ -176,7 +404,8 @@ fn followed_file_is_read_as_it_grows() {
                 "[sources.web]\npath = {:?}\nfollow = true",
                 web.display().to_string()
             ),
-        ),
+        )
+        .replace(r#"allowed_lateness = "0s""#, r#"allowed_lateness = "1s""#),
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_segflow"))
@@ -190,9 +419,12 @@ fn followed_file_is_read_as_it_grows() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    // Append two views of another visitor 10 s of event time later (well
-    // ahead of the idle clock), the first in two pieces.
-    let lines = view(T + 10_000, "f2") + &view(T + 10_000, "f2");
+    // Append two views of another visitor, stamped now, the first in two
+    // pieces.
+    let t = stamp();
+    sent.push(("f2", t));
+    sent.push(("f2", t));
+    let lines = view(t, "f2") + &view(t, "f2");
     let (head, tail) = lines.split_at(10);
     let mut f = std::fs::OpenOptions::new().append(true).open(&web).unwrap();
     f.write_all(head.as_bytes()).unwrap();
@@ -200,6 +432,9 @@ fn followed_file_is_read_as_it_grows() {
     std::thread::sleep(Duration::from_millis(100));
     f.write_all(tail.as_bytes()).unwrap();
     f.flush().unwrap();
+    // Wait for both entries and the exit of f1 two seconds later.
+    let expected = expected_active(&sent, sent[0].1 / TICK * TICK + WINDOW);
+    assert_eq!(expected.len(), 3, "{expected:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut text = String::new();
     while Instant::now() < deadline {
@@ -211,12 +446,5 @@ fn followed_file_is_read_as_it_grows() {
     }
     child.kill().unwrap();
     let _ = child.wait();
-    assert_eq!(
-        text.lines().collect::<Vec<_>>(),
-        vec![
-            active("anon:f1", T + 100, 1),
-            active("anon:f1", T + 2000, -1),
-            active("anon:f2", T + 10_000, 1),
-        ]
-    );
+    assert_eq!(text.lines().take(3).collect::<Vec<_>>(), expected);
 }

@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use segflow::generate::{generate_to, GenConfig};
-use segflow::model::{
-    decode_json, parse_time, to_tick, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar,
-};
+use segflow::model::{decode_json, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar};
+use segflow::time::parse_time;
 use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
 
@@ -89,7 +88,7 @@ fn admitted(lines: &[String], kind: RecordKind) -> Vec<(Record, u64)> {
         let Some(ms) = time_of(kind, line) else {
             continue;
         };
-        let tick = to_tick(ms, TICK);
+        let tick = ms as u64 / TICK * TICK;
         if let Some(m) = max_tick {
             let watermark = m.saturating_sub(LATENESS) / TICK * TICK;
             if tick < watermark {

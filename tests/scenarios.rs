@@ -466,3 +466,58 @@ fn configured_extra_identifiers_link_profiles() {
         assert_eq!(summary.profiles, 1);
     }
 }
+
+/// Timestamps in every unit a real export uses, one far in the future, and
+/// two outside the supported range: the units are read right, the future
+/// one is dead-lettered without moving the watermark (so the next record
+/// is not late), and nothing is silently moved into range.
+#[test]
+fn timestamp_units_future_skew_and_range() {
+    const NOON: u64 = 1_772_366_400_000; // 2026-03-01T12:00:00Z
+    let text = SPEC.replace(
+        "allowed_lateness = \"5s\"",
+        "allowed_lateness = \"5s\"\nmax_future_skew = \"1h\"",
+    );
+    let web = [
+        // seconds
+        r#"{"event":"view_item","ts":1772366400,"anonymous_id":"g1"}"#,
+        // GA4 microseconds
+        r#"{"event":"view_item","ts":1772366401000000,"anonymous_id":"g1"}"#,
+        // nanoseconds, as a digit string
+        r#"{"event":"view_item","ts":"1772366402000000000","anonymous_id":"g2"}"#,
+        // a year ahead
+        r#"{"event":"view_item","ts":1803902400,"anonymous_id":"g2"}"#,
+        // milliseconds
+        r#"{"event":"view_item","ts":1772366403000,"anonymous_id":"g2"}"#,
+        r#"{"event":"view_item","ts":-5,"anonymous_id":"g3"}"#,
+        r#"{"event":"view_item","ts":"2200-01-01T00:00:00Z","anonymous_id":"g3"}"#,
+    ];
+    for workers in [1, 2] {
+        let spec = parse_spec(&text, "units.toml").unwrap();
+        let run = run_spec(spec, &[("web", &web), ("crm", &[]), ("transactions", &[])], workers, None);
+        assert_eq!(
+            run.diffs,
+            vec![
+                format!(r#"{{"time":{},"segment":"active","profile":"anon:g1","diff":1}}"#, NOON + 1000),
+                format!(r#"{{"time":{},"segment":"active","profile":"anon:g2","diff":1}}"#, NOON + 3000),
+            ],
+            "-w {workers}"
+        );
+        let reasons: Vec<(u64, &str)> = run
+            .dead
+            .iter()
+            .map(|d| (d["line"].as_u64().unwrap(), d["reason"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (4, "future: event time 1803902400000 ms is more than max_future_skew = 3600000 ms ahead of the source's latest event time 1772366402000 ms"),
+                (6, "field `ts`: timestamp -5 (read as epoch seconds) is outside the supported range 1970-01-01T00:00:00Z to 2199-12-31T23:59:59.999Z"),
+                (7, "field `ts`: timestamp \"2200-01-01T00:00:00Z\" is outside the supported range 1970-01-01T00:00:00Z to 2199-12-31T23:59:59.999Z"),
+            ],
+            "-w {workers}"
+        );
+        assert_eq!(run.summary.late(), 0);
+        assert_eq!(run.summary.records(), 4);
+    }
+}

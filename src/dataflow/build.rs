@@ -54,8 +54,8 @@ pub fn build<'s>(
         .flat_map(move |(record, tick, diff)| {
             let mut out = Vec::new();
             if !matches!(record, Record::Crm(_)) {
-                for (key, time, value) in traits::contributions(&record, tick, &specs) {
-                    out.push((Part::Contribution(key), time, diff * value));
+                for (c, time, sign) in traits::contributions(&record, tick, &specs) {
+                    out.push((Part::Contribution(c), time, diff * sign));
                 }
             }
             match record {
@@ -87,7 +87,7 @@ pub fn build<'s>(
             _ => None,
         })
         .as_collection();
-    let contributions: Coll<'s, (Ident, u32)> = next()
+    let contributions: Coll<'s, traits::Contribution> = next()
         .flat_map(|(p, t, r)| match p {
             Part::Contribution(k) => Some((k, t, r)),
             _ => None,
@@ -124,7 +124,7 @@ pub fn build<'s>(
             memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
             profile_ids.map(StateUpdate::Profile),
             id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
-            trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v as i64)),
+            trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v)),
             attributes.map(|(p, a)| StateUpdate::Attrs(p, a)),
         ],
     );
@@ -147,8 +147,8 @@ enum Part {
     Crm(String, CrmRecord),
     /// The identifier set of an event or transaction.
     Ids(Vec<Ident>),
-    /// A trait contribution `(identifier, trait)` (the value is the diff).
-    Contribution((Ident, u32)),
+    /// A trait contribution `(identifier, (trait, value))`.
+    Contribution(traits::Contribution),
 }
 
 /// Routes a record by its key (highest-priority) identifier.

@@ -21,9 +21,7 @@ pub mod profiles;
 pub mod segments;
 pub mod traits;
 
-/// Logical time of every collection: event time in milliseconds since the
-/// Unix epoch, rounded down to a multiple of the engine tick.
-pub type Time = u64;
+pub use crate::time::Time;
 
 /// A differential collection at event time.
 pub type Coll<'s, D, R = isize> = VecCollection<'s, Time, D, R>;

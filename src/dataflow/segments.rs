@@ -12,7 +12,7 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 
 use super::profiles::Attributes;
-use super::traits::SUM_SCALE;
+use super::traits::{Total, SUM_SCALE};
 use super::Coll;
 use crate::model::{Ident, Scalar};
 use crate::spec::{Aggregate, SegmentSpec, TraitSpec};
@@ -23,13 +23,14 @@ pub enum Fact {
     /// The profile exists (it has at least one identifier).
     Exists,
     /// The current value of trait `index` (sums in thousandths).
-    Trait(u32, i64),
+    Trait(u32, Total),
     /// The merged CRM attributes.
     Attrs(Attributes),
 }
 
-/// A trait's stored integer as the number users wrote conditions against.
-pub fn trait_scalar(spec: &TraitSpec, raw: i64) -> Scalar {
+/// A trait's total as the number users wrote conditions against (an
+/// `f64`: totals beyond 2^53 compare with the precision of a double).
+pub fn trait_scalar(spec: &TraitSpec, raw: Total) -> Scalar {
     match spec.aggregate {
         Aggregate::Count => Scalar::Num(raw as f64),
         Aggregate::Sum => Scalar::Num(raw as f64 / SUM_SCALE),
@@ -39,7 +40,7 @@ pub fn trait_scalar(spec: &TraitSpec, raw: i64) -> Scalar {
 /// Evaluates every segment for one profile's facts; returns the indices of
 /// the segments it belongs to.
 pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpec]) -> Vec<u32> {
-    let mut values: Vec<i64> = vec![0; traits.len()];
+    let mut values: Vec<Total> = vec![0; traits.len()];
     let mut attrs: Option<&Attributes> = None;
     for fact in facts {
         match fact {
@@ -72,14 +73,14 @@ pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpe
 /// Segment memberships `(segment index, profile)`.
 pub fn evaluate<'s>(
     profiles: Coll<'s, Ident>,
-    traits: Coll<'s, ((Ident, u32), isize)>,
+    traits: Coll<'s, ((Ident, u32), Total)>,
     attributes: Coll<'s, (Ident, Attributes)>,
     trait_specs: Rc<[TraitSpec]>,
     segment_specs: Rc<[SegmentSpec]>,
 ) -> Coll<'s, (u32, Ident)> {
     let facts = profiles
         .map(|p| (p, Fact::Exists))
-        .concat(traits.map(|((p, t), v)| (p, Fact::Trait(t, v as i64))))
+        .concat(traits.map(|((p, t), v)| (p, Fact::Trait(t, v))))
         .concat(attributes.map(|(p, a)| (p, Fact::Attrs(a))));
     facts
         .reduce_named("Evaluate: segments", move |_profile, input, output| {

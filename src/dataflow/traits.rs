@@ -7,35 +7,53 @@
 //! Traits are abelian, so they are computed as *differences* rather than by
 //! reducing over all events of a key:
 //!
-//! 1. [`contributions`]: each matching event becomes the update
-//!    `((identifier, trait), +value)` at its tick, where the identifier is the
-//!    event's highest-priority identifier and `value` is 1 for a count or the
-//!    field's value in thousandths for a sum. A window of length `w` adds the
-//!    negated update at `tick + w`, so the event leaves the window exactly `w`
-//!    after it entered (an update may carry a later time than the message
-//!    that holds it; differential dataflow only needs it to be no earlier).
+//! 1. [`contributions`]: each matching event becomes the record
+//!    `(identifier, (trait, value))` with diff `+1` at its tick, where the
+//!    identifier is the event's highest-priority identifier and `value` is 1
+//!    for a count or the field's value in thousandths for a sum. A window of
+//!    length `w` adds the diff `-1` at [`window_end`]`(tick, w)`, so the event
+//!    leaves the window exactly `w` after it entered (an update may carry a
+//!    later time than the message that holds it; differential dataflow only
+//!    needs it to be no earlier).
 //! 2. [`per_profile`]: the contributions are re-keyed by profile through the
-//!    shared `(identifier, profile)` arrangement and totalled with
-//!    `count_total`. When two profiles merge, the join moves every
-//!    contribution to the merged profile and the totals follow.
+//!    shared `(identifier, profile)` arrangement, each becomes the 128-bit
+//!    difference `value × diff`, and they are totalled with `count_total`.
+//!    When two profiles merge, the join moves every contribution to the
+//!    merged profile and the totals follow.
+//!
+//! Totals never overflow and are never rounded: a summed value must lie
+//! within ±[`MAX_SUM_VALUE`] (so its thousandths are exact in an `f64` and
+//! an `i64`; records outside are dead-lettered when decoded, see
+//! [`crate::model::limits`]), and totals are 128-bit, which more than
+//! 2^74 such values cannot overflow.
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::AsCollection;
+use timely::dataflow::operators::vec::Map;
 use differential_dataflow::operators::CountTotal;
 use differential_dataflow::trace::implementations::ValSpine;
 
 use super::{Coll, Time};
+use crate::time::window_end;
 use crate::model::{Ident, Record, Scalar};
 use crate::spec::{Aggregate, StreamKind, TraitSpec};
 
 /// Sum traits are kept as integers in thousandths of the summed field.
 pub const SUM_SCALE: f64 = 1000.0;
 
+pub use crate::model::limits::MAX_SUM_VALUE;
+
+/// A trait total: a count, or a sum in thousandths.
+pub type Total = i128;
+
 /// The `(identifier, profile)` arrangement shared by every consumer.
 pub type IdProfileArrangement<'s> = Arranged<'s, TraceAgent<ValSpine<Ident, Ident, Time, isize>>>;
 
 /// Evaluates one trait on one record: `Some(value)` if the record counts
-/// towards the trait (value 1 for counts, thousandths for sums).
-pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<isize> {
+/// towards the trait (value 1 for counts, thousandths for sums). A summed
+/// field that is missing, not a number, zero or outside ±[`MAX_SUM_VALUE`]
+/// (which decoding already rejects) contributes nothing.
+pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<i64> {
     let mut lookup = |path: &[String]| -> Scalar {
         match record {
             Record::Web(e) => e.field(path),
@@ -60,49 +78,59 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<isize> {
         Aggregate::Sum => {
             let path = spec.of.as_deref().unwrap_or(&[]);
             let v = lookup(path).as_f64()?;
-            if !v.is_finite() {
+            if !v.is_finite() || v.abs() > MAX_SUM_VALUE {
                 return None;
             }
+            // Exact: |v × 1000| ≤ 2^53, and the rounding only removes the
+            // binary error of a decimal with three places.
             let scaled = (v * SUM_SCALE).round();
-            (scaled != 0.0).then_some(scaled as isize)
+            (scaled != 0.0).then_some(scaled as i64)
         }
     }
 }
 
+/// One contribution: `(key identifier, (trait index, value))`.
+pub type Contribution = (Ident, (u32, i64));
+
 /// The windowed contributions of one record at `tick`, each
-/// `((identifier, trait), time, value)`: `+value` at the tick and, for a
-/// windowed trait, `-value` at `tick + window`, when the event leaves the
+/// `((identifier, (trait, value)), time, diff)`: diff `+1` at the tick and,
+/// for a windowed trait, `-1` at [`window_end`], when the event leaves the
 /// window. Emitting the retraction here (rather than with a separate
 /// `delay`/`negate` per window length) keeps the pass over records single.
 pub fn contributions(
     record: &Record,
     tick: Time,
     traits: &[TraitSpec],
-) -> Vec<((Ident, u32), Time, isize)> {
+) -> Vec<(Contribution, Time, isize)> {
     let mut out = Vec::new();
     let Some(key) = record.ids().first() else {
         return out;
     };
     for (index, spec) in traits.iter().enumerate() {
         if let Some(value) = trait_value(spec, record) {
-            out.push(((key.clone(), index as u32), tick, value));
+            let c = (key.clone(), (index as u32, value));
+            out.push((c.clone(), tick, 1));
             if let Some(w) = spec.window_ms {
-                out.push(((key.clone(), index as u32), tick.saturating_add(w), -value));
+                out.push((c, window_end(tick, w), -1));
             }
         }
     }
     out
 }
 
-/// Totals per `(profile, trait)`: the data is `((profile, trait), value)`.
+/// Totals per `(profile, trait)`: the data is `((profile, trait), total)`,
+/// a count or a sum in thousandths.
 pub fn per_profile<'s>(
-    contributions: Coll<'s, (Ident, u32)>,
+    contributions: Coll<'s, Contribution>,
     id_profile: IdProfileArrangement<'s>,
-) -> Coll<'s, ((Ident, u32), isize)> {
+) -> Coll<'s, ((Ident, u32), Total)> {
     contributions
-        .join_core(id_profile, |_id, trait_index, profile| {
-            Some((profile.clone(), *trait_index))
+        .join_core(id_profile, |_id, (trait_index, value), profile| {
+            Some(((profile.clone(), *trait_index), *value))
         })
+        .inner
+        .map(|((key, value), time, diff)| (key, time, Total::from(value) * diff as Total))
+        .as_collection()
         .count_total()
 }
 
@@ -150,8 +178,8 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                ((key.clone(), 0), 1000, 1),
-                ((key, 0), 1000 + 30 * 60 * 1000, -1)
+                ((key.clone(), (0, 1)), 1000, 1),
+                ((key, (0, 1)), 1000 + 30 * 60 * 1000, -1),
             ]
         );
         let cheap = record(
@@ -169,7 +197,8 @@ mod tests {
         );
         let out = contributions(&txn, 1000, &specs());
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].2, 19_999);
+        assert_eq!(out[0].0 .1, (1, 19_999));
+        assert_eq!(out[0].2, 1);
         assert_eq!(trait_value(&specs()[1], &txn), Some(19_999));
         assert_eq!(
             trait_value(&specs()[0], &txn),

@@ -62,8 +62,10 @@ impl DeadLetter {
 /// Messages from sources to the commit stage.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
-    /// The source's event-time clock: the largest tick it has seen (or its
-    /// idle-advanced clock). Nothing later than the largest clock is written.
+    /// The source's clock ([`crate::time::SourceClock::clock`]): the largest
+    /// tick it has admitted, or an idle live source's watermark. Nothing
+    /// later than the largest clock is committed
+    /// ([`crate::time::Completion`]).
     Clock {
         /// Source index.
         source: u32,

@@ -5,24 +5,25 @@
 //!
 //! * [`scalar`] — [`Scalar`], a totally ordered JSON-like value used for
 //!   attributes, event fields and expression results;
-//! * [`time`] — timestamp parsing ([`parse_time`]) and tick rounding
-//!   ([`to_tick`]);
+//! * timestamps are parsed by [`crate::time::parse`] (event time has one
+//!   owner, [`crate::time`]);
 //! * [`normalize`] — canonical forms of e-mail addresses, phone numbers
 //!   (E.164) and opaque ids;
 //! * [`ident`] — [`Ident`], a ranked, normalized identifier, and
 //!   [`IdentityRules`], which decide which input fields are identifiers and
 //!   how they rank;
+//! * [`limits`] — the range of values the engine holds exactly;
 //! * [`record`] — web events, CRM records and transactions, with their JSON
 //!   and CSV decoders.
 
 pub mod ident;
+pub mod limits;
 pub mod normalize;
 pub mod record;
 pub mod scalar;
-pub mod time;
+mod time;
 
 pub use ident::*;
 pub use normalize::*;
 pub use record::*;
 pub use scalar::Scalar;
-pub use time::*;

@@ -1419,7 +1419,7 @@ mod tests {
         );
         assert_eq!(
             reason(web(r#"{"event":"v","ts":"yesterday","anonymous_id":"a"}"#)),
-            "field `ts`: unparsable timestamp \"yesterday\": expected RFC 3339 with offset, epoch seconds or epoch milliseconds"
+            "field `ts`: unparsable timestamp \"yesterday\": expected RFC 3339 with offset, or epoch seconds, milliseconds, microseconds or nanoseconds"
         );
         let e = reason(web(
             r#"{"event":"v","ts":"2026-03-01T12:00:00","anonymous_id":"a"}"#,

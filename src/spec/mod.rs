@@ -72,14 +72,7 @@ pub enum Format {
     Csv,
 }
 
-/// What to do with events older than the allowed lateness.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LatePolicy {
-    /// Write them to the dead-letter output (`"dead-letter"`).
-    DeadLetter,
-    /// Treat them as if they arrived at the frontier (`"clamp"`).
-    Clamp,
-}
+pub use crate::time::{LatePolicy, TimeUnit};
 
 /// How a trait aggregates matching events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,6 +92,9 @@ pub struct EngineSpec {
     pub allowed_lateness_ms: u64,
     /// Idle time after which the watermark advances with wall-clock time.
     pub idle_advance_ms: u64,
+    /// How far ahead (ms) a record may be dated before it is `future`; see
+    /// [`crate::time::TimeConfig::max_future_skew_ms`].
+    pub max_future_skew_ms: Option<u64>,
     /// What to do with too-late events.
     pub late_policy: LatePolicy,
     /// Longest accepted input line in bytes (> 0).
@@ -115,10 +111,24 @@ impl Default for EngineSpec {
             tick_ms: 1_000,
             allowed_lateness_ms: 0,
             idle_advance_ms: 1_000,
+            max_future_skew_ms: None,
             late_policy: LatePolicy::DeadLetter,
             max_line_bytes: 1 << 20,
             default_region: "US".to_string(),
             workers: None,
+        }
+    }
+}
+
+impl EngineSpec {
+    /// The time settings, for [`crate::time`].
+    pub fn time_config(&self) -> crate::time::TimeConfig {
+        crate::time::TimeConfig {
+            tick_ms: self.tick_ms,
+            allowed_lateness_ms: self.allowed_lateness_ms,
+            idle_advance_ms: self.idle_advance_ms,
+            max_future_skew_ms: self.max_future_skew_ms,
+            late_policy: self.late_policy,
         }
     }
 }
@@ -159,6 +169,8 @@ pub struct SourceSpec {
     pub follow: bool,
     /// For tcp sources: stop when the peer disconnects.
     pub until_disconnect: bool,
+    /// The unit of numeric timestamps (`time_unit`, default by magnitude).
+    pub time_unit: TimeUnit,
 }
 
 /// The `[output]` table.
@@ -254,6 +266,7 @@ struct RawEngine {
     tick: Option<Spanned<String>>,
     allowed_lateness: Option<Spanned<String>>,
     idle_advance: Option<Spanned<String>>,
+    max_future_skew: Option<Spanned<String>>,
     late_policy: Option<Spanned<String>>,
     max_line_bytes: Option<Spanned<i64>>,
     default_region: Option<Spanned<String>>,
@@ -275,6 +288,7 @@ struct RawSource {
     format: Option<Spanned<String>>,
     follow: Option<Spanned<bool>>,
     until: Option<Spanned<String>>,
+    time_unit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -507,6 +521,9 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
     if let Some(v) = &raw.idle_advance {
         e.idle_advance_ms = duration(cx, v)?;
     }
+    if let Some(v) = &raw.max_future_skew {
+        e.max_future_skew_ms = Some(duration(cx, v)?);
+    }
     if let Some(v) = &raw.late_policy {
         e.late_policy = match v.get_ref().as_str() {
             "dead-letter" => LatePolicy::DeadLetter,
@@ -668,6 +685,18 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
                 true
             }
         };
+        let time_unit = match &r.time_unit {
+            None => TimeUnit::Auto,
+            Some(u) => TimeUnit::from_name(u.get_ref()).ok_or_else(|| {
+                cx.err(
+                    u.span().start,
+                    format!(
+                        "unknown time_unit `{}`; expected \"auto\", \"s\", \"ms\", \"us\" or \"ns\"",
+                        u.get_ref()
+                    ),
+                )
+            })?,
+        };
         out.push(SourceSpec {
             name,
             kind,
@@ -675,6 +704,7 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             format,
             follow,
             until_disconnect,
+            time_unit,
         });
     }
     Ok(out)
@@ -966,6 +996,7 @@ mod tests {
 tick = "500ms"
 allowed_lateness = "5m"
 idle_advance = "2s"
+max_future_skew = "10m"
 late_policy = "clamp"
 max_line_bytes = 4096
 default_region = "GB"
@@ -978,6 +1009,7 @@ extra = ["device_id", "email"]
 [sources.web]
 path = "data/web.jsonl"
 follow = true
+time_unit = "us"
 
 [sources.crm_file]
 kind = "crm"
@@ -1048,6 +1080,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 tick_ms: 500,
                 allowed_lateness_ms: 300_000,
                 idle_advance_ms: 2_000,
+                max_future_skew_ms: Some(600_000),
                 late_policy: LatePolicy::Clamp,
                 max_line_bytes: 4096,
                 default_region: "GB".into(),
@@ -1069,6 +1102,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                     format: Format::Jsonl,
                     follow: true,
                     until_disconnect: false,
+                    time_unit: TimeUnit::Microseconds,
                 },
                 SourceSpec {
                     name: "crm_file".into(),
@@ -1077,6 +1111,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                     format: Format::Csv,
                     follow: false,
                     until_disconnect: false,
+                    time_unit: TimeUnit::Auto,
                 },
                 SourceSpec {
                     name: "transactions".into(),
@@ -1085,6 +1120,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                     format: Format::Jsonl,
                     follow: false,
                     until_disconnect: true,
+                    time_unit: TimeUnit::Auto,
                 },
             ]
         );
@@ -1178,6 +1214,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 format: Format::Jsonl,
                 follow: false,
                 until_disconnect: false,
+                time_unit: TimeUnit::Auto,
             }
         );
         assert_eq!(s.sources[1].name, "web");
@@ -1206,6 +1243,18 @@ when = "spend > 1000 or a_views in [1, 2]"
         }
         assert_err("[engine]\ntick = \"1x\"\n", 2, 8, "invalid duration `1x`");
         assert_err("[engine]\ntick = \"0s\"\n", 2, 8, "greater than 0");
+        assert_err(
+            "[engine]\nmax_future_skew = \"soon\"\n",
+            2,
+            19,
+            "invalid duration `soon`",
+        );
+        assert_err(
+            &format!("[sources.web]\ntime_unit = \"µs\"\n{SEG}"),
+            2,
+            13,
+            "unknown time_unit `µs`; expected \"auto\", \"s\", \"ms\", \"us\" or \"ns\"",
+        );
         assert_err(
             &format!("[traits.t]\nstream = \"web\"\nwindow = \"0s\"\n{SEG}"),
             3,

@@ -1,8 +1,9 @@
 //! Sinks and the commit stage.
 //!
 //! All results are routed to worker 0, which buffers them by timestamp and
-//! *commits* a timestamp once it is complete (no worker can still produce
-//! updates at or before it) and not later than the largest event time seen:
+//! *commits* a timestamp once [`Completion`] allows it: it is complete (no
+//! worker can still produce updates at or before it) and not later than
+//! the end of the data seen (see [`crate::time::completion`]):
 //!
 //! 1. the segment diffs of that time are consolidated (no `+1`/`-1` pairs),
 //!    sorted by segment and profile, and written as JSON lines
@@ -26,11 +27,11 @@ use timely::dataflow::Stream;
 
 use crate::dataflow::profiles::Attributes;
 use crate::dataflow::segments::trait_scalar;
-use crate::dataflow::Time;
 use crate::io::{Control, DeadLetter};
 use crate::model::Ident;
 use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, Checkpoint, Store, StoreOp};
+use crate::time::{Completion, Time};
 
 /// One segment entry (`diff = 1`) or exit (`diff = -1`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -106,8 +107,8 @@ pub enum StateUpdate {
     Profile(Ident),
     /// Identifier belongs to profile.
     Link(Ident, Ident),
-    /// Trait `index` of a profile has this (stored) value.
-    Trait(Ident, u32, i64),
+    /// Trait `index` of a profile has this total (sums in thousandths).
+    Trait(Ident, u32, i128),
     /// A profile's merged attributes.
     Attrs(Ident, Attributes),
 }
@@ -169,7 +170,7 @@ struct Committer {
     segments: Rc<[SegmentSpec]>,
     pending: BTreeMap<Time, Vec<(StateUpdate, isize)>>,
     dead_pending: BTreeMap<Time, Vec<DeadLetter>>,
-    max_clock: Option<u64>,
+    completion: Completion,
     summary: RunSummary,
     checkpoint: Checkpoint,
     members: Vec<i64>,
@@ -190,9 +191,7 @@ impl Committer {
 
     fn control(&mut self, c: &Control) {
         match c {
-            Control::Clock { tick, .. } => {
-                self.max_clock = Some(self.max_clock.map_or(*tick, |m| m.max(*tick)))
-            }
+            Control::Clock { tick, .. } => self.completion.observe(*tick),
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
                 s.offset = s.offset.max(*offset);
@@ -340,7 +339,7 @@ pub fn commit<'s>(
         segments,
         pending: BTreeMap::new(),
         dead_pending: BTreeMap::new(),
-        max_clock: None,
+        completion: Completion::default(),
         checkpoint: Checkpoint::default(),
         members,
     });
@@ -378,9 +377,7 @@ pub fn commit<'s>(
                 .min();
             let mut wrote = false;
             while let Some((&time, _)) = c.pending.first_key_value() {
-                let complete = frontier.is_none_or(|f| time < f);
-                let reached = c.max_clock.is_some_and(|m| time <= m);
-                if !(complete && reached) {
+                if !c.completion.committable(time, frontier) {
                     break;
                 }
                 let updates = c.pending.pop_first().map(|(_, u)| u).unwrap_or_default();
@@ -395,7 +392,7 @@ pub fn commit<'s>(
                 }
             }
             while let Some((&time, _)) = c.dead_pending.first_key_value() {
-                if frontier.is_some_and(|f| time >= f) {
+                if !Completion::is_complete(time, frontier) {
                     break;
                 }
                 let mut letters = c

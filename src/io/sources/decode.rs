@@ -23,9 +23,10 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::Stream;
 
 use super::{ReadParams, SourceDef};
-use crate::dataflow::Time;
 use crate::io::{Control, DeadLetter};
-use crate::model::{decode_json, parse_time, Record, RecordKind};
+use crate::model::limits::check_summed_fields;
+use crate::model::{decode_json, Record, RecordKind};
+use crate::time::{parse::parse_time_as, Time, TimeUnit};
 
 /// A line whose time the owner has checked, on its way to be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,17 +55,17 @@ struct CrmTime {
     updated_at: Option<serde_json::Value>,
 }
 
-/// The event time of a JSON line (epoch milliseconds), read without decoding
-/// the rest of the record; `None` if the line is not a JSON object or its
-/// time field is missing or invalid.
-pub fn peek_time(kind: RecordKind, line: &str) -> Option<i64> {
+/// The event time of a JSON line (epoch milliseconds, numbers in `unit`),
+/// read without decoding the rest of the record; `None` if the line is not
+/// a JSON object or its time field is missing or invalid.
+pub fn peek_time(kind: RecordKind, line: &str, unit: TimeUnit) -> Option<i64> {
     let value = match kind {
         RecordKind::Crm => serde_json::from_str::<CrmTime>(line).ok()?.updated_at?,
         RecordKind::Web | RecordKind::Transactions => {
             serde_json::from_str::<EventTime>(line).ok()?.ts?
         }
     };
-    parse_time(&value).ok()
+    parse_time_as(&value, unit).ok()
 }
 
 /// The decoded records and control messages of a decode stage.
@@ -100,7 +101,10 @@ pub fn decode_stage<'s>(
             input.for_each(|cap, data| {
                 let (mut records, mut dead) = (0, 0);
                 for raw in data.drain(..) {
-                    match decode_json(kind, &raw.text, &params.rules) {
+                    let result = decode_json(kind, &raw.text, &params.rules)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| check_summed_fields(&r, &params.summed).map(|()| r));
+                    match result {
                         Ok(record) => {
                             records += 1;
                             decoded.push((record, raw.tick, 1));
@@ -113,7 +117,7 @@ pub fn decode_stage<'s>(
                                 raw.peer.as_deref(),
                                 raw.line,
                                 raw.offset,
-                                e.to_string(),
+                                e,
                                 raw.text.as_bytes(),
                             )));
                         }
@@ -148,28 +152,32 @@ pub fn decode_stage<'s>(
 mod tests {
     use super::*;
 
+    fn peek(kind: RecordKind, line: &str) -> Option<i64> {
+        peek_time(kind, line, TimeUnit::Auto)
+    }
+
     #[test]
     fn peeks_the_time_field_only() {
         let web = r#"{"event":"view_item","item":{"ts":"nested, ignored"},"ts":"2026-03-02T00:00:01Z","x":[1,{"ts":2}]}"#;
-        assert_eq!(peek_time(RecordKind::Web, web), Some(1_772_409_601_000));
+        assert_eq!(peek(RecordKind::Web, web), Some(1_772_409_601_000));
         assert_eq!(
-            peek_time(
+            peek(
                 RecordKind::Transactions,
                 r#"{"ts":1772409601,"amount":"x"}"#
             ),
             Some(1_772_409_601_000)
         );
         assert_eq!(
-            peek_time(
+            peek(
                 RecordKind::Crm,
                 r#"{"crm_id":"C1","updated_at":1772409601000}"#
             ),
             Some(1_772_409_601_000)
         );
-        assert_eq!(peek_time(RecordKind::Web, r#"{"event":"x"}"#), None);
-        assert_eq!(peek_time(RecordKind::Web, r#"{"ts":"yesterday"}"#), None);
-        assert_eq!(peek_time(RecordKind::Web, r#"{"ts":null}"#), None);
-        assert_eq!(peek_time(RecordKind::Web, r#"[1,2]"#), None);
-        assert_eq!(peek_time(RecordKind::Web, r#"{"ts":1,"#), None);
+        assert_eq!(peek(RecordKind::Web, r#"{"event":"x"}"#), None);
+        assert_eq!(peek(RecordKind::Web, r#"{"ts":"yesterday"}"#), None);
+        assert_eq!(peek(RecordKind::Web, r#"{"ts":null}"#), None);
+        assert_eq!(peek(RecordKind::Web, r#"[1,2]"#), None);
+        assert_eq!(peek(RecordKind::Web, r#"{"ts":1,"#), None);
     }
 }

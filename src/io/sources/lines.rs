@@ -48,6 +48,11 @@ pub trait LineSource {
     fn position(&self) -> u64;
     /// Whether the source is live (its clock follows the wall clock when idle).
     fn is_live(&self) -> bool;
+    /// Whether the source wakes its worker when input arrives (otherwise a
+    /// live source is polled).
+    fn wakes_on_input(&self) -> bool {
+        false
+    }
 }
 
 /// Incremental splitter shared by files and sockets.

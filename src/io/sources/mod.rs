@@ -9,21 +9,21 @@
 //! The records are then exchanged by key to all workers for the rest of the
 //! flow.
 //!
-//! ## Event time and the watermark
+//! ## Event time
 //!
-//! A record's time is its event time rounded down to the tick. The source's
-//! watermark is the largest tick seen so far minus the allowed lateness
-//! (rounded down to a tick); the source holds its capability at the
-//! watermark, so downstream times below it are complete. A record whose tick
-//! is below the watermark *at the moment it is read* is late: it is counted
-//! and dead-lettered, or clamped to the watermark (`late_policy = "clamp"`).
-//! A finite input drops its capability at the end. A live input (followed
-//! file, TCP) that has been idle for `idle_advance` moves its clock on by the
-//! wall-clock time elapsed, so windows expire without new events.
+//! The owner offers each record's event time, in input order, to the
+//! source's [`SourceClock`] (the rule, its glossary and a worked example are
+//! in [`crate::time`]): it says whether the record is on time, late or
+//! future, and where the source's watermark is. The source holds its timely
+//! capability at the watermark, so downstream times below it are complete.
+//! A finite input drops its capability at the end. A TCP source wakes its
+//! worker as soon as a line arrives; a followed file is polled every few
+//! milliseconds; while nothing arrives, a live source is scheduled again
+//! when its idle watermark would next move.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
@@ -31,12 +31,13 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Concat;
 use timely::dataflow::{Scope, Stream};
 
-use crate::dataflow::Time;
+use timely::scheduling::SyncActivator;
+
 use crate::io::{Control, DeadLetter};
-use crate::model::{
-    decode_csv, decode_json, parse_csv_header, to_tick, IdentityRules, Record, RecordKind,
-};
-use crate::spec::{Format, LatePolicy};
+use crate::model::limits::{check_summed_fields, SummedField};
+use crate::model::{decode_csv, decode_json, parse_csv_header, IdentityRules, Record, RecordKind};
+use crate::spec::{Format, TimeUnit};
+use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
 
 pub mod decode;
 pub mod lines;
@@ -102,6 +103,8 @@ pub struct SourceDef {
     pub kind: RecordKind,
     /// JSON lines or CSV.
     pub format: Format,
+    /// The unit of numeric timestamps.
+    pub time_unit: TimeUnit,
     /// Where it reads from.
     pub input: Input,
 }
@@ -109,22 +112,22 @@ pub struct SourceDef {
 /// Reading parameters shared by all sources.
 #[derive(Clone, Debug)]
 pub struct ReadParams {
-    /// Tick in milliseconds.
-    pub tick_ms: u64,
-    /// Allowed lateness in milliseconds.
-    pub lateness_ms: u64,
-    /// Idle time after which a live source's clock follows the wall clock.
-    pub idle_advance_ms: u64,
-    /// What happens to late records.
-    pub late_policy: LatePolicy,
+    /// Tick, lateness, idleness, future skew, late policy.
+    pub time: TimeConfig,
     /// Longest accepted line in bytes.
     pub max_line_bytes: usize,
     /// Identifier normalization.
     pub rules: IdentityRules,
+    /// Fields that sum traits add up; their values are range-checked.
+    pub summed: Vec<SummedField>,
 }
 
 /// Lines decoded per activation before yielding to other operators.
 const BATCH: usize = 8192;
+
+/// How often a followed file is polled for new data while it has none
+/// (sockets wake the source instead).
+const FILE_POLL_MS: u64 = 5;
 
 enum Status {
     More,
@@ -138,45 +141,43 @@ struct Reader {
     lines: Box<dyn LineSource>,
     input_name: String,
     header: Option<Vec<String>>,
-    max_tick: Option<u64>,
-    reported_tick: Option<u64>,
-    last_activity: Instant,
+    clock: SourceClock,
+    reported_clock: Option<Time>,
     stats: (u64, u64, u64, u64),
 }
 
 impl Reader {
-    fn open(def: SourceDef, params: Arc<ReadParams>) -> std::io::Result<Reader> {
+    fn open(
+        def: SourceDef,
+        params: Arc<ReadParams>,
+        waker: Option<SyncActivator>,
+    ) -> std::io::Result<Reader> {
         let limit = params.max_line_bytes;
         let lines: Box<dyn LineSource> = match &def.input {
             Input::File { path, follow } => Box::new(FileLines::open(path, *follow, limit)?),
             Input::Tcp {
                 addr,
                 until_disconnect,
-            } => Box::new(tcp::TcpLines::listen(addr, *until_disconnect, limit)?),
+            } => Box::new(tcp::TcpLines::listen(
+                addr,
+                *until_disconnect,
+                limit,
+                waker,
+            )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
         let input_name = def.input.describe();
+        let clock = SourceClock::new(params.time, lines.is_live(), wall_clock_ms());
         Ok(Reader {
             def,
             params,
             lines,
             input_name,
             header: None,
-            max_tick: None,
-            reported_tick: None,
-            last_activity: Instant::now(),
+            clock,
+            reported_clock: None,
             stats: (0, 0, 0, 0),
         })
-    }
-
-    /// The watermark: largest tick seen minus the allowed lateness.
-    fn watermark(&self) -> u64 {
-        let tick = self.params.tick_ms.max(1);
-        let wm = self
-            .max_tick
-            .unwrap_or(0)
-            .saturating_sub(self.params.lateness_ms);
-        wm / tick * tick
     }
 
     fn dead(
@@ -208,6 +209,7 @@ impl Reader {
         line: u64,
         offset: u64,
         peer: Option<String>,
+        now_ms: u64,
         out: &mut Vec<(Record, Time, isize)>,
         raw: &mut Vec<RawLine>,
         ctl: &mut Vec<Control>,
@@ -229,8 +231,8 @@ impl Reader {
         }
         // JSON lines: peek at the time here, decode in full on some worker.
         if self.def.format == Format::Jsonl {
-            if let Some(ms) = peek_time(self.def.kind, text) {
-                let Some(tick) = self.admit(ms, line, offset, &peer, &bytes, ctl) else {
+            if let Some(ms) = peek_time(self.def.kind, text, self.def.time_unit) {
+                let Some(tick) = self.admit(ms, now_ms, line, offset, &peer, &bytes, ctl) else {
                     return;
                 };
                 let text = text.to_string();
@@ -268,40 +270,38 @@ impl Reader {
             Ok(r) => r,
             Err(e) => return self.dead(ctl, line, offset, peer, e.to_string(), &bytes),
         };
-        let Some(tick) = self.admit(record.ts_ms(), line, offset, &peer, &bytes, ctl) else {
+        if let Err(reason) = check_summed_fields(&record, &self.params.summed) {
+            return self.dead(ctl, line, offset, peer, reason, &bytes);
+        }
+        let Some(tick) = self.admit(record.ts_ms(), now_ms, line, offset, &peer, &bytes, ctl)
+        else {
             return;
         };
         self.stats.1 += 1;
         out.push((record, tick, 1));
     }
 
-    /// Checks an event time against the watermark: the tick to use, or
-    /// `None` if the record is late and dead-lettered.
+    /// Offers an event time to the source's clock: the tick to use, or
+    /// `None` if the record is late or future and dead-lettered.
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         ms: i64,
+        now_ms: u64,
         line: u64,
         offset: u64,
         peer: &Option<String>,
         bytes: &[u8],
         ctl: &mut Vec<Control>,
-    ) -> Option<u64> {
-        let mut tick = to_tick(ms, self.params.tick_ms.max(1));
-        let watermark = self.watermark();
-        if self.max_tick.is_some() && tick < watermark {
+    ) -> Option<Time> {
+        let admission = self.clock.admit(ms, now_ms);
+        if admission.is_late() {
             self.stats.3 += 1;
-            match self.params.late_policy {
-                LatePolicy::DeadLetter => {
-                    let reason =
-                        format!("late: event time {ms} ms is before the watermark {watermark} ms");
-                    self.dead(ctl, line, offset, peer.clone(), reason, bytes);
-                    return None;
-                }
-                LatePolicy::Clamp => tick = watermark,
-            }
         }
-        self.max_tick = Some(self.max_tick.map_or(tick, |m| m.max(tick)));
-        Some(tick)
+        if let Some(reason) = admission.reason() {
+            self.dead(ctl, line, offset, peer.clone(), reason, bytes);
+        }
+        admission.time()
     }
 
     fn step(
@@ -310,6 +310,7 @@ impl Reader {
         raw: &mut Vec<RawLine>,
         ctl: &mut Vec<Control>,
     ) -> Status {
+        let now_ms = wall_clock_ms();
         let mut status = Status::More;
         for _ in 0..BATCH {
             match self.lines.next_line() {
@@ -319,8 +320,8 @@ impl Reader {
                     offset,
                     peer,
                 }) => {
-                    self.last_activity = Instant::now();
-                    self.handle_line(bytes, line, offset, peer, out, raw, ctl);
+                    self.clock.activity(now_ms);
+                    self.handle_line(bytes, line, offset, peer, now_ms, out, raw, ctl);
                 }
                 Ok(Next::TooLong {
                     line,
@@ -328,7 +329,7 @@ impl Reader {
                     len,
                     peer,
                 }) => {
-                    self.last_activity = Instant::now();
+                    self.clock.activity(now_ms);
                     self.stats.0 += 1;
                     let reason = format!(
                         "line of {len} bytes exceeds max_line_bytes = {}",
@@ -351,25 +352,8 @@ impl Reader {
                 }
             }
         }
-        if matches!(status, Status::Idle) && self.lines.is_live() {
-            let idle = self.last_activity.elapsed();
-            if idle >= Duration::from_millis(self.params.idle_advance_ms) {
-                let tick = self.params.tick_ms.max(1);
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
-                // Before any event the clock is the wall clock; after, it moves
-                // on from the last event by the idle time.
-                let clock = match self.max_tick {
-                    None => now,
-                    Some(m) => m.saturating_add(idle.as_millis() as u64),
-                };
-                let clock = clock / tick * tick;
-                if self.max_tick.is_none_or(|m| clock > m) {
-                    self.max_tick = Some(clock);
-                }
-            }
+        if matches!(status, Status::Idle) {
+            self.clock.idle(now_ms);
         }
         let (lines, records, dead, late) = std::mem::take(&mut self.stats);
         if lines + records + dead + late > 0 {
@@ -385,16 +369,27 @@ impl Reader {
                 offset: self.lines.position(),
             });
         }
-        if self.max_tick != self.reported_tick {
-            if let Some(tick) = self.max_tick {
+        let clock = self.clock.clock();
+        if clock != self.reported_clock {
+            if let Some(tick) = clock {
                 ctl.push(Control::Clock {
                     source: self.def.index,
                     tick,
                 });
             }
-            self.reported_tick = self.max_tick;
+            self.reported_clock = clock;
         }
         status
+    }
+
+    /// When to look at the source again while it has nothing to read.
+    fn idle_wakeup(&self) -> Duration {
+        let now = wall_clock_ms();
+        let mut wait = self.clock.next_idle_move_in(now).unwrap_or(FILE_POLL_MS);
+        if !self.lines.wakes_on_input() {
+            wait = wait.min(FILE_POLL_MS);
+        }
+        Duration::from_millis(wait.max(1))
     }
 }
 
@@ -431,6 +426,7 @@ pub fn source<'s>(
         OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
     let owner = def.index as usize % scope.peers();
     let is_owner = scope.index() == owner;
+    let waker = scope.worker().sync_activator_for(info.address.to_vec());
     let decode_def = def.clone();
     let decode_params = Arc::clone(&params);
 
@@ -441,7 +437,7 @@ pub fn source<'s>(
         if is_owner {
             let name = def.name.clone();
             let described = def.input.describe();
-            match Reader::open(def, params) {
+            match Reader::open(def, params, Some(waker)) {
                 Ok(r) => reader = Some(r),
                 Err(e) => panic!("source `{name}`: cannot open {described}: {e}"),
             }
@@ -482,7 +478,7 @@ pub fn source<'s>(
             match status {
                 Status::Finished => caps = None,
                 status => {
-                    let watermark = reader.watermark();
+                    let watermark = reader.clock.watermark();
                     if watermark > *held[0].time() {
                         for cap in held.iter_mut() {
                             cap.downgrade(&watermark);
@@ -490,9 +486,7 @@ pub fn source<'s>(
                     }
                     match status {
                         Status::More => activator.activate(),
-                        _ => activator.activate_after(Duration::from_millis(
-                            reader.params.idle_advance_ms.clamp(1, 50),
-                        )),
+                        _ => activator.activate_after(reader.idle_wakeup()),
                     }
                 }
             }

@@ -10,6 +10,7 @@
 
 use std::io;
 
+use timely::scheduling::SyncActivator;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -19,6 +20,23 @@ enum Msg {
     Connected,
     Item(Next),
     Disconnected,
+}
+
+/// Sends `msg`; if the channel is full, wakes the engine first so that it
+/// drains the channel (lines are otherwise announced once per read chunk).
+async fn send(
+    tx: &mpsc::Sender<Msg>,
+    msg: Msg,
+    wake: &(dyn Fn() + Send + Sync),
+) -> Result<(), mpsc::error::SendError<Msg>> {
+    match tx.try_send(msg) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            wake();
+            tx.send(msg).await
+        }
+        Err(mpsc::error::TrySendError::Closed(msg)) => Err(mpsc::error::SendError(msg)),
+    }
 }
 
 /// Lines received on a TCP listener.
@@ -33,8 +51,20 @@ pub struct TcpLines {
 
 impl TcpLines {
     /// Binds `addr` now (so a bad address fails at start) and accepts clients
-    /// in the background.
-    pub fn listen(addr: &str, until_disconnect: bool, limit: usize) -> io::Result<Self> {
+    /// in the background; `waker` is activated whenever lines, a connection
+    /// or a disconnection arrive, so the engine need not poll.
+    pub fn listen(
+        addr: &str,
+        until_disconnect: bool,
+        limit: usize,
+        waker: Option<SyncActivator>,
+    ) -> io::Result<Self> {
+        let wake = std::sync::Arc::new(move || {
+            if let Some(w) = &waker {
+                // An error means the worker is gone; the run is ending.
+                let _ = w.activate();
+            }
+        });
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -58,10 +88,12 @@ impl TcpLines {
                             continue;
                         };
                         let tx = tx.clone();
+                        let wake = std::sync::Arc::clone(&wake);
                         tokio::spawn(async move {
                             if tx.send(Msg::Connected).await.is_err() {
                                 return;
                             }
+                            wake();
                             let peer = Some(peer.to_string());
                             let mut framer = Framer::new(limit);
                             let mut buf = vec![0u8; 64 * 1024];
@@ -71,20 +103,26 @@ impl TcpLines {
                                     Ok(n) => n,
                                 };
                                 let mut chunk = &buf[..n];
+                                let mut sent = false;
                                 while !chunk.is_empty() {
                                     let (used, line) = framer.feed(chunk, &peer);
                                     chunk = &chunk[used..];
                                     if let Some(line) = line {
-                                        if tx.send(Msg::Item(line)).await.is_err() {
+                                        if send(&tx, Msg::Item(line), &*wake).await.is_err() {
                                             return;
                                         }
+                                        sent = true;
                                     }
+                                }
+                                if sent {
+                                    wake();
                                 }
                             }
                             if framer.has_partial() {
                                 let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
                             }
                             let _ = tx.send(Msg::Disconnected).await;
+                            wake();
                         });
                     }
                 });
@@ -127,6 +165,9 @@ impl LineSource for TcpLines {
         self.lines
     }
     fn is_live(&self) -> bool {
+        true
+    }
+    fn wakes_on_input(&self) -> bool {
         true
     }
 }

@@ -1,0 +1,64 @@
+//! Completion: which times the commit stage may write.
+//!
+//! A time `t` is **complete** once the input frontier of the commit stage
+//! (the least watermark over all sources, carried through the dataflow by
+//! timely's progress tracking) has passed it: no worker can still produce
+//! an update at or before `t`.
+//!
+//! A complete time is **committed** (its diffs and state written) only if
+//! it is not later than the **end of the data**: the largest source clock
+//! ([`super::SourceClock::clock`]), i.e. the latest tick admitted or the
+//! wall-clock watermark of an idle live source. Window ends after the last
+//! event of a finite replay are therefore not part of its result: the final
+//! state is "as of" the last event, not at infinity. A live source's clock
+//! follows the wall clock, so its window ends are committed as they pass.
+
+use super::Time;
+
+/// The commit rule (see the [module documentation](self)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    end_of_data: Option<Time>,
+}
+
+impl Completion {
+    /// Notes a source clock.
+    pub fn observe(&mut self, clock: Time) {
+        self.end_of_data = Some(self.end_of_data.map_or(clock, |e| e.max(clock)));
+    }
+
+    /// The largest source clock seen.
+    pub fn end_of_data(&self) -> Option<Time> {
+        self.end_of_data
+    }
+
+    /// Whether `time` is complete given the commit stage's input frontier
+    /// (`None`: every input has ended).
+    pub fn is_complete(time: Time, frontier: Option<Time>) -> bool {
+        frontier.is_none_or(|f| time < f)
+    }
+
+    /// Whether `time` may be committed now.
+    pub fn committable(&self, time: Time, frontier: Option<Time>) -> bool {
+        Self::is_complete(time, frontier) && self.end_of_data.is_some_and(|e| time <= e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_complete_times_up_to_the_end_of_data() {
+        let mut c = Completion::default();
+        assert!(!c.committable(0, None), "nothing seen: nothing to commit");
+        c.observe(5_000);
+        c.observe(3_000);
+        assert_eq!(c.end_of_data(), Some(5_000));
+        assert!(c.committable(4_000, Some(5_000)));
+        assert!(!c.committable(5_000, Some(5_000)), "not complete");
+        assert!(c.committable(5_000, None));
+        assert!(!c.committable(6_000, None), "after the last event");
+        assert!(Completion::is_complete(6_000, None));
+    }
+}
