@@ -148,11 +148,18 @@ impl Reader {
     fn open(def: SourceDef, params: Arc<ReadParams>) -> std::io::Result<Reader> {
         let limit = params.max_line_bytes;
         let lines: Box<dyn LineSource> = match &def.input {
-            Input::File { path, follow } => Box::new(FileLines::open(path, *follow, limit)?),
+            Input::File { path, follow } => {
+                Box::new(FileLines::open(path, *follow, limit, def.format.into())?)
+            }
             Input::Tcp {
                 addr,
                 until_disconnect,
-            } => Box::new(tcp::TcpLines::listen(addr, *until_disconnect, limit)?),
+            } => Box::new(tcp::TcpLines::listen(
+                addr,
+                *until_disconnect,
+                limit,
+                def.format.into(),
+            )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
         let input_name = def.input.describe();

@@ -13,7 +13,7 @@ use std::io;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use super::lines::{Framer, LineSource, Next};
+use super::lines::{Framer, Framing, LineSource, Next};
 
 enum Msg {
     Connected,
@@ -33,8 +33,13 @@ pub struct TcpLines {
 
 impl TcpLines {
     /// Binds `addr` now (so a bad address fails at start) and accepts clients
-    /// in the background.
-    pub fn listen(addr: &str, until_disconnect: bool, limit: usize) -> io::Result<Self> {
+    /// in the background; each connection is framed as `framing` says.
+    pub fn listen(
+        addr: &str,
+        until_disconnect: bool,
+        limit: usize,
+        framing: Framing,
+    ) -> io::Result<Self> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let (tx, rx) = mpsc::channel(4096);
@@ -63,7 +68,7 @@ impl TcpLines {
                                 return;
                             }
                             let peer = Some(peer.to_string());
-                            let mut framer = Framer::new(limit);
+                            let mut framer = Framer::new(limit, framing);
                             let mut buf = vec![0u8; 64 * 1024];
                             loop {
                                 let n = match stream.read(&mut buf).await {
