@@ -316,12 +316,13 @@ fn id_number(n: &serde_json::Number) -> Result<&str, String> {
 /// An amount from its numeral: its value, compared exactly, is at most
 /// [`MAX_AMOUNT`] in magnitude.
 fn amount_value(text: &str) -> Result<f64, String> {
-    let in_range = Decimal::parse(text)
-        .and_then(|d| d.scaled(3))
-        .is_some_and(|(thousandths, fraction)| {
-            thousandths < MAX_AMOUNT_THOUSANDTHS
-                || (thousandths == MAX_AMOUNT_THOUSANDTHS && !fraction)
-        });
+    let in_range =
+        Decimal::parse(text)
+            .and_then(|d| d.scaled(3))
+            .is_some_and(|(thousandths, fraction)| {
+                thousandths < MAX_AMOUNT_THOUSANDTHS
+                    || (thousandths == MAX_AMOUNT_THOUSANDTHS && !fraction)
+            });
     match float(text) {
         Ok(f) if in_range => Ok(f),
         _ => Err(format!(
@@ -520,11 +521,7 @@ fn no_identifier(rules: &IdentityRules, dropped: &[String]) -> DecodeError {
 }
 
 /// Top-level fields that are neither in `known` nor identifier fields.
-fn unknown_fields(
-    o: &Obj,
-    known: &[&str],
-    rules: &IdentityRules,
-) -> Result<Fields, DecodeError> {
+fn unknown_fields(o: &Obj, known: &[&str], rules: &IdentityRules) -> Result<Fields, DecodeError> {
     o.iter()
         .filter(|(k, _)| !known.contains(&k.as_str()) && !rules.priority.iter().any(|p| p == *k))
         .map(|(k, v)| Ok((k.clone(), to_scalar("", k, v)?)))
@@ -940,7 +937,10 @@ mod fast {
             };
             if first == NUMBER_TOKEN {
                 let text: Cow<'de, str> = map.next_value::<Key<'de>>()?.0;
-                return text.parse::<Number>().map(Val::Num).map_err(de::Error::custom);
+                return text
+                    .parse::<Number>()
+                    .map(Val::Num)
+                    .map_err(de::Error::custom);
             }
             let mut object = serde_json::Map::new();
             object.insert(first.into_owned(), map.next_value::<Value>()?);
@@ -1011,9 +1011,7 @@ mod fast {
             Val::Null => Ok(None),
             Val::Str(Cow::Borrowed(s)) => Ok(Some(IdVal::Str(s))),
             Val::Num(n) if is_integer_literal(n.as_str()) => Ok(Some(IdVal::Num(n.clone()))),
-            Val::Num(_) | Val::Str(Cow::Owned(_)) | Val::Bool(_) | Val::Tree(_) => {
-                Err(give_up())
-            }
+            Val::Num(_) | Val::Str(Cow::Owned(_)) | Val::Bool(_) | Val::Tree(_) => Err(give_up()),
         }
     }
 
@@ -1221,7 +1219,8 @@ mod fast {
                     top.ids[i] = id_val(&map.next_value::<Val<'de>>()?)?;
                 } else {
                     let v: Val<'de> = map.next_value()?;
-                    top.properties.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
+                    top.properties
+                        .insert(k.into_owned(), v.into_scalar::<A::Error>()?);
                 }
             }
             Ok(())
@@ -2136,8 +2135,9 @@ mod tests {
         let c = crm(r#"{"crm_id":18446744073709551617,"updated_at":1}"#).unwrap();
         assert_eq!(c.crm_id, "18446744073709551617");
         assert_eq!(values(&c.ids), ["crm:18446744073709551617"]);
-        let t = txn(r#"{"order_id":9007199254740993,"ts":1,"user_id":9007199254740993,"amount":1}"#)
-            .unwrap();
+        let t =
+            txn(r#"{"order_id":9007199254740993,"ts":1,"user_id":9007199254740993,"amount":1}"#)
+                .unwrap();
         assert_eq!(t.order_id, "9007199254740993");
         assert_eq!(values(&t.ids), ["user:9007199254740993"]);
 
@@ -2148,7 +2148,9 @@ mod tests {
             )
         };
         assert_eq!(
-            reason(web(r#"{"event":"v","ts":1,"user_id":1.5,"anonymous_id":"a"}"#)),
+            reason(web(
+                r#"{"event":"v","ts":1,"user_id":1.5,"anonymous_id":"a"}"#
+            )),
             must("user_id", "1.5")
         );
         assert_eq!(
@@ -2156,7 +2158,9 @@ mod tests {
             must("anonymous_id", "1.0")
         );
         assert_eq!(
-            reason(web(r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"user_id":1e3}}"#)),
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"user_id":1e3}}"#
+            )),
             must("context.user_id", "1e+3")
         );
         // A top-level value wins over the context's, which is then only a
@@ -2195,21 +2199,31 @@ mod tests {
         );
         assert_eq!(w.properties["z"], Scalar::Num(0.0));
 
-        let out = |field: &str, n: &str| format!("field `{field}`: {n} is out of range for a 64-bit float");
+        let out = |field: &str, n: &str| {
+            format!("field `{field}`: {n} is out of range for a 64-bit float")
+        };
         assert_eq!(
-            reason(web(r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"price":1e400}}"#)),
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"price":1e400}}"#
+            )),
             out("item.price", "1e+400")
         );
         assert_eq!(
-            reason(web(r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"x":-1e400}}"#)),
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"x":-1e400}}"#
+            )),
             out("context.x", "-1e+400")
         );
         assert_eq!(
-            reason(web(r#"{"event":"v","ts":1,"anonymous_id":"a","tiny":1e-400}"#)),
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","tiny":1e-400}"#
+            )),
             out("tiny", "1e-400")
         );
         assert_eq!(
-            reason(crm(r#"{"crm_id":"C","updated_at":1,"attributes":{"ltv":1e400}}"#)),
+            reason(crm(
+                r#"{"crm_id":"C","updated_at":1,"attributes":{"ltv":1e400}}"#
+            )),
             out("attributes.ltv", "1e+400")
         );
         assert_eq!(
@@ -2227,14 +2241,19 @@ mod tests {
     #[test]
     fn amounts_are_bounded_so_thousandths_stay_exact() {
         let amount = |a: &str| {
-            txn(&format!(r#"{{"order_id":"o","ts":1,"user_id":"u","amount":{a}}}"#)).map(|t| t.amount)
+            txn(&format!(
+                r#"{{"order_id":"o","ts":1,"user_id":"u","amount":{a}}}"#
+            ))
+            .map(|t| t.amount)
         };
         assert_eq!(amount("999999999999.999"), Ok(999_999_999_999.999));
         assert_eq!(amount("-999999999999.9990"), Ok(-999_999_999_999.999));
         assert_eq!(amount(r#"" 1e2 ""#), Ok(100.0));
         assert_eq!(amount("0.0001"), Ok(0.0001));
         let out = |a: &str| {
-            format!("field `amount`: {a} is out of range (amounts must be within ±999999999999.999)")
+            format!(
+                "field `amount`: {a} is out of range (amounts must be within ±999999999999.999)"
+            )
         };
         for (a, shown) in [
             ("999999999999.9991", "999999999999.9991"),
@@ -2280,8 +2299,14 @@ mod tests {
             ))
             .map(|t| t.item_count)
         };
-        assert_eq!(count(r#"[{"qty":2.0},{"qty":"3"},{"qty":1e1},{},{"qty":null},{"qty":0}]"#), Ok(17));
-        assert_eq!(count(r#"[{"qty":9007199254740991}]"#), Ok(9_007_199_254_740_991));
+        assert_eq!(
+            count(r#"[{"qty":2.0},{"qty":"3"},{"qty":1e1},{},{"qty":null},{"qty":0}]"#),
+            Ok(17)
+        );
+        assert_eq!(
+            count(r#"[{"qty":9007199254740991}]"#),
+            Ok(9_007_199_254_740_991)
+        );
         let bad = |i: usize, shown: &str| {
             format!(
                 "field `items[{i}].qty`: expected a whole number from 0 to 9007199254740991, found {shown}"
@@ -2289,8 +2314,14 @@ mod tests {
         };
         assert_eq!(reason(count(r#"[{"qty":1.5}]"#)), bad(0, "1.5"));
         assert_eq!(reason(count(r#"[{},{"qty":-1}]"#)), bad(1, "-1"));
-        assert_eq!(reason(count(r#"[{"qty":"2.5"}]"#)), bad(0, "string \"2.5\""));
-        assert_eq!(reason(count(r#"[{"qty":9007199254740992}]"#)), bad(0, "9007199254740992"));
+        assert_eq!(
+            reason(count(r#"[{"qty":"2.5"}]"#)),
+            bad(0, "string \"2.5\"")
+        );
+        assert_eq!(
+            reason(count(r#"[{"qty":9007199254740992}]"#)),
+            bad(0, "9007199254740992")
+        );
         assert_eq!(reason(count(r#"[{"qty":1e400}]"#)), bad(0, "1e+400"));
         assert_eq!(
             reason(count(r#"[{"qty":1.0000000000000000001}]"#)),

@@ -344,7 +344,10 @@ mod tests {
         assert_eq!(ok("9007199254740992"), Scalar::Num(9007199254740992.0));
         assert_eq!(ok("-9007199254740992"), Scalar::Num(-9007199254740992.0));
         // 2^64 is a float exactly; 2^64 + 1 and 2^53 + 1 are not.
-        assert_eq!(ok("18446744073709551616"), Scalar::Num(18446744073709551616.0));
+        assert_eq!(
+            ok("18446744073709551616"),
+            Scalar::Num(18446744073709551616.0)
+        );
         assert_eq!(
             ok("18446744073709551617"),
             Scalar::Str("18446744073709551617".into())
@@ -374,7 +377,10 @@ mod tests {
             "1e+99999999999999999999 is out of range for a 64-bit float"
         );
         let long = format!("1{}", "0".repeat(400));
-        assert_eq!(err(&long), format!("{long} is out of range for a 64-bit float"));
+        assert_eq!(
+            err(&long),
+            format!("{long} is out of range for a 64-bit float")
+        );
 
         let v: serde_json::Value =
             serde_json::from_str(r#"[1e400, 18446744073709551617, 1.50]"#).unwrap();
@@ -417,13 +423,24 @@ mod tests {
         );
         assert_eq!(whole("1e39"), Whole::TooBig);
         assert_eq!(whole("1e99999999999999999999"), Whole::TooBig);
-        for bad in ["", "-", ".", "e5", "1e", "1e+", "inf", "NaN", "1.2.3", "1x", " 1", "--1"] {
+        for bad in [
+            "", "-", ".", "e5", "1e", "1e+", "inf", "NaN", "1.2.3", "1x", " 1", "--1",
+        ] {
             assert_eq!(Decimal::parse(bad), None, "{bad:?}");
         }
         let scaled = |t: &str, shift| Decimal::parse(t).unwrap().scaled(shift);
-        assert_eq!(scaled("999999999999.999", 3), Some((999_999_999_999_999, false)));
-        assert_eq!(scaled("999999999999.9990", 3), Some((999_999_999_999_999, false)));
-        assert_eq!(scaled("999999999999.9991", 3), Some((999_999_999_999_999, true)));
+        assert_eq!(
+            scaled("999999999999.999", 3),
+            Some((999_999_999_999_999, false))
+        );
+        assert_eq!(
+            scaled("999999999999.9990", 3),
+            Some((999_999_999_999_999, false))
+        );
+        assert_eq!(
+            scaled("999999999999.9991", 3),
+            Some((999_999_999_999_999, true))
+        );
         assert_eq!(scaled("-1.5e-2", 3), Some((15, false)));
         assert_eq!(scaled("0.0001", 3), Some((0, true)));
         assert_eq!(scaled("1e12", 3), Some((1_000_000_000_000_000, false)));

@@ -592,7 +592,10 @@ mod tests {
     #[test]
     fn a_leading_bom_is_dropped_and_still_counts_in_offsets() {
         let out = lines_of(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 100);
-        assert_eq!(out, vec![line(b"{\"a\":1}", 1, 3), line(b"{\"b\":2}", 2, 11)]);
+        assert_eq!(
+            out,
+            vec![line(b"{\"a\":1}", 1, 3), line(b"{\"b\":2}", 2, 11)]
+        );
         // Split over chunks, one byte at a time.
         let out = frame_chunked(b"\xEF\xBB\xBFx\ny", &[1], 100, Framing::Lines);
         assert_eq!(out, vec![line(b"x", 1, 3), line(b"y", 2, 5)]);
@@ -604,10 +607,7 @@ mod tests {
         // Only at the very start: later BOMs are data.
         assert_eq!(
             lines_of(b"\xEF\xBB\xBF\xEF\xBB\xBFx\n\xEF\xBB\xBFy\n", 100),
-            vec![
-                line(b"\xEF\xBB\xBFx", 1, 3),
-                line(b"\xEF\xBB\xBFy", 2, 8)
-            ]
+            vec![line(b"\xEF\xBB\xBFx", 1, 3), line(b"\xEF\xBB\xBFy", 2, 8)]
         );
     }
 
@@ -672,7 +672,8 @@ mod tests {
 
     #[test]
     fn csv_phantom_row_stays_inside_its_quotes() {
-        let data = b"crm_id,email,tier\nC1,a@x.com,\"gold\nC2,b@x.com,silver\"\nC3,c@x.com,bronze\n";
+        let data =
+            b"crm_id,email,tier\nC1,a@x.com,\"gold\nC2,b@x.com,silver\"\nC3,c@x.com,bronze\n";
         assert_eq!(
             read_all(data, 100, Framing::Csv),
             vec![
@@ -703,11 +704,21 @@ mod tests {
         }
         // The parser's scratch space is small; records far longer than it
         // are framed (and measured) right.
-        let long = format!("x,\"{}\n{}\"\ny,z\n", "p".repeat(40_000), "q".repeat(40_000));
+        let long = format!(
+            "x,\"{}\n{}\"\ny,z\n",
+            "p".repeat(40_000),
+            "q".repeat(40_000)
+        );
         let out = read_all(long.as_bytes(), 1 << 20, Framing::Csv);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1], line(b"y,z", 3, 80_006));
-        let Next::Line { bytes, line: 1, offset: 0, .. } = &out[0] else {
+        let Next::Line {
+            bytes,
+            line: 1,
+            offset: 0,
+            ..
+        } = &out[0]
+        else {
             panic!("{:?}", out[0]);
         };
         assert_eq!(bytes.len(), 80_005);
