@@ -521,3 +521,27 @@ fn timestamp_units_future_skew_and_range() {
         assert_eq!(run.summary.records(), 4);
     }
 }
+
+/// `time_unit = "ms"` reads millisecond times from before March 1973,
+/// which by magnitude would be seconds (and out of range).
+#[test]
+fn time_unit_fixes_the_unit_of_numeric_timestamps() {
+    let web = [
+        r#"{"event":"view_item","ts":50000000000,"anonymous_id":"u1"}"#,
+        r#"{"event":"view_item","ts":"50000001000","anonymous_id":"u1"}"#,
+    ];
+    for (unit, expected, dead) in [
+        (
+            "ms",
+            vec![r#"{"time":50000001000,"segment":"active","profile":"anon:u1","diff":1}"#.to_string()],
+            0,
+        ),
+        ("auto", vec![], 2),
+    ] {
+        let text = SPEC.replace("[sources.web]", &format!("[sources.web]\ntime_unit = \"{unit}\""));
+        let spec = parse_spec(&text, "unit.toml").unwrap();
+        let run = run_spec(spec, &[("web", &web), ("crm", &[]), ("transactions", &[])], 2, None);
+        assert_eq!(run.diffs, expected, "time_unit = {unit}");
+        assert_eq!(run.dead.len(), dead, "time_unit = {unit}: {:?}", run.dead);
+    }
+}

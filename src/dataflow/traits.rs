@@ -22,10 +22,9 @@
 //!    merged profile and the totals follow.
 //!
 //! Totals never overflow and are never rounded: a summed value must lie
-//! within ±[`MAX_SUM_VALUE`] (so its thousandths are exact in an `f64` and
-//! an `i64`; records outside are dead-lettered when decoded, see
-//! [`crate::model::limits`]), and totals are 128-bit, which more than
-//! 2^74 such values cannot overflow.
+//! within ±[`MAX_SUM_VALUE`] (so its thousandths are exact; records outside
+//! are dead-lettered when decoded, see [`crate::model::limits`]), and totals
+//! are 128-bit, which more than 2^87 such values cannot overflow.
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::AsCollection;
@@ -81,7 +80,7 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<i64> {
             if !v.is_finite() || v.abs() > MAX_SUM_VALUE {
                 return None;
             }
-            // Exact: |v × 1000| ≤ 2^53, and the rounding only removes the
+            // Exact: for |v| ≤ MAX_SUM_VALUE the rounding only removes the
             // binary error of a decimal with three places.
             let scaled = (v * SUM_SCALE).round();
             (scaled != 0.0).then_some(scaled as i64)

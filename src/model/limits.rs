@@ -1,23 +1,23 @@
 //! Limits on input values that the engine must hold exactly.
 //!
 //! Sum traits add up a field's values as integer thousandths (so that
-//! `0.1 + 0.2` is exactly `0.3`). A value can be held exactly only if its
-//! thousandths are an integer that an `f64` represents exactly: at most
-//! 2^53 = 9 007 199 254 740 992 thousandths, so `|value| ≤`
-//! [`MAX_SUM_VALUE`] (about nine trillion). A record carrying a larger
-//! value in a field that some sum trait adds up is rejected to the dead
-//! letters ([`check_summed_fields`]) rather than rounded into another value;
-//! totals are 128-bit, so they cannot overflow (see
+//! `0.1 + 0.2` is exactly `0.3`). A value with three decimals turns into
+//! exactly its thousandths (`round(v × 1000)` of the `f64`) only while
+//! `|v| ≤` [`MAX_SUM_VALUE`] = 999 999 999 999.999 (the same bound as a
+//! transaction's `amount`, [`super::record::MAX_AMOUNT`]). A record carrying
+//! a larger value in a field that some sum trait adds up is rejected to the
+//! dead letters ([`check_summed_fields`]) rather than rounded into another
+//! value; totals are 128-bit, so they cannot overflow (see
 //! [`crate::dataflow::traits`]).
 
 use super::record::{Record, RecordKind};
 use super::scalar::Scalar;
 
-/// The largest magnitude of a value a sum trait can add up exactly:
-/// 9 007 199 254 740.991 (2^53 − 1 thousandths).
-pub const MAX_SUM_VALUE: f64 = 9_007_199_254_740.991;
+/// The largest magnitude of a value a sum trait adds up:
+/// 999 999 999 999.999.
+pub const MAX_SUM_VALUE: f64 = super::record::MAX_AMOUNT;
 /// [`MAX_SUM_VALUE`] as messages write it.
-const MAX_SUM_TEXT: &str = "9007199254740.991";
+const MAX_SUM_TEXT: &str = "999999999999.999";
 
 /// A field that some sum trait adds up: records of `kind`, at `path`
 /// (e.g. `["amount"]`, `["item", "price"]`).
@@ -78,21 +78,17 @@ mod tests {
             )
             .unwrap()
         };
-        assert_eq!(check_summed_fields(&txn("9007199254740.991"), &fields), Ok(()));
-        assert_eq!(check_summed_fields(&txn("-9007199254740.991"), &fields), Ok(()));
-        assert_eq!(
-            check_summed_fields(&txn("9007199254741"), &fields),
-            Err("field `amount` = 9.007199254741e12 is outside the range a sum can hold exactly (±9007199254740.991)".into())
-        );
+        assert_eq!(check_summed_fields(&txn("999999999999.999"), &fields), Ok(()));
+        assert_eq!(check_summed_fields(&txn("-999999999999.999"), &fields), Ok(()));
         let view = decode_json(
             RecordKind::Web,
-            r#"{"event":"view_item","ts":1772366400,"user_id":"u","item":{"price":1e15}}"#,
+            r#"{"event":"view_item","ts":1772366400,"user_id":"u","item":{"price":1000000000000}}"#,
             &rules,
         )
         .unwrap();
         assert!(check_summed_fields(&view, &fields)
             .unwrap_err()
-            .starts_with("field `item.price` = 1e15 is outside"));
+            .starts_with("field `item.price` = 1e12 is outside the range a sum can hold exactly (±999999999999.999)"));
         // Not summed: any number is fine.
         assert_eq!(check_summed_fields(&view, &fields[..1]), Ok(()));
     }

@@ -21,7 +21,6 @@ pub mod limits;
 pub mod normalize;
 pub mod record;
 pub mod scalar;
-mod time;
 
 pub use ident::*;
 pub use normalize::*;

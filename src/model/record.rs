@@ -10,7 +10,7 @@
 //!
 //! Decoding validates once, at the edge: required fields must be present
 //! with the right type, timestamps are parsed with
-//! [`parse_time`], and identifiers are normalized into
+//! [`crate::time::parse`], and identifiers are normalized into
 //! ranked [`Ident`]s according to [`IdentityRules`]. Errors ([`DecodeError`])
 //! name the field and say what was expected and what was found, so a bad
 //! input line can be fixed without reading code. A JSON `null` counts as a
@@ -22,6 +22,42 @@
 //! (e.g. `"email":"n/a"`) is simply not used as an identifier — the record is
 //! kept as long as some other identifier remains. Web events and transactions
 //! need at least one identifier; CRM records always have their `crm_id`.
+//!
+//! ## Numbers
+//!
+//! JSON numbers are read from their exact text (serde_json's
+//! `arbitrary_precision`), never through a float first, and no value is
+//! silently rounded into another value or wrapped; a value the engine cannot
+//! hold is rejected with a reason that says so:
+//!
+//! * **Identifiers** (`crm_id`, `order_id` and every identifier field,
+//!   top-level or in `context`): a number must be an integer written with
+//!   digits only (an optional `-`); it is used with its exact digits, of any
+//!   length, and is the same identifier as the string of those digits:
+//!   `"user_id": 18446744073709551616` ≡ `"user_id": "18446744073709551616"`.
+//!   A number with a fraction or an exponent (`1.5`, `1.0`, `1e3`) is
+//!   rejected (`field `user_id`: numeric identifier 1e+3 must be written as an
+//!   integer (digits only) or as a string`): it has no single digit spelling.
+//!   Numbers in messages are spelled as serde_json reads them: the digits as
+//!   written, an exponent as `e+N`/`e-N` (`1E3` shows as `1e+3`).
+//! * **`amount`** (a number, or a string holding one): at most
+//!   [`MAX_AMOUNT`] = 999999999999.999 in magnitude (compared exactly, on
+//!   the digits written), so that its thousandths, in which sums are kept,
+//!   are exact; beyond that it is rejected: `field `amount`: 1e+400 is out of
+//!   range (amounts must be within ±999999999999.999)`. A non-zero amount
+//!   too small for a float (`1e-400`) is rejected the same way.
+//! * **`items[].qty`** (a number, or a string holding one): a whole number
+//!   from 0 to [`MAX_QTY`] = 2^53 − 1 (`2`, `2.0` and `"2"` are the same);
+//!   negative, fractional or larger quantities are rejected, and so is an
+//!   order whose total `item_count` exceeds [`MAX_QTY`].
+//! * **`deleted`** as a number: exactly 0 or 1 (`1.0` counts as 1).
+//! * **Other fields** (`item`, `context`, `attributes`, items' fields,
+//!   unknown top-level fields) become [`Scalar`]s by
+//!   [`Scalar::from_number`]: integers that a 64-bit float cannot hold
+//!   exactly are kept as strings of their exact digits; a number outside the
+//!   float range (`1e400`) is rejected (`field `item.price`: 1e+400 is out of
+//!   range for a 64-bit float`). Arrays and objects kept as JSON text keep
+//!   their numbers' digits.
 
 use std::collections::BTreeMap;
 
@@ -30,8 +66,8 @@ use serde_json::{Map, Value};
 
 use super::ident::{prefix_for, Ident, IdentityRules};
 use super::normalize::normalize_id;
-use super::scalar::Scalar;
-use super::time::{json_type, parse_time};
+use super::scalar::{float, is_integer_literal, Decimal, Scalar, Whole};
+use crate::time::parse::{json_type, parse_time_as, parse_time_str_as, TimeUnit};
 
 /// Named scalar fields (item properties, context, free-form properties).
 pub type Fields = BTreeMap<String, Scalar>;
@@ -78,11 +114,12 @@ pub struct Transaction {
     pub order_id: String,
     /// The buyer's identifiers: sorted, deduplicated, never empty.
     pub ids: Vec<Ident>,
-    /// Order total.
+    /// Order total, at most [`MAX_AMOUNT`] in magnitude.
     pub amount: f64,
     /// ISO currency code, trimmed and upper-cased, if given.
     pub currency: Option<String>,
-    /// Sum of the items' `qty` (1 for an item without `qty`).
+    /// Sum of the items' `qty` (1 for an item without `qty`), at most
+    /// [`MAX_QTY`].
     pub item_count: u64,
     /// The `"items"` array, one field map per item.
     pub items: Vec<Fields>,
@@ -247,6 +284,115 @@ fn expected(field: &str, what: &str, found: &Value) -> DecodeError {
     ))
 }
 
+/// The largest amount magnitude, 999999999999.999 (just under 10^12).
+///
+/// Sums are kept in integer thousandths (`round(amount × 1000)`). Below
+/// 10^12 the 64-bit float nearest to an amount is within 2^-14 of it and
+/// the product by 1000 is below 2^50, so the thousandths come out exactly
+/// as written. Larger bounds are not safe: near 2^53 thousandths
+/// (9007199254740.991) a float's spacing is about 0.002, and
+/// `9007199254740.991` already reads as `9007199254740.990`.
+pub const MAX_AMOUNT: f64 = 999_999_999_999.999;
+
+/// [`MAX_AMOUNT`] in thousandths.
+const MAX_AMOUNT_THOUSANDTHS: u128 = 999_999_999_999_999;
+
+/// The largest item quantity and `item_count`: 2^53 − 1, so that counts
+/// stay exact as numbers in expressions.
+pub const MAX_QTY: u64 = (1 << 53) - 1;
+
+/// A numeric identifier's text: an integer written with digits only.
+fn id_number(n: &serde_json::Number) -> Result<&str, String> {
+    let text = n.as_str();
+    if is_integer_literal(text) {
+        Ok(text)
+    } else {
+        Err(format!(
+            "numeric identifier {text} must be written as an integer (digits only) or as a string"
+        ))
+    }
+}
+
+/// An amount from its numeral: its value, compared exactly, is at most
+/// [`MAX_AMOUNT`] in magnitude.
+fn amount_value(text: &str) -> Result<f64, String> {
+    let in_range =
+        Decimal::parse(text)
+            .and_then(|d| d.scaled(3))
+            .is_some_and(|(thousandths, fraction)| {
+                thousandths < MAX_AMOUNT_THOUSANDTHS
+                    || (thousandths == MAX_AMOUNT_THOUSANDTHS && !fraction)
+            });
+    match float(text) {
+        Ok(f) if in_range => Ok(f),
+        _ => Err(format!(
+            "{text} is out of range (amounts must be within ±999999999999.999)"
+        )),
+    }
+}
+
+/// An amount given as a string: a numeral (trimmed), else an error.
+fn amount_str(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    match Decimal::parse(t) {
+        Some(_) => amount_value(t),
+        None => Err(format!("expected a number, found string {s:?}")),
+    }
+}
+
+/// A quantity from an exactly read numeral; `shown` is how the error shows
+/// the value.
+fn qty_value(d: Decimal, shown: impl FnOnce() -> String) -> Result<u64, String> {
+    match d.whole() {
+        Whole::Int {
+            negative: false,
+            magnitude,
+        } if magnitude <= u128::from(MAX_QTY) => Ok(magnitude as u64),
+        _ => Err(format!(
+            "expected a whole number from 0 to {MAX_QTY}, found {}",
+            shown()
+        )),
+    }
+}
+
+/// A quantity given as a JSON number.
+fn qty_number(n: &serde_json::Number) -> Result<u64, String> {
+    let text = n.as_str();
+    let d = Decimal::parse(text).ok_or_else(|| format!("{text} is not a number"))?;
+    qty_value(d, || text.to_string())
+}
+
+/// A quantity given as a string: a numeral (trimmed), else an error.
+fn qty_str(s: &str) -> Result<u64, String> {
+    match Decimal::parse(s.trim()) {
+        Some(d) => qty_value(d, || format!("string {s:?}")),
+        None => Err(format!("expected a number, found string {s:?}")),
+    }
+}
+
+/// Adds an item's quantity to the order's count, up to [`MAX_QTY`].
+fn add_qty(count: u64, qty: u64) -> Result<u64, String> {
+    count
+        .checked_add(qty)
+        .filter(|&c| c <= MAX_QTY)
+        .ok_or_else(|| format!("the total quantity of the items exceeds {MAX_QTY}"))
+}
+
+/// `deleted` given as a number: exactly 0 or 1.
+fn deleted_number(n: &serde_json::Number) -> Option<bool> {
+    match Decimal::parse(n.as_str())?.whole() {
+        Whole::Int {
+            negative: false,
+            magnitude: 0,
+        } => Some(false),
+        Whole::Int {
+            negative: false,
+            magnitude: 1,
+        } => Some(true),
+        _ => None,
+    }
+}
+
 type Obj = Map<String, Value>;
 
 /// A present, non-null value.
@@ -285,7 +431,8 @@ fn req_string(o: &Obj, key: &str) -> Result<String, DecodeError> {
     }
 }
 
-/// A required id: a string or a number (its JSON text), normalized.
+/// A required id: a string (normalized) or an integer number (its exact
+/// digits).
 fn req_id(o: &Obj, key: &str) -> Result<String, DecodeError> {
     match get(o, key) {
         None => Err(missing(key)),
@@ -294,27 +441,35 @@ fn req_id(o: &Obj, key: &str) -> Result<String, DecodeError> {
                 "field `{key}`: expected a non-empty string, found an empty string"
             ))
         }),
-        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::Number(n)) => id_number(n)
+            .map(str::to_string)
+            .map_err(|e| DecodeError::new(format!("field `{key}`: {e}"))),
         Some(v) => Err(expected(key, "a string", v)),
     }
 }
 
-fn req_time(o: &Obj, key: &str) -> Result<i64, DecodeError> {
+fn req_time(o: &Obj, key: &str, unit: TimeUnit) -> Result<i64, DecodeError> {
     let v = get(o, key).ok_or_else(|| missing(key))?;
-    parse_time(v).map_err(|e| DecodeError::new(format!("field `{key}`: {e}")))
+    parse_time_as(v, unit).map_err(|e| DecodeError::new(format!("field `{key}`: {e}")))
 }
 
 fn opt_fields(o: &Obj, key: &str) -> Result<Fields, DecodeError> {
     match get(o, key) {
         None => Ok(Fields::new()),
-        Some(Value::Object(m)) => Ok(to_fields(m)),
+        Some(Value::Object(m)) => to_fields(m, &format!("{key}.")),
         Some(v) => Err(expected(key, "an object", v)),
     }
 }
 
-fn to_fields(m: &Obj) -> Fields {
+/// The scalar of a field named `name` (for errors: `prefix` + key).
+fn to_scalar(prefix: &str, key: &str, v: &Value) -> Result<Scalar, DecodeError> {
+    Scalar::from_json(v).map_err(|e| DecodeError::new(format!("field `{prefix}{key}`: {e}")))
+}
+
+/// An object's fields as scalars; `prefix` (`"item."`) names them in errors.
+fn to_fields(m: &Obj, prefix: &str) -> Result<Fields, DecodeError> {
     m.iter()
-        .map(|(k, v)| (k.clone(), Scalar::from_json(v)))
+        .map(|(k, v)| Ok((k.clone(), to_scalar(prefix, k, v)?)))
         .collect()
 }
 
@@ -336,7 +491,9 @@ fn collect_ids(
         };
         let text = match value {
             Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
+            Value::Number(n) => id_number(n)
+                .map_err(|e| DecodeError::new(format!("field `{name}`: {e}")))?
+                .to_string(),
             v => return Err(expected(&name, "a string", v)),
         };
         match rules.make(field, &text) {
@@ -364,10 +521,10 @@ fn no_identifier(rules: &IdentityRules, dropped: &[String]) -> DecodeError {
 }
 
 /// Top-level fields that are neither in `known` nor identifier fields.
-fn unknown_fields(o: &Obj, known: &[&str], rules: &IdentityRules) -> Fields {
+fn unknown_fields(o: &Obj, known: &[&str], rules: &IdentityRules) -> Result<Fields, DecodeError> {
     o.iter()
         .filter(|(k, _)| !known.contains(&k.as_str()) && !rules.priority.iter().any(|p| p == *k))
-        .map(|(k, v)| (k.clone(), Scalar::from_json(v)))
+        .map(|(k, v)| Ok((k.clone(), to_scalar("", k, v)?)))
         .collect()
 }
 
@@ -381,10 +538,21 @@ pub fn decode_json(
     line: &str,
     rules: &IdentityRules,
 ) -> Result<Record, DecodeError> {
-    if let Some(record) = fast::decode(kind, line, rules) {
+    decode_json_as(kind, line, rules, TimeUnit::Auto)
+}
+
+/// [`decode_json`] with numeric timestamps in `unit` (a source's
+/// `time_unit`).
+pub fn decode_json_as(
+    kind: RecordKind,
+    line: &str,
+    rules: &IdentityRules,
+    unit: TimeUnit,
+) -> Result<Record, DecodeError> {
+    if let Some(record) = fast::decode(kind, line, rules, unit) {
         return Ok(record);
     }
-    decode_json_value(kind, line, rules)
+    decode_json_value(kind, line, rules, unit)
 }
 
 /// [`decode_json`] through a `serde_json::Value`: the reference decoder, and
@@ -393,18 +561,19 @@ fn decode_json_value(
     kind: RecordKind,
     line: &str,
     rules: &IdentityRules,
+    unit: TimeUnit,
 ) -> Result<Record, DecodeError> {
     let o = parse_object(line)?;
     match kind {
-        RecordKind::Web => decode_web(&o, rules).map(Record::Web),
-        RecordKind::Crm => decode_crm(&o, rules).map(Record::Crm),
-        RecordKind::Transactions => decode_txn(&o, rules).map(Record::Txn),
+        RecordKind::Web => decode_web(&o, rules, unit).map(Record::Web),
+        RecordKind::Crm => decode_crm(&o, rules, unit).map(Record::Crm),
+        RecordKind::Transactions => decode_txn(&o, rules, unit).map(Record::Txn),
     }
 }
 
-fn decode_web(o: &Obj, rules: &IdentityRules) -> Result<WebEvent, DecodeError> {
+fn decode_web(o: &Obj, rules: &IdentityRules, unit: TimeUnit) -> Result<WebEvent, DecodeError> {
     let event = req_string(o, "event")?;
-    let ts_ms = req_time(o, "ts")?;
+    let ts_ms = req_time(o, "ts", unit)?;
     let item = opt_fields(o, "item")?;
     let context = opt_fields(o, "context")?;
     let ctx = match get(o, "context") {
@@ -416,7 +585,7 @@ fn decode_web(o: &Obj, rules: &IdentityRules) -> Result<WebEvent, DecodeError> {
     if ids.is_empty() {
         return Err(no_identifier(rules, &dropped));
     }
-    let properties = unknown_fields(o, &["event", "ts", "item", "context"], rules);
+    let properties = unknown_fields(o, &["event", "ts", "item", "context"], rules)?;
     Ok(WebEvent {
         ts_ms,
         event,
@@ -436,14 +605,14 @@ fn crm_ident(rules: &IdentityRules, crm_id: &str) -> Ident {
     })
 }
 
-fn decode_crm(o: &Obj, rules: &IdentityRules) -> Result<CrmRecord, DecodeError> {
+fn decode_crm(o: &Obj, rules: &IdentityRules, unit: TimeUnit) -> Result<CrmRecord, DecodeError> {
     let crm_id = req_id(o, "crm_id")?;
-    let updated_ms = req_time(o, "updated_at")?;
+    let updated_ms = req_time(o, "updated_at", unit)?;
     let deleted = match get(o, "deleted") {
         None => false,
         Some(Value::Bool(b)) => *b,
-        Some(Value::Number(n)) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
-            n.as_f64() == Some(1.0)
+        Some(v @ Value::Number(n)) => {
+            deleted_number(n).ok_or_else(|| expected("deleted", "a boolean", v))?
         }
         Some(Value::String(s)) => parse_bool(s).ok_or_else(|| {
             DecodeError::new(format!(
@@ -460,7 +629,7 @@ fn decode_crm(o: &Obj, rules: &IdentityRules) -> Result<CrmRecord, DecodeError> 
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     collect_ids(&others, None, rules, &mut ids, &mut dropped)?;
-    let mut attrs = unknown_fields(o, &["crm_id", "updated_at", "deleted", "attributes"], rules);
+    let mut attrs = unknown_fields(o, &["crm_id", "updated_at", "deleted", "attributes"], rules)?;
     attrs.extend(opt_fields(o, "attributes")?);
     Ok(CrmRecord {
         crm_id,
@@ -479,31 +648,23 @@ fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-fn decode_txn(o: &Obj, rules: &IdentityRules) -> Result<Transaction, DecodeError> {
+fn decode_txn(o: &Obj, rules: &IdentityRules, unit: TimeUnit) -> Result<Transaction, DecodeError> {
     let order_id = req_id(o, "order_id")?;
-    let ts_ms = req_time(o, "ts")?;
+    let ts_ms = req_time(o, "ts", unit)?;
     let amount = match get(o, "amount") {
         None => return Err(missing("amount")),
-        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .ok_or_else(|| {
-                DecodeError::new(format!(
-                    "field `amount`: expected a number, found string {s:?}"
-                ))
-            })?,
+        Some(Value::Number(n)) => amount_value(n.as_str()),
+        Some(Value::String(s)) => amount_str(s),
         Some(v) => return Err(expected("amount", "a number", v)),
-    };
+    }
+    .map_err(|e| DecodeError::new(format!("field `amount`: {e}")))?;
     let currency = match get(o, "currency") {
         None => None,
         Some(Value::String(s)) => Some(s.trim().to_ascii_uppercase()).filter(|c| !c.is_empty()),
         Some(v) => return Err(expected("currency", "a string", v)),
     };
     let mut items = Vec::new();
-    let mut count = 0.0f64;
+    let mut count = 0u64;
     match get(o, "items") {
         None => {}
         Some(Value::Array(arr)) => {
@@ -512,22 +673,16 @@ fn decode_txn(o: &Obj, rules: &IdentityRules) -> Result<Transaction, DecodeError
                     Value::Object(m) => m,
                     v => return Err(expected(&format!("items[{i}]"), "an object", v)),
                 };
-                count += match get(m, "qty") {
-                    None => 1.0,
-                    Some(Value::Number(n)) => n.as_f64().unwrap_or(0.0),
-                    Some(Value::String(s)) => s
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|f| f.is_finite())
-                        .ok_or_else(|| {
-                            DecodeError::new(format!(
-                                "field `items[{i}].qty`: expected a number, found string {s:?}"
-                            ))
-                        })?,
+                let qty = match get(m, "qty") {
+                    None => Ok(1),
+                    Some(Value::Number(n)) => qty_number(n),
+                    Some(Value::String(s)) => qty_str(s),
                     Some(v) => return Err(expected(&format!("items[{i}].qty"), "a number", v)),
-                };
-                items.push(to_fields(m));
+                }
+                .map_err(|e| DecodeError::new(format!("field `items[{i}].qty`: {e}")))?;
+                count = add_qty(count, qty)
+                    .map_err(|e| DecodeError::new(format!("field `items`: {e}")))?;
+                items.push(to_fields(m, &format!("items[{i}]."))?);
             }
         }
         Some(v) => return Err(expected("items", "an array", v)),
@@ -537,14 +692,14 @@ fn decode_txn(o: &Obj, rules: &IdentityRules) -> Result<Transaction, DecodeError
     if ids.is_empty() {
         return Err(no_identifier(rules, &dropped));
     }
-    let properties = unknown_fields(o, &["order_id", "ts", "amount", "currency", "items"], rules);
+    let properties = unknown_fields(o, &["order_id", "ts", "amount", "currency", "items"], rules)?;
     Ok(Transaction {
         ts_ms,
         order_id,
         ids,
         amount,
         currency,
-        item_count: count.max(0.0).round() as u64,
+        item_count: count,
         items,
         properties,
     })
@@ -564,8 +719,10 @@ fn read_csv_record(line: &str) -> Result<Option<csv::StringRecord>, DecodeError>
     }
 }
 
-/// Parses a CSV header line into trimmed column names (a leading UTF-8 BOM
-/// is dropped). Empty and duplicate names are errors.
+/// Parses a CSV header record into trimmed column names (a leading UTF-8
+/// BOM is dropped, for inputs not framed by
+/// [`crate::io::sources::lines::Framer`], which drops it itself). Empty and
+/// duplicate names are errors.
 pub fn parse_csv_header(line: &str) -> Result<Vec<String>, DecodeError> {
     let line = line.strip_prefix('\u{feff}').unwrap_or(line);
     let rec = read_csv_record(line)?
@@ -593,11 +750,13 @@ pub fn parse_csv_header(line: &str) -> Result<Vec<String>, DecodeError> {
     Ok(names)
 }
 
-/// Decodes one CSV line of CRM data, given the header from
-/// [`parse_csv_header`].
+/// Decodes one CSV record of CRM data, given the header from
+/// [`parse_csv_header`]. The record is the raw text of exactly one record
+/// as framed by [`crate::io::sources::lines::Framer`] (`Framing::Csv`): a
+/// quoted field in it may hold commas, doubled quotes and line breaks.
 ///
 /// Columns `crm_id` (required), `email`, `phone`, `updated_at` (required; any
-/// [`parse_time`] string form) and `deleted`
+/// [`crate::time::parse`] string form) and `deleted`
 /// (`true`/`1`/`yes` → deleted; `false`/`0`/`no`/empty → not; anything else
 /// is an error) are fields; every other non-empty column becomes a string
 /// attribute. Values are trimmed; quoting follows RFC 4180. `email` and
@@ -607,6 +766,17 @@ pub fn decode_csv(
     header: &[String],
     line: &str,
     rules: &IdentityRules,
+) -> Result<Record, DecodeError> {
+    decode_csv_as(header, line, rules, TimeUnit::Auto)
+}
+
+/// [`decode_csv`] with numeric `updated_at` values in `unit` (a source's
+/// `time_unit`).
+pub fn decode_csv_as(
+    header: &[String],
+    line: &str,
+    rules: &IdentityRules,
+    unit: TimeUnit,
 ) -> Result<Record, DecodeError> {
     let rec = read_csv_record(line)?.ok_or_else(|| DecodeError::new("empty CSV line"))?;
     if rec.len() != header.len() {
@@ -628,7 +798,7 @@ pub fn decode_csv(
         )
     })?;
     let ti = col("updated_at").ok_or_else(|| missing("updated_at"))?;
-    let updated_ms = parse_time(&Value::String(rec[ti].to_string())).map_err(|e| {
+    let updated_ms = parse_time_str_as(&rec[ti], unit).map_err(|e| {
         DecodeError::at(
             format!("field `updated_at` (column {}): {e}", ti + 1),
             ti + 1,
@@ -692,16 +862,23 @@ mod fast {
     use std::borrow::Cow;
     use std::fmt;
 
-    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::value::SeqAccessDeserializer;
     use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
     use serde::Deserialize;
     use serde_json::{Number, Value};
 
-    use super::super::time::{parse_time_number, parse_time_str};
+    use crate::time::parse::{parse_time_number_as, parse_time_str_as, TimeUnit};
     use super::{
-        crm_ident, normalize_id, parse_bool, CrmRecord, Fields, Ident, IdentityRules, Record,
-        RecordKind, Scalar, Transaction, WebEvent,
+        add_qty, amount_str, amount_value, crm_ident, deleted_number, is_integer_literal,
+        normalize_id, parse_bool, qty_number, qty_str, CrmRecord, Fields, Ident, IdentityRules,
+        Record, RecordKind, Scalar, Transaction, WebEvent,
     };
+
+    /// The key under which serde_json's `arbitrary_precision` hands a number
+    /// to `visit_map` (its `Value` visitor recognizes the same key; a JSON
+    /// object with this key is read as a number by both, and the fast path
+    /// gives up on it anywhere else).
+    const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 
     /// Identifier fields handled by the fast path (longer priority lists use
     /// the Value-based decoder).
@@ -723,15 +900,16 @@ mod fast {
     }
 
     impl Val<'_> {
-        /// Same as `Scalar::from_json` of the corresponding `Value`.
-        fn into_scalar(self) -> Scalar {
-            match self {
+        /// Same as `Scalar::from_json` of the corresponding `Value`; gives
+        /// up where it fails.
+        fn into_scalar<E: de::Error>(self) -> Result<Scalar, E> {
+            Ok(match self {
                 Val::Null => Scalar::Null,
                 Val::Bool(b) => Scalar::Bool(b),
-                Val::Num(n) => Scalar::Num(n.as_f64().unwrap_or(f64::NAN)),
+                Val::Num(n) => Scalar::from_number(&n).map_err(|_| give_up())?,
                 Val::Str(s) => Scalar::Str(s.into_owned()),
                 Val::Tree(v) => Scalar::Str(v.to_string()),
-            }
+            })
         }
     }
 
@@ -774,8 +952,25 @@ mod fast {
         fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Val<'de>, A::Error> {
             Value::deserialize(SeqAccessDeserializer::new(seq)).map(Val::Tree)
         }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Val<'de>, A::Error> {
-            Value::deserialize(MapAccessDeserializer::new(map)).map(Val::Tree)
+        /// An object, or a number (`arbitrary_precision`): what
+        /// serde_json's `Value` visitor does, with the first key read here.
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val<'de>, A::Error> {
+            let Some(Key(first)) = map.next_key::<Key<'de>>()? else {
+                return Ok(Val::Tree(Value::Object(Default::default())));
+            };
+            if first == NUMBER_TOKEN {
+                let text: Cow<'de, str> = map.next_value::<Key<'de>>()?.0;
+                return text
+                    .parse::<Number>()
+                    .map(Val::Num)
+                    .map_err(de::Error::custom);
+            }
+            let mut object = serde_json::Map::new();
+            object.insert(first.into_owned(), map.next_value::<Value>()?);
+            while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                object.insert(k, v);
+            }
+            Ok(Val::Tree(Value::Object(object)))
         }
     }
 
@@ -823,22 +1018,23 @@ mod fast {
 
     impl IdVal<'_> {
         /// The identifier for `field` (`IdentityRules::make` of the value's
-        /// text: the string as is, a number's JSON text), given its rank.
+        /// text: the string as is, a number's exact digits), given its rank.
         fn ident(&self, rules: &IdentityRules, rank: u8, field: &str) -> Option<Ident> {
             match self {
                 IdVal::Str(s) => rules.make_ranked(rank, field, s),
-                IdVal::Num(n) => rules.make_ranked(rank, field, &n.to_string()),
+                IdVal::Num(n) => rules.make_ranked(rank, field, n.as_str()),
             }
         }
     }
 
-    /// `Some` for a string or number, `None` for null, give up otherwise.
+    /// `Some` for a string or an integer number, `None` for null, give up
+    /// otherwise.
     fn id_val<'a, E: de::Error>(v: &Val<'a>) -> Result<Option<IdVal<'a>>, E> {
         match v {
             Val::Null => Ok(None),
             Val::Str(Cow::Borrowed(s)) => Ok(Some(IdVal::Str(s))),
-            Val::Num(n) => Ok(Some(IdVal::Num(n.clone()))),
-            Val::Str(Cow::Owned(_)) | Val::Bool(_) | Val::Tree(_) => Err(give_up()),
+            Val::Num(n) if is_integer_literal(n.as_str()) => Ok(Some(IdVal::Num(n.clone()))),
+            Val::Num(_) | Val::Str(Cow::Owned(_)) | Val::Bool(_) | Val::Tree(_) => Err(give_up()),
         }
     }
 
@@ -873,7 +1069,8 @@ mod fast {
     enum Slot<'a> {
         Val(Val<'a>),
         Fields(Fields),
-        Items(Vec<Fields>, f64),
+        /// The items and their total quantity.
+        Items(Vec<Fields>, u64),
     }
 
     /// Reads an object into fields; for the context object, also keeps the
@@ -904,17 +1101,23 @@ mod fast {
             let mut fields = Fields::new();
             let Some(ids) = self.ids else {
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    if k == NUMBER_TOKEN {
+                        return Err(give_up());
+                    }
                     let v: Val<'de> = map.next_value()?;
-                    fields.insert(k.into_owned(), v.into_scalar());
+                    fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
                 }
                 return Ok(Some(Slot::Fields(fields)));
             };
             while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                if k == NUMBER_TOKEN {
+                    return Err(give_up());
+                }
                 let v: Val<'de> = map.next_value()?;
                 if let Some(i) = id_slot(self.rules, &k) {
                     ids[i] = id_val(&v)?;
                 }
-                fields.insert(k.into_owned(), v.into_scalar());
+                fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
             }
             Ok(Some(Slot::Fields(fields)))
         }
@@ -942,9 +1145,9 @@ mod fast {
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             let mut items = Vec::new();
-            let mut count = 0.0f64;
+            let mut count = 0u64;
             while let Some((fields, qty)) = seq.next_element_seed(ItemSeed)? {
-                count += qty;
+                count = add_qty(count, qty).map_err(|_| give_up::<A::Error>())?;
                 items.push(fields);
             }
             Ok(Some(Slot::Items(items, count)))
@@ -955,14 +1158,14 @@ mod fast {
     struct ItemSeed;
 
     impl<'de> DeserializeSeed<'de> for ItemSeed {
-        type Value = (Fields, f64);
+        type Value = (Fields, u64);
         fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
             d.deserialize_any(self)
         }
     }
 
     impl<'de> Visitor<'de> for ItemSeed {
-        type Value = (Fields, f64);
+        type Value = (Fields, u64);
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object")
@@ -970,26 +1173,25 @@ mod fast {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut fields = Fields::new();
             // The last `qty` counts; `Err` when it is not a valid quantity.
-            let mut qty: Result<f64, ()> = Ok(1.0);
+            let mut qty: Result<u64, ()> = Ok(1);
             while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                if k == NUMBER_TOKEN {
+                    return Err(give_up());
+                }
                 let v: Val<'de> = map.next_value()?;
                 if k == "qty" {
                     qty = match &v {
-                        Val::Null => Ok(1.0),
-                        Val::Num(n) => Ok(n.as_f64().unwrap_or(0.0)),
-                        Val::Str(s) => parse_finite(s).ok_or(()),
+                        Val::Null => Ok(1),
+                        Val::Num(n) => qty_number(n).map_err(drop),
+                        Val::Str(s) => qty_str(s).map_err(drop),
                         Val::Bool(_) | Val::Tree(_) => Err(()),
                     };
                 }
-                fields.insert(k.into_owned(), v.into_scalar());
+                fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
             }
             let qty = qty.map_err(|()| give_up::<A::Error>())?;
             Ok((fields, qty))
         }
-    }
-
-    fn parse_finite(s: &str) -> Option<f64> {
-        s.trim().parse::<f64>().ok().filter(|f| f.is_finite())
     }
 
     /// The top-level object: known fields by position in `known`,
@@ -1018,6 +1220,9 @@ mod fast {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             let (rules, top) = (self.rules, self.top);
             while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                if k == NUMBER_TOKEN {
+                    return Err(give_up());
+                }
                 if let Some((i, shape)) = known(self.kind, &k) {
                     top.known[i] = match shape {
                         Shape::Plain => match map.next_value::<Val<'de>>()? {
@@ -1037,7 +1242,8 @@ mod fast {
                     top.ids[i] = id_val(&map.next_value::<Val<'de>>()?)?;
                 } else {
                     let v: Val<'de> = map.next_value()?;
-                    top.properties.insert(k.into_owned(), v.into_scalar());
+                    top.properties
+                        .insert(k.into_owned(), v.into_scalar::<A::Error>()?);
                 }
             }
             Ok(())
@@ -1075,7 +1281,12 @@ mod fast {
     }
 
     /// Decodes `line`, or `None` to let the Value-based decoder decide.
-    pub(super) fn decode(kind: RecordKind, line: &str, rules: &IdentityRules) -> Option<Record> {
+    pub(super) fn decode(
+        kind: RecordKind,
+        line: &str,
+        rules: &IdentityRules,
+        unit: TimeUnit,
+    ) -> Option<Record> {
         // A known field that is also an identifier field is read both ways by
         // the Value-based decoder (except the CRM `crm_id`, which it leaves
         // out of the identifier fields); leave such rules to it.
@@ -1103,9 +1314,9 @@ mod fast {
             .ok()?;
         de.end().ok()?;
         match kind {
-            RecordKind::Web => web(&mut top, rules).map(Record::Web),
-            RecordKind::Crm => crm(&mut top, rules).map(Record::Crm),
-            RecordKind::Transactions => txn(&mut top, rules).map(Record::Txn),
+            RecordKind::Web => web(&mut top, rules, unit).map(Record::Web),
+            RecordKind::Crm => crm(&mut top, rules, unit).map(Record::Crm),
+            RecordKind::Transactions => txn(&mut top, rules, unit).map(Record::Txn),
         }
     }
 
@@ -1120,20 +1331,22 @@ mod fast {
         }
     }
 
-    /// `req_id`: a string (normalized) or a number (its JSON text).
+    /// `req_id`: a string (normalized) or an integer number (its digits).
     fn id(slot: Option<Slot>) -> Option<String> {
         match slot? {
             Slot::Val(Val::Str(s)) => normalize_id(&s),
-            Slot::Val(Val::Num(n)) => Some(n.to_string()),
+            Slot::Val(Val::Num(n)) if is_integer_literal(n.as_str()) => {
+                Some(n.as_str().to_string())
+            }
             _ => None,
         }
     }
 
     /// `req_time`.
-    fn time(slot: Option<Slot>) -> Option<i64> {
+    fn time(slot: Option<Slot>, unit: TimeUnit) -> Option<i64> {
         match slot? {
-            Slot::Val(Val::Num(n)) => parse_time_number(&n).ok(),
-            Slot::Val(Val::Str(s)) => parse_time_str(&s).ok(),
+            Slot::Val(Val::Num(n)) => parse_time_number_as(&n, unit).ok(),
+            Slot::Val(Val::Str(s)) => parse_time_str_as(&s, unit).ok(),
             _ => None,
         }
     }
@@ -1169,9 +1382,9 @@ mod fast {
         ids.dedup();
     }
 
-    fn web(top: &mut Top, rules: &IdentityRules) -> Option<WebEvent> {
+    fn web(top: &mut Top, rules: &IdentityRules, unit: TimeUnit) -> Option<WebEvent> {
         let event = string(top.known[0].take())?;
-        let ts_ms = time(top.known[1].take())?;
+        let ts_ms = time(top.known[1].take(), unit)?;
         let item = fields(top.known[2].take());
         let (context, ctx_ids) = match top.known[3].take() {
             Some(Slot::Fields(f)) => (f, Some(&top.ctx_ids)),
@@ -1192,15 +1405,13 @@ mod fast {
         })
     }
 
-    fn crm(top: &mut Top, rules: &IdentityRules) -> Option<CrmRecord> {
+    fn crm(top: &mut Top, rules: &IdentityRules, unit: TimeUnit) -> Option<CrmRecord> {
         let crm_id = id(top.known[0].take())?;
-        let updated_ms = time(top.known[1].take())?;
+        let updated_ms = time(top.known[1].take(), unit)?;
         let deleted = match top.known[2].take() {
             None => false,
             Some(Slot::Val(Val::Bool(b))) => b,
-            Some(Slot::Val(Val::Num(n))) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
-                n.as_f64() == Some(1.0)
-            }
+            Some(Slot::Val(Val::Num(n))) => deleted_number(&n)?,
             Some(Slot::Val(Val::Str(s))) => parse_bool(&s)?,
             Some(_) => return None,
         };
@@ -1217,12 +1428,12 @@ mod fast {
         })
     }
 
-    fn txn(top: &mut Top, rules: &IdentityRules) -> Option<Transaction> {
+    fn txn(top: &mut Top, rules: &IdentityRules, unit: TimeUnit) -> Option<Transaction> {
         let order_id = id(top.known[0].take())?;
-        let ts_ms = time(top.known[1].take())?;
+        let ts_ms = time(top.known[1].take(), unit)?;
         let amount = match top.known[2].take()? {
-            Slot::Val(Val::Num(n)) => n.as_f64().unwrap_or(f64::NAN),
-            Slot::Val(Val::Str(s)) => parse_finite(&s)?,
+            Slot::Val(Val::Num(n)) => amount_value(n.as_str()).ok()?,
+            Slot::Val(Val::Str(s)) => amount_str(&s).ok()?,
             _ => return None,
         };
         let currency = match top.known[3].take() {
@@ -1233,7 +1444,7 @@ mod fast {
             Some(_) => return None,
         };
         let (items, count) = match top.known[4].take() {
-            None => (Vec::new(), 0.0),
+            None => (Vec::new(), 0),
             Some(Slot::Items(items, count)) => (items, count),
             Some(_) => return None,
         };
@@ -1248,7 +1459,7 @@ mod fast {
             ids,
             amount,
             currency,
-            item_count: count.max(0.0).round() as u64,
+            item_count: count,
             items,
             properties: std::mem::take(&mut top.properties),
         })
@@ -1775,8 +1986,8 @@ mod tests {
     /// The fast path agrees with the Value-based decoder: same record when
     /// it decodes, and it never accepts a line the reference rejects.
     fn assert_fast_agrees(kind: RecordKind, line: &str, rules: &IdentityRules) -> bool {
-        let slow = decode_json_value(kind, line, rules);
-        match fast::decode(kind, line, rules) {
+        let slow = decode_json_value(kind, line, rules, TimeUnit::Auto);
+        match fast::decode(kind, line, rules, TimeUnit::Auto) {
             Some(rec) => {
                 assert_eq!(Ok(&rec), slow.as_ref(), "{kind:?} {line}");
                 // Scalar::Num compares with total_cmp; compare the text too.
@@ -1849,6 +2060,47 @@ mod tests {
             r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":[1]}]}"#,
             r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[5]}"#,
             r#"{"order_id":"o","ts":1,"amount":1}"#,
+            // Numbers read exactly (see "## Numbers" in the module docs).
+            r#"{"event":"v","ts":1,"user_id":18446744073709551616,"anonymous_id":18446744073709551617}"#,
+            r#"{"event":"v","ts":1,"user_id":"18446744073709551616","phone":-0}"#,
+            r#"{"event":"v","ts":1,"user_id":1.5,"anonymous_id":"a"}"#,
+            r#"{"event":"v","ts":1,"user_id":1e3}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"user_id":1.0}}"#,
+            r#"{"event":"v","ts":1,"user_id":"u","context":{"user_id":1.5,"n":12345678901234567890}}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"id":18446744073709551617,"price":1e400}}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"id":18446744073709551617,"id2":18446744073709551616,"price":19.990},"big":-9007199254740993}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","tiny":1e-400}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","ab":{"x":[1.50,1e400,-0]},"z":0e-999}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","item":5}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"$serde_json::private::Number":"5"}}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","x":{"$serde_json::private::Number":"5"}}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","x":{"$serde_json::private::Number":"zz"}}"#,
+            r#"{"event":"v","ts":1,"anonymous_id":"a","x":{"$serde_json::private::Number":"5","y":1}}"#,
+            r#"{"$serde_json::private::Number":"5"}"#,
+            r#"{"event":"v","ts":1e400,"anonymous_id":"a"}"#,
+            r#"{"event":"v","ts":17723664000000000000000,"anonymous_id":"a"}"#,
+            r#"{"crm_id":18446744073709551617,"updated_at":1,"deleted":1.0}"#,
+            r#"{"crm_id":1e3,"updated_at":1}"#,
+            r#"{"crm_id":"C","updated_at":1,"deleted":1.0000000000000000001}"#,
+            r#"{"crm_id":"C","updated_at":1,"deleted":-0}"#,
+            r#"{"crm_id":"C","updated_at":1,"attributes":{"ltv":1e400}}"#,
+            r#"{"crm_id":"C","updated_at":1,"attributes":{"n":12345678901234567890123,"m":0.1}}"#,
+            r#"{"order_id":18446744073709551617,"ts":1,"user_id":"u","amount":999999999999.999}"#,
+            r#"{"order_id":1.5,"ts":1,"user_id":"u","amount":1}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":-999999999999.9990}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":999999999999.9991}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1000000000000}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":"1e400"}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":" 1e2 "}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1e-400}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":2.0},{"qty":"3"},{"qty":1e1}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":1.5}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":-1}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":9007199254740992}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":"9007199254740991"},{}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"qty":9007199254740991,"price":1e400}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"$serde_json::private::Number":"1"}]}"#,
+            r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[1]}"#,
         ];
         let mut fast_ok = 0;
         for line in lines {
@@ -1880,6 +2132,250 @@ mod tests {
                 fast_ok += assert_fast_agrees(kind, line, &r) as usize;
             }
             assert!(n > 0 && fast_ok * 10 >= n * 9, "{kind:?}: {fast_ok} of {n}");
+        }
+    }
+
+    fn web_ok(line: &str) -> WebEvent {
+        web(line).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    #[test]
+    fn numeric_identifiers_keep_their_exact_digits() {
+        let a = web_ok(r#"{"event":"v","ts":1,"user_id":18446744073709551616}"#);
+        let b = web_ok(r#"{"event":"v","ts":1,"user_id":18446744073709551617}"#);
+        let c = web_ok(r#"{"event":"v","ts":1,"user_id":"18446744073709551616"}"#);
+        let d = web_ok(r#"{"event":"v","ts":1,"user_id":" 18446744073709551616 "}"#);
+        assert_eq!(values(&a.ids), ["user:18446744073709551616"]);
+        assert_eq!(values(&b.ids), ["user:18446744073709551617"]);
+        assert_eq!(a.ids, c.ids);
+        assert_eq!(a.ids, d.ids);
+        let long = "1".repeat(60);
+        let e = web_ok(&format!(
+            r#"{{"event":"v","ts":1,"anonymous_id":-{long},"context":{{"user_id":{long}}}}}"#
+        ));
+        assert_eq!(
+            values(&e.ids),
+            [format!("user:{long}"), format!("anon:-{long}")]
+        );
+        // The context keeps the same value as a scalar: its exact digits.
+        assert_eq!(e.context["user_id"], Scalar::Str(long.clone()));
+
+        let c = crm(r#"{"crm_id":18446744073709551617,"updated_at":1}"#).unwrap();
+        assert_eq!(c.crm_id, "18446744073709551617");
+        assert_eq!(values(&c.ids), ["crm:18446744073709551617"]);
+        let t =
+            txn(r#"{"order_id":9007199254740993,"ts":1,"user_id":9007199254740993,"amount":1}"#)
+                .unwrap();
+        assert_eq!(t.order_id, "9007199254740993");
+        assert_eq!(values(&t.ids), ["user:9007199254740993"]);
+
+        let must = |field: &str, n: &str| {
+            format!(
+                "field `{field}`: numeric identifier {n} must be written as an integer \
+                 (digits only) or as a string"
+            )
+        };
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"user_id":1.5,"anonymous_id":"a"}"#
+            )),
+            must("user_id", "1.5")
+        );
+        assert_eq!(
+            reason(web(r#"{"event":"v","ts":1,"anonymous_id":1.0}"#)),
+            must("anonymous_id", "1.0")
+        );
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"user_id":1e3}}"#
+            )),
+            must("context.user_id", "1e+3")
+        );
+        // A top-level value wins over the context's, which is then only a
+        // field.
+        let w = web_ok(r#"{"event":"v","ts":1,"user_id":"u","context":{"user_id":1e3}}"#);
+        assert_eq!(values(&w.ids), ["user:u"]);
+        assert_eq!(w.context["user_id"], Scalar::Num(1000.0));
+        assert_eq!(
+            reason(crm(r#"{"crm_id":17.5,"updated_at":1}"#)),
+            must("crm_id", "17.5")
+        );
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"C1","updated_at":1,"user_id":-2E+2}"#)),
+            must("user_id", "-2e+2")
+        );
+        assert_eq!(
+            reason(txn(r#"{"order_id":1e3,"ts":1,"user_id":"u","amount":1}"#)),
+            must("order_id", "1e+3")
+        );
+    }
+
+    #[test]
+    fn fields_never_round_one_number_into_another() {
+        let w = web_ok(
+            r#"{"event":"v","ts":1,"anonymous_id":"a",
+            "item":{"id":18446744073709551617,"id2":18446744073709551616,"price":19.990,"n":-9007199254740993},
+            "ab":{"x":[1.50,1e400,-0,18446744073709551617]},"z":0e-999}"#,
+        );
+        assert_eq!(w.item["id"], Scalar::Str("18446744073709551617".into()));
+        assert_eq!(w.item["id2"], Scalar::Num(18446744073709551616.0));
+        assert_eq!(w.item["price"], Scalar::Num(19.99));
+        assert_eq!(w.item["n"], Scalar::Str("-9007199254740993".into()));
+        assert_eq!(
+            w.properties["ab"],
+            Scalar::Str(r#"{"x":[1.50,1e+400,-0,18446744073709551617]}"#.into())
+        );
+        assert_eq!(w.properties["z"], Scalar::Num(0.0));
+
+        let out = |field: &str, n: &str| {
+            format!("field `{field}`: {n} is out of range for a 64-bit float")
+        };
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","item":{"price":1e400}}"#
+            )),
+            out("item.price", "1e+400")
+        );
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","context":{"x":-1e400}}"#
+            )),
+            out("context.x", "-1e+400")
+        );
+        assert_eq!(
+            reason(web(
+                r#"{"event":"v","ts":1,"anonymous_id":"a","tiny":1e-400}"#
+            )),
+            out("tiny", "1e-400")
+        );
+        assert_eq!(
+            reason(crm(
+                r#"{"crm_id":"C","updated_at":1,"attributes":{"ltv":1e400}}"#
+            )),
+            out("attributes.ltv", "1e+400")
+        );
+        assert_eq!(
+            reason(crm(r#"{"crm_id":"C","updated_at":1,"ltv":1e400}"#)),
+            out("ltv", "1e+400")
+        );
+        assert_eq!(
+            reason(txn(
+                r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{},{"price":1e400}]}"#
+            )),
+            out("items[1].price", "1e+400")
+        );
+    }
+
+    #[test]
+    fn amounts_are_bounded_so_thousandths_stay_exact() {
+        let amount = |a: &str| {
+            txn(&format!(
+                r#"{{"order_id":"o","ts":1,"user_id":"u","amount":{a}}}"#
+            ))
+            .map(|t| t.amount)
+        };
+        assert_eq!(amount("999999999999.999"), Ok(999_999_999_999.999));
+        assert_eq!(amount("-999999999999.9990"), Ok(-999_999_999_999.999));
+        assert_eq!(amount(r#"" 1e2 ""#), Ok(100.0));
+        assert_eq!(amount("0.0001"), Ok(0.0001));
+        let out = |a: &str| {
+            format!(
+                "field `amount`: {a} is out of range (amounts must be within ±999999999999.999)"
+            )
+        };
+        for (a, shown) in [
+            ("999999999999.9991", "999999999999.9991"),
+            ("1000000000000", "1000000000000"),
+            ("-1E12", "-1e+12"),
+            ("1e400", "1e+400"),
+            ("1e-400", "1e-400"),
+            ("18446744073709551617", "18446744073709551617"),
+        ] {
+            assert_eq!(reason(amount(a)), out(shown), "{a}");
+        }
+        // A string is shown as written (trimmed).
+        assert_eq!(reason(amount(r#""1e400""#)), out("1e400"));
+        assert_eq!(reason(amount(r#"" 1000000000000 ""#)), out("1000000000000"));
+        assert_eq!(
+            reason(amount(r#""inf""#)),
+            "field `amount`: expected a number, found string \"inf\""
+        );
+    }
+
+    proptest::proptest! {
+        /// Every amount in range with at most three decimals becomes
+        /// exactly its thousandths the way sum traits compute them.
+        #[test]
+        fn amounts_in_range_have_exact_thousandths(
+            thousandths in 0u64..=999_999_999_999_999,
+            negative in proptest::bool::ANY,
+        ) {
+            let sign = if negative { "-" } else { "" };
+            let text = format!("{sign}{}.{:03}", thousandths / 1000, thousandths % 1000);
+            let a = amount_value(&text).unwrap();
+            let scaled = (a * crate::dataflow::traits::SUM_SCALE).round();
+            let expected = if negative { -(thousandths as f64) } else { thousandths as f64 };
+            proptest::prop_assert_eq!(scaled, expected, "{}", text);
+        }
+    }
+
+    #[test]
+    fn quantities_are_whole_numbers_in_range() {
+        let count = |items: &str| {
+            txn(&format!(
+                r#"{{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":{items}}}"#
+            ))
+            .map(|t| t.item_count)
+        };
+        assert_eq!(
+            count(r#"[{"qty":2.0},{"qty":"3"},{"qty":1e1},{},{"qty":null},{"qty":0}]"#),
+            Ok(17)
+        );
+        assert_eq!(
+            count(r#"[{"qty":9007199254740991}]"#),
+            Ok(9_007_199_254_740_991)
+        );
+        let bad = |i: usize, shown: &str| {
+            format!(
+                "field `items[{i}].qty`: expected a whole number from 0 to 9007199254740991, found {shown}"
+            )
+        };
+        assert_eq!(reason(count(r#"[{"qty":1.5}]"#)), bad(0, "1.5"));
+        assert_eq!(reason(count(r#"[{},{"qty":-1}]"#)), bad(1, "-1"));
+        assert_eq!(
+            reason(count(r#"[{"qty":"2.5"}]"#)),
+            bad(0, "string \"2.5\"")
+        );
+        assert_eq!(
+            reason(count(r#"[{"qty":9007199254740992}]"#)),
+            bad(0, "9007199254740992")
+        );
+        assert_eq!(reason(count(r#"[{"qty":1e400}]"#)), bad(0, "1e+400"));
+        assert_eq!(
+            reason(count(r#"[{"qty":1.0000000000000000001}]"#)),
+            bad(0, "1.0000000000000000001")
+        );
+        assert_eq!(
+            reason(count(r#"[{"qty":"9007199254740991"},{}]"#)),
+            "field `items`: the total quantity of the items exceeds 9007199254740991"
+        );
+    }
+
+    #[test]
+    fn deleted_as_a_number_is_exactly_0_or_1() {
+        let deleted = |d: &str| {
+            crm(&format!(r#"{{"crm_id":"C","updated_at":1,"deleted":{d}}}"#)).map(|c| c.deleted)
+        };
+        assert_eq!(deleted("1"), Ok(true));
+        assert_eq!(deleted("1.0"), Ok(true));
+        assert_eq!(deleted("0"), Ok(false));
+        assert_eq!(deleted("-0.0"), Ok(false));
+        for d in ["2", "1.0000000000000000001", "-1", "0.5"] {
+            assert_eq!(
+                reason(deleted(d)),
+                "field `deleted`: expected a boolean, found number",
+                "{d}"
+            );
         }
     }
 

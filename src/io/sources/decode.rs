@@ -25,7 +25,7 @@ use timely::dataflow::Stream;
 use super::{ReadParams, SourceDef};
 use crate::io::{Control, DeadLetter};
 use crate::model::limits::check_summed_fields;
-use crate::model::{decode_json, Record, RecordKind};
+use crate::model::{decode_json_as, Record, RecordKind};
 use crate::time::{parse::parse_time_as, Time, TimeUnit};
 
 /// A line whose time the owner has checked, on its way to be decoded.
@@ -92,7 +92,7 @@ pub fn decode_stage<'s>(
         );
     let mut control_out =
         OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
-    let (kind, name, index) = (def.kind, def.name.clone(), def.index);
+    let (kind, name, index, unit) = (def.kind, def.name.clone(), def.index, def.time_unit);
     let input_name = def.input.describe();
     builder.build(move |_caps| {
         let mut decoded = Vec::new();
@@ -101,7 +101,7 @@ pub fn decode_stage<'s>(
             input.for_each(|cap, data| {
                 let (mut records, mut dead) = (0, 0);
                 for raw in data.drain(..) {
-                    let result = decode_json(kind, &raw.text, &params.rules)
+                    let result = decode_json_as(kind, &raw.text, &params.rules, unit)
                         .map_err(|e| e.to_string())
                         .and_then(|r| check_summed_fields(&r, &params.summed).map(|()| r));
                     match result {

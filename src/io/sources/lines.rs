@@ -1,35 +1,66 @@
-//! Line framing with a length limit.
+//! Framing of input bytes into records: JSON lines or CSV records, with a
+//! length limit.
 //!
-//! Input is line-delimited; a line longer than the configured limit is not
-//! buffered whole: its bytes past the limit are skipped and it is reported as
-//! [`Next::TooLong`], so one bad line cannot exhaust memory.
+//! A [`Framer`] cuts a byte stream into records incrementally, however the
+//! stream arrives in chunks (files are read in large blocks, TCP delivers
+//! whatever the network gives). It is shared by files, followed files and
+//! each TCP connection, so all of them frame the same way:
+//!
+//! * **Byte-order mark.** A UTF-8 BOM (`EF BB BF`) at the very start of the
+//!   stream (of a file, or of each TCP connection) is dropped, even when it
+//!   arrives split over several chunks. Only the first three bytes of the
+//!   stream are checked; a BOM anywhere else is data. The BOM still counts in
+//!   byte offsets: the first record of a file that starts with a BOM has
+//!   offset 3.
+//! * **Lines** ([`Framing::Lines`], JSON lines): a record ends at `\n`; a
+//!   `\r` just before it is dropped. A lone `\r` is data.
+//! * **CSV** ([`Framing::Csv`]): record boundaries are exactly those of the
+//!   `csv` crate (RFC 4180 with its usual leniency), found with its own push
+//!   parser, `csv-core`: a quoted field may hold commas, doubled quotes and
+//!   line breaks, so one record may span several lines. `\n`, `\r\n` and a
+//!   lone `\r` end a record; empty lines between records are skipped. A
+//!   record's bytes (without its terminator) are handed on whole, to be
+//!   parsed by [`crate::model::decode_csv`]. An unclosed quote runs to the
+//!   end of the input, as in the `csv` crate.
+//!
+//! Every record carries its 1-based line number (1 + the number of `\n`
+//! bytes before its first byte) and the byte offset of its first byte, both
+//! true positions in the stream, so a dead letter points at the record even
+//! after multi-line CSV records.
+//!
+//! A record longer than the configured limit is not buffered whole: its
+//! bytes past the limit are skipped and it is reported as [`Next::TooLong`],
+//! so one bad record cannot exhaust memory.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::spec::Format;
+
 /// The next thing a line source has to offer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    /// A complete line without its terminator.
+    /// A complete record (a line, or a CSV record that may span lines)
+    /// without its terminator.
     Line {
         /// The bytes (possibly invalid UTF-8).
         bytes: Vec<u8>,
-        /// 1-based line number.
+        /// 1-based line number of the record's first byte.
         line: u64,
-        /// Byte offset of the first byte.
+        /// Byte offset of the record's first byte.
         offset: u64,
         /// The peer for socket sources.
         peer: Option<String>,
     },
-    /// A line longer than the limit; its content was skipped.
+    /// A record longer than the limit; its content was skipped.
     TooLong {
-        /// 1-based line number.
+        /// 1-based line number of the record's first byte.
         line: u64,
-        /// Byte offset of the first byte.
+        /// Byte offset of the record's first byte.
         offset: u64,
-        /// Its length in bytes.
+        /// Its length in bytes (without its terminator).
         len: u64,
         /// The peer for socket sources.
         peer: Option<String>,
@@ -55,82 +86,308 @@ pub trait LineSource {
     }
 }
 
-/// Incremental splitter shared by files and sockets.
-#[derive(Debug, Default)]
+/// How a byte stream is cut into records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Framing {
+    /// One record per line (JSON lines).
+    #[default]
+    Lines,
+    /// CSV records as the `csv` crate reads them (quoted fields may span
+    /// lines).
+    Csv,
+}
+
+impl From<Format> for Framing {
+    /// CSV sources are framed as CSV, everything else as lines.
+    fn from(format: Format) -> Framing {
+        match format {
+            Format::Csv => Framing::Csv,
+            Format::Jsonl => Framing::Lines,
+        }
+    }
+}
+
+/// The UTF-8 byte-order mark.
+const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+
+/// Where the framer is with the byte-order mark at the start of the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bom {
+    /// This many bytes of a possible BOM have been seen (and held back).
+    Maybe(usize),
+    /// Decided: the BOM was dropped, or the stream does not start with one.
+    Done,
+}
+
+/// The CSV push parser and its scratch space. Field contents are not kept
+/// (the record's raw bytes are); the parser only finds record boundaries.
+#[derive(Debug)]
+struct CsvState {
+    core: csv_core::Reader,
+    scratch: Vec<u8>,
+    ends: Vec<usize>,
+    /// Whether a record has started (its first byte has been seen).
+    in_record: bool,
+}
+
+impl CsvState {
+    fn new() -> Self {
+        let mut core = csv_core::Reader::new();
+        prime(&mut core);
+        CsvState {
+            core,
+            scratch: vec![0; 16 * 1024],
+            ends: vec![0; 256],
+            in_record: false,
+        }
+    }
+}
+
+/// Makes `csv-core` skip its own BOM check: it drops a BOM only when the
+/// first input it is given holds all three bytes, which would depend on
+/// chunking, and it would drop a second BOM after ours. A call with a short,
+/// non-empty input and no output space consumes nothing and changes no
+/// parser state, but counts as having read.
+fn prime(core: &mut csv_core::Reader) {
+    let (res, nin, _, _) = core.read_record(b"x", &mut [], &mut [0]);
+    debug_assert_eq!((res, nin), (csv_core::ReadRecordResult::OutputFull, 0));
+}
+
+/// Incremental framer shared by files and sockets (see the
+/// [module documentation](self)).
+#[derive(Debug)]
 pub struct Framer {
+    framing: Framing,
+    /// The current record's bytes (up to the limit).
     buf: Vec<u8>,
+    /// The current record's length so far.
     len: u64,
     too_long: bool,
-    line: u64,
+    /// Records completed.
+    records: u64,
+    /// `\n` bytes consumed.
+    newlines: u64,
+    /// Line number of the current record's first byte.
+    start_line: u64,
     consumed: u64,
+    /// Offset of the current record's first byte.
     start: u64,
     limit: usize,
+    bom: Bom,
+    csv: Option<Box<CsvState>>,
 }
 
 impl Framer {
-    /// A framer for lines of at most `limit` bytes.
-    pub fn new(limit: usize) -> Self {
+    /// A framer for records of at most `limit` bytes, cut as `framing` says.
+    pub fn new(limit: usize, framing: Framing) -> Self {
         Framer {
+            framing,
+            buf: Vec::new(),
+            len: 0,
+            too_long: false,
+            records: 0,
+            newlines: 0,
+            start_line: 1,
+            consumed: 0,
+            start: 0,
             limit,
-            ..Default::default()
+            bom: Bom::Maybe(0),
+            csv: (framing == Framing::Csv).then(|| Box::new(CsvState::new())),
         }
     }
 
-    /// Feeds bytes; returns how many were used and, if a line ended within
-    /// them, the finished line.
+    /// Feeds bytes; returns how many were used and, if a record ended within
+    /// them, the finished record. Call again with the unused rest.
     pub fn feed(&mut self, chunk: &[u8], peer: &Option<String>) -> (usize, Option<Next>) {
+        if chunk.is_empty() {
+            return (0, None);
+        }
+        if let Bom::Maybe(held) = self.bom {
+            let k = chunk.len().min(BOM.len() - held);
+            if chunk[..k] == BOM[held..held + k] {
+                self.consumed += k as u64;
+                if held + k == BOM.len() {
+                    self.bom = Bom::Done;
+                    self.start = self.consumed;
+                } else {
+                    self.bom = Bom::Maybe(held + k);
+                }
+                return (k, None);
+            }
+            self.release_bom();
+        }
+        match self.framing {
+            Framing::Lines => self.feed_lines(chunk, peer),
+            Framing::Csv => self.feed_csv(chunk, peer),
+        }
+    }
+
+    /// Decides that the stream does not start with a BOM: the bytes held
+    /// back as a possible BOM are data after all.
+    fn release_bom(&mut self) {
+        if let Bom::Maybe(held) = std::mem::replace(&mut self.bom, Bom::Done) {
+            if held > 0 {
+                self.consumed -= held as u64;
+                // The held bytes (EF or EF BB) end no record.
+                let (used, done) = match self.framing {
+                    Framing::Lines => self.feed_lines(&BOM[..held], &None),
+                    Framing::Csv => self.feed_csv(&BOM[..held], &None),
+                };
+                debug_assert!(used == held && done.is_none());
+            }
+        }
+    }
+
+    /// Adds bytes of the current record, up to the limit.
+    fn push(&mut self, content: &[u8]) {
+        self.len += content.len() as u64;
+        if !self.too_long {
+            if self.buf.len() + content.len() > self.limit {
+                self.too_long = true;
+                self.buf = Vec::new();
+            } else {
+                self.buf.extend_from_slice(content);
+            }
+        }
+    }
+
+    fn feed_lines(&mut self, chunk: &[u8], peer: &Option<String>) -> (usize, Option<Next>) {
         let (used, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (i + 1, true),
             None => (chunk.len(), false),
         };
         let content = if done { &chunk[..used - 1] } else { chunk };
-        self.len += content.len() as u64;
-        if !self.too_long {
-            if self.buf.len() + content.len() > self.limit {
-                self.too_long = true;
-                self.buf.clear();
-            } else {
-                self.buf.extend_from_slice(content);
-            }
-        }
+        self.push(content);
         self.consumed += used as u64;
         if done {
-            (used, Some(self.finish(peer)))
+            self.newlines += 1;
+            let mut next = self.take_record(peer);
+            if let Next::Line { bytes, .. } = &mut next {
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+            }
+            (used, Some(next))
         } else {
             (used, None)
         }
     }
 
-    /// Ends the current line (at a newline or at end of input).
-    pub fn finish(&mut self, peer: &Option<String>) -> Next {
-        self.line += 1;
-        let offset = self.start;
+    fn feed_csv(&mut self, chunk: &[u8], peer: &Option<String>) -> (usize, Option<Next>) {
+        let mut csv = self.csv.take().expect("CSV framing has a parser");
+        let mut used = 0;
+        if !csv.in_record {
+            // Terminators between records: `csv-core` skips them too (it
+            // stays at the start of a record), so skipping them here leaves
+            // its boundaries unchanged and puts the record's start on its
+            // first byte.
+            while used < chunk.len() && matches!(chunk[used], b'\n' | b'\r') {
+                self.newlines += (chunk[used] == b'\n') as u64;
+                used += 1;
+            }
+            self.consumed += used as u64;
+            if used == chunk.len() {
+                self.csv = Some(csv);
+                return (used, None);
+            }
+            csv.in_record = true;
+            self.start = self.consumed;
+            self.start_line = self.newlines + 1;
+        }
+        let result = loop {
+            if used == chunk.len() {
+                break None;
+            }
+            let input = &chunk[used..];
+            let (res, nin, _, _) = csv.core.read_record(input, &mut csv.scratch, &mut csv.ends);
+            let taken = &input[..nin];
+            self.newlines += memchr::memchr_iter(b'\n', taken).count() as u64;
+            self.consumed += nin as u64;
+            used += nin;
+            match res {
+                csv_core::ReadRecordResult::Record => {
+                    // The last byte read is the record's terminator.
+                    let (term, content) = taken.split_last().expect("a terminator was read");
+                    debug_assert!(matches!(term, b'\n' | b'\r'));
+                    self.push(content);
+                    csv.in_record = false;
+                    break Some(self.take_record(peer));
+                }
+                csv_core::ReadRecordResult::InputEmpty => {
+                    self.push(taken);
+                    break None;
+                }
+                // The field contents are not needed: the scratch space is
+                // simply reused.
+                csv_core::ReadRecordResult::OutputFull
+                | csv_core::ReadRecordResult::OutputEndsFull => self.push(taken),
+                csv_core::ReadRecordResult::End => unreachable!("End needs empty input"),
+            }
+        };
+        self.csv = Some(csv);
+        (used, result)
+    }
+
+    /// Hands out the current record and starts the next one.
+    fn take_record(&mut self, peer: &Option<String>) -> Next {
+        self.records += 1;
+        let (line, offset) = (self.start_line, self.start);
         self.start = self.consumed;
+        self.start_line = self.newlines + 1;
         let len = std::mem::take(&mut self.len);
         if std::mem::take(&mut self.too_long) {
             Next::TooLong {
-                line: self.line,
+                line,
                 offset,
                 len,
                 peer: peer.clone(),
             }
         } else {
-            let mut bytes = std::mem::take(&mut self.buf);
-            if bytes.last() == Some(&b'\r') {
-                bytes.pop();
-            }
             Next::Line {
-                bytes,
-                line: self.line,
+                bytes: std::mem::take(&mut self.buf),
+                line,
                 offset,
                 peer: peer.clone(),
             }
         }
     }
 
-    /// Whether a partial line is buffered.
+    /// Ends the input: the unfinished last record, if [`Framer::has_partial`]
+    /// (call it only then). A partial BOM is data.
+    pub fn finish(&mut self, peer: &Option<String>) -> Next {
+        self.release_bom();
+        match self.framing {
+            Framing::Lines => {
+                let mut next = self.take_record(peer);
+                if let Next::Line { bytes, .. } = &mut next {
+                    if bytes.last() == Some(&b'\r') {
+                        bytes.pop();
+                    }
+                }
+                next
+            }
+            Framing::Csv => {
+                let csv = self.csv.as_mut().expect("CSV framing has a parser");
+                if csv.in_record {
+                    let (res, _, _, _) = csv.core.read_record(&[], &mut csv.scratch, &mut csv.ends);
+                    debug_assert_eq!(res, csv_core::ReadRecordResult::Record);
+                    csv.in_record = false;
+                }
+                // Ready for more input, as if nothing had been read.
+                csv.core.reset();
+                prime(&mut csv.core);
+                self.take_record(peer)
+            }
+        }
+    }
+
+    /// Whether an unfinished record (or a partial BOM) is buffered.
     pub fn has_partial(&self) -> bool {
-        self.len > 0
+        matches!(self.bom, Bom::Maybe(held) if held > 0)
+            || match &self.csv {
+                None => self.len > 0,
+                Some(csv) => csv.in_record,
+            }
     }
 
     /// Bytes consumed.
@@ -138,13 +395,13 @@ impl Framer {
         self.consumed
     }
 
-    /// Lines completed.
-    pub fn lines(&self) -> u64 {
-        self.line
+    /// Records completed.
+    pub fn records(&self) -> u64 {
+        self.records
     }
 }
 
-/// Lines of a file, optionally following it as it grows.
+/// Records of a file, optionally following it as it grows.
 pub struct FileLines {
     reader: BufReader<File>,
     framer: Framer,
@@ -152,12 +409,13 @@ pub struct FileLines {
 }
 
 impl FileLines {
-    /// Opens `path`; with `follow`, end of file means "pending", not "end".
-    pub fn open(path: &Path, follow: bool, limit: usize) -> io::Result<Self> {
+    /// Opens `path`, framed as `framing` says; with `follow`, end of file
+    /// means "pending", not "end".
+    pub fn open(path: &Path, follow: bool, limit: usize, framing: Framing) -> io::Result<Self> {
         let file = File::open(path)?;
         Ok(FileLines {
             reader: BufReader::with_capacity(1 << 20, file),
-            framer: Framer::new(limit),
+            framer: Framer::new(limit, framing),
             follow,
         })
     }
@@ -194,7 +452,10 @@ impl LineSource for FileLines {
     }
 }
 
-/// Lines held in memory (embedding, tests).
+/// Lines held in memory (embedding, tests): each string is one record,
+/// already framed (so a CSV record cannot span strings), with offsets as if
+/// the strings were joined by `\n`. As for files, a UTF-8 BOM (U+FEFF) at
+/// the start of the first string is dropped.
 pub struct MemoryLines {
     lines: Arc<Vec<String>>,
     next: usize,
@@ -220,8 +481,15 @@ impl LineSource for MemoryLines {
             return Ok(Next::End);
         };
         self.next += 1;
-        let offset = self.offset;
+        let mut offset = self.offset;
         self.offset += text.len() as u64 + 1;
+        let mut text = text.as_str();
+        if self.next == 1 {
+            if let Some(rest) = text.strip_prefix('\u{feff}') {
+                text = rest;
+                offset += BOM.len() as u64;
+            }
+        }
         let line = self.next as u64;
         if text.len() > self.limit {
             return Ok(Next::TooLong {
@@ -250,11 +518,11 @@ impl LineSource for MemoryLines {
 mod tests {
     use super::*;
 
-    fn lines_of(data: &[u8], limit: usize) -> Vec<Next> {
+    fn read_all(data: &[u8], limit: usize, framing: Framing) -> Vec<Next> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, data).unwrap();
-        let mut f = FileLines::open(&path, false, limit).unwrap();
+        let mut f = FileLines::open(&path, false, limit, framing).unwrap();
         let mut out = Vec::new();
         loop {
             match f.next_line().unwrap() {
@@ -265,31 +533,49 @@ mod tests {
         out
     }
 
+    fn lines_of(data: &[u8], limit: usize) -> Vec<Next> {
+        read_all(data, limit, Framing::Lines)
+    }
+
+    fn line(bytes: &[u8], line: u64, offset: u64) -> Next {
+        Next::Line {
+            bytes: bytes.to_vec(),
+            line,
+            offset,
+            peer: None,
+        }
+    }
+
+    /// Frames `data` fed in chunks of the given sizes (cycled), then ends it.
+    fn frame_chunked(data: &[u8], cuts: &[usize], limit: usize, framing: Framing) -> Vec<Next> {
+        let mut f = Framer::new(limit, framing);
+        let mut out = Vec::new();
+        let mut rest = data;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = cuts[i % cuts.len()].clamp(1, rest.len());
+            i += 1;
+            let mut chunk = &rest[..n];
+            rest = &rest[n..];
+            while !chunk.is_empty() {
+                let (used, next) = f.feed(chunk, &None);
+                chunk = &chunk[used..];
+                out.extend(next);
+            }
+        }
+        if f.has_partial() {
+            out.push(f.finish(&None));
+        }
+        assert!(!f.has_partial());
+        out
+    }
+
     #[test]
     fn splits_lines_with_offsets_and_crlf() {
         let out = lines_of(b"ab\r\ncd\nlast", 100);
         assert_eq!(
             out,
-            vec![
-                Next::Line {
-                    bytes: b"ab".to_vec(),
-                    line: 1,
-                    offset: 0,
-                    peer: None
-                },
-                Next::Line {
-                    bytes: b"cd".to_vec(),
-                    line: 2,
-                    offset: 4,
-                    peer: None
-                },
-                Next::Line {
-                    bytes: b"last".to_vec(),
-                    line: 3,
-                    offset: 7,
-                    peer: None
-                },
-            ]
+            vec![line(b"ab", 1, 0), line(b"cd", 2, 4), line(b"last", 3, 7)]
         );
     }
 
@@ -305,15 +591,142 @@ mod tests {
                 peer: None
             }
         );
+        assert_eq!(out[2], line(b"ok", 3, 23));
+    }
+
+    #[test]
+    fn a_leading_bom_is_dropped_and_still_counts_in_offsets() {
+        let out = lines_of(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 100);
         assert_eq!(
-            out[2],
-            Next::Line {
-                bytes: b"ok".to_vec(),
-                line: 3,
-                offset: 23,
-                peer: None
-            }
+            out,
+            vec![line(b"{\"a\":1}", 1, 3), line(b"{\"b\":2}", 2, 11)]
         );
+        // Split over chunks, one byte at a time.
+        let out = frame_chunked(b"\xEF\xBB\xBFx\ny", &[1], 100, Framing::Lines);
+        assert_eq!(out, vec![line(b"x", 1, 3), line(b"y", 2, 5)]);
+        // A BOM on a line of its own leaves an empty first line.
+        assert_eq!(
+            lines_of(b"\xEF\xBB\xBF\nx\n", 100),
+            vec![line(b"", 1, 3), line(b"x", 2, 4)]
+        );
+        // Only at the very start: later BOMs are data.
+        assert_eq!(
+            lines_of(b"\xEF\xBB\xBF\xEF\xBB\xBFx\n\xEF\xBB\xBFy\n", 100),
+            vec![line(b"\xEF\xBB\xBFx", 1, 3), line(b"\xEF\xBB\xBFy", 2, 8)]
+        );
+    }
+
+    #[test]
+    fn a_partial_bom_is_data() {
+        // EF BB then not BF: the held bytes belong to the first line.
+        let out = frame_chunked(b"\xEF\xBBx\ny\n", &[1], 100, Framing::Lines);
+        assert_eq!(out, vec![line(b"\xEF\xBBx", 1, 0), line(b"y", 2, 4)]);
+        let out = frame_chunked(b"\xEF\n", &[1], 100, Framing::Lines);
+        assert_eq!(out, vec![line(b"\xEF", 1, 0)]);
+        // The input ends inside a would-be BOM.
+        assert_eq!(lines_of(b"\xEF\xBB", 100), vec![line(b"\xEF\xBB", 1, 0)]);
+        assert_eq!(
+            read_all(b"\xEF\xBB", 100, Framing::Csv),
+            vec![line(b"\xEF\xBB", 1, 0)]
+        );
+        // A held byte counts against the limit like any other.
+        let out = frame_chunked(b"\xEFabc\nok\n", &[1], 3, Framing::Lines);
+        assert_eq!(
+            out,
+            vec![
+                Next::TooLong {
+                    line: 1,
+                    offset: 0,
+                    len: 4,
+                    peer: None
+                },
+                line(b"ok", 2, 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_lines_drop_a_leading_bom() {
+        let lines = Arc::new(vec!["\u{feff}{}".to_string(), "\u{feff}x".to_string()]);
+        let mut m = MemoryLines::new(lines, 100);
+        assert_eq!(m.next_line().unwrap(), line(b"{}", 1, 3));
+        assert_eq!(m.next_line().unwrap(), line("\u{feff}x".as_bytes(), 2, 6));
+        assert_eq!(m.next_line().unwrap(), Next::End);
+    }
+
+    #[test]
+    fn csv_records_span_lines_with_true_lines_and_offsets() {
+        let data = b"\xEF\xBB\xBFcrm_id,email,note\r\n\
+            C1,a@x.com,\"one, \"\"two\"\"\nthree\"\r\n\r\n\
+            C2,b@x.com,plain\rC3,c@x.com,\"unclosed\n";
+        let expected = vec![
+            line(b"crm_id,email,note", 1, 3),
+            line(b"C1,a@x.com,\"one, \"\"two\"\"\nthree\"", 2, 22),
+            line(b"C2,b@x.com,plain", 5, 57),
+            // A lone CR ends a record (as in the csv crate) but lines count
+            // `\n` only; an unclosed quote runs to the end of the input.
+            line(b"C3,c@x.com,\"unclosed\n", 5, 74),
+        ];
+        assert_eq!(read_all(data, 100, Framing::Csv), expected);
+        for cut in 1..8 {
+            assert_eq!(frame_chunked(data, &[cut], 100, Framing::Csv), expected);
+        }
+        // The same input framed as lines cuts the quoted line break.
+        assert_eq!(read_all(data, 100, Framing::Lines).len(), 5);
+    }
+
+    #[test]
+    fn csv_phantom_row_stays_inside_its_quotes() {
+        let data =
+            b"crm_id,email,tier\nC1,a@x.com,\"gold\nC2,b@x.com,silver\"\nC3,c@x.com,bronze\n";
+        assert_eq!(
+            read_all(data, 100, Framing::Csv),
+            vec![
+                line(b"crm_id,email,tier", 1, 0),
+                line(b"C1,a@x.com,\"gold\nC2,b@x.com,silver\"", 2, 18),
+                line(b"C3,c@x.com,bronze", 4, 54),
+            ]
+        );
+    }
+
+    #[test]
+    fn too_long_csv_records_are_skipped_to_their_true_end() {
+        // The second record spans three lines and 23 bytes; the limit is 12.
+        let data = b"a,b\n\"0123\n4567\n89ab\",xyz\nc,d\n";
+        let expected = vec![
+            line(b"a,b", 1, 0),
+            Next::TooLong {
+                line: 2,
+                offset: 4,
+                len: 20,
+                peer: None,
+            },
+            line(b"c,d", 5, 25),
+        ];
+        assert_eq!(read_all(data, 12, Framing::Csv), expected);
+        for cut in 1..6 {
+            assert_eq!(frame_chunked(data, &[cut], 12, Framing::Csv), expected);
+        }
+        // The parser's scratch space is small; records far longer than it
+        // are framed (and measured) right.
+        let long = format!(
+            "x,\"{}\n{}\"\ny,z\n",
+            "p".repeat(40_000),
+            "q".repeat(40_000)
+        );
+        let out = read_all(long.as_bytes(), 1 << 20, Framing::Csv);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1], line(b"y,z", 3, 80_006));
+        let Next::Line {
+            bytes,
+            line: 1,
+            offset: 0,
+            ..
+        } = &out[0]
+        else {
+            panic!("{:?}", out[0]);
+        };
+        assert_eq!(bytes.len(), 80_005);
     }
 
     #[test]
@@ -322,7 +735,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"one\ntw").unwrap();
-        let mut f = FileLines::open(&path, true, 100).unwrap();
+        let mut f = FileLines::open(&path, true, 100, Framing::Lines).unwrap();
         assert!(matches!(f.next_line().unwrap(), Next::Line { .. }));
         assert_eq!(f.next_line().unwrap(), Next::Pending);
         let mut file = std::fs::OpenOptions::new()
@@ -330,15 +743,51 @@ mod tests {
             .open(&path)
             .unwrap();
         file.write_all(b"o\n").unwrap();
-        assert_eq!(
-            f.next_line().unwrap(),
-            Next::Line {
-                bytes: b"two".to_vec(),
-                line: 2,
-                offset: 4,
-                peer: None
-            }
-        );
+        assert_eq!(f.next_line().unwrap(), line(b"two", 2, 4));
+    }
+
+    #[test]
+    fn follow_completes_a_csv_record_and_a_bom_appended_later() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"\xEF\xBB").unwrap();
+        let mut f = FileLines::open(&path, true, 100, Framing::Csv).unwrap();
+        assert_eq!(f.next_line().unwrap(), Next::Pending);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"\xBFh\na,\"b").unwrap();
+        assert_eq!(f.next_line().unwrap(), line(b"h", 1, 3));
+        assert_eq!(f.next_line().unwrap(), Next::Pending);
+        file.write_all(b"\nc\"\n").unwrap();
+        assert_eq!(f.next_line().unwrap(), line(b"a,\"b\nc\"", 2, 5));
+        assert_eq!(f.next_line().unwrap(), Next::Pending);
+    }
+
+    /// The fields of each CSV record, as the `csv` crate reads `data`.
+    fn csv_fields(data: &[u8]) -> Vec<Vec<Vec<u8>>> {
+        csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(data)
+            .byte_records()
+            .map(|r| r.unwrap().iter().map(<[u8]>::to_vec).collect())
+            .collect()
+    }
+
+    fn text_from(alphabet: &'static [u8]) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::strategy::Strategy;
+        (
+            proptest::bool::ANY,
+            proptest::collection::vec(proptest::sample::select(alphabet), 0..200),
+        )
+            .prop_map(|(bom, text)| {
+                let mut data = if bom { BOM.to_vec() } else { Vec::new() };
+                data.extend(text);
+                data
+            })
     }
 
     proptest::proptest! {
@@ -346,38 +795,46 @@ mod tests {
         /// framer yields the same lines, numbers and offsets.
         #[test]
         fn framing_does_not_depend_on_chunking(
-            text in proptest::collection::vec(proptest::sample::select(vec![b'a', b'b', b'\n', b'\r']), 0..200),
+            text in text_from(b"ab\n\r\xEF"),
+            cuts in proptest::collection::vec(1usize..17, 1..40),
+            csv in proptest::bool::ANY,
+        ) {
+            let framing = if csv { Framing::Csv } else { Framing::Lines };
+            let whole = frame_chunked(&text, &[usize::MAX], 8, framing);
+            let out = frame_chunked(&text, &cuts, 8, framing);
+            proptest::prop_assert_eq!(out, whole);
+        }
+
+        /// CSV framing gives exactly the records of `csv::Reader` over the
+        /// whole input, for any chunking; each record's bytes are the input
+        /// at its offset, its line is 1 + the `\n`s before it, and only
+        /// record terminators (and a leading BOM) lie between records.
+        #[test]
+        fn csv_framing_matches_the_csv_crate(
+            text in text_from(b"a,\"\n\r "),
             cuts in proptest::collection::vec(1usize..17, 1..40),
         ) {
-            let whole = {
-                let mut f = Framer::new(8);
-                let mut out = Vec::new();
-                let mut rest = &text[..];
-                while !rest.is_empty() {
-                    let (used, line) = f.feed(rest, &None);
-                    rest = &rest[used..];
-                    out.extend(line);
-                }
-                if f.has_partial() { out.push(f.finish(&None)); }
-                out
-            };
-            let mut f = Framer::new(8);
-            let mut out = Vec::new();
-            let mut rest = &text[..];
-            let mut i = 0;
-            while !rest.is_empty() {
-                let n = cuts[i % cuts.len()].min(rest.len());
-                i += 1;
-                let mut chunk = &rest[..n];
-                rest = &rest[n..];
-                while !chunk.is_empty() {
-                    let (used, line) = f.feed(chunk, &None);
-                    chunk = &chunk[used..];
-                    out.extend(line);
-                }
+            let out = frame_chunked(&text, &cuts, 1 << 20, Framing::Csv);
+            let mut fields = Vec::new();
+            let mut end = if text.starts_with(&BOM) { 3 } else { 0 };
+            for next in &out {
+                let Next::Line { bytes, line, offset, .. } = next else {
+                    panic!("{next:?}");
+                };
+                let offset = *offset as usize;
+                proptest::prop_assert_eq!(&text[offset..offset + bytes.len()], &bytes[..]);
+                proptest::prop_assert_eq!(
+                    *line,
+                    1 + text[..offset].iter().filter(|&&b| b == b'\n').count() as u64
+                );
+                proptest::prop_assert!(text[end..offset].iter().all(|b| matches!(b, b'\n' | b'\r')));
+                end = offset + bytes.len();
+                let mut one = csv_fields(bytes);
+                proptest::prop_assert_eq!(one.len(), 1, "{:?}", bytes);
+                fields.push(one.remove(0));
             }
-            if f.has_partial() { out.push(f.finish(&None)); }
-            proptest::prop_assert_eq!(out, whole);
+            proptest::prop_assert!(text[end..].iter().all(|b| matches!(b, b'\n' | b'\r')));
+            proptest::prop_assert_eq!(fields, csv_fields(&text));
         }
     }
 }

@@ -35,7 +35,9 @@ use timely::scheduling::SyncActivator;
 
 use crate::io::{Control, DeadLetter};
 use crate::model::limits::{check_summed_fields, SummedField};
-use crate::model::{decode_csv, decode_json, parse_csv_header, IdentityRules, Record, RecordKind};
+use crate::model::{
+    decode_csv_as, decode_json_as, parse_csv_header, IdentityRules, Record, RecordKind,
+};
 use crate::spec::{Format, TimeUnit};
 use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
 
@@ -154,7 +156,9 @@ impl Reader {
     ) -> std::io::Result<Reader> {
         let limit = params.max_line_bytes;
         let lines: Box<dyn LineSource> = match &def.input {
-            Input::File { path, follow } => Box::new(FileLines::open(path, *follow, limit)?),
+            Input::File { path, follow } => {
+                Box::new(FileLines::open(path, *follow, limit, def.format.into())?)
+            }
             Input::Tcp {
                 addr,
                 until_disconnect,
@@ -162,6 +166,7 @@ impl Reader {
                 addr,
                 *until_disconnect,
                 limit,
+                def.format.into(),
                 waker,
             )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
@@ -258,13 +263,16 @@ impl Reader {
                     }
                     return;
                 }
-                decode_csv(
+                decode_csv_as(
                     self.header.as_deref().unwrap_or(&[]),
                     text,
                     &self.params.rules,
+                    self.def.time_unit,
                 )
             }
-            Format::Jsonl => decode_json(self.def.kind, text, &self.params.rules),
+            Format::Jsonl => {
+                decode_json_as(self.def.kind, text, &self.params.rules, self.def.time_unit)
+            }
         };
         let record = match decoded {
             Ok(r) => r,

@@ -14,7 +14,7 @@ use timely::scheduling::SyncActivator;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use super::lines::{Framer, LineSource, Next};
+use super::lines::{Framer, Framing, LineSource, Next};
 
 enum Msg {
     Connected,
@@ -51,12 +51,14 @@ pub struct TcpLines {
 
 impl TcpLines {
     /// Binds `addr` now (so a bad address fails at start) and accepts clients
-    /// in the background; `waker` is activated whenever lines, a connection
-    /// or a disconnection arrive, so the engine need not poll.
+    /// in the background; each connection is framed as `framing` says.
+    /// `waker` is activated whenever lines, a connection or a disconnection
+    /// arrive, so the engine need not poll.
     pub fn listen(
         addr: &str,
         until_disconnect: bool,
         limit: usize,
+        framing: Framing,
         waker: Option<SyncActivator>,
     ) -> io::Result<Self> {
         let wake = std::sync::Arc::new(move || {
@@ -95,7 +97,7 @@ impl TcpLines {
                             }
                             wake();
                             let peer = Some(peer.to_string());
-                            let mut framer = Framer::new(limit);
+                            let mut framer = Framer::new(limit, framing);
                             let mut buf = vec![0u8; 64 * 1024];
                             loop {
                                 let n = match stream.read(&mut buf).await {
