@@ -47,6 +47,9 @@ fn wall_ms() -> u64 {
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
@@ -64,7 +67,7 @@ fn run(rate: u64, secs: u64, workers: usize) -> String {
         for line in BufReader::new(stream).lines() {
             let line = line.unwrap();
             let at = Instant::now();
-            if let Some(p) = line.split("\"profile\":\"anon:").nth(1) {
+            if let Some(p) = line.split("\"profile\":\"anon:v").nth(1) {
                 let id = p.split('"').next().unwrap().to_string();
                 recv.lock().unwrap().insert(id, at);
             }
