@@ -297,9 +297,13 @@ impl Engine {
                 })
                 .collect(),
         });
+        // Idle merge effort makes every arrangement reschedule itself while
+        // it is not fully merged: memory of a quiet run shrinks sooner, but
+        // under a live load it costs CPU and latency, so it is opt-in.
         differential_dataflow::configure(
             &mut config.worker,
-            &differential_dataflow::Config::default().idle_merge_effort(Some(1000)),
+            &differential_dataflow::Config::default()
+                .idle_merge_effort(e.idle_merge_effort.map(|n| n.min(isize::MAX as u64) as isize)),
         );
         let spec = Arc::new(self.spec);
         let guards = timely::execute(config, move |worker| {

@@ -99,6 +99,9 @@ pub struct EngineSpec {
     pub late_policy: LatePolicy,
     /// Longest accepted input line in bytes (> 0).
     pub max_line_bytes: usize,
+    /// Merge work (in records) an arrangement does each time it is
+    /// scheduled while it has no new input; `None` (the default): none.
+    pub idle_merge_effort: Option<u64>,
     /// Two-letter region used for phone normalisation.
     pub default_region: String,
     /// Number of worker threads, if set.
@@ -114,6 +117,7 @@ impl Default for EngineSpec {
             max_future_skew_ms: None,
             late_policy: LatePolicy::DeadLetter,
             max_line_bytes: 1 << 20,
+            idle_merge_effort: None,
             default_region: "US".to_string(),
             workers: None,
         }
@@ -269,6 +273,7 @@ struct RawEngine {
     max_future_skew: Option<Spanned<String>>,
     late_policy: Option<Spanned<String>>,
     max_line_bytes: Option<Spanned<i64>>,
+    idle_merge_effort: Option<Spanned<i64>>,
     default_region: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
 }
@@ -543,6 +548,19 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         }
         e.max_line_bytes = usize::try_from(n)
             .map_err(|_| cx.err(v.span().start, "`max_line_bytes` is too large"))?;
+    }
+    if let Some(v) = &raw.idle_merge_effort {
+        let n = *v.get_ref();
+        e.idle_merge_effort = match u64::try_from(n) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => {
+                return Err(cx.err(
+                    v.span().start,
+                    "`idle_merge_effort` must be 0 (off) or a positive number of records",
+                ))
+            }
+        };
     }
     if let Some(v) = &raw.default_region {
         let r = v.get_ref();
@@ -999,6 +1017,7 @@ idle_advance = "2s"
 max_future_skew = "10m"
 late_policy = "clamp"
 max_line_bytes = 4096
+idle_merge_effort = 500
 default_region = "GB"
 workers = 2
 
@@ -1083,6 +1102,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 max_future_skew_ms: Some(600_000),
                 late_policy: LatePolicy::Clamp,
                 max_line_bytes: 4096,
+                idle_merge_effort: Some(500),
                 default_region: "GB".into(),
                 workers: Some(2),
             }
