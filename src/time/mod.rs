@@ -22,8 +22,8 @@
 //!   no more records: every later record with a smaller tick is *late*. Each
 //!   source holds its timely capability at its watermark, so the dataflow's
 //!   input frontier is the least watermark of all sources. The rule is in
-//!   [`watermark`]; in short, the watermark is the largest event time seen
-//!   minus the allowed lateness, rounded down to a tick, and for a live
+//!   [`watermark`]; in short, the watermark is the tick of the largest event
+//!   time seen minus the allowed lateness, rounded down to a tick, and for a live
 //!   source it never passes `wall clock − allowed lateness`.
 //! * **Allowed lateness** — how far behind the latest event time a record
 //!   may arrive and still be on time (`[engine] allowed_lateness`).

@@ -11,12 +11,12 @@
 //! tick written `⌊x⌋`:
 //!
 //! * **Replay** (a file read to its end; its clock is its data):
-//!   `watermark = ⌊latest event time − L⌋`, where the latest event time is
-//!   the largest of the records admitted so far.
+//!   `watermark = ⌊⌊latest event time⌋ − L⌋`, where the latest event time
+//!   is the largest of the records admitted so far.
 //! * **Live** (a followed file or a TCP listener; it runs on the wall
 //!   clock): each admitted record counts towards the latest event time with
 //!   at most the wall clock at its arrival, so
-//!   `watermark = ⌊min(latest event time, wall clock) − L⌋` never passes
+//!   `watermark = ⌊⌊min(latest event time, wall clock)⌋ − L⌋` never passes
 //!   `⌊wall clock − L⌋`. A live source that has read nothing for `I` is
 //!   *idle*: its watermark follows the wall clock, `⌊wall clock − L⌋`, so
 //!   windows expire while nothing arrives. A pause of any length loses
@@ -217,11 +217,10 @@ impl SourceClock {
         let counted = if self.live { ms.min(now_ms) } else { ms };
         self.latest_ms = Some(self.latest_ms.map_or(counted, |l| l.max(counted)));
         self.max_tick = Some(self.max_tick.map_or(tick, |m| m.max(tick)));
-        let data = self.config.floor(
-            self.latest_ms
-                .unwrap_or(0)
-                .saturating_sub(self.config.allowed_lateness_ms),
-        );
+        let latest_tick = self.config.floor(self.latest_ms.unwrap_or(0));
+        let data = self
+            .config
+            .floor(latest_tick.saturating_sub(self.config.allowed_lateness_ms));
         self.watermark = self.watermark.max(data);
         Admission::OnTime(tick)
     }
@@ -297,6 +296,20 @@ mod tests {
         assert_eq!(c.watermark(), 95_000);
         assert_eq!(c.clock(), Some(100_000));
         assert_eq!(c.next_idle_move_in(0), None);
+    }
+
+    /// The lateness is counted from the tick of the latest event, as it
+    /// always was for replays: with a 1 s tick and 500 ms lateness, a
+    /// record of the previous tick is still on time after 1.7 s.
+    #[test]
+    fn replay_lateness_counts_from_the_latest_tick() {
+        let mut c = SourceClock::new(config(1_000, 500, 1_000), false, 0);
+        assert_eq!(c.admit(1_700, 0), Admission::OnTime(1_000));
+        assert_eq!(c.watermark(), 0);
+        assert_eq!(c.admit(200, 0), Admission::OnTime(0));
+        assert_eq!(c.admit(2_100, 0), Admission::OnTime(2_000));
+        assert_eq!(c.watermark(), 1_000);
+        assert!(c.admit(999, 0).reason().unwrap().starts_with("late:"));
     }
 
     #[test]
