@@ -315,6 +315,12 @@ fn a_device_clock_far_ahead_does_not_make_honest_records_late() {
     let t2 = stamp();
     client.write_all(view(t2, "h1").as_bytes()).unwrap();
     wait_for(&seen, 1, 30);
+    // The dead letter is on disk while the run goes on, not only at its end.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&dead).unwrap_or_default().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(dead_letters(&dead).len(), 1, "written while the client is connected");
     drop(client);
     let summary = engine.join().unwrap();
     assert_eq!(lines_of(&seen), vec![active("anon:h1", t2 / TICK * TICK, 1)]);
@@ -447,4 +453,90 @@ fn followed_file_is_read_as_it_grows() {
     child.kill().unwrap();
     let _ = child.wait();
     assert_eq!(text.lines().take(3).collect::<Vec<_>>(), expected);
+}
+
+/// A record dated a second and a half ahead (within `max_future_skew`) is
+/// admitted at its own time; when the client leaves at once, the run waits
+/// for the wall clock to reach that time before it writes the diff and
+/// ends.
+#[test]
+fn a_record_dated_ahead_is_written_when_its_time_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let addr = free_addr();
+    let (seen, engine) = start(SPEC, &addr, &dead, 2);
+    let mut client = connect(&addr);
+    let ahead = stamp() + 1_500;
+    client
+        .write_all((view(ahead, "f1") + &view(ahead, "f1")).as_bytes())
+        .unwrap();
+    drop(client);
+    let summary = engine.join().unwrap();
+    assert_eq!(lines_of(&seen), vec![active("anon:f1", ahead / TICK * TICK, 1)]);
+    assert_behind_wall_clock(&seen);
+    assert_eq!(summary.sources[0].records, 2);
+}
+
+/// CRM records as CSV over TCP: each connection starts with its own header
+/// (here in another column order); a row is read with its own
+/// connection's header.
+#[test]
+fn each_tcp_connection_has_its_own_csv_header() {
+    const CSV_SPEC: &str = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "5s"
+
+[sources.crm]
+format = "csv"
+
+[segments.gold]
+when = 'attributes.tier == "gold"'
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let addr = free_addr();
+    let seen: Seen = Arc::default();
+    let sink = Arc::clone(&seen);
+    let (engine_addr, dead_path) = (addr.clone(), dead.clone());
+    let engine = std::thread::spawn(move || {
+        Engine::new(parse_spec(CSV_SPEC, "csv.toml").unwrap())
+            .input(
+                "crm",
+                Input::Tcp {
+                    addr: engine_addr,
+                    until_disconnect: true,
+                },
+            )
+            .unwrap()
+            .output(Output::Callback(Arc::new(move |d| {
+                sink.lock()
+                    .unwrap()
+                    .push((Instant::now(), wall_ms(), d.to_line()))
+            })))
+            .dead_letter(dead_path)
+            .run(timely::Config::process(2))
+            .unwrap()
+    });
+    let t = stamp();
+    let mut a = connect(&addr);
+    let mut b = connect(&addr);
+    a.write_all(format!("crm_id,email,updated_at,tier\nK1,k1@example.com,{t},gold\n").as_bytes())
+        .unwrap();
+    b.write_all(format!("email,crm_id,updated_at,tier\nk9@example.com,K9,{t},gold\n").as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(a);
+    drop(b);
+    let summary = engine.join().unwrap();
+    let tick = t / TICK * TICK;
+    assert_eq!(
+        lines_of(&seen),
+        vec![
+            format!(r#"{{"time":{tick},"segment":"gold","profile":"crm:K1","diff":1}}"#),
+            format!(r#"{{"time":{tick},"segment":"gold","profile":"crm:K9","diff":1}}"#),
+        ]
+    );
+    assert_eq!(summary.sources[0].records, 2);
+    assert_eq!(dead_letters(&dead), Vec::<serde_json::Value>::new());
 }

@@ -45,7 +45,8 @@
 //!   the digits written), so that its thousandths, in which sums are kept,
 //!   are exact; beyond that it is rejected: `field `amount`: 1e+400 is out of
 //!   range (amounts must be within ±999999999999.999)`. A non-zero amount
-//!   too small for a float (`1e-400`) is rejected the same way.
+//!   too small for a float (`1e-400`) is rejected too (`… is too close to
+//!   zero for a 64-bit float (it would become 0)`).
 //! * **`items[].qty`** (a number, or a string holding one): a whole number
 //!   from 0 to [`MAX_QTY`] = 2^53 − 1 (`2`, `2.0` and `"2"` are the same);
 //!   negative, fractional or larger quantities are rejected, and so is an
@@ -325,6 +326,9 @@ fn amount_value(text: &str) -> Result<f64, String> {
             });
     match float(text) {
         Ok(f) if in_range => Ok(f),
+        Err(_) if in_range => Err(format!(
+            "{text} is too close to zero for a 64-bit float (it would become 0)"
+        )),
         _ => Err(format!(
             "{text} is out of range (amounts must be within ±999999999999.999)"
         )),
@@ -2288,11 +2292,14 @@ mod tests {
             ("1000000000000", "1000000000000"),
             ("-1E12", "-1e+12"),
             ("1e400", "1e+400"),
-            ("1e-400", "1e-400"),
             ("18446744073709551617", "18446744073709551617"),
         ] {
             assert_eq!(reason(amount(a)), out(shown), "{a}");
         }
+        assert_eq!(
+            reason(amount("1e-400")),
+            "field `amount`: 1e-400 is too close to zero for a 64-bit float (it would become 0)"
+        );
         // A string is shown as written (trimmed).
         assert_eq!(reason(amount(r#""1e400""#)), out("1e400"));
         assert_eq!(reason(amount(r#"" 1000000000000 ""#)), out("1000000000000"));

@@ -527,7 +527,11 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         e.idle_advance_ms = duration(cx, v)?;
     }
     if let Some(v) = &raw.max_future_skew {
-        e.max_future_skew_ms = Some(duration(cx, v)?);
+        e.max_future_skew_ms = Some(if v.get_ref() == "off" {
+            u64::MAX
+        } else {
+            duration(cx, v)?
+        });
     }
     if let Some(v) = &raw.late_policy {
         e.late_policy = match v.get_ref().as_str() {
@@ -1263,6 +1267,12 @@ when = "spend > 1000 or a_views in [1, 2]"
         }
         assert_err("[engine]\ntick = \"1x\"\n", 2, 8, "invalid duration `1x`");
         assert_err("[engine]\ntick = \"0s\"\n", 2, 8, "greater than 0");
+        assert_eq!(
+            ok(&format!("[engine]\nmax_future_skew = \"off\"\n{SEG}"))
+                .engine
+                .max_future_skew_ms,
+            Some(u64::MAX)
+        );
         assert_err(
             "[engine]\nmax_future_skew = \"soon\"\n",
             2,

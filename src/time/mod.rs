@@ -88,7 +88,7 @@ pub struct TimeConfig {
     pub idle_advance_ms: u64,
     /// Records dated further ahead than this (milliseconds) are `future`.
     /// `None`: [`DEFAULT_LIVE_MAX_FUTURE_SKEW_MS`] for live sources, no
-    /// limit for replays.
+    /// limit for replays; `Some(u64::MAX)` (`"off"`): no limit.
     pub max_future_skew_ms: Option<u64>,
     /// What happens to late records.
     pub late_policy: LatePolicy,

@@ -245,6 +245,18 @@ impl SourceClock {
         }
     }
 
+    /// Whether a source whose input has ended may finish at wall clock
+    /// `now_ms` (finishing completes every time it holds back). A replay
+    /// may at once. A live source waits until the wall clock has passed its
+    /// largest admitted tick, so that nothing is written before the wall
+    /// clock reaches its time: a record dated ahead (within
+    /// `max_future_skew`) waits for its time. Returns the milliseconds
+    /// still to wait, or `None` to finish now.
+    pub fn wait_before_finishing(&self, now_ms: u64) -> Option<u64> {
+        let end = self.max_tick?.saturating_add(self.config.tick_ms.max(1));
+        (self.live && now_ms < end).then(|| end - now_ms)
+    }
+
     /// How long (ms) from `now_ms` until an idle live source's watermark
     /// would next move; `None` for a replay.
     pub fn next_idle_move_in(&self, now_ms: u64) -> Option<u64> {
@@ -388,6 +400,19 @@ mod tests {
         }
         assert_eq!(c.watermark(), 59_900);
         assert_eq!(c.admit(60_001, 60_002), Admission::OnTime(60_000));
+    }
+
+    #[test]
+    fn a_live_source_finishes_once_the_wall_clock_passes_its_last_tick() {
+        let mut c = SourceClock::new(config(100, 0, 200), true, 1_000_000);
+        assert_eq!(c.wait_before_finishing(1_000_000), None, "nothing admitted");
+        c.admit(1_030_050, 1_000_000); // 30 s ahead, within the skew
+        assert_eq!(c.wait_before_finishing(1_000_000), Some(30_100));
+        assert_eq!(c.wait_before_finishing(1_030_099), Some(1));
+        assert_eq!(c.wait_before_finishing(1_030_100), None);
+        let mut r = SourceClock::new(config(100, 0, 200), false, 0);
+        r.admit(5_000_000, 0);
+        assert_eq!(r.wait_before_finishing(0), None, "a replay finishes at once");
     }
 
     #[test]

@@ -391,6 +391,7 @@ pub fn commit<'s>(
                     tracing::error!("segment output: {e}");
                 }
             }
+            let mut wrote_dead = false;
             while let Some((&time, _)) = c.dead_pending.first_key_value() {
                 if !Completion::is_complete(time, frontier) {
                     break;
@@ -405,6 +406,16 @@ pub fn commit<'s>(
                 });
                 for letter in &letters {
                     c.dead(letter);
+                }
+                wrote_dead = true;
+            }
+            // Like the diffs, dead letters are on disk as soon as their time
+            // is complete, not when the run ends.
+            if wrote_dead {
+                if let Some(w) = c.outputs.dead_letters.as_mut() {
+                    if let Err(e) = w.flush() {
+                        tracing::error!("dead-letter output: {e}");
+                    }
                 }
             }
             if frontier.is_none() && !finished {

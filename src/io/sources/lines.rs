@@ -84,6 +84,11 @@ pub trait LineSource {
     fn wakes_on_input(&self) -> bool {
         false
     }
+    /// The streams (TCP peers) that have ended since the last call; their
+    /// per-stream state, such as a CSV header, can be dropped.
+    fn take_closed(&mut self) -> Vec<Option<String>> {
+        Vec::new()
+    }
 }
 
 /// How a byte stream is cut into records.

@@ -134,6 +134,9 @@ const FILE_POLL_MS: u64 = 5;
 enum Status {
     More,
     Idle,
+    /// The input has ended, but a live source waits this long for the wall
+    /// clock to pass its last tick before it finishes.
+    Draining(Duration),
     Finished,
 }
 
@@ -142,7 +145,9 @@ struct Reader {
     params: Arc<ReadParams>,
     lines: Box<dyn LineSource>,
     input_name: String,
-    header: Option<Vec<String>>,
+    /// CSV headers, one per stream: the file, or each TCP connection (by
+    /// peer address), starts with its own.
+    headers: std::collections::HashMap<Option<String>, Vec<String>>,
     clock: SourceClock,
     reported_clock: Option<Time>,
     stats: (u64, u64, u64, u64),
@@ -178,7 +183,7 @@ impl Reader {
             params,
             lines,
             input_name,
-            header: None,
+            headers: Default::default(),
             clock,
             reported_clock: None,
             stats: (0, 0, 0, 0),
@@ -253,22 +258,19 @@ impl Reader {
         }
         let decoded = match self.def.format {
             Format::Csv => {
-                if self.header.is_none() {
+                let Some(header) = self.headers.get(&peer) else {
                     match parse_csv_header(text) {
-                        Ok(h) => self.header = Some(h),
+                        Ok(h) => {
+                            self.headers.insert(peer, h);
+                        }
                         Err(e) => {
                             let reason = format!("CSV header: {e}");
                             self.dead(ctl, line, offset, peer, reason, &bytes);
                         }
                     }
                     return;
-                }
-                decode_csv_as(
-                    self.header.as_deref().unwrap_or(&[]),
-                    text,
-                    &self.params.rules,
-                    self.def.time_unit,
-                )
+                };
+                decode_csv_as(header, text, &self.params.rules, self.def.time_unit)
             }
             Format::Jsonl => {
                 decode_json_as(self.def.kind, text, &self.params.rules, self.def.time_unit)
@@ -359,6 +361,14 @@ impl Reader {
                     break;
                 }
             }
+        }
+        if matches!(status, Status::Finished) {
+            if let Some(wait) = self.clock.wait_before_finishing(now_ms) {
+                status = Status::Draining(Duration::from_millis(wait));
+            }
+        }
+        for peer in self.lines.take_closed() {
+            self.headers.remove(&peer);
         }
         if matches!(status, Status::Idle) {
             self.clock.idle(now_ms);
@@ -494,6 +504,7 @@ pub fn source<'s>(
                     }
                     match status {
                         Status::More => activator.activate(),
+                        Status::Draining(wait) => activator.activate_after(wait),
                         _ => activator.activate_after(reader.idle_wakeup()),
                     }
                 }

@@ -19,7 +19,8 @@ use super::lines::{Framer, Framing, LineSource, Next};
 enum Msg {
     Connected,
     Item(Next),
-    Disconnected,
+    /// A connection ended, after all its lines.
+    Disconnected(Option<String>),
 }
 
 /// Sends `msg`; if the channel is full, wakes the engine first so that it
@@ -46,6 +47,8 @@ pub struct TcpLines {
     seen_client: bool,
     until_disconnect: bool,
     lines: u64,
+    /// Peers whose connection ended since the last `take_closed`.
+    closed: Vec<Option<String>>,
     _runtime: std::thread::JoinHandle<()>,
 }
 
@@ -123,13 +126,14 @@ impl TcpLines {
                             if framer.has_partial() {
                                 let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
                             }
-                            let _ = tx.send(Msg::Disconnected).await;
+                            let _ = tx.send(Msg::Disconnected(peer)).await;
                             wake();
                         });
                     }
                 });
             })?;
         Ok(TcpLines {
+            closed: Vec::new(),
             rx,
             connected: 0,
             seen_client: false,
@@ -148,7 +152,10 @@ impl LineSource for TcpLines {
                     self.connected += 1;
                     self.seen_client = true;
                 }
-                Ok(Msg::Disconnected) => self.connected = self.connected.saturating_sub(1),
+                Ok(Msg::Disconnected(peer)) => {
+                    self.connected = self.connected.saturating_sub(1);
+                    self.closed.push(peer);
+                }
                 Ok(Msg::Item(item)) => {
                     self.lines += 1;
                     return Ok(item);
@@ -171,5 +178,8 @@ impl LineSource for TcpLines {
     }
     fn wakes_on_input(&self) -> bool {
         true
+    }
+    fn take_closed(&mut self) -> Vec<Option<String>> {
+        std::mem::take(&mut self.closed)
     }
 }
