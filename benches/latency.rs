@@ -263,10 +263,8 @@ fn main() {
             }
             "--bench" => bench = true,
             "--new-profiles" => new_profiles = true,
-            other => match other.parse::<u64>() {
-                Ok(r) => rates.push(r),
-                Err(_) => {} // cargo's own flags
-            },
+            // Anything else that is not a rate is one of cargo's own flags.
+            other => rates.extend(other.parse::<u64>().ok()),
         }
     }
     if !bench {
@@ -275,7 +273,12 @@ fn main() {
         // allowed lateness) that fails if any event is lost or late.
         let stats = run(1_000, 1, workers, new_profiles, "2s");
         println!("{}", stats.json("smoke"));
-        assert_eq!((stats.missing, stats.late), (0, 0), "{}", stats.json("smoke"));
+        assert_eq!(
+            (stats.missing, stats.late),
+            (0, 0),
+            "{}",
+            stats.json("smoke")
+        );
         return;
     }
     if rates.is_empty() {

@@ -302,8 +302,10 @@ impl Engine {
         // under a live load it costs CPU and latency, so it is opt-in.
         differential_dataflow::configure(
             &mut config.worker,
-            &differential_dataflow::Config::default()
-                .idle_merge_effort(e.idle_merge_effort.map(|n| n.min(isize::MAX as u64) as isize)),
+            &differential_dataflow::Config::default().idle_merge_effort(
+                e.idle_merge_effort
+                    .map(|n| n.min(isize::MAX as u64) as isize),
+            ),
         );
         let spec = Arc::new(self.spec);
         let guards = timely::execute(config, move |worker| {

@@ -55,7 +55,11 @@ fn stamp() -> u64 {
         if (20..70).contains(&into) {
             return now;
         }
-        let wait = if into < 20 { 20 - into } else { TICK - into + 20 };
+        let wait = if into < 20 {
+            20 - into
+        } else {
+            TICK - into + 20
+        };
         std::thread::sleep(Duration::from_millis(wait));
     }
 }
@@ -161,7 +165,11 @@ fn start(
 }
 
 fn lines_of(seen: &Seen) -> Vec<String> {
-    seen.lock().unwrap().iter().map(|(_, _, l)| l.clone()).collect()
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|(_, _, l)| l.clone())
+        .collect()
 }
 
 fn wait_for(seen: &Seen, n: usize, secs: u64) {
@@ -228,7 +236,10 @@ fn wall_clock_client_with_pauses_loses_nothing() {
         let summary = engine.join().unwrap();
         assert_eq!(lines_of(&seen), expected, "-w {workers}");
         assert!(
-            seen.lock().unwrap().iter().all(|(at, _, _)| *at <= connected_until),
+            seen.lock()
+                .unwrap()
+                .iter()
+                .all(|(at, _, _)| *at <= connected_until),
             "every diff, the exit too, is written while the client is connected"
         );
         assert_behind_wall_clock(&seen);
@@ -317,13 +328,24 @@ fn a_device_clock_far_ahead_does_not_make_honest_records_late() {
     wait_for(&seen, 1, 30);
     // The dead letter is on disk while the run goes on, not only at its end.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&dead).unwrap_or_default().is_empty() && Instant::now() < deadline {
+    while std::fs::read_to_string(&dead)
+        .unwrap_or_default()
+        .is_empty()
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(dead_letters(&dead).len(), 1, "written while the client is connected");
+    assert_eq!(
+        dead_letters(&dead).len(),
+        1,
+        "written while the client is connected"
+    );
     drop(client);
     let summary = engine.join().unwrap();
-    assert_eq!(lines_of(&seen), vec![active("anon:h1", t2 / TICK * TICK, 1)]);
+    assert_eq!(
+        lines_of(&seen),
+        vec![active("anon:h1", t2 / TICK * TICK, 1)]
+    );
     assert_eq!(summary.sources[0].records, 2);
     assert_eq!(summary.late(), 0);
     let dead = dead_letters(&dead);
@@ -472,7 +494,10 @@ fn a_record_dated_ahead_is_written_when_its_time_comes() {
         .unwrap();
     drop(client);
     let summary = engine.join().unwrap();
-    assert_eq!(lines_of(&seen), vec![active("anon:f1", ahead / TICK * TICK, 1)]);
+    assert_eq!(
+        lines_of(&seen),
+        vec![active("anon:f1", ahead / TICK * TICK, 1)]
+    );
     assert_behind_wall_clock(&seen);
     assert_eq!(summary.sources[0].records, 2);
 }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use segflow::generate::{generate_to, GenConfig};
 use segflow::model::{decode_json, CrmRecord, Ident, IdentityRules, Record, RecordKind, Scalar};
-use segflow::time::parse_time;
 use segflow::spec::load_spec;
+use segflow::time::parse_time;
 use segflow::{Engine, Input, Output};
 
 const TICK: u64 = 1000;

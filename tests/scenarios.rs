@@ -494,12 +494,23 @@ fn timestamp_units_future_skew_and_range() {
     ];
     for workers in [1, 2] {
         let spec = parse_spec(&text, "units.toml").unwrap();
-        let run = run_spec(spec, &[("web", &web), ("crm", &[]), ("transactions", &[])], workers, None);
+        let run = run_spec(
+            spec,
+            &[("web", &web), ("crm", &[]), ("transactions", &[])],
+            workers,
+            None,
+        );
         assert_eq!(
             run.diffs,
             vec![
-                format!(r#"{{"time":{},"segment":"active","profile":"anon:g1","diff":1}}"#, NOON + 1000),
-                format!(r#"{{"time":{},"segment":"active","profile":"anon:g2","diff":1}}"#, NOON + 3000),
+                format!(
+                    r#"{{"time":{},"segment":"active","profile":"anon:g1","diff":1}}"#,
+                    NOON + 1000
+                ),
+                format!(
+                    r#"{{"time":{},"segment":"active","profile":"anon:g2","diff":1}}"#,
+                    NOON + 3000
+                ),
             ],
             "-w {workers}"
         );
@@ -533,14 +544,25 @@ fn time_unit_fixes_the_unit_of_numeric_timestamps() {
     for (unit, expected, dead) in [
         (
             "ms",
-            vec![r#"{"time":50000001000,"segment":"active","profile":"anon:u1","diff":1}"#.to_string()],
+            vec![
+                r#"{"time":50000001000,"segment":"active","profile":"anon:u1","diff":1}"#
+                    .to_string(),
+            ],
             0,
         ),
         ("auto", vec![], 2),
     ] {
-        let text = SPEC.replace("[sources.web]", &format!("[sources.web]\ntime_unit = \"{unit}\""));
+        let text = SPEC.replace(
+            "[sources.web]",
+            &format!("[sources.web]\ntime_unit = \"{unit}\""),
+        );
         let spec = parse_spec(&text, "unit.toml").unwrap();
-        let run = run_spec(spec, &[("web", &web), ("crm", &[]), ("transactions", &[])], 2, None);
+        let run = run_spec(
+            spec,
+            &[("web", &web), ("crm", &[]), ("transactions", &[])],
+            2,
+            None,
+        );
         assert_eq!(run.diffs, expected, "time_unit = {unit}");
         assert_eq!(run.dead.len(), dead, "time_unit = {unit}: {:?}", run.dead);
     }

@@ -27,15 +27,15 @@
 //! are 128-bit, which more than 2^87 such values cannot overflow.
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::AsCollection;
-use timely::dataflow::operators::vec::Map;
 use differential_dataflow::operators::CountTotal;
 use differential_dataflow::trace::implementations::ValSpine;
+use differential_dataflow::AsCollection;
+use timely::dataflow::operators::vec::Map;
 
 use super::{Coll, Time};
-use crate::time::window_end;
 use crate::model::{Ident, Record, Scalar};
 use crate::spec::{Aggregate, StreamKind, TraitSpec};
+use crate::time::window_end;
 
 /// Sum traits are kept as integers in thousandths of the summed field.
 pub const SUM_SCALE: f64 = 1000.0;

@@ -78,8 +78,14 @@ mod tests {
             )
             .unwrap()
         };
-        assert_eq!(check_summed_fields(&txn("999999999999.999"), &fields), Ok(()));
-        assert_eq!(check_summed_fields(&txn("-999999999999.999"), &fields), Ok(()));
+        assert_eq!(
+            check_summed_fields(&txn("999999999999.999"), &fields),
+            Ok(())
+        );
+        assert_eq!(
+            check_summed_fields(&txn("-999999999999.999"), &fields),
+            Ok(())
+        );
         let view = decode_json(
             RecordKind::Web,
             r#"{"event":"view_item","ts":1772366400,"user_id":"u","item":{"price":1000000000000}}"#,

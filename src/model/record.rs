@@ -871,12 +871,12 @@ mod fast {
     use serde::Deserialize;
     use serde_json::{Number, Value};
 
-    use crate::time::parse::{parse_time_number_as, parse_time_str_as, TimeUnit};
     use super::{
         add_qty, amount_str, amount_value, crm_ident, deleted_number, is_integer_literal,
         normalize_id, parse_bool, qty_number, qty_str, CrmRecord, Fields, Ident, IdentityRules,
         Record, RecordKind, Scalar, Transaction, WebEvent,
     };
+    use crate::time::parse::{parse_time_number_as, parse_time_str_as, TimeUnit};
 
     /// The key under which serde_json's `arbitrary_precision` hands a number
     /// to `visit_map` (its `Value` visitor recognizes the same key; a JSON

@@ -198,7 +198,9 @@ impl Decimal {
         }
         let mut mantissa: u128 = 0;
         for b in int.bytes().chain(frac.bytes()) {
-            mantissa = mantissa.checked_mul(10)?.checked_add(u128::from(b - b'0'))?;
+            mantissa = mantissa
+                .checked_mul(10)?
+                .checked_add(u128::from(b - b'0'))?;
         }
         let exp = exp.checked_sub(i32::try_from(frac.len()).ok()?)?;
         Some(Decimal {
@@ -305,9 +307,15 @@ mod tests {
         assert_eq!(parse_time(&num("1.7723664e9")), Ok(NOON));
         assert_eq!(parse_time(&json!(0)), Ok(0));
         // GA4's event_timestamp: microseconds, as a number or a digit string.
-        assert_eq!(parse_time(&json!(1_772_366_405_000_000i64)), Ok(NOON + 5_000));
+        assert_eq!(
+            parse_time(&json!(1_772_366_405_000_000i64)),
+            Ok(NOON + 5_000)
+        );
         assert_eq!(parse_time(&json!("1772366405000000")), Ok(NOON + 5_000));
-        assert_eq!(parse_time(&json!(1_772_366_405_123_999i64)), Ok(NOON + 5_123));
+        assert_eq!(
+            parse_time(&json!(1_772_366_405_123_999i64)),
+            Ok(NOON + 5_123)
+        );
         // Nanoseconds.
         assert_eq!(
             parse_time(&json!(1_772_366_405_000_000_000i64)),
@@ -368,13 +376,22 @@ mod tests {
 
     #[test]
     fn out_of_range_is_an_error_never_a_clamp() {
-        for bad in ["-10", "-1.5", "7258118400", "1e300", "-1e300", "99999999999999999999999"] {
+        for bad in [
+            "-10",
+            "-1.5",
+            "7258118400",
+            "1e300",
+            "-1e300",
+            "99999999999999999999999",
+        ] {
             let e = parse_time(&num(bad)).unwrap_err();
             assert!(e.contains("outside the supported range"), "{bad}: {e}");
         }
         let e = parse_time(&json!("99999999999999999999999")).unwrap_err();
         assert!(
-            e.starts_with("timestamp \"99999999999999999999999\" (read as epoch nanoseconds) is outside"),
+            e.starts_with(
+                "timestamp \"99999999999999999999999\" (read as epoch nanoseconds) is outside"
+            ),
             "{e}"
         );
         assert_eq!(
@@ -425,7 +442,10 @@ mod tests {
         assert!(Decimal::parse("abc").is_none());
         assert!(Decimal::parse(".5").is_none());
         assert_eq!(Decimal::parse("0").unwrap().order(), None);
-        assert_eq!(Decimal::parse("1772366405000000").unwrap().order(), Some(15));
+        assert_eq!(
+            Decimal::parse("1772366405000000").unwrap().order(),
+            Some(15)
+        );
         assert_eq!(Decimal::parse("0.05").unwrap().order(), Some(-2));
     }
 }

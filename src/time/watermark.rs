@@ -230,7 +230,10 @@ impl SourceClock {
     /// `⌊now − allowed lateness⌋`. Returns whether the watermark moved.
     pub fn idle(&mut self, now_ms: u64) -> bool {
         if !self.live
-            || now_ms < self.last_activity_ms.saturating_add(self.config.idle_advance_ms)
+            || now_ms
+                < self
+                    .last_activity_ms
+                    .saturating_add(self.config.idle_advance_ms)
         {
             return false;
         }
@@ -357,7 +360,11 @@ mod tests {
             while now + 10 < send {
                 now += 10;
                 c.idle(now);
-                assert!(c.watermark() <= now, "watermark {} passes the wall clock {now}", c.watermark());
+                assert!(
+                    c.watermark() <= now,
+                    "watermark {} passes the wall clock {now}",
+                    c.watermark()
+                );
             }
             now = send;
             let a = c.admit(send as i64, now);
@@ -412,7 +419,11 @@ mod tests {
         assert_eq!(c.wait_before_finishing(1_030_100), None);
         let mut r = SourceClock::new(config(100, 0, 200), false, 0);
         r.admit(5_000_000, 0);
-        assert_eq!(r.wait_before_finishing(0), None, "a replay finishes at once");
+        assert_eq!(
+            r.wait_before_finishing(0),
+            None,
+            "a replay finishes at once"
+        );
     }
 
     #[test]
