@@ -267,10 +267,10 @@ struct RawFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEngine {
-    tick: Option<Spanned<String>>,
-    allowed_lateness: Option<Spanned<String>>,
-    idle_advance: Option<Spanned<String>>,
-    max_future_skew: Option<Spanned<String>>,
+    tick: Option<Spanned<DurationText>>,
+    allowed_lateness: Option<Spanned<DurationText>>,
+    idle_advance: Option<Spanned<DurationText>>,
+    max_future_skew: Option<Spanned<DurationText>>,
     late_policy: Option<Spanned<String>>,
     max_line_bytes: Option<Spanned<i64>>,
     idle_merge_effort: Option<Spanned<i64>>,
@@ -311,7 +311,7 @@ struct RawTrait {
     filter: Option<Spanned<String>>,
     aggregate: Option<Spanned<String>>,
     of: Option<Spanned<String>>,
-    window: Option<Spanned<String>>,
+    window: Option<Spanned<DurationText>>,
 }
 
 #[derive(Deserialize)]
@@ -507,8 +507,28 @@ fn in_file_order<T>(m: Option<Named<T>>) -> Vec<(Spanned<String>, Spanned<T>)> {
     v
 }
 
-fn duration(cx: &Cx<'_>, v: &Spanned<String>) -> Result<u64, SpecError> {
-    parse_duration_ms(v.get_ref()).map_err(|m| cx.err(v.span().start, m))
+/// A duration as written in the file (`"500ms"`, `"30m"`); anything but a
+/// string is an error that shows the expected form.
+struct DurationText(String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DurationText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration string with a unit, such as \"500ms\", \"60s\" or \"30m\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+fn duration(cx: &Cx<'_>, v: &Spanned<DurationText>) -> Result<u64, SpecError> {
+    parse_duration_ms(&v.get_ref().0).map_err(|m| cx.err(v.span().start, m))
 }
 
 fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> {
@@ -527,7 +547,7 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         e.idle_advance_ms = duration(cx, v)?;
     }
     if let Some(v) = &raw.max_future_skew {
-        e.max_future_skew_ms = Some(if v.get_ref() == "off" {
+        e.max_future_skew_ms = Some(if v.get_ref().0 == "off" {
             u64::MAX
         } else {
             duration(cx, v)?
@@ -1272,6 +1292,12 @@ when = "spend > 1000 or a_views in [1, 2]"
                 .engine
                 .max_future_skew_ms,
             Some(u64::MAX)
+        );
+        assert_err(
+            "[engine]\nmax_future_skew = 60\n",
+            2,
+            19,
+            "invalid type: integer `60`, expected a duration string with a unit, such as \"500ms\", \"60s\" or \"30m\"",
         );
         assert_err(
             "[engine]\nmax_future_skew = \"soon\"\n",
