@@ -17,6 +17,7 @@ use crate::io::sinks::{commit, Outputs, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
 use crate::model::{CrmRecord, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
+use crate::time::window::retract_at_window_end;
 
 /// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
 /// the run's summary appears in `result` when the dataflow has drained.
@@ -87,12 +88,15 @@ pub fn build<'s>(
             _ => None,
         })
         .as_collection();
-    let contributions: Coll<'s, traits::Contribution> = next()
-        .flat_map(|(p, t, r)| match p {
+    let specs = Rc::clone(&trait_specs);
+    let contributions: Coll<'s, traits::Contribution> = retract_at_window_end(
+        next().flat_map(|(p, t, r)| match p {
             Part::Contribution(k) => Some((k, t, r)),
             _ => None,
-        })
-        .as_collection();
+        }),
+        move |c| traits::window_of(&specs, c),
+    )
+    .as_collection();
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.

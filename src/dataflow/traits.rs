@@ -10,11 +10,11 @@
 //! 1. [`contributions`]: each matching event becomes the record
 //!    `(identifier, (trait, value))` with diff `+1` at its tick, where the
 //!    identifier is the event's highest-priority identifier and `value` is 1
-//!    for a count or the field's value in thousandths for a sum. A window of
-//!    length `w` adds the diff `-1` at [`window_end`]`(tick, w)`, so the event
-//!    leaves the window exactly `w` after it entered (an update may carry a
-//!    later time than the message that holds it; differential dataflow only
-//!    needs it to be no earlier).
+//!    for a count or the field's value in thousandths for a sum. For a
+//!    window of length `w` ([`window_of`]), the diff `-1` follows at
+//!    [`crate::time::window_end`]`(tick, w)`, so the event leaves the window
+//!    exactly `w` after it entered; [`crate::time::window`] releases these
+//!    retractions when their time comes.
 //! 2. [`per_profile`]: the contributions are re-keyed by profile through the
 //!    shared `(identifier, profile)` arrangement, each becomes the 128-bit
 //!    difference `value × diff`, and they are totalled with `count_total`.
@@ -35,7 +35,6 @@ use timely::dataflow::operators::vec::Map;
 use super::{Coll, Time};
 use crate::model::{Ident, Record, Scalar};
 use crate::spec::{Aggregate, StreamKind, TraitSpec};
-use crate::time::window_end;
 
 /// Sum traits are kept as integers in thousandths of the summed field.
 pub const SUM_SCALE: f64 = 1000.0;
@@ -91,11 +90,10 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<i64> {
 /// One contribution: `(key identifier, (trait index, value))`.
 pub type Contribution = (Ident, (u32, i64));
 
-/// The windowed contributions of one record at `tick`, each
-/// `((identifier, (trait, value)), time, diff)`: diff `+1` at the tick and,
-/// for a windowed trait, `-1` at [`window_end`], when the event leaves the
-/// window. Emitting the retraction here (rather than with a separate
-/// `delay`/`negate` per window length) keeps the pass over records single.
+/// The contributions of one record at `tick`, each
+/// `((identifier, (trait, value)), tick, +1)`; the retractions of windowed
+/// traits are added by [`crate::time::window::retract_at_window_end`] with
+/// [`window_of`].
 pub fn contributions(
     record: &Record,
     tick: Time,
@@ -107,14 +105,16 @@ pub fn contributions(
     };
     for (index, spec) in traits.iter().enumerate() {
         if let Some(value) = trait_value(spec, record) {
-            let c = (key.clone(), (index as u32, value));
-            out.push((c.clone(), tick, 1));
-            if let Some(w) = spec.window_ms {
-                out.push((c, window_end(tick, w), -1));
-            }
+            out.push(((key.clone(), (index as u32, value)), tick, 1));
         }
     }
     out
+}
+
+/// The window length (ms) of a contribution's trait; `None` for lifetime.
+pub fn window_of(traits: &[TraitSpec], contribution: &Contribution) -> Option<u64> {
+    let (_, (index, _)) = contribution;
+    traits.get(*index as usize).and_then(|t| t.window_ms)
 }
 
 /// Totals per `(profile, trait)`: the data is `((profile, trait), total)`,
@@ -174,13 +174,8 @@ mod tests {
         // Keyed by the highest-priority identifier; leaves the window 30 min later.
         let key = view.ids()[0].clone();
         assert_eq!(key.value, "user:u");
-        assert_eq!(
-            out,
-            vec![
-                ((key.clone(), (0, 1)), 1000, 1),
-                ((key, (0, 1)), 1000 + 30 * 60 * 1000, -1),
-            ]
-        );
+        assert_eq!(out, vec![((key.clone(), (0, 1)), 1000, 1)]);
+        assert_eq!(window_of(&specs(), &out[0].0), Some(30 * 60 * 1000));
         let cheap = record(
             RecordKind::Web,
             r#"{"event":"view_item","ts":1,"anonymous_id":"a","item":{"price":99.99}}"#,
@@ -198,6 +193,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0 .1, (1, 19_999));
         assert_eq!(out[0].2, 1);
+        assert_eq!(window_of(&specs(), &out[0].0), None);
         assert_eq!(trait_value(&specs()[1], &txn), Some(19_999));
         assert_eq!(
             trait_value(&specs()[0], &txn),

@@ -45,7 +45,8 @@
 //!   end of the data seen ([`Completion`]): a finite replay's result is "as
 //!   of" its last event, not at infinity.
 //! * **Window end** — an event of a trait with a window of length `w` enters
-//!   at its tick `t` and leaves at [`window_end`]`(t, w) = t + w`.
+//!   at its tick `t` and leaves at [`window_end`]`(t, w) = t + w`; the
+//!   retraction is released when its time comes ([`window`]).
 //!
 //! The terms follow the Dataflow model (Akidau et al., *The Dataflow Model*,
 //! VLDB 2015) and Apache Flink's documentation (watermarks, allowed
@@ -54,6 +55,7 @@
 pub mod completion;
 pub mod parse;
 pub mod watermark;
+pub mod window;
 
 pub use completion::Completion;
 pub use parse::{parse_time, parse_time_number, parse_time_str, TimeUnit};

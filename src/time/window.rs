@@ -1,0 +1,152 @@
+//! Window ends: each event's retraction, released when its time comes.
+//!
+//! An event of a trait with a sliding window of length `w` enters at its
+//! tick `t` and leaves at [`window_end`]`(t, w) = t + w`: a `-1` at the
+//! window end cancels the `+1`. Differential dataflow accepts such an
+//! update at once (its time may lie ahead of the message that carries it),
+//! but every arrangement it reaches then holds it in its batcher, and the
+//! batcher merges every held update again at each tick until its time
+//! comes. A 30-minute window holds 30 minutes of retractions, merged and
+//! compared on every tick.
+//!
+//! [`retract_at_window_end`] keeps the retractions here instead, in a map
+//! ordered by time, with one capability at the earliest, and releases each
+//! when the input frontier reaches its time. The updates and their times
+//! are exactly those of emitting the retraction up front; only when they
+//! travel changes.
+
+use std::collections::BTreeMap;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::Stream;
+
+use super::{window_end, Time};
+
+/// Passes `updates` (`(data, time, diff)`) through and, for each one whose
+/// `window(data)` is `Some(w)`, adds `(data, time + w, -diff)`, emitted when
+/// the input frontier reaches `time + w` (at the latest, when the input
+/// ends).
+pub fn retract_at_window_end<'s, D, W>(
+    updates: Stream<'s, Time, Vec<(D, Time, isize)>>,
+    window: W,
+) -> Stream<'s, Time, Vec<(D, Time, isize)>>
+where
+    D: Clone + 'static,
+    W: Fn(&D) -> Option<u64> + 'static,
+{
+    updates.unary_frontier::<CapacityContainerBuilder<Vec<(D, Time, isize)>>, _, _, _>(
+        Pipeline,
+        "Window ends",
+        move |_initial, _info| {
+            let mut pending: BTreeMap<Time, Vec<(D, isize)>> = BTreeMap::new();
+            // A capability at the earliest pending window end.
+            let mut held: Option<Capability<Time>> = None;
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for (d, t, r) in data.drain(..) {
+                        if let Some(w) = window(&d) {
+                            let end = window_end(t, w);
+                            if held.as_ref().is_none_or(|h| end < *h.time()) {
+                                held = Some(cap.delayed(&end, 0));
+                            }
+                            pending.entry(end).or_default().push((d.clone(), -r));
+                        }
+                        session.give((d, t, r));
+                    }
+                });
+                // The earliest time the input may still carry (`None`: it
+                // has ended): window ends up to it are due.
+                let reached = frontier.frontier().iter().min().copied();
+                if let Some(h) = held.as_mut() {
+                    {
+                        let mut session = output.session(h);
+                        while let Some(entry) = pending.first_entry() {
+                            if reached.is_some_and(|f| *entry.key() > f) {
+                                break;
+                            }
+                            let (time, list) = entry.remove_entry();
+                            for (d, r) in list {
+                                session.give((d, time, r));
+                            }
+                        }
+                    }
+                    match pending.first_key_value() {
+                        Some((&next, _)) => h.downgrade(&next),
+                        None => held = None,
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use timely::dataflow::operators::capture::{Capture, Extract};
+    use timely::dataflow::operators::{Input, Probe};
+
+    use super::*;
+
+    /// The retractions come out at their window ends, no earlier than the
+    /// frontier reaches them, and every one comes out when the input ends.
+    #[test]
+    fn retractions_are_released_at_their_window_ends() {
+        let (probe_times, captured) = timely::execute_directly(|worker| {
+            let (mut input, probe, captured) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Vec<(&'static str, Time, isize)>>();
+                let out = retract_at_window_end(stream, |d: &&str| match *d {
+                    "a" => Some(1_000),
+                    "b" => Some(300),
+                    _ => None,
+                });
+                let (probe, out) = out.probe();
+                (input, probe, out.capture())
+            });
+            let mut probe_times = Vec::new();
+            input.send(("a", 100, 1));
+            input.send(("b", 100, 1));
+            input.send(("c", 100, 1));
+            for t in [200, 400, 1_000, 1_200] {
+                input.advance_to(t);
+                worker.step_while(|| probe.less_than(input.time()));
+                // The output frontier stays at the earliest pending end.
+                probe_times.push((t, probe.with_frontier(|f| f.iter().min().copied())));
+            }
+            input.send(("a", 1_500, 2));
+            drop(input);
+            while worker.step() {}
+            (probe_times, captured)
+        });
+        let mut updates: Vec<_> = captured
+            .extract()
+            .into_iter()
+            .flat_map(|(_, v)| v)
+            .collect();
+        updates.sort_by_key(|(d, t, r)| (*t, *d, *r));
+        assert_eq!(
+            updates,
+            vec![
+                ("a", 100, 1),
+                ("b", 100, 1),
+                ("c", 100, 1),
+                ("b", 400, -1),
+                ("a", 1_100, -1),
+                ("a", 1_500, 2),
+                ("a", 2_500, -2),
+            ]
+        );
+        assert_eq!(
+            probe_times,
+            vec![
+                (200, Some(200)),
+                (400, Some(400)),
+                (1_000, Some(1_000)),
+                (1_200, Some(1_200)),
+            ]
+        );
+    }
+}
