@@ -130,10 +130,21 @@ fn expected_active(views: &[(&str, u64)], until: u64) -> Vec<String> {
 /// Diffs as they arrive: the instant, the wall clock, the line.
 type Seen = Arc<Mutex<Vec<(Instant, u64, String)>>>;
 
-/// Runs `spec` on a TCP source at `addr` (ending when its clients have
-/// disconnected), diffs to a callback, dead letters to `dead`.
+/// Runs `spec` with its `web` source on TCP at `addr`; see [`start_source`].
 fn start(
     spec: &str,
+    addr: &str,
+    dead: &Path,
+    workers: usize,
+) -> (Seen, std::thread::JoinHandle<RunSummary>) {
+    start_source(spec, "web", addr, dead, workers)
+}
+
+/// Runs `spec` with source `source` on TCP at `addr` (ending when its
+/// clients have disconnected), diffs to a callback, dead letters to `dead`.
+fn start_source(
+    spec: &str,
+    source: &'static str,
     addr: &str,
     dead: &Path,
     workers: usize,
@@ -145,7 +156,7 @@ fn start(
     let engine = std::thread::spawn(move || {
         Engine::new(spec)
             .input(
-                "web",
+                source,
                 Input::Tcp {
                     addr,
                     until_disconnect: true,
@@ -521,28 +532,7 @@ when = 'attributes.tier == "gold"'
     let dir = tempfile::tempdir().unwrap();
     let dead = dir.path().join("dead.jsonl");
     let addr = free_addr();
-    let seen: Seen = Arc::default();
-    let sink = Arc::clone(&seen);
-    let (engine_addr, dead_path) = (addr.clone(), dead.clone());
-    let engine = std::thread::spawn(move || {
-        Engine::new(parse_spec(CSV_SPEC, "csv.toml").unwrap())
-            .input(
-                "crm",
-                Input::Tcp {
-                    addr: engine_addr,
-                    until_disconnect: true,
-                },
-            )
-            .unwrap()
-            .output(Output::Callback(Arc::new(move |d| {
-                sink.lock()
-                    .unwrap()
-                    .push((Instant::now(), wall_ms(), d.to_line()))
-            })))
-            .dead_letter(dead_path)
-            .run(timely::Config::process(2))
-            .unwrap()
-    });
+    let (seen, engine) = start_source(CSV_SPEC, "crm", &addr, &dead, 2);
     let t = stamp();
     let mut a = connect(&addr);
     let mut b = connect(&addr);
