@@ -567,3 +567,50 @@ fn time_unit_fixes_the_unit_of_numeric_timestamps() {
         assert_eq!(run.dead.len(), dead, "time_unit = {unit}: {:?}", run.dead);
     }
 }
+
+/// A CSV header that is invalid (a duplicate column, or a required column
+/// missing) is dead-lettered, and so is every row after it, with the
+/// header's reason: no row is read against the wrong columns, none is lost.
+#[test]
+fn rows_after_an_invalid_csv_header_are_dead_lettered_with_its_reason() {
+    let spec = parse_spec(
+        r#"
+        [sources.crm]
+        format = "csv"
+        [segments.vip]
+        when = 'attributes.tier == "gold"'
+        "#,
+        "csv.toml",
+    )
+    .unwrap();
+    for (header, why) in [
+        (
+            "crm_id,updated_at,tier,tier",
+            "duplicate column name `tier` at columns 3 and 4",
+        ),
+        ("updated_at,tier,crm", "required column `crm_id` is missing"),
+    ] {
+        let csv = [header, "X1,1772445600,gold,x", "X2,1772445600,gold,y"];
+        for workers in [1, 2] {
+            let run = run_spec(spec.clone(), &[("crm", &csv)], workers, None);
+            let reasons: Vec<(u64, &str)> = run
+                .dead
+                .iter()
+                .map(|d| (d["line"].as_u64().unwrap(), d["reason"].as_str().unwrap()))
+                .collect();
+            let invalid = format!("its CSV header (line 1) is invalid: {why}");
+            assert_eq!(
+                reasons,
+                vec![
+                    (1, format!("CSV header: {why}").as_str()),
+                    (2, invalid.as_str()),
+                    (3, invalid.as_str()),
+                ],
+                "{header} -w {workers}"
+            );
+            assert!(run.diffs.is_empty());
+            assert_eq!(run.summary.sources[0].records, 0);
+            assert_eq!(run.summary.sources[0].lines, 3);
+        }
+    }
+}

@@ -550,7 +550,10 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         e.max_future_skew_ms = Some(if v.get_ref().0 == "off" {
             u64::MAX
         } else {
-            duration(cx, v)?
+            duration(cx, v).map_err(|mut e| {
+                e.message.push_str(r#"; or "off" for no limit"#);
+                e
+            })?
         });
     }
     if let Some(v) = &raw.late_policy {

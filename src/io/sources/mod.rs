@@ -146,8 +146,10 @@ struct Reader {
     lines: Box<dyn LineSource>,
     input_name: String,
     /// CSV headers, one per stream: the file, or each TCP connection (by
-    /// peer address), starts with its own.
-    headers: std::collections::HashMap<Option<String>, Vec<String>>,
+    /// peer address), starts with its own. An invalid header is kept as its
+    /// error (with its line), so that every row after it is dead-lettered
+    /// with the reason instead of being read against the wrong columns.
+    headers: std::collections::HashMap<Option<String>, Result<Vec<String>, String>>,
     clock: SourceClock,
     reported_clock: Option<Time>,
     stats: (u64, u64, u64, u64),
@@ -257,21 +259,37 @@ impl Reader {
             }
         }
         let decoded = match self.def.format {
-            Format::Csv => {
-                let Some(header) = self.headers.get(&peer) else {
-                    match parse_csv_header(text) {
-                        Ok(h) => {
-                            self.headers.insert(peer, h);
-                        }
-                        Err(e) => {
-                            let reason = format!("CSV header: {e}");
-                            self.dead(ctl, line, offset, peer, reason, &bytes);
-                        }
+            Format::Csv => match self.headers.get(&peer) {
+                None => {
+                    let header = parse_csv_header(text)
+                        .map_err(|e| e.to_string())
+                        .and_then(|h| {
+                            match ["crm_id", "updated_at"]
+                                .iter()
+                                .find(|c| !h.iter().any(|n| n == *c))
+                            {
+                                Some(c) => Err(format!("required column `{c}` is missing")),
+                                None => Ok(h),
+                            }
+                        });
+                    let failed = header.as_ref().err().map(|e| format!("CSV header: {e}"));
+                    self.headers.insert(
+                        peer.clone(),
+                        header.map_err(|e| format!("its CSV header (line {line}) is invalid: {e}")),
+                    );
+                    if let Some(reason) = failed {
+                        self.dead(ctl, line, offset, peer, reason, &bytes);
                     }
                     return;
-                };
-                decode_csv_as(header, text, &self.params.rules, self.def.time_unit)
-            }
+                }
+                Some(Ok(header)) => {
+                    decode_csv_as(header, text, &self.params.rules, self.def.time_unit)
+                }
+                Some(Err(reason)) => {
+                    let reason = reason.clone();
+                    return self.dead(ctl, line, offset, peer, reason, &bytes);
+                }
+            },
             Format::Jsonl => {
                 decode_json_as(self.def.kind, text, &self.params.rules, self.def.time_unit)
             }
