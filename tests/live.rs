@@ -44,22 +44,18 @@ fn wall_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The current wall clock, taken in the middle of a tick (20–70 ms into
-/// it), so that a record's transit on loopback never crosses a tick
-/// boundary: with `allowed_lateness = "0s"` a record that does is late by
-/// definition, and that is not what these tests are about.
+/// The current wall clock, taken early in a tick (2–12 ms into it), so
+/// that a record's transit (up to 88 ms on a loaded test machine) never
+/// crosses a tick boundary: with `allowed_lateness = "0s"` a record that
+/// does is late by definition, and that is not what these tests are about.
 fn stamp() -> u64 {
     loop {
         let now = wall_ms();
         let into = now % TICK;
-        if (20..70).contains(&into) {
+        if (2..12).contains(&into) {
             return now;
         }
-        let wait = if into < 20 {
-            20 - into
-        } else {
-            TICK - into + 20
-        };
+        let wait = if into < 2 { 2 - into } else { TICK - into + 2 };
         std::thread::sleep(Duration::from_millis(wait));
     }
 }
