@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::dataflow::build::build;
-use crate::io::sinks::{DiffCallback, Outputs, RunSummary, SegmentSink};
+use crate::io::sinks::{DiffCallback, OutputLabels, Outputs, RunSummary, SegmentSink};
 use crate::io::sources::{Input, ReadParams, SourceDef};
+use crate::io::{Abort, Stop};
 use crate::model::limits::SummedField;
 use crate::model::{IdentityRules, RecordKind};
 use crate::spec::{Aggregate, Spec, SpecError, StreamKind};
@@ -75,9 +76,14 @@ pub enum EngineError {
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A worker failed.
-    #[error("worker failed: {0}")]
+    /// A worker failed, e.g. an output could not be written; the message
+    /// is the original reason (`segment output out/segments.jsonl: No space
+    /// left on device (os error 28)`).
+    #[error("{0}")]
     Worker(String),
+    /// The reader of standard output went away (`segflow run .. | head`).
+    #[error("standard output was closed")]
+    OutputClosed,
 }
 
 fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineError {
@@ -85,6 +91,21 @@ fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineErro
         what,
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// How long a parked worker may take to notice that the run was stopped.
+const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The message of a panic payload (`&str` or `String`), for the error a
+/// failed run returns.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("a worker failed: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("a worker failed: {s}")
+    } else {
+        "a worker failed (no message)".to_string()
     }
 }
 
@@ -224,7 +245,28 @@ impl Engine {
             }
             std::fs::File::create(path).map_err(|e| io_err(what, path, e))
         }
-        let segments = match self.output.clone().unwrap_or(Output::Discard) {
+        let output = self.output.clone().unwrap_or(Output::Discard);
+        let labels = OutputLabels {
+            segments: match &output {
+                Output::Discard => "(none)".to_string(),
+                Output::Path(p) => p.display().to_string(),
+                Output::Stdout => "standard output".to_string(),
+                Output::Tcp(addr) => format!("tcp://{addr}"),
+                Output::Callback(_) => "callback".to_string(),
+            },
+            segments_is_stdout: matches!(output, Output::Stdout),
+            dead_letters: self
+                .dead_letter
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            state: self
+                .state_dir
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        };
+        let segments = match output {
             Output::Discard => SegmentSink::Discard,
             Output::Stdout => {
                 SegmentSink::Writer(Box::new(std::io::BufWriter::new(std::io::stdout())))
@@ -260,6 +302,7 @@ impl Engine {
             segments,
             dead_letters,
             store,
+            labels,
         })
     }
 
@@ -308,7 +351,11 @@ impl Engine {
             ),
         );
         let spec = Arc::new(self.spec);
+        // The first failure of any worker stops every worker of the process.
+        let abort = Arc::new(Abort::default());
+        let worker_abort = Arc::clone(&abort);
         let guards = timely::execute(config, move |worker| {
+            let abort = Arc::clone(&worker_abort);
             let outputs = if worker.index() == 0 {
                 outputs.lock().ok().and_then(|mut o| o.take())
             } else {
@@ -323,22 +370,47 @@ impl Engine {
                     Arc::clone(&params),
                     outputs,
                     Rc::clone(&result),
+                    Arc::clone(&abort),
                 );
             });
             // Park until there is work: sources wake their worker when input
             // arrives, and schedule themselves when their watermark moves.
-            while worker.step_or_park(None) {}
+            // The time-out only bounds how long a parked worker takes to
+            // notice that another one stopped the run.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                while !abort.is_stopped() && worker.step_or_park(Some(STOP_CHECK)) {}
+            }));
+            if let Err(payload) = stepped {
+                abort.fail(panic_message(payload.as_ref()));
+            }
+            if abort.is_stopped() {
+                // Leave without finishing the dataflow: timely would
+                // otherwise step it until it completes.
+                for id in worker.installed_dataflows() {
+                    worker.drop_dataflow(id);
+                }
+                return None;
+            }
             let summary = result.borrow_mut().take();
             summary
         })
         .map_err(EngineError::Worker)?;
         let mut summary = None;
+        let mut worker_error = None;
         for r in guards.join() {
             match r {
                 Ok(Some(s)) => summary = Some(s),
                 Ok(None) => {}
-                Err(e) => return Err(EngineError::Worker(e)),
+                Err(e) => worker_error = Some(e),
             }
+        }
+        match abort.reason() {
+            Some(Stop::Failed(reason)) => return Err(EngineError::Worker(reason)),
+            Some(Stop::OutputClosed) => return Err(EngineError::OutputClosed),
+            None => {}
+        }
+        if let Some(e) = worker_error {
+            return Err(EngineError::Worker(e));
         }
         let mut summary = summary.unwrap_or_default();
         summary.elapsed_secs = started.elapsed().as_secs_f64();

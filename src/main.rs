@@ -212,7 +212,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.state_dir {
         engine = engine.state_dir(d);
     }
-    let summary = engine.run(config)?;
+    let summary = match engine.run(config) {
+        Ok(summary) => summary,
+        // `segflow run .. --output - | head`: the reader has what it wanted.
+        Err(segflow::EngineError::OutputClosed) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     if args.process == 0 {
         print_summary(&summary, to_stderr, args.json);
     }

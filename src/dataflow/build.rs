@@ -15,6 +15,7 @@ use timely::dataflow::Scope;
 use super::{identity, profiles, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Outputs, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
+use crate::io::Abort;
 use crate::model::{CrmRecord, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
 use crate::time::window::retract_at_window_end;
@@ -28,6 +29,7 @@ pub fn build<'s>(
     params: Arc<ReadParams>,
     outputs: Option<Outputs>,
     result: Rc<RefCell<Option<RunSummary>>>,
+    abort: Arc<Abort>,
 ) {
     let trait_specs: Rc<[TraitSpec]> = spec.traits.clone().into();
     let segment_specs: Rc<[SegmentSpec]> = spec.segments.clone().into();
@@ -35,7 +37,8 @@ pub fn build<'s>(
     let mut record_streams = Vec::new();
     let mut control_streams = Vec::new();
     for def in sources {
-        let (records, control) = source(scope, def.clone(), Arc::clone(&params));
+        let (records, control) =
+            source(scope, def.clone(), Arc::clone(&params), Arc::clone(&abort));
         record_streams.push(records.as_collection());
         control_streams.push(control);
     }
@@ -142,6 +145,7 @@ pub fn build<'s>(
         trait_specs,
         segment_specs,
         result,
+        abort,
     );
 }
 

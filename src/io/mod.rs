@@ -5,6 +5,9 @@
 //! which bounds what may be written), its byte offset, counters, and the dead
 //! letters of records it could not use.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
 
 pub mod sinks;
@@ -94,4 +97,54 @@ pub enum Control {
     },
     /// A dead letter to write.
     Dead(DeadLetter),
+}
+
+/// Why a run stopped before its inputs ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A failure of the engine itself (an output that cannot be written, a
+    /// port in use, a worker that panicked), with its reason.
+    Failed(String),
+    /// The reader of standard output went away (`segflow run .. | head`):
+    /// the run ends quietly.
+    OutputClosed,
+}
+
+/// A run's stop switch, shared by every worker of a process: the first
+/// failure is kept, and every worker leaves its loop when it is set.
+#[derive(Debug, Default)]
+pub struct Abort {
+    stopped: AtomicBool,
+    reason: Mutex<Option<Stop>>,
+}
+
+impl Abort {
+    /// Stops the run with `stop`, unless it has already stopped (the first
+    /// reason wins).
+    pub fn stop(&self, stop: Stop) {
+        let mut reason = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if reason.is_none() {
+            tracing::debug!(?stop, "run stopping");
+            *reason = Some(stop);
+        }
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the run with a failure.
+    pub fn fail(&self, reason: impl Into<String>) {
+        self.stop(Stop::Failed(reason.into()));
+    }
+
+    /// Whether the run has been stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Why the run stopped, if it did.
+    pub fn reason(&self) -> Option<Stop> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }

@@ -27,7 +27,7 @@ use timely::dataflow::Stream;
 
 use crate::dataflow::profiles::Attributes;
 use crate::dataflow::segments::trait_scalar;
-use crate::io::{Control, DeadLetter};
+use crate::io::{Abort, Control, DeadLetter, Stop};
 use crate::model::Ident;
 use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, Checkpoint, Store, StoreOp};
@@ -96,6 +96,23 @@ pub struct Outputs {
     pub dead_letters: Option<Box<dyn Write + Send>>,
     /// RocksDB state.
     pub store: Option<Store>,
+    /// How messages name each output (a path, `standard output`,
+    /// `tcp://..`), and whether the segment sink is standard output (whose
+    /// reader going away ends the run quietly).
+    pub labels: OutputLabels,
+}
+
+/// How messages name the outputs of [`Outputs`].
+#[derive(Clone, Debug, Default)]
+pub struct OutputLabels {
+    /// The segment sink, e.g. `out/segments.jsonl`.
+    pub segments: String,
+    /// Whether the segment sink is standard output.
+    pub segments_is_stdout: bool,
+    /// The dead-letter file.
+    pub dead_letters: String,
+    /// The state directory.
+    pub state: String,
 }
 
 /// A change of state, keyed so that it can be routed and consolidated.
@@ -174,9 +191,29 @@ struct Committer {
     summary: RunSummary,
     checkpoint: Checkpoint,
     members: Vec<i64>,
+    abort: Arc<Abort>,
 }
 
 impl Committer {
+    /// Stops the run because writing to the segment sink failed: quietly if
+    /// standard output's reader went away, else with the reason.
+    fn segments_failed(&self, e: &std::io::Error) {
+        let labels = &self.outputs.labels;
+        if labels.segments_is_stdout && e.kind() == std::io::ErrorKind::BrokenPipe {
+            self.abort.stop(Stop::OutputClosed);
+        } else {
+            self.abort
+                .fail(format!("segment output {}: {e}", labels.segments));
+        }
+    }
+
+    fn dead_letters_failed(&self, e: &std::io::Error) {
+        self.abort.fail(format!(
+            "dead-letter output {}: {e}",
+            self.outputs.labels.dead_letters
+        ));
+    }
+
     fn dead(&mut self, letter: &DeadLetter) {
         if let Some(w) = self.outputs.dead_letters.as_mut() {
             let line = serde_json::to_string(letter).expect("dead letter serializes");
@@ -184,7 +221,21 @@ impl Committer {
                 .write_all(line.as_bytes())
                 .and_then(|_| w.write_all(b"\n"))
             {
-                tracing::error!("dead-letter output: {e}");
+                self.dead_letters_failed(&e);
+            }
+        }
+    }
+
+    fn flush_segments(&mut self) {
+        if let Err(e) = self.outputs.segments.flush() {
+            self.segments_failed(&e);
+        }
+    }
+
+    fn flush_dead_letters(&mut self) {
+        if let Some(w) = self.outputs.dead_letters.as_mut() {
+            if let Err(e) = w.flush() {
+                self.dead_letters_failed(&e);
             }
         }
     }
@@ -214,11 +265,9 @@ impl Committer {
         }
     }
 
-    fn commit(
-        &mut self,
-        time: Time,
-        mut updates: Vec<(StateUpdate, isize)>,
-    ) -> std::io::Result<()> {
+    /// Writes one complete time; a failed write stops the run (see
+    /// [`Abort`]) and is returned.
+    fn commit(&mut self, time: Time, mut updates: Vec<(StateUpdate, isize)>) -> Result<(), ()> {
         differential_dataflow::consolidation::consolidate(&mut updates);
         let mut diffs = Vec::new();
         let mut ops = Vec::new();
@@ -272,27 +321,30 @@ impl Committer {
         }
         diffs.sort();
         for d in &diffs {
-            self.outputs.segments.write(d)?;
+            if let Err(e) = self.outputs.segments.write(d) {
+                self.segments_failed(&e);
+                return Err(());
+            }
         }
         self.summary.diffs_written += diffs.len() as u64;
         self.summary.times_committed += 1;
         self.summary.last_time = Some(time);
         self.checkpoint.time = time;
         if let Some(store) = &self.outputs.store {
-            store
-                .commit(&ops, &self.checkpoint)
-                .map_err(std::io::Error::other)?;
+            if let Err(e) = store.commit(&ops, &self.checkpoint) {
+                self.abort.fail(format!(
+                    "state directory {}: {e}",
+                    self.outputs.labels.state
+                ));
+                return Err(());
+            }
         }
         Ok(())
     }
 
     fn finish(&mut self) -> RunSummary {
-        if let Err(e) = self.outputs.segments.flush() {
-            tracing::error!("segment output: {e}");
-        }
-        if let Some(w) = self.outputs.dead_letters.as_mut() {
-            let _ = w.flush();
-        }
+        self.flush_segments();
+        self.flush_dead_letters();
         let mut summary = self.summary.clone();
         summary.segments = self
             .segments
@@ -314,6 +366,7 @@ pub fn commit<'s>(
     traits: Rc<[TraitSpec]>,
     segments: Rc<[SegmentSpec]>,
     result: Rc<RefCell<Option<RunSummary>>>,
+    abort: Arc<Abort>,
 ) {
     let scope = updates.scope();
     let mut builder = OperatorBuilder::new("Commit".to_string(), scope);
@@ -342,11 +395,12 @@ pub fn commit<'s>(
         completion: Completion::default(),
         checkpoint: Checkpoint::default(),
         members,
+        abort,
     });
     let mut finished = false;
     builder.build(move |_caps| {
         move |frontiers| {
-            let Some(c) = committer.as_mut() else {
+            let Some(c) = committer.as_mut().filter(|c| !c.abort.is_stopped()) else {
                 updates_in.for_each(|_, _| {});
                 control_in.for_each(|_, _| {});
                 return;
@@ -381,15 +435,13 @@ pub fn commit<'s>(
                     break;
                 }
                 let updates = c.pending.pop_first().map(|(_, u)| u).unwrap_or_default();
-                if let Err(e) = c.commit(time, updates) {
-                    panic!("commit of time {time} failed: {e}");
+                if c.commit(time, updates).is_err() {
+                    return;
                 }
                 wrote = true;
             }
             if wrote {
-                if let Err(e) = c.outputs.segments.flush() {
-                    tracing::error!("segment output: {e}");
-                }
+                c.flush_segments();
             }
             let mut wrote_dead = false;
             while let Some((&time, _)) = c.dead_pending.first_key_value() {
@@ -412,11 +464,7 @@ pub fn commit<'s>(
             // Like the diffs, dead letters are on disk as soon as their time
             // is complete, not when the run ends.
             if wrote_dead {
-                if let Some(w) = c.outputs.dead_letters.as_mut() {
-                    if let Err(e) = w.flush() {
-                        tracing::error!("dead-letter output: {e}");
-                    }
-                }
+                c.flush_dead_letters();
             }
             if frontier.is_none() && !finished {
                 finished = true;

@@ -33,7 +33,7 @@ use timely::dataflow::{Scope, Stream};
 
 use timely::scheduling::SyncActivator;
 
-use crate::io::{Control, DeadLetter};
+use crate::io::{Abort, Control, DeadLetter};
 use crate::model::limits::{check_summed_fields, SummedField};
 use crate::model::{
     decode_csv_as, decode_json_as, parse_csv_header, IdentityRules, Record, RecordKind,
@@ -436,16 +436,14 @@ pub type SourceStreams<'s> = (
 );
 
 /// Builds the source operator. Only the owner worker reads; the others
-/// release their capabilities at once.
-///
-/// # Panics
-///
-/// If the owner cannot open its input; [`crate::Engine::run`] checks files
-/// beforehand so this only happens when a file vanishes or a port is taken.
+/// release their capabilities at once. If the owner cannot open its input
+/// (a file that vanished, a port in use), it stops the run through `abort`
+/// with the reason.
 pub fn source<'s>(
     scope: Scope<'s, Time>,
     def: SourceDef,
     params: Arc<ReadParams>,
+    abort: Arc<Abort>,
 ) -> SourceStreams<'s> {
     let mut builder = OperatorBuilder::new(format!("Source: {}", def.name), scope);
     let info = builder.operator_info();
@@ -475,7 +473,10 @@ pub fn source<'s>(
             let described = def.input.describe();
             match Reader::open(def, params, Some(waker)) {
                 Ok(r) => reader = Some(r),
-                Err(e) => panic!("source `{name}`: cannot open {described}: {e}"),
+                Err(e) => {
+                    abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
+                    caps = None;
+                }
             }
             activator.activate();
         } else {

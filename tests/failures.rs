@@ -1,0 +1,220 @@
+//! Failures of the engine itself end the run, on every worker, with a
+//! non-zero exit and the original reason; they never hang and never exit 0.
+//! A closed standard output ends the run quietly. Each run here is the real
+//! binary, stopped by force (and the test failed) if it outlives a deadline.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_segflow");
+
+const SPEC: &str = r#"
+[engine]
+tick = "1s"
+
+[sources.web]
+
+[traits.views]
+stream = "web"
+filter = 'event == "view_item"'
+
+[segments.viewer]
+when = "views >= 1"
+"#;
+
+/// Web events for `n` visitors, one view each: `n` segment entries.
+fn views(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"event\":\"view_item\",\"ts\":{},\"anonymous_id\":\"v{i}\"}}\n",
+                1_772_366_400 + i
+            )
+        })
+        .collect()
+}
+
+fn write_spec(dir: &Path) -> String {
+    let path = dir.join("flow.toml");
+    std::fs::write(&path, SPEC).unwrap();
+    path.display().to_string()
+}
+
+/// Waits for `child` at most `secs`; a run that outlives it has hung.
+fn finish(mut child: Child, secs: u64) -> (i32, String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("segflow hung for {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_full_segment_output_is_an_error_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let web = dir.path().join("web.jsonl");
+    for n in [2, 20_000] {
+        std::fs::write(&web, views(n)).unwrap();
+        for workers in ["1", "2"] {
+            let child = spawn(&[
+                "run",
+                &spec,
+                "-w",
+                workers,
+                "--input",
+                &format!("web={}", web.display()),
+                "--output",
+                "/dev/full",
+            ]);
+            let (code, err) = finish(child, 120);
+            assert_ne!(code, 0, "{n} events, -w {workers}: {err}");
+            assert!(
+                err.contains("error: segment output /dev/full: No space left on device"),
+                "{n} events, -w {workers}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_full_dead_letter_output_is_an_error_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, views(3) + "not json\n").unwrap();
+    let child = spawn(&[
+        "run",
+        &spec,
+        "-w",
+        "2",
+        "--input",
+        &format!("web={}", web.display()),
+        "--dead-letter",
+        "/dev/full",
+    ]);
+    let (code, err) = finish(child, 120);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("error: dead-letter output /dev/full: No space left on device"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tcp_source_port_in_use_ends_every_worker_with_the_reason() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    for workers in ["1", "2"] {
+        let child = spawn(&[
+            "run",
+            &spec,
+            "-w",
+            workers,
+            "--input",
+            &format!("web=tcp://{addr}"),
+        ]);
+        let (code, err) = finish(child, 60);
+        assert_ne!(code, 0, "-w {workers}: {err}");
+        assert!(
+            err.contains(&format!("error: source `web`: cannot open tcp://{addr}:")),
+            "-w {workers}: {err}"
+        );
+        assert!(err.contains("in use"), "-w {workers}: {err}");
+    }
+}
+
+#[test]
+fn a_tcp_sink_that_closes_mid_run_ends_every_worker_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, views(50_000)).unwrap();
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = sink.local_addr().unwrap().to_string();
+    // Accept, read one line, then close.
+    let closer = std::thread::spawn(move || {
+        let (stream, _) = sink.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    });
+    let child = spawn(&[
+        "run",
+        &spec,
+        "-w",
+        "2",
+        "--input",
+        &format!("web={}", web.display()),
+        "--output",
+        &format!("tcp://{addr}"),
+    ]);
+    let first = closer.join().unwrap();
+    assert!(first.contains("\"segment\":\"viewer\""), "{first}");
+    let (code, err) = finish(child, 120);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("error: segment output tcp://{addr}:")),
+        "{err}"
+    );
+}
+
+#[test]
+fn standard_output_closed_by_its_reader_ends_the_run_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, views(50_000)).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            &spec,
+            "-w",
+            "2",
+            "--input",
+            &format!("web={}", web.display()),
+            "--output",
+            "-",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -1`
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"segment\":\"viewer\""), "{first}");
+    let (code, err) = finish(child, 120);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+}
