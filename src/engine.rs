@@ -135,6 +135,7 @@ pub struct Engine {
     output: Option<Output>,
     dead_letter: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Engine {
@@ -158,6 +159,7 @@ impl Engine {
             output,
             dead_letter,
             state_dir,
+            shutdown: None,
         }
     }
 
@@ -205,6 +207,16 @@ impl Engine {
     /// Sets the dead-letter file.
     pub fn dead_letter(mut self, path: impl Into<PathBuf>) -> Engine {
         self.dead_letter = Some(path.into());
+        self
+    }
+
+    /// Graceful shutdown: once `flag` is set (e.g. by a SIGTERM handler),
+    /// every source ends its input where it is; the run completes and
+    /// writes what was read, flushes its outputs and returns its summary.
+    /// A live source notices within its next scheduling (at most about one
+    /// tick or `idle_advance`).
+    pub fn shutdown_on(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Engine {
+        self.shutdown = Some(flag);
         self
     }
 
@@ -339,6 +351,7 @@ impl Engine {
                     path: t.of.clone().unwrap_or_default(),
                 })
                 .collect(),
+            shutdown: self.shutdown.clone(),
         });
         // Idle merge effort makes every arrangement reschedule itself while
         // it is not fully merged: memory of a quiet run shrinks sooner, but

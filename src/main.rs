@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
@@ -212,6 +213,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.state_dir {
         engine = engine.state_dir(d);
     }
+    // SIGTERM or Ctrl-C: end the inputs, write what was read, print the
+    // summary and exit 0; a second signal exits at once.
+    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&shutdown))?;
+        signal_hook::flag::register(signal, Arc::clone(&shutdown))?;
+    }
+    let engine = engine.shutdown_on(shutdown);
     let summary = match engine.run(config) {
         Ok(summary) => summary,
         // `segflow run .. --output - | head`: the reader has what it wanted.

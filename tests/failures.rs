@@ -218,3 +218,87 @@ fn standard_output_closed_by_its_reader_ends_the_run_quietly() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
 }
+
+/// SIGTERM on a live run: the inputs end where they are, everything read is
+/// written (diffs and dead letters), the summary is printed, exit 0.
+#[test]
+fn sigterm_on_a_live_run_writes_what_was_read_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("live.toml");
+    std::fs::write(
+        &spec,
+        SPEC.replace(
+            "tick = \"1s\"",
+            "tick = \"100ms\"\nallowed_lateness = \"1s\"",
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let dead = dir.path().join("dead.jsonl");
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--input",
+            &format!("web=tcp://{addr}"),
+            "--output",
+            out.to_str().unwrap(),
+            "--dead-letter",
+            dead.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("cannot connect: {e}"),
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut lines = String::new();
+    for i in 0..3 {
+        lines.push_str(&format!(
+            "{{\"event\":\"view_item\",\"ts\":{now},\"anonymous_id\":\"s{i}\"}}\n"
+        ));
+    }
+    for _ in 0..20 {
+        lines.push_str("not json\n");
+    }
+    std::io::Write::write_all(&mut client, lines.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, err) = finish(child, 30);
+    drop(client);
+    assert_eq!(code, 0, "{err}");
+    let mut summary = String::new();
+    stdout.read_to_string(&mut summary).unwrap();
+    assert!(summary.contains("segflow run finished"), "{summary}");
+    assert_eq!(std::fs::read_to_string(&dead).unwrap().lines().count(), 20);
+    let tick = now / 100 * 100;
+    let expected: Vec<String> = (0..3)
+        .map(|i| format!(r#"{{"time":{tick},"segment":"viewer","profile":"anon:s{i}","diff":1}}"#))
+        .collect();
+    assert_eq!(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        expected
+    );
+}

@@ -122,6 +122,9 @@ pub struct ReadParams {
     pub rules: IdentityRules,
     /// Fields that sum traits add up; their values are range-checked.
     pub summed: Vec<SummedField>,
+    /// Set to end every source now (graceful shutdown: what was read is
+    /// completed and written, then the run returns).
+    pub shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Lines decoded per activation before yielding to other operators.
@@ -339,6 +342,12 @@ impl Reader {
         ctl: &mut Vec<Control>,
     ) -> Status {
         let now_ms = wall_clock_ms();
+        if let Some(flag) = &self.params.shutdown {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                // Graceful shutdown: end the input here, without waiting.
+                return Status::Finished;
+            }
+        }
         let mut status = Status::More;
         for _ in 0..BATCH {
             match self.lines.next_line() {
