@@ -553,10 +553,26 @@ pub fn decode_json_as(
     rules: &IdentityRules,
     unit: TimeUnit,
 ) -> Result<Record, DecodeError> {
-    if let Some(record) = fast::decode(kind, line, rules, unit) {
-        return Ok(record);
+    let record = match fast::decode(kind, line, rules, unit) {
+        Some(record) => record,
+        None => decode_json_value(kind, line, rules, unit)?,
+    };
+    check_identifiers(&record)?;
+    Ok(record)
+}
+
+/// Identifiers are keys of profiles and of the state: one that holds a
+/// control character (`"victim\u0000x"`) is rejected rather than stored.
+fn check_identifiers(record: &Record) -> Result<(), DecodeError> {
+    for id in record.ids() {
+        if let Some((at, c)) = id.value.char_indices().find(|(_, c)| c.is_control()) {
+            return Err(DecodeError::new(format!(
+                "identifier {:?} contains the control character U+{:04X} at byte {at}",
+                id.value, c as u32
+            )));
+        }
     }
-    decode_json_value(kind, line, rules, unit)
+    Ok(())
 }
 
 /// [`decode_json`] through a `serde_json::Value`: the reference decoder, and
@@ -836,13 +852,15 @@ pub fn decode_csv_as(
     ids.sort();
     ids.dedup();
     attributes.sort();
-    Ok(Record::Crm(CrmRecord {
+    let record = Record::Crm(CrmRecord {
         crm_id,
         updated_ms,
         deleted,
         ids,
         attributes,
-    }))
+    });
+    check_identifiers(&record)?;
+    Ok(record)
 }
 
 // ---------------------------------------------------------------------------
@@ -1597,6 +1615,55 @@ mod tests {
             "no identifier: expected one of crm_id, user_id, email, phone, anonymous_id, device_id \
              (ignored values that do not normalize: email \"n/a\", phone \"call me\")"
         );
+    }
+
+    /// An identifier with a control character would be a key that reaches
+    /// into another profile's state; it is rejected, whichever decoder
+    /// reads it and whatever field carries it.
+    #[test]
+    fn identifiers_with_control_characters_are_rejected() {
+        let rules = rules();
+        let web = decode_json(
+            RecordKind::Web,
+            r#"{"event":"v","ts":1,"user_id":"victim\u0000x","anonymous_id":"a"}"#,
+            &rules,
+        );
+        assert_eq!(
+            reason(web),
+            r#"identifier "user:victim\0x" contains the control character U+0000 at byte 11"#
+        );
+        let crm = decode_json(
+            RecordKind::Crm,
+            r#"{"crm_id":"C\u001f1","updated_at":1}"#,
+            &rules,
+        );
+        assert_eq!(
+            reason(crm),
+            r#"identifier "crm:C\u{1f}1" contains the control character U+001F at byte 5"#
+        );
+        let header: Vec<String> = ["crm_id", "updated_at"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let csv = decode_csv(&header, "C\u{7}2,1772366400", &rules);
+        assert_eq!(
+            reason(csv),
+            r#"identifier "crm:C\u{7}2" contains the control character U+0007 at byte 5"#
+        );
+        // Tabs and newlines inside the value are control characters too;
+        // surrounding whitespace is trimmed before.
+        assert!(decode_json(
+            RecordKind::Web,
+            r#"{"event":"v","ts":1,"anonymous_id":" a\tb "}"#,
+            &rules
+        )
+        .is_err());
+        assert!(decode_json(
+            RecordKind::Web,
+            r#"{"event":"v","ts":1,"anonymous_id":" ab\t"}"#,
+            &rules
+        )
+        .is_ok());
     }
 
     #[test]

@@ -6,10 +6,14 @@
 //! | column family | key                      | value                         |
 //! |---------------|--------------------------|-------------------------------|
 //! | `id_profile`  | identifier               | profile id                    |
-//! | `profile_ids` | profile `\0` identifier  | empty                         |
+//! | `profile_ids` | ⟨profile⟩ identifier     | empty                         |
 //! | `attributes`  | profile                  | JSON object                   |
-//! | `traits`      | profile `\0` trait name  | JSON number                   |
-//! | `segments`    | profile `\0` segment     | empty                         |
+//! | `traits`      | ⟨profile⟩ trait name     | JSON number                   |
+//! | `segments`    | ⟨profile⟩ segment        | empty                         |
+//!
+//! `⟨profile⟩` is the profile id prefixed with its length (4 bytes,
+//! big-endian), so no identifier, whatever bytes it holds, can make one
+//! profile's keys look like another's.
 //! | `checkpoint`  | `checkpoint`             | JSON `{time, offsets}`        |
 //!
 //! The commit stage writes every completed timestamp as one `WriteBatch`
@@ -116,10 +120,15 @@ pub struct Store {
     dir: String,
 }
 
+/// The key of `(a, b)`: the length of `a` (4 bytes, big-endian), `a`, then
+/// `b`. The length makes the key unambiguous whatever bytes `a` holds (a
+/// separator byte could appear inside an identifier and let one profile's
+/// prefix scan reach another's keys), and every key of `a` still shares
+/// the prefix `key2(a, "")`.
 fn key2(a: &str, b: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    let mut k = Vec::with_capacity(4 + a.len() + b.len());
+    k.extend_from_slice(&u32::try_from(a.len()).unwrap_or(u32::MAX).to_be_bytes());
     k.extend_from_slice(a.as_bytes());
-    k.push(0);
     k.extend_from_slice(b.as_bytes());
     k
 }
@@ -345,6 +354,42 @@ pub fn attributes_json(attrs: &[(String, Scalar)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A profile id that is another's followed by a separator byte and more
+    /// cannot see the other's traits or segments: keys are length-prefixed.
+    #[test]
+    fn one_profile_never_reads_anothers_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let trait_of = |profile: &str, value: f64| {
+            (
+                StoreOp::Trait {
+                    profile: profile.into(),
+                    name: "views".into(),
+                    value,
+                },
+                1,
+            )
+        };
+        let ops = vec![
+            trait_of("user:victim\u{0}x", 7.0),
+            trait_of("user:victim", 1.0),
+            (
+                StoreOp::Segment {
+                    profile: "user:victim\u{0}x".into(),
+                    name: "vip".into(),
+                },
+                1,
+            ),
+        ];
+        store.commit(&ops, &Checkpoint::default()).unwrap();
+        let victim = store.view("user:victim").unwrap();
+        assert_eq!(victim.traits, BTreeMap::from([("views".to_string(), 1.0)]));
+        assert!(victim.segments.is_empty(), "{:?}", victim.segments);
+        let other = store.view("user:victim\u{0}x").unwrap();
+        assert_eq!(other.traits, BTreeMap::from([("views".to_string(), 7.0)]));
+        assert_eq!(other.segments, vec!["vip".to_string()]);
+    }
 
     #[test]
     fn commit_then_lookup_by_any_identifier() {
