@@ -59,10 +59,12 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Worker threads per process.
-    #[arg(short = 'w', long = "workers", value_name = "N")]
+    #[arg(short = 'w', long = "workers", value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     workers: Option<usize>,
     /// Number of processes in the cluster.
-    #[arg(short = 'n', long = "processes", value_name = "N", default_value_t = 1)]
+    #[arg(short = 'n', long = "processes", value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     processes: usize,
     /// Index of this process (0-based).
     #[arg(short = 'p', long = "process", value_name = "I", default_value_t = 0)]

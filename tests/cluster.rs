@@ -259,6 +259,18 @@ fn usage_errors_and_help() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/web.jsonl"));
     assert!(!segflow(&["frobnicate"]).status.success());
+    // Zero workers or processes are usage errors, not a silent 1.
+    for flag in ["-w", "-n"] {
+        let out = segflow(&[
+            "run",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"),
+            flag,
+            "0",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{flag} 0");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid value '0'"), "{flag} 0: {err}");
+    }
 }
 
 #[test]
