@@ -551,3 +551,34 @@ when = 'attributes.tier == "gold"'
     assert_eq!(summary.sources[0].records, 2);
     assert_eq!(dead_letters(&dead), Vec::<serde_json::Value>::new());
 }
+
+/// With `until = "disconnect"`, a client that connects a few milliseconds
+/// after the previous one left is still read: a batch load sent over
+/// several connections in turn loses nothing.
+#[test]
+fn sequential_clients_of_an_until_disconnect_source_are_all_read() {
+    let spec = SPEC.replace(r#"allowed_lateness = "0s""#, r#"allowed_lateness = "5s""#);
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let addr = free_addr();
+    let (seen, engine) = start(&spec, &addr, &dead, 2);
+    let ts = stamp();
+    for client in 0..10 {
+        let mut c = connect(&addr);
+        let mut lines = String::new();
+        for _ in 0..5 {
+            lines.push_str(&view(ts, &format!("c{client}")));
+        }
+        c.write_all(lines.as_bytes()).unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let summary = engine.join().unwrap();
+    assert_eq!(summary.sources[0].lines, 50);
+    assert_eq!(summary.sources[0].records, 50);
+    let t = ts / TICK * TICK;
+    let expected: Vec<String> = (0..10)
+        .map(|c| active(&format!("anon:c{c}"), t, 1))
+        .collect();
+    assert_eq!(lines_of(&seen), expected);
+}

@@ -5,16 +5,23 @@
 //! the same length limit as files); complete lines reach the dataflow through
 //! a bounded channel, which pushes back on clients when the engine is busy.
 //! With `until_disconnect`, the source ends once every client that connected
-//! has disconnected (handy for batch loads and tests); otherwise it runs until
-//! the process is stopped.
+//! has disconnected and none has connected for [`UNTIL_DISCONNECT_LINGER`]
+//! (handy for batch loads and tests); otherwise it runs until the process is
+//! stopped.
 
 use std::io;
 
+use std::time::{Duration, Instant};
 use timely::scheduling::SyncActivator;
+
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use super::lines::{Framer, Framing, LineSource, Next};
+
+/// With `until = "disconnect"`, how long the source waits after its last
+/// client left for another to connect before it ends.
+pub const UNTIL_DISCONNECT_LINGER: Duration = Duration::from_millis(250);
 
 enum Msg {
     Connected,
@@ -49,6 +56,8 @@ pub struct TcpLines {
     lines: u64,
     /// Peers whose connection ended since the last `take_closed`.
     closed: Vec<Option<String>>,
+    /// Since when no client has been connected (with `until_disconnect`).
+    all_gone_since: Option<Instant>,
     _runtime: std::thread::JoinHandle<()>,
 }
 
@@ -134,6 +143,7 @@ impl TcpLines {
             })?;
         Ok(TcpLines {
             closed: Vec::new(),
+            all_gone_since: None,
             rx,
             connected: 0,
             seen_client: false,
@@ -151,6 +161,7 @@ impl LineSource for TcpLines {
                 Ok(Msg::Connected) => {
                     self.connected += 1;
                     self.seen_client = true;
+                    self.all_gone_since = None;
                 }
                 Ok(Msg::Disconnected(peer)) => {
                     self.connected = self.connected.saturating_sub(1);
@@ -162,7 +173,13 @@ impl LineSource for TcpLines {
                 }
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if self.until_disconnect && self.seen_client && self.connected == 0 {
-                        return Ok(Next::End);
+                        // The last client left; one that connects right
+                        // after it (a batch load in several connections)
+                        // is still read.
+                        let since = *self.all_gone_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= UNTIL_DISCONNECT_LINGER {
+                            return Ok(Next::End);
+                        }
                     }
                     return Ok(Next::Pending);
                 }
