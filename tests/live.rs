@@ -582,3 +582,75 @@ fn sequential_clients_of_an_until_disconnect_source_are_all_read() {
         .collect();
     assert_eq!(lines_of(&seen), expected);
 }
+
+/// A followed file that is truncated (`: > web.jsonl`) or rotated (moved
+/// away and created anew) is read again from its start: the lines written
+/// after it are not lost, and reading never resumes mid-line. SIGTERM-style
+/// shutdown ends the run with everything read.
+#[test]
+fn a_followed_file_that_is_truncated_or_rotated_is_read_from_its_start() {
+    let spec = SPEC.replace(r#"allowed_lateness = "0s""#, r#"allowed_lateness = "1s""#);
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.jsonl");
+    let ts = stamp();
+    std::fs::write(&web, view(ts, "r1") + &view(ts, "r1")).unwrap();
+    let seen: Seen = Arc::default();
+    let sink = Arc::clone(&seen);
+    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let engine = {
+        let (spec, web, shutdown) = (spec.clone(), web.clone(), Arc::clone(&shutdown));
+        std::thread::spawn(move || {
+            Engine::new(parse_spec(&spec, "follow.toml").unwrap())
+                .input(
+                    "web",
+                    Input::File {
+                        path: web,
+                        follow: true,
+                    },
+                )
+                .unwrap()
+                .output(Output::Callback(Arc::new(move |d| {
+                    sink.lock()
+                        .unwrap()
+                        .push((Instant::now(), wall_ms(), d.to_line()))
+                })))
+                .shutdown_on(shutdown)
+                .run(timely::Config::process(2))
+                .unwrap()
+        })
+    };
+    let entered = |who: &str, ts: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lines_of(&seen).contains(&active(who, ts / TICK * TICK, 1))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    entered("anon:r1", ts);
+    // Truncated, then written again as long as before.
+    let t2 = stamp();
+    std::fs::write(&web, view(t2, "r2") + &view(t2, "r2")).unwrap();
+    entered("anon:r2", t2);
+    // Rotated: moved away, a new file in its place.
+    std::fs::rename(&web, dir.path().join("web.jsonl.1")).unwrap();
+    let t3 = stamp();
+    std::fs::write(&web, view(t3, "r3") + &view(t3, "r3")).unwrap();
+    entered("anon:r3", t3);
+    shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+    let summary = engine.join().unwrap();
+    let lines: Vec<String> = lines_of(&seen)
+        .into_iter()
+        .filter(|l| l.ends_with(r#""diff":1}"#))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            active("anon:r1", ts / TICK * TICK, 1),
+            active("anon:r2", t2 / TICK * TICK, 1),
+            active("anon:r3", t3 / TICK * TICK, 1),
+        ]
+    );
+    assert_eq!(summary.sources[0].records, 6);
+    assert_eq!(summary.dead_letters(), 0);
+}

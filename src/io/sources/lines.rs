@@ -411,18 +411,107 @@ pub struct FileLines {
     reader: BufReader<File>,
     framer: Framer,
     follow: bool,
+    path: std::path::PathBuf,
+    /// The identity (device, inode) of the open file, to notice rotation.
+    identity: (u64, u64),
+    /// The first bytes read ([`HEAD_BYTES`] at most): a truncated file that
+    /// was written again past the length read shows other first bytes.
+    head: Vec<u8>,
+    limit: usize,
+    framing: Framing,
+}
+
+/// How many of a followed file's first bytes are kept to notice that it
+/// was truncated and written again.
+const HEAD_BYTES: usize = 128;
+
+/// Reads up to `buf.len()` bytes at `offset` without moving the file's
+/// position.
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, buf, offset);
+        Ok(0)
+    }
+}
+
+/// The (device, inode) of a file; (0, 0) where the platform has none.
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        (0, 0)
+    }
 }
 
 impl FileLines {
     /// Opens `path`, framed as `framing` says; with `follow`, end of file
-    /// means "pending", not "end".
+    /// means "pending", not "end", and a followed file that is truncated
+    /// (`: > web.jsonl`) or replaced (rotated) is read again from its start.
     pub fn open(path: &Path, follow: bool, limit: usize, framing: Framing) -> io::Result<Self> {
         let file = File::open(path)?;
+        let identity = file_identity(&file.metadata()?);
         Ok(FileLines {
             reader: BufReader::with_capacity(1 << 20, file),
             framer: Framer::new(limit, framing),
             follow,
+            path: path.to_path_buf(),
+            identity,
+            head: Vec::new(),
+            limit,
+            framing,
         })
+    }
+
+    /// Whether the followed path now holds another file, or a shorter one
+    /// than what was read (truncated); `false` while the path is missing (a
+    /// rotation that has not created the new file yet).
+    fn replaced(&self) -> io::Result<bool> {
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if file_identity(&meta) != self.identity || meta.len() < self.framer.consumed() {
+            return Ok(true);
+        }
+        // Same file, at least as long: truncated and written again past
+        // what was read shows other first bytes.
+        let mut now = vec![0u8; self.head.len()];
+        let n = read_at(self.reader.get_ref(), &mut now, 0)?;
+        Ok(now[..n] != self.head[..])
+    }
+
+    /// Starts reading the path again from its first byte.
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = File::open(&self.path)?;
+        self.identity = file_identity(&file.metadata()?);
+        tracing::warn!(
+            file = %self.path.display(),
+            read = self.framer.consumed(),
+            "followed file was truncated or replaced; reading it again from its start"
+        );
+        self.reader = BufReader::with_capacity(1 << 20, file);
+        self.framer = Framer::new(self.limit, self.framing);
+        self.head.clear();
+        Ok(())
     }
 }
 
@@ -432,6 +521,10 @@ impl LineSource for FileLines {
             let chunk = self.reader.fill_buf()?;
             if chunk.is_empty() {
                 if self.follow {
+                    if self.replaced()? {
+                        self.reopen()?;
+                        continue;
+                    }
                     // Re-arm the reader so data appended later is seen.
                     let pos = self.framer.consumed();
                     self.reader.seek(SeekFrom::Start(pos))?;
@@ -443,6 +536,10 @@ impl LineSource for FileLines {
                 return Ok(Next::End);
             }
             let (used, line) = self.framer.feed(chunk, &None);
+            if self.follow && self.head.len() < HEAD_BYTES {
+                let take = (HEAD_BYTES - self.head.len()).min(used);
+                self.head.extend_from_slice(&chunk[..take]);
+            }
             self.reader.consume(used);
             if let Some(line) = line {
                 return Ok(line);
