@@ -16,7 +16,7 @@ use crate::io::{Abort, Stop};
 use crate::model::limits::SummedField;
 use crate::model::{IdentityRules, RecordKind};
 use crate::spec::{Aggregate, Spec, SpecError, StreamKind};
-use crate::store::{Store, StoreError};
+use crate::store::{StateLock, Store, StoreError};
 
 /// Where segment diffs go.
 #[derive(Clone)]
@@ -257,6 +257,20 @@ impl Engine {
             }
             std::fs::File::create(path).map_err(|e| io_err(what, path, e))
         }
+        // The state directory first: its lock is taken (and what it holds
+        // checked) before any output file is created or truncated, so a
+        // second run on the same directory destroys nothing.
+        let store = match &self.state_dir {
+            Some(dir) => {
+                let lock = StateLock::take(dir)?;
+                Some((Store::create_fresh(dir, &lock)?, lock))
+            }
+            None => None,
+        };
+        let (store, state_lock) = match store {
+            Some((s, l)) => (Some(s), Some(l)),
+            None => (None, None),
+        };
         let output = self.output.clone().unwrap_or(Output::Discard);
         let labels = OutputLabels {
             segments: match &output {
@@ -302,18 +316,12 @@ impl Engine {
             )?)) as Box<dyn Write + Send>),
             None => None,
         };
-        let store = match &self.state_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| io_err("cannot create state directory", dir, e))?;
-                Some(Store::create_fresh(dir)?)
-            }
-            None => None,
-        };
+
         Ok(Outputs {
             segments,
             dead_letters,
             store,
+            state_lock,
             labels,
         })
     }

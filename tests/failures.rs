@@ -302,3 +302,83 @@ fn sigterm_on_a_live_run_writes_what_was_read_and_exits_0() {
         expected
     );
 }
+
+/// A second run on the same state directory is refused before it opens any
+/// output: the first run's output file is not truncated. A directory with
+/// another program's files is refused too, and left as it was.
+#[test]
+fn a_second_run_on_a_held_state_directory_destroys_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let out = dir.path().join("out.jsonl");
+    let state = dir.path().join("state");
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let first = spawn(&[
+        "run",
+        &spec,
+        "--input",
+        &format!("web=tcp://{addr}"),
+        "--output",
+        out.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    // Wait until the first run has opened its outputs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&out, "written by the first run\n").unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, views(3)).unwrap();
+    let second = spawn(&[
+        "run",
+        &spec,
+        "--input",
+        &format!("web={}", web.display()),
+        "--output",
+        out.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let (code, err) = finish(second, 60);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("is in use by another segflow run"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "written by the first run\n"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, err) = finish(first, 30);
+    assert_eq!(code, 0, "{err}");
+
+    // Another program's directory.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("important.db"), "keep me").unwrap();
+    let third = spawn(&[
+        "run",
+        &spec,
+        "--input",
+        &format!("web={}", web.display()),
+        "--state-dir",
+        theirs.to_str().unwrap(),
+    ]);
+    let (code, err) = finish(third, 60);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("is not empty and has no SEGFLOW_STATE marker (found important.db)"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("important.db")).unwrap(),
+        "keep me"
+    );
+}

@@ -51,6 +51,67 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("state store: corrupt value in `{0}`")]
     Corrupt(String),
+    /// Another run holds the state directory.
+    #[error("state directory {dir} is in use by another segflow run (it holds {dir}/{LOCK_FILE}); wait for it to end or choose another directory")]
+    Locked {
+        /// The state directory.
+        dir: String,
+    },
+    /// The directory holds something segflow did not create, or state of a
+    /// format this version does not know; nothing was changed.
+    #[error("state directory {dir}: {what}; segflow does not touch it: choose another directory, or remove it yourself if it is not needed")]
+    NotOurs {
+        /// The state directory.
+        dir: String,
+        /// What was found.
+        what: String,
+    },
+    /// The lock or marker file could not be read or written.
+    #[error("state directory {dir}: {source}")]
+    Io {
+        /// The state directory.
+        dir: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The file that marks a directory as segflow state, with its format
+/// version (`segflow-state 1`).
+pub const MARKER_FILE: &str = "SEGFLOW_STATE";
+/// The state format this version writes and reads.
+pub const STATE_FORMAT: u32 = 1;
+/// The file whose exclusive lock a run holds for its whole length.
+pub const LOCK_FILE: &str = "segflow.lock";
+
+/// An exclusive lock on a state directory, held while it lives.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    /// Creates `dir` if needed and takes its lock, or says who holds it.
+    pub fn take(dir: &Path) -> Result<StateLock, StoreError> {
+        let io = |source| StoreError::Io {
+            dir: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+                dir: dir.display().to_string(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
 }
 
 /// The last completed timestamp and the source positions at that point.
@@ -150,17 +211,60 @@ impl Store {
         Ok(Store { db, dir: name })
     }
 
-    /// Opens an empty store in `dir`, removing any state a previous run left
-    /// there: a run's state is always exactly its own result. (Resuming from
-    /// the checkpoint after a crash will open the existing state instead.)
-    pub fn create_fresh(dir: &Path) -> Result<Store, StoreError> {
-        if dir.join("CURRENT").exists() {
-            tracing::warn!("replacing the state in {}", dir.display());
-            DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
-                dir: dir.display().to_string(),
-                source,
-            })?;
+    /// Opens an empty store in `dir`, whose [`StateLock`] the caller holds,
+    /// removing the state a previous run left there: a run's state is always
+    /// exactly its own result. (Resuming from the checkpoint after a crash
+    /// will open the existing state instead.)
+    ///
+    /// Only state that segflow created is removed: a directory that holds
+    /// anything but segflow state of this format (a marker file,
+    /// [`MARKER_FILE`], says so) is refused with [`StoreError::NotOurs`].
+    pub fn create_fresh(dir: &Path, _lock: &StateLock) -> Result<Store, StoreError> {
+        let name = dir.display().to_string();
+        let io = |source| StoreError::Io {
+            dir: name.clone(),
+            source,
+        };
+        let not_ours = |what: String| StoreError::NotOurs {
+            dir: name.clone(),
+            what,
+        };
+        let marker = dir.join(MARKER_FILE);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) => {
+                let version = text
+                    .trim()
+                    .strip_prefix("segflow-state ")
+                    .and_then(|v| v.parse::<u32>().ok());
+                if version != Some(STATE_FORMAT) {
+                    return Err(not_ours(format!(
+                        "its {MARKER_FILE} says {:?}, not segflow state format {STATE_FORMAT}",
+                        text.trim()
+                    )));
+                }
+                tracing::info!("replacing the state in {name}");
+                DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
+                    dir: name.clone(),
+                    source,
+                })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let others: Vec<String> = std::fs::read_dir(dir)
+                    .map_err(io)?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != LOCK_FILE)
+                    .collect();
+                if !others.is_empty() {
+                    return Err(not_ours(format!(
+                        "it is not empty and has no {MARKER_FILE} marker (found {})",
+                        others.join(", ")
+                    )));
+                }
+            }
+            Err(e) => return Err(io(e)),
         }
+        std::fs::write(&marker, format!("segflow-state {STATE_FORMAT}\n")).map_err(io)?;
         Store::open(dir)
     }
 
@@ -497,7 +601,8 @@ mod tests {
     fn a_fresh_store_forgets_the_previous_run() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::create_fresh(dir.path()).unwrap();
+            let lock = StateLock::take(dir.path()).unwrap();
+            let store = Store::create_fresh(dir.path(), &lock).unwrap();
             let ops = vec![(
                 StoreOp::Link {
                     id: "anon:a".into(),
@@ -507,8 +612,60 @@ mod tests {
             )];
             store.commit(&ops, &Checkpoint::default()).unwrap();
         }
-        let store = Store::create_fresh(dir.path()).unwrap();
+        let lock = StateLock::take(dir.path()).unwrap();
+        let store = Store::create_fresh(dir.path(), &lock).unwrap();
         assert_eq!(store.profile_of("anon:a").unwrap(), None);
         assert_eq!(store.checkpoint().unwrap(), None);
+    }
+
+    /// A second run on a held directory is refused; a directory holding
+    /// another program's data (a RocksDB database without segflow's marker,
+    /// or any other file) or state of an unknown format is never touched.
+    #[test]
+    fn segflow_destroys_nothing_it_did_not_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = StateLock::take(dir.path()).unwrap();
+        let second = StateLock::take(dir.path()).unwrap_err().to_string();
+        assert!(
+            second.contains("is in use by another segflow run"),
+            "{second}"
+        );
+        drop(lock);
+
+        // Another program's RocksDB database.
+        let theirs = tempfile::tempdir().unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            let db = DB::open(&opts, theirs.path()).unwrap();
+            db.put(b"precious", b"data").unwrap();
+        }
+        let lock = StateLock::take(theirs.path()).unwrap();
+        let e = Store::create_fresh(theirs.path(), &lock)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("is not empty and has no SEGFLOW_STATE marker"),
+            "{e}"
+        );
+        assert!(e.contains("CURRENT"), "{e}");
+        drop(lock);
+        let db = DB::open_default(theirs.path()).unwrap();
+        assert_eq!(db.get(b"precious").unwrap().as_deref(), Some(&b"data"[..]));
+        drop(db);
+
+        // State of a format this version does not know.
+        let newer = tempfile::tempdir().unwrap();
+        std::fs::write(newer.path().join(MARKER_FILE), "segflow-state 99\n").unwrap();
+        let lock = StateLock::take(newer.path()).unwrap();
+        let e = Store::create_fresh(newer.path(), &lock)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(r#"says "segflow-state 99", not segflow state format 1"#),
+            "{e}"
+        );
     }
 }

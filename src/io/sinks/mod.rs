@@ -96,6 +96,8 @@ pub struct Outputs {
     pub dead_letters: Option<Box<dyn Write + Send>>,
     /// RocksDB state.
     pub store: Option<Store>,
+    /// The state directory's lock, held until the outputs are dropped.
+    pub state_lock: Option<crate::store::StateLock>,
     /// How messages name each output (a path, `standard output`,
     /// `tcp://..`), and whether the segment sink is standard output (whose
     /// reader going away ends the run quietly).
