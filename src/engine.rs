@@ -81,6 +81,9 @@ pub enum EngineError {
     /// left on device (os error 28)`).
     #[error("{0}")]
     Worker(String),
+    /// The processes of a cluster could not connect in time.
+    #[error("{0}")]
+    Cluster(String),
     /// The reader of standard output went away (`segflow run .. | head`).
     #[error("standard output was closed")]
     OutputClosed,
@@ -93,6 +96,41 @@ fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineErro
         source,
     }
 }
+
+/// Why the processes of a cluster did not connect: which peers do not
+/// accept connections (not started, or a wrong address in the hostfile).
+fn unreachable_peers(process: usize, addresses: &[String], waited: std::time::Duration) -> String {
+    let silent: Vec<String> = addresses
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != process)
+        .filter(|(_, a)| {
+            use std::net::ToSocketAddrs;
+            a.to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.next())
+                .is_none_or(|sa| {
+                    std::net::TcpStream::connect_timeout(&sa, std::time::Duration::from_secs(1))
+                        .is_err()
+                })
+        })
+        .map(|(i, a)| format!("process {i} at {a}"))
+        .collect();
+    let who = if silent.is_empty() {
+        "the other processes".to_string()
+    } else {
+        silent.join(", ")
+    };
+    format!(
+        "process {process} could not connect to the cluster within {} s: no answer from {who}; start every process (-n {} -p 0..{}) with the same hostfile, or raise --connect-timeout",
+        waited.as_secs(),
+        addresses.len(),
+        addresses.len() - 1
+    )
+}
+
+/// How long the processes of a cluster may take to connect: one minute.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long a parked worker may take to notice that the run was stopped.
 const STOP_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
@@ -136,6 +174,7 @@ pub struct Engine {
     dead_letter: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
+    connect_timeout: std::time::Duration,
 }
 
 impl Engine {
@@ -160,6 +199,7 @@ impl Engine {
             dead_letter,
             state_dir,
             shutdown: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
@@ -217,6 +257,14 @@ impl Engine {
     /// tick or `idle_advance`).
     pub fn shutdown_on(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Engine {
         self.shutdown = Some(flag);
+        self
+    }
+
+    /// How long the processes of a cluster may take to connect to each
+    /// other before the run fails, naming the peers that did not answer
+    /// (default [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Engine {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -375,50 +423,99 @@ impl Engine {
         // The first failure of any worker stops every worker of the process.
         let abort = Arc::new(Abort::default());
         let worker_abort = Arc::clone(&abort);
-        let guards = timely::execute(config, move |worker| {
-            let abort = Arc::clone(&worker_abort);
-            let outputs = if worker.index() == 0 {
-                outputs.lock().ok().and_then(|mut o| o.take())
-            } else {
-                None
-            };
-            let result = Rc::new(RefCell::new(None));
-            worker.dataflow_named::<crate::time::Time, _, _>("segflow", |scope| {
-                build(
-                    scope,
-                    &spec,
-                    &defs,
-                    Arc::clone(&params),
-                    outputs,
-                    Rc::clone(&result),
-                    Arc::clone(&abort),
-                );
-            });
-            // Park until there is work: sources wake their worker when input
-            // arrives, and schedule themselves when their watermark moves.
-            // The time-out only bounds how long a parked worker takes to
-            // notice that another one stopped the run.
-            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                while !abort.is_stopped() && worker.step_or_park(Some(STOP_CHECK)) {}
-            }));
-            if let Err(payload) = stepped {
-                abort.fail(panic_message(payload.as_ref()));
-            }
-            if abort.is_stopped() {
-                // Leave without finishing the dataflow: timely would
-                // otherwise step it until it completes.
-                for id in worker.installed_dataflows() {
-                    worker.drop_dataflow(id);
+        // In a cluster, timely connects to the peers before any worker
+        // starts, and retries forever: the start-up time-out is ours.
+        let peers = match &config.communication {
+            timely::CommunicationConfig::Cluster {
+                process, addresses, ..
+            } => Some((*process, addresses.clone())),
+            _ => None,
+        };
+        let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worker_connected = Arc::clone(&connected);
+        let connect_timeout = self.connect_timeout;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let execute = move || {
+            let guards = timely::execute(config, move |worker| {
+                worker_connected.store(true, std::sync::atomic::Ordering::SeqCst);
+                let abort = Arc::clone(&worker_abort);
+                let outputs = if worker.index() == 0 {
+                    outputs.lock().ok().and_then(|mut o| o.take())
+                } else {
+                    None
+                };
+                let result = Rc::new(RefCell::new(None));
+                worker.dataflow_named::<crate::time::Time, _, _>("segflow", |scope| {
+                    build(
+                        scope,
+                        &spec,
+                        &defs,
+                        Arc::clone(&params),
+                        outputs,
+                        Rc::clone(&result),
+                        Arc::clone(&abort),
+                    );
+                });
+                // Park until there is work: sources wake their worker when input
+                // arrives, and schedule themselves when their watermark moves.
+                // The time-out only bounds how long a parked worker takes to
+                // notice that another one stopped the run.
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    while !abort.is_stopped() && worker.step_or_park(Some(STOP_CHECK)) {}
+                }));
+                if let Err(payload) = stepped {
+                    abort.fail(panic_message(payload.as_ref()));
                 }
-                return None;
+                if abort.is_stopped() {
+                    // Leave without finishing the dataflow: timely would
+                    // otherwise step it until it completes.
+                    for id in worker.installed_dataflows() {
+                        worker.drop_dataflow(id);
+                    }
+                    return None;
+                }
+                let summary = result.borrow_mut().take();
+                summary
+            })
+            .map(|guards| guards.join());
+            let _ = done_tx.send(guards);
+        };
+        let results = match peers {
+            None => {
+                execute();
+                done_rx
+                    .recv()
+                    .map_err(|_| EngineError::Worker("the workers did not report".into()))?
             }
-            let summary = result.borrow_mut().take();
-            summary
-        })
-        .map_err(EngineError::Worker)?;
+            Some((process, addresses)) => {
+                std::thread::Builder::new()
+                    .name("segflow-cluster".into())
+                    .spawn(execute)
+                    .map_err(|e| EngineError::Worker(format!("cannot start the workers: {e}")))?;
+                let deadline = Instant::now() + connect_timeout;
+                loop {
+                    match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                        Ok(results) => break results,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            return Err(EngineError::Worker("the workers did not report".into()))
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                    if !connected.load(std::sync::atomic::Ordering::SeqCst)
+                        && Instant::now() >= deadline
+                    {
+                        return Err(EngineError::Cluster(unreachable_peers(
+                            process,
+                            &addresses,
+                            connect_timeout,
+                        )));
+                    }
+                }
+            }
+        };
         let mut summary = None;
         let mut worker_error = None;
-        for r in guards.join() {
+        for r in results.map_err(EngineError::Worker)? {
             match r {
                 Ok(Some(s)) => summary = Some(s),
                 Ok(None) => {}

@@ -75,6 +75,10 @@ struct RunArgs {
     /// Print the summary as one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// How long the processes of a cluster may take to connect to each
+    /// other (e.g. "30s", "2m") before the run fails naming the silent peers.
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    connect_timeout: String,
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -222,7 +226,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&shutdown))?;
         signal_hook::flag::register(signal, Arc::clone(&shutdown))?;
     }
-    let engine = engine.shutdown_on(shutdown);
+    let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
+        .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;
+    let engine = engine
+        .shutdown_on(shutdown)
+        .connect_timeout(std::time::Duration::from_millis(connect_timeout));
     let summary = match engine.run(config) {
         Ok(summary) => summary,
         // `segflow run .. --output - | head`: the reader has what it wanted.

@@ -316,3 +316,48 @@ fn stdout_output_keeps_the_summary_on_stderr() {
         stdout.lines().count()
     );
 }
+
+/// `-n 2` with only process 0 started: the run fails after
+/// `--connect-timeout`, naming the peer that did not answer, instead of
+/// waiting forever.
+#[test]
+fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hosts");
+    let (p0, p1) = (free_port(), free_port());
+    std::fs::write(&hostfile, format!("127.0.0.1:{p0}\n127.0.0.1:{p1}\n")).unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(
+        &web,
+        "{\"event\":\"view_item\",\"ts\":1772366400,\"anonymous_id\":\"a\"}\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = segflow(&[
+        "run",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"),
+        "--input",
+        &format!("web={}", web.display()),
+        "--input",
+        &format!("crm={}", web.display()),
+        "--input",
+        &format!("transactions={}", web.display()),
+        "-n",
+        "2",
+        "-p",
+        "0",
+        "-h",
+        hostfile.to_str().unwrap(),
+        "--connect-timeout",
+        "2s",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "process 0 could not connect to the cluster within 2 s: no answer from process 1 at 127.0.0.1:{p1}"
+        )),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
