@@ -65,6 +65,14 @@ fn finish(mut child: Child, secs: u64) -> (i32, String) {
     }
 }
 
+/// `segflow run SPEC --input web=WEB -w WORKERS EXTRA..`.
+fn run_web(spec: &str, web: &str, workers: &str, extra: &[&str]) -> Child {
+    let input = format!("web={web}");
+    let mut args = vec!["run", spec, "-w", workers, "--input", &input];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
 fn spawn(args: &[&str]) -> Child {
     Command::new(BIN)
         .args(args)
@@ -82,16 +90,12 @@ fn a_full_segment_output_is_an_error_with_the_reason() {
     for n in [2, 20_000] {
         std::fs::write(&web, views(n)).unwrap();
         for workers in ["1", "2"] {
-            let child = spawn(&[
-                "run",
+            let child = run_web(
                 &spec,
-                "-w",
+                &web.display().to_string(),
                 workers,
-                "--input",
-                &format!("web={}", web.display()),
-                "--output",
-                "/dev/full",
-            ]);
+                &["--output", "/dev/full"],
+            );
             let (code, err) = finish(child, 120);
             assert_ne!(code, 0, "{n} events, -w {workers}: {err}");
             assert!(
@@ -109,16 +113,12 @@ fn a_full_dead_letter_output_is_an_error_with_the_reason() {
     let spec = write_spec(dir.path());
     let web = dir.path().join("web.jsonl");
     std::fs::write(&web, views(3) + "not json\n").unwrap();
-    let child = spawn(&[
-        "run",
+    let child = run_web(
         &spec,
-        "-w",
+        &web.display().to_string(),
         "2",
-        "--input",
-        &format!("web={}", web.display()),
-        "--dead-letter",
-        "/dev/full",
-    ]);
+        &["--dead-letter", "/dev/full"],
+    );
     let (code, err) = finish(child, 120);
     assert_ne!(code, 0, "{err}");
     assert!(
@@ -134,14 +134,7 @@ fn a_tcp_source_port_in_use_ends_every_worker_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path());
     for workers in ["1", "2"] {
-        let child = spawn(&[
-            "run",
-            &spec,
-            "-w",
-            workers,
-            "--input",
-            &format!("web=tcp://{addr}"),
-        ]);
+        let child = run_web(&spec, &format!("tcp://{addr}"), workers, &[]);
         let (code, err) = finish(child, 60);
         assert_ne!(code, 0, "-w {workers}: {err}");
         assert!(
@@ -167,16 +160,12 @@ fn a_tcp_sink_that_closes_mid_run_ends_every_worker_with_the_reason() {
         BufReader::new(stream).read_line(&mut line).unwrap();
         line
     });
-    let child = spawn(&[
-        "run",
+    let child = run_web(
         &spec,
-        "-w",
+        &web.display().to_string(),
         "2",
-        "--input",
-        &format!("web={}", web.display()),
-        "--output",
-        &format!("tcp://{addr}"),
-    ]);
+        &["--output", &format!("tcp://{addr}")],
+    );
     let first = closer.join().unwrap();
     assert!(first.contains("\"segment\":\"viewer\""), "{first}");
     let (code, err) = finish(child, 120);
@@ -316,16 +305,13 @@ fn a_second_run_on_a_held_state_directory_destroys_nothing() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let first = spawn(&[
-        "run",
-        &spec,
-        "--input",
-        &format!("web=tcp://{addr}"),
+    let outputs = [
         "--output",
         out.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
-    ]);
+    ];
+    let first = run_web(&spec, &format!("tcp://{addr}"), "1", &outputs);
     // Wait until the first run has opened its outputs.
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&addr).is_err() && Instant::now() < deadline {
@@ -334,16 +320,7 @@ fn a_second_run_on_a_held_state_directory_destroys_nothing() {
     std::fs::write(&out, "written by the first run\n").unwrap();
     let web = dir.path().join("web.jsonl");
     std::fs::write(&web, views(3)).unwrap();
-    let second = spawn(&[
-        "run",
-        &spec,
-        "--input",
-        &format!("web={}", web.display()),
-        "--output",
-        out.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
+    let second = run_web(&spec, &web.display().to_string(), "1", &outputs);
     let (code, err) = finish(second, 60);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("is in use by another segflow run"), "{err}");
@@ -363,14 +340,12 @@ fn a_second_run_on_a_held_state_directory_destroys_nothing() {
     let theirs = dir.path().join("theirs");
     std::fs::create_dir_all(&theirs).unwrap();
     std::fs::write(theirs.join("important.db"), "keep me").unwrap();
-    let third = spawn(&[
-        "run",
+    let third = run_web(
         &spec,
-        "--input",
-        &format!("web={}", web.display()),
-        "--state-dir",
-        theirs.to_str().unwrap(),
-    ]);
+        &web.display().to_string(),
+        "1",
+        &["--state-dir", theirs.to_str().unwrap()],
+    );
     let (code, err) = finish(third, 60);
     assert_ne!(code, 0, "{err}");
     assert!(
