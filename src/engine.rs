@@ -431,6 +431,31 @@ impl Engine {
             } => Some((*process, addresses.clone())),
             _ => None,
         };
+        let in_cluster = peers.is_some();
+        if in_cluster {
+            // A broken connection to a peer panics timely's network thread;
+            // that ends this run too, with the reason.
+            let hook_abort = Arc::clone(&abort);
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let message = info
+                    .payload()
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+                if let Some(m) = message.filter(|m| m.starts_with("timely communication error")) {
+                    hook_abort.fail(format!(
+                        "lost the connection to another process of the cluster ({m}); it has probably failed: see its error"
+                    ));
+                    return;
+                }
+                if hook_abort.is_stopped() {
+                    // A consequence of the failure already reported.
+                    return;
+                }
+                previous(info);
+            }));
+        }
         let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let worker_connected = Arc::clone(&connected);
         let connect_timeout = self.connect_timeout;
@@ -467,6 +492,16 @@ impl Engine {
                     abort.fail(panic_message(payload.as_ref()));
                 }
                 if abort.is_stopped() {
+                    if in_cluster {
+                        // Never shut down cleanly: the peer processes would
+                        // take a clean shutdown for a finished run. This
+                        // process exits with the reason (see below), its
+                        // connections break, and the peers stop with an
+                        // error too.
+                        loop {
+                            std::thread::park();
+                        }
+                    }
                     // Leave without finishing the dataflow: timely would
                     // otherwise step it until it completes.
                     for id in worker.installed_dataflows() {
@@ -497,9 +532,14 @@ impl Engine {
                     match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
                         Ok(results) => break results,
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                            return Err(EngineError::Worker("the workers did not report".into()))
+                            break Err("the workers did not report".to_string())
                         }
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                    if abort.is_stopped() {
+                        // Do not wait for the workers (they do not shut
+                        // down cleanly, see above).
+                        break Ok(Vec::new());
                     }
                     if !connected.load(std::sync::atomic::Ordering::SeqCst)
                         && Instant::now() >= deadline
@@ -513,6 +553,11 @@ impl Engine {
                 }
             }
         };
+        match abort.reason() {
+            Some(Stop::Failed(reason)) => return Err(EngineError::Worker(reason)),
+            Some(Stop::OutputClosed) => return Err(EngineError::OutputClosed),
+            None => {}
+        }
         let mut summary = None;
         let mut worker_error = None;
         for r in results.map_err(EngineError::Worker)? {

@@ -361,3 +361,83 @@ fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// Two processes; process 0 cannot write its output. Both end, non-zero,
+/// each with a reason: process 0 its own, process 1 that it lost process 0.
+/// Neither hangs, and neither exits 0.
+#[test]
+fn a_failure_in_one_process_ends_the_whole_cluster_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(segflow(&[
+        "generate",
+        "--out",
+        data.to_str().unwrap(),
+        "--events",
+        "6000",
+        "--seed",
+        "5",
+    ]));
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    let mut children = Vec::new();
+    for p in ["0", "1"] {
+        let mut args = run_args(
+            data.to_str().unwrap(),
+            if p == "0" {
+                "/dev/full"
+            } else {
+                "unused.jsonl"
+            },
+            dir.path().join(format!("dead{p}.jsonl")).to_str().unwrap(),
+            dir.path().join(format!("state{p}")).to_str().unwrap(),
+        );
+        args.extend(
+            ["-n", "2", "-p", p, "-h", hostfile.to_str().unwrap()]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        children.push(
+            Command::new(BIN)
+                .args(&args)
+                .current_dir(dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut errors = Vec::new();
+    for mut child in children {
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("a process of the cluster hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{err}");
+        errors.push(err);
+    }
+    assert!(
+        errors[0].contains("error: segment output /dev/full: No space left on device"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("error: lost the connection to another process of the cluster"),
+        "{}",
+        errors[1]
+    );
+    assert!(!errors[1].contains("panicked"), "{}", errors[1]);
+}
