@@ -129,6 +129,55 @@ fn unreachable_peers(process: usize, addresses: &[String], waited: std::time::Du
     )
 }
 
+/// The cluster runs of this process whose stop switch a broken peer
+/// connection sets (see [`watch_cluster_panics`]).
+static CLUSTER_RUNS: std::sync::Mutex<Vec<std::sync::Weak<Abort>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Makes a panic of timely's network threads ("timely communication error",
+/// a peer process that went away) stop `abort`'s run with a reason, and
+/// keeps the panics that follow from it (poisoned queues) quiet. The panic
+/// hook is installed once per process and forwards every other panic to the
+/// hook that was there before.
+fn watch_cluster_panics(abort: &Arc<Abort>) {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    let mut runs = CLUSTER_RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    runs.retain(|w| w.strong_count() > 0);
+    runs.push(Arc::downgrade(abort));
+    drop(runs);
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+            let runs: Vec<Arc<Abort>> = CLUSTER_RUNS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter_map(|w| w.upgrade())
+                .collect();
+            if let Some(m) = message.filter(|m| m.starts_with("timely communication error")) {
+                if !runs.is_empty() {
+                    for run in &runs {
+                        run.fail(format!(
+                            "lost the connection to another process of the cluster ({m}); it has probably failed: see its error"
+                        ));
+                    }
+                    return;
+                }
+            }
+            if runs.iter().any(|r| r.is_stopped()) {
+                // A consequence of the failure already reported.
+                return;
+            }
+            previous(info);
+        }));
+    });
+}
+
 /// How long the processes of a cluster may take to connect: one minute.
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -435,26 +484,7 @@ impl Engine {
         if in_cluster {
             // A broken connection to a peer panics timely's network thread;
             // that ends this run too, with the reason.
-            let hook_abort = Arc::clone(&abort);
-            let previous = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| {
-                let message = info
-                    .payload()
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
-                if let Some(m) = message.filter(|m| m.starts_with("timely communication error")) {
-                    hook_abort.fail(format!(
-                        "lost the connection to another process of the cluster ({m}); it has probably failed: see its error"
-                    ));
-                    return;
-                }
-                if hook_abort.is_stopped() {
-                    // A consequence of the failure already reported.
-                    return;
-                }
-                previous(info);
-            }));
+            watch_cluster_panics(&abort);
         }
         let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let worker_connected = Arc::clone(&connected);
