@@ -428,11 +428,15 @@ impl Engine {
     pub fn run(self, mut config: timely::Config) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
         let defs = Arc::new(self.source_defs()?);
-        let process = match &config.communication {
-            timely::CommunicationConfig::Cluster { process, .. } => *process,
-            _ => 0,
+        // In a cluster, timely connects to the peers before any worker
+        // starts, and retries forever: the start-up time-out is ours.
+        let peers = match &config.communication {
+            timely::CommunicationConfig::Cluster {
+                process, addresses, ..
+            } => Some((*process, addresses.clone())),
+            _ => None,
         };
-        let outputs = if process == 0 {
+        let outputs = if peers.as_ref().is_none_or(|(process, _)| *process == 0) {
             Some(self.open_outputs()?)
         } else {
             None
@@ -472,14 +476,6 @@ impl Engine {
         // The first failure of any worker stops every worker of the process.
         let abort = Arc::new(Abort::default());
         let worker_abort = Arc::clone(&abort);
-        // In a cluster, timely connects to the peers before any worker
-        // starts, and retries forever: the start-up time-out is ours.
-        let peers = match &config.communication {
-            timely::CommunicationConfig::Cluster {
-                process, addresses, ..
-            } => Some((*process, addresses.clone())),
-            _ => None,
-        };
         let in_cluster = peers.is_some();
         if in_cluster {
             // A broken connection to a peer panics timely's network thread;
@@ -583,6 +579,8 @@ impl Engine {
                 }
             }
         };
+        // The workers have ended (or, in a cluster, stopped): a stop
+        // reason, if any, says why the run failed.
         match abort.reason() {
             Some(Stop::Failed(reason)) => return Err(EngineError::Worker(reason)),
             Some(Stop::OutputClosed) => return Err(EngineError::OutputClosed),
@@ -596,11 +594,6 @@ impl Engine {
                 Ok(None) => {}
                 Err(e) => worker_error = Some(e),
             }
-        }
-        match abort.reason() {
-            Some(Stop::Failed(reason)) => return Err(EngineError::Worker(reason)),
-            Some(Stop::OutputClosed) => return Err(EngineError::OutputClosed),
-            None => {}
         }
         if let Some(e) = worker_error {
             return Err(EngineError::Worker(e));

@@ -50,6 +50,22 @@ fn run_args<'a>(data: &'a str, out: &'a str, dead: &'a str, state: &'a str) -> V
     ]
 }
 
+/// Generates `events` web events (and their CRM records and transactions)
+/// into `dir/data`; returns the folder and `segflow generate`'s output.
+fn generate(dir: &Path, events: u64, seed: u64) -> (PathBuf, Output) {
+    let data = dir.join("data");
+    let out = ok(segflow(&[
+        "generate",
+        "--out",
+        data.to_str().unwrap(),
+        "--events",
+        &events.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]));
+    (data, out)
+}
+
 fn run(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let out = dir.join(format!("{name}.jsonl"));
     let dead = dir.join(format!("{name}.dead.jsonl"));
@@ -68,16 +84,7 @@ fn run(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
 #[test]
 fn worker_and_process_counts_give_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let gen = ok(segflow(&[
-        "generate",
-        "--out",
-        data.to_str().unwrap(),
-        "--events",
-        "6000",
-        "--seed",
-        "3",
-    ]));
+    let (data, gen) = generate(dir.path(), 6000, 3);
     let stats: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
     assert_eq!(stats["web_events"], 6000);
 
@@ -276,16 +283,7 @@ fn usage_errors_and_help() {
 #[test]
 fn stdout_output_keeps_the_summary_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ok(segflow(&[
-        "generate",
-        "--out",
-        data.to_str().unwrap(),
-        "--events",
-        "2000",
-        "--seed",
-        "5",
-    ]));
+    let (data, _) = generate(dir.path(), 2000, 5);
     let mut args = run_args(
         data.to_str().unwrap(),
         "-",
@@ -368,16 +366,7 @@ fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
 #[test]
 fn a_failure_in_one_process_ends_the_whole_cluster_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ok(segflow(&[
-        "generate",
-        "--out",
-        data.to_str().unwrap(),
-        "--events",
-        "6000",
-        "--seed",
-        "5",
-    ]));
+    let (data, _) = generate(dir.path(), 6000, 5);
     let hostfile = dir.path().join("hosts");
     std::fs::write(
         &hostfile,

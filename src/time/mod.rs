@@ -13,7 +13,7 @@
 //!   used only by *live* sources, to bound and to advance their watermark.
 //! * **Tick** — the granularity of the dataflow's logical time
 //!   (`[engine] tick`). A record's logical [`Time`] is its event time rounded
-//!   down to a multiple of the tick ([`TimeConfig::tick_of`]); all records of
+//!   down to a multiple of the tick ([`TimeConfig::floor`]); all records of
 //!   one tick are processed, consolidated and written together.
 //! * **Replay** — a source whose clock is its data: a file read to its end.
 //!   **Live** — a source that runs on the wall clock: a followed file or a
@@ -58,7 +58,7 @@ pub mod watermark;
 pub mod window;
 
 pub use completion::Completion;
-pub use parse::{parse_time, parse_time_number, parse_time_str, TimeUnit};
+pub use parse::{parse_time, TimeUnit};
 pub use watermark::{Admission, SourceClock};
 
 /// Logical time of every collection: event time in milliseconds since the
@@ -109,13 +109,6 @@ impl Default for TimeConfig {
 }
 
 impl TimeConfig {
-    /// The tick of an event time in milliseconds: `ms` rounded down to a
-    /// multiple of the tick. Event times are never negative once parsed
-    /// ([`parse`] rejects times before 1970); a negative `ms` gives 0.
-    pub fn tick_of(&self, ms: i64) -> Time {
-        floor_to_tick(u64::try_from(ms).unwrap_or(0), self.tick_ms)
-    }
-
     /// The tick containing `ms` milliseconds (unsigned).
     pub fn floor(&self, ms: u64) -> Time {
         floor_to_tick(ms, self.tick_ms)
@@ -151,10 +144,9 @@ mod tests {
     #[test]
     fn ticks_round_down() {
         let c = TimeConfig::default();
-        assert_eq!(c.tick_of(1_234), 1_000);
-        assert_eq!(c.tick_of(2_000), 2_000);
-        assert_eq!(c.tick_of(999), 0);
-        assert_eq!(c.tick_of(-5), 0);
+        assert_eq!(c.floor(1_234), 1_000);
+        assert_eq!(c.floor(2_000), 2_000);
+        assert_eq!(c.floor(999), 0);
         assert_eq!(floor_to_tick(1_772_366_459_999, 60_000), 1_772_366_400_000);
         assert_eq!(floor_to_tick(17, 0), 17);
         assert_eq!(window_end(1_000, 30 * 60_000), 1_801_000);

@@ -28,6 +28,10 @@
 use chrono::{DateTime, NaiveDateTime};
 use serde_json::{Number, Value};
 
+// Numbers are read by the same exact decimal reader as every other number
+// of the input.
+use crate::model::scalar::Decimal;
+
 /// The earliest supported time: 1970-01-01T00:00:00Z, in epoch milliseconds.
 pub const MIN_MS: i64 = 0;
 /// The end of the supported range (exclusive): 2200-01-01T00:00:00Z, in epoch
@@ -80,7 +84,7 @@ impl TimeUnit {
     }
 
     /// Power of ten that turns a value in this unit into milliseconds.
-    fn to_ms_exp10(self) -> i32 {
+    fn to_ms_exp10(self) -> i64 {
         match self {
             TimeUnit::Auto | TimeUnit::Milliseconds => 0,
             TimeUnit::Seconds => 3,
@@ -89,15 +93,14 @@ impl TimeUnit {
         }
     }
 
-    /// The unit [`TimeUnit::Auto`] picks for a number whose magnitude is
-    /// `10^order` (rounded down), `None` for zero.
-    fn by_magnitude(order: Option<i32>) -> TimeUnit {
-        match order {
-            None => TimeUnit::Seconds,
-            Some(o) if o < 11 => TimeUnit::Seconds,
-            Some(o) if o < 14 => TimeUnit::Milliseconds,
-            Some(o) if o < 17 => TimeUnit::Microseconds,
-            Some(_) => TimeUnit::Nanoseconds,
+    /// The unit [`TimeUnit::Auto`] picks for a number whose integer part
+    /// has magnitude `whole` (`None`: beyond 128 bits).
+    fn by_magnitude(whole: Option<u128>) -> TimeUnit {
+        match whole {
+            Some(w) if w < 100_000_000_000 => TimeUnit::Seconds,
+            Some(w) if w < 100_000_000_000_000 => TimeUnit::Milliseconds,
+            Some(w) if w < 100_000_000_000_000_000 => TimeUnit::Microseconds,
+            _ => TimeUnit::Nanoseconds,
         }
     }
 }
@@ -123,19 +126,9 @@ pub fn parse_time_as(v: &Value, unit: TimeUnit) -> Result<i64, String> {
     }
 }
 
-/// [`parse_time`] of a JSON number, by magnitude.
-pub fn parse_time_number(n: &Number) -> Result<i64, String> {
-    parse_time_number_as(n, TimeUnit::Auto)
-}
-
 /// [`parse_time_as`] of a JSON number.
 pub fn parse_time_number_as(n: &Number, unit: TimeUnit) -> Result<i64, String> {
     epoch_to_ms(&n.to_string(), unit)
-}
-
-/// [`parse_time`] of a JSON string, digit strings by magnitude.
-pub fn parse_time_str(raw: &str) -> Result<i64, String> {
-    parse_time_str_as(raw, TimeUnit::Auto)
 }
 
 /// [`parse_time_as`] of a JSON string.
@@ -169,87 +162,26 @@ pub fn parse_time_str_as(raw: &str, unit: TimeUnit) -> Result<i64, String> {
     Err(format!("unparsable timestamp {raw:?}: {ACCEPTED}"))
 }
 
-/// A decimal number `±mantissa × 10^exp`, read exactly from its text.
-struct Decimal {
-    negative: bool,
-    mantissa: u128,
-    exp: i32,
-}
-
-impl Decimal {
-    /// Reads JSON number syntax (`-12.5e3`); `None` if it is not one or has
-    /// more significant digits than fit 128 bits.
-    fn parse(text: &str) -> Option<Decimal> {
-        let (negative, rest) = match text.strip_prefix('-') {
-            Some(r) => (true, r),
-            None => (false, text),
-        };
-        let (number, exp) = match rest.find(['e', 'E']) {
-            Some(i) => (&rest[..i], rest[i + 1..].parse::<i32>().ok()?),
-            None => (rest, 0),
-        };
-        let (int, frac) = match number.split_once('.') {
-            Some((_, "")) => return None,
-            Some((i, f)) => (i, f),
-            None => (number, ""),
-        };
-        if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let mut mantissa: u128 = 0;
-        for b in int.bytes().chain(frac.bytes()) {
-            mantissa = mantissa
-                .checked_mul(10)?
-                .checked_add(u128::from(b - b'0'))?;
-        }
-        let exp = exp.checked_sub(i32::try_from(frac.len()).ok()?)?;
-        Some(Decimal {
-            negative,
-            mantissa,
-            exp,
-        })
-    }
-
-    /// `floor(log10(|value|))`, or `None` for zero.
-    fn order(&self) -> Option<i32> {
-        (self.mantissa != 0).then(|| self.mantissa.ilog10() as i32 + self.exp)
-    }
-
-    /// `floor(value × 10^shift)`, if it fits an `i128`.
-    fn scaled_floor(&self, shift: i32) -> Option<i128> {
-        let e = self.exp.checked_add(shift)?;
-        let m = i128::try_from(self.mantissa).ok()?;
-        if e >= 0 {
-            let v = m.checked_mul(10i128.checked_pow(u32::try_from(e).ok()?)?)?;
-            Some(if self.negative { -v } else { v })
-        } else {
-            let d = 10i128.checked_pow(u32::try_from(-e).ok()?);
-            let Some(d) = d else {
-                // Divided by more than 10^38: the value is in (-1, 1).
-                return Some(if self.negative && m != 0 { -1 } else { 0 });
-            };
-            let (q, r) = (m / d, m % d);
-            Some(if !self.negative {
-                q
-            } else if r != 0 {
-                -q - 1
-            } else {
-                -q
-            })
-        }
-    }
-}
-
 /// An epoch number's text (a JSON number or a digit string) in milliseconds.
 fn epoch_to_ms(text: &str, unit: TimeUnit) -> Result<i64, String> {
     let Some(d) = Decimal::parse(text) else {
         return Err(format!("unparsable timestamp {text}: {ACCEPTED}"));
     };
     let unit = match unit {
-        TimeUnit::Auto => TimeUnit::by_magnitude(d.order()),
+        TimeUnit::Auto => TimeUnit::by_magnitude(d.scaled(0).map(|(whole, _)| whole)),
         u => u,
     };
-    match d.scaled_floor(unit.to_ms_exp10()) {
+    // floor(value × 10^shift): the magnitude's integer part, one less for a
+    // negative value with a fraction.
+    let ms = d.scaled(unit.to_ms_exp10()).and_then(|(whole, fraction)| {
+        let whole = i128::try_from(whole).ok()?;
+        Some(if d.negative {
+            -whole - i128::from(fraction)
+        } else {
+            whole
+        })
+    });
+    match ms {
         Some(ms) if (i128::from(MIN_MS)..i128::from(END_MS)).contains(&ms) => Ok(ms as i64),
         _ => Err(format!(
             "timestamp {text} (read as epoch {}) is outside the supported range {SUPPORTED_RANGE}",
@@ -426,26 +358,5 @@ mod tests {
         assert!(parse_time(&json!(""))
             .unwrap_err()
             .starts_with("unparsable timestamp \"\""));
-    }
-
-    #[test]
-    fn decimals_are_exact() {
-        let d = Decimal::parse("-12.50e1").unwrap();
-        assert!(d.negative);
-        assert_eq!((d.mantissa, d.exp), (1250, -1));
-        assert_eq!(d.scaled_floor(0), Some(-125));
-        assert_eq!(Decimal::parse("-0.5").unwrap().scaled_floor(0), Some(-1));
-        assert_eq!(Decimal::parse("0.5").unwrap().scaled_floor(0), Some(0));
-        assert_eq!(Decimal::parse("1e-50").unwrap().scaled_floor(0), Some(0));
-        assert!(Decimal::parse("1.").is_none());
-        assert!(Decimal::parse("1e").is_none());
-        assert!(Decimal::parse("abc").is_none());
-        assert!(Decimal::parse(".5").is_none());
-        assert_eq!(Decimal::parse("0").unwrap().order(), None);
-        assert_eq!(
-            Decimal::parse("1772366405000000").unwrap().order(),
-            Some(15)
-        );
-        assert_eq!(Decimal::parse("0.05").unwrap().order(), Some(-2));
     }
 }

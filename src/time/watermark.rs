@@ -146,11 +146,6 @@ impl SourceClock {
         }
     }
 
-    /// Whether the source runs on the wall clock.
-    pub fn is_live(&self) -> bool {
-        self.live
-    }
-
     /// The watermark (ms, a multiple of the tick): every time below it is
     /// complete as far as this source is concerned.
     pub fn watermark(&self) -> Time {
