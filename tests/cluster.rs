@@ -81,6 +81,76 @@ fn run(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
+/// Waits for every child, at most `secs` seconds in all (a hang fails the
+/// test); returns each one's exit status and standard error.
+fn wait_all(
+    children: Vec<std::process::Child>,
+    secs: u64,
+) -> Vec<(std::process::ExitStatus, String)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    children
+        .into_iter()
+        .map(|mut child| {
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    child.kill().unwrap();
+                    panic!("a process of the cluster hung");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            (status, err)
+        })
+        .collect()
+}
+
+/// Starts a two-process cluster on `hostfile`; `args(p)` gives process
+/// `p`'s arguments before `-n 2 -p p -h hostfile`.
+fn start_pair(
+    dir: &Path,
+    hostfile: &Path,
+    args: impl Fn(usize) -> Vec<String>,
+) -> Vec<std::process::Child> {
+    (0..2)
+        .map(|p| {
+            let mut a = args(p);
+            a.extend(
+                [
+                    "-n",
+                    "2",
+                    "-p",
+                    &p.to_string(),
+                    "-h",
+                    hostfile.to_str().unwrap(),
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+            Command::new(BIN)
+                .args(&a)
+                .current_dir(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn hostfile(dir: &Path) -> PathBuf {
+    let hostfile = dir.join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    hostfile
+}
+
 #[test]
 fn worker_and_process_counts_give_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
@@ -400,24 +470,13 @@ fn a_failure_in_one_process_ends_the_whole_cluster_with_reasons() {
                 .unwrap(),
         );
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let mut errors = Vec::new();
-    for mut child in children {
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if std::time::Instant::now() > deadline {
-                child.kill().unwrap();
-                panic!("a process of the cluster hung");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        assert!(!status.success(), "{err}");
-        errors.push(err);
-    }
+    let errors: Vec<String> = wait_all(children, 120)
+        .into_iter()
+        .map(|(status, err)| {
+            assert!(!status.success(), "{err}");
+            err
+        })
+        .collect();
     assert!(
         errors[0].contains("error: segment output /dev/full: No space left on device"),
         "{}",
@@ -429,4 +488,113 @@ fn a_failure_in_one_process_ends_the_whole_cluster_with_reasons() {
         errors[1]
     );
     assert!(!errors[1].contains("panicked"), "{}", errors[1]);
+}
+
+/// Processes that disagree on what they run (worker count, dataflow
+/// definition) refuse to start, each naming what differs; none waits and
+/// none exits 0.
+#[test]
+fn processes_that_disagree_on_their_configuration_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 200, 3);
+    let data = data.to_str().unwrap().to_string();
+    let base = |p: usize| {
+        run_args(
+            &data,
+            dir.path().join(format!("out{p}.jsonl")).to_str().unwrap(),
+            dir.path().join(format!("dead{p}.jsonl")).to_str().unwrap(),
+            dir.path().join(format!("state{p}")).to_str().unwrap(),
+        )
+    };
+    // Different -w.
+    let hosts = hostfile(dir.path());
+    let children = start_pair(dir.path(), &hosts, |p| {
+        let mut a = base(p);
+        a.extend(["-w".to_string(), (p + 1).to_string()]);
+        a
+    });
+    let results = wait_all(children, 60);
+    for (status, err) in &results {
+        assert!(!status.success(), "{err}");
+    }
+    assert!(
+        results[0].1.contains("process 1 at 127.0.0.1:")
+            && results[0].1.contains("runs with -w 2 there, -w 1 here"),
+        "{}",
+        results[0].1
+    );
+    assert!(
+        results[1].1.contains("runs with -w 1 there, -w 2 here"),
+        "{}",
+        results[1].1
+    );
+    // A different definition (one threshold changed).
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let changed = dir.path().join("changed.toml");
+    let edited = text.replacen(">= 3", ">= 4", 1);
+    assert_ne!(
+        edited, text,
+        "the shipped definition has a `>= 3` to change"
+    );
+    std::fs::write(&changed, edited).unwrap();
+    let hosts = hostfile(dir.path());
+    let children = start_pair(dir.path(), &hosts, |p| {
+        let mut a = base(p);
+        if p == 1 {
+            a[1] = changed.to_str().unwrap().to_string();
+        }
+        a
+    });
+    for (status, err) in wait_all(children, 60) {
+        assert!(!status.success(), "{err}");
+        assert!(err.contains("a different dataflow definition"), "{err}");
+        assert!(err.contains("start every process with the same"), "{err}");
+    }
+}
+
+/// A process that cannot open an input tells the others, which stop at once
+/// with its reason instead of waiting for it.
+#[test]
+fn a_process_that_cannot_start_stops_its_peers_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 200, 3);
+    let data = data.to_str().unwrap().to_string();
+    let hosts = hostfile(dir.path());
+    let started = std::time::Instant::now();
+    let children = start_pair(dir.path(), &hosts, |p| {
+        let mut a = run_args(
+            &data,
+            dir.path().join(format!("out{p}.jsonl")).to_str().unwrap(),
+            dir.path().join(format!("dead{p}.jsonl")).to_str().unwrap(),
+            dir.path().join(format!("state{p}")).to_str().unwrap(),
+        );
+        if p == 1 {
+            a[3] = "web=/nonexistent/web.jsonl".to_string();
+        }
+        a
+    });
+    let results = wait_all(children, 60);
+    for (status, err) in &results {
+        assert!(!status.success(), "{err}");
+    }
+    assert!(
+        results[1]
+            .1
+            .contains("error: cannot open input /nonexistent/web.jsonl"),
+        "{}",
+        results[1].1
+    );
+    assert!(
+        results[0]
+            .1
+            .contains("process 1 cannot start: cannot open input /nonexistent/web.jsonl"),
+        "{}",
+        results[0].1
+    );
+    // Well within the default 60 s connect time-out.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }

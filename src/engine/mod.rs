@@ -18,6 +18,8 @@ use crate::model::{IdentityRules, RecordKind};
 use crate::spec::{Aggregate, Spec, SpecError, StreamKind};
 use crate::store::{StateLock, Store, StoreError};
 
+mod cluster;
+
 /// Where segment diffs go.
 #[derive(Clone)]
 pub enum Output {
@@ -95,38 +97,6 @@ fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineErro
         path: path.display().to_string(),
         source,
     }
-}
-
-/// Why the processes of a cluster did not connect: which peers do not
-/// accept connections (not started, or a wrong address in the hostfile).
-fn unreachable_peers(process: usize, addresses: &[String], waited: std::time::Duration) -> String {
-    let silent: Vec<String> = addresses
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != process)
-        .filter(|(_, a)| {
-            use std::net::ToSocketAddrs;
-            a.to_socket_addrs()
-                .ok()
-                .and_then(|mut it| it.next())
-                .is_none_or(|sa| {
-                    std::net::TcpStream::connect_timeout(&sa, std::time::Duration::from_secs(1))
-                        .is_err()
-                })
-        })
-        .map(|(i, a)| format!("process {i} at {a}"))
-        .collect();
-    let who = if silent.is_empty() {
-        "the other processes".to_string()
-    } else {
-        silent.join(", ")
-    };
-    format!(
-        "process {process} could not connect to the cluster within {} s: no answer from {who}; start every process (-n {} -p 0..{}) with the same hostfile, or raise --connect-timeout",
-        waited.as_secs(),
-        addresses.len(),
-        addresses.len() - 1
-    )
 }
 
 /// The cluster runs of this process whose stop switch a broken peer
@@ -323,6 +293,46 @@ impl Engine {
         self
     }
 
+    /// What the processes of a cluster must agree on (see
+    /// [`cluster::Agreement`]).
+    fn agreement(&self, threads: usize, processes: usize) -> cluster::Agreement {
+        use std::hash::{Hash, Hasher};
+        // The parsed definition, not its text: comments and layout may
+        // differ. `DefaultHasher::new()` has fixed keys, and the version is
+        // compared too.
+        let mut h = std::hash::DefaultHasher::new();
+        format!("{:?}", self.spec).hash(&mut h);
+        let inputs = self
+            .spec
+            .sources
+            .iter()
+            .map(|s| {
+                let kind = match self.inputs.get(&s.name) {
+                    Some(Input::File { follow: false, .. }) => "file",
+                    Some(Input::File { follow: true, .. }) => "followed file",
+                    Some(Input::Tcp {
+                        until_disconnect: false,
+                        ..
+                    }) => "tcp",
+                    Some(Input::Tcp {
+                        until_disconnect: true,
+                        ..
+                    }) => "tcp until disconnect",
+                    Some(Input::Memory(_)) => "memory",
+                    None => "none",
+                };
+                format!("{}={kind}", s.name)
+            })
+            .collect();
+        cluster::Agreement {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            processes,
+            threads,
+            definition: format!("{:016x}", h.finish()),
+            inputs,
+        }
+    }
+
     fn source_defs(&self) -> Result<Vec<SourceDef>, EngineError> {
         let mut defs = Vec::new();
         for (index, s) in self.spec.sources.iter().enumerate() {
@@ -427,20 +437,45 @@ impl Engine {
     /// worker 0's summary (on other processes of a cluster, an empty one).
     pub fn run(self, mut config: timely::Config) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
-        let defs = Arc::new(self.source_defs()?);
-        // In a cluster, timely connects to the peers before any worker
-        // starts, and retries forever: the start-up time-out is ours.
         let peers = match &config.communication {
             timely::CommunicationConfig::Cluster {
-                process, addresses, ..
-            } => Some((*process, addresses.clone())),
+                threads,
+                process,
+                addresses,
+                ..
+            } => Some((*threads, *process, addresses.clone())),
             _ => None,
         };
-        let outputs = if peers.as_ref().is_none_or(|(process, _)| *process == 0) {
-            Some(self.open_outputs()?)
-        } else {
-            None
+        // Inputs are checked, and (on process 0) the state directory and
+        // outputs opened, before the cluster connects: a process that
+        // cannot start tells its peers why, and they stop too.
+        let prepared = self.source_defs().and_then(|defs| {
+            let outputs = if peers.as_ref().is_none_or(|(_, process, _)| *process == 0) {
+                Some(self.open_outputs()?)
+            } else {
+                None
+            };
+            Ok((defs, outputs))
+        });
+        let (sockets, prepared) = match &peers {
+            None => (None, prepared),
+            Some((threads, process, addresses)) => {
+                let connected = cluster::connect(
+                    *process,
+                    addresses,
+                    &self.agreement(*threads, addresses.len()),
+                    prepared.as_ref().err().map(|e| e.to_string()),
+                    self.connect_timeout,
+                );
+                let prepared = prepared?;
+                (
+                    Some((connected.map_err(EngineError::Cluster)?, *process, *threads)),
+                    Ok(prepared),
+                )
+            }
         };
+        let (defs, outputs) = prepared?;
+        let defs = Arc::new(defs);
         let outputs = Arc::new(Mutex::new(outputs));
         let e = &self.spec.engine;
         let params = Arc::new(ReadParams {
@@ -482,13 +517,9 @@ impl Engine {
             // that ends this run too, with the reason.
             watch_cluster_panics(&abort);
         }
-        let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let worker_connected = Arc::clone(&connected);
-        let connect_timeout = self.connect_timeout;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let execute = move || {
-            let guards = timely::execute(config, move |worker| {
-                worker_connected.store(true, std::sync::atomic::Ordering::SeqCst);
+            let work = move |worker: &mut timely::worker::Worker| {
                 let abort = Arc::clone(&worker_abort);
                 let outputs = if worker.index() == 0 {
                     outputs.lock().ok().and_then(|mut o| o.take())
@@ -537,7 +568,13 @@ impl Engine {
                 }
                 let summary = result.borrow_mut().take();
                 summary
-            })
+            };
+            let guards = match sockets {
+                None => timely::execute(config, work),
+                Some((sockets, process, threads)) => {
+                    cluster::execute(sockets, process, threads, config.worker.clone(), work)
+                }
+            }
             .map(|guards| guards.join());
             let _ = done_tx.send(guards);
         };
@@ -548,12 +585,11 @@ impl Engine {
                     .recv()
                     .map_err(|_| EngineError::Worker("the workers did not report".into()))?
             }
-            Some((process, addresses)) => {
+            Some(_) => {
                 std::thread::Builder::new()
                     .name("segflow-cluster".into())
                     .spawn(execute)
                     .map_err(|e| EngineError::Worker(format!("cannot start the workers: {e}")))?;
-                let deadline = Instant::now() + connect_timeout;
                 loop {
                     match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
                         Ok(results) => break results,
@@ -566,15 +602,6 @@ impl Engine {
                         // Do not wait for the workers (they do not shut
                         // down cleanly, see above).
                         break Ok(Vec::new());
-                    }
-                    if !connected.load(std::sync::atomic::Ordering::SeqCst)
-                        && Instant::now() >= deadline
-                    {
-                        return Err(EngineError::Cluster(unreachable_peers(
-                            process,
-                            &addresses,
-                            connect_timeout,
-                        )));
                     }
                 }
             }
