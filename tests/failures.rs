@@ -107,6 +107,54 @@ fn a_full_segment_output_is_an_error_with_the_reason() {
     }
 }
 
+/// A full disk under the state directory (a 1 MiB tmpfs, mounted in a
+/// private mount namespace by `unshare -rm`, so the test needs no root) ends
+/// the run, on every worker, with RocksDB's reason. Where the machine allows
+/// no mount namespace, the test says so and checks nothing else.
+#[test]
+fn a_full_disk_under_the_state_directory_is_an_error_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, views(20_000)).unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let mount = format!("mount -t tmpfs -o size=1m tmpfs {}", disk.display());
+    let probe = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &mount])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: this machine cannot mount a tmpfs in a private mount namespace");
+        return;
+    }
+    for workers in ["1", "2"] {
+        let state = disk.join("state");
+        let child = Command::new("unshare")
+            .args([
+                "-rm",
+                "sh",
+                "-c",
+                &format!(
+                    "{mount} && exec {BIN} run {spec} -w {workers} --input web={} --state-dir {}",
+                    web.display(),
+                    state.display()
+                ),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, err) = finish(child, 120);
+        assert_ne!(code, 0, "-w {workers}: {err}");
+        assert!(
+            err.contains(&format!("error: state directory {}", state.display()))
+                && err.contains("No space left on device"),
+            "-w {workers}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn a_full_dead_letter_output_is_an_error_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
