@@ -194,15 +194,55 @@ fn key2(a: &str, b: &str) -> Vec<u8> {
     k
 }
 
+/// The most memory all column families' memtables (RocksDB's write
+/// buffers) may take together: 16 MiB. When the total reaches it, RocksDB
+/// flushes the largest memtable to disk. Without a total, each of the
+/// column families would buffer up to 64 MiB (RocksDB's default) and a long
+/// run's memory would grow by hundreds of MiB before the first flush.
+pub const MEMTABLE_BUDGET_BYTES: usize = 16 << 20;
+
+/// One column family's memtable size: 4 MiB.
+const MEMTABLE_BYTES: usize = 4 << 20;
+
+/// The block cache shared by all column families (uncompressed blocks,
+/// indexes and Bloom filters read by lookups): 8 MiB.
+pub const BLOCK_CACHE_BYTES: usize = 8 << 20;
+
+/// RocksDB options for the state: memory bounded by
+/// [`MEMTABLE_BUDGET_BYTES`] plus [`BLOCK_CACHE_BYTES`] (indexes and
+/// filters are held in that cache, not beside it), LZ4-compressed tables,
+/// and a 10-bit Bloom filter per key for the point lookups of `segflow
+/// query`. Returns the database options and each column family's.
+fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_bloom_filter(10.0, false);
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+    opts.set_max_background_jobs(2);
+    let cfs = CFS
+        .iter()
+        .map(|n| {
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(MEMTABLE_BYTES);
+            cf.set_max_write_buffer_number(2);
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            cf.set_block_based_table_factory(&table);
+            ColumnFamilyDescriptor::new(*n, cf)
+        })
+        .collect();
+    (opts, cfs)
+}
+
 impl Store {
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens (creating if needed) the store in `dir`, with
+    /// [`rocks_options`].
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        let cfs = CFS
-            .iter()
-            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let (opts, cfs) = rocks_options();
         let name = dir.display().to_string();
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Rocks {
             dir: name.clone(),
@@ -270,9 +310,9 @@ impl Store {
 
     /// Opens an existing store for reading (works while a run holds it).
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
-        let opts = Options::default();
+        let (opts, cfs) = rocks_options();
         let name = dir.display().to_string();
-        let db = DB::open_cf_for_read_only(&opts, dir, CFS, false).map_err(|source| {
+        let db = DB::open_cf_descriptors_read_only(&opts, dir, cfs, false).map_err(|source| {
             StoreError::Rocks {
                 dir: name.clone(),
                 source,
