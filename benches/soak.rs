@@ -144,7 +144,11 @@ fn run(soak: &Soak) -> (Vec<(f64, f64)>, u64, String) {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "segflow failed: {err}");
-    (samples, written, String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        samples,
+        written,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn main() {

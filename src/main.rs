@@ -179,6 +179,9 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
         for (name, members) in &s.segments {
             t += &format!("  segment {:<20} {members} members\n", name);
         }
+        if s.state_batches > 0 {
+            t += &format!("  state batches     {}\n", s.state_batches);
+        }
         let rate = if s.elapsed_secs > 0.0 {
             records as f64 / s.elapsed_secs
         } else {

@@ -107,7 +107,7 @@ fn a_full_segment_output_is_an_error_with_the_reason() {
     }
 }
 
-/// A full disk under the state directory (a 1 MiB tmpfs, mounted in a
+/// A full disk under the state directory (a 192 KiB tmpfs, mounted in a
 /// private mount namespace by `unshare -rm`, so the test needs no root) ends
 /// the run, on every worker, with RocksDB's reason. Where the machine allows
 /// no mount namespace, the test says so and checks nothing else.
@@ -119,7 +119,7 @@ fn a_full_disk_under_the_state_directory_is_an_error_with_the_reason() {
     std::fs::write(&web, views(20_000)).unwrap();
     let disk = dir.path().join("disk");
     std::fs::create_dir(&disk).unwrap();
-    let mount = format!("mount -t tmpfs -o size=1m tmpfs {}", disk.display());
+    let mount = format!("mount -t tmpfs -o size=192k tmpfs {}", disk.display());
     let probe = Command::new("unshare")
         .args(["-rm", "sh", "-c", &mount])
         .output();

@@ -16,9 +16,14 @@
 //! profile's keys look like another's.
 //! | `checkpoint`  | `checkpoint`             | JSON `{time, offsets}`        |
 //!
-//! The commit stage writes every completed timestamp as one `WriteBatch`
-//! (removals first, then insertions, so a changed value ends up new), with
-//! the checkpoint in the same batch: state and checkpoint always agree.
+//! The commit stage writes all the timestamps that one frontier advance
+//! completes as one `WriteBatch` (per time, removals first, then
+//! insertions, so a changed value ends up new), with the checkpoint of the
+//! last of them in the same batch: state and checkpoint always agree.
+//! Batches skip the write-ahead log; memtables are flushed atomically
+//! across column families (when their memory budget fills, every few
+//! seconds of a live run, and at the end of a run), so the state on disk is
+//! always that of one completed time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -123,6 +128,18 @@ pub struct Checkpoint {
     pub offsets: BTreeMap<String, u64>,
 }
 
+/// The changes of one or more completed times, to be written at once
+/// ([`Store::stage`], [`Store::write`]).
+#[derive(Default)]
+pub struct StateBatch(WriteBatch);
+
+impl StateBatch {
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// One change to apply: `+1` inserts, `-1` removes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreOp {
@@ -223,6 +240,9 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+    // Batches are written without the write-ahead log; flushing every
+    // column family together keeps what is on disk one completed time.
+    opts.set_atomic_flush(true);
     opts.set_max_background_jobs(2);
     let cfs = CFS
         .iter()
@@ -335,13 +355,21 @@ impl Store {
     }
 
     /// Applies one completed timestamp's changes and its checkpoint in one
-    /// atomic write.
+    /// atomic write (a [`StateBatch`] of one time).
     pub fn commit(
         &self,
         ops: &[(StoreOp, isize)],
         checkpoint: &Checkpoint,
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
+        let mut batch = StateBatch::default();
+        self.stage(&mut batch, ops);
+        self.write(batch, checkpoint)
+    }
+
+    /// Adds one completed timestamp's changes to `batch`, after the times
+    /// already in it.
+    pub fn stage(&self, batch: &mut StateBatch, ops: &[(StoreOp, isize)]) {
+        let batch = &mut batch.0;
         // Removals first, then insertions: a value that changed at this time
         // appears as (old, -1) and (new, +1) on the same key.
         for pass_insert in [false, true] {
@@ -389,9 +417,32 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Writes `batch` (every time staged in it, in order) and `checkpoint`
+    /// (the last of those times) in one atomic write, without the
+    /// write-ahead log: the batch is the unit, and a flush writes every
+    /// column family at once (`atomic_flush`), so what is on disk is always
+    /// the state of one completed time with its checkpoint. What a crash
+    /// takes is the batches since the last flush (see [`Store::flush`]).
+    pub fn write(&self, mut batch: StateBatch, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
-        batch.put_cf(self.cf("checkpoint"), b"checkpoint", cp);
-        self.db.write(batch).map_err(|e| self.err(e))
+        batch.0.put_cf(self.cf("checkpoint"), b"checkpoint", cp);
+        let mut options = rocksdb::WriteOptions::default();
+        options.disable_wal(true);
+        self.db
+            .write_opt(batch.0, &options)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Flushes every column family's memtable to disk, atomically: readers
+    /// (`segflow query`, [`Store::open_read_only`]) and a restart see the
+    /// state up to the last batch written.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let cfs: Vec<&rocksdb::ColumnFamily> = CFS.iter().map(|n| self.cf(n)).collect();
+        self.db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+            .map_err(|e| self.err(e))
     }
 
     /// The last checkpoint, if any run completed a timestamp.

@@ -30,7 +30,7 @@ use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
 use crate::model::Ident;
 use crate::spec::{SegmentSpec, TraitSpec};
-use crate::store::{attributes_json, Checkpoint, Store, StoreOp};
+use crate::store::{attributes_json, Checkpoint, StateBatch, Store, StoreOp};
 use crate::time::{Completion, Time};
 
 /// One segment entry (`diff = 1`) or exit (`diff = -1`).
@@ -162,6 +162,9 @@ pub struct RunSummary {
     pub diffs_written: u64,
     /// Timestamps committed.
     pub times_committed: u64,
+    /// Number of state batches written (each holds the times one frontier
+    /// advance completed).
+    pub state_batches: u64,
     /// Last committed time (ms), if any.
     pub last_time: Option<u64>,
     /// Wall-clock seconds of the run (set by the engine).
@@ -194,7 +197,17 @@ struct Committer {
     checkpoint: Checkpoint,
     members: Vec<i64>,
     abort: Arc<Abort>,
+    /// The times committed since the last state write.
+    batch: StateBatch,
+    /// Whether batches were written since the last flush.
+    unflushed: bool,
+    last_flush: std::time::Instant,
 }
+
+/// How often the state of a long run is flushed to disk: what `segflow
+/// query` sees lags the run by at most this, plus one batch. (A finite run
+/// flushes at its end.)
+pub const STATE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Committer {
     /// Stops the run because writing to the segment sink failed: quietly if
@@ -333,18 +346,48 @@ impl Committer {
         self.summary.last_time = Some(time);
         self.checkpoint.time = time;
         if let Some(store) = &self.outputs.store {
-            if let Err(e) = store.commit(&ops, &self.checkpoint) {
-                self.abort.fail(format!(
-                    "state directory {}: {e}",
-                    self.outputs.labels.state
-                ));
+            store.stage(&mut self.batch, &ops);
+        }
+        Ok(())
+    }
+
+    /// Stops the run because the state directory failed.
+    fn state_failed(&self, e: &crate::store::StoreError) {
+        self.abort.fail(format!(
+            "state directory {}: {e}",
+            self.outputs.labels.state
+        ));
+    }
+
+    /// Writes the times staged since the last call, with the checkpoint of
+    /// the last of them, as one batch; flushes the state to disk when
+    /// `force` or every [`STATE_FLUSH_INTERVAL`].
+    fn write_state(&mut self, force: bool) -> Result<(), ()> {
+        let Some(store) = &self.outputs.store else {
+            return Ok(());
+        };
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            if let Err(e) = store.write(batch, &self.checkpoint) {
+                self.state_failed(&e);
                 return Err(());
             }
+            self.summary.state_batches += 1;
+            self.unflushed = true;
+        }
+        if self.unflushed && (force || self.last_flush.elapsed() >= STATE_FLUSH_INTERVAL) {
+            if let Err(e) = store.flush() {
+                self.state_failed(&e);
+                return Err(());
+            }
+            self.unflushed = false;
+            self.last_flush = std::time::Instant::now();
         }
         Ok(())
     }
 
     fn finish(&mut self) -> RunSummary {
+        let _ = self.write_state(true);
         self.flush_segments();
         self.flush_dead_letters();
         let mut summary = self.summary.clone();
@@ -398,6 +441,9 @@ pub fn commit<'s>(
         checkpoint: Checkpoint::default(),
         members,
         abort,
+        batch: StateBatch::default(),
+        unflushed: false,
+        last_flush: std::time::Instant::now(),
     });
     let mut finished = false;
     builder.build(move |_caps| {
@@ -444,6 +490,9 @@ pub fn commit<'s>(
             }
             if wrote {
                 c.flush_segments();
+            }
+            if c.write_state(false).is_err() {
+                return;
             }
             let mut wrote_dead = false;
             while let Some((&time, _)) = c.dead_pending.first_key_value() {
