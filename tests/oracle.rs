@@ -123,11 +123,16 @@ impl UnionFind {
     }
     fn union(&mut self, a: &Ident, b: &Ident) {
         let (ra, rb) = (self.find(a), self.find(b));
-        // The smaller identifier is the root: the canonical profile id.
-        if ra < rb {
-            self.parent.insert(rb, ra);
-        } else if rb < ra {
-            self.parent.insert(ra, rb);
+        // The identifier with the smaller key, by (rank, 120-bit hash of
+        // its text), is the root: the canonical profile id.
+        match ra.id().cmp(&rb.id()) {
+            std::cmp::Ordering::Less => {
+                self.parent.insert(rb, ra);
+            }
+            std::cmp::Ordering::Greater => {
+                self.parent.insert(ra, rb);
+            }
+            std::cmp::Ordering::Equal => {}
         }
     }
 }

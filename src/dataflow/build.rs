@@ -16,7 +16,7 @@ use super::{identity, profiles, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Outputs, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
 use crate::io::Abort;
-use crate::model::{CrmRecord, Ident, Record};
+use crate::model::{CrmRecord, Id, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
 use crate::time::window::retract_at_window_end;
 
@@ -62,30 +62,57 @@ pub fn build<'s>(
                     out.push((Part::Contribution(c), time, diff * sign));
                 }
             }
+            // From here on identifiers are keys; their names travel apart,
+            // to the sinks.
+            let name_and_key = |ident: Ident, out: &mut Vec<_>| {
+                let key = ident.id();
+                out.push((Part::Name(key, ident.value), tick, 1));
+                key
+            };
             match record {
-                Record::Crm(c) => out.push((Part::Crm(c.crm_id.clone(), c), tick, diff)),
-                Record::Web(e) => out.push((Part::Ids(e.ids), tick, diff)),
-                Record::Txn(t) => out.push((Part::Ids(t.ids), tick, diff)),
+                Record::Crm(c) => {
+                    for ident in &c.ids {
+                        name_and_key(ident.clone(), &mut out);
+                    }
+                    out.push((Part::Crm(c.crm_id.clone(), c), tick, diff))
+                }
+                Record::Web(e) => {
+                    let ids = e
+                        .ids
+                        .into_iter()
+                        .map(|i| name_and_key(i, &mut out))
+                        .collect();
+                    out.push((Part::Ids(ids), tick, diff))
+                }
+                Record::Txn(t) => {
+                    let ids = t
+                        .ids
+                        .into_iter()
+                        .map(|i| name_and_key(i, &mut out))
+                        .collect();
+                    out.push((Part::Ids(ids), tick, diff))
+                }
             }
             out
         })
-        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(3, |(part, time, diff)| {
+        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(4, |(part, time, diff)| {
             let index = match &part {
                 Part::Crm(..) => 0,
                 Part::Ids(_) => 1,
                 Part::Contribution(_) => 2,
+                Part::Name(..) => 3,
             };
             (index, (part, time, diff))
         });
     let mut parts = parts.into_iter();
-    let mut next = || parts.next().expect("three partitions");
+    let mut next = || parts.next().expect("four partitions");
     let crm_versions: Coll<'s, (String, CrmRecord)> = next()
         .flat_map(|(p, t, r)| match p {
             Part::Crm(k, c) => Some(((k, c), t, r)),
             _ => None,
         })
         .as_collection();
-    let event_sets: Coll<'s, Vec<Ident>> = next()
+    let event_sets: Coll<'s, Vec<Id>> = next()
         .flat_map(|(p, t, r)| match p {
             Part::Ids(ids) => Some((ids, t, r)),
             _ => None,
@@ -100,13 +127,23 @@ pub fn build<'s>(
         move |c| traits::window_of(&specs, c),
     )
     .as_collection();
+    let names: Coll<'s, (Id, String)> = identity::first_names(
+        next()
+            .flat_map(|(p, t, r)| match p {
+                Part::Name(k, n) => Some(((k, n), t, r)),
+                _ => None,
+            })
+            .as_collection(),
+    );
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
     let crm_current = profiles::crm_current(crm_versions);
 
     // Identity: identifier sets of events and of current CRM records.
-    let crm_sets = crm_current.clone().map(|(_, c)| c.ids);
+    let crm_sets = crm_current
+        .clone()
+        .map(|(_, c)| c.ids.iter().map(Ident::id).collect::<Vec<Id>>());
     let event_sets = identity::first_occurrences(event_sets);
     let id_profile = identity::resolve(event_sets.concat(crm_sets));
     let id_profile_arranged = id_profile
@@ -128,6 +165,7 @@ pub fn build<'s>(
     let updates = differential_dataflow::collection::concatenate(
         scope,
         vec![
+            names.map(|(k, n)| StateUpdate::Name(k, n)),
             memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
             profile_ids.map(StateUpdate::Profile),
             id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
@@ -154,7 +192,9 @@ enum Part {
     /// A CRM record version, keyed by `crm_id`.
     Crm(String, CrmRecord),
     /// The identifier set of an event or transaction.
-    Ids(Vec<Ident>),
+    Ids(Vec<Id>),
+    /// An identifier's key and name (`kind:value`).
+    Name(Id, String),
     /// A trait contribution `(identifier, (trait, value))`.
     Contribution(traits::Contribution),
 }

@@ -4,8 +4,10 @@
 //! email, phone, CRM id, configured extras). Identifiers that appear on the
 //! same record are *linked*; the connected components of the link graph are
 //! the profiles. A component is named by its *canonical* identifier: the
-//! smallest one by `(priority rank, value)` ([`Ident`]'s order), so the profile
+//! smallest key by `(priority rank, hash)` ([`Id`]'s order), so the profile
 //! id depends neither on arrival order nor on the number of workers.
+//! Identifiers are fixed-size keys here ([`Id`]); their text is attached
+//! only at the sinks.
 //!
 //! The components are maintained incrementally by min-label propagation
 //! (`differential_dataflow::algorithms::graphs::propagate`): a new link that
@@ -16,16 +18,77 @@
 use differential_dataflow::algorithms::graphs::propagate::propagate;
 
 use super::{Coll, Time};
-use crate::model::Ident;
+use crate::model::Id;
 
 /// The identifier set of each record, deduplicated: records with the same
 /// identifiers add nothing to the link graph.
-pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>> {
+pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, Vec<Id>> {
     sets.filter(|ids| !ids.is_empty())
         .threshold_named(
             "Distinct: identifier sets",
             |_, c| if *c > 0 { 1isize } else { 0 },
         )
+}
+
+/// The earliest event time passed on per key, for the first-occurrence
+/// filters. Bounded: past [`Earliest::MAX_KEYS`] keys it starts afresh,
+/// which only lets repeated occurrences through again (every consumer of
+/// these filters is idempotent: a distinct, or a dictionary).
+struct Earliest<K>(std::collections::HashMap<K, Time>);
+
+impl<K: std::hash::Hash + Eq + Clone> Earliest<K> {
+    /// Keys remembered per worker before the filter starts afresh.
+    const MAX_KEYS: usize = 1 << 18;
+
+    fn new() -> Self {
+        Earliest(std::collections::HashMap::new())
+    }
+
+    /// Whether an occurrence of `key` at `time` is passed on: the first one
+    /// remembered, or one earlier than every one passed on so far.
+    fn admit(&mut self, key: &K, time: Time) -> bool {
+        match self.0.get_mut(key) {
+            Some(seen) if *seen <= time => false,
+            Some(seen) => {
+                *seen = time;
+                true
+            }
+            None => {
+                if self.0.len() >= Self::MAX_KEYS {
+                    self.0.clear();
+                }
+                self.0.insert(key.clone(), time);
+                true
+            }
+        }
+    }
+}
+
+/// Passes on the insertions that `admit(data, time)` accepts, and every
+/// retraction (negative diff).
+fn pass_admitted<'s, D: differential_dataflow::Data>(
+    coll: Coll<'s, D>,
+    name: &str,
+    mut admit: impl FnMut(&D, Time) -> bool + 'static,
+) -> Coll<'s, D> {
+    use differential_dataflow::AsCollection;
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::generic::operator::Operator;
+
+    coll.inner
+        .unary(Pipeline, name, move |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data| {
+                    let mut session = output.session(&cap);
+                    for (d, time, diff) in data.drain(..) {
+                        if diff <= 0 || admit(&d, time) {
+                            session.give((d, time, diff));
+                        }
+                    }
+                });
+            }
+        })
+        .as_collection()
 }
 
 /// Keeps only the first occurrence (in event time) of each identifier set of
@@ -38,43 +101,22 @@ pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>> {
 ///
 /// This spares the identity arrangements one update per event: most events
 /// repeat the identifiers of earlier events of the same visitor.
-pub fn first_occurrences<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>> {
-    use std::collections::hash_map::Entry;
-    use std::collections::HashMap;
+pub fn first_occurrences<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, Vec<Id>> {
+    let mut earliest = Earliest::new();
+    pass_admitted(sets, "Dedup: identifier sets", move |set, time| {
+        earliest.admit(set, time)
+    })
+}
 
-    use differential_dataflow::AsCollection;
-    use timely::dataflow::channels::pact::Pipeline;
-    use timely::dataflow::operators::generic::operator::Operator;
-
-    sets.inner
-        .unary(Pipeline, "Dedup: identifier sets", |_, _| {
-            let mut earliest: HashMap<Vec<Ident>, Time> = HashMap::new();
-            move |input, output| {
-                input.for_each(|cap, data| {
-                    let mut session = output.session(&cap);
-                    for (set, time, diff) in data.drain(..) {
-                        if diff > 0 {
-                            match earliest.entry(set) {
-                                Entry::Occupied(mut seen) => {
-                                    if *seen.get() <= time {
-                                        continue;
-                                    }
-                                    seen.insert(time);
-                                    session.give((seen.key().clone(), time, diff));
-                                }
-                                Entry::Vacant(new) => {
-                                    session.give((new.key().clone(), time, diff));
-                                    new.insert(time);
-                                }
-                            }
-                        } else {
-                            session.give((set, time, diff));
-                        }
-                    }
-                });
-            }
-        })
-        .as_collection()
+/// The names (`kind:value` texts) of identifiers, `(key, name)`, each passed
+/// on at its earliest event time seen (as [`first_occurrences`] does for
+/// sets): every update that mentions a key is at or after a time at which
+/// its name was passed on.
+pub fn first_names<'s>(names: Coll<'s, (Id, String)>) -> Coll<'s, (Id, String)> {
+    let mut earliest = Earliest::new();
+    pass_admitted(names, "Dedup: identifier names", move |(id, _), time| {
+        earliest.admit(id, time)
+    })
 }
 
 /// Resolves identifier sets into `(identifier, profile)` pairs, where the
@@ -82,7 +124,7 @@ pub fn first_occurrences<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, Vec<Ident>>
 ///
 /// Each set is linked as a star around its first (highest-priority)
 /// identifier; edges are symmetric as label propagation requires.
-pub fn resolve<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, (Ident, Ident)> {
+pub fn resolve<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, (Id, Id)> {
     let sets = identifier_sets(sets);
     let nodes = sets
         .clone()
@@ -107,7 +149,7 @@ pub fn resolve<'s>(sets: Coll<'s, Vec<Ident>>) -> Coll<'s, (Ident, Ident)> {
 }
 
 /// The distinct profiles: canonical identifiers of all components.
-pub fn profiles<'s>(id_profile: Coll<'s, (Ident, Ident)>) -> Coll<'s, Ident> {
+pub fn profiles<'s>(id_profile: Coll<'s, (Id, Id)>) -> Coll<'s, Id> {
     id_profile
         .map(|(_, profile)| profile)
         .threshold_named("Distinct: profiles", |_, c| if *c > 0 { 1isize } else { 0 })
@@ -123,19 +165,20 @@ mod tests {
 
     use super::*;
 
-    fn ident(n: u8) -> Ident {
+    fn ident(n: u8) -> Id {
         // Ranks 0..3 so that priority matters, values so that ties break.
-        Ident {
+        crate::model::Ident {
             rank: n % 3,
             value: format!("k{}:{}", n % 3, n),
         }
+        .id()
     }
 
     /// Plain sequential components: repeatedly merge overlapping sets.
-    fn oracle(sets: &[Vec<Ident>]) -> BTreeMap<Ident, Ident> {
-        let mut comps: Vec<BTreeSet<Ident>> = Vec::new();
+    fn oracle(sets: &[Vec<Id>]) -> BTreeMap<Id, Id> {
+        let mut comps: Vec<BTreeSet<Id>> = Vec::new();
         for set in sets {
-            let mut merged: BTreeSet<Ident> = set.iter().cloned().collect();
+            let mut merged: BTreeSet<Id> = set.iter().cloned().collect();
             comps.retain(|c| {
                 if c.is_disjoint(&merged) {
                     true
@@ -158,14 +201,14 @@ mod tests {
 
     /// Feeds `rounds` of identifier-set changes and returns the final
     /// (identifier, profile) map as seen by the dataflow.
-    fn run(rounds: Vec<Vec<(Vec<Ident>, isize)>>, workers: usize) -> BTreeMap<Ident, Ident> {
-        let result = Arc::new(Mutex::new(BTreeMap::<(Ident, Ident), isize>::new()));
+    fn run(rounds: Vec<Vec<(Vec<Id>, isize)>>, workers: usize) -> BTreeMap<Id, Id> {
+        let result = Arc::new(Mutex::new(BTreeMap::<(Id, Id), isize>::new()));
         let shared = Arc::clone(&result);
         timely::execute(timely::Config::process(workers), move |worker| {
             let shared = Arc::clone(&shared);
             let index = worker.index();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                let (input, sets) = scope.new_collection::<Vec<Ident>, isize>();
+                let (input, sets) = scope.new_collection::<Vec<Id>, isize>();
                 let probe = resolve(sets)
                     .inspect(move |((id, p), _, diff)| {
                         *shared
@@ -209,13 +252,13 @@ mod tests {
             sets in prop::collection::vec(prop::collection::btree_set(0u8..24, 1..4), 1..20),
             retract in prop::collection::vec(any::<bool>(), 20),
         ) {
-            let sets: Vec<Vec<Ident>> = sets.into_iter().map(|s| {
-                let mut v: Vec<Ident> = s.into_iter().map(ident).collect();
+            let sets: Vec<Vec<Id>> = sets.into_iter().map(|s| {
+                let mut v: Vec<Id> = s.into_iter().map(ident).collect();
                 v.sort();
                 v
             }).collect();
-            let removed: Vec<Vec<Ident>> = sets.iter().zip(&retract).filter(|(_, r)| **r).map(|(s, _)| s.clone()).collect();
-            let kept: Vec<Vec<Ident>> = sets.iter().zip(retract.iter().chain(std::iter::repeat(&false))).filter(|(_, r)| !**r).map(|(s, _)| s.clone()).collect();
+            let removed: Vec<Vec<Id>> = sets.iter().zip(&retract).filter(|(_, r)| **r).map(|(s, _)| s.clone()).collect();
+            let kept: Vec<Vec<Id>> = sets.iter().zip(retract.iter().chain(std::iter::repeat(&false))).filter(|(_, r)| !**r).map(|(s, _)| s.clone()).collect();
             let rounds = vec![
                 sets.iter().map(|s| (s.clone(), 1)).collect(),
                 removed.iter().map(|s| (s.clone(), -1)).collect(),
@@ -227,15 +270,12 @@ mod tests {
     }
 
     /// The distinct sets, with the times they appear, of a collection.
-    fn distinct_history(
-        updates: Vec<(Vec<Ident>, u64)>,
-        dedup: bool,
-    ) -> Vec<(Vec<Ident>, u64, isize)> {
+    fn distinct_history(updates: Vec<(Vec<Id>, u64)>, dedup: bool) -> Vec<(Vec<Id>, u64, isize)> {
         let out = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::clone(&out);
         timely::execute_directly(move |worker| {
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                let (input, sets) = scope.new_collection::<Vec<Ident>, isize>();
+                let (input, sets) = scope.new_collection::<Vec<Id>, isize>();
                 let sets = if dedup { first_occurrences(sets) } else { sets };
                 let probe = identifier_sets(sets)
                     .inspect(move |(d, t, r)| shared.lock().unwrap().push((d.clone(), *t, *r)))
@@ -263,8 +303,8 @@ mod tests {
         fn first_occurrences_preserve_distinct_sets(
             updates in prop::collection::vec((prop::collection::btree_set(0u8..6, 1..3), 0u64..50), 0..40),
         ) {
-            let updates: Vec<(Vec<Ident>, u64)> = updates.into_iter().map(|(s, t)| {
-                let mut v: Vec<Ident> = s.into_iter().map(ident).collect();
+            let updates: Vec<(Vec<Id>, u64)> = updates.into_iter().map(|(s, t)| {
+                let mut v: Vec<Id> = s.into_iter().map(ident).collect();
                 v.sort();
                 (v, t)
             }).collect();

@@ -13,7 +13,7 @@
 
 use super::traits::IdProfileArrangement;
 use super::Coll;
-use crate::model::{CrmRecord, Ident, Scalar};
+use crate::model::{CrmRecord, Id, Ident, Scalar};
 
 /// A profile's merged attributes, sorted by name.
 pub type Attributes = Vec<(String, Scalar)>;
@@ -35,14 +35,18 @@ pub fn crm_current<'s>(versions: Coll<'s, (String, CrmRecord)>) -> Coll<'s, (Str
 pub fn attributes<'s>(
     current: Coll<'s, (String, CrmRecord)>,
     id_profile: IdProfileArrangement<'s>,
-) -> Coll<'s, (Ident, Attributes)> {
+) -> Coll<'s, (Id, Attributes)> {
     current
         .flat_map(|(crm_id, record)| {
-            let key = record.ids.iter().find(|id| id.kind() == "crm").cloned();
+            let key = record
+                .ids
+                .iter()
+                .find(|id| id.kind() == "crm")
+                .map(Ident::id);
             key.map(|key| (key, (record.updated_ms, crm_id, record.attributes)))
         })
         .join_core(id_profile, |_crm, version, profile| {
-            Some((profile.clone(), version.clone()))
+            Some((*profile, version.clone()))
         })
         .reduce_named("Merge: profile attributes", |_profile, input, output| {
             let mut merged: std::collections::BTreeMap<String, Scalar> = Default::default();

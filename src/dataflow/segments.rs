@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::profiles::Attributes;
 use super::traits::{Total, SUM_SCALE};
 use super::Coll;
-use crate::model::{Ident, Scalar};
+use crate::model::{Id, Scalar};
 use crate::spec::{Aggregate, SegmentSpec, TraitSpec};
 
 /// One fact about a profile, the input of segment evaluation.
@@ -72,12 +72,12 @@ pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpe
 
 /// Segment memberships `(segment index, profile)`.
 pub fn evaluate<'s>(
-    profiles: Coll<'s, Ident>,
-    traits: Coll<'s, ((Ident, u32), Total)>,
-    attributes: Coll<'s, (Ident, Attributes)>,
+    profiles: Coll<'s, Id>,
+    traits: Coll<'s, ((Id, u32), Total)>,
+    attributes: Coll<'s, (Id, Attributes)>,
     trait_specs: Rc<[TraitSpec]>,
     segment_specs: Rc<[SegmentSpec]>,
-) -> Coll<'s, (u32, Ident)> {
+) -> Coll<'s, (u32, Id)> {
     let facts = profiles
         .map(|p| (p, Fact::Exists))
         .concat(traits.map(|((p, t), v)| (p, Fact::Trait(t, v))))

@@ -33,7 +33,7 @@ use differential_dataflow::AsCollection;
 use timely::dataflow::operators::vec::Map;
 
 use super::{Coll, Time};
-use crate::model::{Ident, Record, Scalar};
+use crate::model::{Id, Ident, Record, Scalar};
 use crate::spec::{Aggregate, StreamKind, TraitSpec};
 
 /// Sum traits are kept as integers in thousandths of the summed field.
@@ -45,7 +45,7 @@ pub use crate::model::limits::MAX_SUM_VALUE;
 pub type Total = i128;
 
 /// The `(identifier, profile)` arrangement shared by every consumer.
-pub type IdProfileArrangement<'s> = Arranged<'s, TraceAgent<ValSpine<Ident, Ident, Time, isize>>>;
+pub type IdProfileArrangement<'s> = Arranged<'s, TraceAgent<ValSpine<Id, Id, Time, isize>>>;
 
 /// Evaluates one trait on one record: `Some(value)` if the record counts
 /// towards the trait (value 1 for counts, thousandths for sums). A summed
@@ -88,7 +88,7 @@ pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<i64> {
 }
 
 /// One contribution: `(key identifier, (trait index, value))`.
-pub type Contribution = (Ident, (u32, i64));
+pub type Contribution = (Id, (u32, i64));
 
 /// The contributions of one record at `tick`, each
 /// `((identifier, (trait, value)), tick, +1)`; the retractions of windowed
@@ -100,12 +100,12 @@ pub fn contributions(
     traits: &[TraitSpec],
 ) -> Vec<(Contribution, Time, isize)> {
     let mut out = Vec::new();
-    let Some(key) = record.ids().first() else {
+    let Some(key) = record.ids().first().map(Ident::id) else {
         return out;
     };
     for (index, spec) in traits.iter().enumerate() {
         if let Some(value) = trait_value(spec, record) {
-            out.push(((key.clone(), (index as u32, value)), tick, 1));
+            out.push(((key, (index as u32, value)), tick, 1));
         }
     }
     out
@@ -122,10 +122,10 @@ pub fn window_of(traits: &[TraitSpec], contribution: &Contribution) -> Option<u6
 pub fn per_profile<'s>(
     contributions: Coll<'s, Contribution>,
     id_profile: IdProfileArrangement<'s>,
-) -> Coll<'s, ((Ident, u32), Total)> {
+) -> Coll<'s, ((Id, u32), Total)> {
     contributions
         .join_core(id_profile, |_id, (trait_index, value), profile| {
-            Some(((profile.clone(), *trait_index), *value))
+            Some(((*profile, *trait_index), *value))
         })
         .inner
         .map(|((key, value), time, diff)| (key, time, Total::from(value) * diff as Total))
@@ -174,7 +174,7 @@ mod tests {
         // Keyed by the highest-priority identifier; leaves the window 30 min later.
         let key = view.ids()[0].clone();
         assert_eq!(key.value, "user:u");
-        assert_eq!(out, vec![((key.clone(), (0, 1)), 1000, 1)]);
+        assert_eq!(out, vec![((key.id(), (0, 1)), 1000, 1)]);
         assert_eq!(window_of(&specs(), &out[0].0), Some(30 * 60 * 1000));
         let cheap = record(
             RecordKind::Web,

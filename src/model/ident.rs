@@ -4,10 +4,10 @@
 //! anonymous id, ...). Each becomes an [`Ident`]: a normalized value prefixed
 //! with its kind (`"email:bob@example.com"`, `"crm:C1"`) plus a *rank*, the
 //! position of its field in [`IdentityRules::priority`]. Identity resolution
-//! links every identifier seen together into one profile; the profile's
-//! canonical id is the minimum `Ident` of the cluster under the `(rank,
-//! value)` ordering, i.e. the most trusted identifier kind wins and ties are
-//! broken by value.
+//! links every identifier seen together into one profile; inside the
+//! dataflow an identifier is its fixed-size key, [`Id`], and the profile's
+//! canonical id is the identifier with the minimum key, i.e. the most
+//! trusted identifier kind wins and ties are broken by a hash of the text.
 
 use std::fmt;
 
@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::normalize::{normalize_email, normalize_phone};
 
-/// A normalized, ranked identifier. Ordered by `(rank, value)`: the minimum
-/// identifier of a cluster is the profile's canonical id.
+/// A normalized, ranked identifier, as decoded from a record; the dataflow
+/// works on its key, [`Ident::id`].
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Ident {
     /// Position of the identifier's field in [`IdentityRules::priority`];
@@ -48,6 +48,43 @@ impl Ident {
 impl fmt::Display for Ident {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.value)
+    }
+}
+
+/// An identifier's fixed-size key, the form identifiers take inside the
+/// dataflow: the rank in the top 8 bits, then the low 120 bits of the XXH3
+/// 128-bit hash of the `kind:value` text
+/// (<https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md>).
+/// Ordered by `(rank, hash)`, so the minimum key of a profile is still one of
+/// its most trusted identifiers; within a rank, ties are broken by the hash.
+///
+/// The key is computed from the text alone, the same on every worker,
+/// process and run, so no dictionary has to be consulted to make one; the
+/// text for a key (the *name*) flows once per identifier to the sinks, which
+/// refuse two texts with one key (at 120 bits, a collision among a billion
+/// identifiers has a probability of about 10⁻¹⁸).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Id(pub u128);
+
+impl Id {
+    /// The key of `value` (`kind:value` text) at `rank`.
+    pub fn of(rank: u8, value: &str) -> Id {
+        const HASH_BITS: u128 = (1u128 << 120) - 1;
+        let hash = xxhash_rust::xxh3::xxh3_128(value.as_bytes());
+        Id(((rank as u128) << 120) | (hash & HASH_BITS))
+    }
+
+    /// The rank: the position of the identifier's field in
+    /// [`IdentityRules::priority`].
+    pub fn rank(self) -> u8 {
+        (self.0 >> 120) as u8
+    }
+}
+
+impl Ident {
+    /// This identifier's key.
+    pub fn id(&self) -> Id {
+        Id::of(self.rank, &self.value)
     }
 }
 

@@ -28,7 +28,7 @@ use timely::dataflow::Stream;
 use crate::dataflow::profiles::Attributes;
 use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
-use crate::model::Ident;
+use crate::model::Id;
 use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, Checkpoint, StateBatch, Store, StoreOp};
 use crate::time::{Completion, Time};
@@ -120,16 +120,19 @@ pub struct OutputLabels {
 /// A change of state, keyed so that it can be routed and consolidated.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum StateUpdate {
+    /// The name (`kind:value`) of an identifier key; insert-only, at or
+    /// before the first time the key appears in any other update.
+    Name(Id, String),
     /// Segment membership `(segment index, profile)`.
-    Segment(u32, Ident),
+    Segment(u32, Id),
     /// A profile exists.
-    Profile(Ident),
+    Profile(Id),
     /// Identifier belongs to profile.
-    Link(Ident, Ident),
+    Link(Id, Id),
     /// Trait `index` of a profile has this total (sums in thousandths).
-    Trait(Ident, u32, i128),
+    Trait(Id, u32, i128),
     /// A profile's merged attributes.
-    Attrs(Ident, Attributes),
+    Attrs(Id, Attributes),
 }
 
 /// Per-source counters.
@@ -197,6 +200,8 @@ struct Committer {
     checkpoint: Checkpoint,
     members: Vec<i64>,
     abort: Arc<Abort>,
+    /// The name of every identifier key seen.
+    names: std::collections::HashMap<Id, String>,
     /// The times committed since the last state write.
     batch: StateBatch,
     /// Whether batches were written since the last flush.
@@ -284,54 +289,79 @@ impl Committer {
     /// [`Abort`]) and is returned.
     fn commit(&mut self, time: Time, mut updates: Vec<(StateUpdate, isize)>) -> Result<(), ()> {
         differential_dataflow::consolidation::consolidate(&mut updates);
+        // Names first: the other updates of this time may use them.
+        for (update, diff) in &updates {
+            if let (StateUpdate::Name(key, name), 1..) = (update, *diff) {
+                match self.names.get(key) {
+                    Some(known) if known != name => {
+                        self.abort.fail(format!(
+                            "identifiers `{known}` and `{name}` have the same 120-bit key; please report this at once"
+                        ));
+                        return Err(());
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.names.insert(*key, name.clone());
+                    }
+                }
+            }
+        }
+        let names = &self.names;
+        let name = |key: &Id| -> Result<String, String> {
+            names
+                .get(key)
+                .cloned()
+                .ok_or_else(|| format!("internal error: no name for identifier key {:032x}", key.0))
+        };
         let mut diffs = Vec::new();
         let mut ops = Vec::new();
         for (update, diff) in &updates {
-            match update {
-                StateUpdate::Segment(seg, profile) => {
+            let op = match update {
+                StateUpdate::Name(..) => continue,
+                StateUpdate::Segment(seg, profile) => name(profile).map(|profile| {
                     let name = self.segments[*seg as usize].name.clone();
                     self.members[*seg as usize] += *diff as i64;
                     diffs.push(SegmentDiff {
                         time,
                         segment: name.clone(),
-                        profile: profile.value.clone(),
+                        profile: profile.clone(),
                         diff: *diff as i64,
                     });
-                    ops.push((
-                        StoreOp::Segment {
-                            profile: profile.value.clone(),
-                            name,
-                        },
-                        *diff,
-                    ));
+                    Some(StoreOp::Segment { profile, name })
+                }),
+                StateUpdate::Profile(_) => {
+                    self.summary.profiles += *diff as i64;
+                    Ok(None)
                 }
-                StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
-                StateUpdate::Link(id, profile) => ops.push((
-                    StoreOp::Link {
-                        id: id.value.clone(),
-                        profile: profile.value.clone(),
-                    },
-                    *diff,
-                )),
-                StateUpdate::Trait(profile, index, raw) => {
+                StateUpdate::Link(id, profile) => name(id).and_then(|id| {
+                    Ok(Some(StoreOp::Link {
+                        id,
+                        profile: name(profile)?,
+                    }))
+                }),
+                StateUpdate::Trait(profile, index, raw) => name(profile).map(|profile| {
                     let spec = &self.traits[*index as usize];
                     let value = trait_scalar(spec, *raw).as_f64().unwrap_or(0.0);
-                    ops.push((
-                        StoreOp::Trait {
-                            profile: profile.value.clone(),
-                            name: spec.name.clone(),
-                            value,
-                        },
-                        *diff,
-                    ));
-                }
-                StateUpdate::Attrs(profile, attrs) => ops.push((
-                    StoreOp::Attributes {
-                        profile: profile.value.clone(),
+                    Some(StoreOp::Trait {
+                        profile,
+                        name: spec.name.clone(),
+                        value,
+                    })
+                }),
+                StateUpdate::Attrs(profile, attrs) => name(profile).map(|profile| {
+                    Some(StoreOp::Attributes {
+                        profile,
                         json: attributes_json(attrs),
-                    },
-                    *diff,
-                )),
+                    })
+                }),
+            };
+            match op {
+                Ok(Some(op)) => ops.push((op, *diff)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.abort.fail(e);
+                    return Err(());
+                }
             }
         }
         diffs.sort();
@@ -342,7 +372,14 @@ impl Committer {
             }
         }
         self.summary.diffs_written += diffs.len() as u64;
-        self.summary.times_committed += 1;
+        // A time that only named identifiers changed nothing (and which
+        // times carry names depends on how records met the workers).
+        if updates
+            .iter()
+            .any(|(u, _)| !matches!(u, StateUpdate::Name(..)))
+        {
+            self.summary.times_committed += 1;
+        }
         self.summary.last_time = Some(time);
         self.checkpoint.time = time;
         if let Some(store) = &self.outputs.store {
@@ -441,6 +478,7 @@ pub fn commit<'s>(
         checkpoint: Checkpoint::default(),
         members,
         abort,
+        names: std::collections::HashMap::new(),
         batch: StateBatch::default(),
         unflushed: false,
         last_flush: std::time::Instant::now(),
