@@ -417,6 +417,9 @@ pub struct FileLines {
     /// The first bytes read ([`HEAD_BYTES`] at most): a truncated file that
     /// was written again past the length read shows other first bytes.
     head: Vec<u8>,
+    /// The last bytes read ([`HEAD_BYTES`] at most), which must still be
+    /// there, just before the read position, in the same file.
+    tail: Vec<u8>,
     limit: usize,
     framing: Framing,
 }
@@ -475,6 +478,7 @@ impl FileLines {
             path: path.to_path_buf(),
             identity,
             head: Vec::new(),
+            tail: Vec::new(),
             limit,
             framing,
         })
@@ -493,10 +497,18 @@ impl FileLines {
             return Ok(true);
         }
         // Same file, at least as long: truncated and written again past
-        // what was read shows other first bytes.
+        // what was read shows other first bytes, or other bytes just before
+        // the read position.
+        let file = self.reader.get_ref();
         let mut now = vec![0u8; self.head.len()];
-        let n = read_at(self.reader.get_ref(), &mut now, 0)?;
-        Ok(now[..n] != self.head[..])
+        let n = read_at(file, &mut now, 0)?;
+        if now[..n] != self.head[..] {
+            return Ok(true);
+        }
+        let mut now = vec![0u8; self.tail.len()];
+        let start = self.framer.consumed() - self.tail.len() as u64;
+        let n = read_at(file, &mut now, start)?;
+        Ok(now[..n] != self.tail[..])
     }
 
     /// Starts reading the path again from its first byte.
@@ -511,6 +523,7 @@ impl FileLines {
         self.reader = BufReader::with_capacity(1 << 20, file);
         self.framer = Framer::new(self.limit, self.framing);
         self.head.clear();
+        self.tail.clear();
         Ok(())
     }
 }
@@ -518,7 +531,17 @@ impl FileLines {
 impl LineSource for FileLines {
     fn next_line(&mut self) -> io::Result<Next> {
         loop {
+            // A followed file may be truncated and written again at any
+            // moment: every read from the file is checked, after it is
+            // made, against what was read before, so bytes of a new content
+            // are never taken for the continuation of the old one.
+            let fresh = self.follow && self.reader.buffer().is_empty();
             let chunk = self.reader.fill_buf()?;
+            if fresh && !chunk.is_empty() && self.replaced()? {
+                self.reopen()?;
+                continue;
+            }
+            let chunk = self.reader.buffer();
             if chunk.is_empty() {
                 if self.follow {
                     if self.replaced()? {
@@ -536,9 +559,15 @@ impl LineSource for FileLines {
                 return Ok(Next::End);
             }
             let (used, line) = self.framer.feed(chunk, &None);
-            if self.follow && self.head.len() < HEAD_BYTES {
-                let take = (HEAD_BYTES - self.head.len()).min(used);
-                self.head.extend_from_slice(&chunk[..take]);
+            if self.follow {
+                if self.head.len() < HEAD_BYTES {
+                    let take = (HEAD_BYTES - self.head.len()).min(used);
+                    self.head.extend_from_slice(&chunk[..take]);
+                }
+                let keep = used.min(HEAD_BYTES);
+                let drop = (self.tail.len() + keep).saturating_sub(HEAD_BYTES);
+                self.tail.drain(..drop);
+                self.tail.extend_from_slice(&chunk[used - keep..used]);
             }
             self.reader.consume(used);
             if let Some(line) = line {
@@ -846,6 +875,56 @@ mod tests {
             .unwrap();
         file.write_all(b"o\n").unwrap();
         assert_eq!(f.next_line().unwrap(), line(b"two", 2, 4));
+    }
+
+    /// A followed file truncated and at once written again, longer than
+    /// what was read, is read from its start, whether its first bytes
+    /// changed or not, and none of the new content is taken for the
+    /// continuation of the old one.
+    #[test]
+    fn follow_rereads_a_file_truncated_and_refilled_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let lines = |from: usize, to: usize, tag: &str| -> String {
+            (from..to).map(|i| format!("line {i} {tag}\n")).collect()
+        };
+        for same_start in [false, true] {
+            std::fs::write(&path, lines(0, 200, "old")).unwrap();
+            let mut f = FileLines::open(&path, true, 1 << 10, Framing::Lines).unwrap();
+            let mut read = Vec::new();
+            loop {
+                match f.next_line().unwrap() {
+                    Next::Line { bytes, .. } => read.push(String::from_utf8(bytes).unwrap()),
+                    Next::Pending => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(read.len(), 200);
+            // Truncated and refilled with 3000 lines before the next read;
+            // with `same_start`, the first line is unchanged.
+            let mut new = String::new();
+            if same_start {
+                new += "line 0 old\n";
+            }
+            new += &lines(1, 3000, "new");
+            std::fs::write(&path, &new).unwrap();
+            let mut again = Vec::new();
+            loop {
+                match f.next_line().unwrap() {
+                    Next::Line { bytes, line, .. } => {
+                        again.push((line, String::from_utf8(bytes).unwrap()))
+                    }
+                    Next::Pending => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            let expected: Vec<(u64, String)> = new
+                .lines()
+                .enumerate()
+                .map(|(i, l)| (i as u64 + 1, l.to_string()))
+                .collect();
+            assert_eq!(again, expected, "same_start: {same_start}");
+        }
     }
 
     #[test]
