@@ -583,6 +583,62 @@ fn sequential_clients_of_an_until_disconnect_source_are_all_read() {
     assert_eq!(lines_of(&seen), expected);
 }
 
+/// With `until = "disconnect"`, a client that connects after the last one
+/// left, at any moment around the source's end, is either read in full or
+/// refused: never accepted and then ignored. The client learns which: a
+/// read client sees the engine close the connection after its lines, a
+/// refused one cannot connect or sees a reset.
+#[test]
+fn a_late_client_of_an_until_disconnect_source_is_read_or_refused() {
+    use std::io::Read;
+    // A one-second tick: after its last client, the source waits up to a
+    // second for the wall clock to pass its last tick.
+    let spec = SPEC.replace(r#"tick = "100ms""#, r#"tick = "1s""#);
+    let dir = tempfile::tempdir().unwrap();
+    let mut outcomes = Vec::new();
+    for gap_ms in [0u64, 150, 240, 260, 400, 700, 1000, 1300, 2500] {
+        let dead = dir.path().join(format!("dead{gap_ms}.jsonl"));
+        let addr = free_addr();
+        let (_seen, engine) = start(&spec, &addr, &dead, 1);
+        let ts = stamp();
+        let mut first = connect(&addr);
+        first
+            .write_all(
+                (0..5)
+                    .map(|_| view(ts, "first"))
+                    .collect::<String>()
+                    .as_bytes(),
+            )
+            .unwrap();
+        drop(first);
+        std::thread::sleep(Duration::from_millis(gap_ms));
+        // Five lines, then end of writing; the engine closes the
+        // connection once it has read them all.
+        let delivered = TcpStream::connect(&addr).is_ok_and(|mut late| {
+            let lines: String = (0..5).map(|_| view(ts, "late")).collect();
+            late.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            late.write_all(lines.as_bytes()).is_ok()
+                && late.shutdown(std::net::Shutdown::Write).is_ok()
+                && matches!(late.read(&mut [0u8; 16]), Ok(0))
+        });
+        let summary = engine.join().unwrap();
+        let expected = if delivered { 10 } else { 5 };
+        assert_eq!(
+            summary.sources[0].lines,
+            expected,
+            "gap {gap_ms} ms: the late client was {} but the source read {} lines",
+            if delivered { "read" } else { "refused" },
+            summary.sources[0].lines
+        );
+        outcomes.push((gap_ms, delivered));
+    }
+    // Right after the first client, the late one is read; long after, it
+    // is refused.
+    assert!(outcomes[0].1, "{outcomes:?}");
+    assert!(!outcomes.last().unwrap().1, "{outcomes:?}");
+}
+
 /// A followed file that is truncated (`: > web.jsonl`) or rotated (moved
 /// away and created anew) is read again from its start: the lines written
 /// after it are not lost, and reading never resumes mid-line. SIGTERM-style

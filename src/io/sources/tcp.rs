@@ -7,7 +7,9 @@
 //! With `until_disconnect`, the source ends once every client that connected
 //! has disconnected and none has connected for [`UNTIL_DISCONNECT_LINGER`]
 //! (handy for batch loads and tests); otherwise it runs until the process is
-//! stopped.
+//! stopped. Either way the listener is closed before the source ends, and
+//! the lines of every client it accepted are read first: a client is either
+//! read in full or refused, never accepted and then ignored.
 
 use std::io;
 
@@ -25,6 +27,8 @@ pub const UNTIL_DISCONNECT_LINGER: Duration = Duration::from_millis(250);
 
 enum Msg {
     Connected,
+    /// The listener is closed: no client connects any more.
+    ListenerClosed,
     Item(Next),
     /// A connection ended, after all its lines.
     Disconnected(Option<String>),
@@ -58,6 +62,10 @@ pub struct TcpLines {
     closed: Vec<Option<String>>,
     /// Since when no client has been connected (with `until_disconnect`).
     all_gone_since: Option<Instant>,
+    /// Asks the accepting task to close the listener (taken when sent).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Whether the listener is closed (after `stop`).
+    listener_closed: bool,
     _runtime: std::thread::JoinHandle<()>,
 }
 
@@ -82,6 +90,7 @@ impl TcpLines {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let (tx, rx) = mpsc::channel(4096);
+        let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let runtime = std::thread::Builder::new()
             .name(format!("segflow-tcp-{addr}"))
             .spawn(move || {
@@ -98,7 +107,13 @@ impl TcpLines {
                         }
                     };
                     loop {
-                        let Ok((mut stream, peer)) = listener.accept().await else {
+                        // Stop accepting when asked, or when the source is
+                        // gone (the sender dropped).
+                        let accepted = tokio::select! {
+                            _ = &mut stop_rx => break,
+                            accepted = listener.accept() => accepted,
+                        };
+                        let Ok((mut stream, peer)) = accepted else {
                             continue;
                         };
                         let tx = tx.clone();
@@ -139,11 +154,20 @@ impl TcpLines {
                             wake();
                         });
                     }
+                    drop(listener);
+                    let _ = tx.send(Msg::ListenerClosed).await;
+                    wake();
+                    // Let the accepted connections finish their lines.
+                    while !tx.is_closed() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 });
             })?;
         Ok(TcpLines {
             closed: Vec::new(),
             all_gone_since: None,
+            stop: Some(stop),
+            listener_closed: false,
             rx,
             connected: 0,
             seen_client: false,
@@ -163,6 +187,7 @@ impl LineSource for TcpLines {
                     self.seen_client = true;
                     self.all_gone_since = None;
                 }
+                Ok(Msg::ListenerClosed) => self.listener_closed = true,
                 Ok(Msg::Disconnected(peer)) => {
                     self.connected = self.connected.saturating_sub(1);
                     self.closed.push(peer);
@@ -173,12 +198,20 @@ impl LineSource for TcpLines {
                 }
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if self.until_disconnect && self.seen_client && self.connected == 0 {
+                        if self.listener_closed {
+                            // Every client accepted before the listener
+                            // closed has been read.
+                            return Ok(Next::End);
+                        }
                         // The last client left; one that connects right
                         // after it (a batch load in several connections)
-                        // is still read.
+                        // is still read. Then the listener is closed, and
+                        // clients it accepted meanwhile are read too.
                         let since = *self.all_gone_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= UNTIL_DISCONNECT_LINGER {
-                            return Ok(Next::End);
+                            if let Some(stop) = self.stop.take() {
+                                let _ = stop.send(());
+                            }
                         }
                     }
                     return Ok(Next::Pending);
