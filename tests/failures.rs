@@ -193,6 +193,68 @@ fn a_tcp_source_port_in_use_ends_every_worker_with_the_reason() {
     }
 }
 
+/// `follow` and `until` are checked against the input the run really has:
+/// `--input` keeps the definition's `until` for a tcp:// input even when the
+/// definition's `path` is a file, and `until` on a file input is refused
+/// with the source's name, not silently ignored.
+#[test]
+fn source_settings_are_checked_against_the_input_given() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("until.toml");
+    std::fs::write(
+        &spec,
+        SPEC.replace(
+            "[sources.web]",
+            "[sources.web]\npath = \"web.jsonl\"\nuntil = \"disconnect\"",
+        ),
+    )
+    .unwrap();
+    let spec = spec.display().to_string();
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut child = Command::new(BIN)
+        .args(["run", &spec, "--input", &format!("web=tcp://{addr}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut client = loop {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("the tcp source never listened: {e}"),
+        }
+    };
+    client.write_all(views(3).as_bytes()).unwrap();
+    drop(client);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let (code, err) = finish(child, 60);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("lines          3"), "{out}");
+
+    // `until` on a file input.
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, views(1)).unwrap();
+    let child = run_web(&spec, &web.display().to_string(), "1", &[]);
+    let (code, err) = finish(child, 60);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("source `web` sets `until = \"disconnect\"`, which applies to tcp:// inputs only, but its input is the file"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_tcp_sink_that_closes_mid_run_ends_every_worker_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -62,6 +62,10 @@ pub enum EngineError {
         /// Declared names.
         known: String,
     },
+    /// A source's settings do not fit its input (`until` on a file,
+    /// `follow` on a TCP listener).
+    #[error("{0}")]
+    SourceSetting(String),
     /// A source has no location.
     #[error("source `{0}` has no input: give `--input {0}=PATH` (or tcp://ADDR), or set `path` in [sources.{0}]")]
     MissingInput(String),
@@ -341,6 +345,24 @@ impl Engine {
                 .get(&s.name)
                 .cloned()
                 .ok_or_else(|| EngineError::MissingInput(s.name.clone()))?;
+            // `follow` and `until` are set in the definition, the input may
+            // come from the command line: they must fit each other.
+            match &input {
+                Input::File { path, .. } if s.until_disconnect => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` sets `until = \"disconnect\"`, which applies to tcp:// inputs only, but its input is the file {}: remove `until` or give a tcp:// input",
+                        s.name,
+                        path.display()
+                    )))
+                }
+                Input::Tcp { addr, .. } if s.follow => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` sets `follow = true`, which applies to file inputs only, but its input is tcp://{addr}: remove `follow` or give a file",
+                        s.name
+                    )))
+                }
+                _ => {}
+            }
             if let Input::File { path, .. } = &input {
                 std::fs::File::open(path).map_err(|e| io_err("cannot open input", path, e))?;
             }

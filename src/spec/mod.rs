@@ -695,17 +695,9 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             },
         };
         let location = r.path.as_ref().map(|p| p.get_ref().clone());
-        let is_tcp = location.as_deref().map(|l| l.starts_with("tcp://"));
-        let follow = match &r.follow {
-            Some(f) if *f.get_ref() && is_tcp == Some(true) => {
-                return Err(cx.err(
-                    f.span().start,
-                    "`follow` only applies to file sources, not tcp://",
-                ))
-            }
-            Some(f) => *f.get_ref(),
-            None => false,
-        };
+        // Whether `follow` and `until` fit the input is checked when the
+        // input is known (`--input` may replace `path`).
+        let follow = r.follow.as_ref().is_some_and(|f| *f.get_ref());
         let until_disconnect = match &r.until {
             None => false,
             Some(u) => {
@@ -717,9 +709,6 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
                             u.get_ref()
                         ),
                     ));
-                }
-                if is_tcp == Some(false) {
-                    return Err(cx.err(u.span().start, "`until` only applies to tcp:// sources"));
                 }
                 if follow {
                     return Err(cx.err(
@@ -1549,16 +1538,10 @@ when = "spend > 1000 or a_views in [1, 2]"
             "unknown source kind `logs`",
         );
         assert_err(
-            &format!("[sources.web]\npath = \"tcp://h:1\"\nfollow = true\n{SEG}"),
-            3,
-            10,
-            "`follow` only applies to file sources",
-        );
-        assert_err(
-            &format!("[sources.web]\npath = \"a.jsonl\"\nuntil = \"disconnect\"\n{SEG}"),
+            &format!("[sources.web]\nfollow = true\nuntil = \"disconnect\"\n{SEG}"),
             3,
             9,
-            "`until` only applies to tcp",
+            "cannot be combined with `follow`",
         );
         assert_err(
             &format!("[sources.web]\nuntil = \"eof\"\n{SEG}"),
