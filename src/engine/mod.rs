@@ -301,11 +301,11 @@ impl Engine {
     /// [`cluster::Agreement`]).
     fn agreement(&self, threads: usize, processes: usize) -> cluster::Agreement {
         use std::hash::{Hash, Hasher};
-        // The parsed definition, not its text: comments and layout may
-        // differ. `DefaultHasher::new()` has fixed keys, and the version is
-        // compared too.
+        // What the definition computes, not its text or where it was read
+        // from (`Spec::semantics`). `DefaultHasher::new()` has fixed keys,
+        // and the version is compared too.
         let mut h = std::hash::DefaultHasher::new();
-        format!("{:?}", self.spec).hash(&mut h);
+        self.spec.semantics().hash(&mut h);
         let inputs = self
             .spec
             .sources

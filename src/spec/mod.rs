@@ -245,6 +245,38 @@ impl Spec {
     pub fn source(&self, name: &str) -> Option<&SourceSpec> {
         self.sources.iter().find(|s| s.name == name)
     }
+
+    /// What the definition computes, as text: two definitions with the
+    /// same text give the same results. Left out: the file name, comments
+    /// and layout (conditions are rendered, not copied), source paths and
+    /// outputs (the command line may replace them, and they may differ
+    /// between the hosts of a cluster), `workers` and descriptions.
+    pub fn semantics(&self) -> String {
+        let mut engine = self.engine.clone();
+        engine.workers = None;
+        let mut t = format!("{engine:?}\n{:?}\n", self.identity);
+        for s in &self.sources {
+            t += &format!(
+                "source {} {:?} {:?} follow={} until_disconnect={} {:?}\n",
+                s.name, s.kind, s.format, s.follow, s.until_disconnect, s.time_unit
+            );
+        }
+        for tr in &self.traits {
+            t += &format!(
+                "trait {} {:?} filter={} {:?} of={:?} window={:?}\n",
+                tr.name,
+                tr.stream,
+                tr.filter.as_ref().map(|f| f.to_string()).unwrap_or_default(),
+                tr.aggregate,
+                tr.of,
+                tr.window_ms
+            );
+        }
+        for sg in &self.segments {
+            t += &format!("segment {} when={}\n", sg.name, sg.when);
+        }
+        t
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1661,5 +1693,61 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!(line_col("a\nbc", 3), (2, 2));
         assert_eq!(line_col("é\néé x", 7), (2, 3));
         assert_eq!(line_col("ab", 99), (1, 3));
+    }
+
+    /// Two copies of a definition that differ only in file name, comments,
+    /// layout, paths, outputs, `workers` and descriptions have the same
+    /// semantics; a changed threshold does not.
+    #[test]
+    fn semantics_ignore_where_and_how_a_definition_is_written() {
+        let a = parse_spec(
+            r#"
+[engine]
+tick = "1s"
+workers = 2
+[sources.web]
+path = "data/web.jsonl"
+[output]
+segments = "out/a.jsonl"
+[traits.views]
+stream = "web"
+filter = 'event == "view_item"'
+[segments.fan]
+when = "views >= 3"
+description = "likes it"
+"#,
+            "a.toml",
+        )
+        .unwrap();
+        let b = parse_spec(
+            r#"
+# a copy, somewhere else
+[engine]
+tick   = "1s"
+[sources.web]
+path = "/srv/segflow/web.jsonl"
+[traits.views]
+stream = "web"
+filter = 'event=="view_item"'   # same condition
+[segments.fan]
+when = "views>=3"
+"#,
+            "elsewhere/b.toml",
+        )
+        .unwrap();
+        assert_eq!(a.semantics(), b.semantics());
+        let changed = parse_spec(
+            r#"
+[sources.web]
+[traits.views]
+stream = "web"
+filter = 'event == "view_item"'
+[segments.fan]
+when = "views >= 4"
+"#,
+            "a.toml",
+        )
+        .unwrap();
+        assert_ne!(a.semantics(), changed.semantics());
     }
 }
