@@ -598,3 +598,61 @@ fn a_process_that_cannot_start_stops_its_peers_with_its_reason() {
     // Well within the default 60 s connect time-out.
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// SIGTERM to any one process of a cluster ends the whole cluster
+/// gracefully: here process 1, whose workers read no live source, while
+/// process 0 follows a file. Both exit 0, and the diffs are those of a
+/// replay of the same lines, followed by the window ends a live run sees
+/// as its watermark follows the wall clock (the data is in the past).
+#[test]
+fn sigterm_to_any_process_ends_the_whole_cluster_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 2000, 11);
+    let replay = run(dir.path(), &data, "replay", &["-w", "1"]);
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let follow = dir.path().join("follow.toml");
+    std::fs::write(
+        &follow,
+        text.replacen("[sources.web]", "[sources.web]\nfollow = true", 1),
+    )
+    .unwrap();
+    let hosts = hostfile(dir.path());
+    let data_s = data.to_str().unwrap().to_string();
+    let children = start_pair(dir.path(), &hosts, |p| {
+        let mut a = run_args(
+            &data_s,
+            dir.path().join(format!("live{p}.jsonl")).to_str().unwrap(),
+            dir.path()
+                .join(format!("live{p}.dead.jsonl"))
+                .to_str()
+                .unwrap(),
+            dir.path().join(format!("live{p}.state")).to_str().unwrap(),
+        );
+        a[1] = follow.to_str().unwrap().to_string();
+        a.extend(["-w".to_string(), "2".to_string()]);
+        a
+    });
+    // Let process 0 read the whole file, then signal process 1 only.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let status = Command::new("kill")
+        .args(["-TERM", &children[1].id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for (status, err) in wait_all(children, 60) {
+        assert!(status.success(), "{err}");
+    }
+    let live = std::fs::read_to_string(dir.path().join("live0.jsonl")).unwrap();
+    let replay = std::fs::read_to_string(replay).unwrap();
+    assert!(!replay.is_empty());
+    let rest = live
+        .strip_prefix(&replay)
+        .unwrap_or_else(|| panic!("live:\n{live}\nreplay:\n{replay}"));
+    for line in rest.lines() {
+        assert!(line.ends_with("\"diff\":-1}"), "{line}");
+    }
+}

@@ -152,6 +152,54 @@ fn watch_cluster_panics(abort: &Arc<Abort>) {
     });
 }
 
+/// Spreads a graceful shutdown across a cluster: a small dataflow beside
+/// the main one, in which a worker whose process got the signal sends a
+/// token to every worker of every process, which sets its own process's
+/// shutdown flag. Without it, SIGTERM to a process whose workers read no
+/// live source would change nothing.
+struct ClusterShutdown {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    /// `None` once sent or closed.
+    input: Option<timely::dataflow::operators::vec::input::Handle<u64, ()>>,
+}
+
+impl ClusterShutdown {
+    fn install(
+        worker: &mut timely::worker::Worker,
+        flag: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        use timely::dataflow::operators::vec::{Broadcast, Input};
+        use timely::dataflow::operators::Inspect;
+        let seen = Arc::clone(flag);
+        let input = worker.dataflow_named::<u64, _, _>("shutdown", |scope| {
+            let (input, stream) = scope.new_input::<()>();
+            stream.broadcast().inspect(move |_| {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            input
+        });
+        ClusterShutdown {
+            flag: Arc::clone(flag),
+            input: Some(input),
+        }
+    }
+
+    /// Sends the token once this process's flag is set; closes the input
+    /// (so this dataflow can end) once it is sent or the main dataflow has
+    /// `finished`.
+    fn step(&mut self, finished: bool) {
+        let Some(input) = self.input.as_mut() else {
+            return;
+        };
+        if self.flag.load(std::sync::atomic::Ordering::SeqCst) {
+            input.send(());
+            self.input = None;
+        } else if finished {
+            self.input = None;
+        }
+    }
+}
+
 /// How long the processes of a cluster may take to connect: one minute.
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -540,6 +588,8 @@ impl Engine {
             watch_cluster_panics(&abort);
         }
         let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // A signal to any process of a cluster stops the whole cluster.
+        let cluster_shutdown = self.shutdown.clone().filter(|_| in_cluster);
         let execute = move || {
             let work = move |worker: &mut timely::worker::Worker| {
                 let abort = Arc::clone(&worker_abort);
@@ -549,6 +599,7 @@ impl Engine {
                     None
                 };
                 let result = Rc::new(RefCell::new(None));
+                let main_dataflow = worker.next_dataflow_index();
                 worker.dataflow_named::<crate::time::Time, _, _>("segflow", |scope| {
                     build(
                         scope,
@@ -564,8 +615,16 @@ impl Engine {
                 // arrives, and schedule themselves when their watermark moves.
                 // The time-out only bounds how long a parked worker takes to
                 // notice that another one stopped the run.
+                let mut shutdown = cluster_shutdown
+                    .as_ref()
+                    .map(|flag| ClusterShutdown::install(worker, flag));
                 let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    while !abort.is_stopped() && worker.step_or_park(Some(STOP_CHECK)) {}
+                    while !abort.is_stopped() && worker.step_or_park(Some(STOP_CHECK)) {
+                        if let Some(s) = shutdown.as_mut() {
+                            let finished = !worker.installed_dataflows().contains(&main_dataflow);
+                            s.step(finished);
+                        }
+                    }
                 }));
                 if let Err(payload) = stepped {
                     abort.fail(panic_message(payload.as_ref()));

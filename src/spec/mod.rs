@@ -266,7 +266,10 @@ impl Spec {
                 "trait {} {:?} filter={} {:?} of={:?} window={:?}\n",
                 tr.name,
                 tr.stream,
-                tr.filter.as_ref().map(|f| f.to_string()).unwrap_or_default(),
+                tr.filter
+                    .as_ref()
+                    .map(|f| f.to_string())
+                    .unwrap_or_default(),
                 tr.aggregate,
                 tr.of,
                 tr.window_ms
