@@ -222,13 +222,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.state_dir {
         engine = engine.state_dir(d);
     }
-    // SIGTERM or Ctrl-C: end the inputs, write what was read, print the
-    // summary and exit 0; a second signal exits at once.
-    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&shutdown))?;
-        signal_hook::flag::register(signal, Arc::clone(&shutdown))?;
-    }
+    let shutdown = watch_signals()?;
     let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
         .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;
     let engine = engine
@@ -246,6 +240,46 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGTERM or Ctrl-C: the returned flag is set, so the run ends its inputs,
+/// writes what was read, prints the summary and exits 0. A second signal
+/// exits at once with status 1, saying so; one that follows the first within
+/// [`SIGNAL_DEBOUNCE`] is taken for the same request (`timeout`, for one,
+/// signals both the process and its group).
+fn watch_signals() -> anyhow::Result<Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let flag = Arc::clone(&shutdown);
+    std::thread::Builder::new()
+        .name("segflow-signals".into())
+        .spawn(move || {
+            let mut first: Option<std::time::Instant> = None;
+            for signal in signals.forever() {
+                let name = if signal == SIGINT { "interrupt" } else { "SIGTERM" };
+                match first {
+                    None => {
+                        first = Some(std::time::Instant::now());
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        eprintln!(
+                            "segflow: {name}: stopping; finishing what was read (signal again to stop at once)"
+                        );
+                    }
+                    Some(at) if at.elapsed() < SIGNAL_DEBOUNCE => {}
+                    Some(_) => {
+                        eprintln!(
+                            "segflow: second {name}: stopped at once; outputs end at the last completed time written"
+                        );
+                        std::process::exit(1);
+                    }
+                }
+            }
+        })?;
+    Ok(shutdown)
+}
+
+/// Signals this close after the first count as the same request.
+const SIGNAL_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Prints to stdout; a closed pipe (`segflow query .. | head`) is not an error.
 fn print_out(text: &str) {
     use std::io::Write;
@@ -260,6 +294,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -71,6 +71,12 @@ pub enum StoreError {
         /// What was found.
         what: String,
     },
+    /// `segflow query` on a directory without state.
+    #[error("no segflow state in {dir} (it does not exist or is empty): give the --state-dir of a segflow run")]
+    NoState {
+        /// The directory.
+        dir: String,
+    },
     /// The lock or marker file could not be read or written.
     #[error("state directory {dir}: {source}")]
     Io {
@@ -95,13 +101,84 @@ pub struct StateLock {
     _file: std::fs::File,
 }
 
+/// What a state directory holds.
+enum Found {
+    /// Nothing yet: it does not exist, or is empty (but for a lock file).
+    Nothing,
+    /// segflow state of this format.
+    Ours,
+}
+
+/// Looks at `dir` without changing anything: refuses what segflow did not
+/// create (not a directory, files without the [`MARKER_FILE`] marker, a
+/// marker of another format).
+fn inspect(dir: &Path) -> Result<Found, StoreError> {
+    let name = dir.display().to_string();
+    let io = |source| StoreError::Io {
+        dir: name.clone(),
+        source,
+    };
+    let not_ours = |what: String| StoreError::NotOurs {
+        dir: name.clone(),
+        what,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => return Err(not_ours("it is not a directory".into())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(dir).is_ok() {
+                return Err(not_ours(
+                    "it is a symbolic link to a path that does not exist".into(),
+                ));
+            }
+            return Ok(Found::Nothing);
+        }
+        Err(e) => return Err(io(e)),
+    }
+    match std::fs::read_to_string(dir.join(MARKER_FILE)) {
+        Ok(text) => {
+            let version = text
+                .trim()
+                .strip_prefix("segflow-state ")
+                .and_then(|v| v.parse::<u32>().ok());
+            if version != Some(STATE_FORMAT) {
+                return Err(not_ours(format!(
+                    "its {MARKER_FILE} says {:?}, not segflow state format {STATE_FORMAT}",
+                    text.trim()
+                )));
+            }
+            Ok(Found::Ours)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let others: Vec<String> = std::fs::read_dir(dir)
+                .map_err(io)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != LOCK_FILE)
+                .collect();
+            if others.is_empty() {
+                Ok(Found::Nothing)
+            } else {
+                Err(not_ours(format!(
+                    "it is not empty and has no {MARKER_FILE} marker (found {})",
+                    others.join(", ")
+                )))
+            }
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 impl StateLock {
-    /// Creates `dir` if needed and takes its lock, or says who holds it.
+    /// Creates `dir` if needed and takes its lock, or says who holds it. A
+    /// directory that holds something segflow did not create is refused
+    /// first, untouched (no lock file is left in it).
     pub fn take(dir: &Path) -> Result<StateLock, StoreError> {
         let io = |source| StoreError::Io {
             dir: dir.display().to_string(),
             source,
         };
+        inspect(dir)?;
         std::fs::create_dir_all(dir).map_err(io)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -285,53 +362,29 @@ impl Store {
             dir: name.clone(),
             source,
         };
-        let not_ours = |what: String| StoreError::NotOurs {
-            dir: name.clone(),
-            what,
-        };
-        let marker = dir.join(MARKER_FILE);
-        match std::fs::read_to_string(&marker) {
-            Ok(text) => {
-                let version = text
-                    .trim()
-                    .strip_prefix("segflow-state ")
-                    .and_then(|v| v.parse::<u32>().ok());
-                if version != Some(STATE_FORMAT) {
-                    return Err(not_ours(format!(
-                        "its {MARKER_FILE} says {:?}, not segflow state format {STATE_FORMAT}",
-                        text.trim()
-                    )));
-                }
-                tracing::info!("replacing the state in {name}");
-                DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
-                    dir: name.clone(),
-                    source,
-                })?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let others: Vec<String> = std::fs::read_dir(dir)
-                    .map_err(io)?
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n != LOCK_FILE)
-                    .collect();
-                if !others.is_empty() {
-                    return Err(not_ours(format!(
-                        "it is not empty and has no {MARKER_FILE} marker (found {})",
-                        others.join(", ")
-                    )));
-                }
-            }
-            Err(e) => return Err(io(e)),
+        if let Found::Ours = inspect(dir)? {
+            tracing::info!("replacing the state in {name}");
+            DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
+                dir: name.clone(),
+                source,
+            })?;
         }
+        let marker = dir.join(MARKER_FILE);
         std::fs::write(&marker, format!("segflow-state {STATE_FORMAT}\n")).map_err(io)?;
         Store::open(dir)
     }
 
     /// Opens an existing store for reading (works while a run holds it).
+    /// Creates nothing; a directory that does not hold segflow state is
+    /// refused ([`StoreError::NoState`], [`StoreError::NotOurs`]).
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
-        let (opts, cfs) = rocks_options();
         let name = dir.display().to_string();
+        if let Found::Nothing = inspect(dir)? {
+            return Err(StoreError::NoState { dir: name });
+        }
+        let (mut opts, cfs) = rocks_options();
+        opts.create_if_missing(false);
+        opts.create_missing_column_families(false);
         let db = DB::open_cf_descriptors_read_only(&opts, dir, cfs, false).map_err(|source| {
             StoreError::Rocks {
                 dir: name.clone(),
@@ -731,17 +784,22 @@ mod tests {
             let db = DB::open(&opts, theirs.path()).unwrap();
             db.put(b"precious", b"data").unwrap();
         }
-        let lock = StateLock::take(theirs.path()).unwrap();
-        let e = Store::create_fresh(theirs.path(), &lock)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            e.contains("is not empty and has no SEGFLOW_STATE marker"),
-            "{e}"
-        );
-        assert!(e.contains("CURRENT"), "{e}");
-        drop(lock);
+        // Refused before anything is written in it, by `run` (the lock)
+        // and by `query`; the database is intact and no lock file is left.
+        for e in [
+            StateLock::take(theirs.path()).unwrap_err().to_string(),
+            Store::open_read_only(theirs.path())
+                .err()
+                .unwrap()
+                .to_string(),
+        ] {
+            assert!(
+                e.contains("is not empty and has no SEGFLOW_STATE marker"),
+                "{e}"
+            );
+            assert!(e.contains("CURRENT"), "{e}");
+        }
+        assert!(!theirs.path().join(LOCK_FILE).exists());
         let db = DB::open_default(theirs.path()).unwrap();
         assert_eq!(db.get(b"precious").unwrap().as_deref(), Some(&b"data"[..]));
         drop(db);
@@ -749,14 +807,29 @@ mod tests {
         // State of a format this version does not know.
         let newer = tempfile::tempdir().unwrap();
         std::fs::write(newer.path().join(MARKER_FILE), "segflow-state 99\n").unwrap();
-        let lock = StateLock::take(newer.path()).unwrap();
-        let e = Store::create_fresh(newer.path(), &lock)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = StateLock::take(newer.path()).unwrap_err().to_string();
         assert!(
             e.contains(r#"says "segflow-state 99", not segflow state format 1"#),
             "{e}"
         );
+
+        // A file, a dangling symbolic link.
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "x").unwrap();
+        let e = StateLock::take(&file).unwrap_err().to_string();
+        assert!(e.contains("it is not a directory"), "{e}");
+        let link = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let e = StateLock::take(&link).unwrap_err().to_string();
+        assert!(
+            e.contains("symbolic link to a path that does not exist"),
+            "{e}"
+        );
+
+        // `query` on a path that does not exist creates nothing.
+        let missing = dir.path().join("a/b/c");
+        let e = Store::open_read_only(&missing).err().unwrap().to_string();
+        assert!(e.contains("no segflow state in"), "{e}");
+        assert!(!dir.path().join("a").exists());
     }
 }
