@@ -24,7 +24,8 @@
 //! - [`dataflow`]: identity resolution, traits, profiles, segments;
 //! - [`io::sinks`]: the commit stage writing complete timestamps in order;
 //! - [`store`]: RocksDB column families and lookups;
-//! - [`generate`]: a seeded, realistic e-commerce data set.
+//! - [`generate`]: a seeded, realistic e-commerce data set;
+//! - [`bench`]: `segflow bench`, named jobs measured end to end.
 //!
 //! ## Embedding
 //!
@@ -56,6 +57,7 @@
 
 #![forbid(missing_docs)]
 
+pub mod bench;
 pub mod dataflow;
 pub mod engine;
 pub mod generate;

@@ -34,6 +34,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Print everything known about the profile of an identifier, as JSON.
     Query(QueryArgs),
+    /// Generate data, then run named jobs and print one JSON line per result
+    /// (records/s per worker, peak RSS, state bytes per profile; latency).
+    Bench(BenchArgs),
     /// Check a dataflow definition and print what it declares.
     Check {
         /// The dataflow definition file (TOML).
@@ -95,6 +98,35 @@ struct GenerateArgs {
     /// Random seed: the same seed gives the same bytes.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Web events to generate (CRM records and transactions follow).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Random seed of the data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Directory for the data, outputs and state (kept afterwards).
+    #[arg(long, value_name = "DIR", default_value = "bench")]
+    dir: PathBuf,
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ecommerce,visitor_high_intent,latency"
+    )]
+    jobs: Vec<String>,
+    /// Worker counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    workers: Vec<usize>,
+    /// Runs per job and worker count (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Measured seconds of each latency run.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
 }
 
 #[derive(Args)]
@@ -359,6 +391,24 @@ fn main() -> ExitCode {
                     args.state_dir.display()
                 ),
             }
+        })(),
+        Command::Bench(args) => (|| {
+            anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
+            anyhow::ensure!(
+                !args.workers.is_empty() && args.workers.iter().all(|&w| w > 0),
+                "--workers takes worker counts of at least 1, e.g. 1,2"
+            );
+            let config = segflow::bench::BenchConfig {
+                events: args.events,
+                seed: args.seed,
+                dir: args.dir,
+                jobs: args.jobs,
+                workers: args.workers,
+                repeat: args.repeat,
+                latency_secs: args.latency_secs,
+            };
+            segflow::bench::run(&config, &mut |line| print_out(&line))?;
+            Ok(())
         })(),
         Command::Check { dataflow } => (|| {
             let spec = load_spec(&dataflow)?;

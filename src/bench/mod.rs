@@ -1,0 +1,351 @@
+//! `segflow bench`: named jobs over generated data, measured end to end.
+//!
+//! The data is generated first (not timed) with [`crate::generate`]. Each
+//! job is then run as a child `segflow run` process, `repeat` times per
+//! worker count, and reported as one JSON object per job and worker count
+//! with the median of each figure:
+//!
+//! - `records_per_sec_per_worker`: records admitted ÷ the run's own elapsed
+//!   time (reading, decoding, the dataflow, diffs written and state
+//!   committed and flushed) ÷ workers;
+//! - `peak_rss_mb`: the child's peak resident set size (`ru_maxrss` from
+//!   `wait4(2)`), and `rss_bytes_per_profile` (peak RSS ÷ profiles);
+//! - `state_bytes` (the state directory's size after the run) and
+//!   `state_bytes_per_profile`.
+//!
+//! Then one object per job with `speedup` (median time at the smallest
+//! worker count ÷ median time at the largest). The `latency` job measures
+//! event-to-diff latency on a live TCP source ([`latency`]).
+
+pub mod latency;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::io::sinks::RunSummary;
+
+/// A job: a dataflow definition run over some of the generated files.
+pub struct Job {
+    /// The job's name, as given to `--jobs`.
+    pub name: &'static str,
+    /// The dataflow definition (TOML text).
+    pub dataflow: &'static str,
+    /// What it measures.
+    pub about: &'static str,
+    /// The sources it reads: `(source name, generated file)`.
+    pub inputs: &'static [(&'static str, &'static str)],
+}
+
+/// The jobs `segflow bench` knows, besides `latency`.
+pub const JOBS: [Job; 2] = [
+    Job {
+        name: "ecommerce",
+        dataflow: include_str!("../../dataflows/ecommerce.toml"),
+        about: "the shipped dataflow: three streams, identity resolution, five windowed traits, five segments, RocksDB state",
+        inputs: &[
+            ("web", "web.jsonl"),
+            ("crm", "crm.jsonl"),
+            ("transactions", "transactions.jsonl"),
+        ],
+    },
+    Job {
+        name: "visitor_high_intent",
+        dataflow: include_str!("../../dataflows/visitor_high_intent.toml"),
+        about: "per anonymous visitor, a 30-minute sliding count of views priced >= 100, segment at >= 3 (no identity, no state)",
+        inputs: &[("web", "web.jsonl")],
+    },
+];
+
+/// What `segflow bench` runs.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Web events to generate.
+    pub events: u64,
+    /// Generator seed.
+    pub seed: u64,
+    /// Where the data, outputs and state go (kept afterwards).
+    pub dir: PathBuf,
+    /// Job names (from [`JOBS`], or `latency`).
+    pub jobs: Vec<String>,
+    /// Worker counts to run each job with.
+    pub workers: Vec<usize>,
+    /// Runs per job and worker count.
+    pub repeat: usize,
+    /// Measured seconds per latency run.
+    pub latency_secs: u64,
+}
+
+/// The medians of one job at one worker count.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobResult {
+    /// The job.
+    pub job: String,
+    /// Worker threads.
+    pub workers: usize,
+    /// Runs the medians are taken over.
+    pub runs: usize,
+    /// Records admitted (all sources).
+    pub records: u64,
+    /// Profiles at the end.
+    pub profiles: i64,
+    /// Median elapsed seconds of a run.
+    pub seconds: f64,
+    /// Records per second, per worker.
+    pub records_per_sec_per_worker: f64,
+    /// Median peak resident set size, MiB.
+    pub peak_rss_mb: f64,
+    /// Peak RSS ÷ profiles, bytes.
+    pub rss_bytes_per_profile: f64,
+    /// Size of the state directory after the run, bytes (0 without state).
+    pub state_bytes: u64,
+    /// State bytes ÷ profiles.
+    pub state_bytes_per_profile: f64,
+}
+
+/// Errors of `segflow bench`.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A job name that does not exist.
+    #[error("unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency")]
+    UnknownJob(String),
+    /// Generating data, writing a file or starting a run failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A run failed.
+    #[error("job {job} with -w {workers} failed: {reason}")]
+    Run {
+        /// The job.
+        job: String,
+        /// Worker threads.
+        workers: usize,
+        /// Its standard error, or why its summary could not be read.
+        reason: String,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// Total size in bytes of the files under `dir` (0 if it does not exist).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Runs `segflow` (the running executable) with `args`; returns its
+/// standard output and peak RSS in KiB.
+fn run_child(args: &[String]) -> Result<(std::process::Output, u64), String> {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find segflow itself: {e}"))?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start segflow: {e}"))?;
+    let pid = child.id() as libc::pid_t;
+    // Read the pipes on threads while waiting with wait4 for the rusage.
+    let mut child = child;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet waited for; both pointers are to
+    // live locals.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        return Err(format!(
+            "waiting for segflow failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let output = std::process::Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    };
+    // `ru_maxrss` is in KiB on Linux.
+    Ok((output, usage.ru_maxrss.max(0) as u64))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `job` on `workers` workers `repeat` times over the data in
+/// `dir/data`.
+fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobResult, BenchError> {
+    let flow = dir.join(format!("{}.toml", job.name));
+    std::fs::write(&flow, job.dataflow).map_err(io_err(format!("write {}", flow.display())))?;
+    let failed = |reason: String| BenchError::Run {
+        job: job.name.to_string(),
+        workers,
+        reason,
+    };
+    let mut runs = Vec::new();
+    for _ in 0..repeat {
+        let out = dir.join("out");
+        let state = out.join(format!("{}-w{workers}.state", job.name));
+        let _ = std::fs::remove_dir_all(&state);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            flow.display().to_string(),
+            "-w".into(),
+            workers.to_string(),
+            "--json".into(),
+            "--output".into(),
+            out.join(format!("{}-w{workers}.jsonl", job.name))
+                .display()
+                .to_string(),
+            "--dead-letter".into(),
+            out.join(format!("{}-w{workers}.dead.jsonl", job.name))
+                .display()
+                .to_string(),
+        ];
+        let stateful = job.dataflow.contains("state_dir");
+        if stateful {
+            args.extend(["--state-dir".into(), state.display().to_string()]);
+        }
+        for (source, file) in job.inputs {
+            args.push("--input".into());
+            args.push(format!(
+                "{source}={}",
+                dir.join("data").join(file).display()
+            ));
+        }
+        let (output, rss_kb) = run_child(&args).map_err(failed)?;
+        if !output.status.success() {
+            return Err(failed(
+                String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            ));
+        }
+        let summary: RunSummary = serde_json::from_slice(&output.stdout)
+            .map_err(|e| failed(format!("unreadable summary: {e}")))?;
+        let state_bytes = if stateful { dir_bytes(&state) } else { 0 };
+        runs.push((summary, rss_kb, state_bytes));
+    }
+    let (summary, _, _) = &runs[0];
+    let records = summary.records();
+    let profiles = summary.profiles;
+    let seconds = median(runs.iter().map(|r| r.0.elapsed_secs).collect());
+    let rss_bytes = median(runs.iter().map(|r| r.1 as f64 * 1024.0).collect());
+    let state_bytes = median(runs.iter().map(|r| r.2 as f64).collect()) as u64;
+    let per_profile = |bytes: f64| {
+        if profiles > 0 {
+            bytes / profiles as f64
+        } else {
+            0.0
+        }
+    };
+    Ok(JobResult {
+        job: job.name.to_string(),
+        workers,
+        runs: repeat,
+        records,
+        profiles,
+        seconds,
+        records_per_sec_per_worker: records as f64 / seconds / workers as f64,
+        peak_rss_mb: rss_bytes / (1 << 20) as f64,
+        rss_bytes_per_profile: per_profile(rss_bytes),
+        state_bytes,
+        state_bytes_per_profile: per_profile(state_bytes as f64),
+    })
+}
+
+/// Runs the benchmark: generates the data, then every job, printing one
+/// JSON line per result through `print` as it comes.
+///
+/// # Errors
+///
+/// An unknown job, data that cannot be generated, a run that fails.
+pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
+    for name in &config.jobs {
+        if name != "latency" && !JOBS.iter().any(|j| j.name == name) {
+            return Err(BenchError::UnknownJob(name.clone()));
+        }
+    }
+    let data = config.dir.join("data");
+    let gen = crate::generate::GenConfig {
+        events: config.events,
+        seed: config.seed,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let stats = crate::generate::generate_dir(&gen, &data)
+        .map_err(io_err(format!("generate data into {}", data.display())))?;
+    print(
+        serde_json::json!({
+            "data": data.display().to_string(),
+            "web_events": stats.web_events,
+            "crm_records": stats.crm_records,
+            "transactions": stats.transactions,
+            "generate_seconds": started.elapsed().as_secs_f64(),
+        })
+        .to_string(),
+    );
+    std::fs::create_dir_all(config.dir.join("out")).map_err(io_err(format!(
+        "create {}",
+        config.dir.join("out").display()
+    )))?;
+    for name in &config.jobs {
+        if name == "latency" {
+            for rate in [1_000, 10_000] {
+                let runs: Vec<latency::Stats> = (0..config.repeat)
+                    .map(|_| latency::run(rate, config.latency_secs, 2, false, "0s"))
+                    .collect();
+                print(latency::median(&runs).json("latency"));
+            }
+            continue;
+        }
+        let job = JOBS.iter().find(|j| j.name == name).expect("checked above");
+        let mut results = Vec::new();
+        for &workers in &config.workers {
+            let result = run_job(job, workers, config.repeat, &config.dir)?;
+            print(serde_json::to_string(&result).expect("serializes"));
+            results.push(result);
+        }
+        if let (Some(first), Some(last)) = (results.first(), results.last()) {
+            if results.len() > 1 {
+                print(
+                    serde_json::json!({
+                        "job": job.name,
+                        "speedup": first.seconds / last.seconds,
+                        "workers": [first.workers, last.workers],
+                    })
+                    .to_string(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
