@@ -565,6 +565,14 @@ impl Engine {
                     path: t.of.clone().unwrap_or_default(),
                 })
                 .collect(),
+            // Decoding keeps the fields the traits read (their filters and
+            // summed fields); nothing else reads record fields.
+            projection: crate::model::Projection::reading(self.spec.traits.iter().flat_map(|t| {
+                t.filter
+                    .iter()
+                    .flat_map(|f| f.paths().into_iter().map(|(p, _)| p))
+                    .chain(t.of.as_deref())
+            })),
             shutdown: self.shutdown.clone(),
         });
         // Idle merge effort makes every arrangement reschedule itself while

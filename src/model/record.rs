@@ -73,6 +73,121 @@ use crate::time::parse::{json_type, parse_time_as, parse_time_str_as, TimeUnit};
 /// Named scalar fields (item properties, context, free-form properties).
 pub type Fields = BTreeMap<String, Scalar>;
 
+/// Which keys of an object a dataflow reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Every key.
+    All,
+    /// Only these keys.
+    Only(Vec<String>),
+}
+
+impl Keep {
+    /// Whether `key` is kept.
+    pub fn keeps(&self, key: &str) -> bool {
+        match self {
+            Keep::All => true,
+            Keep::Only(keys) => keys.iter().any(|k| k == key),
+        }
+    }
+}
+
+/// Which fields of web events and transactions decoding keeps: those a
+/// dataflow reads (see [`WebEvent::field`], [`Transaction::field`]); the
+/// others are skipped without being stored, which spares an allocation per
+/// field and event. What is kept is read exactly as without a projection,
+/// and records are accepted or rejected the same way (identifier and
+/// required fields are always read). CRM records are always kept whole:
+/// their attributes are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Projection {
+    /// Keys of the web `item` object.
+    pub item: Keep,
+    /// Keys of the web `context` object (identifier fields in it are read
+    /// whatever this says).
+    pub context: Keep,
+    /// Other top-level fields (`properties`) of web events and transactions.
+    pub properties: Keep,
+    /// Whether the fields of each transaction item are kept (their `qty` is
+    /// always read and kept, for `item_count`).
+    pub items: bool,
+}
+
+impl Projection {
+    /// Everything: records as decoded without a projection.
+    pub const ALL: Projection = Projection {
+        item: Keep::All,
+        context: Keep::All,
+        properties: Keep::All,
+        items: true,
+    };
+
+    /// What reading the field paths `paths` (as [`WebEvent::field`] and
+    /// [`Transaction::field`] take them) needs.
+    pub fn reading<'p>(paths: impl IntoIterator<Item = &'p [String]>) -> Projection {
+        let (mut item, mut context, mut properties) = (Vec::new(), Vec::new(), Vec::new());
+        for path in paths {
+            match path {
+                [one] => properties.push(one.clone()),
+                [group, key] => match group.as_str() {
+                    "item" => item.push(key.clone()),
+                    "context" => context.push(key.clone()),
+                    "properties" => properties.push(key.clone()),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        Projection {
+            item: Keep::Only(item),
+            context: Keep::Only(context),
+            properties: Keep::Only(properties),
+            items: false,
+        }
+    }
+
+    /// Removes from a parsed web event or transaction what is not kept
+    /// (identifier fields stay), so that the value-based decoder builds the
+    /// same record as the fast one.
+    fn prune(&self, kind: RecordKind, o: &mut Obj, rules: &IdentityRules) {
+        let is_id = |k: &str| rules.priority.iter().any(|f| f == k);
+        match kind {
+            RecordKind::Crm => {}
+            RecordKind::Web => {
+                o.retain(|k, _| {
+                    matches!(k.as_str(), "event" | "ts" | "item" | "context")
+                        || is_id(k)
+                        || self.properties.keeps(k)
+                });
+                if let Some(Value::Object(item)) = o.get_mut("item") {
+                    item.retain(|k, _| self.item.keeps(k));
+                }
+                if let Some(Value::Object(ctx)) = o.get_mut("context") {
+                    ctx.retain(|k, _| is_id(k) || self.context.keeps(k));
+                }
+            }
+            RecordKind::Transactions => {
+                o.retain(|k, _| {
+                    matches!(
+                        k.as_str(),
+                        "order_id" | "ts" | "amount" | "currency" | "items"
+                    ) || is_id(k)
+                        || self.properties.keeps(k)
+                });
+                if !self.items {
+                    if let Some(Value::Array(items)) = o.get_mut("items") {
+                        for item in items {
+                            if let Value::Object(fields) = item {
+                                fields.retain(|k, _| k == "qty");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A behavioural event (page view, add to cart, ...).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WebEvent {
@@ -553,9 +668,20 @@ pub fn decode_json_as(
     rules: &IdentityRules,
     unit: TimeUnit,
 ) -> Result<Record, DecodeError> {
-    let record = match fast::decode(kind, line, rules, unit) {
+    decode_json_projected(kind, line, rules, unit, &Projection::ALL)
+}
+
+/// [`decode_json_as`], keeping only the fields `projection` names.
+pub fn decode_json_projected(
+    kind: RecordKind,
+    line: &str,
+    rules: &IdentityRules,
+    unit: TimeUnit,
+    projection: &Projection,
+) -> Result<Record, DecodeError> {
+    let record = match fast::decode(kind, line, rules, unit, projection) {
         Some(record) => record,
-        None => decode_json_value(kind, line, rules, unit)?,
+        None => decode_json_value(kind, line, rules, unit, projection)?,
     };
     check_identifiers(&record)?;
     Ok(record)
@@ -582,10 +708,18 @@ fn decode_json_value(
     line: &str,
     rules: &IdentityRules,
     unit: TimeUnit,
+    projection: &Projection,
 ) -> Result<Record, DecodeError> {
-    let o = parse_object(line)?;
+    let mut o = parse_object(line)?;
+    if *projection != Projection::ALL {
+        projection.prune(kind, &mut o, rules);
+    }
     match kind {
-        RecordKind::Web => decode_web(&o, rules, unit).map(Record::Web),
+        RecordKind::Web => decode_web(&o, rules, unit).map(|mut e| {
+            // The context's identifier fields were needed until now.
+            e.context.retain(|k, _| projection.context.keeps(k));
+            Record::Web(e)
+        }),
         RecordKind::Crm => decode_crm(&o, rules, unit).map(Record::Crm),
         RecordKind::Transactions => decode_txn(&o, rules, unit).map(Record::Txn),
     }
@@ -892,7 +1026,7 @@ mod fast {
     use super::{
         add_qty, amount_str, amount_value, crm_ident, deleted_number, is_integer_literal,
         normalize_id, parse_bool, qty_number, qty_str, CrmRecord, Fields, Ident, IdentityRules,
-        Record, RecordKind, Scalar, Transaction, WebEvent,
+        Keep, Projection, Record, RecordKind, Scalar, Transaction, WebEvent,
     };
     use crate::time::parse::{parse_time_number_as, parse_time_str_as, TimeUnit};
 
@@ -1101,6 +1235,8 @@ mod fast {
     struct ObjSeed<'r, 'a> {
         rules: &'r IdentityRules,
         ids: Option<&'r mut IdSlots<'a>>,
+        /// The keys stored (identifier values are read whatever it says).
+        keep: &'r Keep,
     }
 
     impl<'de> DeserializeSeed<'de> for ObjSeed<'_, 'de> {
@@ -1121,10 +1257,15 @@ mod fast {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut fields = Fields::new();
+            let keep = self.keep;
             let Some(ids) = self.ids else {
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
                     if k == NUMBER_TOKEN {
                         return Err(give_up());
+                    }
+                    if !keep.keeps(&k) {
+                        map.next_value::<de::IgnoredAny>()?;
+                        continue;
                     }
                     let v: Val<'de> = map.next_value()?;
                     fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
@@ -1135,11 +1276,18 @@ mod fast {
                 if k == NUMBER_TOKEN {
                     return Err(give_up());
                 }
+                let slot = id_slot(self.rules, &k);
+                if slot.is_none() && !keep.keeps(&k) {
+                    map.next_value::<de::IgnoredAny>()?;
+                    continue;
+                }
                 let v: Val<'de> = map.next_value()?;
-                if let Some(i) = id_slot(self.rules, &k) {
+                if let Some(i) = slot {
                     ids[i] = id_val(&v)?;
                 }
-                fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
+                if keep.keeps(&k) {
+                    fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
+                }
             }
             Ok(Some(Slot::Fields(fields)))
         }
@@ -1147,7 +1295,10 @@ mod fast {
 
     /// Reads the transaction `items` array: each item's fields, and the sum
     /// of the items' `qty`. Null is `None`; anything unusual gives up.
-    struct ItemsSeed;
+    struct ItemsSeed {
+        /// Whether the items' fields are stored (their `qty` is always read).
+        keep: bool,
+    }
 
     impl<'de> DeserializeSeed<'de> for ItemsSeed {
         type Value = Option<Slot<'de>>;
@@ -1168,7 +1319,7 @@ mod fast {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             let mut items = Vec::new();
             let mut count = 0u64;
-            while let Some((fields, qty)) = seq.next_element_seed(ItemSeed)? {
+            while let Some((fields, qty)) = seq.next_element_seed(ItemSeed { keep: self.keep })? {
                 count = add_qty(count, qty).map_err(|_| give_up::<A::Error>())?;
                 items.push(fields);
             }
@@ -1177,7 +1328,9 @@ mod fast {
     }
 
     /// One transaction item: its fields and its quantity (1 without `qty`).
-    struct ItemSeed;
+    struct ItemSeed {
+        keep: bool,
+    }
 
     impl<'de> DeserializeSeed<'de> for ItemSeed {
         type Value = (Fields, u64);
@@ -1209,7 +1362,9 @@ mod fast {
                         Val::Bool(_) | Val::Tree(_) => Err(()),
                     };
                 }
-                fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
+                if self.keep || k == "qty" {
+                    fields.insert(k.into_owned(), v.into_scalar::<A::Error>()?);
+                }
             }
             let qty = qty.map_err(|()| give_up::<A::Error>())?;
             Ok((fields, qty))
@@ -1231,6 +1386,7 @@ mod fast {
         kind: RecordKind,
         rules: &'r IdentityRules,
         top: &'r mut Top<'a>,
+        projection: &'r Projection,
     }
 
     impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
@@ -1240,7 +1396,9 @@ mod fast {
             f.write_str("a JSON object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            let (rules, top) = (self.rules, self.top);
+            let (rules, top, projection) = (self.rules, self.top, self.projection);
+            // CRM records are kept whole (their attributes are stored).
+            let crm = self.kind == RecordKind::Crm;
             while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
                 if k == NUMBER_TOKEN {
                     return Err(give_up());
@@ -1251,17 +1409,29 @@ mod fast {
                             Val::Null => None,
                             v => Some(Slot::Val(v)),
                         },
-                        Shape::Obj => map.next_value_seed(ObjSeed { rules, ids: None })?,
+                        Shape::Obj => map.next_value_seed(ObjSeed {
+                            rules,
+                            ids: None,
+                            keep: if crm { &Keep::All } else { &projection.item },
+                        })?,
                         Shape::Ctx => {
                             // The last `context` counts, even a null one.
                             top.ctx_ids = Default::default();
                             let ids = Some(&mut top.ctx_ids);
-                            map.next_value_seed(ObjSeed { rules, ids })?
+                            map.next_value_seed(ObjSeed {
+                                rules,
+                                ids,
+                                keep: &projection.context,
+                            })?
                         }
-                        Shape::Items => map.next_value_seed(ItemsSeed)?,
+                        Shape::Items => map.next_value_seed(ItemsSeed {
+                            keep: projection.items,
+                        })?,
                     };
                 } else if let Some(i) = id_slot(rules, &k) {
                     top.ids[i] = id_val(&map.next_value::<Val<'de>>()?)?;
+                } else if !crm && !projection.properties.keeps(&k) {
+                    map.next_value::<de::IgnoredAny>()?;
                 } else {
                     let v: Val<'de> = map.next_value()?;
                     top.properties
@@ -1308,6 +1478,7 @@ mod fast {
         line: &str,
         rules: &IdentityRules,
         unit: TimeUnit,
+        projection: &Projection,
     ) -> Option<Record> {
         // A known field that is also an identifier field is read both ways by
         // the Value-based decoder (except the CRM `crm_id`, which it leaves
@@ -1332,6 +1503,7 @@ mod fast {
                 kind,
                 rules,
                 top: &mut top,
+                projection,
             })
             .ok()?;
         de.end().ok()?;
@@ -2057,8 +2229,8 @@ mod tests {
     /// The fast path agrees with the Value-based decoder: same record when
     /// it decodes, and it never accepts a line the reference rejects.
     fn assert_fast_agrees(kind: RecordKind, line: &str, rules: &IdentityRules) -> bool {
-        let slow = decode_json_value(kind, line, rules, TimeUnit::Auto);
-        match fast::decode(kind, line, rules, TimeUnit::Auto) {
+        let slow = decode_json_value(kind, line, rules, TimeUnit::Auto, &Projection::ALL);
+        match fast::decode(kind, line, rules, TimeUnit::Auto, &Projection::ALL) {
             Some(rec) => {
                 assert_eq!(Ok(&rec), slow.as_ref(), "{kind:?} {line}");
                 // Scalar::Num compares with total_cmp; compare the text too.
@@ -2464,5 +2636,60 @@ mod tests {
         let text = serde_json::to_string(&rec).unwrap();
         let back: Record = serde_json::from_str(&text).unwrap();
         assert_eq!(back, rec);
+    }
+
+    /// A projection keeps exactly the fields it names, the same way on the
+    /// fast path and on the value-based one (an escaped identifier sends a
+    /// line to the latter), and what it keeps reads as without projection.
+    #[test]
+    fn a_projection_keeps_what_is_read_on_both_decoders() {
+        let projection = Projection::reading([
+            &["item".to_string(), "price".to_string()][..],
+            &["context".to_string(), "device".to_string()][..],
+            &["campaign".to_string()][..],
+            &["event".to_string()][..],
+        ]);
+        let web = |anon: &str| {
+            format!(
+                r#"{{"event":"view_item","ts":{NOON},"anonymous_id":"{anon}","item":{{"id":"i1","price":120.5,"brand":"x","tags":[1,2]}},"context":{{"device":"mobile","page":"/p","user_id":"u1"}},"campaign":"spring","other":{{"deep":1}}}}"#
+            )
+        };
+        let full = decode_json(RecordKind::Web, &web("a1"), &rules()).unwrap();
+        for line in [web("a1"), web("a\\u0031")] {
+            let r = decode_json_projected(
+                RecordKind::Web,
+                &line,
+                &rules(),
+                TimeUnit::Auto,
+                &projection,
+            )
+            .unwrap();
+            let Record::Web(e) = &r else { panic!() };
+            assert_eq!(e.item.keys().collect::<Vec<_>>(), vec!["price"], "{line}");
+            assert_eq!(e.context.keys().collect::<Vec<_>>(), vec!["device"], "{line}");
+            assert_eq!(e.properties.keys().collect::<Vec<_>>(), vec!["campaign"], "{line}");
+            // The context's identifier is read although `user_id` is not kept.
+            assert_eq!(r.ids(), full.ids(), "{line}");
+            let Record::Web(f) = &full else { panic!() };
+            for path in [["item", "price"], ["context", "device"]] {
+                let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+                assert_eq!(e.field(&path), f.field(&path));
+            }
+        }
+        let txn = format!(
+            r#"{{"order_id":"o1","ts":{NOON},"amount":10,"user_id":"u1","items":[{{"sku":"a","qty":2}},{{"sku":"b"}}],"note":"x"}}"#
+        );
+        let r = decode_json_projected(
+            RecordKind::Transactions,
+            &txn,
+            &rules(),
+            TimeUnit::Auto,
+            &projection,
+        )
+        .unwrap();
+        let Record::Txn(t) = r else { panic!() };
+        assert_eq!(t.item_count, 3);
+        assert!(t.properties.is_empty());
+        assert!(t.items.iter().all(|i| i.keys().all(|k| k == "qty")));
     }
 }

@@ -25,7 +25,7 @@ use timely::dataflow::Stream;
 use super::{ReadParams, SourceDef};
 use crate::io::{Control, DeadLetter};
 use crate::model::limits::check_summed_fields;
-use crate::model::{decode_json_as, Record, RecordKind};
+use crate::model::{decode_json_projected, Record, RecordKind};
 use crate::time::{parse::parse_time_as, Time, TimeUnit};
 
 /// A line whose time the owner has checked, on its way to be decoded.
@@ -101,9 +101,15 @@ pub fn decode_stage<'s>(
             input.for_each(|cap, data| {
                 let (mut records, mut dead) = (0, 0);
                 for raw in data.drain(..) {
-                    let result = decode_json_as(kind, &raw.text, &params.rules, unit)
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| check_summed_fields(&r, &params.summed).map(|()| r));
+                    let result = decode_json_projected(
+                        kind,
+                        &raw.text,
+                        &params.rules,
+                        unit,
+                        &params.projection,
+                    )
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| check_summed_fields(&r, &params.summed).map(|()| r));
                     match result {
                         Ok(record) => {
                             records += 1;

@@ -36,7 +36,8 @@ use timely::scheduling::SyncActivator;
 use crate::io::{Abort, Control, DeadLetter};
 use crate::model::limits::{check_summed_fields, SummedField};
 use crate::model::{
-    decode_csv_as, decode_json_as, parse_csv_header, IdentityRules, Record, RecordKind,
+    decode_csv_as, decode_json_projected, parse_csv_header, IdentityRules, Projection, Record,
+    RecordKind,
 };
 use crate::spec::{Format, TimeUnit};
 use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
@@ -122,6 +123,9 @@ pub struct ReadParams {
     pub rules: IdentityRules,
     /// Fields that sum traits add up; their values are range-checked.
     pub summed: Vec<SummedField>,
+    /// The fields of web events and transactions the dataflow reads; the
+    /// others are skipped while decoding.
+    pub projection: Projection,
     /// Set to end every source now (graceful shutdown: what was read is
     /// completed and written, then the run returns).
     pub shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -293,9 +297,13 @@ impl Reader {
                     return self.dead(ctl, line, offset, peer, reason, &bytes);
                 }
             },
-            Format::Jsonl => {
-                decode_json_as(self.def.kind, text, &self.params.rules, self.def.time_unit)
-            }
+            Format::Jsonl => decode_json_projected(
+                self.def.kind,
+                text,
+                &self.params.rules,
+                self.def.time_unit,
+                &self.params.projection,
+            ),
         };
         let record = match decoded {
             Ok(r) => r,
