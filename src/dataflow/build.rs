@@ -22,6 +22,8 @@ use crate::time::window::retract_at_window_end;
 
 /// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
 /// the run's summary appears in `result` when the dataflow has drained.
+/// `stateful` (the same on every worker of every process) says whether the
+/// commit stage writes state.
 pub fn build<'s>(
     scope: Scope<'s, Time>,
     spec: &Spec,
@@ -30,6 +32,7 @@ pub fn build<'s>(
     outputs: Option<Outputs>,
     result: Rc<RefCell<Option<RunSummary>>>,
     abort: Arc<Abort>,
+    stateful: bool,
 ) {
     let trait_specs: Rc<[TraitSpec]> = spec.traits.clone().into();
     let segment_specs: Rc<[SegmentSpec]> = spec.segments.clone().into();
@@ -162,17 +165,21 @@ pub fn build<'s>(
         Rc::clone(&segment_specs),
     );
 
-    let updates = differential_dataflow::collection::concatenate(
-        scope,
-        vec![
-            names.map(|(k, n)| StateUpdate::Name(k, n)),
-            memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
-            profile_ids.map(StateUpdate::Profile),
+    // Links, trait values and attributes only go to the commit stage when
+    // it writes state: they are most of the updates.
+    let mut to_commit = vec![
+        names.map(|(k, n)| StateUpdate::Name(k, n)),
+        memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
+        profile_ids.map(StateUpdate::Profile),
+    ];
+    if stateful {
+        to_commit.extend([
             id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
             trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v)),
             attributes.map(|(p, a)| StateUpdate::Attrs(p, a)),
-        ],
-    );
+        ]);
+    }
+    let updates = differential_dataflow::collection::concatenate(scope, to_commit);
     let control = scope.concatenate(control_streams);
     let names = sources.iter().map(|s| s.name.clone()).collect();
     commit(

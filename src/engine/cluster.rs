@@ -38,6 +38,18 @@ pub(crate) struct Agreement {
     /// (`web=file`, `txn=tcp until disconnect`); paths may differ between
     /// hosts and are not compared.
     pub inputs: Vec<String>,
+    /// Whether this process writes state (`--state-dir`). Not compared:
+    /// process 0 writes the state, and every process builds its dataflow
+    /// for what process 0 says (see [`Connected::state`]).
+    pub state: bool,
+}
+
+/// The connections of a started cluster.
+pub(crate) struct Connected {
+    /// One socket per process, `None` at this process's index.
+    pub sockets: Vec<Option<TcpStream>>,
+    /// Whether process 0 writes state.
+    pub state: bool,
 }
 
 impl Agreement {
@@ -135,7 +147,8 @@ fn remaining(deadline: Instant) -> Duration {
 /// the peers (so they stop with that reason instead of waiting) and the
 /// caller then stops with it.
 ///
-/// Returns one socket per process, `None` at `process`, ready for timely.
+/// Returns one socket per process, `None` at `process`, ready for timely,
+/// and whether process 0 writes state.
 ///
 /// # Errors
 ///
@@ -149,7 +162,7 @@ pub(crate) fn connect(
     agreement: &Agreement,
     problem: Option<String>,
     timeout: Duration,
-) -> Result<Vec<Option<TcpStream>>, String> {
+) -> Result<Connected, String> {
     let n = addresses.len();
     let deadline = Instant::now() + timeout;
     let hello = Hello {
@@ -293,7 +306,11 @@ pub(crate) fn connect(
             .and_then(|()| s.set_nodelay(true))
             .map_err(|e| format!("cannot set up a cluster connection: {e}"))?;
     }
-    Ok(sockets)
+    let state = match &hellos[0] {
+        Some(leader) => leader.agreement.state,
+        None => agreement.state,
+    };
+    Ok(Connected { sockets, state })
 }
 
 /// Runs `func` on `threads` workers of this process, connected to the other

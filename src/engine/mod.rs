@@ -382,6 +382,7 @@ impl Engine {
             threads,
             definition: format!("{:016x}", h.finish()),
             inputs,
+            state: self.state_dir.is_some(),
         }
     }
 
@@ -585,6 +586,12 @@ impl Engine {
                     .map(|n| n.min(isize::MAX as u64) as isize),
             ),
         );
+        // In a cluster, process 0 writes the state; every process builds
+        // the dataflow for what it said.
+        let stateful = match &sockets {
+            Some((connected, ..)) => connected.state,
+            None => self.state_dir.is_some(),
+        };
         let spec = Arc::new(self.spec);
         // The first failure of any worker stops every worker of the process.
         let abort = Arc::new(Abort::default());
@@ -617,6 +624,7 @@ impl Engine {
                         outputs,
                         Rc::clone(&result),
                         Arc::clone(&abort),
+                        stateful,
                     );
                 });
                 // Park until there is work: sources wake their worker when input
@@ -660,9 +668,13 @@ impl Engine {
             };
             let guards = match sockets {
                 None => timely::execute(config, work),
-                Some((sockets, process, threads)) => {
-                    cluster::execute(sockets, process, threads, config.worker.clone(), work)
-                }
+                Some((connected, process, threads)) => cluster::execute(
+                    connected.sockets,
+                    process,
+                    threads,
+                    config.worker.clone(),
+                    work,
+                ),
             }
             .map(|guards| guards.join());
             let _ = done_tx.send(guards);

@@ -2666,8 +2666,16 @@ mod tests {
             .unwrap();
             let Record::Web(e) = &r else { panic!() };
             assert_eq!(e.item.keys().collect::<Vec<_>>(), vec!["price"], "{line}");
-            assert_eq!(e.context.keys().collect::<Vec<_>>(), vec!["device"], "{line}");
-            assert_eq!(e.properties.keys().collect::<Vec<_>>(), vec!["campaign"], "{line}");
+            assert_eq!(
+                e.context.keys().collect::<Vec<_>>(),
+                vec!["device"],
+                "{line}"
+            );
+            assert_eq!(
+                e.properties.keys().collect::<Vec<_>>(),
+                vec!["campaign"],
+                "{line}"
+            );
             // The context's identifier is read although `user_id` is not kept.
             assert_eq!(r.ids(), full.ids(), "{line}");
             let Record::Web(f) = &full else { panic!() };
