@@ -413,7 +413,15 @@ impl Engine {
                 _ => {}
             }
             if let Input::File { path, .. } = &input {
-                std::fs::File::open(path).map_err(|e| io_err("cannot open input", path, e))?;
+                let file =
+                    std::fs::File::open(path).map_err(|e| io_err("cannot open input", path, e))?;
+                if file.metadata().is_ok_and(|m| m.is_dir()) {
+                    return Err(io_err(
+                        "cannot read input",
+                        path,
+                        std::io::Error::other("it is a directory"),
+                    ));
+                }
             }
             let kind = record_kind(s.kind);
             defs.push(SourceDef {
@@ -552,6 +560,7 @@ impl Engine {
         let params = Arc::new(ReadParams {
             time: e.time_config(),
             max_line_bytes: e.max_line_bytes,
+            file_range_bytes: e.file_range_bytes,
             rules: IdentityRules::new(
                 self.spec.identity.priority.clone(),
                 e.default_region.clone(),

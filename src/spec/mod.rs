@@ -99,6 +99,10 @@ pub struct EngineSpec {
     pub late_policy: LatePolicy,
     /// Longest accepted input line in bytes (> 0).
     pub max_line_bytes: usize,
+    /// Size (bytes, > 0) of the ranges a file of JSON lines is cut into
+    /// to be read by all workers at once; lateness is judged within each
+    /// range (see [`crate::io::sources`]).
+    pub file_range_bytes: u64,
     /// Merge work (in records) an arrangement does each time it is
     /// scheduled while it has no new input; `None` (the default): none.
     pub idle_merge_effort: Option<u64>,
@@ -117,6 +121,7 @@ impl Default for EngineSpec {
             max_future_skew_ms: None,
             late_policy: LatePolicy::DeadLetter,
             max_line_bytes: 1 << 20,
+            file_range_bytes: DEFAULT_FILE_RANGE_BYTES,
             idle_merge_effort: None,
             default_region: "US".to_string(),
             workers: None,
@@ -136,6 +141,9 @@ impl EngineSpec {
         }
     }
 }
+
+/// The default [`EngineSpec::file_range_bytes`]: 16 MiB.
+pub const DEFAULT_FILE_RANGE_BYTES: u64 = 16 << 20;
 
 /// The default identifier priority list.
 pub const DEFAULT_PRIORITY: [&str; 5] = ["crm_id", "user_id", "email", "phone", "anonymous_id"];
@@ -308,6 +316,7 @@ struct RawEngine {
     max_future_skew: Option<Spanned<DurationText>>,
     late_policy: Option<Spanned<String>>,
     max_line_bytes: Option<Spanned<i64>>,
+    file_range_bytes: Option<Spanned<i64>>,
     idle_merge_effort: Option<Spanned<i64>>,
     default_region: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
@@ -610,6 +619,13 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         }
         e.max_line_bytes = usize::try_from(n)
             .map_err(|_| cx.err(v.span().start, "`max_line_bytes` is too large"))?;
+    }
+    if let Some(v) = &raw.file_range_bytes {
+        let n = *v.get_ref();
+        if n <= 0 {
+            return Err(cx.err(v.span().start, "`file_range_bytes` must be greater than 0"));
+        }
+        e.file_range_bytes = n as u64;
     }
     if let Some(v) = &raw.idle_merge_effort {
         let n = *v.get_ref();
@@ -1153,6 +1169,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 max_future_skew_ms: Some(600_000),
                 late_policy: LatePolicy::Clamp,
                 max_line_bytes: 4096,
+                file_range_bytes: DEFAULT_FILE_RANGE_BYTES,
                 idle_merge_effort: Some(500),
                 default_region: "GB".into(),
                 workers: Some(2),

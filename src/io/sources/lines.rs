@@ -33,7 +33,7 @@
 //! so one bad record cannot exhaust memory.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -199,6 +199,21 @@ impl Framer {
             bom: Bom::Maybe(0),
             csv: (framing == Framing::Csv).then(|| Box::new(CsvState::new())),
         }
+    }
+
+    /// A line framer for a stream that starts at byte `offset` and line
+    /// `line` of a file (a [`FileRange`]); only a stream at offset 0 may
+    /// start with a BOM.
+    pub fn starting_at(limit: usize, offset: u64, line: u64) -> Self {
+        let mut f = Framer::new(limit, Framing::Lines);
+        f.consumed = offset;
+        f.start = offset;
+        f.newlines = line.saturating_sub(1);
+        f.start_line = line;
+        if offset > 0 {
+            f.bom = Bom::Done;
+        }
+        f
     }
 
     /// Feeds bytes; returns how many were used and, if a record ended within
@@ -403,6 +418,108 @@ impl Framer {
     /// Records completed.
     pub fn records(&self) -> u64 {
         self.records
+    }
+}
+
+/// A byte range of a file that starts and ends at line boundaries: the unit
+/// in which a large file of JSON lines is read by several workers at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// Line number (1-based) of the first byte.
+    pub first_line: u64,
+}
+
+/// Cuts the file at `path` into ranges of about `chunk` bytes: each range
+/// after the first starts just after the first line break at or after a
+/// multiple of `chunk`, so the cut depends on the file alone, never on the
+/// number of workers. Also counts the lines before each range (one pass over
+/// the file with `memchr`). An empty file is one empty range.
+pub fn file_ranges(path: &Path, chunk: u64) -> io::Result<Vec<FileRange>> {
+    let chunk = chunk.max(1);
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut ranges = Vec::new();
+    let mut start = 0u64;
+    let mut first_line = 1u64;
+    let mut pos = 0u64;
+    let mut newlines = 0u64;
+    let mut next_cut = chunk;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for i in memchr::memchr_iter(b'\n', &buf[..n]) {
+            let at = pos + i as u64;
+            newlines += 1;
+            // The line break at `at` ends a range when the cut point is
+            // within or before its line.
+            if at + 1 >= next_cut && at + 1 < size {
+                ranges.push(FileRange {
+                    start,
+                    end: at + 1,
+                    first_line,
+                });
+                start = at + 1;
+                first_line = newlines + 1;
+                next_cut = (start / chunk + 1) * chunk;
+            }
+        }
+        pos += n as u64;
+    }
+    ranges.push(FileRange {
+        start,
+        end: size.max(start),
+        first_line,
+    });
+    Ok(ranges)
+}
+
+/// The records of one [`FileRange`] of a file (not followed).
+pub struct RangeLines {
+    reader: BufReader<std::io::Take<File>>,
+    framer: Framer,
+}
+
+impl RangeLines {
+    /// Opens `range` of `path`; lines and offsets are those of the file.
+    pub fn open(path: &Path, range: FileRange, limit: usize) -> io::Result<Self> {
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::Start(range.start))?;
+        Ok(RangeLines {
+            reader: BufReader::with_capacity(1 << 20, file.take(range.end - range.start)),
+            framer: Framer::starting_at(limit, range.start, range.first_line),
+        })
+    }
+}
+
+impl LineSource for RangeLines {
+    fn next_line(&mut self) -> io::Result<Next> {
+        loop {
+            let chunk = self.reader.fill_buf()?;
+            if chunk.is_empty() {
+                if self.framer.has_partial() {
+                    return Ok(self.framer.finish(&None));
+                }
+                return Ok(Next::End);
+            }
+            let (used, line) = self.framer.feed(chunk, &None);
+            self.reader.consume(used);
+            if let Some(line) = line {
+                return Ok(line);
+            }
+        }
+    }
+    fn position(&self) -> u64 {
+        self.framer.consumed()
+    }
+    fn is_live(&self) -> bool {
+        false
     }
 }
 

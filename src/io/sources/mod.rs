@@ -21,6 +21,7 @@
 //! milliseconds; while nothing arrives, a live source is scheduled again
 //! when its idle watermark would next move.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +48,7 @@ pub mod lines;
 pub mod tcp;
 
 use decode::{decode_stage, peek_time, RawLine};
-use lines::{FileLines, LineSource, MemoryLines, Next};
+use lines::{file_ranges, FileLines, FileRange, LineSource, MemoryLines, Next, RangeLines};
 
 /// Where a source reads from.
 #[derive(Clone, Debug)]
@@ -119,6 +120,8 @@ pub struct ReadParams {
     pub time: TimeConfig,
     /// Longest accepted line in bytes.
     pub max_line_bytes: usize,
+    /// Size of the ranges a file of JSON lines is read in by all workers.
+    pub file_range_bytes: u64,
     /// Identifier normalization.
     pub rules: IdentityRules,
     /// Fields that sum traits add up; their values are range-checked.
@@ -145,6 +148,9 @@ enum Status {
     /// clock to pass its last tick before it finishes.
     Draining(Duration),
     Finished,
+    /// Reading failed (an input that opened but cannot be read): the run
+    /// stops with this reason.
+    Failed(String),
 }
 
 struct Reader {
@@ -160,9 +166,36 @@ struct Reader {
     clock: SourceClock,
     reported_clock: Option<Time>,
     stats: (u64, u64, u64, u64),
+    /// Decode every line here, in one pass (a [`FileRange`] of a file read
+    /// by several workers), instead of peeking at its time and sending it to
+    /// be decoded on another worker.
+    local_decode: bool,
 }
 
 impl Reader {
+    /// A reader of one range of a (not followed) file of JSON lines.
+    fn open_range(
+        def: SourceDef,
+        params: Arc<ReadParams>,
+        path: &std::path::Path,
+        range: FileRange,
+    ) -> std::io::Result<Reader> {
+        let lines = Box::new(RangeLines::open(path, range, params.max_line_bytes)?);
+        let input_name = def.input.describe();
+        let clock = SourceClock::new(params.time, false, wall_clock_ms());
+        Ok(Reader {
+            def,
+            params,
+            lines,
+            input_name,
+            headers: Default::default(),
+            clock,
+            reported_clock: None,
+            stats: (0, 0, 0, 0),
+            local_decode: true,
+        })
+    }
+
     fn open(
         def: SourceDef,
         params: Arc<ReadParams>,
@@ -196,6 +229,7 @@ impl Reader {
             clock,
             reported_clock: None,
             stats: (0, 0, 0, 0),
+            local_decode: false,
         })
     }
 
@@ -247,6 +281,9 @@ impl Reader {
         };
         if text.trim().is_empty() {
             return;
+        }
+        if self.local_decode {
+            return self.decode_here(text, &bytes, line, offset, now_ms, out, ctl);
         }
         // JSON lines: peek at the time here, decode in full on some worker.
         if self.def.format == Format::Jsonl {
@@ -320,6 +357,55 @@ impl Reader {
         out.push((record, tick, 1));
     }
 
+    /// Decodes a JSON line in one pass and offers its time to the clock,
+    /// with the outcomes of peeking first: a line whose time can be read
+    /// moves the clock (and is late if behind it) whether or not the rest
+    /// decodes; only a line that fails to decode is peeked at.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_here(
+        &mut self,
+        text: &str,
+        bytes: &[u8],
+        line: u64,
+        offset: u64,
+        now_ms: u64,
+        out: &mut Vec<(Record, Time, isize)>,
+        ctl: &mut Vec<Control>,
+    ) {
+        let decoded = decode_json_projected(
+            self.def.kind,
+            text,
+            &self.params.rules,
+            self.def.time_unit,
+            &self.params.projection,
+        );
+        match decoded {
+            Ok(record) => {
+                let Some(tick) =
+                    self.admit(record.ts_ms(), now_ms, line, offset, &None, bytes, ctl)
+                else {
+                    return;
+                };
+                if let Err(reason) = check_summed_fields(&record, &self.params.summed) {
+                    return self.dead(ctl, line, offset, None, reason, bytes);
+                }
+                self.stats.1 += 1;
+                out.push((record, tick, 1));
+            }
+            Err(e) => {
+                if let Some(ms) = peek_time(self.def.kind, text, self.def.time_unit) {
+                    if self
+                        .admit(ms, now_ms, line, offset, &None, bytes, ctl)
+                        .is_none()
+                    {
+                        return;
+                    }
+                }
+                self.dead(ctl, line, offset, None, e.to_string(), bytes);
+            }
+        }
+    }
+
     /// Offers an event time to the source's clock: the tick to use, or
     /// `None` if the record is late or future and dead-lettered.
     #[allow(clippy::too_many_arguments)]
@@ -391,8 +477,7 @@ impl Reader {
                     break;
                 }
                 Err(e) => {
-                    tracing::error!(source = %self.def.name, "read error: {e}; the source ends here");
-                    status = Status::Finished;
+                    status = Status::Failed(e.to_string());
                     break;
                 }
             }
@@ -446,6 +531,105 @@ impl Reader {
     }
 }
 
+/// What one worker reads of a source: one reader, or one range of a file
+/// (opened when its turn comes).
+struct Part {
+    reader: Option<Reader>,
+    range: Option<FileRange>,
+    /// No record of this part is ever earlier: the watermark its clock has
+    /// after its first admitted record (the tick of the first line whose
+    /// time reads, minus the allowed lateness).
+    bound: Time,
+}
+
+/// The parts of source `def` that worker `index` of `peers` reads. A (not
+/// followed) file of JSON lines is cut into [`FileRange`]s read by all
+/// workers, range `i` by worker `(source index + i) % peers`, each with its
+/// own clock: every line is decoded where it is read, once, and the late
+/// records of a range are those behind that range's own clock, so the
+/// result does not depend on the number of workers. Any other input is
+/// read by one worker (source index modulo workers).
+fn open_parts(
+    def: &SourceDef,
+    params: &Arc<ReadParams>,
+    index: usize,
+    peers: usize,
+    waker: SyncActivator,
+) -> std::io::Result<VecDeque<Part>> {
+    let owner = def.index as usize % peers;
+    if let (
+        Input::File {
+            path,
+            follow: false,
+        },
+        Format::Jsonl,
+    ) = (&def.input, def.format)
+    {
+        let ranges = file_ranges(path, params.file_range_bytes)?;
+        let mut parts = VecDeque::new();
+        for (i, range) in ranges.into_iter().enumerate() {
+            if (owner + i) % peers != index {
+                continue;
+            }
+            parts.push_back(Part {
+                reader: None,
+                range: Some(range),
+                bound: range_bound(def, params, path, range)?,
+            });
+        }
+        return Ok(parts);
+    }
+    if index != owner {
+        return Ok(VecDeque::new());
+    }
+    let reader = Reader::open(def.clone(), Arc::clone(params), Some(waker))?;
+    Ok(VecDeque::from([Part {
+        reader: Some(reader),
+        range: None,
+        bound: Time::default(),
+    }]))
+}
+
+/// The least time a range can produce: the watermark of its clock after
+/// the first line it admits (or the largest time if it admits none).
+fn range_bound(
+    def: &SourceDef,
+    params: &ReadParams,
+    path: &std::path::Path,
+    range: FileRange,
+) -> std::io::Result<Time> {
+    let mut lines = RangeLines::open(path, range, params.max_line_bytes)?;
+    let mut clock = SourceClock::new(params.time, false, wall_clock_ms());
+    loop {
+        match lines.next_line()? {
+            Next::Line { bytes, .. } => {
+                let Ok(text) = std::str::from_utf8(&bytes) else {
+                    continue;
+                };
+                // As `Reader::decode_here` reads it: the decoded time, else
+                // the peeked one.
+                let time = match decode_json_projected(
+                    def.kind,
+                    text,
+                    &params.rules,
+                    def.time_unit,
+                    &params.projection,
+                ) {
+                    Ok(record) => Some(record.ts_ms()),
+                    Err(_) => peek_time(def.kind, text, def.time_unit),
+                };
+                if let Some(ms) = time {
+                    if clock.admit(ms, wall_clock_ms()).time().is_some() {
+                        return Ok(clock.watermark());
+                    }
+                }
+            }
+            Next::TooLong { .. } => {}
+            Next::Pending | Next::End => return Ok(Time::MAX),
+        }
+    }
+}
+
 /// The records of one source (at their ticks) and its control messages.
 pub type SourceStreams<'s> = (
     Stream<'s, Time, Vec<(Record, Time, isize)>>,
@@ -475,8 +659,7 @@ pub fn source<'s>(
     let mut raw_out = OutputBuilder::<Time, CapacityContainerBuilder<Vec<RawLine>>>::from(raw_out);
     let mut control_out =
         OutputBuilder::<Time, CapacityContainerBuilder<Vec<Control>>>::from(control_out);
-    let owner = def.index as usize % scope.peers();
-    let is_owner = scope.index() == owner;
+    let (scope_index, peers) = (scope.index(), scope.peers());
     let waker = scope.worker().sync_activator_for(info.address.to_vec());
     let decode_def = def.clone();
     let decode_params = Arc::clone(&params);
@@ -484,29 +667,45 @@ pub fn source<'s>(
     builder.build(move |caps| {
         // One capability per output: records, raw lines, control.
         let mut caps: Option<Vec<_>> = Some(caps);
-        let mut reader = None;
-        if is_owner {
-            let name = def.name.clone();
-            let described = def.input.describe();
-            match Reader::open(def, params, Some(waker)) {
-                Ok(r) => reader = Some(r),
-                Err(e) => {
-                    abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
-                    caps = None;
-                }
+        let name = def.name.clone();
+        let described = def.input.describe();
+        let opened = open_parts(&def, &params, scope_index, peers, waker);
+        let mut parts = match opened {
+            Ok(parts) => parts,
+            Err(e) => {
+                abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
+                VecDeque::new()
             }
-            activator.activate();
-        } else {
+        };
+        if parts.is_empty() {
             caps = None;
+        } else {
+            activator.activate();
         }
         let mut batch = Vec::new();
         let mut raw_batch = Vec::new();
         let mut ctl = Vec::new();
         move |_frontiers| {
-            let Some(reader) = reader.as_mut() else {
+            let Some(held) = caps.as_mut() else { return };
+            let Some(part) = parts.front_mut() else {
                 return;
             };
-            let Some(held) = caps.as_mut() else { return };
+            if part.reader.is_none() {
+                let range = part.range.expect("a part without a reader has a range");
+                let path = match &def.input {
+                    Input::File { path, .. } => path.clone(),
+                    _ => unreachable!("only files are read in ranges"),
+                };
+                match Reader::open_range(def.clone(), Arc::clone(&params), &path, range) {
+                    Ok(r) => part.reader = Some(r),
+                    Err(e) => {
+                        abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
+                        caps = None;
+                        return;
+                    }
+                }
+            }
+            let reader = part.reader.as_mut().expect("opened above");
             let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
             if !batch.is_empty() {
                 records_out
@@ -529,20 +728,43 @@ pub fn source<'s>(
                     .give_container(&mut ctl);
                 ctl.clear();
             }
+            if let Status::Failed(reason) = &status {
+                abort.fail(format!("source `{name}`: reading {described}: {reason}"));
+                caps = None;
+                return;
+            }
+            if matches!(status, Status::Finished) {
+                parts.pop_front();
+                if parts.is_empty() {
+                    caps = None;
+                    return;
+                }
+            }
+            // The capability: the least time any part still to read may
+            // produce (a part's bound until its clock has moved past it).
+            let least = parts
+                .iter()
+                .map(|p| {
+                    p.reader
+                        .as_ref()
+                        .map_or(p.bound, |r| r.clock.watermark().max(p.bound))
+                })
+                .min()
+                .unwrap_or_default();
+            if least > *held[0].time() {
+                for cap in held.iter_mut() {
+                    cap.downgrade(&least);
+                }
+            }
             match status {
-                Status::Finished => caps = None,
-                status => {
-                    let watermark = reader.clock.watermark();
-                    if watermark > *held[0].time() {
-                        for cap in held.iter_mut() {
-                            cap.downgrade(&watermark);
-                        }
-                    }
-                    match status {
-                        Status::More => activator.activate(),
-                        Status::Draining(wait) => activator.activate_after(wait),
-                        _ => activator.activate_after(reader.idle_wakeup()),
-                    }
+                Status::More | Status::Finished => activator.activate(),
+                Status::Draining(wait) => activator.activate_after(wait),
+                _ => {
+                    let wait = parts
+                        .front()
+                        .and_then(|p| p.reader.as_ref())
+                        .map_or(Duration::from_millis(1), |r| r.idle_wakeup());
+                    activator.activate_after(wait)
                 }
             }
         }
