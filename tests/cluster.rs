@@ -656,3 +656,68 @@ fn sigterm_to_any_process_ends_the_whole_cluster_gracefully() {
         assert!(line.ends_with("\"diff\":-1}"), "{line}");
     }
 }
+
+/// Files read in many ranges by all workers (a small `file_range_bytes`):
+/// the segment diffs and the dead letters are byte-identical for one
+/// worker, three workers and two processes of two workers.
+#[test]
+fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 6000, 21);
+    let web_bytes = std::fs::metadata(data.join("web.jsonl")).unwrap().len();
+    assert!(web_bytes > 20 * 50_000, "{web_bytes}");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let ranged = dir.path().join("ranged.toml");
+    std::fs::write(
+        &ranged,
+        text.replacen("[engine]", "[engine]\nfile_range_bytes = 50000", 1),
+    )
+    .unwrap();
+    let data_s = data.to_str().unwrap().to_string();
+    let args = |name: &str| {
+        let mut a = run_args(
+            &data_s,
+            dir.path().join(format!("{name}.jsonl")).to_str().unwrap(),
+            dir.path()
+                .join(format!("{name}.dead.jsonl"))
+                .to_str()
+                .unwrap(),
+            dir.path().join(format!("{name}.state")).to_str().unwrap(),
+        );
+        a[1] = ranged.to_str().unwrap().to_string();
+        a
+    };
+    for (name, workers) in [("r1", "1"), ("r3", "3")] {
+        let mut a = args(name);
+        a.extend(["-w".to_string(), workers.to_string()]);
+        ok(Command::new(BIN).args(&a).output().unwrap());
+    }
+    let hosts = hostfile(dir.path());
+    let children = start_pair(dir.path(), &hosts, |p| {
+        let mut a = args(&format!("n2p{p}"));
+        a.extend(["-w".to_string(), "2".to_string()]);
+        a
+    });
+    for (status, err) in wait_all(children, 120) {
+        assert!(status.success(), "{err}");
+    }
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let diffs = read("r1.jsonl");
+    assert!(diffs.len() > 1000, "few diffs: {} bytes", diffs.len());
+    let dead = read("r1.dead.jsonl");
+    assert!(!dead.is_empty(), "the generated data has bad lines");
+    assert!(diffs == read("r3.jsonl"), "-w 1 and -w 3 differ");
+    assert!(diffs == read("n2p0.jsonl"), "-w 1 and -n 2 -w 2 differ");
+    assert!(
+        dead == read("r3.dead.jsonl"),
+        "dead letters of -w 1 and -w 3 differ"
+    );
+    assert!(
+        dead == read("n2p0.dead.jsonl"),
+        "dead letters of -w 1 and -n 2 differ"
+    );
+}

@@ -994,6 +994,56 @@ mod tests {
         assert_eq!(f.next_line().unwrap(), line(b"two", 2, 4));
     }
 
+    /// Reading a file range by range gives exactly the lines, line numbers
+    /// and offsets of reading it whole, for any range size, with or without
+    /// a final line break, with a BOM, and with empty and long lines.
+    #[test]
+    fn ranges_read_what_the_whole_file_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut body = String::new();
+        for i in 0..300 {
+            body += &format!("{{\"n\":{i},\"pad\":\"{}\"}}\r\n", "x".repeat(i % 37));
+            if i % 50 == 0 {
+                body += "\n";
+            }
+        }
+        for (prefix, suffix) in [("", ""), ("\u{feff}", ""), ("", "{\"last\":true}")] {
+            let text = format!("{prefix}{body}{suffix}");
+            std::fs::write(&path, &text).unwrap();
+            let whole = {
+                let mut f = FileLines::open(&path, false, 64, Framing::Lines).unwrap();
+                let mut v = Vec::new();
+                loop {
+                    match f.next_line().unwrap() {
+                        Next::End => break,
+                        n => v.push(n),
+                    }
+                }
+                v
+            };
+            for chunk in [1u64, 7, 64, 1000, 4096, 1 << 30] {
+                let ranges = file_ranges(&path, chunk).unwrap();
+                assert_eq!(ranges[0].start, 0);
+                assert_eq!(ranges.last().unwrap().end, text.len() as u64);
+                let mut got = Vec::new();
+                for pair in ranges.windows(2) {
+                    assert_eq!(pair[0].end, pair[1].start);
+                }
+                for r in &ranges {
+                    let mut f = RangeLines::open(&path, *r, 64).unwrap();
+                    loop {
+                        match f.next_line().unwrap() {
+                            Next::End => break,
+                            n => got.push(n),
+                        }
+                    }
+                }
+                assert_eq!(got, whole, "range size {chunk}, {} ranges", ranges.len());
+            }
+        }
+    }
+
     /// A followed file truncated and at once written again, longer than
     /// what was read, is read from its start, whether its first bytes
     /// changed or not, and none of the new content is taken for the
