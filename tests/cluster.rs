@@ -551,7 +551,13 @@ fn processes_that_disagree_on_their_configuration_refuse_to_start() {
     });
     for (status, err) in wait_all(children, 60) {
         assert!(!status.success(), "{err}");
-        assert!(err.contains("a different dataflow definition"), "{err}");
+        assert!(err.contains("a different dataflow definition ("), "{err}");
+        // It says what differs: the changed segment, as each side has it.
+        assert!(
+            err.contains("segment high_intent when=premium_views_30m >= 4")
+                && err.contains("segment high_intent when=premium_views_30m >= 3"),
+            "{err}"
+        );
         assert!(err.contains("start every process with the same"), "{err}");
     }
 }

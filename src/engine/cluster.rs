@@ -34,6 +34,9 @@ pub(crate) struct Agreement {
     pub threads: usize,
     /// A fingerprint of the parsed dataflow definition (16 hex digits).
     pub definition: String,
+    /// What the definition computes, one line per setting, trait and
+    /// segment (`Spec::semantics`), to say what differs.
+    pub semantics: String,
     /// Each source's name and kind of input, in definition order
     /// (`web=file`, `txn=tcp until disconnect`); paths may differ between
     /// hosts and are not compared.
@@ -76,7 +79,27 @@ impl Agreement {
             ));
         }
         if self.definition != other.definition {
-            d.push("a different dataflow definition".to_string());
+            let theirs: Vec<&str> = other.semantics.lines().collect();
+            let ours: Vec<&str> = self.semantics.lines().collect();
+            let mut what: Vec<String> = ours
+                .iter()
+                .filter(|l| !theirs.contains(l))
+                .map(|l| format!("here `{l}`"))
+                .chain(
+                    theirs
+                        .iter()
+                        .filter(|l| !ours.contains(l))
+                        .map(|l| format!("there `{l}`")),
+                )
+                .take(4)
+                .collect();
+            if what.is_empty() {
+                what.push("in the order of its tables".into());
+            }
+            d.push(format!(
+                "a different dataflow definition ({})",
+                what.join(", ")
+            ));
         }
         if self.inputs != other.inputs {
             d.push(format!(

@@ -352,8 +352,9 @@ impl Engine {
         // What the definition computes, not its text or where it was read
         // from (`Spec::semantics`). `DefaultHasher::new()` has fixed keys,
         // and the version is compared too.
+        let semantics = self.spec.semantics();
         let mut h = std::hash::DefaultHasher::new();
-        self.spec.semantics().hash(&mut h);
+        semantics.hash(&mut h);
         let inputs = self
             .spec
             .sources
@@ -381,6 +382,7 @@ impl Engine {
             processes,
             threads,
             definition: format!("{:016x}", h.finish()),
+            semantics,
             inputs,
             state: self.state_dir.is_some(),
         }
