@@ -523,6 +523,19 @@ impl LineSource for RangeLines {
     }
 }
 
+/// What became of a followed file since it was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Still the file being read.
+    Same,
+    /// The path now names another file; the one being read (renamed, or
+    /// unlinked) still holds what was written to it, to be read to its end.
+    Rotated,
+    /// The same file was truncated (and maybe written again): what was read
+    /// is gone.
+    Truncated,
+}
+
 /// Records of a file, optionally following it as it grows.
 pub struct FileLines {
     reader: BufReader<File>,
@@ -601,17 +614,20 @@ impl FileLines {
         })
     }
 
-    /// Whether the followed path now holds another file, or a shorter one
-    /// than what was read (truncated); `false` while the path is missing (a
-    /// rotation that has not created the new file yet).
-    fn replaced(&self) -> io::Result<bool> {
+    /// Whether the followed path still holds the file being read, another
+    /// file (rotated), or the same file truncated; `Same` while the path is
+    /// missing (a rotation that has not created the new file yet).
+    fn replaced(&self) -> io::Result<Change> {
         let meta = match std::fs::metadata(&self.path) {
             Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Change::Same),
             Err(e) => return Err(e),
         };
-        if file_identity(&meta) != self.identity || meta.len() < self.framer.consumed() {
-            return Ok(true);
+        if file_identity(&meta) != self.identity {
+            return Ok(Change::Rotated);
+        }
+        if meta.len() < self.framer.consumed() {
+            return Ok(Change::Truncated);
         }
         // Same file, at least as long: truncated and written again past
         // what was read shows other first bytes, or other bytes just before
@@ -620,12 +636,16 @@ impl FileLines {
         let mut now = vec![0u8; self.head.len()];
         let n = read_at(file, &mut now, 0)?;
         if now[..n] != self.head[..] {
-            return Ok(true);
+            return Ok(Change::Truncated);
         }
         let mut now = vec![0u8; self.tail.len()];
         let start = self.framer.consumed() - self.tail.len() as u64;
         let n = read_at(file, &mut now, start)?;
-        Ok(now[..n] != self.tail[..])
+        Ok(if now[..n] != self.tail[..] {
+            Change::Truncated
+        } else {
+            Change::Same
+        })
     }
 
     /// Starts reading the path again from its first byte.
@@ -654,16 +674,30 @@ impl LineSource for FileLines {
             // are never taken for the continuation of the old one.
             let fresh = self.follow && self.reader.buffer().is_empty();
             let chunk = self.reader.fill_buf()?;
-            if fresh && !chunk.is_empty() && self.replaced()? {
+            // A rotated file's new bytes are its own (read it to its end
+            // first); a truncated one's are the new content's.
+            if fresh && !chunk.is_empty() && self.replaced()? == Change::Truncated {
                 self.reopen()?;
                 continue;
             }
             let chunk = self.reader.buffer();
             if chunk.is_empty() {
                 if self.follow {
-                    if self.replaced()? {
-                        self.reopen()?;
-                        continue;
+                    match self.replaced()? {
+                        Change::Same => {}
+                        Change::Truncated => {
+                            self.reopen()?;
+                            continue;
+                        }
+                        Change::Rotated => {
+                            // Lines written just before the rotation may
+                            // have landed after the end read above.
+                            if !self.reader.fill_buf()?.is_empty() {
+                                continue;
+                            }
+                            self.reopen()?;
+                            continue;
+                        }
                     }
                     // Re-arm the reader so data appended later is seen.
                     let pos = self.framer.consumed();
@@ -1042,6 +1076,44 @@ mod tests {
                 assert_eq!(got, whole, "range size {chunk}, {} ranges", ranges.len());
             }
         }
+    }
+
+    /// Lines appended just before a rotation (`cat C >> f; mv f f.1; cat B
+    /// > f`, with no read in between) are read from the old file, to its
+    /// end, before the new file is read from its start.
+    #[test]
+    fn follow_reads_a_rotated_file_to_its_end_first() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "a1\na2\n").unwrap();
+        let mut f = FileLines::open(&path, true, 100, Framing::Lines).unwrap();
+        let mut read = |f: &mut FileLines| {
+            let mut v = Vec::new();
+            loop {
+                match f.next_line().unwrap() {
+                    Next::Line { bytes, line, .. } => {
+                        v.push((line, String::from_utf8(bytes).unwrap()))
+                    }
+                    Next::Pending => return v,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        assert_eq!(read(&mut f).len(), 2);
+        let mut old = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        old.write_all(b"c3\nc4\n").unwrap();
+        std::fs::rename(&path, dir.path().join("f.1")).unwrap();
+        std::fs::write(&path, "b1\nb2\nb3\n").unwrap();
+        let got = read(&mut f);
+        let expected: Vec<(u64, String)> = [(3, "c3"), (4, "c4"), (1, "b1"), (2, "b2"), (3, "b3")]
+            .iter()
+            .map(|(n, l)| (*n, l.to_string()))
+            .collect();
+        assert_eq!(got, expected);
     }
 
     /// A followed file truncated and at once written again, longer than
