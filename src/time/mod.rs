@@ -16,6 +16,8 @@
 //!   down to a multiple of the tick ([`TimeConfig::floor`]); all records of
 //!   one tick are processed, consolidated and written together.
 //! * **Replay** — a source whose clock is its data: a file read to its end.
+//!   A large file is read in ranges (`[engine] file_range_bytes`), each with
+//!   its own clock (see `io::sources`).
 //!   **Live** — a source that runs on the wall clock: a followed file or a
 //!   TCP listener.
 //! * **Watermark** — per source, the time below which the source promises
