@@ -727,3 +727,51 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
         "dead letters of -w 1 and -n 2 differ"
     );
 }
+
+/// SIGTERM to a process still waiting for its peers ends it at once, with
+/// the reason, instead of after the connect time-out.
+#[test]
+fn sigterm_while_waiting_for_the_cluster_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 100, 2);
+    let hosts = hostfile(dir.path());
+    let mut a = run_args(
+        data.to_str().unwrap(),
+        dir.path().join("o.jsonl").to_str().unwrap(),
+        dir.path().join("d.jsonl").to_str().unwrap(),
+        dir.path().join("s").to_str().unwrap(),
+    );
+    a.extend(
+        [
+            "-n",
+            "2",
+            "-p",
+            "0",
+            "-h",
+            hosts.to_str().unwrap(),
+            "--connect-timeout",
+            "60s",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let child = Command::new(BIN)
+        .args(&a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let started = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (status, err) = wait_all(vec![child], 30).pop().unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("was stopped (SIGTERM or Ctrl-C) while it waited for the cluster"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -178,13 +178,15 @@ fn remaining(deadline: Instant) -> Duration {
 /// A readable reason: the listening address cannot be bound; peers that did
 /// not answer within `timeout` (named with their addresses); a peer that is
 /// not a segflow process of this cluster; a peer that runs a different
-/// configuration (which part differs); a peer that cannot start (its reason).
+/// configuration (which part differs); a peer that cannot start (its reason);
+/// `stop` set while waiting (a signal).
 pub(crate) fn connect(
     process: usize,
     addresses: &[String],
     agreement: &Agreement,
     problem: Option<String>,
     timeout: Duration,
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Connected, String> {
     let n = addresses.len();
     let deadline = Instant::now() + timeout;
@@ -210,6 +212,11 @@ pub(crate) fn connect(
             .collect()
     };
     while !missing(&sockets).is_empty() && Instant::now() < deadline {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+            return Err(format!(
+                "process {process} was stopped (SIGTERM or Ctrl-C) while it waited for the cluster; nothing was read"
+            ));
+        }
         let mut progressed = false;
         // Connect to every lower process not yet connected; the connecting
         // side greets first.

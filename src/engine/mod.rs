@@ -547,6 +547,7 @@ impl Engine {
                     &self.agreement(*threads, addresses.len()),
                     prepared.as_ref().err().map(|e| e.to_string()),
                     self.connect_timeout,
+                    self.shutdown.as_deref(),
                 );
                 let prepared = prepared?;
                 (

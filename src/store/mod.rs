@@ -179,7 +179,18 @@ impl StateLock {
             source,
         };
         inspect(dir)?;
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                StoreError::NotOurs {
+                    dir: dir.display().to_string(),
+                    what:
+                        "a part of its path is a file or a dangling symbolic link, not a directory"
+                            .into(),
+                }
+            } else {
+                io(e)
+            }
+        })?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -820,6 +831,13 @@ mod tests {
         assert!(e.contains("it is not a directory"), "{e}");
         let link = dir.path().join("dangling");
         std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let e = StateLock::take(&link.join("below"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a part of its path is a file or a dangling symbolic link"),
+            "{e}"
+        );
         let e = StateLock::take(&link).unwrap_err().to_string();
         assert!(
             e.contains("symbolic link to a path that does not exist"),
