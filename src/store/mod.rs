@@ -217,16 +217,34 @@ pub struct Checkpoint {
 }
 
 /// The changes of one or more completed times, to be written at once
-/// ([`Store::stage`], [`Store::write`]).
+/// ([`Store::stage`], [`Store::write`]): the last value (or removal) of
+/// each key, since only the state after the last time is ever visible. A
+/// trait value that changed at a thousand times of one batch is written
+/// once.
 #[derive(Default)]
-pub struct StateBatch(WriteBatch);
+pub struct StateBatch(std::collections::HashMap<(usize, Vec<u8>), Option<Vec<u8>>>);
 
 impl StateBatch {
     /// Whether nothing is staged.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    fn put(&mut self, cf: usize, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.0.insert((cf, key.into()), Some(value.into()));
+    }
+
+    fn delete(&mut self, cf: usize, key: impl Into<Vec<u8>>) {
+        self.0.insert((cf, key.into()), None);
+    }
 }
+
+/// Column family indexes in [`CFS`], for [`StateBatch`].
+const ID_PROFILE: usize = 0;
+const PROFILE_IDS: usize = 1;
+const ATTRIBUTES: usize = 2;
+const TRAITS: usize = 3;
+const SEGMENTS: usize = 4;
 
 /// One change to apply: `+1` inserts, `-1` removes.
 #[derive(Clone, Debug, PartialEq)]
@@ -433,7 +451,6 @@ impl Store {
     /// Adds one completed timestamp's changes to `batch`, after the times
     /// already in it.
     pub fn stage(&self, batch: &mut StateBatch, ops: &[(StoreOp, isize)]) {
-        let batch = &mut batch.0;
         // Removals first, then insertions: a value that changed at this time
         // appears as (old, -1) and (new, +1) on the same key.
         for pass_insert in [false, true] {
@@ -444,11 +461,11 @@ impl Store {
                 match op {
                     StoreOp::Link { id, profile } => {
                         if pass_insert {
-                            batch.put_cf(self.cf("id_profile"), id, profile);
-                            batch.put_cf(self.cf("profile_ids"), key2(profile, id), b"");
+                            batch.put(ID_PROFILE, id.as_bytes(), profile.as_bytes());
+                            batch.put(PROFILE_IDS, key2(profile, id), Vec::new());
                         } else {
-                            batch.delete_cf(self.cf("id_profile"), id);
-                            batch.delete_cf(self.cf("profile_ids"), key2(profile, id));
+                            batch.delete(ID_PROFILE, id.as_bytes());
+                            batch.delete(PROFILE_IDS, key2(profile, id));
                         }
                     }
                     StoreOp::Trait {
@@ -458,24 +475,24 @@ impl Store {
                     } => {
                         let key = key2(profile, name);
                         if pass_insert {
-                            batch.put_cf(self.cf("traits"), key, value.to_string());
+                            batch.put(TRAITS, key, value.to_string());
                         } else {
-                            batch.delete_cf(self.cf("traits"), key);
+                            batch.delete(TRAITS, key);
                         }
                     }
                     StoreOp::Segment { profile, name } => {
                         let key = key2(profile, name);
                         if pass_insert {
-                            batch.put_cf(self.cf("segments"), key, b"");
+                            batch.put(SEGMENTS, key, Vec::new());
                         } else {
-                            batch.delete_cf(self.cf("segments"), key);
+                            batch.delete(SEGMENTS, key);
                         }
                     }
                     StoreOp::Attributes { profile, json } => {
                         if pass_insert {
-                            batch.put_cf(self.cf("attributes"), profile, json);
+                            batch.put(ATTRIBUTES, profile.as_bytes(), json.as_bytes());
                         } else {
-                            batch.delete_cf(self.cf("attributes"), profile);
+                            batch.delete(ATTRIBUTES, profile.as_bytes());
                         }
                     }
                 }
@@ -489,14 +506,24 @@ impl Store {
     /// column family at once (`atomic_flush`), so what is on disk is always
     /// the state of one completed time with its checkpoint. What a crash
     /// takes is the batches since the last flush (see [`Store::flush`]).
-    pub fn write(&self, mut batch: StateBatch, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+    pub fn write(&self, batch: StateBatch, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let mut staged: Vec<((usize, Vec<u8>), Option<Vec<u8>>)> = batch.0.into_iter().collect();
+        // Sorted: the same batch for the same changes, and RocksDB inserts
+        // sorted keys faster.
+        staged.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let cfs: Vec<&rocksdb::ColumnFamily> = CFS.iter().map(|n| self.cf(n)).collect();
+        let mut batch = WriteBatch::default();
+        for ((cf, key), value) in staged {
+            match value {
+                Some(v) => batch.put_cf(cfs[cf], key, v),
+                None => batch.delete_cf(cfs[cf], key),
+            }
+        }
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
-        batch.0.put_cf(self.cf("checkpoint"), b"checkpoint", cp);
+        batch.put_cf(self.cf("checkpoint"), b"checkpoint", cp);
         let mut options = rocksdb::WriteOptions::default();
         options.disable_wal(true);
-        self.db
-            .write_opt(batch.0, &options)
-            .map_err(|e| self.err(e))
+        self.db.write_opt(batch, &options).map_err(|e| self.err(e))
     }
 
     /// Flushes every column family's memtable to disk, atomically: readers
@@ -648,6 +675,54 @@ mod tests {
         let other = store.view("user:victim\u{0}x").unwrap();
         assert_eq!(other.traits, BTreeMap::from([("views".to_string(), 7.0)]));
         assert_eq!(other.segments, vec!["vip".to_string()]);
+    }
+
+    /// Several times staged in one batch leave the state of the last: a
+    /// value changed at every time, a link added then removed, a segment
+    /// left then entered again.
+    #[test]
+    fn a_batch_of_several_times_leaves_the_state_of_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let p = "user:u1".to_string();
+        let link = |id: &str| StoreOp::Link {
+            id: id.into(),
+            profile: p.clone(),
+        };
+        let views = |v: f64| StoreOp::Trait {
+            profile: p.clone(),
+            name: "views".into(),
+            value: v,
+        };
+        let seg = StoreOp::Segment {
+            profile: p.clone(),
+            name: "fan".into(),
+        };
+        let mut batch = StateBatch::default();
+        let times = vec![
+            vec![
+                (link("user:u1"), 1),
+                (link("anon:a"), 1),
+                (views(1.0), 1),
+                (seg.clone(), 1),
+            ],
+            vec![
+                (views(1.0), -1),
+                (views(2.0), 1),
+                (link("anon:a"), -1),
+                (seg.clone(), -1),
+            ],
+            vec![(views(2.0), -1), (views(3.0), 1), (seg.clone(), 1)],
+        ];
+        for ops in &times {
+            store.stage(&mut batch, ops);
+        }
+        store.write(batch, &Checkpoint::default()).unwrap();
+        let view = store.view(&p).unwrap();
+        assert_eq!(view.identifiers, vec!["user:u1".to_string()]);
+        assert_eq!(store.profile_of("anon:a").unwrap(), None);
+        assert_eq!(view.segments, vec!["fan".to_string()]);
+        assert_eq!(view.traits, BTreeMap::from([("views".to_string(), 3.0)]));
     }
 
     #[test]

@@ -1088,7 +1088,7 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, "a1\na2\n").unwrap();
         let mut f = FileLines::open(&path, true, 100, Framing::Lines).unwrap();
-        let mut read = |f: &mut FileLines| {
+        let read = |f: &mut FileLines| {
             let mut v = Vec::new();
             loop {
                 match f.next_line().unwrap() {
