@@ -127,6 +127,9 @@ struct BenchArgs {
     /// Measured seconds of each latency run.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
+    /// Profiles in the state the query job looks up.
+    #[arg(long, default_value_t = 1_000_000)]
+    query_profiles: u64,
 }
 
 #[derive(Args)]
@@ -406,6 +409,7 @@ fn main() -> ExitCode {
                 workers: args.workers,
                 repeat: args.repeat,
                 latency_secs: args.latency_secs,
+                query_profiles: args.query_profiles,
             };
             segflow::bench::run(&config, &mut |line| print_out(&line))?;
             Ok(())

@@ -17,7 +17,9 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
             "--repeat",
             "1",
             "--jobs",
-            "ecommerce,visitor_high_intent",
+            "ecommerce,visitor_high_intent,query",
+            "--query-profiles",
+            "3000",
             "--workers",
             "1,2",
             "--dir",
@@ -61,6 +63,11 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
             "{stdout}"
         );
     }
+    let query = lines.iter().find(|l| l["job"] == "query").expect("a query result");
+    assert_eq!(query["profiles"], 3000, "{query}");
+    assert_eq!(query["lookups"], 21, "{query}");
+    assert!(query["median_ms"].as_f64().unwrap() > 0.0, "{query}");
+    assert!(query["state_bytes"].as_u64().unwrap() > 0, "{query}");
     let bad = Command::new(BIN)
         .args([
             "bench",

@@ -15,7 +15,10 @@
 //!
 //! Then one object per job with `speedup` (median time at the smallest
 //! worker count ÷ median time at the largest). The `latency` job measures
-//! event-to-diff latency on a live TCP source ([`latency`]).
+//! event-to-diff latency on a live TCP source ([`latency`]); the `query`
+//! job writes the state of `--query-profiles` synthetic profiles (five
+//! identifiers, two attributes, three traits and a segment each) and times
+//! `segflow query` processes looking up random identifiers.
 
 pub mod latency;
 
@@ -75,6 +78,8 @@ pub struct BenchConfig {
     pub repeat: usize,
     /// Measured seconds per latency run.
     pub latency_secs: u64,
+    /// Profiles in the state the `query` job looks up.
+    pub query_profiles: u64,
 }
 
 /// The medians of one job at one worker count.
@@ -108,7 +113,7 @@ pub struct JobResult {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// A job name that does not exist.
-    #[error("unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency")]
+    #[error("unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query")]
     UnknownJob(String),
     /// Generating data, writing a file or starting a run failed.
     #[error("{what}: {source}")]
@@ -282,6 +287,129 @@ fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobRe
     })
 }
 
+/// Writes the state of `profiles` synthetic profiles under `dir/query.state`
+/// and times `segflow query` on random identifiers of them (`21 × repeat`
+/// lookups, each a new process, as an operator runs it); returns the
+/// result as a JSON line.
+fn query_job(dir: &Path, profiles: u64, repeat: usize) -> Result<String, BenchError> {
+    use crate::store::{Checkpoint, StateBatch, StateLock, Store, StoreOp};
+    let state = dir.join("query.state");
+    let _ = std::fs::remove_dir_all(&state);
+    let store_err = |e: crate::store::StoreError| BenchError::Run {
+        job: "query".into(),
+        workers: 1,
+        reason: e.to_string(),
+    };
+    let started = std::time::Instant::now();
+    {
+        let lock = StateLock::take(&state).map_err(store_err)?;
+        let store = Store::create_fresh(&state, &lock).map_err(store_err)?;
+        let mut batch = StateBatch::default();
+        for p in 0..profiles {
+            let profile = format!("crm:C{p:08}");
+            let mut ops = Vec::with_capacity(12);
+            for id in [
+                profile.clone(),
+                format!("user:u{p}"),
+                format!("email:person{p}@example.com"),
+                format!("phone:+1555{p:07}"),
+                format!("anon:a-{p:016x}"),
+            ] {
+                ops.push((
+                    StoreOp::Link {
+                        id,
+                        profile: profile.clone(),
+                    },
+                    1,
+                ));
+            }
+            for (name, value) in [("views_30m", 3.0), ("spend_30d", 120.5), ("orders", 2.0)] {
+                ops.push((
+                    StoreOp::Trait {
+                        profile: profile.clone(),
+                        name: name.into(),
+                        value,
+                    },
+                    1,
+                ));
+            }
+            ops.push((
+                StoreOp::Attributes {
+                    profile: profile.clone(),
+                    json: r#"{"country":"US","tier":"gold"}"#.into(),
+                },
+                1,
+            ));
+            ops.push((
+                StoreOp::Segment {
+                    profile,
+                    name: "vip".into(),
+                },
+                1,
+            ));
+            store.stage(&mut batch, &ops);
+            if (p + 1) % 50_000 == 0 {
+                store
+                    .write(std::mem::take(&mut batch), &Checkpoint::default())
+                    .map_err(store_err)?;
+            }
+        }
+        store
+            .write(batch, &Checkpoint::default())
+            .map_err(store_err)?;
+        store.flush().map_err(store_err)?;
+    }
+    let write_seconds = started.elapsed().as_secs_f64();
+    let state_bytes = dir_bytes(&state);
+    let mut times = Vec::new();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..21 * repeat.max(1) {
+        // xorshift: a different profile each time, the same across runs.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let p = seed % profiles.max(1);
+        let args = vec![
+            "query".to_string(),
+            "--state-dir".to_string(),
+            state.display().to_string(),
+            format!("email:person{p}@example.com"),
+        ];
+        let at = std::time::Instant::now();
+        let (output, _) = run_child(&args).map_err(|reason| BenchError::Run {
+            job: "query".into(),
+            workers: 1,
+            reason,
+        })?;
+        let ms = at.elapsed().as_secs_f64() * 1000.0;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || !text.contains(&format!("crm:C{p:08}")) {
+            return Err(BenchError::Run {
+                job: "query".into(),
+                workers: 1,
+                reason: format!(
+                    "looking up profile {p} failed: {}{}",
+                    text,
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            });
+        }
+        times.push(ms);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(serde_json::json!({
+        "job": "query",
+        "profiles": profiles,
+        "state_bytes": state_bytes,
+        "state_bytes_per_profile": state_bytes as f64 / profiles.max(1) as f64,
+        "write_seconds": write_seconds,
+        "lookups": times.len(),
+        "median_ms": times[times.len() / 2],
+        "max_ms": times[times.len() - 1],
+    })
+    .to_string())
+}
+
 /// Runs the benchmark: generates the data, then every job, printing one
 /// JSON line per result through `print` as it comes.
 ///
@@ -290,7 +418,7 @@ fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobRe
 /// An unknown job, data that cannot be generated, a run that fails.
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
-        if name != "latency" && !JOBS.iter().any(|j| j.name == name) {
+        if name != "latency" && name != "query" && !JOBS.iter().any(|j| j.name == name) {
             return Err(BenchError::UnknownJob(name.clone()));
         }
     }
@@ -318,6 +446,14 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
         config.dir.join("out").display()
     )))?;
     for name in &config.jobs {
+        if name == "query" {
+            print(query_job(
+                &config.dir,
+                config.query_profiles,
+                config.repeat,
+            )?);
+            continue;
+        }
         if name == "latency" {
             for rate in [1_000, 10_000] {
                 let runs: Vec<latency::Stats> = (0..config.repeat)
