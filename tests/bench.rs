@@ -63,7 +63,10 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
             "{stdout}"
         );
     }
-    let query = lines.iter().find(|l| l["job"] == "query").expect("a query result");
+    let query = lines
+        .iter()
+        .find(|l| l["job"] == "query")
+        .expect("a query result");
     assert_eq!(query["profiles"], 3000, "{query}");
     assert_eq!(query["lookups"], 21, "{query}");
     assert!(query["median_ms"].as_f64().unwrap() > 0.0, "{query}");

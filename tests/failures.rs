@@ -255,6 +255,23 @@ fn source_settings_are_checked_against_the_input_given() {
     );
 }
 
+/// An input that opens but cannot be read (a directory) stops the run
+/// before it starts, with the reason; it is not read as an empty input.
+#[test]
+fn an_input_that_cannot_be_read_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    for workers in ["1", "2"] {
+        let child = run_web(&spec, &dir.path().display().to_string(), workers, &[]);
+        let (code, err) = finish(child, 60);
+        assert_ne!(code, 0, "-w {workers}: {err}");
+        assert!(
+            err.contains("cannot read input") && err.contains("it is a directory"),
+            "-w {workers}: {err}"
+        );
+    }
+}
+
 #[test]
 fn a_tcp_sink_that_closes_mid_run_ends_every_worker_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
