@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::profiles::Attributes;
 use super::traits::{Total, SUM_SCALE};
 use super::Coll;
-use crate::model::{Id, Scalar};
+use crate::model::{Id, Scalar, ScalarRef};
 use crate::spec::{Aggregate, SegmentSpec, TraitSpec};
 
 /// One fact about a profile, the input of segment evaluation.
@@ -49,17 +49,22 @@ pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpe
             Fact::Attrs(a) => attrs = Some(a),
         }
     }
-    let mut lookup = |path: &[String]| -> Scalar {
+    let mut lookup = |path: &[String]| -> ScalarRef<'_> {
         match path {
+            // Trait values are numbers.
             [name] => traits
                 .iter()
                 .position(|t| &t.name == name)
-                .map(|i| trait_scalar(&traits[i], values[i]))
-                .unwrap_or(Scalar::Null),
+                .and_then(|i| trait_scalar(&traits[i], values[i]).as_f64())
+                .map_or(ScalarRef::Null, ScalarRef::Num),
             [first, field] if first == "attributes" => attrs
-                .and_then(|a| a.iter().find(|(k, _)| k == field).map(|(_, v)| v.clone()))
-                .unwrap_or(Scalar::Null),
-            _ => Scalar::Null,
+                .and_then(|a| {
+                    a.iter()
+                        .find(|(k, _)| k == field)
+                        .map(|(_, v)| v.borrowed())
+                })
+                .unwrap_or(ScalarRef::Null),
+            _ => ScalarRef::Null,
         }
     };
     segments

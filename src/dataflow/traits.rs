@@ -33,7 +33,7 @@ use differential_dataflow::AsCollection;
 use timely::dataflow::operators::vec::Map;
 
 use super::{Coll, Time};
-use crate::model::{Id, Ident, Record, Scalar};
+use crate::model::{Id, Ident, Record, ScalarRef};
 use crate::spec::{Aggregate, StreamKind, TraitSpec};
 
 /// Sum traits are kept as integers in thousandths of the summed field.
@@ -52,11 +52,11 @@ pub type IdProfileArrangement<'s> = Arranged<'s, TraceAgent<ValSpine<Id, Id, Tim
 /// field that is missing, not a number, zero or outside ±[`MAX_SUM_VALUE`]
 /// (which decoding already rejects) contributes nothing.
 pub fn trait_value(spec: &TraitSpec, record: &Record) -> Option<i64> {
-    let mut lookup = |path: &[String]| -> Scalar {
+    let mut lookup = |path: &[String]| -> ScalarRef<'_> {
         match record {
-            Record::Web(e) => e.field(path),
-            Record::Txn(t) => t.field(path),
-            Record::Crm(_) => Scalar::Null,
+            Record::Web(e) => e.field_ref(path),
+            Record::Txn(t) => t.field_ref(path),
+            Record::Crm(_) => ScalarRef::Null,
         }
     };
     let stream_matches = matches!(

@@ -25,4 +25,4 @@ pub mod scalar;
 pub use ident::*;
 pub use normalize::*;
 pub use record::*;
-pub use scalar::Scalar;
+pub use scalar::{Scalar, ScalarRef};

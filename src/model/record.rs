@@ -67,7 +67,7 @@ use serde_json::{Map, Value};
 
 use super::ident::{prefix_for, Ident, IdentityRules};
 use super::normalize::normalize_id;
-use super::scalar::{float, is_integer_literal, Decimal, Scalar, Whole};
+use super::scalar::{float, is_integer_literal, Decimal, Scalar, ScalarRef, Whole};
 use crate::time::parse::{json_type, parse_time_as, parse_time_str_as, TimeUnit};
 
 /// Named scalar fields (item properties, context, free-form properties).
@@ -285,15 +285,15 @@ impl Record {
 
 /// The normalized value (without prefix) of the identifier named by a field
 /// name (`email`, `crm_id`) or a prefix (`crm`, `anon`).
-fn ident_value(ids: &[Ident], name: &str) -> Option<Scalar> {
+fn ident_value<'a>(ids: &'a [Ident], name: &str) -> Option<ScalarRef<'a>> {
     let prefix = prefix_for(name);
     ids.iter()
         .find(|i| i.kind() == prefix || i.kind() == name)
-        .map(|i| Scalar::Str(i.raw_value().to_string()))
+        .map(|i| ScalarRef::Str(i.raw_value()))
 }
 
-fn lookup(fields: &Fields, key: &str) -> Scalar {
-    fields.get(key).cloned().unwrap_or(Scalar::Null)
+fn lookup<'a>(fields: &'a Fields, key: &str) -> ScalarRef<'a> {
+    fields.get(key).map_or(ScalarRef::Null, Scalar::borrowed)
 }
 
 impl WebEvent {
@@ -305,10 +305,15 @@ impl WebEvent {
     ///   `"user_id"`, `"anon"`): the normalized value without prefix;
     /// * any other single name: the top-level property of that name.
     pub fn field(&self, path: &[String]) -> Scalar {
+        self.field_ref(path).to_scalar()
+    }
+
+    /// [`WebEvent::field`], borrowed from the event.
+    pub fn field_ref(&self, path: &[String]) -> ScalarRef<'_> {
         match path {
             [one] => match one.as_str() {
-                "event" => Scalar::Str(self.event.clone()),
-                "ts" => Scalar::Num(self.ts_ms as f64),
+                "event" => ScalarRef::Str(&self.event),
+                "ts" => ScalarRef::Num(self.ts_ms as f64),
                 name => {
                     ident_value(&self.ids, name).unwrap_or_else(|| lookup(&self.properties, name))
                 }
@@ -317,9 +322,9 @@ impl WebEvent {
                 "item" => lookup(&self.item, key),
                 "context" => lookup(&self.context, key),
                 "properties" => lookup(&self.properties, key),
-                _ => Scalar::Null,
+                _ => ScalarRef::Null,
             },
-            _ => Scalar::Null,
+            _ => ScalarRef::Null,
         }
     }
 }
@@ -334,19 +339,27 @@ impl Transaction {
     ///   `"user_id"`, `"email"`): the normalized value without prefix;
     /// * any other single name: the top-level property of that name.
     pub fn field(&self, path: &[String]) -> Scalar {
+        self.field_ref(path).to_scalar()
+    }
+
+    /// [`Transaction::field`], borrowed from the transaction.
+    pub fn field_ref(&self, path: &[String]) -> ScalarRef<'_> {
         match path {
             [one] => match one.as_str() {
-                "amount" => Scalar::Num(self.amount),
-                "currency" => self.currency.clone().map_or(Scalar::Null, Scalar::Str),
-                "order_id" => Scalar::Str(self.order_id.clone()),
-                "item_count" => Scalar::Num(self.item_count as f64),
-                "ts" => Scalar::Num(self.ts_ms as f64),
+                "amount" => ScalarRef::Num(self.amount),
+                "currency" => self
+                    .currency
+                    .as_deref()
+                    .map_or(ScalarRef::Null, ScalarRef::Str),
+                "order_id" => ScalarRef::Str(&self.order_id),
+                "item_count" => ScalarRef::Num(self.item_count as f64),
+                "ts" => ScalarRef::Num(self.ts_ms as f64),
                 name => {
                     ident_value(&self.ids, name).unwrap_or_else(|| lookup(&self.properties, name))
                 }
             },
             [group, key] if group == "properties" => lookup(&self.properties, key),
-            _ => Scalar::Null,
+            _ => ScalarRef::Null,
         }
     }
 }

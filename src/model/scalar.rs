@@ -46,7 +46,63 @@ pub enum Scalar {
     Str(String),
 }
 
+/// A borrowed [`Scalar`]: what conditions read and compare, without
+/// copying strings (a filter such as `event == "view_item"` is evaluated
+/// for every event).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScalarRef<'a> {
+    /// JSON `null` or a missing value.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number.
+    Num(f64),
+    /// A string.
+    Str(&'a str),
+}
+
+impl ScalarRef<'_> {
+    /// As [`Scalar::as_f64`].
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            ScalarRef::Num(n) => Some(*n),
+            ScalarRef::Str(s) => s.trim().parse().ok(),
+            ScalarRef::Bool(_) | ScalarRef::Null => None,
+        }
+    }
+
+    /// As [`Scalar::truthy`].
+    pub fn truthy(&self) -> bool {
+        match self {
+            ScalarRef::Null => false,
+            ScalarRef::Bool(b) => *b,
+            ScalarRef::Num(n) => *n != 0.0,
+            ScalarRef::Str(s) => !s.is_empty(),
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_scalar(self) -> Scalar {
+        match self {
+            ScalarRef::Null => Scalar::Null,
+            ScalarRef::Bool(b) => Scalar::Bool(b),
+            ScalarRef::Num(n) => Scalar::Num(n),
+            ScalarRef::Str(s) => Scalar::Str(s.to_string()),
+        }
+    }
+}
+
 impl Scalar {
+    /// This scalar, borrowed.
+    pub fn borrowed(&self) -> ScalarRef<'_> {
+        match self {
+            Scalar::Null => ScalarRef::Null,
+            Scalar::Bool(b) => ScalarRef::Bool(*b),
+            Scalar::Num(n) => ScalarRef::Num(*n),
+            Scalar::Str(s) => ScalarRef::Str(s),
+        }
+    }
+
     fn rank(&self) -> u8 {
         match self {
             Scalar::Null => 0,

@@ -23,7 +23,7 @@ use winnow::stream::{Location, Stream};
 use winnow::token::{any, literal, take_while};
 use winnow::LocatingSlice;
 
-use crate::model::Scalar;
+use crate::model::{Scalar, ScalarRef};
 
 /// Byte range of a piece of an expression, relative to the expression text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -503,7 +503,12 @@ fn ordering_ok(op: CmpOp, ord: Option<Ordering>) -> bool {
 
 /// Compares two scalars with the language's semantics (see module docs).
 pub fn compare(op: CmpOp, a: &Scalar, b: &Scalar) -> bool {
-    use Scalar::*;
+    compare_ref(op, a.borrowed(), b.borrowed())
+}
+
+/// [`compare`] on borrowed scalars.
+pub fn compare_ref(op: CmpOp, a: ScalarRef, b: ScalarRef) -> bool {
+    use ScalarRef::*;
     let ord = match (a, b) {
         (Null, _) | (_, Null) => {
             let both = matches!(a, Null) && matches!(b, Null);
@@ -513,40 +518,41 @@ pub fn compare(op: CmpOp, a: &Scalar, b: &Scalar) -> bool {
                 _ => false,
             };
         }
-        (Num(x), Num(y)) => x.partial_cmp(y),
+        (Num(x), Num(y)) => x.partial_cmp(&y),
         (Str(x), Str(y)) => Some(x.cmp(y)),
         (Num(x), s @ Str(_)) => s.as_f64().and_then(|y| x.partial_cmp(&y)),
-        (s @ Str(_), Num(y)) => s.as_f64().and_then(|x| x.partial_cmp(y)),
-        (Bool(x), Bool(y)) => Some(x.cmp(y)),
+        (s @ Str(_), Num(y)) => s.as_f64().and_then(|x| x.partial_cmp(&y)),
+        (Bool(x), Bool(y)) => Some(x.cmp(&y)),
         _ => None,
     };
     ordering_ok(op, ord)
 }
 
 impl Expr {
-    /// Evaluates the expression; `env` resolves paths (missing = `Null`).
-    /// `Not`, `And`, `Or`, `Cmp` and `In` yield `Scalar::Bool`.
-    pub fn eval(&self, env: &mut dyn FnMut(&[String]) -> Scalar) -> Scalar {
+    /// Evaluates the expression; `env` resolves paths (missing = `Null`),
+    /// borrowing from the record or profile it reads, so nothing is copied.
+    /// `Not`, `And`, `Or`, `Cmp` and `In` yield `Bool`.
+    pub fn eval<'a>(&'a self, env: &mut dyn FnMut(&[String]) -> ScalarRef<'a>) -> ScalarRef<'a> {
         match self {
-            Expr::Lit(v) => v.clone(),
+            Expr::Lit(v) => v.borrowed(),
             Expr::Path(p, _) => env(p),
-            Expr::Not(e) => Scalar::Bool(!e.eval_bool(env)),
-            Expr::And(es) => Scalar::Bool(es.iter().all(|e| e.eval_bool(env))),
-            Expr::Or(es) => Scalar::Bool(es.iter().any(|e| e.eval_bool(env))),
+            Expr::Not(e) => ScalarRef::Bool(!e.eval_bool(env)),
+            Expr::And(es) => ScalarRef::Bool(es.iter().all(|e| e.eval_bool(env))),
+            Expr::Or(es) => ScalarRef::Bool(es.iter().any(|e| e.eval_bool(env))),
             Expr::Cmp(op, a, b) => {
                 let a = a.eval(env);
                 let b = b.eval(env);
-                Scalar::Bool(compare(*op, &a, &b))
+                ScalarRef::Bool(compare_ref(*op, a, b))
             }
             Expr::In(a, list) => {
                 let a = a.eval(env);
-                Scalar::Bool(list.iter().any(|l| compare(CmpOp::Eq, &a, l)))
+                ScalarRef::Bool(list.iter().any(|l| compare_ref(CmpOp::Eq, a, l.borrowed())))
             }
         }
     }
 
     /// Evaluates and takes the truthiness of the result.
-    pub fn eval_bool(&self, env: &mut dyn FnMut(&[String]) -> Scalar) -> bool {
+    pub fn eval_bool<'a>(&'a self, env: &mut dyn FnMut(&[String]) -> ScalarRef<'a>) -> bool {
         self.eval(env).truthy()
     }
 
@@ -661,7 +667,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        let mut env = |p: &[String]| map.get(&p.join(".")).cloned().unwrap_or(Scalar::Null);
+        let mut env = |p: &[String]| {
+            map.get(&p.join("."))
+                .map_or(ScalarRef::Null, Scalar::borrowed)
+        };
         p(src).eval_bool(&mut env)
     }
 
@@ -872,8 +881,14 @@ mod tests {
         assert!(!eval_with("missing > 0", &vars));
         assert!(eval_with("item.price", &vars));
         assert!(!eval_with("missing", &vars));
-        assert_eq!(p("1 < 2").eval(&mut |_| Scalar::Null), Scalar::Bool(true));
-        assert_eq!(p("x").eval(&mut |_| Scalar::Num(7.0)), Scalar::Num(7.0));
+        assert_eq!(
+            p("1 < 2").eval(&mut |_| ScalarRef::Null),
+            ScalarRef::Bool(true)
+        );
+        assert_eq!(
+            p("x").eval(&mut |_| ScalarRef::Num(7.0)),
+            ScalarRef::Num(7.0)
+        );
     }
 
     #[test]

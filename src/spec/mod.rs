@@ -15,8 +15,6 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use self::expr::{parse_expr, Expr};
-#[cfg(test)]
-use crate::model::Scalar;
 
 /// An error in a dataflow definition file, with its position.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -1234,10 +1232,10 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!(t0.of, None);
         let f = t0.filter.as_ref().expect("filter");
         let mut env = |p: &[String]| match p.join(".").as_str() {
-            "event" => Scalar::Str("view_item".into()),
-            "item.price" => Scalar::Num(150.0),
-            "device_id" => Scalar::Str("d1".into()),
-            _ => Scalar::Null,
+            "event" => crate::model::ScalarRef::Str("view_item"),
+            "item.price" => crate::model::ScalarRef::Num(150.0),
+            "device_id" => crate::model::ScalarRef::Str("d1"),
+            _ => crate::model::ScalarRef::Null,
         };
         assert!(f.eval_bool(&mut env));
         let t1 = &s.traits[1];
@@ -1255,9 +1253,9 @@ when = "spend > 1000 or a_views in [1, 2]"
         );
         assert_eq!(s.segments[1].description, None);
         let mut env = |p: &[String]| match p.join(".").as_str() {
-            "premium_views_30m" => Scalar::Num(3.0),
-            "attributes.tier" => Scalar::Str("gold".into()),
-            _ => Scalar::Null,
+            "premium_views_30m" => crate::model::ScalarRef::Num(3.0),
+            "attributes.tier" => crate::model::ScalarRef::Str("gold"),
+            _ => crate::model::ScalarRef::Null,
         };
         assert!(s.segments[0].when.eval_bool(&mut env));
         assert!(!s.segments[1].when.eval_bool(&mut env));
