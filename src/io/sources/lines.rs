@@ -489,10 +489,21 @@ pub struct RangeLines {
 impl RangeLines {
     /// Opens `range` of `path`; lines and offsets are those of the file.
     pub fn open(path: &Path, range: FileRange, limit: usize) -> io::Result<Self> {
+        Self::with_buffer(path, range, limit, 1 << 20)
+    }
+
+    /// [`RangeLines::open`] with a read buffer of `buffer` bytes (a small
+    /// one to look at a range's first lines only).
+    pub fn with_buffer(
+        path: &Path,
+        range: FileRange,
+        limit: usize,
+        buffer: usize,
+    ) -> io::Result<Self> {
         let mut file = File::open(path)?;
         file.seek(SeekFrom::Start(range.start))?;
         Ok(RangeLines {
-            reader: BufReader::with_capacity(1 << 20, file.take(range.end - range.start)),
+            reader: BufReader::with_capacity(buffer, file.take(range.end - range.start)),
             framer: Framer::starting_at(limit, range.start, range.first_line),
         })
     }

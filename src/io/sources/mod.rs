@@ -598,7 +598,7 @@ fn range_bound(
     path: &std::path::Path,
     range: FileRange,
 ) -> std::io::Result<Time> {
-    let mut lines = RangeLines::open(path, range, params.max_line_bytes)?;
+    let mut lines = RangeLines::with_buffer(path, range, params.max_line_bytes, 64 << 10)?;
     let mut clock = SourceClock::new(params.time, false, wall_clock_ms());
     loop {
         match lines.next_line()? {
