@@ -803,3 +803,59 @@ fn sigterm_while_waiting_for_the_cluster_stops_at_once() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// Dead letters of a file read in many ranges (one per line here, a bad
+/// line every 97 lines): the dead-letter file is byte-identical for one,
+/// two and three workers, whatever range each worker reads.
+#[test]
+fn dead_letters_of_ranges_are_the_same_for_any_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 3000, 13);
+    let web = data.join("web.jsonl");
+    let text = std::fs::read_to_string(&web).unwrap();
+    let mut spoiled = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if i % 97 == 50 {
+            spoiled += &format!("{{\"event\":\"view_item\",\"ts\":\"not a time {i}\"}}\n");
+        }
+        spoiled += line;
+        spoiled += "\n";
+    }
+    std::fs::write(&web, spoiled).unwrap();
+    let flow = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let ranged = dir.path().join("ranged.toml");
+    std::fs::write(
+        &ranged,
+        flow.replacen("[engine]", "[engine]\nfile_range_bytes = 1", 1),
+    )
+    .unwrap();
+    let mut files = Vec::new();
+    for workers in ["1", "2", "3"] {
+        let name = format!("w{workers}");
+        let mut a = run_args(
+            data.to_str().unwrap(),
+            dir.path().join(format!("{name}.jsonl")).to_str().unwrap(),
+            dir.path()
+                .join(format!("{name}.dead.jsonl"))
+                .to_str()
+                .unwrap(),
+            dir.path().join(format!("{name}.state")).to_str().unwrap(),
+        );
+        a[1] = ranged.to_str().unwrap().to_string();
+        a.extend(["-w".to_string(), workers.to_string()]);
+        ok(Command::new(BIN).args(&a).output().unwrap());
+        files.push((
+            std::fs::read(dir.path().join(format!("{name}.jsonl"))).unwrap(),
+            std::fs::read(dir.path().join(format!("{name}.dead.jsonl"))).unwrap(),
+        ));
+    }
+    assert!(files[0].1.iter().filter(|b| **b == b'\n').count() >= 30);
+    for (i, (diffs, dead)) in files.iter().enumerate().skip(1) {
+        assert!(*diffs == files[0].0, "diffs of run {i} differ");
+        assert!(*dead == files[0].1, "dead letters of run {i} differ");
+    }
+}

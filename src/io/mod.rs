@@ -95,8 +95,12 @@ pub enum Control {
         /// Records older than the watermark.
         late: u64,
     },
-    /// A dead letter to write.
-    Dead(DeadLetter),
+    /// A dead letter to write, and the time it is written at (with the
+    /// others of that time, sorted): the reading clock's watermark when it
+    /// was found, never less than the message's own time. It depends on the
+    /// input alone (a file range's own clock), not on which worker read it,
+    /// so the dead-letter file is the same for any number of workers.
+    Dead(DeadLetter, u64),
 }
 
 /// Why a run stopped before its inputs ended.

@@ -281,7 +281,7 @@ impl Committer {
                 s.dead_letters += dead;
                 s.late += late;
             }
-            Control::Dead(letter) => self.dead(letter),
+            Control::Dead(letter, _) => self.dead(letter),
         }
     }
 
@@ -498,8 +498,8 @@ pub fn commit<'s>(
                         // Dead letters wait for their time to complete, then
                         // are written sorted: the same input gives the same
                         // dead-letter file for any number of workers.
-                        Control::Dead(letter) => {
-                            c.dead_pending.entry(time).or_default().push(letter)
+                        Control::Dead(letter, at) => {
+                            c.dead_pending.entry(at.max(time)).or_default().push(letter)
                         }
                         other => c.control(&other),
                     }

@@ -37,6 +37,9 @@ pub struct RawLine {
     pub offset: u64,
     /// The tick the record will carry.
     pub tick: Time,
+    /// The reading clock's watermark when the line was read: the time its
+    /// dead letter, if any, is written at (see [`Control::Dead`]).
+    pub read_at: Time,
     /// The TCP peer that sent it, for socket sources.
     pub peer: Option<String>,
     /// The line.
@@ -117,15 +120,18 @@ pub fn decode_stage<'s>(
                         }
                         Err(e) => {
                             dead += 1;
-                            control.push(Control::Dead(DeadLetter::new(
-                                &name,
-                                &input_name,
-                                raw.peer.as_deref(),
-                                raw.line,
-                                raw.offset,
-                                e,
-                                raw.text.as_bytes(),
-                            )));
+                            control.push(Control::Dead(
+                                DeadLetter::new(
+                                    &name,
+                                    &input_name,
+                                    raw.peer.as_deref(),
+                                    raw.line,
+                                    raw.offset,
+                                    e,
+                                    raw.text.as_bytes(),
+                                ),
+                                raw.read_at,
+                            ));
                         }
                     }
                 }

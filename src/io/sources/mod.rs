@@ -170,6 +170,9 @@ struct Reader {
     /// by several workers), instead of peeking at its time and sending it to
     /// be decoded on another worker.
     local_decode: bool,
+    /// No record of this reader is earlier (a range's bound): the least time
+    /// its dead letters are written at.
+    floor: Time,
 }
 
 impl Reader {
@@ -179,6 +182,7 @@ impl Reader {
         params: Arc<ReadParams>,
         path: &std::path::Path,
         range: FileRange,
+        floor: Time,
     ) -> std::io::Result<Reader> {
         let lines = Box::new(RangeLines::open(path, range, params.max_line_bytes)?);
         let input_name = def.input.describe();
@@ -193,6 +197,7 @@ impl Reader {
             reported_clock: None,
             stats: (0, 0, 0, 0),
             local_decode: true,
+            floor,
         })
     }
 
@@ -230,6 +235,7 @@ impl Reader {
             reported_clock: None,
             stats: (0, 0, 0, 0),
             local_decode: false,
+            floor: Time::default(),
         })
     }
 
@@ -252,7 +258,10 @@ impl Reader {
             reason,
             raw,
         );
-        ctl.push(Control::Dead(letter));
+        ctl.push(Control::Dead(
+            letter,
+            self.clock.watermark().max(self.floor),
+        ));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -296,6 +305,7 @@ impl Reader {
                     line,
                     offset,
                     tick,
+                    read_at: self.clock.watermark().max(self.floor),
                     peer,
                     text,
                 });
@@ -696,7 +706,8 @@ pub fn source<'s>(
                     Input::File { path, .. } => path.clone(),
                     _ => unreachable!("only files are read in ranges"),
                 };
-                match Reader::open_range(def.clone(), Arc::clone(&params), &path, range) {
+                match Reader::open_range(def.clone(), Arc::clone(&params), &path, range, part.bound)
+                {
                     Ok(r) => part.reader = Some(r),
                     Err(e) => {
                         abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
