@@ -111,11 +111,11 @@ struct BenchArgs {
     /// Directory for the data, outputs and state (kept afterwards).
     #[arg(long, value_name = "DIR", default_value = "bench")]
     dir: PathBuf,
-    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency.
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency, query.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ecommerce,visitor_high_intent,latency"
+        default_value = "ecommerce,visitor_high_intent,latency,query"
     )]
     jobs: Vec<String>,
     /// Worker counts, comma-separated.
@@ -397,6 +397,12 @@ fn main() -> ExitCode {
         })(),
         Command::Bench(args) => (|| {
             anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
+            anyhow::ensure!(args.latency_secs > 0, "--latency-secs must be at least 1");
+            anyhow::ensure!(
+                args.query_profiles > 0,
+                "--query-profiles must be at least 1"
+            );
+            anyhow::ensure!(args.events > 0, "--events must be at least 1");
             anyhow::ensure!(
                 !args.workers.is_empty() && args.workers.iter().all(|&w| w > 0),
                 "--workers takes worker counts of at least 1, e.g. 1,2"
@@ -410,6 +416,7 @@ fn main() -> ExitCode {
                 repeat: args.repeat,
                 latency_secs: args.latency_secs,
                 query_profiles: args.query_profiles,
+                stop: Some(watch_signals()?),
             };
             segflow::bench::run(&config, &mut |line| print_out(&line))?;
             Ok(())

@@ -84,3 +84,104 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown job `nope`"));
 }
+
+/// `segflow bench` destroys nothing it did not create: a state directory
+/// with someone else's file is refused and left as it was.
+#[test]
+fn bench_refuses_state_it_did_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("out/ecommerce-w1.state");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("precious.txt"), "keep me").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--events",
+            "500",
+            "--repeat",
+            "1",
+            "--jobs",
+            "ecommerce",
+        ])
+        .args(["--workers", "1", "--dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("has no SEGFLOW_STATE marker"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+    let zero = Command::new(BIN)
+        .args([
+            "bench",
+            "--latency-secs",
+            "0",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("--latency-secs must be at least 1"));
+}
+
+/// SIGTERM stops the bench and the run it started: no run is left behind,
+/// and the exit status says it was interrupted.
+#[test]
+fn sigterm_stops_the_bench_and_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "bench",
+            "--events",
+            "300000",
+            "--repeat",
+            "5",
+            "--jobs",
+            "visitor_high_intent",
+        ])
+        .args(["--workers", "1", "--dir", dir.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the first run has started.
+    let marker = dir.path().join("out");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !marker.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    // No `segflow run` of this bench is left.
+    let path = dir.path().to_str().unwrap().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            assert!(
+                !(cmd.contains(" run ") && cmd.contains(&path)),
+                "left behind: {cmd}"
+            );
+        }
+    }
+}

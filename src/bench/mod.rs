@@ -80,6 +80,9 @@ pub struct BenchConfig {
     pub latency_secs: u64,
     /// Profiles in the state the `query` job looks up.
     pub query_profiles: u64,
+    /// Set (by SIGTERM or Ctrl-C) to stop: the running child is stopped
+    /// and the bench ends with [`BenchError::Interrupted`].
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The medians of one job at one worker count.
@@ -123,6 +126,17 @@ pub enum BenchError {
         /// The error.
         source: std::io::Error,
     },
+    /// Another `segflow bench` uses the directory.
+    #[error("{0} is in use by another segflow bench; wait for it or give another --dir")]
+    Busy(String),
+    /// Stopped by a signal.
+    #[error(
+        "interrupted (SIGTERM or Ctrl-C); the results above are complete, the rest was not run"
+    )]
+    Interrupted,
+    /// The query job failed.
+    #[error("job query: {0}")]
+    Query(String),
     /// A run failed.
     #[error("job {job} with -w {workers} failed: {reason}")]
     Run {
@@ -156,16 +170,21 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// Runs `segflow` (the running executable) with `args`; returns its
-/// standard output and peak RSS in KiB.
-fn run_child(args: &[String]) -> Result<(std::process::Output, u64), String> {
+/// standard output and peak RSS in KiB. When `stop` is set meanwhile, the
+/// child is stopped (SIGTERM) and `Err(None)` returned.
+fn run_child(
+    args: &[String],
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<(std::process::Output, u64), Option<String>> {
     use std::os::unix::process::ExitStatusExt;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find segflow itself: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| Some(format!("cannot find segflow itself: {e}")))?;
     let child = Command::new(exe)
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start segflow: {e}"))?;
+        .map_err(|e| Some(format!("cannot start segflow: {e}")))?;
     let pid = child.id() as libc::pid_t;
     // Read the pipes on threads while waiting with wait4 for the rusage.
     let mut child = child;
@@ -184,14 +203,31 @@ fn run_child(args: &[String]) -> Result<(std::process::Output, u64), String> {
     let mut status = 0;
     // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet waited for; both pointers are to
-    // live locals.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    if waited != pid {
-        return Err(format!(
-            "waiting for segflow failed: {}",
-            std::io::Error::last_os_error()
-        ));
+    let mut stopping = false;
+    loop {
+        // SAFETY: `pid` is our child, not yet reaped; both pointers are to
+        // live locals.
+        let waited = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if waited == pid {
+            break;
+        }
+        if waited != 0 {
+            return Err(Some(format!(
+                "waiting for segflow failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        if !stopping && stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+            // SAFETY: signalling our own child, which has not been reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            stopping = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Ctrl-C reaches the child too (one process group): a run that ended
+    // because of it is no measurement.
+    if stopping || stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+        return Err(None);
     }
     let output = std::process::Output {
         status: std::process::ExitStatus::from_raw(status),
@@ -209,7 +245,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs `job` on `workers` workers `repeat` times over the data in
 /// `dir/data`.
-fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobResult, BenchError> {
+fn run_job(
+    job: &Job,
+    workers: usize,
+    repeat: usize,
+    dir: &Path,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<JobResult, BenchError> {
     let flow = dir.join(format!("{}.toml", job.name));
     std::fs::write(&flow, job.dataflow).map_err(io_err(format!("write {}", flow.display())))?;
     let failed = |reason: String| BenchError::Run {
@@ -220,8 +262,9 @@ fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobRe
     let mut runs = Vec::new();
     for _ in 0..repeat {
         let out = dir.join("out");
+        // A state directory of an earlier run is replaced by `segflow run`
+        // itself, which refuses anything it did not create.
         let state = out.join(format!("{}-w{workers}.state", job.name));
-        let _ = std::fs::remove_dir_all(&state);
         let mut args: Vec<String> = vec![
             "run".into(),
             flow.display().to_string(),
@@ -248,7 +291,11 @@ fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobRe
                 dir.join("data").join(file).display()
             ));
         }
-        let (output, rss_kb) = run_child(&args).map_err(failed)?;
+        let (output, rss_kb) = match run_child(&args, stop) {
+            Ok(r) => r,
+            Err(None) => return Err(BenchError::Interrupted),
+            Err(Some(reason)) => return Err(failed(reason)),
+        };
         if !output.status.success() {
             return Err(failed(
                 String::from_utf8_lossy(&output.stderr).trim().to_string(),
@@ -291,15 +338,16 @@ fn run_job(job: &Job, workers: usize, repeat: usize, dir: &Path) -> Result<JobRe
 /// and times `segflow query` on random identifiers of them (`21 × repeat`
 /// lookups, each a new process, as an operator runs it); returns the
 /// result as a JSON line.
-fn query_job(dir: &Path, profiles: u64, repeat: usize) -> Result<String, BenchError> {
+fn query_job(
+    dir: &Path,
+    profiles: u64,
+    repeat: usize,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<String, BenchError> {
     use crate::store::{Checkpoint, StateBatch, StateLock, Store, StoreOp};
+    // Replaced if segflow wrote it, refused otherwise.
     let state = dir.join("query.state");
-    let _ = std::fs::remove_dir_all(&state);
-    let store_err = |e: crate::store::StoreError| BenchError::Run {
-        job: "query".into(),
-        workers: 1,
-        reason: e.to_string(),
-    };
+    let store_err = |e: crate::store::StoreError| BenchError::Query(e.to_string());
     let started = std::time::Instant::now();
     {
         let lock = StateLock::take(&state).map_err(store_err)?;
@@ -376,23 +424,19 @@ fn query_job(dir: &Path, profiles: u64, repeat: usize) -> Result<String, BenchEr
             format!("email:person{p}@example.com"),
         ];
         let at = std::time::Instant::now();
-        let (output, _) = run_child(&args).map_err(|reason| BenchError::Run {
-            job: "query".into(),
-            workers: 1,
-            reason,
-        })?;
+        let (output, _) = match run_child(&args, stop) {
+            Ok(r) => r,
+            Err(None) => return Err(BenchError::Interrupted),
+            Err(Some(reason)) => return Err(BenchError::Query(reason)),
+        };
         let ms = at.elapsed().as_secs_f64() * 1000.0;
         let text = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() || !text.contains(&format!("crm:C{p:08}")) {
-            return Err(BenchError::Run {
-                job: "query".into(),
-                workers: 1,
-                reason: format!(
-                    "looking up profile {p} failed: {}{}",
-                    text,
-                    String::from_utf8_lossy(&output.stderr)
-                ),
-            });
+            return Err(BenchError::Query(format!(
+                "looking up profile {p} gave: {}{}",
+                text.trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
         }
         times.push(ms);
     }
@@ -421,6 +465,19 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
         if name != "latency" && name != "query" && !JOBS.iter().any(|j| j.name == name) {
             return Err(BenchError::UnknownJob(name.clone()));
         }
+    }
+    let stop = config.stop.as_deref();
+    std::fs::create_dir_all(&config.dir)
+        .map_err(io_err(format!("create {}", config.dir.display())))?;
+    let lock_path = config.dir.join("segflow-bench.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(format!("open {}", lock_path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(BenchError::Busy(config.dir.display().to_string()));
     }
     let data = config.dir.join("data");
     let gen = crate::generate::GenConfig {
@@ -451,27 +508,35 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
                 &config.dir,
                 config.query_profiles,
                 config.repeat,
+                stop,
             )?);
             continue;
         }
         if name == "latency" {
             for rate in [1_000, 10_000] {
-                let runs: Vec<latency::Stats> = (0..config.repeat)
-                    .map(|_| latency::run(rate, config.latency_secs, 2, false, "0s"))
-                    .collect();
-                print(latency::median(&runs).json("latency"));
+                let mut runs = Vec::new();
+                for _ in 0..config.repeat {
+                    if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                        return Err(BenchError::Interrupted);
+                    }
+                    runs.push(latency::run(rate, config.latency_secs, 2, false, "0s"));
+                }
+                let line = latency::median(&runs).json("latency");
+                print(format!("{{\"job\":\"latency\",{}", &line[1..]));
             }
             continue;
         }
         let job = JOBS.iter().find(|j| j.name == name).expect("checked above");
         let mut results = Vec::new();
         for &workers in &config.workers {
-            let result = run_job(job, workers, config.repeat, &config.dir)?;
+            let result = run_job(job, workers, config.repeat, &config.dir, stop)?;
             print(serde_json::to_string(&result).expect("serializes"));
             results.push(result);
         }
-        if let (Some(first), Some(last)) = (results.first(), results.last()) {
-            if results.len() > 1 {
+        let fewest = results.iter().min_by_key(|r| r.workers);
+        let most = results.iter().max_by_key(|r| r.workers);
+        if let (Some(first), Some(last)) = (fewest, most) {
+            if first.workers != last.workers {
                 print(
                     serde_json::json!({
                         "job": job.name,
