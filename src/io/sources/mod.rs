@@ -1,18 +1,23 @@
 //! Sources: files (JSON lines, CSV for CRM, optionally followed), TCP
 //! listeners and in-memory lines.
 //!
-//! Each source is read by one worker, its *owner* (source index modulo the
-//! number of workers, so the three streams land on different workers), which
-//! decodes and normalizes every line and checks it against the source's
-//! watermark in input order. This makes "late" a property of the input, not
-//! of the cluster's shape: `-w 1`, `-w 4` and `-n 2` admit the same records.
-//! The records are then exchanged by key to all workers for the rest of the
+//! A file of JSON lines (not followed) is cut into [`FileRange`]s at line
+//! boundaries (`[engine] file_range_bytes`; the cut depends on the file and
+//! that size only) and read by all workers, range `i` by worker `(source
+//! index + i) mod workers`, each range with its own clock; every line is
+//! decoded once, where it is read. Any other source is read by one worker,
+//! its *owner* (source index modulo the number of workers), which peeks at
+//! each line's time and checks it against the source's watermark in input
+//! order, and sends the line to be decoded on a worker chosen by line
+//! number. Either way "late" is a property of the input, not of the
+//! cluster's shape: `-w 1`, `-w 4` and `-n 2` admit the same records. The
+//! records are then exchanged by key to all workers for the rest of the
 //! flow.
 //!
 //! ## Event time
 //!
-//! The owner offers each record's event time, in input order, to the
-//! source's [`SourceClock`] (the rule, its glossary and a worked example are
+//! The reader (owner, or range) offers each record's event time, in input
+//! order, to its [`SourceClock`] (the rule, its glossary and a worked example are
 //! in [`crate::time`]): it says whether the record is on time, late or
 //! future, and where the source's watermark is. The source holds its timely
 //! capability at the watermark, so downstream times below it are complete.
