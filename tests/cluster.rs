@@ -649,9 +649,18 @@ fn sigterm_to_any_process_ends_the_whole_cluster_gracefully() {
         .status()
         .unwrap();
     assert!(status.success());
-    for (status, err) in wait_all(children, 60) {
+    let results = wait_all(children, 60);
+    for (status, err) in &results {
         assert!(status.success(), "{err}");
     }
+    // Process 0 says why it stopped.
+    assert!(
+        results[0]
+            .1
+            .contains("another process of the cluster was asked to stop"),
+        "{}",
+        results[0].1
+    );
     let live = std::fs::read_to_string(dir.path().join("live0.jsonl")).unwrap();
     let replay = std::fs::read_to_string(replay).unwrap();
     assert!(!replay.is_empty());

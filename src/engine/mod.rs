@@ -174,7 +174,12 @@ impl ClusterShutdown {
         let input = worker.dataflow_named::<u64, _, _>("shutdown", |scope| {
             let (input, stream) = scope.new_input::<()>();
             stream.broadcast().inspect(move |_| {
-                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Said once per process, by the worker that learns it first.
+                if !seen.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!(
+                        "segflow: another process of the cluster was asked to stop; stopping; finishing what was read"
+                    );
+                }
             });
             input
         });
