@@ -25,7 +25,7 @@
 //! - [`io::sinks`]: the commit stage writing complete timestamps in order;
 //! - [`store`]: RocksDB column families and lookups;
 //! - [`generate`]: a seeded, realistic e-commerce data set;
-//! - [`bench`]: `segflow bench`, named jobs measured end to end.
+//! - [`mod@bench`]: `segflow bench`, named jobs measured end to end.
 //!
 //! ## Embedding
 //!

@@ -365,8 +365,8 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`, with
-    /// [`rocks_options`].
+    /// Opens (creating if needed) the store in `dir`, with the memory
+    /// bounds of [`MEMTABLE_BUDGET_BYTES`] and [`BLOCK_CACHE_BYTES`].
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let (opts, cfs) = rocks_options();
         let name = dir.display().to_string();
