@@ -90,6 +90,32 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
 #[test]
 fn bench_refuses_state_it_did_not_create() {
     let dir = tempfile::tempdir().unwrap();
+    // A directory with someone else's files is refused as a whole.
+    let checkout = tempfile::tempdir().unwrap();
+    std::fs::write(checkout.path().join("web.jsonl"), "mine").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--events",
+            "500",
+            "--dir",
+            checkout.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("holds files segflow bench did not write (found web.jsonl)"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(checkout.path().join("web.jsonl")).unwrap(),
+        "mine"
+    );
+    // In the bench's own directory, a state directory with someone else's
+    // file is refused and left as it was.
+    std::fs::write(dir.path().join("segflow-bench.lock"), "").unwrap();
     let theirs = dir.path().join("out/ecommerce-w1.state");
     std::fs::create_dir_all(&theirs).unwrap();
     std::fs::write(theirs.join("precious.txt"), "keep me").unwrap();

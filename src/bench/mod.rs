@@ -129,6 +129,16 @@ pub enum BenchError {
     /// Another `segflow bench` uses the directory.
     #[error("{0} is in use by another segflow bench; wait for it or give another --dir")]
     Busy(String),
+    /// The directory holds files the bench did not write.
+    #[error(
+        "{dir} holds files segflow bench did not write (found {found}); give a new or empty --dir"
+    )]
+    NotOurs {
+        /// The directory.
+        dir: String,
+        /// What is in it.
+        found: String,
+    },
     /// Stopped by a signal.
     #[error(
         "interrupted (SIGTERM or Ctrl-C); the results above are complete, the rest was not run"
@@ -297,8 +307,10 @@ fn run_job(
             Err(Some(reason)) => return Err(failed(reason)),
         };
         if !output.status.success() {
+            let err = String::from_utf8_lossy(&output.stderr);
+            let err = err.trim();
             return Err(failed(
-                String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                err.strip_prefix("error: ").unwrap_or(err).to_string(),
             ));
         }
         let summary: RunSummary = serde_json::from_slice(&output.stdout)
@@ -397,6 +409,9 @@ fn query_job(
             ));
             store.stage(&mut batch, &ops);
             if (p + 1) % 50_000 == 0 {
+                if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                    return Err(BenchError::Interrupted);
+                }
                 store
                     .write(std::mem::take(&mut batch), &Checkpoint::default())
                     .map_err(store_err)?;
@@ -467,9 +482,24 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
         }
     }
     let stop = config.stop.as_deref();
+    let lock_path = config.dir.join("segflow-bench.lock");
+    // The bench writes data, definitions and outputs in its directory: one
+    // that holds anything else (`--dir .` in a checkout) is refused. The
+    // lock file marks a directory as the bench's.
+    if let Ok(entries) = std::fs::read_dir(&config.dir) {
+        let others: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !others.is_empty() && !lock_path.exists() {
+            return Err(BenchError::NotOurs {
+                dir: config.dir.display().to_string(),
+                found: others.join(", "),
+            });
+        }
+    }
     std::fs::create_dir_all(&config.dir)
         .map_err(io_err(format!("create {}", config.dir.display())))?;
-    let lock_path = config.dir.join("segflow-bench.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -140,6 +140,10 @@ impl EngineSpec {
     }
 }
 
+/// The least [`EngineSpec::file_range_bytes`]: 4 KiB (every range is
+/// opened and looked at before the file is read).
+pub const MIN_FILE_RANGE_BYTES: u64 = 4096;
+
 /// The default [`EngineSpec::file_range_bytes`]: 16 MiB.
 pub const DEFAULT_FILE_RANGE_BYTES: u64 = 16 << 20;
 
@@ -620,8 +624,11 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
     }
     if let Some(v) = &raw.file_range_bytes {
         let n = *v.get_ref();
-        if n <= 0 {
-            return Err(cx.err(v.span().start, "`file_range_bytes` must be greater than 0"));
+        if n < MIN_FILE_RANGE_BYTES as i64 {
+            return Err(cx.err(
+                v.span().start,
+                format!("`file_range_bytes` must be at least {MIN_FILE_RANGE_BYTES}"),
+            ));
         }
         e.file_range_bytes = n as u64;
     }

@@ -555,6 +555,8 @@ struct Part {
     /// after its first admitted record (the tick of the first line whose
     /// time reads, minus the allowed lateness).
     bound: Time,
+    /// The least bound of this part and every part after it.
+    rest: Time,
 }
 
 /// The parts of source `def` that worker `index` of `peers` reads. A (not
@@ -586,11 +588,18 @@ fn open_parts(
             if (owner + i) % peers != index {
                 continue;
             }
+            let bound = range_bound(def, params, path, range)?;
             parts.push_back(Part {
                 reader: None,
                 range: Some(range),
-                bound: range_bound(def, params, path, range)?,
+                bound,
+                rest: bound,
             });
+        }
+        let mut least = Time::MAX;
+        for part in parts.iter_mut().rev() {
+            least = least.min(part.bound);
+            part.rest = least;
         }
         return Ok(parts);
     }
@@ -602,6 +611,7 @@ fn open_parts(
         reader: Some(reader),
         range: None,
         bound: Time::default(),
+        rest: Time::default(),
     }]))
 }
 
@@ -702,6 +712,14 @@ pub fn source<'s>(
         let mut ctl = Vec::new();
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
+            // Graceful shutdown: the ranges not read yet are not read.
+            let stopping = params
+                .shutdown
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+            if stopping && parts.len() > 1 {
+                parts.truncate(1);
+            }
             let Some(part) = parts.front_mut() else {
                 return;
             };
@@ -757,16 +775,14 @@ pub fn source<'s>(
                 }
             }
             // The capability: the least time any part still to read may
-            // produce (a part's bound until its clock has moved past it).
-            let least = parts
-                .iter()
-                .map(|p| {
-                    p.reader
-                        .as_ref()
-                        .map_or(p.bound, |r| r.clock.watermark().max(p.bound))
-                })
-                .min()
-                .unwrap_or_default();
+            // produce (a part's bound until its clock has moved past it):
+            // the part being read, and the least bound of those after it.
+            let front = parts.front().expect("not empty");
+            let current = front
+                .reader
+                .as_ref()
+                .map_or(front.bound, |r| r.clock.watermark().max(front.bound));
+            let least = current.min(parts.get(1).map_or(Time::MAX, |p| p.rest));
             if least > *held[0].time() {
                 for cap in held.iter_mut() {
                     cap.downgrade(&least);
