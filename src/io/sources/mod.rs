@@ -189,7 +189,14 @@ impl Reader {
         range: FileRange,
         floor: Time,
     ) -> std::io::Result<Reader> {
-        let lines = Box::new(RangeLines::open(path, range, params.max_line_bytes)?);
+        // A read buffer no larger than the range (at most 1 MiB).
+        let buffer = (range.end - range.start).clamp(4096, 1 << 20) as usize;
+        let lines = Box::new(RangeLines::with_buffer(
+            path,
+            range,
+            params.max_line_bytes,
+            buffer,
+        )?);
         let input_name = def.input.describe();
         let clock = SourceClock::new(params.time, false, wall_clock_ms());
         Ok(Reader {
@@ -546,6 +553,9 @@ impl Reader {
     }
 }
 
+/// Ranges of a file a worker may finish in one activation.
+const RANGES_PER_ACTIVATION: usize = 64;
+
 /// What one worker reads of a source: one reader, or one range of a file
 /// (opened when its turn comes).
 struct Part {
@@ -720,60 +730,76 @@ pub fn source<'s>(
             if stopping && parts.len() > 1 {
                 parts.truncate(1);
             }
-            let Some(part) = parts.front_mut() else {
+            if parts.is_empty() {
                 return;
-            };
-            if part.reader.is_none() {
-                let range = part.range.expect("a part without a reader has a range");
-                let path = match &def.input {
-                    Input::File { path, .. } => path.clone(),
-                    _ => unreachable!("only files are read in ranges"),
-                };
-                match Reader::open_range(def.clone(), Arc::clone(&params), &path, range, part.bound)
-                {
-                    Ok(r) => part.reader = Some(r),
-                    Err(e) => {
-                        abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
-                        caps = None;
-                        return;
+            }
+            // Several small ranges may be read in one activation (each
+            // activation costs a round of progress tracking).
+            let mut ranges_left = RANGES_PER_ACTIVATION;
+            let status = loop {
+                let part = parts.front_mut().expect("not empty");
+                if part.reader.is_none() {
+                    let range = part.range.expect("a part without a reader has a range");
+                    let path = match &def.input {
+                        Input::File { path, .. } => path.clone(),
+                        _ => unreachable!("only files are read in ranges"),
+                    };
+                    match Reader::open_range(
+                        def.clone(),
+                        Arc::clone(&params),
+                        &path,
+                        range,
+                        part.bound,
+                    ) {
+                        Ok(r) => part.reader = Some(r),
+                        Err(e) => {
+                            abort.fail(format!("source `{name}`: cannot open {described}: {e}"));
+                            caps = None;
+                            return;
+                        }
                     }
                 }
-            }
-            let reader = part.reader.as_mut().expect("opened above");
-            let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
-            if !batch.is_empty() {
-                records_out
-                    .activate()
-                    .session(&held[0])
-                    .give_container(&mut batch);
-                batch.clear();
-            }
-            if !raw_batch.is_empty() {
-                raw_out
-                    .activate()
-                    .session(&held[1])
-                    .give_container(&mut raw_batch);
-                raw_batch.clear();
-            }
-            if !ctl.is_empty() {
-                control_out
-                    .activate()
-                    .session(&held[2])
-                    .give_container(&mut ctl);
-                ctl.clear();
-            }
-            if let Status::Failed(reason) = &status {
-                abort.fail(format!("source `{name}`: reading {described}: {reason}"));
-                caps = None;
-                return;
-            }
-            if matches!(status, Status::Finished) {
+                let reader = part.reader.as_mut().expect("opened above");
+                let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
+                if !batch.is_empty() {
+                    records_out
+                        .activate()
+                        .session(&held[0])
+                        .give_container(&mut batch);
+                    batch.clear();
+                }
+                if !raw_batch.is_empty() {
+                    raw_out
+                        .activate()
+                        .session(&held[1])
+                        .give_container(&mut raw_batch);
+                    raw_batch.clear();
+                }
+                if !ctl.is_empty() {
+                    control_out
+                        .activate()
+                        .session(&held[2])
+                        .give_container(&mut ctl);
+                    ctl.clear();
+                }
+                if let Status::Failed(reason) = &status {
+                    abort.fail(format!("source `{name}`: reading {described}: {reason}"));
+                    caps = None;
+                    return;
+                }
+                if !matches!(status, Status::Finished) {
+                    break status;
+                }
                 parts.pop_front();
                 if parts.is_empty() {
                     caps = None;
                     return;
                 }
-            }
+                ranges_left -= 1;
+                if ranges_left == 0 {
+                    break status;
+                }
+            };
             // The capability: the least time any part still to read may
             // produce (a part's bound until its clock has moved past it):
             // the part being read, and the least bound of those after it.
