@@ -484,6 +484,9 @@ pub fn file_ranges(path: &Path, chunk: u64) -> io::Result<Vec<FileRange>> {
 pub struct RangeLines {
     reader: BufReader<std::io::Take<File>>,
     framer: Framer,
+    /// Where the range ends: reading stops short of it only if the file
+    /// shrank while it was read.
+    end: u64,
 }
 
 impl RangeLines {
@@ -505,6 +508,7 @@ impl RangeLines {
         Ok(RangeLines {
             reader: BufReader::with_capacity(buffer, file.take(range.end - range.start)),
             framer: Framer::starting_at(limit, range.start, range.first_line),
+            end: range.end,
         })
     }
 }
@@ -514,6 +518,13 @@ impl LineSource for RangeLines {
         loop {
             let chunk = self.reader.fill_buf()?;
             if chunk.is_empty() {
+                if self.framer.consumed() < self.end {
+                    return Err(io::Error::other(format!(
+                        "the file shrank while it was read (it ended at byte {}, it had {} bytes when the run started); do not truncate an input that is being replayed, or read it with follow = true",
+                        self.framer.consumed(),
+                        self.end
+                    )));
+                }
                 if self.framer.has_partial() {
                     return Ok(self.framer.finish(&None));
                 }
@@ -1087,6 +1098,27 @@ mod tests {
                 assert_eq!(got, whole, "range size {chunk}, {} ranges", ranges.len());
             }
         }
+    }
+
+    /// A replayed file that shrinks while its range is read is an error,
+    /// not a short input.
+    #[test]
+    fn a_range_of_a_file_that_shrinks_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "a\nb\nc\nd\n".repeat(2000)).unwrap();
+        let ranges = file_ranges(&path, 1 << 20).unwrap();
+        let mut f = RangeLines::with_buffer(&path, ranges[0], 100, 4096).unwrap();
+        assert!(matches!(f.next_line().unwrap(), Next::Line { .. }));
+        std::fs::write(&path, "a\n").unwrap();
+        let err = loop {
+            match f.next_line() {
+                Ok(Next::Line { .. }) => {}
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(err.contains("the file shrank while it was read"), "{err}");
     }
 
     /// Lines appended just before a rotation (`cat C >> f; mv f f.1; cat B
