@@ -407,12 +407,15 @@ fn main() -> ExitCode {
                 !args.workers.is_empty() && args.workers.iter().all(|&w| w > 0),
                 "--workers takes worker counts of at least 1, e.g. 1,2"
             );
+            let mut workers = args.workers.clone();
+            workers.sort_unstable();
+            workers.dedup();
             let config = segflow::bench::BenchConfig {
                 events: args.events,
                 seed: args.seed,
                 dir: args.dir,
                 jobs: args.jobs,
-                workers: args.workers,
+                workers,
                 repeat: args.repeat,
                 latency_secs: args.latency_secs,
                 query_profiles: args.query_profiles,
