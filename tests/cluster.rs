@@ -141,6 +141,24 @@ fn start_pair(
         .collect()
 }
 
+/// Writes `dir/name`: the shipped definition with its first `from`
+/// replaced by `to`.
+fn shipped_with(dir: &Path, name: &str, from: &str, to: &str) -> PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let edited = text.replacen(from, to, 1);
+    assert_ne!(
+        edited, text,
+        "the shipped definition has a `{from}` to change"
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, edited).unwrap();
+    path
+}
+
 fn hostfile(dir: &Path) -> PathBuf {
     let hostfile = dir.join("hosts");
     std::fs::write(
@@ -168,12 +186,7 @@ fn worker_and_process_counts_give_identical_outputs() {
     assert!(one == two, "-w 1 and -w 2 differ");
 
     // Two processes on localhost.
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
-    )
-    .unwrap();
+    let hostfile = hostfile(dir.path());
     let out = dir.path().join("n2.jsonl");
     let mut children = Vec::new();
     for p in ["0", "1"] {
@@ -437,12 +450,7 @@ fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
 fn a_failure_in_one_process_ends_the_whole_cluster_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = generate(dir.path(), 6000, 5);
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
-    )
-    .unwrap();
+    let hostfile = hostfile(dir.path());
     let mut children = Vec::new();
     for p in ["0", "1"] {
         let mut args = run_args(
@@ -529,18 +537,7 @@ fn processes_that_disagree_on_their_configuration_refuse_to_start() {
         results[1].1
     );
     // A different definition (one threshold changed).
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dataflows/ecommerce.toml"
-    ))
-    .unwrap();
-    let changed = dir.path().join("changed.toml");
-    let edited = text.replacen(">= 3", ">= 4", 1);
-    assert_ne!(
-        edited, text,
-        "the shipped definition has a `>= 3` to change"
-    );
-    std::fs::write(&changed, edited).unwrap();
+    let changed = shipped_with(dir.path(), "changed.toml", ">= 3", ">= 4");
     let hosts = hostfile(dir.path());
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = base(p);
@@ -615,17 +612,12 @@ fn sigterm_to_any_process_ends_the_whole_cluster_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = generate(dir.path(), 2000, 11);
     let replay = run(dir.path(), &data, "replay", &["-w", "1"]);
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dataflows/ecommerce.toml"
-    ))
-    .unwrap();
-    let follow = dir.path().join("follow.toml");
-    std::fs::write(
-        &follow,
-        text.replacen("[sources.web]", "[sources.web]\nfollow = true", 1),
-    )
-    .unwrap();
+    let follow = shipped_with(
+        dir.path(),
+        "follow.toml",
+        "[sources.web]",
+        "[sources.web]\nfollow = true",
+    );
     let hosts = hostfile(dir.path());
     let data_s = data.to_str().unwrap().to_string();
     let children = start_pair(dir.path(), &hosts, |p| {
@@ -681,17 +673,12 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
     let (data, _) = generate(dir.path(), 6000, 21);
     let web_bytes = std::fs::metadata(data.join("web.jsonl")).unwrap().len();
     assert!(web_bytes > 20 * 50_000, "{web_bytes}");
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dataflows/ecommerce.toml"
-    ))
-    .unwrap();
-    let ranged = dir.path().join("ranged.toml");
-    std::fs::write(
-        &ranged,
-        text.replacen("[engine]", "[engine]\nfile_range_bytes = 50000", 1),
-    )
-    .unwrap();
+    let ranged = shipped_with(
+        dir.path(),
+        "ranged.toml",
+        "[engine]",
+        "[engine]\nfile_range_bytes = 50000",
+    );
     let data_s = data.to_str().unwrap().to_string();
     let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
     let args = |name: &str| {
@@ -832,17 +819,12 @@ fn dead_letters_of_ranges_are_the_same_for_any_worker_count() {
         spoiled += "\n";
     }
     std::fs::write(&web, spoiled).unwrap();
-    let flow = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dataflows/ecommerce.toml"
-    ))
-    .unwrap();
-    let ranged = dir.path().join("ranged.toml");
-    std::fs::write(
-        &ranged,
-        flow.replacen("[engine]", "[engine]\nfile_range_bytes = 4096", 1),
-    )
-    .unwrap();
+    let ranged = shipped_with(
+        dir.path(),
+        "ranged.toml",
+        "[engine]",
+        "[engine]\nfile_range_bytes = 4096",
+    );
     let mut files = Vec::new();
     for workers in ["1", "2", "3"] {
         let name = format!("w{workers}");

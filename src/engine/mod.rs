@@ -430,6 +430,18 @@ impl Engine {
                     ));
                 }
             }
+            // A replayed file of JSON lines is cut into ranges here, once
+            // per process (one scan of the file), and read by all workers.
+            let ranges = match &input {
+                Input::File {
+                    path,
+                    follow: false,
+                } if s.format == crate::spec::Format::Jsonl => Some(Arc::new(
+                    crate::io::sources::lines::file_ranges(path, self.spec.engine.file_range_bytes)
+                        .map_err(|e| io_err("cannot read input", path, e))?,
+                )),
+                _ => None,
+            };
             let kind = record_kind(s.kind);
             defs.push(SourceDef {
                 index: index as u32,
@@ -438,6 +450,7 @@ impl Engine {
                 format: s.format,
                 time_unit: s.time_unit,
                 input,
+                ranges,
             });
         }
         Ok(defs)

@@ -53,7 +53,7 @@ pub mod lines;
 pub mod tcp;
 
 use decode::{decode_stage, peek_time, RawLine};
-use lines::{file_ranges, FileLines, FileRange, LineSource, MemoryLines, Next, RangeLines};
+use lines::{FileLines, FileRange, LineSource, MemoryLines, Next, RangeLines};
 
 /// Where a source reads from.
 #[derive(Clone, Debug)]
@@ -116,6 +116,10 @@ pub struct SourceDef {
     pub time_unit: TimeUnit,
     /// Where it reads from.
     pub input: Input,
+    /// For a (not followed) file of JSON lines: its ranges
+    /// ([`lines::file_ranges`]), cut once per process before the run, read
+    /// by all workers.
+    pub ranges: Option<Arc<Vec<FileRange>>>,
 }
 
 /// Reading parameters shared by all sources.
@@ -553,6 +557,18 @@ impl Reader {
     }
 }
 
+/// Sends `data`, if any, at `cap`, and leaves it empty.
+fn give<D: Clone + 'static>(
+    out: &mut OutputBuilder<Time, CapacityContainerBuilder<Vec<D>>>,
+    cap: &timely::dataflow::operators::Capability<Time>,
+    data: &mut Vec<D>,
+) {
+    if !data.is_empty() {
+        out.activate().session(cap).give_container(data);
+        data.clear();
+    }
+}
+
 /// Ranges of a file a worker may finish in one activation.
 const RANGES_PER_ACTIVATION: usize = 64;
 
@@ -584,17 +600,9 @@ fn open_parts(
     waker: SyncActivator,
 ) -> std::io::Result<VecDeque<Part>> {
     let owner = def.index as usize % peers;
-    if let (
-        Input::File {
-            path,
-            follow: false,
-        },
-        Format::Jsonl,
-    ) = (&def.input, def.format)
-    {
-        let ranges = file_ranges(path, params.file_range_bytes)?;
+    if let (Some(ranges), Input::File { path, .. }) = (&def.ranges, &def.input) {
         let mut parts = VecDeque::new();
-        for (i, range) in ranges.into_iter().enumerate() {
+        for (i, &range) in ranges.iter().enumerate() {
             if (owner + i) % peers != index {
                 continue;
             }
@@ -761,27 +769,9 @@ pub fn source<'s>(
                 }
                 let reader = part.reader.as_mut().expect("opened above");
                 let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
-                if !batch.is_empty() {
-                    records_out
-                        .activate()
-                        .session(&held[0])
-                        .give_container(&mut batch);
-                    batch.clear();
-                }
-                if !raw_batch.is_empty() {
-                    raw_out
-                        .activate()
-                        .session(&held[1])
-                        .give_container(&mut raw_batch);
-                    raw_batch.clear();
-                }
-                if !ctl.is_empty() {
-                    control_out
-                        .activate()
-                        .session(&held[2])
-                        .give_container(&mut ctl);
-                    ctl.clear();
-                }
+                give(&mut records_out, &held[0], &mut batch);
+                give(&mut raw_out, &held[1], &mut raw_batch);
+                give(&mut control_out, &held[2], &mut ctl);
                 if let Status::Failed(reason) = &status {
                     abort.fail(format!("source `{name}`: reading {described}: {reason}"));
                     caps = None;
