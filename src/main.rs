@@ -13,7 +13,10 @@ use segflow::store::Store;
 use segflow::{Engine, Output, RunSummary};
 
 // The dataflow allocates many small strings and vectors; mimalloc is
-// markedly faster than the system allocator for that pattern.
+// markedly faster than the system allocator for that pattern. The
+// `system-allocator` feature leaves it out, so that heap profilers that
+// intercept malloc (heaptrack, valgrind's massif) see every allocation.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

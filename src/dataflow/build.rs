@@ -9,7 +9,7 @@ use differential_dataflow::AsCollection;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::core::Partition;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concatenate, Exchange};
+use timely::dataflow::operators::Concatenate;
 use timely::dataflow::Scope;
 
 use super::{identity, profiles, segments, traits, Coll, Time};
@@ -45,16 +45,14 @@ pub fn build<'s>(
         record_streams.push(records.as_collection());
         control_streams.push(control);
     }
-    // Each source is decoded by its owner worker; from here on the records
-    // are spread over all workers by their key identifier.
+    // Records stay on the worker that decoded them: one pass splits each
+    // into what the stages need (CRM versions, identifier sets, trait
+    // contributions, names), the first-occurrence filters drop repeats
+    // there, and each stage exchanges only its own compact keys. A record
+    // itself never crosses workers.
     let records: Coll<'s, Record> =
-        differential_dataflow::collection::concatenate(scope, record_streams)
-            .inner
-            .exchange(|(record, _, _): &(Record, Time, isize)| key_hash(record))
-            .as_collection();
+        differential_dataflow::collection::concatenate(scope, record_streams);
 
-    // One pass splits every record into what the stages need, without
-    // copying records: CRM versions, identifier sets, trait contributions.
     let specs = Rc::clone(&trait_specs);
     let parts = records
         .inner
@@ -204,12 +202,4 @@ enum Part {
     Name(Id, String),
     /// A trait contribution `(identifier, (trait, value))`.
     Contribution(traits::Contribution),
-}
-
-/// Routes a record by its key (highest-priority) identifier.
-fn key_hash(record: &Record) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    record.ids().first().hash(&mut h);
-    h.finish()
 }

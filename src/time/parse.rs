@@ -128,7 +128,32 @@ pub fn parse_time_as(v: &Value, unit: TimeUnit) -> Result<i64, String> {
 
 /// [`parse_time_as`] of a JSON number.
 pub fn parse_time_number_as(n: &Number, unit: TimeUnit) -> Result<i64, String> {
+    if let Some(ms) = n
+        .as_u64()
+        .and_then(|whole| integer_epoch_to_ms(whole, unit))
+    {
+        return Ok(ms);
+    }
     epoch_to_ms(&n.to_string(), unit)
+}
+
+/// The common case of [`epoch_to_ms`] without text: a non-negative integer
+/// whose milliseconds lie in the supported range. `None` sends every other
+/// case (out of range, errors) to the exact decimal path, which gives the
+/// same value or the error message.
+fn integer_epoch_to_ms(whole: u64, unit: TimeUnit) -> Option<i64> {
+    let unit = match unit {
+        TimeUnit::Auto => TimeUnit::by_magnitude(Some(u128::from(whole))),
+        u => u,
+    };
+    let ms = match unit.to_ms_exp10() {
+        3 => whole.checked_mul(1000)?,
+        0 => whole,
+        -3 => whole / 1000,
+        _ => whole / 1_000_000,
+    };
+    let ms = i64::try_from(ms).ok()?;
+    (MIN_MS..END_MS).contains(&ms).then_some(ms)
 }
 
 /// [`parse_time_as`] of a JSON string.
@@ -358,5 +383,32 @@ mod tests {
         assert!(parse_time(&json!(""))
             .unwrap_err()
             .starts_with("unparsable timestamp \"\""));
+    }
+
+    proptest::proptest! {
+        /// The integer fast path gives exactly what the decimal path gives,
+        /// for every unit, around every magnitude boundary and the range ends.
+        #[test]
+        fn integer_fast_path_matches_the_decimal_path(
+            whole in proptest::prop_oneof![
+                0u64..=u64::MAX,
+                0u64..200_000_000_000_000_000,
+                99_999_999_990u64..100_000_000_010,
+                99_999_999_999_990u64..100_000_000_000_010,
+                7_258_118_399_990u64..7_258_118_400_010,
+            ],
+            unit in proptest::sample::select(vec![
+                TimeUnit::Auto, TimeUnit::Seconds, TimeUnit::Milliseconds,
+                TimeUnit::Microseconds, TimeUnit::Nanoseconds,
+            ]),
+        ) {
+            let exact = epoch_to_ms(&whole.to_string(), unit);
+            match integer_epoch_to_ms(whole, unit) {
+                Some(ms) => proptest::prop_assert_eq!(Ok(ms), exact.clone()),
+                None => proptest::prop_assert!(exact.is_err(), "{whole} {unit:?}: {exact:?}"),
+            }
+            let n = serde_json::Number::from(whole);
+            proptest::prop_assert_eq!(parse_time_number_as(&n, unit), exact);
+        }
     }
 }
