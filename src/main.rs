@@ -9,7 +9,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use segflow::generate::{generate_dir, GenConfig};
 use segflow::model::IdentityRules;
 use segflow::spec::load_spec;
-use segflow::store::Store;
+use segflow::store::StateParts;
 use segflow::{Engine, Output, RunSummary};
 
 // The dataflow allocates many small strings and vectors; mimalloc is
@@ -385,8 +385,14 @@ fn main() -> ExitCode {
                 "{:?} is not an identifier: use KIND:VALUE, e.g. email:ann@example.com",
                 args.identifier
             );
-            let store = Store::open_read_only(&args.state_dir)?;
-            match store.lookup(&ids)? {
+            let state = StateParts::open_read_only(&args.state_dir)?;
+            for part in &state.missing {
+                eprintln!(
+                    "warning: the part of the state written by another process of the cluster is not here ({}): the answer leaves out what that process owns",
+                    part.display()
+                );
+            }
+            match state.lookup(&ids)? {
                 Some(view) => {
                     print_out(&serde_json::to_string_pretty(&view)?);
                     Ok(())

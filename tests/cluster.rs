@@ -557,6 +557,32 @@ fn processes_that_disagree_on_their_configuration_refuse_to_start() {
         );
         assert!(err.contains("start every process with the same"), "{err}");
     }
+    // State in one process only: every process writes its own part.
+    let stateless = shipped_with(
+        dir.path(),
+        "stateless.toml",
+        "state_dir = \"out/state\"",
+        "",
+    );
+    let hosts = hostfile(dir.path());
+    let children = start_pair(dir.path(), &hosts, |p| {
+        let mut a = base(p);
+        if p == 1 {
+            let at = a.iter().position(|x| x == "--state-dir").unwrap();
+            a.drain(at..at + 2);
+            a[1] = stateless.to_str().unwrap().to_string();
+        }
+        a
+    });
+    for (status, err) in wait_all(children, 60) {
+        assert!(!status.success(), "{err}");
+        assert!(
+            err.contains("a state directory there, no state directory here")
+                || err.contains("no state directory there, a state directory here"),
+            "{err}"
+        );
+        assert!(err.contains("give all or none a --state-dir"), "{err}");
+    }
 }
 
 /// A process that cannot open an input tells the others, which stop at once
@@ -700,14 +726,12 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
         ok(Command::new(BIN).args(&a).output().unwrap());
     }
     let hosts = hostfile(dir.path());
-    // Only process 0 is given a state directory: process 1 builds its part
-    // of the dataflow for state all the same (process 0 says so at start).
+    // Both processes are given the same state directory: process 0 writes
+    // its part there, process 1 beside it (`n2p0.state-process1`).
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = args(&format!("n2p{p}"));
-        if p == 1 {
-            let at = a.iter().position(|x| x == "--state-dir").unwrap();
-            a.drain(at..at + 2);
-        }
+        let at = a.iter().position(|x| x == "--state-dir").unwrap();
+        a[at + 1] = dir.path().join("n2p0.state").to_str().unwrap().to_string();
         a.extend(["-w".to_string(), "2".to_string()]);
         a
     });
@@ -736,6 +760,28 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
         v
     };
     assert_eq!(query("r1.state"), query("n2p0.state"));
+    // Every worker wrote the state it owns; merged over the processes'
+    // parts, every fact is the same for every shape.
+    let entries = |state: &str| {
+        segflow::store::StateParts::open_read_only(&dir.path().join(state))
+            .unwrap()
+            .entries()
+            .unwrap()
+    };
+    let one = entries("r1.state");
+    assert!(one.len() > 500, "little state: {} facts", one.len());
+    assert!(one == entries("r3.state"), "state of -w 1 and -w 3 differs");
+    assert!(
+        dir.path().join("n2p0.state-process1").is_dir(),
+        "process 1 wrote no part"
+    );
+    let cluster =
+        segflow::store::StateParts::open_read_only(&dir.path().join("n2p0.state")).unwrap();
+    assert!(cluster.missing.is_empty(), "{:?}", cluster.missing);
+    assert!(
+        one == cluster.entries().unwrap(),
+        "state of -w 1 and -n 2 -w 2 differs"
+    );
     let diffs = read("r1.jsonl");
     assert!(diffs.len() > 1000, "few diffs: {} bytes", diffs.len());
     let dead = read("r1.dead.jsonl");

@@ -13,7 +13,7 @@ use timely::dataflow::operators::Concatenate;
 use timely::dataflow::Scope;
 
 use super::{identity, profiles, segments, traits, Coll, Time};
-use crate::io::sinks::{commit, Outputs, RunSummary, StateUpdate};
+use crate::io::sinks::{commit, Layout, Outputs, ProcessShared, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
 use crate::io::Abort;
 use crate::model::{CrmRecord, Id, Ident, Record};
@@ -22,17 +22,19 @@ use crate::time::window::retract_at_window_end;
 
 /// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
 /// the run's summary appears in `result` when the dataflow has drained.
-/// `stateful` (the same on every worker of every process) says whether the
-/// commit stage writes state.
+/// `shared` is the worker's process's commit-stage state; whether it holds
+/// a part of the state is the same on every process (the cluster start-up
+/// checks it).
 pub fn build<'s>(
     scope: Scope<'s, Time>,
     spec: &Spec,
     sources: &[SourceDef],
     params: Arc<ReadParams>,
+    layout: Layout,
     outputs: Option<Outputs>,
+    shared: Arc<ProcessShared>,
     result: Rc<RefCell<Option<RunSummary>>>,
     abort: Arc<Abort>,
-    stateful: bool,
 ) {
     let trait_specs: Rc<[TraitSpec]> = spec.traits.clone().into();
     let segment_specs: Rc<[SegmentSpec]> = spec.segments.clone().into();
@@ -163,28 +165,43 @@ pub fn build<'s>(
         Rc::clone(&segment_specs),
     );
 
-    // Links, trait values and attributes only go to the commit stage when
-    // it writes state: they are most of the updates.
-    let mut to_commit = vec![
-        names.map(|(k, n)| StateUpdate::Name(k, n)),
-        memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
-        profile_ids.map(StateUpdate::Profile),
-    ];
-    if stateful {
-        to_commit.extend([
-            id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
-            trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v)),
-            attributes.map(|(p, a)| StateUpdate::Attrs(p, a)),
-        ]);
-    }
-    let updates = differential_dataflow::collection::concatenate(scope, to_commit);
+    // Segment memberships and profiles go to worker 0 for the diffs and
+    // the summary; identifier names to whoever writes text; links, trait
+    // totals and attributes (most of the updates) stay on the worker that
+    // owns them and are written by its process, and only when the run
+    // writes state.
+    let stateful = shared.state.is_some();
+    let global = differential_dataflow::collection::concatenate(
+        scope,
+        vec![
+            memberships.map(|(s, p)| StateUpdate::Segment(s, p)),
+            profile_ids.map(StateUpdate::Profile),
+        ],
+    );
+    let local = if stateful {
+        differential_dataflow::collection::concatenate(
+            scope,
+            vec![
+                id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
+                trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v)),
+                attributes.map(|(p, a)| StateUpdate::Attrs(p, a)),
+            ],
+        )
+    } else {
+        differential_dataflow::collection::concatenate(scope, Vec::new())
+    };
+    let names = names.map(|(k, n)| StateUpdate::Name(k, n));
     let control = scope.concatenate(control_streams);
-    let names = sources.iter().map(|s| s.name.clone()).collect();
+    let source_names = sources.iter().map(|s| s.name.clone()).collect();
     commit(
-        updates.inner,
+        local.inner,
+        global.inner,
+        names.inner,
         control,
+        layout,
         outputs,
-        names,
+        shared,
+        source_names,
         trait_specs,
         segment_specs,
         result,

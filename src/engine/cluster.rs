@@ -41,9 +41,8 @@ pub(crate) struct Agreement {
     /// (`web=file`, `txn=tcp until disconnect`); paths may differ between
     /// hosts and are not compared.
     pub inputs: Vec<String>,
-    /// Whether this process writes state (`--state-dir`). Not compared:
-    /// process 0 writes the state, and every process builds its dataflow
-    /// for what process 0 says (see [`Connected::state`]).
+    /// Whether this process writes state (`--state-dir`): every process
+    /// writes its own part, so either all do or none.
     pub state: bool,
 }
 
@@ -51,8 +50,6 @@ pub(crate) struct Agreement {
 pub(crate) struct Connected {
     /// One socket per process, `None` at this process's index.
     pub sockets: Vec<Option<TcpStream>>,
-    /// Whether process 0 writes state.
-    pub state: bool,
 }
 
 impl Agreement {
@@ -106,6 +103,20 @@ impl Agreement {
                 "inputs {} there, {} here",
                 other.inputs.join(", "),
                 self.inputs.join(", ")
+            ));
+        }
+        if self.state != other.state {
+            let says = |state: bool| {
+                if state {
+                    "a state directory"
+                } else {
+                    "no state directory"
+                }
+            };
+            d.push(format!(
+                "{} there, {} here (every process writes its part of the state, so give all or none a --state-dir)",
+                says(other.state),
+                says(self.state)
             ));
         }
         d
@@ -171,7 +182,6 @@ fn remaining(deadline: Instant) -> Duration {
 /// caller then stops with it.
 ///
 /// Returns one socket per process, `None` at `process`, ready for timely,
-/// and whether process 0 writes state.
 ///
 /// # Errors
 ///
@@ -336,11 +346,7 @@ pub(crate) fn connect(
             .and_then(|()| s.set_nodelay(true))
             .map_err(|e| format!("cannot set up a cluster connection: {e}"))?;
     }
-    let state = match &hellos[0] {
-        Some(leader) => leader.agreement.state,
-        None => agreement.state,
-    };
-    Ok(Connected { sockets, state })
+    Ok(Connected { sockets })
 }
 
 /// Runs `func` on `threads` workers of this process, connected to the other

@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::dataflow::build::build;
-use crate::io::sinks::{DiffCallback, OutputLabels, Outputs, RunSummary, SegmentSink};
+use crate::io::sinks::{
+    DiffCallback, Layout, OutputLabels, Outputs, ProcessShared, ProcessState, RunSummary,
+    SegmentSink,
+};
 use crate::io::sources::{Input, ReadParams, SourceDef};
 use crate::io::{Abort, Stop};
 use crate::model::limits::SummedField;
@@ -463,20 +466,6 @@ impl Engine {
             }
             std::fs::File::create(path).map_err(|e| io_err(what, path, e))
         }
-        // The state directory first: its lock is taken (and what it holds
-        // checked) before any output file is created or truncated, so a
-        // second run on the same directory destroys nothing.
-        let store = match &self.state_dir {
-            Some(dir) => {
-                let lock = StateLock::take(dir)?;
-                Some((Store::create_fresh(dir, &lock)?, lock))
-            }
-            None => None,
-        };
-        let (store, state_lock) = match store {
-            Some((s, l)) => (Some(s), Some(l)),
-            None => (None, None),
-        };
         let output = self.output.clone().unwrap_or(Output::Discard);
         let labels = OutputLabels {
             segments: match &output {
@@ -526,10 +515,34 @@ impl Engine {
         Ok(Outputs {
             segments,
             dead_letters,
-            store,
-            state_lock,
             labels,
         })
+    }
+
+    /// Takes the lock of this process's part of the state directory (see
+    /// [`crate::store::part_dir`]) and empties it; `None` without a state
+    /// directory. What the directory holds is checked before anything is
+    /// written, so a second run on it, or a directory segflow did not
+    /// create, destroys nothing.
+    fn open_state_part(
+        &self,
+        process: usize,
+        processes: usize,
+        workers: usize,
+    ) -> Result<Option<ProcessState>, EngineError> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(None);
+        };
+        let part = crate::store::part_dir(dir, process);
+        let lock = StateLock::take(&part)?;
+        let store = Store::create_fresh(&part, &lock)?;
+        Ok(Some(ProcessState::new(
+            store,
+            lock,
+            part.display().to_string(),
+            workers,
+            processes,
+        )))
     }
 
     /// Runs the dataflow on `config` until every input has ended; returns
@@ -545,16 +558,26 @@ impl Engine {
             } => Some((*threads, *process, addresses.clone())),
             _ => None,
         };
-        // Inputs are checked, and (on process 0) the state directory and
-        // outputs opened, before the cluster connects: a process that
-        // cannot start tells its peers why, and they stop too.
+        let (process, processes, workers) = match &peers {
+            Some((threads, process, addresses)) => (*process, addresses.len(), *threads),
+            None => match &config.communication {
+                timely::CommunicationConfig::Process(threads) => (0, 1, *threads),
+                _ => (0, 1, 1),
+            },
+        };
+        // Inputs are checked, this process's part of the state directory
+        // locked and emptied (first: a second run on the same directory
+        // destroys nothing) and, on process 0, the outputs opened, all
+        // before the cluster connects: a process that cannot start tells
+        // its peers why, and they stop too.
         let prepared = self.source_defs().and_then(|defs| {
-            let outputs = if peers.as_ref().is_none_or(|(_, process, _)| *process == 0) {
+            let state = self.open_state_part(process, processes, workers)?;
+            let outputs = if process == 0 {
                 Some(self.open_outputs()?)
             } else {
                 None
             };
-            Ok((defs, outputs))
+            Ok((defs, outputs, state))
         });
         let (sockets, prepared) = match &peers {
             None => (None, prepared),
@@ -574,8 +597,11 @@ impl Engine {
                 )
             }
         };
-        let (defs, outputs) = prepared?;
+        let (defs, outputs, state) = prepared?;
         let defs = Arc::new(defs);
+        let shared = Arc::new(ProcessShared::new(state));
+        let layout = Layout { workers, processes };
+        let worker_shared = Arc::clone(&shared);
         let outputs = Arc::new(Mutex::new(outputs));
         let e = &self.spec.engine;
         let params = Arc::new(ReadParams {
@@ -616,12 +642,6 @@ impl Engine {
                     .map(|n| n.min(isize::MAX as u64) as isize),
             ),
         );
-        // In a cluster, process 0 writes the state; every process builds
-        // the dataflow for what it said.
-        let stateful = match &sockets {
-            Some((connected, ..)) => connected.state,
-            None => self.state_dir.is_some(),
-        };
         let spec = Arc::new(self.spec);
         // The first failure of any worker stops every worker of the process.
         let abort = Arc::new(Abort::default());
@@ -651,10 +671,11 @@ impl Engine {
                         &spec,
                         &defs,
                         Arc::clone(&params),
+                        layout,
                         outputs,
+                        Arc::clone(&worker_shared),
                         Rc::clone(&result),
                         Arc::clone(&abort),
-                        stateful,
                     );
                 });
                 // Park until there is work: sources wake their worker when input
@@ -757,6 +778,11 @@ impl Engine {
             return Err(EngineError::Worker(e));
         }
         let mut summary = summary.unwrap_or_default();
+        // The last state batch may be written by any worker of the process,
+        // after worker 0 made its summary.
+        if let Some(state) = &shared.state {
+            summary.state_batches = state.batches();
+        }
         summary.elapsed_secs = started.elapsed().as_secs_f64();
         Ok(summary)
     }

@@ -24,6 +24,10 @@
 //! across column families (when their memory budget fills, every few
 //! seconds of a live run, and at the end of a run), so the state on disk is
 //! always that of one completed time.
+//!
+//! A run's state may have several *parts*, one per process of a cluster
+//! ([`part_dir`]): each holds the facts its process's workers own (see
+//! `io::sinks::state`), and [`StateParts`] reads them as one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -208,12 +212,42 @@ impl StateLock {
 }
 
 /// The last completed timestamp and the source positions at that point.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Last completed (and written) timestamp, in milliseconds.
     pub time: u64,
     /// Source name -> offset (bytes for files, lines for sockets).
     pub offsets: BTreeMap<String, u64>,
+    /// How many processes wrote the state: process 0's part is the state
+    /// directory itself, process `p`'s is [`part_dir`]`(dir, p)`.
+    #[serde(default = "one_process")]
+    pub processes: usize,
+}
+
+fn one_process() -> usize {
+    1
+}
+
+impl Default for Checkpoint {
+    fn default() -> Checkpoint {
+        Checkpoint {
+            time: 0,
+            offsets: BTreeMap::new(),
+            processes: 1,
+        }
+    }
+}
+
+/// The directory of process `process`'s part of the state in `dir`: `dir`
+/// itself for process 0, the sibling `<dir>-process<p>` for the others (so
+/// that processes on one machine given the same `state_dir` do not meet).
+pub fn part_dir(dir: &Path, process: usize) -> std::path::PathBuf {
+    if process == 0 {
+        return dir.to_path_buf();
+    }
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("-process{process}"));
+    dir.with_file_name(name)
 }
 
 /// The changes of one or more completed times, to be written at once
@@ -236,6 +270,64 @@ impl StateBatch {
 
     fn delete(&mut self, cf: usize, key: impl Into<Vec<u8>>) {
         self.0.insert((cf, key.into()), None);
+    }
+
+    /// Adds the changes of `later` (of later times) after those staged:
+    /// where both change a key, `later`'s change stays.
+    pub fn absorb(&mut self, later: StateBatch) {
+        self.0.extend(later.0);
+    }
+
+    /// Adds one completed timestamp's changes, after the times already
+    /// staged.
+    pub fn stage(&mut self, ops: &[(StoreOp, isize)]) {
+        // Removals first, then insertions: a value that changed at this time
+        // appears as (old, -1) and (new, +1) on the same key.
+        for pass_insert in [false, true] {
+            for (op, diff) in ops {
+                if (*diff > 0) != pass_insert {
+                    continue;
+                }
+                match op {
+                    StoreOp::Link { id, profile } => {
+                        if pass_insert {
+                            self.put(ID_PROFILE, id.as_bytes(), profile.as_bytes());
+                            self.put(PROFILE_IDS, key2(profile, id), Vec::new());
+                        } else {
+                            self.delete(ID_PROFILE, id.as_bytes());
+                            self.delete(PROFILE_IDS, key2(profile, id));
+                        }
+                    }
+                    StoreOp::Trait {
+                        profile,
+                        name,
+                        value,
+                    } => {
+                        let key = key2(profile, name);
+                        if pass_insert {
+                            self.put(TRAITS, key, value.to_string());
+                        } else {
+                            self.delete(TRAITS, key);
+                        }
+                    }
+                    StoreOp::Segment { profile, name } => {
+                        let key = key2(profile, name);
+                        if pass_insert {
+                            self.put(SEGMENTS, key, Vec::new());
+                        } else {
+                            self.delete(SEGMENTS, key);
+                        }
+                    }
+                    StoreOp::Attributes { profile, json } => {
+                        if pass_insert {
+                            self.put(ATTRIBUTES, profile.as_bytes(), json.as_bytes());
+                        } else {
+                            self.delete(ATTRIBUTES, profile.as_bytes());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -449,55 +541,9 @@ impl Store {
     }
 
     /// Adds one completed timestamp's changes to `batch`, after the times
-    /// already in it.
+    /// already in it ([`StateBatch::stage`]).
     pub fn stage(&self, batch: &mut StateBatch, ops: &[(StoreOp, isize)]) {
-        // Removals first, then insertions: a value that changed at this time
-        // appears as (old, -1) and (new, +1) on the same key.
-        for pass_insert in [false, true] {
-            for (op, diff) in ops {
-                if (*diff > 0) != pass_insert {
-                    continue;
-                }
-                match op {
-                    StoreOp::Link { id, profile } => {
-                        if pass_insert {
-                            batch.put(ID_PROFILE, id.as_bytes(), profile.as_bytes());
-                            batch.put(PROFILE_IDS, key2(profile, id), Vec::new());
-                        } else {
-                            batch.delete(ID_PROFILE, id.as_bytes());
-                            batch.delete(PROFILE_IDS, key2(profile, id));
-                        }
-                    }
-                    StoreOp::Trait {
-                        profile,
-                        name,
-                        value,
-                    } => {
-                        let key = key2(profile, name);
-                        if pass_insert {
-                            batch.put(TRAITS, key, value.to_string());
-                        } else {
-                            batch.delete(TRAITS, key);
-                        }
-                    }
-                    StoreOp::Segment { profile, name } => {
-                        let key = key2(profile, name);
-                        if pass_insert {
-                            batch.put(SEGMENTS, key, Vec::new());
-                        } else {
-                            batch.delete(SEGMENTS, key);
-                        }
-                    }
-                    StoreOp::Attributes { profile, json } => {
-                        if pass_insert {
-                            batch.put(ATTRIBUTES, profile.as_bytes(), json.as_bytes());
-                        } else {
-                            batch.delete(ATTRIBUTES, profile.as_bytes());
-                        }
-                    }
-                }
-            }
-        }
+        batch.stage(ops);
     }
 
     /// Writes `batch` (every time staged in it, in order) and `checkpoint`
@@ -625,6 +671,97 @@ impl Store {
             segments,
             as_of: self.checkpoint()?,
         })
+    }
+}
+
+/// The state of a run, read-only: every process's part (one for a run of
+/// one process). Each part holds what its process's workers own (the
+/// links of some identifiers, the traits, attributes and memberships of
+/// some profiles), so a profile's facts may lie in several parts; a view
+/// merges them.
+pub struct StateParts {
+    parts: Vec<Store>,
+    /// Parts the checkpoint names but that are not on this machine (a
+    /// cluster of several machines keeps each process's part where it ran).
+    pub missing: Vec<std::path::PathBuf>,
+}
+
+impl StateParts {
+    /// Opens process 0's part in `dir` and the parts of the other
+    /// processes its checkpoint counts ([`part_dir`]); works while a run
+    /// holds them. Creates nothing; errors as [`Store::open_read_only`].
+    pub fn open_read_only(dir: &Path) -> Result<StateParts, StoreError> {
+        let first = Store::open_read_only(dir)?;
+        let processes = first.checkpoint()?.map_or(1, |c| c.processes.max(1));
+        let mut parts = vec![first];
+        let mut missing = Vec::new();
+        for p in 1..processes {
+            let part = part_dir(dir, p);
+            match inspect(&part)? {
+                Found::Nothing => missing.push(part),
+                Found::Ours => parts.push(Store::open_read_only(&part)?),
+            }
+        }
+        Ok(StateParts { parts, missing })
+    }
+
+    /// Every stored fact but the checkpoints, `(column family, key,
+    /// value)`, sorted: the same for a run of any number of workers or
+    /// processes over the same input.
+    pub fn entries(&self) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            for cf in CFS.iter().filter(|cf| **cf != "checkpoint") {
+                for item in part.db.iterator_cf(part.cf(cf), IteratorMode::Start) {
+                    let (k, v) = item.map_err(|e| part.err(e))?;
+                    out.push((cf.to_string(), k.to_vec(), v.to_vec()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Everything about the profile of the first of `ids` that is known.
+    pub fn lookup(&self, ids: &[Ident]) -> Result<Option<ProfileView>, StoreError> {
+        for id in ids {
+            for part in &self.parts {
+                if let Some(profile) = part.profile_of(id.as_str())? {
+                    return self.view(&profile).map(Some);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Everything about one profile id, merged over the parts; `as_of` is
+    /// process 0's checkpoint at the latest time any part has written.
+    pub fn view(&self, profile: &str) -> Result<ProfileView, StoreError> {
+        let mut merged = ProfileView {
+            profile: profile.to_string(),
+            ..Default::default()
+        };
+        for part in &self.parts {
+            let view = part.view(profile)?;
+            merged.identifiers.extend(view.identifiers);
+            merged.traits.extend(view.traits);
+            merged.segments.extend(view.segments);
+            if merged.attributes.is_empty() {
+                merged.attributes = view.attributes;
+            }
+            merged.as_of = match (merged.as_of.take(), view.as_of) {
+                (Some(mut first), Some(other)) => {
+                    first.time = first.time.max(other.time);
+                    Some(first)
+                }
+                (first, other) => first.or(other),
+            };
+        }
+        merged.identifiers.sort();
+        merged.identifiers.dedup();
+        merged.segments.sort();
+        merged.segments.dedup();
+        Ok(merged)
     }
 }
 
@@ -773,7 +910,7 @@ mod tests {
                 &ops,
                 &Checkpoint {
                     time: 1000,
-                    offsets: Default::default(),
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -801,7 +938,7 @@ mod tests {
                 &ops2,
                 &Checkpoint {
                     time: 2000,
-                    offsets: Default::default(),
+                    ..Default::default()
                 },
             )
             .unwrap();

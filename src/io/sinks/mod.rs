@@ -15,7 +15,7 @@
 //! order and identical for any number of workers or processes.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,8 +30,11 @@ use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
 use crate::model::Id;
 use crate::spec::{SegmentSpec, TraitSpec};
-use crate::store::{attributes_json, Checkpoint, StateBatch, Store, StoreOp};
+use crate::store::{attributes_json, StateBatch, StoreOp};
+
+mod state;
 use crate::time::{Completion, Time};
+pub use state::{ProcessShared, ProcessState};
 
 /// One segment entry (`diff = 1`) or exit (`diff = -1`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -94,10 +97,6 @@ pub struct Outputs {
     pub segments: SegmentSink,
     /// Dead letters, one JSON object per line.
     pub dead_letters: Option<Box<dyn Write + Send>>,
-    /// RocksDB state.
-    pub store: Option<Store>,
-    /// The state directory's lock, held until the outputs are dropped.
-    pub state_lock: Option<crate::store::StateLock>,
     /// How messages name each output (a path, `standard output`,
     /// `tcp://..`), and whether the segment sink is standard output (whose
     /// reader going away ends the run quietly).
@@ -189,24 +188,18 @@ impl RunSummary {
     }
 }
 
+/// Worker 0's part of the commit stage: segment diffs, dead letters and
+/// the run's summary.
 struct Committer {
     outputs: Outputs,
-    traits: Rc<[TraitSpec]>,
     segments: Rc<[SegmentSpec]>,
     pending: BTreeMap<Time, Vec<(StateUpdate, isize)>>,
     dead_pending: BTreeMap<Time, Vec<DeadLetter>>,
-    completion: Completion,
     summary: RunSummary,
-    checkpoint: Checkpoint,
+    /// Source name -> offset read, for the checkpoint.
+    offsets: BTreeMap<String, u64>,
     members: Vec<i64>,
     abort: Arc<Abort>,
-    /// The name of every identifier key seen.
-    names: std::collections::HashMap<Id, String>,
-    /// The times committed since the last state write.
-    batch: StateBatch,
-    /// Whether batches were written since the last flush.
-    unflushed: bool,
-    last_flush: std::time::Instant,
 }
 
 /// How often the state of a long run is flushed to disk: what `segflow
@@ -262,11 +255,12 @@ impl Committer {
 
     fn control(&mut self, c: &Control) {
         match c {
-            Control::Clock { tick, .. } => self.completion.observe(*tick),
+            // Source clocks reach the shared commit rule (see `commit`).
+            Control::Clock { .. } => {}
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
                 s.offset = s.offset.max(*offset);
-                self.checkpoint.offsets.insert(s.name.clone(), s.offset);
+                self.offsets.insert(s.name.clone(), s.offset);
             }
             Control::Stats {
                 source,
@@ -285,40 +279,28 @@ impl Committer {
         }
     }
 
-    /// Writes one complete time; a failed write stops the run (see
+    /// Writes one complete time's segment diffs and returns its segment
+    /// memberships as state changes; a failed write stops the run (see
     /// [`Abort`]) and is returned.
-    fn commit(&mut self, time: Time, mut updates: Vec<(StateUpdate, isize)>) -> Result<(), ()> {
+    fn commit(
+        &mut self,
+        time: Time,
+        mut updates: Vec<(StateUpdate, isize)>,
+        names: &HashMap<Id, String>,
+    ) -> Result<Vec<(StoreOp, isize)>, ()> {
         differential_dataflow::consolidation::consolidate(&mut updates);
-        // Names first: the other updates of this time may use them.
-        for (update, diff) in &updates {
-            if let (StateUpdate::Name(key, name), 1..) = (update, *diff) {
-                match self.names.get(key) {
-                    Some(known) if known != name => {
-                        self.abort.fail(format!(
-                            "identifiers `{known}` and `{name}` have the same 120-bit key; please report this at once"
-                        ));
-                        return Err(());
-                    }
-                    Some(_) => {}
-                    None => {
-                        self.names.insert(*key, name.clone());
-                    }
-                }
-            }
-        }
-        let names = &self.names;
-        let name = |key: &Id| -> Result<String, String> {
-            names
-                .get(key)
-                .cloned()
-                .ok_or_else(|| format!("internal error: no name for identifier key {:032x}", key.0))
-        };
         let mut diffs = Vec::new();
         let mut ops = Vec::new();
         for (update, diff) in &updates {
-            let op = match update {
-                StateUpdate::Name(..) => continue,
-                StateUpdate::Segment(seg, profile) => name(profile).map(|profile| {
+            match update {
+                StateUpdate::Segment(seg, profile) => {
+                    let profile = match ProcessShared::name(names, profile) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            self.abort.fail(e);
+                            return Err(());
+                        }
+                    };
                     let name = self.segments[*seg as usize].name.clone();
                     self.members[*seg as usize] += *diff as i64;
                     diffs.push(SegmentDiff {
@@ -327,41 +309,10 @@ impl Committer {
                         profile: profile.clone(),
                         diff: *diff as i64,
                     });
-                    Some(StoreOp::Segment { profile, name })
-                }),
-                StateUpdate::Profile(_) => {
-                    self.summary.profiles += *diff as i64;
-                    Ok(None)
+                    ops.push((StoreOp::Segment { profile, name }, *diff));
                 }
-                StateUpdate::Link(id, profile) => name(id).and_then(|id| {
-                    Ok(Some(StoreOp::Link {
-                        id,
-                        profile: name(profile)?,
-                    }))
-                }),
-                StateUpdate::Trait(profile, index, raw) => name(profile).map(|profile| {
-                    let spec = &self.traits[*index as usize];
-                    let value = trait_scalar(spec, *raw).as_f64().unwrap_or(0.0);
-                    Some(StoreOp::Trait {
-                        profile,
-                        name: spec.name.clone(),
-                        value,
-                    })
-                }),
-                StateUpdate::Attrs(profile, attrs) => name(profile).map(|profile| {
-                    Some(StoreOp::Attributes {
-                        profile,
-                        json: attributes_json(attrs),
-                    })
-                }),
-            };
-            match op {
-                Ok(Some(op)) => ops.push((op, *diff)),
-                Ok(None) => {}
-                Err(e) => {
-                    self.abort.fail(e);
-                    return Err(());
-                }
+                StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
+                _ => {}
             }
         }
         diffs.sort();
@@ -372,59 +323,14 @@ impl Committer {
             }
         }
         self.summary.diffs_written += diffs.len() as u64;
-        // A time that only named identifiers changed nothing (and which
-        // times carry names depends on how records met the workers).
-        if updates
-            .iter()
-            .any(|(u, _)| !matches!(u, StateUpdate::Name(..)))
-        {
+        if !updates.is_empty() {
             self.summary.times_committed += 1;
         }
         self.summary.last_time = Some(time);
-        self.checkpoint.time = time;
-        if let Some(store) = &self.outputs.store {
-            store.stage(&mut self.batch, &ops);
-        }
-        Ok(())
-    }
-
-    /// Stops the run because the state directory failed.
-    fn state_failed(&self, e: &crate::store::StoreError) {
-        self.abort.fail(format!(
-            "state directory {}: {e}",
-            self.outputs.labels.state
-        ));
-    }
-
-    /// Writes the times staged since the last call, with the checkpoint of
-    /// the last of them, as one batch; flushes the state to disk when
-    /// `force` or every [`STATE_FLUSH_INTERVAL`].
-    fn write_state(&mut self, force: bool) -> Result<(), ()> {
-        let Some(store) = &self.outputs.store else {
-            return Ok(());
-        };
-        if !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
-            if let Err(e) = store.write(batch, &self.checkpoint) {
-                self.state_failed(&e);
-                return Err(());
-            }
-            self.summary.state_batches += 1;
-            self.unflushed = true;
-        }
-        if self.unflushed && (force || self.last_flush.elapsed() >= STATE_FLUSH_INTERVAL) {
-            if let Err(e) = store.flush() {
-                self.state_failed(&e);
-                return Err(());
-            }
-            self.unflushed = false;
-            self.last_flush = std::time::Instant::now();
-        }
-        Ok(())
+        Ok(ops)
     }
 
     fn finish(&mut self) -> RunSummary {
-        let _ = self.write_state(true);
         self.flush_segments();
         self.flush_dead_letters();
         let mut summary = self.summary.clone();
@@ -438,25 +344,87 @@ impl Committer {
     }
 }
 
-/// Builds the commit stage. `outputs` is `Some` on worker 0 only; the final
-/// summary is left in `result` when the inputs are exhausted.
+/// How the workers of a run are laid out: `workers` per process (timely's
+/// worker `i` is in process `i / workers`).
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Worker threads per process (`-w`).
+    pub workers: usize,
+    /// Processes (`-n`).
+    pub processes: usize,
+}
+
+impl Layout {
+    /// The first worker of every process.
+    fn first_workers(self) -> impl Iterator<Item = u64> {
+        (0..self.processes).map(move |p| (p * self.workers) as u64)
+    }
+}
+
+/// Builds the commit stage.
+///
+/// - `local`: the state changes of the keys this worker owns (links,
+///   trait totals, attributes), written by this worker's process.
+/// - `global`: segment memberships and profiles, for worker 0's diffs.
+/// - `names`: identifier names, for the first worker of every process
+///   that writes state (else worker 0).
+/// - `control`: source clocks for the first worker of every process,
+///   everything else for worker 0.
+///
+/// `outputs` is `Some` on worker 0 only; `shared` is this worker's
+/// process's. The final summary is left in `result` when the inputs are
+/// exhausted.
+#[allow(clippy::too_many_arguments)]
 pub fn commit<'s>(
-    updates: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
+    local: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
+    global: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
+    names: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
     control: Stream<'s, Time, Vec<Control>>,
+    layout: Layout,
     outputs: Option<Outputs>,
+    shared: Arc<ProcessShared>,
     source_names: Vec<String>,
     traits: Rc<[TraitSpec]>,
     segments: Rc<[SegmentSpec]>,
     result: Rc<RefCell<Option<RunSummary>>>,
     abort: Arc<Abort>,
 ) {
-    let scope = updates.scope();
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::vec::Map;
+
+    let scope = local.scope();
+    let worker = scope.index();
+    let local_index = worker % layout.workers.max(1);
+    let stateful = shared.state.is_some();
+    // Names and clocks reach the first worker of every process that
+    // writes state; without state only worker 0 needs them.
+    let names = names.flat_map(move |update| {
+        let targets: Vec<u64> = if stateful {
+            layout.first_workers().collect()
+        } else {
+            vec![0]
+        };
+        targets.into_iter().map(move |t| (t, update.clone()))
+    });
+    let control = control.flat_map(move |c| {
+        let targets: Vec<u64> = match (&c, stateful) {
+            (Control::Clock { .. }, true) => layout.first_workers().collect(),
+            _ => vec![0],
+        };
+        targets.into_iter().map(move |t| (t, c.clone()))
+    });
     let mut builder = OperatorBuilder::new("Commit".to_string(), scope);
-    let mut updates_in = builder.new_input(
-        updates,
-        Exchange::new(|_: &(StateUpdate, Time, isize)| 0u64),
+    let mut local_in = builder.new_input(local, Pipeline);
+    let mut global_in =
+        builder.new_input(global, Exchange::new(|_: &(StateUpdate, Time, isize)| 0u64));
+    let mut names_in = builder.new_input(
+        names,
+        Exchange::new(|(target, _): &(u64, (StateUpdate, Time, isize))| *target),
     );
-    let mut control_in = builder.new_input(control, Exchange::new(|_: &Control| 0u64));
+    let mut control_in = builder.new_input(
+        control,
+        Exchange::new(|(target, _): &(u64, Control)| *target),
+    );
     let members = vec![0; segments.len()];
     let mut committer = outputs.map(|outputs| Committer {
         outputs,
@@ -470,44 +438,81 @@ pub fn commit<'s>(
                 .collect(),
             ..Default::default()
         },
-        traits,
         segments,
         pending: BTreeMap::new(),
         dead_pending: BTreeMap::new(),
-        completion: Completion::default(),
-        checkpoint: Checkpoint::default(),
+        offsets: BTreeMap::new(),
         members,
-        abort,
-        names: std::collections::HashMap::new(),
-        batch: StateBatch::default(),
-        unflushed: false,
-        last_flush: std::time::Instant::now(),
+        abort: Arc::clone(&abort),
     });
+    let mut local_pending: BTreeMap<Time, Vec<(StateUpdate, isize)>> = BTreeMap::new();
     let mut finished = false;
     builder.build(move |_caps| {
         move |frontiers| {
-            let Some(c) = committer.as_mut().filter(|c| !c.abort.is_stopped()) else {
-                updates_in.for_each(|_, _| {});
+            if abort.is_stopped() || finished {
+                local_in.for_each(|_, _| {});
+                global_in.for_each(|_, _| {});
+                names_in.for_each(|_, _| {});
                 control_in.for_each(|_, _| {});
                 return;
-            };
-            control_in.for_each(|cap, data| {
-                let time = cap.least().copied().unwrap_or_default();
-                for item in data.drain(..) {
-                    match item {
-                        // Dead letters wait for their time to complete, then
-                        // are written sorted: the same input gives the same
-                        // dead-letter file for any number of workers.
-                        Control::Dead(letter, at) => {
-                            c.dead_pending.entry(at.max(time)).or_default().push(letter)
+            }
+            // Names as they arrive: an update that uses one completes no
+            // earlier than the name's time.
+            let mut collision = None;
+            names_in.for_each(|_, data| {
+                let Ok(mut known) = shared.names.lock() else {
+                    return;
+                };
+                for (_, (update, _, diff)) in data.drain(..) {
+                    if let (StateUpdate::Name(key, name), 1..) = (update, diff) {
+                        match known.get(&key) {
+                            Some(seen) if *seen != name => {
+                                collision.get_or_insert(format!(
+                                    "identifiers `{seen}` and `{name}` have the same 120-bit key; please report this at once"
+                                ));
+                            }
+                            Some(_) => {}
+                            None => {
+                                known.insert(key, name);
+                            }
                         }
-                        other => c.control(&other),
                     }
                 }
             });
-            updates_in.for_each(|_cap, data| {
+            if let Some(e) = collision {
+                abort.fail(e);
+                return;
+            }
+            control_in.for_each(|cap, data| {
+                let time = cap.least().copied().unwrap_or_default();
+                for (_, item) in data.drain(..) {
+                    match (item, committer.as_mut()) {
+                        (Control::Clock { tick, .. }, _) => {
+                            if let Ok(mut c) = shared.completion.lock() {
+                                c.observe(tick);
+                            }
+                        }
+                        // Dead letters wait for their time to complete, then
+                        // are written sorted: the same input gives the same
+                        // dead-letter file for any number of workers.
+                        (Control::Dead(letter, at), Some(c)) => {
+                            c.dead_pending.entry(at.max(time)).or_default().push(letter)
+                        }
+                        (other, Some(c)) => c.control(&other),
+                        (_, None) => {}
+                    }
+                }
+            });
+            global_in.for_each(|_cap, data| {
+                if let Some(c) = committer.as_mut() {
+                    for (update, time, diff) in data.drain(..) {
+                        c.pending.entry(time).or_default().push((update, diff));
+                    }
+                }
+            });
+            local_in.for_each(|_cap, data| {
                 for (update, time, diff) in data.drain(..) {
-                    c.pending.entry(time).or_default().push((update, diff));
+                    local_pending.entry(time).or_default().push((update, diff));
                 }
             });
             // The earliest time some worker may still produce.
@@ -515,53 +520,137 @@ pub fn commit<'s>(
                 .iter()
                 .filter_map(|f| f.frontier().iter().min().copied())
                 .min();
-            let mut wrote = false;
-            while let Some((&time, _)) = c.pending.first_key_value() {
-                if !c.completion.committable(time, frontier) {
+            let completion = shared.completion.lock().map(|c| *c).unwrap_or_default();
+            let Ok(names) = shared.names.lock() else {
+                return;
+            };
+            // Every time whose changes this worker stages, with its changes.
+            let mut staged: BTreeMap<Time, StateBatch> = BTreeMap::new();
+            if let Some(c) = committer.as_mut() {
+                let mut wrote = false;
+                while let Some((&time, _)) = c.pending.first_key_value() {
+                    if !completion.committable(time, frontier) {
+                        break;
+                    }
+                    let updates = c.pending.pop_first().map(|(_, u)| u).unwrap_or_default();
+                    let Ok(ops) = c.commit(time, updates, &names) else {
+                        return;
+                    };
+                    if stateful {
+                        staged.entry(time).or_default().stage(&ops);
+                    }
+                    wrote = true;
+                }
+                if wrote {
+                    c.flush_segments();
+                }
+            }
+            while let Some((&time, _)) = local_pending.first_key_value() {
+                if !completion.committable(time, frontier) {
                     break;
                 }
-                let updates = c.pending.pop_first().map(|(_, u)| u).unwrap_or_default();
-                if c.commit(time, updates).is_err() {
+                let mut updates = local_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
+                differential_dataflow::consolidation::consolidate(&mut updates);
+                let mut ops = Vec::with_capacity(updates.len());
+                for (update, diff) in &updates {
+                    match state_op(update, &names, &traits) {
+                        Ok(Some(op)) => ops.push((op, *diff)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            abort.fail(e);
+                            return;
+                        }
+                    }
+                }
+                staged.entry(time).or_default().stage(&ops);
+            }
+            drop(names);
+            // Every change of a time before the horizon is staged: times
+            // before the frontier, up to the end of the data. At the end,
+            // times after the data (window expiries) are not part of a
+            // finite replay's result.
+            let horizon = match frontier {
+                None => {
+                    local_pending.clear();
+                    if let Some(c) = committer.as_mut() {
+                        c.pending.clear();
+                    }
+                    Time::MAX
+                }
+                Some(f) => completion
+                    .end_of_data()
+                    .map_or(0, |e| f.min(e.saturating_add(1))),
+            };
+            if let Some(state) = &shared.state {
+                if let Some(c) = committer.as_ref() {
+                    state.set_offsets(&c.offsets);
+                }
+                if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), horizon) {
+                    abort.fail(format!("state directory {}: {e}", state.label));
                     return;
                 }
-                wrote = true;
             }
-            if wrote {
-                c.flush_segments();
-            }
-            if c.write_state(false).is_err() {
-                return;
-            }
-            let mut wrote_dead = false;
-            while let Some((&time, _)) = c.dead_pending.first_key_value() {
-                if !Completion::is_complete(time, frontier) {
-                    break;
+            if let Some(c) = committer.as_mut() {
+                let mut wrote_dead = false;
+                while let Some((&time, _)) = c.dead_pending.first_key_value() {
+                    if !Completion::is_complete(time, frontier) {
+                        break;
+                    }
+                    let mut letters = c
+                        .dead_pending
+                        .pop_first()
+                        .map(|(_, l)| l)
+                        .unwrap_or_default();
+                    letters.sort_by(|a, b| {
+                        (&a.source, &a.input, a.line).cmp(&(&b.source, &b.input, b.line))
+                    });
+                    for letter in &letters {
+                        c.dead(letter);
+                    }
+                    wrote_dead = true;
                 }
-                let mut letters = c
-                    .dead_pending
-                    .pop_first()
-                    .map(|(_, l)| l)
-                    .unwrap_or_default();
-                letters.sort_by(|a, b| {
-                    (&a.source, &a.input, a.line).cmp(&(&b.source, &b.input, b.line))
-                });
-                for letter in &letters {
-                    c.dead(letter);
+                // Like the diffs, dead letters are on disk as soon as their
+                // time is complete, not when the run ends.
+                if wrote_dead {
+                    c.flush_dead_letters();
                 }
-                wrote_dead = true;
             }
-            // Like the diffs, dead letters are on disk as soon as their time
-            // is complete, not when the run ends.
-            if wrote_dead {
-                c.flush_dead_letters();
-            }
-            if frontier.is_none() && !finished {
+            if frontier.is_none() {
                 finished = true;
-                // Times after the last event (window expiries) are not
-                // part of a finite replay's result.
-                c.pending.clear();
-                *result.borrow_mut() = Some(c.finish());
+                if let Some(c) = committer.as_mut() {
+                    *result.borrow_mut() = Some(c.finish());
+                }
             }
         }
     });
+}
+
+/// The state change of a link, trait total or attributes update (segment
+/// memberships are worker 0's, see `Committer::commit`); names come from
+/// `names`.
+fn state_op(
+    update: &StateUpdate,
+    names: &HashMap<Id, String>,
+    traits: &[TraitSpec],
+) -> Result<Option<StoreOp>, String> {
+    let name = |key: &Id| ProcessShared::name(names, key);
+    Ok(match update {
+        StateUpdate::Link(id, profile) => Some(StoreOp::Link {
+            id: name(id)?,
+            profile: name(profile)?,
+        }),
+        StateUpdate::Trait(profile, index, raw) => {
+            let spec = &traits[*index as usize];
+            Some(StoreOp::Trait {
+                profile: name(profile)?,
+                name: spec.name.clone(),
+                value: trait_scalar(spec, *raw).as_f64().unwrap_or(0.0),
+            })
+        }
+        StateUpdate::Attrs(profile, attrs) => Some(StoreOp::Attributes {
+            profile: name(profile)?,
+            json: attributes_json(attrs),
+        }),
+        StateUpdate::Name(..) | StateUpdate::Segment(..) | StateUpdate::Profile(_) => None,
+    })
 }

@@ -1,0 +1,246 @@
+//! Sharded state writes: every worker writes the state of the keys it owns,
+//! and the workers of a process commit together.
+//!
+//! The links of an identifier, the totals of a `(profile, trait)` and the
+//! attributes of a profile come out of the operators that own those keys,
+//! on whichever worker owns them; the commit stage of that worker turns
+//! them into state changes ([`StoreOp`]), without sending them anywhere.
+//! Segment memberships, which worker 0 receives for the diff output anyway,
+//! are staged by worker 0.
+//!
+//! The workers of one process share one RocksDB part ([`ProcessState`]).
+//! State and checkpoint must always agree on one completed time, while
+//! workers complete times at slightly different moments, so each worker
+//! *deposits* its changes per completed time, with the time below which it
+//! has deposited everything (its horizon). Whichever worker moves the least
+//! horizon of the process writes every deposit below it, oldest first, as
+//! one `WriteBatch` with the checkpoint of the last of those times: a group
+//! commit. Keys are disjoint between workers (each has one owner), so only
+//! the order of times matters. The names of identifier keys, needed to
+//! write them as text, reach the first worker of every process
+//! ([`ProcessShared::names`]) before any update that uses them completes.
+//!
+//! In a cluster each process writes its own part: process 0 the state
+//! directory itself, process `p` the sibling `<dir>-process<p>`
+//! ([`crate::store::part_dir`]); `segflow query` merges the parts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::model::Id;
+use crate::store::{Checkpoint, StateBatch, StateLock, Store, StoreError};
+use crate::time::{Completion, Time};
+
+use super::STATE_FLUSH_INTERVAL;
+
+/// What the workers of one process share in the commit stage: identifier
+/// names, the commit rule's end of data, and the part of the state they
+/// write (if the run writes state).
+pub struct ProcessShared {
+    /// The name (`kind:value`) of every identifier key named so far;
+    /// filled by the process's first worker as names arrive, which is
+    /// before any update at a later or equal time can complete.
+    pub names: Mutex<HashMap<Id, String>>,
+    /// The commit rule, fed by the source clocks (which reach the first
+    /// worker of every process).
+    pub completion: Mutex<Completion>,
+    /// This process's part of the state.
+    pub state: Option<ProcessState>,
+}
+
+impl ProcessShared {
+    /// The shared commit-stage state of a process whose part of the state
+    /// (if any) is `state`.
+    pub fn new(state: Option<ProcessState>) -> ProcessShared {
+        ProcessShared {
+            names: Mutex::new(HashMap::new()),
+            completion: Mutex::new(Completion::default()),
+            state,
+        }
+    }
+
+    /// The name of an identifier key, or an internal error.
+    pub fn name(names: &HashMap<Id, String>, key: &Id) -> Result<String, String> {
+        names
+            .get(key)
+            .cloned()
+            .ok_or_else(|| format!("internal error: no name for identifier key {:032x}", key.0))
+    }
+}
+
+/// One process's part of the state and its group commit.
+pub struct ProcessState {
+    store: Store,
+    _lock: StateLock,
+    /// How messages name the part (its directory).
+    pub label: String,
+    group: Mutex<Group>,
+    batches: AtomicU64,
+}
+
+struct Group {
+    /// Per local worker: every change of a time before this is deposited
+    /// (`Time::MAX` once the worker has finished).
+    horizons: Vec<Time>,
+    /// Deposited changes by time, not yet written.
+    deposits: BTreeMap<Time, Vec<StateBatch>>,
+    /// Everything before this is written.
+    written: Time,
+    checkpoint: Checkpoint,
+    unflushed: bool,
+    last_flush: Instant,
+}
+
+impl ProcessState {
+    /// The part `store` (whose lock is `lock`, named `label` in messages)
+    /// written by `workers` local workers of a run of `processes`
+    /// processes.
+    pub fn new(
+        store: Store,
+        lock: StateLock,
+        label: String,
+        workers: usize,
+        processes: usize,
+    ) -> ProcessState {
+        ProcessState {
+            store,
+            _lock: lock,
+            label,
+            group: Mutex::new(Group {
+                horizons: vec![0; workers],
+                deposits: BTreeMap::new(),
+                written: 0,
+                checkpoint: Checkpoint {
+                    processes,
+                    ..Checkpoint::default()
+                },
+                unflushed: false,
+                last_flush: Instant::now(),
+            }),
+            batches: AtomicU64::new(0),
+        }
+    }
+
+    /// State batches written so far (each holds the times one advance of
+    /// the process's horizon completed).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// Records the source offsets of the checkpoint (process 0's worker 0
+    /// reads them).
+    pub fn set_offsets(&self, offsets: &BTreeMap<String, u64>) {
+        if let Ok(mut g) = self.group.lock() {
+            g.checkpoint.offsets.clone_from(offsets);
+        }
+    }
+
+    /// Deposits local worker `worker`'s changes of completed times (in
+    /// order), with its new horizon, and writes what every local worker
+    /// has deposited below the least horizon. Errors are the store's.
+    pub fn deposit(
+        &self,
+        worker: usize,
+        times: Vec<(Time, StateBatch)>,
+        horizon: Time,
+    ) -> Result<(), StoreError> {
+        let Ok(mut g) = self.group.lock() else {
+            return Ok(()); // another worker panicked; the run is failing
+        };
+        for (time, batch) in times {
+            g.deposits.entry(time).or_default().push(batch);
+        }
+        g.horizons[worker] = g.horizons[worker].max(horizon);
+        let least = g.horizons.iter().copied().min().unwrap_or(Time::MAX);
+        if least > g.written {
+            let later = match least {
+                Time::MAX => BTreeMap::new(),
+                h => g.deposits.split_off(&h),
+            };
+            let ready = std::mem::replace(&mut g.deposits, later);
+            g.written = least;
+            if let Some((&last, _)) = ready.last_key_value() {
+                let mut batch = StateBatch::default();
+                for (_, parts) in ready {
+                    for part in parts {
+                        batch.absorb(part);
+                    }
+                }
+                g.checkpoint.time = last;
+                self.store.write(batch, &g.checkpoint)?;
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                g.unflushed = true;
+            }
+        }
+        let finished = least == Time::MAX;
+        if g.unflushed && (finished || g.last_flush.elapsed() >= STATE_FLUSH_INTERVAL) {
+            self.store.flush()?;
+            g.unflushed = false;
+            g.last_flush = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOp;
+
+    fn trait_batch(value: f64, old: Option<f64>) -> StateBatch {
+        let op = |value| StoreOp::Trait {
+            profile: "user:p".into(),
+            name: "views".into(),
+            value,
+        };
+        let mut ops = vec![(op(value), 1)];
+        if let Some(old) = old {
+            ops.push((op(old), -1));
+        }
+        let mut batch = StateBatch::default();
+        batch.stage(&ops);
+        batch
+    }
+
+    /// Nothing is written until every local worker has deposited a time;
+    /// each write holds exactly the times below the least horizon, so the
+    /// state on disk is always that of one completed time.
+    #[test]
+    fn a_group_commit_writes_only_times_every_worker_has_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = StateLock::take(dir.path()).unwrap();
+        let store = Store::create_fresh(dir.path(), &lock).unwrap();
+        let part = ProcessState::new(store, lock, "part".into(), 2, 1);
+        // Worker 0 owns the trait and has completed times 1 and 2.
+        part.deposit(
+            0,
+            vec![(1, trait_batch(1.0, None)), (2, trait_batch(2.0, Some(1.0)))],
+            3,
+        )
+        .unwrap();
+        assert_eq!(part.batches(), 0, "worker 1 has completed nothing yet");
+        // Worker 1 owns the link and has completed time 1 only.
+        let mut link = StateBatch::default();
+        link.stage(&[(
+            StoreOp::Link {
+                id: "user:p".into(),
+                profile: "user:p".into(),
+            },
+            1,
+        )]);
+        part.deposit(1, vec![(1, link)], 2).unwrap();
+        assert_eq!(part.batches(), 1);
+        let view = part.store.view("user:p").unwrap();
+        assert_eq!(view.identifiers, vec!["user:p".to_string()]);
+        assert_eq!(view.traits.get("views"), Some(&1.0), "time 1, not 2");
+        assert_eq!(view.as_of.unwrap().time, 1);
+        // Worker 1 finishes: time 2 is written.
+        part.deposit(1, Vec::new(), Time::MAX).unwrap();
+        assert_eq!(part.batches(), 2);
+        let view = part.store.view("user:p").unwrap();
+        assert_eq!(view.traits.get("views"), Some(&2.0));
+        assert_eq!(view.as_of.unwrap().time, 2);
+    }
+}
