@@ -162,7 +162,7 @@ pub struct RunSummary {
     pub segments: Vec<(String, i64)>,
     /// Segment diff lines written.
     pub diffs_written: u64,
-    /// Timestamps committed.
+    /// Timestamps at which segment diffs were written.
     pub times_committed: u64,
     /// Number of state batches written (each holds the times one frontier
     /// advance completed).
@@ -323,7 +323,7 @@ impl Committer {
             }
         }
         self.summary.diffs_written += diffs.len() as u64;
-        if !updates.is_empty() {
+        if !diffs.is_empty() {
             self.summary.times_committed += 1;
         }
         self.summary.last_time = Some(time);
