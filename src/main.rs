@@ -388,7 +388,7 @@ fn main() -> ExitCode {
             let state = StateParts::open_read_only(&args.state_dir)?;
             for part in &state.missing {
                 eprintln!(
-                    "warning: the part of the state written by another process of the cluster is not here ({}): the answer leaves out what that process owns",
+                    "warning: the part of the state written by another process of the cluster is not here, or was written by another run ({}): the answer leaves out what that process owns",
                     part.display()
                 );
             }

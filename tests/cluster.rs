@@ -782,6 +782,28 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
         one == cluster.entries().unwrap(),
         "state of -w 1 and -n 2 -w 2 differs"
     );
+    drop(cluster);
+    // A part left by another run is never merged in: each part records
+    // the run (process 0's identity).
+    let part = dir.path().join("n2p0.state-process1");
+    std::fs::remove_dir_all(&part).unwrap();
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(dir.path().join("r3.state"))
+        .arg(&part)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let mixed = segflow::store::StateParts::open_read_only(&dir.path().join("n2p0.state")).unwrap();
+    assert_eq!(mixed.missing, vec![part]);
+    let out = segflow(&[
+        "query",
+        "--state-dir",
+        dir.path().join("n2p0.state").to_str().unwrap(),
+        &profile,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("or was written by another run"), "{err}");
     let diffs = read("r1.jsonl");
     assert!(diffs.len() > 1000, "few diffs: {} bytes", diffs.len());
     let dead = read("r1.dead.jsonl");

@@ -50,6 +50,8 @@ pub(crate) struct Agreement {
 pub(crate) struct Connected {
     /// One socket per process, `None` at this process's index.
     pub sockets: Vec<Option<TcpStream>>,
+    /// The run's identity, process 0's.
+    pub run: String,
 }
 
 impl Agreement {
@@ -133,6 +135,11 @@ struct Hello {
     /// Why the sender cannot start (an input it cannot open, an output it
     /// cannot create), if so.
     problem: Option<String>,
+    /// The run's identity, chosen by process 0 (the others' is unused):
+    /// every part of the state records it, so parts of different runs are
+    /// never read as one.
+    #[serde(default)]
+    run: String,
 }
 
 const MAGIC: &[u8; 8] = b"segflow\x01";
@@ -204,6 +211,7 @@ pub(crate) fn connect(
         process,
         agreement: agreement.clone(),
         problem,
+        run: crate::store::new_run_id(),
     };
     let listener = TcpListener::bind(&addresses[process]).map_err(|e| {
         format!(
@@ -346,7 +354,11 @@ pub(crate) fn connect(
             .and_then(|()| s.set_nodelay(true))
             .map_err(|e| format!("cannot set up a cluster connection: {e}"))?;
     }
-    Ok(Connected { sockets })
+    let run = match &hellos[0] {
+        Some(leader) => leader.run.clone(),
+        None => hello.run.clone(),
+    };
+    Ok(Connected { sockets, run })
 }
 
 /// Runs `func` on `threads` workers of this process, connected to the other

@@ -599,6 +599,13 @@ impl Engine {
         };
         let (defs, outputs, state) = prepared?;
         let defs = Arc::new(defs);
+        if let Some(state) = &state {
+            let run = match &sockets {
+                Some((connected, ..)) => connected.run.clone(),
+                None => crate::store::new_run_id(),
+            };
+            state.set_run(&run);
+        }
         let shared = Arc::new(ProcessShared::new(state));
         let layout = Layout { workers, processes };
         let worker_shared = Arc::clone(&shared);

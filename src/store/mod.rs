@@ -222,6 +222,19 @@ pub struct Checkpoint {
     /// directory itself, process `p`'s is [`part_dir`]`(dir, p)`.
     #[serde(default = "one_process")]
     pub processes: usize,
+    /// The run that wrote the state ([`new_run_id`]); the same in every
+    /// part of a cluster's state.
+    #[serde(default)]
+    pub run: String,
+}
+
+/// A new run identity: the wall-clock time in nanoseconds and the process
+/// id, in hex.
+pub fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{:x}", std::process::id())
 }
 
 fn one_process() -> usize {
@@ -234,6 +247,7 @@ impl Default for Checkpoint {
             time: 0,
             offsets: BTreeMap::new(),
             processes: 1,
+            run: String::new(),
         }
     }
 }
@@ -682,7 +696,8 @@ impl Store {
 pub struct StateParts {
     parts: Vec<Store>,
     /// Parts the checkpoint names but that are not on this machine (a
-    /// cluster of several machines keeps each process's part where it ran).
+    /// cluster of several machines keeps each process's part where it ran),
+    /// or that another run wrote.
     pub missing: Vec<std::path::PathBuf>,
 }
 
@@ -692,14 +707,23 @@ impl StateParts {
     /// holds them. Creates nothing; errors as [`Store::open_read_only`].
     pub fn open_read_only(dir: &Path) -> Result<StateParts, StoreError> {
         let first = Store::open_read_only(dir)?;
-        let processes = first.checkpoint()?.map_or(1, |c| c.processes.max(1));
+        let checkpoint = first.checkpoint()?;
+        let processes = checkpoint.as_ref().map_or(1, |c| c.processes.max(1));
+        let run = checkpoint.map(|c| c.run).unwrap_or_default();
         let mut parts = vec![first];
         let mut missing = Vec::new();
         for p in 1..processes {
             let part = part_dir(dir, p);
-            match inspect(&part)? {
-                Found::Nothing => missing.push(part),
-                Found::Ours => parts.push(Store::open_read_only(&part)?),
+            if let Found::Nothing = inspect(&part)? {
+                missing.push(part);
+                continue;
+            }
+            let store = Store::open_read_only(&part)?;
+            // A part left by another run (or not yet written by this one)
+            // is not this run's.
+            match store.checkpoint()? {
+                Some(c) if c.run == run => parts.push(store),
+                _ => missing.push(part),
             }
         }
         Ok(StateParts { parts, missing })

@@ -129,6 +129,14 @@ impl ProcessState {
         self.batches.load(Ordering::Relaxed)
     }
 
+    /// Records the run's identity in the checkpoint (every part of a
+    /// cluster's state gets process 0's).
+    pub fn set_run(&self, run: &str) {
+        if let Ok(mut g) = self.group.lock() {
+            g.checkpoint.run = run.to_string();
+        }
+    }
+
     /// Records the source offsets of the checkpoint (process 0's worker 0
     /// reads them).
     pub fn set_offsets(&self, offsets: &BTreeMap<String, u64>) {
@@ -216,7 +224,10 @@ mod tests {
         // Worker 0 owns the trait and has completed times 1 and 2.
         part.deposit(
             0,
-            vec![(1, trait_batch(1.0, None)), (2, trait_batch(2.0, Some(1.0)))],
+            vec![
+                (1, trait_batch(1.0, None)),
+                (2, trait_batch(2.0, Some(1.0))),
+            ],
             3,
         )
         .unwrap();
