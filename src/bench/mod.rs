@@ -407,7 +407,7 @@ fn query_job(
                 },
                 1,
             ));
-            store.stage(&mut batch, &ops);
+            batch.stage(&ops);
             if (p + 1) % 50_000 == 0 {
                 if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
                     return Err(BenchError::Interrupted);

@@ -558,12 +558,15 @@ impl Engine {
             } => Some((*threads, *process, addresses.clone())),
             _ => None,
         };
-        let (process, processes, workers) = match &peers {
-            Some((threads, process, addresses)) => (*process, addresses.len(), *threads),
-            None => match &config.communication {
-                timely::CommunicationConfig::Process(threads) => (0, 1, *threads),
-                _ => (0, 1, 1),
-            },
+        let (process, processes, workers) = match &config.communication {
+            timely::CommunicationConfig::Cluster {
+                threads,
+                process,
+                addresses,
+                ..
+            } => (*process, addresses.len(), *threads),
+            timely::CommunicationConfig::Process(threads) => (0, 1, *threads),
+            _ => (0, 1, 1),
         };
         // Inputs are checked, this process's part of the state directory
         // locked and emptied (first: a second run on the same directory

@@ -265,7 +265,7 @@ pub fn part_dir(dir: &Path, process: usize) -> std::path::PathBuf {
 }
 
 /// The changes of one or more completed times, to be written at once
-/// ([`Store::stage`], [`Store::write`]): the last value (or removal) of
+/// ([`StateBatch::stage`], [`Store::write`]): the last value (or removal) of
 /// each key, since only the state after the last time is ever visible. A
 /// trait value that changed at a thousand times of one batch is written
 /// once.
@@ -550,14 +550,8 @@ impl Store {
         checkpoint: &Checkpoint,
     ) -> Result<(), StoreError> {
         let mut batch = StateBatch::default();
-        self.stage(&mut batch, ops);
-        self.write(batch, checkpoint)
-    }
-
-    /// Adds one completed timestamp's changes to `batch`, after the times
-    /// already in it ([`StateBatch::stage`]).
-    pub fn stage(&self, batch: &mut StateBatch, ops: &[(StoreOp, isize)]) {
         batch.stage(ops);
+        self.write(batch, checkpoint)
     }
 
     /// Writes `batch` (every time staged in it, in order) and `checkpoint`
@@ -876,7 +870,7 @@ mod tests {
             vec![(views(2.0), -1), (views(3.0), 1), (seg.clone(), 1)],
         ];
         for ops in &times {
-            store.stage(&mut batch, ops);
+            batch.stage(ops);
         }
         store.write(batch, &Checkpoint::default()).unwrap();
         let view = store.view(&p).unwrap();

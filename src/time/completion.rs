@@ -42,6 +42,18 @@ impl Completion {
     pub fn committable(&self, time: Time, frontier: Option<Time>) -> bool {
         Self::is_complete(time, frontier) && self.end_of_data.is_some_and(|e| time <= e)
     }
+
+    /// The least time that may not be committed yet: every time before it
+    /// is [`committable`](Self::committable) (and every later one is not).
+    /// `Time::MAX` once every input has ended: the times after the end of
+    /// the data will never be committed.
+    pub fn horizon(&self, frontier: Option<Time>) -> Time {
+        match (frontier, self.end_of_data) {
+            (None, _) => Time::MAX,
+            (Some(_), None) => 0,
+            (Some(f), Some(e)) => f.min(e.saturating_add(1)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -60,5 +72,19 @@ mod tests {
         assert!(c.committable(5_000, None));
         assert!(!c.committable(6_000, None), "after the last event");
         assert!(Completion::is_complete(6_000, None));
+    }
+
+    #[test]
+    fn the_horizon_is_the_first_time_not_committable() {
+        let mut c = Completion::default();
+        assert_eq!(c.horizon(Some(5_000)), 0, "nothing seen");
+        c.observe(3_000);
+        assert_eq!(c.horizon(Some(5_000)), 3_001, "the end of the data");
+        assert_eq!(c.horizon(Some(2_000)), 2_000, "the frontier");
+        for t in [0, 1_999, 2_000, 3_000] {
+            assert_eq!(c.committable(t, Some(2_000)), t < c.horizon(Some(2_000)));
+            assert_eq!(c.committable(t, Some(5_000)), t < c.horizon(Some(5_000)));
+        }
+        assert_eq!(c.horizon(None), Time::MAX, "ended");
     }
 }

@@ -200,6 +200,8 @@ struct Committer {
     offsets: BTreeMap<String, u64>,
     members: Vec<i64>,
     abort: Arc<Abort>,
+    /// Whether memberships are staged as state changes too.
+    stateful: bool,
 }
 
 /// How often the state of a long run is flushed to disk: what `segflow
@@ -280,7 +282,7 @@ impl Committer {
     }
 
     /// Writes one complete time's segment diffs and returns its segment
-    /// memberships as state changes; a failed write stops the run (see
+    /// memberships as state changes (none without state); a failed write stops the run (see
     /// [`Abort`]) and is returned.
     fn commit(
         &mut self,
@@ -309,7 +311,9 @@ impl Committer {
                         profile: profile.clone(),
                         diff: *diff as i64,
                     });
-                    ops.push((StoreOp::Segment { profile, name }, *diff));
+                    if self.stateful {
+                        ops.push((StoreOp::Segment { profile, name }, *diff));
+                    }
                 }
                 StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
                 _ => {}
@@ -398,20 +402,16 @@ pub fn commit<'s>(
     let stateful = shared.state.is_some();
     // Names and clocks reach the first worker of every process that
     // writes state; without state only worker 0 needs them.
-    let names = names.flat_map(move |update| {
-        let targets: Vec<u64> = if stateful {
-            layout.first_workers().collect()
-        } else {
-            vec![0]
-        };
-        targets.into_iter().map(move |t| (t, update.clone()))
-    });
-    let control = control.flat_map(move |c| {
-        let targets: Vec<u64> = match (&c, stateful) {
-            (Control::Clock { .. }, true) => layout.first_workers().collect(),
-            _ => vec![0],
-        };
-        targets.into_iter().map(move |t| (t, c.clone()))
+    let everywhere: Rc<[u64]> = if stateful {
+        layout.first_workers().collect()
+    } else {
+        Rc::from([0u64])
+    };
+    let to = Rc::clone(&everywhere);
+    let names = names.flat_map(move |update| copies_to(&to, update));
+    let control = control.flat_map(move |c| match c {
+        Control::Clock { .. } => copies_to(&everywhere, c),
+        other => vec![(0, other)],
     });
     let mut builder = OperatorBuilder::new("Commit".to_string(), scope);
     let mut local_in = builder.new_input(local, Pipeline);
@@ -444,6 +444,7 @@ pub fn commit<'s>(
         offsets: BTreeMap::new(),
         members,
         abort: Arc::clone(&abort),
+        stateful,
     });
     let mut local_pending: BTreeMap<Time, Vec<(StateUpdate, isize)>> = BTreeMap::new();
     let mut finished = false;
@@ -483,9 +484,11 @@ pub fn commit<'s>(
                 abort.fail(e);
                 return;
             }
+            let mut offsets_moved = false;
             control_in.for_each(|cap, data| {
                 let time = cap.least().copied().unwrap_or_default();
                 for (_, item) in data.drain(..) {
+                    offsets_moved |= matches!(item, Control::Offset { .. });
                     match (item, committer.as_mut()) {
                         (Control::Clock { tick, .. }, _) => {
                             if let Ok(mut c) = shared.completion.lock() {
@@ -569,20 +572,15 @@ pub fn commit<'s>(
             // before the frontier, up to the end of the data. At the end,
             // times after the data (window expiries) are not part of a
             // finite replay's result.
-            let horizon = match frontier {
-                None => {
-                    local_pending.clear();
-                    if let Some(c) = committer.as_mut() {
-                        c.pending.clear();
-                    }
-                    Time::MAX
+            if frontier.is_none() {
+                local_pending.clear();
+                if let Some(c) = committer.as_mut() {
+                    c.pending.clear();
                 }
-                Some(f) => completion
-                    .end_of_data()
-                    .map_or(0, |e| f.min(e.saturating_add(1))),
-            };
+            }
+            let horizon = completion.horizon(frontier);
             if let Some(state) = &shared.state {
-                if let Some(c) = committer.as_ref() {
+                if let Some(c) = committer.as_ref().filter(|_| offsets_moved) {
                     state.set_offsets(&c.offsets);
                 }
                 if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), horizon) {
@@ -623,6 +621,13 @@ pub fn commit<'s>(
             }
         }
     });
+}
+
+/// `item` paired with each of `targets` (cloned for all but one).
+fn copies_to<T: Clone>(targets: &[u64], item: T) -> Vec<(u64, T)> {
+    let mut out: Vec<(u64, T)> = targets[1..].iter().map(|t| (*t, item.clone())).collect();
+    out.push((targets[0], item));
+    out
 }
 
 /// The state change of a link, trait total or attributes update (segment

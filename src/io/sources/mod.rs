@@ -201,9 +201,20 @@ impl Reader {
             params.max_line_bytes,
             buffer,
         )?);
+        Ok(Reader::new(def, params, lines, true, floor))
+    }
+
+    /// A reader of `lines`, with a fresh clock (live if the lines are).
+    fn new(
+        def: SourceDef,
+        params: Arc<ReadParams>,
+        lines: Box<dyn LineSource>,
+        local_decode: bool,
+        floor: Time,
+    ) -> Reader {
         let input_name = def.input.describe();
-        let clock = SourceClock::new(params.time, false, wall_clock_ms());
-        Ok(Reader {
+        let clock = SourceClock::new(params.time, lines.is_live(), wall_clock_ms());
+        Reader {
             def,
             params,
             lines,
@@ -212,9 +223,9 @@ impl Reader {
             clock,
             reported_clock: None,
             stats: (0, 0, 0, 0),
-            local_decode: true,
+            local_decode,
             floor,
-        })
+        }
     }
 
     fn open(
@@ -239,20 +250,7 @@ impl Reader {
             )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
-        let input_name = def.input.describe();
-        let clock = SourceClock::new(params.time, lines.is_live(), wall_clock_ms());
-        Ok(Reader {
-            def,
-            params,
-            lines,
-            input_name,
-            headers: Default::default(),
-            clock,
-            reported_clock: None,
-            stats: (0, 0, 0, 0),
-            local_decode: false,
-            floor: Time::default(),
-        })
+        Ok(Reader::new(def, params, lines, false, Time::default()))
     }
 
     fn dead(
