@@ -710,3 +710,120 @@ fn a_followed_file_that_is_truncated_or_rotated_is_read_from_its_start() {
     assert_eq!(summary.sources[0].records, 6);
     assert_eq!(summary.dead_letters(), 0);
 }
+
+/// The state of a live run follows the wall clock on every worker: views
+/// of many visitors (their keys owned by both workers) stamped with the
+/// wall clock, in bursts with pauses; while the run goes on, the state
+/// (read as `segflow query` reads it) reaches each visitor's count within
+/// the flush interval and never shows more than was sent; after the
+/// client leaves, the run ends within seconds and the final state is
+/// exact.
+#[test]
+fn live_state_written_by_every_worker_keeps_up_with_the_wall_clock() {
+    const COUNTS: &str = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "0s"
+idle_advance = "200ms"
+
+[sources.web]
+
+[traits.views_total]
+stream = "web"
+filter = 'event == "view_item"'
+
+[segments.seen]
+when = "views_total >= 1"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let addr = free_addr();
+    let spec = parse_spec(COUNTS, "counts.toml").unwrap();
+    let (engine_addr, engine_state) = (addr.clone(), state.clone());
+    let engine = std::thread::spawn(move || {
+        Engine::new(spec)
+            .input(
+                "web",
+                Input::Tcp {
+                    addr: engine_addr,
+                    until_disconnect: true,
+                },
+            )
+            .unwrap()
+            .output(Output::Discard)
+            .state_dir(engine_state)
+            .run(timely::Config::process(2))
+            .unwrap()
+    });
+    let counts = |visitors: usize| -> Vec<Option<f64>> {
+        let Ok(parts) = segflow::store::StateParts::open_read_only(&state) else {
+            return vec![None; visitors];
+        };
+        (0..visitors)
+            .map(|v| {
+                let id = segflow::model::Ident {
+                    rank: 0,
+                    value: format!("anon:v{v}"),
+                };
+                parts
+                    .lookup(&[id])
+                    .unwrap()
+                    .and_then(|view| view.traits.get("views_total").copied())
+            })
+            .collect()
+    };
+    let mut client = connect(&addr);
+    let visitors = 40;
+    let mut sent = vec![0.0; visitors];
+    for burst in 1..=3 {
+        for round in 0..burst {
+            let ts = stamp();
+            for (v, n) in sent.iter_mut().enumerate() {
+                if (v + round) % 3 != 0 {
+                    client
+                        .write_all(view(ts, &format!("v{v}")).as_bytes())
+                        .unwrap();
+                    *n += 1.0;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        // A pause: the state catches up within the flush interval (5 s)
+        // plus a few ticks, on both workers' keys.
+        let want: Vec<Option<f64>> = sent.iter().map(|n| (*n > 0.0).then_some(*n)).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = counts(visitors);
+            for (have, want) in now.iter().zip(&want) {
+                assert!(
+                    have.unwrap_or(0.0) <= want.unwrap_or(0.0),
+                    "a count above what was sent: {now:?} against {want:?}"
+                );
+            }
+            if now == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "burst {burst}: the state did not catch up in 20 s: {now:?} against {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !engine.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let summary = engine.join().unwrap();
+    assert_eq!(
+        counts(visitors),
+        sent.iter().map(|n| Some(*n)).collect::<Vec<_>>()
+    );
+    assert_eq!(summary.late(), 0);
+    assert!(summary.state_batches > 1, "{summary:?}");
+}
