@@ -1,5 +1,8 @@
 //! Decoding and normalization: generated web, CRM and transaction lines per
-//! second (`cargo bench --bench decode`).
+//! second (`cargo bench --bench decode`), and the web lines through other
+//! JSON parsers (`cargo bench --bench decode -- parsers`): serde_json into
+//! a `Value`, and sonic-rs (SIMD) into its `Value` and through serde, the
+//! bounds of what a decoder on either could reach.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segflow::generate::{generate_to, GenConfig};
@@ -42,6 +45,60 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // The same web lines, parsed (and validated) in full by other parsers.
+    let web: Vec<&str> = std::str::from_utf8(&w).unwrap().lines().collect();
+    let mut group = c.benchmark_group("parsers");
+    group.throughput(Throughput::Elements(web.len() as u64));
+    group.bench_function("segflow_decode_projected", |b| {
+        let projection =
+            segflow::model::Projection::reading([
+                ["item".to_string(), "price".to_string()].as_slice()
+            ]);
+        b.iter(|| {
+            web.iter()
+                .filter(|l| {
+                    segflow::model::decode_json_projected(
+                        RecordKind::Web,
+                        l,
+                        &rules,
+                        segflow::time::parse::TimeUnit::Auto,
+                        &projection,
+                    )
+                    .is_ok()
+                })
+                .count()
+        })
+    });
+    group.bench_function("serde_json_value", |b| {
+        b.iter(|| {
+            web.iter()
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("sonic_rs_value", |b| {
+        b.iter(|| {
+            web.iter()
+                .filter(|l| sonic_rs::from_str::<sonic_rs::Value>(l).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("sonic_rs_serde_ignored", |b| {
+        b.iter(|| {
+            web.iter()
+                .filter(|l| sonic_rs::from_str::<serde::de::IgnoredAny>(l).is_ok())
+                .count()
+        })
+    });
+    group.bench_function("serde_json_serde_ignored", |b| {
+        b.iter(|| {
+            web.iter()
+                .filter(|l| serde_json::from_str::<serde::de::IgnoredAny>(l).is_ok())
+                .count()
+        })
+    });
     group.finish();
 }
 
