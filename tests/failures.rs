@@ -492,3 +492,63 @@ fn a_second_run_on_a_held_state_directory_destroys_nothing() {
         "keep me"
     );
 }
+
+/// An output given the path of an input, or the same file for diffs and
+/// dead letters (directly, or through another spelling of the path or a
+/// link), is refused before anything is created or truncated: the input
+/// keeps every byte.
+#[test]
+fn outputs_that_are_the_same_file_as_an_input_or_each_other_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path());
+    let web = dir.path().join("web.jsonl");
+    let data = views(20);
+    std::fs::write(&web, &data).unwrap();
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&web, &link).unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let web_s = web.display().to_string();
+    let other_spelling = format!("{}/../web.jsonl", sub.display());
+    let link_s = link.display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--output", &web_s], "the segment output"),
+        (vec!["--output", &other_spelling], "the segment output"),
+        (vec!["--dead-letter", &link_s], "the dead-letter output"),
+    ];
+    for (args, what) in cases {
+        let (code, err) = finish(run_web(&spec, &web_s, "2", &args), 30);
+        assert_ne!(code, 0, "{args:?}: {err}");
+        assert!(
+            err.contains(what) && err.contains("is also the input of source `web`"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&web).unwrap(), data, "{args:?}");
+    }
+    let same = dir.path().join("out.jsonl");
+    let same_s = same.display().to_string();
+    let (code, err) = finish(
+        run_web(
+            &spec,
+            &web_s,
+            "1",
+            &["--output", &same_s, "--dead-letter", &same_s],
+        ),
+        30,
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("the dead-letter output") && err.contains("is also the segment output"),
+        "{err}"
+    );
+    assert!(!same.exists(), "nothing is created");
+
+    // An output below a file: the message says so.
+    let below = format!("{}/diffs.jsonl", web.display());
+    let (code, err) = finish(run_web(&spec, &web_s, "1", &["--output", &below]), 30);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("a part of this path is a file, not a directory"),
+        "{err}"
+    );
+}

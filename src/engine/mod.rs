@@ -96,6 +96,25 @@ pub enum EngineError {
     /// The reader of standard output went away (`segflow run .. | head`).
     #[error("standard output was closed")]
     OutputClosed,
+    /// Two outputs, or an output and an input, are the same file.
+    #[error("{0}")]
+    SameFile(String),
+}
+
+/// A file's identity: its device and inode if it exists, else its absolute
+/// path with the existing part of it resolved (so `out/../out/x` and
+/// `out/x` are the same file before either exists).
+fn file_identity(path: &Path) -> Option<(u64, u64, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        return Some((meta.dev(), meta.ino(), PathBuf::new()));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = match parent {
+        Some(p) => std::fs::canonicalize(p).ok()?,
+        None => std::env::current_dir().ok()?,
+    };
+    Some((0, 0, dir.join(path.file_name()?)))
 }
 
 fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineError {
@@ -459,10 +478,56 @@ impl Engine {
         Ok(defs)
     }
 
+    /// Refuses outputs that are the same file as each other or as an input
+    /// (a segment output given the path of the web input would truncate
+    /// it; segment diffs and dead letters in one file would overwrite each
+    /// other). Checked before anything is created or truncated.
+    fn check_distinct_files(&self) -> Result<(), EngineError> {
+        let mut files: Vec<(String, &Path)> = Vec::new();
+        for (name, input) in &self.inputs {
+            if let Input::File { path, .. } = input {
+                files.push((format!("the input of source `{name}`"), path));
+            }
+        }
+        let mut outputs: Vec<(String, &Path)> = Vec::new();
+        if let Some(Output::Path(p)) = &self.output {
+            outputs.push(("the segment output".to_string(), p));
+        }
+        if let Some(p) = &self.dead_letter {
+            outputs.push(("the dead-letter output".to_string(), p));
+        }
+        for (what, path) in outputs {
+            let Some(id) = file_identity(path) else {
+                files.push((what, path));
+                continue;
+            };
+            if let Some((other, _)) = files
+                .iter()
+                .find(|(_, p)| file_identity(p).as_ref() == Some(&id))
+            {
+                return Err(EngineError::SameFile(format!(
+                    "{what} {} is also {other}: give each output its own file (segflow would overwrite it)",
+                    path.display()
+                )));
+            }
+            files.push((what, path));
+        }
+        Ok(())
+    }
+
     fn open_outputs(&self) -> Result<Outputs, EngineError> {
         fn create(what: &'static str, path: &Path) -> Result<std::fs::File, EngineError> {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| io_err(what, parent, e))?;
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    // create_dir_all meets a file where a directory goes.
+                    let e = match e.kind() {
+                        std::io::ErrorKind::AlreadyExists => {
+                            std::io::Error::other("a part of this path is a file, not a directory")
+                        }
+                        _ => e,
+                    };
+                    io_err(what, parent, e)
+                })?;
             }
             std::fs::File::create(path).map_err(|e| io_err(what, path, e))
         }
@@ -574,6 +639,7 @@ impl Engine {
         // before the cluster connects: a process that cannot start tells
         // its peers why, and they stop too.
         let prepared = self.source_defs().and_then(|defs| {
+            self.check_distinct_files()?;
             let state = self.open_state_part(process, processes, workers)?;
             let outputs = if process == 0 {
                 Some(self.open_outputs()?)
