@@ -75,6 +75,16 @@ pub enum Control {
         /// Tick in milliseconds.
         tick: u64,
     },
+    /// A graceful shutdown ended a replayed source (a file that is not
+    /// followed) before its input ended, at this watermark: every record it would still have admitted is at or
+    /// after it, so only earlier times are committed, and the output is a
+    /// prefix of that of an uninterrupted run.
+    Cut {
+        /// Source index.
+        source: u32,
+        /// The source's watermark (its capability) when it stopped, ms.
+        watermark: u64,
+    },
     /// Bytes consumed so far (files) or lines read (sockets).
     Offset {
         /// Source index.

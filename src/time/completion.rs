@@ -12,6 +12,13 @@
 //! event of a finite replay are therefore not part of its result: the final
 //! state is "as of" the last event, not at infinity. A live source's clock
 //! follows the wall clock, so its window ends are committed as they pass.
+//!
+//! A replayed source (a file, not followed) **cut** short by a graceful
+//! shutdown (SIGTERM) reports its watermark: every record it would still have admitted is at or after it.
+//! Only earlier times are committed, so an interrupted run writes a prefix of
+//! what the uninterrupted run writes, never window ends that only look due
+//! because the other sources were read further. A live source has no rest
+//! to read: everything it read is committed.
 
 use super::Time;
 
@@ -19,12 +26,23 @@ use super::Time;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Completion {
     end_of_data: Option<Time>,
+    /// The least watermark of a source cut short by a graceful shutdown.
+    cut: Option<Time>,
 }
 
 impl Completion {
     /// Notes a source clock.
     pub fn observe(&mut self, clock: Time) {
         self.end_of_data = Some(self.end_of_data.map_or(clock, |e| e.max(clock)));
+    }
+
+    /// Notes a source that a graceful shutdown ended at `watermark`
+    /// before its input ended: the records it did not read are at or after
+    /// that time, so no time from it on is committed. (Otherwise the other
+    /// sources, read further, would carry the end of the data past it, and
+    /// windows would close on data that was merely not read.)
+    pub fn observe_cut(&mut self, watermark: Time) {
+        self.cut = Some(self.cut.map_or(watermark, |c| c.min(watermark)));
     }
 
     /// The largest source clock seen.
@@ -40,7 +58,9 @@ impl Completion {
 
     /// Whether `time` may be committed now.
     pub fn committable(&self, time: Time, frontier: Option<Time>) -> bool {
-        Self::is_complete(time, frontier) && self.end_of_data.is_some_and(|e| time <= e)
+        Self::is_complete(time, frontier)
+            && self.end_of_data.is_some_and(|e| time <= e)
+            && self.cut.is_none_or(|c| time < c)
     }
 
     /// The least time that may not be committed yet: every time before it
@@ -51,7 +71,9 @@ impl Completion {
         match (frontier, self.end_of_data) {
             (None, _) => Time::MAX,
             (Some(_), None) => 0,
-            (Some(f), Some(e)) => f.min(e.saturating_add(1)),
+            (Some(f), Some(e)) => f
+                .min(e.saturating_add(1))
+                .min(self.cut.unwrap_or(Time::MAX)),
         }
     }
 }
@@ -86,5 +108,20 @@ mod tests {
             assert_eq!(c.committable(t, Some(5_000)), t < c.horizon(Some(5_000)));
         }
         assert_eq!(c.horizon(None), Time::MAX, "ended");
+    }
+
+    #[test]
+    fn a_cut_source_stops_commits_at_its_watermark() {
+        let mut c = Completion::default();
+        c.observe(9_000);
+        c.observe_cut(4_000);
+        c.observe_cut(6_000);
+        assert!(c.committable(3_999, None));
+        assert!(!c.committable(4_000, None), "the least cut counts");
+        assert!(!c.committable(8_000, None), "though data reached 9 s");
+        assert_eq!(c.horizon(Some(7_000)), 4_000);
+        for t in [0, 3_999, 4_000, 6_500] {
+            assert_eq!(c.committable(t, Some(7_000)), t < c.horizon(Some(7_000)));
+        }
     }
 }

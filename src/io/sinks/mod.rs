@@ -257,8 +257,9 @@ impl Committer {
 
     fn control(&mut self, c: &Control) {
         match c {
-            // Source clocks reach the shared commit rule (see `commit`).
-            Control::Clock { .. } => {}
+            // Source clocks and cuts reach the shared commit rule (see
+            // `commit`).
+            Control::Clock { .. } | Control::Cut { .. } => {}
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
                 s.offset = s.offset.max(*offset);
@@ -410,7 +411,7 @@ pub fn commit<'s>(
     let to = Rc::clone(&everywhere);
     let names = names.flat_map(move |update| copies_to(&to, update));
     let control = control.flat_map(move |c| match c {
-        Control::Clock { .. } => copies_to(&everywhere, c),
+        Control::Clock { .. } | Control::Cut { .. } => copies_to(&everywhere, c),
         other => vec![(0, other)],
     });
     let mut builder = OperatorBuilder::new("Commit".to_string(), scope);
@@ -493,6 +494,11 @@ pub fn commit<'s>(
                         (Control::Clock { tick, .. }, _) => {
                             if let Ok(mut c) = shared.completion.lock() {
                                 c.observe(tick);
+                            }
+                        }
+                        (Control::Cut { watermark, .. }, _) => {
+                            if let Ok(mut c) = shared.completion.lock() {
+                                c.observe_cut(watermark);
                             }
                         }
                         // Dead letters wait for their time to complete, then

@@ -157,6 +157,8 @@ enum Status {
     /// clock to pass its last tick before it finishes.
     Draining(Duration),
     Finished,
+    /// A graceful shutdown ended the input before its end.
+    Cut,
     /// Reading failed (an input that opened but cannot be read): the run
     /// stops with this reason.
     Failed(String),
@@ -463,7 +465,7 @@ impl Reader {
         if let Some(flag) = &self.params.shutdown {
             if flag.load(std::sync::atomic::Ordering::SeqCst) {
                 // Graceful shutdown: end the input here, without waiting.
-                return Status::Finished;
+                return Status::Cut;
             }
         }
         let mut status = Status::More;
@@ -772,6 +774,22 @@ pub fn source<'s>(
                 give(&mut control_out, &held[2], &mut ctl);
                 if let Status::Failed(reason) = &status {
                     abort.fail(format!("source `{name}`: reading {described}: {reason}"));
+                    caps = None;
+                    return;
+                }
+                if let Status::Cut = status {
+                    // A replay cut short: what it would still have produced
+                    // starts at its capability, so times before it are final
+                    // and later ones are not committed (see
+                    // `Completion::observe_cut`). A live input has no rest
+                    // to read: what it has read is all there is.
+                    if !reader.lines.is_live() {
+                        ctl.push(Control::Cut {
+                            source: def.index,
+                            watermark: *held[0].time(),
+                        });
+                        give(&mut control_out, &held[2], &mut ctl);
+                    }
                     caps = None;
                     return;
                 }
