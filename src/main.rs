@@ -397,6 +397,10 @@ fn main() -> ExitCode {
                     print_out(&serde_json::to_string_pretty(&view)?);
                     Ok(())
                 }
+                None if state.checkpoint()?.is_none() => anyhow::bail!(
+                    "the state in {} has no completed time yet: a run that has just started writes its first state within seconds; try again",
+                    args.state_dir.display()
+                ),
                 None => anyhow::bail!(
                     "no profile has identifier {:?} in {}",
                     args.identifier,

@@ -270,6 +270,7 @@ fn query_prints_a_profile_for_any_of_its_identifiers() {
     for id in [
         "anon:a-1",
         "email:zoe@EXAMPLE.com",
+        "EMAIL:Zoe@example.com",
         "crm:C9",
         "zoe@example.com",
     ] {
@@ -292,6 +293,17 @@ fn query_prints_a_profile_for_any_of_its_identifiers() {
     ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no profile"));
+
+    // State that a run has created but not yet written a time to.
+    let fresh = dir.path().join("fresh.state");
+    let lock = segflow::store::StateLock::take(&fresh).unwrap();
+    let store = segflow::store::Store::create_fresh(&fresh, &lock).unwrap();
+    drop(store);
+    let early = segflow(&["query", "--state-dir", fresh.to_str().unwrap(), "crm:C9"]);
+    assert!(!early.status.success());
+    let err = String::from_utf8_lossy(&early.stderr);
+    assert!(err.contains("has no completed time yet"), "{err}");
+    drop(lock);
 }
 
 #[test]

@@ -188,7 +188,7 @@ impl IdentityRules {
     /// Interprets a lookup query as identifiers.
     ///
     /// `"kind:value"`, where `kind` is an identifier field name (`crm_id`) or
-    /// its prefix (`crm`), yields that one identifier, normalized (or nothing
+    /// its prefix (`crm`), in any case (`EMAIL:`), yields that one identifier, normalized (or nothing
     /// if it does not normalize). Anything else is a bare value and yields
     /// every interpretation that normalizes: an e-mail if it contains `@`, a
     /// phone number if it parses, and each id kind in the priority list. The
@@ -200,7 +200,7 @@ impl IdentityRules {
             if let Some(field) = self
                 .priority
                 .iter()
-                .find(|f| f.as_str() == kind || prefix_for(f) == kind)
+                .find(|f| f.eq_ignore_ascii_case(kind) || prefix_for(f).eq_ignore_ascii_case(kind))
             {
                 return self.make(field, rest).into_iter().collect();
             }
@@ -310,6 +310,11 @@ mod tests {
                 rank: 0,
                 value: "crm:C1".into()
             }]
+        );
+        assert_eq!(
+            r.parse_query("EMAIL:Bob@X.com"),
+            r.parse_query("email:bob@x.com"),
+            "the kind in any case"
         );
         assert_eq!(
             r.parse_query("anon: a-7 "),

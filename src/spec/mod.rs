@@ -18,7 +18,7 @@ use self::expr::{parse_expr, Expr};
 
 /// An error in a dataflow definition file, with its position.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
+#[error("{}", self.located())]
 pub struct SpecError {
     /// The file name as given to the parser.
     pub file: String,
@@ -28,6 +28,21 @@ pub struct SpecError {
     pub column: usize,
     /// What is wrong.
     pub message: String,
+}
+
+impl SpecError {
+    /// `file:line:column: message`, or `file: message` when the error has no
+    /// position (the file could not be read).
+    fn located(&self) -> String {
+        if self.line == 0 {
+            format!("{}: {}", self.file, self.message)
+        } else {
+            format!(
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
 }
 
 /// The kind of an input stream.
@@ -1701,6 +1716,11 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!((e.line, e.column), (0, 0));
         assert!(e.message.starts_with("cannot read: "), "{}", e.message);
         assert_eq!(e.file, "/definitely/not/here.toml");
+        assert!(
+            e.to_string()
+                .starts_with("/definitely/not/here.toml: cannot read: "),
+            "no position without one: {e}"
+        );
 
         let dir = std::env::temp_dir().join(format!("segflow-spec-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

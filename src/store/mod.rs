@@ -723,6 +723,12 @@ impl StateParts {
         Ok(StateParts { parts, missing })
     }
 
+    /// Process 0's checkpoint: `None` until the run has written a
+    /// completed time.
+    pub fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.parts[0].checkpoint()
+    }
+
     /// Every stored fact but the checkpoints, `(column family, key,
     /// value)`, sorted: the same for a run of any number of workers or
     /// processes over the same input.
