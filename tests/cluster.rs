@@ -994,3 +994,70 @@ fn sigterm_on_a_replay_writes_a_prefix_of_the_full_run() {
         );
     }
 }
+
+/// A cluster that fails to start (here a peer that never comes) destroys
+/// nothing: the previous run's segment diffs, dead letters and state are as
+/// they were, and the state still answers queries. Outputs are emptied, and
+/// the state part replaced, only once every process has agreed to start.
+#[test]
+fn a_cluster_that_fails_to_start_keeps_the_previous_outputs_and_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 6000, 23);
+    let out = run(dir.path(), &data, "prev", &["-w", "1"]);
+    let dead = dir.path().join("prev.dead.jsonl");
+    let state = dir.path().join("prev.state");
+    let (diffs, letters) = (std::fs::read(&out).unwrap(), std::fs::read(&dead).unwrap());
+    assert!(!diffs.is_empty() && !letters.is_empty());
+    let profile = String::from_utf8_lossy(&diffs)
+        .lines()
+        .last()
+        .and_then(|l| l.split("\"profile\":\"").nth(1))
+        .and_then(|p| p.split('"').next())
+        .unwrap()
+        .to_string();
+    let query = || {
+        ok(segflow(&[
+            "query",
+            "--state-dir",
+            state.to_str().unwrap(),
+            &profile,
+        ]))
+        .stdout
+    };
+    let before = query();
+
+    let hosts = hostfile(dir.path());
+    let mut args = run_args(
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        dead.to_str().unwrap(),
+        state.to_str().unwrap(),
+    );
+    args.extend(
+        [
+            "-n",
+            "2",
+            "-p",
+            "0",
+            "-h",
+            hosts.to_str().unwrap(),
+            "--connect-timeout",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let failed = Command::new(BIN).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{err}");
+    assert!(err.contains("could not connect to the cluster"), "{err}");
+    assert!(
+        std::fs::read(&out).unwrap() == diffs,
+        "the segment diffs were touched"
+    );
+    assert!(
+        std::fs::read(&dead).unwrap() == letters,
+        "the dead letters were touched"
+    );
+    assert_eq!(query(), before, "the state was touched");
+}

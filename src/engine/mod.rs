@@ -101,6 +101,49 @@ pub enum EngineError {
     SameFile(String),
 }
 
+/// An output file opened but not yet emptied.
+struct ToEmpty {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+/// Empties what the previous run left, once this run is sure to start
+/// (alone, or with every process of its cluster agreed): the output files
+/// opened by [`Engine::open_outputs`], and this process's part of the state
+/// (kept locked since before the cluster connected).
+fn start(
+    outputs: Option<(Outputs, Vec<ToEmpty>)>,
+    state: Option<(PathBuf, StateLock)>,
+    workers: usize,
+    processes: usize,
+) -> Result<(Option<Outputs>, Option<ProcessState>), EngineError> {
+    let outputs = match outputs {
+        Some((outputs, files)) => {
+            for f in files {
+                // Only a regular file has contents to empty (not /dev/full,
+                // a FIFO or a terminal).
+                let regular = f.file.metadata().is_ok_and(|m| m.is_file());
+                if regular {
+                    f.file
+                        .set_len(0)
+                        .map_err(|e| io_err("cannot empty output", &f.path, e))?;
+                }
+            }
+            Some(outputs)
+        }
+        None => None,
+    };
+    let state = match state {
+        Some((part, lock)) => {
+            let store = Store::create_fresh(&part, &lock)?;
+            let label = part.display().to_string();
+            Some(ProcessState::new(store, lock, label, workers, processes))
+        }
+        None => None,
+    };
+    Ok((outputs, state))
+}
+
 /// A file's identity: its device and inode if it exists, else its absolute
 /// path with the existing part of it resolved (so `out/../out/x` and
 /// `out/x` are the same file before either exists).
@@ -515,8 +558,13 @@ impl Engine {
         Ok(())
     }
 
-    fn open_outputs(&self) -> Result<Outputs, EngineError> {
-        fn create(what: &'static str, path: &Path) -> Result<std::fs::File, EngineError> {
+    /// Opens the outputs, creating files but not yet emptying them: each
+    /// file is also returned, to be truncated (see [`start`]) once the run
+    /// is sure to start, so a cluster that fails to start leaves the
+    /// previous run's outputs as they were.
+    fn open_outputs(&self) -> Result<(Outputs, Vec<ToEmpty>), EngineError> {
+        let mut to_empty = Vec::new();
+        let mut create = |what: &'static str, path: &Path| -> Result<std::fs::File, EngineError> {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|e| {
                     // create_dir_all meets a file where a directory goes.
@@ -529,8 +577,18 @@ impl Engine {
                     io_err(what, parent, e)
                 })?;
             }
-            std::fs::File::create(path).map_err(|e| io_err(what, path, e))
-        }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| io_err(what, path, e))?;
+            to_empty.push(ToEmpty {
+                path: path.to_path_buf(),
+                file: file.try_clone().map_err(|e| io_err(what, path, e))?,
+            });
+            Ok(file)
+        };
         let output = self.output.clone().unwrap_or(Output::Discard);
         let labels = OutputLabels {
             segments: match &output {
@@ -577,37 +635,27 @@ impl Engine {
             None => None,
         };
 
-        Ok(Outputs {
-            segments,
-            dead_letters,
-            labels,
-        })
+        Ok((
+            Outputs {
+                segments,
+                dead_letters,
+                labels,
+            },
+            to_empty,
+        ))
     }
 
     /// Takes the lock of this process's part of the state directory (see
-    /// [`crate::store::part_dir`]) and empties it; `None` without a state
-    /// directory. What the directory holds is checked before anything is
-    /// written, so a second run on it, or a directory segflow did not
-    /// create, destroys nothing.
-    fn open_state_part(
-        &self,
-        process: usize,
-        processes: usize,
-        workers: usize,
-    ) -> Result<Option<ProcessState>, EngineError> {
+    /// [`crate::store::part_dir`]), after checking that it holds nothing
+    /// segflow did not create; `None` without a state directory. Nothing
+    /// is emptied yet (see [`start`]).
+    fn lock_state_part(&self, process: usize) -> Result<Option<(PathBuf, StateLock)>, EngineError> {
         let Some(dir) = &self.state_dir else {
             return Ok(None);
         };
         let part = crate::store::part_dir(dir, process);
         let lock = StateLock::take(&part)?;
-        let store = Store::create_fresh(&part, &lock)?;
-        Ok(Some(ProcessState::new(
-            store,
-            lock,
-            part.display().to_string(),
-            workers,
-            processes,
-        )))
+        Ok(Some((part, lock)))
     }
 
     /// Runs the dataflow on `config` until every input has ended; returns
@@ -640,7 +688,7 @@ impl Engine {
         // its peers why, and they stop too.
         let prepared = self.source_defs().and_then(|defs| {
             self.check_distinct_files()?;
-            let state = self.open_state_part(process, processes, workers)?;
+            let state = self.lock_state_part(process)?;
             let outputs = if process == 0 {
                 Some(self.open_outputs()?)
             } else {
@@ -667,6 +715,7 @@ impl Engine {
             }
         };
         let (defs, outputs, state) = prepared?;
+        let (outputs, state) = start(outputs, state, workers, processes)?;
         let defs = Arc::new(defs);
         if let Some(state) = &state {
             let run = match &sockets {
