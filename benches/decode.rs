@@ -92,6 +92,38 @@ fn bench(c: &mut Criterion) {
                 .count()
         })
     });
+    // What a decoder on sonic-rs's lazy object iterator could reach: every
+    // top-level key, the nested `item` and `context` objects walked, each
+    // scalar's text borrowed.
+    group.bench_function("sonic_rs_lazy_walk", |b| {
+        use sonic_rs::JsonValueTrait;
+        b.iter(|| {
+            let mut n = 0usize;
+            for l in &web {
+                let mut ok = true;
+                for kv in sonic_rs::to_object_iter(*l) {
+                    let Ok((k, v)) = kv else {
+                        ok = false;
+                        break;
+                    };
+                    if k == "item" || k == "context" {
+                        for kv2 in sonic_rs::to_object_iter(v.as_raw_str()) {
+                            match kv2 {
+                                Ok((_, v2)) => n += v2.as_raw_str().len(),
+                                Err(_) => ok = false,
+                            }
+                        }
+                    } else if let Some(s) = v.as_str() {
+                        n += s.len();
+                    } else {
+                        n += v.as_raw_str().len();
+                    }
+                }
+                n += ok as usize;
+            }
+            n
+        })
+    });
     group.bench_function("serde_json_serde_ignored", |b| {
         b.iter(|| {
             web.iter()

@@ -13,10 +13,13 @@
 //!   [`IdentityRules`], which decide which input fields are identifiers and
 //!   how they rank;
 //! * [`limits`] — the range of values the engine holds exactly;
+//! * `json` — the allocation-free reader of a JSON line that the JSON
+//!   decoder tries first;
 //! * [`record`] — web events, CRM records and transactions, with their JSON
 //!   and CSV decoders.
 
 pub mod ident;
+mod json;
 pub mod limits;
 pub mod normalize;
 pub mod record;

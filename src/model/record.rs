@@ -487,9 +487,8 @@ fn qty_value(d: Decimal, shown: impl FnOnce() -> String) -> Result<u64, String> 
     }
 }
 
-/// A quantity given as a JSON number.
-fn qty_number(n: &serde_json::Number) -> Result<u64, String> {
-    let text = n.as_str();
+/// A quantity given as a JSON number (its literal text).
+fn qty_number(text: &str) -> Result<u64, String> {
     let d = Decimal::parse(text).ok_or_else(|| format!("{text} is not a number"))?;
     qty_value(d, || text.to_string())
 }
@@ -510,9 +509,9 @@ fn add_qty(count: u64, qty: u64) -> Result<u64, String> {
         .ok_or_else(|| format!("the total quantity of the items exceeds {MAX_QTY}"))
 }
 
-/// `deleted` given as a number: exactly 0 or 1.
-fn deleted_number(n: &serde_json::Number) -> Option<bool> {
-    match Decimal::parse(n.as_str())?.whole() {
+/// `deleted` given as a number (its literal text): exactly 0 or 1.
+fn deleted_number(text: &str) -> Option<bool> {
+    match Decimal::parse(text)?.whole() {
         Whole::Int {
             negative: false,
             magnitude: 0,
@@ -779,7 +778,7 @@ fn decode_crm(o: &Obj, rules: &IdentityRules, unit: TimeUnit) -> Result<CrmRecor
         None => false,
         Some(Value::Bool(b)) => *b,
         Some(v @ Value::Number(n)) => {
-            deleted_number(n).ok_or_else(|| expected("deleted", "a boolean", v))?
+            deleted_number(n.as_str()).ok_or_else(|| expected("deleted", "a boolean", v))?
         }
         Some(Value::String(s)) => parse_bool(s).ok_or_else(|| {
             DecodeError::new(format!(
@@ -842,7 +841,7 @@ fn decode_txn(o: &Obj, rules: &IdentityRules, unit: TimeUnit) -> Result<Transact
                 };
                 let qty = match get(m, "qty") {
                     None => Ok(1),
-                    Some(Value::Number(n)) => qty_number(n),
+                    Some(Value::Number(n)) => qty_number(n.as_str()),
                     Some(Value::String(s)) => qty_str(s),
                     Some(v) => return Err(expected(&format!("items[{i}].qty"), "a number", v)),
                 }
@@ -1041,13 +1040,13 @@ mod fast {
         normalize_id, parse_bool, qty_number, qty_str, CrmRecord, Fields, Ident, IdentityRules,
         Keep, Projection, Record, RecordKind, Scalar, Transaction, WebEvent,
     };
-    use crate::time::parse::{parse_time_number_as, parse_time_str_as, TimeUnit};
+    use crate::time::parse::{parse_time_number_text_as, parse_time_str_as, TimeUnit};
 
-    /// The key under which serde_json's `arbitrary_precision` hands a number
-    /// to `visit_map` (its `Value` visitor recognizes the same key; a JSON
-    /// object with this key is read as a number by both, and the fast path
-    /// gives up on it anywhere else).
-    const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+    // `NUMBER_TOKEN`: the key under which serde_json's `arbitrary_precision`
+    // (and `Line`) hand a number to `visit_map` (its `Value` visitor
+    // recognizes the same key; a JSON object with this key is read as a
+    // number by both, and the fast path gives up on it anywhere else).
+    use crate::model::json::{Line, NUMBER_TOKEN};
 
     /// Identifier fields handled by the fast path (longer priority lists use
     /// the Value-based decoder).
@@ -1059,11 +1058,14 @@ mod fast {
     }
 
     /// A JSON value whose strings borrow from the line where possible.
-    /// Arrays and objects are only ever needed as JSON text, via `Value`.
+    /// A number is its literal text (serde_json has checked its grammar),
+    /// as `Number::as_str` would give it (serde_json hands it over as its
+    /// own `String`). Arrays and objects are only ever
+    /// needed as JSON text, via `Value`.
     enum Val<'a> {
         Null,
         Bool(bool),
-        Num(Number),
+        Num(Cow<'a, str>),
         Str(Cow<'a, str>),
         Tree(Value),
     }
@@ -1075,7 +1077,7 @@ mod fast {
             Ok(match self {
                 Val::Null => Scalar::Null,
                 Val::Bool(b) => Scalar::Bool(b),
-                Val::Num(n) => Scalar::from_number(&n).map_err(|_| give_up())?,
+                Val::Num(n) => Scalar::from_number_text(&n).map_err(|_| give_up())?,
                 Val::Str(s) => Scalar::Str(s.into_owned()),
                 Val::Tree(v) => Scalar::Str(v.to_string()),
             })
@@ -1101,13 +1103,13 @@ mod fast {
         }
         // The conversions of serde_json's `Value` visitor.
         fn visit_i64<E: de::Error>(self, i: i64) -> Result<Val<'de>, E> {
-            Ok(Val::Num(i.into()))
+            Ok(Val::Num(Cow::Owned(i.to_string())))
         }
         fn visit_u64<E: de::Error>(self, u: u64) -> Result<Val<'de>, E> {
-            Ok(Val::Num(u.into()))
+            Ok(Val::Num(Cow::Owned(u.to_string())))
         }
         fn visit_f64<E: de::Error>(self, f: f64) -> Result<Val<'de>, E> {
-            Ok(Number::from_f64(f).map_or(Val::Null, Val::Num))
+            Ok(Number::from_f64(f).map_or(Val::Null, |n| Val::Num(Cow::Owned(n.to_string()))))
         }
         fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Val<'de>, E> {
             Ok(Val::Str(Cow::Borrowed(s)))
@@ -1128,11 +1130,10 @@ mod fast {
                 return Ok(Val::Tree(Value::Object(Default::default())));
             };
             if first == NUMBER_TOKEN {
-                let text: Cow<'de, str> = map.next_value::<Key<'de>>()?.0;
-                return text
-                    .parse::<Number>()
-                    .map(Val::Num)
-                    .map_err(de::Error::custom);
+                // serde_json hands over the literal as it read (and checked)
+                // it; keeping the text spares parsing it into a `Number`
+                // again (and a second allocation).
+                return Ok(Val::Num(map.next_value::<Key<'de>>()?.0));
             }
             let mut object = serde_json::Map::new();
             object.insert(first.into_owned(), map.next_value::<Value>()?);
@@ -1182,7 +1183,8 @@ mod fast {
     /// up.
     enum IdVal<'a> {
         Str(&'a str),
-        Num(Number),
+        /// An integer literal's text.
+        Num(String),
     }
 
     impl IdVal<'_> {
@@ -1191,7 +1193,7 @@ mod fast {
         fn ident(&self, rules: &IdentityRules, rank: u8, field: &str) -> Option<Ident> {
             match self {
                 IdVal::Str(s) => rules.make_ranked(rank, field, s),
-                IdVal::Num(n) => rules.make_ranked(rank, field, n.as_str()),
+                IdVal::Num(n) => rules.make_ranked(rank, field, n),
             }
         }
     }
@@ -1202,7 +1204,7 @@ mod fast {
         match v {
             Val::Null => Ok(None),
             Val::Str(Cow::Borrowed(s)) => Ok(Some(IdVal::Str(s))),
-            Val::Num(n) if is_integer_literal(n.as_str()) => Ok(Some(IdVal::Num(n.clone()))),
+            Val::Num(n) if is_integer_literal(n) => Ok(Some(IdVal::Num(n.to_string()))),
             Val::Num(_) | Val::Str(Cow::Owned(_)) | Val::Bool(_) | Val::Tree(_) => Err(give_up()),
         }
     }
@@ -1504,22 +1506,38 @@ mod fast {
         {
             return None;
         }
-        let mut top = Top {
+        let new_top = || Top {
             known: Default::default(),
             ids: Default::default(),
             ctx_ids: Default::default(),
             properties: Fields::new(),
         };
-        let mut de = serde_json::Deserializer::from_str(line);
-        (&mut de)
+        // First the allocation-free reader, then serde_json for what it
+        // leaves (escapes, errors): the same visitors, so the same record.
+        let mut top = new_top();
+        let mut reader = Line::new(line);
+        let read = (&mut reader)
             .deserialize_map(TopVisitor {
                 kind,
                 rules,
                 top: &mut top,
                 projection,
             })
-            .ok()?;
-        de.end().ok()?;
+            .is_ok()
+            && reader.end().is_ok();
+        if !read {
+            top = new_top();
+            let mut de = serde_json::Deserializer::from_str(line);
+            (&mut de)
+                .deserialize_map(TopVisitor {
+                    kind,
+                    rules,
+                    top: &mut top,
+                    projection,
+                })
+                .ok()?;
+            de.end().ok()?;
+        }
         match kind {
             RecordKind::Web => web(&mut top, rules, unit).map(Record::Web),
             RecordKind::Crm => crm(&mut top, rules, unit).map(Record::Crm),
@@ -1542,9 +1560,7 @@ mod fast {
     fn id(slot: Option<Slot>) -> Option<String> {
         match slot? {
             Slot::Val(Val::Str(s)) => normalize_id(&s),
-            Slot::Val(Val::Num(n)) if is_integer_literal(n.as_str()) => {
-                Some(n.as_str().to_string())
-            }
+            Slot::Val(Val::Num(n)) if is_integer_literal(&n) => Some(n.into_owned()),
             _ => None,
         }
     }
@@ -1552,7 +1568,7 @@ mod fast {
     /// `req_time`.
     fn time(slot: Option<Slot>, unit: TimeUnit) -> Option<i64> {
         match slot? {
-            Slot::Val(Val::Num(n)) => parse_time_number_as(&n, unit).ok(),
+            Slot::Val(Val::Num(n)) => parse_time_number_text_as(&n, unit).ok(),
             Slot::Val(Val::Str(s)) => parse_time_str_as(&s, unit).ok(),
             _ => None,
         }
@@ -1639,7 +1655,7 @@ mod fast {
         let order_id = id(top.known[0].take())?;
         let ts_ms = time(top.known[1].take(), unit)?;
         let amount = match top.known[2].take()? {
-            Slot::Val(Val::Num(n)) => amount_value(n.as_str()).ok()?,
+            Slot::Val(Val::Num(n)) => amount_value(&n).ok()?,
             Slot::Val(Val::Str(s)) => amount_str(&s).ok()?,
             _ => return None,
         };

@@ -130,7 +130,13 @@ impl Scalar {
     /// that a 64-bit float cannot hold. The error (`"1e400 is out of range
     /// for a 64-bit float"`) is for a number outside the float range.
     pub fn from_number(n: &serde_json::Number) -> Result<Scalar, String> {
-        let text = n.as_str();
+        Self::from_number_text(n.as_str())
+    }
+
+    /// [`Scalar::from_number`] of a JSON number literal's text (as
+    /// `serde_json::Number::as_str` gives it; the grammar is not checked
+    /// again).
+    pub fn from_number_text(text: &str) -> Result<Scalar, String> {
         let f = float(text)?;
         if is_integer_literal(text) && !exact_integer(text, f) {
             return Ok(Scalar::Str(text.to_string()));

@@ -128,13 +128,25 @@ pub fn parse_time_as(v: &Value, unit: TimeUnit) -> Result<i64, String> {
 
 /// [`parse_time_as`] of a JSON number.
 pub fn parse_time_number_as(n: &Number, unit: TimeUnit) -> Result<i64, String> {
-    if let Some(ms) = n
-        .as_u64()
-        .and_then(|whole| integer_epoch_to_ms(whole, unit))
-    {
+    parse_time_number_text_as(n.as_str(), unit)
+}
+
+/// [`parse_time_number_as`] of a JSON number literal's text (as
+/// `serde_json::Number::as_str` gives it).
+pub fn parse_time_number_text_as(text: &str, unit: TimeUnit) -> Result<i64, String> {
+    if let Some(ms) = plain_u64(text).and_then(|whole| integer_epoch_to_ms(whole, unit)) {
         return Ok(ms);
     }
-    epoch_to_ms(&n.to_string(), unit)
+    epoch_to_ms(text, unit)
+}
+
+/// The value of a literal of ASCII digits that fits a `u64` (what
+/// `Number::as_u64` accepts), else `None`.
+fn plain_u64(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// The common case of [`epoch_to_ms`] without text: a non-negative integer
