@@ -111,6 +111,25 @@ impl<'a> Line<'a> {
         let b = self.text.as_bytes();
         let start = self.pos + 1;
         let mut i = start;
+        // Eight bytes at a time to the first quote, backslash or control
+        // character ("SWAR": the lowest flagged byte of each test is exact,
+        // as borrows only run upwards), then byte by byte from there.
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        while let Some(chunk) = b.get(i..i + 8) {
+            let v = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+            let quote = v ^ (ONES * u64::from(b'"'));
+            let backslash = v ^ (ONES * u64::from(b'\\'));
+            let flagged = (quote.wrapping_sub(ONES) & !quote)
+                | (backslash.wrapping_sub(ONES) & !backslash)
+                | (v.wrapping_sub(ONES * 0x20) & !v);
+            let flagged = flagged & HIGH;
+            if flagged != 0 {
+                i += (flagged.trailing_zeros() / 8) as usize;
+                break;
+            }
+            i += 8;
+        }
         while let Some(&c) = b.get(i) {
             if c == b'"' {
                 self.pos = i + 1;
@@ -449,6 +468,9 @@ mod tests {
             r#" { } "#,
             "[1,2.50,-0,1E5,12345678901234567890123]",
             "\"é ✓\"",
+            // Strings across the eight-byte steps, with every byte value
+            // the steps test around (0x1f/0x20, quote, backslash).
+            "{\"abcdefghijklmnopq\":\"0123456789abcdefé✓ !#[]{}~\u{7f}\",\"\":\"\"}",
             "0",
             r#"{"a":{"b":{"c":[[[{}]]]}}}"#,
         ] {
@@ -482,6 +504,9 @@ mod tests {
             "nul",
             "\"a",
             "\"a\tb\"",
+            "\"abcdefghijklmn\u{1f}\"",
+            "\"abcdefghijklmn\\\"",
+            "\"abcdefghijklmnop",
             "{\"a\":1} x",
             "{\"a\":1}}",
             "\"\\n\"",
@@ -505,7 +530,7 @@ mod tests {
             Just("true".to_string()),
             Just("false".to_string()),
             "-?(0|[1-9][0-9]{0,25})(\\.[0-9]{1,5})?([eE][+-]?[0-9]{1,3})?",
-            "\"[a-z é✓\\\\\"]{0,6}\"",
+            "\"[a-z é✓\\\\\"\u{1f}\u{7f}]{0,20}\"",
         ];
         let value = leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
