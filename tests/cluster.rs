@@ -672,8 +672,20 @@ fn sigterm_to_any_process_ends_the_whole_cluster_gracefully() {
         a.extend(["-w".to_string(), "2".to_string()]);
         a
     });
-    // Let process 0 read the whole file, then signal process 1 only.
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    // Let the cluster connect and process 0 read the file (its first diffs
+    // are written), then signal process 1 only. A fixed sleep raced with a
+    // slow start on a loaded machine: process 1 was stopped before it had
+    // joined, and process 0 waited for it in vain.
+    let first_diffs = dir.path().join("live0.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&first_diffs).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the cluster wrote no diff within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
     let status = Command::new("kill")
         .args(["-TERM", &children[1].id().to_string()])
         .status()

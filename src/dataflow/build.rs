@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use differential_dataflow::AsCollection;
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::operators::core::Partition;
-use timely::dataflow::operators::vec::Map;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Concatenate;
-use timely::dataflow::Scope;
+use timely::dataflow::{Scope, Stream};
 
 use super::{identity, profiles, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Layout, Outputs, ProcessShared, RunSummary, StateUpdate};
@@ -55,89 +56,14 @@ pub fn build<'s>(
     let records: Coll<'s, Record> =
         differential_dataflow::collection::concatenate(scope, record_streams);
 
+    let split = split_records(records.inner, Rc::clone(&trait_specs));
+    let crm_versions: Coll<'s, (String, CrmRecord)> = split.crm_versions.as_collection();
+    let event_sets: Coll<'s, Vec<Id>> = split.identifier_sets.as_collection();
     let specs = Rc::clone(&trait_specs);
-    let parts = records
-        .inner
-        .flat_map(move |(record, tick, diff)| {
-            let mut out = Vec::new();
-            if !matches!(record, Record::Crm(_)) {
-                for (c, time, sign) in traits::contributions(&record, tick, &specs) {
-                    out.push((Part::Contribution(c), time, diff * sign));
-                }
-            }
-            // From here on identifiers are keys; their names travel apart,
-            // to the sinks.
-            let name_and_key = |ident: Ident, out: &mut Vec<_>| {
-                let key = ident.id();
-                out.push((Part::Name(key, ident.value), tick, 1));
-                key
-            };
-            match record {
-                Record::Crm(c) => {
-                    for ident in &c.ids {
-                        name_and_key(ident.clone(), &mut out);
-                    }
-                    out.push((Part::Crm(c.crm_id.clone(), c), tick, diff))
-                }
-                Record::Web(e) => {
-                    let ids = e
-                        .ids
-                        .into_iter()
-                        .map(|i| name_and_key(i, &mut out))
-                        .collect();
-                    out.push((Part::Ids(ids), tick, diff))
-                }
-                Record::Txn(t) => {
-                    let ids = t
-                        .ids
-                        .into_iter()
-                        .map(|i| name_and_key(i, &mut out))
-                        .collect();
-                    out.push((Part::Ids(ids), tick, diff))
-                }
-            }
-            out
-        })
-        .partition::<CapacityContainerBuilder<Vec<_>>, _, _>(4, |(part, time, diff)| {
-            let index = match &part {
-                Part::Crm(..) => 0,
-                Part::Ids(_) => 1,
-                Part::Contribution(_) => 2,
-                Part::Name(..) => 3,
-            };
-            (index, (part, time, diff))
-        });
-    let mut parts = parts.into_iter();
-    let mut next = || parts.next().expect("four partitions");
-    let crm_versions: Coll<'s, (String, CrmRecord)> = next()
-        .flat_map(|(p, t, r)| match p {
-            Part::Crm(k, c) => Some(((k, c), t, r)),
-            _ => None,
-        })
-        .as_collection();
-    let event_sets: Coll<'s, Vec<Id>> = next()
-        .flat_map(|(p, t, r)| match p {
-            Part::Ids(ids) => Some((ids, t, r)),
-            _ => None,
-        })
-        .as_collection();
-    let specs = Rc::clone(&trait_specs);
-    let contributions: Coll<'s, traits::Contribution> = retract_at_window_end(
-        next().flat_map(|(p, t, r)| match p {
-            Part::Contribution(k) => Some((k, t, r)),
-            _ => None,
-        }),
-        move |c| traits::window_of(&specs, c),
-    )
-    .as_collection();
-    let names: Coll<'s, (Id, String)> = identity::first_names(
-        next()
-            .flat_map(|(p, t, r)| match p {
-                Part::Name(k, n) => Some(((k, n), t, r)),
-                _ => None,
-            })
-            .as_collection(),
-    );
+    let contributions: Coll<'s, traits::Contribution> =
+        retract_at_window_end(split.contributions, move |c| traits::window_of(&specs, c))
+            .as_collection();
+    let names: Coll<'s, (Id, String)> = identity::first_names(split.names.as_collection());
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
@@ -209,14 +135,81 @@ pub fn build<'s>(
     );
 }
 
-/// What one record contributes to the stages.
-enum Part {
-    /// A CRM record version, keyed by `crm_id`.
-    Crm(String, CrmRecord),
-    /// The identifier set of an event or transaction.
-    Ids(Vec<Id>),
-    /// An identifier's key and name (`kind:value`).
-    Name(Id, String),
-    /// A trait contribution `(identifier, (trait, value))`.
-    Contribution(traits::Contribution),
+/// What the records of one worker contribute to the stages, one stream
+/// each: CRM versions keyed by `crm_id`, the identifier sets of events and
+/// transactions, trait contributions `(identifier, (trait, value))`, and
+/// identifier names `(key, kind:value)`.
+struct Split<'s> {
+    crm_versions: Stream<'s, Time, Vec<((String, CrmRecord), Time, isize)>>,
+    identifier_sets: Stream<'s, Time, Vec<(Vec<Id>, Time, isize)>>,
+    contributions: Stream<'s, Time, Vec<(traits::Contribution, Time, isize)>>,
+    names: Stream<'s, Time, Vec<((Id, String), Time, isize)>>,
+}
+
+/// Splits each record, where it was decoded, into what the stages need
+/// ([`Split`]): one pass over the records, each part sent straight to its
+/// output (timely's `partition` would gather each batch in growing vectors
+/// first).
+fn split_records<'s>(
+    records: Stream<'s, Time, Vec<(Record, Time, isize)>>,
+    specs: Rc<[TraitSpec]>,
+) -> Split<'s> {
+    let mut builder = OperatorBuilder::new("Split records".to_owned(), records.scope());
+    let mut input = builder.new_input(records, Pipeline);
+    let (crm_out, crm_versions) = builder.new_output();
+    let (sets_out, identifier_sets) = builder.new_output();
+    let (contrib_out, contributions) = builder.new_output();
+    let (names_out, names) = builder.new_output();
+    let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
+    let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
+    let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
+    let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
+    builder.build(move |_capabilities| {
+        move |_frontiers| {
+            let (mut crm_out, mut sets_out) = (crm_out.activate(), sets_out.activate());
+            let (mut contrib_out, mut names_out) = (contrib_out.activate(), names_out.activate());
+            input.for_each_stamp(|cap, data| {
+                let mut crm = crm_out.session(&cap);
+                let mut sets = sets_out.session(&cap);
+                let mut contrib = contrib_out.session(&cap);
+                let mut names = names_out.session(&cap);
+                for (record, tick, diff) in data.flat_map(|d| d.drain(..)) {
+                    if !matches!(record, Record::Crm(_)) {
+                        for (c, time, sign) in traits::contributions(&record, tick, &specs) {
+                            contrib.give((c, time, diff * sign));
+                        }
+                    }
+                    // From here on identifiers are keys; their names travel
+                    // apart, to the sinks.
+                    let mut key_of = |ident: Ident| {
+                        let key = ident.id();
+                        names.give(((key, ident.value), tick, 1));
+                        key
+                    };
+                    match record {
+                        Record::Crm(c) => {
+                            for ident in &c.ids {
+                                key_of(ident.clone());
+                            }
+                            crm.give(((c.crm_id.clone(), c), tick, diff));
+                        }
+                        Record::Web(e) => {
+                            let ids = e.ids.into_iter().map(key_of).collect();
+                            sets.give((ids, tick, diff));
+                        }
+                        Record::Txn(t) => {
+                            let ids = t.ids.into_iter().map(key_of).collect();
+                            sets.give((ids, tick, diff));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Split {
+        crm_versions,
+        identifier_sets,
+        contributions,
+        names,
+    }
 }
