@@ -564,8 +564,10 @@ fn give<D: Clone + 'static>(
     data: &mut Vec<D>,
 ) {
     if !data.is_empty() {
-        out.activate().session(cap).give_container(data);
-        data.clear();
+        // In containers of the builder's size: handing over `data` itself
+        // would leave it without capacity, and growing it back to a batch
+        // of records at every step faulted in fresh (huge) pages.
+        out.activate().session(cap).give_iterator(data.drain(..));
     }
 }
 
