@@ -80,12 +80,15 @@ pub fn build<'s>(
         .arrange_by_key_named("Arrange: identifier -> profile");
 
     // Traits and attributes per profile, then segments.
-    let trait_values = traits::per_profile(contributions, id_profile_arranged.clone());
+    let trait_deltas = traits::per_profile(contributions, id_profile_arranged.clone());
     let attributes = profiles::attributes(crm_current, id_profile_arranged);
     let profile_ids = identity::profiles(id_profile.clone());
-    let memberships = segments::evaluate(
+    let segments::Evaluated {
+        trait_values,
+        memberships,
+    } = segments::evaluate(
         profile_ids.clone(),
-        trait_values.clone(),
+        trait_deltas,
         attributes.clone(),
         Rc::clone(&trait_specs),
         Rc::clone(&segment_specs),

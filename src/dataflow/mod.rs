@@ -11,7 +11,9 @@
 //!
 //! All collections are timed by event time rounded to the engine tick
 //! ([`Time`], milliseconds since the epoch). Because the time is totally
-//! ordered, abelian aggregates use `count_total` rather than `reduce`.
+//! ordered, trait totals and segment memberships are kept per profile as
+//! keyed state applied in time order ([`segments::evaluate`]) rather than
+//! by `count_total` and `reduce`.
 
 use differential_dataflow::VecCollection;
 

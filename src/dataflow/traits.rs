@@ -17,7 +17,8 @@
 //!    retractions when their time comes.
 //! 2. [`per_profile`]: the contributions are re-keyed by profile through the
 //!    shared `(identifier, profile)` arrangement, each becomes the 128-bit
-//!    difference `value × diff`, and they are totalled with `count_total`.
+//!    difference `value × diff`; [`crate::dataflow::segments::evaluate`]
+//!    totals them per `(profile, trait)`.
 //!    When two profiles merge, the join moves every contribution to the
 //!    merged profile and the totals follow.
 //!
@@ -27,7 +28,6 @@
 //! are 128-bit, which more than 2^87 such values cannot overflow.
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::operators::CountTotal;
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::AsCollection;
 use timely::dataflow::operators::vec::Map;
@@ -117,12 +117,13 @@ pub fn window_of(traits: &[TraitSpec], contribution: &Contribution) -> Option<u6
     traits.get(*index as usize).and_then(|t| t.window_ms)
 }
 
-/// Totals per `(profile, trait)`: the data is `((profile, trait), total)`,
-/// a count or a sum in thousandths.
+/// The changes of the totals per `(profile, trait)`: the data is
+/// `(profile, trait)` and the difference the change, a count or a sum in
+/// thousandths (totalled by [`crate::dataflow::segments::evaluate`]).
 pub fn per_profile<'s>(
     contributions: Coll<'s, Contribution>,
     id_profile: IdProfileArrangement<'s>,
-) -> Coll<'s, ((Id, u32), Total)> {
+) -> Coll<'s, (Id, u32), Total> {
     contributions
         .join_core(id_profile, |_id, (trait_index, value), profile| {
             Some(((*profile, *trait_index), *value))
@@ -130,7 +131,6 @@ pub fn per_profile<'s>(
         .inner
         .map(|((key, value), time, diff)| (key, time, Total::from(value) * diff as Total))
         .as_collection()
-        .count_total()
 }
 
 #[cfg(test)]
