@@ -34,14 +34,14 @@ pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, Vec<Id>> {
 /// filters. Bounded: past [`Earliest::MAX_KEYS`] keys it starts afresh,
 /// which only lets repeated occurrences through again (every consumer of
 /// these filters is idempotent: a distinct, or a dictionary).
-struct Earliest<K>(std::collections::HashMap<K, Time>);
+struct Earliest<K>(std::collections::HashMap<K, Time, foldhash::fast::RandomState>);
 
 impl<K: std::hash::Hash + Eq + Clone> Earliest<K> {
     /// Keys remembered per worker before the filter starts afresh.
     const MAX_KEYS: usize = 1 << 18;
 
     fn new() -> Self {
-        Earliest(std::collections::HashMap::new())
+        Earliest(std::collections::HashMap::default())
     }
 
     /// Whether an occurrence of `key` at `time` is passed on: the first one

@@ -7,7 +7,7 @@
 //! evaluated; the output is the set of `(segment, profile)` memberships, whose
 //! changes over time are the entry (+1) and exit (-1) diffs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use differential_dataflow::AsCollection;
@@ -17,7 +17,7 @@ use timely::dataflow::operators::{Capability, InputCapability};
 use super::profiles::Attributes;
 use super::traits::{Total, SUM_SCALE};
 use super::{Coll, Time};
-use crate::model::{Id, Scalar, ScalarRef};
+use crate::model::{Id, IdMap, Scalar, ScalarRef};
 use crate::spec::{Aggregate, SegmentSpec, TraitSpec};
 
 /// One fact about a profile, the input of segment evaluation.
@@ -141,7 +141,7 @@ pub fn evaluate<'s>(
         let mut pending: BTreeMap<Time, Vec<(Id, Change)>> = BTreeMap::new();
         // Capabilities (totals, memberships) at the earliest pending time.
         let mut held: Option<[Capability<Time>; 2]> = None;
-        let mut state: HashMap<Id, ProfileFacts> = HashMap::new();
+        let mut state: IdMap<ProfileFacts> = IdMap::default();
         move |frontiers| {
             let mut note = |cap: &InputCapability<Time>, time: Time| {
                 if held.as_ref().is_none_or(|h| time < *h[0].time()) {

@@ -81,6 +81,10 @@ impl Id {
     }
 }
 
+/// A hash map keyed by [`Id`], with the engine's hasher (foldhash, seeded
+/// per process: keys come from the input).
+pub type IdMap<V> = std::collections::HashMap<Id, V, foldhash::fast::RandomState>;
+
 impl Ident {
     /// This identifier's key.
     pub fn id(&self) -> Id {

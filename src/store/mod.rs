@@ -270,7 +270,9 @@ pub fn part_dir(dir: &Path, process: usize) -> std::path::PathBuf {
 /// trait value that changed at a thousand times of one batch is written
 /// once.
 #[derive(Default)]
-pub struct StateBatch(std::collections::HashMap<(usize, Vec<u8>), Option<Vec<u8>>>);
+pub struct StateBatch(
+    std::collections::HashMap<(usize, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
+);
 
 impl StateBatch {
     /// Whether nothing is staged.

@@ -15,7 +15,7 @@
 //! order and identical for any number of workers or processes.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use timely::dataflow::Stream;
 use crate::dataflow::profiles::Attributes;
 use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
-use crate::model::Id;
+use crate::model::{Id, IdMap};
 use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, StateBatch, StoreOp};
 
@@ -289,7 +289,7 @@ impl Committer {
         &mut self,
         time: Time,
         mut updates: Vec<(StateUpdate, isize)>,
-        names: &HashMap<Id, String>,
+        names: &IdMap<String>,
     ) -> Result<Vec<(StoreOp, isize)>, ()> {
         differential_dataflow::consolidation::consolidate(&mut updates);
         let mut diffs = Vec::new();
@@ -641,7 +641,7 @@ fn copies_to<T: Clone>(targets: &[u64], item: T) -> Vec<(u64, T)> {
 /// `names`.
 fn state_op(
     update: &StateUpdate,
-    names: &HashMap<Id, String>,
+    names: &IdMap<String>,
     traits: &[TraitSpec],
 ) -> Result<Option<StoreOp>, String> {
     let name = |key: &Id| ProcessShared::name(names, key);

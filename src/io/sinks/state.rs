@@ -24,12 +24,12 @@
 //! directory itself, process `p` the sibling `<dir>-process<p>`
 //! ([`crate::store::part_dir`]); `segflow query` merges the parts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::model::Id;
+use crate::model::{Id, IdMap};
 use crate::store::{Checkpoint, StateBatch, StateLock, Store, StoreError};
 use crate::time::{Completion, Time};
 
@@ -42,7 +42,7 @@ pub struct ProcessShared {
     /// The name (`kind:value`) of every identifier key named so far;
     /// filled by the process's first worker as names arrive, which is
     /// before any update at a later or equal time can complete.
-    pub names: Mutex<HashMap<Id, String>>,
+    pub names: Mutex<IdMap<String>>,
     /// The commit rule, fed by the source clocks (which reach the first
     /// worker of every process).
     pub completion: Mutex<Completion>,
@@ -55,14 +55,14 @@ impl ProcessShared {
     /// (if any) is `state`.
     pub fn new(state: Option<ProcessState>) -> ProcessShared {
         ProcessShared {
-            names: Mutex::new(HashMap::new()),
+            names: Mutex::new(IdMap::default()),
             completion: Mutex::new(Completion::default()),
             state,
         }
     }
 
     /// The name of an identifier key, or an internal error.
-    pub fn name(names: &HashMap<Id, String>, key: &Id) -> Result<String, String> {
+    pub fn name(names: &IdMap<String>, key: &Id) -> Result<String, String> {
         names
             .get(key)
             .cloned()
