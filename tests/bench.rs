@@ -17,7 +17,7 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
             "--repeat",
             "1",
             "--jobs",
-            "ecommerce,visitor_high_intent,query",
+            "ecommerce,visitor_high_intent,query,memory",
             "--query-profiles",
             "3000",
             "--workers",
@@ -71,6 +71,33 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
     assert_eq!(query["lookups"], 21, "{query}");
     assert!(query["median_ms"].as_f64().unwrap() > 0.0, "{query}");
     assert!(query["state_bytes"].as_u64().unwrap() > 0, "{query}");
+    // The memory job: each dataflow job on an eighth of the data and on
+    // all of it, and the RSS per additional profile between the two.
+    for job in ["ecommerce", "visitor_high_intent"] {
+        let m = lines
+            .iter()
+            .find(|l| l["job"] == "memory" && l["of"] == job)
+            .unwrap_or_else(|| panic!("a memory result for {job}: {stdout}"));
+        let (few, many) = (
+            m["small"]["profiles"].as_i64().unwrap(),
+            m["large"]["profiles"].as_i64().unwrap(),
+        );
+        assert!(0 < few && few < many, "{m}");
+        let full = lines
+            .iter()
+            .find(|l| l["job"] == job && l["workers"] == 1 && l.get("records").is_some())
+            .unwrap();
+        assert_eq!(m["large"]["profiles"], full["profiles"], "{m}");
+        let slope = (m["large"]["peak_rss_mb"].as_f64().unwrap()
+            - m["small"]["peak_rss_mb"].as_f64().unwrap())
+            * 1048576.0
+            / (many - few) as f64;
+        let reported = m["rss_bytes_per_added_profile"].as_f64().unwrap();
+        assert!(
+            (reported - slope).abs() < 1e-6 * slope.abs().max(1.0),
+            "{m}"
+        );
+    }
     let bad = Command::new(BIN)
         .args([
             "bench",

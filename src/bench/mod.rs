@@ -18,7 +18,11 @@
 //! event-to-diff latency on a live TCP source ([`latency`]); the `query`
 //! job writes the state of `--query-profiles` synthetic profiles (five
 //! identifiers, two attributes, three traits and a segment each) and times
-//! `segflow query` processes looking up random identifiers.
+//! `segflow query` processes looking up random identifiers. The `memory`
+//! job (not run by default) runs each dataflow job at `-w 1` on the data
+//! and on a data set an eighth of its size, and reports the peak RSS each
+//! additional profile costs: the slope, without the fixed memory of any
+//! run.
 
 pub mod latency;
 
@@ -116,7 +120,9 @@ pub struct JobResult {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// A job name that does not exist.
-    #[error("unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query")]
+    #[error(
+        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query, memory"
+    )]
     UnknownJob(String),
     /// Generating data, writing a file or starting a run failed.
     #[error("{what}: {source}")]
@@ -260,6 +266,7 @@ fn run_job(
     workers: usize,
     repeat: usize,
     dir: &Path,
+    data: &Path,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<JobResult, BenchError> {
     let flow = dir.join(format!("{}.toml", job.name));
@@ -296,10 +303,7 @@ fn run_job(
         }
         for (source, file) in job.inputs {
             args.push("--input".into());
-            args.push(format!(
-                "{source}={}",
-                dir.join("data").join(file).display()
-            ));
+            args.push(format!("{source}={}", data.join(file).display()));
         }
         let (output, rss_kb) = match run_child(&args, stop) {
             Ok(r) => r,
@@ -344,6 +348,25 @@ fn run_job(
         state_bytes,
         state_bytes_per_profile: per_profile(state_bytes as f64),
     })
+}
+
+/// The `memory` job's line for `job`: its runs on the small (`few`) and
+/// the full (`many`) data set at `-w 1`, and the peak RSS each additional
+/// profile costs, `(rss_many - rss_few) / (profiles_many - profiles_few)`
+/// in bytes (null when the profile counts are equal).
+fn memory_line(job: &str, few: &JobResult, many: &JobResult) -> String {
+    let added = many.profiles - few.profiles;
+    let per_profile =
+        (added > 0).then(|| (many.peak_rss_mb - few.peak_rss_mb) * (1 << 20) as f64 / added as f64);
+    serde_json::json!({
+        "job": "memory",
+        "of": job,
+        "workers": 1,
+        "small": {"profiles": few.profiles, "peak_rss_mb": few.peak_rss_mb},
+        "large": {"profiles": many.profiles, "peak_rss_mb": many.peak_rss_mb},
+        "rss_bytes_per_added_profile": per_profile,
+    })
+    .to_string()
 }
 
 /// Writes the state of `profiles` synthetic profiles under `dir/query.state`
@@ -477,7 +500,9 @@ fn query_job(
 /// An unknown job, data that cannot be generated, a run that fails.
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
-        if name != "latency" && name != "query" && !JOBS.iter().any(|j| j.name == name) {
+        if !["latency", "query", "memory"].contains(&name.as_str())
+            && !JOBS.iter().any(|j| j.name == name)
+        {
             return Err(BenchError::UnknownJob(name.clone()));
         }
     }
@@ -542,6 +567,24 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
             )?);
             continue;
         }
+        if name == "memory" {
+            // A data set an eighth of the size: the slope between the two
+            // is the memory each additional profile costs, without the
+            // fixed part (code, allocator, RocksDB) that any run has.
+            let small = config.dir.join("data-small");
+            let gen_small = crate::generate::GenConfig {
+                events: (config.events / 8).max(1),
+                ..gen.clone()
+            };
+            crate::generate::generate_dir(&gen_small, &small)
+                .map_err(io_err(format!("generate data into {}", small.display())))?;
+            for job in &JOBS {
+                let few = run_job(job, 1, config.repeat, &config.dir, &small, stop)?;
+                let many = run_job(job, 1, config.repeat, &config.dir, &data, stop)?;
+                print(memory_line(job.name, &few, &many));
+            }
+            continue;
+        }
         if name == "latency" {
             for rate in [1_000, 10_000] {
                 let mut runs = Vec::new();
@@ -559,7 +602,7 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
         let job = JOBS.iter().find(|j| j.name == name).expect("checked above");
         let mut results = Vec::new();
         for &workers in &config.workers {
-            let result = run_job(job, workers, config.repeat, &config.dir, stop)?;
+            let result = run_job(job, workers, config.repeat, &config.dir, &data, stop)?;
             print(serde_json::to_string(&result).expect("serializes"));
             results.push(result);
         }
