@@ -25,9 +25,11 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 /// `visit_map` (its `Value` visitor recognizes the same key).
 pub(crate) const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 
-/// serde_json's nesting limit: deeper lines are left to it (it rejects
-/// them).
-const MAX_DEPTH: u32 = 128;
+/// serde_json's nesting limit: it reads at most 127 nested arrays and
+/// objects (its remaining depth starts at 128 and it fails when entering a
+/// container takes it to 0). Deeper values are left to it: it rejects
+/// them where it builds them, and skips them where it ignores them.
+const MAX_DEPTH: u32 = 127;
 
 /// Why [`Line`] stopped: the line is invalid JSON or uses something left to
 /// serde_json. It carries no message: the caller reads the line again with
@@ -198,7 +200,7 @@ impl<'a> Line<'a> {
 
     /// Enters an object or array (the position is at its bracket).
     fn open(&mut self) -> Result<(), GiveUp> {
-        if self.depth >= MAX_DEPTH {
+        if self.depth + 1 > MAX_DEPTH {
             return Err(GiveUp);
         }
         self.depth += 1;
@@ -516,10 +518,17 @@ mod tests {
         ] {
             assert_eq!(read(text), None, "{text:?}");
         }
-        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert_eq!(read(&deep), None);
-        let ok = format!("{}{}", "[".repeat(100), "]".repeat(100));
-        assert!(read(&ok).is_some());
+        // The depth serde_json reads and the first it rejects.
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        for (depth, reads) in [(100, true), (127, true), (128, false), (200, false)] {
+            let text = nested(depth);
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+                reads,
+                "serde_json at {depth}"
+            );
+            assert_eq!(read(&text).is_some(), reads, "Line at {depth}");
+        }
     }
 
     /// Random JSON-like text: valid values, then random edits of them.

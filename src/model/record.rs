@@ -2374,6 +2374,33 @@ mod tests {
             r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[{"$serde_json::private::Number":"1"}]}"#,
             r#"{"order_id":"o","ts":1,"user_id":"u","amount":1,"items":[1]}"#,
         ];
+        // Nesting at serde_json's limit (127 levels) and one past it, in
+        // fields that are kept: the line is read, then rejected.
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let deep: Vec<String> = [125, 126]
+            .into_iter()
+            .flat_map(|n| {
+                [
+                    format!(
+                        r#"{{"event":"v","ts":1,"anonymous_id":"a","item":{{"c":{}}}}}"#,
+                        nested(n)
+                    ),
+                    format!(
+                        r#"{{"crm_id":"C1","updated_at":1,"tier":"gold","x":{}}}"#,
+                        nested(n + 1)
+                    ),
+                ]
+            })
+            .collect();
+        for (line, reads) in deep.iter().zip([true, true, false, false]) {
+            let kind = if line.contains("crm_id") {
+                RecordKind::Crm
+            } else {
+                RecordKind::Web
+            };
+            assert_eq!(decode_json(kind, line, &r).is_ok(), reads, "{line}");
+            assert_eq!(assert_fast_agrees(kind, line, &r), reads, "{line}");
+        }
         let mut fast_ok = 0;
         for line in lines {
             for rules in [&r, &dup_rules, &odd_rules, &no_crm] {
