@@ -354,6 +354,31 @@ mod tests {
     use super::*;
     use crate::spec::parse_spec;
 
+    /// Two traits (a count and a sum) and four segments over traits that
+    /// may be zero, sums and attributes.
+    fn spec() -> crate::spec::Spec {
+        parse_spec(
+            r#"
+        [traits.views]
+        stream = "web"
+        [traits.spend]
+        stream = "transactions"
+        aggregate = "sum"
+        of = "amount"
+        [segments.active]
+        when = "views >= 2"
+        [segments.idle]
+        when = "views == 0 and not attributes.tier == \"gold\""
+        [segments.big]
+        when = "spend >= 500"
+        [segments.gold]
+        when = 'attributes.tier == "gold"'
+        "#,
+            "s.toml",
+        )
+        .unwrap()
+    }
+
     /// The reference: totals by `count_total`, memberships by a `reduce`
     /// over the facts (what [`evaluate`] computed before it kept state).
     fn reference<'s>(
@@ -405,26 +430,7 @@ mod tests {
     ) -> (Updates<((Id, u32), Total)>, Updates<(u32, Id)>) {
         use differential_dataflow::input::Input;
         use std::sync::{Arc, Mutex};
-        let spec = parse_spec(
-            r#"
-            [traits.views]
-            stream = "web"
-            [traits.spend]
-            stream = "transactions"
-            aggregate = "sum"
-            of = "amount"
-            [segments.active]
-            when = "views >= 2"
-            [segments.quiet]
-            when = "views == 0"
-            [segments.buyer]
-            when = 'spend > 0.002 and not attributes.tier == "gold"'
-            [segments.gold]
-            when = 'attributes.tier == "gold"'
-            "#,
-            "t.toml",
-        )
-        .unwrap();
+        let spec = spec();
         let traits: Rc<[TraitSpec]> = spec.traits.into();
         let segments: Rc<[SegmentSpec]> = spec.segments.into();
         let (traits, segments) = (traits.to_vec(), segments.to_vec());
@@ -534,26 +540,7 @@ mod tests {
 
     #[test]
     fn conditions_see_traits_defaulting_to_zero_and_attributes() {
-        let spec = parse_spec(
-            r#"
-            [traits.views]
-            stream = "web"
-            [traits.spend]
-            stream = "transactions"
-            aggregate = "sum"
-            of = "amount"
-            [segments.active]
-            when = "views >= 2"
-            [segments.idle]
-            when = "views == 0 and not attributes.tier == \"gold\""
-            [segments.big]
-            when = "spend >= 500"
-            [segments.gold]
-            when = 'attributes.tier == "gold"'
-            "#,
-            "s.toml",
-        )
-        .unwrap();
+        let spec = spec();
         let eval = |facts: &[Fact]| {
             memberships(
                 &facts.iter().collect::<Vec<_>>(),
