@@ -560,8 +560,12 @@ pub fn commit<'s>(
                 }
                 let mut updates = local_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
                 differential_dataflow::consolidation::consolidate(&mut updates);
+                let replaced = replaced_values(&updates);
                 let mut ops = Vec::with_capacity(updates.len());
-                for (update, diff) in &updates {
+                for ((update, diff), replaced) in updates.iter().zip(replaced) {
+                    if replaced {
+                        continue;
+                    }
                     match state_op(update, &names, &traits) {
                         Ok(Some(op)) => ops.push((op, *diff)),
                         Ok(None) => {}
@@ -629,6 +633,39 @@ pub fn commit<'s>(
     });
 }
 
+/// For each of a time's consolidated (hence sorted) local updates, whether
+/// it is the removal of a trait total or of attributes that another value
+/// of the same key replaces at the same time. The state stages removals
+/// before insertions and keeps a key's last change, so such a removal
+/// changes nothing, and it is skipped before its names and text are built
+/// (half of all trait updates: each change of a total is the old value's
+/// `-1` and the new one's `+1`). Links are never skipped: the removal of a
+/// link also removes the old profile's entry, under another key.
+fn replaced_values(updates: &[(StateUpdate, isize)]) -> Vec<bool> {
+    // The key a trait or attributes update is stored under.
+    let key = |u: &StateUpdate| match u {
+        StateUpdate::Trait(p, t, _) => Some((0u8, *p, *t)),
+        StateUpdate::Attrs(p, _) => Some((1u8, *p, 0)),
+        _ => None,
+    };
+    let mut replaced = vec![false; updates.len()];
+    let mut start = 0;
+    while start < updates.len() {
+        let k = key(&updates[start].0);
+        let mut end = start + 1;
+        while end < updates.len() && k.is_some() && key(&updates[end].0) == k {
+            end += 1;
+        }
+        if k.is_some() && updates[start..end].iter().any(|(_, d)| *d > 0) {
+            for (i, (_, d)) in updates[start..end].iter().enumerate() {
+                replaced[start + i] = *d < 0;
+            }
+        }
+        start = end;
+    }
+    replaced
+}
+
 /// `item` paired with each of `targets` (cloned for all but one).
 fn copies_to<T: Clone>(targets: &[u64], item: T) -> Vec<(u64, T)> {
     let mut out: Vec<(u64, T)> = targets[1..].iter().map(|t| (*t, item.clone())).collect();
@@ -664,4 +701,45 @@ fn state_op(
         }),
         StateUpdate::Name(..) | StateUpdate::Segment(..) | StateUpdate::Profile(_) => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Scalar;
+
+    /// A removal is skipped only where an insertion under the same key
+    /// replaces it at the same time: a changed trait total or new
+    /// attributes; never a total that drops to zero, never a link.
+    #[test]
+    fn only_replaced_removals_are_skipped() {
+        let id = |n: u8| Id::of(0, &format!("anon:{n}"));
+        let tier = |t: &str| vec![("tier".to_string(), Scalar::Str(t.into()))];
+        let mut updates = vec![
+            (StateUpdate::Trait(id(1), 0, 3), -1),
+            (StateUpdate::Trait(id(1), 0, 4), 1),
+            (StateUpdate::Trait(id(1), 1, 7), -1),
+            (StateUpdate::Trait(id(2), 0, 1), -1),
+            (StateUpdate::Trait(id(2), 0, 2), 1),
+            (StateUpdate::Attrs(id(1), tier("gold")), -1),
+            (StateUpdate::Attrs(id(1), tier("silver")), 1),
+            (StateUpdate::Attrs(id(2), tier("gold")), -1),
+            (StateUpdate::Link(id(3), id(1)), -1),
+            (StateUpdate::Link(id(3), id(2)), 1),
+        ];
+        differential_dataflow::consolidation::consolidate(&mut updates);
+        let skipped: Vec<(StateUpdate, isize)> = updates
+            .iter()
+            .zip(replaced_values(&updates))
+            .filter(|(_, r)| *r)
+            .map(|(u, _)| u.clone())
+            .collect();
+        let mut expected = vec![
+            (StateUpdate::Trait(id(1), 0, 3), -1),
+            (StateUpdate::Trait(id(2), 0, 1), -1),
+            (StateUpdate::Attrs(id(1), tier("gold")), -1),
+        ];
+        expected.sort();
+        assert_eq!(skipped, expected);
+    }
 }
