@@ -305,44 +305,61 @@ impl StateBatch {
                     continue;
                 }
                 match op {
-                    StoreOp::Link { id, profile } => {
-                        if pass_insert {
-                            self.put(ID_PROFILE, id.as_bytes(), profile.as_bytes());
-                            self.put(PROFILE_IDS, key2(profile, id), Vec::new());
-                        } else {
-                            self.delete(ID_PROFILE, id.as_bytes());
-                            self.delete(PROFILE_IDS, key2(profile, id));
-                        }
-                    }
+                    StoreOp::Link { id, profile } => self.link(id, profile, pass_insert),
                     StoreOp::Trait {
                         profile,
                         name,
                         value,
-                    } => {
-                        let key = key2(profile, name);
-                        if pass_insert {
-                            self.put(TRAITS, key, value.to_string());
-                        } else {
-                            self.delete(TRAITS, key);
-                        }
-                    }
-                    StoreOp::Segment { profile, name } => {
-                        let key = key2(profile, name);
-                        if pass_insert {
-                            self.put(SEGMENTS, key, Vec::new());
-                        } else {
-                            self.delete(SEGMENTS, key);
-                        }
-                    }
+                    } => self.trait_value(profile, name, *value, pass_insert),
+                    StoreOp::Segment { profile, name } => self.segment(profile, name, pass_insert),
                     StoreOp::Attributes { profile, json } => {
-                        if pass_insert {
-                            self.put(ATTRIBUTES, profile.as_bytes(), json.as_bytes());
-                        } else {
-                            self.delete(ATTRIBUTES, profile.as_bytes());
-                        }
+                        self.attributes(profile, json, pass_insert)
                     }
                 }
             }
+        }
+    }
+
+    /// Stages that identifier `id` belongs (`insert`) or no longer belongs
+    /// to `profile`. Within one time, stage removals before insertions.
+    pub fn link(&mut self, id: &str, profile: &str, insert: bool) {
+        if insert {
+            self.put(ID_PROFILE, id.as_bytes(), profile.as_bytes());
+            self.put(PROFILE_IDS, key2(profile, id), Vec::new());
+        } else {
+            self.delete(ID_PROFILE, id.as_bytes());
+            self.delete(PROFILE_IDS, key2(profile, id));
+        }
+    }
+
+    /// Stages a trait's value of a profile (`insert`), or its removal (the
+    /// value is then not read).
+    pub fn trait_value(&mut self, profile: &str, name: &str, value: f64, insert: bool) {
+        let key = key2(profile, name);
+        if insert {
+            self.put(TRAITS, key, value.to_string());
+        } else {
+            self.delete(TRAITS, key);
+        }
+    }
+
+    /// Stages a segment membership (`insert`) or its end.
+    pub fn segment(&mut self, profile: &str, name: &str, insert: bool) {
+        let key = key2(profile, name);
+        if insert {
+            self.put(SEGMENTS, key, Vec::new());
+        } else {
+            self.delete(SEGMENTS, key);
+        }
+    }
+
+    /// Stages a profile's merged attributes as a JSON object (`insert`), or
+    /// their removal (`json` is then not read).
+    pub fn attributes(&mut self, profile: &str, json: &str, insert: bool) {
+        if insert {
+            self.put(ATTRIBUTES, profile.as_bytes(), json.as_bytes());
+        } else {
+            self.delete(ATTRIBUTES, profile.as_bytes());
         }
     }
 }

@@ -561,21 +561,11 @@ pub fn commit<'s>(
                 let mut updates = local_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
                 differential_dataflow::consolidation::consolidate(&mut updates);
                 let replaced = replaced_values(&updates);
-                let mut ops = Vec::with_capacity(updates.len());
-                for ((update, diff), replaced) in updates.iter().zip(replaced) {
-                    if replaced {
-                        continue;
-                    }
-                    match state_op(update, &names, &traits) {
-                        Ok(Some(op)) => ops.push((op, *diff)),
-                        Ok(None) => {}
-                        Err(e) => {
-                            abort.fail(e);
-                            return;
-                        }
-                    }
+                let batch = staged.entry(time).or_default();
+                if let Err(e) = stage_local(batch, &updates, &replaced, &names, &traits) {
+                    abort.fail(e);
+                    return;
                 }
-                staged.entry(time).or_default().stage(&ops);
             }
             drop(names);
             // Every change of a time before the horizon is staged: times
@@ -673,34 +663,53 @@ fn copies_to<T: Clone>(targets: &[u64], item: T) -> Vec<(u64, T)> {
     out
 }
 
-/// The state change of a link, trait total or attributes update (segment
-/// memberships are worker 0's, see `Committer::commit`); names come from
-/// `names`.
-fn state_op(
-    update: &StateUpdate,
+/// Stages one time's consolidated local updates (links, trait totals,
+/// attributes) into `batch`, removals before insertions, skipping the
+/// `replaced` removals ([`replaced_values`]); names come from `names` and
+/// are borrowed, and a removal's value is never formatted. The error is an
+/// internal one (an identifier key without a name).
+fn stage_local(
+    batch: &mut StateBatch,
+    updates: &[(StateUpdate, isize)],
+    replaced: &[bool],
     names: &IdMap<String>,
     traits: &[TraitSpec],
-) -> Result<Option<StoreOp>, String> {
-    let name = |key: &Id| ProcessShared::name(names, key);
-    Ok(match update {
-        StateUpdate::Link(id, profile) => Some(StoreOp::Link {
-            id: name(id)?,
-            profile: name(profile)?,
-        }),
-        StateUpdate::Trait(profile, index, raw) => {
-            let spec = &traits[*index as usize];
-            Some(StoreOp::Trait {
-                profile: name(profile)?,
-                name: spec.name.clone(),
-                value: trait_scalar(spec, *raw).as_f64().unwrap_or(0.0),
-            })
+) -> Result<(), String> {
+    let name = |key: &Id| -> Result<&str, String> {
+        names
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| format!("internal error: no name for identifier key {:032x}", key.0))
+    };
+    for insert in [false, true] {
+        for ((update, diff), replaced) in updates.iter().zip(replaced) {
+            if *replaced || (*diff > 0) != insert {
+                continue;
+            }
+            match update {
+                StateUpdate::Link(id, profile) => batch.link(name(id)?, name(profile)?, insert),
+                StateUpdate::Trait(profile, index, raw) => {
+                    let spec = &traits[*index as usize];
+                    let value = if insert {
+                        trait_scalar(spec, *raw).as_f64().unwrap_or(0.0)
+                    } else {
+                        0.0
+                    };
+                    batch.trait_value(name(profile)?, &spec.name, value, insert)
+                }
+                StateUpdate::Attrs(profile, attrs) => {
+                    let json = if insert {
+                        attributes_json(attrs)
+                    } else {
+                        String::new()
+                    };
+                    batch.attributes(name(profile)?, &json, insert)
+                }
+                StateUpdate::Name(..) | StateUpdate::Segment(..) | StateUpdate::Profile(_) => {}
+            }
         }
-        StateUpdate::Attrs(profile, attrs) => Some(StoreOp::Attributes {
-            profile: name(profile)?,
-            json: attributes_json(attrs),
-        }),
-        StateUpdate::Name(..) | StateUpdate::Segment(..) | StateUpdate::Profile(_) => None,
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! The links of an identifier, the totals of a `(profile, trait)` and the
 //! attributes of a profile come out of the operators that own those keys,
 //! on whichever worker owns them; the commit stage of that worker turns
-//! them into state changes ([`StoreOp`]), without sending them anywhere.
+//! them into state changes (staged in a [`StateBatch`]), without sending
+//! them anywhere.
 //! Segment memberships, which worker 0 receives for the diff output anyway,
 //! are staged by worker 0.
 //!
