@@ -118,18 +118,7 @@ fn start_pair(
     (0..2)
         .map(|p| {
             let mut a = args(p);
-            a.extend(
-                [
-                    "-n",
-                    "2",
-                    "-p",
-                    &p.to_string(),
-                    "-h",
-                    hostfile.to_str().unwrap(),
-                ]
-                .iter()
-                .map(|s| s.to_string()),
-            );
+            a.extend(cluster_args(p, hostfile));
             Command::new(BIN)
                 .args(&a)
                 .current_dir(dir)
@@ -139,6 +128,21 @@ fn start_pair(
                 .unwrap()
         })
         .collect()
+}
+
+/// The arguments that make a run process `p` of a two-process cluster.
+fn cluster_args(p: usize, hostfile: &Path) -> Vec<String> {
+    [
+        "-n",
+        "2",
+        "-p",
+        &p.to_string(),
+        "-h",
+        hostfile.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Writes `dir/name`: the shipped definition with its first `from`
@@ -857,20 +861,8 @@ fn sigterm_while_waiting_for_the_cluster_stops_at_once() {
         dir.path().join("d.jsonl").to_str().unwrap(),
         dir.path().join("s").to_str().unwrap(),
     );
-    a.extend(
-        [
-            "-n",
-            "2",
-            "-p",
-            "0",
-            "-h",
-            hosts.to_str().unwrap(),
-            "--connect-timeout",
-            "60s",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    a.extend(cluster_args(0, &hosts));
+    a.extend(["--connect-timeout".to_string(), "60s".to_string()]);
     let child = Command::new(BIN)
         .args(&a)
         .stdout(std::process::Stdio::null())
@@ -1045,20 +1037,8 @@ fn a_cluster_that_fails_to_start_keeps_the_previous_outputs_and_state() {
         dead.to_str().unwrap(),
         state.to_str().unwrap(),
     );
-    args.extend(
-        [
-            "-n",
-            "2",
-            "-p",
-            "0",
-            "-h",
-            hosts.to_str().unwrap(),
-            "--connect-timeout",
-            "1s",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    args.extend(cluster_args(0, &hosts));
+    args.extend(["--connect-timeout".to_string(), "1s".to_string()]);
     let failed = Command::new(BIN).args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "{err}");

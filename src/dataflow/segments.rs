@@ -52,6 +52,17 @@ pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpe
             Fact::Attrs(a) => attrs = Some(a),
         }
     }
+    memberships_of(&values, attrs, traits, segments)
+}
+
+/// [`memberships`] of trait totals by index (`values`, missing ones 0) and
+/// the attributes, if any.
+fn memberships_of(
+    values: &[Total],
+    attrs: Option<&Attributes>,
+    traits: &[TraitSpec],
+    segments: &[SegmentSpec],
+) -> Vec<u32> {
     let mut lookup = |path: &[String]| -> ScalarRef<'_> {
         match path {
             // Trait values are numbers.
@@ -327,23 +338,21 @@ impl ProfileFacts {
         self.exists == 0 && self.totals.is_empty() && self.attrs.is_empty()
     }
 
-    /// [`memberships`] of the present facts, in the order a `reduce`
-    /// presents them (sorted).
+    /// [`memberships`] of the present facts as a `reduce` presents them
+    /// (sorted, so the greatest of several present attribute versions
+    /// counts), without copying them.
     fn memberships(&self, traits: &[TraitSpec], segments: &[SegmentSpec]) -> Vec<u32> {
-        let mut facts: Vec<Fact> = Vec::new();
-        if self.exists > 0 {
-            facts.push(Fact::Exists);
+        let mut values: Vec<Total> = vec![0; traits.len()];
+        for &(index, total) in self.totals.iter() {
+            values[index as usize] = total;
         }
-        facts.extend(self.totals.iter().map(|&(i, t)| Fact::Trait(i, t)));
-        let mut attrs: Vec<&Attributes> = self
+        let attrs = self
             .attrs
             .iter()
             .filter(|(_, c)| *c > 0)
             .map(|(a, _)| a)
-            .collect();
-        attrs.sort();
-        facts.extend(attrs.into_iter().map(|a| Fact::Attrs(a.clone())));
-        memberships(&facts.iter().collect::<Vec<_>>(), traits, segments)
+            .max();
+        memberships_of(&values, attrs, traits, segments)
     }
 }
 
