@@ -58,6 +58,7 @@ fn bench(c: &mut Criterion) {
                     .unwrap()
                     .output(Output::Discard)
                     .state_dir(state.path().join(format!("w{workers}")))
+                    .reset(true)
                     .run(timely::Config::process(workers))
                     .unwrap()
             })

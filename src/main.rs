@@ -61,9 +61,14 @@ struct RunArgs {
     /// Dead-letter file (JSON lines).
     #[arg(long, value_name = "PATH")]
     dead_letter: Option<PathBuf>,
-    /// RocksDB state directory.
+    /// RocksDB state directory. A run on a state directory that holds a
+    /// checkpoint of the same dataflow resumes from it.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Start over: replace the state directory's contents and the outputs
+    /// instead of resuming from the checkpoint.
+    #[arg(long)]
+    reset: bool,
     /// Worker threads per process.
     #[arg(short = 'w', long = "workers", value_name = "N",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -235,9 +240,16 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
     }
 }
 
+/// The most worker threads a process may run.
+const MAX_WORKERS: usize = 1024;
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let spec = load_spec(&args.dataflow)?;
     let workers = args.workers.or(spec.engine.workers).unwrap_or(1).max(1);
+    anyhow::ensure!(
+        workers <= MAX_WORKERS,
+        "{workers} workers per process is more than the {MAX_WORKERS} segflow allows (each is a thread with its own buffers); use at most the number of cores"
+    );
     let config = timely_config(&args, workers)?;
     let mut engine = Engine::new(spec);
     for item in &args.inputs {
@@ -260,6 +272,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.state_dir {
         engine = engine.state_dir(d);
     }
+    engine = engine.reset(args.reset);
     let shutdown = watch_signals()?;
     let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
         .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;
@@ -385,14 +398,30 @@ fn main() -> ExitCode {
                 "{:?} is not an identifier: use KIND:VALUE, e.g. email:ann@example.com",
                 args.identifier
             );
-            let state = StateParts::open_read_only(&args.state_dir)?;
+            // A run may be replacing the files of the state as this reads
+            // them (a flush, a compaction): such a failure is tried again,
+            // for up to two seconds.
+            let started = std::time::Instant::now();
+            let (state, found) = loop {
+                let attempt = StateParts::open_read_only(&args.state_dir)
+                    .and_then(|state| state.lookup(&ids).map(|found| (state, found)));
+                match attempt {
+                    Err(e)
+                        if e.may_be_transient()
+                            && started.elapsed() < std::time::Duration::from_secs(2) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    other => break other?,
+                }
+            };
             for part in &state.missing {
                 eprintln!(
                     "warning: the part of the state written by another process of the cluster is not here, or was written by another run ({}): the answer leaves out what that process owns",
                     part.display()
                 );
             }
-            match state.lookup(&ids)? {
+            match found {
                 Some(view) => {
                     print_out(&serde_json::to_string_pretty(&view)?);
                     Ok(())
@@ -417,8 +446,9 @@ fn main() -> ExitCode {
             );
             anyhow::ensure!(args.events > 0, "--events must be at least 1");
             anyhow::ensure!(
-                !args.workers.is_empty() && args.workers.iter().all(|&w| w > 0),
-                "--workers takes worker counts of at least 1, e.g. 1,2"
+                !args.workers.is_empty()
+                    && args.workers.iter().all(|&w| (1..=MAX_WORKERS).contains(&w)),
+                "--workers takes worker counts from 1 to {MAX_WORKERS}, e.g. 1,2"
             );
             let mut workers = args.workers.clone();
             workers.sort_unstable();

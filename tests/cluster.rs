@@ -252,6 +252,63 @@ fn worker_and_process_counts_give_identical_outputs() {
     }
 }
 
+/// Queries while a run writes the state (it flushes and compacts, replacing
+/// files under the reader) each answer, or say that the state has no
+/// completed time or no such profile yet: never a RocksDB error or a claim
+/// that the directory is not segflow state.
+#[test]
+fn queries_during_a_run_answer_or_say_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = generate(dir.path(), 300_000, 5);
+    let state = dir.path().join("live.state");
+    let args = run_args(
+        data.to_str().unwrap(),
+        dir.path().join("live.jsonl").to_str().unwrap(),
+        dir.path().join("live.dead.jsonl").to_str().unwrap(),
+        state.to_str().unwrap(),
+    );
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .args(["-w", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let (mut answered, mut asked) = (0, 0);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the run hung");
+        let out = segflow(&[
+            "query",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "crm:C000001",
+        ]);
+        asked += 1;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            answered += 1;
+        } else {
+            assert!(
+                err.contains("no completed time yet")
+                    || err.contains("no profile has identifier")
+                    || err.contains("no segflow state in"),
+                "query {asked} during the run failed: {err}"
+            );
+        }
+    }
+    let (status, err) = wait_all(vec![child], 10).pop().unwrap();
+    assert!(status.success(), "{err}");
+    assert!(asked > 3, "the run ended before it could be queried");
+    assert!(answered > 0, "no query during the run found the profile");
+    ok(segflow(&[
+        "query",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "crm:C000001",
+    ]));
+}
+
 #[test]
 fn query_prints_a_profile_for_any_of_its_identifiers() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,6 +504,7 @@ fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
         hostfile.to_str().unwrap(),
         "--connect-timeout",
         "2s",
+        "--reset",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
@@ -977,8 +1035,14 @@ fn sigterm_on_a_replay_writes_a_prefix_of_the_full_run() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Signal a third of the way through (as long as the full run took).
-        std::thread::sleep(took / 3);
+        // Signal once the first diffs are out, and no later than a third
+        // of the way through (as long as the full run took).
+        let deadline = std::time::Instant::now() + took / 3;
+        while std::fs::metadata(&out).map_or(true, |m| m.len() == 0)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -1038,7 +1102,12 @@ fn a_cluster_that_fails_to_start_keeps_the_previous_outputs_and_state() {
         state.to_str().unwrap(),
     );
     args.extend(cluster_args(0, &hosts));
-    args.extend(["--connect-timeout".to_string(), "1s".to_string()]);
+    // Even a run that would start over leaves them as they were.
+    args.extend([
+        "--connect-timeout".to_string(),
+        "1s".to_string(),
+        "--reset".to_string(),
+    ]);
     let failed = Command::new(BIN).args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "{err}");

@@ -279,8 +279,9 @@ fn run_job(
     let mut runs = Vec::new();
     for _ in 0..repeat {
         let out = dir.join("out");
-        // A state directory of an earlier run is replaced by `segflow run`
-        // itself, which refuses anything it did not create.
+        // Each run starts over (`--reset`): the state directory of an
+        // earlier run is replaced by `segflow run` itself, which refuses
+        // anything it did not create.
         let state = out.join(format!("{}-w{workers}.state", job.name));
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -299,7 +300,11 @@ fn run_job(
         ];
         let stateful = job.dataflow.contains("state_dir");
         if stateful {
-            args.extend(["--state-dir".into(), state.display().to_string()]);
+            args.extend([
+                "--state-dir".into(),
+                state.display().to_string(),
+                "--reset".into(),
+            ]);
         }
         for (source, file) in job.inputs {
             args.push("--input".into());

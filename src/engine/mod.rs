@@ -22,6 +22,7 @@ use crate::spec::{Aggregate, Spec, SpecError, StreamKind};
 use crate::store::{StateLock, Store, StoreError};
 
 mod cluster;
+pub mod resume;
 
 /// Where segment diffs go.
 #[derive(Clone)]
@@ -96,48 +97,72 @@ pub enum EngineError {
     /// The reader of standard output went away (`segflow run .. | head`).
     #[error("standard output was closed")]
     OutputClosed,
+    /// The checkpoint in the state directory cannot be resumed (see
+    /// [`resume::plan`]); the message says what was found and what to do.
+    #[error("{0}")]
+    Resume(String),
     /// Two outputs, or an output and an input, are the same file.
     #[error("{0}")]
     SameFile(String),
 }
 
-/// An output file opened but not yet emptied.
+/// An output file opened but not yet emptied (or cut back to where a
+/// resumed checkpoint says it stood).
 struct ToEmpty {
     path: PathBuf,
     file: std::fs::File,
+    /// Whether it is the segment output (else the dead letters).
+    segments: bool,
 }
 
 /// Empties what the previous run left, once this run is sure to start
 /// (alone, or with every process of its cluster agreed): the output files
 /// opened by [`Engine::open_outputs`], and this process's part of the state
-/// (kept locked since before the cluster connected).
+/// (kept locked since before the cluster connected). A run that resumes
+/// (`resume`) keeps the state, and cuts the output files back to where its
+/// checkpoint says they stood.
 fn start(
     outputs: Option<(Outputs, Vec<ToEmpty>)>,
     state: Option<(PathBuf, StateLock)>,
+    resume: Option<resume::ResumePlan>,
     workers: usize,
     processes: usize,
 ) -> Result<(Option<Outputs>, Option<ProcessState>), EngineError> {
+    use std::io::{Seek, SeekFrom};
+    // The state first: once it starts over, its checkpoint no longer
+    // describes the outputs about to be emptied.
+    let state = match state {
+        Some((part, lock)) => {
+            let store = match &resume {
+                Some(_) => Store::open_to_resume(&part, &lock)?,
+                None => Store::create_fresh(&part, &lock)?,
+            };
+            let label = part.display().to_string();
+            Some(ProcessState::new(store, lock, label, workers, processes))
+        }
+        None => None,
+    };
+    let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
     let outputs = match outputs {
-        Some((outputs, files)) => {
-            for f in files {
+        Some((mut outputs, files)) => {
+            for mut f in files {
                 // Only a regular file has contents to empty (not /dev/full,
                 // a FIFO or a terminal).
                 let regular = f.file.metadata().is_ok_and(|m| m.is_file());
                 if regular {
+                    let keep = match &sinks {
+                        Some(s) if f.segments => s.segments_len,
+                        Some(s) => s.dead_len,
+                        None => 0,
+                    };
                     f.file
-                        .set_len(0)
+                        .set_len(keep)
+                        .and_then(|_| f.file.seek(SeekFrom::Start(keep)))
                         .map_err(|e| io_err("cannot empty output", &f.path, e))?;
                 }
             }
+            outputs.resume = sinks;
             Some(outputs)
-        }
-        None => None,
-    };
-    let state = match state {
-        Some((part, lock)) => {
-            let store = Store::create_fresh(&part, &lock)?;
-            let label = part.display().to_string();
-            Some(ProcessState::new(store, lock, label, workers, processes))
         }
         None => None,
     };
@@ -316,6 +341,7 @@ pub struct Engine {
     state_dir: Option<PathBuf>,
     shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
     connect_timeout: std::time::Duration,
+    reset: bool,
 }
 
 impl Engine {
@@ -341,6 +367,7 @@ impl Engine {
             state_dir,
             shutdown: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reset: false,
         }
     }
 
@@ -409,10 +436,58 @@ impl Engine {
         self
     }
 
-    /// Sets the RocksDB state directory.
+    /// Sets the RocksDB state directory. A run on a directory that holds
+    /// a checkpoint of the same dataflow resumes from it (see
+    /// [`resume`]), unless [`Engine::reset`] says to start over.
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Engine {
         self.state_dir = Some(dir.into());
         self
+    }
+
+    /// With `true`, the run starts over: the state directory's contents and
+    /// the outputs are replaced instead of resumed from the checkpoint.
+    pub fn reset(mut self, reset: bool) -> Engine {
+        self.reset = reset;
+        self
+    }
+
+    /// How this process resumes from the checkpoint in its part of the
+    /// state directory `part`: `None` to start over (no checkpoint,
+    /// `--reset`, or, on a process other than 0, a checkpoint of another
+    /// dataflow, whose part process 0's checks make irrelevant); an error
+    /// if process 0's checkpoint cannot be resumed.
+    fn resume_plan(
+        &self,
+        part: &Path,
+        process: usize,
+        processes: usize,
+    ) -> Result<Option<resume::ResumePlan>, EngineError> {
+        if self.reset || !Store::is_resumable(part) {
+            return Ok(None);
+        }
+        let checkpoint = match Store::open_read_only(part) {
+            Ok(store) => store.checkpoint()?,
+            Err(StoreError::NoState { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(checkpoint) = checkpoint else {
+            return Ok(None);
+        };
+        let ours = resume::fingerprint(&self.spec);
+        if process != 0 {
+            return Ok((checkpoint.fingerprint == ours).then(resume::ResumePlan::default));
+        }
+        let labels = self.output_labels();
+        resume::plan(
+            part,
+            &checkpoint,
+            &ours,
+            processes,
+            &self.inputs,
+            &labels.segments,
+            &labels.dead_letters,
+        )
+        .map(Some)
     }
 
     /// What the processes of a cluster must agree on (see
@@ -558,6 +633,30 @@ impl Engine {
         Ok(())
     }
 
+    /// How messages (and checkpoints) name the outputs.
+    fn output_labels(&self) -> OutputLabels {
+        OutputLabels {
+            segments: match self.output.as_ref().unwrap_or(&Output::Discard) {
+                Output::Discard => "(none)".to_string(),
+                Output::Path(p) => p.display().to_string(),
+                Output::Stdout => "standard output".to_string(),
+                Output::Tcp(addr) => format!("tcp://{addr}"),
+                Output::Callback(_) => "callback".to_string(),
+            },
+            segments_is_stdout: matches!(self.output, Some(Output::Stdout)),
+            dead_letters: self
+                .dead_letter
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            state: self
+                .state_dir
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }
+    }
+
     /// Opens the outputs, creating files but not yet emptying them: each
     /// file is also returned, to be truncated (see [`start`]) once the run
     /// is sure to start, so a cluster that fails to start leaves the
@@ -586,30 +685,12 @@ impl Engine {
             to_empty.push(ToEmpty {
                 path: path.to_path_buf(),
                 file: file.try_clone().map_err(|e| io_err(what, path, e))?,
+                segments: what == "cannot create output",
             });
             Ok(file)
         };
         let output = self.output.clone().unwrap_or(Output::Discard);
-        let labels = OutputLabels {
-            segments: match &output {
-                Output::Discard => "(none)".to_string(),
-                Output::Path(p) => p.display().to_string(),
-                Output::Stdout => "standard output".to_string(),
-                Output::Tcp(addr) => format!("tcp://{addr}"),
-                Output::Callback(_) => "callback".to_string(),
-            },
-            segments_is_stdout: matches!(output, Output::Stdout),
-            dead_letters: self
-                .dead_letter
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            state: self
-                .state_dir
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        };
+        let labels = self.output_labels();
         let segments = match output {
             Output::Discard => SegmentSink::Discard,
             Output::Stdout => {
@@ -640,6 +721,7 @@ impl Engine {
                 segments,
                 dead_letters,
                 labels,
+                resume: None,
             },
             to_empty,
         ))
@@ -689,12 +771,16 @@ impl Engine {
         let prepared = self.source_defs().and_then(|defs| {
             self.check_distinct_files()?;
             let state = self.lock_state_part(process)?;
+            let resume = match &state {
+                Some((part, _)) => self.resume_plan(part, process, processes)?,
+                None => None,
+            };
             let outputs = if process == 0 {
                 Some(self.open_outputs()?)
             } else {
                 None
             };
-            Ok((defs, outputs, state))
+            Ok((defs, outputs, state, resume))
         });
         let (sockets, prepared) = match &peers {
             None => (None, prepared),
@@ -714,15 +800,20 @@ impl Engine {
                 )
             }
         };
-        let (defs, outputs, state) = prepared?;
-        let (outputs, state) = start(outputs, state, workers, processes)?;
+        let (defs, outputs, state, resume) = prepared?;
+        let marks = if state.is_some() {
+            resume::input_marks(&self.inputs)?
+        } else {
+            BTreeMap::new()
+        };
+        let (outputs, state) = start(outputs, state, resume, workers, processes)?;
         let defs = Arc::new(defs);
         if let Some(state) = &state {
             let run = match &sockets {
                 Some((connected, ..)) => connected.run.clone(),
                 None => crate::store::new_run_id(),
             };
-            state.set_run(&run);
+            state.set_origin(&run, &resume::fingerprint(&self.spec), marks);
         }
         let shared = Arc::new(ProcessShared::new(state));
         let layout = Layout { workers, processes };

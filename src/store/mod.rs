@@ -91,6 +91,36 @@ pub enum StoreError {
     },
 }
 
+/// The second line of a [`MARKER_FILE`] while its state is being replaced.
+const RESETTING: &str = "resetting";
+
+/// Writes the [`MARKER_FILE`] of `dir` (saying "resetting" if `resetting`),
+/// aside and renamed: a reader (`segflow query`) never sees it half
+/// written.
+fn write_marker(dir: &Path, resetting: bool) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let marker = dir.join(MARKER_FILE);
+    let fresh = dir.join(format!("{MARKER_FILE}.new"));
+    let text = match resetting {
+        true => format!("segflow-state {STATE_FORMAT}\n{RESETTING}\n"),
+        false => format!("segflow-state {STATE_FORMAT}\n"),
+    };
+    std::fs::write(&fresh, text).map_err(io)?;
+    std::fs::rename(&fresh, &marker).map_err(io)
+}
+
+impl StoreError {
+    /// Whether a reader may meet this error only because a run is
+    /// rewriting the state under it (RocksDB replaces its files as it
+    /// flushes and compacts): trying again shortly succeeds.
+    pub fn may_be_transient(&self) -> bool {
+        matches!(self, StoreError::Rocks { .. })
+    }
+}
+
 /// The file that marks a directory as segflow state, with its format
 /// version (`segflow-state 1`).
 pub const MARKER_FILE: &str = "SEGFLOW_STATE";
@@ -142,6 +172,9 @@ fn inspect(dir: &Path) -> Result<Found, StoreError> {
     match std::fs::read_to_string(dir.join(MARKER_FILE)) {
         Ok(text) => {
             let version = text
+                .lines()
+                .next()
+                .unwrap_or_default()
                 .trim()
                 .strip_prefix("segflow-state ")
                 .and_then(|v| v.parse::<u32>().ok());
@@ -158,7 +191,9 @@ fn inspect(dir: &Path) -> Result<Found, StoreError> {
                 .map_err(io)?
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != LOCK_FILE)
+                // A marker being written (see `write_marker`) by a run that
+                // was killed before it could rename it.
+                .filter(|n| n != LOCK_FILE && *n != format!("{MARKER_FILE}.new"))
                 .collect();
             if others.is_empty() {
                 Ok(Found::Nothing)
@@ -226,6 +261,76 @@ pub struct Checkpoint {
     /// part of a cluster's state.
     #[serde(default)]
     pub run: String,
+    /// The fingerprint of the dataflow definition that wrote the state
+    /// ([`crate::Engine`] computes it from everything that shapes the
+    /// results: engine settings, identity rules, sources, traits,
+    /// segments); a run resumes only from a checkpoint of the same one.
+    /// Empty in state written before checkpoints could be resumed.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// Per file source: what the run had of it when it started, to tell at
+    /// a resume that the input is the same (or has grown).
+    #[serde(default)]
+    pub inputs: BTreeMap<String, InputMark>,
+    /// Where the outputs stood (process 0's part only).
+    #[serde(default)]
+    pub sinks: Option<SinkPositions>,
+}
+
+/// What a run had of one input file when it started: its length and a
+/// hash of its head, [`InputMark::HEAD_BYTES`] at most.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputMark {
+    /// The file's path as the run was given it.
+    pub path: String,
+    /// Its length in bytes.
+    pub len: u64,
+    /// xxh3-64 of its first `min(len, HEAD_BYTES)` bytes, in hex.
+    pub head: String,
+}
+
+impl InputMark {
+    /// How much of a file's head is hashed: 1 MiB.
+    pub const HEAD_BYTES: u64 = 1 << 20;
+
+    /// The mark of the file at `path`, hashing the first `min(len,
+    /// HEAD_BYTES, limit)` bytes.
+    pub fn of(path: &Path, limit: u64) -> std::io::Result<InputMark> {
+        use std::io::Read;
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        let mut head = Vec::new();
+        file.take(len.min(Self::HEAD_BYTES).min(limit))
+            .read_to_end(&mut head)?;
+        Ok(InputMark {
+            path: path.display().to_string(),
+            len,
+            head: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&head)),
+        })
+    }
+}
+
+/// How far the outputs had been written when a checkpoint was taken: every
+/// segment diff of a time before `segments_bound` and every dead letter of
+/// a time before `dead_bound`, and nothing else, were in the outputs, whose
+/// files (if they are files) were then `segments_len` and `dead_len` bytes
+/// long. A resumed run cuts the files back to these lengths and writes
+/// only what comes after the bounds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkPositions {
+    /// The segment output, as messages name it (a path, `standard output`,
+    /// `tcp://..`).
+    pub segments: String,
+    /// Every diff of a time before this was written.
+    pub segments_bound: u64,
+    /// Bytes written to the segment output.
+    pub segments_len: u64,
+    /// The dead-letter output (a path, or empty for none).
+    pub dead_letters: String,
+    /// Every dead letter of a time before this was written.
+    pub dead_bound: u64,
+    /// Bytes written to the dead-letter output.
+    pub dead_len: u64,
 }
 
 /// A new run identity: the wall-clock time in nanoseconds and the process
@@ -248,6 +353,9 @@ impl Default for Checkpoint {
             offsets: BTreeMap::new(),
             processes: 1,
             run: String::new(),
+            fingerprint: String::new(),
+            inputs: BTreeMap::new(),
+            sinks: None,
         }
     }
 }
@@ -512,20 +620,37 @@ impl Store {
     /// [`MARKER_FILE`], says so) is refused with [`StoreError::NotOurs`].
     pub fn create_fresh(dir: &Path, _lock: &StateLock) -> Result<Store, StoreError> {
         let name = dir.display().to_string();
-        let io = |source| StoreError::Io {
+        // Refuses anything segflow did not create, untouched.
+        inspect(dir)?;
+        // The marker says "resetting" until the new store exists: a run
+        // killed in between leaves a directory that the next run starts
+        // afresh (see [`Store::is_resumable`]), never half a store.
+        write_marker(dir, true)?;
+        DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
             dir: name.clone(),
             source,
-        };
-        if let Found::Ours = inspect(dir)? {
-            tracing::info!("replacing the state in {name}");
-            DB::destroy(&Options::default(), dir).map_err(|source| StoreError::Rocks {
-                dir: name.clone(),
-                source,
-            })?;
+        })?;
+        let store = Store::open(dir)?;
+        write_marker(dir, false)?;
+        Ok(store)
+    }
+
+    /// Whether `dir` holds a store that a run may resume: one that a reset
+    /// finished creating (its marker does not say "resetting") and that
+    /// RocksDB finished creating (it has its `CURRENT` file).
+    pub fn is_resumable(dir: &Path) -> bool {
+        let marker = std::fs::read_to_string(dir.join(MARKER_FILE)).unwrap_or_default();
+        marker.lines().nth(1).map(str::trim) != Some(RESETTING) && dir.join("CURRENT").is_file()
+    }
+
+    /// Opens the state in `dir`, whose [`StateLock`] the caller holds, as a
+    /// previous run left it, to resume from its checkpoint (an empty
+    /// directory gets a new, empty store).
+    pub fn open_to_resume(dir: &Path, lock: &StateLock) -> Result<Store, StoreError> {
+        match inspect(dir)? {
+            Found::Nothing => Store::create_fresh(dir, lock),
+            Found::Ours => Store::open(dir),
         }
-        let marker = dir.join(MARKER_FILE);
-        std::fs::write(&marker, format!("segflow-state {STATE_FORMAT}\n")).map_err(io)?;
-        Store::open(dir)
     }
 
     /// Opens an existing store for reading (works while a run holds it).
@@ -574,11 +699,15 @@ impl Store {
     }
 
     /// Writes `batch` (every time staged in it, in order) and `checkpoint`
-    /// (the last of those times) in one atomic write, without the
-    /// write-ahead log: the batch is the unit, and a flush writes every
-    /// column family at once (`atomic_flush`), so what is on disk is always
-    /// the state of one completed time with its checkpoint. What a crash
-    /// takes is the batches since the last flush (see [`Store::flush`]).
+    /// (the last of those times) in one atomic write, so what is on disk is
+    /// always the state of one completed time with its checkpoint. The
+    /// write goes through the write-ahead log without waiting for it to
+    /// reach the disk: a killed process loses nothing written, while a
+    /// machine that loses power may lose the last batches (a restart then
+    /// resumes from an earlier checkpoint). Batches are few (one per
+    /// advance of the frontier), so the log costs little; a flush
+    /// ([`Store::flush`]) writes every column family at once
+    /// (`atomic_flush`) and lets the log be dropped.
     pub fn write(&self, batch: StateBatch, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         let mut staged: Vec<((usize, Vec<u8>), Option<Vec<u8>>)> = batch.0.into_iter().collect();
         // Sorted: the same batch for the same changes, and RocksDB inserts
@@ -594,9 +723,7 @@ impl Store {
         }
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
         batch.put_cf(self.cf("checkpoint"), b"checkpoint", cp);
-        let mut options = rocksdb::WriteOptions::default();
-        options.disable_wal(true);
-        self.db.write_opt(batch, &options).map_err(|e| self.err(e))
+        self.db.write(batch).map_err(|e| self.err(e))
     }
 
     /// Flushes every column family's memtable to disk, atomically: readers

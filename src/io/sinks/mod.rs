@@ -30,7 +30,7 @@ use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
 use crate::model::{Id, IdMap};
 use crate::spec::{SegmentSpec, TraitSpec};
-use crate::store::{attributes_json, StateBatch, StoreOp};
+use crate::store::{attributes_json, SinkPositions, StateBatch, StoreOp};
 
 mod state;
 use crate::time::{Completion, Time};
@@ -70,16 +70,19 @@ pub enum SegmentSink {
 }
 
 impl SegmentSink {
-    fn write(&mut self, diff: &SegmentDiff) -> std::io::Result<()> {
+    /// Writes one diff; returns the bytes written.
+    fn write(&mut self, diff: &SegmentDiff) -> std::io::Result<u64> {
         match self {
-            SegmentSink::Discard => Ok(()),
+            SegmentSink::Discard => Ok(0),
             SegmentSink::Writer(w) => {
-                w.write_all(diff.to_line().as_bytes())?;
-                w.write_all(b"\n")
+                let line = diff.to_line();
+                w.write_all(line.as_bytes())?;
+                w.write_all(b"\n")?;
+                Ok(line.len() as u64 + 1)
             }
             SegmentSink::Callback(f) => {
                 f(diff);
-                Ok(())
+                Ok(0)
             }
         }
     }
@@ -101,6 +104,10 @@ pub struct Outputs {
     /// `tcp://..`), and whether the segment sink is standard output (whose
     /// reader going away ends the run quietly).
     pub labels: OutputLabels,
+    /// A resumed run's outputs: where its checkpoint says they stood. The
+    /// diffs and dead letters of times before its bounds are in them
+    /// already and are not written again.
+    pub resume: Option<SinkPositions>,
 }
 
 /// How messages name the outputs of [`Outputs`].
@@ -202,6 +209,12 @@ struct Committer {
     abort: Arc<Abort>,
     /// Whether memberships are staged as state changes too.
     stateful: bool,
+    /// Bytes written to the segment and dead-letter outputs so far
+    /// (starting from a resumed run's lengths).
+    written: (u64, u64),
+    /// Where the outputs stood the last time their bounds were known, for
+    /// the checkpoint: lengths and bounds are taken together.
+    positions: SinkPositions,
 }
 
 /// How often the state of a long run is flushed to disk: what `segflow
@@ -229,14 +242,25 @@ impl Committer {
         ));
     }
 
-    fn dead(&mut self, letter: &DeadLetter) {
+    /// Writes a dead letter of `time`, unless a resumed run's outputs
+    /// hold it already.
+    fn dead(&mut self, letter: &DeadLetter, time: Time) {
+        if self
+            .outputs
+            .resume
+            .as_ref()
+            .is_some_and(|r| time < r.dead_bound)
+        {
+            return;
+        }
         if let Some(w) = self.outputs.dead_letters.as_mut() {
             let line = serde_json::to_string(letter).expect("dead letter serializes");
-            if let Err(e) = w
+            match w
                 .write_all(line.as_bytes())
                 .and_then(|_| w.write_all(b"\n"))
             {
-                self.dead_letters_failed(&e);
+                Ok(()) => self.written.1 += line.len() as u64 + 1,
+                Err(e) => self.dead_letters_failed(&e),
             }
         }
     }
@@ -278,7 +302,7 @@ impl Committer {
                 s.dead_letters += dead;
                 s.late += late;
             }
-            Control::Dead(letter, _) => self.dead(letter),
+            Control::Dead(letter, at) => self.dead(letter, *at),
         }
     }
 
@@ -320,18 +344,30 @@ impl Committer {
                 _ => {}
             }
         }
-        diffs.sort();
-        for d in &diffs {
-            if let Err(e) = self.outputs.segments.write(d) {
-                self.segments_failed(&e);
-                return Err(());
+        // A resumed run's outputs hold the diffs of the times before the
+        // checkpoint's bound: they are counted, not written again.
+        let written = self
+            .outputs
+            .resume
+            .as_ref()
+            .is_none_or(|r| time >= r.segments_bound);
+        if written {
+            diffs.sort();
+            for d in &diffs {
+                match self.outputs.segments.write(d) {
+                    Ok(n) => self.written.0 += n,
+                    Err(e) => {
+                        self.segments_failed(&e);
+                        return Err(());
+                    }
+                }
             }
+            self.summary.diffs_written += diffs.len() as u64;
+            if !diffs.is_empty() {
+                self.summary.times_committed += 1;
+            }
+            self.summary.last_time = Some(time);
         }
-        self.summary.diffs_written += diffs.len() as u64;
-        if !diffs.is_empty() {
-            self.summary.times_committed += 1;
-        }
-        self.summary.last_time = Some(time);
         Ok(ops)
     }
 
@@ -428,6 +464,15 @@ pub fn commit<'s>(
     );
     let members = vec![0; segments.len()];
     let mut committer = outputs.map(|outputs| Committer {
+        written: outputs
+            .resume
+            .as_ref()
+            .map_or((0, 0), |r| (r.segments_len, r.dead_len)),
+        positions: outputs.resume.clone().unwrap_or_else(|| SinkPositions {
+            segments: outputs.labels.segments.clone(),
+            dead_letters: outputs.labels.dead_letters.clone(),
+            ..SinkPositions::default()
+        }),
         outputs,
         summary: RunSummary {
             sources: source_names
@@ -553,6 +598,15 @@ pub fn commit<'s>(
                 if wrote {
                     c.flush_segments();
                 }
+                // Every diff of a time before the horizon is written (and
+                // flushed): that is where the segment output stands. Not
+                // at the end of the input, which completes every time: a
+                // run resumed on a longer input has more to write there.
+                if frontier.is_some() {
+                    let p = &mut c.positions;
+                    p.segments_bound = p.segments_bound.max(completion.horizon(frontier));
+                    p.segments_len = c.written.0;
+                }
             }
             while let Some((&time, _)) = local_pending.first_key_value() {
                 if !completion.committable(time, frontier) {
@@ -583,6 +637,9 @@ pub fn commit<'s>(
                 if let Some(c) = committer.as_ref().filter(|_| offsets_moved) {
                     state.set_offsets(&c.offsets);
                 }
+                if let Some(c) = committer.as_ref() {
+                    state.set_sinks(&c.positions);
+                }
                 if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), horizon) {
                     abort.fail(format!("state directory {}: {e}", state.label));
                     return;
@@ -603,7 +660,7 @@ pub fn commit<'s>(
                         (&a.source, &a.input, a.line).cmp(&(&b.source, &b.input, b.line))
                     });
                     for letter in &letters {
-                        c.dead(letter);
+                        c.dead(letter, time);
                     }
                     wrote_dead = true;
                 }
@@ -611,6 +668,11 @@ pub fn commit<'s>(
                 // time is complete, not when the run ends.
                 if wrote_dead {
                     c.flush_dead_letters();
+                }
+                if let Some(f) = frontier {
+                    let p = &mut c.positions;
+                    p.dead_bound = p.dead_bound.max(f);
+                    p.dead_len = c.written.1;
                 }
             }
             if frontier.is_none() {

@@ -31,7 +31,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::model::{Id, IdMap};
-use crate::store::{Checkpoint, StateBatch, StateLock, Store, StoreError};
+use crate::store::{
+    Checkpoint, InputMark, SinkPositions, StateBatch, StateLock, Store, StoreError,
+};
 use crate::time::{Completion, Time};
 
 use super::STATE_FLUSH_INTERVAL;
@@ -130,11 +132,24 @@ impl ProcessState {
         self.batches.load(Ordering::Relaxed)
     }
 
-    /// Records the run's identity in the checkpoint (every part of a
-    /// cluster's state gets process 0's).
-    pub fn set_run(&self, run: &str) {
+    /// Records in the checkpoint the run's identity (every part of a
+    /// cluster's state gets process 0's), its definition's fingerprint
+    /// and its inputs' marks (see [`crate::engine::resume`]).
+    pub fn set_origin(&self, run: &str, fingerprint: &str, inputs: BTreeMap<String, InputMark>) {
         if let Ok(mut g) = self.group.lock() {
             g.checkpoint.run = run.to_string();
+            g.checkpoint.fingerprint = fingerprint.to_string();
+            g.checkpoint.inputs = inputs;
+        }
+    }
+
+    /// Records where the outputs stand, for the next checkpoint (process
+    /// 0's worker 0, which writes them, says so).
+    pub fn set_sinks(&self, positions: &SinkPositions) {
+        if let Ok(mut g) = self.group.lock() {
+            if g.checkpoint.sinks.as_ref() != Some(positions) {
+                g.checkpoint.sinks = Some(positions.clone());
+            }
         }
     }
 

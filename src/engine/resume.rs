@@ -1,0 +1,245 @@
+//! Resuming a run from the checkpoint in its state directory.
+//!
+//! A run with a state directory that holds a checkpoint of the same
+//! dataflow *resumes* (unless told to `--reset`): it reads its inputs
+//! again from their beginning, rebuilding every arrangement, while the
+//! outputs are cut back to where the checkpoint says they stood
+//! ([`SinkPositions`]) and only what comes after is written. Results are
+//! deterministic, so the outputs end byte-identical to those of a run that
+//! never stopped, whatever was killed where (exactly-once for file inputs;
+//! a socket cannot be read again, so a run with one does not resume).
+//!
+//! The checkpoint says which dataflow wrote it ([`fingerprint`]) and what
+//! the inputs were ([`InputMark`]); anything else is refused with what was
+//! found and what to do, never resumed into wrong output.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{EngineError, Input};
+use crate::spec::Spec;
+use crate::store::{Checkpoint, InputMark, SinkPositions};
+
+/// The fingerprint of everything in a definition that shapes its results:
+/// engine settings, identity rules, the sources (names, kinds, formats;
+/// not their locations), traits and segments, and this segflow version
+/// (whose semantics might differ). An xxh3-128 hash, in hex.
+pub fn fingerprint(spec: &Spec) -> String {
+    let sources: Vec<_> = spec
+        .sources
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s.location = None;
+            s
+        })
+        .collect();
+    let text = format!(
+        "segflow {} state {}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        env!("CARGO_PKG_VERSION"),
+        crate::store::STATE_FORMAT,
+        spec.engine,
+        spec.identity,
+        sources,
+        spec.traits,
+        spec.segments
+    );
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+}
+
+/// The marks of the run's inputs as they are now: files and in-memory
+/// lines (a socket has none).
+pub fn input_marks(
+    inputs: &BTreeMap<String, Input>,
+) -> Result<BTreeMap<String, InputMark>, EngineError> {
+    let mut marks = BTreeMap::new();
+    for (name, input) in inputs {
+        let mark = match input {
+            Input::File { path, .. } => {
+                InputMark::of(path, u64::MAX).map_err(|source| EngineError::Io {
+                    what: "cannot read input",
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            Input::Memory(lines) => {
+                let text = lines.join("\n");
+                let head = &text.as_bytes()[..text.len().min(InputMark::HEAD_BYTES as usize)];
+                InputMark {
+                    path: "(memory)".into(),
+                    len: text.len() as u64,
+                    head: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(head)),
+                }
+            }
+            Input::Tcp { .. } => continue,
+        };
+        marks.insert(name.clone(), mark);
+    }
+    Ok(marks)
+}
+
+/// Why a checkpoint cannot be resumed, as a message that says what was
+/// found and what to do.
+fn refuse(dir: &Path, what: String) -> EngineError {
+    EngineError::Resume(format!(
+        "cannot resume from the checkpoint in {}: {what}. Run with --reset to start over (the state and outputs are replaced), or give another state directory",
+        dir.display()
+    ))
+}
+
+/// What a run on a state directory with a checkpoint does.
+#[derive(Clone, Debug, Default)]
+pub struct ResumePlan {
+    /// Where the outputs are cut back to, and from which times on they are
+    /// written again; `None`: they are emptied (nothing was written yet).
+    pub sinks: Option<SinkPositions>,
+}
+
+/// Checks that `checkpoint`, found in `dir`, can be resumed by this run
+/// (definition fingerprint `ours`, `processes` processes, `inputs`, outputs
+/// named `segments` and `dead_letters`), and says how.
+pub fn plan(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+    ours: &str,
+    processes: usize,
+    inputs: &BTreeMap<String, Input>,
+    segments: &str,
+    dead_letters: &str,
+) -> Result<ResumePlan, EngineError> {
+    if checkpoint.fingerprint.is_empty() {
+        return Err(refuse(
+            dir,
+            "it was written by an older segflow, whose checkpoints cannot be resumed".into(),
+        ));
+    }
+    if checkpoint.fingerprint != ours {
+        return Err(refuse(
+            dir,
+            "it was written by a different dataflow definition (or other engine settings, or another segflow version)".into(),
+        ));
+    }
+    if checkpoint.processes != processes {
+        return Err(refuse(
+            dir,
+            format!(
+                "it was written by {} process(es), and this run has {processes}",
+                checkpoint.processes
+            ),
+        ));
+    }
+    for (name, input) in inputs {
+        if let Input::Tcp { addr, .. } = input {
+            return Err(refuse(
+                dir,
+                format!("source `{name}` reads a socket (tcp://{addr}), whose lines cannot be read again")
+            ));
+        }
+    }
+    let now = input_marks(inputs)?;
+    for (name, then) in &checkpoint.inputs {
+        let Some(mark) = now.get(name) else {
+            return Err(refuse(
+                dir,
+                format!("source `{name}` has no input in this run"),
+            ));
+        };
+        if mark.len < then.len {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` ({}) is {} bytes long, shorter than the {} bytes of {} when the checkpoint was taken: it is not the same input",
+                    mark.path, mark.len, then.len, then.path
+                ),
+            ));
+        }
+        let head = match input_marks_head(&inputs[name], then.len) {
+            Ok(h) => h,
+            Err(e) => return Err(e),
+        };
+        if head != then.head {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` ({}) does not begin as {} did when the checkpoint was taken: it is not the same input",
+                    mark.path, then.path
+                ),
+            ));
+        }
+    }
+    let Some(sinks) = &checkpoint.sinks else {
+        return Ok(ResumePlan { sinks: None });
+    };
+    if sinks.segments != segments {
+        return Err(refuse(
+            dir,
+            format!(
+                "its segment diffs went to {}, and this run writes them to {segments}",
+                sinks.segments
+            ),
+        ));
+    }
+    if sinks.dead_letters != dead_letters {
+        return Err(refuse(
+            dir,
+            format!(
+                "its dead letters went to {}, and this run writes them to {}",
+                if sinks.dead_letters.is_empty() {
+                    "nowhere"
+                } else {
+                    &sinks.dead_letters
+                },
+                if dead_letters.is_empty() {
+                    "nowhere"
+                } else {
+                    dead_letters
+                }
+            ),
+        ));
+    }
+    for (label, len) in [
+        (segments, sinks.segments_len),
+        (dead_letters, sinks.dead_len),
+    ] {
+        let path = Path::new(label);
+        if let Some(meta) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
+            if meta.len() < len {
+                return Err(refuse(
+                    dir,
+                    format!(
+                        "the output {label} is {} bytes long, and the checkpoint says {len} bytes were written to it: something else changed it",
+                        meta.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(ResumePlan {
+        sinks: Some(sinks.clone()),
+    })
+}
+
+/// The head hash of `input` over its first `len` bytes (at most
+/// [`InputMark::HEAD_BYTES`]), as [`InputMark::head`] has it.
+fn input_marks_head(input: &Input, len: u64) -> Result<String, EngineError> {
+    match input {
+        Input::File { path, .. } => {
+            InputMark::of(path, len)
+                .map(|m| m.head)
+                .map_err(|source| EngineError::Io {
+                    what: "cannot read input",
+                    path: path.display().to_string(),
+                    source,
+                })
+        }
+        Input::Memory(lines) => {
+            let text = lines.join("\n");
+            let end = text.len().min(len.min(InputMark::HEAD_BYTES) as usize);
+            Ok(format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(&text.as_bytes()[..end])
+            ))
+        }
+        Input::Tcp { .. } => Ok(String::new()),
+    }
+}

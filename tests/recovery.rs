@@ -1,0 +1,277 @@
+//! Exactly-once after `kill -9`: a run killed with SIGKILL at random
+//! moments and restarted each time (it resumes from its checkpoint) ends
+//! with the same segment diffs and dead letters, byte for byte, and the
+//! same state as a run that was never killed: with `-w 1`, `-w 2` and two
+//! processes.
+//!
+//! The number of kills per case is `SEGFLOW_RECOVERY_KILLS` (default 8, the
+//! CI size; the long run is e.g. `SEGFLOW_RECOVERY_KILLS=40 cargo test
+//! --test recovery`); the kill moments come from `SEGFLOW_RECOVERY_SEED`
+//! (default: the clock), printed so a failure can be replayed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_segflow");
+
+fn generate(dir: &Path, events: u64) -> PathBuf {
+    let data = dir.join("data");
+    let out = Command::new(BIN)
+        .args(["generate", "--out", data.to_str().unwrap(), "--events"])
+        .arg(events.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    data
+}
+
+/// The arguments of run `name` in `dir` on `data`.
+fn run_args(dir: &Path, data: &Path, name: &str) -> Vec<String> {
+    let dataflow = concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml");
+    let d = data.display();
+    let o = dir.display();
+    vec![
+        "run".into(),
+        dataflow.into(),
+        "--input".into(),
+        format!("web={d}/web.jsonl"),
+        "--input".into(),
+        format!("crm={d}/crm.jsonl"),
+        "--input".into(),
+        format!("transactions={d}/transactions.jsonl"),
+        "--output".into(),
+        format!("{o}/{name}.jsonl"),
+        "--dead-letter".into(),
+        format!("{o}/{name}.dead.jsonl"),
+        "--state-dir".into(),
+        format!("{o}/{name}.state"),
+    ]
+}
+
+/// How a case runs: one process with `-w N`, or two processes.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    Workers(usize),
+    TwoProcesses,
+}
+
+/// Starts the run (every process of it).
+fn start(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> Vec<Child> {
+    let spawn = |extra: Vec<String>| {
+        Command::new(BIN)
+            .args(args)
+            .args(extra)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    match layout {
+        Layout::Workers(w) => vec![spawn(vec!["-w".into(), w.to_string()])],
+        Layout::TwoProcesses => (0..2)
+            .map(|p| {
+                spawn(
+                    [
+                        "-n",
+                        "2",
+                        "-p",
+                        &p.to_string(),
+                        "-h",
+                        hostfile.to_str().unwrap(),
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Waits for `child`, at most until `deadline` (a hang fails the test).
+fn wait(child: &mut Child, deadline: Instant) -> (std::process::ExitStatus, String) {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("a run hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
+/// Runs to the end; returns how long it took.
+fn run_to_end(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    for mut child in start(dir, args, layout, hostfile) {
+        let (status, err) = wait(&mut child, deadline);
+        assert!(status.success(), "run failed: {status}\n{err}");
+    }
+    started.elapsed()
+}
+
+/// Every entry of the state in `dir` but the checkpoint (whose run
+/// identity and positions differ between runs), sorted.
+fn state_entries(dir: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let parts = segflow::store::StateParts::open_read_only(dir).unwrap();
+    let mut entries: Vec<_> = parts
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(cf, _, _)| cf != "checkpoint")
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// Whether the state in `dir` holds a checkpoint with output positions
+/// past the start (a restart from it cuts the outputs back and skips).
+fn checkpoint_has_positions(dir: &Path) -> bool {
+    segflow::store::StateParts::open_read_only(dir)
+        .ok()
+        .and_then(|p| p.checkpoint().ok().flatten())
+        .and_then(|c| c.sinks)
+        .is_some_and(|s| s.segments_len > 0)
+}
+
+fn kills() -> usize {
+    std::env::var("SEGFLOW_RECOVERY_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
+fn seed() -> u64 {
+    std::env::var("SEGFLOW_RECOVERY_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
+/// The case: a reference run, then a run killed `kills()` times at random
+/// moments within the reference's duration, restarted each time, and run
+/// to its end; outputs and state must be equal.
+fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 30_000);
+    let hostfile = dir.path().join("hosts");
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    let reference = run_args(dir.path(), &data, "reference");
+    let took = run_to_end(dir.path(), &reference, layout, &hostfile);
+
+    let seed = seed();
+    eprintln!("{layout:?}: reference run {took:?}; kill moments from SEGFLOW_RECOVERY_SEED={seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let crashed = run_args(dir.path(), &data, "crashed");
+    let state = dir.path().join("crashed.state");
+    let (mut killed, mut completed, mut resumed_with_positions) = (0, 0, 0);
+    // Until enough kills have landed, and enough restarts began from a
+    // checkpoint with output positions (a kill may come before the first
+    // checkpoint), within a bound.
+    for _ in 0..4 * kills() {
+        if killed >= kills() && resumed_with_positions >= 2 {
+            break;
+        }
+        if checkpoint_has_positions(&state) {
+            resumed_with_positions += 1;
+        }
+        let mut children = start(dir.path(), &crashed, layout, &hostfile);
+        let delay = took.mul_f64(rng.random_range(0.02..0.9));
+        std::thread::sleep(delay);
+        // Kill one process (in a cluster, the other must then stop on its
+        // own, with an error).
+        let victim = rng.random_range(0..children.len());
+        let finished = children[victim].try_wait().unwrap().is_some();
+        if !finished {
+            children[victim].kill().unwrap();
+            killed += 1;
+        } else {
+            completed += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for (i, child) in children.iter_mut().enumerate() {
+            let (status, err) = wait(child, deadline);
+            if finished && i == victim {
+                assert!(status.success(), "an unkilled run failed: {status}\n{err}");
+            }
+        }
+    }
+    if checkpoint_has_positions(&state) {
+        resumed_with_positions += 1;
+    }
+    run_to_end(dir.path(), &crashed, layout, &hostfile);
+    eprintln!(
+        "{layout:?}: {killed} kills, {completed} runs ended before their kill, {resumed_with_positions} restarts from a checkpoint with output positions"
+    );
+    assert!(killed >= kills(), "only {killed} runs were killed");
+    assert!(
+        resumed_with_positions >= 2,
+        "no restart began from a checkpoint with output positions: the harness did not test resuming"
+    );
+    for file in ["jsonl", "dead.jsonl"] {
+        let want = std::fs::read(dir.path().join(format!("reference.{file}"))).unwrap();
+        let got = std::fs::read(dir.path().join(format!("crashed.{file}"))).unwrap();
+        assert!(
+            !want.is_empty() || file != "jsonl",
+            "the reference wrote no diffs"
+        );
+        assert!(
+            want == got,
+            "{layout:?}: crashed.{file} ({} bytes) differs from reference.{file} ({} bytes); seed {seed}",
+            got.len(),
+            want.len()
+        );
+    }
+    assert_eq!(
+        state_entries(&dir.path().join("reference.state")),
+        state_entries(&state),
+        "{layout:?}: the state differs; seed {seed}"
+    );
+}
+
+#[test]
+fn one_worker_killed_at_random_moments() {
+    killed_runs_end_as_an_uninterrupted_run(Layout::Workers(1));
+}
+
+#[test]
+fn two_workers_killed_at_random_moments() {
+    killed_runs_end_as_an_uninterrupted_run(Layout::Workers(2));
+}
+
+#[test]
+fn two_processes_one_killed_at_random_moments() {
+    killed_runs_end_as_an_uninterrupted_run(Layout::TwoProcesses);
+}
