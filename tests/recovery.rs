@@ -127,6 +127,46 @@ fn run_to_end(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> D
 /// Every entry of the state in `dir` but the checkpoint (whose run
 /// identity and positions differ between runs), sorted.
 fn state_entries(dir: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    raw_state_entries(dir)
+}
+
+/// Asserts that two states hold the same entries, naming (up to ten of)
+/// those that differ.
+fn assert_same_state(want: &Path, got: &Path, what: &str) {
+    let (want, got) = (state_entries(want), state_entries(got));
+    if want == got {
+        return;
+    }
+    let show = |e: &(String, Vec<u8>, Vec<u8>)| {
+        format!(
+            "{} {} = {}",
+            e.0,
+            String::from_utf8_lossy(&e.1),
+            String::from_utf8_lossy(&e.2)
+        )
+    };
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|e| !got.contains(e))
+        .take(10)
+        .map(show)
+        .collect();
+    let extra: Vec<String> = got
+        .iter()
+        .filter(|e| !want.contains(e))
+        .take(10)
+        .map(show)
+        .collect();
+    panic!(
+        "{what}: the state differs ({} entries expected, {} found)\nexpected, not found:\n  {}\nfound, not expected:\n  {}",
+        want.len(),
+        got.len(),
+        missing.join("\n  "),
+        extra.join("\n  ")
+    );
+}
+
+fn raw_state_entries(dir: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
     let parts = segflow::store::StateParts::open_read_only(dir).unwrap();
     let mut entries: Vec<_> = parts
         .entries()
@@ -254,10 +294,10 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
             want.len()
         );
     }
-    assert_eq!(
-        state_entries(&dir.path().join("reference.state")),
-        state_entries(&state),
-        "{layout:?}: the state differs; seed {seed}"
+    assert_same_state(
+        &dir.path().join("reference.state"),
+        &state,
+        &format!("{layout:?}, seed {seed}"),
     );
 }
 
@@ -274,4 +314,160 @@ fn two_workers_killed_at_random_moments() {
 #[test]
 fn two_processes_one_killed_at_random_moments() {
     killed_runs_end_as_an_uninterrupted_run(Layout::TwoProcesses);
+}
+
+/// Runs `args` (with `-w 2`) to its end and returns its exit status and
+/// standard error.
+fn run_once(dir: &Path, args: &[String]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["-w", "2"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A run resumed on inputs that have grown since (lines appended) ends
+/// with the outputs and state of one run over the whole inputs.
+#[test]
+fn a_run_resumed_on_grown_inputs_equals_one_run_over_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 30_000);
+    let whole = run_args(dir.path(), &data, "whole");
+    let (status, err) = run_once(dir.path(), &whole);
+    assert!(status.success(), "{err}");
+    // The same inputs, cut at about half their lines, then completed.
+    let part = dir.path().join("part");
+    std::fs::create_dir_all(&part).unwrap();
+    let files = ["web.jsonl", "crm.jsonl", "transactions.jsonl"];
+    for f in files {
+        let text = std::fs::read_to_string(data.join(f)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let half = lines[..lines.len() / 2]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
+        std::fs::write(part.join(f), half).unwrap();
+    }
+    let grown = run_args(dir.path(), &part, "grown");
+    let (status, err) = run_once(dir.path(), &grown);
+    assert!(status.success(), "{err}");
+    for f in files {
+        std::fs::copy(data.join(f), part.join(f)).unwrap();
+    }
+    let (status, err) = run_once(dir.path(), &grown);
+    assert!(status.success(), "{err}");
+    for file in ["jsonl", "dead.jsonl"] {
+        let want = std::fs::read_to_string(dir.path().join(format!("whole.{file}"))).unwrap();
+        let got = std::fs::read_to_string(dir.path().join(format!("grown.{file}"))).unwrap();
+        // Dead letters name their input file, which is elsewhere.
+        let got = got.replace(&part.display().to_string(), &data.display().to_string());
+        assert!(!want.is_empty(), "whole.{file} is empty");
+        assert!(want == got, "grown.{file} differs from whole.{file}");
+    }
+    assert_same_state(
+        &dir.path().join("whole.state"),
+        &dir.path().join("grown.state"),
+        "grown inputs",
+    );
+}
+
+/// What cannot be resumed is refused with what was found and what to do,
+/// and the outputs and state are left as they were; `--reset` starts over.
+#[test]
+fn checkpoints_that_do_not_fit_the_run_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 30_000);
+    let args = run_args(dir.path(), &data, "r");
+    // A run records where its outputs stand as its frontier advances
+    // (not at the end of the input); one that wrote everything at its end
+    // has only the start recorded. Run again until a checkpoint has
+    // positions past the start.
+    let mut reset = args.clone();
+    reset.push("--reset".into());
+    for _ in 0..5 {
+        let (status, err) = run_once(dir.path(), &reset);
+        assert!(status.success(), "{err}");
+        if checkpoint_has_positions(&dir.path().join("r.state")) {
+            break;
+        }
+    }
+    let out = dir.path().join("r.jsonl");
+    let diffs = std::fs::read(&out).unwrap();
+    assert!(!diffs.is_empty());
+    let refused = |args: &[String], why: &str| {
+        let (status, err) = run_once(dir.path(), args);
+        assert!(!status.success(), "resumed although {why}");
+        assert!(
+            err.contains("cannot resume from the checkpoint in") && err.contains("--reset"),
+            "{why}: {err}"
+        );
+        assert!(err.contains(why), "expected {why:?} in: {err}");
+        assert!(
+            std::fs::read(&out).unwrap() == diffs,
+            "{why}: the outputs were touched"
+        );
+    };
+    // Another definition: a trait's window changed.
+    let changed = dir.path().join("changed.toml");
+    let shipped = std::fs::read_to_string(&args[1]).unwrap();
+    std::fs::write(
+        &changed,
+        shipped.replace("window = \"30m\"", "window = \"31m\""),
+    )
+    .unwrap();
+    let mut other = args.clone();
+    other[1] = changed.display().to_string();
+    refused(&other, "a different dataflow definition");
+    // Other inputs: the web events regenerated with another seed.
+    let data2 = dir.path().join("data2");
+    let gen = Command::new(BIN)
+        .args([
+            "generate",
+            "--out",
+            data2.to_str().unwrap(),
+            "--events",
+            "5000",
+            "--seed",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    assert!(gen.status.success());
+    let mut other = args.clone();
+    other[3] = format!("web={}/web.jsonl", data2.display());
+    refused(&other, "it is not the same input");
+    // The segment diffs to another file.
+    let mut other = args.clone();
+    other[9] = dir.path().join("elsewhere.jsonl").display().to_string();
+    refused(&other, "and this run writes them to");
+    // The segment output changed by something else: cut shorter than
+    // the checkpoint says it was.
+    let written = segflow::store::StateParts::open_read_only(&dir.path().join("r.state"))
+        .unwrap()
+        .checkpoint()
+        .unwrap()
+        .and_then(|c| c.sinks)
+        .map_or(0, |s| s.segments_len as usize);
+    assert!(written > 0, "the checkpoint has no output positions");
+    std::fs::write(&out, &diffs[..written - 1]).unwrap();
+    let (status, err) = run_once(dir.path(), &args);
+    assert!(
+        !status.success() && err.contains("something else changed it"),
+        "{err}"
+    );
+    // --reset starts over and writes the full output again.
+    let (status, err) = run_once(dir.path(), &reset);
+    assert!(status.success(), "{err}");
+    assert!(std::fs::read(&out).unwrap() == diffs);
+    // A state directory written by an older segflow (no fingerprint in
+    // its checkpoint) is refused too: covered by the store's unit tests
+    // of the checkpoint format; a socket source cannot be read again.
+    let mut live = args.clone();
+    live[3] = "web=tcp://127.0.0.1:1".into();
+    refused(&live, "whose lines cannot be read again");
 }

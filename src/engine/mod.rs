@@ -115,34 +115,52 @@ struct ToEmpty {
     segments: bool,
 }
 
+/// What every checkpoint of a run says about it (see
+/// [`crate::store::Checkpoint`]).
+struct Origin {
+    run: String,
+    fingerprint: String,
+    inputs: BTreeMap<String, crate::store::InputMark>,
+}
+
 /// Empties what the previous run left, once this run is sure to start
 /// (alone, or with every process of its cluster agreed): the output files
 /// opened by [`Engine::open_outputs`], and this process's part of the state
 /// (kept locked since before the cluster connected). A run that resumes
-/// (`resume`) keeps the state, and cuts the output files back to where its
-/// checkpoint says they stood.
+/// (`resume`) cuts the output files back to where its checkpoint says
+/// they stood instead.
 fn start(
     outputs: Option<(Outputs, Vec<ToEmpty>)>,
     state: Option<(PathBuf, StateLock)>,
     resume: Option<resume::ResumePlan>,
+    origin: Origin,
     workers: usize,
     processes: usize,
 ) -> Result<(Option<Outputs>, Option<ProcessState>), EngineError> {
     use std::io::{Seek, SeekFrom};
-    // The state first: once it starts over, its checkpoint no longer
-    // describes the outputs about to be emptied.
+    let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
+    // The state first. It is always rebuilt from the inputs (a resumed run
+    // reads them from their start), so it starts empty; a resumed run's
+    // checkpoint keeps where the outputs stood, written again at once, so
+    // that a run killed from here on resumes the same way (killed before,
+    // it finds no checkpoint and starts over, which writes the same
+    // outputs). Only then are the outputs cut back.
     let state = match state {
         Some((part, lock)) => {
-            let store = match &resume {
-                Some(_) => Store::open_to_resume(&part, &lock)?,
-                None => Store::create_fresh(&part, &lock)?,
-            };
+            let store = Store::create_fresh(&part, &lock)?;
             let label = part.display().to_string();
-            Some(ProcessState::new(store, lock, label, workers, processes))
+            let state = ProcessState::new(store, lock, label, workers, processes);
+            state.set_origin(&origin.run, &origin.fingerprint, origin.inputs);
+            if let Some(sinks) = &sinks {
+                state.set_sinks(sinks);
+                state.write_checkpoint().map_err(|e| {
+                    EngineError::Worker(format!("state directory {}: {e}", state.label))
+                })?;
+            }
+            Some(state)
         }
         None => None,
     };
-    let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
     let outputs = match outputs {
         Some((mut outputs, files)) => {
             for mut f in files {
@@ -453,9 +471,9 @@ impl Engine {
 
     /// How this process resumes from the checkpoint in its part of the
     /// state directory `part`: `None` to start over (no checkpoint,
-    /// `--reset`, or, on a process other than 0, a checkpoint of another
-    /// dataflow, whose part process 0's checks make irrelevant); an error
-    /// if process 0's checkpoint cannot be resumed.
+    /// `--reset`, or a process other than 0, whose part is rebuilt from
+    /// the inputs either way); an error if process 0's checkpoint cannot
+    /// be resumed.
     fn resume_plan(
         &self,
         part: &Path,
@@ -475,7 +493,9 @@ impl Engine {
         };
         let ours = resume::fingerprint(&self.spec);
         if process != 0 {
-            return Ok((checkpoint.fingerprint == ours).then(resume::ResumePlan::default));
+            // Its part is rebuilt from the inputs either way; only process
+            // 0's checkpoint says where the outputs stood.
+            return Ok(None);
         }
         let labels = self.output_labels();
         resume::plan(
@@ -806,15 +826,16 @@ impl Engine {
         } else {
             BTreeMap::new()
         };
-        let (outputs, state) = start(outputs, state, resume, workers, processes)?;
-        let defs = Arc::new(defs);
-        if let Some(state) = &state {
-            let run = match &sockets {
+        let origin = Origin {
+            run: match &sockets {
                 Some((connected, ..)) => connected.run.clone(),
                 None => crate::store::new_run_id(),
-            };
-            state.set_origin(&run, &resume::fingerprint(&self.spec), marks);
-        }
+            },
+            fingerprint: resume::fingerprint(&self.spec),
+            inputs: marks,
+        };
+        let (outputs, state) = start(outputs, state, resume, origin, workers, processes)?;
+        let defs = Arc::new(defs);
         let shared = Arc::new(ProcessShared::new(state));
         let layout = Layout { workers, processes };
         let worker_shared = Arc::clone(&shared);

@@ -643,16 +643,6 @@ impl Store {
         marker.lines().nth(1).map(str::trim) != Some(RESETTING) && dir.join("CURRENT").is_file()
     }
 
-    /// Opens the state in `dir`, whose [`StateLock`] the caller holds, as a
-    /// previous run left it, to resume from its checkpoint (an empty
-    /// directory gets a new, empty store).
-    pub fn open_to_resume(dir: &Path, lock: &StateLock) -> Result<Store, StoreError> {
-        match inspect(dir)? {
-            Found::Nothing => Store::create_fresh(dir, lock),
-            Found::Ours => Store::open(dir),
-        }
-    }
-
     /// Opens an existing store for reading (works while a run holds it).
     /// Creates nothing; a directory that does not hold segflow state is
     /// refused ([`StoreError::NoState`], [`StoreError::NotOurs`]).

@@ -143,6 +143,15 @@ impl ProcessState {
         }
     }
 
+    /// Writes the checkpoint as it is now, with no state changes (a resumed
+    /// run's first: where the outputs stood).
+    pub fn write_checkpoint(&self) -> Result<(), StoreError> {
+        let Ok(g) = self.group.lock() else {
+            return Ok(());
+        };
+        self.store.write(StateBatch::default(), &g.checkpoint)
+    }
+
     /// Records where the outputs stand, for the next checkpoint (process
     /// 0's worker 0, which writes them, says so).
     pub fn set_sinks(&self, positions: &SinkPositions) {
