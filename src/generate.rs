@@ -1193,6 +1193,12 @@ pub fn generate_to<W1: Write, W2: Write, W3: Write>(
 /// Creates `dir` (and parents) and writes `web.jsonl`, `crm.jsonl` and
 /// `transactions.jsonl` into it through 1 MiB buffered writers.
 pub fn generate_dir(cfg: &GenConfig, dir: &Path) -> io::Result<GenStats> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
     fs::create_dir_all(dir)?;
     let open = |name: &str| -> io::Result<BufWriter<File>> {
         Ok(BufWriter::with_capacity(

@@ -393,24 +393,57 @@ fn main() -> ExitCode {
                 }
             };
             let ids = rules.parse_query(&args.identifier);
-            anyhow::ensure!(
-                !ids.is_empty(),
-                "{:?} is not an identifier: use KIND:VALUE, e.g. email:ann@example.com",
-                args.identifier
-            );
+            let kinds = rules.kinds().join(", ");
+            // `KIND:` with a kind segflow knows.
+            let known_kind = args
+                .identifier
+                .split_once(':')
+                .filter(|(kind, _)| rules.is_kind(kind.trim()))
+                .map(|(kind, value)| (kind.trim().to_string(), value.trim().to_string()));
+            if ids.is_empty() {
+                match &known_kind {
+                    Some((kind, value)) if value.is_empty() => {
+                        anyhow::bail!("{:?} has no value after `{kind}:`", args.identifier)
+                    }
+                    Some((kind, value)) => anyhow::bail!(
+                        "{value:?} is not a valid {kind} identifier (it does not normalize: an e-mail needs an @, a phone number must parse for the region)"
+                    ),
+                    None => anyhow::bail!(
+                        "{:?} is not an identifier: use KIND:VALUE with a kind among {kinds}, e.g. email:ann@example.com",
+                        args.identifier
+                    ),
+                }
+            }
             // A run may be replacing the files of the state as this reads
             // them (a flush, a compaction): such a failure is tried again,
             // for up to two seconds.
             let started = std::time::Instant::now();
-            let (state, found) = loop {
+            let (state, matches) = loop {
                 let attempt = StateParts::open_read_only(&args.state_dir)
-                    .and_then(|state| state.lookup(&ids).map(|found| (state, found)));
+                    .and_then(|state| state.profiles_of(&ids).map(|found| (state, found)));
                 match attempt {
                     Err(e)
                         if e.may_be_transient()
                             && started.elapsed() < std::time::Duration::from_secs(2) =>
                     {
                         std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(e @ segflow::store::StoreError::NotOurs { .. }) => {
+                        // The parent of a state directory, given by mistake.
+                        let inside: Vec<String> = std::fs::read_dir(&args.state_dir)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|e| e.ok())
+                            .map(|e| e.path())
+                            .filter(|p| p.join(segflow::store::MARKER_FILE).is_file())
+                            .map(|p| p.display().to_string())
+                            .collect();
+                        match inside.first() {
+                            Some(dir) => {
+                                anyhow::bail!("{e}\n(it holds segflow state in {dir}: did you mean --state-dir {dir}?)")
+                            }
+                            None => return Err(e.into()),
+                        }
                     }
                     other => break other?,
                 }
@@ -421,6 +454,22 @@ fn main() -> ExitCode {
                     part.display()
                 );
             }
+            if matches.len() > 1 {
+                let all: Vec<String> = matches
+                    .iter()
+                    .map(|(id, profile)| format!("{profile} (as {id})"))
+                    .collect();
+                eprintln!(
+                    "warning: {:?} matches {} profiles: {}; showing the first. Give KIND:VALUE to choose",
+                    args.identifier,
+                    matches.len(),
+                    all.join(", ")
+                );
+            }
+            let found = match matches.first() {
+                Some((_, profile)) => Some(state.view(profile)?),
+                None => None,
+            };
             match found {
                 Some(view) => {
                     print_out(&serde_json::to_string_pretty(&view)?);
@@ -430,11 +479,22 @@ fn main() -> ExitCode {
                     "the state in {} has no completed time yet: a run that has just started writes its first state within seconds; try again",
                     args.state_dir.display()
                 ),
-                None => anyhow::bail!(
-                    "no profile has identifier {:?} in {}",
-                    args.identifier,
-                    args.state_dir.display()
-                ),
+                None => {
+                    let hint = match args.identifier.split_once(':') {
+                        Some((kind, _)) if known_kind.is_none() && !kind.trim().is_empty() => {
+                            format!(
+                                " (`{}` is not a kind of identifier, so it was read as a bare value; the kinds are {kinds})",
+                                kind.trim()
+                            )
+                        }
+                        _ => String::new(),
+                    };
+                    anyhow::bail!(
+                        "no profile has identifier {:?} in {}{hint}",
+                        args.identifier,
+                        args.state_dir.display()
+                    )
+                }
             }
         })(),
         Command::Bench(args) => (|| {

@@ -354,6 +354,34 @@ fn query_prints_a_profile_for_any_of_its_identifiers() {
     ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no profile"));
+    // Values that do not normalize, and kinds segflow does not know, say so.
+    for (id, says) in [
+        ("phone:abc", "is not a valid phone identifier"),
+        ("email:", "has no value after `email:`"),
+        ("nosuchkind:x", "`nosuchkind` is not a kind of identifier"),
+    ] {
+        let out = segflow(&["query", "--state-dir", state.to_str().unwrap(), id]);
+        assert!(!out.status.success(), "{id}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{id}: {err}");
+    }
+
+    // A bare value that is the identifier of two profiles: the answer
+    // says so.
+    std::fs::write(
+        data.join("web.jsonl"),
+        "{\"event\":\"login\",\"ts\":1772445600000,\"anonymous_id\":\"same\"}\n{\"event\":\"login\",\"ts\":1772445600000,\"user_id\":\"same\"}\n",
+    )
+    .unwrap();
+    run(dir.path(), &data, "two", &[]);
+    let both = ok(segflow(&[
+        "query",
+        "--state-dir",
+        dir.path().join("two.state").to_str().unwrap(),
+        "same",
+    ]));
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains("matches 2 profiles"), "{err}");
 
     // State that a run has created but not yet written a time to.
     let fresh = dir.path().join("fresh.state");

@@ -8,7 +8,7 @@
 //! - `records_per_sec_per_worker`: records admitted ÷ the run's own elapsed
 //!   time (reading, decoding, the dataflow, diffs written and state
 //!   committed and flushed) ÷ workers;
-//! - `peak_rss_mb`: the child's peak resident set size (`ru_maxrss` from
+//! - `peak_rss_mb`: the child's peak resident set size in MiB (`ru_maxrss` from
 //!   `wait4(2)`), and `rss_bytes_per_profile` (peak RSS ÷ profiles);
 //! - `state_bytes` (the state directory's size after the run) and
 //!   `state_bytes_per_profile`.
@@ -527,6 +527,12 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
                 found: others.join(", "),
             });
         }
+    }
+    if config.dir.exists() && !config.dir.is_dir() {
+        return Err(BenchError::Io {
+            what: format!("--dir {}", config.dir.display()),
+            source: std::io::Error::other("it is not a directory"),
+        });
     }
     std::fs::create_dir_all(&config.dir)
         .map_err(io_err(format!("create {}", config.dir.display())))?;

@@ -189,6 +189,20 @@ impl IdentityRules {
         Some(Ident { rank, value })
     }
 
+    /// The kinds of identifier, as query prefixes (`crm`, `user`, `email`,
+    /// `phone`, `anon`, extras by their field name), in priority order.
+    pub fn kinds(&self) -> Vec<&str> {
+        self.priority.iter().map(|f| prefix_for(f)).collect()
+    }
+
+    /// Whether `kind` names a kind of identifier: a field of the priority
+    /// list or its prefix, in any case.
+    pub fn is_kind(&self, kind: &str) -> bool {
+        self.priority
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(kind) || prefix_for(f).eq_ignore_ascii_case(kind))
+    }
+
     /// Interprets a lookup query as identifiers.
     ///
     /// `"kind:value"`, where `kind` is an identifier field name (`crm_id`) or

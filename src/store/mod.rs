@@ -884,14 +884,27 @@ impl StateParts {
 
     /// Everything about the profile of the first of `ids` that is known.
     pub fn lookup(&self, ids: &[Ident]) -> Result<Option<ProfileView>, StoreError> {
+        match self.profiles_of(ids)?.first() {
+            Some((_, profile)) => self.view(profile).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every profile that one of `ids` belongs to, as `(identifier,
+    /// profile)`, in the order of `ids`, each profile once.
+    pub fn profiles_of(&self, ids: &[Ident]) -> Result<Vec<(String, String)>, StoreError> {
+        let mut found: Vec<(String, String)> = Vec::new();
         for id in ids {
             for part in &self.parts {
                 if let Some(profile) = part.profile_of(id.as_str())? {
-                    return self.view(&profile).map(Some);
+                    if !found.iter().any(|(_, p)| *p == profile) {
+                        found.push((id.as_str().to_string(), profile));
+                    }
+                    break;
                 }
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// Everything about one profile id, merged over the parts; `as_of` is
