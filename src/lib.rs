@@ -60,6 +60,7 @@
 pub mod bench;
 pub mod dataflow;
 pub mod engine;
+pub mod fault;
 pub mod generate;
 pub mod io;
 pub mod model;

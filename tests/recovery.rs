@@ -471,3 +471,65 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     live[3] = "web=tcp://127.0.0.1:1".into();
     refused(&live, "whose lines cannot be read again");
 }
+
+/// Kills at chosen points (`SEGFLOW_FAULT`, see `segflow::fault`): just
+/// before and after a state batch is written, and in the middle of a
+/// segment diff's or a dead letter's line (half of it on disk). Each
+/// restart resumes and the outputs and state end as an uninterrupted run's;
+/// several faults in a row too.
+#[test]
+fn kills_at_chosen_points_during_writes() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 30_000);
+    let reference = run_args(dir.path(), &data, "reference");
+    let (status, err) = run_once(dir.path(), &reference);
+    assert!(status.success(), "{err}");
+    let cases: &[&[&str]] = &[
+        &["state-write-before:1"],
+        &["state-write-after:1", "state-write-after:2"],
+        &["segments-half-line:1"],
+        &[
+            "segments-half-line:700",
+            "dead-half-line:5",
+            "state-write-before:2",
+        ],
+        &["dead-half-line:1", "segments-half-line:300"],
+    ];
+    for (i, faults) in cases.iter().enumerate() {
+        let name = format!("fault{i}");
+        let args = run_args(dir.path(), &data, &name);
+        for fault in *faults {
+            let out = Command::new(BIN)
+                .args(&args)
+                .args(["-w", "2"])
+                .env(segflow::fault::FAULT_VAR, fault)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.signal(),
+                Some(9),
+                "{fault}: the run was not killed at the fault ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let (status, err) = run_once(dir.path(), &args);
+        assert!(status.success(), "{faults:?}: {err}");
+        for file in ["jsonl", "dead.jsonl"] {
+            let want = std::fs::read(dir.path().join(format!("reference.{file}"))).unwrap();
+            let got = std::fs::read(dir.path().join(format!("{name}.{file}"))).unwrap();
+            assert!(
+                want == got,
+                "{faults:?}: {name}.{file} ({} bytes) differs from reference.{file} ({} bytes)",
+                got.len(),
+                want.len()
+            );
+        }
+        assert_same_state(
+            &dir.path().join("reference.state"),
+            &dir.path().join(format!("{name}.state")),
+            &format!("{faults:?}"),
+        );
+    }
+}

@@ -713,7 +713,10 @@ impl Store {
         }
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
         batch.put_cf(self.cf("checkpoint"), b"checkpoint", cp);
-        self.db.write(batch).map_err(|e| self.err(e))
+        crate::fault::point("state-write-before");
+        self.db.write(batch).map_err(|e| self.err(e))?;
+        crate::fault::point("state-write-after");
+        Ok(())
     }
 
     /// Flushes every column family's memtable to disk, atomically: readers

@@ -76,6 +76,11 @@ impl SegmentSink {
             SegmentSink::Discard => Ok(0),
             SegmentSink::Writer(w) => {
                 let line = diff.to_line();
+                if crate::fault::due("segments-half-line") {
+                    w.write_all(&line.as_bytes()[..line.len() / 2])?;
+                    w.flush()?;
+                    crate::fault::kill();
+                }
                 w.write_all(line.as_bytes())?;
                 w.write_all(b"\n")?;
                 Ok(line.len() as u64 + 1)
@@ -255,6 +260,12 @@ impl Committer {
         }
         if let Some(w) = self.outputs.dead_letters.as_mut() {
             let line = serde_json::to_string(letter).expect("dead letter serializes");
+            if crate::fault::due("dead-half-line") {
+                let _ = w
+                    .write_all(&line.as_bytes()[..line.len() / 2])
+                    .and_then(|_| w.flush());
+                crate::fault::kill();
+            }
             match w
                 .write_all(line.as_bytes())
                 .and_then(|_| w.write_all(b"\n"))
