@@ -170,7 +170,7 @@ pub fn plan(
     let Some(sinks) = &checkpoint.sinks else {
         return Ok(ResumePlan { sinks: None });
     };
-    if sinks.segments != segments {
+    if !same_output(&sinks.segments, segments) {
         return Err(refuse(
             dir,
             format!(
@@ -179,7 +179,7 @@ pub fn plan(
             ),
         ));
     }
-    if sinks.dead_letters != dead_letters {
+    if !same_output(&sinks.dead_letters, dead_letters) {
         return Err(refuse(
             dir,
             format!(
@@ -217,6 +217,16 @@ pub fn plan(
     Ok(ResumePlan {
         sinks: Some(sinks.clone()),
     })
+}
+
+/// Whether two output labels name the same output: the same text, or
+/// paths of the same existing file (`out/x` and `./out/x`).
+fn same_output(then: &str, now: &str) -> bool {
+    then == now
+        || matches!(
+            (std::fs::canonicalize(then), std::fs::canonicalize(now)),
+            (Ok(a), Ok(b)) if a == b
+        )
 }
 
 /// The head hash of `input` over its first `len` bytes (at most
