@@ -214,6 +214,11 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
             s.dead_letters(),
             s.late()
         );
+        if let Some(before) = s.resumed_before {
+            t += &format!(
+                "  resumed           from the checkpoint: the diffs of times before {before} were in the outputs already\n"
+            );
+        }
         t += &format!("  profiles          {}\n", s.profiles);
         t += &format!(
             "  segment diffs     {} over {} timestamps\n",

@@ -340,40 +340,103 @@ fn a_run_resumed_on_grown_inputs_equals_one_run_over_them() {
     let whole = run_args(dir.path(), &data, "whole");
     let (status, err) = run_once(dir.path(), &whole);
     assert!(status.success(), "{err}");
-    // The same inputs, cut at about half their lines, then completed.
+    let files = ["web.jsonl", "crm.jsonl", "transactions.jsonl"];
+    // (files cut, share of their lines kept, bytes of the next line kept):
+    // a run over the cut inputs, then over the whole ones, resumed.
+    let cases: &[(&[&str], f64, usize)] = &[
+        (&files, 0.5, 0),
+        (&["web.jsonl"], 0.85, 0),
+        (&["web.jsonl"], 0.97, 0),
+        (&files, 0.85, 0),
+        (&["web.jsonl"], 0.9, 5),
+    ];
+    for (i, (cut, share, partial)) in cases.iter().enumerate() {
+        let part = dir.path().join(format!("part{i}"));
+        std::fs::create_dir_all(&part).unwrap();
+        for f in files {
+            let text = std::fs::read_to_string(data.join(f)).unwrap();
+            if !cut.contains(&f) {
+                std::fs::write(part.join(f), &text).unwrap();
+                continue;
+            }
+            let lines: Vec<&str> = text.lines().collect();
+            let keep = (lines.len() as f64 * share) as usize;
+            let mut head: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+            head.push_str(&lines[keep][..*partial]);
+            std::fs::write(part.join(f), head).unwrap();
+        }
+        let name = format!("grown{i}");
+        let grown = run_args(dir.path(), &part, &name);
+        let (status, err) = run_once(dir.path(), &grown);
+        assert!(status.success(), "{err}");
+        for f in files {
+            std::fs::copy(data.join(f), part.join(f)).unwrap();
+        }
+        let (status, err) = run_once(dir.path(), &grown);
+        assert!(status.success(), "{err}");
+        let what = format!("{cut:?} cut at {share} (+{partial} bytes)");
+        for file in ["jsonl", "dead.jsonl"] {
+            let want = std::fs::read_to_string(dir.path().join(format!("whole.{file}"))).unwrap();
+            let got = std::fs::read_to_string(dir.path().join(format!("{name}.{file}"))).unwrap();
+            // Dead letters name their input file, which is elsewhere.
+            let got = got.replace(&part.display().to_string(), &data.display().to_string());
+            assert!(!want.is_empty(), "whole.{file} is empty");
+            assert!(
+                want == got,
+                "{what}: {name}.{file} differs from whole.{file}"
+            );
+        }
+        assert_same_state(
+            &dir.path().join("whole.state"),
+            &dir.path().join(format!("{name}.state")),
+            &what,
+        );
+    }
+}
+
+/// A finished run over a web file that ends earlier (in event time) than
+/// the other inputs, resumed once the rest of the web file is appended:
+/// the other sources carried the frontier past the web file's end, but the
+/// checkpoint's bounds stay at the web file's last watermark, so nothing
+/// appended is left unwritten. (A newcomer found this with 200 000 events
+/// cut at 85%: 63 exits without entries.)
+#[test]
+fn a_finished_run_resumed_on_a_longer_web_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 200_000);
+    let whole = run_args(dir.path(), &data, "whole");
+    let (status, err) = run_once(dir.path(), &whole);
+    assert!(status.success(), "{err}");
     let part = dir.path().join("part");
     std::fs::create_dir_all(&part).unwrap();
-    let files = ["web.jsonl", "crm.jsonl", "transactions.jsonl"];
-    for f in files {
-        let text = std::fs::read_to_string(data.join(f)).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        let half = lines[..lines.len() / 2]
-            .iter()
-            .map(|l| format!("{l}\n"))
-            .collect::<String>();
-        std::fs::write(part.join(f), half).unwrap();
-    }
-    let grown = run_args(dir.path(), &part, "grown");
-    let (status, err) = run_once(dir.path(), &grown);
-    assert!(status.success(), "{err}");
-    for f in files {
+    for f in ["crm.jsonl", "transactions.jsonl"] {
         std::fs::copy(data.join(f), part.join(f)).unwrap();
     }
-    let (status, err) = run_once(dir.path(), &grown);
-    assert!(status.success(), "{err}");
+    let web = std::fs::read_to_string(data.join("web.jsonl")).unwrap();
+    let lines: Vec<&str> = web.lines().collect();
+    let keep = lines.len() * 85 / 100;
+    let head: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(part.join("web.jsonl"), head).unwrap();
+    let grown = run_args(dir.path(), &part, "grown");
+    for _ in 0..2 {
+        let out = Command::new(BIN)
+            .args(&grown)
+            .args(["-w", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::copy(data.join("web.jsonl"), part.join("web.jsonl")).unwrap();
+    }
     for file in ["jsonl", "dead.jsonl"] {
         let want = std::fs::read_to_string(dir.path().join(format!("whole.{file}"))).unwrap();
         let got = std::fs::read_to_string(dir.path().join(format!("grown.{file}"))).unwrap();
-        // Dead letters name their input file, which is elsewhere.
         let got = got.replace(&part.display().to_string(), &data.display().to_string());
-        assert!(!want.is_empty(), "whole.{file} is empty");
         assert!(want == got, "grown.{file} differs from whole.{file}");
     }
-    assert_same_state(
-        &dir.path().join("whole.state"),
-        &dir.path().join("grown.state"),
-        "grown inputs",
-    );
 }
 
 /// What cannot be resumed is refused with what was found and what to do,

@@ -483,9 +483,18 @@ impl Engine {
         if self.reset || !Store::is_resumable(part) {
             return Ok(None);
         }
+        let damaged = |e: StoreError| {
+            EngineError::Resume(format!(
+                "cannot read the checkpoint in {}: {e}. The state directory is damaged: run with --reset to start over (the state and outputs are replaced), or give another state directory",
+                part.display()
+            ))
+        };
         let checkpoint = match Store::open_read_only(part) {
-            Ok(store) => store.checkpoint()?,
+            Ok(store) => store.checkpoint().map_err(damaged)?,
             Err(StoreError::NoState { .. }) => return Ok(None),
+            Err(e @ StoreError::Rocks { .. }) | Err(e @ StoreError::Corrupt(_)) => {
+                return Err(damaged(e))
+            }
             Err(e) => return Err(e.into()),
         };
         let Some(checkpoint) = checkpoint else {
@@ -497,15 +506,19 @@ impl Engine {
             // 0's checkpoint says where the outputs stood.
             return Ok(None);
         }
-        let labels = self.output_labels();
+        let (segments, dead) = self.output_identities();
+        let files = (
+            matches!(self.output, Some(Output::Path(_))),
+            self.dead_letter.is_some(),
+        );
         resume::plan(
             part,
             &checkpoint,
             &ours,
             processes,
             &self.inputs,
-            &labels.segments,
-            &labels.dead_letters,
+            (&segments, &dead),
+            files,
         )
         .map(Some)
     }
@@ -677,6 +690,28 @@ impl Engine {
         }
     }
 
+    /// How checkpoints name the segment and dead-letter outputs (see
+    /// [`Outputs::identities`]), and which of them are files.
+    fn output_identities(&self) -> (String, String) {
+        let absolute = |p: &Path| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        };
+        let labels = self.output_labels();
+        let segments = match &self.output {
+            Some(Output::Path(p)) => absolute(p),
+            _ => labels.segments,
+        };
+        let dead = self
+            .dead_letter
+            .as_deref()
+            .map(absolute)
+            .unwrap_or_default();
+        (segments, dead)
+    }
+
     /// Opens the outputs, creating files but not yet emptying them: each
     /// file is also returned, to be truncated (see [`start`]) once the run
     /// is sure to start, so a cluster that fails to start leaves the
@@ -702,6 +737,23 @@ impl Engine {
                 .truncate(false)
                 .open(path)
                 .map_err(|e| io_err(what, path, e))?;
+            // One writer per output file: a second run writing the same
+            // file (with another state directory) is refused.
+            if file.metadata().is_ok_and(|m| m.is_file()) {
+                match file.try_lock() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        return Err(io_err(
+                            what,
+                            path,
+                            std::io::Error::other(
+                                "another segflow run is writing it; wait for it to end or choose another output",
+                            ),
+                        ))
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => return Err(io_err(what, path, e)),
+                }
+            }
             to_empty.push(ToEmpty {
                 path: path.to_path_buf(),
                 file: file.try_clone().map_err(|e| io_err(what, path, e))?,
@@ -742,6 +794,7 @@ impl Engine {
                 dead_letters,
                 labels,
                 resume: None,
+                identities: self.output_identities(),
             },
             to_empty,
         ))

@@ -22,9 +22,20 @@ use crate::store::{Checkpoint, InputMark, SinkPositions};
 
 /// The fingerprint of everything in a definition that shapes its results:
 /// engine settings, identity rules, the sources (names, kinds, formats;
-/// not their locations), traits and segments, and this segflow version
-/// (whose semantics might differ). An xxh3-128 hash, in hex.
+/// not their locations), traits and segments (by name, in any order;
+/// not their descriptions), and this segflow version (whose semantics
+/// might differ). An xxh3-128 hash, in hex.
 pub fn fingerprint(spec: &Spec) -> String {
+    // Order and descriptions do not change results: traits and segments
+    // are taken by name, without descriptions.
+    let mut traits = spec.traits.clone();
+    traits.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut segments: Vec<_> = spec
+        .segments
+        .iter()
+        .map(|s| (s.name.clone(), format!("{:?}", s.when)))
+        .collect();
+    segments.sort();
     let sources: Vec<_> = spec
         .sources
         .iter()
@@ -41,8 +52,8 @@ pub fn fingerprint(spec: &Spec) -> String {
         spec.engine,
         spec.identity,
         sources,
-        spec.traits,
-        spec.segments
+        traits,
+        segments
     );
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
@@ -62,15 +73,7 @@ pub fn input_marks(
                     source,
                 })?
             }
-            Input::Memory(lines) => {
-                let text = lines.join("\n");
-                let head = &text.as_bytes()[..text.len().min(InputMark::HEAD_BYTES as usize)];
-                InputMark {
-                    path: "(memory)".into(),
-                    len: text.len() as u64,
-                    head: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(head)),
-                }
-            }
+            Input::Memory(lines) => InputMark::of_lines(lines, u64::MAX),
             Input::Tcp { .. } => continue,
         };
         marks.insert(name.clone(), mark);
@@ -97,16 +100,19 @@ pub struct ResumePlan {
 
 /// Checks that `checkpoint`, found in `dir`, can be resumed by this run
 /// (definition fingerprint `ours`, `processes` processes, `inputs`, outputs
-/// named `segments` and `dead_letters`), and says how.
+/// named `outputs` (segments, dead letters; see
+/// [`crate::io::sinks::Outputs::identities`]), of which `files` are
+/// files), and says how.
 pub fn plan(
     dir: &Path,
     checkpoint: &Checkpoint,
     ours: &str,
     processes: usize,
     inputs: &BTreeMap<String, Input>,
-    segments: &str,
-    dead_letters: &str,
+    outputs: (&str, &str),
+    files: (bool, bool),
 ) -> Result<ResumePlan, EngineError> {
+    let (segments, dead_letters) = outputs;
     if checkpoint.fingerprint.is_empty() {
         return Err(refuse(
             dir,
@@ -153,16 +159,34 @@ pub fn plan(
                 ),
             ));
         }
-        let head = match input_marks_head(&inputs[name], then.len) {
-            Ok(h) => h,
-            Err(e) => return Err(e),
+        if mark.path != then.path {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` was read from {} when the checkpoint was taken, and is {} now (dead letters name their input)",
+                    then.path, mark.path
+                ),
+            ));
+        }
+        let head = match &inputs[name] {
+            Input::File { path, .. } => {
+                InputMark::of(path, then.len)
+                    .map(|m| m.head)
+                    .map_err(|source| EngineError::Io {
+                        what: "cannot read input",
+                        path: path.display().to_string(),
+                        source,
+                    })?
+            }
+            Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
+            Input::Tcp { .. } => String::new(),
         };
         if head != then.head {
             return Err(refuse(
                 dir,
                 format!(
-                    "input `{name}` ({}) does not begin as {} did when the checkpoint was taken: it is not the same input",
-                    mark.path, then.path
+                    "input `{name}` ({}) does not begin with the {} bytes it had when the checkpoint was taken: it is not the same input",
+                    mark.path, then.len
                 ),
             ));
         }
@@ -197,20 +221,34 @@ pub fn plan(
             ),
         ));
     }
-    for (label, len) in [
-        (segments, sinks.segments_len),
-        (dead_letters, sinks.dead_len),
+    for (label, len, file) in [
+        (segments, sinks.segments_len, files.0),
+        (dead_letters, sinks.dead_len, files.1),
     ] {
-        let path = Path::new(label);
-        if let Some(meta) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
-            if meta.len() < len {
+        if !file || len == 0 {
+            continue;
+        }
+        match std::fs::metadata(label) {
+            Ok(meta) if meta.is_file() && meta.len() < len => {
                 return Err(refuse(
                     dir,
                     format!(
                         "the output {label} is {} bytes long, and the checkpoint says {len} bytes were written to it: something else changed it",
                         meta.len()
                     ),
-                ));
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(refuse(
+                    dir,
+                    format!(
+                        "the output {label} does not exist, and the checkpoint says {len} bytes were written to it: it was moved or deleted"
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(refuse(dir, format!("the output {label} cannot be read: {e}")))
             }
         }
     }
@@ -227,29 +265,4 @@ fn same_output(then: &str, now: &str) -> bool {
             (std::fs::canonicalize(then), std::fs::canonicalize(now)),
             (Ok(a), Ok(b)) if a == b
         )
-}
-
-/// The head hash of `input` over its first `len` bytes (at most
-/// [`InputMark::HEAD_BYTES`]), as [`InputMark::head`] has it.
-fn input_marks_head(input: &Input, len: u64) -> Result<String, EngineError> {
-    match input {
-        Input::File { path, .. } => {
-            InputMark::of(path, len)
-                .map(|m| m.head)
-                .map_err(|source| EngineError::Io {
-                    what: "cannot read input",
-                    path: path.display().to_string(),
-                    source,
-                })
-        }
-        Input::Memory(lines) => {
-            let text = lines.join("\n");
-            let end = text.len().min(len.min(InputMark::HEAD_BYTES) as usize);
-            Ok(format!(
-                "{:016x}",
-                xxhash_rust::xxh3::xxh3_64(&text.as_bytes()[..end])
-            ))
-        }
-        Input::Tcp { .. } => Ok(String::new()),
-    }
 }

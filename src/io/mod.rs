@@ -85,6 +85,16 @@ pub enum Control {
         /// The source's watermark (its capability) when it stopped, ms.
         watermark: u64,
     },
+    /// A replayed source read its input to the end, where its clock's
+    /// watermark was this: lines appended to it later are at or after it
+    /// (or late), so a run resumed on the longer input writes every diff
+    /// from there on (see [`crate::store::SinkPositions`]).
+    Ended {
+        /// Source index.
+        source: u32,
+        /// The watermark of the clock that read the input's end, ms.
+        watermark: u64,
+    },
     /// Bytes consumed so far (files) or lines read (sockets).
     Offset {
         /// Source index.

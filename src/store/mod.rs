@@ -277,36 +277,62 @@ pub struct Checkpoint {
     pub sinks: Option<SinkPositions>,
 }
 
-/// What a run had of one input file when it started: its length and a
-/// hash of its head, [`InputMark::HEAD_BYTES`] at most.
+/// What a run had of one input when it started: its path, its length and a
+/// hash of its whole content, so that a resume can tell that the input is
+/// the same or has only grown (lines appended).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputMark {
-    /// The file's path as the run was given it.
+    /// The file's absolute path (`(memory)` for lines held in memory).
     pub path: String,
     /// Its length in bytes.
     pub len: u64,
-    /// xxh3-64 of its first `min(len, HEAD_BYTES)` bytes, in hex.
+    /// xxh3-64 of its first `len` bytes, in hex.
     pub head: String,
 }
 
 impl InputMark {
-    /// How much of a file's head is hashed: 1 MiB.
-    pub const HEAD_BYTES: u64 = 1 << 20;
-
-    /// The mark of the file at `path`, hashing the first `min(len,
-    /// HEAD_BYTES, limit)` bytes.
+    /// The mark of the file at `path`, with the hash of its first `min(len,
+    /// limit)` bytes (read in 1 MiB blocks; about 0.1 s per 250 MB from the
+    /// page cache).
     pub fn of(path: &Path, limit: u64) -> std::io::Result<InputMark> {
         use std::io::Read;
-        let file = std::fs::File::open(path)?;
+        let mut file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
-        let mut head = Vec::new();
-        file.take(len.min(Self::HEAD_BYTES).min(limit))
-            .read_to_end(&mut head)?;
+        let mut left = len.min(limit);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut block = vec![0u8; 1 << 20];
+        while left > 0 {
+            let want = block.len().min(left as usize);
+            let n = file.read(&mut block[..want])?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&block[..n]);
+            left -= n as u64;
+        }
         Ok(InputMark {
-            path: path.display().to_string(),
+            path: std::path::absolute(path)
+                .unwrap_or_else(|_| path.to_path_buf())
+                .display()
+                .to_string(),
             len,
-            head: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&head)),
+            head: format!("{:016x}", hasher.digest()),
         })
+    }
+
+    /// The mark of lines held in memory, hashing the first `min(len,
+    /// limit)` bytes of their text (lines joined by newlines).
+    pub fn of_lines(lines: &[String], limit: u64) -> InputMark {
+        let text = lines.join("\n");
+        let end = text.len().min(limit.min(usize::MAX as u64) as usize);
+        InputMark {
+            path: "(memory)".into(),
+            len: text.len() as u64,
+            head: format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(&text.as_bytes()[..end])
+            ),
+        }
     }
 }
 

@@ -113,6 +113,10 @@ pub struct Outputs {
     /// diffs and dead letters of times before its bounds are in them
     /// already and are not written again.
     pub resume: Option<SinkPositions>,
+    /// How checkpoints name the segment and dead-letter outputs: an
+    /// absolute path for a file (so a run from another directory is not
+    /// taken for the same output), else as messages do.
+    pub identities: (String, String),
 }
 
 /// How messages name the outputs of [`Outputs`].
@@ -183,6 +187,10 @@ pub struct RunSummary {
     pub last_time: Option<u64>,
     /// Wall-clock seconds of the run (set by the engine).
     pub elapsed_secs: f64,
+    /// A resumed run: the time (ms) before which the checkpoint's outputs
+    /// held every diff, which were not written again.
+    #[serde(default)]
+    pub resumed_before: Option<u64>,
 }
 
 impl RunSummary {
@@ -217,9 +225,47 @@ struct Committer {
     /// Bytes written to the segment and dead-letter outputs so far
     /// (starting from a resumed run's lengths).
     written: (u64, u64),
+    /// For each time written since the positions' bounds, the output's
+    /// length after it (segment diffs, dead letters): the length at any
+    /// later bound.
+    marks: (Marks, Marks),
     /// Where the outputs stood the last time their bounds were known, for
     /// the checkpoint: lengths and bounds are taken together.
     positions: SinkPositions,
+    /// The least watermark at which a replayed source read its input's end
+    /// ([`Control::Ended`]): lines appended later are at or after it, so
+    /// the outputs' bounds never pass it.
+    ended: Option<Time>,
+}
+
+/// The length of an output after each time written to it, from the
+/// output's recorded bound on (see [`Committer::marks`]).
+#[derive(Default)]
+struct Marks(std::collections::VecDeque<(Time, u64)>);
+
+impl Marks {
+    /// The output is `len` bytes long after writing time `time`.
+    fn note(&mut self, time: Time, len: u64) {
+        match self.0.back_mut() {
+            Some((t, l)) if *t == time => *l = len,
+            _ => self.0.push_back((time, len)),
+        }
+    }
+
+    /// The output's length once every time before `bound` is written,
+    /// given its length `before` at the previous bound; forgets the times
+    /// before `bound`.
+    fn advance(&mut self, bound: Time, before: u64) -> u64 {
+        let mut len = before;
+        while let Some(&(time, l)) = self.0.front() {
+            if time >= bound {
+                break;
+            }
+            len = l;
+            self.0.pop_front();
+        }
+        len
+    }
 }
 
 /// How often the state of a long run is flushed to disk: what `segflow
@@ -270,7 +316,10 @@ impl Committer {
                 .write_all(line.as_bytes())
                 .and_then(|_| w.write_all(b"\n"))
             {
-                Ok(()) => self.written.1 += line.len() as u64 + 1,
+                Ok(()) => {
+                    self.written.1 += line.len() as u64 + 1;
+                    self.marks.1.note(time, self.written.1);
+                }
                 Err(e) => self.dead_letters_failed(&e),
             }
         }
@@ -295,6 +344,9 @@ impl Committer {
             // Source clocks and cuts reach the shared commit rule (see
             // `commit`).
             Control::Clock { .. } | Control::Cut { .. } => {}
+            Control::Ended { watermark, .. } => {
+                self.ended = Some(self.ended.map_or(*watermark, |e| e.min(*watermark)));
+            }
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
                 s.offset = s.offset.max(*offset);
@@ -373,6 +425,7 @@ impl Committer {
                     }
                 }
             }
+            self.marks.0.note(time, self.written.0);
             self.summary.diffs_written += diffs.len() as u64;
             if !diffs.is_empty() {
                 self.summary.times_committed += 1;
@@ -475,16 +528,6 @@ pub fn commit<'s>(
     );
     let members = vec![0; segments.len()];
     let mut committer = outputs.map(|outputs| Committer {
-        written: outputs
-            .resume
-            .as_ref()
-            .map_or((0, 0), |r| (r.segments_len, r.dead_len)),
-        positions: outputs.resume.clone().unwrap_or_else(|| SinkPositions {
-            segments: outputs.labels.segments.clone(),
-            dead_letters: outputs.labels.dead_letters.clone(),
-            ..SinkPositions::default()
-        }),
-        outputs,
         summary: RunSummary {
             sources: source_names
                 .iter()
@@ -493,8 +536,21 @@ pub fn commit<'s>(
                     ..Default::default()
                 })
                 .collect(),
+            resumed_before: outputs.resume.as_ref().map(|r| r.segments_bound),
             ..Default::default()
         },
+        ended: None,
+        marks: Default::default(),
+        written: outputs
+            .resume
+            .as_ref()
+            .map_or((0, 0), |r| (r.segments_len, r.dead_len)),
+        positions: outputs.resume.clone().unwrap_or_else(|| SinkPositions {
+            segments: outputs.identities.0.clone(),
+            dead_letters: outputs.identities.1.clone(),
+            ..SinkPositions::default()
+        }),
+        outputs,
         segments,
         pending: BTreeMap::new(),
         dead_pending: BTreeMap::new(),
@@ -613,10 +669,14 @@ pub fn commit<'s>(
                 // flushed): that is where the segment output stands. Not
                 // at the end of the input, which completes every time: a
                 // run resumed on a longer input has more to write there.
+                // Nor past where a source read its input's end.
                 if frontier.is_some() {
+                    let bound = completion.horizon(frontier).min(c.ended.unwrap_or(Time::MAX));
                     let p = &mut c.positions;
-                    p.segments_bound = p.segments_bound.max(completion.horizon(frontier));
-                    p.segments_len = c.written.0;
+                    if bound > p.segments_bound {
+                        p.segments_len = c.marks.0.advance(bound, p.segments_len);
+                        p.segments_bound = bound;
+                    }
                 }
             }
             while let Some((&time, _)) = local_pending.first_key_value() {
@@ -681,9 +741,12 @@ pub fn commit<'s>(
                     c.flush_dead_letters();
                 }
                 if let Some(f) = frontier {
+                    let bound = f.min(c.ended.unwrap_or(Time::MAX));
                     let p = &mut c.positions;
-                    p.dead_bound = p.dead_bound.max(f);
-                    p.dead_len = c.written.1;
+                    if bound > p.dead_bound {
+                        p.dead_len = c.marks.1.advance(bound, p.dead_len);
+                        p.dead_bound = bound;
+                    }
                 }
             }
             if frontier.is_none() {

@@ -585,6 +585,9 @@ struct Part {
     bound: Time,
     /// The least bound of this part and every part after it.
     rest: Time,
+    /// Whether the part reads to the end of its input (the last range of a
+    /// file, or a whole input).
+    last: bool,
 }
 
 /// The parts of source `def` that worker `index` of `peers` reads. A (not
@@ -614,6 +617,7 @@ fn open_parts(
                 range: Some(range),
                 bound,
                 rest: bound,
+                last: i + 1 == ranges.len(),
             });
         }
         let mut least = Time::MAX;
@@ -632,6 +636,7 @@ fn open_parts(
         range: None,
         bound: Time::default(),
         rest: Time::default(),
+        last: true,
     }]))
 }
 
@@ -797,6 +802,13 @@ pub fn source<'s>(
                 }
                 if !matches!(status, Status::Finished) {
                     break status;
+                }
+                if part.last && !reader.lines.is_live() {
+                    ctl.push(Control::Ended {
+                        source: def.index,
+                        watermark: reader.clock.watermark(),
+                    });
+                    give(&mut control_out, &held[2], &mut ctl);
                 }
                 parts.pop_front();
                 if parts.is_empty() {
