@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::{cluster_args, free_port};
+
 const BIN: &str = env!("CARGO_BIN_EXE_segflow");
 
 fn segflow(args: &[&str]) -> Output {
@@ -20,14 +23,6 @@ fn ok(out: Output) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn run_args<'a>(data: &'a str, out: &'a str, dead: &'a str, state: &'a str) -> Vec<String> {
@@ -128,21 +123,6 @@ fn start_pair(
                 .unwrap()
         })
         .collect()
-}
-
-/// The arguments that make a run process `p` of a two-process cluster.
-fn cluster_args(p: usize, hostfile: &Path) -> Vec<String> {
-    [
-        "-n",
-        "2",
-        "-p",
-        &p.to_string(),
-        "-h",
-        hostfile.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 /// Writes `dir/name`: the shipped definition with its first `from`

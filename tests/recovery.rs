@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_segflow");
 
 fn generate(dir: &Path, events: u64) -> PathBuf {
@@ -77,21 +79,7 @@ fn start(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> Vec<Ch
     match layout {
         Layout::Workers(w) => vec![spawn(vec!["-w".into(), w.to_string()])],
         Layout::TwoProcesses => (0..2)
-            .map(|p| {
-                spawn(
-                    [
-                        "-n",
-                        "2",
-                        "-p",
-                        &p.to_string(),
-                        "-h",
-                        hostfile.to_str().unwrap(),
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                )
-            })
+            .map(|p| spawn(common::cluster_args(p, hostfile)))
             .collect(),
     }
 }
@@ -214,15 +202,7 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
     let dir = tempfile::tempdir().unwrap();
     let data = generate(dir.path(), 30_000);
     let hostfile = dir.path().join("hosts");
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = [common::free_port(), common::free_port()];
     std::fs::write(
         &hostfile,
         format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
@@ -280,23 +260,11 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
         resumed_with_positions >= 2,
         "no restart began from a checkpoint with output positions: the harness did not test resuming"
     );
-    for file in ["jsonl", "dead.jsonl"] {
-        let want = std::fs::read(dir.path().join(format!("reference.{file}"))).unwrap();
-        let got = std::fs::read(dir.path().join(format!("crashed.{file}"))).unwrap();
-        assert!(
-            !want.is_empty() || file != "jsonl",
-            "the reference wrote no diffs"
-        );
-        assert!(
-            want == got,
-            "{layout:?}: crashed.{file} ({} bytes) differs from reference.{file} ({} bytes); seed {seed}",
-            got.len(),
-            want.len()
-        );
-    }
-    assert_same_state(
-        &dir.path().join("reference.state"),
-        &state,
+    assert_same_run(
+        dir.path(),
+        "reference",
+        "crashed",
+        None,
         &format!("{layout:?}, seed {seed}"),
     );
 }
@@ -316,12 +284,59 @@ fn two_processes_one_killed_at_random_moments() {
     killed_runs_end_as_an_uninterrupted_run(Layout::TwoProcesses);
 }
 
+/// Asserts that run `got` in `dir` ended with the outputs (diffs, dead
+/// letters) and state of run `want`, where `got` read its inputs from
+/// `moved` instead of `data` (dead letters name their input), if given.
+fn assert_same_run(dir: &Path, want: &str, got: &str, moved: Option<(&Path, &Path)>, what: &str) {
+    for file in ["jsonl", "dead.jsonl"] {
+        let wanted = std::fs::read_to_string(dir.join(format!("{want}.{file}"))).unwrap();
+        let mut found = std::fs::read_to_string(dir.join(format!("{got}.{file}"))).unwrap();
+        if let Some((data, moved)) = moved {
+            found = found.replace(&moved.display().to_string(), &data.display().to_string());
+        }
+        assert!(
+            !wanted.is_empty() || file != "jsonl",
+            "{want}.{file} is empty"
+        );
+        assert!(
+            wanted == found,
+            "{what}: {got}.{file} ({} bytes) differs from {want}.{file} ({} bytes)",
+            found.len(),
+            wanted.len()
+        );
+    }
+    assert_same_state(
+        &dir.join(format!("{want}.state")),
+        &dir.join(format!("{got}.state")),
+        what,
+    );
+}
+
+/// Generates `events` web events into `dir/data` and runs `name` over them
+/// to its end (`-w 2`); returns the data folder.
+fn generate_and_run(dir: &Path, events: u64, name: &str) -> PathBuf {
+    let data = generate(dir, events);
+    let (status, err) = run_once(dir, &run_args(dir, &data, name));
+    assert!(status.success(), "{err}");
+    data
+}
+
 /// Runs `args` (with `-w 2`) to its end and returns its exit status and
 /// standard error.
 fn run_once(dir: &Path, args: &[String]) -> (std::process::ExitStatus, String) {
+    run_with_workers(dir, args, 2)
+}
+
+/// Runs `args` with `-w workers` to its end and returns its exit status
+/// and standard error.
+fn run_with_workers(
+    dir: &Path,
+    args: &[String],
+    workers: usize,
+) -> (std::process::ExitStatus, String) {
     let out = Command::new(BIN)
         .args(args)
-        .args(["-w", "2"])
+        .args(["-w", &workers.to_string()])
         .current_dir(dir)
         .output()
         .unwrap();
@@ -336,10 +351,7 @@ fn run_once(dir: &Path, args: &[String]) -> (std::process::ExitStatus, String) {
 #[test]
 fn a_run_resumed_on_grown_inputs_equals_one_run_over_them() {
     let dir = tempfile::tempdir().unwrap();
-    let data = generate(dir.path(), 30_000);
-    let whole = run_args(dir.path(), &data, "whole");
-    let (status, err) = run_once(dir.path(), &whole);
-    assert!(status.success(), "{err}");
+    let data = generate_and_run(dir.path(), 30_000, "whole");
     let files = ["web.jsonl", "crm.jsonl", "transactions.jsonl"];
     // (files cut, share of their lines kept, bytes of the next line kept):
     // a run over the cut inputs, then over the whole ones, resumed.
@@ -375,22 +387,7 @@ fn a_run_resumed_on_grown_inputs_equals_one_run_over_them() {
         let (status, err) = run_once(dir.path(), &grown);
         assert!(status.success(), "{err}");
         let what = format!("{cut:?} cut at {share} (+{partial} bytes)");
-        for file in ["jsonl", "dead.jsonl"] {
-            let want = std::fs::read_to_string(dir.path().join(format!("whole.{file}"))).unwrap();
-            let got = std::fs::read_to_string(dir.path().join(format!("{name}.{file}"))).unwrap();
-            // Dead letters name their input file, which is elsewhere.
-            let got = got.replace(&part.display().to_string(), &data.display().to_string());
-            assert!(!want.is_empty(), "whole.{file} is empty");
-            assert!(
-                want == got,
-                "{what}: {name}.{file} differs from whole.{file}"
-            );
-        }
-        assert_same_state(
-            &dir.path().join("whole.state"),
-            &dir.path().join(format!("{name}.state")),
-            &what,
-        );
+        assert_same_run(dir.path(), "whole", &name, Some((&data, &part)), &what);
     }
 }
 
@@ -403,10 +400,7 @@ fn a_run_resumed_on_grown_inputs_equals_one_run_over_them() {
 #[test]
 fn a_finished_run_resumed_on_a_longer_web_file() {
     let dir = tempfile::tempdir().unwrap();
-    let data = generate(dir.path(), 200_000);
-    let whole = run_args(dir.path(), &data, "whole");
-    let (status, err) = run_once(dir.path(), &whole);
-    assert!(status.success(), "{err}");
+    let data = generate_and_run(dir.path(), 200_000, "whole");
     let part = dir.path().join("part");
     std::fs::create_dir_all(&part).unwrap();
     for f in ["crm.jsonl", "transactions.jsonl"] {
@@ -419,24 +413,17 @@ fn a_finished_run_resumed_on_a_longer_web_file() {
     std::fs::write(part.join("web.jsonl"), head).unwrap();
     let grown = run_args(dir.path(), &part, "grown");
     for _ in 0..2 {
-        let out = Command::new(BIN)
-            .args(&grown)
-            .args(["-w", "1"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, err) = run_with_workers(dir.path(), &grown, 1);
+        assert!(status.success(), "{err}");
         std::fs::copy(data.join("web.jsonl"), part.join("web.jsonl")).unwrap();
     }
-    for file in ["jsonl", "dead.jsonl"] {
-        let want = std::fs::read_to_string(dir.path().join(format!("whole.{file}"))).unwrap();
-        let got = std::fs::read_to_string(dir.path().join(format!("grown.{file}"))).unwrap();
-        let got = got.replace(&part.display().to_string(), &data.display().to_string());
-        assert!(want == got, "grown.{file} differs from whole.{file}");
-    }
+    assert_same_run(
+        dir.path(),
+        "whole",
+        "grown",
+        Some((&data, &part)),
+        "web at 85%",
+    );
 }
 
 /// What cannot be resumed is refused with what was found and what to do,
@@ -544,10 +531,7 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
 fn kills_at_chosen_points_during_writes() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let data = generate(dir.path(), 30_000);
-    let reference = run_args(dir.path(), &data, "reference");
-    let (status, err) = run_once(dir.path(), &reference);
-    assert!(status.success(), "{err}");
+    let data = generate_and_run(dir.path(), 30_000, "reference");
     let cases: &[&[&str]] = &[
         &["state-write-before:1"],
         &["state-write-after:1", "state-write-after:2"],
@@ -579,20 +563,6 @@ fn kills_at_chosen_points_during_writes() {
         }
         let (status, err) = run_once(dir.path(), &args);
         assert!(status.success(), "{faults:?}: {err}");
-        for file in ["jsonl", "dead.jsonl"] {
-            let want = std::fs::read(dir.path().join(format!("reference.{file}"))).unwrap();
-            let got = std::fs::read(dir.path().join(format!("{name}.{file}"))).unwrap();
-            assert!(
-                want == got,
-                "{faults:?}: {name}.{file} ({} bytes) differs from reference.{file} ({} bytes)",
-                got.len(),
-                want.len()
-            );
-        }
-        assert_same_state(
-            &dir.path().join("reference.state"),
-            &dir.path().join(format!("{name}.state")),
-            &format!("{faults:?}"),
-        );
+        assert_same_run(dir.path(), "reference", &name, None, &format!("{faults:?}"));
     }
 }
