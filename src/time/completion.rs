@@ -50,6 +50,12 @@ impl Completion {
         self.end_of_data
     }
 
+    /// The least watermark of a source cut short by a graceful shutdown,
+    /// if any.
+    pub fn cut(&self) -> Option<Time> {
+        self.cut
+    }
+
     /// Whether `time` is complete given the commit stage's input frontier
     /// (`None`: every input has ended).
     pub fn is_complete(time: Time, frontier: Option<Time>) -> bool {

@@ -236,6 +236,8 @@ struct Committer {
     /// ([`Control::Ended`]): lines appended later are at or after it, so
     /// the outputs' bounds never pass it.
     ended: Option<Time>,
+    /// How many sources read their input to its end ([`Control::Ended`]).
+    sources_ended: usize,
 }
 
 /// The length of an output after each time written to it, from the
@@ -346,6 +348,7 @@ impl Committer {
             Control::Clock { .. } | Control::Cut { .. } => {}
             Control::Ended { watermark, .. } => {
                 self.ended = Some(self.ended.map_or(*watermark, |e| e.min(*watermark)));
+                self.sources_ended += 1;
             }
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
@@ -540,6 +543,7 @@ pub fn commit<'s>(
             ..Default::default()
         },
         ended: None,
+        sources_ended: 0,
         marks: Default::default(),
         written: outputs
             .resume
@@ -752,6 +756,30 @@ pub fn commit<'s>(
             if frontier.is_none() {
                 finished = true;
                 if let Some(c) = committer.as_mut() {
+                    // Every input was read to its end (none cut short by a
+                    // signal, none live): everything before the least
+                    // watermark at which one ended is final, even for
+                    // inputs that grow later. The last checkpoint says so,
+                    // and a run over longer inputs writes only what follows.
+                    let every = c.sources_ended == c.summary.sources.len();
+                    if let (true, None, Some(bound)) = (every, completion.cut(), c.ended) {
+                        let p = &mut c.positions;
+                        if bound > p.segments_bound {
+                            p.segments_len = c.marks.0.advance(bound, p.segments_len);
+                            p.segments_bound = bound;
+                        }
+                        if bound > p.dead_bound {
+                            p.dead_len = c.marks.1.advance(bound, p.dead_len);
+                            p.dead_bound = bound;
+                        }
+                        if let Some(state) = &shared.state {
+                            state.set_sinks(&c.positions);
+                            if let Err(e) = state.write_checkpoint() {
+                                abort.fail(format!("state directory {}: {e}", state.label));
+                                return;
+                            }
+                        }
+                    }
                     *result.borrow_mut() = Some(c.finish());
                 }
             }
