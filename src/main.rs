@@ -119,7 +119,7 @@ struct BenchArgs {
     /// Directory for the data, outputs and state (kept afterwards).
     #[arg(long, value_name = "DIR", default_value = "bench")]
     dir: PathBuf,
-    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency, query, memory (memory is not in the default list: it runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs).
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency, query, memory, resume (memory and resume are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it).
     #[arg(
         long,
         value_delimiter = ',',

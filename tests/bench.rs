@@ -17,7 +17,7 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
             "--repeat",
             "1",
             "--jobs",
-            "ecommerce,visitor_high_intent,query,memory",
+            "ecommerce,visitor_high_intent,query,memory,resume",
             "--query-profiles",
             "3000",
             "--workers",
@@ -97,6 +97,15 @@ fn bench_runs_every_job_and_reports_per_worker_figures() {
             (reported - slope).abs() < 1e-6 * slope.abs().max(1.0),
             "{m}"
         );
+    }
+    // The resume job: a run killed half-way and resumed ends with the
+    // reference's outputs, at each worker count.
+    let resumed: Vec<_> = lines.iter().filter(|l| l["job"] == "resume").collect();
+    assert_eq!(resumed.len(), 2, "{stdout}");
+    for r in resumed {
+        assert_eq!(r["identical"], true, "{r}");
+        assert!(r["restart_secs"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["diffs_of_the_run"].as_u64().unwrap() > 0, "{r}");
     }
     let bad = Command::new(BIN)
         .args([

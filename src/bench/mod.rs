@@ -22,7 +22,9 @@
 //! job (not run by default) runs each dataflow job at `-w 1` on the data
 //! and on a data set an eighth of its size, and reports the peak RSS each
 //! additional profile costs: the slope, without the fixed memory of any
-//! run.
+//! run. The `resume` job (not run by default) kills the shipped dataflow's
+//! run half-way with SIGKILL and times the run that resumes it, checking
+//! that its outputs equal an uninterrupted run's.
 
 pub mod latency;
 
@@ -121,7 +123,7 @@ pub struct JobResult {
 pub enum BenchError {
     /// A job name that does not exist.
     #[error(
-        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query, memory"
+        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query, memory, resume"
     )]
     UnknownJob(String),
     /// Generating data, writing a file or starting a run failed.
@@ -374,6 +376,113 @@ fn memory_line(job: &str, few: &JobResult, many: &JobResult) -> String {
     .to_string()
 }
 
+/// The `resume` job: `job` run to its end once (the reference), then, `repeat`
+/// times, started afresh, killed with SIGKILL half-way through (by the
+/// reference's time) and run again, which resumes from its checkpoint.
+/// Reports the median time of the resumed run (the restart: it reads the
+/// inputs again from their start), the diffs it wrote, and whether every
+/// resumed run's segment and dead-letter files were byte-identical to the
+/// reference's.
+fn resume_job(
+    job: &Job,
+    workers: usize,
+    repeat: usize,
+    dir: &Path,
+    data: &Path,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<String, BenchError> {
+    let flow = dir.join(format!("{}.toml", job.name));
+    std::fs::write(&flow, job.dataflow).map_err(io_err(format!("write {}", flow.display())))?;
+    let failed = |reason: String| BenchError::Run {
+        job: "resume".to_string(),
+        workers,
+        reason,
+    };
+    let out = dir.join("out");
+    let args = |name: &str, reset: bool| -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "run".into(),
+            flow.display().to_string(),
+            "-w".into(),
+            workers.to_string(),
+            "--json".into(),
+        ];
+        for (flag, suffix) in [
+            ("--output", "jsonl"),
+            ("--dead-letter", "dead.jsonl"),
+            ("--state-dir", "state"),
+        ] {
+            a.push(flag.into());
+            a.push(
+                out.join(format!("resume-{name}-w{workers}.{suffix}"))
+                    .display()
+                    .to_string(),
+            );
+        }
+        for (source, file) in job.inputs {
+            a.push("--input".into());
+            a.push(format!("{source}={}", data.join(file).display()));
+        }
+        if reset {
+            a.push("--reset".into());
+        }
+        a
+    };
+    let summary = |output: &std::process::Output| -> Result<RunSummary, BenchError> {
+        if !output.status.success() {
+            return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
+        }
+        serde_json::from_slice(&output.stdout)
+            .map_err(|e| failed(format!("cannot read its summary: {e}")))
+    };
+    let (reference, _) = match run_child(&args("reference", true), stop) {
+        Ok(r) => r,
+        Err(None) => return Err(BenchError::Interrupted),
+        Err(Some(reason)) => return Err(failed(reason)),
+    };
+    let run_secs = summary(&reference)?.elapsed_secs;
+    let kill_after = std::time::Duration::from_secs_f64(run_secs / 2.0);
+    let exe = std::env::current_exe().map_err(io_err("find segflow itself"))?;
+    let (mut restarts, mut rewritten, mut identical) = (Vec::new(), Vec::new(), true);
+    for _ in 0..repeat {
+        let mut child = Command::new(&exe)
+            .args(args("crashed", true))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(io_err("start segflow"))?;
+        std::thread::sleep(kill_after);
+        let _ = child.kill();
+        let _ = child.wait();
+        let (resumed, _) = match run_child(&args("crashed", false), stop) {
+            Ok(r) => r,
+            Err(None) => return Err(BenchError::Interrupted),
+            Err(Some(reason)) => return Err(failed(reason)),
+        };
+        let s = summary(&resumed)?;
+        restarts.push(s.elapsed_secs);
+        rewritten.push(s.diffs_written as f64);
+        for suffix in ["jsonl", "dead.jsonl"] {
+            let read =
+                |name: &str| std::fs::read(out.join(format!("resume-{name}-w{workers}.{suffix}")));
+            identical &= matches!((read("reference"), read("crashed")), (Ok(a), Ok(b)) if a == b);
+        }
+    }
+    Ok(serde_json::json!({
+        "job": "resume",
+        "of": job.name,
+        "workers": workers,
+        "runs": repeat,
+        "run_secs": run_secs,
+        "killed_after_secs": kill_after.as_secs_f64(),
+        "restart_secs": median(restarts),
+        "diffs_written_after_restart": median(rewritten),
+        "diffs_of_the_run": summary(&reference)?.diffs_written,
+        "identical": identical,
+    })
+    .to_string())
+}
+
 /// Writes the state of `profiles` synthetic profiles under `dir/query.state`
 /// and times `segflow query` on random identifiers of them (`21 × repeat`
 /// lookups, each a new process, as an operator runs it); returns the
@@ -505,7 +614,7 @@ fn query_job(
 /// An unknown job, data that cannot be generated, a run that fails.
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
-        if !["latency", "query", "memory"].contains(&name.as_str())
+        if !["latency", "query", "memory", "resume"].contains(&name.as_str())
             && !JOBS.iter().any(|j| j.name == name)
         {
             return Err(BenchError::UnknownJob(name.clone()));
@@ -593,6 +702,19 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
                 let few = run_job(job, 1, config.repeat, &config.dir, &small, stop)?;
                 let many = run_job(job, 1, config.repeat, &config.dir, &data, stop)?;
                 print(memory_line(job.name, &few, &many));
+            }
+            continue;
+        }
+        if name == "resume" {
+            for &workers in &config.workers {
+                print(resume_job(
+                    &JOBS[0],
+                    workers,
+                    config.repeat,
+                    &config.dir,
+                    &data,
+                    stop,
+                )?);
             }
             continue;
         }
