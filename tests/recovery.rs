@@ -79,7 +79,11 @@ fn start(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> Vec<Ch
     match layout {
         Layout::Workers(w) => vec![spawn(vec!["-w".into(), w.to_string()])],
         Layout::TwoProcesses => (0..2)
-            .map(|p| spawn(common::cluster_args(p, hostfile)))
+            .map(|p| {
+                let mut args = common::cluster_args(p, hostfile);
+                args.extend(["-w".to_string(), "2".to_string()]);
+                spawn(args)
+            })
             .collect(),
     }
 }
@@ -228,7 +232,13 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
             resumed_with_positions += 1;
         }
         let mut children = start(dir.path(), &crashed, layout, &hostfile);
-        let delay = took.mul_f64(rng.random_range(0.02..0.9));
+        // A cluster takes a while to connect and write its first diffs:
+        // its kills come later in the run.
+        let earliest = match layout {
+            Layout::TwoProcesses => 0.3,
+            Layout::Workers(_) => 0.02,
+        };
+        let delay = took.mul_f64(rng.random_range(earliest..0.95));
         std::thread::sleep(delay);
         // Kill one process (in a cluster, the other must then stop on its
         // own, with an error).
@@ -245,6 +255,17 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
             let (status, err) = wait(child, deadline);
             if finished && i == victim {
                 assert!(status.success(), "an unkilled run failed: {status}\n{err}");
+            }
+            // A process whose peer was killed stops by itself, with exit
+            // status 1 and the reason (never a crash of its own).
+            if !finished && i != victim && !status.success() {
+                assert!(
+                    status.code() == Some(1)
+                        && err.contains("error: ")
+                        && !err.contains("panic")
+                        && !err.contains("abort"),
+                    "the peer of a killed process ended with {status}: {err}"
+                );
             }
         }
     }
@@ -564,5 +585,118 @@ fn kills_at_chosen_points_during_writes() {
         let (status, err) = run_once(dir.path(), &args);
         assert!(status.success(), "{faults:?}: {err}");
         assert_same_run(dir.path(), "reference", &name, None, &format!("{faults:?}"));
+    }
+}
+
+/// Lines appended after a finished run, with times older than where its
+/// outputs stood: within the file's last range they are late, and the
+/// resumed run ends as one run over the whole file; once they fill a new
+/// range (which has a clock of its own, so they are not late there), a
+/// resume could not write their diffs and is refused.
+#[test]
+fn old_lines_appended_in_a_new_range_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 30_000);
+    // Ranges of 64 KiB, so that appended lines soon fill a new one.
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let flow = dir.path().join("ranges.toml");
+    std::fs::write(
+        &flow,
+        shipped.replace("[engine]\n", "[engine]\nfile_range_bytes = 65536\n"),
+    )
+    .unwrap();
+    let web = std::fs::read_to_string(data.join("web.jsonl")).unwrap();
+    // Early lines again, as other visitors: old times.
+    let old: Vec<String> = web
+        .lines()
+        .take(400)
+        .map(|l| l.replace("\"a-", "\"z-"))
+        .collect();
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let args = |name: &str| {
+        let mut a = run_args(dir.path(), &data, name);
+        a[1] = flow.display().to_string();
+        a[3] = format!("web={}", inputs.join(format!("{name}.web.jsonl")).display());
+        a
+    };
+    let write = |name: &str, text: &str| {
+        std::fs::write(inputs.join(format!("{name}.web.jsonl")), text).unwrap()
+    };
+    // A few old lines: late in the last range, in both runs.
+    write("few", &web);
+    let (status, err) = run_once(dir.path(), &args("few"));
+    assert!(status.success(), "{err}");
+    let grown = format!("{web}{}\n", old[..3].join("\n"));
+    write("few", &grown);
+    let (status, err) = run_once(dir.path(), &args("few"));
+    assert!(status.success(), "{err}");
+    write("whole", &grown);
+    let (status, err) = run_once(dir.path(), &args("whole"));
+    assert!(status.success(), "{err}");
+    let (whole_input, few_input) = (inputs.join("whole.web.jsonl"), inputs.join("few.web.jsonl"));
+    assert_same_run(
+        dir.path(),
+        "whole",
+        "few",
+        Some((&whole_input, &few_input)),
+        "3 old lines",
+    );
+    // Many old lines: a new range of them. Refused, outputs untouched.
+    write("many", &web);
+    let (status, err) = run_once(dir.path(), &args("many"));
+    assert!(status.success(), "{err}");
+    let diffs = std::fs::read(dir.path().join("many.jsonl")).unwrap();
+    write("many", &format!("{web}{}\n", old.join("\n")));
+    let (status, err) = run_once(dir.path(), &args("many"));
+    assert!(!status.success(), "resumed over a new range of old lines");
+    assert!(err.contains("grew past the ranges it had"), "{err}");
+    assert!(std::fs::read(dir.path().join("many.jsonl")).unwrap() == diffs);
+}
+
+/// A run stopped by SIGTERM (which ends every input where it is, its unread
+/// ranges unread) and run again ends with an uninterrupted run's outputs
+/// and state: dead letters of lines it never read are not taken as
+/// written.
+#[test]
+fn a_run_stopped_by_sigterm_and_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let data = generate_and_run(dir.path(), 30_000, "reference");
+    let took = started.elapsed();
+    for i in 0..3 {
+        let name = format!("term{i}");
+        let args = run_args(dir.path(), &data, &name);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .args(["-w", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Once the first diffs are out, at a different moment each time.
+        let out = dir.path().join(format!("{name}.jsonl"));
+        let deadline = Instant::now() + took;
+        while std::fs::metadata(&out).map_or(true, |m| m.len() == 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(40 * i as u64));
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let (status, err) = wait(&mut child, Instant::now() + Duration::from_secs(120));
+        assert!(status.success(), "{err}");
+        let (status, err) = run_once(dir.path(), &args);
+        assert!(status.success(), "{err}");
+        assert_same_run(
+            dir.path(),
+            "reference",
+            &name,
+            None,
+            &format!("SIGTERM {i}"),
+        );
     }
 }

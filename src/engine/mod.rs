@@ -197,7 +197,11 @@ fn file_identity(path: &Path) -> Option<(u64, u64, PathBuf)> {
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = match parent {
-        Some(p) => std::fs::canonicalize(p).ok()?,
+        // A parent that does not exist yet: its absolute form, without `.`
+        // components (`./out/x` and `out/x` are one file).
+        Some(p) => std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .ok()?,
         None => std::env::current_dir().ok()?,
     };
     Some((0, 0, dir.join(path.file_name()?)))
@@ -243,12 +247,21 @@ fn watch_cluster_panics(abort: &Arc<Abort>) {
                 .collect();
             if let Some(m) = message.filter(|m| m.starts_with("timely communication error")) {
                 if !runs.is_empty() {
+                    let reason = format!(
+                        "lost the connection to another process of the cluster ({m}); it has probably failed: see its error"
+                    );
                     for run in &runs {
-                        run.fail(format!(
-                            "lost the connection to another process of the cluster ({m}); it has probably failed: see its error"
-                        ));
+                        run.fail(reason.clone());
                     }
-                    return;
+                    // The process ends here, with the reason: its workers,
+                    // unwinding with queues to the lost peer, would
+                    // otherwise panic again in a destructor and abort the
+                    // process without one. State batches are in the
+                    // write-ahead log; the next run resumes.
+                    eprintln!("error: {reason}");
+                    // SAFETY: _exit(2) ends the process at once; nothing
+                    // of this process is used after it.
+                    unsafe { libc::_exit(1) };
                 }
             }
             if runs.iter().any(|r| r.is_stopped()) {
@@ -479,6 +492,8 @@ impl Engine {
         part: &Path,
         process: usize,
         processes: usize,
+        defs: &[SourceDef],
+        params: &ReadParams,
     ) -> Result<Option<resume::ResumePlan>, EngineError> {
         if self.reset || !Store::is_resumable(part) {
             return Ok(None);
@@ -511,7 +526,7 @@ impl Engine {
             matches!(self.output, Some(Output::Path(_))),
             self.dead_letter.is_some(),
         );
-        resume::plan(
+        let plan = resume::plan(
             part,
             &checkpoint,
             &ours,
@@ -519,8 +534,9 @@ impl Engine {
             &self.inputs,
             (&segments, &dead),
             files,
-        )
-        .map(Some)
+        )?;
+        resume::check_new_ranges(part, &checkpoint, &plan, defs, params)?;
+        Ok(Some(plan))
     }
 
     /// What the processes of a cluster must agree on (see
@@ -841,11 +857,40 @@ impl Engine {
         // destroys nothing) and, on process 0, the outputs opened, all
         // before the cluster connects: a process that cannot start tells
         // its peers why, and they stop too.
+        let e = &self.spec.engine;
+        let params = Arc::new(ReadParams {
+            time: e.time_config(),
+            max_line_bytes: e.max_line_bytes,
+            file_range_bytes: e.file_range_bytes,
+            rules: IdentityRules::new(
+                self.spec.identity.priority.clone(),
+                e.default_region.clone(),
+            ),
+            summed: self
+                .spec
+                .traits
+                .iter()
+                .filter(|t| t.aggregate == Aggregate::Sum)
+                .map(|t| SummedField {
+                    kind: record_kind(t.stream),
+                    path: t.of.clone().unwrap_or_default(),
+                })
+                .collect(),
+            // Decoding keeps the fields the traits read (their filters and
+            // summed fields); nothing else reads record fields.
+            projection: crate::model::Projection::reading(self.spec.traits.iter().flat_map(|t| {
+                t.filter
+                    .iter()
+                    .flat_map(|f| f.paths().into_iter().map(|(p, _)| p))
+                    .chain(t.of.as_deref())
+            })),
+            shutdown: self.shutdown.clone(),
+        });
         let prepared = self.source_defs().and_then(|defs| {
             self.check_distinct_files()?;
             let state = self.lock_state_part(process)?;
             let resume = match &state {
-                Some((part, _)) => self.resume_plan(part, process, processes)?,
+                Some((part, _)) => self.resume_plan(part, process, processes, &defs, &params)?,
                 None => None,
             };
             let outputs = if process == 0 {
@@ -894,34 +939,6 @@ impl Engine {
         let worker_shared = Arc::clone(&shared);
         let outputs = Arc::new(Mutex::new(outputs));
         let e = &self.spec.engine;
-        let params = Arc::new(ReadParams {
-            time: e.time_config(),
-            max_line_bytes: e.max_line_bytes,
-            file_range_bytes: e.file_range_bytes,
-            rules: IdentityRules::new(
-                self.spec.identity.priority.clone(),
-                e.default_region.clone(),
-            ),
-            summed: self
-                .spec
-                .traits
-                .iter()
-                .filter(|t| t.aggregate == Aggregate::Sum)
-                .map(|t| SummedField {
-                    kind: record_kind(t.stream),
-                    path: t.of.clone().unwrap_or_default(),
-                })
-                .collect(),
-            // Decoding keeps the fields the traits read (their filters and
-            // summed fields); nothing else reads record fields.
-            projection: crate::model::Projection::reading(self.spec.traits.iter().flat_map(|t| {
-                t.filter
-                    .iter()
-                    .flat_map(|f| f.paths().into_iter().map(|(p, _)| p))
-                    .chain(t.of.as_deref())
-            })),
-            shutdown: self.shutdown.clone(),
-        });
         // Idle merge effort makes every arrangement reschedule itself while
         // it is not fully merged: memory of a quiet run shrinks sooner, but
         // under a live load it costs CPU and latency, so it is opt-in.

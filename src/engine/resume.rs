@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{EngineError, Input};
+use crate::io::sources::{earliest_time_from, ReadParams, SourceDef};
 use crate::spec::Spec;
 use crate::store::{Checkpoint, InputMark, SinkPositions};
 
@@ -265,4 +266,45 @@ fn same_output(then: &str, now: &str) -> bool {
             (std::fs::canonicalize(then), std::fs::canonicalize(now)),
             (Ok(a), Ok(b)) if a == b
         )
+}
+
+/// Checks that no input grew, since the checkpoint, into new ranges of its
+/// file whose lines start before the outputs' bounds. A new range has a
+/// clock of its own, so its first lines are never late, whatever their
+/// time; a run over the whole input writes their diffs, which a resumed
+/// run, that writes only from the bounds on, cannot. Such a resume is
+/// refused. (Lines appended within the file's last range meet that range's
+/// clock, which the checkpoint's bounds never pass.)
+pub fn check_new_ranges(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+    plan: &ResumePlan,
+    defs: &[SourceDef],
+    params: &ReadParams,
+) -> Result<(), EngineError> {
+    let Some(sinks) = &plan.sinks else {
+        return Ok(());
+    };
+    let bound = sinks.segments_bound.min(sinks.dead_bound);
+    for def in defs {
+        let Some(then) = checkpoint.inputs.get(&def.name) else {
+            continue;
+        };
+        let earliest =
+            earliest_time_from(def, params, then.len).map_err(|source| EngineError::Io {
+                what: "cannot read input",
+                path: then.path.clone(),
+                source,
+            })?;
+        if let Some(time) = earliest.filter(|t| *t < bound) {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{}` grew past the ranges it had, and its new lines begin at time {time}, before {bound}, up to which the outputs were written (in a new range they are not late)",
+                    def.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -20,10 +20,11 @@
 //! completes as one `WriteBatch` (per time, removals first, then
 //! insertions, so a changed value ends up new), with the checkpoint of the
 //! last of them in the same batch: state and checkpoint always agree.
-//! Batches skip the write-ahead log; memtables are flushed atomically
-//! across column families (when their memory budget fills, every few
-//! seconds of a live run, and at the end of a run), so the state on disk is
-//! always that of one completed time.
+//! Batches go through the write-ahead log (not synced: a killed process
+//! loses none); memtables are flushed atomically across column families
+//! (when their memory budget fills, every few seconds of a live run, and at
+//! the end of a run), so the state on disk is always that of one completed
+//! time.
 //!
 //! A run's state may have several *parts*, one per process of a cluster
 //! ([`part_dir`]): each holds the facts its process's workers own (see
@@ -282,7 +283,8 @@ pub struct Checkpoint {
 /// the same or has only grown (lines appended).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputMark {
-    /// The file's absolute path (`(memory)` for lines held in memory).
+    /// The file's path as the run was given it, which its dead letters
+    /// name (`(memory)` for lines held in memory).
     pub path: String,
     /// Its length in bytes.
     pub len: u64,
@@ -311,10 +313,7 @@ impl InputMark {
             left -= n as u64;
         }
         Ok(InputMark {
-            path: std::path::absolute(path)
-                .unwrap_or_else(|_| path.to_path_buf())
-                .display()
-                .to_string(),
+            path: path.display().to_string(),
             len,
             head: format!("{:016x}", hasher.digest()),
         })
@@ -605,8 +604,8 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
-    // Batches are written without the write-ahead log; flushing every
-    // column family together keeps what is on disk one completed time.
+    // Flushing every column family together keeps what is on disk one
+    // completed time (and lets the write-ahead log be dropped).
     opts.set_atomic_flush(true);
     opts.set_max_background_jobs(2);
     let cfs = CFS

@@ -744,8 +744,12 @@ pub fn commit<'s>(
                 if wrote_dead {
                     c.flush_dead_letters();
                 }
+                // Nor past where a source cut short by a signal stopped (the
+                // lines it did not read come back in the next run).
                 if let Some(f) = frontier {
-                    let bound = f.min(c.ended.unwrap_or(Time::MAX));
+                    let bound = f
+                        .min(c.ended.unwrap_or(Time::MAX))
+                        .min(completion.cut().unwrap_or(Time::MAX));
                     let p = &mut c.positions;
                     if bound > p.dead_bound {
                         p.dead_len = c.marks.1.advance(bound, p.dead_len);

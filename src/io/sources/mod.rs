@@ -640,6 +640,26 @@ fn open_parts(
     }]))
 }
 
+/// The least time the ranges of `def`'s file that start at or after byte
+/// `from` can produce (`None` if there are none, or the input is not read
+/// in ranges): how early lines appended to the file since it was `from`
+/// bytes long may reach the dataflow.
+pub fn earliest_time_from(
+    def: &SourceDef,
+    params: &ReadParams,
+    from: u64,
+) -> std::io::Result<Option<Time>> {
+    let (Some(ranges), Input::File { path, .. }) = (&def.ranges, &def.input) else {
+        return Ok(None);
+    };
+    let mut least: Option<Time> = None;
+    for range in ranges.iter().filter(|r| r.start >= from && r.end > r.start) {
+        let bound = range_bound(def, params, path, *range)?;
+        least = Some(least.map_or(bound, |l| l.min(bound)));
+    }
+    Ok(least)
+}
+
 /// The least time a range can produce: the watermark of its clock after
 /// the first line it admits (or the largest time if it admits none).
 fn range_bound(
