@@ -261,6 +261,76 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Writes `job`'s definition into `dir`; returns its path.
+fn write_flow(job: &Job, dir: &Path) -> Result<PathBuf, BenchError> {
+    let flow = dir.join(format!("{}.toml", job.name));
+    std::fs::write(&flow, job.dataflow).map_err(io_err(format!("write {}", flow.display())))?;
+    Ok(flow)
+}
+
+/// The arguments of one `segflow run --json` of `flow` over `job`'s files
+/// in `data`, writing `out/<stem>.jsonl`, `out/<stem>.dead.jsonl` and, with
+/// `state`, the state directory `out/<stem>.state`, started over if
+/// `reset`.
+fn run_args(
+    job: &Job,
+    flow: &Path,
+    workers: usize,
+    data: &Path,
+    out: &Path,
+    stem: &str,
+    state: bool,
+    reset: bool,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        flow.display().to_string(),
+        "-w".into(),
+        workers.to_string(),
+        "--json".into(),
+    ];
+    let mut files = vec![("--output", "jsonl"), ("--dead-letter", "dead.jsonl")];
+    if state {
+        files.push(("--state-dir", "state"));
+    }
+    for (flag, suffix) in files {
+        args.push(flag.into());
+        args.push(out.join(format!("{stem}.{suffix}")).display().to_string());
+    }
+    if state && reset {
+        args.push("--reset".into());
+    }
+    for (source, file) in job.inputs {
+        args.push("--input".into());
+        args.push(format!("{source}={}", data.join(file).display()));
+    }
+    args
+}
+
+/// Runs `args` as a child `segflow run --json`: its summary and peak RSS
+/// (KiB); a failed run is `failed(its reason)`.
+fn run_summary(
+    args: &[String],
+    stop: Option<&std::sync::atomic::AtomicBool>,
+    failed: &dyn Fn(String) -> BenchError,
+) -> Result<(RunSummary, u64), BenchError> {
+    let (output, rss_kb) = match run_child(args, stop) {
+        Ok(r) => r,
+        Err(None) => return Err(BenchError::Interrupted),
+        Err(Some(reason)) => return Err(failed(reason)),
+    };
+    if !output.status.success() {
+        let err = String::from_utf8_lossy(&output.stderr);
+        let err = err.trim();
+        return Err(failed(
+            err.strip_prefix("error: ").unwrap_or(err).to_string(),
+        ));
+    }
+    let summary = serde_json::from_slice(&output.stdout)
+        .map_err(|e| failed(format!("unreadable summary: {e}")))?;
+    Ok((summary, rss_kb))
+}
+
 /// Runs `job` on `workers` workers `repeat` times over the data in
 /// `dir/data`.
 fn run_job(
@@ -271,8 +341,7 @@ fn run_job(
     data: &Path,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<JobResult, BenchError> {
-    let flow = dir.join(format!("{}.toml", job.name));
-    std::fs::write(&flow, job.dataflow).map_err(io_err(format!("write {}", flow.display())))?;
+    let flow = write_flow(job, dir)?;
     let failed = |reason: String| BenchError::Run {
         job: job.name.to_string(),
         workers,
@@ -284,48 +353,11 @@ fn run_job(
         // Each run starts over (`--reset`): the state directory of an
         // earlier run is replaced by `segflow run` itself, which refuses
         // anything it did not create.
-        let state = out.join(format!("{}-w{workers}.state", job.name));
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            flow.display().to_string(),
-            "-w".into(),
-            workers.to_string(),
-            "--json".into(),
-            "--output".into(),
-            out.join(format!("{}-w{workers}.jsonl", job.name))
-                .display()
-                .to_string(),
-            "--dead-letter".into(),
-            out.join(format!("{}-w{workers}.dead.jsonl", job.name))
-                .display()
-                .to_string(),
-        ];
+        let stem = format!("{}-w{workers}", job.name);
+        let state = out.join(format!("{stem}.state"));
         let stateful = job.dataflow.contains("state_dir");
-        if stateful {
-            args.extend([
-                "--state-dir".into(),
-                state.display().to_string(),
-                "--reset".into(),
-            ]);
-        }
-        for (source, file) in job.inputs {
-            args.push("--input".into());
-            args.push(format!("{source}={}", data.join(file).display()));
-        }
-        let (output, rss_kb) = match run_child(&args, stop) {
-            Ok(r) => r,
-            Err(None) => return Err(BenchError::Interrupted),
-            Err(Some(reason)) => return Err(failed(reason)),
-        };
-        if !output.status.success() {
-            let err = String::from_utf8_lossy(&output.stderr);
-            let err = err.trim();
-            return Err(failed(
-                err.strip_prefix("error: ").unwrap_or(err).to_string(),
-            ));
-        }
-        let summary: RunSummary = serde_json::from_slice(&output.stdout)
-            .map_err(|e| failed(format!("unreadable summary: {e}")))?;
+        let args = run_args(job, &flow, workers, data, &out, &stem, stateful, true);
+        let (summary, rss_kb) = run_summary(&args, stop, &failed)?;
         let state_bytes = if stateful { dir_bytes(&state) } else { 0 };
         runs.push((summary, rss_kb, state_bytes));
     }
@@ -391,56 +423,19 @@ fn resume_job(
     data: &Path,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<String, BenchError> {
-    let flow = dir.join(format!("{}.toml", job.name));
-    std::fs::write(&flow, job.dataflow).map_err(io_err(format!("write {}", flow.display())))?;
+    let flow = write_flow(job, dir)?;
     let failed = |reason: String| BenchError::Run {
         job: "resume".to_string(),
         workers,
         reason,
     };
     let out = dir.join("out");
-    let args = |name: &str, reset: bool| -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "run".into(),
-            flow.display().to_string(),
-            "-w".into(),
-            workers.to_string(),
-            "--json".into(),
-        ];
-        for (flag, suffix) in [
-            ("--output", "jsonl"),
-            ("--dead-letter", "dead.jsonl"),
-            ("--state-dir", "state"),
-        ] {
-            a.push(flag.into());
-            a.push(
-                out.join(format!("resume-{name}-w{workers}.{suffix}"))
-                    .display()
-                    .to_string(),
-            );
-        }
-        for (source, file) in job.inputs {
-            a.push("--input".into());
-            a.push(format!("{source}={}", data.join(file).display()));
-        }
-        if reset {
-            a.push("--reset".into());
-        }
-        a
+    let args = |name: &str, reset: bool| {
+        let stem = format!("resume-{name}-w{workers}");
+        run_args(job, &flow, workers, data, &out, &stem, true, reset)
     };
-    let summary = |output: &std::process::Output| -> Result<RunSummary, BenchError> {
-        if !output.status.success() {
-            return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
-        }
-        serde_json::from_slice(&output.stdout)
-            .map_err(|e| failed(format!("cannot read its summary: {e}")))
-    };
-    let (reference, _) = match run_child(&args("reference", true), stop) {
-        Ok(r) => r,
-        Err(None) => return Err(BenchError::Interrupted),
-        Err(Some(reason)) => return Err(failed(reason)),
-    };
-    let run_secs = summary(&reference)?.elapsed_secs;
+    let (reference, _) = run_summary(&args("reference", true), stop, &failed)?;
+    let run_secs = reference.elapsed_secs;
     let kill_after = std::time::Duration::from_secs_f64(run_secs / 2.0);
     let exe = std::env::current_exe().map_err(io_err("find segflow itself"))?;
     let (mut restarts, mut rewritten, mut identical) = (Vec::new(), Vec::new(), true);
@@ -454,12 +449,7 @@ fn resume_job(
         std::thread::sleep(kill_after);
         let _ = child.kill();
         let _ = child.wait();
-        let (resumed, _) = match run_child(&args("crashed", false), stop) {
-            Ok(r) => r,
-            Err(None) => return Err(BenchError::Interrupted),
-            Err(Some(reason)) => return Err(failed(reason)),
-        };
-        let s = summary(&resumed)?;
+        let (s, _) = run_summary(&args("crashed", false), stop, &failed)?;
         restarts.push(s.elapsed_secs);
         rewritten.push(s.diffs_written as f64);
         for suffix in ["jsonl", "dead.jsonl"] {
@@ -477,7 +467,7 @@ fn resume_job(
         "killed_after_secs": kill_after.as_secs_f64(),
         "restart_secs": median(restarts),
         "diffs_written_after_restart": median(rewritten),
-        "diffs_of_the_run": summary(&reference)?.diffs_written,
+        "diffs_of_the_run": reference.diffs_written,
         "identical": identical,
     })
     .to_string())
