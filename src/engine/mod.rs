@@ -518,7 +518,12 @@ impl Engine {
         let ours = resume::fingerprint(&self.spec);
         if process != 0 {
             // Its part is rebuilt from the inputs either way; only process
-            // 0's checkpoint says where the outputs stood.
+            // 0's checkpoint says where the outputs stood. Its inputs (read
+            // here, perhaps from other paths than process 0's) must still
+            // be those it read then.
+            if checkpoint.fingerprint == ours {
+                resume::check_inputs(part, &checkpoint, &self.inputs)?;
+            }
             return Ok(None);
         }
         let (segments, dead) = self.output_identities();

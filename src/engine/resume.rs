@@ -135,63 +135,7 @@ pub fn plan(
             ),
         ));
     }
-    for (name, input) in inputs {
-        if let Input::Tcp { addr, .. } = input {
-            return Err(refuse(
-                dir,
-                format!("source `{name}` reads a socket (tcp://{addr}), whose lines cannot be read again")
-            ));
-        }
-    }
-    let now = input_marks(inputs)?;
-    for (name, then) in &checkpoint.inputs {
-        let Some(mark) = now.get(name) else {
-            return Err(refuse(
-                dir,
-                format!("source `{name}` has no input in this run"),
-            ));
-        };
-        if mark.len < then.len {
-            return Err(refuse(
-                dir,
-                format!(
-                    "input `{name}` ({}) is {} bytes long, shorter than the {} bytes of {} when the checkpoint was taken: it is not the same input",
-                    mark.path, mark.len, then.len, then.path
-                ),
-            ));
-        }
-        if mark.path != then.path {
-            return Err(refuse(
-                dir,
-                format!(
-                    "input `{name}` was read from {} when the checkpoint was taken, and is {} now (dead letters name their input)",
-                    then.path, mark.path
-                ),
-            ));
-        }
-        let head = match &inputs[name] {
-            Input::File { path, .. } => {
-                InputMark::of(path, then.len)
-                    .map(|m| m.head)
-                    .map_err(|source| EngineError::Io {
-                        what: "cannot read input",
-                        path: path.display().to_string(),
-                        source,
-                    })?
-            }
-            Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
-            Input::Tcp { .. } => String::new(),
-        };
-        if head != then.head {
-            return Err(refuse(
-                dir,
-                format!(
-                    "input `{name}` ({}) does not begin with the {} bytes it had when the checkpoint was taken: it is not the same input",
-                    mark.path, then.len
-                ),
-            ));
-        }
-    }
+    check_inputs(dir, checkpoint, inputs)?;
     let Some(sinks) = &checkpoint.sinks else {
         return Ok(ResumePlan { sinks: None });
     };
@@ -222,12 +166,21 @@ pub fn plan(
             ),
         ));
     }
-    for (label, len, file) in [
-        (segments, sinks.segments_len, files.0),
-        (dead_letters, sinks.dead_len, files.1),
+    for (label, len, tail, file) in [
+        (segments, sinks.segments_len, &sinks.segments_tail, files.0),
+        (dead_letters, sinks.dead_len, &sinks.dead_tail, files.1),
     ] {
         if !file || len == 0 {
             continue;
+        }
+        let longer = std::fs::metadata(label).is_ok_and(|m| m.is_file() && m.len() >= len);
+        if longer && !tail.is_empty() && crate::store::tail_hash(label, len) != *tail {
+            return Err(refuse(
+                dir,
+                format!(
+                    "the output {label} does not hold, before byte {len}, what this run's checkpoint says was written there: something else changed it"
+                ),
+            ));
         }
         match std::fs::metadata(label) {
             Ok(meta) if meta.is_file() && meta.len() < len => {
@@ -302,6 +255,86 @@ pub fn check_new_ranges(
                 format!(
                     "input `{}` grew past the ranges it had, and its new lines begin at time {time}, before {bound}, up to which the outputs were written (in a new range they are not late)",
                     def.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that this run's `inputs` are those of `checkpoint` (found in
+/// `dir`), or have only grown by whole lines: no socket, every input at the
+/// same path (dead letters name it), at least as long, and beginning with
+/// the same bytes; an input whose last line had no line break then may not
+/// have grown (the line would have changed). Every process of a cluster
+/// checks its own inputs against its own part.
+pub fn check_inputs(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+    inputs: &BTreeMap<String, Input>,
+) -> Result<(), EngineError> {
+    for (name, input) in inputs {
+        if let Input::Tcp { addr, .. } = input {
+            return Err(refuse(
+                dir,
+                format!("source `{name}` reads a socket (tcp://{addr}), whose lines cannot be read again")
+            ));
+        }
+    }
+    let now = input_marks(inputs)?;
+    for (name, then) in &checkpoint.inputs {
+        let Some(mark) = now.get(name) else {
+            return Err(refuse(
+                dir,
+                format!("source `{name}` has no input in this run"),
+            ));
+        };
+        if mark.len < then.len {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` ({}) is {} bytes long, shorter than the {} bytes of {} when the checkpoint was taken: it is not the same input",
+                    mark.path, mark.len, then.len, then.path
+                ),
+            ));
+        }
+        if mark.path != then.path {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` was read from {} when the checkpoint was taken, and is {} now (dead letters name their input)",
+                    then.path, mark.path
+                ),
+            ));
+        }
+        let head = match &inputs[name] {
+            Input::File { path, .. } => {
+                InputMark::of(path, then.len)
+                    .map(|m| m.head)
+                    .map_err(|source| EngineError::Io {
+                        what: "cannot read input",
+                        path: path.display().to_string(),
+                        source,
+                    })?
+            }
+            Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
+            Input::Tcp { .. } => String::new(),
+        };
+        if head != then.head {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` ({}) does not begin with the {} bytes it had when the checkpoint was taken: it is not the same input",
+                    mark.path, then.len
+                ),
+            ));
+        }
+        if !then.ends_line && mark.len > then.len {
+            return Err(refuse(
+                dir,
+                format!(
+                    "input `{name}` ({}) ended in the middle of a line (no line break after its last {} bytes) when the checkpoint was taken, and has grown since: that line may have changed",
+                    mark.path, then.len
                 ),
             ));
         }

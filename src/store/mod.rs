@@ -290,6 +290,9 @@ pub struct InputMark {
     pub len: u64,
     /// xxh3-64 of its first `len` bytes, in hex.
     pub head: String,
+    /// Whether its last byte was a line break (or it was empty).
+    #[serde(default)]
+    pub ends_line: bool,
 }
 
 impl InputMark {
@@ -303,6 +306,7 @@ impl InputMark {
         let mut left = len.min(limit);
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut block = vec![0u8; 1 << 20];
+        let mut last = b'\n';
         while left > 0 {
             let want = block.len().min(left as usize);
             let n = file.read(&mut block[..want])?;
@@ -310,12 +314,14 @@ impl InputMark {
                 break;
             }
             hasher.update(&block[..n]);
+            last = block[n - 1];
             left -= n as u64;
         }
         Ok(InputMark {
             path: path.display().to_string(),
             len,
             head: format!("{:016x}", hasher.digest()),
+            ends_line: last == b'\n',
         })
     }
 
@@ -331,6 +337,8 @@ impl InputMark {
                 "{:016x}",
                 xxhash_rust::xxh3::xxh3_64(&text.as_bytes()[..end])
             ),
+            // Lines held in memory are whole lines.
+            ends_line: true,
         }
     }
 }
@@ -356,6 +364,38 @@ pub struct SinkPositions {
     pub dead_bound: u64,
     /// Bytes written to the dead-letter output.
     pub dead_len: u64,
+    /// [`tail_hash`] of the segment output at `segments_len` (empty if it
+    /// is not a file).
+    #[serde(default)]
+    pub segments_tail: String,
+    /// [`tail_hash`] of the dead-letter output at `dead_len`.
+    #[serde(default)]
+    pub dead_tail: String,
+}
+
+/// How many bytes before an output's checkpointed length [`tail_hash`]
+/// covers.
+pub const TAIL_BYTES: u64 = 4096;
+
+/// xxh3-64, in hex, of the [`TAIL_BYTES`] of the file at `path` that end
+/// at byte `len` (fewer if `len` is smaller); empty if `path` is not a
+/// regular file or cannot be read that far. A resume compares it, so that
+/// an output rewritten by something else to at least the same length is
+/// not taken for its own.
+pub fn tail_hash(path: &str, len: u64) -> String {
+    use std::os::unix::fs::FileExt;
+    let Ok(file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut buf = vec![0u8; (len - start) as usize];
+    match file.read_exact_at(&mut buf, start) {
+        Ok(()) => format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&buf)),
+        Err(_) => String::new(),
+    }
 }
 
 /// A new run identity: the wall-clock time in nanoseconds and the process

@@ -680,6 +680,7 @@ pub fn commit<'s>(
                     if bound > p.segments_bound {
                         p.segments_len = c.marks.0.advance(bound, p.segments_len);
                         p.segments_bound = bound;
+                        p.segments_tail = crate::store::tail_hash(&p.segments, p.segments_len);
                     }
                 }
             }
@@ -754,6 +755,7 @@ pub fn commit<'s>(
                     if bound > p.dead_bound {
                         p.dead_len = c.marks.1.advance(bound, p.dead_len);
                         p.dead_bound = bound;
+                        p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
                     }
                 }
             }
@@ -771,10 +773,13 @@ pub fn commit<'s>(
                         if bound > p.segments_bound {
                             p.segments_len = c.marks.0.advance(bound, p.segments_len);
                             p.segments_bound = bound;
+                            p.segments_tail =
+                                crate::store::tail_hash(&p.segments, p.segments_len);
                         }
                         if bound > p.dead_bound {
                             p.dead_len = c.marks.1.advance(bound, p.dead_len);
                             p.dead_bound = bound;
+                            p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
                         }
                         if let Some(state) = &shared.state {
                             state.set_sinks(&c.positions);
