@@ -170,6 +170,19 @@ fn raw_state_entries(dir: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
     entries
 }
 
+/// The segment output's length in the checkpoint of the state in `dir`
+/// (which must have output positions past the start).
+fn checkpointed_segments_len(dir: &Path) -> usize {
+    let written = segflow::store::StateParts::open_read_only(dir)
+        .unwrap()
+        .checkpoint()
+        .unwrap()
+        .and_then(|c| c.sinks)
+        .map_or(0, |s| s.segments_len as usize);
+    assert!(written > 0, "the checkpoint has no output positions");
+    written
+}
+
 /// Whether the state in `dir` holds a checkpoint with output positions
 /// past the start (a restart from it cuts the outputs back and skips).
 fn checkpoint_has_positions(dir: &Path) -> bool {
@@ -527,13 +540,7 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     refused(&other, "and this run writes them to");
     // The segment output changed by something else: cut shorter than
     // the checkpoint says it was.
-    let written = segflow::store::StateParts::open_read_only(&dir.path().join("r.state"))
-        .unwrap()
-        .checkpoint()
-        .unwrap()
-        .and_then(|c| c.sinks)
-        .map_or(0, |s| s.segments_len as usize);
-    assert!(written > 0, "the checkpoint has no output positions");
+    let written = checkpointed_segments_len(&dir.path().join("r.state"));
     std::fs::write(&out, &diffs[..written - 1]).unwrap();
     let (status, err) = run_once(dir.path(), &args);
     assert!(
@@ -546,13 +553,7 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     assert!(std::fs::read(&out).unwrap() == diffs);
     // The segment output rewritten by something else to the same length:
     // the bytes before the checkpoint's length are not what was written.
-    let written = segflow::store::StateParts::open_read_only(&dir.path().join("r.state"))
-        .unwrap()
-        .checkpoint()
-        .unwrap()
-        .and_then(|c| c.sinks)
-        .map_or(0, |s| s.segments_len as usize);
-    assert!(written > 0, "the checkpoint has no output positions");
+    let written = checkpointed_segments_len(&dir.path().join("r.state"));
     let mut changed = diffs.clone();
     changed[written - 2] = if changed[written - 2] == b'0' {
         b'1'
