@@ -494,6 +494,7 @@ impl Engine {
         processes: usize,
         defs: &[SourceDef],
         params: &ReadParams,
+        marks: &BTreeMap<String, crate::store::InputMark>,
     ) -> Result<Option<resume::ResumePlan>, EngineError> {
         if self.reset || !Store::is_resumable(part) {
             return Ok(None);
@@ -522,7 +523,7 @@ impl Engine {
             // here, perhaps from other paths than process 0's) must still
             // be those it read then.
             if checkpoint.fingerprint == ours {
-                resume::check_inputs(part, &checkpoint, &self.inputs)?;
+                resume::check_inputs(part, &checkpoint, &self.inputs, marks)?;
             }
             return Ok(None);
         }
@@ -537,6 +538,7 @@ impl Engine {
             &ours,
             processes,
             &self.inputs,
+            marks,
             (&segments, &dead),
             files,
         )?;
@@ -894,8 +896,16 @@ impl Engine {
         let prepared = self.source_defs().and_then(|defs| {
             self.check_distinct_files()?;
             let state = self.lock_state_part(process)?;
+            // The inputs as they are, hashed once: checked against the
+            // checkpoint, and recorded in the new ones.
+            let marks = match &state {
+                Some(_) => resume::input_marks(&self.inputs)?,
+                None => BTreeMap::new(),
+            };
             let resume = match &state {
-                Some((part, _)) => self.resume_plan(part, process, processes, &defs, &params)?,
+                Some((part, _)) => {
+                    self.resume_plan(part, process, processes, &defs, &params, &marks)?
+                }
                 None => None,
             };
             let outputs = if process == 0 {
@@ -903,7 +913,7 @@ impl Engine {
             } else {
                 None
             };
-            Ok((defs, outputs, state, resume))
+            Ok((defs, outputs, state, resume, marks))
         });
         let (sockets, prepared) = match &peers {
             None => (None, prepared),
@@ -923,12 +933,7 @@ impl Engine {
                 )
             }
         };
-        let (defs, outputs, state, resume) = prepared?;
-        let marks = if state.is_some() {
-            resume::input_marks(&self.inputs)?
-        } else {
-            BTreeMap::new()
-        };
+        let (defs, outputs, state, resume, marks) = prepared?;
         let origin = Origin {
             run: match &sockets {
                 Some((connected, ..)) => connected.run.clone(),

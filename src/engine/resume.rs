@@ -100,7 +100,8 @@ pub struct ResumePlan {
 }
 
 /// Checks that `checkpoint`, found in `dir`, can be resumed by this run
-/// (definition fingerprint `ours`, `processes` processes, `inputs`, outputs
+/// (definition fingerprint `ours`, `processes` processes, `inputs` whose
+/// marks are `now` ([`input_marks`]), outputs
 /// named `outputs` (segments, dead letters; see
 /// [`crate::io::sinks::Outputs::identities`]), of which `files` are
 /// files), and says how.
@@ -110,6 +111,7 @@ pub fn plan(
     ours: &str,
     processes: usize,
     inputs: &BTreeMap<String, Input>,
+    now: &BTreeMap<String, InputMark>,
     outputs: (&str, &str),
     files: (bool, bool),
 ) -> Result<ResumePlan, EngineError> {
@@ -135,7 +137,7 @@ pub fn plan(
             ),
         ));
     }
-    check_inputs(dir, checkpoint, inputs)?;
+    check_inputs(dir, checkpoint, inputs, now)?;
     let Some(sinks) = &checkpoint.sinks else {
         return Ok(ResumePlan { sinks: None });
     };
@@ -265,13 +267,15 @@ pub fn check_new_ranges(
 /// Checks that this run's `inputs` are those of `checkpoint` (found in
 /// `dir`), or have only grown by whole lines: no socket, every input at the
 /// same path (dead letters name it), at least as long, and beginning with
-/// the same bytes; an input whose last line had no line break then may not
+/// the same bytes (`now`: their marks, [`input_marks`]); an input whose
+/// last line had no line break then may not
 /// have grown (the line would have changed). Every process of a cluster
 /// checks its own inputs against its own part.
 pub fn check_inputs(
     dir: &Path,
     checkpoint: &Checkpoint,
     inputs: &BTreeMap<String, Input>,
+    now: &BTreeMap<String, InputMark>,
 ) -> Result<(), EngineError> {
     for (name, input) in inputs {
         if let Input::Tcp { addr, .. } = input {
@@ -281,7 +285,6 @@ pub fn check_inputs(
             ));
         }
     }
-    let now = input_marks(inputs)?;
     for (name, then) in &checkpoint.inputs {
         let Some(mark) = now.get(name) else {
             return Err(refuse(
@@ -307,7 +310,9 @@ pub fn check_inputs(
                 ),
             ));
         }
+        // The same length: the whole-content hash already says it.
         let head = match &inputs[name] {
+            _ if mark.len == then.len => mark.head.clone(),
             Input::File { path, .. } => {
                 InputMark::of(path, then.len)
                     .map(|m| m.head)

@@ -327,6 +327,28 @@ impl Committer {
         }
     }
 
+    /// Moves the segment output's recorded bound to `bound` (if later),
+    /// with its length and tail hash there.
+    fn advance_segments(&mut self, bound: Time) {
+        let p = &mut self.positions;
+        if bound > p.segments_bound {
+            p.segments_len = self.marks.0.advance(bound, p.segments_len);
+            p.segments_bound = bound;
+            p.segments_tail = crate::store::tail_hash(&p.segments, p.segments_len);
+        }
+    }
+
+    /// Moves the dead-letter output's recorded bound to `bound` (if later),
+    /// with its length and tail hash there.
+    fn advance_dead_letters(&mut self, bound: Time) {
+        let p = &mut self.positions;
+        if bound > p.dead_bound {
+            p.dead_len = self.marks.1.advance(bound, p.dead_len);
+            p.dead_bound = bound;
+            p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
+        }
+    }
+
     fn flush_segments(&mut self) {
         if let Err(e) = self.outputs.segments.flush() {
             self.segments_failed(&e);
@@ -676,12 +698,7 @@ pub fn commit<'s>(
                 // Nor past where a source read its input's end.
                 if frontier.is_some() {
                     let bound = completion.horizon(frontier).min(c.ended.unwrap_or(Time::MAX));
-                    let p = &mut c.positions;
-                    if bound > p.segments_bound {
-                        p.segments_len = c.marks.0.advance(bound, p.segments_len);
-                        p.segments_bound = bound;
-                        p.segments_tail = crate::store::tail_hash(&p.segments, p.segments_len);
-                    }
+                    c.advance_segments(bound);
                 }
             }
             while let Some((&time, _)) = local_pending.first_key_value() {
@@ -751,12 +768,7 @@ pub fn commit<'s>(
                     let bound = f
                         .min(c.ended.unwrap_or(Time::MAX))
                         .min(completion.cut().unwrap_or(Time::MAX));
-                    let p = &mut c.positions;
-                    if bound > p.dead_bound {
-                        p.dead_len = c.marks.1.advance(bound, p.dead_len);
-                        p.dead_bound = bound;
-                        p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
-                    }
+                    c.advance_dead_letters(bound);
                 }
             }
             if frontier.is_none() {
@@ -769,18 +781,8 @@ pub fn commit<'s>(
                     // and a run over longer inputs writes only what follows.
                     let every = c.sources_ended == c.summary.sources.len();
                     if let (true, None, Some(bound)) = (every, completion.cut(), c.ended) {
-                        let p = &mut c.positions;
-                        if bound > p.segments_bound {
-                            p.segments_len = c.marks.0.advance(bound, p.segments_len);
-                            p.segments_bound = bound;
-                            p.segments_tail =
-                                crate::store::tail_hash(&p.segments, p.segments_len);
-                        }
-                        if bound > p.dead_bound {
-                            p.dead_len = c.marks.1.advance(bound, p.dead_len);
-                            p.dead_bound = bound;
-                            p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
-                        }
+                        c.advance_segments(bound);
+                        c.advance_dead_letters(bound);
                         if let Some(state) = &shared.state {
                             state.set_sinks(&c.positions);
                             if let Err(e) = state.write_checkpoint() {
