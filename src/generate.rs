@@ -182,6 +182,11 @@ pub struct GenConfig {
     pub start_ms: i64,
     /// About one malformed web line per this many events (default 5000; 0 = none).
     pub malformed_every: u64,
+    /// Number of people to draw visitors from (`None`: one per 40 events).
+    /// Their popularity is skewed (Zipf-like), so not all of them visit;
+    /// more people per event gives more profiles (a large state from a
+    /// small stream).
+    pub people: Option<u64>,
 }
 
 impl Default for GenConfig {
@@ -191,6 +196,7 @@ impl Default for GenConfig {
             seed: 42,
             start_ms: DEFAULT_START_MS,
             malformed_every: 5000,
+            people: None,
         }
     }
 }
@@ -529,7 +535,7 @@ fn build_world(cfg: &GenConfig, rng: &mut ChaCha8Rng) -> World {
     }
 
     // People.
-    let n_users = (cfg.events / 40).max(50) as usize;
+    let n_users = cfg.people.unwrap_or(cfg.events / 40).max(50) as usize;
     let mut users = Vec::with_capacity(n_users);
     let mut crm = Vec::new();
     let mut user_cdf = Vec::with_capacity(n_users);

@@ -106,6 +106,10 @@ struct GenerateArgs {
     /// Random seed: the same seed gives the same bytes.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Number of people visitors are drawn from [default: events / 40]:
+    /// more people per event, more profiles.
+    #[arg(long, value_name = "N")]
+    people: Option<u64>,
 }
 
 #[derive(Args)]
@@ -217,6 +221,11 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
         if let Some(before) = s.resumed_before {
             t += &format!(
                 "  resumed           from the checkpoint: the diffs of times before {before} were in the outputs already\n"
+            );
+        }
+        if let Some((cut, entries)) = s.restored {
+            t += &format!(
+                "  restored          {entries} retained entries of the checkpoint: records before {cut} were not read again\n"
             );
         }
         t += &format!("  profiles          {}\n", s.profiles);
@@ -359,6 +368,7 @@ fn main() -> ExitCode {
             let cfg = GenConfig {
                 events: args.events,
                 seed: args.seed,
+                people: args.people,
                 ..GenConfig::default()
             };
             let started = std::time::Instant::now();

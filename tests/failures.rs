@@ -119,7 +119,7 @@ fn a_full_disk_under_the_state_directory_is_an_error_with_the_reason() {
     std::fs::write(&web, views(20_000)).unwrap();
     let disk = dir.path().join("disk");
     std::fs::create_dir(&disk).unwrap();
-    let mount = format!("mount -t tmpfs -o size=192k tmpfs {}", disk.display());
+    let mount = format!("mount -t tmpfs -o size=384k tmpfs {}", disk.display());
     let probe = Command::new("unshare")
         .args(["-rm", "sh", "-c", &mount])
         .output();

@@ -71,7 +71,7 @@ fn start(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> Vec<Ch
             .args(args)
             .args(extra)
             .current_dir(dir)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
@@ -100,20 +100,49 @@ fn wait(child: &mut Child, deadline: Instant) -> (std::process::ExitStatus, Stri
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    // What it printed: the summary (standard output), then its errors.
     let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    for out in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut out = out;
+        out.read_to_string(&mut err).unwrap();
+    }
     (status, err)
 }
 
 /// Runs to the end; returns how long it took.
 fn run_to_end(dir: &Path, args: &[String], layout: Layout, hostfile: &Path) -> Duration {
+    run_to_end_saying(dir, args, layout, hostfile).0
+}
+
+/// [`run_to_end`], with what the first process printed on its standard
+/// error (its summary).
+fn run_to_end_saying(
+    dir: &Path,
+    args: &[String],
+    layout: Layout,
+    hostfile: &Path,
+) -> (Duration, String) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(300);
+    let mut said = None;
     for mut child in start(dir, args, layout, hostfile) {
         let (status, err) = wait(&mut child, deadline);
         assert!(status.success(), "run failed: {status}\n{err}");
+        said.get_or_insert(err);
     }
-    started.elapsed()
+    (started.elapsed(), said.unwrap_or_default())
 }
 
 /// Every entry of the state in `dir` but the checkpoint (whose run
@@ -193,6 +222,17 @@ fn checkpoint_has_positions(dir: &Path) -> bool {
         .is_some_and(|s| s.segments_len > 0)
 }
 
+/// The cut of the retained input in the checkpoint of the state in `dir`
+/// (0 if none): a single process's restart from it restores instead of
+/// reading its inputs again.
+fn checkpoint_cut(dir: &Path) -> u64 {
+    segflow::store::StateParts::open_read_only(dir)
+        .ok()
+        .and_then(|p| p.checkpoint().ok().flatten())
+        .and_then(|c| c.retained)
+        .map_or(0, |r| r.cut)
+}
+
 fn kills() -> usize {
     std::env::var("SEGFLOW_RECOVERY_KILLS")
         .ok()
@@ -234,15 +274,27 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
     let crashed = run_args(dir.path(), &data, "crashed");
     let state = dir.path().join("crashed.state");
     let (mut killed, mut completed, mut resumed_with_positions) = (0, 0, 0);
+    // Restarts of a single process that restored a checkpoint's retained
+    // input (a cluster reads its inputs again).
+    let single = matches!(layout, Layout::Workers(_));
+    let mut restored = 0;
+    // How long a restart runs: a restored one reads only what follows its
+    // checkpoint, and is shorter than the reference. The kills fall within
+    // it (it shrinks each time a restart ends before its kill).
+    let mut span = took;
     // Until enough kills have landed, and enough restarts began from a
     // checkpoint with output positions (a kill may come before the first
-    // checkpoint), within a bound.
-    for _ in 0..4 * kills() {
-        if killed >= kills() && resumed_with_positions >= 2 {
+    // checkpoint) and, in a single process, from a retained input, within
+    // a bound.
+    for _ in 0..6 * kills() {
+        if killed >= kills() && resumed_with_positions >= 2 && (!single || restored >= 2) {
             break;
         }
         if checkpoint_has_positions(&state) {
             resumed_with_positions += 1;
+        }
+        if single && checkpoint_cut(&state) > 0 {
+            restored += 1;
         }
         let mut children = start(dir.path(), &crashed, layout, &hostfile);
         // A cluster takes a while to connect and write its first diffs:
@@ -251,7 +303,8 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
             Layout::TwoProcesses => 0.3,
             Layout::Workers(_) => 0.02,
         };
-        let delay = took.mul_f64(rng.random_range(earliest..0.95));
+        let started = Instant::now();
+        let delay = span.mul_f64(rng.random_range(earliest..0.95));
         std::thread::sleep(delay);
         // Kill one process (in a cluster, the other must then stop on its
         // own, with an error).
@@ -262,6 +315,7 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
             killed += 1;
         } else {
             completed += 1;
+            span = span.min(started.elapsed());
         }
         let deadline = Instant::now() + Duration::from_secs(120);
         for (i, child) in children.iter_mut().enumerate() {
@@ -285,14 +339,26 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
     if checkpoint_has_positions(&state) {
         resumed_with_positions += 1;
     }
-    run_to_end(dir.path(), &crashed, layout, &hostfile);
+    let last_cut = checkpoint_cut(&state);
+    let (_, said) = run_to_end_saying(dir.path(), &crashed, layout, &hostfile);
+    if single && last_cut > 0 {
+        restored += 1;
+        assert!(
+            said.contains(&format!("records before {last_cut} were not read again")),
+            "the last restart did not restore the checkpoint's retained input at {last_cut}: {said}"
+        );
+    }
     eprintln!(
-        "{layout:?}: {killed} kills, {completed} runs ended before their kill, {resumed_with_positions} restarts from a checkpoint with output positions"
+        "{layout:?}: {killed} kills, {completed} runs ended before their kill, {resumed_with_positions} restarts from a checkpoint with output positions, {restored} restored a retained input"
     );
     assert!(killed >= kills(), "only {killed} runs were killed");
     assert!(
         resumed_with_positions >= 2,
         "no restart began from a checkpoint with output positions: the harness did not test resuming"
+    );
+    assert!(
+        !single || restored >= 2,
+        "fewer than two restarts restored a retained input: the harness did not test restoring"
     );
     assert_same_run(
         dir.path(),

@@ -10,9 +10,11 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
-use timely::dataflow::operators::Concatenate;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, Concatenate};
 use timely::dataflow::{Scope, Stream};
 
+use super::retain::{self, Restored, Retained};
 use super::{identity, profiles, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Layout, Outputs, ProcessShared, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
@@ -22,6 +24,8 @@ use crate::spec::{SegmentSpec, Spec, TraitSpec};
 use crate::time::window::retract_at_window_end;
 
 /// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
+/// `restored` is the retained input of the checkpoint a run resumes from
+/// (see [`retain`]), injected before the inputs are read again;
 /// the run's summary appears in `result` when the dataflow has drained.
 /// `shared` is the worker's process's commit-stage state; whether it holds
 /// a part of the state is the same on every process (the cluster start-up
@@ -34,6 +38,7 @@ pub fn build<'s>(
     layout: Layout,
     outputs: Option<Outputs>,
     shared: Arc<ProcessShared>,
+    restored: Option<Arc<Restored>>,
     result: Rc<RefCell<Option<RunSummary>>>,
     abort: Arc<Abort>,
 ) {
@@ -57,13 +62,48 @@ pub fn build<'s>(
         differential_dataflow::collection::concatenate(scope, record_streams);
 
     let split = split_records(records.inner, Rc::clone(&trait_specs));
-    let crm_versions: Coll<'s, (String, CrmRecord)> = split.crm_versions.as_collection();
+    let restore = retain::restore(scope, restored);
+    let crm_versions: Coll<'s, (String, CrmRecord)> = split
+        .crm_versions
+        .clone()
+        .concat(restore.crm)
+        .as_collection();
     let event_sets: Coll<'s, Vec<Id>> = split.identifier_sets.as_collection();
     let specs = Rc::clone(&trait_specs);
     let contributions: Coll<'s, traits::Contribution> =
-        retract_at_window_end(split.contributions, move |c| traits::window_of(&specs, c))
-            .as_collection();
+        retract_at_window_end(split.contributions.clone(), restore.window_ends, move |c| {
+            traits::window_of(&specs, c)
+        })
+        .concat(restore.contributions)
+        .as_collection();
     let names: Coll<'s, (Id, String)> = identity::first_names(split.names.as_collection());
+    let event_sets = identity::first_occurrences(event_sets);
+    // What a checkpoint retains of the records (see `retain`): the
+    // splitter's collections as this run's records make them, without the
+    // restored input (which the checkpoint holds already).
+    let stateful = shared.state.is_some();
+    let retained = if stateful {
+        scope.concatenate(vec![
+            split
+                .crm_versions
+                .map(|((k, c), t, r)| (Retained::Crm(k, c), t, r)),
+            event_sets
+                .inner
+                .clone()
+                .map(|(s, t, r)| (Retained::Set(s), t, r)),
+            names
+                .inner
+                .clone()
+                .map(|((k, n), t, r)| (Retained::Name(k, n), t, r)),
+            split
+                .contributions
+                .map(|(c, t, r)| (Retained::Contribution(c), t, r)),
+        ])
+    } else {
+        timely::dataflow::operators::generic::operator::empty(scope)
+    };
+    let names = names.concat(restore.names.as_collection());
+    let event_sets = event_sets.concat(restore.sets.as_collection());
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
@@ -73,7 +113,6 @@ pub fn build<'s>(
     let crm_sets = crm_current
         .clone()
         .map(|(_, c)| c.ids.iter().map(Ident::id).collect::<Vec<Id>>());
-    let event_sets = identity::first_occurrences(event_sets);
     let id_profile = identity::resolve(event_sets.concat(crm_sets));
     let id_profile_arranged = id_profile
         .clone()
@@ -99,7 +138,6 @@ pub fn build<'s>(
     // totals and attributes (most of the updates) stay on the worker that
     // owns them and are written by its process, and only when the run
     // writes state.
-    let stateful = shared.state.is_some();
     let global = differential_dataflow::collection::concatenate(
         scope,
         vec![
@@ -126,6 +164,7 @@ pub fn build<'s>(
         local.inner,
         global.inner,
         names.inner,
+        retained,
         control,
         layout,
         outputs,

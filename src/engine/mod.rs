@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::dataflow::build::build;
+use crate::dataflow::retain::Restored;
 use crate::io::sinks::{
     DiffCallback, Layout, OutputLabels, Outputs, ProcessShared, ProcessState, RunSummary,
     SegmentSink,
 };
-use crate::io::sources::{Input, ReadParams, SourceDef};
+use crate::io::sources::{Input, Progress, ReadParams, Resume, SourceDef};
 use crate::io::{Abort, Stop};
 use crate::model::limits::SummedField;
 use crate::model::{IdentityRules, RecordKind};
@@ -129,6 +130,11 @@ struct Origin {
 /// (kept locked since before the cluster connected). A run that resumes
 /// (`resume`) cuts the output files back to where its checkpoint says
 /// they stood instead.
+/// The state a run starts with: its part of the state directory, and the
+/// retained input it restores (if it resumes a single process's
+/// checkpoint).
+type Started = (Option<Outputs>, Option<ProcessState>, Option<Restored>);
+
 fn start(
     outputs: Option<(Outputs, Vec<ToEmpty>)>,
     state: Option<(PathBuf, StateLock)>,
@@ -136,22 +142,42 @@ fn start(
     origin: Origin,
     workers: usize,
     processes: usize,
-) -> Result<(Option<Outputs>, Option<ProcessState>), EngineError> {
+    progress: Option<Arc<Progress>>,
+) -> Result<Started, EngineError> {
     use std::io::{Seek, SeekFrom};
     let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
-    // The state first. It is always rebuilt from the inputs (a resumed run
-    // reads them from their start), so it starts empty; a resumed run's
+    let restore = resume.as_ref().and_then(|r| r.restore.clone());
+    // The state first. A single process's checkpoint with a cut is
+    // restored: its state and retained input are kept, and read back.
+    // Otherwise the state is rebuilt from the inputs (a resumed run reads
+    // them from their start), so it starts empty; a resumed run's
     // checkpoint keeps where the outputs stood, written again at once, so
     // that a run killed from here on resumes the same way (killed before,
     // it finds no checkpoint and starts over, which writes the same
     // outputs). Only then are the outputs cut back.
+    let mut restored = None;
     let state = match state {
         Some((part, lock)) => {
-            let store = Store::create_fresh(&part, &lock)?;
             let label = part.display().to_string();
-            let state = ProcessState::new(store, lock, label, workers, processes);
+            let store = match &restore {
+                Some(checkpoint) => {
+                    let store = Store::open(&part)?;
+                    let cut = checkpoint.retained.as_ref().map_or(0, |r| r.cut);
+                    restored = Some(store.restored(cut).map_err(|e| {
+                        EngineError::Resume(format!(
+                            "cannot read the checkpoint in {label}: {e}. The state directory is damaged: run with --reset to start over (the state and outputs are replaced), or give another state directory"
+                        ))
+                    })?);
+                    store
+                }
+                None => Store::create_fresh(&part, &lock)?,
+            };
+            let mut state = ProcessState::new(store, lock, label, workers, processes);
+            if let Some(progress) = progress {
+                state.retain_input(progress, restore.as_ref());
+            }
             state.set_origin(&origin.run, &origin.fingerprint, origin.inputs);
-            if let Some(sinks) = &sinks {
+            if let (Some(sinks), None) = (&sinks, &restore) {
                 state.set_sinks(sinks);
                 state.write_checkpoint().map_err(|e| {
                     EngineError::Worker(format!("state directory {}: {e}", state.label))
@@ -184,7 +210,7 @@ fn start(
         }
         None => None,
     };
-    Ok((outputs, state))
+    Ok((outputs, state, restored))
 }
 
 /// A file's identity: its device and inode if it exists, else its absolute
@@ -892,6 +918,8 @@ impl Engine {
                     .chain(t.of.as_deref())
             })),
             shutdown: self.shutdown.clone(),
+            resume: None,
+            progress: None,
         });
         let prepared = self.source_defs().and_then(|defs| {
             self.check_distinct_files()?;
@@ -934,6 +962,25 @@ impl Engine {
             }
         };
         let (defs, outputs, state, resume, marks) = prepared?;
+        // A single process with state retains its input in its checkpoints
+        // (a cluster resumes by reading its inputs again); a resumed one
+        // starts its readers where the checkpoint says.
+        let resume_points = resume.as_ref().and_then(|r| r.restore.as_ref()).map(|c| {
+            let retained = c.retained.clone().unwrap_or_default();
+            Resume {
+                before: retained.cut,
+                points: retained.points,
+            }
+        });
+        let progress = (state.is_some() && processes == 1).then(|| {
+            let names = defs.iter().map(|d| d.name.clone()).collect();
+            Arc::new(Progress::new(names, resume_points.as_ref()))
+        });
+        let params = Arc::new(ReadParams {
+            resume: resume_points.map(Arc::new),
+            progress: progress.clone(),
+            ..(*params).clone()
+        });
         let origin = Origin {
             run: match &sockets {
                 Some((connected, ..)) => connected.run.clone(),
@@ -942,9 +989,13 @@ impl Engine {
             fingerprint: resume::fingerprint(&self.spec),
             inputs: marks,
         };
-        let (outputs, state) = start(outputs, state, resume, origin, workers, processes)?;
+        let (outputs, state, restored) =
+            start(outputs, state, resume, origin, workers, processes, progress)?;
         let defs = Arc::new(defs);
-        let shared = Arc::new(ProcessShared::new(state));
+        let restored_before = restored.as_ref().map_or(0, |r| r.cut);
+        let restoration = restored.as_ref().map(|r| (r.cut, r.entries()));
+        let restored = restored.map(Arc::new);
+        let shared = Arc::new(ProcessShared::new(state, restored_before));
         let layout = Layout { workers, processes };
         let worker_shared = Arc::clone(&shared);
         let outputs = Arc::new(Mutex::new(outputs));
@@ -991,6 +1042,7 @@ impl Engine {
                         layout,
                         outputs,
                         Arc::clone(&worker_shared),
+                        restored.clone(),
                         Rc::clone(&result),
                         Arc::clone(&abort),
                     );
@@ -1101,6 +1153,9 @@ impl Engine {
             summary.state_batches = state.batches();
         }
         summary.elapsed_secs = started.elapsed().as_secs_f64();
+        if process == 0 {
+            summary.restored = restoration;
+        }
         Ok(summary)
     }
 }

@@ -1,9 +1,13 @@
 //! Resuming a run from the checkpoint in its state directory.
 //!
 //! A run with a state directory that holds a checkpoint of the same
-//! dataflow *resumes* (unless told to `--reset`): it reads its inputs
-//! again from their beginning, rebuilding every arrangement, while the
-//! outputs are cut back to where the checkpoint says they stood
+//! dataflow *resumes* (unless told to `--reset`). A single process
+//! restores the checkpoint's retained input (the compacted records before
+//! its cut, see [`crate::dataflow::retain`]) into the dataflow, keeps its
+//! state, and reads its replayed files again from the checkpoint's points
+//! on (see [`crate::io::sources::progress`]); a cluster reads its inputs
+//! again from their beginning into an empty state. Either way the outputs
+//! are cut back to where the checkpoint says they stood
 //! ([`SinkPositions`]) and only what comes after is written. Results are
 //! deterministic, so the outputs end byte-identical to those of a run that
 //! never stopped, whatever was killed where (exactly-once for file inputs;
@@ -97,6 +101,11 @@ pub struct ResumePlan {
     /// Where the outputs are cut back to, and from which times on they are
     /// written again; `None`: they are emptied (nothing was written yet).
     pub sinks: Option<SinkPositions>,
+    /// The checkpoint, if the run restores its retained input (see
+    /// [`crate::dataflow::retain`]) and keeps its state, instead of
+    /// reading the inputs from their beginning into an empty state: a
+    /// single process whose checkpoint has a cut.
+    pub restore: Option<Checkpoint>,
 }
 
 /// Checks that `checkpoint`, found in `dir`, can be resumed by this run
@@ -139,7 +148,7 @@ pub fn plan(
     }
     check_inputs(dir, checkpoint, inputs, now)?;
     let Some(sinks) = &checkpoint.sinks else {
-        return Ok(ResumePlan { sinks: None });
+        return Ok(ResumePlan::default());
     };
     if !same_output(&sinks.segments, segments) {
         return Err(refuse(
@@ -208,8 +217,23 @@ pub fn plan(
             }
         }
     }
+    // The state on disk is that of the checkpoint's time, which may lie
+    // past the cut (a finished run writes its state to its last event,
+    // its outputs' bounds stop where a file ended). From the same inputs
+    // the restored run recomputes those times exactly and writes the same
+    // values again; lines appended since may change them, and what the
+    // state then holds from the shorter inputs would not be undone. Such
+    // a resume reads the inputs from their beginning into an empty state.
+    let cut = checkpoint.retained.as_ref().map_or(0, |r| r.cut);
+    let grown = checkpoint
+        .inputs
+        .iter()
+        .any(|(name, then)| now.get(name).is_some_and(|m| m.len > then.len));
+    let restore = (processes == 1 && cut > 0 && !(grown && checkpoint.time >= cut))
+        .then(|| checkpoint.clone());
     Ok(ResumePlan {
         sinks: Some(sinks.clone()),
+        restore,
     })
 }
 

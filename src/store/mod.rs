@@ -16,6 +16,18 @@
 //! profile's keys look like another's.
 //! | `checkpoint`  | `checkpoint`             | JSON `{time, offsets}`        |
 //!
+//! Beside the facts, the *retained input* of `dataflow::retain` (what a
+//! restart injects instead of reading the inputs again), in the same
+//! atomic batches, at the checkpoint's cut:
+//!
+//! | column family     | key                                   | value (merge)                    |
+//! |-------------------|---------------------------------------|----------------------------------|
+//! | `retained_crm`    | `crm_id`                              | JSON CRM record (latest wins)    |
+//! | `retained_sets`   | identifier keys, 16 bytes each        | empty                            |
+//! | `retained_names`  | identifier key                        | `kind:value`                     |
+//! | `retained_totals` | identifier key, trait (u32 BE)        | i128 LE (added)                  |
+//! | `retained_window` | window end (u64 BE), key, trait, value | i64 LE count (added)             |
+//!
 //! The commit stage writes all the timestamps that one frontier advance
 //! completes as one `WriteBatch` (per time, removals first, then
 //! insertions, so a changed value ends up new), with the checkpoint of the
@@ -36,7 +48,11 @@ use std::path::Path;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Ident, Scalar};
+use crate::dataflow::retain::{Restored, Retained};
+use crate::dataflow::traits::Contribution;
+use crate::io::sources::ResumePoint;
+use crate::model::{CrmRecord, Id, Ident, Scalar};
+use crate::time::Time;
 
 const CFS: [&str; 6] = [
     "id_profile",
@@ -46,6 +62,21 @@ const CFS: [&str; 6] = [
     "segments",
     "checkpoint",
 ];
+
+/// The column families of the retained input (see the module
+/// documentation), in the order of [`RetainedBatch`]'s indexes.
+const RETAINED_CFS: [&str; 5] = [
+    "retained_crm",
+    "retained_sets",
+    "retained_names",
+    "retained_totals",
+    "retained_window",
+];
+const R_CRM: usize = 0;
+const R_SETS: usize = 1;
+const R_NAMES: usize = 2;
+const R_TOTALS: usize = 3;
+const R_WINDOW: usize = 4;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +307,22 @@ pub struct Checkpoint {
     /// Where the outputs stood (process 0's part only).
     #[serde(default)]
     pub sinks: Option<SinkPositions>,
+    /// The cut of the retained input written with this checkpoint and
+    /// where the readers resume (`None`: no retained input, a restart
+    /// reads the inputs from their beginning).
+    #[serde(default)]
+    pub retained: Option<RetainedCut>,
+}
+
+/// What a checkpoint's retained input covers (see `dataflow::retain`):
+/// every record admitted at a tick before `cut`, and the points at which
+/// the readers of replayed files resume.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetainedCut {
+    /// Every update of a time before this is in the retained input.
+    pub cut: u64,
+    /// Per source, a point of each range read so far.
+    pub points: BTreeMap<String, Vec<ResumePoint>>,
 }
 
 /// What a run had of one input when it started: its path, its length and a
@@ -421,6 +468,7 @@ impl Default for Checkpoint {
             fingerprint: String::new(),
             inputs: BTreeMap::new(),
             sinks: None,
+            retained: None,
         }
     }
 }
@@ -537,6 +585,124 @@ impl StateBatch {
     }
 }
 
+/// Retained updates of completed times (see `dataflow::retain`), written
+/// with a checkpoint ([`Store::write_retained`]): puts of CRM versions
+/// (the latest is kept by a merge), identifier sets and names, and merges
+/// that add to lifetime totals and windowed counts.
+#[derive(Default)]
+pub struct RetainedBatch(Vec<(usize, Vec<u8>, Vec<u8>, bool)>);
+
+/// The key of a lifetime total: identifier key (16 bytes, big-endian),
+/// trait index (4 bytes, big-endian).
+fn total_key(id: Id, index: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(20);
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The key of a windowed contribution: its window end first (so that the
+/// expired ones are one range), then identifier, trait and value.
+fn window_key(end: Time, (id, (index, value)): &Contribution) -> Vec<u8> {
+    let mut k = Vec::with_capacity(36);
+    k.extend_from_slice(&end.to_be_bytes());
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&value.to_be_bytes());
+    k
+}
+
+impl RetainedBatch {
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds the updates of `later` after those staged.
+    pub fn absorb(&mut self, mut later: RetainedBatch) {
+        self.0.append(&mut later.0);
+    }
+
+    /// Stages one retained update at `time` with `diff`; `window` is the
+    /// window (ms) of a contribution's trait (`None`: lifetime). Only
+    /// insertions are retained: the collections are insert-only.
+    pub fn stage(&mut self, update: &Retained, time: Time, diff: isize, window: Option<u64>) {
+        match update {
+            Retained::Contribution(c) => match window {
+                None => {
+                    let (id, (index, value)) = c;
+                    let change = *value as i128 * diff as i128;
+                    self.0.push((
+                        R_TOTALS,
+                        total_key(*id, *index),
+                        change.to_le_bytes().to_vec(),
+                        true,
+                    ));
+                }
+                Some(w) => self.0.push((
+                    R_WINDOW,
+                    window_key(crate::time::window_end(time, w), c),
+                    (diff as i64).to_le_bytes().to_vec(),
+                    true,
+                )),
+            },
+            _ if diff <= 0 => {}
+            Retained::Crm(crm_id, record) => {
+                let json = serde_json::to_vec(record).expect("CRM record serializes");
+                self.0.push((R_CRM, crm_id.as_bytes().to_vec(), json, true));
+            }
+            Retained::Set(ids) => {
+                let key: Vec<u8> = ids.iter().flat_map(|id| id.0.to_be_bytes()).collect();
+                self.0.push((R_SETS, key, Vec::new(), false));
+            }
+            Retained::Name(id, name) => self.0.push((
+                R_NAMES,
+                id.0.to_be_bytes().to_vec(),
+                name.as_bytes().to_vec(),
+                false,
+            )),
+        }
+    }
+}
+
+/// The merge of `retained_totals`: adds i128 (little-endian) values.
+fn add_i128(_key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let read = |b: &[u8]| b.try_into().map(i128::from_le_bytes).unwrap_or(0);
+    let total = existing
+        .into_iter()
+        .chain(ops.iter())
+        .fold(0i128, |t, b| t.saturating_add(read(b)));
+    Some(total.to_le_bytes().to_vec())
+}
+
+/// The merge of `retained_window`: adds i64 (little-endian) counts.
+fn add_i64(_key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let read = |b: &[u8]| b.try_into().map(i64::from_le_bytes).unwrap_or(0);
+    let total = existing
+        .into_iter()
+        .chain(ops.iter())
+        .fold(0i64, |t, b| t.saturating_add(read(b)));
+    Some(total.to_le_bytes().to_vec())
+}
+
+/// The merge of `retained_crm`: keeps the latest version, as the upsert
+/// does ([`CrmRecord`]'s order: `updated_at`, then content).
+fn latest_crm(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    ops: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut best: Option<(CrmRecord, &[u8])> = None;
+    for bytes in existing.into_iter().chain(ops.iter()) {
+        if let Ok(record) = serde_json::from_slice::<CrmRecord>(bytes) {
+            if best.as_ref().is_none_or(|(b, _)| record > *b) {
+                best = Some((record, bytes));
+            }
+        }
+    }
+    best.map(|(_, b)| b.to_vec())
+}
+
 /// Column family indexes in [`CFS`], for [`StateBatch`].
 const ID_PROFILE: usize = 0;
 const PROFILE_IDS: usize = 1;
@@ -650,12 +816,23 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
     opts.set_max_background_jobs(2);
     let cfs = CFS
         .iter()
+        .chain(RETAINED_CFS.iter())
         .map(|n| {
             let mut cf = Options::default();
             cf.set_write_buffer_size(MEMTABLE_BYTES);
             cf.set_max_write_buffer_number(2);
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
             cf.set_block_based_table_factory(&table);
+            match *n {
+                "retained_crm" => {
+                    cf.set_merge_operator_associative("segflow_latest_crm", latest_crm)
+                }
+                "retained_totals" => {
+                    cf.set_merge_operator_associative("segflow_add_i128", add_i128)
+                }
+                "retained_window" => cf.set_merge_operator_associative("segflow_add_i64", add_i64),
+                _ => {}
+            }
             ColumnFamilyDescriptor::new(*n, cf)
         })
         .collect();
@@ -716,9 +893,15 @@ impl Store {
         if let Found::Nothing = inspect(dir)? {
             return Err(StoreError::NoState { dir: name });
         }
-        let (mut opts, cfs) = rocks_options();
+        let (mut opts, mut cfs) = rocks_options();
         opts.create_if_missing(false);
         opts.create_missing_column_families(false);
+        // State written before the retained input has no such families.
+        if let Ok(existing) = DB::list_cf(&opts, dir) {
+            cfs.retain(|cf| {
+                !RETAINED_CFS.contains(&cf.name()) || existing.iter().any(|e| e == cf.name())
+            });
+        }
         let db = DB::open_cf_descriptors_read_only(&opts, dir, cfs, false).map_err(|source| {
             StoreError::Rocks {
                 dir: name.clone(),
@@ -764,6 +947,18 @@ impl Store {
     /// ([`Store::flush`]) writes every column family at once
     /// (`atomic_flush`) and lets the log be dropped.
     pub fn write(&self, batch: StateBatch, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        self.write_retained(batch, RetainedBatch::default(), checkpoint)
+    }
+
+    /// [`Store::write`], with `retained` updates in the same atomic
+    /// write; the windowed contributions that end before the checkpoint's
+    /// cut ([`Checkpoint::retained`]) are removed.
+    pub fn write_retained(
+        &self,
+        batch: StateBatch,
+        retained: RetainedBatch,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
         let mut staged: Vec<((usize, Vec<u8>), Option<Vec<u8>>)> = batch.0.into_iter().collect();
         // Sorted: the same batch for the same changes, and RocksDB inserts
         // sorted keys faster.
@@ -774,6 +969,19 @@ impl Store {
             match value {
                 Some(v) => batch.put_cf(cfs[cf], key, v),
                 None => batch.delete_cf(cfs[cf], key),
+            }
+        }
+        if !retained.is_empty() || checkpoint.retained.is_some() {
+            let rcfs: Vec<&rocksdb::ColumnFamily> =
+                RETAINED_CFS.iter().map(|n| self.cf(n)).collect();
+            for (cf, key, value, merge) in retained.0 {
+                match merge {
+                    true => batch.merge_cf(rcfs[cf], key, value),
+                    false => batch.put_cf(rcfs[cf], key, value),
+                }
+            }
+            if let Some(cut) = checkpoint.retained.as_ref().map(|r| r.cut) {
+                batch.delete_range_cf(rcfs[R_WINDOW], 0u64.to_be_bytes(), cut.to_be_bytes());
             }
         }
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
@@ -788,10 +996,90 @@ impl Store {
     /// (`segflow query`, [`Store::open_read_only`]) and a restart see the
     /// state up to the last batch written.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let cfs: Vec<&rocksdb::ColumnFamily> = CFS.iter().map(|n| self.cf(n)).collect();
+        let cfs: Vec<&rocksdb::ColumnFamily> = CFS
+            .iter()
+            .chain(RETAINED_CFS.iter())
+            .filter_map(|n| self.db.cf_handle(n))
+            .collect();
         self.db
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| self.err(e))
+    }
+
+    /// The retained input at `cut` (see `dataflow::retain`), for a restart.
+    pub fn restored(&self, cut: Time) -> Result<Restored, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("retained {what}"));
+        let mut r = Restored {
+            cut,
+            ..Restored::default()
+        };
+        let id_at = |b: &[u8]| -> Option<Id> { Some(Id(u128::from_be_bytes(b.try_into().ok()?))) };
+        for item in self
+            .db
+            .iterator_cf(self.cf("retained_crm"), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let crm_id = String::from_utf8(k.to_vec()).map_err(|_| corrupt("CRM id"))?;
+            let record: CrmRecord =
+                serde_json::from_slice(&v).map_err(|_| corrupt("CRM record"))?;
+            r.crm.push((crm_id, record));
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf("retained_sets"), IteratorMode::Start)
+        {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if k.len() % 16 != 0 {
+                return Err(corrupt("identifier set"));
+            }
+            r.sets.push(k.chunks(16).filter_map(id_at).collect());
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf("retained_names"), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = id_at(&k).ok_or_else(|| corrupt("name key"))?;
+            let name = String::from_utf8(v.to_vec()).map_err(|_| corrupt("name"))?;
+            r.names.push((id, name));
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf("retained_totals"), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (Some(id), Ok(index), Ok(total)) = (
+                k.get(..16).and_then(id_at),
+                k[16.min(k.len())..].try_into().map(u32::from_be_bytes),
+                v[..].try_into().map(i128::from_le_bytes),
+            ) else {
+                return Err(corrupt("total"));
+            };
+            if total != 0 {
+                r.totals.push((id, index, total));
+            }
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf("retained_window"), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if k.len() != 36 {
+                return Err(corrupt("windowed contribution"));
+            }
+            let end = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+            let id = id_at(&k[8..24]).ok_or_else(|| corrupt("windowed contribution"))?;
+            let index = u32::from_be_bytes(k[24..28].try_into().expect("4 bytes"));
+            let value = i64::from_be_bytes(k[28..36].try_into().expect("8 bytes"));
+            let count = v[..]
+                .try_into()
+                .map(i64::from_le_bytes)
+                .map_err(|_| corrupt("windowed count"))?;
+            if count != 0 && end >= cut {
+                r.windowed.push((end, (id, (index, value)), count as isize));
+            }
+        }
+        Ok(r)
     }
 
     /// The last checkpoint, if any run completed a timestamp.

@@ -117,6 +117,20 @@ impl Admission {
     }
 }
 
+/// What a replayed source's clock has seen, to start a clock again where
+/// another stopped ([`SourceClock::state`], [`SourceClock::restored`]): a
+/// reader resumed from a checkpoint at a line of its input judges every
+/// later line as the first reader did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClockState {
+    /// Latest event time admitted (ms).
+    pub latest_ms: Option<u64>,
+    /// Largest tick admitted.
+    pub max_tick: Option<Time>,
+    /// The watermark (ms).
+    pub watermark: Time,
+}
+
 /// The event-time clock of one source: its watermark, and the admission of
 /// its records (see the [module documentation](self) for the rule).
 #[derive(Clone, Debug)]
@@ -143,6 +157,26 @@ impl SourceClock {
             max_tick: None,
             watermark: 0,
             last_activity_ms: now_ms,
+        }
+    }
+
+    /// A replay's clock that continues from `state` (see [`ClockState`]).
+    pub fn restored(config: TimeConfig, state: ClockState) -> SourceClock {
+        SourceClock {
+            latest_ms: state.latest_ms,
+            max_tick: state.max_tick,
+            watermark: state.watermark,
+            ..SourceClock::new(config, false, 0)
+        }
+    }
+
+    /// What this clock has seen (for a replay, all that decides how it
+    /// judges the lines that follow).
+    pub fn state(&self) -> ClockState {
+        ClockState {
+            latest_ms: self.latest_ms,
+            max_tick: self.max_tick,
+            watermark: self.watermark,
         }
     }
 

@@ -28,23 +28,36 @@ use super::{window_end, Time};
 /// Passes `updates` (`(data, time, diff)`) through and, for each one whose
 /// `window(data)` is `Some(w)`, adds `(data, time + w, -diff)`, emitted when
 /// the input frontier reaches `time + w` (at the latest, when the input
-/// ends).
+/// ends). `ends` are retractions to hold as they are (`(data, window end,
+/// diff)`): those of contributions restored from a checkpoint, whose
+/// entries are restored at another time than their own.
 pub fn retract_at_window_end<'s, D, W>(
     updates: Stream<'s, Time, Vec<(D, Time, isize)>>,
+    ends: Stream<'s, Time, Vec<(D, Time, isize)>>,
     window: W,
 ) -> Stream<'s, Time, Vec<(D, Time, isize)>>
 where
     D: Clone + 'static,
     W: Fn(&D) -> Option<u64> + 'static,
 {
-    updates.unary_frontier::<CapacityContainerBuilder<Vec<(D, Time, isize)>>, _, _, _>(
+    updates.binary_frontier::<_, CapacityContainerBuilder<Vec<(D, Time, isize)>>, _, _, _, _>(
+        ends,
+        Pipeline,
         Pipeline,
         "Window ends",
         move |_initial, _info| {
             let mut pending: BTreeMap<Time, Vec<(D, isize)>> = BTreeMap::new();
             // A capability at the earliest pending window end.
             let mut held: Option<Capability<Time>> = None;
-            move |(input, frontier), output| {
+            move |(input, frontier), (ends, ends_frontier), output| {
+                ends.for_each(|cap, data| {
+                    for (d, end, r) in data.drain(..) {
+                        if held.as_ref().is_none_or(|h| end < *h.time()) {
+                            held = Some(cap.delayed(&end, 0));
+                        }
+                        pending.entry(end).or_default().push((d, r));
+                    }
+                });
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
                     for (d, t, r) in data.drain(..) {
@@ -60,7 +73,12 @@ where
                 });
                 // The earliest time the input may still carry (`None`: it
                 // has ended): window ends up to it are due.
-                let reached = frontier.frontier().iter().min().copied();
+                let reached = frontier
+                    .frontier()
+                    .iter()
+                    .chain(ends_frontier.frontier().iter())
+                    .min()
+                    .copied();
                 if let Some(h) = held.as_mut() {
                     {
                         let mut session = output.session(h);
@@ -98,7 +116,8 @@ mod tests {
         let (probe_times, captured) = timely::execute_directly(|worker| {
             let (mut input, probe, captured) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, stream) = scope.new_input::<Vec<(&'static str, Time, isize)>>();
-                let out = retract_at_window_end(stream, |d: &&str| match *d {
+                let ends = timely::dataflow::operators::generic::operator::empty(scope);
+                let out = retract_at_window_end(stream, ends, |d: &&str| match *d {
                     "a" => Some(1_000),
                     "b" => Some(300),
                     _ => None,

@@ -26,11 +26,12 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::Stream;
 
 use crate::dataflow::profiles::Attributes;
+use crate::dataflow::retain::Retained;
 use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
 use crate::model::{Id, IdMap};
 use crate::spec::{SegmentSpec, TraitSpec};
-use crate::store::{attributes_json, SinkPositions, StateBatch, StoreOp};
+use crate::store::{attributes_json, RetainedBatch, SinkPositions, StateBatch, StoreOp};
 
 mod state;
 use crate::time::{Completion, Time};
@@ -191,6 +192,11 @@ pub struct RunSummary {
     /// held every diff, which were not written again.
     #[serde(default)]
     pub resumed_before: Option<u64>,
+    /// A run that restored its checkpoint's retained input: the cut (ms)
+    /// before which no record was read again, and the entries restored
+    /// (see [`crate::dataflow::retain`]).
+    #[serde(default)]
+    pub restored: Option<(u64, u64)>,
 }
 
 impl RunSummary {
@@ -498,6 +504,9 @@ impl Layout {
 /// - `global`: segment memberships and profiles, for worker 0's diffs.
 /// - `names`: identifier names, for the first worker of every process
 ///   that writes state (else worker 0).
+/// - `retained`: what the checkpoint retains of this worker's records
+///   (see [`crate::dataflow::retain`]), written by its process with the
+///   state.
 /// - `control`: source clocks for the first worker of every process,
 ///   everything else for worker 0.
 ///
@@ -509,6 +518,7 @@ pub fn commit<'s>(
     local: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
     global: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
     names: Stream<'s, Time, Vec<(StateUpdate, Time, isize)>>,
+    retained: Stream<'s, Time, Vec<(Retained, Time, isize)>>,
     control: Stream<'s, Time, Vec<Control>>,
     layout: Layout,
     outputs: Option<Outputs>,
@@ -551,6 +561,11 @@ pub fn commit<'s>(
         control,
         Exchange::new(|(target, _): &(u64, Control)| *target),
     );
+    let mut retained_in = builder.new_input(retained, Pipeline);
+    let mut retained_pending: BTreeMap<Time, Vec<(Retained, isize)>> = BTreeMap::new();
+    // A resumed run's state holds every change before its checkpoint's
+    // cut: the restored input's changes are not written again.
+    let restored_before = shared.restored_before;
     let members = vec![0; segments.len()];
     let mut committer = outputs.map(|outputs| Committer {
         summary: RunSummary {
@@ -594,6 +609,7 @@ pub fn commit<'s>(
                 global_in.for_each(|_, _| {});
                 names_in.for_each(|_, _| {});
                 control_in.for_each(|_, _| {});
+                retained_in.for_each(|_, _| {});
                 return;
             }
             // Names as they arrive: an update that uses one completes no
@@ -662,6 +678,11 @@ pub fn commit<'s>(
                     local_pending.entry(time).or_default().push((update, diff));
                 }
             });
+            retained_in.for_each(|_cap, data| {
+                for (update, time, diff) in data.drain(..) {
+                    retained_pending.entry(time).or_default().push((update, diff));
+                }
+            });
             // The earliest time some worker may still produce.
             let frontier = frontiers
                 .iter()
@@ -683,7 +704,7 @@ pub fn commit<'s>(
                     let Ok(ops) = c.commit(time, updates, &names) else {
                         return;
                     };
-                    if stateful {
+                    if stateful && time >= restored_before {
                         staged.entry(time).or_default().stage(&ops);
                     }
                     wrote = true;
@@ -706,6 +727,9 @@ pub fn commit<'s>(
                     break;
                 }
                 let mut updates = local_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
+                if time < restored_before {
+                    continue;
+                }
                 differential_dataflow::consolidation::consolidate(&mut updates);
                 let replaced = replaced_values(&updates);
                 let batch = staged.entry(time).or_default();
@@ -715,12 +739,28 @@ pub fn commit<'s>(
                 }
             }
             drop(names);
+            let mut retained_staged: BTreeMap<Time, RetainedBatch> = BTreeMap::new();
+            while let Some((&time, _)) = retained_pending.first_key_value() {
+                if !completion.committable(time, frontier) {
+                    break;
+                }
+                let updates = retained_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
+                let batch = retained_staged.entry(time).or_default();
+                for (update, diff) in &updates {
+                    let window = match update {
+                        Retained::Contribution(c) => crate::dataflow::traits::window_of(&traits, c),
+                        _ => None,
+                    };
+                    batch.stage(update, time, *diff, window);
+                }
+            }
             // Every change of a time before the horizon is staged: times
             // before the frontier, up to the end of the data. At the end,
             // times after the data (window expiries) are not part of a
             // finite replay's result.
             if frontier.is_none() {
                 local_pending.clear();
+                retained_pending.clear();
                 if let Some(c) = committer.as_mut() {
                     c.pending.clear();
                 }
@@ -733,7 +773,9 @@ pub fn commit<'s>(
                 if let Some(c) = committer.as_ref() {
                     state.set_sinks(&c.positions);
                 }
-                if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), horizon) {
+                let retained = retained_staged.into_iter().collect();
+                if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), retained, horizon)
+                {
                     abort.fail(format!("state directory {}: {e}", state.label));
                     return;
                 }

@@ -27,12 +27,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::io::sources::Progress;
 use crate::model::{Id, IdMap};
 use crate::store::{
-    Checkpoint, InputMark, SinkPositions, StateBatch, StateLock, Store, StoreError,
+    Checkpoint, InputMark, RetainedBatch, RetainedCut, SinkPositions, StateBatch, StateLock, Store,
+    StoreError,
 };
 use crate::time::{Completion, Time};
 
@@ -51,16 +53,21 @@ pub struct ProcessShared {
     pub completion: Mutex<Completion>,
     /// This process's part of the state.
     pub state: Option<ProcessState>,
+    /// A run resumed from a checkpoint's retained input: its state holds
+    /// every change of a time before this (the checkpoint's cut), which is
+    /// not written again (0 otherwise).
+    pub restored_before: Time,
 }
 
 impl ProcessShared {
     /// The shared commit-stage state of a process whose part of the state
     /// (if any) is `state`.
-    pub fn new(state: Option<ProcessState>) -> ProcessShared {
+    pub fn new(state: Option<ProcessState>, restored_before: Time) -> ProcessShared {
         ProcessShared {
             names: Mutex::new(IdMap::default()),
             completion: Mutex::new(Completion::default()),
             state,
+            restored_before,
         }
     }
 
@@ -81,6 +88,8 @@ pub struct ProcessState {
     pub label: String,
     group: Mutex<Group>,
     batches: AtomicU64,
+    /// Where the readers of ranges are, for the checkpoints' resume points.
+    progress: Option<Arc<Progress>>,
 }
 
 struct Group {
@@ -89,6 +98,12 @@ struct Group {
     horizons: Vec<Time>,
     /// Deposited changes by time, not yet written.
     deposits: BTreeMap<Time, Vec<StateBatch>>,
+    /// Deposited retained updates by time, not yet written (they are
+    /// written once their time is before the cut, see [`Group::cut`]).
+    retained: BTreeMap<Time, Vec<RetainedBatch>>,
+    /// The cut a resumed run started from: the retained input holds
+    /// everything before it.
+    cut_floor: Time,
     /// Everything before this is written.
     written: Time,
     checkpoint: Checkpoint,
@@ -114,6 +129,8 @@ impl ProcessState {
             group: Mutex::new(Group {
                 horizons: vec![0; workers],
                 deposits: BTreeMap::new(),
+                retained: BTreeMap::new(),
+                cut_floor: 0,
                 written: 0,
                 checkpoint: Checkpoint {
                     processes,
@@ -123,6 +140,24 @@ impl ProcessState {
                 last_flush: Instant::now(),
             }),
             batches: AtomicU64::new(0),
+            progress: None,
+        }
+    }
+
+    /// Makes the checkpoints retain the input (see
+    /// [`crate::dataflow::retain`]), with the resume points the readers
+    /// record in `progress`, on the process that writes the outputs (the
+    /// cut follows their bounds). A run resumed from a checkpoint
+    /// continues it (`resumed`: its checkpoint, whose cut and output
+    /// positions stand until new ones are written).
+    pub fn retain_input(&mut self, progress: Arc<Progress>, resumed: Option<&Checkpoint>) {
+        self.progress = Some(progress);
+        if let (Some(c), Ok(g)) = (resumed, self.group.get_mut()) {
+            g.cut_floor = c.retained.as_ref().map_or(0, |r| r.cut);
+            g.checkpoint.retained = c.retained.clone();
+            g.checkpoint.sinks = c.sinks.clone();
+            g.checkpoint.offsets = c.offsets.clone();
+            g.checkpoint.time = c.time;
         }
     }
 
@@ -146,10 +181,42 @@ impl ProcessState {
     /// Writes the checkpoint as it is now, with no state changes (a resumed
     /// run's first: where the outputs stood).
     pub fn write_checkpoint(&self) -> Result<(), StoreError> {
-        let Ok(g) = self.group.lock() else {
+        let Ok(mut g) = self.group.lock() else {
             return Ok(());
         };
-        self.store.write(StateBatch::default(), &g.checkpoint)
+        self.write(&mut g, StateBatch::default())
+    }
+
+    /// Writes `batch`, the retained updates before the new cut and the
+    /// checkpoint, at once. The cut is the least of the times written
+    /// (every worker's changes before it are in) and of the segment
+    /// output's bound (a resumed run writes the diffs from its cut on); it
+    /// never moves back, and does not move before the outputs' positions
+    /// are known.
+    fn write(&self, g: &mut Group, batch: StateBatch) -> Result<(), StoreError> {
+        let mut retained = RetainedBatch::default();
+        if let Some(progress) = &self.progress {
+            let bound = g
+                .checkpoint
+                .sinks
+                .as_ref()
+                .map(|s| (s.segments_bound, s.dead_bound));
+            if let Some((segments_bound, dead_bound)) = bound {
+                let previous = g.checkpoint.retained.as_ref().map_or(0, |r| r.cut);
+                let cut = g.written.min(segments_bound).max(g.cut_floor).max(previous);
+                let later = g.retained.split_off(&cut);
+                for (_, parts) in std::mem::replace(&mut g.retained, later) {
+                    for part in parts {
+                        retained.absorb(part);
+                    }
+                }
+                g.checkpoint.retained = Some(RetainedCut {
+                    cut,
+                    points: progress.choose(cut, dead_bound),
+                });
+            }
+        }
+        self.store.write_retained(batch, retained, &g.checkpoint)
     }
 
     /// Records where the outputs stand, for the next checkpoint (process
@@ -177,6 +244,7 @@ impl ProcessState {
         &self,
         worker: usize,
         times: Vec<(Time, StateBatch)>,
+        retained: Vec<(Time, RetainedBatch)>,
         horizon: Time,
     ) -> Result<(), StoreError> {
         let Ok(mut g) = self.group.lock() else {
@@ -184,6 +252,11 @@ impl ProcessState {
         };
         for (time, batch) in times {
             g.deposits.entry(time).or_default().push(batch);
+        }
+        if self.progress.is_some() {
+            for (time, batch) in retained {
+                g.retained.entry(time).or_default().push(batch);
+            }
         }
         g.horizons[worker] = g.horizons[worker].max(horizon);
         let least = g.horizons.iter().copied().min().unwrap_or(Time::MAX);
@@ -194,15 +267,21 @@ impl ProcessState {
             };
             let ready = std::mem::replace(&mut g.deposits, later);
             g.written = least;
+            let retained_due = g
+                .retained
+                .first_key_value()
+                .is_some_and(|(t, _)| *t < least);
             if let Some((&last, _)) = ready.last_key_value() {
+                g.checkpoint.time = last;
+            }
+            if !ready.is_empty() || retained_due {
                 let mut batch = StateBatch::default();
                 for (_, parts) in ready {
                     for part in parts {
                         batch.absorb(part);
                     }
                 }
-                g.checkpoint.time = last;
-                self.store.write(batch, &g.checkpoint)?;
+                self.write(&mut g, batch)?;
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 g.unflushed = true;
             }
@@ -253,6 +332,7 @@ mod tests {
                 (1, trait_batch(1.0, None)),
                 (2, trait_batch(2.0, Some(1.0))),
             ],
+            Vec::new(),
             3,
         )
         .unwrap();
@@ -266,14 +346,14 @@ mod tests {
             },
             1,
         )]);
-        part.deposit(1, vec![(1, link)], 2).unwrap();
+        part.deposit(1, vec![(1, link)], Vec::new(), 2).unwrap();
         assert_eq!(part.batches(), 1);
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.identifiers, vec!["user:p".to_string()]);
         assert_eq!(view.traits.get("views"), Some(&1.0), "time 1, not 2");
         assert_eq!(view.as_of.unwrap().time, 1);
         // Worker 1 finishes: time 2 is written.
-        part.deposit(1, Vec::new(), Time::MAX).unwrap();
+        part.deposit(1, Vec::new(), Vec::new(), Time::MAX).unwrap();
         assert_eq!(part.batches(), 2);
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.traits.get("views"), Some(&2.0));

@@ -84,6 +84,12 @@ pub trait LineSource {
     fn wakes_on_input(&self) -> bool {
         false
     }
+    /// Where the next line starts, `(byte offset, line number)`, for a
+    /// source that can be opened there again (a range of a replayed file);
+    /// `None` for the others.
+    fn resume_at(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// The streams (TCP peers) that have ended since the last call; their
     /// per-stream state, such as a CSV header, can be dropped.
     fn take_closed(&mut self) -> Vec<Option<String>> {
@@ -542,6 +548,9 @@ impl LineSource for RangeLines {
     }
     fn is_live(&self) -> bool {
         false
+    }
+    fn resume_at(&self) -> Option<(u64, u64)> {
+        (!self.framer.has_partial()).then(|| (self.framer.consumed(), self.framer.newlines + 1))
     }
 }
 

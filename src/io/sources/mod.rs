@@ -50,7 +50,10 @@ use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
 
 pub mod decode;
 pub mod lines;
+pub mod progress;
 pub mod tcp;
+
+pub use progress::{Progress, Resume, ResumePoint};
 
 use decode::{decode_stage, peek_time, RawLine};
 use lines::{FileLines, FileRange, LineSource, MemoryLines, Next, RangeLines};
@@ -141,6 +144,21 @@ pub struct ReadParams {
     /// Set to end every source now (graceful shutdown: what was read is
     /// completed and written, then the run returns).
     pub shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A run resumed from a checkpoint's retained input: where the ranges
+    /// of replayed files start again, and the cut before which admitted
+    /// records are dropped (see [`progress`]).
+    pub resume: Option<Arc<Resume>>,
+    /// Where the readers of ranges record their points, for the
+    /// checkpoints of a run with state.
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl ReadParams {
+    /// Records admitted at a tick before this are in the checkpoint the
+    /// run resumed from, and are dropped (0 without one).
+    fn restored_before(&self) -> Time {
+        self.resume.as_ref().map_or(0, |r| r.before)
+    }
 }
 
 /// Lines decoded per activation before yielding to other operators.
@@ -184,26 +202,79 @@ struct Reader {
     /// No record of this reader is earlier (a range's bound): the least time
     /// its dead letters are written at.
     floor: Time,
+    /// The first byte of the range read (which names it for
+    /// [`Progress`]); `None` for other inputs.
+    range_start: Option<u64>,
+    /// The largest tick admitted and the latest dead-letter time so far in
+    /// the range (see [`ResumePoint`]).
+    max_tick: Option<Time>,
+    max_dead: Option<Time>,
 }
 
 impl Reader {
     /// A reader of one range of a (not followed) file of JSON lines.
+    /// Starts at `point` (a resumed run's) with the clock it had there,
+    /// else at the range's start.
     fn open_range(
         def: SourceDef,
         params: Arc<ReadParams>,
         path: &std::path::Path,
         range: FileRange,
         floor: Time,
+        point: Option<ResumePoint>,
     ) -> std::io::Result<Reader> {
+        let from = match point {
+            Some(p) => FileRange {
+                start: p.offset,
+                end: range.end.max(p.offset),
+                first_line: p.line,
+            },
+            None => range,
+        };
         // A read buffer no larger than the range (at most 1 MiB).
-        let buffer = (range.end - range.start).clamp(4096, 1 << 20) as usize;
+        let buffer = (from.end - from.start).clamp(4096, 1 << 20) as usize;
         let lines = Box::new(RangeLines::with_buffer(
             path,
-            range,
+            from,
             params.max_line_bytes,
             buffer,
         )?);
-        Ok(Reader::new(def, params, lines, true, floor))
+        let time = params.time;
+        let mut reader = Reader::new(def, params, lines, true, floor);
+        reader.range_start = Some(range.start);
+        if let Some(p) = point {
+            reader.clock = SourceClock::restored(time, p.clock);
+            reader.max_tick = p.max_tick;
+            reader.max_dead = p.max_dead;
+        }
+        Ok(reader)
+    }
+
+    /// Records in [`ReadParams::progress`] that every line before the
+    /// next one has been read (a range's reader only).
+    fn record_progress(&self) {
+        let (Some(progress), Some(start)) = (&self.params.progress, self.range_start) else {
+            return;
+        };
+        if let Some((offset, line)) = self.lines.resume_at() {
+            progress.record(
+                self.def.index,
+                ResumePoint {
+                    start,
+                    offset,
+                    line,
+                    clock: self.clock.state(),
+                    max_tick: self.max_tick,
+                    max_dead: self.max_dead,
+                },
+            );
+        }
+    }
+
+    /// Whether a record admitted at `tick` goes into the dataflow: not if
+    /// the checkpoint the run resumed from holds it.
+    fn keeps(&self, tick: Time) -> bool {
+        tick >= self.params.restored_before()
     }
 
     /// A reader of `lines`, with a fresh clock (live if the lines are).
@@ -227,6 +298,9 @@ impl Reader {
             stats: (0, 0, 0, 0),
             local_decode,
             floor,
+            range_start: None,
+            max_tick: None,
+            max_dead: None,
         }
     }
 
@@ -274,10 +348,9 @@ impl Reader {
             reason,
             raw,
         );
-        ctl.push(Control::Dead(
-            letter,
-            self.clock.watermark().max(self.floor),
-        ));
+        let at = self.clock.watermark().max(self.floor);
+        self.max_dead = self.max_dead.max(Some(at));
+        ctl.push(Control::Dead(letter, at));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -316,6 +389,9 @@ impl Reader {
                 let Some(tick) = self.admit(ms, now_ms, line, offset, &peer, &bytes, ctl) else {
                     return;
                 };
+                if !self.keeps(tick) {
+                    return;
+                }
                 let text = text.to_string();
                 raw.push(RawLine {
                     line,
@@ -379,8 +455,10 @@ impl Reader {
         else {
             return;
         };
-        self.stats.1 += 1;
-        out.push((record, tick, 1));
+        if self.keeps(tick) {
+            self.stats.1 += 1;
+            out.push((record, tick, 1));
+        }
     }
 
     /// Decodes a JSON line in one pass and offers its time to the clock,
@@ -415,8 +493,10 @@ impl Reader {
                 if let Err(reason) = check_summed_fields(&record, &self.params.summed) {
                     return self.dead(ctl, line, offset, None, reason, bytes);
                 }
-                self.stats.1 += 1;
-                out.push((record, tick, 1));
+                if self.keeps(tick) {
+                    self.stats.1 += 1;
+                    out.push((record, tick, 1));
+                }
             }
             Err(e) => {
                 if let Some(ms) = peek_time(self.def.kind, text, self.def.time_unit) {
@@ -446,6 +526,7 @@ impl Reader {
         ctl: &mut Vec<Control>,
     ) -> Option<Time> {
         let admission = self.clock.admit(ms, now_ms);
+        self.max_tick = self.max_tick.max(admission.time());
         if admission.is_late() {
             self.stats.3 += 1;
         }
@@ -533,6 +614,7 @@ impl Reader {
                 offset: self.lines.position(),
             });
         }
+        self.record_progress();
         let clock = self.clock.clock();
         if clock != self.reported_clock {
             if let Some(tick) = clock {
@@ -779,12 +861,17 @@ pub fn source<'s>(
                         Input::File { path, .. } => path.clone(),
                         _ => unreachable!("only files are read in ranges"),
                     };
+                    let point = params
+                        .resume
+                        .as_ref()
+                        .and_then(|r| r.point(&def.name, range.start));
                     match Reader::open_range(
                         def.clone(),
                         Arc::clone(&params),
                         &path,
                         range,
                         part.bound,
+                        point,
                     ) {
                         Ok(r) => part.reader = Some(r),
                         Err(e) => {

@@ -1,0 +1,232 @@
+//! The retained input: what a checkpoint keeps of the records read so far,
+//! compacted, so that a restart rebuilds every arrangement without reading
+//! the inputs again.
+//!
+//! Every stage downstream of the record splitter is a function of four
+//! insert-only collections (CRM versions, the first occurrences of
+//! identifier sets, trait contributions, identifier names). A checkpoint
+//! at *cut* `C` holds all of their updates at times before `C`, compacted
+//! as differential dataflow compacts a trace at frontier `C` (every time
+//! before `C` becomes one time, `C - 1`), and bounded by the number of
+//! profiles and the longest window, not by the length of the stream:
+//!
+//! | collection | what is kept | why it is enough |
+//! |---|---|---|
+//! | CRM versions | per `crm_id`, the latest version (by `updated_at`, then content) | the upsert keeps only the latest version, and versions are never retracted |
+//! | identifier sets | each distinct set once | the link graph is a distinct over sets |
+//! | names | each identifier key's `kind:value` text | the sinks name keys by it |
+//! | lifetime contributions | per `(identifier, trait)`, the total | totals are sums ([`crate::dataflow::traits`]) |
+//! | windowed contributions | per `(window end, identifier, trait, value)` with end at or after `C`, the count | an event still inside its window at `C` leaves it at its window end; one that left before `C` adds nothing |
+//!
+//! A restart injects them at time `C - 1` ([`restore`]): the outputs at
+//! every time from `C` on are exactly those of a run that never stopped
+//! (differential's compaction argument: an accumulation at `t ≥ C` is the
+//! same whether the updates before `C` carry their own times or `C - 1`).
+//! The diffs and state of `C - 1` are already in the outputs and are not
+//! written again. The sources resume from points whose earlier lines are
+//! all in the checkpoint (see `io::sources`), and drop every record they
+//! admit again at a tick before `C`.
+
+use std::sync::Arc;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::{Scope, Stream};
+
+use super::traits::Contribution;
+use super::Time;
+use crate::model::{CrmRecord, Id};
+
+/// One retained update (its time and diff travel beside it).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Retained {
+    /// A CRM version, keyed by `crm_id`.
+    Crm(String, CrmRecord),
+    /// The first occurrence of an identifier set of an event.
+    Set(Vec<Id>),
+    /// The `kind:value` text of an identifier key.
+    Name(Id, String),
+    /// A trait contribution at the update's time.
+    Contribution(Contribution),
+}
+
+/// What a checkpoint's retained input holds at its cut, read back for a
+/// restart (see the [module documentation](self)).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Restored {
+    /// The cut `C`: every update before it is here, injected at `C - 1`.
+    pub cut: Time,
+    /// The latest version of every CRM record.
+    pub crm: Vec<(String, CrmRecord)>,
+    /// The distinct identifier sets of events.
+    pub sets: Vec<Vec<Id>>,
+    /// Identifier names.
+    pub names: Vec<(Id, String)>,
+    /// Lifetime totals `(identifier, trait, total)` (a count, or a sum in
+    /// thousandths).
+    pub totals: Vec<(Id, u32, i128)>,
+    /// Windowed contributions still inside their window at the cut:
+    /// `(window end, (identifier, (trait, value)), count)`.
+    pub windowed: Vec<(Time, Contribution, isize)>,
+}
+
+impl Restored {
+    /// How many entries were restored.
+    pub fn entries(&self) -> u64 {
+        (self.crm.len()
+            + self.sets.len()
+            + self.names.len()
+            + self.totals.len()
+            + self.windowed.len()) as u64
+    }
+
+    /// The time the restored updates are injected at: `cut - 1`.
+    pub fn time(&self) -> Time {
+        self.cut.saturating_sub(1)
+    }
+}
+
+/// An update stream of differential shape.
+type Updates<'s, D> = Stream<'s, Time, Vec<(D, Time, isize)>>;
+
+/// The restored input, one stream per collection it goes into.
+pub struct RestoredStreams<'s> {
+    /// CRM versions.
+    pub crm: Updates<'s, (String, CrmRecord)>,
+    /// Identifier sets.
+    pub sets: Updates<'s, Vec<Id>>,
+    /// Identifier names.
+    pub names: Updates<'s, (Id, String)>,
+    /// Contributions (lifetime totals and windowed counts) at the restore
+    /// time.
+    pub contributions: Updates<'s, Contribution>,
+    /// The retractions of the windowed contributions, at their window ends
+    /// (for [`crate::time::window::retract_at_window_end`] to hold).
+    pub window_ends: Updates<'s, Contribution>,
+}
+
+/// Splits a lifetime total into contributions whose values fit an `i64`:
+/// `total = q · 2^62 + r`, as `(2^62, q)` and `(r, 1)`.
+fn total_contributions(id: Id, index: u32, total: i128) -> Vec<(Contribution, isize)> {
+    const UNIT: i128 = 1 << 62;
+    let (q, r) = (total.div_euclid(UNIT), total.rem_euclid(UNIT));
+    let mut out = Vec::new();
+    if q != 0 {
+        out.push(((id, (index, UNIT as i64)), q as isize));
+    }
+    if r != 0 {
+        out.push(((id, (index, r as i64)), 1));
+    }
+    out
+}
+
+/// Injects `restored` (if any) into the dataflow at [`Restored::time`]:
+/// every worker sends its share (every `peers`-th item), and holds no
+/// capability afterwards. Without a restore the streams are empty.
+pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Arc<Restored>>) -> RestoredStreams<'s> {
+    let mut builder = OperatorBuilder::new("Restore: checkpoint".to_owned(), scope);
+    let (crm_out, crm) = builder.new_output();
+    let (sets_out, sets) = builder.new_output();
+    let (names_out, names) = builder.new_output();
+    let (contrib_out, contributions) = builder.new_output();
+    let (ends_out, window_ends) = builder.new_output();
+    let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
+    let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
+    let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
+    let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
+    let mut ends_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(ends_out);
+    let (index, peers) = (scope.index(), scope.peers().max(1));
+    let activator = scope.activator_for(builder.operator_info().address.clone());
+    builder.build(move |caps| {
+        // Sent when first scheduled (downstream operators are connected by
+        // then), then the capabilities are dropped.
+        let mut held = restored.map(|r| (r, caps));
+        activator.activate();
+        move |_frontiers| {
+            let Some((r, mut caps)) = held.take() else {
+                return;
+            };
+            let at = r.time();
+            for cap in caps.iter_mut() {
+                cap.downgrade(&at);
+            }
+            let mine = |i: &usize| i % peers == index;
+            let mut out = crm_out.activate();
+            let mut session = out.session(&caps[0]);
+            for (_, c) in r.crm.iter().enumerate().filter(|(i, _)| mine(i)) {
+                session.give((c.clone(), at, 1));
+            }
+            drop(session);
+            drop(out);
+            let mut out = sets_out.activate();
+            let mut session = out.session(&caps[1]);
+            for (_, set) in r.sets.iter().enumerate().filter(|(i, _)| mine(i)) {
+                session.give((set.clone(), at, 1));
+            }
+            drop(session);
+            drop(out);
+            let mut out = names_out.activate();
+            let mut session = out.session(&caps[2]);
+            for (_, n) in r.names.iter().enumerate().filter(|(i, _)| mine(i)) {
+                session.give((n.clone(), at, 1));
+            }
+            drop(session);
+            drop(out);
+            let mut out = contrib_out.activate();
+            let mut session = out.session(&caps[3]);
+            for (_, &(id, t, total)) in r.totals.iter().enumerate().filter(|(i, _)| mine(i)) {
+                for (c, n) in total_contributions(id, t, total) {
+                    session.give((c, at, n));
+                }
+            }
+            for (_, &(_, c, n)) in r.windowed.iter().enumerate().filter(|(i, _)| mine(i)) {
+                session.give((c, at, n));
+            }
+            drop(session);
+            drop(out);
+            let mut out = ends_out.activate();
+            let mut session = out.session(&caps[4]);
+            for (_, &(end, c, n)) in r.windowed.iter().enumerate().filter(|(i, _)| mine(i)) {
+                session.give((c, end, -n));
+            }
+        }
+    });
+    RestoredStreams {
+        crm,
+        sets,
+        names,
+        contributions,
+        window_ends,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lifetime total of any size comes back as contributions whose
+    /// values times counts add up to it exactly.
+    #[test]
+    fn totals_split_exactly() {
+        let id = Id(7);
+        for total in [
+            0i128,
+            1,
+            -1,
+            19_999,
+            (1 << 62) - 1,
+            1 << 62,
+            -(1 << 62) - 5,
+            (1i128 << 87) + 12_345,
+            -(1i128 << 87),
+        ] {
+            let sum: i128 = total_contributions(id, 3, total)
+                .iter()
+                .map(|((_, (_, v)), n)| *v as i128 * *n as i128)
+                .sum();
+            assert_eq!(sum, total);
+        }
+        assert!(total_contributions(id, 3, 0).is_empty());
+    }
+}

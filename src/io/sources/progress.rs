@@ -1,0 +1,173 @@
+//! Where a resumed run's readers start: points in the ranges of replayed
+//! files, recorded as they are read and chosen for each checkpoint.
+//!
+//! A checkpoint at cut `C` (see `dataflow::retain`) holds every record
+//! admitted at a tick before `C`, and the dead-letter output holds every
+//! dead letter of a time before its bound `D`. A point of a range (a byte
+//! offset at a line boundary, with its line number and what the range's
+//! clock had seen there) is *valid* for `(C, D)` when every line before it
+//! was admitted at a tick before `C`, if at all, and dead-lettered at a time
+//! before `D`, if at all: nothing before it is still to be written. A
+//! resumed reader starts at the point with the same clock, so it judges
+//! every later line as the first reader did, and it drops the records it
+//! admits at ticks before `C` (the checkpoint holds them). The start of a
+//! range, with a fresh clock, is always valid: a range without a point is
+//! read from its start.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::watermark::ClockState;
+use crate::time::Time;
+
+/// A point of a range of a replayed file at which a reader can start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// The first byte of the range (which names it).
+    pub start: u64,
+    /// The byte offset of the next line.
+    pub offset: u64,
+    /// The line number (1-based) of the next line.
+    pub line: u64,
+    /// What the range's clock had seen before that line.
+    pub clock: ClockState,
+    /// The largest tick admitted before that line.
+    pub max_tick: Option<Time>,
+    /// The latest time a line before it was dead-lettered at.
+    pub max_dead: Option<Time>,
+}
+
+impl ResumePoint {
+    /// Whether every line before the point is in a checkpoint at cut `cut`
+    /// and in a dead-letter output written up to `dead_bound` (see the
+    /// [module documentation](self)).
+    pub fn valid(&self, cut: Time, dead_bound: Time) -> bool {
+        self.max_tick.is_none_or(|t| t < cut) && self.max_dead.is_none_or(|t| t < dead_bound)
+    }
+}
+
+/// Where the readers of a resumed run start, and which records they drop.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// The checkpoint's cut: records admitted at an earlier tick are in the
+    /// checkpoint and are dropped.
+    pub before: Time,
+    /// Per source name, the point of each range that had one.
+    pub points: BTreeMap<String, Vec<ResumePoint>>,
+}
+
+impl Resume {
+    /// The point of the range of `source` that starts at `start`, if any.
+    pub fn point(&self, source: &str, start: u64) -> Option<ResumePoint> {
+        self.points
+            .get(source)?
+            .iter()
+            .find(|p| p.start == start)
+            .copied()
+    }
+}
+
+/// The points recorded by a process's readers, by source and range.
+#[derive(Debug)]
+pub struct Progress {
+    /// Source names, by source index.
+    names: Vec<String>,
+    points: Mutex<HashMap<(u32, u64), VecDeque<ResumePoint>>>,
+}
+
+impl Progress {
+    /// The progress of sources named `names` (by index), starting with the
+    /// points a resumed run starts from (if any).
+    pub fn new(names: Vec<String>, resume: Option<&Resume>) -> Progress {
+        let mut points: HashMap<(u32, u64), VecDeque<ResumePoint>> = HashMap::new();
+        if let Some(r) = resume {
+            for (index, name) in names.iter().enumerate() {
+                for p in r.points.get(name).into_iter().flatten() {
+                    points
+                        .entry((index as u32, p.start))
+                        .or_default()
+                        .push_back(*p);
+                }
+            }
+        }
+        Progress {
+            names,
+            points: Mutex::new(points),
+        }
+    }
+
+    /// Records that the reader of the range of source `source` that starts
+    /// at `point.start` has read every line before `point`.
+    pub fn record(&self, source: u32, point: ResumePoint) {
+        if let Ok(mut points) = self.points.lock() {
+            let list = points.entry((source, point.start)).or_default();
+            if list.back().is_none_or(|p| p.offset != point.offset) {
+                list.push_back(point);
+            }
+        }
+    }
+
+    /// The latest valid point of every range that has one, for a checkpoint
+    /// at cut `cut` with dead letters written up to `dead_bound`; the
+    /// points before them are forgotten (cuts and bounds only grow).
+    pub fn choose(&self, cut: Time, dead_bound: Time) -> BTreeMap<String, Vec<ResumePoint>> {
+        let mut out: BTreeMap<String, Vec<ResumePoint>> = BTreeMap::new();
+        let Ok(mut points) = self.points.lock() else {
+            return out;
+        };
+        for ((source, _), list) in points.iter_mut() {
+            let Some(last) = list.iter().rposition(|p| p.valid(cut, dead_bound)) else {
+                continue;
+            };
+            list.drain(..last);
+            let name = self
+                .names
+                .get(*source as usize)
+                .cloned()
+                .unwrap_or_default();
+            out.entry(name).or_default().push(list[0]);
+        }
+        for list in out.values_mut() {
+            list.sort_by_key(|p| p.start);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(offset: u64, max_tick: Option<Time>, max_dead: Option<Time>) -> ResumePoint {
+        ResumePoint {
+            start: 0,
+            offset,
+            line: offset + 1,
+            clock: ClockState::default(),
+            max_tick,
+            max_dead,
+        }
+    }
+
+    /// The latest point before which everything is checkpointed is chosen;
+    /// a range with none is left out (read again from its start).
+    #[test]
+    fn the_latest_valid_point_is_chosen() {
+        let progress = Progress::new(vec!["web".into(), "txn".into()], None);
+        progress.record(0, point(10, Some(1_000), None));
+        progress.record(0, point(20, Some(2_000), Some(500)));
+        progress.record(0, point(30, Some(3_000), Some(2_500)));
+        progress.record(1, point(5, Some(9_000), None));
+        let chosen = progress.choose(2_001, 1_000);
+        assert_eq!(chosen.len(), 1, "txn has no valid point: {chosen:?}");
+        assert_eq!(chosen["web"][0].offset, 20);
+        // A later dead letter bound than the latest point's: it is valid.
+        let chosen = progress.choose(3_001, 3_000);
+        assert_eq!(chosen["web"][0].offset, 30);
+        // Earlier points are forgotten.
+        let chosen = progress.choose(2_001, 1_000);
+        assert_eq!(chosen.get("web"), None);
+    }
+}
