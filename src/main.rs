@@ -123,7 +123,7 @@ struct BenchArgs {
     /// Directory for the data, outputs and state (kept afterwards).
     #[arg(long, value_name = "DIR", default_value = "bench")]
     dir: PathBuf,
-    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency, query, memory, resume (memory and resume are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it).
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency, query, memory, resume, restart (memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
     #[arg(
         long,
         value_delimiter = ',',
@@ -142,6 +142,14 @@ struct BenchArgs {
     /// Profiles in the state the query job looks up.
     #[arg(long, default_value_t = 1_000_000)]
     query_profiles: u64,
+    /// The restart job's data sets, comma-separated web event counts (each
+    /// with about a third as many profiles).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "375000,750000,1500000,3000000"
+    )]
+    restart_events: Vec<u64>,
 }
 
 #[derive(Args)]
@@ -537,6 +545,7 @@ fn main() -> ExitCode {
                 repeat: args.repeat,
                 latency_secs: args.latency_secs,
                 query_profiles: args.query_profiles,
+                restart_events: args.restart_events.clone(),
                 stop: Some(watch_signals()?),
             };
             segflow::bench::run(&config, &mut |line| print_out(&line))?;

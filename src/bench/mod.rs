@@ -86,6 +86,10 @@ pub struct BenchConfig {
     pub latency_secs: u64,
     /// Profiles in the state the `query` job looks up.
     pub query_profiles: u64,
+    /// The data sets of the `restart` job: web events of each, with five
+    /// people to draw visitors from per three events (about a third of
+    /// the events' count in profiles).
+    pub restart_events: Vec<u64>,
     /// Set (by SIGTERM or Ctrl-C) to stop: the running child is stopped
     /// and the bench ends with [`BenchError::Interrupted`].
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -123,7 +127,7 @@ pub struct JobResult {
 pub enum BenchError {
     /// A job name that does not exist.
     #[error(
-        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query, memory, resume"
+        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query, memory, resume, restart"
     )]
     UnknownJob(String),
     /// Generating data, writing a file or starting a run failed.
@@ -473,6 +477,61 @@ fn resume_job(
     .to_string())
 }
 
+/// The `restart` job: `job` run to its end over `data` (`events` web
+/// events) from an empty state (`run_secs`: what a restart that reads the
+/// inputs again costs), then `repeat` times run again on the same inputs,
+/// which restores the checkpoint's retained input and reads only what
+/// follows its points (`restart_secs`, median). Reports the profiles, the
+/// retained entries restored, the state's size and whether the outputs
+/// stayed byte-identical.
+fn restart_job(
+    job: &Job,
+    workers: usize,
+    repeat: usize,
+    dir: &Path,
+    data: &Path,
+    events: u64,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<String, BenchError> {
+    let flow = write_flow(job, dir)?;
+    let failed = |reason: String| BenchError::Run {
+        job: "restart".to_string(),
+        workers,
+        reason,
+    };
+    let out = dir.join("out");
+    let stem = format!("restart-{events}-w{workers}");
+    let args = |reset: bool| run_args(job, &flow, workers, data, &out, &stem, true, reset);
+    let (first, first_rss) = run_summary(&args(true), stop, &failed)?;
+    let read = |suffix: &str| std::fs::read(out.join(format!("{stem}.{suffix}"))).ok();
+    let before = (read("jsonl"), read("dead.jsonl"));
+    let (mut restarts, mut rss, mut restored, mut identical) = (Vec::new(), Vec::new(), 0, true);
+    for _ in 0..repeat {
+        let (s, kb) = run_summary(&args(false), stop, &failed)?;
+        restarts.push(s.elapsed_secs);
+        rss.push(kb as f64 / 1024.0);
+        restored = s.restored.map_or(0, |(_, entries)| entries);
+        identical &= (read("jsonl"), read("dead.jsonl")) == before && s.diffs_written == 0;
+    }
+    let state_bytes = dir_bytes(&out.join(format!("{stem}.state")));
+    Ok(serde_json::json!({
+        "job": "restart",
+        "of": job.name,
+        "workers": workers,
+        "runs": repeat,
+        "events": events,
+        "profiles": first.profiles,
+        "run_secs": first.elapsed_secs,
+        "run_peak_rss_mb": first_rss as f64 / 1024.0,
+        "restart_secs": median(restarts),
+        "restart_peak_rss_mb": median(rss),
+        "restored_entries": restored,
+        "state_bytes": state_bytes,
+        "identical": identical,
+    })
+    .to_string())
+}
+
 /// Writes the state of `profiles` synthetic profiles under `dir/query.state`
 /// and times `segflow query` on random identifiers of them (`21 × repeat`
 /// lookups, each a new process, as an operator runs it); returns the
@@ -604,7 +663,7 @@ fn query_job(
 /// An unknown job, data that cannot be generated, a run that fails.
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
-        if !["latency", "query", "memory", "resume"].contains(&name.as_str())
+        if !["latency", "query", "memory", "resume", "restart"].contains(&name.as_str())
             && !JOBS.iter().any(|j| j.name == name)
         {
             return Err(BenchError::UnknownJob(name.clone()));
@@ -692,6 +751,30 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
                 let few = run_job(job, 1, config.repeat, &config.dir, &small, stop)?;
                 let many = run_job(job, 1, config.repeat, &config.dir, &data, stop)?;
                 print(memory_line(job.name, &few, &many));
+            }
+            continue;
+        }
+        if name == "restart" {
+            for &events in &config.restart_events {
+                let sized = config.dir.join(format!("data-restart-{events}"));
+                let gen_sized = crate::generate::GenConfig {
+                    events,
+                    people: Some(events * 5 / 3),
+                    ..gen.clone()
+                };
+                crate::generate::generate_dir(&gen_sized, &sized)
+                    .map_err(io_err(format!("generate data into {}", sized.display())))?;
+                for &workers in &config.workers {
+                    print(restart_job(
+                        &JOBS[0],
+                        workers,
+                        config.repeat,
+                        &config.dir,
+                        &sized,
+                        events,
+                        stop,
+                    )?);
+                }
             }
             continue;
         }
