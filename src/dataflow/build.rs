@@ -24,8 +24,9 @@ use crate::spec::{SegmentSpec, Spec, TraitSpec};
 use crate::time::window::retract_at_window_end;
 
 /// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
-/// `restored` is the retained input of the checkpoint a run resumes from
-/// (see [`retain`]), injected before the inputs are read again;
+/// `restored` is this worker's share of the retained input of the
+/// checkpoint a run resumes from (see [`retain`]), injected before the
+/// inputs are read again;
 /// the run's summary appears in `result` when the dataflow has drained.
 /// `shared` is the worker's process's commit-stage state; whether it holds
 /// a part of the state is the same on every process (the cluster start-up
@@ -38,7 +39,7 @@ pub fn build<'s>(
     layout: Layout,
     outputs: Option<Outputs>,
     shared: Arc<ProcessShared>,
-    restored: Option<Arc<Restored>>,
+    restored: Option<Restored>,
     result: Rc<RefCell<Option<RunSummary>>>,
     abort: Arc<Abort>,
 ) {

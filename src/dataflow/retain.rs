@@ -27,8 +27,6 @@
 //! all in the checkpoint (see `io::sources`), and drop every record they
 //! admit again at a tick before `C`.
 
-use std::sync::Arc;
-
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
@@ -81,6 +79,34 @@ impl Restored {
             + self.windowed.len()) as u64
     }
 
+    /// Deals the entries into `n` shares (one per worker), each with the
+    /// same cut.
+    pub fn into_shares(self, n: usize) -> Vec<Restored> {
+        let n = n.max(1);
+        let mut shares: Vec<Restored> = (0..n)
+            .map(|_| Restored {
+                cut: self.cut,
+                ..Restored::default()
+            })
+            .collect();
+        for (i, c) in self.crm.into_iter().enumerate() {
+            shares[i % n].crm.push(c);
+        }
+        for (i, set) in self.sets.into_iter().enumerate() {
+            shares[i % n].sets.push(set);
+        }
+        for (i, name) in self.names.into_iter().enumerate() {
+            shares[i % n].names.push(name);
+        }
+        for (i, t) in self.totals.into_iter().enumerate() {
+            shares[i % n].totals.push(t);
+        }
+        for (i, w) in self.windowed.into_iter().enumerate() {
+            shares[i % n].windowed.push(w);
+        }
+        shares
+    }
+
     /// The time the restored updates are injected at: `cut - 1`.
     pub fn time(&self) -> Time {
         self.cut.saturating_sub(1)
@@ -121,10 +147,11 @@ fn total_contributions(id: Id, index: u32, total: i128) -> Vec<(Contribution, is
     out
 }
 
-/// Injects `restored` (if any) into the dataflow at [`Restored::time`]:
-/// every worker sends its share (every `peers`-th item), and holds no
-/// capability afterwards. Without a restore the streams are empty.
-pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Arc<Restored>>) -> RestoredStreams<'s> {
+/// Injects `restored` (this worker's share, if any; see
+/// [`Restored::into_shares`]) into the dataflow at [`Restored::time`], and
+/// holds no capability afterwards. Without a restore the streams are
+/// empty.
+pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> RestoredStreams<'s> {
     let mut builder = OperatorBuilder::new("Restore: checkpoint".to_owned(), scope);
     let (crm_out, crm) = builder.new_output();
     let (sets_out, sets) = builder.new_output();
@@ -136,11 +163,10 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Arc<Restored>>) -> R
     let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
     let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
     let mut ends_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(ends_out);
-    let (index, peers) = (scope.index(), scope.peers().max(1));
     let activator = scope.activator_for(builder.operator_info().address.clone());
     builder.build(move |caps| {
         // Sent when first scheduled (downstream operators are connected by
-        // then), then the capabilities are dropped.
+        // then), then the share and the capabilities are dropped.
         let mut held = restored.map(|r| (r, caps));
         activator.activate();
         move |_frontiers| {
@@ -151,45 +177,34 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Arc<Restored>>) -> R
             for cap in caps.iter_mut() {
                 cap.downgrade(&at);
             }
-            let mine = |i: &usize| i % peers == index;
-            let mut out = crm_out.activate();
-            let mut session = out.session(&caps[0]);
-            for (_, c) in r.crm.iter().enumerate().filter(|(i, _)| mine(i)) {
-                session.give((c.clone(), at, 1));
-            }
-            drop(session);
-            drop(out);
-            let mut out = sets_out.activate();
-            let mut session = out.session(&caps[1]);
-            for (_, set) in r.sets.iter().enumerate().filter(|(i, _)| mine(i)) {
-                session.give((set.clone(), at, 1));
-            }
-            drop(session);
-            drop(out);
-            let mut out = names_out.activate();
-            let mut session = out.session(&caps[2]);
-            for (_, n) in r.names.iter().enumerate().filter(|(i, _)| mine(i)) {
-                session.give((n.clone(), at, 1));
-            }
-            drop(session);
-            drop(out);
-            let mut out = contrib_out.activate();
-            let mut session = out.session(&caps[3]);
-            for (_, &(id, t, total)) in r.totals.iter().enumerate().filter(|(i, _)| mine(i)) {
-                for (c, n) in total_contributions(id, t, total) {
+            crm_out
+                .activate()
+                .session(&caps[0])
+                .give_iterator(r.crm.into_iter().map(|c| (c, at, 1)));
+            sets_out
+                .activate()
+                .session(&caps[1])
+                .give_iterator(r.sets.into_iter().map(|s| (s, at, 1)));
+            names_out
+                .activate()
+                .session(&caps[2])
+                .give_iterator(r.names.into_iter().map(|n| (n, at, 1)));
+            {
+                let mut out = contrib_out.activate();
+                let mut session = out.session(&caps[3]);
+                for (id, t, total) in r.totals {
+                    for (c, n) in total_contributions(id, t, total) {
+                        session.give((c, at, n));
+                    }
+                }
+                for &(_, c, n) in &r.windowed {
                     session.give((c, at, n));
                 }
             }
-            for (_, &(_, c, n)) in r.windowed.iter().enumerate().filter(|(i, _)| mine(i)) {
-                session.give((c, at, n));
-            }
-            drop(session);
-            drop(out);
-            let mut out = ends_out.activate();
-            let mut session = out.session(&caps[4]);
-            for (_, &(end, c, n)) in r.windowed.iter().enumerate().filter(|(i, _)| mine(i)) {
-                session.give((c, end, -n));
-            }
+            ends_out
+                .activate()
+                .session(&caps[4])
+                .give_iterator(r.windowed.into_iter().map(|(end, c, n)| (c, end, -n)));
         }
     });
     RestoredStreams {

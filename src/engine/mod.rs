@@ -163,11 +163,17 @@ fn start(
                 Some(checkpoint) => {
                     let store = Store::open(&part)?;
                     let cut = checkpoint.retained.as_ref().map_or(0, |r| r.cut);
+                    let reading = Instant::now();
                     restored = Some(store.restored(cut).map_err(|e| {
                         EngineError::Resume(format!(
                             "cannot read the checkpoint in {label}: {e}. The state directory is damaged: run with --reset to start over (the state and outputs are replaced), or give another state directory"
                         ))
                     })?);
+                    tracing::info!(
+                        entries = restored.as_ref().map_or(0, Restored::entries),
+                        secs = reading.elapsed().as_secs_f64(),
+                        "read the checkpoint's retained input"
+                    );
                     store
                 }
                 None => Store::create_fresh(&part, &lock)?,
@@ -994,7 +1000,15 @@ impl Engine {
         let defs = Arc::new(defs);
         let restored_before = restored.as_ref().map_or(0, |r| r.cut);
         let restoration = restored.as_ref().map(|r| (r.cut, r.entries()));
-        let restored = restored.map(Arc::new);
+        // One share per worker, taken by it (and dropped once injected).
+        let restored: Arc<Vec<Mutex<Option<Restored>>>> = Arc::new(
+            restored
+                .map(|r| r.into_shares(workers))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|share| Mutex::new(Some(share)))
+                .collect(),
+        );
         let shared = Arc::new(ProcessShared::new(state, restored_before));
         let layout = Layout { workers, processes };
         let worker_shared = Arc::clone(&shared);
@@ -1033,6 +1047,9 @@ impl Engine {
                 };
                 let result = Rc::new(RefCell::new(None));
                 let main_dataflow = worker.next_dataflow_index();
+                let mut share = restored
+                    .get(worker.index() % workers.max(1))
+                    .and_then(|share| share.lock().ok()?.take());
                 worker.dataflow_named::<crate::time::Time, _, _>("segflow", |scope| {
                     build(
                         scope,
@@ -1042,7 +1059,7 @@ impl Engine {
                         layout,
                         outputs,
                         Arc::clone(&worker_shared),
-                        restored.clone(),
+                        share.take(),
                         Rc::clone(&result),
                         Arc::clone(&abort),
                     );

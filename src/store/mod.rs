@@ -586,81 +586,107 @@ impl StateBatch {
 }
 
 /// Retained updates of completed times (see `dataflow::retain`), written
-/// with a checkpoint ([`Store::write_retained`]): puts of CRM versions
-/// (the latest is kept by a merge), identifier sets and names, and merges
-/// that add to lifetime totals and windowed counts.
+/// with a checkpoint ([`Store::write_retained`]): CRM versions (the latest
+/// is kept by a merge), identifier sets and names (puts), and lifetime
+/// totals and windowed counts, added up here first and then by merges.
 #[derive(Default)]
-pub struct RetainedBatch(Vec<(usize, Vec<u8>, Vec<u8>, bool)>);
+pub struct RetainedBatch {
+    crm: Vec<(String, CrmRecord)>,
+    sets: Vec<Vec<Id>>,
+    names: Vec<(Id, String)>,
+    totals: std::collections::HashMap<(Id, u32), i128, foldhash::fast::RandomState>,
+    windowed: std::collections::HashMap<(Time, Contribution), i64, foldhash::fast::RandomState>,
+}
 
 /// The key of a lifetime total: identifier key (16 bytes, big-endian),
 /// trait index (4 bytes, big-endian).
-fn total_key(id: Id, index: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(20);
-    k.extend_from_slice(&id.0.to_be_bytes());
-    k.extend_from_slice(&index.to_be_bytes());
+fn total_key(id: Id, index: u32) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..16].copy_from_slice(&id.0.to_be_bytes());
+    k[16..].copy_from_slice(&index.to_be_bytes());
     k
 }
 
 /// The key of a windowed contribution: its window end first (so that the
 /// expired ones are one range), then identifier, trait and value.
-fn window_key(end: Time, (id, (index, value)): &Contribution) -> Vec<u8> {
-    let mut k = Vec::with_capacity(36);
-    k.extend_from_slice(&end.to_be_bytes());
-    k.extend_from_slice(&id.0.to_be_bytes());
-    k.extend_from_slice(&index.to_be_bytes());
-    k.extend_from_slice(&value.to_be_bytes());
+fn window_key(end: Time, (id, (index, value)): &Contribution) -> [u8; 36] {
+    let mut k = [0u8; 36];
+    k[..8].copy_from_slice(&end.to_be_bytes());
+    k[8..24].copy_from_slice(&id.0.to_be_bytes());
+    k[24..28].copy_from_slice(&index.to_be_bytes());
+    k[28..].copy_from_slice(&value.to_be_bytes());
     k
 }
 
 impl RetainedBatch {
     /// Whether nothing is staged.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.crm.is_empty()
+            && self.sets.is_empty()
+            && self.names.is_empty()
+            && self.totals.is_empty()
+            && self.windowed.is_empty()
     }
 
     /// Adds the updates of `later` after those staged.
-    pub fn absorb(&mut self, mut later: RetainedBatch) {
-        self.0.append(&mut later.0);
+    pub fn absorb(&mut self, later: RetainedBatch) {
+        self.crm.extend(later.crm);
+        self.sets.extend(later.sets);
+        self.names.extend(later.names);
+        for (k, v) in later.totals {
+            *self.totals.entry(k).or_default() += v;
+        }
+        for (k, v) in later.windowed {
+            *self.windowed.entry(k).or_default() += v;
+        }
     }
 
     /// Stages one retained update at `time` with `diff`; `window` is the
     /// window (ms) of a contribution's trait (`None`: lifetime). Only
     /// insertions are retained: the collections are insert-only.
-    pub fn stage(&mut self, update: &Retained, time: Time, diff: isize, window: Option<u64>) {
+    pub fn stage(&mut self, update: Retained, time: Time, diff: isize, window: Option<u64>) {
         match update {
             Retained::Contribution(c) => match window {
                 None => {
                     let (id, (index, value)) = c;
-                    let change = *value as i128 * diff as i128;
-                    self.0.push((
-                        R_TOTALS,
-                        total_key(*id, *index),
-                        change.to_le_bytes().to_vec(),
-                        true,
-                    ));
+                    *self.totals.entry((id, index)).or_default() += value as i128 * diff as i128;
                 }
-                Some(w) => self.0.push((
-                    R_WINDOW,
-                    window_key(crate::time::window_end(time, w), c),
-                    (diff as i64).to_le_bytes().to_vec(),
-                    true,
-                )),
+                Some(w) => {
+                    let end = crate::time::window_end(time, w);
+                    *self.windowed.entry((end, c)).or_default() += diff as i64;
+                }
             },
             _ if diff <= 0 => {}
-            Retained::Crm(crm_id, record) => {
-                let json = serde_json::to_vec(record).expect("CRM record serializes");
-                self.0.push((R_CRM, crm_id.as_bytes().to_vec(), json, true));
+            Retained::Crm(crm_id, record) => self.crm.push((crm_id, record)),
+            Retained::Set(ids) => self.sets.push(ids),
+            Retained::Name(id, name) => self.names.push((id, name)),
+        }
+    }
+
+    /// Adds the staged updates to `batch`, in the retained column
+    /// families `cfs` (in [`RETAINED_CFS`] order); windowed contributions
+    /// that end before `cut` are left out.
+    fn write_into(self, batch: &mut WriteBatch, cfs: &[&rocksdb::ColumnFamily], cut: Time) {
+        for (crm_id, record) in &self.crm {
+            let json = serde_json::to_vec(record).expect("CRM record serializes");
+            batch.merge_cf(cfs[R_CRM], crm_id.as_bytes(), json);
+        }
+        for ids in &self.sets {
+            let key: Vec<u8> = ids.iter().flat_map(|id| id.0.to_be_bytes()).collect();
+            batch.put_cf(cfs[R_SETS], key, []);
+        }
+        for (id, name) in &self.names {
+            batch.put_cf(cfs[R_NAMES], id.0.to_be_bytes(), name.as_bytes());
+        }
+        for ((id, index), total) in self.totals {
+            if total != 0 {
+                batch.merge_cf(cfs[R_TOTALS], total_key(id, index), total.to_le_bytes());
             }
-            Retained::Set(ids) => {
-                let key: Vec<u8> = ids.iter().flat_map(|id| id.0.to_be_bytes()).collect();
-                self.0.push((R_SETS, key, Vec::new(), false));
+        }
+        for ((end, c), count) in self.windowed {
+            if count != 0 && end >= cut {
+                batch.merge_cf(cfs[R_WINDOW], window_key(end, &c), count.to_le_bytes());
             }
-            Retained::Name(id, name) => self.0.push((
-                R_NAMES,
-                id.0.to_be_bytes().to_vec(),
-                name.as_bytes().to_vec(),
-                false,
-            )),
         }
     }
 }
@@ -974,13 +1000,9 @@ impl Store {
         if !retained.is_empty() || checkpoint.retained.is_some() {
             let rcfs: Vec<&rocksdb::ColumnFamily> =
                 RETAINED_CFS.iter().map(|n| self.cf(n)).collect();
-            for (cf, key, value, merge) in retained.0 {
-                match merge {
-                    true => batch.merge_cf(rcfs[cf], key, value),
-                    false => batch.put_cf(rcfs[cf], key, value),
-                }
-            }
-            if let Some(cut) = checkpoint.retained.as_ref().map(|r| r.cut) {
+            let cut = checkpoint.retained.as_ref().map_or(0, |r| r.cut);
+            retained.write_into(&mut batch, &rcfs, cut);
+            if cut > 0 {
                 batch.delete_range_cf(rcfs[R_WINDOW], 0u64.to_be_bytes(), cut.to_be_bytes());
             }
         }
@@ -1009,77 +1031,112 @@ impl Store {
     /// The retained input at `cut` (see `dataflow::retain`), for a restart.
     pub fn restored(&self, cut: Time) -> Result<Restored, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("retained {what}"));
-        let mut r = Restored {
-            cut,
-            ..Restored::default()
-        };
         let id_at = |b: &[u8]| -> Option<Id> { Some(Id(u128::from_be_bytes(b.try_into().ok()?))) };
-        for item in self
-            .db
-            .iterator_cf(self.cf("retained_crm"), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let crm_id = String::from_utf8(k.to_vec()).map_err(|_| corrupt("CRM id"))?;
-            let record: CrmRecord =
-                serde_json::from_slice(&v).map_err(|_| corrupt("CRM record"))?;
-            r.crm.push((crm_id, record));
-        }
-        for item in self
-            .db
-            .iterator_cf(self.cf("retained_sets"), IteratorMode::Start)
-        {
-            let (k, _) = item.map_err(|e| self.err(e))?;
-            if k.len() % 16 != 0 {
-                return Err(corrupt("identifier set"));
+        // Every entry of column family `name`, through `f`.
+        let each = |name: &str,
+                    f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>|
+         -> Result<(), StoreError> {
+            for item in self.db.iterator_cf(self.cf(name), IteratorMode::Start) {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                f(&k, &v)?;
             }
-            r.sets.push(k.chunks(16).filter_map(id_at).collect());
-        }
-        for item in self
-            .db
-            .iterator_cf(self.cf("retained_names"), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = id_at(&k).ok_or_else(|| corrupt("name key"))?;
-            let name = String::from_utf8(v.to_vec()).map_err(|_| corrupt("name"))?;
-            r.names.push((id, name));
-        }
-        for item in self
-            .db
-            .iterator_cf(self.cf("retained_totals"), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let (Some(id), Ok(index), Ok(total)) = (
-                k.get(..16).and_then(id_at),
-                k[16.min(k.len())..].try_into().map(u32::from_be_bytes),
-                v[..].try_into().map(i128::from_le_bytes),
-            ) else {
-                return Err(corrupt("total"));
-            };
-            if total != 0 {
-                r.totals.push((id, index, total));
+            Ok(())
+        };
+        let crm = || {
+            let mut out = Vec::new();
+            each("retained_crm", &mut |k, v| {
+                let crm_id = String::from_utf8(k.to_vec()).map_err(|_| corrupt("CRM id"))?;
+                let record: CrmRecord =
+                    serde_json::from_slice(v).map_err(|_| corrupt("CRM record"))?;
+                out.push((crm_id, record));
+                Ok(())
+            })
+            .map(|_| out)
+        };
+        let sets = || {
+            let mut out: Vec<Vec<Id>> = Vec::new();
+            each("retained_sets", &mut |k, _| {
+                if k.len() % 16 != 0 {
+                    return Err(corrupt("identifier set"));
+                }
+                out.push(k.chunks(16).filter_map(id_at).collect());
+                Ok(())
+            })
+            .map(|_| out)
+        };
+        let names = || {
+            let mut out = Vec::new();
+            each("retained_names", &mut |k, v| {
+                let id = id_at(k).ok_or_else(|| corrupt("name key"))?;
+                let name = String::from_utf8(v.to_vec()).map_err(|_| corrupt("name"))?;
+                out.push((id, name));
+                Ok(())
+            })
+            .map(|_| out)
+        };
+        let totals = || {
+            let mut out = Vec::new();
+            each("retained_totals", &mut |k, v| {
+                let (Some(id), Ok(index), Ok(total)) = (
+                    k.get(..16).and_then(id_at),
+                    k[16.min(k.len())..].try_into().map(u32::from_be_bytes),
+                    v.try_into().map(i128::from_le_bytes),
+                ) else {
+                    return Err(corrupt("total"));
+                };
+                if total != 0 {
+                    out.push((id, index, total));
+                }
+                Ok(())
+            })
+            .map(|_| out)
+        };
+        let windowed = || {
+            let mut out = Vec::new();
+            each("retained_window", &mut |k, v| {
+                if k.len() != 36 {
+                    return Err(corrupt("windowed contribution"));
+                }
+                let end = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+                let id = id_at(&k[8..24]).ok_or_else(|| corrupt("windowed contribution"))?;
+                let index = u32::from_be_bytes(k[24..28].try_into().expect("4 bytes"));
+                let value = i64::from_be_bytes(k[28..36].try_into().expect("8 bytes"));
+                let count = v
+                    .try_into()
+                    .map(i64::from_le_bytes)
+                    .map_err(|_| corrupt("windowed count"))?;
+                if count != 0 && end >= cut {
+                    out.push((end, (id, (index, value)), count as isize));
+                }
+                Ok(())
+            })
+            .map(|_| out)
+        };
+        // The column families are read at once, one thread each.
+        std::thread::scope(|scope| {
+            let crm = scope.spawn(crm);
+            let sets = scope.spawn(sets);
+            let names = scope.spawn(names);
+            let totals = scope.spawn(totals);
+            let windowed = windowed()?;
+            fn join<T>(
+                h: std::thread::ScopedJoinHandle<'_, Result<T, StoreError>>,
+            ) -> Result<T, StoreError> {
+                h.join().unwrap_or_else(|_| {
+                    Err(StoreError::Corrupt(
+                        "retained input (a reader panicked)".into(),
+                    ))
+                })
             }
-        }
-        for item in self
-            .db
-            .iterator_cf(self.cf("retained_window"), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if k.len() != 36 {
-                return Err(corrupt("windowed contribution"));
-            }
-            let end = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
-            let id = id_at(&k[8..24]).ok_or_else(|| corrupt("windowed contribution"))?;
-            let index = u32::from_be_bytes(k[24..28].try_into().expect("4 bytes"));
-            let value = i64::from_be_bytes(k[28..36].try_into().expect("8 bytes"));
-            let count = v[..]
-                .try_into()
-                .map(i64::from_le_bytes)
-                .map_err(|_| corrupt("windowed count"))?;
-            if count != 0 && end >= cut {
-                r.windowed.push((end, (id, (index, value)), count as isize));
-            }
-        }
-        Ok(r)
+            Ok(Restored {
+                cut,
+                crm: join(crm)?,
+                sets: join(sets)?,
+                names: join(names)?,
+                totals: join(totals)?,
+                windowed,
+            })
+        })
     }
 
     /// The last checkpoint, if any run completed a timestamp.

@@ -701,6 +701,9 @@ pub fn commit<'s>(
                         break;
                     }
                     let updates = c.pending.pop_first().map(|(_, u)| u).unwrap_or_default();
+                    if time + 1 == restored_before {
+                        tracing::info!(updates = updates.len(), "rebuilt the restored state");
+                    }
                     let Ok(ops) = c.commit(time, updates, &names) else {
                         return;
                     };
@@ -746,12 +749,12 @@ pub fn commit<'s>(
                 }
                 let updates = retained_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
                 let batch = retained_staged.entry(time).or_default();
-                for (update, diff) in &updates {
-                    let window = match update {
+                for (update, diff) in updates {
+                    let window = match &update {
                         Retained::Contribution(c) => crate::dataflow::traits::window_of(&traits, c),
                         _ => None,
                     };
-                    batch.stage(update, time, *diff, window);
+                    batch.stage(update, time, diff, window);
                 }
             }
             // Every change of a time before the horizon is staged: times
