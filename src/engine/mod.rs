@@ -145,8 +145,13 @@ fn start(
     progress: Option<Arc<Progress>>,
 ) -> Result<Started, EngineError> {
     use std::io::{Seek, SeekFrom};
-    let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
     let restore = resume.as_ref().and_then(|r| r.restore.clone());
+    // Where the outputs are cut back to: a restored run's at its cut.
+    let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
+    let cut_back = restore
+        .as_ref()
+        .and_then(|c| c.retained.as_ref()?.sinks.clone())
+        .or_else(|| sinks.clone());
     // The state first. A single process's checkpoint with a cut is
     // restored: its state and retained input are kept, and read back.
     // Otherwise the state is rebuilt from the inputs (a resumed run reads
@@ -184,7 +189,7 @@ fn start(
             }
             state.set_origin(&origin.run, &origin.fingerprint, origin.inputs);
             if let (Some(sinks), None) = (&sinks, &restore) {
-                state.set_sinks(sinks);
+                state.set_sinks(sinks, sinks);
                 state.write_checkpoint().map_err(|e| {
                     EngineError::Worker(format!("state directory {}: {e}", state.label))
                 })?;
@@ -200,7 +205,7 @@ fn start(
                 // a FIFO or a terminal).
                 let regular = f.file.metadata().is_ok_and(|m| m.is_file());
                 if regular {
-                    let keep = match &sinks {
+                    let keep = match &cut_back {
                         Some(s) if f.segments => s.segments_len,
                         Some(s) => s.dead_len,
                         None => 0,
@@ -211,7 +216,15 @@ fn start(
                         .map_err(|e| io_err("cannot empty output", &f.path, e))?;
                 }
             }
-            outputs.resume = sinks;
+            // A restored run resumes its outputs from where they stood at
+            // the cut, and keeps the clamped positions for later.
+            if restore.is_some() {
+                outputs.resume_clamped = sinks.clone();
+            }
+            outputs.resume = restore
+                .as_ref()
+                .and_then(|c| c.retained.as_ref()?.sinks.clone())
+                .or(sinks);
             Some(outputs)
         }
         None => None,
@@ -849,6 +862,7 @@ impl Engine {
                 dead_letters,
                 labels,
                 resume: None,
+                resume_clamped: None,
                 identities: self.output_identities(),
             },
             to_empty,

@@ -177,9 +177,16 @@ pub fn plan(
             ),
         ));
     }
+    // The positions the outputs are cut back to: at the cut if the run
+    // restores the retained input, else clamped where files ended.
+    let restore = restorable(checkpoint, processes, now);
+    let at = restore
+        .as_ref()
+        .and_then(|c| c.retained.as_ref()?.sinks.as_ref())
+        .unwrap_or(sinks);
     for (label, len, tail, file) in [
-        (segments, sinks.segments_len, &sinks.segments_tail, files.0),
-        (dead_letters, sinks.dead_len, &sinks.dead_tail, files.1),
+        (segments, at.segments_len, &at.segments_tail, files.0),
+        (dead_letters, at.dead_len, &at.dead_tail, files.1),
     ] {
         if !file || len == 0 {
             continue;
@@ -217,24 +224,32 @@ pub fn plan(
             }
         }
     }
-    // The state on disk is that of the checkpoint's time, which may lie
-    // past the cut (a finished run writes its state to its last event,
-    // its outputs' bounds stop where a file ended). From the same inputs
-    // the restored run recomputes those times exactly and writes the same
-    // values again; lines appended since may change them, and what the
-    // state then holds from the shorter inputs would not be undone. Such
-    // a resume reads the inputs from their beginning into an empty state.
-    let cut = checkpoint.retained.as_ref().map_or(0, |r| r.cut);
-    let grown = checkpoint
-        .inputs
-        .iter()
-        .any(|(name, then)| now.get(name).is_some_and(|m| m.len > then.len));
-    let restore = (processes == 1 && cut > 0 && !(grown && checkpoint.time >= cut))
-        .then(|| checkpoint.clone());
     Ok(ResumePlan {
         sinks: Some(sinks.clone()),
         restore,
     })
+}
+
+/// The checkpoint, if a run of `processes` processes over inputs whose
+/// marks are `now` restores its retained input: a single process, a cut
+/// with output positions, and inputs that have not grown. Lines appended
+/// since may change times after the cut that the outputs and the state
+/// already hold (a file's last range continues with them), which a
+/// restore would not undo; such a resume reads the inputs from their
+/// beginning into an empty state, from the outputs' positions clamped
+/// where files ended.
+fn restorable(
+    checkpoint: &Checkpoint,
+    processes: usize,
+    now: &BTreeMap<String, InputMark>,
+) -> Option<Checkpoint> {
+    let retained = checkpoint.retained.as_ref()?;
+    let grown = checkpoint
+        .inputs
+        .iter()
+        .any(|(name, then)| now.get(name).is_some_and(|m| m.len > then.len));
+    (processes == 1 && retained.cut > 0 && retained.sinks.is_some() && !grown)
+        .then(|| checkpoint.clone())
 }
 
 /// Whether two output labels name the same output: the same text, or

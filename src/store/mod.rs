@@ -323,6 +323,11 @@ pub struct RetainedCut {
     pub cut: u64,
     /// Per source, a point of each range read so far.
     pub points: BTreeMap<String, Vec<ResumePoint>>,
+    /// Where the outputs stood at bounds at or after the cut (not clamped
+    /// where files ended, see [`Checkpoint::sinks`]): a restore from the
+    /// same inputs resumes them from here.
+    #[serde(default)]
+    pub sinks: Option<SinkPositions>,
 }
 
 /// What a run had of one input when it started: its path, its length and a

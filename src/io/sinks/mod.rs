@@ -114,6 +114,11 @@ pub struct Outputs {
     /// diffs and dead letters of times before its bounds are in them
     /// already and are not written again.
     pub resume: Option<SinkPositions>,
+    /// A run that restores a retained input resumes its outputs from where
+    /// they stood at the cut (`resume`); these are the checkpoint's
+    /// positions clamped where files ended (see
+    /// [`Committer::positions`]), kept for a later resume on grown inputs.
+    pub resume_clamped: Option<SinkPositions>,
     /// How checkpoints name the segment and dead-letter outputs: an
     /// absolute path for a file (so a run from another directory is not
     /// taken for the same output), else as messages do.
@@ -236,8 +241,21 @@ struct Committer {
     /// later bound.
     marks: (Marks, Marks),
     /// Where the outputs stood the last time their bounds were known, for
-    /// the checkpoint: lengths and bounds are taken together.
+    /// the checkpoint: lengths and bounds are taken together. These bounds
+    /// never pass where a file ended (lines appended later may change what
+    /// follows): a resume on grown inputs starts from them.
     positions: SinkPositions,
+    /// In a run that restored a retained input, the clamped bounds move
+    /// only from the bounds it restored at on (segments, dead letters):
+    /// what lies between the old clamped bounds and those was written by
+    /// the run before, whose lengths there are not known.
+    clamp_floor: (Time, Time),
+    /// [`Committer::marks`] for [`Committer::written_positions`].
+    written_marks: (Marks, Marks),
+    /// Where the outputs stood at the horizon, whatever the inputs' ends:
+    /// with the same inputs, everything before these bounds is final, and
+    /// a restored run resumes its outputs from them.
+    written_positions: SinkPositions,
     /// The least watermark at which a replayed source read its input's end
     /// ([`Control::Ended`]): lines appended later are at or after it, so
     /// the outputs' bounds never pass it.
@@ -273,6 +291,25 @@ impl Marks {
             self.0.pop_front();
         }
         len
+    }
+}
+
+/// Moves the segment output's bound in `p` to `bound` (if later), with its
+/// length (from `marks`) and tail hash there.
+fn advance_segments(p: &mut SinkPositions, marks: &mut Marks, bound: Time) {
+    if bound > p.segments_bound {
+        p.segments_len = marks.advance(bound, p.segments_len);
+        p.segments_bound = bound;
+        p.segments_tail = crate::store::tail_hash(&p.segments, p.segments_len);
+    }
+}
+
+/// [`advance_segments`] for the dead-letter output.
+fn advance_dead_letters(p: &mut SinkPositions, marks: &mut Marks, bound: Time) {
+    if bound > p.dead_bound {
+        p.dead_len = marks.advance(bound, p.dead_len);
+        p.dead_bound = bound;
+        p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
     }
 }
 
@@ -327,6 +364,7 @@ impl Committer {
                 Ok(()) => {
                     self.written.1 += line.len() as u64 + 1;
                     self.marks.1.note(time, self.written.1);
+                    self.written_marks.1.note(time, self.written.1);
                 }
                 Err(e) => self.dead_letters_failed(&e),
             }
@@ -336,23 +374,28 @@ impl Committer {
     /// Moves the segment output's recorded bound to `bound` (if later),
     /// with its length and tail hash there.
     fn advance_segments(&mut self, bound: Time) {
-        let p = &mut self.positions;
-        if bound > p.segments_bound {
-            p.segments_len = self.marks.0.advance(bound, p.segments_len);
-            p.segments_bound = bound;
-            p.segments_tail = crate::store::tail_hash(&p.segments, p.segments_len);
+        if bound >= self.clamp_floor.0 {
+            advance_segments(&mut self.positions, &mut self.marks.0, bound);
         }
     }
 
     /// Moves the dead-letter output's recorded bound to `bound` (if later),
     /// with its length and tail hash there.
     fn advance_dead_letters(&mut self, bound: Time) {
-        let p = &mut self.positions;
-        if bound > p.dead_bound {
-            p.dead_len = self.marks.1.advance(bound, p.dead_len);
-            p.dead_bound = bound;
-            p.dead_tail = crate::store::tail_hash(&p.dead_letters, p.dead_len);
+        if bound >= self.clamp_floor.1 {
+            advance_dead_letters(&mut self.positions, &mut self.marks.1, bound);
         }
+    }
+
+    /// [`Committer::advance_segments`] and
+    /// [`Committer::advance_dead_letters`] for the written positions.
+    fn advance_written(&mut self, segments: Time, dead: Time) {
+        advance_segments(
+            &mut self.written_positions,
+            &mut self.written_marks.0,
+            segments,
+        );
+        advance_dead_letters(&mut self.written_positions, &mut self.written_marks.1, dead);
     }
 
     fn flush_segments(&mut self) {
@@ -457,6 +500,7 @@ impl Committer {
                 }
             }
             self.marks.0.note(time, self.written.0);
+            self.written_marks.0.note(time, self.written.0);
             self.summary.diffs_written += diffs.len() as u64;
             if !diffs.is_empty() {
                 self.summary.times_committed += 1;
@@ -581,16 +625,43 @@ pub fn commit<'s>(
         },
         ended: None,
         sources_ended: 0,
-        marks: Default::default(),
         written: outputs
             .resume
             .as_ref()
             .map_or((0, 0), |r| (r.segments_len, r.dead_len)),
-        positions: outputs.resume.clone().unwrap_or_else(|| SinkPositions {
+        written_marks: Default::default(),
+        written_positions: outputs.resume.clone().unwrap_or_else(|| SinkPositions {
             segments: outputs.identities.0.clone(),
             dead_letters: outputs.identities.1.clone(),
             ..SinkPositions::default()
         }),
+        // A restored run's clamped positions continue the checkpoint's,
+        // from where it resumes its outputs on: its first marks are the
+        // lengths there.
+        marks: match (&outputs.resume_clamped, &outputs.resume) {
+            (Some(_), Some(r)) => {
+                let mut marks = (Marks::default(), Marks::default());
+                marks
+                    .0
+                    .note(r.segments_bound.saturating_sub(1), r.segments_len);
+                marks.1.note(r.dead_bound.saturating_sub(1), r.dead_len);
+                marks
+            }
+            _ => Default::default(),
+        },
+        clamp_floor: match (&outputs.resume_clamped, &outputs.resume) {
+            (Some(_), Some(r)) => (r.segments_bound, r.dead_bound),
+            _ => (0, 0),
+        },
+        positions: outputs
+            .resume_clamped
+            .clone()
+            .or_else(|| outputs.resume.clone())
+            .unwrap_or_else(|| SinkPositions {
+                segments: outputs.identities.0.clone(),
+                dead_letters: outputs.identities.1.clone(),
+                ..SinkPositions::default()
+            }),
         outputs,
         segments,
         pending: BTreeMap::new(),
@@ -721,8 +792,10 @@ pub fn commit<'s>(
                 // run resumed on a longer input has more to write there.
                 // Nor past where a source read its input's end.
                 if frontier.is_some() {
-                    let bound = completion.horizon(frontier).min(c.ended.unwrap_or(Time::MAX));
-                    c.advance_segments(bound);
+                    let horizon = completion.horizon(frontier);
+                    c.advance_segments(horizon.min(c.ended.unwrap_or(Time::MAX)));
+                    let dead = c.written_positions.dead_bound;
+                    c.advance_written(horizon, dead);
                 }
             }
             while let Some((&time, _)) = local_pending.first_key_value() {
@@ -774,7 +847,7 @@ pub fn commit<'s>(
                     state.set_offsets(&c.offsets);
                 }
                 if let Some(c) = committer.as_ref() {
-                    state.set_sinks(&c.positions);
+                    state.set_sinks(&c.positions, &c.written_positions);
                 }
                 let retained = retained_staged.into_iter().collect();
                 if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), retained, horizon)
@@ -810,10 +883,10 @@ pub fn commit<'s>(
                 // Nor past where a source cut short by a signal stopped (the
                 // lines it did not read come back in the next run).
                 if let Some(f) = frontier {
-                    let bound = f
-                        .min(c.ended.unwrap_or(Time::MAX))
-                        .min(completion.cut().unwrap_or(Time::MAX));
-                    c.advance_dead_letters(bound);
+                    let bound = f.min(completion.cut().unwrap_or(Time::MAX));
+                    c.advance_dead_letters(bound.min(c.ended.unwrap_or(Time::MAX)));
+                    let segments = c.written_positions.segments_bound;
+                    c.advance_written(segments, bound);
                 }
             }
             if frontier.is_none() {
@@ -828,12 +901,19 @@ pub fn commit<'s>(
                     if let (true, None, Some(bound)) = (every, completion.cut(), c.ended) {
                         c.advance_segments(bound);
                         c.advance_dead_letters(bound);
-                        if let Some(state) = &shared.state {
-                            state.set_sinks(&c.positions);
-                            if let Err(e) = state.write_checkpoint() {
-                                abort.fail(format!("state directory {}: {e}", state.label));
-                                return;
-                            }
+                    }
+                    // Every time up to the end of the data (and before a
+                    // cut) is written, every dead letter before a cut:
+                    // with the same inputs, that is final.
+                    let cut = completion.cut().unwrap_or(Time::MAX);
+                    if let Some(end) = completion.end_of_data() {
+                        c.advance_written(end.saturating_add(1).min(cut), cut);
+                    }
+                    if let Some(state) = &shared.state {
+                        state.set_sinks(&c.positions, &c.written_positions);
+                        if let Err(e) = state.write_checkpoint() {
+                            abort.fail(format!("state directory {}: {e}", state.label));
+                            return;
                         }
                     }
                     *result.borrow_mut() = Some(c.finish());

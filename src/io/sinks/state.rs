@@ -104,6 +104,9 @@ struct Group {
     /// The cut a resumed run started from: the retained input holds
     /// everything before it.
     cut_floor: Time,
+    /// Where the outputs stand at the horizon (see
+    /// [`ProcessState::set_sinks`]).
+    written_sinks: Option<SinkPositions>,
     /// Everything before this is written.
     written: Time,
     checkpoint: Checkpoint,
@@ -131,6 +134,7 @@ impl ProcessState {
                 deposits: BTreeMap::new(),
                 retained: BTreeMap::new(),
                 cut_floor: 0,
+                written_sinks: None,
                 written: 0,
                 checkpoint: Checkpoint {
                     processes,
@@ -155,6 +159,7 @@ impl ProcessState {
         if let (Some(c), Ok(g)) = (resumed, self.group.get_mut()) {
             g.cut_floor = c.retained.as_ref().map_or(0, |r| r.cut);
             g.checkpoint.retained = c.retained.clone();
+            g.written_sinks = c.retained.as_ref().and_then(|r| r.sinks.clone());
             g.checkpoint.sinks = c.sinks.clone();
             g.checkpoint.offsets = c.offsets.clone();
             g.checkpoint.time = c.time;
@@ -190,15 +195,14 @@ impl ProcessState {
     /// Writes `batch`, the retained updates before the new cut and the
     /// checkpoint, at once. The cut is the least of the times written
     /// (every worker's changes before it are in) and of the segment
-    /// output's bound (a resumed run writes the diffs from its cut on); it
-    /// never moves back, and does not move before the outputs' positions
-    /// are known.
+    /// output's bound at the horizon (a restored run writes the diffs from
+    /// its cut on); it never moves back, and does not move before the
+    /// outputs' positions are known.
     fn write(&self, g: &mut Group, batch: StateBatch) -> Result<(), StoreError> {
         let mut retained = RetainedBatch::default();
         if let Some(progress) = &self.progress {
             let bound = g
-                .checkpoint
-                .sinks
+                .written_sinks
                 .as_ref()
                 .map(|s| (s.segments_bound, s.dead_bound));
             if let Some((segments_bound, dead_bound)) = bound {
@@ -213,6 +217,7 @@ impl ProcessState {
                 g.checkpoint.retained = Some(RetainedCut {
                     cut,
                     points: progress.choose(cut, dead_bound),
+                    sinks: g.written_sinks.clone(),
                 });
             }
         }
@@ -220,11 +225,16 @@ impl ProcessState {
     }
 
     /// Records where the outputs stand, for the next checkpoint (process
-    /// 0's worker 0, which writes them, says so).
-    pub fn set_sinks(&self, positions: &SinkPositions) {
+    /// 0's worker 0, which writes them, says so): `positions` with bounds
+    /// clamped where files ended, `written` at the horizon (see
+    /// [`RetainedCut::sinks`]).
+    pub fn set_sinks(&self, positions: &SinkPositions, written: &SinkPositions) {
         if let Ok(mut g) = self.group.lock() {
             if g.checkpoint.sinks.as_ref() != Some(positions) {
                 g.checkpoint.sinks = Some(positions.clone());
+            }
+            if g.written_sinks.as_ref() != Some(written) {
+                g.written_sinks = Some(written.clone());
             }
         }
     }
