@@ -1369,6 +1369,59 @@ pub fn attributes_json(attrs: &[(String, Scalar)]) -> String {
 mod tests {
     use super::*;
 
+    /// What is written as retained comes back compacted: the latest CRM
+    /// version whatever the order it came in, lifetime totals added up
+    /// across batches, windowed counts added up and dropped once their
+    /// window ended before the cut, sets and names once.
+    #[test]
+    fn the_retained_input_comes_back_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = StateLock::take(dir.path()).unwrap();
+        let store = Store::create_fresh(dir.path(), &lock).unwrap();
+        let crm = |updated_ms: i64, tier: &str| CrmRecord {
+            crm_id: "C1".into(),
+            updated_ms,
+            deleted: false,
+            ids: Vec::new(),
+            attributes: vec![("tier".into(), Scalar::Str(tier.into()))],
+        };
+        let (a, b) = (Id(1), Id(2));
+        let checkpoint = |cut| Checkpoint {
+            retained: Some(RetainedCut {
+                cut,
+                ..RetainedCut::default()
+            }),
+            ..Checkpoint::default()
+        };
+        let mut first = RetainedBatch::default();
+        first.stage(Retained::Crm("C1".into(), crm(5, "gold")), 1_000, 1, None);
+        first.stage(Retained::Set(vec![a, b]), 1_000, 1, None);
+        first.stage(Retained::Name(a, "user:a".into()), 1_000, 1, None);
+        // A lifetime sum, and a count in a 10 s window, twice.
+        first.stage(Retained::Contribution((a, (0, 19_999))), 1_000, 1, None);
+        first.stage(Retained::Contribution((a, (1, 1))), 1_000, 1, Some(10_000));
+        first.stage(Retained::Contribution((a, (1, 1))), 1_000, 1, Some(10_000));
+        first.stage(Retained::Contribution((b, (1, 1))), 2_000, 1, Some(1_000));
+        store
+            .write_retained(StateBatch::default(), first, &checkpoint(2_000))
+            .unwrap();
+        let mut second = RetainedBatch::default();
+        // An older version, later: the latest stays.
+        second.stage(Retained::Crm("C1".into(), crm(3, "silver")), 4_000, 1, None);
+        second.stage(Retained::Contribution((a, (0, 1))), 4_000, 1, None);
+        store
+            .write_retained(StateBatch::default(), second, &checkpoint(5_000))
+            .unwrap();
+        let r = store.restored(5_000).unwrap();
+        assert_eq!(r.cut, 5_000);
+        assert_eq!(r.crm, vec![("C1".to_string(), crm(5, "gold"))]);
+        assert_eq!(r.sets, vec![vec![a, b]]);
+        assert_eq!(r.names, vec![(a, "user:a".to_string())]);
+        assert_eq!(r.totals, vec![(a, 0, 20_000)]);
+        // b's window ended at 3 000, before the cut.
+        assert_eq!(r.windowed, vec![(11_000, (a, (1, 1)), 2)]);
+    }
+
     /// A profile id that is another's followed by a separator byte and more
     /// cannot see the other's traits or segments: keys are length-prefixed.
     #[test]
