@@ -226,14 +226,14 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
             s.dead_letters(),
             s.late()
         );
-        if let Some(before) = s.resumed_before {
+        if let Some(before) = s.resumed_before.filter(|b| *b > 0) {
             t += &format!(
                 "  resumed           from the checkpoint: the diffs of times before {before} were in the outputs already\n"
             );
         }
         if let Some((cut, entries)) = s.restored {
             t += &format!(
-                "  restored          {entries} retained entries of the checkpoint: records before {cut} were not read again\n"
+                "  restored          {entries} retained entries of the checkpoint: the records before {cut} come from it (replayed files were read from its points on)\n"
             );
         }
         t += &format!("  profiles          {}\n", s.profiles);
@@ -438,16 +438,22 @@ fn main() -> ExitCode {
                 }
             }
             // A run may be replacing the files of the state as this reads
-            // them (a flush, a compaction): such a failure is tried again,
-            // for up to two seconds.
+            // them (a flush, a compaction, a new write-ahead log): such a
+            // failure is tried again, for up to five seconds.
             let started = std::time::Instant::now();
-            let (state, matches) = loop {
-                let attempt = StateParts::open_read_only(&args.state_dir)
-                    .and_then(|state| state.profiles_of(&ids).map(|found| (state, found)));
+            let (state, matches, found) = loop {
+                let attempt = StateParts::open_read_only(&args.state_dir).and_then(|state| {
+                    let matches = state.profiles_of(&ids)?;
+                    let found = match matches.first() {
+                        Some((_, profile)) => Some(state.view(profile)?),
+                        None => None,
+                    };
+                    Ok((state, matches, found))
+                });
                 match attempt {
                     Err(e)
                         if e.may_be_transient()
-                            && started.elapsed() < std::time::Duration::from_secs(2) =>
+                            && started.elapsed() < std::time::Duration::from_secs(5) =>
                     {
                         std::thread::sleep(std::time::Duration::from_millis(50));
                     }
@@ -489,10 +495,6 @@ fn main() -> ExitCode {
                     all.join(", ")
                 );
             }
-            let found = match matches.first() {
-                Some((_, profile)) => Some(state.view(profile)?),
-                None => None,
-            };
             match found {
                 Some(view) => {
                     print_out(&serde_json::to_string_pretty(&view)?);

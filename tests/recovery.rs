@@ -348,7 +348,7 @@ fn killed_runs_end_as_an_uninterrupted_run(layout: Layout) {
     if single && last_cut > 0 {
         restored += 1;
         assert!(
-            said.contains(&format!("records before {last_cut} were not read again")),
+            said.contains(&format!("the records before {last_cut} come from it")),
             "the last restart did not restore the checkpoint's retained input at {last_cut}: {said}"
         );
     }

@@ -26,7 +26,7 @@ use crate::spec::Spec;
 use crate::store::{Checkpoint, InputMark, SinkPositions};
 
 /// The fingerprint of everything in a definition that shapes its results:
-/// engine settings, identity rules, the sources (names, kinds, formats;
+/// engine settings (not the worker count), identity rules, the sources (names, kinds, formats;
 /// not their locations), traits and segments (by name, in any order;
 /// not their descriptions), and this segflow version (whose semantics
 /// might differ). An xxh3-128 hash, in hex.
@@ -50,11 +50,15 @@ pub fn fingerprint(spec: &Spec) -> String {
             s
         })
         .collect();
+    // The worker count shapes the run, not its results (`-w` overrides
+    // it, and a checkpoint resumes with any).
+    let mut engine = spec.engine.clone();
+    engine.workers = None;
     let text = format!(
         "segflow {} state {}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         env!("CARGO_PKG_VERSION"),
         crate::store::STATE_FORMAT,
-        spec.engine,
+        engine,
         spec.identity,
         sources,
         traits,
@@ -384,4 +388,40 @@ pub fn check_inputs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::parse_spec;
+
+    fn spec(engine: &str, window: &str) -> Spec {
+        parse_spec(
+            &format!(
+                r#"
+                [engine]
+                {engine}
+                [traits.views]
+                stream = "web"
+                window = "{window}"
+                [segments.s]
+                description = "{}"
+                when = "views >= 1"
+                "#,
+                engine.len()
+            ),
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    /// The worker count and descriptions shape a run, not its results: a
+    /// checkpoint resumes across them; a window does not.
+    #[test]
+    fn the_fingerprint_ignores_the_worker_count_only() {
+        let base = fingerprint(&spec("", "30m"));
+        assert_eq!(fingerprint(&spec("workers = 2", "30m")), base);
+        assert_ne!(fingerprint(&spec("", "20m")), base);
+        assert_ne!(fingerprint(&spec("tick = \"2s\"", "30m")), base);
+    }
 }
