@@ -213,13 +213,20 @@ fn checkpointed_segments_len(dir: &Path) -> usize {
 }
 
 /// Whether the state in `dir` holds a checkpoint with output positions
-/// past the start (a restart from it cuts the outputs back and skips).
+/// past the start (a restart from it cuts the outputs back and skips):
+/// those clamped where files ended, or those at the retained input's cut
+/// (which a restore resumes from).
 fn checkpoint_has_positions(dir: &Path) -> bool {
     segflow::store::StateParts::open_read_only(dir)
         .ok()
         .and_then(|p| p.checkpoint().ok().flatten())
-        .and_then(|c| c.sinks)
-        .is_some_and(|s| s.segments_len > 0)
+        .is_some_and(|c| {
+            let at_cut = c.retained.and_then(|r| r.sinks);
+            [c.sinks, at_cut]
+                .iter()
+                .flatten()
+                .any(|s| s.segments_len > 0)
+        })
 }
 
 /// The cut of the retained input in the checkpoint of the state in `dir`

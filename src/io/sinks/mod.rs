@@ -262,6 +262,9 @@ struct Committer {
     ended: Option<Time>,
     /// How many sources read their input to its end ([`Control::Ended`]).
     sources_ended: usize,
+    /// The cut of a restored checkpoint: the state holds every time
+    /// before it (see [`ProcessShared::restored_before`]).
+    restored_before: Time,
 }
 
 /// The length of an output after each time written to it, from the
@@ -453,10 +456,21 @@ impl Committer {
         names: &IdMap<String>,
     ) -> Result<Vec<(StoreOp, isize)>, ()> {
         differential_dataflow::consolidation::consolidate(&mut updates);
+        // A resumed run's outputs hold the diffs of the times before the
+        // checkpoint's bound: they are counted, not written again (nor
+        // formatted: a restored time holds every membership).
+        let written = self
+            .outputs
+            .resume
+            .as_ref()
+            .is_none_or(|r| time >= r.segments_bound);
         let mut diffs = Vec::new();
         let mut ops = Vec::new();
         for (update, diff) in &updates {
             match update {
+                StateUpdate::Segment(seg, _) if !written && time < self.restored_before => {
+                    self.members[*seg as usize] += *diff as i64;
+                }
                 StateUpdate::Segment(seg, profile) => {
                     let profile = match ProcessShared::name(names, profile) {
                         Ok(p) => p,
@@ -481,13 +495,6 @@ impl Committer {
                 _ => {}
             }
         }
-        // A resumed run's outputs hold the diffs of the times before the
-        // checkpoint's bound: they are counted, not written again.
-        let written = self
-            .outputs
-            .resume
-            .as_ref()
-            .is_none_or(|r| time >= r.segments_bound);
         if written {
             diffs.sort();
             for d in &diffs {
@@ -625,6 +632,7 @@ pub fn commit<'s>(
         },
         ended: None,
         sources_ended: 0,
+        restored_before: shared.restored_before,
         written: outputs
             .resume
             .as_ref()
