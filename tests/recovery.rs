@@ -592,7 +592,7 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     .unwrap();
     let mut other = args.clone();
     other[1] = changed.display().to_string();
-    refused(&other, "a different dataflow definition");
+    refused(&other, "a different dataflow definition: its traits differ");
     // Other inputs: the web events regenerated with another seed.
     let data2 = dir.path().join("data2");
     let gen = Command::new(BIN)

@@ -121,6 +121,7 @@ struct ToEmpty {
 struct Origin {
     run: String,
     fingerprint: String,
+    fingerprint_parts: BTreeMap<String, String>,
     inputs: BTreeMap<String, crate::store::InputMark>,
 }
 
@@ -187,7 +188,11 @@ fn start(
             if let Some(progress) = progress {
                 state.retain_input(progress, restore.as_ref());
             }
-            state.set_origin(&origin.run, &origin.fingerprint, origin.inputs);
+            state.set_origin(
+                &origin.run,
+                (&origin.fingerprint, origin.fingerprint_parts),
+                origin.inputs,
+            );
             if let (Some(sinks), None) = (&sinks, &restore) {
                 state.set_sinks(sinks, sinks);
                 state.write_checkpoint().map_err(|e| {
@@ -562,6 +567,7 @@ impl Engine {
             return Ok(None);
         };
         let ours = resume::fingerprint(&self.spec);
+        let ours_parts = resume::fingerprint_parts(&self.spec);
         if process != 0 {
             // Its part is rebuilt from the inputs either way; only process
             // 0's checkpoint says where the outputs stood. Its inputs (read
@@ -580,7 +586,7 @@ impl Engine {
         let plan = resume::plan(
             part,
             &checkpoint,
-            &ours,
+            (&ours, &ours_parts),
             processes,
             &self.inputs,
             marks,
@@ -1007,6 +1013,7 @@ impl Engine {
                 None => crate::store::new_run_id(),
             },
             fingerprint: resume::fingerprint(&self.spec),
+            fingerprint_parts: resume::fingerprint_parts(&self.spec),
             inputs: marks,
         };
         let (outputs, state, restored) =

@@ -31,6 +31,26 @@ use crate::store::{Checkpoint, InputMark, SinkPositions};
 /// not their descriptions), and this segflow version (whose semantics
 /// might differ). An xxh3-128 hash, in hex.
 pub fn fingerprint(spec: &Spec) -> String {
+    let (text, _) = fingerprint_text(spec);
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+}
+
+/// The hash of each part of [`fingerprint`], by what a message calls it
+/// (`engine settings`, `identity rules`, `sources`, `traits`, `segments`,
+/// `segflow version`): a refusal names the parts that differ.
+pub fn fingerprint_parts(spec: &Spec) -> BTreeMap<String, String> {
+    let (_, parts) = fingerprint_text(spec);
+    parts
+        .into_iter()
+        .map(|(what, text)| {
+            let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes());
+            (what.to_string(), format!("{hash:016x}"))
+        })
+        .collect()
+}
+
+/// The text [`fingerprint`] hashes, and its parts.
+fn fingerprint_text(spec: &Spec) -> (String, Vec<(&'static str, String)>) {
     // Order and descriptions do not change results: traits and segments
     // are taken by name, without descriptions.
     let mut traits = spec.traits.clone();
@@ -64,7 +84,22 @@ pub fn fingerprint(spec: &Spec) -> String {
         traits,
         segments
     );
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+    let parts = vec![
+        (
+            "segflow version",
+            format!(
+                "{} state {}",
+                env!("CARGO_PKG_VERSION"),
+                crate::store::STATE_FORMAT
+            ),
+        ),
+        ("engine settings", format!("{engine:?}")),
+        ("identity rules", format!("{:?}", spec.identity)),
+        ("sources", format!("{sources:?}")),
+        ("traits", format!("{traits:?}")),
+        ("segments", format!("{segments:?}")),
+    ];
+    (text, parts)
 }
 
 /// The marks of the run's inputs as they are now: files and in-memory
@@ -113,7 +148,7 @@ pub struct ResumePlan {
 }
 
 /// Checks that `checkpoint`, found in `dir`, can be resumed by this run
-/// (definition fingerprint `ours`, `processes` processes, `inputs` whose
+/// (definition fingerprint and its parts `ours`, `processes` processes, `inputs` whose
 /// marks are `now` ([`input_marks`]), outputs
 /// named `outputs` (segments, dead letters; see
 /// [`crate::io::sinks::Outputs::identities`]), of which `files` are
@@ -121,7 +156,7 @@ pub struct ResumePlan {
 pub fn plan(
     dir: &Path,
     checkpoint: &Checkpoint,
-    ours: &str,
+    ours: (&str, &BTreeMap<String, String>),
     processes: usize,
     inputs: &BTreeMap<String, Input>,
     now: &BTreeMap<String, InputMark>,
@@ -135,10 +170,27 @@ pub fn plan(
             "it was written by an older segflow, whose checkpoints cannot be resumed".into(),
         ));
     }
-    if checkpoint.fingerprint != ours {
+    if checkpoint.fingerprint != ours.0 {
+        let differ: Vec<&str> = ours
+            .1
+            .iter()
+            .filter(|(what, hash)| {
+                checkpoint
+                    .fingerprint_parts
+                    .get(*what)
+                    .is_some_and(|then| then != *hash)
+            })
+            .map(|(what, _)| what.as_str())
+            .collect();
         return Err(refuse(
             dir,
-            "it was written by a different dataflow definition (or other engine settings, or another segflow version)".into(),
+            match differ.is_empty() {
+                true => "it was written by a different dataflow definition (or other engine settings, or another segflow version)".into(),
+                false => format!(
+                    "it was written by a different dataflow definition: its {} differ",
+                    differ.join(", ")
+                ),
+            },
         ));
     }
     if checkpoint.processes != processes {

@@ -300,6 +300,10 @@ pub struct Checkpoint {
     /// Empty in state written before checkpoints could be resumed.
     #[serde(default)]
     pub fingerprint: String,
+    /// The hash of each part of the fingerprint, by what a refusal calls
+    /// it (`traits`, `segments`, ...): a refusal names those that differ.
+    #[serde(default)]
+    pub fingerprint_parts: BTreeMap<String, String>,
     /// Per file source: what the run had of it when it started, to tell at
     /// a resume that the input is the same (or has grown).
     #[serde(default)]
@@ -471,6 +475,7 @@ impl Default for Checkpoint {
             processes: 1,
             run: String::new(),
             fingerprint: String::new(),
+            fingerprint_parts: BTreeMap::new(),
             inputs: BTreeMap::new(),
             sinks: None,
             retained: None,

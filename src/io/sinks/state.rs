@@ -174,11 +174,19 @@ impl ProcessState {
 
     /// Records in the checkpoint the run's identity (every part of a
     /// cluster's state gets process 0's), its definition's fingerprint
+    /// (with the hash of each part, see
+    /// [`crate::engine::resume::fingerprint_parts`])
     /// and its inputs' marks (see [`crate::engine::resume`]).
-    pub fn set_origin(&self, run: &str, fingerprint: &str, inputs: BTreeMap<String, InputMark>) {
+    pub fn set_origin(
+        &self,
+        run: &str,
+        fingerprint: (&str, BTreeMap<String, String>),
+        inputs: BTreeMap<String, InputMark>,
+    ) {
         if let Ok(mut g) = self.group.lock() {
             g.checkpoint.run = run.to_string();
-            g.checkpoint.fingerprint = fingerprint.to_string();
+            g.checkpoint.fingerprint = fingerprint.0.to_string();
+            g.checkpoint.fingerprint_parts = fingerprint.1;
             g.checkpoint.inputs = inputs;
         }
     }
