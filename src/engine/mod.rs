@@ -147,12 +147,8 @@ fn start(
 ) -> Result<Started, EngineError> {
     use std::io::{Seek, SeekFrom};
     let restore = resume.as_ref().and_then(|r| r.restore.clone());
-    // Where the outputs are cut back to: a restored run's at its cut.
+    // Where the outputs are cut back to (a restored run's at its cut).
     let sinks = resume.as_ref().and_then(|r| r.sinks.clone());
-    let cut_back = restore
-        .as_ref()
-        .and_then(|c| c.retained.as_ref()?.sinks.clone())
-        .or_else(|| sinks.clone());
     // The state first. A single process's checkpoint with a cut is
     // restored: its state and retained input are kept, and read back.
     // Otherwise the state is rebuilt from the inputs (a resumed run reads
@@ -210,7 +206,7 @@ fn start(
                 // a FIFO or a terminal).
                 let regular = f.file.metadata().is_ok_and(|m| m.is_file());
                 if regular {
-                    let keep = match &cut_back {
+                    let keep = match &sinks {
                         Some(s) if f.segments => s.segments_len,
                         Some(s) => s.dead_len,
                         None => 0,
@@ -221,15 +217,10 @@ fn start(
                         .map_err(|e| io_err("cannot empty output", &f.path, e))?;
                 }
             }
-            // A restored run resumes its outputs from where they stood at
-            // the cut, and keeps the clamped positions for later.
-            if restore.is_some() {
-                outputs.resume_clamped = sinks.clone();
-            }
-            outputs.resume = restore
-                .as_ref()
-                .and_then(|c| c.retained.as_ref()?.sinks.clone())
-                .or(sinks);
+            // A restored run keeps the checkpoint's clamped positions for
+            // a later resume on grown inputs.
+            outputs.resume_clamped = restore.as_ref().and_then(|c| c.sinks.clone());
+            outputs.resume = sinks;
             Some(outputs)
         }
         None => None,

@@ -138,7 +138,8 @@ fn refuse(dir: &Path, what: String) -> EngineError {
 #[derive(Clone, Debug, Default)]
 pub struct ResumePlan {
     /// Where the outputs are cut back to, and from which times on they are
-    /// written again; `None`: they are emptied (nothing was written yet).
+    /// written again (at the cut if the run restores, else clamped where
+    /// files ended); `None`: they are emptied (nothing was written yet).
     pub sinks: Option<SinkPositions>,
     /// The checkpoint, if the run restores its retained input (see
     /// [`crate::dataflow::retain`]) and keeps its state, instead of
@@ -281,7 +282,7 @@ pub fn plan(
         }
     }
     Ok(ResumePlan {
-        sinks: Some(sinks.clone()),
+        sinks: Some(at.clone()),
         restore,
     })
 }

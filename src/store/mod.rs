@@ -701,24 +701,26 @@ impl RetainedBatch {
     }
 }
 
-/// The merge of `retained_totals`: adds i128 (little-endian) values.
-fn add_i128(_key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
-    let read = |b: &[u8]| b.try_into().map(i128::from_le_bytes).unwrap_or(0);
-    let total = existing
-        .into_iter()
-        .chain(ops.iter())
-        .fold(0i128, |t, b| t.saturating_add(read(b)));
-    Some(total.to_le_bytes().to_vec())
-}
-
-/// The merge of `retained_window`: adds i64 (little-endian) counts.
-fn add_i64(_key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
-    let read = |b: &[u8]| b.try_into().map(i64::from_le_bytes).unwrap_or(0);
-    let total = existing
-        .into_iter()
-        .chain(ops.iter())
-        .fold(0i64, |t, b| t.saturating_add(read(b)));
-    Some(total.to_le_bytes().to_vec())
+/// An adding merge of little-endian integers of `N` bytes (`i64` counts
+/// of `retained_window`, `i128` totals of `retained_totals`), saturating.
+fn add_le<const N: usize>(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    ops: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let total = existing.into_iter().chain(ops.iter()).fold(0i128, |t, b| {
+        let v = match N {
+            8 => b.try_into().map(i64::from_le_bytes).map_or(0, i128::from),
+            _ => b.try_into().map(i128::from_le_bytes).unwrap_or(0),
+        };
+        t.saturating_add(v)
+    });
+    Some(match N {
+        8 => (total.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+            .to_le_bytes()
+            .to_vec(),
+        _ => total.to_le_bytes().to_vec(),
+    })
 }
 
 /// The merge of `retained_crm`: keeps the latest version, as the upsert
@@ -864,9 +866,11 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
                     cf.set_merge_operator_associative("segflow_latest_crm", latest_crm)
                 }
                 "retained_totals" => {
-                    cf.set_merge_operator_associative("segflow_add_i128", add_i128)
+                    cf.set_merge_operator_associative("segflow_add_i128", add_le::<16>)
                 }
-                "retained_window" => cf.set_merge_operator_associative("segflow_add_i64", add_i64),
+                "retained_window" => {
+                    cf.set_merge_operator_associative("segflow_add_i64", add_le::<8>)
+                }
                 _ => {}
             }
             ColumnFamilyDescriptor::new(*n, cf)
