@@ -64,7 +64,7 @@ pub fn build<'s>(
 
     let split = split_records(records.inner, Rc::clone(&trait_specs));
     let restore = retain::restore(scope, restored);
-    let crm_versions: Coll<'s, (String, CrmRecord)> = split
+    let crm_versions: Coll<'s, (String, Arc<CrmRecord>)> = split
         .crm_versions
         .clone()
         .concat(restore.crm)
@@ -146,13 +146,16 @@ pub fn build<'s>(
             profile_ids.map(StateUpdate::Profile),
         ],
     );
+    // The state of the times a restored run rebuilt is in the store
+    // already: their updates are dropped here, before they are made.
+    let from = shared.restored_before;
     let local = if stateful {
         differential_dataflow::collection::concatenate(
             scope,
             vec![
-                id_profile.map(|(id, p)| StateUpdate::Link(id, p)),
-                trait_values.map(|((p, t), v)| StateUpdate::Trait(p, t, v)),
-                attributes.map(|(p, a)| StateUpdate::Attrs(p, a)),
+                updates_from(id_profile, from).map(|(id, p)| StateUpdate::Link(id, p)),
+                updates_from(trait_values, from).map(|((p, t), v)| StateUpdate::Trait(p, t, v)),
+                updates_from(attributes, from).map(|(p, a)| StateUpdate::Attrs(p, a)),
             ],
         )
     } else {
@@ -178,12 +181,20 @@ pub fn build<'s>(
     );
 }
 
+/// The updates of `coll` at times from `from` on.
+fn updates_from<'s, D: differential_dataflow::Data>(coll: Coll<'s, D>, from: Time) -> Coll<'s, D> {
+    use timely::dataflow::operators::vec::Filter;
+    coll.inner
+        .filter(move |(_, time, _)| *time >= from)
+        .as_collection()
+}
+
 /// What the records of one worker contribute to the stages, one stream
 /// each: CRM versions keyed by `crm_id`, the identifier sets of events and
 /// transactions, trait contributions `(identifier, (trait, value))`, and
 /// identifier names `(key, kind:value)`.
 struct Split<'s> {
-    crm_versions: Stream<'s, Time, Vec<((String, CrmRecord), Time, isize)>>,
+    crm_versions: Stream<'s, Time, Vec<((String, Arc<CrmRecord>), Time, isize)>>,
     identifier_sets: Stream<'s, Time, Vec<(Vec<Id>, Time, isize)>>,
     contributions: Stream<'s, Time, Vec<(traits::Contribution, Time, isize)>>,
     names: Stream<'s, Time, Vec<((Id, String), Time, isize)>>,
@@ -234,7 +245,7 @@ fn split_records<'s>(
                             for ident in &c.ids {
                                 key_of(ident.clone());
                             }
-                            crm.give(((c.crm_id.clone(), c), tick, diff));
+                            crm.give(((c.crm_id.clone(), Arc::new(c)), tick, diff));
                         }
                         Record::Web(e) => {
                             let ids = e.ids.into_iter().map(key_of).collect();

@@ -15,7 +15,7 @@
 //! profile, and a retracted link (a CRM record whose email changed) splits
 //! them again.
 
-use differential_dataflow::algorithms::graphs::propagate::propagate;
+use differential_dataflow::algorithms::graphs::propagate::propagate_at;
 
 use super::{Coll, Time};
 use crate::model::Id;
@@ -145,7 +145,13 @@ pub fn resolve<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, (Id, Id)> {
         })
         .threshold_named("Distinct: links", |_, c| if *c > 0 { 1isize } else { 0 });
     let labels = nodes.map(|id| (id.clone(), id));
-    propagate(edges, labels)
+    // A label enters the propagation later the lower its identifier's
+    // priority (rank r at iteration 256 · ⌈log2(r + 1)⌉): the canonical
+    // (highest-priority) label of a component has reached its identifiers
+    // by then, so most never hold their own label first, and the churn of
+    // labels replaced by smaller ones (an update to every neighbour each
+    // time) is spared. The fixed point is the same.
+    propagate_at(edges, labels, |label: &Id| u64::from(label.rank()))
 }
 
 /// The distinct profiles: canonical identifiers of all components.

@@ -11,6 +11,8 @@
 //! records; for the same attribute name the most recently updated record
 //! wins (then the greater `crm_id`).
 
+use std::sync::Arc;
+
 use super::traits::IdProfileArrangement;
 use super::Coll;
 use crate::model::{CrmRecord, Id, Ident, Scalar};
@@ -18,11 +20,17 @@ use crate::model::{CrmRecord, Id, Ident, Scalar};
 /// A profile's merged attributes, sorted by name.
 pub type Attributes = Vec<(String, Scalar)>;
 
+/// A CRM record version as the dataflow carries it: shared, so that the
+/// copies every operator makes of its data are a reference count, not the
+/// record's identifiers and attributes.
+pub type SharedCrm = Arc<CrmRecord>;
+
 /// The current version of every CRM record that is not deleted, keyed by
 /// `crm_id`.
-pub fn crm_current<'s>(versions: Coll<'s, (String, CrmRecord)>) -> Coll<'s, (String, CrmRecord)> {
+pub fn crm_current<'s>(versions: Coll<'s, (String, SharedCrm)>) -> Coll<'s, (String, SharedCrm)> {
     versions.reduce_named("Upsert: CRM records", |_crm_id, input, output| {
-        // Values arrive sorted; `CrmRecord` orders by `updated_ms` first.
+        // Values arrive sorted; with one `crm_id` per key, `CrmRecord`'s
+        // order is that of `updated_ms`, then content.
         if let Some((latest, _)) = input.iter().rev().find(|(_, count)| *count > 0) {
             if !latest.deleted {
                 output.push(((*latest).clone(), 1isize));
@@ -33,17 +41,19 @@ pub fn crm_current<'s>(versions: Coll<'s, (String, CrmRecord)>) -> Coll<'s, (Str
 
 /// Merged CRM attributes per profile: `(profile, attributes)`.
 pub fn attributes<'s>(
-    current: Coll<'s, (String, CrmRecord)>,
+    current: Coll<'s, (String, SharedCrm)>,
     id_profile: IdProfileArrangement<'s>,
 ) -> Coll<'s, (Id, Attributes)> {
     current
-        .flat_map(|(crm_id, record)| {
+        .flat_map(|(_crm_id, record)| {
             let key = record
                 .ids
                 .iter()
                 .find(|id| id.kind() == "crm")
                 .map(Ident::id);
-            key.map(|key| (key, (record.updated_ms, crm_id, record.attributes)))
+            // Ordered by `updated_ms`, then by `crm_id` (`CrmRecord`'s
+            // first field).
+            key.map(|key| (key, (record.updated_ms, record)))
         })
         .join_core(id_profile, |_crm, version, profile| {
             Some((*profile, version.clone()))
@@ -51,9 +61,9 @@ pub fn attributes<'s>(
         .reduce_named("Merge: profile attributes", |_profile, input, output| {
             let mut merged: std::collections::BTreeMap<String, Scalar> = Default::default();
             // Sorted by (updated_ms, crm_id, ..): later versions override.
-            for ((_, _, attrs), count) in input.iter() {
+            for ((_, record), count) in input.iter() {
                 if *count > 0 {
-                    for (name, value) in attrs {
+                    for (name, value) in &record.attributes {
                         merged.insert(name.clone(), value.clone());
                     }
                 }
@@ -91,7 +101,7 @@ mod tests {
         let out = Arc::clone(&seen);
         timely::execute_directly(move |worker| {
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                let (input, versions) = scope.new_collection::<(String, CrmRecord), isize>();
+                let (input, versions) = scope.new_collection::<(String, SharedCrm), isize>();
                 let probe = crm_current(versions)
                     .inspect(move |((_, c), t, d)| {
                         out.lock()
@@ -103,14 +113,14 @@ mod tests {
             });
             // At time 1: versions updated at 5 and (older) 3 arrive together.
             input.advance_to(1);
-            input.insert(("C1".into(), version(5, false, "gold")));
-            input.insert(("C1".into(), version(3, false, "silver")));
+            input.insert(("C1".into(), version(5, false, "gold").into()));
+            input.insert(("C1".into(), version(3, false, "silver").into()));
             input.advance_to(2);
             // At time 2: a delete updated at 4 is older than the current
             // version and changes nothing; at 3 a newer delete removes it.
-            input.insert(("C1".into(), version(4, true, "")));
+            input.insert(("C1".into(), version(4, true, "").into()));
             input.advance_to(3);
-            input.insert(("C1".into(), version(6, true, "")));
+            input.insert(("C1".into(), version(6, true, "").into()));
             input.advance_to(4);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));

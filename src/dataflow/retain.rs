@@ -34,13 +34,15 @@ use timely::dataflow::{Scope, Stream};
 
 use super::traits::Contribution;
 use super::Time;
+use std::sync::Arc;
+
 use crate::model::{CrmRecord, Id};
 
 /// One retained update (its time and diff travel beside it).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Retained {
     /// A CRM version, keyed by `crm_id`.
-    Crm(String, CrmRecord),
+    Crm(String, Arc<CrmRecord>),
     /// The first occurrence of an identifier set of an event.
     Set(Vec<Id>),
     /// The `kind:value` text of an identifier key.
@@ -119,7 +121,7 @@ type Updates<'s, D> = Stream<'s, Time, Vec<(D, Time, isize)>>;
 /// The restored input, one stream per collection it goes into.
 pub struct RestoredStreams<'s> {
     /// CRM versions.
-    pub crm: Updates<'s, (String, CrmRecord)>,
+    pub crm: Updates<'s, (String, Arc<CrmRecord>)>,
     /// Identifier sets.
     pub sets: Updates<'s, Vec<Id>>,
     /// Identifier names.
@@ -180,7 +182,7 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
             crm_out
                 .activate()
                 .session(&caps[0])
-                .give_iterator(r.crm.into_iter().map(|c| (c, at, 1)));
+                .give_iterator(r.crm.into_iter().map(|(k, c)| ((k, Arc::new(c)), at, 1)));
             sets_out
                 .activate()
                 .session(&caps[1])

@@ -23,6 +23,7 @@ use crate::spec::{Aggregate, Spec, SpecError, StreamKind};
 use crate::store::{StateLock, Store, StoreError};
 
 mod cluster;
+mod operator_time;
 pub mod resume;
 
 /// Where segment diffs go.
@@ -1058,6 +1059,7 @@ impl Engine {
                     None
                 };
                 let result = Rc::new(RefCell::new(None));
+                let operator_time = operator_time::OperatorTime::install(worker);
                 let main_dataflow = worker.next_dataflow_index();
                 let mut share = restored
                     .get(worker.index() % workers.max(1))
@@ -1111,6 +1113,9 @@ impl Engine {
                         worker.drop_dataflow(id);
                     }
                     return None;
+                }
+                if let Some(profile) = &operator_time {
+                    profile.report(worker.index(), 60);
                 }
                 let summary = result.borrow_mut().take();
                 summary

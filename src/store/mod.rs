@@ -601,7 +601,7 @@ impl StateBatch {
 /// totals and windowed counts, added up here first and then by merges.
 #[derive(Default)]
 pub struct RetainedBatch {
-    crm: Vec<(String, CrmRecord)>,
+    crm: Vec<(String, std::sync::Arc<CrmRecord>)>,
     sets: Vec<Vec<Id>>,
     names: Vec<(Id, String)>,
     totals: std::collections::HashMap<(Id, u32), i128, foldhash::fast::RandomState>,
@@ -1403,7 +1403,12 @@ mod tests {
             ..Checkpoint::default()
         };
         let mut first = RetainedBatch::default();
-        first.stage(Retained::Crm("C1".into(), crm(5, "gold")), 1_000, 1, None);
+        first.stage(
+            Retained::Crm("C1".into(), crm(5, "gold").into()),
+            1_000,
+            1,
+            None,
+        );
         first.stage(Retained::Set(vec![a, b]), 1_000, 1, None);
         first.stage(Retained::Name(a, "user:a".into()), 1_000, 1, None);
         // A lifetime sum, and a count in a 10 s window, twice.
@@ -1416,7 +1421,12 @@ mod tests {
             .unwrap();
         let mut second = RetainedBatch::default();
         // An older version, later: the latest stays.
-        second.stage(Retained::Crm("C1".into(), crm(3, "silver")), 4_000, 1, None);
+        second.stage(
+            Retained::Crm("C1".into(), crm(3, "silver").into()),
+            4_000,
+            1,
+            None,
+        );
         second.stage(Retained::Contribution((a, (0, 1))), 4_000, 1, None);
         store
             .write_retained(StateBatch::default(), second, &checkpoint(5_000))
