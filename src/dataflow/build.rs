@@ -103,7 +103,6 @@ pub fn build<'s>(
     } else {
         timely::dataflow::operators::generic::operator::empty(scope)
     };
-    let names = names.concat(restore.names.as_collection());
     let event_sets = event_sets.concat(restore.sets.as_collection());
 
     // CRM records are upserts; their current versions link identifiers and

@@ -20,16 +20,6 @@ use differential_dataflow::algorithms::graphs::propagate::propagate_at;
 use super::{Coll, Time};
 use crate::model::Id;
 
-/// The identifier set of each record, deduplicated: records with the same
-/// identifiers add nothing to the link graph.
-pub fn identifier_sets<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, Vec<Id>> {
-    sets.filter(|ids| !ids.is_empty())
-        .threshold_named(
-            "Distinct: identifier sets",
-            |_, c| if *c > 0 { 1isize } else { 0 },
-        )
-}
-
 /// The earliest event time passed on per key, for the first-occurrence
 /// filters. Bounded: past [`Earliest::MAX_KEYS`] keys it starts afresh,
 /// which only lets repeated occurrences through again (every consumer of
@@ -124,27 +114,28 @@ pub fn first_names<'s>(names: Coll<'s, (Id, String)>) -> Coll<'s, (Id, String)> 
 ///
 /// Each set is linked as a star around its first (highest-priority)
 /// identifier; edges are symmetric as label propagation requires.
+///
+/// Sets, identifiers and links are not made distinct first: an identifier
+/// (or link) in `k` sets is a node (edge) of multiplicity `k`, and label
+/// propagation takes the least label among those with a positive count,
+/// whatever the count, so the result is the same `(identifier, profile)`
+/// set, each with multiplicity 1. Three arrangements (one per distinct)
+/// are spared; a repeated set costs the propagation a look at the labels
+/// of its identifiers, which do not change.
 pub fn resolve<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, (Id, Id)> {
-    let sets = identifier_sets(sets);
-    let nodes = sets
+    let sets = sets.filter(|ids| !ids.is_empty());
+    let labels = sets
         .clone()
-        .flat_map(|ids| ids.into_iter())
-        .threshold_named(
-            "Distinct: identifiers",
-            |_, c| if *c > 0 { 1isize } else { 0 },
-        );
-    let edges = sets
-        .flat_map(|ids| {
-            let mut out = Vec::with_capacity(2 * ids.len());
-            let first = &ids[0];
-            for other in &ids[1..] {
-                out.push((first.clone(), other.clone()));
-                out.push((other.clone(), first.clone()));
-            }
-            out
-        })
-        .threshold_named("Distinct: links", |_, c| if *c > 0 { 1isize } else { 0 });
-    let labels = nodes.map(|id| (id.clone(), id));
+        .flat_map(|ids| ids.into_iter().map(|id| (id, id)));
+    let edges = sets.flat_map(|ids| {
+        let mut out = Vec::with_capacity(2 * ids.len());
+        let first = &ids[0];
+        for other in &ids[1..] {
+            out.push((first.clone(), other.clone()));
+            out.push((other.clone(), first.clone()));
+        }
+        out
+    });
     // A label enters the propagation later the lower its identifier's
     // priority (rank r at iteration 256 · ⌈log2(r + 1)⌉): the canonical
     // (highest-priority) label of a component has reached its identifiers
@@ -283,7 +274,8 @@ mod tests {
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, sets) = scope.new_collection::<Vec<Id>, isize>();
                 let sets = if dedup { first_occurrences(sets) } else { sets };
-                let probe = identifier_sets(sets)
+                let probe = sets
+                    .threshold(|_, c| if *c > 0 { 1isize } else { 0 })
                     .inspect(move |(d, t, r)| shared.lock().unwrap().push((d.clone(), *t, *r)))
                     .probe();
                 (input, probe.0)

@@ -13,8 +13,8 @@
 //! | collection | what is kept | why it is enough |
 //! |---|---|---|
 //! | CRM versions | per `crm_id`, the latest version (by `updated_at`, then content) | the upsert keeps only the latest version, and versions are never retracted |
-//! | identifier sets | each distinct set once | the link graph is a distinct over sets |
-//! | names | each identifier key's `kind:value` text | the sinks name keys by it |
+//! | identifier sets | each distinct set once | a set seen again adds no link |
+//! | names | each identifier key's `kind:value` text | the sinks name keys by it (a restart hands them to the sinks directly, not through the dataflow) |
 //! | lifetime contributions | per `(identifier, trait)`, the total | totals are sums ([`crate::dataflow::traits`]) |
 //! | windowed contributions | per `(window end, identifier, trait, value)` with end at or after `C`, the count | an event still inside its window at `C` leaves it at its window end; one that left before `C` adds nothing |
 //!
@@ -82,7 +82,8 @@ impl Restored {
     }
 
     /// Deals the entries into `n` shares (one per worker), each with the
-    /// same cut.
+    /// same cut. The names are not dealt: they go straight to the sinks
+    /// (take them first, see `ProcessShared::new`).
     pub fn into_shares(self, n: usize) -> Vec<Restored> {
         let n = n.max(1);
         let mut shares: Vec<Restored> = (0..n)
@@ -96,9 +97,6 @@ impl Restored {
         }
         for (i, set) in self.sets.into_iter().enumerate() {
             shares[i % n].sets.push(set);
-        }
-        for (i, name) in self.names.into_iter().enumerate() {
-            shares[i % n].names.push(name);
         }
         for (i, t) in self.totals.into_iter().enumerate() {
             shares[i % n].totals.push(t);
@@ -124,8 +122,6 @@ pub struct RestoredStreams<'s> {
     pub crm: Updates<'s, (String, Arc<CrmRecord>)>,
     /// Identifier sets.
     pub sets: Updates<'s, Vec<Id>>,
-    /// Identifier names.
-    pub names: Updates<'s, (Id, String)>,
     /// Contributions (lifetime totals and windowed counts) at the restore
     /// time.
     pub contributions: Updates<'s, Contribution>,
@@ -157,12 +153,10 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
     let mut builder = OperatorBuilder::new("Restore: checkpoint".to_owned(), scope);
     let (crm_out, crm) = builder.new_output();
     let (sets_out, sets) = builder.new_output();
-    let (names_out, names) = builder.new_output();
     let (contrib_out, contributions) = builder.new_output();
     let (ends_out, window_ends) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
-    let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
     let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
     let mut ends_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(ends_out);
     let activator = scope.activator_for(builder.operator_info().address.clone());
@@ -187,13 +181,9 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
                 .activate()
                 .session(&caps[1])
                 .give_iterator(r.sets.into_iter().map(|s| (s, at, 1)));
-            names_out
-                .activate()
-                .session(&caps[2])
-                .give_iterator(r.names.into_iter().map(|n| (n, at, 1)));
             {
                 let mut out = contrib_out.activate();
-                let mut session = out.session(&caps[3]);
+                let mut session = out.session(&caps[2]);
                 for (id, t, total) in r.totals {
                     for (c, n) in total_contributions(id, t, total) {
                         session.give((c, at, n));
@@ -205,14 +195,13 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
             }
             ends_out
                 .activate()
-                .session(&caps[4])
+                .session(&caps[3])
                 .give_iterator(r.windowed.into_iter().map(|(end, c, n)| (c, end, -n)));
         }
     });
     RestoredStreams {
         crm,
         sets,
-        names,
         contributions,
         window_ends,
     }

@@ -1013,6 +1013,13 @@ impl Engine {
         let defs = Arc::new(defs);
         let restored_before = restored.as_ref().map_or(0, |r| r.cut);
         let restoration = restored.as_ref().map(|r| (r.cut, r.entries()));
+        // The restored names go to the sinks directly: nothing in the
+        // dataflow reads them.
+        let mut restored = restored;
+        let names: crate::model::IdMap<String> = restored
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.names).into_iter().collect())
+            .unwrap_or_default();
         // One share per worker, taken by it (and dropped once injected).
         let restored: Arc<Vec<Mutex<Option<Restored>>>> = Arc::new(
             restored
@@ -1022,7 +1029,7 @@ impl Engine {
                 .map(|share| Mutex::new(Some(share)))
                 .collect(),
         );
-        let shared = Arc::new(ProcessShared::new(state, restored_before));
+        let shared = Arc::new(ProcessShared::new(state, restored_before, names));
         let layout = Layout { workers, processes };
         let worker_shared = Arc::clone(&shared);
         let outputs = Arc::new(Mutex::new(outputs));

@@ -678,8 +678,7 @@ impl RetainedBatch {
     /// that end before `cut` are left out.
     fn write_into(self, batch: &mut WriteBatch, cfs: &[&rocksdb::ColumnFamily], cut: Time) {
         for (crm_id, record) in &self.crm {
-            let json = serde_json::to_vec(record).expect("CRM record serializes");
-            batch.merge_cf(cfs[R_CRM], crm_id.as_bytes(), json);
+            batch.merge_cf(cfs[R_CRM], crm_id.as_bytes(), encode_crm(record));
         }
         for ids in &self.sets {
             let key: Vec<u8> = ids.iter().flat_map(|id| id.0.to_be_bytes()).collect();
@@ -723,22 +722,66 @@ fn add_le<const N: usize>(
     })
 }
 
+/// The tag byte of a retained CRM record in bincode; a record without it
+/// (its first byte is `{`) is JSON, as checkpoints written before the
+/// binary encoding hold them (they restore as they are).
+const CRM_BINCODE: u8 = 0;
+
+/// A retained CRM record's bytes: [`CRM_BINCODE`], then the record in
+/// bincode 1 (its serde fields in order, fixed-width integers).
+fn encode_crm(record: &CrmRecord) -> Vec<u8> {
+    let mut bytes = vec![CRM_BINCODE];
+    bincode::serialize_into(&mut bytes, record).expect("a CRM record encodes");
+    bytes
+}
+
+/// Reads [`encode_crm`]'s bytes, or a record's JSON; `None` if they are
+/// neither.
+fn decode_crm(bytes: &[u8]) -> Option<CrmRecord> {
+    match bytes.split_first() {
+        Some((&CRM_BINCODE, rest)) => bincode::deserialize(rest).ok(),
+        _ => serde_json::from_slice(bytes).ok(),
+    }
+}
+
+/// The `updated_ms` of a record in [`encode_crm`]'s bytes, read without
+/// decoding the rest: bincode 1 writes the `crm_id` as a little-endian
+/// u64 length and its bytes, then `updated_ms` as a little-endian i64.
+fn crm_updated_ms(bytes: &[u8]) -> Option<i64> {
+    let (&CRM_BINCODE, rest) = bytes.split_first()? else {
+        return None;
+    };
+    let len = usize::try_from(u64::from_le_bytes(rest.get(..8)?.try_into().ok()?)).ok()?;
+    let at = 8usize.checked_add(len)?;
+    Some(i64::from_le_bytes(rest.get(at..at + 8)?.try_into().ok()?))
+}
+
 /// The merge of `retained_crm`: keeps the latest version, as the upsert
-/// does ([`CrmRecord`]'s order: `updated_at`, then content).
+/// does ([`CrmRecord`]'s order, the `crm_id` being the key's: `updated_ms`,
+/// then content). Binary records are compared by their `updated_ms` alone
+/// when it differs; undecodable operands are dropped.
 fn latest_crm(
     _key: &[u8],
     existing: Option<&[u8]>,
     ops: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut best: Option<(CrmRecord, &[u8])> = None;
+    let mut best: Option<&[u8]> = None;
     for bytes in existing.into_iter().chain(ops.iter()) {
-        if let Ok(record) = serde_json::from_slice::<CrmRecord>(bytes) {
-            if best.as_ref().is_none_or(|(b, _)| record > *b) {
-                best = Some((record, bytes));
-            }
+        let later = match best {
+            None => decode_crm(bytes).is_some(),
+            Some(b) => match (crm_updated_ms(bytes), crm_updated_ms(b)) {
+                (Some(new), Some(old)) if new != old => new > old,
+                _ => match (decode_crm(bytes), decode_crm(b)) {
+                    (Some(new), Some(old)) => new > old,
+                    _ => false,
+                },
+            },
+        };
+        if later {
+            best = Some(bytes);
         }
     }
-    best.map(|(_, b)| b.to_vec())
+    best.map(<[u8]>::to_vec)
 }
 
 /// Column family indexes in [`CFS`], for [`StateBatch`].
@@ -1050,18 +1093,22 @@ impl Store {
         let each = |name: &str,
                     f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>|
          -> Result<(), StoreError> {
+            let started = std::time::Instant::now();
+            let mut entries = 0u64;
             for item in self.db.iterator_cf(self.cf(name), IteratorMode::Start) {
                 let (k, v) = item.map_err(|e| self.err(e))?;
                 f(&k, &v)?;
+                entries += 1;
             }
+            let secs = started.elapsed().as_secs_f64();
+            tracing::debug!(column_family = name, entries, secs, "read retained input");
             Ok(())
         };
         let crm = || {
             let mut out = Vec::new();
             each("retained_crm", &mut |k, v| {
                 let crm_id = String::from_utf8(k.to_vec()).map_err(|_| corrupt("CRM id"))?;
-                let record: CrmRecord =
-                    serde_json::from_slice(v).map_err(|_| corrupt("CRM record"))?;
+                let record = decode_crm(v).ok_or_else(|| corrupt("CRM record"))?;
                 out.push((crm_id, record));
                 Ok(())
             })
@@ -1439,6 +1486,54 @@ mod tests {
         assert_eq!(r.totals, vec![(a, 0, 20_000)]);
         // b's window ended at 3 000, before the cut.
         assert_eq!(r.windowed, vec![(11_000, (a, (1, 1)), 2)]);
+    }
+
+    /// CRM records a checkpoint holds in JSON (written before the binary
+    /// encoding) restore, and merge with binary ones by their order: the
+    /// latest version wins whichever encoding it has.
+    #[test]
+    fn json_and_binary_crm_records_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = StateLock::take(dir.path()).unwrap();
+        let store = Store::create_fresh(dir.path(), &lock).unwrap();
+        let crm = |id: &str, updated_ms: i64, tier: &str| CrmRecord {
+            crm_id: id.into(),
+            updated_ms,
+            deleted: false,
+            ids: vec![Ident {
+                rank: 0,
+                value: format!("crm:{id}"),
+            }],
+            attributes: vec![
+                ("tier".into(), Scalar::Str(tier.into())),
+                ("ltv".into(), Scalar::Num(12.5)),
+                ("vip".into(), Scalar::Bool(true)),
+                ("note".into(), Scalar::Null),
+            ],
+        };
+        let cf = store.cf(RETAINED_CFS[R_CRM]);
+        let json = |r: &CrmRecord| serde_json::to_vec(r).unwrap();
+        // C1: JSON (newer) then binary (older); C2: binary (newer) over
+        // JSON (older); C3: JSON only.
+        let mut batch = WriteBatch::default();
+        batch.merge_cf(cf, b"C1", json(&crm("C1", 9, "gold")));
+        batch.merge_cf(cf, b"C2", json(&crm("C2", 1, "bronze")));
+        batch.merge_cf(cf, b"C3", json(&crm("C3", 4, "silver")));
+        store.db.write(batch).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.merge_cf(cf, b"C1", encode_crm(&crm("C1", 2, "silver")));
+        batch.merge_cf(cf, b"C2", encode_crm(&crm("C2", 8, "gold")));
+        store.db.write(batch).unwrap();
+        assert_eq!(
+            store.restored(1).unwrap().crm,
+            vec![
+                ("C1".to_string(), crm("C1", 9, "gold")),
+                ("C2".to_string(), crm("C2", 8, "gold")),
+                ("C3".to_string(), crm("C3", 4, "silver")),
+            ]
+        );
+        assert_eq!(decode_crm(b"not a record"), None);
+        assert_eq!(decode_crm(&[CRM_BINCODE, 1, 2]), None);
     }
 
     /// A profile id that is another's followed by a separator byte and more

@@ -61,10 +61,14 @@ pub struct ProcessShared {
 
 impl ProcessShared {
     /// The shared commit-stage state of a process whose part of the state
-    /// (if any) is `state`.
-    pub fn new(state: Option<ProcessState>, restored_before: Time) -> ProcessShared {
+    /// (if any) is `state`, knowing `names` (a restored checkpoint's).
+    pub fn new(
+        state: Option<ProcessState>,
+        restored_before: Time,
+        names: IdMap<String>,
+    ) -> ProcessShared {
         ProcessShared {
-            names: Mutex::new(IdMap::default()),
+            names: Mutex::new(names),
             completion: Mutex::new(Completion::default()),
             state,
             restored_before,
