@@ -113,7 +113,13 @@ pub fn first_names<'s>(names: Coll<'s, (Id, String)>) -> Coll<'s, (Id, String)> 
 /// profile is the canonical identifier of the identifier's component.
 ///
 /// Each set is linked as a star around its first (highest-priority)
-/// identifier; edges are symmetric as label propagation requires.
+/// identifier; edges are symmetric as label propagation requires. Only
+/// the least key of a set proposes its own label: a component's canonical
+/// identifier is the least key of every set that contains it, so it
+/// proposes, and every other identifier is linked to its set's first and
+/// is labelled through it. (The first is the highest-priority identifier
+/// by its text; with two of the same priority it need not be the least
+/// key, which orders by hash.)
 ///
 /// Sets, identifiers and links are not made distinct first: an identifier
 /// (or link) in `k` sets is a node (edge) of multiplicity `k`, and label
@@ -124,9 +130,10 @@ pub fn first_names<'s>(names: Coll<'s, (Id, String)>) -> Coll<'s, (Id, String)> 
 /// of its identifiers, which do not change.
 pub fn resolve<'s>(sets: Coll<'s, Vec<Id>>) -> Coll<'s, (Id, Id)> {
     let sets = sets.filter(|ids| !ids.is_empty());
-    let labels = sets
-        .clone()
-        .flat_map(|ids| ids.into_iter().map(|id| (id, id)));
+    let labels = sets.clone().map(|ids| {
+        let least = ids.iter().min().copied().unwrap_or(ids[0]);
+        (least, least)
+    });
     let edges = sets.flat_map(|ids| {
         let mut out = Vec::with_capacity(2 * ids.len());
         let first = &ids[0];
@@ -250,9 +257,11 @@ mod tests {
             retract in prop::collection::vec(any::<bool>(), 20),
         ) {
             let sets: Vec<Vec<Id>> = sets.into_iter().map(|s| {
-                let mut v: Vec<Id> = s.into_iter().map(ident).collect();
-                v.sort();
-                v
+                // In the order records carry them: by priority, then text
+                // (not by key), as the dataflow sees them.
+                let mut v: Vec<u8> = s.into_iter().collect();
+                v.sort_by_key(|n| (n % 3, format!("k{}:{}", n % 3, n)));
+                v.into_iter().map(ident).collect::<Vec<Id>>()
             }).collect();
             let removed: Vec<Vec<Id>> = sets.iter().zip(&retract).filter(|(_, r)| **r).map(|(s, _)| s.clone()).collect();
             let kept: Vec<Vec<Id>> = sets.iter().zip(retract.iter().chain(std::iter::repeat(&false))).filter(|(_, r)| !**r).map(|(s, _)| s.clone()).collect();

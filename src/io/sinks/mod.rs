@@ -455,22 +455,30 @@ impl Committer {
         mut updates: Vec<(StateUpdate, isize)>,
         names: &IdMap<String>,
     ) -> Result<Vec<(StoreOp, isize)>, ()> {
-        differential_dataflow::consolidation::consolidate(&mut updates);
         // A resumed run's outputs hold the diffs of the times before the
         // checkpoint's bound: they are counted, not written again (nor
-        // formatted: a restored time holds every membership).
+        // formatted, nor consolidated first: counts are sums, and a
+        // restored time holds every membership and profile).
         let written = self
             .outputs
             .resume
             .as_ref()
             .is_none_or(|r| time >= r.segments_bound);
+        if !written && time < self.restored_before {
+            for (update, diff) in &updates {
+                match update {
+                    StateUpdate::Segment(seg, _) => self.members[*seg as usize] += *diff as i64,
+                    StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
+                    _ => {}
+                }
+            }
+            return Ok(Vec::new());
+        }
+        differential_dataflow::consolidation::consolidate(&mut updates);
         let mut diffs = Vec::new();
         let mut ops = Vec::new();
         for (update, diff) in &updates {
             match update {
-                StateUpdate::Segment(seg, _) if !written && time < self.restored_before => {
-                    self.members[*seg as usize] += *diff as i64;
-                }
                 StateUpdate::Segment(seg, profile) => {
                     let profile = match ProcessShared::name(names, profile) {
                         Ok(p) => p,
