@@ -650,10 +650,10 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     std::fs::write(&out, &diffs).unwrap();
     // A state directory written by an older segflow (no fingerprint in
     // its checkpoint) is refused too: covered by the store's unit tests
-    // of the checkpoint format; a socket source cannot be read again.
+    // of the checkpoint format. A file source that became a socket.
     let mut live = args.clone();
     live[3] = "web=tcp://127.0.0.1:1".into();
-    refused(&live, "whose lines cannot be read again");
+    refused(&live, "and reads a socket (tcp://127.0.0.1:1) now");
 }
 
 /// Kills at chosen points (`SEGFLOW_FAULT`, see `segflow::fault`): just

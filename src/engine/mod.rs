@@ -229,6 +229,28 @@ fn start(
     Ok((outputs, state, restored))
 }
 
+/// Tells, when a run restores a checkpoint at `cut`, what the clients of
+/// its socket sources (if any) must send again: the checkpoint holds the
+/// lines with event times before the cut (lines sent again at such times
+/// are dropped as held), not those read after it.
+fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time) {
+    let sockets: Vec<&str> = inputs
+        .iter()
+        .filter(|(_, input)| matches!(input, Input::Tcp { .. }))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if sockets.is_empty() {
+        return;
+    }
+    let at = chrono::DateTime::from_timestamp_millis(cut as i64)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default();
+    tracing::warn!(
+        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {at} ({cut} ms); clients must send again what they sent from that time on (lines at earlier times are dropped as held)",
+        sockets.join(", ")
+    );
+}
+
 /// A file's identity: its device and inode if it exists, else its absolute
 /// path with the existing part of it resolved (so `out/../out/x` and
 /// `out/x` are the same file before either exists).
@@ -1010,6 +1032,9 @@ impl Engine {
         };
         let (outputs, state, restored) =
             start(outputs, state, resume, origin, workers, processes, progress)?;
+        if let Some(r) = &restored {
+            tell_socket_clients(&self.inputs, r.cut);
+        }
         let defs = Arc::new(defs);
         let restored_before = restored.as_ref().map_or(0, |r| r.cut);
         let restoration = restored.as_ref().map(|r| (r.cut, r.entries()));

@@ -236,7 +236,25 @@ pub fn plan(
     }
     // The positions the outputs are cut back to: at the cut if the run
     // restores the retained input, else clamped where files ended.
-    let restore = restorable(checkpoint, processes, now);
+    let restore = restorable(checkpoint, processes, inputs, now);
+    if restore.is_none() {
+        // A run that does not restore reads its inputs again from their
+        // beginning; a socket's lines cannot be.
+        for (name, input) in inputs {
+            if let Input::Tcp { addr, .. } = input {
+                return Err(refuse(
+                    dir,
+                    format!(
+                        "source `{name}` reads a socket (tcp://{addr}), whose lines cannot be read again, and {}",
+                        match processes {
+                            1 => "the checkpoint cannot be restored (its inputs grew, or it holds no retained input)",
+                            _ => "a cluster reads its inputs again instead of restoring its checkpoint",
+                        }
+                    ),
+                ));
+            }
+        }
+    }
     let at = restore
         .as_ref()
         .and_then(|c| c.retained.as_ref()?.sinks.as_ref())
@@ -287,24 +305,28 @@ pub fn plan(
     })
 }
 
-/// The checkpoint, if a run of `processes` processes over inputs whose
+/// The checkpoint, if a run of `processes` processes over `inputs` whose
 /// marks are `now` restores its retained input: a single process, a cut
-/// with output positions, and inputs that have not grown. Lines appended
-/// since may change times after the cut that the outputs and the state
-/// already hold (a file's last range continues with them), which a
-/// restore would not undo; such a resume reads the inputs from their
-/// beginning into an empty state, from the outputs' positions clamped
-/// where files ended.
+/// with output positions, and replayed inputs that have not grown. Lines
+/// appended since may change times after the cut that the outputs and the
+/// state already hold (a file's last range continues with them, after a
+/// run that read it to its end closed every time), which a restore would
+/// not undo; such a resume reads the inputs from their beginning into an
+/// empty state, from the outputs' positions clamped where files ended. A
+/// followed file grows by design and never ends: it continues from its
+/// resume point, with its clock as it was there. A socket starts afresh.
 fn restorable(
     checkpoint: &Checkpoint,
     processes: usize,
+    inputs: &BTreeMap<String, Input>,
     now: &BTreeMap<String, InputMark>,
 ) -> Option<Checkpoint> {
     let retained = checkpoint.retained.as_ref()?;
+    let followed = |name: &str| matches!(inputs.get(name), Some(Input::File { follow: true, .. }));
     let grown = checkpoint
         .inputs
         .iter()
-        .any(|(name, then)| now.get(name).is_some_and(|m| m.len > then.len));
+        .any(|(name, then)| !followed(name) && now.get(name).is_some_and(|m| m.len > then.len));
     (processes == 1 && retained.cut > 0 && retained.sinks.is_some() && !grown)
         .then(|| checkpoint.clone())
 }
@@ -373,19 +395,17 @@ pub fn check_inputs(
     inputs: &BTreeMap<String, Input>,
     now: &BTreeMap<String, InputMark>,
 ) -> Result<(), EngineError> {
-    for (name, input) in inputs {
-        if let Input::Tcp { addr, .. } = input {
-            return Err(refuse(
-                dir,
-                format!("source `{name}` reads a socket (tcp://{addr}), whose lines cannot be read again")
-            ));
-        }
-    }
     for (name, then) in &checkpoint.inputs {
         let Some(mark) = now.get(name) else {
             return Err(refuse(
                 dir,
-                format!("source `{name}` has no input in this run"),
+                match inputs.get(name) {
+                    Some(Input::Tcp { addr, .. }) => format!(
+                        "source `{name}` read {} when the checkpoint was taken, and reads a socket (tcp://{addr}) now",
+                        then.path
+                    ),
+                    _ => format!("source `{name}` has no input in this run"),
+                },
             ));
         };
         if mark.len < then.len {

@@ -160,13 +160,15 @@ impl SourceClock {
         }
     }
 
-    /// A replay's clock that continues from `state` (see [`ClockState`]).
-    pub fn restored(config: TimeConfig, state: ClockState) -> SourceClock {
+    /// A clock that continues from `state` (see [`ClockState`]): a
+    /// replay's, or a live source's (a followed file), which counts from
+    /// wall clock `now_ms` as when it was last read.
+    pub fn restored(config: TimeConfig, state: ClockState, live: bool, now_ms: u64) -> SourceClock {
         SourceClock {
             latest_ms: state.latest_ms,
             max_tick: state.max_tick,
             watermark: state.watermark,
-            ..SourceClock::new(config, false, 0)
+            ..SourceClock::new(config, live, now_ms)
         }
     }
 

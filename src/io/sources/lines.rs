@@ -645,6 +645,43 @@ impl FileLines {
         })
     }
 
+    /// Opens the followed file of JSON lines `path` at byte `offset`, the
+    /// start of line `line` (a resume point of an earlier run, which read
+    /// the bytes before it). Truncation and rotation are noticed as for a
+    /// file read from its start: the bytes before `offset` are what was
+    /// read. An `offset` past the file's end is an error (the file is not
+    /// the one that was read).
+    pub fn follow_from(path: &Path, limit: usize, offset: u64, line: u64) -> io::Result<Self> {
+        let mut file = File::open(path)?;
+        let meta = file.metadata()?;
+        if meta.len() < offset {
+            return Err(io::Error::other(format!(
+                "it is {} bytes long, and the checkpoint says {offset} bytes of it were read: it was truncated or replaced since",
+                meta.len()
+            )));
+        }
+        let identity = file_identity(&meta);
+        let kept = HEAD_BYTES.min(offset as usize);
+        let mut head = vec![0u8; kept];
+        let n = read_at(&file, &mut head, 0)?;
+        head.truncate(n);
+        let mut tail = vec![0u8; kept];
+        let n = read_at(&file, &mut tail, offset - kept as u64)?;
+        tail.truncate(n);
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(FileLines {
+            reader: BufReader::with_capacity(1 << 20, file),
+            framer: Framer::starting_at(limit, offset, line),
+            follow: true,
+            path: path.to_path_buf(),
+            identity,
+            head,
+            tail,
+            limit,
+            framing: Framing::Lines,
+        })
+    }
+
     /// Whether the followed path still holds the file being read, another
     /// file (rotated), or the same file truncated; `Same` while the path is
     /// missing (a rotation that has not created the new file yet).
@@ -762,6 +799,12 @@ impl LineSource for FileLines {
     }
     fn is_live(&self) -> bool {
         self.follow
+    }
+    /// A followed file of JSON lines resumes where its next line starts
+    /// ([`FileLines::follow_from`]); other files are read from their start.
+    fn resume_at(&self) -> Option<(u64, u64)> {
+        (self.follow && self.framing == Framing::Lines && !self.framer.has_partial())
+            .then(|| (self.framer.consumed(), self.framer.newlines + 1))
     }
 }
 

@@ -239,15 +239,21 @@ impl Reader {
             params.max_line_bytes,
             buffer,
         )?);
-        let time = params.time;
         let mut reader = Reader::new(def, params, lines, true, floor);
         reader.range_start = Some(range.start);
         if let Some(p) = point {
-            reader.clock = SourceClock::restored(time, p.clock);
-            reader.max_tick = p.max_tick;
-            reader.max_dead = p.max_dead;
+            reader.continue_from(&p);
         }
         Ok(reader)
+    }
+
+    /// Continues from `point` (its lines are opened there): the clock and
+    /// the range's latest times as they were.
+    fn continue_from(&mut self, point: &ResumePoint) {
+        let live = self.lines.is_live();
+        self.clock = SourceClock::restored(self.params.time, point.clock, live, wall_clock_ms());
+        self.max_tick = point.max_tick;
+        self.max_dead = point.max_dead;
     }
 
     /// Records in [`ReadParams::progress`] that every line before the
@@ -310,10 +316,19 @@ impl Reader {
         waker: Option<SyncActivator>,
     ) -> std::io::Result<Reader> {
         let limit = params.max_line_bytes;
+        // A followed file of JSON lines is one range, from byte 0, with
+        // resume points as a replayed file's ranges have (see `progress`).
+        let followed =
+            matches!(def.input, Input::File { follow: true, .. }) && def.format == Format::Jsonl;
+        let point = match followed {
+            true => params.resume.as_ref().and_then(|r| r.point(&def.name, 0)),
+            false => None,
+        };
         let lines: Box<dyn LineSource> = match &def.input {
-            Input::File { path, follow } => {
-                Box::new(FileLines::open(path, *follow, limit, def.format.into())?)
-            }
+            Input::File { path, follow } => match point {
+                Some(p) => Box::new(FileLines::follow_from(path, limit, p.offset, p.line)?),
+                None => Box::new(FileLines::open(path, *follow, limit, def.format.into())?),
+            },
             Input::Tcp {
                 addr,
                 until_disconnect,
@@ -326,7 +341,14 @@ impl Reader {
             )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
-        Ok(Reader::new(def, params, lines, false, Time::default()))
+        let mut reader = Reader::new(def, params, lines, false, Time::default());
+        if followed {
+            reader.range_start = Some(0);
+        }
+        if let Some(p) = point {
+            reader.continue_from(&p);
+        }
+        Ok(reader)
     }
 
     fn dead(
@@ -393,11 +415,15 @@ impl Reader {
                     return;
                 }
                 let text = text.to_string();
+                let read_at = self.clock.watermark().max(self.floor);
+                // If it does not decode, the decoding worker dead-letters
+                // it at `read_at`: a resume point after it waits for that.
+                self.max_dead = self.max_dead.max(Some(read_at));
                 raw.push(RawLine {
                     line,
                     offset,
                     tick,
-                    read_at: self.clock.watermark().max(self.floor),
+                    read_at,
                     peer,
                     text,
                 });
