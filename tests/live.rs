@@ -720,25 +720,14 @@ fn a_followed_file_that_is_truncated_or_rotated_is_read_from_its_start() {
 /// exact.
 #[test]
 fn live_state_written_by_every_worker_keeps_up_with_the_wall_clock() {
-    const COUNTS: &str = r#"
-[engine]
-tick = "100ms"
-allowed_lateness = "0s"
-idle_advance = "200ms"
-
-[sources.web]
-
-[traits.views_total]
-stream = "web"
-filter = 'event == "view_item"'
-
-[segments.seen]
-when = "views_total >= 1"
-"#;
+    // No allowed lateness: every record is read on time or not at all.
+    let counts = LIVE_COUNTS
+        .replace("SOURCE", "")
+        .replace(r#"allowed_lateness = "1s""#, r#"allowed_lateness = "0s""#);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let addr = free_addr();
-    let spec = parse_spec(COUNTS, "counts.toml").unwrap();
+    let spec = parse_spec(&counts, "counts.toml").unwrap();
     let (engine_addr, engine_state) = (addr.clone(), state.clone());
     let engine = std::thread::spawn(move || {
         Engine::new(spec)
@@ -755,23 +744,6 @@ when = "views_total >= 1"
             .run(timely::Config::process(2))
             .unwrap()
     });
-    let counts = |visitors: usize| -> Vec<Option<f64>> {
-        let Ok(parts) = segflow::store::StateParts::open_read_only(&state) else {
-            return vec![None; visitors];
-        };
-        (0..visitors)
-            .map(|v| {
-                let id = segflow::model::Ident {
-                    rank: 0,
-                    value: format!("anon:v{v}"),
-                };
-                parts
-                    .lookup(&[id])
-                    .unwrap()
-                    .and_then(|view| view.traits.get("views_total").copied())
-            })
-            .collect()
-    };
     let mut client = connect(&addr);
     let visitors = 40;
     let mut sent = vec![0.0; visitors];
@@ -790,25 +762,7 @@ when = "views_total >= 1"
         }
         // A pause: the state catches up within the flush interval (5 s)
         // plus a few ticks, on both workers' keys.
-        let want: Vec<Option<f64>> = sent.iter().map(|n| (*n > 0.0).then_some(*n)).collect();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let now = counts(visitors);
-            for (have, want) in now.iter().zip(&want) {
-                assert!(
-                    have.unwrap_or(0.0) <= want.unwrap_or(0.0),
-                    "a count above what was sent: {now:?} against {want:?}"
-                );
-            }
-            if now == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "burst {burst}: the state did not catch up in 20 s: {now:?} against {want:?}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_for_counts(&state, &sent, 20, &format!("burst {burst}"));
     }
     drop(client);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -821,7 +775,7 @@ when = "views_total >= 1"
     }
     let summary = engine.join().unwrap();
     assert_eq!(
-        counts(visitors),
+        state_counts(&state, visitors),
         sent.iter().map(|n| Some(*n)).collect::<Vec<_>>()
     );
     assert_eq!(summary.late(), 0);
@@ -897,6 +851,27 @@ fn wait_for_counts(state: &Path, want: &[f64], secs: u64, what: &str) {
 struct Running(Option<std::process::Child>);
 
 impl Running {
+    /// `segflow run SPEC ARGS.. --output OUT --dead-letter DEAD
+    /// --state-dir STATE`, its stdout and stderr kept.
+    fn start(spec: &Path, args: &[String], (out, dead, state): (&Path, &Path, &Path)) -> Running {
+        Running(Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_segflow"))
+                .arg("run")
+                .arg(spec)
+                .args(args)
+                .arg("--output")
+                .arg(out)
+                .arg("--dead-letter")
+                .arg(dead)
+                .arg("--state-dir")
+                .arg(state)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
     fn child(&mut self) -> &mut std::process::Child {
         self.0.as_mut().expect("running")
     }
@@ -998,21 +973,7 @@ fn a_followed_file_killed_and_restarted_counts_every_line_once() {
         file.write_all(b.as_bytes()).unwrap();
         file.flush().unwrap();
     };
-    let start = || {
-        Running(Some(
-            std::process::Command::new(env!("CARGO_BIN_EXE_segflow"))
-                .args(["run", spec.to_str().unwrap(), "--output"])
-                .arg(&out)
-                .arg("--dead-letter")
-                .arg(&dead)
-                .arg("--state-dir")
-                .arg(&state)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap(),
-        ))
-    };
+    let start = || Running::start(&spec, &[], (&out, &dead, &state));
     append(0, &mut sent);
     let first = start();
     for round in 1..8 {
@@ -1107,23 +1068,8 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
     )
     .unwrap();
     let addr = free_addr();
-    let start = || {
-        Running(Some(
-            std::process::Command::new(env!("CARGO_BIN_EXE_segflow"))
-                .args(["run", spec.to_str().unwrap(), "--input"])
-                .arg(format!("web=tcp://{addr}"))
-                .arg("--output")
-                .arg(&out)
-                .arg("--dead-letter")
-                .arg(&dead)
-                .arg("--state-dir")
-                .arg(&state)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap(),
-        ))
-    };
+    let input = ["--input".to_string(), format!("web=tcp://{addr}")];
+    let start = || Running::start(&spec, &input, (&out, &dead, &state));
     let visitors = 8;
     let mut sent = vec![0.0; visitors];
     let send = |client: &mut TcpStream, round: usize, sent: &mut Vec<f64>| -> u64 {
