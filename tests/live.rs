@@ -899,6 +899,28 @@ impl Drop for Running {
     }
 }
 
+/// Waits up to 30 s for a checkpoint whose resume point of source `web`
+/// is past its first `lines` lines (it follows the state by at most a
+/// flush).
+fn wait_for_point(state: &Path, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = segflow::store::StateParts::open_read_only(state)
+            .ok()
+            .and_then(|p| p.checkpoint().ok().flatten())
+            .and_then(|c| c.retained)
+            .and_then(|r| r.points.get("web")?.first().map(|p| p.line));
+        if line.is_some_and(|l| l > lines as u64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint past line {lines} in 30 s: {line:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits up to 30 s for `child` to exit; its status and output.
 fn wait_exit(mut child: std::process::Child) -> std::process::Output {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -984,24 +1006,7 @@ fn a_followed_file_killed_and_restarted_counts_every_line_once() {
     // then more lines that may or may not be, then the kill.
     wait_for_counts(&state, &sent, 30, "before the kill");
     let checkpointed = sent.iter().sum::<f64>() as usize;
-    // And a checkpoint whose resume point is past them (it follows the
-    // state by at most a flush).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = segflow::store::StateParts::open_read_only(&state)
-            .ok()
-            .and_then(|p| p.checkpoint().ok().flatten())
-            .and_then(|c| c.retained)
-            .and_then(|r| r.points.get("web")?.first().map(|p| p.line));
-        if line.is_some_and(|l| l > checkpointed as u64) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint past line {checkpointed} in 30 s: {line:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_point(&state, checkpointed);
     for round in 8..12 {
         append(round, &mut sent);
         std::thread::sleep(Duration::from_millis(150));
@@ -1115,4 +1120,77 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
         sent.iter().map(|n| Some(*n)).collect::<Vec<_>>()
     );
     assert_each_seen_once(&out, visitors);
+}
+
+/// A followed file rotated while its engine is down (renamed, a new file
+/// at its path, as logrotate does): the restarted run says so, restores
+/// the checkpoint and reads the new file from its start. Every line the
+/// checkpoint held and every line of the new file is counted once.
+#[test]
+fn a_followed_file_rotated_while_its_engine_is_down_is_read_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.jsonl");
+    let (out, dead, state) = (
+        dir.path().join("out.jsonl"),
+        dir.path().join("dead.jsonl"),
+        dir.path().join("state"),
+    );
+    let spec = dir.path().join("follow.toml");
+    std::fs::write(
+        &spec,
+        LIVE_COUNTS.replace(
+            "SOURCE",
+            &format!("path = {:?}\nfollow = true", web.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let visitors = 6;
+    let mut sent = vec![0.0; visitors];
+    let append = |path: &Path, sent: &mut Vec<f64>| {
+        let ts = stamp();
+        let mut text = String::new();
+        for (v, n) in sent.iter_mut().enumerate() {
+            text += &view(ts, &format!("v{v}"));
+            *n += 1.0;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    for _ in 0..3 {
+        append(&web, &mut sent);
+    }
+    let first = Running::start(&spec, &[], (&out, &dead, &state));
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(250));
+        append(&web, &mut sent);
+    }
+    wait_for_counts(&state, &sent, 30, "before the kill");
+    wait_for_point(&state, sent.iter().sum::<f64>() as usize);
+    first.kill();
+    std::fs::rename(&web, dir.path().join("web.jsonl.1")).unwrap();
+    for _ in 0..2 {
+        append(&web, &mut sent);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let second = Running::start(&spec, &[], (&out, &dead, &state));
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(250));
+        append(&web, &mut sent);
+    }
+    wait_for_counts(&state, &sent, 30, "after the restart");
+    let ended = second.terminate();
+    let stdout = String::from_utf8_lossy(&ended.stdout);
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("restored"), "{stdout}");
+    assert!(
+        stderr.contains("read again from its start"),
+        "the rotation is told: {stderr}"
+    );
+    assert_each_seen_once(&out, visitors);
+    assert_eq!(std::fs::read_to_string(&dead).unwrap(), "", "nothing late");
 }

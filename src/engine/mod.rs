@@ -588,7 +588,7 @@ impl Engine {
             // here, perhaps from other paths than process 0's) must still
             // be those it read then.
             if checkpoint.fingerprint == ours {
-                resume::check_inputs(part, &checkpoint, &self.inputs, marks)?;
+                resume::check_replayed_inputs(part, &checkpoint, &self.inputs, marks)?;
             }
             return Ok(None);
         }
@@ -1006,7 +1006,13 @@ impl Engine {
         // (a cluster resumes by reading its inputs again); a resumed one
         // starts its readers where the checkpoint says.
         let resume_points = resume.as_ref().and_then(|r| r.restore.as_ref()).map(|c| {
-            let retained = c.retained.clone().unwrap_or_default();
+            let mut retained = c.retained.clone().unwrap_or_default();
+            for (name, what) in resume.iter().flat_map(|r| &r.followed_from_start) {
+                tracing::warn!(
+                    "{what}; it is followed, so it is read again from its start (as when it is rotated during a run), and its records before the checkpoint's cut are dropped"
+                );
+                retained.points.remove(name);
+            }
             Resume {
                 before: retained.cut,
                 points: retained.points,

@@ -146,6 +146,11 @@ pub struct ResumePlan {
     /// reading the inputs from their beginning into an empty state: a
     /// single process whose checkpoint has a cut.
     pub restore: Option<Checkpoint>,
+    /// Followed files that are no longer what the checkpoint read
+    /// (truncated, or rotated), with what was found: a restoring run reads
+    /// them again from their start, without their resume points, and drops
+    /// their records before the cut.
+    pub followed_from_start: Vec<(String, String)>,
 }
 
 /// Checks that `checkpoint`, found in `dir`, can be resumed by this run
@@ -203,7 +208,7 @@ pub fn plan(
             ),
         ));
     }
-    check_inputs(dir, checkpoint, inputs, now)?;
+    let replaced = check_inputs(dir, checkpoint, inputs, now)?;
     let Some(sinks) = &checkpoint.sinks else {
         return Ok(ResumePlan::default());
     };
@@ -239,7 +244,10 @@ pub fn plan(
     let restore = restorable(checkpoint, processes, inputs, now);
     if restore.is_none() {
         // A run that does not restore reads its inputs again from their
-        // beginning; a socket's lines cannot be.
+        // beginning, as they were; a socket's lines cannot be.
+        if let Some((_, what)) = replaced.first() {
+            return Err(refuse(dir, what.clone()));
+        }
         for (name, input) in inputs {
             if let Input::Tcp { addr, .. } = input {
                 return Err(refuse(
@@ -302,6 +310,7 @@ pub fn plan(
     Ok(ResumePlan {
         sinks: Some(at.clone()),
         restore,
+        followed_from_start: replaced,
     })
 }
 
@@ -382,19 +391,41 @@ pub fn check_new_ranges(
     Ok(())
 }
 
-/// Checks that this run's `inputs` are those of `checkpoint` (found in
-/// `dir`), or have only grown by whole lines: no socket, every input at the
-/// same path (dead letters name it), at least as long, and beginning with
-/// the same bytes (`now`: their marks, [`input_marks`]); an input whose
-/// last line had no line break then may not
-/// have grown (the line would have changed). Every process of a cluster
-/// checks its own inputs against its own part.
-pub fn check_inputs(
+/// [`check_inputs`] for a run that reads its inputs again from their
+/// start (a cluster's process): a followed file that was replaced is
+/// refused too.
+pub fn check_replayed_inputs(
     dir: &Path,
     checkpoint: &Checkpoint,
     inputs: &BTreeMap<String, Input>,
     now: &BTreeMap<String, InputMark>,
 ) -> Result<(), EngineError> {
+    match check_inputs(dir, checkpoint, inputs, now)?
+        .into_iter()
+        .next()
+    {
+        Some((_, what)) => Err(refuse(dir, what)),
+        None => Ok(()),
+    }
+}
+
+/// Checks that this run's `inputs` are those of `checkpoint` (found in
+/// `dir`), or have only grown by whole lines: every input at the same path
+/// (dead letters name it), at least as long, and beginning with the same
+/// bytes (`now`: their marks, [`input_marks`]); an input whose last line
+/// had no line break then may not have grown (the line would have
+/// changed). Every process of a cluster checks its own inputs against its
+/// own part. A followed file that fails these checks (it was truncated or
+/// rotated, as logs are) is not refused here: it is returned, with what
+/// was found, for the caller to decide (a restore reads it again from its
+/// start; a replay cannot).
+pub fn check_inputs(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+    inputs: &BTreeMap<String, Input>,
+    now: &BTreeMap<String, InputMark>,
+) -> Result<Vec<(String, String)>, EngineError> {
+    let mut replaced = Vec::new();
     for (name, then) in &checkpoint.inputs {
         let Some(mark) = now.get(name) else {
             return Err(refuse(
@@ -408,14 +439,43 @@ pub fn check_inputs(
                 },
             ));
         };
-        if mark.len < then.len {
-            return Err(refuse(
-                dir,
-                format!(
-                    "input `{name}` ({}) is {} bytes long, shorter than the {} bytes of {} when the checkpoint was taken: it is not the same input",
-                    mark.path, mark.len, then.len, then.path
-                ),
-            ));
+        let differs = if mark.len < then.len {
+            Some(format!(
+                "input `{name}` ({}) is {} bytes long, shorter than the {} bytes of {} when the checkpoint was taken: it is not the same input",
+                mark.path, mark.len, then.len, then.path
+            ))
+        } else {
+            // The same length: the whole-content hash already says it.
+            let head =
+                match &inputs[name] {
+                    _ if mark.len == then.len => mark.head.clone(),
+                    Input::File { path, .. } => InputMark::of(path, then.len)
+                        .map(|m| m.head)
+                        .map_err(|source| EngineError::Io {
+                            what: "cannot read input",
+                            path: path.display().to_string(),
+                            source,
+                        })?,
+                    Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
+                    Input::Tcp { .. } => String::new(),
+                };
+            if head != then.head {
+                Some(format!(
+                    "input `{name}` ({}) does not begin with the {} bytes it had when the checkpoint was taken: it is not the same input",
+                    mark.path, then.len
+                ))
+            } else if !then.ends_line && mark.len > then.len {
+                Some(format!(
+                    "input `{name}` ({}) ended in the middle of a line (no line break after its last {} bytes) when the checkpoint was taken, and has grown since: that line may have changed",
+                    mark.path, then.len
+                ))
+            } else {
+                None
+            }
+        };
+        let followed = matches!(inputs.get(name), Some(Input::File { follow: true, .. }));
+        if let (Some(what), false) = (&differs, followed) {
+            return Err(refuse(dir, what.clone()));
         }
         if mark.path != then.path {
             return Err(refuse(
@@ -426,41 +486,11 @@ pub fn check_inputs(
                 ),
             ));
         }
-        // The same length: the whole-content hash already says it.
-        let head = match &inputs[name] {
-            _ if mark.len == then.len => mark.head.clone(),
-            Input::File { path, .. } => {
-                InputMark::of(path, then.len)
-                    .map(|m| m.head)
-                    .map_err(|source| EngineError::Io {
-                        what: "cannot read input",
-                        path: path.display().to_string(),
-                        source,
-                    })?
-            }
-            Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
-            Input::Tcp { .. } => String::new(),
-        };
-        if head != then.head {
-            return Err(refuse(
-                dir,
-                format!(
-                    "input `{name}` ({}) does not begin with the {} bytes it had when the checkpoint was taken: it is not the same input",
-                    mark.path, then.len
-                ),
-            ));
-        }
-        if !then.ends_line && mark.len > then.len {
-            return Err(refuse(
-                dir,
-                format!(
-                    "input `{name}` ({}) ended in the middle of a line (no line break after its last {} bytes) when the checkpoint was taken, and has grown since: that line may have changed",
-                    mark.path, then.len
-                ),
-            ));
+        if let Some(what) = differs {
+            replaced.push((name.clone(), what));
         }
     }
-    Ok(())
+    Ok(replaced)
 }
 
 #[cfg(test)]
