@@ -161,7 +161,49 @@ struct QueryArgs {
     #[arg(long, value_name = "FILE")]
     dataflow: Option<PathBuf>,
     /// An identifier: KIND:VALUE (crm:C1, email:a@b.com, user:u1, anon:a-1, phone:+1...) or a bare value.
-    identifier: String,
+    #[arg(required_unless_present = "checkpoint")]
+    identifier: Option<String>,
+    /// Print the checkpoint a restart resumes from instead of a profile,
+    /// as JSON: `holds_before` (ms) is the event time before which the
+    /// state holds every record read (socket clients send again from it),
+    /// with the resume points and where the outputs stood.
+    #[arg(long, conflicts_with = "identifier")]
+    checkpoint: bool,
+}
+
+/// `segflow query --checkpoint`: the checkpoint of the state in `dir`.
+fn print_checkpoint(dir: &std::path::Path) -> anyhow::Result<()> {
+    // A run may be replacing the files of the state as this reads them:
+    // tried again for up to five seconds, as a lookup is.
+    let started = std::time::Instant::now();
+    let checkpoint = loop {
+        match StateParts::open_read_only(dir).and_then(|state| state.checkpoint()) {
+            Err(e)
+                if e.may_be_transient()
+                    && started.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => break other?,
+        }
+    };
+    let Some(checkpoint) = checkpoint else {
+        anyhow::bail!(
+            "{} holds no checkpoint yet: no run on it has completed a time",
+            dir.display()
+        );
+    };
+    let holds_before = checkpoint.retained.as_ref().map(|r| r.cut);
+    let utc = holds_before.and_then(|ms| {
+        chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    });
+    print_out(&serde_json::to_string_pretty(&serde_json::json!({
+        "holds_before": holds_before,
+        "holds_before_utc": utc,
+        "checkpoint": checkpoint,
+    }))?);
+    Ok(())
 }
 
 fn timely_config(args: &RunArgs, workers: usize) -> anyhow::Result<timely::Config> {
@@ -402,6 +444,10 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Command::Query(args) => (|| {
+            if args.checkpoint {
+                return print_checkpoint(&args.state_dir);
+            }
+            let identifier = args.identifier.as_deref().unwrap_or_default();
             let rules = match &args.dataflow {
                 Some(path) => {
                     let spec = load_spec(path)?;
@@ -415,25 +461,24 @@ fn main() -> ExitCode {
                     IdentityRules::new(spec.identity.priority, spec.engine.default_region)
                 }
             };
-            let ids = rules.parse_query(&args.identifier);
+            let ids = rules.parse_query(identifier);
             let kinds = rules.kinds().join(", ");
             // `KIND:` with a kind segflow knows.
-            let known_kind = args
-                .identifier
+            let known_kind = identifier
                 .split_once(':')
                 .filter(|(kind, _)| rules.is_kind(kind.trim()))
                 .map(|(kind, value)| (kind.trim().to_string(), value.trim().to_string()));
             if ids.is_empty() {
                 match &known_kind {
                     Some((kind, value)) if value.is_empty() => {
-                        anyhow::bail!("{:?} has no value after `{kind}:`", args.identifier)
+                        anyhow::bail!("{:?} has no value after `{kind}:`", identifier)
                     }
                     Some((kind, value)) => anyhow::bail!(
                         "{value:?} is not a valid {kind} identifier (it does not normalize: an e-mail needs an @, a phone number must parse for the region)"
                     ),
                     None => anyhow::bail!(
                         "{:?} is not an identifier: use KIND:VALUE with a kind among {kinds}, e.g. email:ann@example.com",
-                        args.identifier
+                        identifier
                     ),
                 }
             }
@@ -490,7 +535,7 @@ fn main() -> ExitCode {
                     .collect();
                 eprintln!(
                     "warning: {:?} matches {} profiles: {}; showing the first. Give KIND:VALUE to choose",
-                    args.identifier,
+                    identifier,
                     matches.len(),
                     all.join(", ")
                 );
@@ -505,7 +550,7 @@ fn main() -> ExitCode {
                     args.state_dir.display()
                 ),
                 None => {
-                    let hint = match args.identifier.split_once(':') {
+                    let hint = match identifier.split_once(':') {
                         Some((kind, _)) if known_kind.is_none() && !kind.trim().is_empty() => {
                             format!(
                                 " (`{}` is not a kind of identifier, so it was read as a bare value; the kinds are {kinds})",
@@ -516,7 +561,7 @@ fn main() -> ExitCode {
                     };
                     anyhow::bail!(
                         "no profile has identifier {:?} in {}{hint}",
-                        args.identifier,
+                        identifier,
                         args.state_dir.display()
                     )
                 }

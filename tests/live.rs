@@ -1099,6 +1099,19 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
     wait_for_counts(&state, &sent, 30, "before the kill");
     first.kill();
     drop(client);
+    // Where the checkpoint stands, as a client asks before sending again.
+    let asked = std::process::Command::new(env!("CARGO_BIN_EXE_segflow"))
+        .args(["query", "--checkpoint", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(asked.status.success(), "{asked:?}");
+    let asked: serde_json::Value = serde_json::from_slice(&asked.stdout).unwrap();
+    let holds_before = asked["holds_before"].as_u64().unwrap();
+    assert!(
+        holds_before > old,
+        "the checkpoint holds the first lines: {asked}"
+    );
     let mut second = start();
     let mut client = connect(&addr);
     // A client that sends an old line again: the checkpoint has it.
@@ -1114,7 +1127,10 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
     let stderr = String::from_utf8_lossy(&ended.stderr);
     assert!(ended.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("restored"), "{stdout}");
-    assert!(stderr.contains("send again"), "the cut is told: {stderr}");
+    assert!(
+        stderr.contains("send again") && stderr.contains(&format!("({holds_before} ms)")),
+        "the cut is told, as `query --checkpoint` said ({holds_before}): {stderr}"
+    );
     assert_eq!(
         state_counts(&state, visitors),
         sent.iter().map(|n| Some(*n)).collect::<Vec<_>>()
