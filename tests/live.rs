@@ -977,7 +977,13 @@ fn a_followed_file_killed_and_restarted_counts_every_line_once() {
     .unwrap();
     let visitors = 12;
     let mut sent = vec![0.0; visitors];
-    let mut file = std::fs::File::create(&web).unwrap();
+    // Appending (O_APPEND), as a log writer does: another writer's bytes
+    // are never overwritten.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&web)
+        .unwrap();
     // Appends a round of views of every other visitor (by round), stamped
     // now, in two writes (a line may be read half-written).
     let mut append = |round: usize, sent: &mut Vec<f64>| {
@@ -1012,12 +1018,19 @@ fn a_followed_file_killed_and_restarted_counts_every_line_once() {
         std::thread::sleep(Duration::from_millis(150));
     }
     first.kill();
-    // Lines appended while no engine runs.
+    // Lines appended while no engine runs, the last of them half-written
+    // when the engine starts again (a writer in the middle of a line).
     for round in 12..15 {
         append(round, &mut sent);
         std::thread::sleep(Duration::from_millis(200));
     }
+    let half = view(stamp(), "v0");
+    let mut writer = std::fs::OpenOptions::new().append(true).open(&web).unwrap();
+    writer.write_all(&half.as_bytes()[..10]).unwrap();
     let second = start();
+    std::thread::sleep(Duration::from_millis(300));
+    writer.write_all(&half.as_bytes()[10..]).unwrap();
+    sent[0] += 1.0;
     for round in 15..20 {
         std::thread::sleep(Duration::from_millis(250));
         append(round, &mut sent);
@@ -1043,6 +1056,20 @@ fn a_followed_file_killed_and_restarted_counts_every_line_once() {
     assert!(
         read <= lines - checkpointed,
         "read {read} of {lines} lines again, {checkpointed} of which were checkpointed"
+    );
+    // Started again on the file that had ended in the middle of a line
+    // when the second run started: the line was read once it ended.
+    for round in 20..22 {
+        append(round, &mut sent);
+    }
+    let third = start();
+    wait_for_counts(&state, &sent, 30, "after the third start");
+    let ended = third.terminate();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("read again from its start"),
+        "a line being written is no reason to read the file again: {stderr}"
     );
     assert_eq!(
         state_counts(&state, visitors),

@@ -426,6 +426,9 @@ pub fn check_inputs(
     now: &BTreeMap<String, InputMark>,
 ) -> Result<Vec<(String, String)>, EngineError> {
     let mut replaced = Vec::new();
+    // A followed file's resume point is at a line's start, and a line
+    // being written when the checkpoint was taken is read once it ends.
+    let followed = |name: &str| matches!(inputs.get(name), Some(Input::File { follow: true, .. }));
     for (name, then) in &checkpoint.inputs {
         let Some(mark) = now.get(name) else {
             return Err(refuse(
@@ -464,17 +467,16 @@ pub fn check_inputs(
                     "input `{name}` ({}) does not begin with the {} bytes it had when the checkpoint was taken: it is not the same input",
                     mark.path, then.len
                 ))
-            } else if !then.ends_line && mark.len > then.len {
+            } else if !then.ends_line && mark.len > then.len && !followed(name) {
                 Some(format!(
-                    "input `{name}` ({}) ended in the middle of a line (no line break after its last {} bytes) when the checkpoint was taken, and has grown since: that line may have changed",
+                    "input `{name}` ({}) ended in the middle of a line (its {} bytes had no line break at their end) when the checkpoint was taken, and has grown since: that line may have changed",
                     mark.path, then.len
                 ))
             } else {
                 None
             }
         };
-        let followed = matches!(inputs.get(name), Some(Input::File { follow: true, .. }));
-        if let (Some(what), false) = (&differs, followed) {
+        if let (Some(what), false) = (&differs, followed(name)) {
             return Err(refuse(dir, what.clone()));
         }
         if mark.path != then.path {
