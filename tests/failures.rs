@@ -543,6 +543,25 @@ fn outputs_that_are_the_same_file_as_an_input_or_each_other_are_refused() {
     );
     assert!(!same.exists(), "nothing is created");
 
+    // An output inside the state directory (which does not exist yet, or
+    // is reached through `..`): refused before anything is created.
+    let state = dir.path().join("state");
+    let state_s = state.display().to_string();
+    let inside = format!("{state_s}/diffs.jsonl");
+    let inside_dead = format!("{}/../state/dead.jsonl", sub.display());
+    for args in [
+        vec!["--state-dir", &state_s, "--output", &inside],
+        vec!["--state-dir", &state_s, "--dead-letter", &inside_dead],
+    ] {
+        let (code, err) = finish(run_web(&spec, &web_s, "1", &args), 30);
+        assert_ne!(code, 0, "{args:?}: {err}");
+        assert!(
+            err.contains("is inside the state directory"),
+            "{args:?}: {err}"
+        );
+        assert!(!state.exists(), "{args:?}: nothing is created");
+    }
+
     // An output below a file: the message says so.
     let below = format!("{}/diffs.jsonl", web.display());
     let (code, err) = finish(run_web(&spec, &web_s, "1", &["--output", &below]), 30);

@@ -103,7 +103,8 @@ pub enum EngineError {
     /// [`resume::plan`]); the message says what was found and what to do.
     #[error("{0}")]
     Resume(String),
-    /// Two outputs, or an output and an input, are the same file.
+    /// Two outputs, or an output and an input, are the same file, or an
+    /// output is inside the state directory.
     #[error("{0}")]
     SameFile(String),
 }
@@ -230,10 +231,13 @@ fn start(
 }
 
 /// Tells, when a run restores a checkpoint at `cut`, what the clients of
-/// its socket sources (if any) must send again: the checkpoint holds the
-/// lines with event times before the cut (lines sent again at such times
-/// are dropped as held), not those read after it.
-fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time) {
+/// its socket sources (if any) must send again, and by when: the
+/// checkpoint holds the lines with event times before the cut (lines sent
+/// again at such times are dropped as held), not those read after it; a
+/// line sent again is judged as any line, so it is late once the newest
+/// line, or the wall clock (a live source idle for `idle_advance`), is
+/// more than the allowed lateness (`lateness_ms`) past its time.
+fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time, lateness_ms: u64) {
     let sockets: Vec<&str> = inputs
         .iter()
         .filter(|(_, input)| matches!(input, Input::Tcp { .. }))
@@ -242,18 +246,46 @@ fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time)
     if sockets.is_empty() {
         return;
     }
-    let at = chrono::DateTime::from_timestamp_millis(cut as i64)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default();
+    let utc = |ms: u64| {
+        chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default()
+    };
+    let deadline = cut.saturating_add(lateness_ms);
     tracing::warn!(
-        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {at} ({cut} ms); clients must send again what they sent from that time on (lines at earlier times are dropped as held)",
-        sockets.join(", ")
+        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {} ({cut} ms); clients must send again what they sent from that time on, oldest first and before any new line, by {} ({deadline} ms: the allowed lateness past it; later, or after newer lines, they are late), and lines at earlier times are dropped as held",
+        sockets.join(", "),
+        utc(cut),
+        utc(deadline),
     );
 }
 
 /// A file's identity: its device and inode if it exists, else its absolute
 /// path with the existing part of it resolved (so `out/../out/x` and
 /// `out/x` are the same file before either exists).
+/// `path` made absolute, with its longest existing ancestor resolved
+/// (symbolic links, `..`) and the rest appended as written: where it is,
+/// or would be once created.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::env::current_dir()
+        .map(|d| d.join(path))
+        .unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut at = absolute.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
 fn file_identity(path: &Path) -> Option<(u64, u64, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
     if let Ok(meta) = std::fs::metadata(path) {
@@ -735,6 +767,18 @@ impl Engine {
         if let Some(p) = &self.dead_letter {
             outputs.push(("the dead-letter output".to_string(), p));
         }
+        if let Some(state) = &self.state_dir {
+            let state_at = resolved(state);
+            for (what, path) in &outputs {
+                if resolved(path).starts_with(&state_at) {
+                    return Err(EngineError::SameFile(format!(
+                        "{what} {} is inside the state directory {}: give it a path outside (the state directory holds segflow's state only, and a run refuses one with other files in it)",
+                        path.display(),
+                        state.display()
+                    )));
+                }
+            }
+        }
         for (what, path) in outputs {
             let Some(id) = file_identity(path) else {
                 files.push((what, path));
@@ -1039,7 +1083,7 @@ impl Engine {
         let (outputs, state, restored) =
             start(outputs, state, resume, origin, workers, processes, progress)?;
         if let Some(r) = &restored {
-            tell_socket_clients(&self.inputs, r.cut);
+            tell_socket_clients(&self.inputs, r.cut, self.spec.engine.allowed_lateness_ms);
         }
         let defs = Arc::new(defs);
         let restored_before = restored.as_ref().map_or(0, |r| r.cut);

@@ -230,9 +230,17 @@ fn inspect(dir: &Path) -> Result<Found, StoreError> {
             if others.is_empty() {
                 Ok(Found::Nothing)
             } else {
+                let mut found = others
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if others.len() > 5 {
+                    found += &format!(" and {} more", others.len() - 5);
+                }
                 Err(not_ours(format!(
-                    "it is not empty and has no {MARKER_FILE} marker (found {})",
-                    others.join(", ")
+                    "it is not empty and has no {MARKER_FILE} marker (found {found})"
                 )))
             }
         }
