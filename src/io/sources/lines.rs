@@ -90,6 +90,13 @@ pub trait LineSource {
     fn resume_at(&self) -> Option<(u64, u64)> {
         None
     }
+    /// For a source that resumes at [`LineSource::resume_at`] on a path
+    /// that may name another file by then (a followed file): a hash of
+    /// what identifies the bytes before that point (see
+    /// [`FileLines::follow_from`]).
+    fn resume_check(&self) -> Option<u64> {
+        None
+    }
     /// The streams (TCP peers) that have ended since the last call; their
     /// per-stream state, such as a CSV header, can be dropped.
     fn take_closed(&mut self) -> Vec<Option<String>> {
@@ -647,18 +654,23 @@ impl FileLines {
 
     /// Opens the followed file of JSON lines `path` at byte `offset`, the
     /// start of line `line` (a resume point of an earlier run, which read
-    /// the bytes before it). Truncation and rotation are noticed as for a
-    /// file read from its start: the bytes before `offset` are what was
-    /// read. An `offset` past the file's end is an error (the file is not
-    /// the one that was read).
-    pub fn follow_from(path: &Path, limit: usize, offset: u64, line: u64) -> io::Result<Self> {
+    /// the bytes before it), if it is still that file: at least `offset`
+    /// bytes long, and its first bytes and those just before `offset`
+    /// hash to `check` (the [`LineSource::resume_check`] the point was
+    /// taken with; `None` checks the length only). `Ok(None)` if it is not
+    /// (rotated or truncated since): read it from its start. Truncation
+    /// and rotation later on are noticed as for a file read from its start.
+    pub fn follow_from(
+        path: &Path,
+        limit: usize,
+        offset: u64,
+        line: u64,
+        check: Option<u64>,
+    ) -> io::Result<Option<Self>> {
         let mut file = File::open(path)?;
         let meta = file.metadata()?;
         if meta.len() < offset {
-            return Err(io::Error::other(format!(
-                "it is {} bytes long, and the checkpoint says {offset} bytes of it were read: it was truncated or replaced since",
-                meta.len()
-            )));
+            return Ok(None);
         }
         let identity = file_identity(&meta);
         let kept = HEAD_BYTES.min(offset as usize);
@@ -668,8 +680,11 @@ impl FileLines {
         let mut tail = vec![0u8; kept];
         let n = read_at(&file, &mut tail, offset - kept as u64)?;
         tail.truncate(n);
+        if check.is_some_and(|c| c != point_check(&head, &tail)) {
+            return Ok(None);
+        }
         file.seek(SeekFrom::Start(offset))?;
-        Ok(FileLines {
+        Ok(Some(FileLines {
             reader: BufReader::with_capacity(1 << 20, file),
             framer: Framer::starting_at(limit, offset, line),
             follow: true,
@@ -679,7 +694,7 @@ impl FileLines {
             tail,
             limit,
             framing: Framing::Lines,
-        })
+        }))
     }
 
     /// Whether the followed path still holds the file being read, another
@@ -806,6 +821,20 @@ impl LineSource for FileLines {
         (self.follow && self.framing == Framing::Lines && !self.framer.has_partial())
             .then(|| (self.framer.consumed(), self.framer.newlines + 1))
     }
+    fn resume_check(&self) -> Option<u64> {
+        self.follow.then(|| point_check(&self.head, &self.tail))
+    }
+}
+
+/// What identifies the bytes a followed file's reader has read: a hash of
+/// its first bytes and of the last ones before the read position (at most
+/// [`HEAD_BYTES`] each).
+fn point_check(head: &[u8], tail: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(head.len() as u64).to_le_bytes());
+    h.update(head);
+    h.update(tail);
+    h.digest()
 }
 
 /// Lines held in memory (embedding, tests): each string is one record,

@@ -272,6 +272,7 @@ impl Reader {
                     clock: self.clock.state(),
                     max_tick: self.max_tick,
                     max_dead: self.max_dead,
+                    bytes: self.lines.resume_check(),
                 },
             );
         }
@@ -324,9 +325,28 @@ impl Reader {
             true => params.resume.as_ref().and_then(|r| r.point(&def.name, 0)),
             false => None,
         };
+        // A followed file replaced since its point was taken (rotated or
+        // truncated while no engine ran) is read from its start, as when
+        // that happens during a run.
+        let mut point = point;
+        let resumed = match (&def.input, point) {
+            (Input::File { path, .. }, Some(p)) => {
+                let opened = FileLines::follow_from(path, limit, p.offset, p.line, p.bytes)?;
+                if opened.is_none() {
+                    tracing::warn!(
+                        "followed file {} is not the file the checkpoint read {} bytes of (it was rotated or truncated since): reading it from its start; its records before the checkpoint's cut are dropped",
+                        path.display(),
+                        p.offset
+                    );
+                    point = None;
+                }
+                opened
+            }
+            _ => None,
+        };
         let lines: Box<dyn LineSource> = match &def.input {
-            Input::File { path, follow } => match point {
-                Some(p) => Box::new(FileLines::follow_from(path, limit, p.offset, p.line)?),
+            Input::File { path, follow } => match resumed {
+                Some(lines) => Box::new(lines),
                 None => Box::new(FileLines::open(path, *follow, limit, def.format.into())?),
             },
             Input::Tcp {

@@ -37,6 +37,13 @@ pub struct ResumePoint {
     pub max_tick: Option<Time>,
     /// The latest time a line before it was dead-lettered at.
     pub max_dead: Option<Time>,
+    /// For a followed file, whose path may name another file by the time
+    /// it resumes (rotated, truncated): a hash of the file's first bytes
+    /// and of those just before the point (see
+    /// `lines::FileLines::follow_from`). `None` for the ranges of replayed
+    /// files, whose whole prefix the input marks check.
+    #[serde(default)]
+    pub bytes: Option<u64>,
 }
 
 impl ResumePoint {
@@ -148,6 +155,7 @@ mod tests {
             clock: ClockState::default(),
             max_tick,
             max_dead,
+            bytes: None,
         }
     }
 
