@@ -1079,12 +1079,15 @@ fn a_followed_file_killed_and_restarted_counts_every_line_once() {
     assert_eq!(std::fs::read_to_string(&dead).unwrap(), "", "nothing late");
 }
 
-/// A socket input with state, its engine killed with SIGKILL and started
-/// again: the restarted run restores what the checkpoint holds (the
-/// socket's lines before its cut) and reads what clients send from then
-/// on. A line sent again with a time before the cut is dropped as one the
-/// checkpoint holds; lines the engine read after the cut and before the
-/// kill are lost unless sent again (at-most-once, documented).
+/// A socket input with state, its engine killed with SIGKILL while a
+/// client sends, and started again after a downtime longer than the
+/// allowed lateness: the restarted run restores what the checkpoint holds
+/// (the lines before its cut), which `segflow query --checkpoint` and the
+/// restart's warning both give; the client sends again, oldest first and
+/// after a pause longer than `idle_advance`, every line it sent from that
+/// time on, and every line is counted exactly once (the restored socket's
+/// clock waits for its first line). A line sent again from before the cut
+/// is dropped as held.
 #[test]
 fn a_socket_run_killed_and_restarted_keeps_its_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -1096,34 +1099,49 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
     let spec = dir.path().join("tcp.toml");
     std::fs::write(
         &spec,
-        LIVE_COUNTS.replace("SOURCE", "until = \"disconnect\""),
+        LIVE_COUNTS
+            .replace("SOURCE", "until = \"disconnect\"")
+            .replace(r#"allowed_lateness = "1s""#, r#"allowed_lateness = "2s""#),
     )
     .unwrap();
     let addr = free_addr();
     let input = ["--input".to_string(), format!("web=tcp://{addr}")];
     let start = || Running::start(&spec, &input, (&out, &dead, &state));
     let visitors = 8;
-    let mut sent = vec![0.0; visitors];
-    let send = |client: &mut TcpStream, round: usize, sent: &mut Vec<f64>| -> u64 {
+    // Every line sent, as the client keeps it: (event time, line).
+    let mut log: Vec<(u64, String)> = Vec::new();
+    let send = |client: &mut TcpStream, round: usize, log: &mut Vec<(u64, String)>| -> u64 {
         let ts = stamp();
-        for (v, n) in sent.iter_mut().enumerate() {
+        for v in 0..visitors {
             if (v + round) % 2 == 0 {
-                client
-                    .write_all(view(ts, &format!("v{v}")).as_bytes())
-                    .unwrap();
-                *n += 1.0;
+                let line = view(ts, &format!("v{v}"));
+                client.write_all(line.as_bytes()).unwrap();
+                log.push((ts, line));
             }
         }
         ts
     };
+    let counts_of = |log: &[(u64, String)]| -> Vec<f64> {
+        (0..visitors)
+            .map(|v| {
+                let tag = format!("\"v{v}\"");
+                log.iter().filter(|(_, l)| l.contains(&tag)).count() as f64
+            })
+            .collect()
+    };
     let first = start();
     let mut client = connect(&addr);
-    let old = send(&mut client, 0, &mut sent);
+    let old = send(&mut client, 0, &mut log);
     for round in 1..6 {
         std::thread::sleep(Duration::from_millis(250));
-        send(&mut client, round, &mut sent);
+        send(&mut client, round, &mut log);
     }
-    wait_for_counts(&state, &sent, 30, "before the kill");
+    wait_for_counts(&state, &counts_of(&log), 30, "before the kill");
+    // Two more rounds, killed right after: read or not, not checkpointed.
+    for round in 6..8 {
+        std::thread::sleep(Duration::from_millis(150));
+        send(&mut client, round, &mut log);
+    }
     first.kill();
     drop(client);
     // Where the checkpoint stands, as a client asks before sending again.
@@ -1139,15 +1157,24 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
         holds_before > old,
         "the checkpoint holds the first lines: {asked}"
     );
+    // Down for longer than the allowed lateness.
+    std::thread::sleep(Duration::from_millis(2500));
     let mut second = start();
     let mut client = connect(&addr);
-    // A client that sends an old line again: the checkpoint has it.
+    // A pause longer than idle_advance, then the lines from the cut on,
+    // oldest first, and a line from before it (held: dropped).
+    std::thread::sleep(Duration::from_millis(600));
     client.write_all(view(old, "v0").as_bytes()).unwrap();
-    for round in 6..10 {
-        std::thread::sleep(Duration::from_millis(250));
-        send(&mut client, round, &mut sent);
+    for (ts, line) in &log {
+        if *ts >= holds_before {
+            client.write_all(line.as_bytes()).unwrap();
+        }
     }
-    wait_for_counts(&state, &sent, 30, "after the restart");
+    for round in 8..11 {
+        std::thread::sleep(Duration::from_millis(250));
+        send(&mut client, round, &mut log);
+    }
+    wait_for_counts(&state, &counts_of(&log), 30, "after the restart");
     drop(client);
     let ended = wait_exit(second.0.take().expect("running"));
     let stdout = String::from_utf8_lossy(&ended.stdout);
@@ -1160,9 +1187,10 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
     );
     assert_eq!(
         state_counts(&state, visitors),
-        sent.iter().map(|n| Some(*n)).collect::<Vec<_>>()
+        counts_of(&log).into_iter().map(Some).collect::<Vec<_>>()
     );
     assert_each_seen_once(&out, visitors);
+    assert_eq!(std::fs::read_to_string(&dead).unwrap(), "", "nothing late");
 }
 
 /// A followed file rotated while its engine is down (renamed, a new empty

@@ -233,11 +233,11 @@ fn start(
 /// Tells, when a run restores a checkpoint at `cut`, what the clients of
 /// its socket sources (if any) must send again, and by when: the
 /// checkpoint holds the lines with event times before the cut (lines sent
-/// again at such times are dropped as held), not those read after it; a
-/// line sent again is judged as any line, so it is late once the newest
-/// line, or the wall clock (a live source idle for `idle_advance`), is
-/// more than the allowed lateness (`lateness_ms`) past its time.
-fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time, lateness_ms: u64) {
+/// again at such times are dropped as held), not those read after it. A
+/// restored socket's clock waits `wait_ms` (the allowed lateness) from now
+/// for its first line; lines sent again after that, or after newer lines,
+/// are late (see `SourceClock::wait_for_first_line`).
+fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time, wait_ms: u64) {
     let sockets: Vec<&str> = inputs
         .iter()
         .filter(|(_, input)| matches!(input, Input::Tcp { .. }))
@@ -251,11 +251,12 @@ fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time,
             .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default()
     };
-    let deadline = cut.saturating_add(lateness_ms);
+    let deadline = crate::time::wall_clock_ms().saturating_add(wait_ms);
     tracing::warn!(
-        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {} ({cut} ms); clients must send again what they sent from that time on, oldest first and before any new line, by {} ({deadline} ms: the allowed lateness past it; later, or after newer lines, they are late), and lines at earlier times are dropped as held",
+        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {} ({cut} ms); clients must send again what they sent from that time on, oldest first and before any new line, within {} s of this start (by {}): the socket's clock waits that long for them; later, or after newer lines, they are late. Lines at earlier times are dropped as held",
         sockets.join(", "),
         utc(cut),
+        wait_ms as f64 / 1000.0,
         utc(deadline),
     );
 }
@@ -1083,7 +1084,12 @@ impl Engine {
         let (outputs, state, restored) =
             start(outputs, state, resume, origin, workers, processes, progress)?;
         if let Some(r) = &restored {
-            tell_socket_clients(&self.inputs, r.cut, self.spec.engine.allowed_lateness_ms);
+            let e = &self.spec.engine;
+            tell_socket_clients(
+                &self.inputs,
+                r.cut,
+                e.allowed_lateness_ms.max(e.idle_advance_ms),
+            );
         }
         let defs = Arc::new(defs);
         let restored_before = restored.as_ref().map_or(0, |r| r.cut);

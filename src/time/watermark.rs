@@ -145,6 +145,11 @@ pub struct SourceClock {
     watermark: Time,
     /// Wall clock (ms) when the source last read anything (live only).
     last_activity_ms: u64,
+    /// A live source that waits for its first line (a socket of a
+    /// restored run, whose clients send again what the checkpoint does not
+    /// hold): it does not idle before this wall clock (ms) unless it has
+    /// read a line.
+    quiet_until_ms: Option<u64>,
 }
 
 impl SourceClock {
@@ -157,7 +162,18 @@ impl SourceClock {
             max_tick: None,
             watermark: 0,
             last_activity_ms: now_ms,
+            quiet_until_ms: None,
         }
+    }
+
+    /// Makes a live source wait for its first line before its watermark
+    /// follows the wall clock: it does not idle before `until_ms` (wall
+    /// clock) unless it reads a line first, after which `idle_advance`
+    /// applies as always. A restored run gives its sockets the allowed
+    /// lateness from its start, so that lines sent again after a restart,
+    /// oldest first, are on time.
+    pub fn wait_for_first_line(&mut self, until_ms: u64) {
+        self.quiet_until_ms = Some(until_ms);
     }
 
     /// A clock that continues from `state` (see [`ClockState`]): a
@@ -200,6 +216,7 @@ impl SourceClock {
     /// that is dead-lettered): it is not idle.
     pub fn activity(&mut self, now_ms: u64) {
         self.last_activity_ms = self.last_activity_ms.max(now_ms);
+        self.quiet_until_ms = None;
     }
 
     fn max_future_skew(&self) -> Option<u64> {
@@ -260,6 +277,9 @@ impl SourceClock {
     /// a live source idle for `idle_advance` moves its watermark up to
     /// `⌊now − allowed lateness⌋`. Returns whether the watermark moved.
     pub fn idle(&mut self, now_ms: u64) -> bool {
+        if self.quiet_until_ms.is_some_and(|until| now_ms < until) {
+            return false;
+        }
         if !self.live
             || now_ms
                 < self
@@ -299,7 +319,8 @@ impl SourceClock {
         }
         let idle_at = self
             .last_activity_ms
-            .saturating_add(self.config.idle_advance_ms);
+            .saturating_add(self.config.idle_advance_ms)
+            .max(self.quiet_until_ms.unwrap_or(0));
         let next_tick = self
             .watermark
             .saturating_add(self.config.tick_ms.max(1))
@@ -373,6 +394,37 @@ mod tests {
     /// The scenario: a record every 300 ms stamped with the wall
     /// clock, a one-second pause, five more 50 ms apart: none is late, and
     /// the watermark never passes the wall clock.
+    #[test]
+    fn a_source_that_waits_for_its_first_line_does_not_idle_before_it() {
+        // Tick 100 ms, lateness 2 s, idle after 200 ms; a restart at `start`
+        // whose clients send again lines from 3 s before it.
+        let start = 1_795_990_827_000u64;
+        let fresh = || SourceClock::new(config(100, 2_000, 200), true, start);
+        let mut waiting = fresh();
+        waiting.wait_for_first_line(start + 2_000);
+        let mut plain = fresh();
+        let now = start + 600;
+        assert!(plain.idle(now), "a plain live source idles after 200 ms");
+        assert!(!waiting.idle(now), "a waiting one does not");
+        assert_eq!(waiting.next_idle_move_in(now), Some(1_400));
+        let old = start - 3_000;
+        assert!(matches!(
+            plain.admit(old as i64, now),
+            Admission::Late { .. }
+        ));
+        assert_eq!(
+            waiting.admit(old as i64, now),
+            Admission::OnTime(old / 100 * 100)
+        );
+        // Once it has read a line, idle_advance applies as always.
+        assert!(waiting.idle(now + 300), "idle 300 ms after its line");
+        // And without any line, it idles once the wait is over.
+        let mut quiet = fresh();
+        quiet.wait_for_first_line(start + 2_000);
+        assert!(!quiet.idle(start + 1_999));
+        assert!(quiet.idle(start + 2_000));
+    }
+
     #[test]
     fn live_pauses_lose_nothing_and_the_watermark_stays_behind_the_wall_clock() {
         let start = 1_795_990_827_000u64;

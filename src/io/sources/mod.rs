@@ -361,9 +361,20 @@ impl Reader {
             )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
+        let socket = matches!(def.input, Input::Tcp { .. });
         let mut reader = Reader::new(def, params, lines, false, Time::default());
         if followed {
             reader.range_start = Some(0);
+        }
+        if socket && reader.params.resume.is_some() {
+            // Its clients send again what the checkpoint does not hold:
+            // their lines are on time if they come, oldest first, within
+            // the allowed lateness of this start (see `SourceClock`).
+            let t = &reader.params.time;
+            let wait = t.allowed_lateness_ms.max(t.idle_advance_ms);
+            reader
+                .clock
+                .wait_for_first_line(wall_clock_ms().saturating_add(wait));
         }
         if let Some(p) = point {
             reader.continue_from(&p);
