@@ -1268,3 +1268,91 @@ fn a_followed_file_rotated_while_its_engine_is_down_is_read_from_its_start() {
     assert_each_seen_once(&out, visitors);
     assert_eq!(std::fs::read_to_string(&dead).unwrap(), "", "nothing late");
 }
+
+/// A line half-written when a followed file's engine is killed, with an
+/// event time that the checkpoint's cut passes while it waits (the source
+/// idles), and finished after the restart: a run that never stopped would
+/// have read it late, and so does the restored one (a dead letter), rather
+/// than dropping it as one the checkpoint holds.
+#[test]
+fn a_line_finished_after_a_restart_behind_the_cut_is_late_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.jsonl");
+    let (out, dead, state) = (
+        dir.path().join("out.jsonl"),
+        dir.path().join("dead.jsonl"),
+        dir.path().join("state"),
+    );
+    let spec = dir.path().join("follow.toml");
+    std::fs::write(
+        &spec,
+        LIVE_COUNTS.replace(
+            "SOURCE",
+            &format!("path = {:?}\nfollow = true", web.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&web)
+        .unwrap();
+    let first = Running::start(&spec, &[], (&out, &dead, &state));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sent = vec![0.0; 4];
+    let round = |file: &mut std::fs::File, sent: &mut Vec<f64>| {
+        let ts = stamp();
+        for (v, n) in sent.iter_mut().enumerate() {
+            file.write_all(view(ts, &format!("v{v}")).as_bytes())
+                .unwrap();
+            *n += 1.0;
+        }
+    };
+    round(&mut file, &mut sent);
+    let ts = stamp();
+    let half = view(ts, "v9");
+    file.write_all(&half.as_bytes()[..12]).unwrap();
+    wait_for_counts(&state, &sent, 30, "before the kill");
+    // The source idles: its watermark, and a checkpoint's cut, pass the
+    // half-written line's time.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cut = segflow::store::StateParts::open_read_only(&state)
+            .ok()
+            .and_then(|p| p.checkpoint().ok().flatten())
+            .and_then(|c| c.retained)
+            .map(|r| r.cut);
+        if cut.is_some_and(|c| c > ts) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cut past {ts} in 30 s: {cut:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.kill();
+    file.write_all(&half.as_bytes()[12..]).unwrap();
+    let second = Running::start(&spec, &[], (&out, &dead, &state));
+    std::thread::sleep(Duration::from_millis(300));
+    round(&mut file, &mut sent);
+    wait_for_counts(&state, &sent, 30, "after the restart");
+    let ended = second.terminate();
+    assert!(ended.status.success(), "{ended:?}");
+    let letters = dead_letters(&dead);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0]["reason"].as_str().unwrap().starts_with("late:"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[0]["raw"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("v9")
+            || letters[0].to_string().contains("v9"),
+        "{letters:?}"
+    );
+    let nine = state_counts(&state, 10)[9];
+    assert_eq!(nine, None, "the late line is not counted");
+}

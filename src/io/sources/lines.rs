@@ -90,11 +90,11 @@ pub trait LineSource {
     fn resume_at(&self) -> Option<(u64, u64)> {
         None
     }
-    /// For a source that resumes at [`LineSource::resume_at`] on a path
-    /// that may name another file by then (a followed file): a hash of
-    /// what identifies the bytes before that point (see
+    /// For a source that resumes at [`LineSource::resume_at`] (`offset`)
+    /// on a path that may name another file by then (a followed file): a
+    /// hash of what identifies the bytes before that point (see
     /// [`FileLines::follow_from`]).
-    fn resume_check(&self) -> Option<u64> {
+    fn resume_check(&self, _offset: u64) -> Option<u64> {
         None
     }
     /// The streams (TCP peers) that have ended since the last call; their
@@ -414,6 +414,13 @@ impl Framer {
         }
     }
 
+    /// Where the unfinished line being framed starts, `(byte offset, line
+    /// number)`: JSON lines only, and not while a BOM may still be read.
+    pub fn line_start(&self) -> Option<(u64, u64)> {
+        let bom = matches!(self.bom, Bom::Maybe(held) if held > 0);
+        (self.csv.is_none() && !bom).then_some((self.start, self.start_line))
+    }
+
     /// Whether an unfinished record (or a partial BOM) is buffered.
     pub fn has_partial(&self) -> bool {
         matches!(self.bom, Bom::Maybe(held) if held > 0)
@@ -590,6 +597,8 @@ pub struct FileLines {
     tail: Vec<u8>,
     limit: usize,
     framing: Framing,
+    /// The last [`LineSource::resume_check`]: its offset and hash.
+    check: std::cell::Cell<Option<(u64, u64)>>,
 }
 
 /// How many of a followed file's first bytes are kept to notice that it
@@ -649,6 +658,7 @@ impl FileLines {
             tail: Vec::new(),
             limit,
             framing,
+            check: Default::default(),
         })
     }
 
@@ -694,6 +704,7 @@ impl FileLines {
             tail,
             limit,
             framing: Framing::Lines,
+            check: Default::default(),
         }))
     }
 
@@ -816,13 +827,40 @@ impl LineSource for FileLines {
         self.follow
     }
     /// A followed file of JSON lines resumes where its next line starts
-    /// ([`FileLines::follow_from`]); other files are read from their start.
+    /// ([`FileLines::follow_from`]): at the start of a line its writer has
+    /// not finished, if it holds one (every line before it was judged, and
+    /// it is judged once it ends, with the clock as it is by then); other
+    /// files are read from their start.
     fn resume_at(&self) -> Option<(u64, u64)> {
-        (self.follow && self.framing == Framing::Lines && !self.framer.has_partial())
-            .then(|| (self.framer.consumed(), self.framer.newlines + 1))
+        if !self.follow || self.framing != Framing::Lines {
+            return None;
+        }
+        if !self.framer.has_partial() {
+            return Some((self.framer.consumed(), self.framer.newlines + 1));
+        }
+        self.framer.line_start()
     }
-    fn resume_check(&self) -> Option<u64> {
-        self.follow.then(|| point_check(&self.head, &self.tail))
+    fn resume_check(&self, offset: u64) -> Option<u64> {
+        if !self.follow {
+            return None;
+        }
+        if let Some((at, check)) = self.check.get() {
+            if at == offset {
+                return Some(check);
+            }
+        }
+        // What `follow_from` compares: the file's first bytes and those
+        // just before the point, as they are now.
+        let file = self.reader.get_ref();
+        let kept = HEAD_BYTES.min(offset as usize);
+        let (mut head, mut tail) = (vec![0u8; kept], vec![0u8; kept]);
+        let n = read_at(file, &mut head, 0).ok()?;
+        head.truncate(n);
+        let n = read_at(file, &mut tail, offset - kept as u64).ok()?;
+        tail.truncate(n);
+        let check = point_check(&head, &tail);
+        self.check.set(Some((offset, check)));
+        Some(check)
     }
 }
 

@@ -209,6 +209,11 @@ struct Reader {
     /// the range (see [`ResumePoint`]).
     max_tick: Option<Time>,
     max_dead: Option<Time>,
+    /// A restored followed file: from this offset on, a line with a time
+    /// before the checkpoint's cut was read, in the run that took it, with
+    /// the watermark past the cut: it is late, not held
+    /// ([`ResumePoint::late_from`]).
+    late_from: Option<u64>,
 }
 
 impl Reader {
@@ -254,6 +259,8 @@ impl Reader {
         self.clock = SourceClock::restored(self.params.time, point.clock, live, wall_clock_ms());
         self.max_tick = point.max_tick;
         self.max_dead = point.max_dead;
+        // Only a followed file's (a replayed range is read as it was).
+        self.late_from = point.bytes.and(point.late_from);
     }
 
     /// Records in [`ReadParams::progress`] that every line before the
@@ -262,20 +269,22 @@ impl Reader {
         let (Some(progress), Some(start)) = (&self.params.progress, self.range_start) else {
             return;
         };
-        if let Some((offset, line)) = self.lines.resume_at() {
-            progress.record(
-                self.def.index,
-                ResumePoint {
-                    start,
-                    offset,
-                    line,
-                    clock: self.clock.state(),
-                    max_tick: self.max_tick,
-                    max_dead: self.max_dead,
-                    bytes: self.lines.resume_check(),
-                },
-            );
-        }
+        let Some((offset, line)) = self.lines.resume_at() else {
+            return;
+        };
+        progress.record(
+            self.def.index,
+            ResumePoint {
+                start,
+                offset,
+                line,
+                clock: self.clock.state(),
+                max_tick: self.max_tick,
+                max_dead: self.max_dead,
+                bytes: self.lines.resume_check(offset),
+                late_from: None,
+            },
+        );
     }
 
     /// Whether a record admitted at `tick` goes into the dataflow: not if
@@ -308,6 +317,7 @@ impl Reader {
             range_start: None,
             max_tick: None,
             max_dead: None,
+            late_from: None,
         }
     }
 
@@ -583,6 +593,19 @@ impl Reader {
         ctl: &mut Vec<Control>,
     ) -> Option<Time> {
         let admission = self.clock.admit(ms, now_ms);
+        let before = self.params.restored_before();
+        if let (Some(tick), Some(from)) = (admission.time(), self.late_from) {
+            if tick < before && offset >= from {
+                // Read after the cut was decided, in the run the checkpoint
+                // is from: late there (see `late_from`).
+                self.stats.3 += 1;
+                let reason = format!(
+                    "late: event time {ms} ms is before the watermark {before} ms (the checkpoint's cut)"
+                );
+                self.dead(ctl, line, offset, peer.clone(), reason, bytes);
+                return None;
+            }
+        }
         self.max_tick = self.max_tick.max(admission.time());
         if admission.is_late() {
             self.stats.3 += 1;

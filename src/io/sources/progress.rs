@@ -44,6 +44,13 @@ pub struct ResumePoint {
     /// files, whose whole prefix the input marks check.
     #[serde(default)]
     pub bytes: Option<u64>,
+    /// Set in a checkpoint's points (see [`Progress::choose`]): the offset
+    /// from which the reader read with its watermark at or past the cut,
+    /// so that a line from there on with a time before the cut was late,
+    /// not held (a restored followed file dead-letters such lines as an
+    /// uninterrupted run would).
+    #[serde(default)]
+    pub late_from: Option<u64>,
 }
 
 impl ResumePoint {
@@ -106,12 +113,15 @@ impl Progress {
     }
 
     /// Records that the reader of the range of source `source` that starts
-    /// at `point.start` has read every line before `point`.
+    /// at `point.start` has read every line before `point`; a point at the
+    /// same offset as the last one replaces it (its clock is newer: a live
+    /// source's watermark moves while it waits).
     pub fn record(&self, source: u32, point: ResumePoint) {
         if let Ok(mut points) = self.points.lock() {
             let list = points.entry((source, point.start)).or_default();
-            if list.back().is_none_or(|p| p.offset != point.offset) {
-                list.push_back(point);
+            match list.back_mut() {
+                Some(last) if last.offset == point.offset => *last = point,
+                _ => list.push_back(point),
             }
         }
     }
@@ -134,7 +144,12 @@ impl Progress {
                 .get(*source as usize)
                 .cloned()
                 .unwrap_or_default();
-            out.entry(name).or_default().push(list[0]);
+            let mut chosen = list[0];
+            chosen.late_from = list
+                .iter()
+                .find(|p| p.clock.watermark >= cut)
+                .map(|p| p.offset);
+            out.entry(name).or_default().push(chosen);
         }
         for list in out.values_mut() {
             list.sort_by_key(|p| p.start);
@@ -156,6 +171,7 @@ mod tests {
             max_tick,
             max_dead,
             bytes: None,
+            late_from: None,
         }
     }
 
@@ -177,5 +193,36 @@ mod tests {
         // Earlier points are forgotten.
         let chosen = progress.choose(2_001, 1_000);
         assert_eq!(chosen.get("web"), None);
+    }
+
+    /// A point at the offset of the last one replaces it (a live source's
+    /// clock moves while it waits), and a chosen point says from which
+    /// offset the reader read with its watermark at or past the cut.
+    #[test]
+    fn a_waiting_reader_updates_its_point_and_lines_after_the_cut_are_late() {
+        let progress = Progress::new(vec!["web".into()], None);
+        let at = |offset: u64, watermark: Time, max_tick: Time| ResumePoint {
+            clock: ClockState {
+                watermark,
+                ..ClockState::default()
+            },
+            ..point(offset, Some(max_tick), None)
+        };
+        // Lines up to tick 1 000 before offset 10; the reader waits there
+        // (its watermark moves), then reads on with it past 1 001.
+        progress.record(0, at(10, 500, 1_000));
+        progress.record(0, at(10, 900, 1_000));
+        progress.record(0, at(20, 2_000, 2_900));
+        progress.record(0, at(30, 2_500, 3_000));
+        let chosen = progress.choose(1_001, 1_000);
+        let web = chosen["web"][0];
+        assert_eq!((web.offset, web.clock.watermark), (10, 900), "replaced");
+        assert_eq!(
+            web.late_from,
+            Some(20),
+            "read with the watermark past 1 001"
+        );
+        // A cut no point's watermark reached: nothing read after it.
+        assert_eq!(progress.choose(5_000, 1_000)["web"][0].late_from, None);
     }
 }
