@@ -1174,6 +1174,9 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
         std::thread::sleep(Duration::from_millis(250));
         send(&mut client, round, &mut log);
     }
+    // The held line once more, after new ones (whose watermark has passed
+    // it): still held, not late.
+    client.write_all(view(old, "v0").as_bytes()).unwrap();
     wait_for_counts(&state, &counts_of(&log), 30, "after the restart");
     drop(client);
     let ended = wait_exit(second.0.take().expect("running"));

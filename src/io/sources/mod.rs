@@ -214,6 +214,8 @@ struct Reader {
     /// the watermark past the cut: it is late, not held
     /// ([`ResumePoint::late_from`]).
     late_from: Option<u64>,
+    /// A socket of a restored run: its lines before the cut are held.
+    socket_restored: bool,
 }
 
 impl Reader {
@@ -318,6 +320,7 @@ impl Reader {
             max_tick: None,
             max_dead: None,
             late_from: None,
+            socket_restored: false,
         }
     }
 
@@ -377,6 +380,7 @@ impl Reader {
             reader.range_start = Some(0);
         }
         if socket && reader.params.resume.is_some() {
+            reader.socket_restored = true;
             // Its clients send again what the checkpoint does not hold:
             // their lines are on time if they come, oldest first, within
             // the allowed lateness of this start (see `SourceClock`).
@@ -592,8 +596,14 @@ impl Reader {
         bytes: &[u8],
         ctl: &mut Vec<Control>,
     ) -> Option<Time> {
-        let admission = self.clock.admit(ms, now_ms);
         let before = self.params.restored_before();
+        // A socket's line from before the cut of the checkpoint its run
+        // restored is one the checkpoint holds (a client sends again from
+        // the cut on): dropped, whatever the clock says of it now.
+        if self.socket_restored && self.params.time.floor(u64::try_from(ms).unwrap_or(0)) < before {
+            return None;
+        }
+        let admission = self.clock.admit(ms, now_ms);
         if let (Some(tick), Some(from)) = (admission.time(), self.late_from) {
             if tick < before && offset >= from {
                 // Read after the cut was decided, in the run the checkpoint
