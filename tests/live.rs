@@ -952,6 +952,37 @@ fn assert_each_seen_once(out: &Path, visitors: usize) {
     assert_eq!(entered, want, "each visitor enters once:\n{text}");
 }
 
+/// The files of a run of [`LIVE_COUNTS`] on a followed file in `dir`.
+struct Followed {
+    web: std::path::PathBuf,
+    out: std::path::PathBuf,
+    dead: std::path::PathBuf,
+    state: std::path::PathBuf,
+    spec: std::path::PathBuf,
+}
+
+impl Followed {
+    fn new(dir: &Path) -> Followed {
+        let web = dir.join("web.jsonl");
+        let spec = dir.join("follow.toml");
+        std::fs::write(
+            &spec,
+            LIVE_COUNTS.replace(
+                "SOURCE",
+                &format!("path = {:?}\nfollow = true", web.display().to_string()),
+            ),
+        )
+        .unwrap();
+        Followed {
+            web,
+            out: dir.join("out.jsonl"),
+            dead: dir.join("dead.jsonl"),
+            state: dir.join("state"),
+            spec,
+        }
+    }
+}
+
 /// A followed file, its engine killed with SIGKILL mid-stream and started
 /// again while lines keep being appended (stamped with the wall clock,
 /// with pauses, some while the engine is down): the restarted run restores
@@ -960,21 +991,13 @@ fn assert_each_seen_once(out: &Path, visitors: usize) {
 #[test]
 fn a_followed_file_killed_and_restarted_counts_every_line_once() {
     let dir = tempfile::tempdir().unwrap();
-    let web = dir.path().join("web.jsonl");
-    let (out, dead, state) = (
-        dir.path().join("out.jsonl"),
-        dir.path().join("dead.jsonl"),
-        dir.path().join("state"),
-    );
-    let spec = dir.path().join("follow.toml");
-    std::fs::write(
-        &spec,
-        LIVE_COUNTS.replace(
-            "SOURCE",
-            &format!("path = {:?}\nfollow = true", web.display().to_string()),
-        ),
-    )
-    .unwrap();
+    let Followed {
+        web,
+        out,
+        dead,
+        state,
+        spec,
+    } = Followed::new(dir.path());
     let visitors = 12;
     let mut sent = vec![0.0; visitors];
     // Appending (O_APPEND), as a log writer does: another writer's bytes
@@ -1205,21 +1228,13 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
 #[test]
 fn a_followed_file_rotated_while_its_engine_is_down_is_read_from_its_start() {
     let dir = tempfile::tempdir().unwrap();
-    let web = dir.path().join("web.jsonl");
-    let (out, dead, state) = (
-        dir.path().join("out.jsonl"),
-        dir.path().join("dead.jsonl"),
-        dir.path().join("state"),
-    );
-    let spec = dir.path().join("follow.toml");
-    std::fs::write(
-        &spec,
-        LIVE_COUNTS.replace(
-            "SOURCE",
-            &format!("path = {:?}\nfollow = true", web.display().to_string()),
-        ),
-    )
-    .unwrap();
+    let Followed {
+        web,
+        out,
+        dead,
+        state,
+        spec,
+    } = Followed::new(dir.path());
     let visitors = 6;
     let mut sent = vec![0.0; visitors];
     let append = |path: &Path, sent: &mut Vec<f64>| {
@@ -1280,21 +1295,13 @@ fn a_followed_file_rotated_while_its_engine_is_down_is_read_from_its_start() {
 #[test]
 fn a_line_finished_after_a_restart_behind_the_cut_is_late_not_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let web = dir.path().join("web.jsonl");
-    let (out, dead, state) = (
-        dir.path().join("out.jsonl"),
-        dir.path().join("dead.jsonl"),
-        dir.path().join("state"),
-    );
-    let spec = dir.path().join("follow.toml");
-    std::fs::write(
-        &spec,
-        LIVE_COUNTS.replace(
-            "SOURCE",
-            &format!("path = {:?}\nfollow = true", web.display().to_string()),
-        ),
-    )
-    .unwrap();
+    let Followed {
+        web,
+        out,
+        dead,
+        state,
+        spec,
+    } = Followed::new(dir.path());
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
