@@ -258,9 +258,13 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
         t += &format!("segflow run finished in {:.2} s\n", s.elapsed_secs);
         for src in &s.sources {
             t += &format!(
-                "  source {:<14} lines {:>10}  records {:>10}  dead letters {:>6}  late {:>6}\n",
+                "  source {:<14} lines {:>10}  records {:>10}  dead letters {:>6}  late {:>6}",
                 src.name, src.lines, src.records, src.dead_letters, src.late
             );
+            if src.held > 0 {
+                t += &format!("  held {:>6}", src.held);
+            }
+            t += "\n";
         }
         t += &format!("  records read      {records}\n");
         t += &format!(

@@ -1207,6 +1207,8 @@ fn a_socket_run_killed_and_restarted_keeps_its_state() {
     let stderr = String::from_utf8_lossy(&ended.stderr);
     assert!(ended.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("restored"), "{stdout}");
+    // The old line, sent twice, is counted as held.
+    assert!(stdout.contains(&format!("held {:>6}", 2)), "{stdout}");
     assert!(
         stderr.contains("send again") && stderr.contains(&format!("({holds_before} ms)")),
         "the cut is told, as `query --checkpoint` said ({holds_before}): {stderr}"

@@ -114,6 +114,9 @@ pub enum Control {
         dead: u64,
         /// Records older than the watermark.
         late: u64,
+        /// Records dropped as held by the checkpoint a run restored (times
+        /// before its cut).
+        held: u64,
     },
     /// A dead letter to write, and the time it is written at (with the
     /// others of that time, sorted): the reading clock's watermark when it

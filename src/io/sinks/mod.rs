@@ -169,6 +169,10 @@ pub struct SourceSummary {
     pub dead_letters: u64,
     /// Late records.
     pub late: u64,
+    /// Records dropped as held by the checkpoint the run restored (their
+    /// times are before its cut).
+    #[serde(default)]
+    pub held: u64,
     /// Final offset.
     pub offset: u64,
 }
@@ -435,8 +439,10 @@ impl Committer {
                 records,
                 dead,
                 late,
+                held,
             } => {
                 let s = &mut self.summary.sources[*source as usize];
+                s.held += held;
                 s.lines += lines;
                 s.records += records;
                 s.dead_letters += dead;

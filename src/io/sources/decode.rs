@@ -141,6 +141,7 @@ pub fn decode_stage<'s>(
                     records,
                     dead,
                     late: 0,
+                    held: 0,
                 });
                 if !decoded.is_empty() {
                     records_out

@@ -194,7 +194,7 @@ struct Reader {
     headers: std::collections::HashMap<Option<String>, Result<Vec<String>, String>>,
     clock: SourceClock,
     reported_clock: Option<Time>,
-    stats: (u64, u64, u64, u64),
+    stats: (u64, u64, u64, u64, u64),
     /// Decode every line here, in one pass (a [`FileRange`] of a file read
     /// by several workers), instead of peeking at its time and sending it to
     /// be decoded on another worker.
@@ -290,9 +290,11 @@ impl Reader {
     }
 
     /// Whether a record admitted at `tick` goes into the dataflow: not if
-    /// the checkpoint the run resumed from holds it.
-    fn keeps(&self, tick: Time) -> bool {
-        tick >= self.params.restored_before()
+    /// the checkpoint the run resumed from holds it (counted as held).
+    fn keeps(&mut self, tick: Time) -> bool {
+        let keep = tick >= self.params.restored_before();
+        self.stats.4 += u64::from(!keep);
+        keep
     }
 
     /// A reader of `lines`, with a fresh clock (live if the lines are).
@@ -313,7 +315,7 @@ impl Reader {
             headers: Default::default(),
             clock,
             reported_clock: None,
-            stats: (0, 0, 0, 0),
+            stats: (0, 0, 0, 0, 0),
             local_decode,
             floor,
             range_start: None,
@@ -602,6 +604,7 @@ impl Reader {
         // restored is one the checkpoint holds (a client sends again from
         // the cut on): dropped, whatever the clock says of it now.
         if self.socket_restored && self.params.time.floor(u64::try_from(ms).unwrap_or(0)) < before {
+            self.stats.4 += 1;
             return None;
         }
         let admission = self.clock.admit(ms, now_ms);
@@ -691,14 +694,15 @@ impl Reader {
         if matches!(status, Status::Idle) {
             self.clock.idle(now_ms);
         }
-        let (lines, records, dead, late) = std::mem::take(&mut self.stats);
-        if lines + records + dead + late > 0 {
+        let (lines, records, dead, late, held) = std::mem::take(&mut self.stats);
+        if lines + records + dead + late + held > 0 {
             ctl.push(Control::Stats {
                 source: self.def.index,
                 lines,
                 records,
                 dead,
                 late,
+                held,
             });
             ctl.push(Control::Offset {
                 source: self.def.index,
