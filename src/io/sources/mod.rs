@@ -349,7 +349,7 @@ impl Reader {
                 let opened = FileLines::follow_from(path, limit, p.offset, p.line, p.bytes)?;
                 if opened.is_none() {
                     tracing::warn!(
-                        "followed file {} is not the file the checkpoint read {} bytes of (it was rotated or truncated since): reading it from its start; its records before the checkpoint's cut are dropped. Lines of the old file after its byte {} are not read (they were not in the checkpoint): read that file again into a run of its own if they matter",
+                        "followed file {} is not the file the checkpoint read {} bytes of (it was rotated or truncated since): reading it from its start; its records before the checkpoint's cut are dropped. Lines of the old file after its byte {} are not read (they were not in the checkpoint): they are missing from this run's results",
                         path.display(),
                         p.offset,
                         p.offset
