@@ -127,17 +127,17 @@ struct Origin {
     inputs: BTreeMap<String, crate::store::InputMark>,
 }
 
+/// The outputs and state a run starts with: its outputs (process 0),
+/// its part of the state directory, and the retained input it restores
+/// (if it resumes a single process's checkpoint).
+type Started = (Option<Outputs>, Option<ProcessState>, Option<Restored>);
+
 /// Empties what the previous run left, once this run is sure to start
 /// (alone, or with every process of its cluster agreed): the output files
 /// opened by [`Engine::open_outputs`], and this process's part of the state
 /// (kept locked since before the cluster connected). A run that resumes
 /// (`resume`) cuts the output files back to where its checkpoint says
-/// they stood instead.
-/// The state a run starts with: its part of the state directory, and the
-/// retained input it restores (if it resumes a single process's
-/// checkpoint).
-type Started = (Option<Outputs>, Option<ProcessState>, Option<Restored>);
-
+/// they stood instead, and one that restores reads the retained input.
 fn start(
     outputs: Option<(Outputs, Vec<ToEmpty>)>,
     state: Option<(PathBuf, StateLock)>,
@@ -261,9 +261,6 @@ fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time,
     );
 }
 
-/// A file's identity: its device and inode if it exists, else its absolute
-/// path with the existing part of it resolved (so `out/../out/x` and
-/// `out/x` are the same file before either exists).
 /// `path` made absolute, with its longest existing ancestor resolved
 /// (symbolic links, `..`) and the rest appended as written: where it is,
 /// or would be once created.
@@ -287,21 +284,15 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
+/// A file's identity: its device and inode if it exists, else where it
+/// would be ([`resolved`]: so `out/../out/x` and `out/x` are the same file
+/// before either exists).
 fn file_identity(path: &Path) -> Option<(u64, u64, PathBuf)> {
     use std::os::unix::fs::MetadataExt;
     if let Ok(meta) = std::fs::metadata(path) {
         return Some((meta.dev(), meta.ino(), PathBuf::new()));
     }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let dir = match parent {
-        // A parent that does not exist yet: its absolute form, without `.`
-        // components (`./out/x` and `out/x` are one file).
-        Some(p) => std::fs::canonicalize(p)
-            .or_else(|_| std::path::absolute(p))
-            .ok()?,
-        None => std::env::current_dir().ok()?,
-    };
-    Some((0, 0, dir.join(path.file_name()?)))
+    Some((0, 0, resolved(path)))
 }
 
 fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EngineError {
@@ -1084,12 +1075,7 @@ impl Engine {
         let (outputs, state, restored) =
             start(outputs, state, resume, origin, workers, processes, progress)?;
         if let Some(r) = &restored {
-            let e = &self.spec.engine;
-            tell_socket_clients(
-                &self.inputs,
-                r.cut,
-                e.allowed_lateness_ms.max(e.idle_advance_ms),
-            );
+            tell_socket_clients(&self.inputs, r.cut, params.time.restored_socket_wait_ms());
         }
         let defs = Arc::new(defs);
         let restored_before = restored.as_ref().map_or(0, |r| r.cut);

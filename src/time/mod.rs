@@ -115,6 +115,14 @@ impl TimeConfig {
     pub fn floor(&self, ms: u64) -> Time {
         floor_to_tick(ms, self.tick_ms)
     }
+
+    /// How long (ms of wall clock) a socket of a restored run waits for
+    /// its first line before its watermark follows the wall clock (see
+    /// [`SourceClock::wait_for_first_line`]): the allowed lateness, and
+    /// at least `idle_advance`.
+    pub fn restored_socket_wait_ms(&self) -> u64 {
+        self.allowed_lateness_ms.max(self.idle_advance_ms)
+    }
 }
 
 /// `ms` rounded down to a multiple of `tick_ms` (a tick of 0 means 1 ms).

@@ -387,8 +387,7 @@ impl Reader {
             // Its clients send again what the checkpoint does not hold:
             // their lines are on time if they come, oldest first, within
             // the allowed lateness of this start (see `SourceClock`).
-            let t = &reader.params.time;
-            let wait = t.allowed_lateness_ms.max(t.idle_advance_ms);
+            let wait = reader.params.time.restored_socket_wait_ms();
             reader
                 .clock
                 .wait_for_first_line(wall_clock_ms().saturating_add(wait));
