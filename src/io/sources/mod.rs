@@ -336,18 +336,19 @@ impl Reader {
         // resume points as a replayed file's ranges have (see `progress`).
         let followed =
             matches!(def.input, Input::File { follow: true, .. }) && def.format == Format::Jsonl;
-        let point = match followed {
-            true => params.resume.as_ref().and_then(|r| r.point(&def.name, 0)),
-            false => None,
-        };
-        // A followed file replaced since its point was taken (rotated or
-        // truncated while no engine ran) is read from its start, as when
-        // that happens during a run.
-        let mut point = point;
-        let resumed = match (&def.input, point) {
-            (Input::File { path, .. }, Some(p)) => {
-                let opened = FileLines::follow_from(path, limit, p.offset, p.line, p.bytes)?;
-                if opened.is_none() {
+        let mut point = followed
+            .then(|| params.resume.as_ref()?.point(&def.name, 0))
+            .flatten();
+        let lines: Box<dyn LineSource> = match &def.input {
+            Input::File { path, follow } => {
+                let resumed = match point {
+                    Some(p) => FileLines::follow_from(path, limit, p.offset, p.line, p.bytes)?,
+                    None => None,
+                };
+                // A followed file replaced since its point was taken
+                // (rotated or truncated while no engine ran) is read from
+                // its start, as when that happens during a run.
+                if let (Some(p), None) = (point, &resumed) {
                     tracing::warn!(
                         "followed file {} is not the file the checkpoint read {} bytes of (it was rotated or truncated since): reading it from its start; its records before the checkpoint's cut are dropped. Lines of the old file after its byte {} are not read (they were not in the checkpoint): they are missing from this run's results",
                         path.display(),
@@ -356,15 +357,11 @@ impl Reader {
                     );
                     point = None;
                 }
-                opened
+                match resumed {
+                    Some(lines) => Box::new(lines),
+                    None => Box::new(FileLines::open(path, *follow, limit, def.format.into())?),
+                }
             }
-            _ => None,
-        };
-        let lines: Box<dyn LineSource> = match &def.input {
-            Input::File { path, follow } => match resumed {
-                Some(lines) => Box::new(lines),
-                None => Box::new(FileLines::open(path, *follow, limit, def.format.into())?),
-            },
             Input::Tcp {
                 addr,
                 until_disconnect,
@@ -602,8 +599,9 @@ impl Reader {
         // A socket's line from before the cut of the checkpoint its run
         // restored is one the checkpoint holds (a client sends again from
         // the cut on): dropped, whatever the clock says of it now.
-        if self.socket_restored && self.params.time.floor(u64::try_from(ms).unwrap_or(0)) < before {
-            self.stats.4 += 1;
+        if self.socket_restored
+            && !self.keeps(self.params.time.floor(u64::try_from(ms).unwrap_or(0)))
+        {
             return None;
         }
         let admission = self.clock.admit(ms, now_ms);
