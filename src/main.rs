@@ -171,22 +171,52 @@ struct QueryArgs {
     checkpoint: bool,
 }
 
-/// `segflow query --checkpoint`: the checkpoint of the state in `dir`.
-fn print_checkpoint(dir: &std::path::Path) -> anyhow::Result<()> {
-    // A run may be replacing the files of the state as this reads them:
-    // tried again for up to five seconds, as a lookup is.
+/// Opens the state in `dir` read-only and reads it with `read`. A run may
+/// be replacing the files of the state meanwhile (a flush, a compaction, a
+/// new write-ahead log): such a failure is tried again, for up to five
+/// seconds. A directory that is not segflow state but holds some (its
+/// parent, given by mistake) is named in the error.
+fn read_state<T>(
+    dir: &std::path::Path,
+    read: impl Fn(&StateParts) -> Result<T, segflow::store::StoreError>,
+) -> anyhow::Result<(StateParts, T)> {
     let started = std::time::Instant::now();
-    let checkpoint = loop {
-        match StateParts::open_read_only(dir).and_then(|state| state.checkpoint()) {
+    loop {
+        let attempt = StateParts::open_read_only(dir).and_then(|state| {
+            let value = read(&state)?;
+            Ok((state, value))
+        });
+        match attempt {
             Err(e)
                 if e.may_be_transient()
                     && started.elapsed() < std::time::Duration::from_secs(5) =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            other => break other?,
+            Err(e @ segflow::store::StoreError::NotOurs { .. }) => {
+                let inside: Vec<String> = std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.join(segflow::store::MARKER_FILE).is_file())
+                    .map(|p| p.display().to_string())
+                    .collect();
+                return match inside.first() {
+                    Some(inner) => Err(anyhow::anyhow!(
+                        "{e}\n(it holds segflow state in {inner}: did you mean --state-dir {inner}?)"
+                    )),
+                    None => Err(e.into()),
+                };
+            }
+            other => return Ok(other?),
         }
-    };
+    }
+}
+
+/// `segflow query --checkpoint`: the checkpoint of the state in `dir`.
+fn print_checkpoint(dir: &std::path::Path) -> anyhow::Result<()> {
+    let (_, checkpoint) = read_state(dir, |state| state.checkpoint())?;
     let Some(checkpoint) = checkpoint else {
         anyhow::bail!(
             "{} holds no checkpoint yet: no run on it has completed a time",
@@ -486,46 +516,14 @@ fn main() -> ExitCode {
                     ),
                 }
             }
-            // A run may be replacing the files of the state as this reads
-            // them (a flush, a compaction, a new write-ahead log): such a
-            // failure is tried again, for up to five seconds.
-            let started = std::time::Instant::now();
-            let (state, matches, found) = loop {
-                let attempt = StateParts::open_read_only(&args.state_dir).and_then(|state| {
-                    let matches = state.profiles_of(&ids)?;
-                    let found = match matches.first() {
-                        Some((_, profile)) => Some(state.view(profile)?),
-                        None => None,
-                    };
-                    Ok((state, matches, found))
-                });
-                match attempt {
-                    Err(e)
-                        if e.may_be_transient()
-                            && started.elapsed() < std::time::Duration::from_secs(5) =>
-                    {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    Err(e @ segflow::store::StoreError::NotOurs { .. }) => {
-                        // The parent of a state directory, given by mistake.
-                        let inside: Vec<String> = std::fs::read_dir(&args.state_dir)
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|e| e.ok())
-                            .map(|e| e.path())
-                            .filter(|p| p.join(segflow::store::MARKER_FILE).is_file())
-                            .map(|p| p.display().to_string())
-                            .collect();
-                        match inside.first() {
-                            Some(dir) => {
-                                anyhow::bail!("{e}\n(it holds segflow state in {dir}: did you mean --state-dir {dir}?)")
-                            }
-                            None => return Err(e.into()),
-                        }
-                    }
-                    other => break other?,
-                }
-            };
+            let (state, (matches, found)) = read_state(&args.state_dir, |state| {
+                let matches = state.profiles_of(&ids)?;
+                let found = match matches.first() {
+                    Some((_, profile)) => Some(state.view(profile)?),
+                    None => None,
+                };
+                Ok((matches, found))
+            })?;
             for part in &state.missing {
                 eprintln!(
                     "warning: the part of the state written by another process of the cluster is not here, or was written by another run ({}): the answer leaves out what that process owns",
