@@ -388,7 +388,7 @@ fn definition_errors_name_file_line_and_column() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:4:9"), "{err}");
-    assert!(err.contains("unknown trait `views`"), "{err}");
+    assert!(err.contains("unknown trait or segment `views`"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
 
     let shipped = ok(segflow(&[

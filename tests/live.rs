@@ -814,11 +814,11 @@ fn state_counts(state: &Path, n: usize) -> Vec<Option<f64>> {
                 rank: 0,
                 value: format!("anon:v{v}"),
             };
-            parts
-                .lookup(&[id])
-                .ok()
-                .flatten()
-                .and_then(|view| view.traits.get("views_total").copied())
+            parts.lookup(&[id]).ok().flatten().and_then(|view| {
+                view.traits
+                    .get("views_total")
+                    .and_then(serde_json::Value::as_f64)
+            })
         })
         .collect()
 }

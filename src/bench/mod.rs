@@ -574,7 +574,7 @@ fn query_job(
                     StoreOp::Trait {
                         profile: profile.clone(),
                         name: name.into(),
-                        value,
+                        value: crate::model::Scalar::Num(value),
                     },
                     1,
                 ));

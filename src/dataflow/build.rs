@@ -45,6 +45,7 @@ pub fn build<'s>(
 ) {
     let trait_specs: Rc<[TraitSpec]> = spec.traits.clone().into();
     let segment_specs: Rc<[SegmentSpec]> = spec.segments.clone().into();
+    let tz = spec.engine.time_zone;
 
     let mut record_streams = Vec::new();
     let mut control_streams = Vec::new();
@@ -62,7 +63,7 @@ pub fn build<'s>(
     let records: Coll<'s, Record> =
         differential_dataflow::collection::concatenate(scope, record_streams);
 
-    let split = split_records(records.inner, Rc::clone(&trait_specs));
+    let split = split_records(records.inner, Rc::clone(&trait_specs), tz);
     let restore = retain::restore(scope, restored);
     let crm_versions: Coll<'s, (String, Arc<CrmRecord>)> = split
         .crm_versions
@@ -71,11 +72,25 @@ pub fn build<'s>(
         .as_collection();
     let event_sets: Coll<'s, Vec<Id>> = split.identifier_sets.as_collection();
     let specs = Rc::clone(&trait_specs);
-    let contributions: Coll<'s, traits::Contribution> =
-        retract_at_window_end(split.contributions.clone(), restore.window_ends, move |c| {
-            traits::window_of(&specs, c)
+    let contributions: Coll<'s, traits::Contribution> = retract_at_window_end(
+        split.contributions.clone(),
+        restore.window_ends,
+        move |c, t| traits::amount_window_end(&specs, c, t, tz),
+    )
+    .concat(restore.contributions)
+    .as_collection();
+    // Points of lifetime traits: only those that can still matter.
+    let kept_points = traits::lifetime_extremes(
+        split.points,
+        restore.points.clone(),
+        Rc::clone(&trait_specs),
+    );
+    let specs = Rc::clone(&trait_specs);
+    let points: Coll<'s, traits::PointContribution> =
+        retract_at_window_end(kept_points.clone(), restore.point_ends, move |c, t| {
+            traits::point_window_end(&specs, c, t, tz)
         })
-        .concat(restore.contributions)
+        .concat(restore.points)
         .as_collection();
     let names: Coll<'s, (Id, String)> = identity::first_names(split.names.as_collection());
     let event_sets = identity::first_occurrences(event_sets);
@@ -96,9 +111,20 @@ pub fn build<'s>(
                 .inner
                 .clone()
                 .map(|((k, n), t, r)| (Retained::Name(k, n), t, r)),
-            split
-                .contributions
-                .map(|(c, t, r)| (Retained::Contribution(c), t, r)),
+            {
+                let specs = Rc::clone(&trait_specs);
+                split.contributions.map(move |(c, t, r)| {
+                    let end = traits::amount_window_end(&specs, &c, t, tz);
+                    (Retained::Contribution(c, end), t, r)
+                })
+            },
+            {
+                let specs = Rc::clone(&trait_specs);
+                kept_points.map(move |(c, t, r)| {
+                    let end = traits::point_window_end(&specs, &c, t, tz);
+                    (Retained::Point(c, end), t, r)
+                })
+            },
         ])
     } else {
         timely::dataflow::operators::generic::operator::empty(scope)
@@ -120,6 +146,7 @@ pub fn build<'s>(
 
     // Traits and attributes per profile, then segments.
     let trait_deltas = traits::per_profile(contributions, id_profile_arranged.clone());
+    let trait_points = traits::points_per_profile(points, id_profile_arranged.clone());
     let attributes = profiles::attributes(crm_current, id_profile_arranged);
     let profile_ids = identity::profiles(id_profile.clone());
     let segments::Evaluated {
@@ -128,9 +155,12 @@ pub fn build<'s>(
     } = segments::evaluate(
         profile_ids.clone(),
         trait_deltas,
+        trait_points,
         attributes.clone(),
-        Rc::clone(&trait_specs),
-        Rc::clone(&segment_specs),
+        Rc::new(segments::Rules::new(
+            Rc::clone(&trait_specs),
+            Rc::clone(&segment_specs),
+        )),
     );
 
     // Segment memberships and profiles go to worker 0 for the diffs and
@@ -190,12 +220,14 @@ fn updates_from<'s, D: differential_dataflow::Data>(coll: Coll<'s, D>, from: Tim
 
 /// What the records of one worker contribute to the stages, one stream
 /// each: CRM versions keyed by `crm_id`, the identifier sets of events and
-/// transactions, trait contributions `(identifier, (trait, value))`, and
-/// identifier names `(key, kind:value)`.
+/// transactions, trait amounts `(identifier, (slot, value))` and points
+/// `(identifier, (trait, (tick, value)))`, and identifier names `(key,
+/// kind:value)`.
 struct Split<'s> {
     crm_versions: Stream<'s, Time, Vec<((String, Arc<CrmRecord>), Time, isize)>>,
     identifier_sets: Stream<'s, Time, Vec<(Vec<Id>, Time, isize)>>,
     contributions: Stream<'s, Time, Vec<(traits::Contribution, Time, isize)>>,
+    points: Stream<'s, Time, Vec<(traits::PointContribution, Time, isize)>>,
     names: Stream<'s, Time, Vec<((Id, String), Time, isize)>>,
 }
 
@@ -206,31 +238,41 @@ struct Split<'s> {
 fn split_records<'s>(
     records: Stream<'s, Time, Vec<(Record, Time, isize)>>,
     specs: Rc<[TraitSpec]>,
+    tz: chrono_tz::Tz,
 ) -> Split<'s> {
     let mut builder = OperatorBuilder::new("Split records".to_owned(), records.scope());
     let mut input = builder.new_input(records, Pipeline);
     let (crm_out, crm_versions) = builder.new_output();
     let (sets_out, identifier_sets) = builder.new_output();
     let (contrib_out, contributions) = builder.new_output();
+    let (points_out, points) = builder.new_output();
     let (names_out, names) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
     let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
+    let mut points_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(points_out);
     let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
     builder.build(move |_capabilities| {
         move |_frontiers| {
             let (mut crm_out, mut sets_out) = (crm_out.activate(), sets_out.activate());
             let (mut contrib_out, mut names_out) = (contrib_out.activate(), names_out.activate());
+            let mut points_out = points_out.activate();
             input.for_each_stamp(|cap, data| {
                 let mut crm = crm_out.session(&cap);
                 let mut sets = sets_out.session(&cap);
                 let mut contrib = contrib_out.session(&cap);
+                let mut points = points_out.session(&cap);
                 let mut names = names_out.session(&cap);
                 for (record, tick, diff) in data.flat_map(|d| d.drain(..)) {
                     if !matches!(record, Record::Crm(_)) {
-                        for (c, time, sign) in traits::contributions(&record, tick, &specs) {
-                            contrib.give((c, time, diff * sign));
-                        }
+                        traits::contributions(
+                            &record,
+                            tick,
+                            &specs,
+                            tz,
+                            &mut |c| contrib.give((c, tick, diff)),
+                            &mut |p| points.give((p, tick, diff)),
+                        );
                     }
                     // From here on identifiers are keys; their names travel
                     // apart, to the sinks.
@@ -263,6 +305,7 @@ fn split_records<'s>(
         crm_versions,
         identifier_sets,
         contributions,
+        points,
         names,
     }
 }

@@ -2,9 +2,9 @@
 //! compacted, so that a restart rebuilds every arrangement without reading
 //! the inputs again.
 //!
-//! Every stage downstream of the record splitter is a function of four
+//! Every stage downstream of the record splitter is a function of five
 //! insert-only collections (CRM versions, the first occurrences of
-//! identifier sets, trait contributions, identifier names). A checkpoint
+//! identifier sets, trait amounts, trait points, identifier names). A checkpoint
 //! at *cut* `C` holds all of their updates at times before `C`, compacted
 //! as differential dataflow compacts a trace at frontier `C` (every time
 //! before `C` becomes one time, `C - 1`), and bounded by the number of
@@ -17,6 +17,7 @@
 //! | names | each identifier key's `kind:value` text | the sinks name keys by it (a restart hands them to the sinks directly, not through the dataflow) |
 //! | lifetime contributions | per `(identifier, trait)`, the total | totals are sums ([`crate::dataflow::traits`]) |
 //! | windowed contributions | per `(window end, identifier, trait, value)` with end at or after `C`, the count | an event still inside its window at `C` leaves it at its window end; one that left before `C` adds nothing |
+//! | points | per `(window end, identifier, trait, tick, value)` with end at or after `C` (lifetime ones: no end, only those [`crate::dataflow::traits::lifetime_extremes`] keeps), the count | as for windowed contributions; a kept lifetime point is replaced only by its retraction |
 //!
 //! A restart injects them at time `C - 1` ([`restore`]): the outputs at
 //! every time from `C` on are exactly those of a run that never stopped
@@ -32,7 +33,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::{Scope, Stream};
 
-use super::traits::Contribution;
+use super::traits::{Contribution, PointContribution};
 use super::Time;
 use std::sync::Arc;
 
@@ -47,8 +48,11 @@ pub enum Retained {
     Set(Vec<Id>),
     /// The `kind:value` text of an identifier key.
     Name(Id, String),
-    /// A trait contribution at the update's time.
-    Contribution(Contribution),
+    /// A trait amount at the update's time, with its window end (`None`:
+    /// a lifetime trait).
+    Contribution(Contribution, Option<Time>),
+    /// A trait point at the update's time, with its window end.
+    Point(PointContribution, Option<Time>),
 }
 
 /// What a checkpoint's retained input holds at its cut, read back for a
@@ -69,6 +73,10 @@ pub struct Restored {
     /// Windowed contributions still inside their window at the cut:
     /// `(window end, (identifier, (trait, value)), count)`.
     pub windowed: Vec<(Time, Contribution, isize)>,
+    /// Points: `(window end, point, count)`, the end `None` for lifetime
+    /// traits (whose points are the kept ones, see
+    /// [`crate::dataflow::traits::lifetime_extremes`]).
+    pub points: Vec<(Option<Time>, PointContribution, isize)>,
 }
 
 impl Restored {
@@ -78,7 +86,8 @@ impl Restored {
             + self.sets.len()
             + self.names.len()
             + self.totals.len()
-            + self.windowed.len()) as u64
+            + self.windowed.len()
+            + self.points.len()) as u64
     }
 
     /// Deals the entries into `n` shares (one per worker), each with the
@@ -104,6 +113,9 @@ impl Restored {
         for (i, w) in self.windowed.into_iter().enumerate() {
             shares[i % n].windowed.push(w);
         }
+        for (i, p) in self.points.into_iter().enumerate() {
+            shares[i % n].points.push(p);
+        }
         shares
     }
 
@@ -128,6 +140,10 @@ pub struct RestoredStreams<'s> {
     /// The retractions of the windowed contributions, at their window ends
     /// (for [`crate::time::window::retract_at_window_end`] to hold).
     pub window_ends: Updates<'s, Contribution>,
+    /// Points at the restore time.
+    pub points: Updates<'s, PointContribution>,
+    /// The retractions of windowed points, at their window ends.
+    pub point_ends: Updates<'s, PointContribution>,
 }
 
 /// Splits a lifetime total into contributions whose values fit an `i64`:
@@ -155,10 +171,15 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
     let (sets_out, sets) = builder.new_output();
     let (contrib_out, contributions) = builder.new_output();
     let (ends_out, window_ends) = builder.new_output();
+    let (points_out, points) = builder.new_output();
+    let (point_ends_out, point_ends) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
     let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
     let mut ends_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(ends_out);
+    let mut points_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(points_out);
+    let mut point_ends_out =
+        OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(point_ends_out);
     let activator = scope.activator_for(builder.operator_info().address.clone());
     builder.build(move |caps| {
         // Sent when first scheduled (downstream operators are connected by
@@ -197,6 +218,15 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
                 .activate()
                 .session(&caps[3])
                 .give_iterator(r.windowed.into_iter().map(|(end, c, n)| (c, end, -n)));
+            points_out
+                .activate()
+                .session(&caps[4])
+                .give_iterator(r.points.iter().map(|(_, c, n)| (c.clone(), at, *n)));
+            point_ends_out.activate().session(&caps[5]).give_iterator(
+                r.points
+                    .into_iter()
+                    .filter_map(|(end, c, n)| end.map(|end| (c, end, -n))),
+            );
         }
     });
     RestoredStreams {
@@ -204,6 +234,8 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
         sets,
         contributions,
         window_ends,
+        points,
+        point_ends,
     }
 }
 

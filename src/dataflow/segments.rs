@@ -1,128 +1,137 @@
-//! Segment membership.
+//! Trait values and segment membership, per profile, in event-time order.
 //!
-//! A segment is a boolean condition over a profile's traits (by name, a
-//! missing trait is 0) and CRM attributes (`attributes.NAME`, missing is
-//! null). For every profile the facts — that it exists, its trait values and
-//! its merged attributes — are gathered by profile and every condition is
-//! evaluated; the output is the set of `(segment, profile)` memberships, whose
-//! changes over time are the entry (+1) and exit (-1) diffs.
+//! A segment is a boolean condition over a profile's traits (by name),
+//! CRM attributes (`attributes.NAME`, missing is null) and other segments
+//! (by name). [`evaluate`] gathers every fact of a profile — that it
+//! exists, its trait totals and points, its merged attributes — and, at
+//! each time something changes for the profile or a time it asked to be
+//! woken at comes, computes its trait values and evaluates every segment;
+//! the changes of the `(segment, profile)` memberships are the entry (+1)
+//! and exit (-1) diffs.
+//!
+//! Some values change with time alone, and the profile is woken when they
+//! can: a session ends `gap` after its last event, an event of a
+//! `not_followed_by` count becomes countable `within` after it, a recency
+//! crosses a constant it is compared with, and a dwell time runs out.
 
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use differential_dataflow::AsCollection;
-use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::{Capability, InputCapability};
 
 use super::profiles::Attributes;
-use super::traits::{Total, SUM_SCALE};
+use super::traits::{slot_trait, Total, SECOND, SUM_SCALE};
 use super::{Coll, Time};
 use crate::model::{Id, IdMap, Scalar, ScalarRef};
-use crate::spec::{Aggregate, SegmentSpec, TraitSpec};
+use crate::spec::expr::Expr;
+use crate::spec::{Aggregate, SegmentSpec, TraitSpec, Window};
 
-/// One fact about a profile, the input of segment evaluation.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Fact {
-    /// The profile exists (it has at least one identifier).
-    Exists,
-    /// The current value of trait `index` (sums in thousandths).
-    Trait(u32, Total),
-    /// The merged CRM attributes.
-    Attrs(Attributes),
+/// The traits and segments of a definition, prepared for evaluation.
+pub struct Rules {
+    /// Traits by index.
+    pub traits: Rc<[TraitSpec]>,
+    /// Segments by index.
+    pub segments: Rc<[SegmentSpec]>,
+    /// Segment indices in an order where every segment comes after those
+    /// it reads.
+    order: Vec<usize>,
+    /// Per trait: the constants (ms) a recency trait is compared with.
+    thresholds: Vec<Vec<f64>>,
 }
 
-/// A trait's total as the number users wrote conditions against (an
-/// `f64`: totals beyond 2^53 compare with the precision of a double).
-pub fn trait_scalar(spec: &TraitSpec, raw: Total) -> Scalar {
-    match spec.aggregate {
-        Aggregate::Count => Scalar::Num(raw as f64),
-        Aggregate::Sum => Scalar::Num(raw as f64 / SUM_SCALE),
-    }
-}
-
-/// Evaluates every segment for one profile's facts; returns the indices of
-/// the segments it belongs to.
-pub fn memberships(facts: &[&Fact], traits: &[TraitSpec], segments: &[SegmentSpec]) -> Vec<u32> {
-    let mut values: Vec<Total> = vec![0; traits.len()];
-    let mut attrs: Option<&Attributes> = None;
-    for fact in facts {
-        match fact {
-            Fact::Exists => {}
-            Fact::Trait(index, value) => values[*index as usize] = *value,
-            Fact::Attrs(a) => attrs = Some(a),
+impl Rules {
+    /// Prepares `traits` and `segments` (as validated by
+    /// [`crate::spec::parse_spec`]: names resolve, segments read each
+    /// other without cycles, recencies are compared with constants).
+    pub fn new(traits: Rc<[TraitSpec]>, segments: Rc<[SegmentSpec]>) -> Rules {
+        let index_of = |name: &str| segments.iter().position(|s| s.name == name);
+        let mut order = Vec::new();
+        let mut placed = vec![false; segments.len()];
+        fn place(
+            s: usize,
+            segments: &[SegmentSpec],
+            index_of: &dyn Fn(&str) -> Option<usize>,
+            placed: &mut [bool],
+            order: &mut Vec<usize>,
+        ) {
+            if placed[s] {
+                return;
+            }
+            placed[s] = true;
+            for (p, _) in segments[s].when.paths() {
+                if let Some(t) = index_of(&p[0]) {
+                    place(t, segments, index_of, placed, order);
+                }
+            }
+            order.push(s);
+        }
+        for s in 0..segments.len() {
+            place(s, &segments, &index_of, &mut placed, &mut order);
+        }
+        let mut thresholds = vec![Vec::new(); traits.len()];
+        fn collect(e: &Expr, traits: &[TraitSpec], out: &mut [Vec<f64>]) {
+            match e {
+                Expr::Cmp(_, a, b) => {
+                    for (x, other) in [(a, b), (b, a)] {
+                        if let (Expr::Path(p, _), true) = (&**x, other.is_constant()) {
+                            if let Some(i) = traits.iter().position(|t| t.name == p[0]) {
+                                let c = other.eval(&mut |_| ScalarRef::Null).as_f64();
+                                if let Some(c) = c.filter(|c| c.is_finite()) {
+                                    out[i].push(c);
+                                }
+                            }
+                        }
+                    }
+                }
+                Expr::Not(a) => collect(a, traits, out),
+                Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| collect(e, traits, out)),
+                _ => {}
+            }
+        }
+        for s in segments.iter() {
+            collect(&s.when, &traits, &mut thresholds);
+        }
+        Rules {
+            traits,
+            segments,
+            order,
+            thresholds,
         }
     }
-    memberships_of(&values, attrs, traits, segments)
 }
 
-/// [`memberships`] of trait totals by index (`values`, missing ones 0) and
-/// the attributes, if any.
-fn memberships_of(
-    values: &[Total],
-    attrs: Option<&Attributes>,
-    traits: &[TraitSpec],
-    segments: &[SegmentSpec],
-) -> Vec<u32> {
-    let mut lookup = |path: &[String]| -> ScalarRef<'_> {
-        match path {
-            // Trait values are numbers.
-            [name] => traits
-                .iter()
-                .position(|t| &t.name == name)
-                .and_then(|i| trait_scalar(&traits[i], values[i]).as_f64())
-                .map_or(ScalarRef::Null, ScalarRef::Num),
-            [first, field] if first == "attributes" => attrs
-                .and_then(|a| {
-                    a.iter()
-                        .find(|(k, _)| k == field)
-                        .map(|(_, v)| v.borrowed())
-                })
-                .unwrap_or(ScalarRef::Null),
-            _ => ScalarRef::Null,
-        }
-    };
-    segments
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.when.eval_bool(&mut lookup))
-        .map(|(i, _)| i as u32)
-        .collect()
-}
-
-/// What [`evaluate`] maintains: trait totals and segment memberships.
+/// What [`evaluate`] maintains: trait values and segment memberships.
 pub struct Evaluated<'s> {
-    /// `((profile, trait), total)`: a count, or a sum in thousandths; a
-    /// total of zero is absent.
-    pub trait_values: Coll<'s, ((Id, u32), Total)>,
+    /// `((profile, trait), value)`, as written to the state: counts, sums
+    /// and distinct counts of zero and null values are absent; a recency's
+    /// value is the time of its event (epoch ms).
+    pub trait_values: Coll<'s, ((Id, u32), Scalar)>,
     /// `(segment index, profile)`.
     pub memberships: Coll<'s, (u32, Id)>,
 }
 
-/// Trait totals and segment memberships per profile.
+/// Trait values and segment memberships per profile.
 ///
-/// `trait_deltas` are the changes of trait totals, `((profile, trait),
-/// change)` with the change as the update's difference (a count, or
-/// thousandths of a sum; [`crate::dataflow::traits::per_profile`]). A
-/// profile's facts are whether it exists (`profiles`), its trait totals
-/// and its merged CRM attributes; whenever they change, every segment
-/// condition is evaluated again ([`memberships`]) and the memberships
-/// change by the difference.
+/// `trait_deltas` are the changes of the amount totals, `((profile,
+/// slot), change)` with the change as the update's difference
+/// ([`crate::dataflow::traits::per_profile`]); `points` the points of the
+/// other traits per profile ([`crate::dataflow::traits::points_per_profile`]).
 ///
 /// This is keyed state in event-time order, as a Flink keyed process
 /// function keeps it: each profile's facts live on one worker (exchanged
 /// by profile), the changes of a time are applied once the inputs'
 /// frontier has passed it, in time order (event time is totally ordered),
-/// and only the profiles a time touches are evaluated. It computes what
-/// `count_total` of the deltas followed by a `reduce` over the facts
-/// computes (the test below compares them), without their four
-/// arrangements: the state is one entry per profile with any fact, and a
+/// and only the profiles a time touches, or that asked to be woken then,
+/// are evaluated. The state is one entry per profile with any fact; a
 /// profile without facts is forgotten.
 pub fn evaluate<'s>(
     profiles: Coll<'s, Id>,
     trait_deltas: Coll<'s, (Id, u32), Total>,
+    points: Coll<'s, ((Id, u32), (Time, Scalar))>,
     attributes: Coll<'s, (Id, Attributes)>,
-    trait_specs: Rc<[TraitSpec]>,
-    segment_specs: Rc<[SegmentSpec]>,
+    rules: Rc<Rules>,
 ) -> Evaluated<'s> {
     use differential_dataflow::hashable::Hashable;
     use timely::container::CapacityContainerBuilder;
@@ -140,17 +149,23 @@ pub fn evaluate<'s>(
         trait_deltas.inner,
         Exchange::new(|((p, _), _, _): &((Id, u32), Time, Total)| p.hashed()),
     );
+    let mut points_in = builder.new_input(
+        points.inner,
+        Exchange::new(
+            |(((p, _), _), _, _): &(((Id, u32), (Time, Scalar)), Time, isize)| p.hashed(),
+        ),
+    );
     let mut attrs_in = builder.new_input(
         attributes.inner,
         Exchange::new(|((p, _), _, _): &((Id, Attributes), Time, isize)| p.hashed()),
     );
-    let (totals_out, trait_values) = builder.new_output();
+    let (values_out, trait_values) = builder.new_output();
     let (members_out, memberships) = builder.new_output();
-    let mut totals_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(totals_out);
+    let mut values_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(values_out);
     let mut members_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(members_out);
     builder.build(move |_initial| {
         let mut pending: BTreeMap<Time, Vec<(Id, Change)>> = BTreeMap::new();
-        // Capabilities (totals, memberships) at the earliest pending time.
+        // Capabilities (values, memberships) at the earliest pending time.
         let mut held: Option<[Capability<Time>; 2]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
         move |frontiers| {
@@ -166,12 +181,17 @@ pub fn evaluate<'s>(
                 }
             });
             deltas_in.for_each_stamp(|cap, data| {
-                for ((p, index), t, change) in data.flat_map(|d| d.drain(..)) {
+                for ((p, slot), t, change) in data.flat_map(|d| d.drain(..)) {
                     note(&cap, t);
-                    pending
-                        .entry(t)
-                        .or_default()
-                        .push((p, Change::Total(index, change)));
+                    let change = Change::Total(slot, change);
+                    pending.entry(t).or_default().push((p, change));
+                }
+            });
+            points_in.for_each_stamp(|cap, data| {
+                for (((p, index), point), t, r) in data.flat_map(|d| d.drain(..)) {
+                    note(&cap, t);
+                    let change = Change::Point(index, point, r);
+                    pending.entry(t).or_default().push((p, change));
                 }
             });
             attrs_in.for_each_stamp(|cap, data| {
@@ -180,18 +200,18 @@ pub fn evaluate<'s>(
                     pending.entry(t).or_default().push((p, Change::Attrs(a, r)));
                 }
             });
-            let Some([hold_totals, hold_members]) = held.as_mut() else {
+            let Some([hold_values, hold_members]) = held.as_mut() else {
                 return;
             };
             // A time is complete once no input can still carry it.
             let complete = |t: &Time| frontiers.iter().all(|f| !f.less_equal(t));
-            let mut totals_out = totals_out.activate();
+            let mut values_out = values_out.activate();
             let mut members_out = members_out.activate();
             // One session for all the times completed now, at the held
-            // capabilities (no later than any of them): a session per time
-            // would start a fresh container for every time.
-            let mut totals = totals_out.session(&*hold_totals);
+            // capabilities (no later than any of them).
+            let mut values = values_out.session(&*hold_values);
             let mut members = members_out.session(&*hold_members);
+            let rules = &*rules;
             while let Some(entry) = pending.first_entry() {
                 if !complete(entry.key()) {
                     break;
@@ -199,78 +219,93 @@ pub fn evaluate<'s>(
                 let (time, mut changes) = entry.remove_entry();
                 // By profile (stable: a profile's changes keep their order).
                 changes.sort_by_key(|(p, _)| *p);
+                let mut wakes: Vec<(Time, Id)> = Vec::new();
                 for group in changes.chunk_by_mut(|a, b| a.0 == b.0) {
                     let p = group[0].0;
                     let facts = state.entry(p).or_default();
-                    let before = facts.totals.clone();
+                    let mut touched: Vec<u32> = Vec::new();
+                    let mut woken = false;
+                    let before_totals = facts.totals.clone();
                     for (_, change) in group.iter_mut() {
+                        match change {
+                            Change::Total(slot, _) => touched.push(slot_trait(*slot)),
+                            Change::Point(index, ..) => touched.push(*index),
+                            Change::Wake => woken |= facts.wake == Some(time),
+                            _ => {}
+                        }
                         facts.apply(std::mem::replace(change, Change::Exists(0)));
                     }
-                    if facts.totals.iter().any(|&(_, total)| total == 0) {
-                        let mut totals = std::mem::take(&mut facts.totals).into_vec();
-                        totals.retain(|&(_, total)| total != 0);
-                        facts.totals = totals.into();
+                    if woken {
+                        facts.wake = None;
                     }
-                    if facts.attrs.iter().any(|(_, count)| *count == 0) {
-                        let mut attrs = std::mem::take(&mut facts.attrs).into_vec();
-                        attrs.retain(|(_, count)| *count != 0);
-                        facts.attrs = attrs.into();
+                    facts.tidy();
+                    // Values that change with time alone are looked at on
+                    // every evaluation.
+                    for (i, t) in rules.traits.iter().enumerate() {
+                        if time_dependent(t) {
+                            touched.push(i as u32);
+                        }
                     }
-                    // Totals that changed: the old one leaves, the new one
-                    // enters (a zero total is absent).
-                    let mut old_totals = before.iter().peekable();
-                    let mut new_totals = facts.totals.iter().peekable();
-                    loop {
-                        let (index, old, new) = match (old_totals.peek(), new_totals.peek()) {
-                            (None, None) => break,
-                            (Some(&&(i, o)), Some(&&(j, n))) if i == j => {
-                                old_totals.next();
-                                new_totals.next();
-                                (i, o, n)
-                            }
-                            (Some(&&(i, o)), Some(&&(j, _))) if i < j => {
-                                old_totals.next();
-                                (i, o, 0)
-                            }
-                            (Some(&&(i, o)), None) => {
-                                old_totals.next();
-                                (i, o, 0)
-                            }
-                            (_, Some(&&(j, n))) => {
-                                new_totals.next();
-                                (j, 0, n)
-                            }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    for &i in &touched {
+                        let spec = &rules.traits[i as usize];
+                        let (old, new) = if spec.is_abelian() {
+                            (
+                                stored(abelian_value(spec, i, &before_totals)),
+                                stored(abelian_value(spec, i, &facts.totals)),
+                            )
+                        } else {
+                            let old = facts.shown(i).cloned().unwrap_or(Scalar::Null);
+                            let new = stored(facts.state_value(spec, i, time));
+                            (old, new)
                         };
                         if old != new {
-                            if old != 0 {
-                                totals.give((((p, index), old), time, -1));
+                            if old != Scalar::Null {
+                                values.give((((p, i), old), time, -1));
                             }
-                            if new != 0 {
-                                totals.give((((p, index), new), time, 1));
+                            if new != Scalar::Null {
+                                values.give((((p, i), new.clone()), time, 1));
+                            }
+                            if !spec.is_abelian() {
+                                facts.show(i, new);
                             }
                         }
                     }
-                    let now: Box<[u32]> = if facts.is_empty() {
-                        Box::default()
+                    let (now, wake) = if !facts.has_facts() {
+                        (Box::default(), None)
                     } else {
-                        facts.memberships(&trait_specs, &segment_specs).into()
+                        facts.memberships(rules, time)
                     };
-                    for &s in facts.members.iter().filter(|s| !now.contains(s)) {
-                        members.give(((s, p), time, -1));
+                    for &(s, _) in facts.members.iter() {
+                        if !now.iter().any(|&(x, _)| x == s) {
+                            members.give(((s, p), time, -1));
+                        }
                     }
-                    for &s in now.iter().filter(|s| !facts.members.contains(s)) {
-                        members.give(((s, p), time, 1));
+                    for &(s, _) in now.iter() {
+                        if !facts.members.iter().any(|&(x, _)| x == s) {
+                            members.give(((s, p), time, 1));
+                        }
                     }
                     facts.members = now;
+                    if let Some(w) = wake {
+                        if facts.wake.is_none_or(|old| w < old || old <= time) {
+                            facts.wake = Some(w);
+                            wakes.push((w, p));
+                        }
+                    }
                     if facts.is_empty() {
                         state.remove(&p);
                     }
                 }
+                for (w, p) in wakes {
+                    pending.entry(w).or_default().push((p, Change::Wake));
+                }
             }
-            drop((totals, members));
+            drop((values, members));
             match pending.first_key_value() {
                 Some((&next, _)) => {
-                    hold_totals.downgrade(&next);
+                    hold_values.downgrade(&next);
                     hold_members.downgrade(&next);
                 }
                 None => held = None,
@@ -283,15 +318,54 @@ pub fn evaluate<'s>(
     }
 }
 
+/// Whether a trait's value can change with time alone (so it is looked
+/// at whenever its profile is evaluated).
+fn time_dependent(t: &TraitSpec) -> bool {
+    matches!(t.window, Window::Session { .. }) || t.sequence.as_ref().is_some_and(|s| !s.followed)
+}
+
+/// A value as the state holds it: zero counts, sums and distinct counts
+/// are absent (null).
+fn stored(v: Scalar) -> Scalar {
+    match v {
+        Scalar::Num(n) if n == 0.0 => Scalar::Null,
+        v => v,
+    }
+}
+
+/// The value of abelian trait `i` from `totals` (by slot, sorted).
+fn abelian_value(spec: &TraitSpec, i: u32, totals: &[(u32, Total)]) -> Scalar {
+    let get = |slot: u32| {
+        totals
+            .binary_search_by_key(&slot, |(s, _)| *s)
+            .map_or(0, |at| totals[at].1)
+    };
+    let (a, b) = (get(i), get(i | SECOND));
+    match spec.aggregate {
+        Aggregate::Count => Scalar::Num(a as f64),
+        Aggregate::Sum => Scalar::Num(a as f64 / SUM_SCALE),
+        Aggregate::Avg if b != 0 => Scalar::Num(a as f64 / SUM_SCALE / b as f64),
+        Aggregate::Share if b != 0 => Scalar::Num(a as f64 / b as f64),
+        _ => Scalar::Null,
+    }
+}
+
 /// One change to a profile's facts.
 enum Change {
     /// The profile's existence changes by this count.
     Exists(isize),
-    /// Trait `index`'s total changes by this amount.
+    /// The total of a slot changes by this amount.
     Total(u32, Total),
+    /// A point of trait `index` changes by this count.
+    Point(u32, (Time, Scalar), isize),
     /// These attributes' count changes.
     Attrs(Attributes, isize),
+    /// The profile asked to be evaluated at this time.
+    Wake,
 }
+
+/// A multiset of `(tick, value)` points.
+type Points = BTreeMap<(Time, Scalar), isize>;
 
 /// The facts of one profile, as [`evaluate`] keeps them (boxed slices:
 /// one of these per profile, and most change rarely).
@@ -299,27 +373,52 @@ enum Change {
 struct ProfileFacts {
     /// How many times the profile exists (0 or 1 in a consistent input).
     exists: isize,
-    /// Totals by trait index, sorted by index (zero ones removed after
-    /// each time).
+    /// Totals by slot, sorted by slot (zero ones removed after each time).
     totals: Box<[(u32, Total)]>,
+    /// Points by trait index, sorted (empty ones removed).
+    points: Box<[(u32, Points)]>,
     /// Attribute versions and their counts (normally one, count 1).
     attrs: Box<[(Attributes, isize)]>,
-    /// The segments it belongs to, as last emitted.
-    members: Box<[u32]>,
+    /// The segments it belongs to, as last emitted, with when it entered.
+    members: Box<[(u32, Time)]>,
+    /// The values of point traits as last emitted, by trait (non-null).
+    shown: Box<[(u32, Scalar)]>,
+    /// When it asked to be evaluated next.
+    wake: Option<Time>,
+}
+
+/// Inserts or updates `key`'s entry of a sorted boxed slice.
+fn upsert<V>(slice: &mut Box<[(u32, V)]>, key: u32, new: impl FnOnce() -> V) -> &mut V {
+    let at = match slice.binary_search_by_key(&key, |(k, _)| *k) {
+        Ok(at) => at,
+        Err(at) => {
+            let mut v = std::mem::take(slice).into_vec();
+            v.insert(at, (key, new()));
+            *slice = v.into();
+            at
+        }
+    };
+    &mut slice[at].1
+}
+
+/// Removes the entries of a boxed slice that `keep` rejects.
+fn retain<T>(slice: &mut Box<[T]>, keep: impl FnMut(&T) -> bool) {
+    let mut v = std::mem::take(slice).into_vec();
+    v.retain(keep);
+    *slice = v.into();
 }
 
 impl ProfileFacts {
     fn apply(&mut self, change: Change) {
         match change {
             Change::Exists(r) => self.exists += r,
-            Change::Total(index, change) => {
-                match self.totals.binary_search_by_key(&index, |(i, _)| *i) {
-                    Ok(at) => self.totals[at].1 += change,
-                    Err(at) => {
-                        let mut totals = std::mem::take(&mut self.totals).into_vec();
-                        totals.insert(at, (index, change));
-                        self.totals = totals.into();
-                    }
+            Change::Total(slot, change) => *upsert(&mut self.totals, slot, || 0) += change,
+            Change::Point(index, point, r) => {
+                let points = upsert(&mut self.points, index, Points::new);
+                let count = points.entry(point).or_default();
+                *count += r;
+                if *count == 0 {
+                    // Zero counts are removed by `tidy`, once per time.
                 }
             }
             Change::Attrs(a, r) => match self.attrs.iter_mut().find(|(x, _)| *x == a) {
@@ -330,240 +429,464 @@ impl ProfileFacts {
                     self.attrs = attrs.into();
                 }
             },
+            Change::Wake => {}
         }
     }
 
-    /// No fact at all (once zero totals and attribute counts are removed).
+    /// Removes zero totals, points and attribute counts.
+    fn tidy(&mut self) {
+        if self.totals.iter().any(|&(_, total)| total == 0) {
+            retain(&mut self.totals, |&(_, total)| total != 0);
+        }
+        let mut empty = false;
+        for (_, points) in self.points.iter_mut() {
+            points.retain(|_, c| *c != 0);
+            empty |= points.is_empty();
+        }
+        if empty {
+            retain(&mut self.points, |(_, p)| !p.is_empty());
+        }
+        if self.attrs.iter().any(|(_, count)| *count == 0) {
+            retain(&mut self.attrs, |(_, count)| *count != 0);
+        }
+    }
+
+    /// Whether the profile has any fact (once tidied): one that has none
+    /// (it was merged into another, or never existed) is in no segment.
+    fn has_facts(&self) -> bool {
+        self.exists != 0
+            || !self.totals.is_empty()
+            || !self.points.is_empty()
+            || !self.attrs.is_empty()
+    }
+
+    /// Nothing to keep: no fact, no membership, no shown value.
     fn is_empty(&self) -> bool {
-        self.exists == 0 && self.totals.is_empty() && self.attrs.is_empty()
+        !self.has_facts() && self.members.is_empty() && self.shown.is_empty()
     }
 
-    /// [`memberships`] of the present facts as a `reduce` presents them
-    /// (sorted, so the greatest of several present attribute versions
-    /// counts), without copying them.
-    fn memberships(&self, traits: &[TraitSpec], segments: &[SegmentSpec]) -> Vec<u32> {
-        let mut values: Vec<Total> = vec![0; traits.len()];
-        for &(index, total) in self.totals.iter() {
-            values[index as usize] = total;
+    fn points(&self, i: u32) -> Option<&Points> {
+        self.points
+            .binary_search_by_key(&i, |(k, _)| *k)
+            .ok()
+            .map(|at| &self.points[at].1)
+    }
+
+    fn shown(&self, i: u32) -> Option<&Scalar> {
+        self.shown
+            .binary_search_by_key(&i, |(k, _)| *k)
+            .ok()
+            .map(|at| &self.shown[at].1)
+    }
+
+    fn show(&mut self, i: u32, v: Scalar) {
+        if v == Scalar::Null {
+            retain(&mut self.shown, |(k, _)| *k != i);
+        } else {
+            *upsert(&mut self.shown, i, || Scalar::Null) = v;
         }
+    }
+
+    /// The value of point trait `i` at `now` as conditions see it, and the
+    /// count of a most frequent value.
+    fn point_value(&self, spec: &TraitSpec, i: u32, now: Time) -> (Scalar, Option<f64>) {
+        let Some(points) = self.points(i) else {
+            return (empty_value(spec.aggregate), None);
+        };
+        if let Some(seq) = &spec.sequence {
+            return (
+                Scalar::Num(sequence_count(points, seq.followed, seq.within_ms, now) as f64),
+                None,
+            );
+        }
+        if let Window::Session { gap, .. } = spec.window {
+            let session = current_session(points, gap, now);
+            return fold(spec.aggregate, session.map(|((t, v), c)| (*t, v, *c)), now);
+        }
+        match spec.aggregate {
+            Aggregate::Min => (
+                points
+                    .keys()
+                    .next()
+                    .map_or(Scalar::Null, |(_, v)| v.clone()),
+                None,
+            ),
+            Aggregate::Max => (
+                points
+                    .keys()
+                    .next_back()
+                    .map_or(Scalar::Null, |(_, v)| v.clone()),
+                None,
+            ),
+            Aggregate::First => (
+                points
+                    .keys()
+                    .next()
+                    .map_or(Scalar::Null, |(_, v)| v.clone()),
+                None,
+            ),
+            Aggregate::Last => (
+                points
+                    .keys()
+                    .next_back()
+                    .map_or(Scalar::Null, |(_, v)| v.clone()),
+                None,
+            ),
+            Aggregate::SinceFirst => (
+                points.keys().next().map_or(Scalar::Null, |(t, _)| {
+                    Scalar::Num(now.saturating_sub(*t) as f64)
+                }),
+                None,
+            ),
+            Aggregate::SinceLast => (
+                points.keys().next_back().map_or(Scalar::Null, |(t, _)| {
+                    Scalar::Num(now.saturating_sub(*t) as f64)
+                }),
+                None,
+            ),
+            _ => fold(
+                spec.aggregate,
+                points.iter().map(|((t, v), c)| (*t, v, *c)),
+                now,
+            ),
+        }
+    }
+
+    /// The value of point trait `i` as the state holds it: that of
+    /// conditions, but a recency's is the time of its event.
+    fn state_value(&self, spec: &TraitSpec, i: u32, now: Time) -> Scalar {
+        let keys = || self.points(i).map(|p| p.keys());
+        match spec.aggregate {
+            Aggregate::SinceFirst => keys()
+                .and_then(|mut k| k.next().map(|(t, _)| Scalar::Num(*t as f64)))
+                .unwrap_or(Scalar::Null),
+            Aggregate::SinceLast => keys()
+                .and_then(|mut k| k.next_back().map(|(t, _)| Scalar::Num(*t as f64)))
+                .unwrap_or(Scalar::Null),
+            _ => self.point_value(spec, i, now).0,
+        }
+    }
+
+    /// The segments the profile belongs to at `now` (with when it entered
+    /// each), and when it must be evaluated again without a new fact.
+    fn memberships(&self, rules: &Rules, now: Time) -> (Box<[(u32, Time)]>, Option<Time>) {
+        let traits = &rules.traits;
+        let mut values: Vec<Scalar> = Vec::with_capacity(traits.len());
+        let mut counts: Vec<Option<f64>> = Vec::with_capacity(traits.len());
+        for (i, spec) in traits.iter().enumerate() {
+            let (v, c) = if spec.is_abelian() {
+                (abelian_value(spec, i as u32, &self.totals), None)
+            } else {
+                self.point_value(spec, i as u32, now)
+            };
+            values.push(v);
+            counts.push(c);
+        }
+        // The greatest of several present attribute versions counts.
         let attrs = self
             .attrs
             .iter()
             .filter(|(_, c)| *c > 0)
             .map(|(a, _)| a)
             .max();
-        memberships_of(&values, attrs, traits, segments)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::strategy::Strategy as _;
-
-    use super::*;
-    use crate::spec::parse_spec;
-
-    /// Two traits (a count and a sum) and four segments over traits that
-    /// may be zero, sums and attributes.
-    fn spec() -> crate::spec::Spec {
-        parse_spec(
-            r#"
-        [traits.views]
-        stream = "web"
-        [traits.spend]
-        stream = "transactions"
-        aggregate = "sum"
-        of = "amount"
-        [segments.active]
-        when = "views >= 2"
-        [segments.idle]
-        when = "views == 0 and not attributes.tier == \"gold\""
-        [segments.big]
-        when = "spend >= 500"
-        [segments.gold]
-        when = 'attributes.tier == "gold"'
-        "#,
-            "s.toml",
-        )
-        .unwrap()
-    }
-
-    /// The reference: totals by `count_total`, memberships by a `reduce`
-    /// over the facts (what [`evaluate`] computed before it kept state).
-    fn reference<'s>(
-        profiles: Coll<'s, Id>,
-        deltas: Coll<'s, (Id, u32), Total>,
-        attributes: Coll<'s, (Id, Attributes)>,
-        traits: Rc<[TraitSpec]>,
-        segments: Rc<[SegmentSpec]>,
-    ) -> (Coll<'s, ((Id, u32), Total)>, Coll<'s, (u32, Id)>) {
-        use differential_dataflow::operators::CountTotal;
-        let totals = deltas.count_total();
-        let facts = profiles
-            .map(|p| (p, Fact::Exists))
-            .concat(totals.clone().map(|((p, t), v)| (p, Fact::Trait(t, v))))
-            .concat(attributes.map(|(p, a)| (p, Fact::Attrs(a))));
-        let members = facts
-            .reduce(move |_profile, input, output| {
-                let present: Vec<&Fact> = input
-                    .iter()
-                    .filter(|(_, c)| *c > 0)
-                    .map(|(f, _)| *f)
-                    .collect();
-                for segment in memberships(&present, &traits, &segments) {
-                    output.push((segment, 1isize));
-                }
-            })
-            .map(|(profile, segment)| (segment, profile));
-        (totals, members)
-    }
-
-    /// One input change at a time step: a profile appears or disappears,
-    /// a trait total changes, or the attributes get a new version.
-    #[derive(Clone, Debug)]
-    enum Op {
-        Toggle(u8),
-        Delta(u8, u32, i64),
-        Tier(u8, u8),
-    }
-
-    type Updates<D> = Vec<(D, u64, isize)>;
-
-    /// Runs `ops` (a list of time steps) through [`evaluate`] (`ours`) or
-    /// the reference on `workers` workers: the consolidated totals and
-    /// memberships with their times.
-    fn run_ops(
-        steps: Vec<Vec<Op>>,
-        workers: usize,
-        ours: bool,
-    ) -> (Updates<((Id, u32), Total)>, Updates<(u32, Id)>) {
-        use differential_dataflow::input::Input;
-        use std::sync::{Arc, Mutex};
-        let spec = spec();
-        let traits: Rc<[TraitSpec]> = spec.traits.into();
-        let segments: Rc<[SegmentSpec]> = spec.segments.into();
-        let (traits, segments) = (traits.to_vec(), segments.to_vec());
-        let totals_out = Arc::new(Mutex::new(Vec::new()));
-        let members_out = Arc::new(Mutex::new(Vec::new()));
-        let (t_out, m_out) = (Arc::clone(&totals_out), Arc::clone(&members_out));
-        let config = timely::Config::process(workers);
-        timely::execute(config, move |worker| {
-            let (t_out, m_out) = (Arc::clone(&t_out), Arc::clone(&m_out));
-            let (traits, segments): (Rc<[TraitSpec]>, Rc<[SegmentSpec]>) =
-                (traits.clone().into(), segments.clone().into());
-            let (mut inputs, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                let (p_in, profiles) = scope.new_collection::<Id, isize>();
-                let (d_in, deltas) = scope.new_collection::<(Id, u32), Total>();
-                let (a_in, attrs) = scope.new_collection::<(Id, Attributes), isize>();
-                let (totals, members) = if ours {
-                    let e = evaluate(profiles, deltas, attrs, traits, segments);
-                    (e.trait_values, e.memberships)
-                } else {
-                    reference(profiles, deltas, attrs, traits, segments)
+        let segments = &rules.segments;
+        let mut member = vec![false; segments.len()];
+        let mut out: Vec<(u32, Time)> = Vec::new();
+        let mut wake: Option<Time> = None;
+        let mut soon = |t: Time| {
+            if t > now && wake.is_none_or(|w| t < w) {
+                wake = Some(t);
+            }
+        };
+        for &s in &rules.order {
+            let spec = &segments[s];
+            let holds = {
+                let mut lookup = |path: &[String]| -> ScalarRef<'_> {
+                    match path {
+                        [name] => match traits.iter().position(|t| &t.name == name) {
+                            Some(i) => values[i].borrowed(),
+                            None => segments
+                                .iter()
+                                .position(|x| &x.name == name)
+                                .map_or(ScalarRef::Null, |x| ScalarRef::Bool(member[x])),
+                        },
+                        [first, field] if first == "attributes" => attrs
+                            .and_then(|a| {
+                                a.iter()
+                                    .find(|(k, _)| k == field)
+                                    .map(|(_, v)| v.borrowed())
+                            })
+                            .unwrap_or(ScalarRef::Null),
+                        [name, count] if count == "count" => traits
+                            .iter()
+                            .position(|t| &t.name == name)
+                            .and_then(|i| counts[i])
+                            .map_or(ScalarRef::Null, ScalarRef::Num),
+                        _ => ScalarRef::Null,
+                    }
                 };
-                totals.inspect(move |(d, t, r)| t_out.lock().unwrap().push((*d, *t, *r)));
-                let probe = members
-                    .inspect(move |(d, t, r)| m_out.lock().unwrap().push((*d, *t, *r)))
-                    .probe();
-                ((p_in, d_in, a_in), probe.0)
-            });
-            let id = |p: u8| crate::model::Id::of(0, &format!("anon:{p}"));
-            let tier = |t: u8| -> Attributes {
-                vec![(
-                    "tier".into(),
-                    Scalar::Str(["gold", "silver", "bronze"][t as usize % 3].into()),
-                )]
+                spec.when.eval_bool(&mut lookup)
             };
-            let mut exists = std::collections::BTreeSet::new();
-            let mut tiers = std::collections::BTreeMap::new();
-            if worker.index() == 0 {
-                for (step, ops) in steps.iter().enumerate() {
-                    let time = step as u64 + 1;
-                    for op in ops {
-                        match *op {
-                            Op::Toggle(p) => {
-                                let r = if exists.insert(p) {
-                                    1
-                                } else {
-                                    exists.remove(&p);
-                                    -1
-                                };
-                                inputs.0.update_at(id(p), time, r);
-                            }
-                            Op::Delta(p, t, v) => {
-                                inputs.1.update_at((id(p), t), time, Total::from(v))
-                            }
-                            Op::Tier(p, t) => {
-                                if let Some(old) = tiers.insert(p, t) {
-                                    inputs.2.update_at((id(p), tier(old)), time, -1);
-                                }
-                                inputs.2.update_at((id(p), tier(t)), time, 1);
-                            }
+            let entered = self
+                .members
+                .iter()
+                .find(|&&(x, _)| x as usize == s)
+                .map(|&(_, at)| at);
+            let is_member = match (holds, entered, spec.min_dwell_ms) {
+                (true, Some(at), _) => Some(at),
+                (true, None, _) => Some(now),
+                (false, Some(at), Some(dwell)) if now < at.saturating_add(dwell) => {
+                    soon(at.saturating_add(dwell));
+                    Some(at)
+                }
+                (false, _, _) => None,
+            };
+            if let Some(at) = is_member {
+                member[s] = true;
+                out.push((s as u32, at));
+            }
+        }
+        out.sort_unstable();
+        // When a value that changes with time alone can next change a
+        // condition.
+        for (i, spec) in traits.iter().enumerate() {
+            let Some(points) = self.points(i as u32) else {
+                continue;
+            };
+            if let Some(seq) = &spec.sequence {
+                if !seq.followed {
+                    for ((t, is_b), _) in points.iter() {
+                        if *is_b == Scalar::Bool(false) {
+                            soon(t.saturating_add(seq.within_ms));
+                        }
+                    }
+                }
+            } else if let Window::Session { gap, .. } = spec.window {
+                if let Some(((last, _), _)) = points.iter().next_back() {
+                    soon(last.saturating_add(gap));
+                }
+            } else if matches!(spec.aggregate, Aggregate::SinceFirst | Aggregate::SinceLast) {
+                let t = if spec.aggregate == Aggregate::SinceFirst {
+                    points.keys().next()
+                } else {
+                    points.keys().next_back()
+                };
+                if let Some((t, _)) = t {
+                    for &c in &rules.thresholds[i] {
+                        if c >= 0.0 {
+                            let at = t.saturating_add(c.ceil() as u64);
+                            soon(at);
+                            soon(at.saturating_add(1));
                         }
                     }
                 }
             }
-            let end = steps.len() as u64 + 2;
-            inputs.0.advance_to(end);
-            inputs.1.advance_to(end);
-            inputs.2.advance_to(end);
-            inputs.0.flush();
-            inputs.1.flush();
-            inputs.2.flush();
-            worker.step_while(|| probe.less_than(&end));
-        })
-        .unwrap();
-        let mut totals = totals_out.lock().unwrap().clone();
-        let mut members = members_out.lock().unwrap().clone();
-        differential_dataflow::consolidation::consolidate_updates(&mut totals);
-        differential_dataflow::consolidation::consolidate_updates(&mut members);
-        (totals, members)
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
-        /// The keyed state gives exactly the totals and memberships, at
-        /// exactly the times, of `count_total` and `reduce`, on one and
-        /// two workers: profiles that come and go, totals that return to
-        /// zero, attribute versions, several changes of a profile in one
-        /// time.
-        #[test]
-        fn keyed_state_matches_count_total_and_reduce(
-            steps in proptest::collection::vec(
-                proptest::collection::vec(
-                    proptest::prop_oneof![
-                        (0u8..4).prop_map(Op::Toggle),
-                        (0u8..4, 0u32..2, -3i64..4).prop_map(|(p, t, v)| Op::Delta(p, t, v)),
-                        (0u8..4, 0u8..3).prop_map(|(p, t)| Op::Tier(p, t)),
-                    ],
-                    0..5,
-                ),
-                1..12,
-            ),
-        ) {
-            let expected = run_ops(steps.clone(), 1, false);
-            proptest::prop_assert_eq!(&run_ops(steps.clone(), 1, true), &expected);
-            proptest::prop_assert_eq!(&run_ops(steps, 2, true), &expected);
         }
+        (out.into(), wake)
+    }
+}
+
+/// The value of an aggregate over no events.
+fn empty_value(aggregate: Aggregate) -> Scalar {
+    match aggregate {
+        Aggregate::Count | Aggregate::Sum | Aggregate::Distinct => Scalar::Num(0.0),
+        _ => Scalar::Null,
+    }
+}
+
+/// The points of the current session at `now`: the latest run of points
+/// whose successive ticks are less than `gap` apart, if its last is less
+/// than `gap` before `now`.
+fn current_session(
+    points: &Points,
+    gap: u64,
+    now: Time,
+) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
+    let mut start = None;
+    if let Some(((last, _), _)) = points.iter().next_back() {
+        if now.saturating_sub(*last) < gap {
+            let mut next = *last;
+            let mut from = *last;
+            for ((t, _), _) in points.iter().rev() {
+                if next - t >= gap {
+                    break;
+                }
+                from = *t;
+                next = *t;
+            }
+            start = Some(from);
+        }
+    }
+    let range = match start {
+        Some(from) => points.range((from, Scalar::Null)..),
+        None => points.range((Time::MAX, Scalar::Null)..(Time::MAX, Scalar::Null)),
+    };
+    range.filter(|((_, v), _)| *v != Scalar::Null)
+}
+
+/// The count of a sequence trait at `now`: each first event (`false`) at
+/// `t` counts if a next event (`true`) comes in `(t, t + within]`
+/// (`followed`, looking no further than `now`), or if `t + within <= now`
+/// and none does (not followed).
+fn sequence_count(points: &Points, followed: bool, within: u64, now: Time) -> isize {
+    let mut count = 0;
+    for ((t, v), c) in points.iter() {
+        if *v != Scalar::Bool(false) {
+            continue;
+        }
+        let end = t.saturating_add(within);
+        let next = points
+            .range((t + 1, Scalar::Null)..)
+            .take_while(|((u, _), _)| *u <= end.min(now))
+            .any(|((_, w), _)| *w == Scalar::Bool(true));
+        let counts = if followed { next } else { end <= now && !next };
+        if counts {
+            count += c;
+        }
+    }
+    count
+}
+
+/// An aggregate over `(tick, value, count)` points in time order, and the
+/// count of a most frequent value (ties go to the least value).
+fn fold<'a>(
+    aggregate: Aggregate,
+    points: impl Iterator<Item = (Time, &'a Scalar, isize)>,
+    now: Time,
+) -> (Scalar, Option<f64>) {
+    let num = |v: &Scalar| v.as_f64().unwrap_or(0.0);
+    let mut n = 0isize;
+    let mut sum = 0.0;
+    let mut first: Option<(Time, &Scalar)> = None;
+    let mut last: Option<(Time, &Scalar)> = None;
+    let mut by_value: BTreeMap<&Scalar, isize> = BTreeMap::new();
+    for (t, v, c) in points {
+        if c <= 0 {
+            continue;
+        }
+        n += c;
+        sum += num(v) * c as f64;
+        if first.is_none() {
+            first = Some((t, v));
+        }
+        last = Some((t, v));
+        *by_value.entry(v).or_default() += c;
+    }
+    let v = match aggregate {
+        Aggregate::Count => Scalar::Num(n as f64),
+        Aggregate::Sum => Scalar::Num((sum * SUM_SCALE).round() / SUM_SCALE),
+        Aggregate::Avg if n > 0 => Scalar::Num(sum / n as f64),
+        Aggregate::Min => by_value
+            .keys()
+            .next()
+            .map_or(Scalar::Null, |v| (*v).clone()),
+        Aggregate::Max => by_value
+            .keys()
+            .next_back()
+            .map_or(Scalar::Null, |v| (*v).clone()),
+        Aggregate::Distinct => Scalar::Num(by_value.len() as f64),
+        Aggregate::First => first.map_or(Scalar::Null, |(_, v)| v.clone()),
+        Aggregate::Last => last.map_or(Scalar::Null, |(_, v)| v.clone()),
+        Aggregate::SinceFirst => first.map_or(Scalar::Null, |(t, _)| {
+            Scalar::Num(now.saturating_sub(t) as f64)
+        }),
+        Aggregate::SinceLast => last.map_or(Scalar::Null, |(t, _)| {
+            Scalar::Num(now.saturating_sub(t) as f64)
+        }),
+        Aggregate::MostFrequent => {
+            let best = by_value.iter().max_by_key(|(v, c)| (**c, Reverse(**v)));
+            return match best {
+                Some((v, c)) => ((*v).clone(), Some(*c as f64)),
+                None => (Scalar::Null, None),
+            };
+        }
+        _ => Scalar::Null,
+    };
+    (v, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pts(list: &[(Time, Scalar, isize)]) -> Points {
+        list.iter().map(|(t, v, c)| ((*t, v.clone()), *c)).collect()
     }
 
     #[test]
-    fn conditions_see_traits_defaulting_to_zero_and_attributes() {
-        let spec = spec();
-        let eval = |facts: &[Fact]| {
-            memberships(
-                &facts.iter().collect::<Vec<_>>(),
-                &spec.traits,
-                &spec.segments,
-            )
-        };
-        assert_eq!(eval(&[Fact::Exists]), vec![1]);
+    fn sessions_end_at_a_gap_of_exactly_the_threshold() {
+        let v = |n: f64| Scalar::Num(n);
+        // Events at 0, 10, 20 (gap 10 ends a session), then 25, 30.
+        let p = pts(&[
+            (0, v(1.0), 1),
+            (10, v(2.0), 1),
+            (20, v(3.0), 1),
+            (25, v(4.0), 1),
+            (30, Scalar::Null, 1),
+        ]);
+        let session: Vec<_> = current_session(&p, 10, 35).map(|((t, _), _)| *t).collect();
         assert_eq!(
-            eval(&[Fact::Exists, Fact::Trait(0, 2), Fact::Trait(1, 500_000)]),
-            vec![0, 2]
+            session,
+            vec![20, 25],
+            "the null point marks the session but is not counted"
         );
-        assert_eq!(eval(&[Fact::Exists, Fact::Trait(1, 499_999)]), vec![1]);
-        let gold = Fact::Attrs(vec![("tier".into(), Scalar::Str("gold".into()))]);
-        assert_eq!(eval(&[Fact::Exists, gold]), vec![3]);
+        assert_eq!(
+            current_session(&p, 10, 40).count(),
+            0,
+            "the last event is exactly the gap before now"
+        );
+        assert_eq!(
+            current_session(&p, 11, 35).count(),
+            4,
+            "gaps of 10 are under 11"
+        );
+    }
+
+    #[test]
+    fn sequences_count_followed_and_not_followed_events() {
+        let (a, b) = (Scalar::Bool(false), Scalar::Bool(true));
+        // A at 0 followed by B at 5; A at 10 not followed (B at 21 is too late).
+        let p = pts(&[
+            (0, a.clone(), 1),
+            (5, b.clone(), 1),
+            (10, a.clone(), 2),
+            (21, b.clone(), 1),
+        ]);
+        assert_eq!(sequence_count(&p, true, 10, 4), 0, "B has not come yet");
+        assert_eq!(sequence_count(&p, true, 10, 5), 1);
+        assert_eq!(
+            sequence_count(&p, false, 10, 19),
+            0,
+            "A at 10 may still be followed"
+        );
+        assert_eq!(
+            sequence_count(&p, false, 10, 20),
+            2,
+            "within is inclusive: (t, t + within]"
+        );
+        assert_eq!(sequence_count(&p, true, 11, 30), 3);
+    }
+
+    #[test]
+    fn folds_of_every_aggregate() {
+        let s = |x: &str| Scalar::Str(x.into());
+        let p = [(1, s("b"), 2), (2, s("a"), 2), (3, s("c"), 1)];
+        let it = || p.iter().map(|(t, v, c)| (*t, v, *c));
+        assert_eq!(
+            fold(Aggregate::MostFrequent, it(), 9),
+            (s("a"), Some(2.0)),
+            "a tie goes to the least value"
+        );
+        assert_eq!(fold(Aggregate::Distinct, it(), 9).0, Scalar::Num(3.0));
+        assert_eq!(fold(Aggregate::First, it(), 9).0, s("b"));
+        assert_eq!(fold(Aggregate::Last, it(), 9).0, s("c"));
+        assert_eq!(fold(Aggregate::Count, it(), 9).0, Scalar::Num(5.0));
+        assert_eq!(fold(Aggregate::SinceFirst, it(), 9).0, Scalar::Num(8.0));
+        let n = [(1, Scalar::Num(2.5), 1), (2, Scalar::Num(4.0), 3)];
+        let it = || n.iter().map(|(t, v, c)| (*t, v, *c));
+        assert_eq!(fold(Aggregate::Avg, it(), 9).0, Scalar::Num(14.5 / 4.0));
+        assert_eq!(fold(Aggregate::Sum, it(), 9).0, Scalar::Num(14.5));
+        assert_eq!(fold(Aggregate::Min, it(), 9).0, Scalar::Num(2.5));
+        assert_eq!(fold(Aggregate::Avg, std::iter::empty(), 9).0, Scalar::Null);
     }
 }

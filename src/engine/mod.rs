@@ -985,11 +985,18 @@ impl Engine {
                     path: t.of.clone().unwrap_or_default(),
                 })
                 .collect(),
-            // Decoding keeps the fields the traits read (their filters and
-            // summed fields); nothing else reads record fields.
+            // Decoding keeps the fields the traits read (their filters,
+            // parts, sequence steps and aggregated fields); nothing else
+            // reads record fields.
             projection: crate::model::Projection::reading(self.spec.traits.iter().flat_map(|t| {
                 t.filter
                     .iter()
+                    .chain(t.part.iter())
+                    .chain(
+                        t.sequence
+                            .iter()
+                            .flat_map(|s| s.steps.iter().filter_map(|(_, f)| f.as_ref())),
+                    )
                     .flat_map(|f| f.paths().into_iter().map(|(p, _)| p))
                     .chain(t.of.as_deref())
             })),

@@ -58,7 +58,12 @@ fn fingerprint_text(spec: &Spec) -> (String, Vec<(&'static str, String)>) {
     let mut segments: Vec<_> = spec
         .segments
         .iter()
-        .map(|s| (s.name.clone(), format!("{:?}", s.when)))
+        .map(|s| {
+            (
+                s.name.clone(),
+                format!("{:?} dwell={:?}", s.when, s.min_dwell_ms),
+            )
+        })
         .collect();
     segments.sort();
     let sources: Vec<_> = spec

@@ -5,11 +5,23 @@
 //! or      := and ("or" and)*
 //! and     := unary ("and" unary)*
 //! unary   := "not" unary | cmp
-//! cmp     := operand (op operand | "in" "[" literal ("," literal)* "]")?
+//! cmp     := sum (op sum | "in" "[" literal ("," literal)* "]")?
 //! op      := "==" | "!=" | ">=" | "<=" | ">" | "<"
-//! operand := number | string | true | false | null | path | "(" expr ")"
+//! sum     := product (("+" | "-") product)*
+//! product := operand (("*" | "/") operand)*
+//! operand := number | duration | string | true | false | null
+//!          | "-" operand | call | path | "(" expr ")"
+//! duration:= digits ("ms" | "s" | "m" | "h" | "d")      (milliseconds)
+//! call    := ("starts_with" | "ends_with" | "contains" | "matches")
+//!            "(" expr "," string ")"
 //! path    := ident ("." ident)*
 //! ```
+//!
+//! **Nulls.** A missing field is `null`. Arithmetic with a `null` operand,
+//! a division by zero, or a result that is not a finite number is `null`;
+//! a comparison with `null` is false except `== null` and `!= null`; the
+//! string functions are false on a value that is not a string; `not null`
+//! is true (`null` is falsy).
 //!
 //! Parsing is done with `winnow`; every error carries the byte offset of the
 //! problem inside the expression text.
@@ -82,7 +94,104 @@ pub enum Expr {
     Cmp(CmpOp, Box<Expr>, Box<Expr>),
     /// `a in [l1, l2, ...]`
     In(Box<Expr>, Vec<Scalar>),
+    /// `a + b`, `a - b`, `a * b`, `a / b`
+    Arith(ArithOp, Box<Expr>, Box<Expr>),
+    /// `-a`
+    Neg(Box<Expr>),
+    /// `f(a, "literal")`: a string test.
+    Call(StrTest, Box<Expr>),
 }
+
+/// An arithmetic operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArithOp {
+    /// `+`
+    Add,
+    /// `-`
+    Sub,
+    /// `*`
+    Mul,
+    /// `/`
+    Div,
+}
+
+impl ArithOp {
+    /// The operator as written in the source.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArithOp::Add => "+",
+            ArithOp::Sub => "-",
+            ArithOp::Mul => "*",
+            ArithOp::Div => "/",
+        }
+    }
+
+    fn apply(self, a: f64, b: f64) -> Option<f64> {
+        let r = match self {
+            ArithOp::Add => a + b,
+            ArithOp::Sub => a - b,
+            ArithOp::Mul => a * b,
+            ArithOp::Div if b == 0.0 => return None,
+            ArithOp::Div => a / b,
+        };
+        r.is_finite().then_some(r)
+    }
+}
+
+/// A string test with its literal argument: `starts_with(x, "ab")`,
+/// `ends_with`, `contains` (case-sensitive, on the string as is) and
+/// `matches(x, "regex")` (Rust `regex` syntax, unanchored: add `^…$` to
+/// match the whole string).
+#[derive(Clone, Debug)]
+pub enum StrTest {
+    /// The string starts with the literal.
+    StartsWith(String),
+    /// The string ends with the literal.
+    EndsWith(String),
+    /// The string contains the literal.
+    Contains(String),
+    /// The regular expression matches somewhere in the string.
+    Matches(regex::Regex),
+}
+
+impl PartialEq for StrTest {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name() && self.literal() == other.literal()
+    }
+}
+
+impl StrTest {
+    /// The function's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StrTest::StartsWith(_) => "starts_with",
+            StrTest::EndsWith(_) => "ends_with",
+            StrTest::Contains(_) => "contains",
+            StrTest::Matches(_) => "matches",
+        }
+    }
+
+    /// The literal argument as written (decoded).
+    pub fn literal(&self) -> &str {
+        match self {
+            StrTest::StartsWith(s) | StrTest::EndsWith(s) | StrTest::Contains(s) => s,
+            StrTest::Matches(r) => r.as_str(),
+        }
+    }
+
+    /// Whether `s` passes the test.
+    pub fn test(&self, s: &str) -> bool {
+        match self {
+            StrTest::StartsWith(l) => s.starts_with(l.as_str()),
+            StrTest::EndsWith(l) => s.ends_with(l.as_str()),
+            StrTest::Contains(l) => s.contains(l.as_str()),
+            StrTest::Matches(r) => r.is_match(s),
+        }
+    }
+}
+
+/// The names of the string tests.
+pub const STR_TESTS: [&str; 4] = ["starts_with", "ends_with", "contains", "matches"];
 
 /// A syntax error in an expression.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -282,11 +391,11 @@ fn cmp_op(i: &mut Input<'_>) -> Option<CmpOp> {
 }
 
 fn cmp(i: &mut Input<'_>) -> PResult<(Expr, bool)> {
-    let left = operand(i)?;
+    let left = sum(i)?;
     ws(i)?;
     if let Some(op) = cmp_op(i) {
         ws(i)?;
-        let right = operand(i)?;
+        let right = sum(i)?;
         return Ok((Expr::Cmp(op, Box::new(left), Box::new(right)), false));
     }
     if keyword(i, "in")? {
@@ -312,6 +421,94 @@ fn cmp(i: &mut Input<'_>) -> PResult<(Expr, bool)> {
     Ok((left, true))
 }
 
+fn sum(i: &mut Input<'_>) -> PResult<Expr> {
+    let mut e = product(i)?;
+    loop {
+        ws(i)?;
+        let op = if punct(i, "+") {
+            ArithOp::Add
+        } else if punct(i, "-") {
+            ArithOp::Sub
+        } else {
+            return Ok(e);
+        };
+        let right = product(i)?;
+        e = Expr::Arith(op, Box::new(e), Box::new(right));
+    }
+}
+
+fn product(i: &mut Input<'_>) -> PResult<Expr> {
+    let mut e = operand(i)?;
+    loop {
+        ws(i)?;
+        let op = if punct(i, "*") {
+            ArithOp::Mul
+        } else if punct(i, "/") {
+            ArithOp::Div
+        } else {
+            return Ok(e);
+        };
+        let right = operand(i)?;
+        e = Expr::Arith(op, Box::new(e), Box::new(right));
+    }
+}
+
+/// `name(expr, "literal")` after the name and its `(`.
+fn call(i: &mut Input<'_>, name: &str, name_at: usize) -> PResult<Expr> {
+    let (arg, _) = or_expr(i)?;
+    ws(i)?;
+    if !punct(i, ",") {
+        return fail_at(
+            i,
+            &format!("expected `,` and a string literal in `{name}(…)`"),
+        );
+    }
+    ws(i)?;
+    let lit_at = i.current_token_start();
+    let lit = match i.chars().next() {
+        Some('"') | Some('\'') => match string(i)? {
+            Scalar::Str(s) => s,
+            _ => unreachable!("string() returns strings"),
+        },
+        _ => {
+            return fail_at(
+                i,
+                &format!("expected a string literal as the second argument of `{name}`"),
+            )
+        }
+    };
+    ws(i)?;
+    if !punct(i, ")") {
+        return fail_at(i, &format!("expected `)` to close `{name}(`"));
+    }
+    let test = match name {
+        "starts_with" => StrTest::StartsWith(lit),
+        "ends_with" => StrTest::EndsWith(lit),
+        "contains" => StrTest::Contains(lit),
+        "matches" => match regex::Regex::new(&lit) {
+            Ok(r) => StrTest::Matches(r),
+            Err(e) => {
+                let first = e.to_string();
+                let first = first.lines().last().unwrap_or("").trim().to_string();
+                return Err(PErr {
+                    offset: lit_at,
+                    message: format!("invalid regular expression: {first}"),
+                });
+            }
+        },
+        other => {
+            return Err(PErr {
+                offset: name_at,
+                message: format!(
+                    "unknown function `{other}`; expected one of: {}",
+                    STR_TESTS.join(", ")
+                ),
+            })
+        }
+    };
+    Ok(Expr::Call(test, Box::new(arg)))
+}
+
 fn list_literal(i: &mut Input<'_>) -> PResult<Scalar> {
     match i.chars().next() {
         Some('"') | Some('\'') => return string(i),
@@ -335,6 +532,12 @@ fn list_literal(i: &mut Input<'_>) -> PResult<Scalar> {
 
 fn operand(i: &mut Input<'_>) -> PResult<Expr> {
     ws(i)?;
+    let rest: &str = i;
+    let mut chars = rest.chars();
+    if chars.next() == Some('-') && !chars.next().is_some_and(|c| c.is_ascii_digit()) {
+        any::<_, PErr>.parse_next(i)?;
+        return Ok(Expr::Neg(Box::new(operand(i)?)));
+    }
     match i.chars().next() {
         Some('"') | Some('\'') => return string(i).map(Expr::Lit),
         Some(c) if c == '-' || c.is_ascii_digit() => return number(i).map(Expr::Lit),
@@ -365,6 +568,14 @@ fn operand(i: &mut Input<'_>) -> PResult<Expr> {
         }
     }
     if i.chars().next().is_some_and(is_ident_start) {
+        let cp = i.checkpoint();
+        let name_at = i.current_token_start();
+        if let Some(name) = ident(i)? {
+            if punct(i, "(") {
+                return call(i, name, name_at);
+            }
+        }
+        i.reset(&cp);
         return path(i);
     }
     fail_at(i, OPERAND_EXPECTED)
@@ -425,8 +636,31 @@ fn number(i: &mut Input<'_>) -> PResult<Scalar> {
         whole.push('.');
         whole.push_str(frac);
     }
+    if !whole.contains('.') {
+        // A duration: whole digits and a unit, in milliseconds.
+        for (unit, ms) in [
+            ("ms", 1.0),
+            ("s", 1e3),
+            ("m", 6e4),
+            ("h", 3.6e6),
+            ("d", 8.64e7),
+        ] {
+            let cp = i.checkpoint();
+            if punct(i, unit) && !i.chars().next().is_some_and(is_ident_char) {
+                let n: f64 = whole.parse().map_err(|_| PErr {
+                    offset: start,
+                    message: format!("invalid duration `{whole}{unit}`"),
+                })?;
+                return Ok(Scalar::Num(n * ms));
+            }
+            i.reset(&cp);
+        }
+    }
     if i.chars().next().is_some_and(is_ident_char) {
-        return fail_at(i, "expected end of number");
+        return fail_at(
+            i,
+            "expected end of number (a duration is whole digits and ms, s, m, h or d, e.g. 30m)",
+        );
     }
     whole.parse::<f64>().map(Scalar::Num).map_err(|_| PErr {
         offset: start,
@@ -548,7 +782,27 @@ impl Expr {
                 let a = a.eval(env);
                 ScalarRef::Bool(list.iter().any(|l| compare_ref(CmpOp::Eq, a, l.borrowed())))
             }
+            Expr::Arith(op, a, b) => {
+                let (a, b) = (a.eval(env).as_f64(), b.eval(env).as_f64());
+                match (a, b) {
+                    (Some(a), Some(b)) => op.apply(a, b).map_or(ScalarRef::Null, ScalarRef::Num),
+                    _ => ScalarRef::Null,
+                }
+            }
+            Expr::Neg(a) => a
+                .eval(env)
+                .as_f64()
+                .map_or(ScalarRef::Null, |n| ScalarRef::Num(-n)),
+            Expr::Call(test, a) => ScalarRef::Bool(match a.eval(env) {
+                ScalarRef::Str(s) => test.test(s),
+                _ => false,
+            }),
         }
+    }
+
+    /// Whether the expression reads no path (its value is fixed).
+    pub fn is_constant(&self) -> bool {
+        self.paths().is_empty()
     }
 
     /// Evaluates and takes the truthiness of the result.
@@ -573,7 +827,11 @@ impl Expr {
                 a.collect_paths(out);
                 b.collect_paths(out);
             }
-            Expr::In(a, _) => a.collect_paths(out),
+            Expr::In(a, _) | Expr::Neg(a) | Expr::Call(_, a) => a.collect_paths(out),
+            Expr::Arith(_, a, b) => {
+                a.collect_paths(out);
+                b.collect_paths(out);
+            }
         }
     }
 }
@@ -630,6 +888,13 @@ impl fmt::Display for Expr {
                     write_lit(f, v)?;
                 }
                 f.write_str("]")
+            }
+            Expr::Arith(op, a, b) => write!(f, "({a} {} {b})", op.as_str()),
+            Expr::Neg(a) => write!(f, "-({a})"),
+            Expr::Call(test, a) => {
+                write!(f, "{}({a}, ", test.name())?;
+                write_str_lit(f, test.literal())?;
+                f.write_str(")")
             }
         }
     }

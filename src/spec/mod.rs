@@ -94,6 +94,117 @@ pub enum Aggregate {
     Count,
     /// Sum of a numeric field of matching events (`"sum"`).
     Sum,
+    /// Mean of a numeric field (`"avg"`); null without events.
+    Avg,
+    /// Least value of a numeric field (`"min"`); null without events.
+    Min,
+    /// Greatest value of a numeric field (`"max"`); null without events.
+    Max,
+    /// Number of distinct values of a field (`"distinct"`).
+    Distinct,
+    /// The field's value on the earliest event (`"first"`).
+    First,
+    /// The field's value on the latest event (`"last"`).
+    Last,
+    /// The field's most frequent value (`"most_frequent"`); `NAME.count`
+    /// is how often it occurs.
+    MostFrequent,
+    /// The share (0 to 1) of events, or of a summed field, for which the
+    /// `part` condition holds (`"share"`); null without events.
+    Share,
+    /// Milliseconds from the earliest event to the evaluation time
+    /// (`"since_first"`); null without events.
+    SinceFirst,
+    /// Milliseconds from the latest event to the evaluation time
+    /// (`"since_last"`); null without events.
+    SinceLast,
+}
+
+impl Aggregate {
+    /// Every aggregate by its name in the file.
+    pub const NAMES: [(&'static str, Aggregate); 12] = [
+        ("count", Aggregate::Count),
+        ("sum", Aggregate::Sum),
+        ("avg", Aggregate::Avg),
+        ("min", Aggregate::Min),
+        ("max", Aggregate::Max),
+        ("distinct", Aggregate::Distinct),
+        ("first", Aggregate::First),
+        ("last", Aggregate::Last),
+        ("most_frequent", Aggregate::MostFrequent),
+        ("share", Aggregate::Share),
+        ("since_first", Aggregate::SinceFirst),
+        ("since_last", Aggregate::SinceLast),
+    ];
+
+    /// The name used in the file.
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map_or("count", |(n, _)| n)
+    }
+
+    /// Whether the aggregate is kept as differences of one or two totals
+    /// (count, sum, avg, share), rather than as the set of values in the
+    /// window.
+    pub fn is_abelian(self) -> bool {
+        matches!(
+            self,
+            Aggregate::Count | Aggregate::Sum | Aggregate::Avg | Aggregate::Share
+        )
+    }
+
+    /// Whether `of` names the aggregated field: required for all but
+    /// count, share (where it is an optional weight) and the recencies.
+    fn needs_of(self) -> Option<bool> {
+        match self {
+            Aggregate::Count | Aggregate::SinceFirst | Aggregate::SinceLast => Some(false),
+            Aggregate::Share => None,
+            _ => Some(true),
+        }
+    }
+}
+
+/// Which events of a profile a trait aggregates, as of the evaluation
+/// time `T` (event time; for a replay, the last event's tick).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// Every event at or before `T`.
+    Lifetime,
+    /// Events at ticks in `(T - length, T]`.
+    Sliding(u64),
+    /// Events in the calendar-aligned window of this length that holds
+    /// `T`, in the engine's time zone: `[start, start + length)`, where
+    /// windows start at local midnight (and every `length` after it, for a
+    /// length that divides a day), or on Monday at local midnight for
+    /// `7d`.
+    Tumbling(u64),
+    /// The profile's current session: the latest run of events of the
+    /// trait's stream (all of them, not only those the filter keeps)
+    /// whose successive ticks are less than `gap` apart, if its last event
+    /// is less than `gap` before `T`; only events in `(T - max, T]`
+    /// count.
+    Session {
+        /// Inactivity that ends a session (ms).
+        gap: u64,
+        /// How far back a session is followed (ms).
+        max: u64,
+    },
+}
+
+/// A sequence condition on a count: each counted event (`A`, the trait's
+/// stream and filter) is counted only if one of the `steps` (`B`)
+/// follows it, or none does, within `within_ms`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    /// `followed_by` (true) or `not_followed_by` (false).
+    pub followed: bool,
+    /// The events that count as `B`: any of these streams and filters.
+    pub steps: Vec<(StreamKind, Option<Expr>)>,
+    /// How long after `A` a `B` may come (ms): `B` at ticks in
+    /// `(t, t + within]`.
+    pub within_ms: u64,
 }
 
 /// The `[engine]` table.
@@ -123,6 +234,9 @@ pub struct EngineSpec {
     pub default_region: String,
     /// Number of worker threads, if set.
     pub workers: Option<usize>,
+    /// The time zone of calendar-aligned windows and of the `hour` and
+    /// `weekday` fields.
+    pub time_zone: chrono_tz::Tz,
 }
 
 impl Default for EngineSpec {
@@ -138,6 +252,7 @@ impl Default for EngineSpec {
             idle_merge_effort: None,
             default_region: "US".to_string(),
             workers: None,
+            time_zone: chrono_tz::UTC,
         }
     }
 }
@@ -224,10 +339,24 @@ pub struct TraitSpec {
     pub filter: Option<Expr>,
     /// How matching events are aggregated.
     pub aggregate: Aggregate,
-    /// The summed field path (for `sum`).
+    /// The aggregated field path (the weight of a `share`).
     pub of: Option<Vec<String>>,
-    /// Sliding window length; `None` = lifetime.
-    pub window_ms: Option<u64>,
+    /// For `share`: the condition whose share is measured.
+    pub part: Option<Expr>,
+    /// Which events are aggregated.
+    pub window: Window,
+    /// For a count: an event counts only if followed (or not) by another.
+    pub sequence: Option<Sequence>,
+}
+
+impl TraitSpec {
+    /// Whether the trait is kept as totals (see [`Aggregate::is_abelian`]):
+    /// not over a session window and not a sequence.
+    pub fn is_abelian(&self) -> bool {
+        self.aggregate.is_abelian()
+            && !matches!(self.window, Window::Session { .. })
+            && self.sequence.is_none()
+    }
 }
 
 /// One `[segments.NAME]` table.
@@ -235,10 +364,16 @@ pub struct TraitSpec {
 pub struct SegmentSpec {
     /// The table key.
     pub name: String,
-    /// Membership condition over traits and `attributes.<name>`.
+    /// Membership condition over traits, `attributes.<name>` and other
+    /// segments.
     pub when: Expr,
     /// Free text.
     pub description: Option<String>,
+    /// Flapping control: once a profile enters, it stays at least this
+    /// long (ms) even if the condition stops holding; its exit is then
+    /// written when the dwell time has passed, if the condition is still
+    /// false then.
+    pub min_dwell_ms: Option<u64>,
 }
 
 /// A validated dataflow definition.
@@ -286,22 +421,31 @@ impl Spec {
                 s.name, s.kind, s.format, s.follow, s.until_disconnect, s.time_unit
             );
         }
+        let show = |e: &Option<Expr>| e.as_ref().map(|f| f.to_string()).unwrap_or_default();
         for tr in &self.traits {
             t += &format!(
-                "trait {} {:?} filter={} {:?} of={:?} window={:?}\n",
+                "trait {} {:?} filter={} {:?} of={:?} part={} window={:?}",
                 tr.name,
                 tr.stream,
-                tr.filter
-                    .as_ref()
-                    .map(|f| f.to_string())
-                    .unwrap_or_default(),
+                show(&tr.filter),
                 tr.aggregate,
                 tr.of,
-                tr.window_ms
+                show(&tr.part),
+                tr.window
             );
+            if let Some(sq) = &tr.sequence {
+                t += &format!(" followed={} within={}", sq.followed, sq.within_ms);
+                for (stream, filter) in &sq.steps {
+                    t += &format!(" step={stream:?}:{}", show(filter));
+                }
+            }
+            t += "\n";
         }
         for sg in &self.segments {
-            t += &format!("segment {} when={}\n", sg.name, sg.when);
+            t += &format!(
+                "segment {} when={} dwell={:?}\n",
+                sg.name, sg.when, sg.min_dwell_ms
+            );
         }
         t
     }
@@ -337,6 +481,7 @@ struct RawEngine {
     idle_merge_effort: Option<Spanned<i64>>,
     default_region: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
+    time_zone: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -372,7 +517,21 @@ struct RawTrait {
     filter: Option<Spanned<String>>,
     aggregate: Option<Spanned<String>>,
     of: Option<Spanned<String>>,
+    part: Option<Spanned<String>>,
     window: Option<Spanned<DurationText>>,
+    tumbling: Option<Spanned<DurationText>>,
+    session_gap: Option<Spanned<DurationText>>,
+    session_max: Option<Spanned<DurationText>>,
+    followed_by: Option<Spanned<Vec<RawStep>>>,
+    not_followed_by: Option<Spanned<Vec<RawStep>>>,
+    within: Option<Spanned<DurationText>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    stream: Option<Spanned<String>>,
+    filter: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +539,7 @@ struct RawTrait {
 struct RawSegment {
     when: Option<Spanned<String>>,
     description: Option<String>,
+    min_dwell: Option<Spanned<DurationText>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -678,6 +838,20 @@ fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> 
         e.workers =
             Some(usize::try_from(n).map_err(|_| cx.err(v.span().start, "`workers` is too large"))?);
     }
+    if let Some(v) = &raw.time_zone {
+        e.time_zone = v.get_ref().parse().map_err(|_| {
+            let names: Vec<&str> = chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()).collect();
+            let near = nearest(v.get_ref(), names.iter().copied());
+            cx.err(
+                v.span().start,
+                format!(
+                    "unknown time zone `{}`: expected an IANA name such as \"UTC\" or \"Europe/Paris\"{}",
+                    v.get_ref(),
+                    near.map(|n| format!(" (did you mean \"{n}\"?)")).unwrap_or_default()
+                ),
+            )
+        })?;
+    }
     Ok(e)
 }
 
@@ -815,8 +989,10 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
     Ok(out)
 }
 
-const WEB_FIELDS: [&str; 8] = [
+const WEB_FIELDS: [&str; 10] = [
     "event",
+    "hour",
+    "weekday",
     "item",
     "context",
     "properties",
@@ -825,8 +1001,10 @@ const WEB_FIELDS: [&str; 8] = [
     "email",
     "phone",
 ];
-const TX_FIELDS: [&str; 8] = [
+const TX_FIELDS: [&str; 10] = [
     "amount",
+    "hour",
+    "weekday",
     "currency",
     "order_id",
     "item_count",
@@ -867,8 +1045,12 @@ fn check_field(stream: StreamKind, path: &[String], identity: &IdentitySpec) -> 
                     .cloned(),
             );
         }
+        let hint = did_you_mean(
+            first,
+            allowed.iter().map(|a| a.trim_end_matches(".<field>")),
+        );
         return Err(format!(
-            "unknown {} field `{joined}`; expected one of: {}",
+            "unknown {} field `{joined}`{hint}; expected one of: {}",
             stream.as_str(),
             allowed.join(", ")
         ));
@@ -894,11 +1076,78 @@ fn parse_in_file(cx: &Cx<'_>, v: &Spanned<String>) -> Result<Expr, SpecError> {
     })
 }
 
+/// The known name nearest to `name` (by edit distance, at most a third of
+/// its length), for "did you mean" hints.
+pub fn nearest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    known
+        .into_iter()
+        .map(|k| {
+            (
+                strsim::levenshtein(&name.to_lowercase(), &k.to_lowercase()),
+                k,
+            )
+        })
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// " (did you mean `x`?)" or nothing.
+fn did_you_mean<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> String {
+    nearest(name, known)
+        .map(|n| format!(" (did you mean `{n}`?)"))
+        .unwrap_or_default()
+}
+
+/// A stream name of a trait or a sequence step.
+fn trait_stream(cx: &Cx<'_>, s: &Spanned<String>) -> Result<StreamKind, SpecError> {
+    match StreamKind::from_name(s.get_ref()) {
+        Some(StreamKind::Crm) => Err(cx.err(
+            s.span().start,
+            "traits are computed over web or transactions",
+        )),
+        Some(k) => Ok(k),
+        None => Err(cx.err(
+            s.span().start,
+            format!(
+                "unknown stream `{}`; expected \"web\" or \"transactions\"",
+                s.get_ref()
+            ),
+        )),
+    }
+}
+
+/// A filter (or `part`) over the events of `stream`, every path checked.
+fn event_condition(
+    cx: &Cx<'_>,
+    f: &Spanned<String>,
+    stream: StreamKind,
+    identity: &IdentitySpec,
+) -> Result<Expr, SpecError> {
+    let e = parse_in_file(cx, f)?;
+    for (p, span) in e.paths() {
+        check_field(stream, p, identity)
+            .map_err(|m| cx.err(cx.string_offset(f.span().start, span.start), m))?;
+    }
+    Ok(e)
+}
+
+/// A positive duration.
+fn positive(cx: &Cx<'_>, v: &Spanned<DurationText>, key: &str) -> Result<u64, SpecError> {
+    let ms = duration(cx, v)?;
+    if ms == 0 {
+        return Err(cx.err(v.span().start, format!("`{key}` must be greater than 0")));
+    }
+    Ok(ms)
+}
+
 fn traits(
     cx: &Cx<'_>,
     raw: Option<Named<RawTrait>>,
     identity: &IdentitySpec,
 ) -> Result<Vec<TraitSpec>, SpecError> {
+    const DAY: u64 = 86_400_000;
     let mut out = Vec::new();
     for (key, table) in in_file_order(raw) {
         let name = key.get_ref().clone();
@@ -919,64 +1168,50 @@ fn traits(
                     ),
                 ))
             }
-            Some(s) => match StreamKind::from_name(s.get_ref()) {
-                Some(StreamKind::Crm) => {
-                    return Err(cx.err(
-                        s.span().start,
-                        "traits are computed over web or transactions",
-                    ))
-                }
-                Some(k) => k,
-                None => {
-                    return Err(cx.err(
-                        s.span().start,
-                        format!(
-                            "unknown stream `{}`; expected \"web\" or \"transactions\"",
-                            s.get_ref()
-                        ),
-                    ))
-                }
-            },
+            Some(s) => trait_stream(cx, s)?,
         };
         let filter = match &r.filter {
             None => None,
-            Some(f) => {
-                let e = parse_in_file(cx, f)?;
-                for (p, span) in e.paths() {
-                    check_field(stream, p, identity)
-                        .map_err(|m| cx.err(cx.string_offset(f.span().start, span.start), m))?;
-                }
-                Some(e)
-            }
+            Some(f) => Some(event_condition(cx, f, stream, identity)?),
         };
         let aggregate = match &r.aggregate {
             None => Aggregate::Count,
-            Some(a) => match a.get_ref().as_str() {
-                "count" => Aggregate::Count,
-                "sum" => Aggregate::Sum,
-                other => {
+            Some(a) => match Aggregate::NAMES.iter().find(|(n, _)| n == a.get_ref()) {
+                Some((_, agg)) => *agg,
+                None => {
+                    let names: Vec<&str> = Aggregate::NAMES.iter().map(|(n, _)| *n).collect();
                     return Err(cx.err(
                         a.span().start,
-                        format!("unknown aggregate `{other}`; expected \"count\" or \"sum\""),
-                    ))
+                        format!(
+                            "unknown aggregate `{}`{}; expected one of: {}",
+                            a.get_ref(),
+                            did_you_mean(a.get_ref(), names.iter().copied()),
+                            names.join(", ")
+                        ),
+                    ));
                 }
             },
         };
-        let of = match (&r.of, aggregate) {
-            (None, Aggregate::Count) => None,
-            (None, Aggregate::Sum) => {
+        let agg_at = r.aggregate.as_ref().map_or(kstart, |a| a.span().start);
+        let of = match (&r.of, aggregate.needs_of()) {
+            (None, Some(true)) => {
                 return Err(cx.err(
-                    r.aggregate.as_ref().map_or(kstart, |a| a.span().start),
-                    format!("trait `{name}` uses aggregate = \"sum\" and needs `of = \"<field>\"`"),
+                    agg_at,
+                    format!(
+                        "trait `{name}` uses aggregate = \"{}\" and needs `of = \"<field>\"`",
+                        aggregate.name()
+                    ),
                 ))
             }
-            (Some(o), Aggregate::Count) => {
-                return Err(cx.err(
-                    o.span().start,
-                    "`of` is only allowed with aggregate = \"sum\"",
-                ))
-            }
-            (Some(o), Aggregate::Sum) => {
+            (Some(o), Some(false)) => return Err(cx.err(
+                o.span().start,
+                format!(
+                    "`of` is not used by aggregate = \"{}\" (it counts events or measures time)",
+                    aggregate.name()
+                ),
+            )),
+            (None, _) => None,
+            (Some(o), _) => {
                 let parts: Vec<String> = o.get_ref().split('.').map(str::to_string).collect();
                 let ok = parts.iter().all(|p| {
                     p.chars()
@@ -997,17 +1232,158 @@ fn traits(
                 Some(parts)
             }
         };
-        let window_ms = match &r.window {
-            None => None,
-            Some(w) => {
-                let ms = duration(cx, w)?;
-                if ms == 0 {
+        let part = match (&r.part, aggregate) {
+            (Some(p), Aggregate::Share) => Some(event_condition(cx, p, stream, identity)?),
+            (None, Aggregate::Share) => {
+                return Err(cx.err(
+                    agg_at,
+                    format!("trait `{name}` uses aggregate = \"share\" and needs `part = '<condition>'`, e.g. part = 'item.category == \"outdoor\"'"),
+                ))
+            }
+            (Some(p), _) => {
+                return Err(cx.err(
+                    p.span().start,
+                    "`part` is only allowed with aggregate = \"share\"",
+                ))
+            }
+            (None, _) => None,
+        };
+        let windows = [
+            r.window.as_ref().map(|w| ("window", w)),
+            r.tumbling.as_ref().map(|w| ("tumbling", w)),
+            r.session_gap.as_ref().map(|w| ("session_gap", w)),
+        ];
+        let given: Vec<(&str, &Spanned<DurationText>)> = windows.into_iter().flatten().collect();
+        if given.len() > 1 {
+            return Err(cx.err(
+                given[1].1.span().start,
+                format!(
+                    "trait `{name}` sets both `{}` and `{}`; a trait has one window: `window` (sliding), `tumbling` or `session_gap`",
+                    given[0].0, given[1].0
+                ),
+            ));
+        }
+        let window = match given.first() {
+            None => Window::Lifetime,
+            Some(("window", w)) => Window::Sliding(positive(cx, w, "window")?),
+            Some(("tumbling", w)) => {
+                let len = positive(cx, w, "tumbling")?;
+                if DAY % len != 0 && len != 7 * DAY {
                     return Err(cx.err(
                         w.span().start,
-                        "`window` must be greater than 0 (omit it for a lifetime trait)",
+                        "a tumbling window is calendar-aligned: its length must divide a day (e.g. \"15m\", \"1h\", \"1d\") or be \"7d\" (weeks from Monday)",
                     ));
                 }
-                Some(ms)
+                Window::Tumbling(len)
+            }
+            Some((_, w)) => {
+                let gap = positive(cx, w, "session_gap")?;
+                let max = match &r.session_max {
+                    Some(m) => positive(cx, m, "session_max")?,
+                    None => DAY,
+                };
+                if max < gap {
+                    return Err(cx.err(
+                        r.session_max
+                            .as_ref()
+                            .map_or(w.span().start, |m| m.span().start),
+                        "`session_max` must be at least `session_gap`",
+                    ));
+                }
+                Window::Session { gap, max }
+            }
+        };
+        if let (Some(m), false) = (&r.session_max, matches!(window, Window::Session { .. })) {
+            return Err(cx.err(
+                m.span().start,
+                "`session_max` is only allowed with `session_gap`",
+            ));
+        }
+        if matches!(aggregate, Aggregate::SinceFirst | Aggregate::SinceLast)
+            && window != Window::Lifetime
+        {
+            return Err(cx.err(
+                given[0].1.span().start,
+                format!(
+                    "aggregate = \"{}\" measures time over the whole history and takes no window",
+                    aggregate.name()
+                ),
+            ));
+        }
+        if aggregate == Aggregate::Share && matches!(window, Window::Session { .. }) {
+            return Err(cx.err(
+                given[0].1.span().start,
+                "aggregate = \"share\" takes a sliding or tumbling window, not a session",
+            ));
+        }
+        let sequence = match (&r.followed_by, &r.not_followed_by) {
+            (Some(a), Some(b)) => {
+                return Err(cx.err(
+                    a.span().start.max(b.span().start),
+                    "a trait has either `followed_by` or `not_followed_by`, not both",
+                ))
+            }
+            (None, None) => {
+                if let Some(w) = &r.within {
+                    return Err(cx.err(
+                        w.span().start,
+                        "`within` is only allowed with `followed_by` or `not_followed_by`",
+                    ));
+                }
+                None
+            }
+            (Some(s), None) | (None, Some(s)) => {
+                let followed = r.followed_by.is_some();
+                let key_name = if followed {
+                    "followed_by"
+                } else {
+                    "not_followed_by"
+                };
+                if aggregate != Aggregate::Count {
+                    return Err(cx.err(
+                        s.span().start,
+                        format!("`{key_name}` counts events: it needs aggregate = \"count\""),
+                    ));
+                }
+                if !matches!(window, Window::Sliding(_)) {
+                    return Err(cx.err(
+                        s.span().start,
+                        format!("`{key_name}` needs a sliding `window`: how far back the first events are counted"),
+                    ));
+                }
+                let Some(within) = &r.within else {
+                    return Err(cx.err(
+                        s.span().start,
+                        format!("`{key_name}` needs `within = \"<duration>\"`: how long after an event the next one may come"),
+                    ));
+                };
+                let within_ms = positive(cx, within, "within")?;
+                if s.get_ref().is_empty() {
+                    return Err(cx.err(
+                        s.span().start,
+                        format!("`{key_name}` needs at least one step, e.g. [{{ stream = \"transactions\" }}]"),
+                    ));
+                }
+                let mut steps = Vec::new();
+                for step in s.get_ref() {
+                    let Some(st) = &step.stream else {
+                        return Err(cx.err(
+                            s.span().start,
+                            format!("each step of `{key_name}` needs `stream = \"web\"` or `stream = \"transactions\"`"),
+                        ));
+                    };
+                    let stream = trait_stream(cx, st)?;
+                    let filter = match &step.filter {
+                        None => None,
+                        Some(f) => Some(event_condition(cx, f, stream, identity)?),
+                    };
+                    steps.push((stream, filter));
+                }
+                Some(Sequence {
+                    followed,
+                    steps,
+                    within_ms,
+                })
             }
         };
         out.push(TraitSpec {
@@ -1016,7 +1392,9 @@ fn traits(
             filter,
             aggregate,
             of,
-            window_ms,
+            part,
+            window,
+            sequence,
         });
     }
     Ok(out)
@@ -1034,6 +1412,7 @@ fn segments(
             "no segments defined: add a [segments.NAME] table with `when = ...`",
         ));
     }
+    let segment_names: Vec<String> = entries.iter().map(|(k, _)| k.get_ref().clone()).collect();
     let declared = if traits.is_empty() {
         "(none)".to_string()
     } else {
@@ -1044,6 +1423,8 @@ fn segments(
             .join(", ")
     };
     let mut out = Vec::new();
+    // For each segment, the segments its condition reads, with where.
+    let mut reads: Vec<Vec<(usize, usize)>> = Vec::new();
     for (key, table) in entries {
         let name = key.get_ref().clone();
         let kstart = key.span().start;
@@ -1067,29 +1448,158 @@ fn segments(
             ));
         };
         let when = parse_in_file(cx, w)?;
+        let mut read = Vec::new();
         for (p, span) in when.paths() {
             let at = cx.string_offset(w.span().start, span.start);
+            let t = traits.iter().find(|t| t.name == p[0]);
             if p[0] == "attributes" {
                 if p.len() != 2 {
                     return Err(cx.err(at, "`attributes` needs one field, e.g. attributes.tier"));
                 }
-            } else if p.len() != 1 || !traits.iter().any(|t| t.name == p[0]) {
+            } else if let Some(s) = segment_names.iter().position(|s| *s == p[0]) {
+                if p.len() != 1 {
+                    return Err(cx.err(
+                        at,
+                        format!("`{}` is a segment (true or false) and has no fields", p[0]),
+                    ));
+                }
+                read.push((s, at));
+            } else if let Some(t) = t {
+                let ok = match p.len() {
+                    1 => true,
+                    2 => t.aggregate == Aggregate::MostFrequent && p[1] == "count",
+                    _ => false,
+                };
+                if !ok {
+                    return Err(cx.err(
+                        at,
+                        format!(
+                            "`{}`: a trait has no fields{}",
+                            p.join("."),
+                            if t.aggregate == Aggregate::MostFrequent {
+                                format!(" but `{}.count` (how often its value occurs)", t.name)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    ));
+                }
+            } else {
+                let known = traits
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .chain(segment_names.iter().map(String::as_str))
+                    .chain(["attributes"]);
                 return Err(cx.err(
                     at,
                     format!(
-                        "unknown trait `{}`; declared traits: {declared}",
-                        p.join(".")
+                        "unknown trait or segment `{}`{}; declared traits: {declared}",
+                        p.join("."),
+                        did_you_mean(&p[0], known)
                     ),
                 ));
             }
         }
+        check_recency_use(cx, w, &when, traits)?;
+        let min_dwell_ms = match &r.min_dwell {
+            None => None,
+            Some(d) => Some(positive(cx, d, "min_dwell")?),
+        };
+        reads.push(read);
         out.push(SegmentSpec {
             name,
             when,
             description: r.description,
+            min_dwell_ms,
         });
     }
+    // Segments of segments must not read themselves, directly or not.
+    fn visit(
+        s: usize,
+        reads: &[Vec<(usize, usize)>],
+        state: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<(Vec<usize>, usize)> {
+        state[s] = 1;
+        path.push(s);
+        for &(t, at) in &reads[s] {
+            if state[t] == 1 {
+                let from = path.iter().position(|&x| x == t).unwrap_or(0);
+                let mut cycle = path[from..].to_vec();
+                cycle.push(t);
+                return Some((cycle, at));
+            }
+            if state[t] == 0 {
+                if let Some(c) = visit(t, reads, state, path) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        state[s] = 2;
+        None
+    }
+    let mut state = vec![0u8; out.len()];
+    for s in 0..out.len() {
+        if state[s] == 0 {
+            if let Some((cycle, at)) = visit(s, &reads, &mut state, &mut Vec::new()) {
+                let names: Vec<&str> = cycle.iter().map(|&i| out[i].name.as_str()).collect();
+                return Err(cx.err(
+                    at,
+                    format!(
+                        "segments read each other in a cycle: {}",
+                        names.join(" -> ")
+                    ),
+                ));
+            }
+        }
+    }
     Ok(out)
+}
+
+/// A recency trait (`since_first`, `since_last`) changes with time alone,
+/// so the engine must know when a condition on it can change: it may only
+/// be compared, directly, with a constant (`since_last_order >= 60d`).
+fn check_recency_use(
+    cx: &Cx<'_>,
+    w: &Spanned<String>,
+    when: &Expr,
+    traits: &[TraitSpec],
+) -> Result<(), SpecError> {
+    let is_recency = |e: &Expr| match e {
+        Expr::Path(p, _) => traits.iter().any(|t| {
+            t.name == p[0] && matches!(t.aggregate, Aggregate::SinceFirst | Aggregate::SinceLast)
+        }),
+        _ => false,
+    };
+    fn walk(
+        e: &Expr,
+        allowed: bool,
+        is_recency: &dyn Fn(&Expr) -> bool,
+    ) -> Option<crate::spec::expr::Span> {
+        match e {
+            Expr::Path(_, span) if !allowed && is_recency(e) => Some(*span),
+            Expr::Path(..) | Expr::Lit(_) => None,
+            Expr::Cmp(_, a, b) => {
+                let direct = |x: &Expr, other: &Expr| is_recency(x) && other.is_constant();
+                walk(a, direct(a, b), is_recency).or_else(|| walk(b, direct(b, a), is_recency))
+            }
+            Expr::Not(a) | Expr::Neg(a) | Expr::Call(_, a) | Expr::In(a, _) => {
+                walk(a, false, is_recency)
+            }
+            Expr::And(es) | Expr::Or(es) => es.iter().find_map(|e| walk(e, false, is_recency)),
+            Expr::Arith(_, a, b) => {
+                walk(a, false, is_recency).or_else(|| walk(b, false, is_recency))
+            }
+        }
+    }
+    match walk(when, false, &is_recency) {
+        None => Ok(()),
+        Some(span) => Err(cx.err(
+            cx.string_offset(w.span().start, span.start),
+            "a recency trait (since_first, since_last) changes with time alone: compare it directly with a constant, e.g. `since_last_order >= 60d`",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -1193,6 +1703,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 idle_merge_effort: Some(500),
                 default_region: "GB".into(),
                 workers: Some(2),
+                time_zone: chrono_tz::UTC,
             }
         );
         assert_eq!(
@@ -1250,7 +1761,7 @@ when = "spend > 1000 or a_views in [1, 2]"
         let t0 = &s.traits[0];
         assert_eq!(t0.stream, StreamKind::Web);
         assert_eq!(t0.aggregate, Aggregate::Count);
-        assert_eq!(t0.window_ms, Some(1_800_000));
+        assert_eq!(t0.window, Window::Sliding(1_800_000));
         assert_eq!(t0.of, None);
         let f = t0.filter.as_ref().expect("filter");
         let mut env = |p: &[String]| match p.join(".").as_str() {
@@ -1264,7 +1775,7 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!(t1.stream, StreamKind::Transactions);
         assert_eq!(t1.aggregate, Aggregate::Sum);
         assert_eq!(t1.of, Some(vec!["amount".to_string()]));
-        assert_eq!(t1.window_ms, None);
+        assert_eq!(t1.window, Window::Lifetime);
         assert_eq!(s.traits[2].filter, None);
 
         let segs: Vec<_> = s.segments.iter().map(|t| t.name.as_str()).collect();
@@ -1302,7 +1813,7 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert!(s.sources.is_empty());
         assert_eq!(s.output, OutputSpec::default());
         assert_eq!(s.traits[0].aggregate, Aggregate::Count);
-        assert_eq!(s.traits[0].window_ms, None);
+        assert_eq!(s.traits[0].window, Window::Lifetime);
 
         // Source defaults, and extra appended to the default list.
         let s = ok(&format!(
@@ -1390,7 +1901,7 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!((e.line, e.column), (7, 9));
         assert_eq!(
             e.message,
-            "unknown trait `nope`; declared traits: views, buys"
+            "unknown trait or segment `nope`; declared traits: views, buys"
         );
         assert_eq!(e.to_string(), format!("flow.toml:7:9: {}", e.message));
 
@@ -1398,21 +1909,21 @@ when = "spend > 1000 or a_views in [1, 2]"
             "[segments.hot]\nwhen = 'x > 1'\n",
             2,
             9,
-            "unknown trait `x`; declared traits: (none)",
+            "unknown trait or segment `x`; declared traits: (none)",
         );
         // Position of a later path, with a multi-byte character before it.
         assert_err(
             "[traits.views]\nstream = \"web\"\n[segments.hot]\nwhen = \"views > 'é' or views.x > 1\"\n",
             4,
             24,
-            "unknown trait `views.x`",
+            "`views.x`: a trait has no fields",
         );
         // Escapes in a basic string shift the position correctly.
         assert_err(
             "[traits.views]\nstream = \"web\"\n[segments.hot]\nwhen = \"views == \\\"a\\\" or bad\"\n",
             4,
             27,
-            "unknown trait `bad`",
+            "unknown trait or segment `bad`",
         );
         assert_err(
             "[segments.hot]\nwhen = '''\nattributes.a.b == 1'''\n",
@@ -1526,13 +2037,13 @@ when = "spend > 1000 or a_views in [1, 2]"
             &format!("[traits.t]\nstream = \"web\"\nof = \"item.price\"\n{SEG}"),
             3,
             6,
-            "`of` is only allowed",
+            "`of` is not used by aggregate = \"count\"",
         );
         assert_err(
-            &format!("[traits.t]\nstream = \"web\"\naggregate = \"avg\"\n{SEG}"),
+            &format!("[traits.t]\nstream = \"web\"\naggregate = \"most_frequnt\"\n{SEG}"),
             3,
             13,
-            "unknown aggregate `avg`",
+            "unknown aggregate `most_frequnt` (did you mean `most_frequent`?)",
         );
         assert_err(
             &format!("[traits.t]\nstream = \"transactions\"\naggregate = \"sum\"\nof = \"amount.\"\n{SEG}"),

@@ -8,7 +8,7 @@
 //! | `id_profile`  | identifier               | profile id                    |
 //! | `profile_ids` | ⟨profile⟩ identifier     | empty                         |
 //! | `attributes`  | profile                  | JSON object                   |
-//! | `traits`      | ⟨profile⟩ trait name     | JSON number                   |
+//! | `traits`      | ⟨profile⟩ trait name     | JSON value (number or string) |
 //! | `segments`    | ⟨profile⟩ segment        | empty                         |
 //!
 //! `⟨profile⟩` is the profile id prefixed with its length (4 bytes,
@@ -49,7 +49,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::dataflow::retain::{Restored, Retained};
-use crate::dataflow::traits::Contribution;
+use crate::dataflow::traits::{Contribution, PointContribution};
 use crate::io::sources::ResumePoint;
 use crate::model::{CrmRecord, Id, Ident, Scalar};
 use crate::time::Time;
@@ -65,18 +65,20 @@ const CFS: [&str; 6] = [
 
 /// The column families of the retained input (see the module
 /// documentation), in the order of [`RetainedBatch`]'s indexes.
-const RETAINED_CFS: [&str; 5] = [
+const RETAINED_CFS: [&str; 6] = [
     "retained_crm",
     "retained_sets",
     "retained_names",
     "retained_totals",
     "retained_window",
+    "retained_points",
 ];
 const R_CRM: usize = 0;
 const R_SETS: usize = 1;
 const R_NAMES: usize = 2;
 const R_TOTALS: usize = 3;
 const R_WINDOW: usize = 4;
+const R_POINTS: usize = 5;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -549,7 +551,7 @@ impl StateBatch {
                         profile,
                         name,
                         value,
-                    } => self.trait_value(profile, name, *value, pass_insert),
+                    } => self.trait_value(profile, name, value, pass_insert),
                     StoreOp::Segment { profile, name } => self.segment(profile, name, pass_insert),
                     StoreOp::Attributes { profile, json } => {
                         self.attributes(profile, json, pass_insert)
@@ -573,10 +575,10 @@ impl StateBatch {
 
     /// Stages a trait's value of a profile (`insert`), or its removal (the
     /// value is then not read).
-    pub fn trait_value(&mut self, profile: &str, name: &str, value: f64, insert: bool) {
+    pub fn trait_value(&mut self, profile: &str, name: &str, value: &Scalar, insert: bool) {
         let key = key2(profile, name);
         if insert {
-            self.put(TRAITS, key, value.to_string());
+            self.put(TRAITS, key, value.to_json().to_string());
         } else {
             self.delete(TRAITS, key);
         }
@@ -614,6 +616,32 @@ pub struct RetainedBatch {
     names: Vec<(Id, String)>,
     totals: std::collections::HashMap<(Id, u32), i128, foldhash::fast::RandomState>,
     windowed: std::collections::HashMap<(Time, Contribution), i64, foldhash::fast::RandomState>,
+    points: std::collections::HashMap<(Time, PointContribution), i64, foldhash::fast::RandomState>,
+}
+
+/// The window end under which a lifetime point is kept: after every cut.
+const LIFETIME: Time = Time::MAX;
+
+/// The key of a point: window end ([`LIFETIME`] for none), identifier
+/// key, trait index, tick (all big-endian), then the value in bincode.
+fn point_key(end: Time, (id, (index, (tick, value))): &PointContribution) -> Vec<u8> {
+    let mut k = Vec::with_capacity(48);
+    k.extend_from_slice(&end.to_be_bytes());
+    k.extend_from_slice(&id.0.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&tick.to_be_bytes());
+    k.extend(bincode::serialize(value).expect("a scalar serializes"));
+    k
+}
+
+/// [`point_key`] read back.
+fn point_from_key(k: &[u8]) -> Option<(Time, PointContribution)> {
+    let end = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let id = Id(u128::from_be_bytes(k.get(8..24)?.try_into().ok()?));
+    let index = u32::from_be_bytes(k.get(24..28)?.try_into().ok()?);
+    let tick = u64::from_be_bytes(k.get(28..36)?.try_into().ok()?);
+    let value = bincode::deserialize(k.get(36..)?).ok()?;
+    Some((end, (id, (index, (tick, value)))))
 }
 
 /// The key of a lifetime total: identifier key (16 bytes, big-endian),
@@ -644,6 +672,7 @@ impl RetainedBatch {
             && self.names.is_empty()
             && self.totals.is_empty()
             && self.windowed.is_empty()
+            && self.points.is_empty()
     }
 
     /// Adds the updates of `later` after those staged.
@@ -657,23 +686,28 @@ impl RetainedBatch {
         for (k, v) in later.windowed {
             *self.windowed.entry(k).or_default() += v;
         }
+        for (k, v) in later.points {
+            *self.points.entry(k).or_default() += v;
+        }
     }
 
-    /// Stages one retained update at `time` with `diff`; `window` is the
-    /// window (ms) of a contribution's trait (`None`: lifetime). Only
-    /// insertions are retained: the collections are insert-only.
-    pub fn stage(&mut self, update: Retained, time: Time, diff: isize, window: Option<u64>) {
+    /// Stages one retained update at `time` with `diff`. Amounts and
+    /// points carry their window end (`None`: lifetime). Only insertions
+    /// of the other collections are retained: they are insert-only.
+    pub fn stage(&mut self, update: Retained, _time: Time, diff: isize) {
         match update {
-            Retained::Contribution(c) => match window {
+            Retained::Contribution(c, end) => match end {
                 None => {
                     let (id, (index, value)) = c;
                     *self.totals.entry((id, index)).or_default() += value as i128 * diff as i128;
                 }
-                Some(w) => {
-                    let end = crate::time::window_end(time, w);
+                Some(end) => {
                     *self.windowed.entry((end, c)).or_default() += diff as i64;
                 }
             },
+            Retained::Point(p, end) => {
+                *self.points.entry((end.unwrap_or(LIFETIME), p)).or_default() += diff as i64;
+            }
             _ if diff <= 0 => {}
             Retained::Crm(crm_id, record) => self.crm.push((crm_id, record)),
             Retained::Set(ids) => self.sets.push(ids),
@@ -703,6 +737,11 @@ impl RetainedBatch {
         for ((end, c), count) in self.windowed {
             if count != 0 && end >= cut {
                 batch.merge_cf(cfs[R_WINDOW], window_key(end, &c), count.to_le_bytes());
+            }
+        }
+        for ((end, p), count) in self.points {
+            if count != 0 && end >= cut {
+                batch.merge_cf(cfs[R_POINTS], point_key(end, &p), count.to_le_bytes());
             }
         }
     }
@@ -816,7 +855,7 @@ pub enum StoreOp {
         /// Trait name.
         name: String,
         /// Value.
-        value: f64,
+        value: Scalar,
     },
     /// Segment membership.
     Segment {
@@ -844,7 +883,7 @@ pub struct ProfileView {
     /// Merged CRM attributes.
     pub attributes: serde_json::Map<String, serde_json::Value>,
     /// Current trait values by name (traits at zero are absent).
-    pub traits: BTreeMap<String, f64>,
+    pub traits: BTreeMap<String, serde_json::Value>,
     /// Segments the profile is in.
     pub segments: Vec<String>,
     /// The checkpoint the state is as of.
@@ -921,6 +960,18 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
                 }
                 "retained_window" => {
                     cf.set_merge_operator_associative("segflow_add_i64", add_le::<8>)
+                }
+                "retained_points" => {
+                    cf.set_merge_operator_associative("segflow_add_i64", add_le::<8>);
+                    // A kept lifetime point that was replaced adds up to
+                    // zero: compactions drop it.
+                    cf.set_compaction_filter("segflow_drop_zero", |_level, _key, value| {
+                        if value == 0i64.to_le_bytes() {
+                            rocksdb::compaction_filter::Decision::Remove
+                        } else {
+                            rocksdb::compaction_filter::Decision::Keep
+                        }
+                    });
                 }
                 _ => {}
             }
@@ -1069,6 +1120,7 @@ impl Store {
             retained.write_into(&mut batch, &rcfs, cut);
             if cut > 0 {
                 batch.delete_range_cf(rcfs[R_WINDOW], 0u64.to_be_bytes(), cut.to_be_bytes());
+                batch.delete_range_cf(rcfs[R_POINTS], 0u64.to_be_bytes(), cut.to_be_bytes());
             }
         }
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
@@ -1181,9 +1233,26 @@ impl Store {
             })
             .map(|_| out)
         };
+        let points = || {
+            let mut out = Vec::new();
+            each("retained_points", &mut |k, v| {
+                let (end, p) = point_from_key(k).ok_or_else(|| corrupt("point"))?;
+                let count = v
+                    .try_into()
+                    .map(i64::from_le_bytes)
+                    .map_err(|_| corrupt("point count"))?;
+                if count != 0 && end >= cut {
+                    let end = (end != LIFETIME).then_some(end);
+                    out.push((end, p, count as isize));
+                }
+                Ok(())
+            })
+            .map(|_| out)
+        };
         // The column families are read at once, one thread each.
         std::thread::scope(|scope| {
             let crm = scope.spawn(crm);
+            let points = scope.spawn(points);
             let sets = scope.spawn(sets);
             let names = scope.spawn(names);
             let totals = scope.spawn(totals);
@@ -1204,6 +1273,7 @@ impl Store {
                 names: join(names)?,
                 totals: join(totals)?,
                 windowed,
+                points: join(points)?,
             })
         })
     }
@@ -1270,9 +1340,8 @@ impl Store {
             .collect();
         let mut traits = BTreeMap::new();
         for (name, v) in self.scan("traits", profile)? {
-            let value = String::from_utf8_lossy(&v)
-                .parse()
-                .map_err(|_| StoreError::Corrupt("traits".into()))?;
+            let value =
+                serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt("traits".into()))?;
             traits.insert(name, value);
         }
         let segments = self
@@ -1458,19 +1527,20 @@ mod tests {
             ..Checkpoint::default()
         };
         let mut first = RetainedBatch::default();
-        first.stage(
-            Retained::Crm("C1".into(), crm(5, "gold").into()),
-            1_000,
-            1,
-            None,
-        );
-        first.stage(Retained::Set(vec![a, b]), 1_000, 1, None);
-        first.stage(Retained::Name(a, "user:a".into()), 1_000, 1, None);
+        first.stage(Retained::Crm("C1".into(), crm(5, "gold").into()), 1_000, 1);
+        first.stage(Retained::Set(vec![a, b]), 1_000, 1);
+        first.stage(Retained::Name(a, "user:a".into()), 1_000, 1);
         // A lifetime sum, and a count in a 10 s window, twice.
-        first.stage(Retained::Contribution((a, (0, 19_999))), 1_000, 1, None);
-        first.stage(Retained::Contribution((a, (1, 1))), 1_000, 1, Some(10_000));
-        first.stage(Retained::Contribution((a, (1, 1))), 1_000, 1, Some(10_000));
-        first.stage(Retained::Contribution((b, (1, 1))), 2_000, 1, Some(1_000));
+        first.stage(Retained::Contribution((a, (0, 19_999)), None), 1_000, 1);
+        first.stage(Retained::Contribution((a, (1, 1)), Some(11_000)), 1_000, 1);
+        first.stage(Retained::Contribution((a, (1, 1)), Some(11_000)), 1_000, 1);
+        first.stage(Retained::Contribution((b, (1, 1)), Some(3_000)), 2_000, 1);
+        // Points: a kept lifetime one (later replaced), a windowed one that
+        // ends before the cut and one after it.
+        let point = |id, tick, v: &str| (id, (2, (tick, Scalar::Str(v.into()))));
+        first.stage(Retained::Point(point(a, 1_000, "x"), None), 1_000, 1);
+        first.stage(Retained::Point(point(b, 1_000, "y"), Some(3_000)), 1_000, 1);
+        first.stage(Retained::Point(point(b, 2_000, "z"), Some(9_000)), 2_000, 1);
         store
             .write_retained(StateBatch::default(), first, &checkpoint(2_000))
             .unwrap();
@@ -1480,9 +1550,10 @@ mod tests {
             Retained::Crm("C1".into(), crm(3, "silver").into()),
             4_000,
             1,
-            None,
         );
-        second.stage(Retained::Contribution((a, (0, 1))), 4_000, 1, None);
+        second.stage(Retained::Contribution((a, (0, 1)), None), 4_000, 1);
+        second.stage(Retained::Point(point(a, 1_000, "x"), None), 4_000, -1);
+        second.stage(Retained::Point(point(a, 4_000, "w"), None), 4_000, 1);
         store
             .write_retained(StateBatch::default(), second, &checkpoint(5_000))
             .unwrap();
@@ -1494,6 +1565,16 @@ mod tests {
         assert_eq!(r.totals, vec![(a, 0, 20_000)]);
         // b's window ended at 3 000, before the cut.
         assert_eq!(r.windowed, vec![(11_000, (a, (1, 1)), 2)]);
+        let mut points = r.points.clone();
+        points.sort();
+        assert_eq!(
+            points,
+            vec![
+                (None, point(a, 4_000, "w"), 1),
+                (Some(9_000), point(b, 2_000, "z"), 1),
+            ],
+            "the replaced lifetime point adds up to nothing; the ended window is gone"
+        );
     }
 
     /// CRM records a checkpoint holds in JSON (written before the binary
@@ -1555,7 +1636,7 @@ mod tests {
                 StoreOp::Trait {
                     profile: profile.into(),
                     name: "views".into(),
-                    value,
+                    value: Scalar::Num(value),
                 },
                 1,
             )
@@ -1573,10 +1654,16 @@ mod tests {
         ];
         store.commit(&ops, &Checkpoint::default()).unwrap();
         let victim = store.view("user:victim").unwrap();
-        assert_eq!(victim.traits, BTreeMap::from([("views".to_string(), 1.0)]));
+        assert_eq!(
+            victim.traits,
+            BTreeMap::from([("views".to_string(), serde_json::json!(1.0))])
+        );
         assert!(victim.segments.is_empty(), "{:?}", victim.segments);
         let other = store.view("user:victim\u{0}x").unwrap();
-        assert_eq!(other.traits, BTreeMap::from([("views".to_string(), 7.0)]));
+        assert_eq!(
+            other.traits,
+            BTreeMap::from([("views".to_string(), serde_json::json!(7.0))])
+        );
         assert_eq!(other.segments, vec!["vip".to_string()]);
     }
 
@@ -1595,7 +1682,7 @@ mod tests {
         let views = |v: f64| StoreOp::Trait {
             profile: p.clone(),
             name: "views".into(),
-            value: v,
+            value: Scalar::Num(v),
         };
         let seg = StoreOp::Segment {
             profile: p.clone(),
@@ -1625,7 +1712,10 @@ mod tests {
         assert_eq!(view.identifiers, vec!["user:u1".to_string()]);
         assert_eq!(store.profile_of("anon:a").unwrap(), None);
         assert_eq!(view.segments, vec!["fan".to_string()]);
-        assert_eq!(view.traits, BTreeMap::from([("views".to_string(), 3.0)]));
+        assert_eq!(
+            view.traits,
+            BTreeMap::from([("views".to_string(), serde_json::json!(3.0))])
+        );
     }
 
     #[test]
@@ -1652,7 +1742,7 @@ mod tests {
                 StoreOp::Trait {
                     profile: p.clone(),
                     name: "views".into(),
-                    value: 3.0,
+                    value: Scalar::Num(3.0),
                 },
                 1,
             ),
@@ -1686,7 +1776,7 @@ mod tests {
                 StoreOp::Trait {
                     profile: p.clone(),
                     name: "views".into(),
-                    value: 4.0,
+                    value: Scalar::Num(4.0),
                 },
                 1,
             ),
@@ -1694,7 +1784,7 @@ mod tests {
                 StoreOp::Trait {
                     profile: p.clone(),
                     name: "views".into(),
-                    value: 3.0,
+                    value: Scalar::Num(3.0),
                 },
                 -1,
             ),
@@ -1717,7 +1807,7 @@ mod tests {
             .unwrap();
         assert_eq!(view.profile, "crm:C1");
         assert_eq!(view.identifiers, vec!["crm:C1", "email:a@b.c"]);
-        assert_eq!(view.traits.get("views"), Some(&4.0));
+        assert_eq!(view.traits.get("views"), Some(&serde_json::json!(4.0)));
         assert_eq!(view.segments, vec!["vip"]);
         assert_eq!(view.attributes["tier"], "gold");
         assert_eq!(view.as_of.unwrap().time, 2000);

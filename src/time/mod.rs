@@ -54,6 +54,7 @@
 //! VLDB 2015) and Apache Flink's documentation (watermarks, allowed
 //! lateness, idleness).
 
+pub mod calendar;
 pub mod completion;
 pub mod parse;
 pub mod watermark;

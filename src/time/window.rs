@@ -23,22 +23,22 @@ use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use super::{window_end, Time};
+use super::Time;
 
 /// Passes `updates` (`(data, time, diff)`) through and, for each one whose
-/// `window(data)` is `Some(w)`, adds `(data, time + w, -diff)`, emitted when
-/// the input frontier reaches `time + w` (at the latest, when the input
-/// ends). `ends` are retractions to hold as they are (`(data, window end,
+/// `window_end(data, time)` is `Some(end)` (after `time`), adds `(data,
+/// end, -diff)`, emitted when the input frontier reaches `end` (at the
+/// latest, when the input ends). `ends` are retractions to hold as they are (`(data, window end,
 /// diff)`): those of contributions restored from a checkpoint, whose
 /// entries are restored at another time than their own.
 pub fn retract_at_window_end<'s, D, W>(
     updates: Stream<'s, Time, Vec<(D, Time, isize)>>,
     ends: Stream<'s, Time, Vec<(D, Time, isize)>>,
-    window: W,
+    window_end: W,
 ) -> Stream<'s, Time, Vec<(D, Time, isize)>>
 where
     D: Clone + 'static,
-    W: Fn(&D) -> Option<u64> + 'static,
+    W: Fn(&D, Time) -> Option<Time> + 'static,
 {
     updates.binary_frontier::<_, CapacityContainerBuilder<Vec<(D, Time, isize)>>, _, _, _, _>(
         ends,
@@ -61,8 +61,7 @@ where
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
                     for (d, t, r) in data.drain(..) {
-                        if let Some(w) = window(&d) {
-                            let end = window_end(t, w);
+                        if let Some(end) = window_end(&d, t) {
                             if held.as_ref().is_none_or(|h| end < *h.time()) {
                                 held = Some(cap.delayed(&end, 0));
                             }
@@ -117,9 +116,9 @@ mod tests {
             let (mut input, probe, captured) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, stream) = scope.new_input::<Vec<(&'static str, Time, isize)>>();
                 let ends = timely::dataflow::operators::generic::operator::empty(scope);
-                let out = retract_at_window_end(stream, ends, |d: &&str| match *d {
-                    "a" => Some(1_000),
-                    "b" => Some(300),
+                let out = retract_at_window_end(stream, ends, |d: &&str, t| match *d {
+                    "a" => Some(t + 1_000),
+                    "b" => Some(t + 300),
                     _ => None,
                 });
                 let (probe, out) = out.probe();

@@ -27,9 +27,8 @@ use timely::dataflow::Stream;
 
 use crate::dataflow::profiles::Attributes;
 use crate::dataflow::retain::Retained;
-use crate::dataflow::segments::trait_scalar;
 use crate::io::{Abort, Control, DeadLetter, Stop};
-use crate::model::{Id, IdMap};
+use crate::model::{Id, IdMap, Scalar};
 use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, RetainedBatch, SinkPositions, StateBatch, StoreOp};
 
@@ -150,8 +149,8 @@ pub enum StateUpdate {
     Profile(Id),
     /// Identifier belongs to profile.
     Link(Id, Id),
-    /// Trait `index` of a profile has this total (sums in thousandths).
-    Trait(Id, u32, i128),
+    /// Trait `index` of a profile has this value.
+    Trait(Id, u32, Scalar),
     /// A profile's merged attributes.
     Attrs(Id, Attributes),
 }
@@ -845,11 +844,7 @@ pub fn commit<'s>(
                 let updates = retained_pending.pop_first().map(|(_, u)| u).unwrap_or_default();
                 let batch = retained_staged.entry(time).or_default();
                 for (update, diff) in updates {
-                    let window = match &update {
-                        Retained::Contribution(c) => crate::dataflow::traits::window_of(&traits, c),
-                        _ => None,
-                    };
-                    batch.stage(update, time, diff, window);
+                    batch.stage(update, time, diff);
                 }
             }
             // Every change of a time before the horizon is staged: times
@@ -1012,12 +1007,7 @@ fn stage_local(
                 StateUpdate::Link(id, profile) => batch.link(name(id)?, name(profile)?, insert),
                 StateUpdate::Trait(profile, index, raw) => {
                     let spec = &traits[*index as usize];
-                    let value = if insert {
-                        trait_scalar(spec, *raw).as_f64().unwrap_or(0.0)
-                    } else {
-                        0.0
-                    };
-                    batch.trait_value(name(profile)?, &spec.name, value, insert)
+                    batch.trait_value(name(profile)?, &spec.name, raw, insert)
                 }
                 StateUpdate::Attrs(profile, attrs) => {
                     let json = if insert {
@@ -1047,11 +1037,11 @@ mod tests {
         let id = |n: u8| Id::of(0, &format!("anon:{n}"));
         let tier = |t: &str| vec![("tier".to_string(), Scalar::Str(t.into()))];
         let mut updates = vec![
-            (StateUpdate::Trait(id(1), 0, 3), -1),
-            (StateUpdate::Trait(id(1), 0, 4), 1),
-            (StateUpdate::Trait(id(1), 1, 7), -1),
-            (StateUpdate::Trait(id(2), 0, 1), -1),
-            (StateUpdate::Trait(id(2), 0, 2), 1),
+            (StateUpdate::Trait(id(1), 0, Scalar::Num(3.0)), -1),
+            (StateUpdate::Trait(id(1), 0, Scalar::Num(4.0)), 1),
+            (StateUpdate::Trait(id(1), 1, Scalar::Num(7.0)), -1),
+            (StateUpdate::Trait(id(2), 0, Scalar::Num(1.0)), -1),
+            (StateUpdate::Trait(id(2), 0, Scalar::Num(2.0)), 1),
             (StateUpdate::Attrs(id(1), tier("gold")), -1),
             (StateUpdate::Attrs(id(1), tier("silver")), 1),
             (StateUpdate::Attrs(id(2), tier("gold")), -1),
@@ -1066,8 +1056,8 @@ mod tests {
             .map(|(u, _)| u.clone())
             .collect();
         let mut expected = vec![
-            (StateUpdate::Trait(id(1), 0, 3), -1),
-            (StateUpdate::Trait(id(2), 0, 1), -1),
+            (StateUpdate::Trait(id(1), 0, Scalar::Num(3.0)), -1),
+            (StateUpdate::Trait(id(2), 0, Scalar::Num(1.0)), -1),
             (StateUpdate::Attrs(id(1), tier("gold")), -1),
         ];
         expected.sort();

@@ -327,7 +327,7 @@ mod tests {
         let op = |value| StoreOp::Trait {
             profile: "user:p".into(),
             name: "views".into(),
-            value,
+            value: crate::model::Scalar::Num(value),
         };
         let mut ops = vec![(op(value), 1)];
         if let Some(old) = old {
@@ -372,13 +372,17 @@ mod tests {
         assert_eq!(part.batches(), 1);
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.identifiers, vec!["user:p".to_string()]);
-        assert_eq!(view.traits.get("views"), Some(&1.0), "time 1, not 2");
+        assert_eq!(
+            view.traits.get("views"),
+            Some(&serde_json::json!(1.0)),
+            "time 1, not 2"
+        );
         assert_eq!(view.as_of.unwrap().time, 1);
         // Worker 1 finishes: time 2 is written.
         part.deposit(1, Vec::new(), Vec::new(), Time::MAX).unwrap();
         assert_eq!(part.batches(), 2);
         let view = part.store.view("user:p").unwrap();
-        assert_eq!(view.traits.get("views"), Some(&2.0));
+        assert_eq!(view.traits.get("views"), Some(&serde_json::json!(2.0)));
         assert_eq!(view.as_of.unwrap().time, 2);
     }
 }
