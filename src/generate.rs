@@ -20,7 +20,7 @@
 //! # `web.jsonl` — clickstream, exactly `events` lines
 //!
 //! Sessions (3–30 events, 5–120 s apart) start at increasing times over about
-//! `events * 2` seconds (at most 30 days) from `start_ms`; events of
+//! `events * 2` seconds (at most 30 days; `span_days` sets it) from `start_ms`; events of
 //! concurrently open sessions are interleaved so that the stream is in time
 //! order apart from the injected noise. One line per event:
 //!
@@ -187,6 +187,11 @@ pub struct GenConfig {
     /// more people per event gives more profiles (a large state from a
     /// small stream).
     pub people: Option<u64>,
+    /// How many days the sessions are spread over (`None`: `events × 2`
+    /// seconds, at least a minute and at most 30 days). A longer span
+    /// gives data for long windows (365-day spend, 60 days without an
+    /// order) from few events.
+    pub span_days: Option<u64>,
 }
 
 impl Default for GenConfig {
@@ -197,6 +202,7 @@ impl Default for GenConfig {
             start_ms: DEFAULT_START_MS,
             malformed_every: 5000,
             people: None,
+            span_days: None,
         }
     }
 }
@@ -630,7 +636,10 @@ fn build_world(cfg: &GenConfig, rng: &mut ChaCha8Rng) -> World {
 }
 
 fn span_ms(cfg: &GenConfig) -> i64 {
-    (cfg.events.min(i64::MAX as u64 / 2000) as i64 * 2000).clamp(60_000, MAX_SPAN_MS)
+    match cfg.span_days {
+        Some(days) => (days.clamp(1, 100 * 365) * 86_400_000) as i64,
+        None => (cfg.events.min(i64::MAX as u64 / 2000) as i64 * 2000).clamp(60_000, MAX_SPAN_MS),
+    }
 }
 
 /// Writes the time either as epoch ms (number) or RFC 3339 string.

@@ -110,6 +110,11 @@ struct GenerateArgs {
     /// more people per event, more profiles.
     #[arg(long, value_name = "N")]
     people: Option<u64>,
+    /// Days the sessions are spread over [default: events × 2 s, at most
+    /// 30 days]: a long span exercises long windows (60 days without an
+    /// order, 365-day spend).
+    #[arg(long, value_name = "DAYS")]
+    days: Option<u64>,
 }
 
 #[derive(Args)]
@@ -453,6 +458,7 @@ fn main() -> ExitCode {
                 events: args.events,
                 seed: args.seed,
                 people: args.people,
+                span_days: args.days,
                 ..GenConfig::default()
             };
             let started = std::time::Instant::now();

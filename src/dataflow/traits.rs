@@ -119,9 +119,10 @@ fn thousandths(v: ScalarRef<'_>) -> Option<i64> {
 }
 
 /// The value a point carries for trait `spec` on a record that passes its
-/// filter: the field's value (a number for numeric aggregates), `true` for
-/// a count; `None` if the field is missing or not a number where one is
-/// needed (the event then does not count).
+/// filter: the field's value (a number for numeric aggregates; for
+/// `first` and `last`, null when missing), `true` for a count; `None` if
+/// the field is missing or not a number where one is needed (the event
+/// then does not count).
 fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz) -> Option<Scalar> {
     let of = || field(record, spec.of.as_deref().unwrap_or(&[]), tz);
     match spec.aggregate {
@@ -129,12 +130,12 @@ fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz) -> Option<S
         Aggregate::Sum | Aggregate::Avg | Aggregate::Min | Aggregate::Max | Aggregate::Share => {
             thousandths(of()).map(|v| Scalar::Num(v as f64 / SUM_SCALE))
         }
-        Aggregate::Distinct | Aggregate::First | Aggregate::Last | Aggregate::MostFrequent => {
-            match of() {
-                ScalarRef::Null => None,
-                v => Some(v.to_scalar()),
-            }
-        }
+        // The value on the earliest or latest event, null if it has none.
+        Aggregate::First | Aggregate::Last => Some(of().to_scalar()),
+        Aggregate::Distinct | Aggregate::MostFrequent => match of() {
+            ScalarRef::Null => None,
+            v => Some(v.to_scalar()),
+        },
     }
 }
 

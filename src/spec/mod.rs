@@ -1203,13 +1203,15 @@ fn traits(
                     ),
                 ))
             }
-            (Some(o), Some(false)) => return Err(cx.err(
-                o.span().start,
-                format!(
+            (Some(o), Some(false)) => {
+                return Err(cx.err(
+                    o.span().start,
+                    format!(
                     "`of` is not used by aggregate = \"{}\" (it counts events or measures time)",
                     aggregate.name()
                 ),
-            )),
+                ))
+            }
             (None, _) => None,
             (Some(o), _) => {
                 let parts: Vec<String> = o.get_ref().split('.').map(str::to_string).collect();
