@@ -174,11 +174,17 @@ struct QueryArgs {
     /// with the resume points and where the outputs stood.
     #[arg(long, conflicts_with = "identifier")]
     checkpoint: bool,
+    /// Explain why the profile is, or is not, in SEGMENT: each condition
+    /// with the values that made it true or false, and the windows behind
+    /// each trait (needs --dataflow, the definition the state was written
+    /// with).
+    #[arg(long, value_name = "SEGMENT", requires = "dataflow")]
+    explain: Option<String>,
 }
 
 /// Opens the state in `dir` read-only and reads it with `read`. A run may
 /// be replacing the files of the state meanwhile (a flush, a compaction, a
-/// new write-ahead log): such a failure is tried again, for up to five
+/// new write-ahead log): such a failure is tried again, for up to 30
 /// seconds. A directory that is not segflow state but holds some (its
 /// parent, given by mistake) is named in the error.
 fn read_state<T>(
@@ -194,9 +200,13 @@ fn read_state<T>(
         match attempt {
             Err(e)
                 if e.may_be_transient()
-                    && started.elapsed() < std::time::Duration::from_secs(5) =>
+                    && started.elapsed() < std::time::Duration::from_secs(30) =>
             {
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                // A run that writes much flushes often: an open that lost
+                // the race with a flush is tried again at once, then less
+                // often.
+                let pause = (started.elapsed().as_millis() as u64 / 20).clamp(5, 200);
+                std::thread::sleep(std::time::Duration::from_millis(pause));
             }
             Err(e @ segflow::store::StoreError::NotOurs { .. }) => {
                 let inside: Vec<String> = std::fs::read_dir(dir)
@@ -488,11 +498,20 @@ fn main() -> ExitCode {
                 return print_checkpoint(&args.state_dir);
             }
             let identifier = args.identifier.as_deref().unwrap_or_default();
-            let rules = match &args.dataflow {
-                Some(path) => {
-                    let spec = load_spec(path)?;
-                    IdentityRules::new(spec.identity.priority, spec.engine.default_region)
+            let spec = args.dataflow.as_deref().map(load_spec).transpose()?;
+            if let (Some(spec), Some(segment)) = (&spec, &args.explain) {
+                // An unknown segment is refused before the state is read.
+                if !spec.segments.iter().any(|s| &s.name == segment) {
+                    let empty = segflow::store::ProfileView::default();
+                    segflow::store::explain::explain(spec, &empty, segment)
+                        .map_err(anyhow::Error::msg)?;
                 }
+            }
+            let rules = match &spec {
+                Some(spec) => IdentityRules::new(
+                    spec.identity.priority.clone(),
+                    spec.engine.default_region.clone(),
+                ),
                 None => {
                     let spec = segflow::spec::parse_spec(
                         "[segments.none]\nwhen = \"false\"\n",
@@ -550,7 +569,14 @@ fn main() -> ExitCode {
             }
             match found {
                 Some(view) => {
-                    print_out(&serde_json::to_string_pretty(&view)?);
+                    match (&spec, &args.explain) {
+                        (Some(spec), Some(segment)) => print_out(
+                            segflow::store::explain::explain(spec, &view, segment)
+                                .map_err(anyhow::Error::msg)?
+                                .trim_end(),
+                        ),
+                        _ => print_out(&serde_json::to_string_pretty(&view)?),
+                    }
                     Ok(())
                 }
                 None if state.checkpoint()?.is_none() => anyhow::bail!(

@@ -622,7 +622,8 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     let (status, err) = run_once(dir.path(), &args);
     assert!(
         !status.success() && err.contains("something else changed it"),
-        "{err}"
+        "status {status}, written {written} of {}: {err}",
+        diffs.len()
     );
     // --reset starts over and writes the full output again.
     let (status, err) = run_once(dir.path(), &reset);
@@ -641,7 +642,8 @@ fn checkpoints_that_do_not_fit_the_run_are_refused() {
     let (status, err) = run_once(dir.path(), &args);
     assert!(
         !status.success() && err.contains("something else changed it"),
-        "{err}"
+        "status {status}, written {written} of {}: {err}",
+        diffs.len()
     );
     assert!(
         std::fs::read(&out).unwrap() == changed,

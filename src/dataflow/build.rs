@@ -160,6 +160,7 @@ pub fn build<'s>(
         Rc::new(segments::Rules::new(
             Rc::clone(&trait_specs),
             Rc::clone(&segment_specs),
+            spec.engine.tick_ms,
         )),
     );
 

@@ -39,13 +39,17 @@ pub struct Rules {
     order: Vec<usize>,
     /// Per trait: the constants (ms) a recency trait is compared with.
     thresholds: Vec<Vec<f64>>,
+    /// The engine tick (ms): wake-ups are at multiples of it.
+    tick_ms: u64,
 }
 
 impl Rules {
     /// Prepares `traits` and `segments` (as validated by
     /// [`crate::spec::parse_spec`]: names resolve, segments read each
     /// other without cycles, recencies are compared with constants).
-    pub fn new(traits: Rc<[TraitSpec]>, segments: Rc<[SegmentSpec]>) -> Rules {
+    /// `tick_ms` is the engine tick: a value that changes with time alone
+    /// is looked at from the first tick at or after the time it changes.
+    pub fn new(traits: Rc<[TraitSpec]>, segments: Rc<[SegmentSpec]>, tick_ms: u64) -> Rules {
         let index_of = |name: &str| segments.iter().position(|s| s.name == name);
         let mut order = Vec::new();
         let mut placed = vec![false; segments.len()];
@@ -98,6 +102,7 @@ impl Rules {
             segments,
             order,
             thresholds,
+            tick_ms: tick_ms.max(1),
         }
     }
 }
@@ -593,7 +598,10 @@ impl ProfileFacts {
         let mut member = vec![false; segments.len()];
         let mut out: Vec<(u32, Time)> = Vec::new();
         let mut wake: Option<Time> = None;
+        let tick = rules.tick_ms;
         let mut soon = |t: Time| {
+            // The first tick at or after `t`.
+            let t = t.div_ceil(tick).saturating_mul(tick);
             if t > now && wake.is_none_or(|w| t < w) {
                 wake = Some(t);
             }

@@ -272,21 +272,39 @@ pub fn plan(
         .as_ref()
         .and_then(|c| c.retained.as_ref()?.sinks.as_ref())
         .unwrap_or(sinks);
-    for (label, len, tail, file) in [
-        (segments, at.segments_len, &at.segments_tail, files.0),
-        (dead_letters, at.dead_len, &at.dead_tail, files.1),
+    for (label, len, tail, file, also) in [
+        (
+            segments,
+            at.segments_len,
+            &at.segments_tail,
+            files.0,
+            (sinks.segments_len, &sinks.segments_tail),
+        ),
+        (
+            dead_letters,
+            at.dead_len,
+            &at.dead_tail,
+            files.1,
+            (sinks.dead_len, &sinks.dead_tail),
+        ),
     ] {
         if !file || len == 0 {
             continue;
         }
-        let longer = std::fs::metadata(label).is_ok_and(|m| m.is_file() && m.len() >= len);
-        if longer && !tail.is_empty() && crate::store::tail_hash(label, len) != *tail {
-            return Err(refuse(
-                dir,
-                format!(
-                    "the output {label} does not hold, before byte {len}, what this run's checkpoint says was written there: something else changed it"
-                ),
-            ));
+        // The end of what is kept, and the checkpoint's own position
+        // (where a finished run's final bound put it, before the end):
+        // the bytes before each must be those written.
+        for (len, tail) in [(len, tail), also] {
+            let longer = std::fs::metadata(label).is_ok_and(|m| m.is_file() && m.len() >= len);
+            if len > 0 && longer && !tail.is_empty() && crate::store::tail_hash(label, len) != *tail
+            {
+                return Err(refuse(
+                    dir,
+                    format!(
+                        "the output {label} does not hold, before byte {len}, what this run's checkpoint says was written there: something else changed it"
+                    ),
+                ));
+            }
         }
         match std::fs::metadata(label) {
             Ok(meta) if meta.is_file() && meta.len() < len => {

@@ -489,7 +489,8 @@ fn call(i: &mut Input<'_>, name: &str, name_at: usize) -> PResult<Expr> {
             Ok(r) => StrTest::Matches(r),
             Err(e) => {
                 let first = e.to_string();
-                let first = first.lines().last().unwrap_or("").trim().to_string();
+                let first = first.lines().last().unwrap_or("").trim();
+                let first = first.strip_prefix("error: ").unwrap_or(first).to_string();
                 return Err(PErr {
                     offset: lit_at,
                     message: format!("invalid regular expression: {first}"),

@@ -45,6 +45,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub mod explain;
+
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
