@@ -2,12 +2,17 @@
 //!
 //! The `segflow` binary follows a file (`follow = true`, one worker, tick
 //! 100 ms, lateness 0) with a RocksDB state directory and an output file.
-//! A writer appends `view_item` events stamped with the current wall clock
-//! at a fixed rate, round-robin over a fixed pool of returning visitors, so
-//! the number of profiles is bounded while every window keeps sliding: each
-//! event enters a 10-second window and leaves it 10 seconds later, and every
-//! visitor's lifetime count changes. A memory that grows here grows with the
-//! length of the stream, not with the state.
+//! A writer appends events stamped with the current wall clock at a fixed
+//! rate, round-robin over a fixed pool of returning visitors (views of
+//! priced items in categories, add-to-carts, purchases, page views, from
+//! several devices), so the number of profiles is bounded while every
+//! window keeps sliding. The definition uses every construct of the
+//! language with short windows: sliding counts, averages, maxima, distinct
+//! counts, most frequent values and shares; a tumbling minute; sessions;
+//! a `not_followed_by` sequence; the latest device; recencies; segments of
+//! segments and a dwell time. Each expires within two minutes, so a memory
+//! that grows here grows with the length of the stream, not with the
+//! state.
 //!
 //! The resident set size (`VmRSS` of `/proc/PID/status`) is sampled every
 //! `--sample` seconds. `cargo bench --bench soak` prints one JSON line per
@@ -30,6 +35,7 @@ const SPEC: &str = r#"
 tick = "100ms"
 allowed_lateness = "0s"
 idle_advance = "200ms"
+time_zone = "UTC"
 
 [sources.web]
 follow = true
@@ -43,9 +49,120 @@ window = "10s"
 stream = "web"
 filter = 'event == "view_item"'
 
+[traits.avg_price_30s]
+stream = "web"
+filter = 'event == "view_item"'
+aggregate = "avg"
+of = "item.price"
+window = "30s"
+
+[traits.max_price_30s]
+stream = "web"
+filter = 'event == "view_item"'
+aggregate = "max"
+of = "item.price"
+window = "30s"
+
+[traits.categories_1m]
+stream = "web"
+aggregate = "distinct"
+of = "item.category"
+window = "1m"
+
+[traits.top_category_1m]
+stream = "web"
+filter = 'event == "view_item"'
+aggregate = "most_frequent"
+of = "item.category"
+window = "1m"
+
+[traits.outdoor_share_1m]
+stream = "web"
+filter = 'event == "view_item"'
+aggregate = "share"
+part = 'item.category == "outdoor"'
+window = "1m"
+
+[traits.views_this_minute]
+stream = "web"
+filter = 'event == "view_item"'
+tumbling = "1m"
+
+[traits.session_views]
+stream = "web"
+filter = 'event == "view_item"'
+session_gap = "5s"
+session_max = "2m"
+
+[traits.abandoned_10s]
+stream = "web"
+filter = 'event == "add_to_cart"'
+window = "10s"
+not_followed_by = [{ stream = "web", filter = 'event == "purchase"' }]
+within = "3s"
+
+[traits.last_device]
+stream = "web"
+aggregate = "last"
+of = "context.device"
+
+[traits.since_first]
+stream = "web"
+aggregate = "since_first"
+
+[traits.since_last_purchase]
+stream = "web"
+filter = 'event == "purchase"'
+aggregate = "since_last"
+
 [segments.recent]
 when = "views_10s >= 2"
+
+[segments.browsing]
+when = "session_views >= 3"
+
+[segments.abandoner]
+when = "abandoned_10s >= 1"
+
+[segments.mobile]
+when = 'last_device == "mobile"'
+
+[segments.lapsed]
+when = "since_last_purchase >= 20s"
+
+[segments.loyal]
+when = "recent and since_first >= 1m"
+
+[segments.premium]
+when = "max_price_30s >= 100 and avg_price_30s >= 50 and categories_1m >= 2"
+min_dwell = "5s"
+
+[segments.outdoor]
+when = 'outdoor_share_1m >= 0.5 and top_category_1m == "outdoor" and views_this_minute >= 1'
 "#;
+
+/// The `n`th event of the soak, stamped `now_ms`: mostly item views, some
+/// add-to-carts, purchases and page views, over `visitors` visitors.
+fn event(n: u64, visitors: u64, now_ms: u128) -> String {
+    const CATEGORIES: [&str; 4] = ["outdoor", "books", "home", "toys"];
+    const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
+    // A fixed scramble of the counter, so kinds and values do not follow
+    // the visitor round-robin.
+    let h = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    let kind = match h % 20 {
+        0..=13 => "view_item",
+        14..=16 => "add_to_cart",
+        17 => "purchase",
+        _ => "page_view",
+    };
+    let price = 5 + (h / 20) % 200;
+    let category = CATEGORIES[((h / 4000) % 4) as usize];
+    let device = DEVICES[((h / 16_000) % 3) as usize];
+    format!(
+        "{{\"event\":\"{kind}\",\"ts\":{now_ms},\"anonymous_id\":\"v{}\",\"item\":{{\"price\":{price},\"category\":\"{category}\"}},\"context\":{{\"device\":\"{device}\"}}}}\n",
+        n % visitors
+    )
+}
 
 fn rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -115,10 +232,7 @@ fn run(soak: &Soak) -> (Vec<(f64, f64)>, u64, String) {
             .as_millis();
         buf.clear();
         while written < due {
-            buf.push_str(&format!(
-                "{{\"event\":\"view_item\",\"ts\":{now_ms},\"anonymous_id\":\"v{}\"}}\n",
-                written % soak.visitors
-            ));
+            buf.push_str(&event(written, soak.visitors, now_ms));
             written += 1;
         }
         file.write_all(buf.as_bytes()).unwrap();

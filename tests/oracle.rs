@@ -470,6 +470,7 @@ fn engine_diffs(d: &Data, workers: usize) -> Vec<(u64, String, String, i64)> {
     let diffs = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&diffs);
     let mem = |v: &Vec<String>| Input::Memory(Arc::new(v.clone()));
+    let dead = tempfile::tempdir().unwrap();
     Engine::new(spec)
         .input("web", mem(&d.web))
         .unwrap()
@@ -485,10 +486,8 @@ fn engine_diffs(d: &Data, workers: usize) -> Vec<(u64, String, String, i64)> {
                 diff.diff,
             ));
         })))
-        .dead_letter(std::env::temp_dir().join(format!(
-            "segflow-oracle-dead-{}-{workers}.jsonl",
-            std::process::id()
-        )))
+        // Tests run at once in one process: each run its own file.
+        .dead_letter(dead.path().join("dead.jsonl"))
         .run(timely::Config::process(workers))
         .unwrap();
     let mut diffs = diffs.lock().unwrap().clone();

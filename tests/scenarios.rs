@@ -326,7 +326,7 @@ fn state_is_queryable_by_any_identifier() {
                 "phone:+14152345678"
             ]
         );
-        assert_eq!(view.traits.get("views_10s"), Some(&serde_json::json!(2.0)));
+        assert_eq!(view.traits.get("views_10s"), Some(&serde_json::json!(2)));
         assert_eq!(view.segments, vec!["active", "vip"]);
         assert_eq!(view.attributes["tier"], "gold");
         assert_eq!(view.as_of.as_ref().unwrap().time, 4000);

@@ -41,6 +41,25 @@ pub struct Rules {
     thresholds: Vec<Vec<f64>>,
     /// The engine tick (ms): wake-ups are at multiples of it.
     tick_ms: u64,
+    /// Trait and segment names, to their indices.
+    names: foldhash::HashMap<String, Name>,
+    /// Per trait: the segments whose condition reads it.
+    trait_readers: Vec<Vec<usize>>,
+    /// Per segment: the segments whose condition reads it.
+    segment_readers: Vec<Vec<usize>>,
+    /// Per segment: the traits its condition reads.
+    reads: Vec<Vec<usize>>,
+    /// The segments whose condition reads attributes.
+    attribute_readers: Vec<usize>,
+}
+
+/// What a name in a condition is.
+#[derive(Clone, Copy)]
+enum Name {
+    /// Trait `i` (`NAME`, or `NAME.count` of a most frequent value).
+    Trait(usize),
+    /// Segment `i`.
+    Segment(usize),
 }
 
 impl Rules {
@@ -97,13 +116,73 @@ impl Rules {
         for s in segments.iter() {
             collect(&s.when, &traits, &mut thresholds);
         }
+        let mut names = foldhash::HashMap::default();
+        for (i, t) in traits.iter().enumerate() {
+            names.insert(t.name.clone(), Name::Trait(i));
+        }
+        for (i, s) in segments.iter().enumerate() {
+            names.insert(s.name.clone(), Name::Segment(i));
+        }
+        let mut trait_readers = vec![Vec::new(); traits.len()];
+        let mut segment_readers = vec![Vec::new(); segments.len()];
+        let mut reads = vec![Vec::new(); segments.len()];
+        let mut attribute_readers = Vec::new();
+        for (s, seg) in segments.iter().enumerate() {
+            for (p, _) in seg.when.paths() {
+                match names.get(p[0].as_str()) {
+                    Some(Name::Trait(i)) => {
+                        trait_readers[*i].push(s);
+                        reads[s].push(*i);
+                    }
+                    Some(Name::Segment(x)) => segment_readers[*x].push(s),
+                    None => attribute_readers.push(s),
+                }
+            }
+        }
+        for list in trait_readers
+            .iter_mut()
+            .chain(segment_readers.iter_mut())
+            .chain(reads.iter_mut())
+            .chain(std::iter::once(&mut attribute_readers))
+        {
+            list.sort_unstable();
+            list.dedup();
+        }
         Rules {
             traits,
             segments,
             order,
             thresholds,
             tick_ms: tick_ms.max(1),
+            names,
+            trait_readers,
+            segment_readers,
+            reads,
+            attribute_readers,
         }
+    }
+}
+
+impl Rules {
+    /// The segments to evaluate again when the traits `touched` (sorted)
+    /// changed, and the attributes if `attributes`: those that read them,
+    /// and those that read those segments, and so on.
+    fn dirty(&self, touched: &[u32], attributes: bool) -> Vec<bool> {
+        let mut dirty = vec![false; self.segments.len()];
+        let mut stack: Vec<usize> = Vec::new();
+        for &i in touched {
+            stack.extend(&self.trait_readers[i as usize]);
+        }
+        if attributes {
+            stack.extend(&self.attribute_readers);
+        }
+        while let Some(s) = stack.pop() {
+            if !dirty[s] {
+                dirty[s] = true;
+                stack.extend(&self.segment_readers[s]);
+            }
+        }
+        dirty
     }
 }
 
@@ -230,40 +309,55 @@ pub fn evaluate<'s>(
                     let facts = state.entry(p).or_default();
                     let mut touched: Vec<u32> = Vec::new();
                     let mut woken = false;
+                    // Existence changed: every segment is evaluated again.
+                    let mut everything = false;
+                    let mut attributes_changed = false;
                     let before_totals = facts.totals.clone();
                     for (_, change) in group.iter_mut() {
                         match change {
                             Change::Total(slot, _) => touched.push(slot_trait(*slot)),
                             Change::Point(index, ..) => touched.push(*index),
                             Change::Wake => woken |= facts.wake == Some(time),
-                            _ => {}
+                            Change::Exists(_) => everything = true,
+                            Change::Attrs(..) => attributes_changed = true,
                         }
                         facts.apply(std::mem::replace(change, Change::Exists(0)));
                     }
                     if woken {
+                        // A value that changes with time alone, or a dwell
+                        // time, is due.
                         facts.wake = None;
-                    }
-                    facts.tidy();
-                    // Values that change with time alone are looked at on
-                    // every evaluation.
-                    for (i, t) in rules.traits.iter().enumerate() {
-                        if time_dependent(t) {
-                            touched.push(i as u32);
+                        everything = true;
+                        for (i, t) in rules.traits.iter().enumerate() {
+                            if time_dependent(t) {
+                                touched.push(i as u32);
+                            }
                         }
                     }
+                    facts.tidy();
                     touched.sort_unstable();
                     touched.dedup();
+                    let dirty = (!everything).then(|| rules.dirty(&touched, attributes_changed));
+                    let (now, wake, current) = if !facts.has_facts() {
+                        (Box::default(), None, None)
+                    } else {
+                        let (now, wake, current) =
+                            facts.memberships(rules, time, dirty.as_deref(), &touched);
+                        (now, wake, Some(current))
+                    };
                     for &i in &touched {
                         let spec = &rules.traits[i as usize];
-                        let (old, new) = if spec.is_abelian() {
-                            (
-                                stored(abelian_value(spec, i, &before_totals)),
-                                stored(abelian_value(spec, i, &facts.totals)),
-                            )
+                        let new = match &current {
+                            None => Scalar::Null,
+                            Some(_) if spec.aggregate.is_recency() => {
+                                stored(facts.state_value(spec, i, time))
+                            }
+                            Some(current) => stored(current[i as usize].clone()),
+                        };
+                        let old = if spec.is_abelian() {
+                            stored(abelian_value(spec, i, &before_totals))
                         } else {
-                            let old = facts.shown(i).cloned().unwrap_or(Scalar::Null);
-                            let new = stored(facts.state_value(spec, i, time));
-                            (old, new)
+                            facts.shown(i).cloned().unwrap_or(Scalar::Null)
                         };
                         if old != new {
                             if old != Scalar::Null {
@@ -277,11 +371,6 @@ pub fn evaluate<'s>(
                             }
                         }
                     }
-                    let (now, wake) = if !facts.has_facts() {
-                        (Box::default(), None)
-                    } else {
-                        facts.memberships(rules, time)
-                    };
                     for &(s, _) in facts.members.iter() {
                         if !now.iter().any(|&(x, _)| x == s) {
                             members.give(((s, p), time, -1));
@@ -420,10 +509,16 @@ impl ProfileFacts {
             Change::Total(slot, change) => *upsert(&mut self.totals, slot, || 0) += change,
             Change::Point(index, point, r) => {
                 let points = upsert(&mut self.points, index, Points::new);
-                let count = points.entry(point).or_default();
-                *count += r;
-                if *count == 0 {
-                    // Zero counts are removed by `tidy`, once per time.
+                match points.entry(point) {
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        *e.get_mut() += r;
+                        if *e.get() == 0 {
+                            e.remove();
+                        }
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(r);
+                    }
                 }
             }
             Change::Attrs(a, r) => match self.attrs.iter_mut().find(|(x, _)| *x == a) {
@@ -438,17 +533,13 @@ impl ProfileFacts {
         }
     }
 
-    /// Removes zero totals, points and attribute counts.
+    /// Removes zero totals, emptied point sets and zero attribute counts
+    /// (a point is removed as soon as its count is zero).
     fn tidy(&mut self) {
         if self.totals.iter().any(|&(_, total)| total == 0) {
             retain(&mut self.totals, |&(_, total)| total != 0);
         }
-        let mut empty = false;
-        for (_, points) in self.points.iter_mut() {
-            points.retain(|_, c| *c != 0);
-            empty |= points.is_empty();
-        }
-        if empty {
+        if self.points.iter().any(|(_, p)| p.is_empty()) {
             retain(&mut self.points, |(_, p)| !p.is_empty());
         }
         if self.attrs.iter().any(|(_, count)| *count == 0) {
@@ -549,6 +640,16 @@ impl ProfileFacts {
                 }),
                 None,
             ),
+            // Windowed points of distinct and most frequent values are
+            // keyed by value alone (tick 0): one entry per value.
+            Aggregate::Distinct => (Scalar::Num(points.len() as f64), None),
+            Aggregate::MostFrequent => {
+                let best = points.iter().max_by_key(|((_, v), c)| (**c, Reverse(v)));
+                match best {
+                    Some(((_, v), c)) => (v.clone(), Some(*c as f64)),
+                    None => (Scalar::Null, None),
+                }
+            }
             _ => fold(
                 spec.aggregate,
                 points.iter().map(|((t, v), c)| (*t, v, *c)),
@@ -573,13 +674,37 @@ impl ProfileFacts {
     }
 
     /// The segments the profile belongs to at `now` (with when it entered
-    /// each), and when it must be evaluated again without a new fact.
-    fn memberships(&self, rules: &Rules, now: Time) -> (Box<[(u32, Time)]>, Option<Time>) {
+    /// each), when it must be evaluated again without a new fact, and its
+    /// trait values as conditions see them.
+    fn memberships(
+        &self,
+        rules: &Rules,
+        now: Time,
+        dirty: Option<&[bool]>,
+        touched: &[u32],
+    ) -> (Box<[(u32, Time)]>, Option<Time>, Vec<Scalar>) {
         let traits = &rules.traits;
+        // The values of the traits that changed and of those the segments
+        // evaluated again read (the others stay null, unread).
+        let mut needed = vec![dirty.is_none(); traits.len()];
+        for &i in touched {
+            needed[i as usize] = true;
+        }
+        if let Some(dirty) = dirty {
+            for (s, d) in dirty.iter().enumerate() {
+                if *d {
+                    for &i in &rules.reads[s] {
+                        needed[i] = true;
+                    }
+                }
+            }
+        }
         let mut values: Vec<Scalar> = Vec::with_capacity(traits.len());
         let mut counts: Vec<Option<f64>> = Vec::with_capacity(traits.len());
         for (i, spec) in traits.iter().enumerate() {
-            let (v, c) = if spec.is_abelian() {
+            let (v, c) = if !needed[i] {
+                (Scalar::Null, None)
+            } else if spec.is_abelian() {
                 (abelian_value(spec, i as u32, &self.totals), None)
             } else {
                 self.point_value(spec, i as u32, now)
@@ -608,38 +733,43 @@ impl ProfileFacts {
         };
         for &s in &rules.order {
             let spec = &segments[s];
+            let entered = self
+                .members
+                .iter()
+                .find(|&&(x, _)| x as usize == s)
+                .map(|&(_, at)| at);
+            if dirty.is_some_and(|d| !d[s]) {
+                // Nothing it reads changed: it stays as it was, and a
+                // dwell time that runs keeps its wake-up.
+                if let Some(at) = entered {
+                    member[s] = true;
+                    out.push((s as u32, at));
+                    if let Some(dwell) = spec.min_dwell_ms {
+                        soon(at.saturating_add(dwell));
+                    }
+                }
+                continue;
+            }
             let holds = {
                 let mut lookup = |path: &[String]| -> ScalarRef<'_> {
-                    match path {
-                        [name] => match traits.iter().position(|t| &t.name == name) {
-                            Some(i) => values[i].borrowed(),
-                            None => segments
-                                .iter()
-                                .position(|x| &x.name == name)
-                                .map_or(ScalarRef::Null, |x| ScalarRef::Bool(member[x])),
-                        },
-                        [first, field] if first == "attributes" => attrs
+                    match (rules.names.get(path[0].as_str()), path) {
+                        (Some(Name::Trait(i)), [_]) => values[*i].borrowed(),
+                        (Some(Name::Trait(i)), [_, _]) => {
+                            counts[*i].map_or(ScalarRef::Null, ScalarRef::Num)
+                        }
+                        (Some(Name::Segment(x)), _) => ScalarRef::Bool(member[*x]),
+                        (None, [first, field]) if first == "attributes" => attrs
                             .and_then(|a| {
                                 a.iter()
                                     .find(|(k, _)| k == field)
                                     .map(|(_, v)| v.borrowed())
                             })
                             .unwrap_or(ScalarRef::Null),
-                        [name, count] if count == "count" => traits
-                            .iter()
-                            .position(|t| &t.name == name)
-                            .and_then(|i| counts[i])
-                            .map_or(ScalarRef::Null, ScalarRef::Num),
                         _ => ScalarRef::Null,
                     }
                 };
                 spec.when.eval_bool(&mut lookup)
             };
-            let entered = self
-                .members
-                .iter()
-                .find(|&&(x, _)| x as usize == s)
-                .map(|&(_, at)| at);
             let is_member = match (holds, entered, spec.min_dwell_ms) {
                 (true, Some(at), _) => Some(at),
                 (true, None, _) => Some(now),
@@ -690,7 +820,7 @@ impl ProfileFacts {
                 }
             }
         }
-        (out.into(), wake)
+        (out.into(), wake, values)
     }
 }
 
@@ -767,6 +897,10 @@ fn fold<'a>(
     let mut sum = 0.0;
     let mut first: Option<(Time, &Scalar)> = None;
     let mut last: Option<(Time, &Scalar)> = None;
+    let mut least: Option<&Scalar> = None;
+    let mut greatest: Option<&Scalar> = None;
+    // Only distinct and most frequent values need the values apart.
+    let by_value_needed = matches!(aggregate, Aggregate::Distinct | Aggregate::MostFrequent);
     let mut by_value: BTreeMap<&Scalar, isize> = BTreeMap::new();
     for (t, v, c) in points {
         if c <= 0 {
@@ -778,20 +912,22 @@ fn fold<'a>(
             first = Some((t, v));
         }
         last = Some((t, v));
-        *by_value.entry(v).or_default() += c;
+        if least.is_none_or(|l| v < l) {
+            least = Some(v);
+        }
+        if greatest.is_none_or(|g| v > g) {
+            greatest = Some(v);
+        }
+        if by_value_needed {
+            *by_value.entry(v).or_default() += c;
+        }
     }
     let v = match aggregate {
         Aggregate::Count => Scalar::Num(n as f64),
         Aggregate::Sum => Scalar::Num((sum * SUM_SCALE).round() / SUM_SCALE),
         Aggregate::Avg if n > 0 => Scalar::Num(sum / n as f64),
-        Aggregate::Min => by_value
-            .keys()
-            .next()
-            .map_or(Scalar::Null, |v| (*v).clone()),
-        Aggregate::Max => by_value
-            .keys()
-            .next_back()
-            .map_or(Scalar::Null, |v| (*v).clone()),
+        Aggregate::Min => least.map_or(Scalar::Null, Scalar::clone),
+        Aggregate::Max => greatest.map_or(Scalar::Null, Scalar::clone),
         Aggregate::Distinct => Scalar::Num(by_value.len() as f64),
         Aggregate::First => first.map_or(Scalar::Null, |(_, v)| v.clone()),
         Aggregate::Last => last.map_or(Scalar::Null, |(_, v)| v.clone()),

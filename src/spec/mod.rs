@@ -155,6 +155,11 @@ impl Aggregate {
         )
     }
 
+    /// Whether the aggregate is a recency (`since_first`, `since_last`).
+    pub fn is_recency(self) -> bool {
+        matches!(self, Aggregate::SinceFirst | Aggregate::SinceLast)
+    }
+
     /// Whether `of` names the aggregated field: required for all but
     /// count, share (where it is an optional weight) and the recencies.
     fn needs_of(self) -> Option<bool> {

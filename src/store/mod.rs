@@ -580,7 +580,16 @@ impl StateBatch {
     pub fn trait_value(&mut self, profile: &str, name: &str, value: &Scalar, insert: bool) {
         let key = key2(profile, name);
         if insert {
-            self.put(TRAITS, key, value.to_json().to_string());
+            // JSON text, without building a `serde_json::Value` (numbers
+            // as Rust writes them: the shortest text that reads back the
+            // same, never an exponent).
+            let text = match value {
+                Scalar::Num(n) if n.is_finite() => n.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+                Scalar::Str(s) => serde_json::to_string(s).expect("a string serializes"),
+                _ => "null".to_string(),
+            };
+            self.put(TRAITS, key, text);
         } else {
             self.delete(TRAITS, key);
         }
@@ -1658,13 +1667,13 @@ mod tests {
         let victim = store.view("user:victim").unwrap();
         assert_eq!(
             victim.traits,
-            BTreeMap::from([("views".to_string(), serde_json::json!(1.0))])
+            BTreeMap::from([("views".to_string(), serde_json::json!(1))])
         );
         assert!(victim.segments.is_empty(), "{:?}", victim.segments);
         let other = store.view("user:victim\u{0}x").unwrap();
         assert_eq!(
             other.traits,
-            BTreeMap::from([("views".to_string(), serde_json::json!(7.0))])
+            BTreeMap::from([("views".to_string(), serde_json::json!(7))])
         );
         assert_eq!(other.segments, vec!["vip".to_string()]);
     }
@@ -1716,7 +1725,7 @@ mod tests {
         assert_eq!(view.segments, vec!["fan".to_string()]);
         assert_eq!(
             view.traits,
-            BTreeMap::from([("views".to_string(), serde_json::json!(3.0))])
+            BTreeMap::from([("views".to_string(), serde_json::json!(3))])
         );
     }
 
@@ -1809,7 +1818,7 @@ mod tests {
             .unwrap();
         assert_eq!(view.profile, "crm:C1");
         assert_eq!(view.identifiers, vec!["crm:C1", "email:a@b.c"]);
-        assert_eq!(view.traits.get("views"), Some(&serde_json::json!(4.0)));
+        assert_eq!(view.traits.get("views"), Some(&serde_json::json!(4)));
         assert_eq!(view.segments, vec!["vip"]);
         assert_eq!(view.attributes["tier"], "gold");
         assert_eq!(view.as_of.unwrap().time, 2000);

@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(view.identifiers, vec!["user:p".to_string()]);
         assert_eq!(
             view.traits.get("views"),
-            Some(&serde_json::json!(1.0)),
+            Some(&serde_json::json!(1)),
             "time 1, not 2"
         );
         assert_eq!(view.as_of.unwrap().time, 1);
@@ -382,7 +382,7 @@ mod tests {
         part.deposit(1, Vec::new(), Vec::new(), Time::MAX).unwrap();
         assert_eq!(part.batches(), 2);
         let view = part.store.view("user:p").unwrap();
-        assert_eq!(view.traits.get("views"), Some(&serde_json::json!(2.0)));
+        assert_eq!(view.traits.get("views"), Some(&serde_json::json!(2)));
         assert_eq!(view.as_of.unwrap().time, 2);
     }
 }
