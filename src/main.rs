@@ -312,8 +312,10 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
             t += "\n";
         }
         t += &format!("  records read      {records}\n");
+        // Late records are dead-lettered, or clamped to the watermark and
+        // kept (late_policy = "clamp"), when they are not dead letters.
         t += &format!(
-            "  dead letters      {} (of which late {})\n",
+            "  dead letters      {}\n  late              {} (dead-lettered, or clamped to the watermark with late_policy = \"clamp\")\n",
             s.dead_letters(),
             s.late()
         );
@@ -565,6 +567,26 @@ fn main() -> ExitCode {
                     identifier,
                     matches.len(),
                     all.join(", ")
+                );
+            }
+            if let (Some(spec), Some(_), Some(cp)) = (&spec, &args.explain, state.checkpoint()?) {
+                // The explanation re-evaluates the file's conditions on the
+                // stored values: they must be the ones that wrote them.
+                let ours = segflow::engine::resume::fingerprint_parts(spec);
+                let differ: Vec<&str> = ["engine settings", "traits", "segments"]
+                    .into_iter()
+                    .filter(|part| {
+                        cp.fingerprint_parts
+                            .get(*part)
+                            .is_some_and(|theirs| ours.get(*part) != Some(theirs))
+                    })
+                    .collect();
+                anyhow::ensure!(
+                    differ.is_empty(),
+                    "{} is not the definition the state in {} was written with (its {} differ): --explain evaluates the definition's conditions on the stored values, so give the file the run used",
+                    spec.file,
+                    args.state_dir.display(),
+                    differ.join(" and ")
                 );
             }
             match found {

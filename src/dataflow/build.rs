@@ -46,6 +46,7 @@ pub fn build<'s>(
     let trait_specs: Rc<[TraitSpec]> = spec.traits.clone().into();
     let segment_specs: Rc<[SegmentSpec]> = spec.segments.clone().into();
     let tz = spec.engine.time_zone;
+    let tick_ms = spec.engine.tick_ms;
 
     let mut record_streams = Vec::new();
     let mut control_streams = Vec::new();
@@ -75,7 +76,7 @@ pub fn build<'s>(
     let contributions: Coll<'s, traits::Contribution> = retract_at_window_end(
         split.contributions.clone(),
         restore.window_ends,
-        move |c, t| traits::amount_window_end(&specs, c, t, tz),
+        move |c, t| traits::amount_window_end(&specs, c, t, tz, tick_ms),
     )
     .concat(restore.contributions)
     .as_collection();
@@ -88,7 +89,7 @@ pub fn build<'s>(
     let specs = Rc::clone(&trait_specs);
     let points: Coll<'s, traits::PointContribution> =
         retract_at_window_end(kept_points.clone(), restore.point_ends, move |c, t| {
-            traits::point_window_end(&specs, c, t, tz)
+            traits::point_window_end(&specs, c, t, tz, tick_ms)
         })
         .concat(restore.points)
         .as_collection();
@@ -114,14 +115,14 @@ pub fn build<'s>(
             {
                 let specs = Rc::clone(&trait_specs);
                 split.contributions.map(move |(c, t, r)| {
-                    let end = traits::amount_window_end(&specs, &c, t, tz);
+                    let end = traits::amount_window_end(&specs, &c, t, tz, tick_ms);
                     (Retained::Contribution(c, end), t, r)
                 })
             },
             {
                 let specs = Rc::clone(&trait_specs);
                 kept_points.map(move |(c, t, r)| {
-                    let end = traits::point_window_end(&specs, &c, t, tz);
+                    let end = traits::point_window_end(&specs, &c, t, tz, tick_ms);
                     (Retained::Point(c, end), t, r)
                 })
             },

@@ -726,7 +726,7 @@ impl ProfileFacts {
         let tick = rules.tick_ms;
         let mut soon = |t: Time| {
             // The first tick at or after `t`.
-            let t = t.div_ceil(tick).saturating_mul(tick);
+            let t = crate::time::ceil_to_tick(t, tick);
             if t > now && wake.is_none_or(|w| t < w) {
                 wake = Some(t);
             }

@@ -69,15 +69,11 @@ pub fn slot_trait(slot: u32) -> u32 {
 }
 
 /// What traits read of a record beyond its own fields: `hour` and
-/// `weekday` of its time in the engine's time zone.
-fn field<'r>(record: &'r Record, path: &[String], tz: chrono_tz::Tz) -> ScalarRef<'r> {
-    let ts = match record {
-        Record::Web(e) => e.ts_ms,
-        Record::Txn(t) => t.ts_ms,
-        Record::Crm(_) => return ScalarRef::Null,
-    };
+/// `weekday` of its event time `tick` (the time it is processed at: a
+/// clamped record's is the watermark) in the engine's time zone.
+fn field<'r>(record: &'r Record, path: &[String], tz: chrono_tz::Tz, tick: Time) -> ScalarRef<'r> {
     if let [one] = path {
-        let ms = ts.max(0) as u64;
+        let ms = tick;
         match one.as_str() {
             "hour" => return ScalarRef::Num(f64::from(crate::time::calendar::hour(ms, tz))),
             "weekday" => return ScalarRef::Num(f64::from(crate::time::calendar::weekday(ms, tz))),
@@ -97,12 +93,13 @@ fn passes(
     filter: Option<&crate::spec::expr::Expr>,
     record: &Record,
     tz: chrono_tz::Tz,
+    tick: Time,
 ) -> bool {
     let on_stream = matches!(
         (stream, record),
         (StreamKind::Web, Record::Web(_)) | (StreamKind::Transactions, Record::Txn(_))
     );
-    on_stream && filter.is_none_or(|f| f.eval_bool(&mut |p| field(record, p, tz)))
+    on_stream && filter.is_none_or(|f| f.eval_bool(&mut |p| field(record, p, tz, tick)))
 }
 
 /// A numeric field in thousandths, exact for values within
@@ -123,8 +120,8 @@ fn thousandths(v: ScalarRef<'_>) -> Option<i64> {
 /// `first` and `last`, null when missing), `true` for a count; `None` if
 /// the field is missing or not a number where one is needed (the event
 /// then does not count).
-fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz) -> Option<Scalar> {
-    let of = || field(record, spec.of.as_deref().unwrap_or(&[]), tz);
+fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz, tick: Time) -> Option<Scalar> {
+    let of = || field(record, spec.of.as_deref().unwrap_or(&[]), tz, tick);
     match spec.aggregate {
         Aggregate::Count | Aggregate::SinceFirst | Aggregate::SinceLast => Some(Scalar::Bool(true)),
         Aggregate::Sum | Aggregate::Avg | Aggregate::Min | Aggregate::Max | Aggregate::Share => {
@@ -158,7 +155,7 @@ pub fn contributions(
     };
     for (index, spec) in traits.iter().enumerate() {
         let i = index as u32;
-        let matched = passes(spec.stream, spec.filter.as_ref(), record, tz);
+        let matched = passes(spec.stream, spec.filter.as_ref(), record, tz, tick);
         if let Some(seq) = &spec.sequence {
             if matched {
                 points((key, (i, (tick, Scalar::Bool(false)))));
@@ -166,7 +163,7 @@ pub fn contributions(
             if seq
                 .steps
                 .iter()
-                .any(|(stream, filter)| passes(*stream, filter.as_ref(), record, tz))
+                .any(|(stream, filter)| passes(*stream, filter.as_ref(), record, tz, tick))
             {
                 points((key, (i, (tick, Scalar::Bool(true)))));
             }
@@ -175,9 +172,9 @@ pub fn contributions(
         if let Window::Session { .. } = spec.window {
             // Every event of the stream marks the session; those the filter
             // keeps carry their value.
-            if passes(spec.stream, None, record, tz) {
+            if passes(spec.stream, None, record, tz, tick) {
                 let value = if matched {
-                    point_value(spec, record, tz).unwrap_or(Scalar::Null)
+                    point_value(spec, record, tz, tick).unwrap_or(Scalar::Null)
                 } else {
                     Scalar::Null
                 };
@@ -188,7 +185,7 @@ pub fn contributions(
         if !matched {
             continue;
         }
-        let of = || field(record, spec.of.as_deref().unwrap_or(&[]), tz);
+        let of = || field(record, spec.of.as_deref().unwrap_or(&[]), tz, tick);
         match spec.aggregate {
             Aggregate::Count => amounts((key, (i, 1))),
             Aggregate::Sum => {
@@ -213,7 +210,7 @@ pub fn contributions(
                     let part = spec
                         .part
                         .as_ref()
-                        .is_some_and(|p| p.eval_bool(&mut |path| field(record, path, tz)));
+                        .is_some_and(|p| p.eval_bool(&mut |path| field(record, path, tz, tick)));
                     if part {
                         amounts((key, (i, w)));
                     }
@@ -221,12 +218,12 @@ pub fn contributions(
                 }
             }
             Aggregate::Min | Aggregate::Max | Aggregate::Distinct | Aggregate::MostFrequent => {
-                if let Some(v) = point_value(spec, record, tz) {
+                if let Some(v) = point_value(spec, record, tz, tick) {
                     points((key, (i, (0, v))));
                 }
             }
             Aggregate::First | Aggregate::Last | Aggregate::SinceFirst | Aggregate::SinceLast => {
-                if let Some(v) = point_value(spec, record, tz) {
+                if let Some(v) = point_value(spec, record, tz, tick) {
                     let v =
                         if matches!(spec.aggregate, Aggregate::SinceFirst | Aggregate::SinceLast) {
                             Scalar::Null
@@ -240,15 +237,18 @@ pub fn contributions(
     }
 }
 
-/// When an event at `tick` leaves trait `spec`'s window; `None` for a
-/// lifetime trait.
-pub fn window_end(spec: &TraitSpec, tick: Time, tz: chrono_tz::Tz) -> Option<Time> {
-    match spec.window {
-        Window::Lifetime => None,
-        Window::Sliding(w) => Some(crate::time::window_end(tick, w)),
-        Window::Tumbling(w) => Some(crate::time::calendar::tumbling_end(tick, w, tz)),
-        Window::Session { max, .. } => Some(crate::time::window_end(tick, max)),
-    }
+/// When an event at `tick` leaves trait `spec`'s window, at the first
+/// tick (of `tick_ms`) at or after the window's end: time moves in ticks,
+/// so a window end between two ticks takes effect at the later one.
+/// `None` for a lifetime trait.
+pub fn window_end(spec: &TraitSpec, tick: Time, tz: chrono_tz::Tz, tick_ms: u64) -> Option<Time> {
+    let end = match spec.window {
+        Window::Lifetime => return None,
+        Window::Sliding(w) => crate::time::window_end(tick, w),
+        Window::Tumbling(w) => crate::time::calendar::tumbling_end(tick, w, tz),
+        Window::Session { max, .. } => crate::time::window_end(tick, max),
+    };
+    Some(crate::time::ceil_to_tick(end, tick_ms))
 }
 
 /// [`window_end`] of an amount.
@@ -257,10 +257,11 @@ pub fn amount_window_end(
     (_, (slot, _)): &Contribution,
     tick: Time,
     tz: chrono_tz::Tz,
+    tick_ms: u64,
 ) -> Option<Time> {
     traits
         .get(slot_trait(*slot) as usize)
-        .and_then(|t| window_end(t, tick, tz))
+        .and_then(|t| window_end(t, tick, tz, tick_ms))
 }
 
 /// [`window_end`] of a point.
@@ -269,10 +270,11 @@ pub fn point_window_end(
     (_, (index, _)): &PointContribution,
     tick: Time,
     tz: chrono_tz::Tz,
+    tick_ms: u64,
 ) -> Option<Time> {
     traits
         .get(*index as usize)
-        .and_then(|t| window_end(t, tick, tz))
+        .and_then(|t| window_end(t, tick, tz, tick_ms))
 }
 
 /// The changes of the totals per `(profile, slot)`: the data is
@@ -548,16 +550,21 @@ mod tests {
         let specs = specs();
         let tz = chrono_tz::UTC;
         assert_eq!(
-            amount_window_end(&specs, &amounts[0], 1000, tz),
+            amount_window_end(&specs, &amounts[0], 1000, tz, 1000),
             Some(1000 + 30 * 60_000)
         );
         assert_eq!(
-            amount_window_end(&specs, &amounts[1], 1000, tz),
+            amount_window_end(&specs, &amounts[1], 1000, tz, 1000),
             Some(86_400_000)
         );
-        assert_eq!(amount_window_end(&specs, &amounts[3], 1000, tz), None);
+        assert_eq!(amount_window_end(&specs, &amounts[3], 1000, tz, 1000), None);
+        // A window end between two ticks takes effect at the later tick.
         assert_eq!(
-            point_window_end(&specs, &points[0], 1000, tz),
+            amount_window_end(&specs, &amounts[0], 1000, tz, 7 * 60_000),
+            Some(35 * 60_000)
+        );
+        assert_eq!(
+            point_window_end(&specs, &points[0], 1000, tz, 1000),
             Some(1000 + 7 * 86_400_000)
         );
         let cheap = record(

@@ -505,6 +505,13 @@ impl Engine {
                 .map(|s| s.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ");
+            let known = if known.is_empty() {
+                format!(
+                    "none (add a [sources.{name}] table with `kind = \"web\"`, \"crm\" or \"transactions\")"
+                )
+            } else {
+                known
+            };
             return Err(EngineError::UnknownSource {
                 name: name.to_string(),
                 known,

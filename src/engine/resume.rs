@@ -27,9 +27,9 @@ use crate::store::{Checkpoint, InputMark, SinkPositions};
 
 /// The fingerprint of everything in a definition that shapes its results:
 /// engine settings (not the worker count), identity rules, the sources (names, kinds, formats;
-/// not their locations), traits and segments (by name, in any order;
-/// not their descriptions), and this segflow version (whose semantics
-/// might differ). An xxh3-128 hash, in hex.
+/// not their locations), traits (in file order) and segments (by name, in
+/// any order; not their descriptions), and this segflow version (whose
+/// semantics might differ). An xxh3-128 hash, in hex.
 pub fn fingerprint(spec: &Spec) -> String {
     let (text, _) = fingerprint_text(spec);
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
@@ -51,10 +51,11 @@ pub fn fingerprint_parts(spec: &Spec) -> BTreeMap<String, String> {
 
 /// The text [`fingerprint`] hashes, and its parts.
 fn fingerprint_text(spec: &Spec) -> (String, Vec<(&'static str, String)>) {
-    // Order and descriptions do not change results: traits and segments
-    // are taken by name, without descriptions.
-    let mut traits = spec.traits.clone();
-    traits.sort_by(|a, b| a.name.cmp(&b.name));
+    // Descriptions and the order of segments do not change results:
+    // segments are taken by name, without descriptions. The order of
+    // traits does: the retained input keys contributions by a trait's
+    // position, so a reordered file is another definition.
+    let traits = spec.traits.clone();
     let mut segments: Vec<_> = spec
         .segments
         .iter()

@@ -235,6 +235,40 @@ impl<'a> ParserError<Input<'a>> for PErr {
 
 const KEYWORDS: &[&str] = &["and", "or", "not", "in", "true", "false", "null"];
 
+/// How deeply parentheses, `not` and `-` may nest: deeper is an error,
+/// not a stack overflow.
+pub const MAX_DEPTH: usize = 64;
+
+thread_local! {
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One level of nesting while it lives; `Err` past [`MAX_DEPTH`].
+struct Nested;
+
+impl Nested {
+    fn enter(i: &Input<'_>) -> PResult<Nested> {
+        let depth = DEPTH.with(|d| {
+            d.set(d.get() + 1);
+            d.get()
+        });
+        if depth > MAX_DEPTH {
+            DEPTH.with(|d| d.set(d.get() - 1));
+            return Err(PErr {
+                offset: i.current_token_start(),
+                message: format!("expression nested too deeply (more than {MAX_DEPTH} levels of parentheses, `not` or `-`)"),
+            });
+        }
+        Ok(Nested)
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
 const OPERAND_EXPECTED: &str =
     "expected an operand (a number, a string, true, false, null, a field path or `(`)";
 
@@ -372,6 +406,7 @@ fn and_expr(i: &mut Input<'_>) -> PResult<(Expr, bool)> {
 fn unary(i: &mut Input<'_>) -> PResult<(Expr, bool)> {
     ws(i)?;
     if keyword(i, "not")? {
+        let _nested = Nested::enter(i)?;
         let (e, bare) = unary(i)?;
         return Ok((Expr::Not(Box::new(e)), bare));
     }
@@ -396,6 +431,16 @@ fn cmp(i: &mut Input<'_>) -> PResult<(Expr, bool)> {
     if let Some(op) = cmp_op(i) {
         ws(i)?;
         let right = sum(i)?;
+        ws(i)?;
+        let cp = i.checkpoint();
+        let at = i.current_token_start();
+        if cmp_op(i).is_some() {
+            return Err(PErr {
+                offset: at,
+                message: "comparisons do not chain: write `a < b and b < c`".into(),
+            });
+        }
+        i.reset(&cp);
         return Ok((Expr::Cmp(op, Box::new(left), Box::new(right)), false));
     }
     if keyword(i, "in")? {
@@ -536,6 +581,7 @@ fn operand(i: &mut Input<'_>) -> PResult<Expr> {
     let rest: &str = i;
     let mut chars = rest.chars();
     if chars.next() == Some('-') && !chars.next().is_some_and(|c| c.is_ascii_digit()) {
+        let _nested = Nested::enter(i)?;
         any::<_, PErr>.parse_next(i)?;
         return Ok(Expr::Neg(Box::new(operand(i)?)));
     }
@@ -543,17 +589,17 @@ fn operand(i: &mut Input<'_>) -> PResult<Expr> {
         Some('"') | Some('\'') => return string(i).map(Expr::Lit),
         Some(c) if c == '-' || c.is_ascii_digit() => return number(i).map(Expr::Lit),
         Some('(') => {
-            let open = i.current_token_start();
+            let _nested = Nested::enter(i)?;
             any::<_, PErr>.parse_next(i)?;
             let (e, bare) = or_expr(i)?;
             ws(i)?;
             if !punct(i, ")") {
                 let expected = if bare {
-                    format!("expected a comparison operator, `and`, `or` or `)` to close the `(` at byte {open}")
+                    "expected a comparison operator, `and`, `or` or `)` (a `(` is not closed)"
                 } else {
-                    format!("expected `and`, `or` or `)` to close the `(` at byte {open}")
+                    "expected `and`, `or` or `)` (a `(` is not closed)"
                 };
-                return fail_at(i, &expected);
+                return fail_at(i, expected);
             }
             return Ok(e);
         }
@@ -710,7 +756,7 @@ fn string(i: &mut Input<'_>) -> PResult<Scalar> {
                 return Err(PErr {
                     offset: here,
                     message: format!(
-                        "unknown escape `\\{other}`: expected one of \\\" \\' \\\\ \\n \\t"
+                        "unknown escape `\\{other}`: expected one of \\\" \\' \\\\ \\n \\t (in a regular expression, write `\\\\{other}`)"
                     ),
                 })
             }
@@ -1206,7 +1252,16 @@ mod tests {
         assert_eq!(e.offset, 6);
         assert_eq!(
             e.message,
-            "expected `and`, `or` or end of expression, found `>`"
+            "comparisons do not chain: write `a < b and b < c`"
+        );
+        // Deep nesting is an error, not a stack overflow.
+        let deep = format!("{}x{}", "(".repeat(5000), ")".repeat(5000));
+        assert!(err(&deep).message.contains("nested too deeply"));
+        let nots = format!("{}x", "not ".repeat(5000));
+        assert!(err(&nots).message.contains("nested too deeply"));
+        assert_eq!(
+            p(&format!("{}x{}", "(".repeat(60), ")".repeat(60))),
+            path(&["x"], 60, 61)
         );
 
         assert_eq!(err("").offset, 0);

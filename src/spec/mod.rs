@@ -1081,8 +1081,8 @@ fn parse_in_file(cx: &Cx<'_>, v: &Spanned<String>) -> Result<Expr, SpecError> {
     })
 }
 
-/// The known name nearest to `name` (by edit distance, at most a third of
-/// its length), for "did you mean" hints.
+/// The known name nearest to `name` (by edit distance with transpositions,
+/// at most a third of its length, at least 1), for "did you mean" hints.
 pub fn nearest<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (name.chars().count() / 3).max(1);
     known
@@ -1365,6 +1365,14 @@ fn traits(
                     ));
                 };
                 let within_ms = positive(cx, within, "within")?;
+                if let (false, Window::Sliding(w)) = (followed, window) {
+                    if within_ms >= w {
+                        return Err(cx.err(
+                            within.span().start,
+                            format!("`within` must be shorter than `window` for `not_followed_by`: an event counts from `within` after it until `window` after it, so with within = {} and window = {} it never counts", within.get_ref().0, r.window.as_ref().map(|w| w.get_ref().0.clone()).unwrap_or_default()),
+                        ));
+                    }
+                }
                 if s.get_ref().is_empty() {
                     return Err(cx.err(
                         s.span().start,
@@ -1430,8 +1438,9 @@ fn segments(
             .join(", ")
     };
     let mut out = Vec::new();
-    // For each segment, the segments its condition reads, with where.
-    let mut reads: Vec<Vec<(usize, usize)>> = Vec::new();
+    // For each segment, the segments its condition reads, with where
+    // (the TOML string's start and the path's offset inside it).
+    let mut reads: Vec<Vec<(usize, usize, usize)>> = Vec::new();
     for (key, table) in entries {
         let name = key.get_ref().clone();
         let kstart = key.span().start;
@@ -1457,20 +1466,22 @@ fn segments(
         let when = parse_in_file(cx, w)?;
         let mut read = Vec::new();
         for (p, span) in when.paths() {
-            let at = cx.string_offset(w.span().start, span.start);
+            // Where the path is in the file, worked out only for an error
+            // (it walks the string from its start).
+            let at = || cx.string_offset(w.span().start, span.start);
             let t = traits.iter().find(|t| t.name == p[0]);
             if p[0] == "attributes" {
                 if p.len() != 2 {
-                    return Err(cx.err(at, "`attributes` needs one field, e.g. attributes.tier"));
+                    return Err(cx.err(at(), "`attributes` needs one field, e.g. attributes.tier"));
                 }
             } else if let Some(s) = segment_names.iter().position(|s| *s == p[0]) {
                 if p.len() != 1 {
                     return Err(cx.err(
-                        at,
+                        at(),
                         format!("`{}` is a segment (true or false) and has no fields", p[0]),
                     ));
                 }
-                read.push((s, at));
+                read.push((s, w.span().start, span.start));
             } else if let Some(t) = t {
                 let ok = match p.len() {
                     1 => true,
@@ -1479,7 +1490,7 @@ fn segments(
                 };
                 if !ok {
                     return Err(cx.err(
-                        at,
+                        at(),
                         format!(
                             "`{}`: a trait has no fields{}",
                             p.join("."),
@@ -1497,10 +1508,11 @@ fn segments(
                     .map(|t| t.name.as_str())
                     .chain(segment_names.iter().map(String::as_str))
                     .chain(["attributes"]);
+                let segments_declared = segment_names.join(", ");
                 return Err(cx.err(
-                    at,
+                    at(),
                     format!(
-                        "unknown trait or segment `{}`{}; declared traits: {declared}",
+                        "unknown trait or segment `{}`{}; declared traits: {declared}; segments: {segments_declared}",
                         p.join("."),
                         did_you_mean(&p[0], known)
                     ),
@@ -1523,18 +1535,18 @@ fn segments(
     // Segments of segments must not read themselves, directly or not.
     fn visit(
         s: usize,
-        reads: &[Vec<(usize, usize)>],
+        reads: &[Vec<(usize, usize, usize)>],
         state: &mut [u8],
         path: &mut Vec<usize>,
-    ) -> Option<(Vec<usize>, usize)> {
+    ) -> Option<(Vec<usize>, (usize, usize))> {
         state[s] = 1;
         path.push(s);
-        for &(t, at) in &reads[s] {
+        for &(t, start, inner) in &reads[s] {
             if state[t] == 1 {
                 let from = path.iter().position(|&x| x == t).unwrap_or(0);
                 let mut cycle = path[from..].to_vec();
                 cycle.push(t);
-                return Some((cycle, at));
+                return Some((cycle, (start, inner)));
             }
             if state[t] == 0 {
                 if let Some(c) = visit(t, reads, state, path) {
@@ -1549,10 +1561,10 @@ fn segments(
     let mut state = vec![0u8; out.len()];
     for s in 0..out.len() {
         if state[s] == 0 {
-            if let Some((cycle, at)) = visit(s, &reads, &mut state, &mut Vec::new()) {
+            if let Some((cycle, (start, inner))) = visit(s, &reads, &mut state, &mut Vec::new()) {
                 let names: Vec<&str> = cycle.iter().map(|&i| out[i].name.as_str()).collect();
                 return Err(cx.err(
-                    at,
+                    cx.string_offset(start, inner),
                     format!(
                         "segments read each other in a cycle: {}",
                         names.join(" -> ")
@@ -1908,7 +1920,7 @@ when = "spend > 1000 or a_views in [1, 2]"
         assert_eq!((e.line, e.column), (7, 9));
         assert_eq!(
             e.message,
-            "unknown trait or segment `nope`; declared traits: views, buys"
+            "unknown trait or segment `nope`; declared traits: views, buys; segments: hot"
         );
         assert_eq!(e.to_string(), format!("flow.toml:7:9: {}", e.message));
 

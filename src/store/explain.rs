@@ -118,6 +118,18 @@ pub fn describe_trait(t: &TraitSpec, spec: &Spec) -> String {
             duration(seq.within_ms as f64)
         );
     }
+    if let Some(seq) = t.sequence.as_ref().filter(|s| !s.followed) {
+        if let Window::Sliding(w) = t.window {
+            // Counted from `within` after the event until `window` after it.
+            let _ = write!(
+                text,
+                "; events in (T-{}, T-{}]",
+                duration(w as f64),
+                duration(seq.within_ms as f64)
+            );
+            return text;
+        }
+    }
     let _ = write!(text, "; {}", window_text(t, spec));
     text
 }

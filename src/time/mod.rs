@@ -132,6 +132,13 @@ pub fn floor_to_tick(ms: u64, tick_ms: u64) -> Time {
     ms - ms % tick
 }
 
+/// `ms` rounded up to a multiple of `tick_ms` (a tick of 0 means 1 ms),
+/// saturating.
+pub fn ceil_to_tick(ms: u64, tick_ms: u64) -> Time {
+    let tick = tick_ms.max(1);
+    ms.div_ceil(tick).saturating_mul(tick)
+}
+
 /// When an event at tick `tick` leaves a window of `window_ms`
 /// milliseconds: `tick + window_ms` (saturating; parsed event times end in
 /// the year 2200, far from overflow).
