@@ -594,26 +594,45 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// mapped from their content start.
 fn string_inner_offset(text: &str, start: usize, inner: usize) -> usize {
     let raw = text.get(start..).unwrap_or("");
-    if raw.starts_with("'''") || raw.starts_with("\"\"\"") {
-        let mut pos = start + 3;
-        let rest = &text[pos..];
+    let multiline = raw.starts_with("\'\'\'") || raw.starts_with("\"\"\"");
+    // Basic strings decode escapes; literal strings ('...') do not.
+    let basic = raw.starts_with('"');
+    let mut pos = if multiline { start + 3 } else { start + 1 };
+    if multiline {
+        // A newline right after the opening delimiter is trimmed.
+        let rest = text.get(pos..).unwrap_or("");
         if rest.starts_with("\r\n") {
             pos += 2;
         } else if rest.starts_with('\n') {
             pos += 1;
         }
-        return pos + inner;
     }
-    let content = start + 1;
-    if !raw.starts_with('"') {
-        return content + inner;
-    }
-    // Walk the basic string, decoding escapes, until `inner` decoded bytes.
+    // Walk the string, decoding escapes, until `inner` decoded bytes.
     let bytes = text.as_bytes();
-    let mut pos = content;
     let mut decoded = 0;
-    while decoded < inner && pos < bytes.len() && bytes[pos] != b'"' {
-        if bytes[pos] == b'\\' && pos + 1 < bytes.len() {
+    // A line-ending backslash, the newline and the whitespace that
+    // follows decode to nothing: the length of one at `pos`, if any.
+    let continuation = |pos: usize| -> Option<usize> {
+        if !(basic && multiline && bytes.get(pos) == Some(&b'\\')) {
+            return None;
+        }
+        let after = &text[pos + 1..];
+        let blank = after.len() - after.trim_start_matches([' ', '\t']).len();
+        let rest = &after[blank..];
+        (rest.starts_with('\n') || rest.starts_with("\r\n")).then(|| {
+            let tail = rest.trim_start_matches([' ', '\t', '\r', '\n']);
+            1 + blank + (rest.len() - tail.len())
+        })
+    };
+    loop {
+        if let Some(skip) = continuation(pos) {
+            pos += skip;
+            continue;
+        }
+        if decoded >= inner || pos >= bytes.len() {
+            break;
+        }
+        if basic && bytes[pos] == b'\\' && pos + 1 < bytes.len() {
             let hex = |n: usize| -> (usize, usize) {
                 let digits = text.get(pos + 2..pos + 2 + n).unwrap_or("");
                 let len = u32::from_str_radix(digits, 16)
@@ -1911,6 +1930,19 @@ when = "spend > 1000 or a_views in [1, 2]"
             10,
             "`window` must be greater than 0",
         );
+    }
+
+    /// Positions inside multi-line strings: a line-ending backslash
+    /// decodes to nothing, so the path after it is on the next line.
+    #[test]
+    fn positions_after_a_line_continuation() {
+        let text = "[traits.views]\nstream = \"web\"\n[segments.s]\nwhen = \"\"\"views >= 1 and \\\n   bogus > 2\"\"\"\n";
+        let e = err(text);
+        assert_eq!((e.line, e.column), (5, 4), "{}", e.message);
+        assert!(e.message.contains("`bogus`"), "{}", e.message);
+        let crlf = "[traits.views]\r\nstream = \"web\"\r\n[segments.s]\r\nwhen = \'\'\'views >= 1 and\r\n bogus > 2\'\'\'\r\n";
+        let e = err(crlf);
+        assert_eq!((e.line, e.column), (5, 2), "{}", e.message);
     }
 
     #[test]
