@@ -9,13 +9,14 @@
 //! comes. A 30-minute window holds 30 minutes of retractions, merged and
 //! compared on every tick.
 //!
-//! [`retract_at_window_end`] keeps the retractions here instead, in a map
+//! [`retract_at_window_end`] keeps the retractions here instead, in a heap
 //! ordered by time, with one capability at the earliest, and releases each
 //! when the input frontier reaches its time. The updates and their times
 //! are exactly those of emitting the retraction up front; only when they
 //! travel changes.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
@@ -46,7 +47,9 @@ where
         Pipeline,
         "Window ends",
         move |_initial, _info| {
-            let mut pending: BTreeMap<Time, Vec<(D, isize)>> = BTreeMap::new();
+            // A heap by window end: one entry per retraction, with no
+            // allocation per distinct end (most ends hold one or two).
+            let mut pending: BinaryHeap<Due<D>> = BinaryHeap::new();
             // A capability at the earliest pending window end.
             let mut held: Option<Capability<Time>> = None;
             move |(input, frontier), (ends, ends_frontier), output| {
@@ -55,7 +58,7 @@ where
                         if held.as_ref().is_none_or(|h| end < *h.time()) {
                             held = Some(cap.delayed(&end, 0));
                         }
-                        pending.entry(end).or_default().push((d, r));
+                        pending.push(Due(Reverse(end), d, r));
                     }
                 });
                 input.for_each(|cap, data| {
@@ -65,7 +68,7 @@ where
                             if held.as_ref().is_none_or(|h| end < *h.time()) {
                                 held = Some(cap.delayed(&end, 0));
                             }
-                            pending.entry(end).or_default().push((d.clone(), -r));
+                            pending.push(Due(Reverse(end), d.clone(), -r));
                         }
                         session.give((d, t, r));
                     }
@@ -81,24 +84,46 @@ where
                 if let Some(h) = held.as_mut() {
                     {
                         let mut session = output.session(h);
-                        while let Some(entry) = pending.first_entry() {
-                            if reached.is_some_and(|f| *entry.key() > f) {
+                        while let Some(Due(Reverse(time), _, _)) = pending.peek() {
+                            if reached.is_some_and(|f| *time > f) {
                                 break;
                             }
-                            let (time, list) = entry.remove_entry();
-                            for (d, r) in list {
-                                session.give((d, time, r));
-                            }
+                            let Due(Reverse(time), d, r) = pending.pop().expect("peeked");
+                            session.give((d, time, r));
                         }
                     }
-                    match pending.first_key_value() {
-                        Some((&next, _)) => h.downgrade(&next),
+                    match pending.peek() {
+                        Some(Due(Reverse(next), _, _)) => h.downgrade(next),
                         None => held = None,
                     }
                 }
             }
         },
     )
+}
+
+/// A retraction due at its window end, ordered by the end alone (the
+/// order of retractions due at the same time does not matter).
+struct Due<D>(Reverse<Time>, D, isize);
+
+impl<D> PartialEq for Due<D> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<D> Eq for Due<D> {}
+
+impl<D> PartialOrd for Due<D> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<D> Ord for Due<D> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
 }
 
 #[cfg(test)]
