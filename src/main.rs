@@ -387,7 +387,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.state_dir {
         engine = engine.state_dir(d);
     }
-    engine = engine.reset(args.reset);
+    engine = engine.reset(args.reset).definition_file(&args.dataflow);
     let shutdown = watch_signals()?;
     let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
         .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;

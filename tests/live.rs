@@ -1368,3 +1368,175 @@ fn a_line_finished_after_a_restart_behind_the_cut_is_late_not_dropped() {
     let nine = state_counts(&state, 10)[9];
     assert_eq!(nine, None, "the late line is not counted");
 }
+
+/// Hot reload: a run that follows a file picks up an edited definition
+/// without a restart. A removed segment's members leave, a changed one's
+/// membership changes by the difference, a new one's members enter, all
+/// at one event time; a file that does not validate, and an edit of a
+/// trait, are refused with their reasons while the run goes on; the
+/// checkpoint then carries the edited definition, so a restart with it
+/// resumes.
+#[test]
+fn an_edited_definition_applies_its_segment_changes_without_a_restart() {
+    const BIN: &str = env!("CARGO_BIN_EXE_segflow");
+    let dir = tempfile::tempdir().unwrap();
+    let def = dir.path().join("flow.toml");
+    let head = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "0s"
+idle_advance = "200ms"
+
+[sources.web]
+follow = true
+
+[traits.views_60s]
+stream = "web"
+filter = 'event == "view_item"'
+window = "60s"
+"#;
+    std::fs::write(
+        &def,
+        format!("{head}\n[segments.one]\nwhen = \"views_60s >= 1\"\n[segments.two]\nwhen = \"views_60s >= 2\"\n"),
+    )
+    .unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, "").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let err_path = dir.path().join("stderr.txt");
+    let child = std::process::Command::new(BIN)
+        .arg("run")
+        .arg(&def)
+        .arg("--input")
+        .arg(format!("web={}", web.display()))
+        .arg("--output")
+        .arg(&out)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["-w", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut running = Running(Some(child));
+    let append = |lines: &[String]| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&web).unwrap();
+        for l in lines {
+            write!(f, "{l}").unwrap();
+        }
+    };
+    let diffs = || -> Vec<(u64, String, String, i64)> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["time"].as_u64().unwrap(),
+                    v["segment"].as_str().unwrap().to_string(),
+                    v["profile"].as_str().unwrap().to_string(),
+                    v["diff"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let wait_diffs = |n: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while diffs().len() < n {
+            assert!(Instant::now() < deadline, "{what}: {:?}", diffs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let stderr = || std::fs::read_to_string(&err_path).unwrap_or_default();
+    let wait_stderr = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on stderr: {}",
+                stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // a views once, b twice: a in one; b in one and two.
+    let t = stamp();
+    append(&[view(t, "a"), view(t, "b"), view(t, "b")]);
+    wait_diffs(3, "the first entries");
+    let before = diffs();
+    let edit = |text: String| {
+        // Written whole at once: a reader never sees half a file.
+        let tmp = dir.path().join("flow.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &def).unwrap();
+    };
+    // two removed, one changed to 2+ views, three added (1+ view).
+    edit(format!("{head}\n[segments.one]\nwhen = \"views_60s >= 2\"\n[segments.three]\nwhen = \"views_60s >= 1\"\n"));
+    wait_diffs(7, "the reload's diffs");
+    let reload: Vec<_> = diffs()[before.len()..].to_vec();
+    let at = reload[0].0;
+    assert!(
+        reload.iter().all(|d| d.0 == at),
+        "one event time: {reload:?}"
+    );
+    let mut got: Vec<(String, String, i64)> = reload
+        .iter()
+        .map(|d| (d.1.clone(), d.2.clone(), d.3))
+        .collect();
+    got.sort();
+    let want = |s: &str, p: &str, d: i64| (s.to_string(), format!("anon:{p}"), d);
+    assert_eq!(
+        got,
+        vec![
+            want("one", "a", -1),
+            want("three", "a", 1),
+            want("three", "b", 1),
+            want("two", "b", -1),
+        ]
+    );
+    assert!(at >= before.iter().map(|d| d.0).max().unwrap());
+    wait_stderr("segments added [three], removed [two], changed [one]");
+    // A file that does not validate: refused with its position; the run
+    // goes on under the definitions it has.
+    edit(format!(
+        "{head}\n[segments.one]\nwhen = \"views_60s >>= 2\"\n"
+    ));
+    wait_stderr("flow.toml:16:");
+    // A trait edit: refused with the reason.
+    edit(
+        format!("{head}\n[segments.one]\nwhen = \"views_60s >= 2\"\n[segments.three]\nwhen = \"views_60s >= 1\"\n")
+            .replace("window = \"60s\"", "window = \"30s\""),
+    );
+    wait_stderr("changed its traits");
+    let t = stamp();
+    append(&[view(t, "c")]);
+    wait_diffs(8, "c enters three under the reloaded definition");
+    assert_eq!(
+        diffs().last().map(|d| (d.1.clone(), d.2.clone(), d.3)),
+        Some(("three".to_string(), "anon:c".to_string(), 1))
+    );
+    // The checkpoint follows the edited definition: a restart with the
+    // file as it was last applied resumes.
+    edit(format!("{head}\n[segments.one]\nwhen = \"views_60s >= 2\"\n[segments.three]\nwhen = \"views_60s >= 1\"\n"));
+    wait_for_point(&dir.path().join("state"), 3);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fingerprint = segflow::store::StateParts::open_read_only(&dir.path().join("state"))
+            .ok()
+            .and_then(|p| p.checkpoint().ok().flatten())
+            .map(|c| c.fingerprint);
+        let edited = segflow::engine::resume::fingerprint(&segflow::spec::load_spec(&def).unwrap());
+        if fingerprint.as_deref() == Some(edited.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint keeps the old definition"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = running.terminate();
+    assert!(output.status.success(), "{}", stderr());
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("segment three"), "{summary}");
+}

@@ -23,7 +23,9 @@ use crate::model::{CrmRecord, Id, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
 use crate::time::window::retract_at_window_end;
 
-/// Builds the dataflow in `scope`. `outputs` is `Some` on worker 0 only;
+/// Builds the dataflow in `scope`. `reload`, if any, watches the
+/// definition for segment changes while the run goes on (see
+/// [`super::reload`]). `outputs` is `Some` on worker 0 only;
 /// `restored` is this worker's share of the retained input of the
 /// checkpoint a run resumes from (see [`retain`]), injected before the
 /// inputs are read again;
@@ -40,6 +42,7 @@ pub fn build<'s>(
     outputs: Option<Outputs>,
     shared: Arc<ProcessShared>,
     restored: Option<Restored>,
+    reload: Option<super::reload::Reload>,
     result: Rc<RefCell<Option<RunSummary>>>,
     abort: Arc<Abort>,
 ) {
@@ -150,6 +153,26 @@ pub fn build<'s>(
     let trait_points = traits::points_per_profile(points, id_profile_arranged.clone());
     let attributes = profiles::attributes(crm_current, id_profile_arranged);
     let profile_ids = identity::profiles(id_profile.clone());
+    let control = scope.concatenate(control_streams);
+    // Segment definitions reloaded while the run goes on: each applies at
+    // an event time, on every worker; the process learns the names of new
+    // segments, and its checkpoints the new fingerprint, from then on.
+    let reloads = reload.map(|reload| {
+        let texts = super::reload::definitions(control.clone(), Some(reload.clone()));
+        let shared = Arc::clone(&shared);
+        let fingerprint = Arc::clone(&reload.fingerprint);
+        let on: Box<dyn Fn(Time, &Spec, &[SegmentSpec])> = Box::new(move |time, spec, merged| {
+            if let Ok(mut names) = shared.segment_names.lock() {
+                if names.len() < merged.len() {
+                    *names = merged.iter().map(|s| s.name.clone()).collect();
+                }
+            }
+            if let Some(state) = &shared.state {
+                state.reloaded(time, fingerprint(spec));
+            }
+        });
+        (texts, on)
+    });
     let segments::Evaluated {
         trait_values,
         memberships,
@@ -163,6 +186,7 @@ pub fn build<'s>(
             Rc::clone(&segment_specs),
             spec.engine.tick_ms,
         )),
+        reloads,
     );
 
     // Segment memberships and profiles go to worker 0 for the diffs and
@@ -193,7 +217,6 @@ pub fn build<'s>(
         differential_dataflow::collection::concatenate(scope, Vec::new())
     };
     let names = names.map(|(k, n)| StateUpdate::Name(k, n));
-    let control = scope.concatenate(control_streams);
     let source_names = sources.iter().map(|s| s.name.clone()).collect();
     commit(
         local.inner,

@@ -20,6 +20,7 @@ use differential_dataflow::VecCollection;
 pub mod build;
 pub mod identity;
 pub mod profiles;
+pub mod reload;
 pub mod retain;
 pub mod segments;
 pub mod traits;

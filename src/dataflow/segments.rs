@@ -19,14 +19,16 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use differential_dataflow::AsCollection;
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, InputCapability};
+use timely::dataflow::Stream;
 
 use super::profiles::Attributes;
 use super::traits::{slot_trait, Total, SECOND, SUM_SCALE};
 use super::{Coll, Time};
 use crate::model::{Id, IdMap, Scalar, ScalarRef};
 use crate::spec::expr::Expr;
-use crate::spec::{Aggregate, SegmentSpec, TraitSpec, Window};
+use crate::spec::{Aggregate, SegmentSpec, Spec, TraitSpec, Window};
 
 /// The traits and segments of a definition, prepared for evaluation.
 pub struct Rules {
@@ -186,6 +188,31 @@ impl Rules {
     }
 }
 
+/// The segments after a reload: `old` in their order (a changed one takes
+/// its new condition and dwell time; a removed one is kept, retired, with
+/// the condition `false`, so that its members leave and its index names
+/// it still), then the segments of `new` that `old` lacks, in file order.
+/// The same on every worker and in the sinks, so indices agree.
+pub fn merged_segments(old: &[SegmentSpec], new: &[SegmentSpec]) -> Vec<SegmentSpec> {
+    let mut out: Vec<SegmentSpec> = old
+        .iter()
+        .map(|o| match new.iter().find(|n| n.name == o.name) {
+            Some(n) => n.clone(),
+            None => SegmentSpec {
+                when: Expr::Lit(Scalar::Bool(false)),
+                min_dwell_ms: None,
+                ..o.clone()
+            },
+        })
+        .collect();
+    out.extend(
+        new.iter()
+            .filter(|n| !old.iter().any(|o| o.name == n.name))
+            .cloned(),
+    );
+    out
+}
+
 /// What [`evaluate`] maintains: trait values and segment memberships.
 pub struct Evaluated<'s> {
     /// `((profile, trait), value)`, as written to the state: counts, sums
@@ -216,6 +243,10 @@ pub fn evaluate<'s>(
     points: Coll<'s, ((Id, u32), (Time, Scalar))>,
     attributes: Coll<'s, (Id, Attributes)>,
     rules: Rc<Rules>,
+    reloads: Option<(
+        Stream<'s, Time, Vec<String>>,
+        Box<dyn Fn(Time, &Spec, &[SegmentSpec])>,
+    )>,
 ) -> Evaluated<'s> {
     use differential_dataflow::hashable::Hashable;
     use timely::container::CapacityContainerBuilder;
@@ -243,12 +274,25 @@ pub fn evaluate<'s>(
         attributes.inner,
         Exchange::new(|((p, _), _, _): &((Id, Attributes), Time, isize)| p.hashed()),
     );
+    // Definitions accepted while the run goes on (see `reload`): the
+    // stream, and what to tell the rest of the process when one applies.
+    let (reload_stream, on_reload) = match reloads {
+        Some((stream, on)) => (stream, Some(on)),
+        None => (
+            timely::dataflow::operators::generic::operator::empty(scope),
+            None,
+        ),
+    };
+    let mut reload_in = builder.new_input(reload_stream, Pipeline);
     let (values_out, trait_values) = builder.new_output();
     let (members_out, memberships) = builder.new_output();
     let mut values_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(values_out);
     let mut members_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(members_out);
+    let mut rules = rules;
     builder.build(move |_initial| {
         let mut pending: BTreeMap<Time, Vec<(Id, Change)>> = BTreeMap::new();
+        // Definition texts to apply, by the time they apply from.
+        let mut reload_at: BTreeMap<Time, Vec<String>> = BTreeMap::new();
         // Capabilities (values, memberships) at the earliest pending time.
         let mut held: Option<[Capability<Time>; 2]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
@@ -284,6 +328,16 @@ pub fn evaluate<'s>(
                     pending.entry(t).or_default().push((p, Change::Attrs(a, r)));
                 }
             });
+            reload_in.for_each(|cap, data| {
+                // A message without a time makes no claim: nothing to apply.
+                let Some(&t) = cap.least() else {
+                    data.clear();
+                    return;
+                };
+                note(&cap, t);
+                pending.entry(t).or_default();
+                reload_at.entry(t).or_default().extend(data.drain(..));
+            });
             let Some([hold_values, hold_members]) = held.as_mut() else {
                 return;
             };
@@ -295,12 +349,31 @@ pub fn evaluate<'s>(
             // capabilities (no later than any of them).
             let mut values = values_out.session(&*hold_values);
             let mut members = members_out.session(&*hold_members);
-            let rules = &*rules;
             while let Some(entry) = pending.first_entry() {
                 if !complete(entry.key()) {
                     break;
                 }
                 let (time, mut changes) = entry.remove_entry();
+                // A new definition applies from this time: every profile
+                // held is evaluated again under it.
+                if let Some(texts) = reload_at.remove(&time) {
+                    for text in texts {
+                        let Ok(spec) = crate::spec::parse_spec(&text, "reloaded definition") else {
+                            continue;
+                        };
+                        let merged = merged_segments(&rules.segments, &spec.segments);
+                        if let Some(on) = &on_reload {
+                            on(time, &spec, &merged);
+                        }
+                        rules = Rc::new(Rules::new(
+                            Rc::clone(&rules.traits),
+                            merged.into(),
+                            rules.tick_ms,
+                        ));
+                    }
+                    changes.extend(state.keys().map(|p| (*p, Change::Reload)));
+                }
+                let rules = &*Rc::clone(&rules);
                 // By profile (stable: a profile's changes keep their order).
                 changes.sort_by_key(|(p, _)| *p);
                 let mut wakes: Vec<(Time, Id)> = Vec::new();
@@ -318,7 +391,7 @@ pub fn evaluate<'s>(
                             Change::Total(slot, _) => touched.push(slot_trait(*slot)),
                             Change::Point(index, ..) => touched.push(*index),
                             Change::Wake => woken |= facts.wake == Some(time),
-                            Change::Exists(_) => everything = true,
+                            Change::Exists(_) | Change::Reload => everything = true,
                             Change::Attrs(..) => attributes_changed = true,
                         }
                         facts.apply(std::mem::replace(change, Change::Exists(0)));
@@ -456,6 +529,8 @@ enum Change {
     Attrs(Attributes, isize),
     /// The profile asked to be evaluated at this time.
     Wake,
+    /// New segment definitions apply from this time.
+    Reload,
 }
 
 /// A multiset of `(tick, value)` points.
@@ -529,7 +604,7 @@ impl ProfileFacts {
                     self.attrs = attrs.into();
                 }
             },
-            Change::Wake => {}
+            Change::Wake | Change::Reload => {}
         }
     }
 

@@ -25,6 +25,7 @@ use crate::store::{StateLock, Store, StoreError};
 mod cluster;
 mod operator_time;
 pub mod resume;
+mod watch;
 
 /// Where segment diffs go.
 #[derive(Clone)]
@@ -461,6 +462,7 @@ pub struct Engine {
     shutdown: Option<Arc<std::sync::atomic::AtomicBool>>,
     connect_timeout: std::time::Duration,
     reset: bool,
+    definition_file: Option<PathBuf>,
 }
 
 impl Engine {
@@ -487,6 +489,7 @@ impl Engine {
             shutdown: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             reset: false,
+            definition_file: None,
         }
     }
 
@@ -567,6 +570,18 @@ impl Engine {
     /// [`resume`]), unless [`Engine::reset`] says to start over.
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Engine {
         self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Watches `path`, the file the definition was read from: while the
+    /// run goes on, an edit that changes only segments (new, removed, or
+    /// with another condition or `min_dwell`) is applied at an event time
+    /// without a restart; any other edit, or a file that does not
+    /// validate, is refused with its reason and the run goes on (see
+    /// [`crate::dataflow::reload`]). A cluster of several processes does
+    /// not watch: its processes would apply an edit at different times.
+    pub fn definition_file(mut self, path: impl Into<PathBuf>) -> Engine {
+        self.definition_file = Some(path.into());
         self
     }
 
@@ -1125,6 +1140,25 @@ impl Engine {
                     .map(|n| n.min(isize::MAX as u64) as isize),
             ),
         );
+        // Hot reload of segment definitions, for a single process.
+        let reload = match (&self.definition_file, processes) {
+            (Some(path), 1) => match std::fs::read_to_string(path) {
+                Ok(text) => Some(watch::watch(
+                    path.clone(),
+                    self.spec.clone(),
+                    text,
+                    std::time::Duration::from_millis(500),
+                )),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot read {} to watch it for changes ({e}): edits of its segments will not be applied while the run goes on",
+                        path.display()
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
         let spec = Arc::new(self.spec);
         // The first failure of any worker stops every worker of the process.
         let abort = Arc::new(Abort::default());
@@ -1162,6 +1196,7 @@ impl Engine {
                         outputs,
                         Arc::clone(&worker_shared),
                         share.take(),
+                        reload.clone(),
                         Rc::clone(&result),
                         Arc::clone(&abort),
                     );

@@ -227,6 +227,8 @@ impl RunSummary {
 struct Committer {
     outputs: Outputs,
     segments: Rc<[SegmentSpec]>,
+    /// The process's shared state: the names of segments a reload added.
+    process: Arc<ProcessShared>,
     pending: BTreeMap<Time, Vec<(StateUpdate, isize)>>,
     dead_pending: BTreeMap<Time, Vec<DeadLetter>>,
     summary: RunSummary,
@@ -472,7 +474,12 @@ impl Committer {
         if !written && time < self.restored_before {
             for (update, diff) in &updates {
                 match update {
-                    StateUpdate::Segment(seg, _) => self.members[*seg as usize] += *diff as i64,
+                    StateUpdate::Segment(seg, _) => {
+                        if self.members.len() <= *seg as usize {
+                            self.members.resize(*seg as usize + 1, 0);
+                        }
+                        self.members[*seg as usize] += *diff as i64
+                    }
                     StateUpdate::Profile(_) => self.summary.profiles += *diff as i64,
                     _ => {}
                 }
@@ -492,7 +499,10 @@ impl Committer {
                             return Err(());
                         }
                     };
-                    let name = self.segments[*seg as usize].name.clone();
+                    let name = self.segment_name(*seg);
+                    if self.members.len() <= *seg as usize {
+                        self.members.resize(*seg as usize + 1, 0);
+                    }
                     self.members[*seg as usize] += *diff as i64;
                     diffs.push(SegmentDiff {
                         time,
@@ -530,15 +540,33 @@ impl Committer {
         Ok(ops)
     }
 
+    /// The name of segment `index`: the definition's, or one a reload
+    /// added (see [`crate::dataflow::reload`]).
+    fn segment_name(&self, index: u32) -> String {
+        match self.segments.get(index as usize) {
+            Some(s) => s.name.clone(),
+            None => self
+                .process
+                .segment_names
+                .lock()
+                .ok()
+                .and_then(|n| n.get(index as usize).cloned())
+                .unwrap_or_else(|| format!("segment {index}")),
+        }
+    }
+
     fn finish(&mut self) -> RunSummary {
         self.flush_segments();
         self.flush_dead_letters();
         let mut summary = self.summary.clone();
-        summary.segments = self
-            .segments
-            .iter()
-            .zip(&self.members)
-            .map(|(s, m)| (s.name.clone(), *m))
+        let count = self.members.len().max(self.segments.len());
+        summary.segments = (0..count)
+            .map(|i| {
+                (
+                    self.segment_name(i as u32),
+                    self.members.get(i).copied().unwrap_or(0),
+                )
+            })
             .collect();
         summary
     }
@@ -685,6 +713,7 @@ pub fn commit<'s>(
             }),
         outputs,
         segments,
+        process: Arc::clone(&shared),
         pending: BTreeMap::new(),
         dead_pending: BTreeMap::new(),
         offsets: BTreeMap::new(),

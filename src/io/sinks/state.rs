@@ -57,6 +57,10 @@ pub struct ProcessShared {
     /// every change of a time before this (the checkpoint's cut), which is
     /// not written again (0 otherwise).
     pub restored_before: Time,
+    /// The names of segments added while the run goes on (see
+    /// [`crate::dataflow::reload`]), by index: the definition's segments,
+    /// then the added ones; empty until a reload adds one.
+    pub segment_names: Mutex<Vec<String>>,
 }
 
 impl ProcessShared {
@@ -72,6 +76,7 @@ impl ProcessShared {
             completion: Mutex::new(Completion::default()),
             state,
             restored_before,
+            segment_names: Mutex::new(Vec::new()),
         }
     }
 
@@ -116,6 +121,10 @@ struct Group {
     checkpoint: Checkpoint,
     unflushed: bool,
     last_flush: Instant,
+    /// Definitions reloaded while the run goes on: from the time each
+    /// applies, its fingerprint and parts (see
+    /// [`ProcessState::reloaded`]).
+    reloaded: BTreeMap<Time, (String, BTreeMap<String, String>)>,
 }
 
 impl ProcessState {
@@ -146,6 +155,7 @@ impl ProcessState {
                 },
                 unflushed: false,
                 last_flush: Instant::now(),
+                reloaded: BTreeMap::new(),
             }),
             batches: AtomicU64::new(0),
             progress: None,
@@ -195,6 +205,16 @@ impl ProcessState {
         }
     }
 
+    /// A definition reloaded while the run goes on applies from `time`:
+    /// a checkpoint whose retained input reaches past it (a restart from it
+    /// recomputes memberships under the new definition) carries the new
+    /// `fingerprint`, so that a restart must give the edited file.
+    pub fn reloaded(&self, time: Time, fingerprint: (String, BTreeMap<String, String>)) {
+        if let Ok(mut g) = self.group.lock() {
+            g.reloaded.insert(time, fingerprint);
+        }
+    }
+
     /// Writes the checkpoint as it is now, with no state changes (a resumed
     /// run's first: where the outputs stood).
     pub fn write_checkpoint(&self) -> Result<(), StoreError> {
@@ -231,6 +251,14 @@ impl ProcessState {
                     points: progress.choose(cut, dead_bound),
                     sinks: g.written_sinks.clone(),
                 });
+                // The restore time is `cut - 1`: the definitions that
+                // applied then are those a restart must be given.
+                let later = g.reloaded.split_off(&cut);
+                let applied = std::mem::replace(&mut g.reloaded, later);
+                if let Some((_, (fingerprint, parts))) = applied.into_iter().next_back() {
+                    g.checkpoint.fingerprint = fingerprint;
+                    g.checkpoint.fingerprint_parts = parts;
+                }
             }
         }
         self.store.write_retained(batch, retained, &g.checkpoint)

@@ -1,0 +1,95 @@
+//! The definition file of a running engine, watched for segment changes
+//! (see [`crate::dataflow::reload`]): what may be applied while the run
+//! goes on, and what is refused, with the reason.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::dataflow::reload::Reload;
+use crate::spec::{parse_spec, Spec};
+use crate::time::Time;
+
+use super::resume::{fingerprint, fingerprint_parts};
+
+/// The definition as last applied, and the text last looked at.
+struct Watched {
+    applied: Spec,
+    seen: String,
+}
+
+/// A [`Reload`] watching `path`, whose definition `running` (read from
+/// `text`) the run started with. The file is looked at every `every`.
+pub fn watch(path: PathBuf, running: Spec, text: String, every: Duration) -> Reload {
+    let watched = Mutex::new(Watched {
+        applied: running,
+        seen: text,
+    });
+    let label = path.display().to_string();
+    let poll = move |at: Time| -> Option<String> {
+        // A file being saved may be missing or half written for a moment:
+        // it is looked at again on the next poll.
+        let text = std::fs::read_to_string(&path).ok()?;
+        let mut w = watched.lock().ok()?;
+        if text == w.seen {
+            return None;
+        }
+        w.seen = text.clone();
+        let new = match parse_spec(&text, &label) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(
+                    "{label} changed, but the new definition is refused: {e}; the run goes on with the definitions it has"
+                );
+                return None;
+            }
+        };
+        let ours = fingerprint_parts(&w.applied);
+        let theirs = fingerprint_parts(&new);
+        let differ: Vec<&str> = ours
+            .iter()
+            .filter(|(part, hash)| part.as_str() != "segments" && theirs.get(*part) != Some(*hash))
+            .map(|(part, _)| part.as_str())
+            .collect();
+        if !differ.is_empty() {
+            tracing::warn!(
+                "{label} changed its {}: a running engine applies changes of segments only (new, removed, or with another condition or min_dwell); the run goes on with the definitions it has (to apply the rest, stop it and start over with --reset)",
+                differ.join(" and ")
+            );
+            return None;
+        }
+        if ours.get("segments") == theirs.get("segments") {
+            return None;
+        }
+        let names =
+            |spec: &Spec| -> Vec<String> { spec.segments.iter().map(|s| s.name.clone()).collect() };
+        let (old, now) = (names(&w.applied), names(&new));
+        let added: Vec<&String> = now.iter().filter(|n| !old.contains(n)).collect();
+        let removed: Vec<&String> = old.iter().filter(|n| !now.contains(n)).collect();
+        let changed: Vec<&String> = new
+            .segments
+            .iter()
+            .filter(|n| {
+                w.applied.segments.iter().any(|o| {
+                    o.name == n.name && (o.when != n.when || o.min_dwell_ms != n.min_dwell_ms)
+                })
+            })
+            .map(|n| &n.name)
+            .collect();
+        let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        tracing::warn!(
+            "{label} changed: segments added [{}], removed [{}], changed [{}]; they apply from event time {at} ms (definition {})",
+            list(&added),
+            list(&removed),
+            list(&changed),
+            &fingerprint(&new)[..8]
+        );
+        w.applied = new;
+        Some(text)
+    };
+    Reload {
+        poll: Arc::new(poll),
+        fingerprint: Arc::new(|spec: &Spec| (fingerprint(spec), fingerprint_parts(spec))),
+        every,
+    }
+}
