@@ -198,6 +198,7 @@ pub fn plan(
             dir,
             match differ.is_empty() {
                 true => "it was written by a different dataflow definition (or other engine settings, or another segflow version)".into(),
+                false if differ == ["segments"] => "it was written by a different dataflow definition: its segments differ (if you edited segments, start with the file the checkpoint was written with and save the edit while the run goes on: a running engine applies segment changes)".into(),
                 false => format!(
                     "it was written by a different dataflow definition: its {} differ",
                     differ.join(", ")

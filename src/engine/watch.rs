@@ -35,6 +35,12 @@ pub fn watch(path: PathBuf, running: Spec, text: String, every: Duration) -> Rel
             return None;
         }
         w.seen = text.clone();
+        if text.trim().is_empty() {
+            tracing::warn!(
+                "{label} is empty (being saved?): refused; the run goes on with the definitions it has"
+            );
+            return None;
+        }
         let new = match parse_spec(&text, &label) {
             Ok(new) => new,
             Err(e) => {
@@ -52,8 +58,30 @@ pub fn watch(path: PathBuf, running: Spec, text: String, every: Duration) -> Rel
             .map(|(part, _)| part.as_str())
             .collect();
         if !differ.is_empty() {
+            // Name the traits that changed, if any.
+            let traits: Vec<&str> = new
+                .traits
+                .iter()
+                .map(|t| t.name.as_str())
+                .chain(w.applied.traits.iter().map(|t| t.name.as_str()))
+                .filter(|name| {
+                    let find = |spec: &Spec| spec.traits.iter().position(|t| t.name == *name);
+                    let (a, b) = (find(&w.applied), find(&new));
+                    a != b
+                        || a.is_some_and(|i| {
+                            format!("{:?}", w.applied.traits[i]) != format!("{:?}", new.traits[i])
+                        })
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let which = if traits.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", traits.join(", "))
+            };
             tracing::warn!(
-                "{label} changed its {}: a running engine applies changes of segments only (new, removed, or with another condition or min_dwell); the run goes on with the definitions it has (to apply the rest, stop it and start over with --reset)",
+                "{label} changed its {}{which}: a running engine applies changes of segments only (new, removed, or with another condition or min_dwell); the run goes on with the definitions it has (to apply the rest, stop it and start over with --reset)",
                 differ.join(" and ")
             );
             return None;
