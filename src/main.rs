@@ -573,14 +573,11 @@ fn main() -> ExitCode {
                 // The explanation re-evaluates the file's conditions on the
                 // stored values: they must be the ones that wrote them.
                 let ours = segflow::engine::resume::fingerprint_parts(spec);
-                let differ: Vec<&str> = ["engine settings", "traits", "segments"]
-                    .into_iter()
-                    .filter(|part| {
-                        cp.fingerprint_parts
-                            .get(*part)
-                            .is_some_and(|theirs| ours.get(*part) != Some(theirs))
-                    })
-                    .collect();
+                let differ: Vec<&str> =
+                    segflow::engine::resume::differing_parts(&ours, &cp.fingerprint_parts)
+                        .into_iter()
+                        .filter(|part| ["engine settings", "traits", "segments"].contains(part))
+                        .collect();
                 anyhow::ensure!(
                     differ.is_empty(),
                     "{} is not the definition the state in {} was written with (its {} differ): --explain evaluates the definition's conditions on the stored values, so give the file the run used",

@@ -921,6 +921,17 @@ fn wait_for_point(state: &Path, lines: usize) {
     }
 }
 
+/// Appends `text` to the file at `path` (created if missing) in one write
+/// with O_APPEND, as a log writer does.
+fn append_to(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
 /// Waits up to 30 s for `child` to exit; its status and output.
 fn wait_exit(mut child: std::process::Child) -> std::process::Output {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1246,12 +1257,7 @@ fn a_followed_file_rotated_while_its_engine_is_down_is_read_from_its_start() {
             text += &view(ts, &format!("v{v}"));
             *n += 1.0;
         }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        f.write_all(text.as_bytes()).unwrap();
+        append_to(path, &text);
     };
     std::fs::write(&web, "").unwrap();
     let first = Running::start(&spec, &[], (&out, &dead, &state));
@@ -1418,13 +1424,8 @@ window = "60s"
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
-    let mut running = Running(Some(child));
-    let append = |lines: &[String]| {
-        let mut f = std::fs::OpenOptions::new().append(true).open(&web).unwrap();
-        for l in lines {
-            write!(f, "{l}").unwrap();
-        }
-    };
+    let running = Running(Some(child));
+    let append = |lines: &[String]| append_to(&web, &lines.concat());
     let diffs = || -> Vec<(u64, String, String, i64)> {
         std::fs::read_to_string(&out)
             .unwrap_or_default()

@@ -79,7 +79,7 @@ pub fn build<'s>(
     let contributions: Coll<'s, traits::Contribution> = retract_at_window_end(
         split.contributions.clone(),
         restore.window_ends,
-        move |c, t| traits::amount_window_end(&specs, c, t, tz, tick_ms),
+        move |c, t| traits::trait_window_end(&specs, traits::slot_trait(c.1 .0), t, tz, tick_ms),
     )
     .concat(restore.contributions)
     .as_collection();
@@ -92,7 +92,7 @@ pub fn build<'s>(
     let specs = Rc::clone(&trait_specs);
     let points: Coll<'s, traits::PointContribution> =
         retract_at_window_end(kept_points.clone(), restore.point_ends, move |c, t| {
-            traits::point_window_end(&specs, c, t, tz, tick_ms)
+            traits::trait_window_end(&specs, c.1 .0, t, tz, tick_ms)
         })
         .concat(restore.points)
         .as_collection();
@@ -118,14 +118,20 @@ pub fn build<'s>(
             {
                 let specs = Rc::clone(&trait_specs);
                 split.contributions.map(move |(c, t, r)| {
-                    let end = traits::amount_window_end(&specs, &c, t, tz, tick_ms);
+                    let end = traits::trait_window_end(
+                        &specs,
+                        traits::slot_trait(c.1 .0),
+                        t,
+                        tz,
+                        tick_ms,
+                    );
                     (Retained::Contribution(c, end), t, r)
                 })
             },
             {
                 let specs = Rc::clone(&trait_specs);
                 kept_points.map(move |(c, t, r)| {
-                    let end = traits::point_window_end(&specs, &c, t, tz, tick_ms);
+                    let end = traits::trait_window_end(&specs, c.1 .0, t, tz, tick_ms);
                     (Retained::Point(c, end), t, r)
                 })
             },

@@ -140,8 +140,8 @@ fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz, tick: Time)
 /// `((identifier, (slot, value)), tick, +1)` and points
 /// `((identifier, (trait, (tick or 0, value))), tick, +1)`. The
 /// retractions at window ends are added by
-/// [`crate::time::window::retract_at_window_end`] with [`amount_window_end`]
-/// and [`point_window_end`].
+/// [`crate::time::window::retract_at_window_end`] with
+/// [`trait_window_end`].
 pub fn contributions(
     record: &Record,
     tick: Time,
@@ -251,29 +251,17 @@ pub fn window_end(spec: &TraitSpec, tick: Time, tz: chrono_tz::Tz, tick_ms: u64)
     Some(crate::time::ceil_to_tick(end, tick_ms))
 }
 
-/// [`window_end`] of an amount.
-pub fn amount_window_end(
+/// [`window_end`] of trait `index` of `traits` (an amount's slot's trait,
+/// see [`slot_trait`], or a point's trait).
+pub fn trait_window_end(
     traits: &[TraitSpec],
-    (_, (slot, _)): &Contribution,
+    index: u32,
     tick: Time,
     tz: chrono_tz::Tz,
     tick_ms: u64,
 ) -> Option<Time> {
     traits
-        .get(slot_trait(*slot) as usize)
-        .and_then(|t| window_end(t, tick, tz, tick_ms))
-}
-
-/// [`window_end`] of a point.
-pub fn point_window_end(
-    traits: &[TraitSpec],
-    (_, (index, _)): &PointContribution,
-    tick: Time,
-    tz: chrono_tz::Tz,
-    tick_ms: u64,
-) -> Option<Time> {
-    traits
-        .get(*index as usize)
+        .get(index as usize)
         .and_then(|t| window_end(t, tick, tz, tick_ms))
 }
 
@@ -550,21 +538,24 @@ mod tests {
         let specs = specs();
         let tz = chrono_tz::UTC;
         assert_eq!(
-            amount_window_end(&specs, &amounts[0], 1000, tz, 1000),
+            trait_window_end(&specs, slot_trait(amounts[0].1 .0), 1000, tz, 1000),
             Some(1000 + 30 * 60_000)
         );
         assert_eq!(
-            amount_window_end(&specs, &amounts[1], 1000, tz, 1000),
+            trait_window_end(&specs, slot_trait(amounts[1].1 .0), 1000, tz, 1000),
             Some(86_400_000)
         );
-        assert_eq!(amount_window_end(&specs, &amounts[3], 1000, tz, 1000), None);
+        assert_eq!(
+            trait_window_end(&specs, slot_trait(amounts[3].1 .0), 1000, tz, 1000),
+            None
+        );
         // A window end between two ticks takes effect at the later tick.
         assert_eq!(
-            amount_window_end(&specs, &amounts[0], 1000, tz, 7 * 60_000),
+            trait_window_end(&specs, slot_trait(amounts[0].1 .0), 1000, tz, 7 * 60_000),
             Some(35 * 60_000)
         );
         assert_eq!(
-            point_window_end(&specs, &points[0], 1000, tz, 1000),
+            trait_window_end(&specs, points[0].1 .0, 1000, tz, 1000),
             Some(1000 + 7 * 86_400_000)
         );
         let cheap = record(

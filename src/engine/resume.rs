@@ -49,6 +49,19 @@ pub fn fingerprint_parts(spec: &Spec) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The parts of [`fingerprint_parts`] `ours` whose hash differs from that
+/// of the same part in `theirs`; a part `theirs` lacks (a checkpoint
+/// written before parts were recorded) is not counted.
+pub fn differing_parts<'a>(
+    ours: &'a BTreeMap<String, String>,
+    theirs: &BTreeMap<String, String>,
+) -> Vec<&'a str> {
+    ours.iter()
+        .filter(|(part, hash)| theirs.get(*part).is_some_and(|then| then != *hash))
+        .map(|(part, _)| part.as_str())
+        .collect()
+}
+
 /// The text [`fingerprint`] hashes, and its parts.
 fn fingerprint_text(spec: &Spec) -> (String, Vec<(&'static str, String)>) {
     // Descriptions and the order of segments do not change results:
@@ -183,17 +196,7 @@ pub fn plan(
         ));
     }
     if checkpoint.fingerprint != ours.0 {
-        let differ: Vec<&str> = ours
-            .1
-            .iter()
-            .filter(|(what, hash)| {
-                checkpoint
-                    .fingerprint_parts
-                    .get(*what)
-                    .is_some_and(|then| then != *hash)
-            })
-            .map(|(what, _)| what.as_str())
-            .collect();
+        let differ = differing_parts(&ours.1, &checkpoint.fingerprint_parts);
         return Err(refuse(
             dir,
             match differ.is_empty() {

@@ -10,7 +10,7 @@ use crate::dataflow::reload::Reload;
 use crate::spec::{parse_spec, Spec};
 use crate::time::Time;
 
-use super::resume::{fingerprint, fingerprint_parts};
+use super::resume::{differing_parts, fingerprint, fingerprint_parts};
 
 /// The definition as last applied, and the text last looked at.
 struct Watched {
@@ -52,10 +52,9 @@ pub fn watch(path: PathBuf, running: Spec, text: String, every: Duration) -> Rel
         };
         let ours = fingerprint_parts(&w.applied);
         let theirs = fingerprint_parts(&new);
-        let differ: Vec<&str> = ours
-            .iter()
-            .filter(|(part, hash)| part.as_str() != "segments" && theirs.get(*part) != Some(*hash))
-            .map(|(part, _)| part.as_str())
+        let differ: Vec<&str> = differing_parts(&ours, &theirs)
+            .into_iter()
+            .filter(|part| *part != "segments")
             .collect();
         if !differ.is_empty() {
             // Name the traits that changed, if any.
