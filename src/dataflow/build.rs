@@ -15,13 +15,13 @@ use timely::dataflow::operators::{Concat, Concatenate};
 use timely::dataflow::{Scope, Stream};
 
 use super::retain::{self, Restored, Retained};
-use super::{identity, profiles, segments, traits, Coll, Time};
+use super::traits::Item;
+use super::{identity, profiles, route, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Layout, Outputs, ProcessShared, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
 use crate::io::Abort;
 use crate::model::{CrmRecord, Id, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
-use crate::time::window::retract_at_window_end;
 
 /// Builds the dataflow in `scope`. `reload`, if any, watches the
 /// definition for segment changes while the run goes on (see
@@ -75,71 +75,10 @@ pub fn build<'s>(
         .concat(restore.crm)
         .as_collection();
     let event_sets: Coll<'s, Vec<Id>> = split.identifier_sets.as_collection();
-    let specs = Rc::clone(&trait_specs);
-    let contributions: Coll<'s, traits::Contribution> = retract_at_window_end(
-        split.contributions.clone(),
-        restore.window_ends,
-        move |c, t| traits::trait_window_end(&specs, traits::slot_trait(c.1 .0), t, tz, tick_ms),
-    )
-    .concat(restore.contributions)
-    .as_collection();
-    // Points of lifetime traits: only those that can still matter.
-    let kept_points = traits::lifetime_extremes(
-        split.points,
-        restore.points.clone(),
-        Rc::clone(&trait_specs),
-    );
-    let specs = Rc::clone(&trait_specs);
-    let points: Coll<'s, traits::PointContribution> =
-        retract_at_window_end(kept_points.clone(), restore.point_ends, move |c, t| {
-            traits::trait_window_end(&specs, c.1 .0, t, tz, tick_ms)
-        })
-        .concat(restore.points)
-        .as_collection();
     let names: Coll<'s, (Id, String)> = identity::first_names(split.names.as_collection());
-    let event_sets = identity::first_occurrences(event_sets);
-    // What a checkpoint retains of the records (see `retain`): the
-    // splitter's collections as this run's records make them, without the
-    // restored input (which the checkpoint holds already).
+    let first_sets = identity::first_occurrences(event_sets);
     let stateful = shared.state.is_some();
-    let retained = if stateful {
-        scope.concatenate(vec![
-            split
-                .crm_versions
-                .map(|((k, c), t, r)| (Retained::Crm(k, c), t, r)),
-            event_sets
-                .inner
-                .clone()
-                .map(|(s, t, r)| (Retained::Set(s), t, r)),
-            names
-                .inner
-                .clone()
-                .map(|((k, n), t, r)| (Retained::Name(k, n), t, r)),
-            {
-                let specs = Rc::clone(&trait_specs);
-                split.contributions.map(move |(c, t, r)| {
-                    let end = traits::trait_window_end(
-                        &specs,
-                        traits::slot_trait(c.1 .0),
-                        t,
-                        tz,
-                        tick_ms,
-                    );
-                    (Retained::Contribution(c, end), t, r)
-                })
-            },
-            {
-                let specs = Rc::clone(&trait_specs);
-                kept_points.map(move |(c, t, r)| {
-                    let end = traits::trait_window_end(&specs, c.1 .0, t, tz, tick_ms);
-                    (Retained::Point(c, end), t, r)
-                })
-            },
-        ])
-    } else {
-        timely::dataflow::operators::generic::operator::empty(scope)
-    };
-    let event_sets = event_sets.concat(restore.sets.as_collection());
+    let event_sets = first_sets.clone().concat(restore.sets.as_collection());
 
     // CRM records are upserts; their current versions link identifiers and
     // carry attributes.
@@ -154,9 +93,43 @@ pub fn build<'s>(
         .clone()
         .arrange_by_key_named("Arrange: identifier -> profile");
 
-    // Traits and attributes per profile, then segments.
-    let trait_deltas = traits::per_profile(contributions, id_profile_arranged.clone());
-    let trait_points = traits::points_per_profile(points, id_profile_arranged.clone());
+    // Trait items to the profiles of their identifiers, held while they
+    // count; then attributes per profile, then segments.
+    let routed = route::route(
+        split.trait_items.clone(),
+        restore.traits,
+        id_profile.inner.clone(),
+        Rc::clone(&trait_specs),
+        tz,
+        tick_ms,
+    );
+    // What a checkpoint retains of the records (see `retain`): the
+    // splitter's collections as this run's records make them, and the
+    // lifetime points the route holds, without the restored input (which
+    // the checkpoint holds already).
+    let retained = if stateful {
+        scope.concatenate(vec![
+            split
+                .crm_versions
+                .map(|((k, c), t, r)| (Retained::Crm(k, c), t, r)),
+            first_sets.inner.map(|(s, t, r)| (Retained::Set(s), t, r)),
+            names
+                .inner
+                .clone()
+                .map(|((k, n), t, r)| (Retained::Name(k, n), t, r)),
+            {
+                let specs = Rc::clone(&trait_specs);
+                split.trait_items.flat_map(move |((id, items), t, r)| {
+                    retained_items(&specs, id, items, t, r, tz, tick_ms)
+                })
+            },
+            routed
+                .kept
+                .map(|(c, t, r)| (Retained::Point(c, None), t, r)),
+        ])
+    } else {
+        timely::dataflow::operators::generic::operator::empty(scope)
+    };
     let attributes = profiles::attributes(crm_current, id_profile_arranged);
     let profile_ids = identity::profiles(id_profile.clone());
     let control = scope.concatenate(control_streams);
@@ -184,8 +157,7 @@ pub fn build<'s>(
         memberships,
     } = segments::evaluate(
         profile_ids.clone(),
-        trait_deltas,
-        trait_points,
+        routed.changes,
         attributes.clone(),
         Rc::new(segments::Rules::new(
             Rc::clone(&trait_specs),
@@ -241,6 +213,43 @@ pub fn build<'s>(
     );
 }
 
+/// What a checkpoint retains of one event's trait `items` (`diff` times,
+/// at `tick`; see [`retain`]): amounts and points with their window ends,
+/// except the points of lifetime traits that keep only some (the route
+/// reports those it holds).
+fn retained_items(
+    specs: &[crate::spec::TraitSpec],
+    id: Id,
+    items: Vec<Item>,
+    tick: Time,
+    diff: isize,
+    tz: chrono_tz::Tz,
+    tick_ms: u64,
+) -> Vec<(Retained, Time, isize)> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let index = item.trait_index();
+        let end = traits::trait_window_end(specs, index, tick, tz, tick_ms);
+        match item {
+            Item::Amount(slot, value) => {
+                let value = i64::try_from(value).expect("an event's amount fits 64 bits");
+                out.push((Retained::Contribution((id, (slot, value)), end), tick, diff));
+            }
+            Item::Point(index, point, count) => {
+                let kept = end.is_none() && traits::keep_of(&specs[index as usize]).is_some();
+                if !kept {
+                    out.push((
+                        Retained::Point((id, (index, point)), end),
+                        tick,
+                        diff * count,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The updates of `coll` at times from `from` on.
 fn updates_from<'s, D: differential_dataflow::Data>(coll: Coll<'s, D>, from: Time) -> Coll<'s, D> {
     use timely::dataflow::operators::vec::Filter;
@@ -251,14 +260,13 @@ fn updates_from<'s, D: differential_dataflow::Data>(coll: Coll<'s, D>, from: Tim
 
 /// What the records of one worker contribute to the stages, one stream
 /// each: CRM versions keyed by `crm_id`, the identifier sets of events and
-/// transactions, trait amounts `(identifier, (slot, value))` and points
-/// `(identifier, (trait, (tick, value)))`, and identifier names `(key,
+/// transactions, the trait items of each event `(key identifier, items)`
+/// (see [`traits::contributions`]), and identifier names `(key,
 /// kind:value)`.
 struct Split<'s> {
     crm_versions: Stream<'s, Time, Vec<((String, Arc<CrmRecord>), Time, isize)>>,
     identifier_sets: Stream<'s, Time, Vec<(Vec<Id>, Time, isize)>>,
-    contributions: Stream<'s, Time, Vec<(traits::Contribution, Time, isize)>>,
-    points: Stream<'s, Time, Vec<(traits::PointContribution, Time, isize)>>,
+    trait_items: Stream<'s, Time, Vec<((Id, Vec<Item>), Time, isize)>>,
     names: Stream<'s, Time, Vec<((Id, String), Time, isize)>>,
 }
 
@@ -275,35 +283,31 @@ fn split_records<'s>(
     let mut input = builder.new_input(records, Pipeline);
     let (crm_out, crm_versions) = builder.new_output();
     let (sets_out, identifier_sets) = builder.new_output();
-    let (contrib_out, contributions) = builder.new_output();
-    let (points_out, points) = builder.new_output();
+    let (items_out, trait_items) = builder.new_output();
     let (names_out, names) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
-    let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
-    let mut points_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(points_out);
+    let mut items_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(items_out);
     let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
     builder.build(move |_capabilities| {
         move |_frontiers| {
             let (mut crm_out, mut sets_out) = (crm_out.activate(), sets_out.activate());
-            let (mut contrib_out, mut names_out) = (contrib_out.activate(), names_out.activate());
-            let mut points_out = points_out.activate();
+            let (mut items_out, mut names_out) = (items_out.activate(), names_out.activate());
             input.for_each_stamp(|cap, data| {
                 let mut crm = crm_out.session(&cap);
                 let mut sets = sets_out.session(&cap);
-                let mut contrib = contrib_out.session(&cap);
-                let mut points = points_out.session(&cap);
+                let mut trait_items = items_out.session(&cap);
                 let mut names = names_out.session(&cap);
                 for (record, tick, diff) in data.flat_map(|d| d.drain(..)) {
                     if !matches!(record, Record::Crm(_)) {
-                        traits::contributions(
-                            &record,
-                            tick,
-                            &specs,
-                            tz,
-                            &mut |c| contrib.give((c, tick, diff)),
-                            &mut |p| points.give((p, tick, diff)),
-                        );
+                        let mut items = Vec::new();
+                        if let Some(key) =
+                            traits::contributions(&record, tick, &specs, tz, &mut items)
+                        {
+                            if !items.is_empty() {
+                                trait_items.give(((key, items), tick, diff));
+                            }
+                        }
                     }
                     // From here on identifiers are keys; their names travel
                     // apart, to the sinks.
@@ -335,8 +339,7 @@ fn split_records<'s>(
     Split {
         crm_versions,
         identifier_sets,
-        contributions,
-        points,
+        trait_items,
         names,
     }
 }

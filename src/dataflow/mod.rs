@@ -22,6 +22,7 @@ pub mod identity;
 pub mod profiles;
 pub mod reload;
 pub mod retain;
+pub mod route;
 pub mod segments;
 pub mod traits;
 

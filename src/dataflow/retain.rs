@@ -33,7 +33,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::{Scope, Stream};
 
-use super::traits::{Contribution, PointContribution};
+use super::traits::{Contribution, Item, PointContribution, Total};
 use super::Time;
 use std::sync::Arc;
 
@@ -134,31 +134,10 @@ pub struct RestoredStreams<'s> {
     pub crm: Updates<'s, (String, Arc<CrmRecord>)>,
     /// Identifier sets.
     pub sets: Updates<'s, Vec<Id>>,
-    /// Contributions (lifetime totals and windowed counts) at the restore
-    /// time.
-    pub contributions: Updates<'s, Contribution>,
-    /// The retractions of the windowed contributions, at their window ends
-    /// (for [`crate::time::window::retract_at_window_end`] to hold).
-    pub window_ends: Updates<'s, Contribution>,
-    /// Points at the restore time.
-    pub points: Updates<'s, PointContribution>,
-    /// The retractions of windowed points, at their window ends.
-    pub point_ends: Updates<'s, PointContribution>,
-}
-
-/// Splits a lifetime total into contributions whose values fit an `i64`:
-/// `total = q · 2^62 + r`, as `(2^62, q)` and `(r, 1)`.
-fn total_contributions(id: Id, index: u32, total: i128) -> Vec<(Contribution, isize)> {
-    const UNIT: i128 = 1 << 62;
-    let (q, r) = (total.div_euclid(UNIT), total.rem_euclid(UNIT));
-    let mut out = Vec::new();
-    if q != 0 {
-        out.push(((id, (index, UNIT as i64)), q as isize));
-    }
-    if r != 0 {
-        out.push(((id, (index, r as i64)), 1));
-    }
-    out
+    /// Trait items `(identifier, window end, item)` (lifetime totals,
+    /// windowed amounts, points), for [`crate::dataflow::route`] to hold
+    /// until their window ends.
+    pub traits: Updates<'s, (Id, Option<Time>, Item)>,
 }
 
 /// Injects `restored` (this worker's share, if any; see
@@ -169,17 +148,10 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
     let mut builder = OperatorBuilder::new("Restore: checkpoint".to_owned(), scope);
     let (crm_out, crm) = builder.new_output();
     let (sets_out, sets) = builder.new_output();
-    let (contrib_out, contributions) = builder.new_output();
-    let (ends_out, window_ends) = builder.new_output();
-    let (points_out, points) = builder.new_output();
-    let (point_ends_out, point_ends) = builder.new_output();
+    let (traits_out, traits) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
-    let mut contrib_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(contrib_out);
-    let mut ends_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(ends_out);
-    let mut points_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(points_out);
-    let mut point_ends_out =
-        OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(point_ends_out);
+    let mut traits_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(traits_out);
     let activator = scope.activator_for(builder.operator_info().address.clone());
     builder.build(move |caps| {
         // Sent when first scheduled (downstream operators are connected by
@@ -202,69 +174,22 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
                 .activate()
                 .session(&caps[1])
                 .give_iterator(r.sets.into_iter().map(|s| (s, at, 1)));
-            {
-                let mut out = contrib_out.activate();
-                let mut session = out.session(&caps[2]);
-                for (id, t, total) in r.totals {
-                    for (c, n) in total_contributions(id, t, total) {
-                        session.give((c, at, n));
-                    }
-                }
-                for &(_, c, n) in &r.windowed {
-                    session.give((c, at, n));
-                }
+            let mut out = traits_out.activate();
+            let mut session = out.session(&caps[2]);
+            for (id, slot, total) in r.totals {
+                session.give(((id, None, Item::Amount(slot, total)), at, 1));
             }
-            ends_out
-                .activate()
-                .session(&caps[3])
-                .give_iterator(r.windowed.into_iter().map(|(end, c, n)| (c, end, -n)));
-            points_out
-                .activate()
-                .session(&caps[4])
-                .give_iterator(r.points.iter().map(|(_, c, n)| (c.clone(), at, *n)));
-            point_ends_out.activate().session(&caps[5]).give_iterator(
-                r.points
-                    .into_iter()
-                    .filter_map(|(end, c, n)| end.map(|end| (c, end, -n))),
-            );
+            for (end, (id, (slot, value)), n) in r.windowed {
+                session.give((
+                    (id, Some(end), Item::Amount(slot, Total::from(value))),
+                    at,
+                    n,
+                ));
+            }
+            for (end, (id, (index, point)), n) in r.points {
+                session.give(((id, end, Item::Point(index, point, 1)), at, n));
+            }
         }
     });
-    RestoredStreams {
-        crm,
-        sets,
-        contributions,
-        window_ends,
-        points,
-        point_ends,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A lifetime total of any size comes back as contributions whose
-    /// values times counts add up to it exactly.
-    #[test]
-    fn totals_split_exactly() {
-        let id = Id(7);
-        for total in [
-            0i128,
-            1,
-            -1,
-            19_999,
-            (1 << 62) - 1,
-            1 << 62,
-            -(1 << 62) - 5,
-            (1i128 << 87) + 12_345,
-            -(1i128 << 87),
-        ] {
-            let sum: i128 = total_contributions(id, 3, total)
-                .iter()
-                .map(|((_, (_, v)), n)| *v as i128 * *n as i128)
-                .sum();
-            assert_eq!(sum, total);
-        }
-        assert!(total_contributions(id, 3, 0).is_empty());
-    }
+    RestoredStreams { crm, sets, traits }
 }

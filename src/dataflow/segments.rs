@@ -24,7 +24,7 @@ use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use super::profiles::Attributes;
-use super::traits::{slot_trait, Total, SECOND, SUM_SCALE};
+use super::traits::{Item, Total, SECOND, SUM_SCALE};
 use super::{Coll, Time};
 use crate::model::{Id, IdMap, Scalar, ScalarRef};
 use crate::spec::expr::Expr;
@@ -225,10 +225,9 @@ pub struct Evaluated<'s> {
 
 /// Trait values and segment memberships per profile.
 ///
-/// `trait_deltas` are the changes of the amount totals, `((profile,
-/// slot), change)` with the change as the update's difference
-/// ([`crate::dataflow::traits::per_profile`]); `points` the points of the
-/// other traits per profile ([`crate::dataflow::traits::points_per_profile`]).
+/// `trait_items` are the changes of the profiles' trait inputs,
+/// `(profile, items)` ([`crate::dataflow::route`]): amount totals and the
+/// points of the other traits.
 ///
 /// This is keyed state in event-time order, as a Flink keyed process
 /// function keeps it: each profile's facts live on one worker (exchanged
@@ -239,8 +238,7 @@ pub struct Evaluated<'s> {
 /// profile without facts is forgotten.
 pub fn evaluate<'s>(
     profiles: Coll<'s, Id>,
-    trait_deltas: Coll<'s, (Id, u32), Total>,
-    points: Coll<'s, ((Id, u32), (Time, Scalar))>,
+    trait_items: Stream<'s, Time, Vec<((Id, Vec<Item>), Time, isize)>>,
     attributes: Coll<'s, (Id, Attributes)>,
     rules: Rc<Rules>,
     reloads: Option<(
@@ -260,15 +258,9 @@ pub fn evaluate<'s>(
         profiles.inner,
         Exchange::new(|(p, _, _): &(Id, Time, isize)| p.hashed()),
     );
-    let mut deltas_in = builder.new_input(
-        trait_deltas.inner,
-        Exchange::new(|((p, _), _, _): &((Id, u32), Time, Total)| p.hashed()),
-    );
-    let mut points_in = builder.new_input(
-        points.inner,
-        Exchange::new(
-            |(((p, _), _), _, _): &(((Id, u32), (Time, Scalar)), Time, isize)| p.hashed(),
-        ),
+    let mut items_in = builder.new_input(
+        trait_items,
+        Exchange::new(|((p, _), _, _): &((Id, Vec<Item>), Time, isize)| p.hashed()),
     );
     let mut attrs_in = builder.new_input(
         attributes.inner,
@@ -308,18 +300,13 @@ pub fn evaluate<'s>(
                     pending.entry(t).or_default().push((p, Change::Exists(r)));
                 }
             });
-            deltas_in.for_each_stamp(|cap, data| {
-                for ((p, slot), t, change) in data.flat_map(|d| d.drain(..)) {
+            items_in.for_each_stamp(|cap, data| {
+                for ((p, items), t, r) in data.flat_map(|d| d.drain(..)) {
                     note(&cap, t);
-                    let change = Change::Total(slot, change);
-                    pending.entry(t).or_default().push((p, change));
-                }
-            });
-            points_in.for_each_stamp(|cap, data| {
-                for (((p, index), point), t, r) in data.flat_map(|d| d.drain(..)) {
-                    note(&cap, t);
-                    let change = Change::Point(index, point, r);
-                    pending.entry(t).or_default().push((p, change));
+                    pending
+                        .entry(t)
+                        .or_default()
+                        .push((p, Change::Items(items, r)));
                 }
             });
             attrs_in.for_each_stamp(|cap, data| {
@@ -388,8 +375,9 @@ pub fn evaluate<'s>(
                     let before_totals = facts.totals.clone();
                     for (_, change) in group.iter_mut() {
                         match change {
-                            Change::Total(slot, _) => touched.push(slot_trait(*slot)),
-                            Change::Point(index, ..) => touched.push(*index),
+                            Change::Items(items, _) => {
+                                touched.extend(items.iter().map(Item::trait_index))
+                            }
                             Change::Wake => woken |= facts.wake == Some(time),
                             Change::Exists(_) | Change::Reload => everything = true,
                             Change::Attrs(..) => attributes_changed = true,
@@ -521,10 +509,8 @@ fn abelian_value(spec: &TraitSpec, i: u32, totals: &[(u32, Total)]) -> Scalar {
 enum Change {
     /// The profile's existence changes by this count.
     Exists(isize),
-    /// The total of a slot changes by this amount.
-    Total(u32, Total),
-    /// A point of trait `index` changes by this count.
-    Point(u32, (Time, Scalar), isize),
+    /// Trait inputs change, `diff` times these items.
+    Items(Vec<Item>, isize),
     /// These attributes' count changes.
     Attrs(Attributes, isize),
     /// The profile asked to be evaluated at this time.
@@ -581,18 +567,26 @@ impl ProfileFacts {
     fn apply(&mut self, change: Change) {
         match change {
             Change::Exists(r) => self.exists += r,
-            Change::Total(slot, change) => *upsert(&mut self.totals, slot, || 0) += change,
-            Change::Point(index, point, r) => {
-                let points = upsert(&mut self.points, index, Points::new);
-                match points.entry(point) {
-                    std::collections::btree_map::Entry::Occupied(mut e) => {
-                        *e.get_mut() += r;
-                        if *e.get() == 0 {
-                            e.remove();
+            Change::Items(items, r) => {
+                for item in items {
+                    match item {
+                        Item::Amount(slot, change) => {
+                            *upsert(&mut self.totals, slot, || 0) += change * r as Total
                         }
-                    }
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(r);
+                        Item::Point(index, point, c) => {
+                            let points = upsert(&mut self.points, index, Points::new);
+                            match points.entry(point) {
+                                std::collections::btree_map::Entry::Occupied(mut e) => {
+                                    *e.get_mut() += c * r;
+                                    if *e.get() == 0 {
+                                        e.remove();
+                                    }
+                                }
+                                std::collections::btree_map::Entry::Vacant(e) => {
+                                    e.insert(c * r);
+                                }
+                            }
+                        }
                     }
                 }
             }

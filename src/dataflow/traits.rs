@@ -28,17 +28,11 @@
 //!   least, the greatest, or each distinct value once), so a profile's
 //!   state does not grow with its history.
 
-use std::collections::BTreeMap;
-use std::rc::Rc;
-
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::ValSpine;
-use differential_dataflow::AsCollection;
-use timely::dataflow::operators::vec::Map;
-use timely::dataflow::Stream;
 
-use super::{Coll, Time};
-use crate::model::{Id, IdMap, Ident, Record, Scalar, ScalarRef};
+use super::Time;
+use crate::model::{Id, Ident, Record, Scalar, ScalarRef};
 use crate::spec::{Aggregate, StreamKind, TraitSpec, Window};
 
 /// Sum traits are kept as integers in thousandths of the summed field.
@@ -62,6 +56,36 @@ pub type Contribution = (Id, (u32, i64));
 
 /// One point: `(key identifier, (trait index, (tick, value)))`.
 pub type PointContribution = (Id, (u32, (Time, Scalar)));
+
+/// A change of one of a profile's (or an identifier's) trait inputs, as
+/// the route ([`crate::dataflow::route`]) sends them to the profiles.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Item {
+    /// The total of a slot (see [`SECOND`]) changes by this amount (a
+    /// count, or a sum in thousandths).
+    Amount(u32, Total),
+    /// The count of a point `(tick, value)` of trait `index` changes by
+    /// this much.
+    Point(u32, (Time, Scalar), isize),
+}
+
+impl Item {
+    /// The trait the item belongs to.
+    pub fn trait_index(&self) -> u32 {
+        match self {
+            Item::Amount(slot, _) => slot_trait(*slot),
+            Item::Point(index, ..) => *index,
+        }
+    }
+
+    /// The item `k` times over (`-1`: its retraction).
+    pub fn scaled(&self, k: isize) -> Item {
+        match self {
+            Item::Amount(slot, v) => Item::Amount(*slot, v * k as Total),
+            Item::Point(index, point, c) => Item::Point(*index, point.clone(), c * k),
+        }
+    }
+}
 
 /// The trait index of an amount's slot.
 pub fn slot_trait(slot: u32) -> u32 {
@@ -136,36 +160,34 @@ fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz, tick: Time)
     }
 }
 
-/// The contributions of one record at `tick` to every trait: amounts
-/// `((identifier, (slot, value)), tick, +1)` and points
-/// `((identifier, (trait, (tick or 0, value))), tick, +1)`. The
-/// retractions at window ends are added by
-/// [`crate::time::window::retract_at_window_end`] with
-/// [`trait_window_end`].
+/// The contributions of one record at `tick` to every trait, pushed to
+/// `items`: amounts `Item::Amount(slot, value)` and points
+/// `Item::Point(trait, (tick or 0, value), 1)`; returns the identifier
+/// they are keyed by (the record's first, of the highest priority), or
+/// `None` for a record without identifiers (which contributes nothing).
+/// They leave their windows at [`trait_window_end`]
+/// ([`crate::dataflow::route`]).
 pub fn contributions(
     record: &Record,
     tick: Time,
     traits: &[TraitSpec],
     tz: chrono_tz::Tz,
-    amounts: &mut impl FnMut(Contribution),
-    points: &mut impl FnMut(PointContribution),
-) {
-    let Some(key) = record.ids().first().map(Ident::id) else {
-        return;
-    };
+    items: &mut Vec<Item>,
+) -> Option<Id> {
+    let key = record.ids().first().map(Ident::id)?;
     for (index, spec) in traits.iter().enumerate() {
         let i = index as u32;
         let matched = passes(spec.stream, spec.filter.as_ref(), record, tz, tick);
         if let Some(seq) = &spec.sequence {
             if matched {
-                points((key, (i, (tick, Scalar::Bool(false)))));
+                items.push(Item::Point(i, (tick, Scalar::Bool(false)), 1));
             }
             if seq
                 .steps
                 .iter()
                 .any(|(stream, filter)| passes(*stream, filter.as_ref(), record, tz, tick))
             {
-                points((key, (i, (tick, Scalar::Bool(true)))));
+                items.push(Item::Point(i, (tick, Scalar::Bool(true)), 1));
             }
             continue;
         }
@@ -178,7 +200,7 @@ pub fn contributions(
                 } else {
                     Scalar::Null
                 };
-                points((key, (i, (tick, value))));
+                items.push(Item::Point(i, (tick, value), 1));
             }
             continue;
         }
@@ -187,18 +209,18 @@ pub fn contributions(
         }
         let of = || field(record, spec.of.as_deref().unwrap_or(&[]), tz, tick);
         match spec.aggregate {
-            Aggregate::Count => amounts((key, (i, 1))),
+            Aggregate::Count => items.push(Item::Amount(i, Total::from(1))),
             Aggregate::Sum => {
                 if let Some(v) = thousandths(of()).filter(|v| *v != 0) {
-                    amounts((key, (i, v)));
+                    items.push(Item::Amount(i, Total::from(v)));
                 }
             }
             Aggregate::Avg => {
                 if let Some(v) = thousandths(of()) {
                     if v != 0 {
-                        amounts((key, (i, v)));
+                        items.push(Item::Amount(i, Total::from(v)));
                     }
-                    amounts((key, (i | SECOND, 1)));
+                    items.push(Item::Amount(i | SECOND, Total::from(1)));
                 }
             }
             Aggregate::Share => {
@@ -212,14 +234,14 @@ pub fn contributions(
                         .as_ref()
                         .is_some_and(|p| p.eval_bool(&mut |path| field(record, path, tz, tick)));
                     if part {
-                        amounts((key, (i, w)));
+                        items.push(Item::Amount(i, Total::from(w)));
                     }
-                    amounts((key, (i | SECOND, w)));
+                    items.push(Item::Amount(i | SECOND, Total::from(w)));
                 }
             }
             Aggregate::Min | Aggregate::Max | Aggregate::Distinct | Aggregate::MostFrequent => {
                 if let Some(v) = point_value(spec, record, tz, tick) {
-                    points((key, (i, (0, v))));
+                    items.push(Item::Point(i, (0, v), 1));
                 }
             }
             Aggregate::First | Aggregate::Last | Aggregate::SinceFirst | Aggregate::SinceLast => {
@@ -230,11 +252,12 @@ pub fn contributions(
                         } else {
                             v
                         };
-                    points((key, (i, (tick, v))));
+                    items.push(Item::Point(i, (tick, v), 1));
                 }
             }
         }
     }
+    Some(key)
 }
 
 /// When an event at `tick` leaves trait `spec`'s window, at the first
@@ -265,35 +288,9 @@ pub fn trait_window_end(
         .and_then(|t| window_end(t, tick, tz, tick_ms))
 }
 
-/// The changes of the totals per `(profile, slot)`: the data is
-/// `(profile, slot)` and the difference the change, a count or a sum in
-/// thousandths.
-pub fn per_profile<'s>(
-    contributions: Coll<'s, Contribution>,
-    id_profile: IdProfileArrangement<'s>,
-) -> Coll<'s, (Id, u32), Total> {
-    contributions
-        .join_core(id_profile, |_id, (slot, value), profile| {
-            Some(((*profile, *slot), *value))
-        })
-        .inner
-        .map(|((key, value), time, diff)| (key, time, Total::from(value) * diff as Total))
-        .as_collection()
-}
-
-/// The points per profile: `((profile, trait), (tick, value))`.
-pub fn points_per_profile<'s>(
-    points: Coll<'s, PointContribution>,
-    id_profile: IdProfileArrangement<'s>,
-) -> Coll<'s, ((Id, u32), (Time, Scalar))> {
-    points.join_core(id_profile, |_id, (index, point), profile| {
-        Some(((*profile, *index), point.clone()))
-    })
-}
-
 /// Which point of a lifetime trait can still matter, per identifier.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Keep {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Keep {
     /// The least `(tick, value)`: first, since_first.
     Earliest,
     /// The greatest `(tick, value)`: last, since_last.
@@ -306,7 +303,26 @@ enum Keep {
     EachOnce,
 }
 
-fn keep_of(spec: &TraitSpec) -> Option<Keep> {
+impl Keep {
+    /// Whether `new` replaces `old` as the kept point (never for
+    /// [`Keep::EachOnce`], which keeps every distinct value).
+    pub fn better(self, new: &(Time, Scalar), old: &(Time, Scalar)) -> bool {
+        match self {
+            Keep::Earliest => new < old,
+            Keep::Latest => new > old,
+            Keep::Least => new.1 < old.1,
+            Keep::Greatest => new.1 > old.1,
+            Keep::EachOnce => false,
+        }
+    }
+}
+
+/// Which points of trait `spec` can still matter, per identifier: `Some`
+/// for the lifetime `first`, `last`, `min`, `max`, `distinct` and
+/// recencies, whose points are insert-only (the earliest point so far is
+/// the first for good unless an earlier one comes, and so on); `None`
+/// for every other trait, whose points all count.
+pub fn keep_of(spec: &TraitSpec) -> Option<Keep> {
     if spec.window != Window::Lifetime || spec.sequence.is_some() {
         return None;
     }
@@ -318,132 +334,6 @@ fn keep_of(spec: &TraitSpec) -> Option<Keep> {
         Aggregate::Distinct => Some(Keep::EachOnce),
         _ => None,
     }
-}
-
-/// Keeps, per identifier and lifetime trait, only the points that can
-/// still change the trait (see [`Keep`]): the points of a lifetime
-/// trait are insert-only, so the earliest point so far is the first for
-/// good unless an earlier one comes, and so on. Points are taken in time
-/// order (each time once the input's frontier has passed it): a point
-/// that replaces the kept one is emitted with the kept one's retraction
-/// at its own time. Points of other traits pass through. `seed` is the
-/// kept points restored from a checkpoint: they fill the state and are
-/// not emitted (they travel on their own).
-pub fn lifetime_extremes<'s>(
-    points: Stream<'s, Time, Vec<(PointContribution, Time, isize)>>,
-    seed: Stream<'s, Time, Vec<(PointContribution, Time, isize)>>,
-    traits: Rc<[TraitSpec]>,
-) -> Stream<'s, Time, Vec<(PointContribution, Time, isize)>> {
-    use differential_dataflow::hashable::Hashable;
-    use timely::dataflow::channels::pact::Exchange;
-    use timely::dataflow::operators::generic::operator::Operator;
-    use timely::dataflow::operators::Capability;
-
-    let keeps: Vec<Option<Keep>> = traits.iter().map(keep_of).collect();
-    if keeps.iter().all(Option::is_none) {
-        return points;
-    }
-    let by_id = |((id, _), _, _): &(PointContribution, Time, isize)| id.hashed();
-    points.binary_frontier(
-        seed,
-        Exchange::new(by_id),
-        Exchange::new(by_id),
-        "Lifetime extremes",
-        move |_cap, _info| {
-            let mut pending: BTreeMap<Time, Vec<PointContribution>> = BTreeMap::new();
-            let mut held: Option<Capability<Time>> = None;
-            // Per identifier: (trait, kept points), sorted by trait.
-            let mut state: IdMap<Vec<(u32, Vec<(Time, Scalar)>)>> = IdMap::default();
-            move |(input, frontier), (seed, seed_frontier), output| {
-                seed.for_each(|_cap, data| {
-                    for ((id, (index, point)), _, r) in data.drain(..) {
-                        if r > 0 {
-                            kept(&mut state, id, index).push(point);
-                        }
-                    }
-                });
-                input.for_each(|cap, data| {
-                    let mut session = output.session(&cap);
-                    for (c, t, r) in data.drain(..) {
-                        let index = c.1 .0 as usize;
-                        if keeps.get(index).copied().flatten().is_none() || r <= 0 {
-                            session.give((c, t, r));
-                            continue;
-                        }
-                        if held.as_ref().is_none_or(|h| t < *h.time()) {
-                            held = Some(cap.delayed(&t, 0));
-                        }
-                        pending.entry(t).or_default().push(c);
-                    }
-                });
-                let Some(h) = held.as_mut() else { return };
-                let reached = frontier
-                    .frontier()
-                    .iter()
-                    .chain(seed_frontier.frontier().iter())
-                    .min()
-                    .copied();
-                {
-                    let mut session = output.session(h);
-                    while let Some(entry) = pending.first_entry() {
-                        if reached.is_some_and(|f| *entry.key() >= f) {
-                            break;
-                        }
-                        let (time, list) = entry.remove_entry();
-                        for (id, (index, point)) in list {
-                            let keep = keeps[index as usize].expect("kept trait");
-                            let kept = kept(&mut state, id, index);
-                            let better = |old: &(Time, Scalar)| match keep {
-                                Keep::Earliest => point < *old,
-                                Keep::Latest => point > *old,
-                                Keep::Least => point.1 < old.1,
-                                Keep::Greatest => point.1 > old.1,
-                                Keep::EachOnce => false,
-                            };
-                            match keep {
-                                Keep::EachOnce => {
-                                    if kept.contains(&point) {
-                                        continue;
-                                    }
-                                }
-                                _ => match kept.first() {
-                                    None => {}
-                                    Some(old) if better(old) => {
-                                        let old = kept.remove(0);
-                                        session.give(((id, (index, old)), time, -1));
-                                    }
-                                    Some(_) => continue,
-                                },
-                            }
-                            kept.push(point.clone());
-                            session.give(((id, (index, point)), time, 1));
-                        }
-                    }
-                }
-                match pending.first_key_value() {
-                    Some((&next, _)) => h.downgrade(&next),
-                    None => held = None,
-                }
-            }
-        },
-    )
-}
-
-/// The kept points of `(id, trait)`.
-fn kept(
-    state: &mut IdMap<Vec<(u32, Vec<(Time, Scalar)>)>>,
-    id: Id,
-    index: u32,
-) -> &mut Vec<(Time, Scalar)> {
-    let traits = state.entry(id).or_default();
-    let at = match traits.binary_search_by_key(&index, |(i, _)| *i) {
-        Ok(at) => at,
-        Err(at) => {
-            traits.insert(at, (index, Vec::new()));
-            at
-        }
-    };
-    &mut traits[at].1
 }
 
 #[cfg(test)]
@@ -495,16 +385,21 @@ mod tests {
         decode_json(kind, line, &rules).unwrap()
     }
 
+    /// The amounts `(key, (slot, value))` and points `(key, (trait,
+    /// point))` of `record`.
     fn run(record: &Record, tick: Time) -> (Vec<Contribution>, Vec<PointContribution>) {
+        let mut items = Vec::new();
+        let key = contributions(record, tick, &specs(), chrono_tz::UTC, &mut items).unwrap();
         let (mut a, mut p) = (Vec::new(), Vec::new());
-        contributions(
-            record,
-            tick,
-            &specs(),
-            chrono_tz::UTC,
-            &mut |c| a.push(c),
-            &mut |c| p.push(c),
-        );
+        for item in items {
+            match item {
+                Item::Amount(slot, v) => a.push((key, (slot, i64::try_from(v).unwrap()))),
+                Item::Point(i, point, c) => {
+                    assert_eq!(c, 1);
+                    p.push((key, (i, point)));
+                }
+            }
+        }
         (a, p)
     }
 
