@@ -123,9 +123,7 @@ pub fn build<'s>(
                     retained_items(&specs, id, items, t, r, tz, tick_ms)
                 })
             },
-            routed
-                .kept
-                .map(|(c, t, r)| (Retained::Point(c, None), t, r)),
+            routed.kept.map(|(c, t, r)| (Retained::Point(c), t, r)),
         ])
     } else {
         timely::dataflow::operators::generic::operator::empty(scope)
@@ -214,9 +212,10 @@ pub fn build<'s>(
 }
 
 /// What a checkpoint retains of one event's trait `items` (`diff` times,
-/// at `tick`; see [`retain`]): amounts and points with their window ends,
-/// except the points of lifetime traits that keep only some (the route
-/// reports those it holds).
+/// at `tick`; see [`retain`]): its lifetime amounts and points (but not
+/// those of lifetime traits that keep only some: the route reports the
+/// ones it holds), and its windowed items as one entry with the last of
+/// their window ends.
 fn retained_items(
     specs: &[crate::spec::TraitSpec],
     id: Id,
@@ -226,26 +225,31 @@ fn retained_items(
     tz: chrono_tz::Tz,
     tick_ms: u64,
 ) -> Vec<(Retained, Time, isize)> {
-    let mut out = Vec::with_capacity(items.len());
+    let mut out = Vec::new();
+    let mut windowed = Vec::new();
+    let mut last_end = 0;
     for item in items {
         let index = item.trait_index();
-        let end = traits::trait_window_end(specs, index, tick, tz, tick_ms);
-        match item {
-            Item::Amount(slot, value) => {
-                let value = i64::try_from(value).expect("an event's amount fits 64 bits");
-                out.push((Retained::Contribution((id, (slot, value)), end), tick, diff));
+        match (
+            traits::trait_window_end(specs, index, tick, tz, tick_ms),
+            item,
+        ) {
+            (Some(end), item) => {
+                last_end = last_end.max(end);
+                windowed.push(item);
             }
-            Item::Point(index, point, count) => {
-                let kept = end.is_none() && traits::keep_of(&specs[index as usize]).is_some();
-                if !kept {
-                    out.push((
-                        Retained::Point((id, (index, point)), end),
-                        tick,
-                        diff * count,
-                    ));
+            (None, Item::Amount(slot, value)) => {
+                out.push((Retained::Total(id, slot, value), tick, diff));
+            }
+            (None, Item::Point(index, point, count)) => {
+                if traits::keep_of(&specs[index as usize]).is_none() {
+                    out.push((Retained::Point((id, (index, point))), tick, diff * count));
                 }
             }
         }
+    }
+    if !windowed.is_empty() {
+        out.push((Retained::Event(id, windowed, last_end), tick, diff));
     }
     out
 }

@@ -15,9 +15,9 @@
 //! | CRM versions | per `crm_id`, the latest version (by `updated_at`, then content) | the upsert keeps only the latest version, and versions are never retracted |
 //! | identifier sets | each distinct set once | a set seen again adds no link |
 //! | names | each identifier key's `kind:value` text | the sinks name keys by it (a restart hands them to the sinks directly, not through the dataflow) |
-//! | lifetime contributions | per `(identifier, trait)`, the total | totals are sums ([`crate::dataflow::traits`]) |
-//! | windowed contributions | per `(window end, identifier, trait, value)` with end at or after `C`, the count | an event still inside its window at `C` leaves it at its window end; one that left before `C` adds nothing |
-//! | points | per `(window end, identifier, trait, tick, value)` with end at or after `C` (lifetime ones: no end, only those [`crate::dataflow::traits::lifetime_extremes`] keeps), the count | as for windowed contributions; a kept lifetime point is replaced only by its retraction |
+//! | lifetime amounts | per `(identifier, slot)`, the total | totals are sums ([`crate::dataflow::traits`]) |
+//! | lifetime points | per `(identifier, trait, tick, value)`, the count (of traits with a [`crate::dataflow::traits::Keep`], only the points the route holds) | a held lifetime point is replaced only by its retraction |
+//! | windowed items | per event (its tick and identifier) whose last window end is at or after `C`, its windowed items | an event still inside a window at `C` leaves it at its window end, computed again from its tick; items that left before `C` add nothing |
 //!
 //! A restart injects them at time `C - 1` ([`restore`]): the outputs at
 //! every time from `C` on are exactly those of a run that never stopped
@@ -33,7 +33,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::{Scope, Stream};
 
-use super::traits::{Contribution, Item, PointContribution, Total};
+use super::traits::{Item, PointContribution, Total};
 use super::Time;
 use std::sync::Arc;
 
@@ -48,11 +48,13 @@ pub enum Retained {
     Set(Vec<Id>),
     /// The `kind:value` text of an identifier key.
     Name(Id, String),
-    /// A trait amount at the update's time, with its window end (`None`:
-    /// a lifetime trait).
-    Contribution(Contribution, Option<Time>),
-    /// A trait point at the update's time, with its window end.
-    Point(PointContribution, Option<Time>),
+    /// A lifetime amount `(identifier, slot, value)`.
+    Total(Id, u32, Total),
+    /// A lifetime point.
+    Point(PointContribution),
+    /// The windowed items of an event at the update's time (its tick),
+    /// under its identifier, with the last of their window ends.
+    Event(Id, Vec<Item>, Time),
 }
 
 /// What a checkpoint's retained input holds at its cut, read back for a
@@ -70,13 +72,12 @@ pub struct Restored {
     /// Lifetime totals `(identifier, trait, total)` (a count, or a sum in
     /// thousandths).
     pub totals: Vec<(Id, u32, i128)>,
-    /// Windowed contributions still inside their window at the cut:
-    /// `(window end, (identifier, (trait, value)), count)`.
-    pub windowed: Vec<(Time, Contribution, isize)>,
-    /// Points: `(window end, point, count)`, the end `None` for lifetime
-    /// traits (whose points are the kept ones, see
-    /// [`crate::dataflow::traits::lifetime_extremes`]).
-    pub points: Vec<(Option<Time>, PointContribution, isize)>,
+    /// The windowed items of events with a window that ends at or after
+    /// the cut: `(tick, identifier, items)`.
+    pub events: Vec<(Time, Id, Vec<Item>)>,
+    /// Lifetime points with their counts (for traits with a
+    /// [`crate::dataflow::traits::Keep`], the held ones).
+    pub points: Vec<(PointContribution, isize)>,
 }
 
 impl Restored {
@@ -86,7 +87,7 @@ impl Restored {
             + self.sets.len()
             + self.names.len()
             + self.totals.len()
-            + self.windowed.len()
+            + self.events.len()
             + self.points.len()) as u64
     }
 
@@ -110,8 +111,8 @@ impl Restored {
         for (i, t) in self.totals.into_iter().enumerate() {
             shares[i % n].totals.push(t);
         }
-        for (i, w) in self.windowed.into_iter().enumerate() {
-            shares[i % n].windowed.push(w);
+        for (i, e) in self.events.into_iter().enumerate() {
+            shares[i % n].events.push(e);
         }
         for (i, p) in self.points.into_iter().enumerate() {
             shares[i % n].points.push(p);
@@ -134,10 +135,19 @@ pub struct RestoredStreams<'s> {
     pub crm: Updates<'s, (String, Arc<CrmRecord>)>,
     /// Identifier sets.
     pub sets: Updates<'s, Vec<Id>>,
-    /// Trait items `(identifier, window end, item)` (lifetime totals,
-    /// windowed amounts, points), for [`crate::dataflow::route`] to hold
-    /// until their window ends.
-    pub traits: Updates<'s, (Id, Option<Time>, Item)>,
+    /// Trait items by identifier, for [`crate::dataflow::route`] to hold
+    /// (windowed ones until their window ends).
+    pub traits: Updates<'s, (Id, RestoredItems)>,
+}
+
+/// Restored trait items of one identifier.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum RestoredItems {
+    /// A lifetime total or point.
+    Lifetime(Item),
+    /// The windowed items of an event at this tick (those whose window
+    /// ended before the restore time no longer count).
+    Event(Time, Vec<Item>),
 }
 
 /// Injects `restored` (this worker's share, if any; see
@@ -177,17 +187,15 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
             let mut out = traits_out.activate();
             let mut session = out.session(&caps[2]);
             for (id, slot, total) in r.totals {
-                session.give(((id, None, Item::Amount(slot, total)), at, 1));
+                let item = Item::Amount(slot, total);
+                session.give(((id, RestoredItems::Lifetime(item)), at, 1));
             }
-            for (end, (id, (slot, value)), n) in r.windowed {
-                session.give((
-                    (id, Some(end), Item::Amount(slot, Total::from(value))),
-                    at,
-                    n,
-                ));
+            for ((id, (index, point)), n) in r.points {
+                let item = Item::Point(index, point, n);
+                session.give(((id, RestoredItems::Lifetime(item)), at, 1));
             }
-            for (end, (id, (index, point)), n) in r.points {
-                session.give(((id, end, Item::Point(index, point, 1)), at, n));
+            for (tick, id, items) in r.events {
+                session.give(((id, RestoredItems::Event(tick, items)), at, 1));
             }
         }
     });

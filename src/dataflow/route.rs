@@ -44,6 +44,7 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
+use super::retain::RestoredItems;
 use super::traits::{keep_of, trait_window_end, Item, Keep, PointContribution, Total};
 use super::Time;
 use crate::model::{Id, IdMap, Scalar};
@@ -65,15 +66,15 @@ pub struct Routed<'s> {
 }
 
 /// Routes `events` (`((key identifier, items), tick, diff)`, items with
-/// count 1) and `restored` items (`((identifier, window end, item),
-/// restore time, count)`, see [`crate::dataflow::retain`]) to the
+/// count 1) and `restored` items (`((identifier, items), restore time,
+/// diff)`, see [`crate::dataflow::retain`]) to the
 /// profiles of their identifiers, as `id_profile` (`((identifier,
 /// profile), time, diff)`) gives them at each time; windowed items leave
 /// at their window end ([`trait_window_end`] of `traits`, in time zone
 /// `tz`, ticks of `tick_ms`). See the [module documentation](self).
 pub fn route<'s>(
     events: Updates<'s, (Id, Vec<Item>)>,
-    restored: Updates<'s, (Id, Option<Time>, Item)>,
+    restored: Updates<'s, (Id, RestoredItems)>,
     id_profile: Updates<'s, (Id, Id)>,
     traits: Rc<[TraitSpec]>,
     tz: chrono_tz::Tz,
@@ -87,7 +88,7 @@ pub fn route<'s>(
     );
     let mut restored_in = builder.new_input(
         restored,
-        Exchange::new(|((id, _, _), _, _): &((Id, Option<Time>, Item), Time, isize)| id.hashed()),
+        Exchange::new(|((id, _), _, _): &((Id, RestoredItems), Time, isize)| id.hashed()),
     );
     let mut links_in = builder.new_input(
         id_profile,
@@ -121,10 +122,12 @@ pub fn route<'s>(
                 }
             });
             restored_in.for_each_stamp(|cap, data| {
-                for ((id, end, item), t, r) in data.flat_map(|d| d.drain(..)) {
+                for ((id, items), t, r) in data.flat_map(|d| d.drain(..)) {
                     note(&cap, t);
-                    let input = Input::Restored(end, item.scaled(r));
-                    pending.entry(t).or_default().push((id, input));
+                    pending
+                        .entry(t)
+                        .or_default()
+                        .push((id, Input::Restored(items, r)));
                 }
             });
             events_in.for_each_stamp(|cap, data| {
@@ -178,9 +181,28 @@ pub fn route<'s>(
                                 h.profiles.retain(|(_, count)| *count != 0);
                                 h.profiles.sort_unstable();
                             }
-                            Input::Restored(end, item) => {
-                                h.add_restored(end, item.clone(), id, &mut ends);
-                                delta.push(item);
+                            Input::Restored(RestoredItems::Lifetime(item), r) => {
+                                let item = item.scaled(r);
+                                delta.push(item.clone());
+                                h.add_lifetime(item);
+                            }
+                            Input::Restored(RestoredItems::Event(tick, items), r) => {
+                                for item in items {
+                                    let item = item.scaled(r);
+                                    let index = item.trait_index();
+                                    match trait_window_end(&traits, index, tick, tz, tick_ms) {
+                                        // Left its window before this time.
+                                        Some(end) if end <= time => {}
+                                        Some(end) => {
+                                            delta.push(item.clone());
+                                            h.hold_until(end, item, id, &mut ends);
+                                        }
+                                        None => {
+                                            delta.push(item.clone());
+                                            h.add_lifetime(item);
+                                        }
+                                    }
+                                }
                             }
                             Input::Event(items, r) => {
                                 for item in items {
@@ -269,8 +291,8 @@ enum Input {
     Profile(Id, isize),
     /// An event's items, `diff` times.
     Event(Vec<Item>, isize),
-    /// An item restored from a checkpoint, with its window end.
-    Restored(Option<Time>, Item),
+    /// Items restored from a checkpoint, `diff` times.
+    Restored(RestoredItems, isize),
     /// Its windowed items whose window ends at this time leave.
     Expire,
 }
@@ -345,15 +367,6 @@ impl Held {
                     None => self.points.push((index, point, c)),
                 }
             }
-        }
-    }
-
-    /// Adds an item restored from a checkpoint (lifetime points restored
-    /// are the held ones already).
-    fn add_restored(&mut self, end: Option<Time>, item: Item, id: Id, ends: &mut WindowEnds<Id>) {
-        match end {
-            Some(end) => self.hold_until(end, item, id, ends),
-            None => self.add_lifetime(item),
         }
     }
 

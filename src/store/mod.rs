@@ -25,8 +25,9 @@
 //! | `retained_crm`    | `crm_id`                              | JSON CRM record (latest wins)    |
 //! | `retained_sets`   | identifier keys, 16 bytes each        | empty                            |
 //! | `retained_names`  | identifier key                        | `kind:value`                     |
-//! | `retained_totals` | identifier key, trait (u32 BE)        | i128 LE (added)                  |
-//! | `retained_window` | window end (u64 BE), key, trait, value | i64 LE count (added)             |
+//! | `retained_totals` | identifier key, slot (u32 BE)         | i128 LE (added)                  |
+//! | `retained_events` | last window end (u64 BE), tick (u64 BE), identifier key | the event's windowed trait items, bincode, one after another (appended) |
+//! | `retained_points` | identifier key, trait (u32 BE), tick (u64 BE), value (bincode) | i64 LE count (added; zero ones dropped by compactions) |
 //!
 //! The commit stage writes all the timestamps that one frontier advance
 //! completes as one `WriteBatch` (per time, removals first, then
@@ -51,7 +52,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::dataflow::retain::{Restored, Retained};
-use crate::dataflow::traits::{Contribution, PointContribution};
+use crate::dataflow::traits::{Item, PointContribution};
 use crate::io::sources::ResumePoint;
 use crate::model::{CrmRecord, Id, Ident, Scalar};
 use crate::time::Time;
@@ -72,14 +73,14 @@ const RETAINED_CFS: [&str; 6] = [
     "retained_sets",
     "retained_names",
     "retained_totals",
-    "retained_window",
+    "retained_events",
     "retained_points",
 ];
 const R_CRM: usize = 0;
 const R_SETS: usize = 1;
 const R_NAMES: usize = 2;
 const R_TOTALS: usize = 3;
-const R_WINDOW: usize = 4;
+const R_EVENTS: usize = 4;
 const R_POINTS: usize = 5;
 
 /// Errors of the state store.
@@ -161,7 +162,7 @@ impl StoreError {
 /// version (`segflow-state 1`).
 pub const MARKER_FILE: &str = "SEGFLOW_STATE";
 /// The state format this version writes and reads.
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 /// The file whose exclusive lock a run holds for its whole length.
 pub const LOCK_FILE: &str = "segflow.lock";
 
@@ -214,11 +215,19 @@ fn inspect(dir: &Path) -> Result<Found, StoreError> {
                 .trim()
                 .strip_prefix("segflow-state ")
                 .and_then(|v| v.parse::<u32>().ok());
-            if version != Some(STATE_FORMAT) {
-                return Err(not_ours(format!(
-                    "its {MARKER_FILE} says {:?}, not segflow state format {STATE_FORMAT}",
-                    text.trim()
-                )));
+            match version {
+                Some(STATE_FORMAT) => {}
+                Some(v) if v < STATE_FORMAT => {
+                    return Err(not_ours(format!(
+                        "it holds state of an earlier segflow version (format {v}; this version reads format {STATE_FORMAT}, see docs/operations.md), to be rebuilt from the inputs in a new directory"
+                    )))
+                }
+                _ => {
+                    return Err(not_ours(format!(
+                        "its {MARKER_FILE} says {:?}, not segflow state format {STATE_FORMAT}",
+                        text.trim()
+                    )))
+                }
             }
             Ok(Found::Ours)
         }
@@ -618,26 +627,24 @@ impl StateBatch {
 
 /// Retained updates of completed times (see `dataflow::retain`), written
 /// with a checkpoint ([`Store::write_retained`]): CRM versions (the latest
-/// is kept by a merge), identifier sets and names (puts), and lifetime
-/// totals and windowed counts, added up here first and then by merges.
+/// is kept by a merge), identifier sets and names (puts), lifetime totals
+/// and point counts (added up here first and then by merges), and the
+/// windowed items of events (appended).
 #[derive(Default)]
 pub struct RetainedBatch {
     crm: Vec<(String, std::sync::Arc<CrmRecord>)>,
     sets: Vec<Vec<Id>>,
     names: Vec<(Id, String)>,
     totals: std::collections::HashMap<(Id, u32), i128, foldhash::fast::RandomState>,
-    windowed: std::collections::HashMap<(Time, Contribution), i64, foldhash::fast::RandomState>,
-    points: std::collections::HashMap<(Time, PointContribution), i64, foldhash::fast::RandomState>,
+    /// By `(last window end, tick, identifier)`.
+    events: std::collections::HashMap<(Time, Time, Id), Vec<Item>, foldhash::fast::RandomState>,
+    points: std::collections::HashMap<PointContribution, i64, foldhash::fast::RandomState>,
 }
 
-/// The window end under which a lifetime point is kept: after every cut.
-const LIFETIME: Time = Time::MAX;
-
-/// The key of a point: window end ([`LIFETIME`] for none), identifier
-/// key, trait index, tick (all big-endian), then the value in bincode.
-fn point_key(end: Time, (id, (index, (tick, value))): &PointContribution) -> Vec<u8> {
-    let mut k = Vec::with_capacity(48);
-    k.extend_from_slice(&end.to_be_bytes());
+/// The key of a lifetime point: identifier key, trait index, tick (all
+/// big-endian), then the value in bincode.
+fn point_key((id, (index, (tick, value))): &PointContribution) -> Vec<u8> {
+    let mut k = Vec::with_capacity(40);
     k.extend_from_slice(&id.0.to_be_bytes());
     k.extend_from_slice(&index.to_be_bytes());
     k.extend_from_slice(&tick.to_be_bytes());
@@ -646,17 +653,16 @@ fn point_key(end: Time, (id, (index, (tick, value))): &PointContribution) -> Vec
 }
 
 /// [`point_key`] read back.
-fn point_from_key(k: &[u8]) -> Option<(Time, PointContribution)> {
-    let end = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
-    let id = Id(u128::from_be_bytes(k.get(8..24)?.try_into().ok()?));
-    let index = u32::from_be_bytes(k.get(24..28)?.try_into().ok()?);
-    let tick = u64::from_be_bytes(k.get(28..36)?.try_into().ok()?);
-    let value = bincode::deserialize(k.get(36..)?).ok()?;
-    Some((end, (id, (index, (tick, value)))))
+fn point_from_key(k: &[u8]) -> Option<PointContribution> {
+    let id = Id(u128::from_be_bytes(k.get(..16)?.try_into().ok()?));
+    let index = u32::from_be_bytes(k.get(16..20)?.try_into().ok()?);
+    let tick = u64::from_be_bytes(k.get(20..28)?.try_into().ok()?);
+    let value = bincode::deserialize(k.get(28..)?).ok()?;
+    Some((id, (index, (tick, value))))
 }
 
 /// The key of a lifetime total: identifier key (16 bytes, big-endian),
-/// trait index (4 bytes, big-endian).
+/// slot (4 bytes, big-endian).
 fn total_key(id: Id, index: u32) -> [u8; 20] {
     let mut k = [0u8; 20];
     k[..16].copy_from_slice(&id.0.to_be_bytes());
@@ -664,15 +670,43 @@ fn total_key(id: Id, index: u32) -> [u8; 20] {
     k
 }
 
-/// The key of a windowed contribution: its window end first (so that the
-/// expired ones are one range), then identifier, trait and value.
-fn window_key(end: Time, (id, (index, value)): &Contribution) -> [u8; 36] {
-    let mut k = [0u8; 36];
-    k[..8].copy_from_slice(&end.to_be_bytes());
-    k[8..24].copy_from_slice(&id.0.to_be_bytes());
-    k[24..28].copy_from_slice(&index.to_be_bytes());
-    k[28..].copy_from_slice(&value.to_be_bytes());
+/// The key of an event's windowed items: the last of their window ends
+/// first (so that the events whose windows all ended are one range), then
+/// its tick and identifier key.
+fn event_key(last_end: Time, tick: Time, id: Id) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&last_end.to_be_bytes());
+    k[8..16].copy_from_slice(&tick.to_be_bytes());
+    k[16..].copy_from_slice(&id.0.to_be_bytes());
     k
+}
+
+/// Items one after another, each in bincode (so that two encodings
+/// appended are the encoding of both lists).
+fn encode_items(items: &[Item]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(items.len() * 32);
+    for item in items {
+        bincode::serialize_into(&mut out, item).expect("an item serializes");
+    }
+    out
+}
+
+/// [`encode_items`] read back.
+fn decode_items(mut bytes: &[u8]) -> Option<Vec<Item>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        out.push(bincode::deserialize_from(&mut bytes).ok()?);
+    }
+    Some(out)
+}
+
+/// A merge that appends values (of `retained_events`).
+fn append(_key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let mut out = existing.map(<[u8]>::to_vec).unwrap_or_default();
+    for op in ops {
+        out.extend_from_slice(op);
+    }
+    Some(out)
 }
 
 impl RetainedBatch {
@@ -682,7 +716,7 @@ impl RetainedBatch {
             && self.sets.is_empty()
             && self.names.is_empty()
             && self.totals.is_empty()
-            && self.windowed.is_empty()
+            && self.events.is_empty()
             && self.points.is_empty()
     }
 
@@ -694,30 +728,30 @@ impl RetainedBatch {
         for (k, v) in later.totals {
             *self.totals.entry(k).or_default() += v;
         }
-        for (k, v) in later.windowed {
-            *self.windowed.entry(k).or_default() += v;
+        for (k, items) in later.events {
+            self.events.entry(k).or_default().extend(items);
         }
         for (k, v) in later.points {
             *self.points.entry(k).or_default() += v;
         }
     }
 
-    /// Stages one retained update at `time` with `diff`. Amounts and
-    /// points carry their window end (`None`: lifetime). Only insertions
-    /// of the other collections are retained: they are insert-only.
-    pub fn stage(&mut self, update: Retained, _time: Time, diff: isize) {
+    /// Stages one retained update at `time` with `diff`. Only insertions
+    /// of CRM versions, sets and names are retained: they are
+    /// insert-only.
+    pub fn stage(&mut self, update: Retained, time: Time, diff: isize) {
         match update {
-            Retained::Contribution(c, end) => match end {
-                None => {
-                    let (id, (index, value)) = c;
-                    *self.totals.entry((id, index)).or_default() += value as i128 * diff as i128;
+            Retained::Total(id, slot, value) => {
+                *self.totals.entry((id, slot)).or_default() += value * diff as i128;
+            }
+            Retained::Point(p) => *self.points.entry(p).or_default() += diff as i64,
+            Retained::Event(id, items, last_end) => {
+                let held = self.events.entry((last_end, time, id)).or_default();
+                if diff == 1 {
+                    held.extend(items);
+                } else {
+                    held.extend(items.iter().map(|i| i.scaled(diff)));
                 }
-                Some(end) => {
-                    *self.windowed.entry((end, c)).or_default() += diff as i64;
-                }
-            },
-            Retained::Point(p, end) => {
-                *self.points.entry((end.unwrap_or(LIFETIME), p)).or_default() += diff as i64;
             }
             _ if diff <= 0 => {}
             Retained::Crm(crm_id, record) => self.crm.push((crm_id, record)),
@@ -727,8 +761,8 @@ impl RetainedBatch {
     }
 
     /// Adds the staged updates to `batch`, in the retained column
-    /// families `cfs` (in [`RETAINED_CFS`] order); windowed contributions
-    /// that end before `cut` are left out.
+    /// families `cfs` (in [`RETAINED_CFS`] order); events whose windows
+    /// all end before `cut` are left out.
     fn write_into(self, batch: &mut WriteBatch, cfs: &[&rocksdb::ColumnFamily], cut: Time) {
         for (crm_id, record) in &self.crm {
             batch.merge_cf(cfs[R_CRM], crm_id.as_bytes(), encode_crm(record));
@@ -745,21 +779,22 @@ impl RetainedBatch {
                 batch.merge_cf(cfs[R_TOTALS], total_key(id, index), total.to_le_bytes());
             }
         }
-        for ((end, c), count) in self.windowed {
-            if count != 0 && end >= cut {
-                batch.merge_cf(cfs[R_WINDOW], window_key(end, &c), count.to_le_bytes());
+        for ((last_end, tick, id), items) in self.events {
+            if last_end >= cut && !items.is_empty() {
+                let key = event_key(last_end, tick, id);
+                batch.merge_cf(cfs[R_EVENTS], key, encode_items(&items));
             }
         }
-        for ((end, p), count) in self.points {
-            if count != 0 && end >= cut {
-                batch.merge_cf(cfs[R_POINTS], point_key(end, &p), count.to_le_bytes());
+        for (p, count) in self.points {
+            if count != 0 {
+                batch.merge_cf(cfs[R_POINTS], point_key(&p), count.to_le_bytes());
             }
         }
     }
 }
 
 /// An adding merge of little-endian integers of `N` bytes (`i64` counts
-/// of `retained_window`, `i128` totals of `retained_totals`), saturating.
+/// of `retained_points`, `i128` totals of `retained_totals`), saturating.
 fn add_le<const N: usize>(
     _key: &[u8],
     existing: Option<&[u8]>,
@@ -969,12 +1004,10 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
                 "retained_totals" => {
                     cf.set_merge_operator_associative("segflow_add_i128", add_le::<16>)
                 }
-                "retained_window" => {
-                    cf.set_merge_operator_associative("segflow_add_i64", add_le::<8>)
-                }
+                "retained_events" => cf.set_merge_operator_associative("segflow_append", append),
                 "retained_points" => {
                     cf.set_merge_operator_associative("segflow_add_i64", add_le::<8>);
-                    // A kept lifetime point that was replaced adds up to
+                    // A held lifetime point that was replaced adds up to
                     // zero: compactions drop it.
                     cf.set_compaction_filter("segflow_drop_zero", |_level, _key, value| {
                         if value == 0i64.to_le_bytes() {
@@ -1104,7 +1137,7 @@ impl Store {
     }
 
     /// [`Store::write`], with `retained` updates in the same atomic
-    /// write; the windowed contributions that end before the checkpoint's
+    /// write; the events whose windows all end before the checkpoint's
     /// cut ([`Checkpoint::retained`]) are removed.
     pub fn write_retained(
         &self,
@@ -1130,8 +1163,7 @@ impl Store {
             let cut = checkpoint.retained.as_ref().map_or(0, |r| r.cut);
             retained.write_into(&mut batch, &rcfs, cut);
             if cut > 0 {
-                batch.delete_range_cf(rcfs[R_WINDOW], 0u64.to_be_bytes(), cut.to_be_bytes());
-                batch.delete_range_cf(rcfs[R_POINTS], 0u64.to_be_bytes(), cut.to_be_bytes());
+                batch.delete_range_cf(rcfs[R_EVENTS], 0u64.to_be_bytes(), cut.to_be_bytes());
             }
         }
         let cp = serde_json::to_vec(checkpoint).expect("checkpoint serializes");
@@ -1223,22 +1255,18 @@ impl Store {
             })
             .map(|_| out)
         };
-        let windowed = || {
+        let events = || {
             let mut out = Vec::new();
-            each("retained_window", &mut |k, v| {
-                if k.len() != 36 {
-                    return Err(corrupt("windowed contribution"));
+            each("retained_events", &mut |k, v| {
+                if k.len() != 32 {
+                    return Err(corrupt("event key"));
                 }
-                let end = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
-                let id = id_at(&k[8..24]).ok_or_else(|| corrupt("windowed contribution"))?;
-                let index = u32::from_be_bytes(k[24..28].try_into().expect("4 bytes"));
-                let value = i64::from_be_bytes(k[28..36].try_into().expect("8 bytes"));
-                let count = v
-                    .try_into()
-                    .map(i64::from_le_bytes)
-                    .map_err(|_| corrupt("windowed count"))?;
-                if count != 0 && end >= cut {
-                    out.push((end, (id, (index, value)), count as isize));
+                let last_end = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+                let tick = u64::from_be_bytes(k[8..16].try_into().expect("8 bytes"));
+                let id = id_at(&k[16..]).ok_or_else(|| corrupt("event key"))?;
+                let items = decode_items(v).ok_or_else(|| corrupt("event items"))?;
+                if last_end >= cut && !items.is_empty() {
+                    out.push((tick, id, items));
                 }
                 Ok(())
             })
@@ -1247,14 +1275,13 @@ impl Store {
         let points = || {
             let mut out = Vec::new();
             each("retained_points", &mut |k, v| {
-                let (end, p) = point_from_key(k).ok_or_else(|| corrupt("point"))?;
+                let p = point_from_key(k).ok_or_else(|| corrupt("point"))?;
                 let count = v
                     .try_into()
                     .map(i64::from_le_bytes)
                     .map_err(|_| corrupt("point count"))?;
-                if count != 0 && end >= cut {
-                    let end = (end != LIFETIME).then_some(end);
-                    out.push((end, p, count as isize));
+                if count != 0 {
+                    out.push((p, count as isize));
                 }
                 Ok(())
             })
@@ -1267,7 +1294,7 @@ impl Store {
             let sets = scope.spawn(sets);
             let names = scope.spawn(names);
             let totals = scope.spawn(totals);
-            let windowed = windowed()?;
+            let events = events()?;
             fn join<T>(
                 h: std::thread::ScopedJoinHandle<'_, Result<T, StoreError>>,
             ) -> Result<T, StoreError> {
@@ -1283,7 +1310,7 @@ impl Store {
                 sets: join(sets)?,
                 names: join(names)?,
                 totals: join(totals)?,
-                windowed,
+                events,
                 points: join(points)?,
             })
         })
@@ -1515,8 +1542,8 @@ mod tests {
 
     /// What is written as retained comes back compacted: the latest CRM
     /// version whatever the order it came in, lifetime totals added up
-    /// across batches, windowed counts added up and dropped once their
-    /// window ended before the cut, sets and names once.
+    /// across batches, an event's windowed items once (dropped once its
+    /// windows all ended before the cut), sets and names once.
     #[test]
     fn the_retained_input_comes_back_compacted() {
         let dir = tempfile::tempdir().unwrap();
@@ -1541,17 +1568,22 @@ mod tests {
         first.stage(Retained::Crm("C1".into(), crm(5, "gold").into()), 1_000, 1);
         first.stage(Retained::Set(vec![a, b]), 1_000, 1);
         first.stage(Retained::Name(a, "user:a".into()), 1_000, 1);
-        // A lifetime sum, and a count in a 10 s window, twice.
-        first.stage(Retained::Contribution((a, (0, 19_999)), None), 1_000, 1);
-        first.stage(Retained::Contribution((a, (1, 1)), Some(11_000)), 1_000, 1);
-        first.stage(Retained::Contribution((a, (1, 1)), Some(11_000)), 1_000, 1);
-        first.stage(Retained::Contribution((b, (1, 1)), Some(3_000)), 2_000, 1);
-        // Points: a kept lifetime one (later replaced), a windowed one that
-        // ends before the cut and one after it.
+        // A lifetime sum; the windowed items of three events: two of `a`
+        // at the same tick (one entry), one of `b` whose window ends before
+        // the cut.
+        first.stage(Retained::Total(a, 0, 19_999), 1_000, 1);
+        let count = Item::Amount(1, 1);
+        let view = |v: &str| Item::Point(3, (0, Scalar::Str(v.into())), 1);
+        first.stage(Retained::Event(a, vec![count.clone()], 11_000), 1_000, 1);
+        first.stage(
+            Retained::Event(a, vec![count.clone(), view("x")], 11_000),
+            1_000,
+            1,
+        );
+        first.stage(Retained::Event(b, vec![count.clone()], 3_000), 2_000, 1);
+        // Lifetime points: a held one, later replaced.
         let point = |id, tick, v: &str| (id, (2, (tick, Scalar::Str(v.into()))));
-        first.stage(Retained::Point(point(a, 1_000, "x"), None), 1_000, 1);
-        first.stage(Retained::Point(point(b, 1_000, "y"), Some(3_000)), 1_000, 1);
-        first.stage(Retained::Point(point(b, 2_000, "z"), Some(9_000)), 2_000, 1);
+        first.stage(Retained::Point(point(a, 1_000, "x")), 1_000, 1);
         store
             .write_retained(StateBatch::default(), first, &checkpoint(2_000))
             .unwrap();
@@ -1562,9 +1594,10 @@ mod tests {
             4_000,
             1,
         );
-        second.stage(Retained::Contribution((a, (0, 1)), None), 4_000, 1);
-        second.stage(Retained::Point(point(a, 1_000, "x"), None), 4_000, -1);
-        second.stage(Retained::Point(point(a, 4_000, "w"), None), 4_000, 1);
+        second.stage(Retained::Total(a, 0, 1), 4_000, 1);
+        second.stage(Retained::Point(point(a, 1_000, "x")), 4_000, -1);
+        second.stage(Retained::Point(point(a, 4_000, "w")), 4_000, 1);
+        second.stage(Retained::Event(b, vec![view("y")], 9_000), 4_000, 1);
         store
             .write_retained(StateBatch::default(), second, &checkpoint(5_000))
             .unwrap();
@@ -1574,17 +1607,20 @@ mod tests {
         assert_eq!(r.sets, vec![vec![a, b]]);
         assert_eq!(r.names, vec![(a, "user:a".to_string())]);
         assert_eq!(r.totals, vec![(a, 0, 20_000)]);
-        // b's window ended at 3 000, before the cut.
-        assert_eq!(r.windowed, vec![(11_000, (a, (1, 1)), 2)]);
-        let mut points = r.points.clone();
-        points.sort();
+        // b's first window ended at 3 000, before the cut.
+        let mut events = r.events.clone();
+        events.sort();
         assert_eq!(
-            points,
+            events,
             vec![
-                (None, point(a, 4_000, "w"), 1),
-                (Some(9_000), point(b, 2_000, "z"), 1),
-            ],
-            "the replaced lifetime point adds up to nothing; the ended window is gone"
+                (1_000, a, vec![count.clone(), count, view("x")]),
+                (4_000, b, vec![view("y")]),
+            ]
+        );
+        assert_eq!(
+            r.points,
+            vec![(point(a, 4_000, "w"), 1)],
+            "the replaced lifetime point adds up to nothing"
         );
     }
 
@@ -1899,7 +1935,9 @@ mod tests {
         std::fs::write(newer.path().join(MARKER_FILE), "segflow-state 99\n").unwrap();
         let e = StateLock::take(newer.path()).unwrap_err().to_string();
         assert!(
-            e.contains(r#"says "segflow-state 99", not segflow state format 1"#),
+            e.contains(&format!(
+                r#"says "segflow-state 99", not segflow state format {STATE_FORMAT}"#
+            )),
             "{e}"
         );
 
