@@ -221,6 +221,20 @@ impl Admitted {
     /// Every segment's members at `now`, from the records with ticks up
     /// to `now`, with each segment's meaning written out plainly.
     fn members_at(&self, now: u64) -> BTreeSet<(String, String)> {
+        self.evaluate_at(now).0
+    }
+
+    /// The members at `now`, and some trait values of every profile as
+    /// the state holds them (`(profile, trait) -> JSON value`; zero counts
+    /// and missing values absent, recencies as the time of their event).
+    fn evaluate_at(
+        &self,
+        now: u64,
+    ) -> (
+        BTreeSet<(String, String)>,
+        BTreeMap<(String, String), serde_json::Value>,
+    ) {
+        let mut traits = BTreeMap::new();
         fn upto(v: &[(Record, u64)], now: u64) -> Vec<(&Record, u64)> {
             v.iter()
                 .filter(|(_, t)| *t <= now)
@@ -404,6 +418,28 @@ impl Admitted {
                 .filter(|(k, e)| e.event == "view_item" && *k >= day_start)
                 .count();
 
+            let mut value = |name: &str, v: serde_json::Value| {
+                let zero = v.as_f64() == Some(0.0);
+                if !v.is_null() && !zero {
+                    traits.insert((p.value.clone(), name.to_string()), v);
+                }
+            };
+            value("views_30d", views_30d.into());
+            value("orders_365d", orders_365d.into());
+            value("spend_365d", (spend(365 * DAY) as f64 / 1000.0).into());
+            value("sessions_7d", sessions_7d.len().into());
+            value("views_today", views_today.into());
+            let max_price = views(7 * DAY)
+                .filter_map(|(_, e)| price(e).map(milli))
+                .max();
+            value(
+                "max_view_price_7d",
+                max_price.map(|m| m as f64 / 1000.0).into(),
+            );
+            value("since_first_visit", w.first().map(|(k, _)| *k).into());
+            value("since_last_order", last_order.into());
+            value("orders_lifetime", t.len().into());
+
             let mut add = |s: &str, holds: bool| {
                 if holds {
                     out.insert((s.to_string(), p.value.clone()));
@@ -430,7 +466,7 @@ impl Admitted {
             add("vip_at_risk", gold && lapsed);
             add("daily_browser", views_today >= 20);
         }
-        out
+        (out, traits)
     }
 }
 
@@ -672,6 +708,68 @@ fn every_segment_matches_the_oracle_at_many_times() {
             *n > 0,
             "no member of {s} at any of the {} times",
             times.len()
+        );
+    }
+}
+
+/// The trait values a run writes to its state at the end of the data are
+/// the oracle's (counts, sums, distinct counts, maxima, recencies), for
+/// one and two workers.
+#[test]
+fn trait_values_in_the_state_match_the_oracle() {
+    let d = data_over(6_000, 11, Some(60));
+    let admitted = Admitted::read(&d, None);
+    let (_, expected) = admitted.evaluate_at(admitted.end);
+    let names: BTreeSet<&str> = expected.keys().map(|(_, t)| t.as_str()).collect();
+    assert!(
+        names.len() >= 9,
+        "the data gives values of every checked trait: {names:?}"
+    );
+    for workers in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = load_spec(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dataflows/ecommerce.toml"
+        )))
+        .unwrap();
+        spec.output = Default::default();
+        let mem = |v: &Vec<String>| Input::Memory(Arc::new(v.clone()));
+        Engine::new(spec)
+            .input("web", mem(&d.web))
+            .unwrap()
+            .input("crm", mem(&d.crm))
+            .unwrap()
+            .input("transactions", mem(&d.txn))
+            .unwrap()
+            .output(Output::Callback(Arc::new(|_| {})))
+            .dead_letter(dir.path().join("dead.jsonl"))
+            .state_dir(dir.path().join("state"))
+            .run(timely::Config::process(workers))
+            .unwrap();
+        let store = segflow::store::Store::open_read_only(&dir.path().join("state")).unwrap();
+        let profiles: BTreeSet<&String> = expected.keys().map(|(p, _)| p).collect();
+        let mut got = BTreeMap::new();
+        for p in profiles {
+            for (name, v) in store.view(p).unwrap().traits {
+                if names.contains(name.as_str()) {
+                    got.insert((p.clone(), name), v);
+                }
+            }
+        }
+        let differ: Vec<_> = expected
+            .iter()
+            .filter(|(k, v)| got.get(*k).and_then(|g| g.as_f64()) != v.as_f64())
+            .take(5)
+            .map(|(k, v)| (k, v, got.get(k)))
+            .collect();
+        let extra: Vec<_> = got
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            differ.is_empty() && extra.is_empty(),
+            "-w {workers}: (profile, trait, oracle, state) {differ:?}; only in the state {extra:?}"
         );
     }
 }

@@ -215,9 +215,11 @@ pub fn merged_segments(old: &[SegmentSpec], new: &[SegmentSpec]) -> Vec<SegmentS
 
 /// What [`evaluate`] maintains: trait values and segment memberships.
 pub struct Evaluated<'s> {
-    /// `((profile, trait), value)`, as written to the state: counts, sums
-    /// and distinct counts of zero and null values are absent; a recency's
-    /// value is the time of its event (epoch ms).
+    /// `((profile, trait), value)` at each time the value changes, with
+    /// difference `+1` (a log of values, not a collection), as written to
+    /// the state: counts, sums and distinct counts of zero, and null values,
+    /// are null (absent from the state); a recency's value is the time of
+    /// its event (epoch ms).
     pub trait_values: Coll<'s, ((Id, u32), Scalar)>,
     /// `(segment index, profile)`.
     pub memberships: Coll<'s, (u32, Id)>,
@@ -421,12 +423,7 @@ pub fn evaluate<'s>(
                             facts.shown(i).cloned().unwrap_or(Scalar::Null)
                         };
                         if old != new {
-                            if old != Scalar::Null {
-                                values.give((((p, i), old), time, -1));
-                            }
-                            if new != Scalar::Null {
-                                values.give((((p, i), new.clone()), time, 1));
-                            }
+                            values.give((((p, i), new.clone()), time, 1));
                             if !spec.is_abelian() {
                                 facts.show(i, new);
                             }

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataflow::retain::{Restored, Retained};
 use crate::dataflow::traits::{Item, PointContribution};
 use crate::io::sources::ResumePoint;
-use crate::model::{CrmRecord, Id, Ident, Scalar};
+use crate::model::{CrmRecord, Id, IdMap, Ident, Scalar};
 use crate::time::Time;
 
 const CFS: [&str; 6] = [
@@ -520,30 +520,63 @@ pub fn part_dir(dir: &Path, process: usize) -> std::path::PathBuf {
 /// ([`StateBatch::stage`], [`Store::write`]): the last value (or removal) of
 /// each key, since only the state after the last time is ever visible. A
 /// trait value that changed at a thousand times of one batch is written
-/// once.
+/// once, and trait values staged by key ([`StateBatch::set_trait`]) are
+/// turned into text only then ([`StateBatch::name_traits`]).
 #[derive(Default)]
-pub struct StateBatch(
-    std::collections::HashMap<(usize, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
-);
+pub struct StateBatch {
+    bytes:
+        std::collections::HashMap<(usize, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>,
+    /// Trait values by `(profile key, trait index)`; null: removed.
+    values: std::collections::HashMap<(Id, u32), Scalar, foldhash::fast::RandomState>,
+}
 
 impl StateBatch {
     /// Whether nothing is staged.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.bytes.is_empty() && self.values.is_empty()
     }
 
     fn put(&mut self, cf: usize, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.0.insert((cf, key.into()), Some(value.into()));
+        self.bytes.insert((cf, key.into()), Some(value.into()));
     }
 
     fn delete(&mut self, cf: usize, key: impl Into<Vec<u8>>) {
-        self.0.insert((cf, key.into()), None);
+        self.bytes.insert((cf, key.into()), None);
     }
 
     /// Adds the changes of `later` (of later times) after those staged:
     /// where both change a key, `later`'s change stays.
     pub fn absorb(&mut self, later: StateBatch) {
-        self.0.extend(later.0);
+        self.bytes.extend(later.bytes);
+        self.values.extend(later.values);
+    }
+
+    /// Stages the value of trait `index` of the profile with key
+    /// `profile` (null: it has none), by key: named when the batch is
+    /// written ([`StateBatch::name_traits`]), so that a value replaced
+    /// later in the batch is never turned into text.
+    pub fn set_trait(&mut self, profile: Id, index: u32, value: Scalar) {
+        self.values.insert((profile, index), value);
+    }
+
+    /// Turns the trait values staged by key into keys and text, with the
+    /// profiles' `names` and the `traits`' names (by index). The error is
+    /// an internal one (a key without a name).
+    pub fn name_traits(&mut self, names: &IdMap<String>, traits: &[String]) -> Result<(), String> {
+        for ((profile, index), value) in std::mem::take(&mut self.values) {
+            let profile = names.get(&profile).ok_or_else(|| {
+                format!(
+                    "internal error: no name for identifier key {:032x}",
+                    profile.0
+                )
+            })?;
+            let name = traits
+                .get(index as usize)
+                .ok_or_else(|| format!("internal error: no trait {index}"))?;
+            let insert = value != Scalar::Null;
+            self.trait_value(profile, name, &value, insert);
+        }
+        Ok(())
     }
 
     /// Adds one completed timestamp's changes, after the times already
@@ -1145,7 +1178,12 @@ impl Store {
         retained: RetainedBatch,
         checkpoint: &Checkpoint,
     ) -> Result<(), StoreError> {
-        let mut staged: Vec<((usize, Vec<u8>), Option<Vec<u8>>)> = batch.0.into_iter().collect();
+        debug_assert!(
+            batch.values.is_empty(),
+            "trait values are named before writing"
+        );
+        let mut staged: Vec<((usize, Vec<u8>), Option<Vec<u8>>)> =
+            batch.bytes.into_iter().collect();
         // Sorted: the same batch for the same changes, and RocksDB inserts
         // sorted keys faster.
         staged.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -149,7 +149,8 @@ pub enum StateUpdate {
     Profile(Id),
     /// Identifier belongs to profile.
     Link(Id, Id),
-    /// Trait `index` of a profile has this value.
+    /// Trait `index` of a profile has this value from the update's time
+    /// on (null: none); always with difference `+1`.
     Trait(Id, u32, Scalar),
     /// A profile's merged attributes.
     Attrs(Id, Attributes),
@@ -722,6 +723,7 @@ pub fn commit<'s>(
         stateful,
     });
     let mut local_pending: BTreeMap<Time, Vec<(StateUpdate, isize)>> = BTreeMap::new();
+    let trait_names: Vec<String> = traits.iter().map(|t| t.name.clone()).collect();
     let mut finished = false;
     builder.build(move |_caps| {
         move |frontiers| {
@@ -859,12 +861,11 @@ pub fn commit<'s>(
                 differential_dataflow::consolidation::consolidate(&mut updates);
                 let replaced = replaced_values(&updates);
                 let batch = staged.entry(time).or_default();
-                if let Err(e) = stage_local(batch, &updates, &replaced, &names, &traits) {
+                if let Err(e) = stage_local(batch, &updates, &replaced, &names) {
                     abort.fail(e);
                     return;
                 }
             }
-            drop(names);
             let mut retained_staged: BTreeMap<Time, RetainedBatch> = BTreeMap::new();
             while let Some((&time, _)) = retained_pending.first_key_value() {
                 if !completion.committable(time, frontier) {
@@ -896,12 +897,15 @@ pub fn commit<'s>(
                     state.set_sinks(&c.positions, &c.written_positions);
                 }
                 let retained = retained_staged.into_iter().collect();
-                if let Err(e) = state.deposit(local_index, staged.into_iter().collect(), retained, horizon)
+                let staged = staged.into_iter().collect();
+                if let Err(e) =
+                    state.deposit(local_index, staged, retained, horizon, &names, &trait_names)
                 {
                     abort.fail(format!("state directory {}: {e}", state.label));
                     return;
                 }
             }
+            drop(names);
             if let Some(c) = committer.as_mut() {
                 let mut wrote_dead = false;
                 while let Some((&time, _)) = c.dead_pending.first_key_value() {
@@ -970,18 +974,17 @@ pub fn commit<'s>(
 }
 
 /// For each of a time's consolidated (hence sorted) local updates, whether
-/// it is the removal of a trait total or of attributes that another value
-/// of the same key replaces at the same time. The state stages removals
-/// before insertions and keeps a key's last change, so such a removal
-/// changes nothing, and it is skipped before its names and text are built
-/// (half of all trait updates: each change of a total is the old value's
-/// `-1` and the new one's `+1`). Links are never skipped: the removal of a
-/// link also removes the old profile's entry, under another key.
+/// it is the removal of attributes that other attributes of the same
+/// profile replace at the same time. The state stages removals before
+/// insertions and keeps a key's last change, so such a removal changes
+/// nothing, and it is skipped before its names and text are built. Links
+/// are never skipped: the removal of a link also removes the old profile's
+/// entry, under another key. (Trait values come as the value at each time
+/// they change, with no removal.)
 fn replaced_values(updates: &[(StateUpdate, isize)]) -> Vec<bool> {
-    // The key a trait or attributes update is stored under.
+    // The key an attributes update is stored under.
     let key = |u: &StateUpdate| match u {
-        StateUpdate::Trait(p, t, _) => Some((0u8, *p, *t)),
-        StateUpdate::Attrs(p, _) => Some((1u8, *p, 0)),
+        StateUpdate::Attrs(p, _) => Some(*p),
         _ => None,
     };
     let mut replaced = vec![false; updates.len()];
@@ -1019,7 +1022,6 @@ fn stage_local(
     updates: &[(StateUpdate, isize)],
     replaced: &[bool],
     names: &IdMap<String>,
-    traits: &[TraitSpec],
 ) -> Result<(), String> {
     let name = |key: &Id| -> Result<&str, String> {
         names
@@ -1034,9 +1036,10 @@ fn stage_local(
             }
             match update {
                 StateUpdate::Link(id, profile) => batch.link(name(id)?, name(profile)?, insert),
-                StateUpdate::Trait(profile, index, raw) => {
-                    let spec = &traits[*index as usize];
-                    batch.trait_value(name(profile)?, &spec.name, raw, insert)
+                // A trait's value as of this time (null: none), named when
+                // the batch is written.
+                StateUpdate::Trait(profile, index, value) => {
+                    batch.set_trait(*profile, *index, value.clone())
                 }
                 StateUpdate::Attrs(profile, attrs) => {
                     let json = if insert {
@@ -1059,18 +1062,15 @@ mod tests {
     use crate::model::Scalar;
 
     /// A removal is skipped only where an insertion under the same key
-    /// replaces it at the same time: a changed trait total or new
-    /// attributes; never a total that drops to zero, never a link.
+    /// replaces it at the same time: new attributes; never attributes
+    /// that are removed, never a link.
     #[test]
     fn only_replaced_removals_are_skipped() {
         let id = |n: u8| Id::of(0, &format!("anon:{n}"));
         let tier = |t: &str| vec![("tier".to_string(), Scalar::Str(t.into()))];
         let mut updates = vec![
-            (StateUpdate::Trait(id(1), 0, Scalar::Num(3.0)), -1),
             (StateUpdate::Trait(id(1), 0, Scalar::Num(4.0)), 1),
-            (StateUpdate::Trait(id(1), 1, Scalar::Num(7.0)), -1),
-            (StateUpdate::Trait(id(2), 0, Scalar::Num(1.0)), -1),
-            (StateUpdate::Trait(id(2), 0, Scalar::Num(2.0)), 1),
+            (StateUpdate::Trait(id(1), 1, Scalar::Null), 1),
             (StateUpdate::Attrs(id(1), tier("gold")), -1),
             (StateUpdate::Attrs(id(1), tier("silver")), 1),
             (StateUpdate::Attrs(id(2), tier("gold")), -1),
@@ -1084,12 +1084,6 @@ mod tests {
             .filter(|(_, r)| *r)
             .map(|(u, _)| u.clone())
             .collect();
-        let mut expected = vec![
-            (StateUpdate::Trait(id(1), 0, Scalar::Num(3.0)), -1),
-            (StateUpdate::Trait(id(2), 0, Scalar::Num(1.0)), -1),
-            (StateUpdate::Attrs(id(1), tier("gold")), -1),
-        ];
-        expected.sort();
-        assert_eq!(skipped, expected);
+        assert_eq!(skipped, vec![(StateUpdate::Attrs(id(1), tier("gold")), -1)]);
     }
 }

@@ -289,13 +289,18 @@ impl ProcessState {
 
     /// Deposits local worker `worker`'s changes of completed times (in
     /// order), with its new horizon, and writes what every local worker
-    /// has deposited below the least horizon. Errors are the store's.
+    /// has deposited below the least horizon, its trait values named by
+    /// `names` (identifier keys) and `traits` (trait names by index).
+    /// Errors are the store's, or internal ones as
+    /// [`StoreError::Corrupt`].
     pub fn deposit(
         &self,
         worker: usize,
         times: Vec<(Time, StateBatch)>,
         retained: Vec<(Time, RetainedBatch)>,
         horizon: Time,
+        names: &IdMap<String>,
+        traits: &[String],
     ) -> Result<(), StoreError> {
         let Ok(mut g) = self.group.lock() else {
             return Ok(()); // another worker panicked; the run is failing
@@ -331,6 +336,9 @@ impl ProcessState {
                         batch.absorb(part);
                     }
                 }
+                batch
+                    .name_traits(names, traits)
+                    .map_err(StoreError::Corrupt)?;
                 self.write(&mut g, batch)?;
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 g.unflushed = true;
@@ -384,6 +392,8 @@ mod tests {
             ],
             Vec::new(),
             3,
+            &IdMap::default(),
+            &[],
         )
         .unwrap();
         assert_eq!(part.batches(), 0, "worker 1 has completed nothing yet");
@@ -396,7 +406,8 @@ mod tests {
             },
             1,
         )]);
-        part.deposit(1, vec![(1, link)], Vec::new(), 2).unwrap();
+        part.deposit(1, vec![(1, link)], Vec::new(), 2, &IdMap::default(), &[])
+            .unwrap();
         assert_eq!(part.batches(), 1);
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.identifiers, vec!["user:p".to_string()]);
@@ -407,7 +418,8 @@ mod tests {
         );
         assert_eq!(view.as_of.unwrap().time, 1);
         // Worker 1 finishes: time 2 is written.
-        part.deposit(1, Vec::new(), Vec::new(), Time::MAX).unwrap();
+        part.deposit(1, Vec::new(), Vec::new(), Time::MAX, &IdMap::default(), &[])
+            .unwrap();
         assert_eq!(part.batches(), 2);
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.traits.get("views"), Some(&serde_json::json!(2)));
