@@ -168,7 +168,13 @@ pub fn route<'s>(
                 for group in inputs.chunk_by_mut(|a, b| a.0 == b.0) {
                     let id = group[0].0;
                     let h = state.entry(id).or_default();
-                    let before = h.profiles.clone();
+                    // Its profiles before this time, if they may change.
+                    let relinked = matches!(group[0].1, Input::Profile(..));
+                    let before = if relinked {
+                        h.profiles.clone()
+                    } else {
+                        Vec::new()
+                    };
                     // What changes for the identifier's profile at this time.
                     let mut delta: Vec<Item> = Vec::new();
                     for (_, input) in group.iter_mut() {
@@ -233,7 +239,7 @@ pub fn route<'s>(
                             }
                         }
                     }
-                    if h.profiles != before {
+                    if relinked && h.profiles != before {
                         // What it held before this time leaves the old
                         // profiles; all it holds now joins the new ones.
                         let all: Vec<Item> = h.items().collect();

@@ -400,33 +400,55 @@ pub fn evaluate<'s>(
                     facts.tidy();
                     touched.sort_unstable();
                     touched.dedup();
-                    let dirty = (!everything).then(|| rules.dirty(&touched, attributes_changed));
-                    let (now, wake, current) = if !facts.has_facts() {
-                        (Box::default(), None, None)
-                    } else {
-                        let (now, wake, current) =
-                            facts.memberships(rules, time, dirty.as_deref(), &touched);
-                        (now, wake, Some(current))
-                    };
+                    // The touched traits' values now, as conditions see
+                    // them; those whose value changed make the segments that
+                    // read them dirty (a window end that changes no value
+                    // evaluates no segment).
+                    let has_facts = facts.has_facts();
+                    let mut known: Vec<(u32, Scalar, Option<f64>)> = Vec::new();
+                    let mut changed: Vec<u32> = Vec::new();
+                    let mut shown: Vec<(u32, Scalar)> = Vec::new();
                     for &i in &touched {
                         let spec = &rules.traits[i as usize];
-                        let new = match &current {
-                            None => Scalar::Null,
-                            Some(_) if spec.aggregate.is_recency() => {
-                                stored(facts.state_value(spec, i, time))
-                            }
-                            Some(current) => stored(current[i as usize].clone()),
+                        let (value, count) = if !has_facts {
+                            (Scalar::Null, None)
+                        } else if spec.is_abelian() {
+                            (abelian_value(spec, i, &facts.totals), None)
+                        } else {
+                            facts.point_value(spec, i, time)
+                        };
+                        let new = if !has_facts {
+                            Scalar::Null
+                        } else if spec.aggregate.is_recency() {
+                            stored(facts.state_value(spec, i, time))
+                        } else {
+                            stored(value.clone())
                         };
                         let old = if spec.is_abelian() {
                             stored(abelian_value(spec, i, &before_totals))
                         } else {
                             facts.shown(i).cloned().unwrap_or(Scalar::Null)
                         };
+                        // A most frequent value's count is not kept: it may
+                        // have changed.
+                        if old != new || spec.aggregate == Aggregate::MostFrequent {
+                            changed.push(i);
+                        }
                         if old != new {
-                            values.give((((p, i), new.clone()), time, 1));
-                            if !spec.is_abelian() {
-                                facts.show(i, new);
-                            }
+                            shown.push((i, new));
+                        }
+                        known.push((i, value, count));
+                    }
+                    let dirty = (!everything).then(|| rules.dirty(&changed, attributes_changed));
+                    let (now, wake) = if !has_facts {
+                        (Box::default(), None)
+                    } else {
+                        facts.memberships(rules, time, dirty.as_deref(), known)
+                    };
+                    for (i, new) in shown {
+                        values.give((((p, i), new.clone()), time, 1));
+                        if !rules.traits[i as usize].is_abelian() {
+                            facts.show(i, new);
                         }
                     }
                     for &(s, _) in facts.members.iter() {
@@ -740,22 +762,21 @@ impl ProfileFacts {
     }
 
     /// The segments the profile belongs to at `now` (with when it entered
-    /// each), when it must be evaluated again without a new fact, and its
-    /// trait values as conditions see them.
+    /// each), and when it must be evaluated again without a new fact.
+    /// `dirty`: the segments to evaluate (`None`: all; the others stay as
+    /// they were); `known`: trait values already computed at `now`, as
+    /// conditions see them, with the count of a most frequent value.
     fn memberships(
         &self,
         rules: &Rules,
         now: Time,
         dirty: Option<&[bool]>,
-        touched: &[u32],
-    ) -> (Box<[(u32, Time)]>, Option<Time>, Vec<Scalar>) {
+        known: Vec<(u32, Scalar, Option<f64>)>,
+    ) -> (Box<[(u32, Time)]>, Option<Time>) {
         let traits = &rules.traits;
-        // The values of the traits that changed and of those the segments
-        // evaluated again read (the others stay null, unread).
+        // The values the segments evaluated again read (the others stay
+        // null, unread).
         let mut needed = vec![dirty.is_none(); traits.len()];
-        for &i in touched {
-            needed[i as usize] = true;
-        }
         if let Some(dirty) = dirty {
             for (s, d) in dirty.iter().enumerate() {
                 if *d {
@@ -765,18 +786,24 @@ impl ProfileFacts {
                 }
             }
         }
-        let mut values: Vec<Scalar> = Vec::with_capacity(traits.len());
-        let mut counts: Vec<Option<f64>> = Vec::with_capacity(traits.len());
+        let mut values: Vec<Scalar> = vec![Scalar::Null; traits.len()];
+        let mut counts: Vec<Option<f64>> = vec![None; traits.len()];
+        for (i, v, c) in known {
+            needed[i as usize] = false;
+            values[i as usize] = v;
+            counts[i as usize] = c;
+        }
         for (i, spec) in traits.iter().enumerate() {
-            let (v, c) = if !needed[i] {
-                (Scalar::Null, None)
-            } else if spec.is_abelian() {
+            if !needed[i] {
+                continue;
+            }
+            let (v, c) = if spec.is_abelian() {
                 (abelian_value(spec, i as u32, &self.totals), None)
             } else {
                 self.point_value(spec, i as u32, now)
             };
-            values.push(v);
-            counts.push(c);
+            values[i] = v;
+            counts[i] = c;
         }
         // The greatest of several present attribute versions counts.
         let attrs = self
@@ -886,7 +913,7 @@ impl ProfileFacts {
                 }
             }
         }
-        (out.into(), wake, values)
+        (out.into(), wake)
     }
 }
 
