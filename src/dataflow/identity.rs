@@ -109,6 +109,14 @@ pub fn first_names<'s>(names: Coll<'s, (Id, String)>) -> Coll<'s, (Id, String)> 
     })
 }
 
+/// The `(identifier, profile)` arrangement shared by every consumer.
+pub type IdProfileArrangement<'s> = differential_dataflow::operators::arrange::Arranged<
+    's,
+    differential_dataflow::operators::arrange::TraceAgent<
+        differential_dataflow::trace::implementations::ValSpine<Id, Id, super::Time, isize>,
+    >,
+>;
+
 /// Resolves identifier sets into `(identifier, profile)` pairs, where the
 /// profile is the canonical identifier of the identifier's component.
 ///

@@ -6,7 +6,7 @@
 //! records ─► identity::resolve ─► (identifier, profile)
 //!    │                                   │
 //!    ├─► profiles::crm_current ─► profiles::attributes (per profile)
-//!    └─► traits::contributions ─► traits::per_profile ─► segments::evaluate
+//!    └─► traits::contributions ─► route::route ─► segments::evaluate
 //! ```
 //!
 //! All collections are timed by event time rounded to the engine tick

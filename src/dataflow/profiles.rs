@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use super::traits::IdProfileArrangement;
+use super::identity::IdProfileArrangement;
 use super::Coll;
 use crate::model::{CrmRecord, Id, Ident, Scalar};
 

@@ -2,34 +2,32 @@
 //!
 //! A trait is declared in the dataflow file (`[traits.NAME]`) over one
 //! stream (web or transactions), with an optional filter, an aggregate and
-//! a window ([`crate::spec::Window`]). Each event becomes *contributions*
-//! keyed by its highest-priority identifier; the stages downstream move
-//! them to the identifier's profile and aggregate them there
+//! a window ([`crate::spec::Window`]). Each event becomes *items*
+//! ([`Item`]) keyed by its highest-priority identifier ([`contributions`]);
+//! the route ([`crate::dataflow::route`]) sends them to the identifier's
+//! profile, where they are aggregated
 //! ([`crate::dataflow::segments::evaluate`]). An event enters its window
-//! at its tick and leaves it at its window end, where a retraction
-//! cancels it ([`crate::time::window::retract_at_window_end`]). When two
-//! profiles merge, the join with `(identifier, profile)` moves every
-//! contribution to the merged profile, and every aggregate follows.
+//! at its tick and leaves it at its window end ([`trait_window_end`]),
+//! where the route retracts it. When two profiles merge, the route moves
+//! every item of the identifier to the merged profile, and every aggregate
+//! follows.
 //!
 //! Two kinds of contribution, by what the aggregate needs:
 //!
-//! * **Amounts** ([`Contribution`]), for `count`, `sum`, `avg` and `share`
+//! * **Amounts** ([`Item::Amount`], [`Contribution`]), for `count`, `sum`, `avg` and `share`
 //!   over lifetime, sliding and tumbling windows: these are abelian, kept
 //!   as *differences* of one or two totals per `(profile, trait)` (a
 //!   count, or thousandths of a summed field; `avg` and `share` keep a
 //!   second total in the slot [`SECOND`]` | trait`). Totals are 128-bit
 //!   and exact: a summed value lies within ±[`MAX_SUM_VALUE`].
-//! * **Points** ([`PointContribution`]), for every other aggregate and for
+//! * **Points** ([`Item::Point`], [`PointContribution`]), for every other aggregate and for
 //!   sessions and sequences: `(tick, value)`, kept per `(profile, trait)`
 //!   as a multiset in the window. The tick is 0 where only the value
 //!   matters (`min`, `max`, `distinct`, `most_frequent`), so equal values
-//!   are one entry. For lifetime windows, [`lifetime_extremes`] keeps only
-//!   what can still matter per identifier (the earliest, the latest, the
+//!   are one entry. For lifetime windows, the route keeps only what can
+//!   still matter per identifier ([`Keep`]: the earliest, the latest, the
 //!   least, the greatest, or each distinct value once), so a profile's
 //!   state does not grow with its history.
-
-use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::implementations::ValSpine;
 
 use super::Time;
 use crate::model::{Id, Ident, Record, Scalar, ScalarRef};
@@ -46,9 +44,6 @@ pub type Total = i128;
 /// The bit of an amount's slot that marks a trait's second total (the
 /// count of an `avg`, the whole of a `share`).
 pub const SECOND: u32 = 1 << 31;
-
-/// The `(identifier, profile)` arrangement shared by every consumer.
-pub type IdProfileArrangement<'s> = Arranged<'s, TraceAgent<ValSpine<Id, Id, Time, isize>>>;
 
 /// One amount: `(key identifier, (slot, value))`, where the slot is the
 /// trait index, with [`SECOND`] set for a trait's second total.
