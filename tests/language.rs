@@ -113,6 +113,36 @@ fn a_session_gap_of_exactly_the_threshold_ends_the_session() {
     );
 }
 
+/// A session longer than its cap (`session_max`): its oldest events leave
+/// the window one by one, with no new event, and the value falls when they
+/// do (points are released by the hour, but no longer count from their
+/// window end on).
+#[test]
+fn a_session_longer_than_its_cap_loses_its_oldest_events() {
+    let spec = format!(
+        "{HEAD}[traits.session_views]\nstream = \"web\"\nfilter = 'event == \"view_item\"'\nsession_gap = \"30s\"\nsession_max = \"60s\"\n[segments.binge]\nwhen = \"session_views >= 3\"\n"
+    );
+    // One session of views 20 s apart: at 60 the view at 0 leaves the
+    // 60 s window (20, 40, 60 remain), at 100 the one at 40 does (60, 80
+    // remain): the session ends by its gap only at 110.
+    let web = [
+        view("0", "a"),
+        view("20", "a"),
+        view("40", "a"),
+        view("60", "a"),
+        view("80", "a"),
+        view("300", "z"),
+    ];
+    let web: Vec<&str> = web.iter().map(String::as_str).collect();
+    assert_eq!(
+        diffs(&spec, &web, &[]),
+        vec![
+            d(40_000, "binge", "anon:a", 1),
+            d(100_000, "binge", "anon:a", -1),
+        ]
+    );
+}
+
 /// "Today" in Europe/Paris ends at local midnight, 23:00 UTC in winter.
 #[test]
 fn a_tumbling_day_ends_at_midnight_in_the_configured_time_zone() {

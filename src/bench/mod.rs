@@ -52,7 +52,7 @@ pub const JOBS: [Job; 2] = [
     Job {
         name: "ecommerce",
         dataflow: include_str!("../../dataflows/ecommerce.toml"),
-        about: "the shipped dataflow: three streams, identity resolution, five windowed traits, five segments, RocksDB state",
+        about: "the shipped dataflow: three streams, identity resolution, twenty traits (sliding, tumbling and session windows, sequences, recencies), seventeen segments, RocksDB state",
         inputs: &[
             ("web", "web.jsonl"),
             ("crm", "crm.jsonl"),

@@ -215,7 +215,7 @@ pub fn build<'s>(
 /// at `tick`; see [`retain`]): its lifetime amounts and points (but not
 /// those of lifetime traits that keep only some: the route reports the
 /// ones it holds), and its windowed items as one entry with the last of
-/// their window ends.
+/// the times the route holds them until ([`traits::trait_hold_end`]).
 fn retained_items(
     specs: &[crate::spec::TraitSpec],
     id: Id,
@@ -231,7 +231,7 @@ fn retained_items(
     for item in items {
         let index = item.trait_index();
         match (
-            traits::trait_window_end(specs, index, tick, tz, tick_ms),
+            traits::trait_hold_end(specs, index, tick, tz, tick_ms),
             item,
         ) {
             (Some(end), item) => {

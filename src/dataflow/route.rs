@@ -45,7 +45,7 @@ use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use super::retain::RestoredItems;
-use super::traits::{keep_of, trait_window_end, Item, Keep, PointContribution, Total};
+use super::traits::{keep_of, trait_hold_end, Item, Keep, PointContribution, Total};
 use super::Time;
 use crate::model::{Id, IdMap, Scalar};
 use crate::spec::TraitSpec;
@@ -70,7 +70,7 @@ pub struct Routed<'s> {
 /// diff)`, see [`crate::dataflow::retain`]) to the
 /// profiles of their identifiers, as `id_profile` (`((identifier,
 /// profile), time, diff)`) gives them at each time; windowed items leave
-/// at their window end ([`trait_window_end`] of `traits`, in time zone
+/// at their window end ([`trait_hold_end`] of `traits`, in time zone
 /// `tz`, ticks of `tick_ms`). See the [module documentation](self).
 pub fn route<'s>(
     events: Updates<'s, (Id, Vec<Item>)>,
@@ -196,7 +196,7 @@ pub fn route<'s>(
                                 for item in items {
                                     let item = item.scaled(r);
                                     let index = item.trait_index();
-                                    match trait_window_end(&traits, index, tick, tz, tick_ms) {
+                                    match trait_hold_end(&traits, index, tick, tz, tick_ms) {
                                         // Left its window before this time.
                                         Some(end) if end <= time => {}
                                         Some(end) => {
@@ -213,7 +213,7 @@ pub fn route<'s>(
                             Input::Event(items, r) => {
                                 for item in items {
                                     let item = if r == 1 { item } else { item.scaled(r) };
-                                    let end = trait_window_end(
+                                    let end = trait_hold_end(
                                         &traits,
                                         item.trait_index(),
                                         time,

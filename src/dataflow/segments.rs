@@ -683,8 +683,8 @@ impl ProfileFacts {
                 None,
             );
         }
-        if let Window::Session { gap, .. } = spec.window {
-            let session = current_session(points, gap, now);
+        if let Window::Session { gap, max } = spec.window {
+            let session = current_session(points, gap, max, now);
             return fold(spec.aggregate, session.map(|((t, v), c)| (*t, v, *c)), now);
         }
         match spec.aggregate {
@@ -892,9 +892,13 @@ impl ProfileFacts {
                         }
                     }
                 }
-            } else if let Window::Session { gap, .. } = spec.window {
+            } else if let Window::Session { gap, max } = spec.window {
                 if let Some(((last, _), _)) = points.iter().next_back() {
                     soon(last.saturating_add(gap));
+                }
+                // The session's oldest counted point leaves the window.
+                if let Some(((first, _), _)) = current_session(points, gap, max, now).next() {
+                    soon(first.saturating_add(max));
                 }
             } else if matches!(spec.aggregate, Aggregate::SinceFirst | Aggregate::SinceLast) {
                 let t = if spec.aggregate == Aggregate::SinceFirst {
@@ -925,21 +929,24 @@ fn empty_value(aggregate: Aggregate) -> Scalar {
     }
 }
 
-/// The points of the current session at `now`: the latest run of points
-/// whose successive ticks are less than `gap` apart, if its last is less
-/// than `gap` before `now`.
+/// The points of the current session at `now` whose value is not null:
+/// the latest run of points in the window (`tick + max > now`) whose
+/// successive ticks are less than `gap` apart, if its last is less than
+/// `gap` before `now`. (Points that left the window may still be held: the
+/// route releases them later, see [`crate::dataflow::traits::hold_end`].)
 fn current_session(
     points: &Points,
     gap: u64,
+    max: u64,
     now: Time,
 ) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
     let mut start = None;
     if let Some(((last, _), _)) = points.iter().next_back() {
-        if now.saturating_sub(*last) < gap {
+        if now.saturating_sub(*last) < gap && last.saturating_add(max) > now {
             let mut next = *last;
             let mut from = *last;
             for ((t, _), _) in points.iter().rev() {
-                if next - t >= gap {
+                if next - t >= gap || t.saturating_add(max) <= now {
                     break;
                 }
                 from = *t;
@@ -1061,21 +1068,37 @@ mod tests {
             (25, v(4.0), 1),
             (30, Scalar::Null, 1),
         ]);
-        let session: Vec<_> = current_session(&p, 10, 35).map(|((t, _), _)| *t).collect();
+        let session: Vec<_> = current_session(&p, 10, 1_000, 35)
+            .map(|((t, _), _)| *t)
+            .collect();
         assert_eq!(
             session,
             vec![20, 25],
             "the null point marks the session but is not counted"
         );
         assert_eq!(
-            current_session(&p, 10, 40).count(),
+            current_session(&p, 10, 1_000, 40).count(),
             0,
             "the last event is exactly the gap before now"
         );
         assert_eq!(
-            current_session(&p, 11, 35).count(),
+            current_session(&p, 11, 1_000, 35).count(),
             4,
             "gaps of 10 are under 11"
+        );
+        // A session longer than its cap: points that left the window
+        // (tick + max <= now) no longer count, though still held.
+        assert_eq!(
+            current_session(&p, 11, 20, 35)
+                .map(|((t, _), _)| *t)
+                .collect::<Vec<_>>(),
+            vec![20, 25],
+            "0 and 10 left the 20 ms window at 20 and 30"
+        );
+        assert_eq!(
+            current_session(&p, 11, 10, 35).count(),
+            0,
+            "30 + 10 > 35, but null"
         );
     }
 

@@ -160,8 +160,8 @@ fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz, tick: Time)
 /// `Item::Point(trait, (tick or 0, value), 1)`; returns the identifier
 /// they are keyed by (the record's first, of the highest priority), or
 /// `None` for a record without identifiers (which contributes nothing).
-/// They leave their windows at [`trait_window_end`]
-/// ([`crate::dataflow::route`]).
+/// They leave their windows at [`trait_window_end`], and the route lets
+/// go of them at [`trait_hold_end`] ([`crate::dataflow::route`]).
 pub fn contributions(
     record: &Record,
     tick: Time,
@@ -281,6 +281,41 @@ pub fn trait_window_end(
     traits
         .get(index as usize)
         .and_then(|t| window_end(t, tick, tz, tick_ms))
+}
+
+/// How far a session point's release is rounded up (ms): see
+/// [`hold_end`].
+pub const SESSION_RELEASE_MS: u64 = 3_600_000;
+
+/// When the route ([`crate::dataflow::route`]) lets go of an item of
+/// trait `spec` at `tick` and retracts it from its profile: its
+/// [`window_end`], but for a session's points that end rounded up to the
+/// next multiple of [`SESSION_RELEASE_MS`]. A session point counts only
+/// while it is in the window (`tick + session_max > now`), and the profile
+/// stage reads only those ([`crate::dataflow::segments`]), waking when the
+/// oldest point of the current session leaves it; releasing the points of
+/// an hour together makes one retraction per identifier and hour instead
+/// of one per event. `None` for a lifetime trait.
+pub fn hold_end(spec: &TraitSpec, tick: Time, tz: chrono_tz::Tz, tick_ms: u64) -> Option<Time> {
+    let end = window_end(spec, tick, tz, tick_ms)?;
+    Some(match spec.window {
+        Window::Session { .. } => end.div_ceil(SESSION_RELEASE_MS) * SESSION_RELEASE_MS,
+        _ => end,
+    })
+}
+
+/// [`hold_end`] of trait `index` of `traits` (an amount's slot's trait,
+/// see [`slot_trait`], or a point's trait).
+pub fn trait_hold_end(
+    traits: &[TraitSpec],
+    index: u32,
+    tick: Time,
+    tz: chrono_tz::Tz,
+    tick_ms: u64,
+) -> Option<Time> {
+    traits
+        .get(index as usize)
+        .and_then(|t| hold_end(t, tick, tz, tick_ms))
 }
 
 /// Which point of a lifetime trait can still matter, per identifier.
