@@ -123,7 +123,10 @@ pub fn build<'s>(
                     retained_items(&specs, id, items, t, r, tz, tick_ms)
                 })
             },
-            routed.kept.map(|(c, t, r)| (Retained::Point(c), t, r)),
+            routed.kept.map(|((c, replaces), t, r)| match replaces {
+                true => (Retained::Held(c), t, r),
+                false => (Retained::Point(c), t, r),
+            }),
         ])
     } else {
         timely::dataflow::operators::generic::operator::empty(scope)

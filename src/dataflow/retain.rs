@@ -16,7 +16,7 @@
 //! | identifier sets | each distinct set once | a set seen again adds no link |
 //! | names | each identifier key's `kind:value` text | the sinks name keys by it (a restart hands them to the sinks directly, not through the dataflow) |
 //! | lifetime amounts | per `(identifier, slot)`, the total | totals are sums ([`crate::dataflow::traits`]) |
-//! | lifetime points | per `(identifier, trait, tick, value)`, the count (of traits with a [`crate::dataflow::traits::Keep`], only the points the route holds) | a held lifetime point is replaced only by its retraction |
+//! | lifetime points | for traits that hold one point per identifier ([`crate::dataflow::traits::Keep`]: `first`, `last`, `min`, `max`, recencies), the point held per `(identifier, trait)`; for the others, per `(identifier, trait, tick, value)` the count (for `distinct`, each value once) | a held point is replaced only by a better one, which the route reports |
 //! | windowed items | per event (its tick and identifier) whose last window end is at or after `C`, its windowed items | an event still inside a window at `C` leaves it at its window end, computed again from its tick; items that left before `C` add nothing |
 //!
 //! A restart injects them at time `C - 1` ([`restore`]): the outputs at
@@ -50,8 +50,12 @@ pub enum Retained {
     Name(Id, String),
     /// A lifetime amount `(identifier, slot, value)`.
     Total(Id, u32, Total),
-    /// A lifetime point.
+    /// A lifetime point, counted.
     Point(PointContribution),
+    /// The point held for `(identifier, trait)` of a lifetime trait that
+    /// holds one (`first`, `last`, `min`, `max`, recencies): it replaces
+    /// the one held before.
+    Held(PointContribution),
     /// The windowed items of an event at the update's time (its tick),
     /// under its identifier, with the last of their window ends.
     Event(Id, Vec<Item>, Time),

@@ -29,9 +29,9 @@
 //! those that can still change a value are held
 //! ([`crate::dataflow::traits::Keep`]): the earliest for `first`, the
 //! latest for `last`, one per value for `distinct`, and so on. A point
-//! that replaces the held one is sent with the old one's retraction, and
-//! both are reported on the `kept` output for the checkpoint's retained
-//! input ([`crate::dataflow::retain`]).
+//! that replaces the held one is sent with the old one's retraction; the
+//! held points are reported on the `kept` output for the checkpoint's
+//! retained input ([`crate::dataflow::retain`]).
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -59,10 +59,12 @@ pub struct Routed<'s> {
     /// `((profile, items), time, 1)`: the changes of a profile's trait
     /// inputs at a time, one message per identifier and time.
     pub changes: Updates<'s, (Id, Vec<Item>)>,
-    /// The held lifetime points as they change (`(identifier, (trait,
-    /// point))`, `±1`), restored ones excepted: what a checkpoint retains
-    /// of lifetime points.
-    pub kept: Updates<'s, PointContribution>,
+    /// The held lifetime points as they change, restored ones excepted:
+    /// what a checkpoint retains of them. `((identifier, (trait, point)),
+    /// replaces)`, difference `+1`: `replaces` for a trait that holds one
+    /// point per identifier (which replaces the one held before), not for
+    /// `distinct` (each value once, never removed).
+    pub kept: Updates<'s, (PointContribution, bool)>,
 }
 
 /// Routes `events` (`((key identifier, items), tick, diff)`, items with
@@ -389,7 +391,7 @@ impl Held {
         time: Time,
         ends: &mut WindowEnds<Id>,
         delta: &mut Vec<Item>,
-        kept: &mut impl FnMut(PointContribution, Time, isize),
+        kept: &mut impl FnMut((PointContribution, bool), Time, isize),
     ) {
         if let Some(end) = end {
             delta.push(item.clone());
@@ -419,10 +421,10 @@ impl Held {
                 return;
             }
             let (_, old, _) = self.points.swap_remove(at);
-            delta.push(Item::Point(index, old.clone(), -1));
-            kept((id, (index, old)), time, -1);
+            delta.push(Item::Point(index, old, -1));
         }
-        kept((id, (index, point.clone())), time, 1);
+        let replaces = keep != Keep::EachOnce;
+        kept(((id, (index, point.clone())), replaces), time, 1);
         self.points.push((index, point.clone(), 1));
         delta.push(Item::Point(index, point.clone(), 1));
     }

@@ -28,6 +28,7 @@
 //! | `retained_totals` | identifier key, slot (u32 BE)         | i128 LE (added)                  |
 //! | `retained_events` | last window end (u64 BE), tick (u64 BE), identifier key | the event's windowed trait items, bincode, one after another (appended) |
 //! | `retained_points` | identifier key, trait (u32 BE), tick (u64 BE), value (bincode) | i64 LE count (added; zero ones dropped by compactions) |
+//! | `retained_held`   | identifier key, trait (u32 BE)        | the point held: tick (u64 BE), value (bincode) (replaced) |
 //!
 //! The commit stage writes all the timestamps that one frontier advance
 //! completes as one `WriteBatch` (per time, removals first, then
@@ -68,13 +69,14 @@ const CFS: [&str; 6] = [
 
 /// The column families of the retained input (see the module
 /// documentation), in the order of [`RetainedBatch`]'s indexes.
-const RETAINED_CFS: [&str; 6] = [
+const RETAINED_CFS: [&str; 7] = [
     "retained_crm",
     "retained_sets",
     "retained_names",
     "retained_totals",
     "retained_events",
     "retained_points",
+    "retained_held",
 ];
 const R_CRM: usize = 0;
 const R_SETS: usize = 1;
@@ -82,6 +84,7 @@ const R_NAMES: usize = 2;
 const R_TOTALS: usize = 3;
 const R_EVENTS: usize = 4;
 const R_POINTS: usize = 5;
+const R_HELD: usize = 6;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -672,6 +675,8 @@ pub struct RetainedBatch {
     /// By `(last window end, tick, identifier)`.
     events: std::collections::HashMap<(Time, Time, Id), Vec<Item>, foldhash::fast::RandomState>,
     points: std::collections::HashMap<PointContribution, i64, foldhash::fast::RandomState>,
+    /// The point held per `(identifier, trait)`, the last one staged.
+    held: std::collections::HashMap<(Id, u32), (Time, Scalar), foldhash::fast::RandomState>,
 }
 
 /// The key of a lifetime point: identifier key, trait index, tick (all
@@ -751,6 +756,7 @@ impl RetainedBatch {
             && self.totals.is_empty()
             && self.events.is_empty()
             && self.points.is_empty()
+            && self.held.is_empty()
     }
 
     /// Adds the updates of `later` after those staged.
@@ -767,6 +773,7 @@ impl RetainedBatch {
         for (k, v) in later.points {
             *self.points.entry(k).or_default() += v;
         }
+        self.held.extend(later.held);
     }
 
     /// Stages one retained update at `time` with `diff`. Only insertions
@@ -778,6 +785,9 @@ impl RetainedBatch {
                 *self.totals.entry((id, slot)).or_default() += value * diff as i128;
             }
             Retained::Point(p) => *self.points.entry(p).or_default() += diff as i64,
+            Retained::Held((id, (index, point))) => {
+                self.held.insert((id, index), point);
+            }
             Retained::Event(id, items, last_end) => {
                 let held = self.events.entry((last_end, time, id)).or_default();
                 if diff == 1 {
@@ -822,6 +832,11 @@ impl RetainedBatch {
             if count != 0 {
                 batch.merge_cf(cfs[R_POINTS], point_key(&p), count.to_le_bytes());
             }
+        }
+        for ((id, index), (tick, value)) in self.held {
+            let mut v = tick.to_be_bytes().to_vec();
+            v.extend(bincode::serialize(&value).expect("a scalar serializes"));
+            batch.put_cf(cfs[R_HELD], total_key(id, index), v);
         }
     }
 }
@@ -1040,8 +1055,8 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
                 "retained_events" => cf.set_merge_operator_associative("segflow_append", append),
                 "retained_points" => {
                     cf.set_merge_operator_associative("segflow_add_i64", add_le::<8>);
-                    // A held lifetime point that was replaced adds up to
-                    // zero: compactions drop it.
+                    // A point whose count adds up to zero: compactions
+                    // drop it.
                     cf.set_compaction_filter("segflow_drop_zero", |_level, _key, value| {
                         if value == 0i64.to_le_bytes() {
                             rocksdb::compaction_filter::Decision::Remove
@@ -1325,6 +1340,25 @@ impl Store {
             })
             .map(|_| out)
         };
+        let held = || {
+            let mut out = Vec::new();
+            each("retained_held", &mut |k, v| {
+                let (Some(id), Ok(index), Some(tick), Some(value)) = (
+                    k.get(..16).and_then(id_at),
+                    k[16.min(k.len())..].try_into().map(u32::from_be_bytes),
+                    v.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes),
+                    v.get(8..)
+                        .and_then(|b| bincode::deserialize::<Scalar>(b).ok()),
+                ) else {
+                    return Err(corrupt("held point"));
+                };
+                out.push(((id, (index, (tick, value))), 1));
+                Ok(())
+            })
+            .map(|_| out)
+        };
         // The column families are read at once, one thread each.
         std::thread::scope(|scope| {
             let crm = scope.spawn(crm);
@@ -1349,7 +1383,11 @@ impl Store {
                 names: join(names)?,
                 totals: join(totals)?,
                 events,
-                points: join(points)?,
+                points: {
+                    let mut points = join(points)?;
+                    points.extend(held()?);
+                    points
+                },
             })
         })
     }
@@ -1619,9 +1657,10 @@ mod tests {
             1,
         );
         first.stage(Retained::Event(b, vec![count.clone()], 3_000), 2_000, 1);
-        // Lifetime points: a held one, later replaced.
+        // Lifetime points: a held one (later replaced), a counted one.
         let point = |id, tick, v: &str| (id, (2, (tick, Scalar::Str(v.into()))));
-        first.stage(Retained::Point(point(a, 1_000, "x")), 1_000, 1);
+        first.stage(Retained::Held(point(a, 1_000, "x")), 1_000, 1);
+        first.stage(Retained::Point(point(b, 0, "d")), 1_000, 1);
         store
             .write_retained(StateBatch::default(), first, &checkpoint(2_000))
             .unwrap();
@@ -1633,8 +1672,7 @@ mod tests {
             1,
         );
         second.stage(Retained::Total(a, 0, 1), 4_000, 1);
-        second.stage(Retained::Point(point(a, 1_000, "x")), 4_000, -1);
-        second.stage(Retained::Point(point(a, 4_000, "w")), 4_000, 1);
+        second.stage(Retained::Held(point(a, 4_000, "w")), 4_000, 1);
         second.stage(Retained::Event(b, vec![view("y")], 9_000), 4_000, 1);
         store
             .write_retained(StateBatch::default(), second, &checkpoint(5_000))
@@ -1655,10 +1693,12 @@ mod tests {
                 (4_000, b, vec![view("y")]),
             ]
         );
+        let mut points = r.points.clone();
+        points.sort();
         assert_eq!(
-            r.points,
-            vec![(point(a, 4_000, "w"), 1)],
-            "the replaced lifetime point adds up to nothing"
+            points,
+            vec![(point(a, 4_000, "w"), 1), (point(b, 0, "d"), 1)],
+            "the held point replaced the one before"
         );
     }
 
