@@ -514,6 +514,12 @@ fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
         "--connect-timeout",
         "2s",
         "--reset",
+        "--output",
+        dir.path().join("out.jsonl").to_str().unwrap(),
+        "--dead-letter",
+        dir.path().join("dead.jsonl").to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
@@ -1063,9 +1069,12 @@ fn sigterm_on_a_replay_writes_a_prefix_of_the_full_run() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Signal once the first diffs are out, and no later than a third
-        // of the way through (as long as the full run took).
-        let deadline = std::time::Instant::now() + took / 3;
+        // Signal once the first diffs are out, and no later than a
+        // twentieth of the way through (as long as the full run took): the
+        // sources read ahead of the stages (reading the whole input takes
+        // about a tenth of the run), and a signal after the last line is
+        // read finishes the run.
+        let deadline = std::time::Instant::now() + took / 20;
         while std::fs::metadata(&out).map_or(true, |m| m.len() == 0)
             && std::time::Instant::now() < deadline
         {

@@ -19,9 +19,10 @@ use super::traits::Item;
 use super::{identity, profiles, route, segments, traits, Coll, Time};
 use crate::io::sinks::{commit, Layout, Outputs, ProcessShared, RunSummary, StateUpdate};
 use crate::io::sources::{source, ReadParams, SourceDef};
-use crate::io::Abort;
+use crate::io::{Abort, Control};
 use crate::model::{CrmRecord, Id, Ident, Record};
 use crate::spec::{SegmentSpec, Spec, TraitSpec};
+use crate::time::ClockReport;
 
 /// Builds the dataflow in `scope`. `reload`, if any, watches the
 /// definition for segment changes while the run goes on (see
@@ -93,12 +94,27 @@ pub fn build<'s>(
         .clone()
         .arrange_by_key_named("Arrange: identifier -> profile");
 
+    let control = scope.concatenate(control_streams);
+    // The sources' clocks and cuts, on every worker: the stages that hold
+    // future times stop at the end of the data once the inputs end.
+    let clocks = {
+        use timely::dataflow::operators::vec::Broadcast;
+        control
+            .clone()
+            .flat_map(|c| match c {
+                Control::Clock { tick, .. } => Some(ClockReport::Clock(tick)),
+                Control::Cut { watermark, .. } => Some(ClockReport::Cut(watermark)),
+                _ => None,
+            })
+            .broadcast()
+    };
     // Trait items to the profiles of their identifiers, held while they
     // count; then attributes per profile, then segments.
     let routed = route::route(
         split.trait_items.clone(),
         restore.traits,
         id_profile.inner.clone(),
+        clocks.clone(),
         Rc::clone(&trait_specs),
         tz,
         tick_ms,
@@ -133,7 +149,6 @@ pub fn build<'s>(
     };
     let attributes = profiles::attributes(crm_current, id_profile_arranged);
     let profile_ids = identity::profiles(id_profile.clone());
-    let control = scope.concatenate(control_streams);
     // Segment definitions reloaded while the run goes on: each applies at
     // an event time, on every worker; the process learns the names of new
     // segments, and its checkpoints the new fingerprint, from then on.
@@ -159,6 +174,7 @@ pub fn build<'s>(
     } = segments::evaluate(
         profile_ids.clone(),
         routed.changes,
+        clocks,
         attributes.clone(),
         Rc::new(segments::Rules::new(
             Rc::clone(&trait_specs),

@@ -38,7 +38,7 @@ use std::rc::Rc;
 
 use differential_dataflow::hashable::Hashable;
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::{Capability, InputCapability};
@@ -50,6 +50,7 @@ use super::Time;
 use crate::model::{Id, IdMap, Scalar};
 use crate::spec::TraitSpec;
 use crate::time::window::WindowEnds;
+use crate::time::{ClockReport, Completion};
 
 /// An update stream of differential shape.
 type Updates<'s, D> = Stream<'s, Time, Vec<(D, Time, isize)>>;
@@ -73,11 +74,15 @@ pub struct Routed<'s> {
 /// profiles of their identifiers, as `id_profile` (`((identifier,
 /// profile), time, diff)`) gives them at each time; windowed items leave
 /// at their window end ([`trait_hold_end`] of `traits`, in time zone
-/// `tz`, ticks of `tick_ms`). See the [module documentation](self).
+/// `tz`, ticks of `tick_ms`). `clocks` are the sources' clocks and cuts,
+/// on every worker: once every input has ended, the window ends that will
+/// never be committed ([`Completion::never_committed`]) are dropped
+/// unprocessed. See the [module documentation](self).
 pub fn route<'s>(
     events: Updates<'s, (Id, Vec<Item>)>,
     restored: Updates<'s, (Id, RestoredItems)>,
     id_profile: Updates<'s, (Id, Id)>,
+    clocks: Stream<'s, Time, Vec<ClockReport>>,
     traits: Rc<[TraitSpec]>,
     tz: chrono_tz::Tz,
     tick_ms: u64,
@@ -96,6 +101,7 @@ pub fn route<'s>(
         id_profile,
         Exchange::new(|((id, _), _, _): &((Id, Id), Time, isize)| id.hashed()),
     );
+    let mut clocks_in = builder.new_input(clocks, Pipeline);
     let (changes_out, changes) = builder.new_output();
     let (kept_out, kept) = builder.new_output();
     let mut changes_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(changes_out);
@@ -108,7 +114,9 @@ pub fn route<'s>(
         // waited for.
         let mut held: Option<[Capability<Time>; 2]> = None;
         let mut state: IdMap<Held> = IdMap::default();
+        let mut completion = Completion::default();
         move |frontiers| {
+            clocks_in.for_each(|_, data| data.drain(..).for_each(|r| completion.note(r)));
             let mut note = |cap: &InputCapability<Time>, time: Time| {
                 if held.as_ref().is_none_or(|h| time < *h[0].time()) {
                     held = Some([cap.delayed(&time, 0), cap.delayed(&time, 1)]);
@@ -145,6 +153,7 @@ pub fn route<'s>(
                 return;
             };
             let complete = |t: &Time| frontiers.iter().all(|f| !f.less_equal(t));
+            let ended = frontiers.iter().all(|f| f.is_empty());
             let mut changes_out = changes_out.activate();
             let mut kept_out = kept_out.activate();
             let mut changes = changes_out.session(&*hold_changes);
@@ -158,6 +167,13 @@ pub fn route<'s>(
                     (None, None) => break,
                 };
                 if !complete(&time) {
+                    break;
+                }
+                if ended && completion.never_committed(time) {
+                    // The inputs ended: window ends after the end of the
+                    // data are no part of the result.
+                    pending.clear();
+                    ends = WindowEnds::default();
                     break;
                 }
                 let mut inputs = pending.remove(&time).unwrap_or_default();

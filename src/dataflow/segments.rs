@@ -231,6 +231,10 @@ pub struct Evaluated<'s> {
 /// `(profile, items)` ([`crate::dataflow::route`]): amount totals and the
 /// points of the other traits.
 ///
+/// `clocks` are the sources' clocks and cuts, on every worker: once every
+/// input has ended, the times that will never be committed
+/// ([`crate::time::Completion::never_committed`]) are dropped unprocessed.
+///
 /// This is keyed state in event-time order, as a Flink keyed process
 /// function keeps it: each profile's facts live on one worker (exchanged
 /// by profile), the changes of a time are applied once the inputs'
@@ -241,6 +245,7 @@ pub struct Evaluated<'s> {
 pub fn evaluate<'s>(
     profiles: Coll<'s, Id>,
     trait_items: Stream<'s, Time, Vec<((Id, Vec<Item>), Time, isize)>>,
+    clocks: Stream<'s, Time, Vec<crate::time::ClockReport>>,
     attributes: Coll<'s, (Id, Attributes)>,
     rules: Rc<Rules>,
     reloads: Option<(
@@ -278,6 +283,7 @@ pub fn evaluate<'s>(
         ),
     };
     let mut reload_in = builder.new_input(reload_stream, Pipeline);
+    let mut clocks_in = builder.new_input(clocks, Pipeline);
     let (values_out, trait_values) = builder.new_output();
     let (members_out, memberships) = builder.new_output();
     let mut values_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(values_out);
@@ -290,7 +296,9 @@ pub fn evaluate<'s>(
         // Capabilities (values, memberships) at the earliest pending time.
         let mut held: Option<[Capability<Time>; 2]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
+        let mut completion = crate::time::Completion::default();
         move |frontiers| {
+            clocks_in.for_each(|_, data| data.drain(..).for_each(|r| completion.note(r)));
             let mut note = |cap: &InputCapability<Time>, time: Time| {
                 if held.as_ref().is_none_or(|h| time < *h[0].time()) {
                     held = Some([cap.delayed(&time, 0), cap.delayed(&time, 1)]);
@@ -332,6 +340,7 @@ pub fn evaluate<'s>(
             };
             // A time is complete once no input can still carry it.
             let complete = |t: &Time| frontiers.iter().all(|f| !f.less_equal(t));
+            let ended = frontiers.iter().all(|f| f.is_empty());
             let mut values_out = values_out.activate();
             let mut members_out = members_out.activate();
             // One session for all the times completed now, at the held
@@ -340,6 +349,12 @@ pub fn evaluate<'s>(
             let mut members = members_out.session(&*hold_members);
             while let Some(entry) = pending.first_entry() {
                 if !complete(entry.key()) {
+                    break;
+                }
+                if ended && completion.never_committed(*entry.key()) {
+                    // The inputs ended: wake-ups and window ends after the
+                    // end of the data are no part of the result.
+                    pending.clear();
                     break;
                 }
                 let (time, mut changes) = entry.remove_entry();

@@ -22,6 +22,16 @@
 
 use super::Time;
 
+/// What a source reports that the commit rule reads, for the stages that
+/// keep their own copy of it ([`Completion::note`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ClockReport {
+    /// A source clock (ms): see [`Completion::observe`].
+    Clock(Time),
+    /// A cut watermark (ms): see [`Completion::observe_cut`].
+    Cut(Time),
+}
+
 /// The commit rule (see the [module documentation](self)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Completion {
@@ -67,6 +77,23 @@ impl Completion {
         Self::is_complete(time, frontier)
             && self.end_of_data.is_some_and(|e| time <= e)
             && self.cut.is_none_or(|c| time < c)
+    }
+
+    /// Whether `time` will never be committed once every input has ended:
+    /// it is after the end of the data (or no source clock was seen), or
+    /// at or after a cut. The stages before the commit stage stop working
+    /// on such times when their inputs end (the window ends and wake-ups a
+    /// finite replay leaves in the future are no part of its result).
+    pub fn never_committed(&self, time: Time) -> bool {
+        self.end_of_data.is_none_or(|e| time > e) || self.cut.is_some_and(|c| time >= c)
+    }
+
+    /// Notes a source's report ([`ClockReport`]).
+    pub fn note(&mut self, report: ClockReport) {
+        match report {
+            ClockReport::Clock(tick) => self.observe(tick),
+            ClockReport::Cut(watermark) => self.observe_cut(watermark),
+        }
     }
 
     /// The least time that may not be committed yet: every time before it

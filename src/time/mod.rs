@@ -60,7 +60,7 @@ pub mod parse;
 pub mod watermark;
 pub mod window;
 
-pub use completion::Completion;
+pub use completion::{ClockReport, Completion};
 pub use parse::{parse_time, TimeUnit};
 pub use watermark::{Admission, SourceClock};
 
