@@ -115,6 +115,15 @@ pub enum StoreError {
         /// What was found.
         what: String,
     },
+    /// State written by an earlier segflow version, in a format this one
+    /// does not read: a run with `--reset` replaces it.
+    #[error("state directory {dir} holds state of an earlier segflow version (format {version}; this version reads format {STATE_FORMAT}): run with --reset to rebuild it from the inputs (the state and outputs are replaced), or give another state directory")]
+    OlderFormat {
+        /// The state directory.
+        dir: String,
+        /// The format it holds.
+        version: u32,
+    },
     /// `segflow query` on a directory without state.
     #[error("no segflow state in {dir} (it does not exist or is empty): give the --state-dir of a segflow run")]
     NoState {
@@ -181,6 +190,8 @@ enum Found {
     Nothing,
     /// segflow state of this format.
     Ours,
+    /// segflow state of an earlier format (only a reset may replace it).
+    Older(u32),
 }
 
 /// Looks at `dir` without changing anything: refuses what segflow did not
@@ -220,11 +231,7 @@ fn inspect(dir: &Path) -> Result<Found, StoreError> {
                 .and_then(|v| v.parse::<u32>().ok());
             match version {
                 Some(STATE_FORMAT) => {}
-                Some(v) if v < STATE_FORMAT => {
-                    return Err(not_ours(format!(
-                        "it holds state of an earlier segflow version (format {v}; this version reads format {STATE_FORMAT}, see docs/operations.md), to be rebuilt from the inputs in a new directory"
-                    )))
-                }
+                Some(v) if v < STATE_FORMAT => return Ok(Found::Older(v)),
                 _ => {
                     return Err(not_ours(format!(
                         "its {MARKER_FILE} says {:?}, not segflow state format {STATE_FORMAT}",
@@ -1124,8 +1131,10 @@ impl Store {
     /// refused ([`StoreError::NoState`], [`StoreError::NotOurs`]).
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
         let name = dir.display().to_string();
-        if let Found::Nothing = inspect(dir)? {
-            return Err(StoreError::NoState { dir: name });
+        match inspect(dir)? {
+            Found::Nothing => return Err(StoreError::NoState { dir: name }),
+            Found::Older(version) => return Err(StoreError::OlderFormat { dir: name, version }),
+            Found::Ours => {}
         }
         let (mut opts, mut cfs) = rocks_options();
         opts.create_if_missing(false);
@@ -2017,6 +2026,27 @@ mod tests {
                 r#"says "segflow-state 99", not segflow state format {STATE_FORMAT}"#
             )),
             "{e}"
+        );
+
+        // State of an earlier format: refused with the way out, and
+        // replaced by a reset (it is segflow's own).
+        let older = tempfile::tempdir().unwrap();
+        std::fs::write(older.path().join(MARKER_FILE), "segflow-state 1\n").unwrap();
+        std::fs::write(older.path().join("CURRENT"), "MANIFEST-000001\n").unwrap();
+        let e = Store::open_read_only(older.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("earlier segflow version (format 1") && e.contains("--reset"),
+            "{e}"
+        );
+        let lock = StateLock::take(older.path()).unwrap();
+        drop(Store::create_fresh(older.path(), &lock).unwrap());
+        drop(lock);
+        assert!(
+            Store::open_read_only(older.path()).is_ok(),
+            "replaced by a reset"
         );
 
         // A file, a dangling symbolic link.
