@@ -491,22 +491,18 @@ const SEGMENTS: [&str; 17] = [
     "daily_browser",
 ];
 
-/// The engine's diffs on `d` with `workers` workers, as `(time, segment,
-/// profile, diff)`.
-fn engine_diffs(d: &Data, workers: usize) -> Vec<(u64, String, String, i64)> {
+/// The shipped definition on `d`'s lines in memory (inputs and outputs
+/// are set here, not taken from the file).
+fn shipped_engine(d: &Data) -> Engine {
     let mut spec = load_spec(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/dataflows/ecommerce.toml"
     )))
     .unwrap();
-    // Inputs and outputs are set here, not taken from the file.
     spec.output = Default::default();
     assert_eq!(spec.engine.tick_ms, TICK);
     assert_eq!(spec.engine.allowed_lateness_ms, LATENESS);
-    let diffs = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&diffs);
     let mem = |v: &Vec<String>| Input::Memory(Arc::new(v.clone()));
-    let dead = tempfile::tempdir().unwrap();
     Engine::new(spec)
         .input("web", mem(&d.web))
         .unwrap()
@@ -514,6 +510,15 @@ fn engine_diffs(d: &Data, workers: usize) -> Vec<(u64, String, String, i64)> {
         .unwrap()
         .input("transactions", mem(&d.txn))
         .unwrap()
+}
+
+/// The engine's diffs on `d` with `workers` workers, as `(time, segment,
+/// profile, diff)`.
+fn engine_diffs(d: &Data, workers: usize) -> Vec<(u64, String, String, i64)> {
+    let diffs = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&diffs);
+    let dead = tempfile::tempdir().unwrap();
+    shipped_engine(d)
         .output(Output::Callback(Arc::new(move |diff| {
             sink.lock().unwrap().push((
                 diff.time,
@@ -727,20 +732,7 @@ fn trait_values_in_the_state_match_the_oracle() {
     );
     for workers in [1, 2] {
         let dir = tempfile::tempdir().unwrap();
-        let mut spec = load_spec(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/dataflows/ecommerce.toml"
-        )))
-        .unwrap();
-        spec.output = Default::default();
-        let mem = |v: &Vec<String>| Input::Memory(Arc::new(v.clone()));
-        Engine::new(spec)
-            .input("web", mem(&d.web))
-            .unwrap()
-            .input("crm", mem(&d.crm))
-            .unwrap()
-            .input("transactions", mem(&d.txn))
-            .unwrap()
+        shipped_engine(&d)
             .output(Output::Callback(Arc::new(|_| {})))
             .dead_letter(dir.path().join("dead.jsonl"))
             .state_dir(dir.path().join("state"))

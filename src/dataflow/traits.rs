@@ -7,8 +7,8 @@
 //! the route ([`crate::dataflow::route`]) sends them to the identifier's
 //! profile, where they are aggregated
 //! ([`crate::dataflow::segments::evaluate`]). An event enters its window
-//! at its tick and leaves it at its window end ([`trait_window_end`]),
-//! where the route retracts it. When two profiles merge, the route moves
+//! at its tick and leaves it at its window end ([`window_end`]), where
+//! the route retracts it (sessions: see [`hold_end`]). When two profiles merge, the route moves
 //! every item of the identifier to the merged profile, and every aggregate
 //! follows.
 //!
@@ -160,8 +160,8 @@ fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz, tick: Time)
 /// `Item::Point(trait, (tick or 0, value), 1)`; returns the identifier
 /// they are keyed by (the record's first, of the highest priority), or
 /// `None` for a record without identifiers (which contributes nothing).
-/// They leave their windows at [`trait_window_end`], and the route lets
-/// go of them at [`trait_hold_end`] ([`crate::dataflow::route`]).
+/// They leave their windows at [`window_end`], and the route lets go of
+/// them at [`trait_hold_end`] ([`crate::dataflow::route`]).
 pub fn contributions(
     record: &Record,
     tick: Time,
@@ -267,20 +267,6 @@ pub fn window_end(spec: &TraitSpec, tick: Time, tz: chrono_tz::Tz, tick_ms: u64)
         Window::Session { max, .. } => crate::time::window_end(tick, max),
     };
     Some(crate::time::ceil_to_tick(end, tick_ms))
-}
-
-/// [`window_end`] of trait `index` of `traits` (an amount's slot's trait,
-/// see [`slot_trait`], or a point's trait).
-pub fn trait_window_end(
-    traits: &[TraitSpec],
-    index: u32,
-    tick: Time,
-    tz: chrono_tz::Tz,
-    tick_ms: u64,
-) -> Option<Time> {
-    traits
-        .get(index as usize)
-        .and_then(|t| window_end(t, tick, tz, tick_ms))
 }
 
 /// How far a session point's release is rounded up (ms): see
@@ -463,24 +449,24 @@ mod tests {
         let specs = specs();
         let tz = chrono_tz::UTC;
         assert_eq!(
-            trait_window_end(&specs, slot_trait(amounts[0].1 .0), 1000, tz, 1000),
+            trait_hold_end(&specs, slot_trait(amounts[0].1 .0), 1000, tz, 1000),
             Some(1000 + 30 * 60_000)
         );
         assert_eq!(
-            trait_window_end(&specs, slot_trait(amounts[1].1 .0), 1000, tz, 1000),
+            trait_hold_end(&specs, slot_trait(amounts[1].1 .0), 1000, tz, 1000),
             Some(86_400_000)
         );
         assert_eq!(
-            trait_window_end(&specs, slot_trait(amounts[3].1 .0), 1000, tz, 1000),
+            trait_hold_end(&specs, slot_trait(amounts[3].1 .0), 1000, tz, 1000),
             None
         );
         // A window end between two ticks takes effect at the later tick.
         assert_eq!(
-            trait_window_end(&specs, slot_trait(amounts[0].1 .0), 1000, tz, 7 * 60_000),
+            trait_hold_end(&specs, slot_trait(amounts[0].1 .0), 1000, tz, 7 * 60_000),
             Some(35 * 60_000)
         );
         assert_eq!(
-            trait_window_end(&specs, points[0].1 .0, 1000, tz, 1000),
+            trait_hold_end(&specs, points[0].1 .0, 1000, tz, 1000),
             Some(1000 + 7 * 86_400_000)
         );
         let cheap = record(
