@@ -69,9 +69,10 @@ struct RunArgs {
     /// instead of resuming from the checkpoint.
     #[arg(long)]
     reset: bool,
-    /// Worker threads per process.
+    /// Worker threads per process (1 to 1024; at most the number of cores
+    /// is useful).
     #[arg(short = 'w', long = "workers", value_name = "N",
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_WORKERS as u64))]
     workers: Option<usize>,
     /// Number of processes in the cluster.
     #[arg(short = 'n', long = "processes", value_name = "N", default_value_t = 1,
@@ -106,14 +107,16 @@ struct GenerateArgs {
     /// Random seed: the same seed gives the same bytes.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Number of people visitors are drawn from [default: events / 40]:
-    /// more people per event, more profiles.
-    #[arg(long, value_name = "N")]
+    /// Number of people visitors are drawn from [default: events / 40;
+    /// at least 50]: more people per event, more profiles.
+    #[arg(long, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     people: Option<u64>,
     /// Days the sessions are spread over [default: events × 2 s, at most
     /// 30 days]: a long span exercises long windows (60 days without an
     /// order, 365-day spend).
-    #[arg(long, value_name = "DAYS")]
+    #[arg(long, value_name = "DAYS",
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..=36_500))]
     days: Option<u64>,
 }
 

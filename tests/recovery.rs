@@ -850,3 +850,64 @@ fn an_input_that_ended_mid_line_and_grew_is_refused() {
     assert!(err.contains("ended in the middle of a line"), "{err}");
     assert!(std::fs::read(dir.path().join("midline.jsonl")).unwrap() == diffs);
 }
+
+/// A dwell time (`min_dwell`) runs from the real entry after a restart:
+/// a run killed while profiles are held in a segment by their dwell time
+/// alone, and resumed, writes the same exits at the same times as a run
+/// that never stopped (the checkpoint keeps the entry times).
+#[test]
+fn dwell_times_run_from_the_real_entry_after_a_restart() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = generate(dir.path(), 30_000);
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let flow = dir.path().join("dwell.toml");
+    std::fs::write(
+        &flow,
+        format!(
+            "{shipped}\n[traits.views_10m]\nstream = \"web\"\nfilter = 'event == \"view_item\"'\nwindow = \"10m\"\n\n[segments.held_viewer]\nwhen = \"views_10m >= 2\"\nmin_dwell = \"7m\"\n"
+        ),
+    )
+    .unwrap();
+    let args = |name: &str| {
+        let mut args = run_args(dir.path(), &data, name);
+        args[1] = flow.display().to_string();
+        args
+    };
+    let (status, err) = run_once(dir.path(), &args("reference"));
+    assert!(status.success(), "{err}");
+    let reference = std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap();
+    assert!(
+        reference
+            .lines()
+            .filter(|l| l.contains("\"held_viewer\"") && l.ends_with("\"diff\":-1}"))
+            .count()
+            > 10,
+        "the data gives exits held back by the dwell time"
+    );
+    for (i, fault) in ["state-write-after:3", "state-write-after:6"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("dwell{i}");
+        let out = Command::new(BIN)
+            .args(args(&name))
+            .args(["-w", "2"])
+            .env(segflow::fault::FAULT_VAR, fault)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{fault}: the run was not killed at the fault: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (status, err) = run_once(dir.path(), &args(&name));
+        assert!(status.success(), "{fault}: {err}");
+        assert_same_run(dir.path(), "reference", &name, None, fault);
+    }
+}

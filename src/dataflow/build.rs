@@ -171,10 +171,12 @@ pub fn build<'s>(
     let segments::Evaluated {
         trait_values,
         memberships,
+        dwell_entries,
     } = segments::evaluate(
         profile_ids.clone(),
         routed.changes,
         clocks,
+        restore.dwell_entries,
         attributes.clone(),
         Rc::new(segments::Rules::new(
             Rc::clone(&trait_specs),
@@ -183,6 +185,13 @@ pub fn build<'s>(
         )),
         reloads,
     );
+    // The entry times of dwell memberships, retained too (see `retain`).
+    let retained = if stateful {
+        retained
+            .concat(dwell_entries.map(|((p, s, at), t, r)| (Retained::DwellEntry(p, s, at), t, r)))
+    } else {
+        retained
+    };
 
     // Segment memberships and profiles go to worker 0 for the diffs and
     // the summary; identifier names to whoever writes text; links, trait

@@ -17,6 +17,7 @@
 //! | names | each identifier key's `kind:value` text | the sinks name keys by it (a restart hands them to the sinks directly, not through the dataflow) |
 //! | lifetime amounts | per `(identifier, slot)`, the total | totals are sums ([`crate::dataflow::traits`]) |
 //! | lifetime points | for traits that hold one point per identifier ([`crate::dataflow::traits::Keep`]: `first`, `last`, `min`, `max`, recencies), the point held per `(identifier, trait)`; for the others, per `(identifier, trait, tick, value)` the count (for `distinct`, each value once) | a held point is replaced only by a better one, which the route reports |
+//! | dwell entries | per `(profile, segment)` of a segment with `min_dwell` the profile is in, when it entered | a dwell time runs from the entry, which the items do not say |
 //! | windowed items | per event (its tick and identifier) whose last window end is at or after `C`, its windowed items | an event still inside a window at `C` leaves it at its window end, computed again from its tick; items that left before `C` add nothing |
 //!
 //! A restart injects them at time `C - 1` ([`restore`]): the outputs at
@@ -59,6 +60,9 @@ pub enum Retained {
     /// The windowed items of an event at the update's time (its tick),
     /// under its identifier, with the last of their window ends.
     Event(Id, Vec<Item>, Time),
+    /// A profile entered a segment with a dwell time at this time (`+1`),
+    /// or left it (`-1`).
+    DwellEntry(Id, u32, Time),
 }
 
 /// What a checkpoint's retained input holds at its cut, read back for a
@@ -82,6 +86,9 @@ pub struct Restored {
     /// Lifetime points with their counts (for traits with a
     /// [`crate::dataflow::traits::Keep`], the held ones).
     pub points: Vec<(PointContribution, isize)>,
+    /// When each profile entered each segment with a dwell time that it
+    /// was in at the cut: `(profile, segment, entered)`.
+    pub dwell_entries: Vec<(Id, u32, Time)>,
 }
 
 impl Restored {
@@ -92,6 +99,7 @@ impl Restored {
             + self.names.len()
             + self.totals.len()
             + self.events.len()
+            + self.dwell_entries.len()
             + self.points.len()) as u64
     }
 
@@ -118,6 +126,9 @@ impl Restored {
         for (i, e) in self.events.into_iter().enumerate() {
             shares[i % n].events.push(e);
         }
+        for (i, e) in self.dwell_entries.into_iter().enumerate() {
+            shares[i % n].dwell_entries.push(e);
+        }
         for (i, p) in self.points.into_iter().enumerate() {
             shares[i % n].points.push(p);
         }
@@ -142,6 +153,8 @@ pub struct RestoredStreams<'s> {
     /// Trait items by identifier, for [`crate::dataflow::route`] to hold
     /// (windowed ones until their window ends).
     pub traits: Updates<'s, (Id, RestoredItems)>,
+    /// Dwell entries `(profile, segment, entered)`, for the profile stage.
+    pub dwell_entries: Updates<'s, (Id, u32, Time)>,
 }
 
 /// Restored trait items of one identifier.
@@ -163,9 +176,11 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
     let (crm_out, crm) = builder.new_output();
     let (sets_out, sets) = builder.new_output();
     let (traits_out, traits) = builder.new_output();
+    let (entries_out, dwell_entries) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
     let mut traits_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(traits_out);
+    let mut entries_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(entries_out);
     let activator = scope.activator_for(builder.operator_info().address.clone());
     builder.build(move |caps| {
         // Sent when first scheduled (downstream operators are connected by
@@ -201,7 +216,16 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
             for (tick, id, items) in r.events {
                 session.give(((id, RestoredItems::Event(tick, items)), at, 1));
             }
+            entries_out
+                .activate()
+                .session(&caps[3])
+                .give_iterator(r.dwell_entries.into_iter().map(|e| (e, at, 1)));
         }
     });
-    RestoredStreams { crm, sets, traits }
+    RestoredStreams {
+        crm,
+        sets,
+        traits,
+        dwell_entries,
+    }
 }

@@ -223,6 +223,11 @@ pub struct Evaluated<'s> {
     pub trait_values: Coll<'s, ((Id, u32), Scalar)>,
     /// `(segment index, profile)`.
     pub memberships: Coll<'s, (u32, Id)>,
+    /// When each profile entered each segment with a dwell time
+    /// (`min_dwell`): `((profile, segment, entered), time, ±1)`, `+1` at
+    /// the entry, `-1` at the exit, for the checkpoint's retained input
+    /// (a restart needs the entry times to run the dwell times on).
+    pub dwell_entries: Stream<'s, Time, Vec<((Id, u32, Time), Time, isize)>>,
 }
 
 /// Trait values and segment memberships per profile.
@@ -246,6 +251,7 @@ pub fn evaluate<'s>(
     profiles: Coll<'s, Id>,
     trait_items: Stream<'s, Time, Vec<((Id, Vec<Item>), Time, isize)>>,
     clocks: Stream<'s, Time, Vec<crate::time::ClockReport>>,
+    restored_entries: Stream<'s, Time, Vec<((Id, u32, Time), Time, isize)>>,
     attributes: Coll<'s, (Id, Attributes)>,
     rules: Rc<Rules>,
     reloads: Option<(
@@ -284,24 +290,35 @@ pub fn evaluate<'s>(
     };
     let mut reload_in = builder.new_input(reload_stream, Pipeline);
     let mut clocks_in = builder.new_input(clocks, Pipeline);
+    let mut entries_in = builder.new_input(
+        restored_entries,
+        Exchange::new(|((p, _, _), _, _): &((Id, u32, Time), Time, isize)| p.hashed()),
+    );
     let (values_out, trait_values) = builder.new_output();
     let (members_out, memberships) = builder.new_output();
+    let (entries_out, dwell_entries) = builder.new_output();
     let mut values_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(values_out);
     let mut members_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(members_out);
+    let mut entries_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(entries_out);
     let mut rules = rules;
     builder.build(move |_initial| {
         let mut pending: BTreeMap<Time, Vec<(Id, Change)>> = BTreeMap::new();
         // Definition texts to apply, by the time they apply from.
         let mut reload_at: BTreeMap<Time, Vec<String>> = BTreeMap::new();
-        // Capabilities (values, memberships) at the earliest pending time.
-        let mut held: Option<[Capability<Time>; 2]> = None;
+        // Capabilities (values, memberships, dwell entries) at the
+        // earliest pending time.
+        let mut held: Option<[Capability<Time>; 3]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
         let mut completion = crate::time::Completion::default();
         move |frontiers| {
             clocks_in.for_each(|_, data| data.drain(..).for_each(|r| completion.note(r)));
             let mut note = |cap: &InputCapability<Time>, time: Time| {
                 if held.as_ref().is_none_or(|h| time < *h[0].time()) {
-                    held = Some([cap.delayed(&time, 0), cap.delayed(&time, 1)]);
+                    held = Some([
+                        cap.delayed(&time, 0),
+                        cap.delayed(&time, 1),
+                        cap.delayed(&time, 2),
+                    ]);
                 }
             };
             exists_in.for_each_stamp(|cap, data| {
@@ -317,6 +334,17 @@ pub fn evaluate<'s>(
                         .entry(t)
                         .or_default()
                         .push((p, Change::Items(items, r)));
+                }
+            });
+            entries_in.for_each_stamp(|cap, data| {
+                for ((p, segment, entered), t, r) in data.flat_map(|d| d.drain(..)) {
+                    if r > 0 {
+                        note(&cap, t);
+                        pending
+                            .entry(t)
+                            .or_default()
+                            .push((p, Change::Entered(segment, entered)));
+                    }
                 }
             });
             attrs_in.for_each_stamp(|cap, data| {
@@ -335,7 +363,7 @@ pub fn evaluate<'s>(
                 pending.entry(t).or_default();
                 reload_at.entry(t).or_default().extend(data.drain(..));
             });
-            let Some([hold_values, hold_members]) = held.as_mut() else {
+            let Some([hold_values, hold_members, hold_entries]) = held.as_mut() else {
                 return;
             };
             // A time is complete once no input can still carry it.
@@ -347,6 +375,8 @@ pub fn evaluate<'s>(
             // capabilities (no later than any of them).
             let mut values = values_out.session(&*hold_values);
             let mut members = members_out.session(&*hold_members);
+            let mut entries_out = entries_out.activate();
+            let mut entries = entries_out.session(&*hold_entries);
             while let Some(entry) = pending.first_entry() {
                 if !complete(entry.key()) {
                     break;
@@ -398,6 +428,9 @@ pub fn evaluate<'s>(
                             Change::Wake => woken |= facts.wake == Some(time),
                             Change::Exists(_) | Change::Reload => everything = true,
                             Change::Attrs(..) => attributes_changed = true,
+                            // Restored with the state: every segment is
+                            // evaluated at the restore time anyway.
+                            Change::Entered(..) => everything = true,
                         }
                         facts.apply(std::mem::replace(change, Change::Exists(0)));
                     }
@@ -466,17 +499,25 @@ pub fn evaluate<'s>(
                             facts.show(i, new);
                         }
                     }
-                    for &(s, _) in facts.members.iter() {
+                    let dwells = |s: u32| rules.segments[s as usize].min_dwell_ms.is_some();
+                    for &(s, at) in facts.members.iter() {
                         if !now.iter().any(|&(x, _)| x == s) {
                             members.give(((s, p), time, -1));
+                            if dwells(s) {
+                                entries.give(((p, s, at), time, -1));
+                            }
                         }
                     }
-                    for &(s, _) in now.iter() {
+                    for &(s, at) in now.iter() {
                         if !facts.members.iter().any(|&(x, _)| x == s) {
                             members.give(((s, p), time, 1));
+                            if dwells(s) {
+                                entries.give(((p, s, at), time, 1));
+                            }
                         }
                     }
                     facts.members = now;
+                    facts.restored_entries = Box::default();
                     if let Some(w) = wake {
                         if facts.wake.is_none_or(|old| w < old || old <= time) {
                             facts.wake = Some(w);
@@ -491,11 +532,12 @@ pub fn evaluate<'s>(
                     pending.entry(w).or_default().push((p, Change::Wake));
                 }
             }
-            drop((values, members));
+            drop((values, members, entries));
             match pending.first_key_value() {
                 Some((&next, _)) => {
                     hold_values.downgrade(&next);
                     hold_members.downgrade(&next);
+                    hold_entries.downgrade(&next);
                 }
                 None => held = None,
             }
@@ -504,6 +546,7 @@ pub fn evaluate<'s>(
     Evaluated {
         trait_values: trait_values.as_collection(),
         memberships: memberships.as_collection(),
+        dwell_entries,
     }
 }
 
@@ -551,6 +594,9 @@ enum Change {
     Wake,
     /// New segment definitions apply from this time.
     Reload,
+    /// Restored from a checkpoint: the profile entered this segment (one
+    /// with a dwell time) at this time.
+    Entered(u32, Time),
 }
 
 /// A multiset of `(tick, value)` points.
@@ -570,6 +616,10 @@ struct ProfileFacts {
     attrs: Box<[(Attributes, isize)]>,
     /// The segments it belongs to, as last emitted, with when it entered.
     members: Box<[(u32, Time)]>,
+    /// Restored from a checkpoint, until the profile is evaluated at the
+    /// restore time: when it entered the segments with a dwell time it
+    /// was in (so that their dwell times run from the real entry).
+    restored_entries: Box<[(u32, Time)]>,
     /// The values of point traits as last emitted, by trait (non-null).
     shown: Box<[(u32, Scalar)]>,
     /// When it asked to be evaluated next.
@@ -632,6 +682,11 @@ impl ProfileFacts {
                     self.attrs = attrs.into();
                 }
             },
+            Change::Entered(segment, at) => {
+                let mut v = std::mem::take(&mut self.restored_entries).into_vec();
+                v.push((segment, at));
+                self.restored_entries = v.into();
+            }
             Change::Wake | Change::Reload => {}
         }
     }
@@ -844,6 +899,7 @@ impl ProfileFacts {
             let entered = self
                 .members
                 .iter()
+                .chain(self.restored_entries.iter())
                 .find(|&&(x, _)| x as usize == s)
                 .map(|&(_, at)| at);
             if dirty.is_some_and(|d| !d[s]) {

@@ -956,7 +956,10 @@ impl Engine {
             return Ok(None);
         };
         let part = crate::store::part_dir(dir, process);
-        let lock = StateLock::take(&part)?;
+        let lock = match self.reset {
+            true => StateLock::take_to_reset(&part)?,
+            false => StateLock::take(&part)?,
+        };
         Ok(Some((part, lock)))
     }
 

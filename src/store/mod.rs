@@ -29,6 +29,7 @@
 //! | `retained_events` | last window end (u64 BE), tick (u64 BE), identifier key | the event's windowed trait items, bincode, one after another (appended) |
 //! | `retained_points` | identifier key, trait (u32 BE), tick (u64 BE), value (bincode) | i64 LE count (added; zero ones dropped by compactions) |
 //! | `retained_held`   | identifier key, trait (u32 BE)        | the point held: tick (u64 BE), value (bincode) (replaced) |
+//! | `retained_dwell`  | profile key, segment (u32 BE)         | when it entered the segment (u64 BE; removed when it leaves) |
 //!
 //! The commit stage writes all the timestamps that one frontier advance
 //! completes as one `WriteBatch` (per time, removals first, then
@@ -69,7 +70,7 @@ const CFS: [&str; 6] = [
 
 /// The column families of the retained input (see the module
 /// documentation), in the order of [`RetainedBatch`]'s indexes.
-const RETAINED_CFS: [&str; 7] = [
+const RETAINED_CFS: [&str; 8] = [
     "retained_crm",
     "retained_sets",
     "retained_names",
@@ -77,6 +78,7 @@ const RETAINED_CFS: [&str; 7] = [
     "retained_events",
     "retained_points",
     "retained_held",
+    "retained_dwell",
 ];
 const R_CRM: usize = 0;
 const R_SETS: usize = 1;
@@ -85,6 +87,7 @@ const R_TOTALS: usize = 3;
 const R_EVENTS: usize = 4;
 const R_POINTS: usize = 5;
 const R_HELD: usize = 6;
+const R_DWELL: usize = 7;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -273,14 +276,30 @@ fn inspect(dir: &Path) -> Result<Found, StoreError> {
 
 impl StateLock {
     /// Creates `dir` if needed and takes its lock, or says who holds it. A
-    /// directory that holds something segflow did not create is refused
-    /// first, untouched (no lock file is left in it).
+    /// directory that holds something segflow did not create, or state of
+    /// an earlier format ([`StoreError::OlderFormat`]), is refused first,
+    /// untouched (no lock file is left in it).
     pub fn take(dir: &Path) -> Result<StateLock, StoreError> {
+        Self::take_inner(dir, false)
+    }
+
+    /// As [`StateLock::take`], for a run that replaces the state (a
+    /// reset): state of an earlier format is taken too.
+    pub fn take_to_reset(dir: &Path) -> Result<StateLock, StoreError> {
+        Self::take_inner(dir, true)
+    }
+
+    fn take_inner(dir: &Path, reset: bool) -> Result<StateLock, StoreError> {
         let io = |source| StoreError::Io {
             dir: dir.display().to_string(),
             source,
         };
-        inspect(dir)?;
+        if let (Found::Older(version), false) = (inspect(dir)?, reset) {
+            return Err(StoreError::OlderFormat {
+                dir: dir.display().to_string(),
+                version,
+            });
+        }
         std::fs::create_dir_all(dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 StoreError::NotOurs {
@@ -684,6 +703,9 @@ pub struct RetainedBatch {
     points: std::collections::HashMap<PointContribution, i64, foldhash::fast::RandomState>,
     /// The point held per `(identifier, trait)`, the last one staged.
     held: std::collections::HashMap<(Id, u32), (Time, Scalar), foldhash::fast::RandomState>,
+    /// When a profile entered a segment with a dwell time (`None`: it
+    /// left), per `(profile, segment)`, the last one staged.
+    dwell: std::collections::HashMap<(Id, u32), Option<Time>, foldhash::fast::RandomState>,
 }
 
 /// The key of a lifetime point: identifier key, trait index, tick (all
@@ -764,6 +786,7 @@ impl RetainedBatch {
             && self.events.is_empty()
             && self.points.is_empty()
             && self.held.is_empty()
+            && self.dwell.is_empty()
     }
 
     /// Adds the updates of `later` after those staged.
@@ -781,6 +804,7 @@ impl RetainedBatch {
             *self.points.entry(k).or_default() += v;
         }
         self.held.extend(later.held);
+        self.dwell.extend(later.dwell);
     }
 
     /// Stages one retained update at `time` with `diff`. Only insertions
@@ -794,6 +818,14 @@ impl RetainedBatch {
             Retained::Point(p) => *self.points.entry(p).or_default() += diff as i64,
             Retained::Held((id, (index, point))) => {
                 self.held.insert((id, index), point);
+            }
+            Retained::DwellEntry(profile, segment, entered) => {
+                let key = (profile, segment);
+                if diff > 0 {
+                    self.dwell.insert(key, Some(entered));
+                } else if self.dwell.get(&key).is_none_or(|e| *e == Some(entered)) {
+                    self.dwell.insert(key, None);
+                }
             }
             Retained::Event(id, items, last_end) => {
                 let held = self.events.entry((last_end, time, id)).or_default();
@@ -844,6 +876,13 @@ impl RetainedBatch {
             let mut v = tick.to_be_bytes().to_vec();
             v.extend(bincode::serialize(&value).expect("a scalar serializes"));
             batch.put_cf(cfs[R_HELD], total_key(id, index), v);
+        }
+        for ((profile, segment), entered) in self.dwell {
+            let key = total_key(profile, segment);
+            match entered {
+                Some(at) => batch.put_cf(cfs[R_DWELL], key, at.to_be_bytes()),
+                None => batch.delete_cf(cfs[R_DWELL], key),
+            }
         }
     }
 }
@@ -1368,6 +1407,21 @@ impl Store {
             })
             .map(|_| out)
         };
+        let dwell = || {
+            let mut out = Vec::new();
+            each("retained_dwell", &mut |k, v| {
+                let (Some(profile), Ok(segment), Ok(entered)) = (
+                    k.get(..16).and_then(id_at),
+                    k[16.min(k.len())..].try_into().map(u32::from_be_bytes),
+                    v.try_into().map(u64::from_be_bytes),
+                ) else {
+                    return Err(corrupt("dwell entry"));
+                };
+                out.push((profile, segment, entered));
+                Ok(())
+            })
+            .map(|_| out)
+        };
         // The column families are read at once, one thread each.
         std::thread::scope(|scope| {
             let crm = scope.spawn(crm);
@@ -1397,6 +1451,7 @@ impl Store {
                     points.extend(held()?);
                     points
                 },
+                dwell_entries: dwell()?,
             })
         })
     }
@@ -2041,7 +2096,10 @@ mod tests {
             e.contains("earlier segflow version (format 1") && e.contains("--reset"),
             "{e}"
         );
-        let lock = StateLock::take(older.path()).unwrap();
+        let e = StateLock::take(older.path()).err().unwrap().to_string();
+        assert!(e.contains("--reset"), "{e}");
+        assert!(!older.path().join(LOCK_FILE).exists(), "refused untouched");
+        let lock = StateLock::take_to_reset(older.path()).unwrap();
         drop(Store::create_fresh(older.path(), &lock).unwrap());
         drop(lock);
         assert!(
