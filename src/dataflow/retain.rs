@@ -17,7 +17,7 @@
 //! | names | each identifier key's `kind:value` text | the sinks name keys by it (a restart hands them to the sinks directly, not through the dataflow) |
 //! | lifetime amounts | per `(identifier, slot)`, the total | totals are sums ([`crate::dataflow::traits`]) |
 //! | lifetime points | for traits that hold one point per identifier ([`crate::dataflow::traits::Keep`]: `first`, `last`, `min`, `max`, recencies), the point held per `(identifier, trait)`; for the others, per `(identifier, trait, tick, value)` the count (for `distinct`, each value once) | a held point is replaced only by a better one, which the route reports |
-//! | dwell entries | per `(profile, segment)` of a segment with `min_dwell` the profile is in, when it entered | a dwell time runs from the entry, which the items do not say |
+//! | dwell entries | per `(profile, segment name)` of a segment with `min_dwell` the profile is in, when it entered | a dwell time runs from the entry, which the items do not say; by name, as segment indices follow the definition |
 //! | windowed items | per event (its tick and identifier) whose last window end is at or after `C`, its windowed items | an event still inside a window at `C` leaves it at its window end, computed again from its tick; items that left before `C` add nothing |
 //!
 //! A restart injects them at time `C - 1` ([`restore`]): the outputs at
@@ -60,9 +60,9 @@ pub enum Retained {
     /// The windowed items of an event at the update's time (its tick),
     /// under its identifier, with the last of their window ends.
     Event(Id, Vec<Item>, Time),
-    /// A profile entered a segment with a dwell time at this time (`+1`),
-    /// or left it (`-1`).
-    DwellEntry(Id, u32, Time),
+    /// A profile entered the segment of this name (one with a dwell
+    /// time) at this time (`+1`), or left it (`-1`).
+    DwellEntry(Id, String, Time),
 }
 
 /// What a checkpoint's retained input holds at its cut, read back for a
@@ -87,8 +87,8 @@ pub struct Restored {
     /// [`crate::dataflow::traits::Keep`], the held ones).
     pub points: Vec<(PointContribution, isize)>,
     /// When each profile entered each segment with a dwell time that it
-    /// was in at the cut: `(profile, segment, entered)`.
-    pub dwell_entries: Vec<(Id, u32, Time)>,
+    /// was in at the cut: `(profile, segment name, entered)`.
+    pub dwell_entries: Vec<(Id, String, Time)>,
 }
 
 impl Restored {
@@ -153,8 +153,9 @@ pub struct RestoredStreams<'s> {
     /// Trait items by identifier, for [`crate::dataflow::route`] to hold
     /// (windowed ones until their window ends).
     pub traits: Updates<'s, (Id, RestoredItems)>,
-    /// Dwell entries `(profile, segment, entered)`, for the profile stage.
-    pub dwell_entries: Updates<'s, (Id, u32, Time)>,
+    /// Dwell entries `(profile, segment name, entered)`, for the profile
+    /// stage.
+    pub dwell_entries: Updates<'s, (Id, String, Time)>,
 }
 
 /// Restored trait items of one identifier.

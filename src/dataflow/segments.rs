@@ -224,10 +224,11 @@ pub struct Evaluated<'s> {
     /// `(segment index, profile)`.
     pub memberships: Coll<'s, (u32, Id)>,
     /// When each profile entered each segment with a dwell time
-    /// (`min_dwell`): `((profile, segment, entered), time, ±1)`, `+1` at
-    /// the entry, `-1` at the exit, for the checkpoint's retained input
-    /// (a restart needs the entry times to run the dwell times on).
-    pub dwell_entries: Stream<'s, Time, Vec<((Id, u32, Time), Time, isize)>>,
+    /// (`min_dwell`): `((profile, segment name, entered), time, ±1)`, `+1`
+    /// at the entry (or when a reload gives a segment it is in a dwell
+    /// time), `-1` at the exit, for the checkpoint's retained input (a
+    /// restart needs the entry times to run the dwell times on).
+    pub dwell_entries: Stream<'s, Time, Vec<((Id, String, Time), Time, isize)>>,
 }
 
 /// Trait values and segment memberships per profile.
@@ -251,7 +252,7 @@ pub fn evaluate<'s>(
     profiles: Coll<'s, Id>,
     trait_items: Stream<'s, Time, Vec<((Id, Vec<Item>), Time, isize)>>,
     clocks: Stream<'s, Time, Vec<crate::time::ClockReport>>,
-    restored_entries: Stream<'s, Time, Vec<((Id, u32, Time), Time, isize)>>,
+    restored_entries: Stream<'s, Time, Vec<((Id, String, Time), Time, isize)>>,
     attributes: Coll<'s, (Id, Attributes)>,
     rules: Rc<Rules>,
     reloads: Option<(
@@ -292,7 +293,7 @@ pub fn evaluate<'s>(
     let mut clocks_in = builder.new_input(clocks, Pipeline);
     let mut entries_in = builder.new_input(
         restored_entries,
-        Exchange::new(|((p, _, _), _, _): &((Id, u32, Time), Time, isize)| p.hashed()),
+        Exchange::new(|((p, _, _), _, _): &((Id, String, Time), Time, isize)| p.hashed()),
     );
     let (values_out, trait_values) = builder.new_output();
     let (members_out, memberships) = builder.new_output();
@@ -310,6 +311,14 @@ pub fn evaluate<'s>(
         let mut held: Option<[Capability<Time>; 3]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
         let mut completion = crate::time::Completion::default();
+        // Per segment: whether an entry of it may be in the retained
+        // input (it has, or had in this run, a dwell time), so that an
+        // exit removes it.
+        let mut recorded: Vec<bool> = rules
+            .segments
+            .iter()
+            .map(|s| s.min_dwell_ms.is_some())
+            .collect();
         move |frontiers| {
             clocks_in.for_each(|_, data| data.drain(..).for_each(|r| completion.note(r)));
             let mut note = |cap: &InputCapability<Time>, time: Time| {
@@ -337,8 +346,14 @@ pub fn evaluate<'s>(
                 }
             });
             entries_in.for_each_stamp(|cap, data| {
-                for ((p, segment, entered), t, r) in data.flat_map(|d| d.drain(..)) {
+                for ((p, name, entered), t, r) in data.flat_map(|d| d.drain(..)) {
+                    // A segment the definition no longer has is dropped.
+                    let Some(segment) = rules.segments.iter().position(|s| s.name == name) else {
+                        continue;
+                    };
+                    recorded[segment] = true;
                     if r > 0 {
+                        let segment = segment as u32;
                         note(&cap, t);
                         pending
                             .entry(t)
@@ -388,6 +403,7 @@ pub fn evaluate<'s>(
                     break;
                 }
                 let (time, mut changes) = entry.remove_entry();
+                let mut newly_dwelling: Vec<u32> = Vec::new();
                 // A new definition applies from this time: every profile
                 // held is evaluated again under it.
                 if let Some(texts) = reload_at.remove(&time) {
@@ -398,6 +414,19 @@ pub fn evaluate<'s>(
                         let merged = merged_segments(&rules.segments, &spec.segments);
                         if let Some(on) = &on_reload {
                             on(time, &spec, &merged);
+                        }
+                        // Members of a segment that gains a dwell time
+                        // have their entries recorded now.
+                        let old = rules.segments.len();
+                        newly_dwelling = merged
+                            .iter()
+                            .enumerate()
+                            .filter(|(s, m)| m.min_dwell_ms.is_some() && *s < old && !recorded[*s])
+                            .map(|(s, _)| s as u32)
+                            .collect();
+                        recorded.resize(merged.len(), false);
+                        for (s, m) in merged.iter().enumerate() {
+                            recorded[s] |= m.min_dwell_ms.is_some();
                         }
                         rules = Rc::new(Rules::new(
                             Rc::clone(&rules.traits),
@@ -499,21 +528,23 @@ pub fn evaluate<'s>(
                             facts.show(i, new);
                         }
                     }
-                    let dwells = |s: u32| rules.segments[s as usize].min_dwell_ms.is_some();
+                    let name = |s: u32| rules.segments[s as usize].name.clone();
                     for &(s, at) in facts.members.iter() {
                         if !now.iter().any(|&(x, _)| x == s) {
                             members.give(((s, p), time, -1));
-                            if dwells(s) {
-                                entries.give(((p, s, at), time, -1));
+                            if recorded[s as usize] {
+                                entries.give(((p, name(s), at), time, -1));
                             }
                         }
                     }
                     for &(s, at) in now.iter() {
-                        if !facts.members.iter().any(|&(x, _)| x == s) {
+                        let was = facts.members.iter().any(|&(x, _)| x == s);
+                        if !was {
                             members.give(((s, p), time, 1));
-                            if dwells(s) {
-                                entries.give(((p, s, at), time, 1));
-                            }
+                        }
+                        let dwells = rules.segments[s as usize].min_dwell_ms.is_some();
+                        if dwells && (!was || newly_dwelling.contains(&s)) {
+                            entries.give(((p, name(s), at), time, 1));
                         }
                     }
                     facts.members = now;

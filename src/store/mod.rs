@@ -29,7 +29,7 @@
 //! | `retained_events` | last window end (u64 BE), tick (u64 BE), identifier key | the event's windowed trait items, bincode, one after another (appended) |
 //! | `retained_points` | identifier key, trait (u32 BE), tick (u64 BE), value (bincode) | i64 LE count (added; zero ones dropped by compactions) |
 //! | `retained_held`   | identifier key, trait (u32 BE)        | the point held: tick (u64 BE), value (bincode) (replaced) |
-//! | `retained_dwell`  | profile key, segment (u32 BE)         | when it entered the segment (u64 BE; removed when it leaves) |
+//! | `retained_dwell`  | profile key, segment name (UTF-8)     | when it entered the segment (u64 BE; removed when it leaves) |
 //!
 //! The commit stage writes all the timestamps that one frontier advance
 //! completes as one `WriteBatch` (per time, removals first, then
@@ -705,7 +705,7 @@ pub struct RetainedBatch {
     held: std::collections::HashMap<(Id, u32), (Time, Scalar), foldhash::fast::RandomState>,
     /// When a profile entered a segment with a dwell time (`None`: it
     /// left), per `(profile, segment)`, the last one staged.
-    dwell: std::collections::HashMap<(Id, u32), Option<Time>, foldhash::fast::RandomState>,
+    dwell: std::collections::HashMap<(Id, String), Option<Time>, foldhash::fast::RandomState>,
 }
 
 /// The key of a lifetime point: identifier key, trait index, tick (all
@@ -821,6 +821,7 @@ impl RetainedBatch {
             }
             Retained::DwellEntry(profile, segment, entered) => {
                 let key = (profile, segment);
+                // An exit removes the entry it closes, not a later one.
                 if diff > 0 {
                     self.dwell.insert(key, Some(entered));
                 } else if self.dwell.get(&key).is_none_or(|e| *e == Some(entered)) {
@@ -878,7 +879,8 @@ impl RetainedBatch {
             batch.put_cf(cfs[R_HELD], total_key(id, index), v);
         }
         for ((profile, segment), entered) in self.dwell {
-            let key = total_key(profile, segment);
+            let mut key = profile.0.to_be_bytes().to_vec();
+            key.extend_from_slice(segment.as_bytes());
             match entered {
                 Some(at) => batch.put_cf(cfs[R_DWELL], key, at.to_be_bytes()),
                 None => batch.delete_cf(cfs[R_DWELL], key),
@@ -1412,12 +1414,12 @@ impl Store {
             each("retained_dwell", &mut |k, v| {
                 let (Some(profile), Ok(segment), Ok(entered)) = (
                     k.get(..16).and_then(id_at),
-                    k[16.min(k.len())..].try_into().map(u32::from_be_bytes),
+                    std::str::from_utf8(&k[16.min(k.len())..]),
                     v.try_into().map(u64::from_be_bytes),
                 ) else {
                     return Err(corrupt("dwell entry"));
                 };
-                out.push((profile, segment, entered));
+                out.push((profile, segment.to_string(), entered));
                 Ok(())
             })
             .map(|_| out)
@@ -1725,6 +1727,14 @@ mod tests {
         let point = |id, tick, v: &str| (id, (2, (tick, Scalar::Str(v.into()))));
         first.stage(Retained::Held(point(a, 1_000, "x")), 1_000, 1);
         first.stage(Retained::Point(point(b, 0, "d")), 1_000, 1);
+        // Dwell entries: `a` enters two segments; `b` enters and leaves
+        // one in the same batch, then enters it again.
+        let dwell = |id, name: &str, at| Retained::DwellEntry(id, name.into(), at);
+        first.stage(dwell(a, "champion", 1_000), 1_000, 1);
+        first.stage(dwell(a, "vip", 1_000), 1_000, 1);
+        first.stage(dwell(b, "vip", 1_000), 1_000, 1);
+        first.stage(dwell(b, "vip", 1_000), 1_500, -1);
+        first.stage(dwell(b, "vip", 1_800), 1_800, 1);
         store
             .write_retained(StateBatch::default(), first, &checkpoint(2_000))
             .unwrap();
@@ -1738,6 +1748,8 @@ mod tests {
         second.stage(Retained::Total(a, 0, 1), 4_000, 1);
         second.stage(Retained::Held(point(a, 4_000, "w")), 4_000, 1);
         second.stage(Retained::Event(b, vec![view("y")], 9_000), 4_000, 1);
+        // `a` leaves vip.
+        second.stage(dwell(a, "vip", 1_000), 4_000, -1);
         store
             .write_retained(StateBatch::default(), second, &checkpoint(5_000))
             .unwrap();
@@ -1763,6 +1775,15 @@ mod tests {
             points,
             vec![(point(a, 4_000, "w"), 1), (point(b, 0, "d"), 1)],
             "the held point replaced the one before"
+        );
+        let mut entries = r.dwell_entries.clone();
+        entries.sort();
+        assert_eq!(
+            entries,
+            vec![
+                (a, "champion".to_string(), 1_000),
+                (b, "vip".to_string(), 1_800)
+            ]
         );
     }
 
