@@ -10,8 +10,9 @@ use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::probe::Handle;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concat, Concatenate};
+use timely::dataflow::operators::{Concat, Concatenate, Probe};
 use timely::dataflow::{Scope, Stream};
 
 use super::retain::{self, Restored, Retained};
@@ -54,9 +55,17 @@ pub fn build<'s>(
 
     let mut record_streams = Vec::new();
     let mut control_streams = Vec::new();
+    // How far the profile stage's results are: the sources read a replay
+    // only so far ahead of it.
+    let downstream = Handle::new();
     for def in sources {
-        let (records, control) =
-            source(scope, def.clone(), Arc::clone(&params), Arc::clone(&abort));
+        let (records, control) = source(
+            scope,
+            def.clone(),
+            Arc::clone(&params),
+            Arc::clone(&abort),
+            downstream.clone(),
+        );
         record_streams.push(records.as_collection());
         control_streams.push(control);
     }
@@ -205,6 +214,7 @@ pub fn build<'s>(
             profile_ids.map(StateUpdate::Profile),
         ],
     );
+    let global = global.inner.probe_with(&downstream).as_collection();
     // The state of the times a restored run rebuilt is in the store
     // already: their updates are dropped here, before they are made.
     let from = shared.restored_before;

@@ -34,6 +34,7 @@ use std::time::Duration;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::probe::Handle;
 use timely::dataflow::operators::Concat;
 use timely::dataflow::{Scope, Stream};
 
@@ -745,6 +746,61 @@ fn give<D: Clone + 'static>(
     }
 }
 
+/// How many records a worker's reader of a replayed input may have read
+/// that the stages downstream could take but have not finished: beyond
+/// it, the reader waits. Without a bound a replay reads its whole input
+/// long before the stages get to it (in a tenth of the run), and holds it
+/// all in memory, in flight.
+const READ_AHEAD_RECORDS: usize = 65_536;
+
+/// What a source's reader has read that the stages downstream have not
+/// finished: per read step, the latest time of its records and how many
+/// there were. Records at or after the source's own capability are not
+/// counted: they cannot finish before the source reads further (waiting
+/// for them would never end), so the source that holds the stages back
+/// always reads on.
+#[derive(Default)]
+struct ReadAhead {
+    steps: VecDeque<(Time, usize)>,
+}
+
+impl ReadAhead {
+    /// Notes the times of the records of one read step.
+    fn read(&mut self, times: impl Iterator<Item = Time>) {
+        let (mut latest, mut n) = (0, 0);
+        for t in times {
+            latest = latest.max(t);
+            n += 1;
+        }
+        if n > 0 {
+            self.steps.push_back((latest, n));
+        }
+    }
+
+    /// Whether the records read before `capability` that the stages
+    /// behind `downstream` have not finished reach [`READ_AHEAD_RECORDS`].
+    fn full(&mut self, downstream: &Handle<Time>, capability: Time) -> bool {
+        self.full_at(downstream.with_frontier(|f| f.first().copied()), capability)
+    }
+
+    /// As [`ReadAhead::full`], for the stages' frontier `frontier` (`None`:
+    /// they have finished).
+    fn full_at(&mut self, frontier: Option<Time>, capability: Time) -> bool {
+        let Some(frontier) = frontier else {
+            self.steps.clear();
+            return false;
+        };
+        self.steps.retain(|&(latest, _)| latest >= frontier);
+        let waiting: usize = self
+            .steps
+            .iter()
+            .filter(|&&(latest, _)| latest < capability)
+            .map(|&(_, n)| n)
+            .sum();
+        waiting >= READ_AHEAD_RECORDS
+    }
+}
+
 /// Ranges of a file a worker may finish in one activation.
 const RANGES_PER_ACTIVATION: usize = 64;
 
@@ -889,6 +945,7 @@ pub fn source<'s>(
     def: SourceDef,
     params: Arc<ReadParams>,
     abort: Arc<Abort>,
+    downstream: Handle<Time>,
 ) -> SourceStreams<'s> {
     let mut builder = OperatorBuilder::new(format!("Source: {}", def.name), scope);
     let info = builder.operator_info();
@@ -929,8 +986,10 @@ pub fn source<'s>(
         let mut batch = Vec::new();
         let mut raw_batch = Vec::new();
         let mut ctl = Vec::new();
+        let mut read_ahead = ReadAhead::default();
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
+
             // Graceful shutdown: the ranges not read yet are not read.
             let stopping = params
                 .shutdown
@@ -940,6 +999,19 @@ pub fn source<'s>(
                 parts.truncate(1);
             }
             if parts.is_empty() {
+                return;
+            }
+            // A replay reads no further while the stages downstream lag
+            // (see `ReadAhead`); a live input is read as it arrives, and a
+            // stop is not held up.
+            let replay = parts
+                .front()
+                .and_then(|p| p.reader.as_ref())
+                .is_none_or(|r| !r.lines.is_live());
+            if replay && !stopping && read_ahead.full(&downstream, *held[0].time()) {
+                // Looked at again soon; meanwhile the worker runs the
+                // stages, or parks until a peer's progress arrives.
+                activator.activate_after(Duration::from_millis(1));
                 return;
             }
             // Several small ranges may be read in one activation (each
@@ -975,6 +1047,12 @@ pub fn source<'s>(
                 }
                 let reader = part.reader.as_mut().expect("opened above");
                 let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
+                read_ahead.read(
+                    batch
+                        .iter()
+                        .map(|(_, t, _)| *t)
+                        .chain(raw_batch.iter().map(|r| r.tick)),
+                );
                 give(&mut records_out, &held[0], &mut batch);
                 give(&mut raw_out, &held[1], &mut raw_batch);
                 give(&mut control_out, &held[2], &mut ctl);
@@ -1048,4 +1126,35 @@ pub fn source<'s>(
     });
     let (decoded, decode_control) = decode_stage(raw, &decode_def, decode_params);
     (records.concat(decoded), control.concat(decode_control))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ReadAhead, READ_AHEAD_RECORDS};
+
+    /// A reader waits while the stages have not finished enough of what it
+    /// read before its capability, and reads on as they finish it; what
+    /// only the source itself can let finish (at or after its capability)
+    /// never makes it wait.
+    #[test]
+    fn a_reader_waits_for_the_stages_only_on_what_they_can_finish() {
+        let half = READ_AHEAD_RECORDS / 2;
+        let mut ahead = ReadAhead::default();
+        ahead.read((0..half).map(|i| 100 + (i % 10) as u64)); // latest 109
+        ahead.read((0..half).map(|_| 200)); // latest 200
+                                            // Both steps are before the capability and unfinished.
+        assert!(ahead.full_at(Some(50), 300));
+        // The capability is at 200: the second step cannot finish yet.
+        assert!(!ahead.full_at(Some(50), 200));
+        // The stages finished the first step (their frontier passed 109).
+        assert!(!ahead.full_at(Some(110), 300));
+        ahead.read((0..half).map(|_| 250));
+        assert!(ahead.full_at(Some(110), 300));
+        // The stages passed 200: only the third step is left.
+        assert!(!ahead.full_at(Some(201), 300));
+        // Finished stages: nothing waits.
+        ahead.read((0..READ_AHEAD_RECORDS).map(|_| 260));
+        assert!(!ahead.full_at(None, 300));
+        assert!(ahead.steps.is_empty());
+    }
 }
