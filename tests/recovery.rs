@@ -19,6 +19,18 @@ mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_segflow");
 
+/// The shipped definition as `edit` changes it, written to `dir/name`.
+fn edited_definition(dir: &Path, name: &str, edit: impl FnOnce(&str) -> String) -> PathBuf {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
+    let flow = dir.join(name);
+    std::fs::write(&flow, edit(&shipped)).unwrap();
+    flow
+}
+
 fn generate(dir: &Path, events: u64) -> PathBuf {
     let data = dir.join("data");
     let out = Command::new(BIN)
@@ -715,17 +727,9 @@ fn old_lines_appended_in_a_new_range_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = generate(dir.path(), 30_000);
     // Ranges of 64 KiB, so that appended lines soon fill a new one.
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dataflows/ecommerce.toml"
-    ))
-    .unwrap();
-    let flow = dir.path().join("ranges.toml");
-    std::fs::write(
-        &flow,
-        shipped.replace("[engine]\n", "[engine]\nfile_range_bytes = 65536\n"),
-    )
-    .unwrap();
+    let flow = edited_definition(dir.path(), "ranges.toml", |shipped| {
+        shipped.replace("[engine]\n", "[engine]\nfile_range_bytes = 65536\n")
+    });
     let web = std::fs::read_to_string(data.join("web.jsonl")).unwrap();
     // Early lines again, as other visitors: old times.
     let old: Vec<String> = web
@@ -860,19 +864,11 @@ fn dwell_times_run_from_the_real_entry_after_a_restart() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let data = generate(dir.path(), 30_000);
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dataflows/ecommerce.toml"
-    ))
-    .unwrap();
-    let flow = dir.path().join("dwell.toml");
-    std::fs::write(
-        &flow,
+    let flow = edited_definition(dir.path(), "dwell.toml", |shipped| {
         format!(
             "{shipped}\n[traits.views_10m]\nstream = \"web\"\nfilter = 'event == \"view_item\"'\nwindow = \"10m\"\n\n[segments.held_viewer]\nwhen = \"views_10m >= 2\"\nmin_dwell = \"7m\"\n"
-        ),
-    )
-    .unwrap();
+        )
+    });
     let args = |name: &str| {
         let mut args = run_args(dir.path(), &data, name);
         args[1] = flow.display().to_string();
