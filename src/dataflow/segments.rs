@@ -417,11 +417,14 @@ pub fn evaluate<'s>(
                         }
                         // Members of a segment that gains a dwell time
                         // have their entries recorded now.
-                        let old = rules.segments.len();
+                        // (Again after a reload dropped it: an entry is a put.)
                         newly_dwelling = merged
                             .iter()
+                            .zip(rules.segments.iter())
                             .enumerate()
-                            .filter(|(s, m)| m.min_dwell_ms.is_some() && *s < old && !recorded[*s])
+                            .filter(|(_, (m, o))| {
+                                m.min_dwell_ms.is_some() && o.min_dwell_ms.is_none()
+                            })
                             .map(|(s, _)| s as u32)
                             .collect();
                         recorded.resize(merged.len(), false);
