@@ -1165,6 +1165,9 @@ impl Engine {
         let spec = Arc::new(self.spec);
         // The first failure of any worker stops every worker of the process.
         let abort = Arc::new(Abort::default());
+        if let Some(state) = &shared.state {
+            state.stop_on_write_failure(Arc::clone(&abort));
+        }
         let worker_abort = Arc::clone(&abort);
         let in_cluster = peers.is_some();
         if in_cluster {

@@ -103,6 +103,10 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("state store: corrupt value in `{0}`")]
     Corrupt(String),
+    /// A state batch could not be written by the writer thread (the
+    /// error as it reported it).
+    #[error("{0}")]
+    Write(String),
     /// Another run holds the state directory.
     #[error("state directory {dir} is in use by another segflow run (it holds {dir}/{LOCK_FILE}); wait for it to end or choose another directory")]
     Locked {

@@ -739,7 +739,7 @@ pub fn commit<'s>(
             // earlier than the name's time.
             let mut collision = None;
             names_in.for_each(|_, data| {
-                let Ok(mut known) = shared.names.lock() else {
+                let Ok(mut known) = shared.names.write() else {
                     return;
                 };
                 for (_, (update, _, diff)) in data.drain(..) {
@@ -812,7 +812,7 @@ pub fn commit<'s>(
                 .filter_map(|f| f.frontier().iter().min().copied())
                 .min();
             let completion = shared.completion.lock().map(|c| *c).unwrap_or_default();
-            let Ok(names) = shared.names.lock() else {
+            let Ok(names) = shared.names.read() else {
                 return;
             };
             // Every time whose changes this worker stages, with its changes.

@@ -24,13 +24,25 @@
 //! In a cluster each process writes its own part: process 0 the state
 //! directory itself, process `p` the sibling `<dir>-process<p>`
 //! ([`crate::store::part_dir`]); `segflow query` merges the parts.
+//!
+//! The writes themselves run on a thread of their own per process (the
+//! [`StateWriter`]), in the order the group commit forms them, so the
+//! workers go on with the next times while RocksDB writes: a state batch
+//! costs the workers only its forming. At most [`WRITES_QUEUED`] batches
+//! wait; a worker that forms one more waits for the writer (back-pressure,
+//! so memory stays bounded). The checkpoint a batch carries is only ever
+//! older than the outputs it describes (they are written first), which is
+//! what a restart needs; the run ends only once every batch is written,
+//! and the first failed write fails the run.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::io::sources::Progress;
+use crate::io::Abort;
 use crate::model::{Id, IdMap};
 use crate::store::{
     Checkpoint, InputMark, RetainedBatch, RetainedCut, SinkPositions, StateBatch, StateLock, Store,
@@ -47,7 +59,7 @@ pub struct ProcessShared {
     /// The name (`kind:value`) of every identifier key named so far;
     /// filled by the process's first worker as names arrive, which is
     /// before any update at a later or equal time can complete.
-    pub names: Mutex<IdMap<String>>,
+    pub names: RwLock<IdMap<String>>,
     /// The commit rule, fed by the source clocks (which reach the first
     /// worker of every process).
     pub completion: Mutex<Completion>,
@@ -72,7 +84,7 @@ impl ProcessShared {
         names: IdMap<String>,
     ) -> ProcessShared {
         ProcessShared {
-            names: Mutex::new(names),
+            names: RwLock::new(names),
             completion: Mutex::new(Completion::default()),
             state,
             restored_before,
@@ -89,9 +101,155 @@ impl ProcessShared {
     }
 }
 
+/// State batches formed but not yet written that may wait for the
+/// writer thread before the worker forming the next one waits too.
+pub const WRITES_QUEUED: usize = 4;
+
+/// What the writer thread of a process does, in order.
+enum Job {
+    /// Writes a state batch, the retained updates (absorbed in order) and
+    /// the checkpoint, atomically ([`Store::write_retained`]).
+    Write {
+        batch: StateBatch,
+        retained: Vec<RetainedBatch>,
+        checkpoint: Box<Checkpoint>,
+    },
+    /// Flushes the memtables ([`Store::flush`]).
+    Flush,
+    /// Answers once every earlier job is done.
+    Sync(mpsc::Sender<()>),
+}
+
+/// The thread that writes one process's state batches, in the order they
+/// are queued. A write that fails stops it: the error is kept for the
+/// next [`StateWriter::check`] and stops the run at once (see
+/// [`ProcessState::stop_on_write_failure`]), and later jobs are dropped (a
+/// checkpoint never skips a failed batch).
+pub struct StateWriter {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    failure: Arc<Mutex<Failure>>,
+}
+
+/// A failed write, and the run it stops.
+#[derive(Default)]
+struct Failure {
+    /// The first failed write's error.
+    error: Option<String>,
+    /// The run to stop when a write fails.
+    abort: Option<Arc<Abort>>,
+}
+
+impl StateWriter {
+    /// Starts the thread writing `store` (named `label` in errors).
+    fn start(store: Arc<Store>, label: String) -> StateWriter {
+        let (jobs, queue) = mpsc::sync_channel::<Job>(WRITES_QUEUED);
+        let failure: Arc<Mutex<Failure>> = Arc::default();
+        let failed = Arc::clone(&failure);
+        let part = label.clone();
+        let thread = std::thread::Builder::new()
+            .name("segflow-state-writer".into())
+            .spawn(move || {
+                for job in queue {
+                    let stopped = failed.lock().map_or(true, |f| f.error.is_some());
+                    let result = match job {
+                        Job::Sync(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                        _ if stopped => continue,
+                        Job::Write {
+                            batch,
+                            retained,
+                            checkpoint,
+                        } => {
+                            let mut all = RetainedBatch::default();
+                            for part in retained {
+                                all.absorb(part);
+                            }
+                            store.write_retained(batch, all, &checkpoint)
+                        }
+                        Job::Flush => store.flush(),
+                    };
+                    if let (Err(e), Ok(mut f)) = (result, failed.lock()) {
+                        if let Some(abort) = &f.abort {
+                            abort.fail(format!("state directory {part}: {e}"));
+                        }
+                        f.error.get_or_insert(e.to_string());
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => StateWriter {
+                jobs: Some(jobs),
+                thread: Some(thread),
+                failure,
+            },
+            Err(e) => StateWriter {
+                // No thread: every write fails with the reason (for `label`).
+                jobs: None,
+                thread: None,
+                failure: Arc::new(Mutex::new(Failure {
+                    error: Some(format!("cannot start the writer thread of {label}: {e}")),
+                    abort: None,
+                })),
+            },
+        }
+    }
+
+    /// The first failed write's error, if one failed.
+    fn check(&self) -> Result<(), StoreError> {
+        match self.failure.lock().ok().and_then(|f| f.error.clone()) {
+            Some(e) => Err(StoreError::Write(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `job` (waiting while [`WRITES_QUEUED`] jobs wait), then
+    /// reports an earlier failure, if any.
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.check()?;
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        match sent {
+            Some(Ok(())) => self.check(),
+            _ => {
+                self.check()?;
+                Err(StoreError::Write("the state writer thread ended".into()))
+            }
+        }
+    }
+
+    /// Waits until every job queued so far is done; the first failed
+    /// write's error, if one failed.
+    fn sync(&self) -> Result<(), StoreError> {
+        let (done, wait) = mpsc::channel();
+        self.send(Job::Sync(done))?;
+        if wait.recv().is_err() {
+            self.check()?;
+            return Err(StoreError::Write("the state writer thread ended".into()));
+        }
+        self.check()
+    }
+}
+
+impl Drop for StateWriter {
+    /// Lets the queued jobs finish, then joins the thread (before the
+    /// state directory's lock is released).
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// One process's part of the state and its group commit.
 pub struct ProcessState {
-    store: Store,
+    /// The store, for the tests' reads (the writer thread writes it).
+    #[cfg(test)]
+    store: Arc<Store>,
+    /// Declared before the lock: dropped (joined) first.
+    writer: StateWriter,
     _lock: StateLock,
     /// How messages name the part (its directory).
     pub label: String,
@@ -138,7 +296,10 @@ impl ProcessState {
         workers: usize,
         processes: usize,
     ) -> ProcessState {
+        let store = Arc::new(store);
         ProcessState {
+            writer: StateWriter::start(Arc::clone(&store), label.clone()),
+            #[cfg(test)]
             store,
             _lock: lock,
             label,
@@ -216,22 +377,43 @@ impl ProcessState {
     }
 
     /// Writes the checkpoint as it is now, with no state changes (a resumed
-    /// run's first: where the outputs stood).
+    /// run's first: where the outputs stood; a run's last), and waits until
+    /// it and every batch before it are written.
     pub fn write_checkpoint(&self) -> Result<(), StoreError> {
-        let Ok(mut g) = self.group.lock() else {
-            return Ok(());
-        };
-        self.write(&mut g, StateBatch::default())
+        {
+            let Ok(mut g) = self.group.lock() else {
+                return Ok(());
+            };
+            self.write(&mut g, StateBatch::default())?;
+        }
+        self.sync()
     }
 
-    /// Writes `batch`, the retained updates before the new cut and the
-    /// checkpoint, at once. The cut is the least of the times written
+    /// Makes a failed write stop `abort`'s run at once, with the reason
+    /// (otherwise the next deposit reports it).
+    pub fn stop_on_write_failure(&self, abort: Arc<Abort>) {
+        if let Ok(mut f) = self.writer.failure.lock() {
+            if let Some(error) = &f.error {
+                abort.fail(format!("state directory {}: {error}", self.label));
+            }
+            f.abort = Some(abort);
+        }
+    }
+
+    /// Waits until every state batch formed so far is written; the first
+    /// failed write's error, if one failed.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.writer.sync()
+    }
+
+    /// Queues `batch`, the retained updates before the new cut and the
+    /// checkpoint for the writer thread, to be written at once. The cut is the least of the times written
     /// (every worker's changes before it are in) and of the segment
     /// output's bound at the horizon (a restored run writes the diffs from
     /// its cut on); it never moves back, and does not move before the
     /// outputs' positions are known.
     fn write(&self, g: &mut Group, batch: StateBatch) -> Result<(), StoreError> {
-        let mut retained = RetainedBatch::default();
+        let mut retained = Vec::new();
         if let Some(progress) = &self.progress {
             let bound = g
                 .written_sinks
@@ -242,9 +424,7 @@ impl ProcessState {
                 let cut = g.written.min(segments_bound).max(g.cut_floor).max(previous);
                 let later = g.retained.split_off(&cut);
                 for (_, parts) in std::mem::replace(&mut g.retained, later) {
-                    for part in parts {
-                        retained.absorb(part);
-                    }
+                    retained.extend(parts);
                 }
                 g.checkpoint.retained = Some(RetainedCut {
                     cut,
@@ -261,7 +441,11 @@ impl ProcessState {
                 }
             }
         }
-        self.store.write_retained(batch, retained, &g.checkpoint)
+        self.writer.send(Job::Write {
+            batch,
+            retained,
+            checkpoint: Box::new(g.checkpoint.clone()),
+        })
     }
 
     /// Records where the outputs stand, for the next checkpoint (process
@@ -290,8 +474,11 @@ impl ProcessState {
     /// Deposits local worker `worker`'s changes of completed times (in
     /// order), with its new horizon, and writes what every local worker
     /// has deposited below the least horizon, its trait values named by
-    /// `names` (identifier keys) and `traits` (trait names by index).
-    /// Errors are the store's, or internal ones as
+    /// `names` (identifier keys) and `traits` (trait names by index). The
+    /// write itself is queued for the writer thread; once every local
+    /// worker has finished (`horizon` is `Time::MAX` for all), this waits
+    /// until everything is written. Errors are the store's (of this write
+    /// or an earlier one, as [`StoreError::Write`]), or internal ones as
     /// [`StoreError::Corrupt`].
     pub fn deposit(
         &self,
@@ -346,11 +533,17 @@ impl ProcessState {
         }
         let finished = least == Time::MAX;
         if g.unflushed && (finished || g.last_flush.elapsed() >= STATE_FLUSH_INTERVAL) {
-            self.store.flush()?;
+            self.writer.send(Job::Flush)?;
             g.unflushed = false;
             g.last_flush = Instant::now();
         }
-        Ok(())
+        drop(g);
+        if finished {
+            // The run ends only with every batch on disk.
+            self.sync()
+        } else {
+            self.writer.check()
+        }
     }
 }
 
@@ -409,6 +602,7 @@ mod tests {
         part.deposit(1, vec![(1, link)], Vec::new(), 2, &IdMap::default(), &[])
             .unwrap();
         assert_eq!(part.batches(), 1);
+        part.sync().unwrap();
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.identifiers, vec!["user:p".to_string()]);
         assert_eq!(
@@ -421,6 +615,7 @@ mod tests {
         part.deposit(1, Vec::new(), Vec::new(), Time::MAX, &IdMap::default(), &[])
             .unwrap();
         assert_eq!(part.batches(), 2);
+        part.sync().unwrap();
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.traits.get("views"), Some(&serde_json::json!(2)));
         assert_eq!(view.as_of.unwrap().time, 2);
