@@ -436,6 +436,21 @@ impl Admitted {
                 "max_view_price_7d",
                 max_price.map(|m| m as f64 / 1000.0).into(),
             );
+            // The most viewed category in 30 days (a tie goes to the least
+            // value) and how often it was viewed.
+            let mut by_category: BTreeMap<Scalar, usize> = BTreeMap::new();
+            for (_, e) in views(30 * DAY) {
+                if let Some(c) = category(e).filter(|c| *c != Scalar::Null) {
+                    *by_category.entry(c).or_default() += 1;
+                }
+            }
+            let top = by_category
+                .iter()
+                .max_by(|(a, x), (b, y)| x.cmp(y).then(b.cmp(a)));
+            if let Some((c, n)) = top {
+                value("top_category_30d", c.to_json());
+                value("top_category_30d.count", (*n).into());
+            }
             value("since_first_visit", w.first().map(|(k, _)| *k).into());
             value("since_last_order", last_order.into());
             value("orders_lifetime", t.len().into());
@@ -750,7 +765,11 @@ fn trait_values_in_the_state_match_the_oracle() {
         }
         let differ: Vec<_> = expected
             .iter()
-            .filter(|(k, v)| got.get(*k).and_then(|g| g.as_f64()) != v.as_f64())
+            .filter(|(k, v)| match (got.get(*k), v.as_f64()) {
+                (Some(g), Some(x)) => g.as_f64() != Some(x),
+                (g, None) => g != Some(*v),
+                (None, Some(_)) => true,
+            })
             .take(5)
             .map(|(k, v)| (k, v, got.get(k)))
             .collect();

@@ -24,7 +24,7 @@ use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use super::profiles::Attributes;
-use super::traits::{Item, Total, SECOND, SUM_SCALE};
+use super::traits::{Item, Total, COUNT_OF, SECOND, SUM_SCALE};
 use super::{Coll, Time};
 use crate::model::{Id, IdMap, Scalar, ScalarRef};
 use crate::spec::expr::Expr;
@@ -219,7 +219,8 @@ pub struct Evaluated<'s> {
     /// difference `+1` (a log of values, not a collection), as written to
     /// the state: counts, sums and distinct counts of zero, and null values,
     /// are null (absent from the state); a recency's value is the time of
-    /// its event (epoch ms).
+    /// its event (epoch ms); the count of a most frequent value is under
+    /// the trait's index with [`COUNT_OF`] set.
     pub trait_values: Coll<'s, ((Id, u32), Scalar)>,
     /// `(segment index, profile)`.
     pub memberships: Coll<'s, (u32, Id)>,
@@ -509,13 +510,19 @@ pub fn evaluate<'s>(
                         } else {
                             facts.shown(i).cloned().unwrap_or(Scalar::Null)
                         };
-                        // A most frequent value's count is not kept: it may
-                        // have changed.
-                        if old != new || spec.aggregate == Aggregate::MostFrequent {
-                            changed.push(i);
-                        }
                         if old != new {
+                            changed.push(i);
                             shown.push((i, new));
+                        }
+                        // A most frequent value's count, shown as the trait
+                        // `NAME.count` (under `i | COUNT_OF`).
+                        if spec.aggregate == Aggregate::MostFrequent {
+                            let new = stored(count.map_or(Scalar::Null, Scalar::Num));
+                            let old = facts.shown(i | COUNT_OF).cloned().unwrap_or(Scalar::Null);
+                            if old != new {
+                                changed.push(i);
+                                shown.push((i | COUNT_OF, new));
+                            }
                         }
                         known.push((i, value, count));
                     }
@@ -527,7 +534,7 @@ pub fn evaluate<'s>(
                     };
                     for (i, new) in shown {
                         values.give((((p, i), new.clone()), time, 1));
-                        if !rules.traits[i as usize].is_abelian() {
+                        if !rules.traits[(i & !COUNT_OF) as usize].is_abelian() {
                             facts.show(i, new);
                         }
                     }
@@ -654,7 +661,8 @@ struct ProfileFacts {
     /// restore time: when it entered the segments with a dwell time it
     /// was in (so that their dwell times run from the real entry).
     restored_entries: Box<[(u32, Time)]>,
-    /// The values of point traits as last emitted, by trait (non-null).
+    /// The values of point traits as last emitted, by trait index (with
+    /// [`COUNT_OF`]: a most frequent value's count), non-null only.
     shown: Box<[(u32, Scalar)]>,
     /// When it asked to be evaluated next.
     wake: Option<Time>,

@@ -45,6 +45,11 @@ pub type Total = i128;
 /// count of an `avg`, the whole of a `share`).
 pub const SECOND: u32 = 1 << 31;
 
+/// The bit of a trait value's index that marks the count of a
+/// `most_frequent` trait's value (how often it occurs), which the state
+/// keeps as the trait `NAME.count`.
+pub const COUNT_OF: u32 = 1 << 30;
+
 /// One amount: `(key identifier, (slot, value))`, where the slot is the
 /// trait index, with [`SECOND`] set for a trait's second total.
 pub type Contribution = (Id, (u32, i64));

@@ -184,6 +184,13 @@ impl Values<'_> {
                 .get(field)
                 .and_then(|v| Scalar::from_json(v).ok())
                 .unwrap_or(Scalar::Null),
+            // A most frequent value's count, kept as `NAME.count`.
+            [name, count] if count == "count" => self
+                .view
+                .traits
+                .get(&format!("{name}.count"))
+                .and_then(|v| Scalar::from_json(v).ok())
+                .unwrap_or(Scalar::Null),
             _ => Scalar::Null,
         }
     }
@@ -312,7 +319,7 @@ pub fn explain(spec: &Spec, view: &ProfileView, segment: &str) -> Result<String,
             None => {
                 let _ = writeln!(
                     out,
-                    "the condition, evaluated on the stored values, is false: a value the state does not keep (a most frequent value's count) may differ"
+                    "the condition, evaluated on the stored values, is false: was the state written with another definition?"
                 );
             }
         }
@@ -417,5 +424,46 @@ mod tests {
             err.contains("did you mean `vip`") || err.contains("champion"),
             "{err}"
         );
+    }
+
+    /// `NAME.count` of a most frequent value reads the count the state
+    /// keeps; an attribute named `count` is still an attribute.
+    #[test]
+    fn a_most_frequent_values_count_is_read_from_the_state() {
+        let spec = parse_spec(
+            r#"
+            [traits.fav]
+            stream = "web"
+            aggregate = "most_frequent"
+            of = "item.category"
+            [segments.fan]
+            when = 'fav == "shoes" and fav.count >= 3 and attributes.count == 1'
+            "#,
+            "flow.toml",
+        )
+        .unwrap();
+        let view = ProfileView {
+            profile: "anon:a".into(),
+            identifiers: vec!["anon:a".into()],
+            attributes: serde_json::from_str(r#"{"count":1}"#).unwrap(),
+            traits: [
+                ("fav".to_string(), serde_json::json!("shoes")),
+                ("fav.count".to_string(), serde_json::json!(4.0)),
+            ]
+            .into_iter()
+            .collect(),
+            segments: vec!["fan".into()],
+            as_of: None,
+        };
+        let text = explain(&spec, &view, "fan").unwrap();
+        assert!(
+            text.contains("true   fav.count >= 3    [fav.count = 4]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("true   attributes.count == 1    [attributes.count = 1]"),
+            "{text}"
+        );
+        assert!(!text.contains("another definition"), "{text}");
     }
 }

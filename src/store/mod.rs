@@ -54,7 +54,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::dataflow::retain::{Restored, Retained};
-use crate::dataflow::traits::{Item, PointContribution};
+use crate::dataflow::traits::{Item, PointContribution, COUNT_OF};
 use crate::io::sources::ResumePoint;
 use crate::model::{CrmRecord, Id, IdMap, Ident, Scalar};
 use crate::time::Time;
@@ -593,8 +593,9 @@ impl StateBatch {
     }
 
     /// Turns the trait values staged by key into keys and text, with the
-    /// profiles' `names` and the `traits`' names (by index). The error is
-    /// an internal one (a key without a name).
+    /// profiles' `names` and the `traits`' names (by index; an index with
+    /// [`COUNT_OF`] set is the count of a most frequent value, kept as
+    /// `NAME.count`). The error is an internal one (a key without a name).
     pub fn name_traits(&mut self, names: &IdMap<String>, traits: &[String]) -> Result<(), String> {
         for ((profile, index), value) in std::mem::take(&mut self.values) {
             let profile = names.get(&profile).ok_or_else(|| {
@@ -604,10 +605,14 @@ impl StateBatch {
                 )
             })?;
             let name = traits
-                .get(index as usize)
+                .get((index & !COUNT_OF) as usize)
                 .ok_or_else(|| format!("internal error: no trait {index}"))?;
             let insert = value != Scalar::Null;
-            self.trait_value(profile, name, &value, insert);
+            if index & COUNT_OF != 0 {
+                self.trait_value(profile, &format!("{name}.count"), &value, insert);
+            } else {
+                self.trait_value(profile, name, &value, insert);
+            }
         }
         Ok(())
     }
