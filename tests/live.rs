@@ -1541,3 +1541,165 @@ window = "60s"
     let summary = String::from_utf8_lossy(&output.stdout);
     assert!(summary.contains("segment three"), "{summary}");
 }
+
+/// The segment diffs of an output file, as `(time, segment, profile, diff)`.
+fn diffs_in(out: &Path) -> Vec<(u64, String, String, i64)> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["time"].as_u64().unwrap(),
+                v["segment"].as_str().unwrap().to_string(),
+                v["profile"].as_str().unwrap().to_string(),
+                v["diff"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A dwell time survives a hot reload followed by a restart with the
+/// edited file: the reload puts a new segment before the dwell segment in
+/// the file (so the dwell segment's position differs between the running
+/// engine, which appends new segments, and the restarted one, which reads
+/// the file in order), the run is stopped while a member is held by its
+/// dwell time alone, and the restarted run lets it leave exactly when the
+/// dwell time from its real entry ends: not at the restart, not in
+/// another segment.
+#[test]
+fn a_dwell_time_runs_on_after_a_reload_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = dir.path().join("flow.toml");
+    let head = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "0s"
+idle_advance = "100ms"
+
+[sources.web]
+follow = true
+
+[traits.views_2s]
+stream = "web"
+filter = 'event == "view_item"'
+window = "2s"
+"#;
+    let held = "[segments.held]\nwhen = \"views_2s >= 2\"\nmin_dwell = \"9s\"\n";
+    let first = "[segments.first]\nwhen = \"views_2s >= 1\"\n";
+    std::fs::write(&def, format!("{head}\n{held}")).unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, "").unwrap();
+    let (out, dead, state) = (
+        dir.path().join("out.jsonl"),
+        dir.path().join("dead.jsonl"),
+        dir.path().join("state"),
+    );
+    let paths = (out.as_path(), dead.as_path(), state.as_path());
+    let args = vec![
+        "--input".to_string(),
+        format!("web={}", web.display()),
+        "-w".into(),
+        "2".into(),
+    ];
+    let wait_diffs = |n: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while diffs_in(&out).len() < n {
+            assert!(Instant::now() < deadline, "{what}: {:?}", diffs_in(&out));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let running = Running::start(&def, &args, paths);
+    let t0 = stamp();
+    let entered = t0 - t0 % TICK;
+    append_to(&web, &[view(t0, "b"), view(t0, "b")].concat());
+    wait_diffs(1, "b enters held");
+    // The reload: `first` comes before `held` in the file.
+    let tmp = dir.path().join("flow.toml.new");
+    std::fs::write(&tmp, format!("{head}\n{first}\n{held}")).unwrap();
+    std::fs::rename(&tmp, &def).unwrap();
+    // The checkpoint carries the edited definition once its cut passes
+    // the reload.
+    let edited = segflow::engine::resume::fingerprint(&segflow::spec::load_spec(&def).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fingerprint = segflow::store::StateParts::open_read_only(&state)
+            .ok()
+            .and_then(|p| p.checkpoint().ok().flatten())
+            .map(|c| c.fingerprint);
+        if fingerprint.as_deref() == Some(edited.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint keeps the old definition"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // b's views have left their window (2 s); only the dwell time holds it.
+    let now = wall_ms();
+    std::thread::sleep(Duration::from_millis((entered + 3_000).saturating_sub(now)));
+    let output = running.terminate();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        wall_ms() < entered + 8_000,
+        "the test was too slow to stop the run within the dwell time"
+    );
+    let before = diffs_in(&out);
+    assert!(
+        !before.iter().any(|d| d.1 == "held" && d.3 == -1),
+        "b left held before the dwell time ran out: {before:?}"
+    );
+    // The restart, with the edited file; b leaves held 9 s after it
+    // entered.
+    let running = Running::start(&def, &args, paths);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        let found = diffs_in(&out)
+            .into_iter()
+            .find(|d| d.1 == "held" && d.3 == -1);
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never left held: {:?}",
+            diffs_in(&out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        exit,
+        (
+            entered + 9_000,
+            "held".to_string(),
+            "anon:b".to_string(),
+            -1
+        ),
+        "{:?}",
+        diffs_in(&out)
+    );
+    let output = running.terminate();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // b entered held once, `first` at the reload, and left `first` when
+    // its views left the window; nothing else.
+    let mut got: Vec<(String, i64)> = diffs_in(&out).into_iter().map(|d| (d.1, d.3)).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("first".to_string(), -1),
+            ("first".to_string(), 1),
+            ("held".to_string(), -1),
+            ("held".to_string(), 1),
+        ]
+    );
+}
