@@ -508,8 +508,26 @@ fn main() -> ExitCode {
                 // An unknown segment is refused before the state is read.
                 if !spec.segments.iter().any(|s| &s.name == segment) {
                     let empty = segflow::store::ProfileView::default();
-                    segflow::store::explain::explain(spec, &empty, segment)
-                        .map_err(anyhow::Error::msg)?;
+                    let unknown = segflow::store::explain::explain(spec, &empty, segment)
+                        .err()
+                        .unwrap_or_default();
+                    // The state may have been written with another file.
+                    let written = StateParts::open_read_only(&args.state_dir)
+                        .ok()
+                        .and_then(|state| state.checkpoint().ok().flatten());
+                    let other = written.is_some_and(|cp| {
+                        let ours = segflow::engine::resume::fingerprint_parts(spec);
+                        segflow::engine::resume::differing_parts(&ours, &cp.fingerprint_parts)
+                            .contains(&"segments")
+                    });
+                    if other {
+                        anyhow::bail!(
+                            "{unknown}\nthe state in {} was written with other segments than {}'s: give the definition file the run used",
+                            args.state_dir.display(),
+                            spec.file
+                        );
+                    }
+                    anyhow::bail!("{unknown}");
                 }
             }
             let rules = match &spec {

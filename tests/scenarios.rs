@@ -333,6 +333,103 @@ fn state_is_queryable_by_any_identifier() {
     }
 }
 
+/// `segflow query --explain` on the state a run wrote: each comparison
+/// with the values it read and each trait's window; an unknown segment
+/// names the known ones and, when the state was written with other
+/// segments, says to give the file the run used.
+#[test]
+fn explain_shows_the_values_behind_a_membership() {
+    const BIN: &str = env!("CARGO_BIN_EXE_segflow");
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(&flow, SPEC).unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(
+        &web,
+        [1, 2, 3]
+            .map(|ts| format!("{{\"event\":\"view_item\",\"ts\":{ts},\"anonymous_id\":\"x\"}}\n"))
+            .concat(),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let run = std::process::Command::new(BIN)
+        .arg("run")
+        .arg(&flow)
+        .arg("--input")
+        .arg(format!("web={}", web.display()))
+        .args([
+            "--input",
+            "crm=/dev/null",
+            "--input",
+            "transactions=/dev/null",
+        ])
+        .arg("--output")
+        .arg(dir.path().join("out.jsonl"))
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let query = |flow: &std::path::Path, segment: &str| {
+        std::process::Command::new(BIN)
+            .arg("query")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--dataflow")
+            .arg(flow)
+            .args(["anon:x", "--explain", segment])
+            .output()
+            .unwrap()
+    };
+    let out = query(&flow, "active");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("profile anon:x is a member"), "{text}");
+    assert!(
+        text.contains("true   views_10s >= 2    [views_10s = 3]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("views_10s = 3: count of web events with event == \"view_item\"; sliding window of 10s: events in (T-10s, T]"),
+        "{text}"
+    );
+    let out = query(&flow, "buyer");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("profile anon:x is not a member"), "{text}");
+    assert!(
+        text.contains("false  spend >= 100    [spend = 0]"),
+        "{text}"
+    );
+    // A segment the file lacks: the known ones, and no word of another
+    // definition while the file is the one the run used.
+    let out = query(&flow, "activ");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("did you mean `active`"), "{err}");
+    assert!(!err.contains("written with other segments"), "{err}");
+    // Another file, without the segment: the state was written with other
+    // segments.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, SPEC.replace("[segments.active]", "[segments.busy]")).unwrap();
+    let out = query(&other, "active");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no segment `active`")
+            && err.contains("was written with other segments than")
+            && err.contains("give the definition file the run used"),
+        "{err}"
+    );
+}
+
 #[test]
 fn crm_as_csv_with_header() {
     let spec = parse_spec(
