@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::io::sources::Progress;
 use crate::io::Abort;
@@ -105,6 +105,10 @@ impl ProcessShared {
 /// writer thread before the worker forming the next one waits too.
 pub const WRITES_QUEUED: usize = 4;
 
+/// How long one state write (a batch, a flush) may take before the run
+/// fails with "the store is stuck" instead of waiting for it for good.
+pub const WRITE_STALL_LIMIT: Duration = Duration::from_secs(60);
+
 /// What the writer thread of a process does, in order.
 enum Job {
     /// Writes a state batch, the retained updates (absorbed in order) and
@@ -129,6 +133,10 @@ pub struct StateWriter {
     jobs: Option<mpsc::SyncSender<Job>>,
     thread: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Failure>>,
+    /// Since when the writer has been in its current job, if it is in one.
+    busy_since: Arc<Mutex<Option<Instant>>>,
+    /// How long one job may take ([`WRITE_STALL_LIMIT`]).
+    stall_limit: Duration,
 }
 
 /// A failed write, and the run it stops.
@@ -143,34 +151,57 @@ struct Failure {
 impl StateWriter {
     /// Starts the thread writing `store` (named `label` in errors).
     fn start(store: Arc<Store>, label: String) -> StateWriter {
+        StateWriter::start_with(label, WRITE_STALL_LIMIT, move |job| match job {
+            Job::Write {
+                batch,
+                retained,
+                checkpoint,
+            } => {
+                let mut all = RetainedBatch::default();
+                for part in retained {
+                    all.absorb(part);
+                }
+                store.write_retained(batch, all, &checkpoint)
+            }
+            Job::Flush => store.flush(),
+            Job::Sync(_) => Ok(()),
+        })
+    }
+
+    /// Starts the thread doing each job with `work` (a write or a flush;
+    /// named `label` in errors), a job that takes longer than
+    /// `stall_limit` failing the waits for it.
+    fn start_with(
+        label: String,
+        stall_limit: Duration,
+        mut work: impl FnMut(Job) -> Result<(), StoreError> + Send + 'static,
+    ) -> StateWriter {
         let (jobs, queue) = mpsc::sync_channel::<Job>(WRITES_QUEUED);
         let failure: Arc<Mutex<Failure>> = Arc::default();
         let failed = Arc::clone(&failure);
+        let busy_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let busy = Arc::clone(&busy_since);
         let part = label.clone();
         let thread = std::thread::Builder::new()
             .name("segflow-state-writer".into())
             .spawn(move || {
                 for job in queue {
                     let stopped = failed.lock().map_or(true, |f| f.error.is_some());
-                    let result = match job {
+                    let job = match job {
                         Job::Sync(done) => {
                             let _ = done.send(());
                             continue;
                         }
                         _ if stopped => continue,
-                        Job::Write {
-                            batch,
-                            retained,
-                            checkpoint,
-                        } => {
-                            let mut all = RetainedBatch::default();
-                            for part in retained {
-                                all.absorb(part);
-                            }
-                            store.write_retained(batch, all, &checkpoint)
-                        }
-                        Job::Flush => store.flush(),
+                        job => job,
                     };
+                    if let Ok(mut b) = busy.lock() {
+                        *b = Some(Instant::now());
+                    }
+                    let result = work(job);
+                    if let Ok(mut b) = busy.lock() {
+                        *b = None;
+                    }
                     if let (Err(e), Ok(mut f)) = (result, failed.lock()) {
                         if let Some(abort) = &f.abort {
                             abort.fail(format!("state directory {part}: {e}"));
@@ -184,6 +215,8 @@ impl StateWriter {
                 jobs: Some(jobs),
                 thread: Some(thread),
                 failure,
+                busy_since,
+                stall_limit,
             },
             Err(e) => StateWriter {
                 // No thread: every write fails with the reason (for `label`).
@@ -193,6 +226,8 @@ impl StateWriter {
                     error: Some(format!("cannot start the writer thread of {label}: {e}")),
                     abort: None,
                 })),
+                busy_since,
+                stall_limit,
             },
         }
     }
@@ -205,40 +240,98 @@ impl StateWriter {
         }
     }
 
-    /// Queues `job` (waiting while [`WRITES_QUEUED`] jobs wait), then
-    /// reports an earlier failure, if any.
+    /// While waiting for the writer: an error if a write failed, if the
+    /// run is failing anyway, or if one write has taken longer than
+    /// [`WRITE_STALL_LIMIT`] (RocksDB can block for good, e.g. in a flush
+    /// after a full disk: the run must end with the reason, not hang).
+    fn still_waiting(&self) -> Result<(), StoreError> {
+        self.check()?;
+        let stopped = self
+            .failure
+            .lock()
+            .map_or(true, |f| f.abort.as_ref().is_some_and(|a| a.is_stopped()));
+        if stopped {
+            return Err(StoreError::Write(
+                "the run stopped before the state writer finished".into(),
+            ));
+        }
+        let stalled = self
+            .busy_since
+            .lock()
+            .ok()
+            .and_then(|b| *b)
+            .is_some_and(|since| since.elapsed() > self.stall_limit);
+        if stalled {
+            return Err(StoreError::Write(format!(
+                "a state write has not finished in {} s: the store is stuck (is its disk full?)",
+                self.stall_limit.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues `job` (waiting while [`WRITES_QUEUED`] jobs wait, but never
+    /// past [`StateWriter::still_waiting`]), then reports an earlier
+    /// failure, if any.
     fn send(&self, job: Job) -> Result<(), StoreError> {
         self.check()?;
-        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
-        match sent {
-            Some(Ok(())) => self.check(),
-            _ => {
-                self.check()?;
-                Err(StoreError::Write("the state writer thread ended".into()))
+        let ended = || StoreError::Write("the state writer thread ended".into());
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(ended());
+        };
+        let mut job = job;
+        loop {
+            match jobs.try_send(job) {
+                Ok(()) => return self.check(),
+                Err(mpsc::TrySendError::Full(back)) => {
+                    job = back;
+                    self.still_waiting()?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    self.check()?;
+                    return Err(ended());
+                }
             }
         }
     }
 
-    /// Waits until every job queued so far is done; the first failed
-    /// write's error, if one failed.
+    /// Waits until every job queued so far is done (but never past
+    /// [`StateWriter::still_waiting`]); the first failed write's error, if
+    /// one failed.
     fn sync(&self) -> Result<(), StoreError> {
         let (done, wait) = mpsc::channel();
         self.send(Job::Sync(done))?;
-        if wait.recv().is_err() {
-            self.check()?;
-            return Err(StoreError::Write("the state writer thread ended".into()));
+        loop {
+            match wait.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => return self.check(),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.still_waiting()?,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.check()?;
+                    return Err(StoreError::Write("the state writer thread ended".into()));
+                }
+            }
         }
-        self.check()
     }
 }
 
 impl Drop for StateWriter {
     /// Lets the queued jobs finish, then joins the thread (before the
-    /// state directory's lock is released).
+    /// state directory's lock is released); a thread stuck in a write
+    /// (see [`StateWriter::still_waiting`]) is left behind after the
+    /// stall limit, so the run still ends.
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            let deadline = Instant::now() + self.stall_limit;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("the state writer thread is stuck in a write; leaving it behind");
+            }
         }
     }
 }
@@ -619,5 +712,68 @@ mod tests {
         let view = part.store.view("user:p").unwrap();
         assert_eq!(view.traits.get("views"), Some(&serde_json::json!(2)));
         assert_eq!(view.as_of.unwrap().time, 2);
+    }
+
+    /// A store that never finishes a write (RocksDB can block for good
+    /// after a full disk) fails the waits for it after the stall limit,
+    /// and dropping the writer does not wait for it either: the run ends
+    /// with the reason instead of hanging.
+    #[test]
+    fn a_stuck_store_fails_the_run_instead_of_hanging() {
+        let (_release, stuck) = mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let writer =
+            StateWriter::start_with("part".into(), Duration::from_millis(300), move |_| {
+                // Blocks until the test ends.
+                let _ = stuck.lock().map(|s| s.recv());
+                Ok(())
+            });
+        let started = Instant::now();
+        // The first job blocks the thread; the queue fills; then the
+        // sender gives up once the job has taken longer than the limit.
+        let mut result = Ok(());
+        for _ in 0..=WRITES_QUEUED + 1 {
+            result = writer.send(Job::Flush);
+            if result.is_err() {
+                break;
+            }
+        }
+        let err = result.expect_err("a send into a stuck writer fails");
+        assert!(
+            err.to_string().contains("has not finished in 0 s")
+                || err.to_string().contains("the store is stuck"),
+            "{err}"
+        );
+        let err = writer.sync().expect_err("a sync with a stuck writer fails");
+        assert!(err.to_string().contains("the store is stuck"), "{err}");
+        drop(writer);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A failed write is reported by the next send and by a sync, and the
+    /// jobs after it are not done.
+    #[test]
+    fn a_failed_write_is_reported_and_stops_the_writer() {
+        let done = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&done);
+        let writer = StateWriter::start_with("part".into(), WRITE_STALL_LIMIT, move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            Err(StoreError::Corrupt("disk on fire".into()))
+        });
+        let abort = Arc::new(Abort::default());
+        if let Ok(mut f) = writer.failure.lock() {
+            f.abort = Some(Arc::clone(&abort));
+        }
+        writer.send(Job::Flush).unwrap();
+        let err = writer.sync().expect_err("the failed write is reported");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(abort.is_stopped(), "the run is stopped at once");
+        assert!(writer.send(Job::Flush).is_err());
+        drop(writer);
+        assert_eq!(done.load(Ordering::SeqCst), 1, "nothing after the failure");
     }
 }
