@@ -1426,28 +1426,8 @@ window = "60s"
         .unwrap();
     let running = Running(Some(child));
     let append = |lines: &[String]| append_to(&web, &lines.concat());
-    let diffs = || -> Vec<(u64, String, String, i64)> {
-        std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    v["time"].as_u64().unwrap(),
-                    v["segment"].as_str().unwrap().to_string(),
-                    v["profile"].as_str().unwrap().to_string(),
-                    v["diff"].as_i64().unwrap(),
-                )
-            })
-            .collect()
-    };
-    let wait_diffs = |n: usize, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while diffs().len() < n {
-            assert!(Instant::now() < deadline, "{what}: {:?}", diffs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let diffs = || diffs_in(&out);
+    let wait_diffs = |n: usize, what: &str| wait_for_diffs(&out, n, what);
     let stderr = || std::fs::read_to_string(&err_path).unwrap_or_default();
     let wait_stderr = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1520,15 +1500,34 @@ window = "60s"
     // file as it was last applied resumes.
     edit(format!("{head}\n[segments.one]\nwhen = \"views_60s >= 2\"\n[segments.three]\nwhen = \"views_60s >= 1\"\n"));
     wait_for_point(&dir.path().join("state"), 3);
+    wait_for_definition(&dir.path().join("state"), &def);
+    let output = running.terminate();
+    assert!(output.status.success(), "{}", stderr());
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("segment three"), "{summary}");
+}
+
+/// Waits up to 30 s for `out` to hold at least `n` diffs.
+fn wait_for_diffs(out: &Path, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while diffs_in(out).len() < n {
+        assert!(Instant::now() < deadline, "{what}: {:?}", diffs_in(out));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to 30 s for the checkpoint in `state` to carry the definition
+/// in `def` (a reload's checkpoint does once its cut passes the reload).
+fn wait_for_definition(state: &Path, def: &Path) {
+    let edited = segflow::engine::resume::fingerprint(&segflow::spec::load_spec(def).unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let fingerprint = segflow::store::StateParts::open_read_only(&dir.path().join("state"))
+        let fingerprint = segflow::store::StateParts::open_read_only(state)
             .ok()
             .and_then(|p| p.checkpoint().ok().flatten())
             .map(|c| c.fingerprint);
-        let edited = segflow::engine::resume::fingerprint(&segflow::spec::load_spec(&def).unwrap());
         if fingerprint.as_deref() == Some(edited.as_str()) {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -1536,10 +1535,6 @@ window = "60s"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let output = running.terminate();
-    assert!(output.status.success(), "{}", stderr());
-    let summary = String::from_utf8_lossy(&output.stdout);
-    assert!(summary.contains("segment three"), "{summary}");
 }
 
 /// The segment diffs of an output file, as `(time, segment, profile, diff)`.
@@ -1602,13 +1597,7 @@ window = "2s"
         "-w".into(),
         "2".into(),
     ];
-    let wait_diffs = |n: usize, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while diffs_in(&out).len() < n {
-            assert!(Instant::now() < deadline, "{what}: {:?}", diffs_in(&out));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let wait_diffs = |n: usize, what: &str| wait_for_diffs(&out, n, what);
     let running = Running::start(&def, &args, paths);
     let t0 = stamp();
     let entered = t0 - t0 % TICK;
@@ -1620,22 +1609,7 @@ window = "2s"
     std::fs::rename(&tmp, &def).unwrap();
     // The checkpoint carries the edited definition once its cut passes
     // the reload.
-    let edited = segflow::engine::resume::fingerprint(&segflow::spec::load_spec(&def).unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let fingerprint = segflow::store::StateParts::open_read_only(&state)
-            .ok()
-            .and_then(|p| p.checkpoint().ok().flatten())
-            .map(|c| c.fingerprint);
-        if fingerprint.as_deref() == Some(edited.as_str()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the checkpoint keeps the old definition"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_definition(&state, &def);
     // b's views have left their window (2 s); only the dwell time holds it.
     let now = wall_ms();
     std::thread::sleep(Duration::from_millis((entered + 3_000).saturating_sub(now)));
