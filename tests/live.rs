@@ -1375,6 +1375,102 @@ fn a_line_finished_after_a_restart_behind_the_cut_is_late_not_dropped() {
     assert_eq!(nine, None, "the late line is not counted");
 }
 
+/// The `cut` of the checkpoint in `state` (read-only), if it has one.
+fn checkpoint_cut(state: &Path) -> Option<u64> {
+    segflow::store::StateParts::open_read_only(state)
+        .ok()
+        .and_then(|p| p.checkpoint().ok().flatten())
+        .and_then(|c| c.retained)
+        .map(|r| r.cut)
+}
+
+/// A followed file stopped with SIGTERM in the middle of a wall-clock
+/// tick (1 s) and started again: the stop writes every time before that
+/// tick, not the tick itself, which clients that stamp the wall clock may
+/// still be appending to. Lines of that tick appended after the stop are
+/// counted (the next run reads the tick's lines from its resume point); a
+/// line appended after the stop with a time before the checkpoint's cut
+/// is late, a dead letter with the reason, never dropped; every other
+/// line is counted exactly once, and every visitor enters once.
+#[test]
+fn a_followed_file_stopped_mid_tick_and_restarted_loses_no_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let Followed {
+        web,
+        out,
+        dead,
+        state,
+        spec,
+    } = Followed::new(dir.path());
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace(r#"tick = "100ms""#, r#"tick = "1s""#)).unwrap();
+    let visitors = 6;
+    let mut sent = vec![0.0; visitors];
+    let round = |ts: u64, sent: &mut Vec<f64>| {
+        let mut text = String::new();
+        for (v, n) in sent.iter_mut().enumerate() {
+            text += &view(ts, &format!("v{v}"));
+            *n += 1.0;
+        }
+        append_to(&web, &text);
+    };
+    // The wall clock, 20-60 ms into a second.
+    let early_in_a_second = || loop {
+        let now = wall_ms();
+        if (20..60).contains(&(now % 1_000)) {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let start = || Running::start(&spec, &[], (&out, &dead, &state));
+    for stop in 0..2 {
+        let run = start();
+        for _ in 0..3 {
+            round(wall_ms(), &mut sent);
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        wait_for_counts(&state, &sent, 30, &format!("run {stop}"));
+        // Lines of the tick in progress, read, then the stop, in that
+        // tick.
+        let now = early_in_a_second();
+        let tick = now - now % 1_000;
+        round(now, &mut sent);
+        std::thread::sleep(Duration::from_millis(100));
+        let ended = run.terminate();
+        assert!(ended.status.success(), "{ended:?}");
+        assert_eq!(
+            checkpoint_cut(&state),
+            Some(tick),
+            "the stop writes the times before the tick in progress"
+        );
+        // Appended after the stop: the rest of that tick's lines (on
+        // time), and one of visitor `v0` from before the tick (late).
+        round(tick + 900, &mut sent);
+        append_to(&web, &view(tick - 500, "v0"));
+    }
+    let last = start();
+    round(wall_ms(), &mut sent);
+    wait_for_counts(&state, &sent, 30, "after the last start");
+    let ended = last.terminate();
+    assert!(ended.status.success(), "{ended:?}");
+    let letters = dead_letters(&dead);
+    assert_eq!(letters.len(), 2, "the two late lines: {letters:?}");
+    for letter in &letters {
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("late:") && reason.contains("cut of the checkpoint"),
+            "{letters:?}"
+        );
+    }
+    let lines = std::fs::read_to_string(&web).unwrap().lines().count();
+    assert_eq!(
+        lines,
+        sent.iter().sum::<f64>() as usize + letters.len(),
+        "every line is counted or a dead letter"
+    );
+    assert_each_seen_once(&out, visitors);
+}
+
 /// Hot reload: a run that follows a file picks up an edited definition
 /// without a restart. A removed segment's members leave, a changed one's
 /// membership changes by the difference, a new one's members enter, all

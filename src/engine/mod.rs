@@ -1083,6 +1083,7 @@ impl Engine {
             }
             Resume {
                 before: retained.cut,
+                dead_bound: retained.sinks.as_ref().map_or(0, |s| s.dead_bound),
                 points: retained.points,
             }
         });

@@ -75,14 +75,18 @@ pub enum Control {
         /// Tick in milliseconds.
         tick: u64,
     },
-    /// A graceful shutdown ended a replayed source (a file that is not
-    /// followed) before its input ended, at this watermark: every record it would still have admitted is at or
-    /// after it, so only earlier times are committed, and the output is a
-    /// prefix of that of an uninterrupted run.
+    /// A graceful shutdown ended a source before its input ended, at this
+    /// watermark: only earlier times are committed. For a replayed source
+    /// (a file that is not followed) it is the source's capability: every
+    /// record it would still have admitted is at or after it, and the
+    /// output is a prefix of that of an uninterrupted run. For a followed
+    /// file of a run with state it is the start of the wall clock's tick in
+    /// progress, whose lines clients may still be appending (the next run
+    /// reads them).
     Cut {
         /// Source index.
         source: u32,
-        /// The source's watermark (its capability) when it stopped, ms.
+        /// The least time not committed, ms.
         watermark: u64,
     },
     /// A replayed source read its input to the end, where its clock's

@@ -215,6 +215,11 @@ struct Reader {
     /// the watermark past the cut: it is late, not held
     /// ([`ResumePoint::late_from`]).
     late_from: Option<u64>,
+    /// A restored followed file: from this offset on, the run that took the
+    /// checkpoint read nothing ([`ResumePoint::read_to`]), so the dead
+    /// letters of these lines are written at the outputs' dead-letter bound
+    /// or later (earlier ones a resumed run leaves out, as already written).
+    read_to: Option<u64>,
     /// A socket of a restored run: its lines before the cut are held.
     socket_restored: bool,
 }
@@ -264,6 +269,18 @@ impl Reader {
         self.max_dead = point.max_dead;
         // Only a followed file's (a replayed range is read as it was).
         self.late_from = point.bytes.and(point.late_from);
+        self.read_to = point.bytes.and(point.read_to);
+    }
+
+    /// Notes that the line at `offset` is read next: once it is past what
+    /// the run that took the checkpoint read, dead letters are written at
+    /// the checkpoint's dead-letter bound or later ([`Reader::read_to`]).
+    fn reached(&mut self, offset: u64) {
+        if self.read_to.is_some_and(|to| offset >= to) {
+            self.read_to = None;
+            let bound = self.params.resume.as_ref().map_or(0, |r| r.dead_bound);
+            self.floor = self.floor.max(bound);
+        }
     }
 
     /// Records in [`ReadParams::progress`] that every line before the
@@ -286,6 +303,7 @@ impl Reader {
                 max_dead: self.max_dead,
                 bytes: self.lines.resume_check(offset),
                 late_from: None,
+                read_to: None,
             },
         );
     }
@@ -323,6 +341,7 @@ impl Reader {
             max_tick: None,
             max_dead: None,
             late_from: None,
+            read_to: None,
             socket_restored: false,
         }
     }
@@ -612,7 +631,7 @@ impl Reader {
                 // is from: late there (see `late_from`).
                 self.stats.3 += 1;
                 let reason = format!(
-                    "late: event time {ms} ms is before the watermark {before} ms (the checkpoint's cut)"
+                    "late: event time {ms} ms is before {before} ms, the cut of the checkpoint this run resumed from: every time before it was written when the checkpoint was taken, and this line was not in it"
                 );
                 self.dead(ctl, line, offset, peer.clone(), reason, bytes);
                 return None;
@@ -651,6 +670,7 @@ impl Reader {
                     peer,
                 }) => {
                     self.clock.activity(now_ms);
+                    self.reached(offset);
                     self.handle_line(bytes, line, offset, peer, now_ms, out, raw, ctl);
                 }
                 Ok(Next::TooLong {
@@ -660,6 +680,7 @@ impl Reader {
                     peer,
                 }) => {
                     self.clock.activity(now_ms);
+                    self.reached(offset);
                     self.stats.0 += 1;
                     let reason = format!(
                         "line of {len} bytes exceeds max_line_bytes = {}",
@@ -1065,12 +1086,25 @@ pub fn source<'s>(
                     // A replay cut short: what it would still have produced
                     // starts at its capability, so times before it are final
                     // and later ones are not committed (see
-                    // `Completion::observe_cut`). A live input has no rest
-                    // to read: what it has read is all there is.
-                    if !reader.lines.is_live() {
+                    // `Completion::observe_cut`). A followed file of a run
+                    // with state: clients that stamp the wall clock may
+                    // still append lines of the tick in progress, so that
+                    // tick is not committed; the next run reads its lines
+                    // again from the resume point, with the ones appended
+                    // meanwhile, and counts them all as on time. A socket
+                    // cannot be read again (and a run without state is not
+                    // resumed): what it has read is all there is.
+                    let cut = if !reader.lines.is_live() {
+                        Some(*held[0].time())
+                    } else if reader.range_start.is_some() && params.progress.is_some() {
+                        Some(params.time.floor(wall_clock_ms()))
+                    } else {
+                        None
+                    };
+                    if let Some(watermark) = cut {
                         ctl.push(Control::Cut {
                             source: def.index,
-                            watermark: *held[0].time(),
+                            watermark,
                         });
                         give(&mut control_out, &held[2], &mut ctl);
                     }

@@ -51,6 +51,13 @@ pub struct ResumePoint {
     /// uninterrupted run would).
     #[serde(default)]
     pub late_from: Option<u64>,
+    /// Set in a checkpoint's points: the offset up to which the reader had
+    /// read when the checkpoint was taken (its latest point). The run that
+    /// took it never read the lines from there on, so none of their dead
+    /// letters is in its outputs: a resumed run writes them all, at times
+    /// from the outputs' dead-letter bound on.
+    #[serde(default)]
+    pub read_to: Option<u64>,
 }
 
 impl ResumePoint {
@@ -70,6 +77,11 @@ pub struct Resume {
     pub before: Time,
     /// Per source name, the point of each range that had one.
     pub points: BTreeMap<String, Vec<ResumePoint>>,
+    /// Every dead letter of an earlier time is in the outputs of the run
+    /// that took the checkpoint (ms): the dead letters of lines that run
+    /// never read ([`ResumePoint::read_to`]) are written at this time or
+    /// later.
+    pub dead_bound: Time,
 }
 
 impl Resume {
@@ -144,11 +156,22 @@ impl Progress {
                 .get(*source as usize)
                 .cloned()
                 .unwrap_or_default();
+            // Lines from `late_from` on that have a time before the cut
+            // are late in a resumed run: the run that took the checkpoint
+            // read them, if at all, with its watermark at or past the cut,
+            // or never read them (they lie after its last point), and it
+            // wrote every time before the cut. Its last point is where its
+            // reading ended when the checkpoint is its last one (a source
+            // stopped by a signal, whose cut is not bounded by its
+            // watermark); before that, a point with the watermark at or
+            // past the cut comes first.
             let mut chosen = list[0];
             chosen.late_from = list
                 .iter()
                 .find(|p| p.clock.watermark >= cut)
+                .or(list.back())
                 .map(|p| p.offset);
+            chosen.read_to = list.back().map(|p| p.offset);
             out.entry(name).or_default().push(chosen);
         }
         for list in out.values_mut() {
@@ -172,6 +195,7 @@ mod tests {
             max_dead,
             bytes: None,
             late_from: None,
+            read_to: None,
         }
     }
 
@@ -222,7 +246,15 @@ mod tests {
             Some(20),
             "read with the watermark past 1 001"
         );
-        // A cut no point's watermark reached: nothing read after it.
-        assert_eq!(progress.choose(5_000, 1_000)["web"][0].late_from, None);
+        // A cut no point's watermark reached: the last checkpoint of a
+        // reader stopped by a signal, whose last point is where it stopped
+        // reading. The lines after it were never read, so those before the
+        // cut are late (the run wrote every time before it); those before
+        // it were read, and are held.
+        assert_eq!(
+            progress.choose(5_000, 1_000)["web"][0].late_from,
+            Some(30),
+            "late after the last point"
+        );
     }
 }
