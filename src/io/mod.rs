@@ -79,10 +79,12 @@ pub enum Control {
     /// watermark: only earlier times are committed. For a replayed source
     /// (a file that is not followed) it is the source's capability: every
     /// record it would still have admitted is at or after it, and the
-    /// output is a prefix of that of an uninterrupted run. For a followed
-    /// file of a run with state it is the start of the wall clock's tick in
-    /// progress, whose lines clients may still be appending (the next run
-    /// reads them).
+    /// output is a prefix of that of an uninterrupted run. For a live
+    /// source of a run with state it is the start of the tick in progress
+    /// (the wall clock's, or the newest line's if earlier), whose lines
+    /// clients may still be sending: the next run reads them (a followed
+    /// file's from its resume point, a socket's from the clients, who send
+    /// again from the cut).
     Cut {
         /// Source index.
         source: u32,

@@ -17,11 +17,10 @@
 //! shutdown (SIGTERM) reports its watermark: every record it would still have admitted is at or after it.
 //! Only earlier times are committed, so an interrupted run writes a prefix of
 //! what the uninterrupted run writes, never window ends that only look due
-//! because the other sources were read further. A followed file of a run
-//! with state is cut at the start of the wall clock's tick in progress
-//! (clients may still append lines of that tick; the next run reads them
-//! from its resume point). A socket has no rest to read: everything it
-//! read is committed.
+//! because the other sources were read further. A live source of a run
+//! with state is cut at the start of the tick in progress (clients may
+//! still be sending lines of it; the next run reads them). Without state a
+//! live source has no rest to read: everything it read is committed.
 
 use super::Time;
 

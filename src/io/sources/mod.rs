@@ -1086,18 +1086,22 @@ pub fn source<'s>(
                     // A replay cut short: what it would still have produced
                     // starts at its capability, so times before it are final
                     // and later ones are not committed (see
-                    // `Completion::observe_cut`). A followed file of a run
-                    // with state: clients that stamp the wall clock may
-                    // still append lines of the tick in progress, so that
-                    // tick is not committed; the next run reads its lines
-                    // again from the resume point, with the ones appended
-                    // meanwhile, and counts them all as on time. A socket
-                    // cannot be read again (and a run without state is not
-                    // resumed): what it has read is all there is.
+                    // `Completion::observe_cut`). A live input of a run
+                    // with state (which a restart resumes): clients may
+                    // still be sending lines of the tick in progress (the
+                    // wall clock's, or the newest line's if earlier), so
+                    // that tick is not committed. The next run reads a
+                    // followed file's lines of it again from the resume
+                    // point, with those appended meanwhile; a socket's
+                    // clients send again from the cut on, and the lines
+                    // of that tick still unread in the socket when the run
+                    // stopped are among them. Without state, what was read
+                    // is all there is, and all of it is committed.
                     let cut = if !reader.lines.is_live() {
                         Some(*held[0].time())
-                    } else if reader.range_start.is_some() && params.progress.is_some() {
-                        Some(params.time.floor(wall_clock_ms()))
+                    } else if params.progress.is_some() {
+                        let now = params.time.floor(wall_clock_ms());
+                        Some(reader.max_tick.map_or(now, |newest| newest.min(now)))
                     } else {
                         None
                     };
