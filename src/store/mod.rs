@@ -1047,6 +1047,19 @@ pub struct Store {
     dir: String,
 }
 
+/// The bytes an unprivileged process may still write on the file system
+/// of `dir` (`statvfs`), if it can be asked.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` is a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
 /// The key of `(a, b)`: the length of `a` (4 bytes, big-endian), `a`, then
 /// `b`. The length makes the key unambiguous whatever bytes `a` holds (a
 /// separator byte could appear inside an identifier and let one profile's
@@ -1284,6 +1297,37 @@ impl Store {
         self.db.write(batch).map_err(|e| self.err(e))?;
         crate::fault::point("state-write-after");
         Ok(())
+    }
+
+    /// Why the store no longer takes writes, if it has stopped after a
+    /// background error (a flush or compaction that failed): RocksDB then
+    /// blocks writes until its error recovery succeeds, which on a full
+    /// disk it polls for without end (`SstFileManagerImpl::ClearError`).
+    /// Read from RocksDB's properties `rocksdb.background-errors` and
+    /// `rocksdb.is-write-stopped`, with the free space of the directory's
+    /// file system. `None` while it takes writes, or has had no error.
+    pub fn stopped_by_background_error(&self) -> Option<String> {
+        let errors = self
+            .db
+            .property_int_value("rocksdb.background-errors")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let stopped = self
+            .db
+            .property_int_value("rocksdb.is-write-stopped")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if errors == 0 || stopped == 0 {
+            return None;
+        }
+        let free = free_bytes(Path::new(&self.dir))
+            .map(|b| format!(", {b} bytes free on its file system"))
+            .unwrap_or_default();
+        Some(format!(
+            "the store stopped taking writes after {errors} background error(s) in a flush or compaction{free}: is its disk full?"
+        ))
     }
 
     /// Flushes every column family's memtable to disk, atomically: readers

@@ -137,7 +137,19 @@ pub struct StateWriter {
     busy_since: Arc<Mutex<Option<Instant>>>,
     /// How long one job may take ([`WRITE_STALL_LIMIT`]).
     stall_limit: Duration,
+    /// Asked once a job has taken [`STOPPED_STORE_PROBE_AFTER`]: why the
+    /// store no longer takes writes, if it has stopped
+    /// ([`Store::stopped_by_background_error`]).
+    stopped_store: Option<StoppedStoreProbe>,
 }
+
+/// See [`StateWriter::stopped_store`].
+type StoppedStoreProbe = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// How long a job runs before the waits for it ask whether the store has
+/// stopped taking writes: a full disk then ends the run within about this
+/// long, not after [`WRITE_STALL_LIMIT`].
+pub const STOPPED_STORE_PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// A failed write, and the run it stops.
 #[derive(Default)]
@@ -151,7 +163,9 @@ struct Failure {
 impl StateWriter {
     /// Starts the thread writing `store` (named `label` in errors).
     fn start(store: Arc<Store>, label: String) -> StateWriter {
-        StateWriter::start_with(label, WRITE_STALL_LIMIT, move |job| match job {
+        let probed = Arc::clone(&store);
+        let probe: StoppedStoreProbe = Box::new(move || probed.stopped_by_background_error());
+        let mut writer = StateWriter::start_with(label, WRITE_STALL_LIMIT, move |job| match job {
             Job::Write {
                 batch,
                 retained,
@@ -165,7 +179,9 @@ impl StateWriter {
             }
             Job::Flush => store.flush(),
             Job::Sync(_) => Ok(()),
-        })
+        });
+        writer.stopped_store = Some(probe);
+        writer
     }
 
     /// Starts the thread doing each job with `work` (a write or a flush;
@@ -217,6 +233,7 @@ impl StateWriter {
                 failure,
                 busy_since,
                 stall_limit,
+                stopped_store: None,
             },
             Err(e) => StateWriter {
                 // No thread: every write fails with the reason (for `label`).
@@ -228,6 +245,7 @@ impl StateWriter {
                 })),
                 busy_since,
                 stall_limit,
+                stopped_store: None,
             },
         }
     }
@@ -255,13 +273,18 @@ impl StateWriter {
                 "the run stopped before the state writer finished".into(),
             ));
         }
-        let stalled = self
+        let busy = self
             .busy_since
             .lock()
             .ok()
             .and_then(|b| *b)
-            .is_some_and(|since| since.elapsed() > self.stall_limit);
-        if stalled {
+            .map(|since| since.elapsed());
+        if busy.is_some_and(|b| b > STOPPED_STORE_PROBE_AFTER) {
+            if let Some(reason) = self.stopped_store.as_ref().and_then(|probe| probe()) {
+                return Err(StoreError::Write(reason));
+            }
+        }
+        if busy.is_some_and(|b| b > self.stall_limit) {
             return Err(StoreError::Write(format!(
                 "a state write has not finished in {} s: the store is stuck (is its disk full?)",
                 self.stall_limit.as_secs()
@@ -319,12 +342,14 @@ impl Drop for StateWriter {
     /// Lets the queued jobs finish, then joins the thread (before the
     /// state directory's lock is released); a thread stuck in a write
     /// (see [`StateWriter::still_waiting`]) is left behind after the
-    /// stall limit, so the run still ends.
+    /// stall limit, or as soon as the store says it has stopped taking
+    /// writes, so the run still ends.
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
             let deadline = Instant::now() + self.stall_limit;
-            while !thread.is_finished() && Instant::now() < deadline {
+            let stopped = || self.stopped_store.as_ref().is_some_and(|p| p().is_some());
+            while !thread.is_finished() && Instant::now() < deadline && !stopped() {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if thread.is_finished() {
@@ -752,6 +777,47 @@ mod tests {
             "waited {:?}",
             started.elapsed()
         );
+    }
+
+    /// A store that says it has stopped taking writes (RocksDB after a
+    /// failed flush on a full disk) fails the waits for a stuck write with
+    /// its reason once the write has taken a second, long before the stall
+    /// limit, and the writer is left behind at once.
+    #[test]
+    fn a_store_stopped_by_a_background_error_fails_the_run_within_seconds() {
+        let (_release, stuck) = mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let mut writer = StateWriter::start_with("part".into(), WRITE_STALL_LIMIT, move |_| {
+            let _ = stuck.lock().map(|s| s.recv());
+            Ok(())
+        });
+        writer.stopped_store = Some(Box::new(|| Some("stopped: disk full".into())));
+        let started = Instant::now();
+        writer.send(Job::Flush).unwrap();
+        let err = writer
+            .sync()
+            .expect_err("a sync with a stopped store fails");
+        assert!(err.to_string().contains("stopped: disk full"), "{err}");
+        assert!(started.elapsed() >= STOPPED_STORE_PROBE_AFTER);
+        drop(writer);
+        assert!(
+            started.elapsed() < WRITE_STALL_LIMIT / 2,
+            "waited {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A store that takes writes is not asked to stop: a slow write that
+    /// ends within the limit is waited for.
+    #[test]
+    fn a_slow_write_of_a_store_that_takes_writes_is_waited_for() {
+        let mut writer = StateWriter::start_with("part".into(), WRITE_STALL_LIMIT, move |_| {
+            std::thread::sleep(STOPPED_STORE_PROBE_AFTER * 2);
+            Ok(())
+        });
+        writer.stopped_store = Some(Box::new(|| None));
+        writer.send(Job::Flush).unwrap();
+        writer.sync().expect("a slow write is waited for");
     }
 
     /// A failed write is reported by the next send and by a sync, and the
