@@ -155,6 +155,92 @@ fn a_full_disk_under_the_state_directory_is_an_error_with_the_reason() {
     }
 }
 
+/// The disk under the state directory fills at any stage of a run of the
+/// shipped dataflow: a write-ahead log append, a memtable flush, a
+/// compaction (after which RocksDB stops taking writes and waits for free
+/// space without end). Tmpfs sizes of 8 to 15 MB (the store peaks at
+/// about 20 MB at 40 000 events; from 12 MB on, the disk fills in
+/// flushes and compactions rather than in the log), `-w 1` and `-w 2`:
+/// every run ends within the deadline, either complete (exit 0) or with
+/// exit status 1 and the state directory's reason, never by a hang or a
+/// panic. Where the machine allows no mount namespace, the test says so.
+#[test]
+fn a_disk_that_fills_at_any_stage_of_a_run_ends_it_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let generated = Command::new(BIN)
+        .args(["generate", "--events", "40000", "--seed", "7", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{generated:?}");
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let probe = Command::new("unshare")
+        .args([
+            "-rm",
+            "sh",
+            "-c",
+            &format!("mount -t tmpfs -o size=1m tmpfs {}", disk.display()),
+        ])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: this machine cannot mount a tmpfs in a private mount namespace");
+        return;
+    }
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml");
+    let inputs: Vec<String> = ["web", "crm", "transactions"]
+        .iter()
+        .map(|s| format!("--input {s}={}", data.join(format!("{s}.jsonl")).display()))
+        .collect();
+    let mut failed = 0;
+    let runs = [
+        ("8m", "2"),
+        ("12m", "1"),
+        ("13m", "2"),
+        ("14m", "1"),
+        ("15m", "2"),
+    ];
+    for (size, workers) in runs {
+        let state = disk.join("state");
+        let out = dir.path().join(format!("out-{size}.jsonl"));
+        let child = Command::new("unshare")
+            .args([
+                "-rm",
+                "sh",
+                "-c",
+                &format!(
+                    "mount -t tmpfs -o size={size} tmpfs {} && exec {BIN} run {spec} -w {workers} {} --output {} --state-dir {}",
+                    disk.display(),
+                    inputs.join(" "),
+                    out.display(),
+                    state.display()
+                ),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, err) = finish(child, 240);
+        eprintln!("{size} -w {workers}: exit {code}: {}", err.trim());
+        assert!(!err.contains("panicked"), "{size} -w {workers}: {err}");
+        if code == 0 {
+            assert!(!err.contains("error"), "{size} -w {workers}: {err}");
+            continue;
+        }
+        failed += 1;
+        assert_eq!(code, 1, "{size} -w {workers}: {err}");
+        assert!(
+            err.contains(&format!("error: state directory {}", state.display()))
+                && (err.contains("No space left on device")
+                    || err.contains("stopped taking writes")
+                    || err.contains("the store is stuck")),
+            "{size} -w {workers}: {err}"
+        );
+    }
+    assert!(failed > 0, "no size was small enough to fill");
+}
+
 #[test]
 fn a_full_dead_letter_output_is_an_error_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
