@@ -169,8 +169,10 @@ impl Rules {
     /// The segments to evaluate again when the traits `touched` (sorted)
     /// changed, and the attributes if `attributes`: those that read them,
     /// and those that read those segments, and so on.
-    fn dirty(&self, touched: &[u32], attributes: bool) -> Vec<bool> {
-        let mut dirty = vec![false; self.segments.len()];
+    /// Into `dirty` (its buffer reused), by segment index.
+    fn dirty_into(&self, touched: &[u32], attributes: bool, dirty: &mut Vec<bool>) {
+        dirty.clear();
+        dirty.resize(self.segments.len(), false);
         let mut stack: Vec<usize> = Vec::new();
         for &i in touched {
             stack.extend(&self.trait_readers[i as usize]);
@@ -184,8 +186,31 @@ impl Rules {
                 stack.extend(&self.segment_readers[s]);
             }
         }
-        dirty
     }
+}
+
+/// Buffers reused from one profile evaluation to the next: the profile
+/// stage evaluates a few hundred thousand profiles per second of a replay,
+/// and each of these was allocated anew for every one.
+#[derive(Default)]
+struct Scratch {
+    /// The traits a change touched (sorted, deduplicated once complete).
+    touched: Vec<u32>,
+    /// The abelian touched traits' values before the changes.
+    old_abelian: Vec<(u32, Scalar)>,
+    /// See [`ProfileFacts::memberships`].
+    known: Vec<(u32, Scalar, Option<f64>)>,
+    /// The touched traits whose value changed.
+    changed: Vec<u32>,
+    /// The values to emit: `(trait index, maybe with COUNT_OF, value)`.
+    shown: Vec<(u32, Scalar)>,
+    /// See [`ProfileFacts::memberships`].
+    needed: Vec<bool>,
+    values: Vec<Scalar>,
+    counts: Vec<Option<f64>>,
+    member: Vec<bool>,
+    /// The memberships computed, sorted by segment.
+    out: Vec<(u32, Time)>,
 }
 
 /// The segments after a reload: `old` in their order (a changed one takes
@@ -311,6 +336,9 @@ pub fn evaluate<'s>(
         // earliest pending time.
         let mut held: Option<[Capability<Time>; 3]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
+        let mut scratch = Scratch::default();
+        // The segments to evaluate again (a buffer reused).
+        let mut dirty: Vec<bool> = Vec::new();
         let mut completion = crate::time::Completion::default();
         // Per segment: whether an entry of it may be in the retained
         // input (it has, or had in this run, a dwell time), so that an
@@ -447,17 +475,38 @@ pub fn evaluate<'s>(
                 for group in changes.chunk_by_mut(|a, b| a.0 == b.0) {
                     let p = group[0].0;
                     let facts = state.entry(p).or_default();
-                    let mut touched: Vec<u32> = Vec::new();
+                    let Scratch {
+                        touched,
+                        old_abelian,
+                        known,
+                        changed,
+                        shown,
+                        ..
+                    } = &mut scratch;
+                    touched.clear();
                     let mut woken = false;
                     // Existence changed: every segment is evaluated again.
                     let mut everything = false;
                     let mut attributes_changed = false;
-                    let before_totals = facts.totals.clone();
+                    // The abelian values before the changes, of the traits
+                    // they touch.
+                    for (_, change) in group.iter() {
+                        if let Change::Items(items, _) = change {
+                            touched.extend(items.iter().map(Item::trait_index));
+                        }
+                    }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    old_abelian.clear();
+                    for &i in touched.iter() {
+                        let spec = &rules.traits[i as usize];
+                        if spec.is_abelian() {
+                            old_abelian.push((i, stored(abelian_value(spec, i, &facts.totals))));
+                        }
+                    }
                     for (_, change) in group.iter_mut() {
                         match change {
-                            Change::Items(items, _) => {
-                                touched.extend(items.iter().map(Item::trait_index))
-                            }
+                            Change::Items(..) => {}
                             Change::Wake => woken |= facts.wake == Some(time),
                             Change::Exists(_) | Change::Reload => everything = true,
                             Change::Attrs(..) => attributes_changed = true,
@@ -486,10 +535,10 @@ pub fn evaluate<'s>(
                     // read them dirty (a window end that changes no value
                     // evaluates no segment).
                     let has_facts = facts.has_facts();
-                    let mut known: Vec<(u32, Scalar, Option<f64>)> = Vec::new();
-                    let mut changed: Vec<u32> = Vec::new();
-                    let mut shown: Vec<(u32, Scalar)> = Vec::new();
-                    for &i in &touched {
+                    known.clear();
+                    changed.clear();
+                    shown.clear();
+                    for &i in touched.iter() {
                         let spec = &rules.traits[i as usize];
                         let (value, count) = if !has_facts {
                             (Scalar::Null, None)
@@ -506,7 +555,10 @@ pub fn evaluate<'s>(
                             stored(value.clone())
                         };
                         let old = if spec.is_abelian() {
-                            stored(abelian_value(spec, i, &before_totals))
+                            old_abelian
+                                .iter()
+                                .find(|(t, _)| *t == i)
+                                .map_or(Scalar::Null, |(_, v)| v.clone())
                         } else {
                             facts.shown(i).cloned().unwrap_or(Scalar::Null)
                         };
@@ -526,13 +578,18 @@ pub fn evaluate<'s>(
                         }
                         known.push((i, value, count));
                     }
-                    let dirty = (!everything).then(|| rules.dirty(&changed, attributes_changed));
-                    let (now, wake) = if !has_facts {
-                        (Box::default(), None)
+                    if !everything {
+                        rules.dirty_into(changed, attributes_changed, &mut dirty);
+                    }
+                    let dirty = (!everything).then_some(dirty.as_slice());
+                    let wake = if !has_facts {
+                        scratch.out.clear();
+                        None
                     } else {
-                        facts.memberships(rules, time, dirty.as_deref(), known)
+                        facts.memberships(rules, time, dirty, &mut scratch)
                     };
-                    for (i, new) in shown {
+                    let now = &scratch.out;
+                    for (i, new) in scratch.shown.drain(..) {
                         values.give((((p, i), new.clone()), time, 1));
                         if !rules.traits[(i & !COUNT_OF) as usize].is_abelian() {
                             facts.show(i, new);
@@ -557,8 +614,12 @@ pub fn evaluate<'s>(
                             entries.give(((p, name(s), at), time, 1));
                         }
                     }
-                    facts.members = now;
-                    facts.restored_entries = Box::default();
+                    if *facts.members != **now {
+                        facts.members = now.as_slice().into();
+                    }
+                    if !facts.restored_entries.is_empty() {
+                        facts.restored_entries = Box::default();
+                    }
                     if let Some(w) = wake {
                         if facts.wake.is_none_or(|old| w < old || old <= time) {
                             facts.wake = Some(w);
@@ -883,12 +944,22 @@ impl ProfileFacts {
         rules: &Rules,
         now: Time,
         dirty: Option<&[bool]>,
-        known: Vec<(u32, Scalar, Option<f64>)>,
-    ) -> (Box<[(u32, Time)]>, Option<Time>) {
+        scratch: &mut Scratch,
+    ) -> Option<Time> {
         let traits = &rules.traits;
+        let Scratch {
+            known,
+            needed,
+            values,
+            counts,
+            member,
+            out,
+            ..
+        } = scratch;
         // The values the segments evaluated again read (the others stay
         // null, unread).
-        let mut needed = vec![dirty.is_none(); traits.len()];
+        needed.clear();
+        needed.resize(traits.len(), dirty.is_none());
         if let Some(dirty) = dirty {
             for (s, d) in dirty.iter().enumerate() {
                 if *d {
@@ -898,9 +969,11 @@ impl ProfileFacts {
                 }
             }
         }
-        let mut values: Vec<Scalar> = vec![Scalar::Null; traits.len()];
-        let mut counts: Vec<Option<f64>> = vec![None; traits.len()];
-        for (i, v, c) in known {
+        values.clear();
+        values.resize(traits.len(), Scalar::Null);
+        counts.clear();
+        counts.resize(traits.len(), None);
+        for (i, v, c) in known.drain(..) {
             needed[i as usize] = false;
             values[i as usize] = v;
             counts[i as usize] = c;
@@ -925,8 +998,9 @@ impl ProfileFacts {
             .map(|(a, _)| a)
             .max();
         let segments = &rules.segments;
-        let mut member = vec![false; segments.len()];
-        let mut out: Vec<(u32, Time)> = Vec::new();
+        member.clear();
+        member.resize(segments.len(), false);
+        out.clear();
         let mut wake: Option<Time> = None;
         let tick = rules.tick_ms;
         let mut soon = |t: Time| {
@@ -1030,7 +1104,7 @@ impl ProfileFacts {
                 }
             }
         }
-        (out.into(), wake)
+        wake
     }
 }
 
