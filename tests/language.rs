@@ -347,3 +347,33 @@ when = 'fav == "shoes" and fav.count >= 2 and shoe_share > 0.5'
         ]
     );
 }
+
+/// An average of zero is a number to a condition, not null (the state
+/// holds neither, as it holds no zero counts): a profile that already
+/// existed, whose first view is of a free item, enters `mean_price < 50`
+/// at that view (it was left unevaluated when only the state's form of
+/// the value was compared).
+#[test]
+fn a_zero_average_is_a_number_to_conditions() {
+    let spec = format!(
+        r#"{HEAD}
+[traits.mean_price]
+stream = "web"
+aggregate = "avg"
+of = "item.price"
+filter = 'event == "view_item"'
+[segments.cheap]
+when = "mean_price < 50"
+"#
+    );
+    let web = [
+        r#"{"event":"page_view","ts":1,"anonymous_id":"a"}"#.to_string(),
+        r#"{"event":"view_item","ts":5,"anonymous_id":"a","item":{"price":0}}"#.to_string(),
+        view("40", "z"),
+    ];
+    let web: Vec<&str> = web.iter().map(String::as_str).collect();
+    assert_eq!(
+        diffs(&spec, &web, &[]),
+        vec![d(5_000, "cheap", "anon:a", 1)]
+    );
+}

@@ -53,6 +53,53 @@ pub struct Rules {
     reads: Vec<Vec<usize>>,
     /// The segments whose condition reads attributes.
     attribute_readers: Vec<usize>,
+    /// Per trait: the comparisons through which conditions read it, if
+    /// every read is one (`NAME OP constant`, `constant OP NAME`, `NAME in
+    /// [..]`); `None` if a condition reads it otherwise (in arithmetic, a
+    /// string test, against another value, as `NAME.count`). A change of
+    /// its value that turns none of them changes no condition.
+    tests: Vec<Option<Vec<Expr>>>,
+}
+
+/// Adds to `tests` (see [`Rules::tests`]) the comparisons of expression
+/// `e` that read one trait (`index` of a name) against constants, and
+/// marks the traits `e` reads in any other way as read otherwise (`None`).
+fn collect_tests(e: &Expr, index: &dyn Fn(&str) -> Option<usize>, tests: &mut [Option<Vec<Expr>>]) {
+    let lone = |x: &Expr| match x {
+        Expr::Path(p, _) if p.len() == 1 => index(&p[0]),
+        _ => None,
+    };
+    let tested = match e {
+        Expr::Cmp(_, a, b) => match (lone(a), lone(b)) {
+            (Some(i), None) if b.is_constant() => Some(i),
+            (None, Some(i)) if a.is_constant() => Some(i),
+            _ => None,
+        },
+        Expr::In(a, _) => lone(a),
+        _ => None,
+    };
+    match (tested, e) {
+        (Some(i), _) => {
+            if let Some(list) = &mut tests[i] {
+                list.push(e.clone());
+            }
+        }
+        (None, Expr::Not(a)) => collect_tests(a, index, tests),
+        (None, Expr::And(es) | Expr::Or(es)) => {
+            es.iter().for_each(|e| collect_tests(e, index, tests))
+        }
+        (None, Expr::Cmp(_, a, b)) => {
+            collect_tests(a, index, tests);
+            collect_tests(b, index, tests);
+        }
+        (None, other) => {
+            for (p, _) in other.paths() {
+                if let Some(i) = index(&p[0]) {
+                    tests[i] = None;
+                }
+            }
+        }
+    }
 }
 
 /// What a name in a condition is.
@@ -141,6 +188,14 @@ impl Rules {
                 }
             }
         }
+        let trait_index = |name: &str| match names.get(name) {
+            Some(Name::Trait(i)) => Some(*i),
+            _ => None,
+        };
+        let mut tests = vec![Some(Vec::new()); traits.len()];
+        for seg in segments.iter() {
+            collect_tests(&seg.when, &trait_index, &mut tests);
+        }
         for list in trait_readers
             .iter_mut()
             .chain(segment_readers.iter_mut())
@@ -161,11 +216,26 @@ impl Rules {
             segment_readers,
             reads,
             attribute_readers,
+            tests,
         }
     }
 }
 
 impl Rules {
+    /// Whether trait `i` changing from `old` to `new` (as conditions see
+    /// them) can change a condition: not if every condition reads it in
+    /// comparisons with constants, and each comes out the same for both
+    /// values. (On the shipped definition most changes of a count or an
+    /// average cross no threshold, and evaluate no segment.)
+    fn may_turn(&self, i: u32, old: &Scalar, new: &Scalar) -> bool {
+        match &self.tests[i as usize] {
+            None => true,
+            Some(tests) => tests.iter().any(|t| {
+                t.eval_bool(&mut |_| old.borrowed()) != t.eval_bool(&mut |_| new.borrowed())
+            }),
+        }
+    }
+
     /// The segments to evaluate again when the traits `touched` (sorted)
     /// changed, and the attributes if `attributes`: those that read them,
     /// and those that read those segments, and so on.
@@ -196,7 +266,8 @@ impl Rules {
 struct Scratch {
     /// The traits a change touched (sorted, deduplicated once complete).
     touched: Vec<u32>,
-    /// The abelian touched traits' values before the changes.
+    /// The abelian touched traits' values before the changes, as
+    /// conditions see them.
     old_abelian: Vec<(u32, Scalar)>,
     /// See [`ProfileFacts::memberships`].
     known: Vec<(u32, Scalar, Option<f64>)>,
@@ -501,7 +572,7 @@ pub fn evaluate<'s>(
                     for &i in touched.iter() {
                         let spec = &rules.traits[i as usize];
                         if spec.is_abelian() {
-                            old_abelian.push((i, stored(abelian_value(spec, i, &facts.totals))));
+                            old_abelian.push((i, abelian_value(spec, i, &facts.totals)));
                         }
                     }
                     for (_, change) in group.iter_mut() {
@@ -554,17 +625,25 @@ pub fn evaluate<'s>(
                         } else {
                             stored(value.clone())
                         };
-                        let old = if spec.is_abelian() {
-                            old_abelian
+                        if spec.is_abelian() {
+                            // As conditions see it (0 and null differ
+                            // there, not in the state).
+                            let old = old_abelian
                                 .iter()
                                 .find(|(t, _)| *t == i)
-                                .map_or(Scalar::Null, |(_, v)| v.clone())
+                                .map_or(Scalar::Null, |(_, v)| v.clone());
+                            if old != value && rules.may_turn(i, &old, &value) {
+                                changed.push(i);
+                            }
+                            if stored(old) != new {
+                                shown.push((i, new));
+                            }
                         } else {
-                            facts.shown(i).cloned().unwrap_or(Scalar::Null)
-                        };
-                        if old != new {
-                            changed.push(i);
-                            shown.push((i, new));
+                            let old = facts.shown(i).cloned().unwrap_or(Scalar::Null);
+                            if old != new {
+                                changed.push(i);
+                                shown.push((i, new));
+                            }
                         }
                         // A most frequent value's count, shown as the trait
                         // `NAME.count` (under `i | COUNT_OF`).

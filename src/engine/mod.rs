@@ -234,7 +234,7 @@ fn start(
 /// Tells, when a run restores a checkpoint at `cut`, what the clients of
 /// its socket sources (if any) must send again, and by when: the
 /// checkpoint holds the lines with event times before the cut (lines sent
-/// again at such times are dropped as held), not those read after it. A
+/// again at such times are late: dead letters), not those read after it. A
 /// restored socket's clock waits `wait_ms` (the allowed lateness) from now
 /// for its first line; lines sent again after that, or after newer lines,
 /// are late (see `SourceClock::wait_for_first_line`).
@@ -254,7 +254,7 @@ fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time,
     };
     let deadline = crate::time::wall_clock_ms().saturating_add(wait_ms);
     tracing::warn!(
-        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {} ({cut} ms); clients must send again what they sent from that time on, oldest first and before any new line, within {} s of this start (by {}): the socket's clock waits that long for them; later, or after newer lines, they are late. Lines at earlier times are dropped as held",
+        "restored the checkpoint: it holds the lines of socket source(s) {} with event times before {} ({cut} ms); clients must send again what they sent from that time on, oldest first and before any new line, within {} s of this start (by {}): the socket's clock waits that long for them; later, or after newer lines, they are late. Lines at earlier times are late too (dead letters; the checkpoint holds those it had read)",
         sockets.join(", "),
         utc(cut),
         wait_ms as f64 / 1000.0,

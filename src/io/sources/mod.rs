@@ -401,6 +401,10 @@ impl Reader {
         }
         if socket && reader.params.resume.is_some() {
             reader.socket_restored = true;
+            // The run that took the checkpoint read none of these lines:
+            // their dead letters are written at the outputs' dead-letter
+            // bound or later (earlier ones count as written already).
+            reader.floor = reader.params.resume.as_ref().map_or(0, |r| r.dead_bound);
             // Its clients send again what the checkpoint does not hold:
             // their lines are on time if they come, oldest first, within
             // the allowed lateness of this start (see `SourceClock`).
@@ -617,11 +621,17 @@ impl Reader {
     ) -> Option<Time> {
         let before = self.params.restored_before();
         // A socket's line from before the cut of the checkpoint its run
-        // restored is one the checkpoint holds (a client sends again from
-        // the cut on): dropped, whatever the clock says of it now.
-        if self.socket_restored
-            && !self.keeps(self.params.time.floor(u64::try_from(ms).unwrap_or(0)))
-        {
+        // restored: the run that wrote the checkpoint committed every time
+        // before the cut, so the line is late, whatever the clock says of
+        // it now; a dead letter, never dropped unseen. (Clients send again
+        // from the cut on: a line sent again from before it is in the
+        // checkpoint already, and its dead letter says so.)
+        if self.socket_restored && self.params.time.floor(u64::try_from(ms).unwrap_or(0)) < before {
+            self.stats.3 += 1;
+            let reason = format!(
+                "late: event time {ms} ms is before {before} ms, the cut of the checkpoint this run resumed from: every time before it was written when the checkpoint was taken (a line sent again from before the cut is in it already; send again from the cut on)"
+            );
+            self.dead(ctl, line, offset, peer.clone(), reason, bytes);
             return None;
         }
         let admission = self.clock.admit(ms, now_ms);

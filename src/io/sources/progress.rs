@@ -101,6 +101,12 @@ pub struct Progress {
     /// Source names, by source index.
     names: Vec<String>,
     points: Mutex<HashMap<(u32, u64), VecDeque<ResumePoint>>>,
+    /// The cut of the checkpoint the run resumed from (0 without one).
+    restored_cut: Time,
+    /// Per range, the `late_from` and `read_to` of the point the run
+    /// resumed from: what the runs before it read (see
+    /// [`Progress::choose`]).
+    restored: HashMap<(u32, u64), (Option<u64>, Option<u64>)>,
 }
 
 impl Progress {
@@ -108,6 +114,7 @@ impl Progress {
     /// points a resumed run starts from (if any).
     pub fn new(names: Vec<String>, resume: Option<&Resume>) -> Progress {
         let mut points: HashMap<(u32, u64), VecDeque<ResumePoint>> = HashMap::new();
+        let mut restored = HashMap::new();
         if let Some(r) = resume {
             for (index, name) in names.iter().enumerate() {
                 for p in r.points.get(name).into_iter().flatten() {
@@ -115,12 +122,15 @@ impl Progress {
                         .entry((index as u32, p.start))
                         .or_default()
                         .push_back(*p);
+                    restored.insert((index as u32, p.start), (p.late_from, p.read_to));
                 }
             }
         }
         Progress {
             names,
             points: Mutex::new(points),
+            restored_cut: resume.map_or(0, |r| r.before),
+            restored,
         }
     }
 
@@ -165,13 +175,28 @@ impl Progress {
             // stopped by a signal, whose cut is not bounded by its
             // watermark); before that, a point with the watermark at or
             // past the cut comes first.
+            // A run that resumed read on from the point of an earlier one,
+            // which may have read further: what it read stays read, and
+            // while the cut has not moved (the run committed nothing new,
+            // e.g. it was stopped before it read a line), its late lines
+            // stay late.
             let mut chosen = list[0];
+            let (late_before, read_before) = self
+                .restored
+                .get(&(*source, chosen.start))
+                .copied()
+                .unwrap_or_default();
+            chosen.read_to = list.back().map(|p| p.offset).max(read_before);
             chosen.late_from = list
                 .iter()
                 .find(|p| p.clock.watermark >= cut)
-                .or(list.back())
-                .map(|p| p.offset);
-            chosen.read_to = list.back().map(|p| p.offset);
+                .map(|p| p.offset)
+                .or(chosen.read_to);
+            if cut == self.restored_cut {
+                if let Some(before) = late_before {
+                    chosen.late_from = Some(chosen.late_from.map_or(before, |l| l.min(before)));
+                }
+            }
             out.entry(name).or_default().push(chosen);
         }
         for list in out.values_mut() {
@@ -255,6 +280,47 @@ mod tests {
             progress.choose(5_000, 1_000)["web"][0].late_from,
             Some(30),
             "late after the last point"
+        );
+    }
+
+    /// A run that resumed and was stopped before it read a line (its cut
+    /// did not move) leaves the next run what the earlier run read: the
+    /// same late lines and the same end of reading (they had been moved
+    /// back to its resume point, and counted lines were dead-lettered
+    /// again). Once the cut moves, its own reading decides.
+    #[test]
+    fn a_run_that_read_nothing_keeps_what_the_earlier_run_read() {
+        let resumed = ResumePoint {
+            late_from: Some(40),
+            read_to: Some(90),
+            ..point(30, Some(1_000), None)
+        };
+        let resume = Resume {
+            before: 2_000,
+            dead_bound: 2_000,
+            points: [("web".to_string(), vec![resumed])].into(),
+        };
+        let progress = Progress::new(vec!["web".into()], Some(&resume));
+        let web = progress.choose(2_000, 2_000)["web"][0];
+        assert_eq!(
+            (web.offset, web.late_from, web.read_to),
+            (30, Some(40), Some(90))
+        );
+        // Read on to 120 with the watermark past a later cut.
+        progress.record(
+            0,
+            ResumePoint {
+                clock: ClockState {
+                    watermark: 3_000,
+                    ..ClockState::default()
+                },
+                ..point(120, Some(2_500), None)
+            },
+        );
+        let web = progress.choose(3_000, 3_000)["web"][0];
+        assert_eq!(
+            (web.offset, web.late_from, web.read_to),
+            (120, Some(120), Some(120))
         );
     }
 }
