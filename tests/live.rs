@@ -1464,6 +1464,12 @@ fn a_followed_file_stopped_mid_tick_and_restarted_loses_no_line() {
     std::thread::sleep(Duration::from_millis(50));
     let ended = quick.terminate();
     assert!(ended.status.success(), "{ended:?}");
+    // Its summary gives the profiles it restored.
+    let summary = String::from_utf8_lossy(&ended.stdout);
+    assert!(
+        summary.contains(&format!("  profiles          {visitors}\n")),
+        "{summary}"
+    );
     let last = start();
     round(wall_ms(), &mut sent);
     wait_for_counts(&state, &sent, 30, "after the last start");

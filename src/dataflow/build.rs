@@ -107,15 +107,22 @@ pub fn build<'s>(
     // The sources' clocks and cuts, on every worker: the stages that hold
     // future times stop at the end of the data once the inputs end.
     let clocks = {
-        use timely::dataflow::operators::vec::Broadcast;
-        control
+        use timely::dataflow::operators::vec::{Broadcast, ToStream};
+        let reported = control
             .clone()
             .flat_map(|c| match c {
                 Control::Clock { tick, .. } => Some(ClockReport::Clock(tick)),
                 Control::Cut { watermark, .. } => Some(ClockReport::Cut(watermark)),
                 _ => None,
             })
-            .broadcast()
+            .broadcast();
+        // A restored checkpoint's state is as of its cut - 1 (see
+        // `Completion::restored`), on every worker.
+        let restored = shared.restored_before;
+        let restored = (restored > 0)
+            .then(|| ClockReport::Clock(restored - 1))
+            .to_stream(scope);
+        reported.concat(restored)
     };
     // Trait items to the profiles of their identifiers, held while they
     // count; then attributes per profile, then segments.

@@ -43,6 +43,19 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The rule of a run that restored a checkpoint at cut `restored_before`
+    /// (0: none): the checkpoint's state is as of `restored_before - 1`, so
+    /// the data ends there at the earliest, even if the run is stopped
+    /// before any source reports a clock (its restored state is then still
+    /// committed, and counted in its summary).
+    pub fn restored(restored_before: Time) -> Completion {
+        let mut c = Completion::default();
+        if restored_before > 0 {
+            c.observe(restored_before - 1);
+        }
+        c
+    }
+
     /// Notes a source clock.
     pub fn observe(&mut self, clock: Time) {
         self.end_of_data = Some(self.end_of_data.map_or(clock, |e| e.max(clock)));

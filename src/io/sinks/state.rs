@@ -85,7 +85,7 @@ impl ProcessShared {
     ) -> ProcessShared {
         ProcessShared {
             names: RwLock::new(names),
-            completion: Mutex::new(Completion::default()),
+            completion: Mutex::new(Completion::restored(restored_before)),
             state,
             restored_before,
             segment_names: Mutex::new(Vec::new()),

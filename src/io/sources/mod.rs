@@ -220,7 +220,7 @@ struct Reader {
     /// letters of these lines are written at the outputs' dead-letter bound
     /// or later (earlier ones a resumed run leaves out, as already written).
     read_to: Option<u64>,
-    /// A socket of a restored run: its lines before the cut are held.
+    /// A socket of a restored run: its lines before the cut are late.
     socket_restored: bool,
 }
 
@@ -1110,8 +1110,11 @@ pub fn source<'s>(
                     let cut = if !reader.lines.is_live() {
                         Some(*held[0].time())
                     } else if params.progress.is_some() {
+                        // Never before the cut of the checkpoint the run
+                        // resumed from: that one holds every earlier time.
                         let now = params.time.floor(wall_clock_ms());
-                        Some(reader.max_tick.map_or(now, |newest| newest.min(now)))
+                        let cut = reader.max_tick.map_or(now, |newest| newest.min(now));
+                        Some(cut.max(params.restored_before()))
                     } else {
                         None
                     };
