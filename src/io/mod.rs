@@ -90,6 +90,10 @@ pub enum Control {
         source: u32,
         /// The least time not committed, ms.
         watermark: u64,
+        /// A live source's: its dead letters of later times are written
+        /// all the same, and the next run does not read its lines again
+        /// to write them (see the commit stage's end).
+        live: bool,
     },
     /// A replayed source read its input to the end, where its clock's
     /// watermark was this: lines appended to it later are at or after it

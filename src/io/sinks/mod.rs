@@ -268,6 +268,11 @@ struct Committer {
     ended: Option<Time>,
     /// How many sources read their input to its end ([`Control::Ended`]).
     sources_ended: usize,
+    /// Whether a replayed source was cut short ([`Control::Cut`]): its
+    /// dead letters from the cut on are written again by the next run.
+    replay_cut: bool,
+    /// The latest time of a dead letter written.
+    last_dead: Option<Time>,
     /// The cut of a restored checkpoint: the state holds every time
     /// before it (see [`ProcessShared::restored_before`]).
     restored_before: Time,
@@ -371,6 +376,7 @@ impl Committer {
                 .and_then(|_| w.write_all(b"\n"))
             {
                 Ok(()) => {
+                    self.last_dead = self.last_dead.max(Some(time));
                     self.written.1 += line.len() as u64 + 1;
                     self.marks.1.note(time, self.written.1);
                     self.written_marks.1.note(time, self.written.1);
@@ -674,6 +680,8 @@ pub fn commit<'s>(
         },
         ended: None,
         sources_ended: 0,
+        replay_cut: false,
+        last_dead: None,
         restored_before: shared.restored_before,
         written: outputs
             .resume
@@ -773,9 +781,12 @@ pub fn commit<'s>(
                                 c.observe(tick);
                             }
                         }
-                        (Control::Cut { watermark, .. }, _) => {
+                        (Control::Cut { watermark, live, .. }, c) => {
                             if let Ok(mut c) = shared.completion.lock() {
                                 c.observe_cut(watermark);
+                            }
+                            if let (false, Some(c)) = (live, c) {
+                                c.replay_cut = true;
                             }
                         }
                         // Dead letters wait for their time to complete, then
@@ -956,8 +967,20 @@ pub fn commit<'s>(
                     // cut) is written, every dead letter before a cut:
                     // with the same inputs, that is final.
                     let cut = completion.cut().unwrap_or(Time::MAX);
+                    // Every dead letter read was written (all times are
+                    // complete now). Those of a replay cut short from its
+                    // cut on are written again by the next run, which reads
+                    // on from before them (so the output is a prefix of the
+                    // uninterrupted run's). A live source's are not: its
+                    // lines are not judged again the same way (the wall
+                    // clock has moved), so its letters stay, and the bound
+                    // passes them.
+                    let dead = match (completion.cut(), c.replay_cut, c.last_dead) {
+                        (Some(cut), false, Some(last)) => cut.max(last.saturating_add(1)),
+                        _ => cut,
+                    };
                     if let Some(end) = completion.end_of_data() {
-                        c.advance_written(end.saturating_add(1).min(cut), cut);
+                        c.advance_written(end.saturating_add(1).min(cut), dead);
                     }
                     if let Some(state) = &shared.state {
                         state.set_sinks(&c.positions, &c.written_positions);

@@ -1122,6 +1122,7 @@ pub fn source<'s>(
                         ctl.push(Control::Cut {
                             source: def.index,
                             watermark,
+                            live: reader.lines.is_live(),
                         });
                         give(&mut control_out, &held[2], &mut ctl);
                     }
