@@ -51,10 +51,11 @@ pub struct ResumePoint {
     /// uninterrupted run would).
     #[serde(default)]
     pub late_from: Option<u64>,
-    /// Set in a checkpoint's points: the offset up to which the reader had
-    /// read when the checkpoint was taken (its latest point). The run that
-    /// took it never read the lines from there on, so none of their dead
-    /// letters is in its outputs: a resumed run writes them all, at times
+    /// Set in a checkpoint's points: the offset up to which the readers
+    /// had read when the checkpoint was taken (the latest point of its
+    /// run, or of the run that one resumed from, whichever is further).
+    /// The lines from there on were never read, so none of their dead
+    /// letters is in the outputs: a resumed run writes them all, at times
     /// from the outputs' dead-letter bound on.
     #[serde(default)]
     pub read_to: Option<u64>,
@@ -166,20 +167,18 @@ impl Progress {
                 .get(*source as usize)
                 .cloned()
                 .unwrap_or_default();
-            // Lines from `late_from` on that have a time before the cut
-            // are late in a resumed run: the run that took the checkpoint
-            // read them, if at all, with its watermark at or past the cut,
-            // or never read them (they lie after its last point), and it
-            // wrote every time before the cut. Its last point is where its
-            // reading ended when the checkpoint is its last one (a source
-            // stopped by a signal, whose cut is not bounded by its
-            // watermark); before that, a point with the watermark at or
-            // past the cut comes first.
-            // A run that resumed read on from the point of an earlier one,
-            // which may have read further: what it read stays read, and
-            // while the cut has not moved (the run committed nothing new,
-            // e.g. it was stopped before it read a line), its late lines
-            // stay late.
+            // `read_to`: how far this run, or the one it resumed from (which
+            // may have read further), read. Lines from `late_from` on that
+            // have a time before the cut are late in a resumed run: the
+            // runs that took the checkpoint read them, if at all, with the
+            // watermark at or past the cut, or never read them (they lie
+            // beyond `read_to`), and every time before the cut is written.
+            // `read_to` is where it ends when the checkpoint is a run's
+            // last (a source stopped by a signal, whose cut is not bounded
+            // by its watermark); before that, a point with the watermark at
+            // or past the cut comes first. While the cut has not moved (the
+            // run committed nothing new, e.g. it was stopped before it read
+            // a line), the late lines of the run it resumed from stay late.
             let mut chosen = list[0];
             let (late_before, read_before) = self
                 .restored
