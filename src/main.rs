@@ -363,6 +363,9 @@ const MAX_WORKERS: usize = 1024;
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let spec = load_spec(&args.dataflow)?;
+    for w in spec.warnings() {
+        tracing::warn!("{}: {w}", args.dataflow.display());
+    }
     let workers = args.workers.or(spec.engine.workers).unwrap_or(1).max(1);
     anyhow::ensure!(
         workers <= MAX_WORKERS,
@@ -674,6 +677,9 @@ fn main() -> ExitCode {
         })(),
         Command::Check { dataflow } => (|| {
             let spec = load_spec(&dataflow)?;
+            for w in spec.warnings() {
+                eprintln!("warning: {}: {w}", dataflow.display());
+            }
             println!(
                 "{}: ok: {} sources, {} traits, {} segments",
                 dataflow.display(),

@@ -401,6 +401,43 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// What in a valid definition probably does not do what its author
+    /// meant, one message per finding (`segflow check` prints them, `run`
+    /// logs them): a duration shorter than the engine tick — a sliding or
+    /// tumbling window, a session gap, a sequence's `within`, a segment's
+    /// `min_dwell` — acts within one tick (event times are rounded down to
+    /// ticks), so a window of it holds an event for less than a tick and a
+    /// dwell time ends at the next tick.
+    pub fn warnings(&self) -> Vec<String> {
+        let tick = self.engine.tick_ms;
+        let mut out = Vec::new();
+        let mut short = |what: String, ms: u64| {
+            if ms < tick {
+                out.push(format!(
+                    "{what} is {ms} ms, shorter than the engine tick ({tick} ms): it acts within one tick (event times are rounded down to ticks); make it at least the tick, or the tick shorter"
+                ));
+            }
+        };
+        for t in &self.traits {
+            let name = &t.name;
+            match t.window {
+                Window::Sliding(ms) => short(format!("[traits.{name}] window"), ms),
+                Window::Tumbling(ms) => short(format!("[traits.{name}] tumbling"), ms),
+                Window::Session { gap, .. } => short(format!("[traits.{name}] session_gap"), gap),
+                Window::Lifetime => {}
+            }
+            if let Some(seq) = &t.sequence {
+                short(format!("[traits.{name}] within"), seq.within_ms);
+            }
+        }
+        for sg in &self.segments {
+            if let Some(ms) = sg.min_dwell_ms {
+                short(format!("[segments.{}] min_dwell", sg.name), ms);
+            }
+        }
+        out
+    }
+
     /// Position of the trait called `name`.
     pub fn trait_index(&self, name: &str) -> Option<usize> {
         self.traits.iter().position(|t| t.name == name)
@@ -2270,6 +2307,49 @@ when = "spend > 1000 or a_views in [1, 2]"
             11,
             "invalid type",
         );
+    }
+
+    #[test]
+    fn durations_shorter_than_the_tick_are_warned_about() {
+        let spec = parse_spec(
+            r#"
+[engine]
+tick = "1s"
+[sources.web]
+[traits.blink]
+stream = "web"
+window = "500ms"
+[traits.views_1h]
+stream = "web"
+window = "1h"
+[segments.seen]
+when = "blink >= 1"
+min_dwell = "200ms"
+[segments.stays]
+when = "views_1h >= 1"
+min_dwell = "5s"
+"#,
+            "w.toml",
+        )
+        .unwrap();
+        let warnings = spec.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "[traits.blink] window is 500 ms, shorter than the engine tick (1000 ms)"
+            ),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].starts_with("[segments.seen] min_dwell is 200 ms"),
+            "{warnings:?}"
+        );
+        let shipped = load_spec(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dataflows/ecommerce.toml"
+        )))
+        .unwrap();
+        assert_eq!(shipped.warnings(), Vec::<String>::new());
     }
 
     #[test]
