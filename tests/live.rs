@@ -1509,6 +1509,58 @@ fn a_followed_file_stopped_mid_tick_and_restarted_loses_no_line() {
     assert_each_seen_once(&out, visitors);
 }
 
+/// A followed file whose first run is stopped before its checkpoint has a
+/// resume point (within its first tick): lines appended while no engine
+/// runs, stamped before the checkpoint's cut, are late (dead letters), not
+/// dropped as held; the lines the first run read are counted once.
+#[test]
+fn a_first_run_stopped_before_it_has_a_resume_point_loses_no_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let Followed {
+        web,
+        out,
+        dead,
+        state,
+        spec,
+    } = Followed::new(dir.path());
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace(r#"tick = "100ms""#, r#"tick = "1s""#)).unwrap();
+    let visitors = 3;
+    let mut sent = vec![0.0; visitors];
+    // Lines early in a second, then the first run, stopped in that second
+    // once it has read them: the checkpoint's cut is that second, and no
+    // point is before it (the first point is after the lines).
+    let now = loop {
+        let now = wall_ms();
+        if (20..60).contains(&(now % 1_000)) {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut text = String::new();
+    for (v, n) in sent.iter_mut().enumerate() {
+        text += &view(now, &format!("v{v}"));
+        *n += 1.0;
+    }
+    append_to(&web, &text);
+    let first = Running::start(&spec, &[], (&out, &dead, &state));
+    std::thread::sleep(Duration::from_millis(400));
+    let ended = first.terminate();
+    assert!(ended.status.success(), "{ended:?}");
+    let cut = checkpoint_cut(&state).unwrap_or(now - now % 1_000);
+    // Appended while no engine runs: two slow lines from before the cut.
+    append_to(&web, &(view(cut - 600, "v0") + &view(cut - 300, "v1")));
+    let second = Running::start(&spec, &[], (&out, &dead, &state));
+    append_to(&web, &view(wall_ms(), "v2"));
+    sent[2] += 1.0;
+    wait_for_counts(&state, &sent, 30, "the second run");
+    let ended = second.terminate();
+    assert!(ended.status.success(), "{ended:?}");
+    let letters = dead_letters(&dead);
+    assert_eq!(letters.len(), 2, "the two slow lines: {letters:?}");
+    assert_each_seen_once(&out, visitors);
+}
+
 /// Hot reload: a run that follows a file picks up an edited definition
 /// without a restart. A removed segment's members leave, a changed one's
 /// membership changes by the difference, a new one's members enter, all

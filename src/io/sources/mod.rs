@@ -268,8 +268,8 @@ impl Reader {
         self.max_tick = point.max_tick;
         self.max_dead = point.max_dead;
         // Only a followed file's (a replayed range is read as it was).
-        self.late_from = point.bytes.and(point.late_from);
-        self.read_to = point.bytes.and(point.read_to);
+        self.late_from = point.late_from.filter(|_| live);
+        self.read_to = point.read_to.filter(|_| live);
     }
 
     /// Notes that the line at `offset` is read next: once it is past what

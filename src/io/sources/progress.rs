@@ -149,6 +149,33 @@ impl Progress {
         }
     }
 
+    /// Sets `chosen`'s `read_to` and `late_from` (see [`Progress::choose`])
+    /// from `list`, the points of its range from it on, for cut `cut`.
+    fn read_and_late(
+        &self,
+        chosen: &mut ResumePoint,
+        source: u32,
+        list: &[ResumePoint],
+        cut: Time,
+    ) {
+        let (late_before, read_before) = self
+            .restored
+            .get(&(source, chosen.start))
+            .copied()
+            .unwrap_or_default();
+        chosen.read_to = list.last().map(|p| p.offset).max(read_before);
+        chosen.late_from = list
+            .iter()
+            .find(|p| p.clock.watermark >= cut)
+            .map(|p| p.offset)
+            .or(chosen.read_to);
+        if cut == self.restored_cut {
+            if let Some(before) = late_before {
+                chosen.late_from = Some(chosen.late_from.map_or(before, |l| l.min(before)));
+            }
+        }
+    }
+
     /// The latest valid point of every range that has one, for a checkpoint
     /// at cut `cut` with dead letters written up to `dead_bound`; the
     /// points before them are forgotten (cuts and bounds only grow).
@@ -158,15 +185,38 @@ impl Progress {
             return out;
         };
         for ((source, _), list) in points.iter_mut() {
-            let Some(last) = list.iter().rposition(|p| p.valid(cut, dead_bound)) else {
-                continue;
-            };
-            list.drain(..last);
             let name = self
                 .names
                 .get(*source as usize)
                 .cloned()
                 .unwrap_or_default();
+            let Some(last) = list.iter().rposition(|p| p.valid(cut, dead_bound)) else {
+                // A followed file (one range from byte 0, whose points
+                // carry `bytes`) with no valid point yet: its start, with
+                // a fresh clock (always valid), says how far it was read,
+                // so that the lines appended later with times before the
+                // cut are late, not held (they are not in the checkpoint).
+                if list
+                    .back()
+                    .is_some_and(|p| p.bytes.is_some() && p.start == 0)
+                {
+                    let mut start = ResumePoint {
+                        start: 0,
+                        offset: 0,
+                        line: 1,
+                        clock: ClockState::default(),
+                        max_tick: None,
+                        max_dead: None,
+                        bytes: None,
+                        late_from: None,
+                        read_to: None,
+                    };
+                    self.read_and_late(&mut start, *source, list.make_contiguous(), cut);
+                    out.entry(name).or_default().push(start);
+                }
+                continue;
+            };
+            list.drain(..last);
             // `read_to`: how far this run, or the one it resumed from (which
             // may have read further), read. Lines from `late_from` on that
             // have a time before the cut are late in a resumed run: the
@@ -180,22 +230,7 @@ impl Progress {
             // run committed nothing new, e.g. it was stopped before it read
             // a line), the late lines of the run it resumed from stay late.
             let mut chosen = list[0];
-            let (late_before, read_before) = self
-                .restored
-                .get(&(*source, chosen.start))
-                .copied()
-                .unwrap_or_default();
-            chosen.read_to = list.back().map(|p| p.offset).max(read_before);
-            chosen.late_from = list
-                .iter()
-                .find(|p| p.clock.watermark >= cut)
-                .map(|p| p.offset)
-                .or(chosen.read_to);
-            if cut == self.restored_cut {
-                if let Some(before) = late_before {
-                    chosen.late_from = Some(chosen.late_from.map_or(before, |l| l.min(before)));
-                }
-            }
+            self.read_and_late(&mut chosen, *source, list.make_contiguous(), cut);
             out.entry(name).or_default().push(chosen);
         }
         for list in out.values_mut() {
