@@ -211,8 +211,8 @@ struct Reader {
     max_tick: Option<Time>,
     max_dead: Option<Time>,
     /// A restored followed file: from this offset on, a line with a time
-    /// before the checkpoint's cut was read, in the run that took it, with
-    /// the watermark past the cut: it is late, not held
+    /// before the checkpoint's cut was read, in the runs that took it, with
+    /// the watermark past the cut, or never read: it is late, not held
     /// ([`ResumePoint::late_from`]).
     late_from: Option<u64>,
     /// A restored followed file: from this offset on, the run that took the
