@@ -238,8 +238,8 @@ impl Rules {
 
     /// The segments to evaluate again when the traits `touched` (sorted)
     /// changed, and the attributes if `attributes`: those that read them,
-    /// and those that read those segments, and so on.
-    /// Into `dirty` (its buffer reused), by segment index.
+    /// and those that read those segments, and so on; into `dirty` (its
+    /// buffer reused), by segment index.
     fn dirty_into(&self, touched: &[u32], attributes: bool, dirty: &mut Vec<bool>) {
         dirty.clear();
         dirty.resize(self.segments.len(), false);
@@ -260,8 +260,9 @@ impl Rules {
 }
 
 /// Buffers reused from one profile evaluation to the next: the profile
-/// stage evaluates a few hundred thousand profiles per second of a replay,
-/// and each of these was allocated anew for every one.
+/// stage evaluates about 100 000 profiles per second of a replay (340 000
+/// for 200 000 events of the shipped definition), and each of these was
+/// allocated anew for every one.
 #[derive(Default)]
 struct Scratch {
     /// The traits a change touched (sorted, deduplicated once complete).
