@@ -43,6 +43,33 @@ fn write_spec(dir: &Path) -> String {
     path.display().to_string()
 }
 
+/// Whether this machine lets an unprivileged process mount a tmpfs at
+/// `disk` in a private mount namespace (`unshare -rm`); the tests that
+/// fill a small disk say they are skipped where it does not.
+fn can_mount_tmpfs(disk: &Path) -> bool {
+    let mount = format!("mount -t tmpfs -o size=1m tmpfs {}", disk.display());
+    let probe = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &mount])
+        .output();
+    let ok = probe.is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: this machine cannot mount a tmpfs in a private mount namespace");
+    }
+    ok
+}
+
+/// `segflow ARGS` (a shell word list) on a tmpfs of `size` mounted at
+/// `disk` in a private mount namespace, its stderr piped.
+fn segflow_on_tmpfs(disk: &Path, size: &str, args: &str) -> Child {
+    let mount = format!("mount -t tmpfs -o size={size} tmpfs {}", disk.display());
+    Command::new("unshare")
+        .args(["-rm", "sh", "-c", &format!("{mount} && exec {BIN} {args}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Waits for `child` at most `secs`; a run that outlives it has hung.
 fn finish(mut child: Child, secs: u64) -> (i32, String) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -119,31 +146,20 @@ fn a_full_disk_under_the_state_directory_is_an_error_with_the_reason() {
     std::fs::write(&web, views(20_000)).unwrap();
     let disk = dir.path().join("disk");
     std::fs::create_dir(&disk).unwrap();
-    let mount = format!("mount -t tmpfs -o size=384k tmpfs {}", disk.display());
-    let probe = Command::new("unshare")
-        .args(["-rm", "sh", "-c", &mount])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: this machine cannot mount a tmpfs in a private mount namespace");
+    if !can_mount_tmpfs(&disk) {
         return;
     }
     for workers in ["1", "2"] {
         let state = disk.join("state");
-        let child = Command::new("unshare")
-            .args([
-                "-rm",
-                "sh",
-                "-c",
-                &format!(
-                    "{mount} && exec {BIN} run {spec} -w {workers} --input web={} --state-dir {}",
-                    web.display(),
-                    state.display()
-                ),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = segflow_on_tmpfs(
+            &disk,
+            "384k",
+            &format!(
+                "run {spec} -w {workers} --input web={} --state-dir {}",
+                web.display(),
+                state.display()
+            ),
+        );
         let (code, err) = finish(child, 120);
         assert_ne!(code, 0, "-w {workers}: {err}");
         assert!(
@@ -176,16 +192,7 @@ fn a_disk_that_fills_at_any_stage_of_a_run_ends_it_with_the_reason() {
     assert!(generated.status.success(), "{generated:?}");
     let disk = dir.path().join("disk");
     std::fs::create_dir(&disk).unwrap();
-    let probe = Command::new("unshare")
-        .args([
-            "-rm",
-            "sh",
-            "-c",
-            &format!("mount -t tmpfs -o size=1m tmpfs {}", disk.display()),
-        ])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: this machine cannot mount a tmpfs in a private mount namespace");
+    if !can_mount_tmpfs(&disk) {
         return;
     }
     let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml");
@@ -204,23 +211,16 @@ fn a_disk_that_fills_at_any_stage_of_a_run_ends_it_with_the_reason() {
     for (size, workers) in runs {
         let state = disk.join("state");
         let out = dir.path().join(format!("out-{size}.jsonl"));
-        let child = Command::new("unshare")
-            .args([
-                "-rm",
-                "sh",
-                "-c",
-                &format!(
-                    "mount -t tmpfs -o size={size} tmpfs {} && exec {BIN} run {spec} -w {workers} {} --output {} --state-dir {}",
-                    disk.display(),
-                    inputs.join(" "),
-                    out.display(),
-                    state.display()
-                ),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = segflow_on_tmpfs(
+            &disk,
+            size,
+            &format!(
+                "run {spec} -w {workers} {} --output {} --state-dir {}",
+                inputs.join(" "),
+                out.display(),
+                state.display()
+            ),
+        );
         let (code, err) = finish(child, 240);
         eprintln!("{size} -w {workers}: exit {code}: {}", err.trim());
         assert!(!err.contains("panicked"), "{size} -w {workers}: {err}");

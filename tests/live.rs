@@ -1382,6 +1382,41 @@ fn a_line_finished_after_a_restart_behind_the_cut_is_late_not_dropped() {
     assert_eq!(nine, None, "the late line is not counted");
 }
 
+/// [`Followed::new`] with a tick of one second (as the shipped
+/// definition's), for tests about what happens within a wall-clock tick.
+fn followed_with_1s_ticks(dir: &Path) -> Followed {
+    let followed = Followed::new(dir);
+    let text = std::fs::read_to_string(&followed.spec).unwrap();
+    std::fs::write(
+        &followed.spec,
+        text.replace(r#"tick = "100ms""#, r#"tick = "1s""#),
+    )
+    .unwrap();
+    followed
+}
+
+/// The wall clock, 20-60 ms into a second (waiting for it).
+fn early_in_a_second() -> u64 {
+    loop {
+        let now = wall_ms();
+        if (20..60).contains(&(now % 1_000)) {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Appends to `web` one view of every visitor `v0..` stamped `ts`, and
+/// counts them in `sent`.
+fn append_round(web: &Path, ts: u64, sent: &mut [f64]) {
+    let mut text = String::new();
+    for (v, n) in sent.iter_mut().enumerate() {
+        text += &view(ts, &format!("v{v}"));
+        *n += 1.0;
+    }
+    append_to(web, &text);
+}
+
 /// The `cut` of the checkpoint in `state` (read-only), if it has one.
 fn checkpoint_cut(state: &Path) -> Option<u64> {
     segflow::store::StateParts::open_read_only(state)
@@ -1410,27 +1445,10 @@ fn a_followed_file_stopped_mid_tick_and_restarted_loses_no_line() {
         dead,
         state,
         spec,
-    } = Followed::new(dir.path());
-    let text = std::fs::read_to_string(&spec).unwrap();
-    std::fs::write(&spec, text.replace(r#"tick = "100ms""#, r#"tick = "1s""#)).unwrap();
+    } = followed_with_1s_ticks(dir.path());
     let visitors = 6;
     let mut sent = vec![0.0; visitors];
-    let round = |ts: u64, sent: &mut Vec<f64>| {
-        let mut text = String::new();
-        for (v, n) in sent.iter_mut().enumerate() {
-            text += &view(ts, &format!("v{v}"));
-            *n += 1.0;
-        }
-        append_to(&web, &text);
-    };
-    // The wall clock, 20-60 ms into a second.
-    let early_in_a_second = || loop {
-        let now = wall_ms();
-        if (20..60).contains(&(now % 1_000)) {
-            return now;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let round = |ts: u64, sent: &mut Vec<f64>| append_round(&web, ts, sent);
     let start = || Running::start(&spec, &[], (&out, &dead, &state));
     for stop in 0..2 {
         let run = start();
@@ -1522,27 +1540,14 @@ fn a_first_run_stopped_before_it_has_a_resume_point_loses_no_line() {
         dead,
         state,
         spec,
-    } = Followed::new(dir.path());
-    let text = std::fs::read_to_string(&spec).unwrap();
-    std::fs::write(&spec, text.replace(r#"tick = "100ms""#, r#"tick = "1s""#)).unwrap();
+    } = followed_with_1s_ticks(dir.path());
     let visitors = 3;
     let mut sent = vec![0.0; visitors];
     // Lines early in a second, then the first run, stopped in that second
     // once it has read them: the checkpoint's cut is that second, and no
     // point is before it (the first point is after the lines).
-    let now = loop {
-        let now = wall_ms();
-        if (20..60).contains(&(now % 1_000)) {
-            break now;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let mut text = String::new();
-    for (v, n) in sent.iter_mut().enumerate() {
-        text += &view(now, &format!("v{v}"));
-        *n += 1.0;
-    }
-    append_to(&web, &text);
+    let now = early_in_a_second();
+    append_round(&web, now, &mut sent);
     let first = Running::start(&spec, &[], (&out, &dead, &state));
     std::thread::sleep(Duration::from_millis(400));
     let ended = first.terminate();

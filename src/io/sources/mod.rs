@@ -160,6 +160,12 @@ impl ReadParams {
     fn restored_before(&self) -> Time {
         self.resume.as_ref().map_or(0, |r| r.before)
     }
+
+    /// Every dead letter of an earlier time is in the outputs of the run
+    /// the checkpoint is from (0 without one): see [`Resume::dead_bound`].
+    fn restored_dead_bound(&self) -> Time {
+        self.resume.as_ref().map_or(0, |r| r.dead_bound)
+    }
 }
 
 /// Lines decoded per activation before yielding to other operators.
@@ -278,8 +284,7 @@ impl Reader {
     fn reached(&mut self, offset: u64) {
         if self.read_to.is_some_and(|to| offset >= to) {
             self.read_to = None;
-            let bound = self.params.resume.as_ref().map_or(0, |r| r.dead_bound);
-            self.floor = self.floor.max(bound);
+            self.floor = self.floor.max(self.params.restored_dead_bound());
         }
     }
 
@@ -404,7 +409,7 @@ impl Reader {
             // The run that took the checkpoint read none of these lines:
             // their dead letters are written at the outputs' dead-letter
             // bound or later (earlier ones count as written already).
-            reader.floor = reader.params.resume.as_ref().map_or(0, |r| r.dead_bound);
+            reader.floor = reader.params.restored_dead_bound();
             // Its clients send again what the checkpoint does not hold:
             // their lines are on time if they come, oldest first, within
             // the allowed lateness of this start (see `SourceClock`).
