@@ -53,6 +53,10 @@ pub struct Rules {
     reads: Vec<Vec<usize>>,
     /// The segments whose condition reads attributes.
     attribute_readers: Vec<usize>,
+    /// The segments a wake-up evaluates again besides those reading a
+    /// time-dependent value that changed: those that read a recency
+    /// (its value moves with the clock) and those with a dwell time.
+    wake_readers: Vec<usize>,
     /// Per trait: the comparisons through which conditions read it, if
     /// every read is one (`NAME OP constant`, `constant OP NAME`, `NAME in
     /// [..]`); `None` if a condition reads it otherwise (in arithmetic, a
@@ -188,6 +192,18 @@ impl Rules {
                 }
             }
         }
+        let mut wake_readers: Vec<usize> = segments
+            .iter()
+            .enumerate()
+            .filter(|(s, seg)| {
+                seg.min_dwell_ms.is_some()
+                    || reads[*s]
+                        .iter()
+                        .any(|&i| traits[i].aggregate.is_recency())
+            })
+            .map(|(s, _)| s)
+            .collect();
+        wake_readers.sort_unstable();
         let trait_index = |name: &str| match names.get(name) {
             Some(Name::Trait(i)) => Some(*i),
             _ => None,
@@ -216,6 +232,7 @@ impl Rules {
             segment_readers,
             reads,
             attribute_readers,
+            wake_readers,
             tests,
         }
     }
@@ -237,10 +254,11 @@ impl Rules {
     }
 
     /// The segments to evaluate again when the traits `touched` (sorted)
-    /// changed, and the attributes if `attributes`: those that read them,
-    /// and those that read those segments, and so on; into `dirty` (its
-    /// buffer reused), by segment index.
-    fn dirty_into(&self, touched: &[u32], attributes: bool, dirty: &mut Vec<bool>) {
+    /// changed, and the attributes if `attributes`, and the profile was
+    /// `woken` ([`Rules::wake_readers`]): those that read them, and those
+    /// that read those segments, and so on; into `dirty` (its buffer
+    /// reused), by segment index.
+    fn dirty_into(&self, touched: &[u32], attributes: bool, woken: bool, dirty: &mut Vec<bool>) {
         dirty.clear();
         dirty.resize(self.segments.len(), false);
         let mut stack: Vec<usize> = Vec::new();
@@ -249,6 +267,9 @@ impl Rules {
         }
         if attributes {
             stack.extend(&self.attribute_readers);
+        }
+        if woken {
+            stack.extend(&self.wake_readers);
         }
         while let Some(s) = stack.pop() {
             if !dirty[s] {
@@ -590,9 +611,11 @@ pub fn evaluate<'s>(
                     }
                     if woken {
                         // A value that changes with time alone, or a dwell
-                        // time, is due.
+                        // time, is due: the time-dependent values are
+                        // computed again (the segments reading those that
+                        // changed are evaluated), and the segments reading
+                        // a recency or with a dwell time are evaluated.
                         facts.wake = None;
-                        everything = true;
                         for (i, t) in rules.traits.iter().enumerate() {
                             if time_dependent(t) {
                                 touched.push(i as u32);
@@ -659,7 +682,7 @@ pub fn evaluate<'s>(
                         known.push((i, value, count));
                     }
                     if !everything {
-                        rules.dirty_into(changed, attributes_changed, &mut dirty);
+                        rules.dirty_into(changed, attributes_changed, woken, &mut dirty);
                     }
                     let dirty = (!everything).then_some(dirty.as_slice());
                     let wake = if !has_facts {
