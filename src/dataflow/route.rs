@@ -115,6 +115,8 @@ pub fn route<'s>(
         let mut held: Option<[Capability<Time>; 2]> = None;
         let mut state: IdMap<Held> = IdMap::default();
         let mut completion = Completion::default();
+        // An event's windowed items with their ends (a buffer reused).
+        let mut windowed: Vec<(Time, Item)> = Vec::new();
         move |frontiers| {
             clocks_in.for_each(|_, data| data.drain(..).for_each(|r| completion.note(r)));
             let mut note = |cap: &InputCapability<Time>, time: Time| {
@@ -229,30 +231,42 @@ pub fn route<'s>(
                                 }
                             }
                             Input::Event(items, r) => {
+                                // Items come in trait order: a trait's
+                                // window end is computed once per event.
+                                let mut last: Option<(u32, Option<Time>)> = None;
+                                windowed.clear();
                                 for item in items {
                                     let item = if r == 1 { item } else { item.scaled(r) };
-                                    let end = trait_hold_end(
-                                        &traits,
-                                        item.trait_index(),
-                                        time,
-                                        tz,
-                                        tick_ms,
-                                    );
-                                    h.add_event(
-                                        end,
-                                        item,
-                                        &keeps,
-                                        id,
-                                        time,
-                                        &mut ends,
-                                        &mut delta,
-                                        &mut |c, t, r| kept.give((c, t, r)),
-                                    );
+                                    let index = item.trait_index();
+                                    let end = match last {
+                                        Some((i, end)) if i == index => end,
+                                        _ => {
+                                            let end =
+                                                trait_hold_end(&traits, index, time, tz, tick_ms);
+                                            last = Some((index, end));
+                                            end
+                                        }
+                                    };
+                                    match end {
+                                        Some(end) => {
+                                            delta.push(item.clone());
+                                            windowed.push((end, item));
+                                        }
+                                        None => h.add_event(
+                                            item,
+                                            &keeps,
+                                            id,
+                                            time,
+                                            &mut delta,
+                                            &mut |c, t, r| kept.give((c, t, r)),
+                                        ),
+                                    }
                                 }
+                                h.hold_all(&mut windowed, id, &mut ends);
                             }
                             Input::Expire => {
                                 if let Some(items) = h.windows.remove(&time) {
-                                    delta.extend(items.iter().map(|i| i.scaled(-1)));
+                                    delta.extend(items.into_iter().map(Item::retracted));
                                 }
                             }
                         }
@@ -364,6 +378,23 @@ impl Held {
         group.push(item);
     }
 
+    /// Holds an event's windowed items `(end, item)` (drained), one
+    /// lookup per distinct end.
+    fn hold_all(&mut self, items: &mut Vec<(Time, Item)>, id: Id, ends: &mut WindowEnds<Id>) {
+        items.sort_by_key(|(end, _)| *end);
+        let mut items = items.drain(..).peekable();
+        while let Some((end, item)) = items.next() {
+            let group = self.windows.entry(end).or_insert_with(|| {
+                ends.push(end, id);
+                Vec::new()
+            });
+            group.push(item);
+            while let Some((_, item)) = items.next_if(|(e, _)| *e == end) {
+                group.push(item);
+            }
+        }
+    }
+
     /// Adds a lifetime total or point, counts adding up.
     fn add_lifetime(&mut self, item: Item) {
         match item {
@@ -394,26 +425,18 @@ impl Held {
         }
     }
 
-    /// Adds an event's item at `time`, whose window ends at `end`: what
-    /// changes for the profile goes to `delta`, the held lifetime points
-    /// that change to `kept`.
-    #[allow(clippy::too_many_arguments)]
+    /// Adds an event's lifetime item at `time`: what changes for the
+    /// profile goes to `delta`, the held lifetime points that change to
+    /// `kept`.
     fn add_event(
         &mut self,
-        end: Option<Time>,
         item: Item,
         keeps: &[Option<Keep>],
         id: Id,
         time: Time,
-        ends: &mut WindowEnds<Id>,
         delta: &mut Vec<Item>,
         kept: &mut impl FnMut((PointContribution, bool), Time, isize),
     ) {
-        if let Some(end) = end {
-            delta.push(item.clone());
-            self.hold_until(end, item, id, ends);
-            return;
-        }
         let keep = match &item {
             Item::Point(index, _, c) if *c > 0 => keeps.get(*index as usize).copied().flatten(),
             _ => None,

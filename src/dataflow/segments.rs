@@ -57,6 +57,9 @@ pub struct Rules {
     /// time-dependent value that changed: those that read a recency
     /// (its value moves with the clock) and those with a dwell time.
     wake_readers: Vec<usize>,
+    /// The traits whose value, or whose comparisons, change with time
+    /// alone: sessions, `not_followed_by` sequences, recencies.
+    timed: Vec<usize>,
     /// Per trait: the comparisons through which conditions read it, if
     /// every read is one (`NAME OP constant`, `constant OP NAME`, `NAME in
     /// [..]`); `None` if a condition reads it otherwise (in arithmetic, a
@@ -197,13 +200,14 @@ impl Rules {
             .enumerate()
             .filter(|(s, seg)| {
                 seg.min_dwell_ms.is_some()
-                    || reads[*s]
-                        .iter()
-                        .any(|&i| traits[i].aggregate.is_recency())
+                    || reads[*s].iter().any(|&i| traits[i].aggregate.is_recency())
             })
             .map(|(s, _)| s)
             .collect();
         wake_readers.sort_unstable();
+        let timed = (0..traits.len())
+            .filter(|&i| time_dependent(&traits[i]) || traits[i].aggregate.is_recency())
+            .collect();
         let trait_index = |name: &str| match names.get(name) {
             Some(Name::Trait(i)) => Some(*i),
             _ => None,
@@ -233,6 +237,7 @@ impl Rules {
             reads,
             attribute_readers,
             wake_readers,
+            timed,
             tests,
         }
     }
@@ -804,8 +809,82 @@ enum Change {
     Entered(u32, Time),
 }
 
-/// A multiset of `(tick, value)` points.
-type Points = BTreeMap<(Time, Scalar), isize>;
+/// A multiset of `(tick, value)` points, in order, with their counts
+/// (none zero).
+///
+/// A sorted double-ended queue rather than a tree: points arrive mostly
+/// in time order (appended) and leave oldest first (popped at the front),
+/// a trait holds few of them per profile (a session's events, the values
+/// of a window), and the values are read by scanning them in order, which
+/// a contiguous buffer does several times faster than a tree's nodes.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Points(std::collections::VecDeque<((Time, Scalar), isize)>);
+
+impl Points {
+    fn new() -> Points {
+        Points::default()
+    }
+
+    /// Adds `c` to the count of `point` (removed at zero).
+    fn add(&mut self, point: (Time, Scalar), c: isize) {
+        if c == 0 {
+            return;
+        }
+        let q = &mut self.0;
+        if q.back().is_none_or(|(k, _)| *k < point) {
+            q.push_back((point, c));
+            return;
+        }
+        if q.front().is_some_and(|(k, _)| point < *k) {
+            q.push_front((point, c));
+            return;
+        }
+        match q.binary_search_by(|(k, _)| k.cmp(&point)) {
+            Ok(at) => {
+                q[at].1 += c;
+                if q[at].1 == 0 {
+                    q.remove(at);
+                }
+            }
+            Err(at) => q.insert(at, (point, c)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many distinct points.
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The points and their counts, in order.
+    fn iter(&self) -> impl DoubleEndedIterator<Item = (&(Time, Scalar), &isize)> {
+        self.0.iter().map(|(k, c)| (k, c))
+    }
+
+    /// The points, in order.
+    fn keys(&self) -> impl DoubleEndedIterator<Item = &(Time, Scalar)> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// The points at or after tick `from`, in order.
+    fn from_tick(&self, from: Time) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
+        let at = self.0.partition_point(|((t, _), _)| *t < from);
+        self.0.range(at..).map(|(k, c)| (k, c))
+    }
+}
+
+impl FromIterator<((Time, Scalar), isize)> for Points {
+    fn from_iter<I: IntoIterator<Item = ((Time, Scalar), isize)>>(iter: I) -> Points {
+        let mut points = Points::new();
+        for (p, c) in iter {
+            points.add(p, c);
+        }
+        points
+    }
+}
 
 /// The facts of one profile, as [`evaluate`] keeps them (boxed slices:
 /// one of these per profile, and most change rarely).
@@ -864,18 +943,7 @@ impl ProfileFacts {
                             *upsert(&mut self.totals, slot, || 0) += change * r as Total
                         }
                         Item::Point(index, point, c) => {
-                            let points = upsert(&mut self.points, index, Points::new);
-                            match points.entry(point) {
-                                std::collections::btree_map::Entry::Occupied(mut e) => {
-                                    *e.get_mut() += c * r;
-                                    if *e.get() == 0 {
-                                        e.remove();
-                                    }
-                                }
-                                std::collections::btree_map::Entry::Vacant(e) => {
-                                    e.insert(c * r);
-                                }
-                            }
+                            upsert(&mut self.points, index, Points::new).add(point, c * r);
                         }
                     }
                 }
@@ -1170,16 +1238,22 @@ impl ProfileFacts {
         out.sort_unstable();
         // When a value that changes with time alone can next change a
         // condition.
-        for (i, spec) in traits.iter().enumerate() {
+        for &i in &rules.timed {
+            let spec = &traits[i];
             let Some(points) = self.points(i as u32) else {
                 continue;
             };
             if let Some(seq) = &spec.sequence {
                 if !seq.followed {
-                    for ((t, is_b), _) in points.iter() {
-                        if *is_b == Scalar::Bool(false) {
-                            soon(t.saturating_add(seq.within_ms));
-                        }
+                    // The earliest first step still within `within` (the
+                    // points are in time order; `now` is a tick, so the
+                    // first tick at or after `t + within` is after `now`
+                    // exactly when `t + within` is).
+                    let next = points.keys().find(|(t, is_b)| {
+                        *is_b == Scalar::Bool(false) && t.saturating_add(seq.within_ms) > now
+                    });
+                    if let Some((t, _)) = next {
+                        soon(t.saturating_add(seq.within_ms));
                     }
                 }
             } else if let Window::Session { gap, max } = spec.window {
@@ -1245,11 +1319,10 @@ fn current_session(
             start = Some(from);
         }
     }
-    let range = match start {
-        Some(from) => points.range((from, Scalar::Null)..),
-        None => points.range((Time::MAX, Scalar::Null)..(Time::MAX, Scalar::Null)),
-    };
-    range.filter(|((_, v), _)| *v != Scalar::Null)
+    // Nothing is at or after `Time::MAX` (ticks are far below it).
+    points
+        .from_tick(start.unwrap_or(Time::MAX))
+        .filter(|((_, v), _)| *v != Scalar::Null)
 }
 
 /// The count of a sequence trait at `now`: each first event (`false`) at
@@ -1264,7 +1337,7 @@ fn sequence_count(points: &Points, followed: bool, within: u64, now: Time) -> is
         }
         let end = t.saturating_add(within);
         let next = points
-            .range((t + 1, Scalar::Null)..)
+            .from_tick(t + 1)
             .take_while(|((u, _), _)| *u <= end.min(now))
             .any(|((_, w), _)| *w == Scalar::Bool(true));
         let counts = if followed { next } else { end <= now && !next };

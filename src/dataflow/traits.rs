@@ -78,6 +78,14 @@ impl Item {
         }
     }
 
+    /// The item's retraction (`scaled(-1)`, without a copy).
+    pub fn retracted(self) -> Item {
+        match self {
+            Item::Amount(slot, v) => Item::Amount(slot, -v),
+            Item::Point(index, point, c) => Item::Point(index, point, -c),
+        }
+    }
+
     /// The item `k` times over (`-1`: its retraction).
     pub fn scaled(&self, k: isize) -> Item {
         match self {
