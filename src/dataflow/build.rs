@@ -77,7 +77,14 @@ pub fn build<'s>(
     let records: Coll<'s, Record> =
         differential_dataflow::collection::concatenate(scope, record_streams);
 
-    let split = split_records(records.inner, Rc::clone(&trait_specs), tz);
+    let stateful = shared.state.is_some();
+    let split = split_records(
+        records.inner,
+        Rc::clone(&trait_specs),
+        tz,
+        tick_ms,
+        stateful,
+    );
     let restore = retain::restore(scope, restored);
     let crm_versions: Coll<'s, (String, Arc<CrmRecord>)> = split
         .crm_versions
@@ -87,7 +94,6 @@ pub fn build<'s>(
     let event_sets: Coll<'s, Vec<Id>> = split.identifier_sets.as_collection();
     let names: Coll<'s, (Id, String)> = identity::first_names(split.names.as_collection());
     let first_sets = identity::first_occurrences(event_sets);
-    let stateful = shared.state.is_some();
     let event_sets = first_sets.clone().concat(restore.sets.as_collection());
 
     // CRM records are upserts; their current versions link identifiers and
@@ -149,12 +155,7 @@ pub fn build<'s>(
                 .inner
                 .clone()
                 .map(|((k, n), t, r)| (Retained::Name(k, n), t, r)),
-            {
-                let specs = Rc::clone(&trait_specs);
-                split.trait_items.flat_map(move |((id, items), t, r)| {
-                    retained_items(&specs, id, items, t, r, tz, tick_ms)
-                })
-            },
+            split.retained_items,
             routed.kept.map(|((c, replaces), t, r)| match replaces {
                 true => (Retained::Held(c), t, r),
                 false => (Retained::Point(c), t, r),
@@ -257,46 +258,58 @@ pub fn build<'s>(
 }
 
 /// What a checkpoint retains of one event's trait `items` (`diff` times,
-/// at `tick`; see [`retain`]): its lifetime amounts and points (but not
-/// those of lifetime traits that keep only some: the route reports the
-/// ones it holds), and its windowed items as one entry with the last of
-/// the times the route holds them until ([`traits::trait_hold_end`]).
-fn retained_items(
+/// at `tick`; see [`retain`]), to `out`: its lifetime amounts and points
+/// (but not those of lifetime traits that keep only some: the route
+/// reports the ones it holds), and its windowed items as one entry,
+/// encoded, with the last of the times the route holds them until
+/// ([`traits::trait_hold_end`]).
+#[allow(clippy::too_many_arguments)]
+fn retain_items(
     specs: &[crate::spec::TraitSpec],
     id: Id,
-    items: Vec<Item>,
+    items: &[Item],
     tick: Time,
     diff: isize,
     tz: chrono_tz::Tz,
     tick_ms: u64,
-) -> Vec<(Retained, Time, isize)> {
-    let mut out = Vec::new();
+    out: &mut impl FnMut((Retained, Time, isize)),
+) {
     let mut windowed = Vec::new();
     let mut last_end = 0;
+    // Items come in trait order: a trait's end is computed once.
+    let mut last: Option<(u32, Option<Time>)> = None;
     for item in items {
         let index = item.trait_index();
-        match (
-            traits::trait_hold_end(specs, index, tick, tz, tick_ms),
-            item,
-        ) {
+        let end = match last {
+            Some((i, end)) if i == index => end,
+            _ => {
+                let end = traits::trait_hold_end(specs, index, tick, tz, tick_ms);
+                last = Some((index, end));
+                end
+            }
+        };
+        match (end, item) {
             (Some(end), item) => {
                 last_end = last_end.max(end);
-                windowed.push(item);
+                retain::encode_item_into(item, &mut windowed);
             }
             (None, Item::Amount(slot, value)) => {
-                out.push((Retained::Total(id, slot, value), tick, diff));
+                out((Retained::Total(id, *slot, *value), tick, diff));
             }
             (None, Item::Point(index, point, count)) => {
-                if traits::keep_of(&specs[index as usize]).is_none() {
-                    out.push((Retained::Point((id, (index, point))), tick, diff * count));
+                if traits::keep_of(&specs[*index as usize]).is_none() {
+                    out((
+                        Retained::Point((id, (*index, point.clone()))),
+                        tick,
+                        diff * count,
+                    ));
                 }
             }
         }
     }
     if !windowed.is_empty() {
-        out.push((Retained::Event(id, windowed, last_end), tick, diff));
+        out((Retained::Event(id, windowed, last_end), tick, diff));
     }
-    out
 }
 
 /// The updates of `coll` at times from `from` on.
@@ -317,6 +330,9 @@ struct Split<'s> {
     identifier_sets: Stream<'s, Time, Vec<(Vec<Id>, Time, isize)>>,
     trait_items: Stream<'s, Time, Vec<((Id, Vec<Item>), Time, isize)>>,
     names: Stream<'s, Time, Vec<((Id, String), Time, isize)>>,
+    /// What a checkpoint retains of the trait items ([`retain_items`];
+    /// nothing in a run without state).
+    retained_items: Stream<'s, Time, Vec<(Retained, Time, isize)>>,
 }
 
 /// Splits each record, where it was decoded, into what the stages need
@@ -327,6 +343,8 @@ fn split_records<'s>(
     records: Stream<'s, Time, Vec<(Record, Time, isize)>>,
     specs: Rc<[TraitSpec]>,
     tz: chrono_tz::Tz,
+    tick_ms: u64,
+    stateful: bool,
 ) -> Split<'s> {
     let mut builder = OperatorBuilder::new("Split records".to_owned(), records.scope());
     let mut input = builder.new_input(records, Pipeline);
@@ -334,28 +352,45 @@ fn split_records<'s>(
     let (sets_out, identifier_sets) = builder.new_output();
     let (items_out, trait_items) = builder.new_output();
     let (names_out, names) = builder.new_output();
+    let (retained_out, retained_items) = builder.new_output();
     let mut crm_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(crm_out);
     let mut sets_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(sets_out);
     let mut items_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(items_out);
     let mut names_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(names_out);
+    let mut retained_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<_>>>::from(retained_out);
     builder.build(move |_capabilities| {
+        // An event's items as they are collected (a buffer reused; each
+        // event's are then moved into a vector of their exact size).
+        let mut scratch: Vec<Item> = Vec::new();
         move |_frontiers| {
             let (mut crm_out, mut sets_out) = (crm_out.activate(), sets_out.activate());
             let (mut items_out, mut names_out) = (items_out.activate(), names_out.activate());
+            let mut retained_out = retained_out.activate();
             input.for_each_stamp(|cap, data| {
                 let mut crm = crm_out.session(&cap);
                 let mut sets = sets_out.session(&cap);
                 let mut trait_items = items_out.session(&cap);
                 let mut names = names_out.session(&cap);
+                let mut retained = retained_out.session(&cap);
                 for (record, tick, diff) in data.flat_map(|d| d.drain(..)) {
                     if !matches!(record, Record::Crm(_)) {
-                        let mut items = Vec::new();
-                        if let Some(key) =
-                            traits::contributions(&record, tick, &specs, tz, &mut items)
-                        {
-                            if !items.is_empty() {
-                                trait_items.give(((key, items), tick, diff));
+                        scratch.clear();
+                        let key = traits::contributions(&record, tick, &specs, tz, &mut scratch);
+                        if let (Some(key), false) = (key, scratch.is_empty()) {
+                            if stateful {
+                                retain_items(
+                                    &specs,
+                                    key,
+                                    &scratch,
+                                    tick,
+                                    diff,
+                                    tz,
+                                    tick_ms,
+                                    &mut |r| retained.give(r),
+                                );
                             }
+                            let items: Vec<Item> = scratch.drain(..).collect();
+                            trait_items.give(((key, items), tick, diff));
                         }
                     }
                     // From here on identifiers are keys; their names travel
@@ -390,5 +425,6 @@ fn split_records<'s>(
         identifier_sets,
         trait_items,
         names,
+        retained_items,
     }
 }

@@ -58,8 +58,9 @@ pub enum Retained {
     /// the one held before.
     Held(PointContribution),
     /// The windowed items of an event at the update's time (its tick),
-    /// under its identifier, with the last of their window ends.
-    Event(Id, Vec<Item>, Time),
+    /// under its identifier, with the last of their window ends; the
+    /// items encoded ([`encode_item_into`], one after another).
+    Event(Id, Vec<u8>, Time),
     /// A profile entered the segment of this name (one with a dwell
     /// time) at this time (`+1`), or left it (`-1`).
     DwellEntry(Id, String, Time),
@@ -89,6 +90,24 @@ pub struct Restored {
     /// When each profile entered each segment with a dwell time that it
     /// was in at the cut: `(profile, segment name, entered)`.
     pub dwell_entries: Vec<(Id, String, Time)>,
+}
+
+/// Appends the encoding of `item` to `out`: its bincode, so that two
+/// encodings appended are the encoding of both lists (the
+/// `retained_events` column family holds an event's items so, see
+/// [`crate::store`]).
+pub fn encode_item_into(item: &Item, out: &mut Vec<u8>) {
+    bincode::serialize_into(out, item).expect("an item serializes");
+}
+
+/// Items encoded by [`encode_item_into`], read back; `None` if the bytes
+/// are not such an encoding.
+pub fn decode_items(mut bytes: &[u8]) -> Option<Vec<Item>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        out.push(bincode::deserialize_from(&mut bytes).ok()?);
+    }
+    Some(out)
 }
 
 impl Restored {

@@ -967,6 +967,7 @@ impl Engine {
     /// worker 0's summary (on other processes of a cluster, an empty one).
     pub fn run(self, mut config: timely::Config) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
+        crate::model::normalize::load_phone_metadata_in_background();
         let peers = match &config.communication {
             timely::CommunicationConfig::Cluster {
                 threads,

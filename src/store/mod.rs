@@ -53,8 +53,8 @@ pub mod explain;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::dataflow::retain::{Restored, Retained};
-use crate::dataflow::traits::{Item, PointContribution, COUNT_OF};
+use crate::dataflow::retain::{decode_items, encode_item_into, Restored, Retained};
+use crate::dataflow::traits::{PointContribution, COUNT_OF};
 use crate::io::sources::ResumePoint;
 use crate::model::{CrmRecord, Id, IdMap, Ident, Scalar};
 use crate::time::Time;
@@ -708,7 +708,8 @@ pub struct RetainedBatch {
     names: Vec<(Id, String)>,
     totals: std::collections::HashMap<(Id, u32), i128, foldhash::fast::RandomState>,
     /// By `(last window end, tick, identifier)`.
-    events: std::collections::HashMap<(Time, Time, Id), Vec<Item>, foldhash::fast::RandomState>,
+    /// The items encoded ([`crate::dataflow::retain::encode_item_into`]).
+    events: std::collections::HashMap<(Time, Time, Id), Vec<u8>, foldhash::fast::RandomState>,
     points: std::collections::HashMap<PointContribution, i64, foldhash::fast::RandomState>,
     /// The point held per `(identifier, trait)`, the last one staged.
     held: std::collections::HashMap<(Id, u32), (Time, Scalar), foldhash::fast::RandomState>,
@@ -757,25 +758,6 @@ fn event_key(last_end: Time, tick: Time, id: Id) -> [u8; 32] {
     k
 }
 
-/// Items one after another, each in bincode (so that two encodings
-/// appended are the encoding of both lists).
-fn encode_items(items: &[Item]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(items.len() * 32);
-    for item in items {
-        bincode::serialize_into(&mut out, item).expect("an item serializes");
-    }
-    out
-}
-
-/// [`encode_items`] read back.
-fn decode_items(mut bytes: &[u8]) -> Option<Vec<Item>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        out.push(bincode::deserialize_from(&mut bytes).ok()?);
-    }
-    Some(out)
-}
-
 /// A merge that appends values (of `retained_events`).
 fn append(_key: &[u8], existing: Option<&[u8]>, ops: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
     let mut out = existing.map(<[u8]>::to_vec).unwrap_or_default();
@@ -807,7 +789,7 @@ impl RetainedBatch {
             *self.totals.entry(k).or_default() += v;
         }
         for (k, items) in later.events {
-            self.events.entry(k).or_default().extend(items);
+            self.events.entry(k).or_default().extend_from_slice(&items);
         }
         for (k, v) in later.points {
             *self.points.entry(k).or_default() += v;
@@ -840,9 +822,11 @@ impl RetainedBatch {
             Retained::Event(id, items, last_end) => {
                 let held = self.events.entry((last_end, time, id)).or_default();
                 if diff == 1 {
-                    held.extend(items);
+                    held.extend_from_slice(&items);
                 } else {
-                    held.extend(items.iter().map(|i| i.scaled(diff)));
+                    for item in decode_items(&items).into_iter().flatten() {
+                        encode_item_into(&item.scaled(diff), held);
+                    }
                 }
             }
             _ if diff <= 0 => {}
@@ -874,7 +858,7 @@ impl RetainedBatch {
         for ((last_end, tick, id), items) in self.events {
             if last_end >= cut && !items.is_empty() {
                 let key = event_key(last_end, tick, id);
-                batch.merge_cf(cfs[R_EVENTS], key, encode_items(&items));
+                batch.merge_cf(cfs[R_EVENTS], key, items);
             }
         }
         for (p, count) in self.points {
@@ -1734,6 +1718,7 @@ pub fn attributes_json(attrs: &[(String, Scalar)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataflow::traits::Item;
 
     /// What is written as retained comes back compacted: the latest CRM
     /// version whatever the order it came in, lifetime totals added up
@@ -1769,13 +1754,18 @@ mod tests {
         first.stage(Retained::Total(a, 0, 19_999), 1_000, 1);
         let count = Item::Amount(1, 1);
         let view = |v: &str| Item::Point(3, (0, Scalar::Str(v.into())), 1);
-        first.stage(Retained::Event(a, vec![count.clone()], 11_000), 1_000, 1);
+        let enc = |items: &[Item]| {
+            let mut out = Vec::new();
+            items.iter().for_each(|i| encode_item_into(i, &mut out));
+            out
+        };
+        first.stage(Retained::Event(a, enc(&[count.clone()]), 11_000), 1_000, 1);
         first.stage(
-            Retained::Event(a, vec![count.clone(), view("x")], 11_000),
+            Retained::Event(a, enc(&[count.clone(), view("x")]), 11_000),
             1_000,
             1,
         );
-        first.stage(Retained::Event(b, vec![count.clone()], 3_000), 2_000, 1);
+        first.stage(Retained::Event(b, enc(&[count.clone()]), 3_000), 2_000, 1);
         // Lifetime points: a held one (later replaced), a counted one.
         let point = |id, tick, v: &str| (id, (2, (tick, Scalar::Str(v.into()))));
         first.stage(Retained::Held(point(a, 1_000, "x")), 1_000, 1);
@@ -1800,7 +1790,7 @@ mod tests {
         );
         second.stage(Retained::Total(a, 0, 1), 4_000, 1);
         second.stage(Retained::Held(point(a, 4_000, "w")), 4_000, 1);
-        second.stage(Retained::Event(b, vec![view("y")], 9_000), 4_000, 1);
+        second.stage(Retained::Event(b, enc(&[view("y")]), 9_000), 4_000, 1);
         // `a` leaves vip.
         second.stage(dwell(a, "vip", 1_000), 4_000, -1);
         store
