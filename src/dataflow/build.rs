@@ -362,6 +362,7 @@ fn split_records<'s>(
         // An event's items as they are collected (a buffer reused; each
         // event's are then moved into a vector of their exact size).
         let mut scratch: Vec<Item> = Vec::new();
+        let mut filters = traits::Filters::new(&specs);
         move |_frontiers| {
             let (mut crm_out, mut sets_out) = (crm_out.activate(), sets_out.activate());
             let (mut items_out, mut names_out) = (items_out.activate(), names_out.activate());
@@ -375,7 +376,14 @@ fn split_records<'s>(
                 for (record, tick, diff) in data.flat_map(|d| d.drain(..)) {
                     if !matches!(record, Record::Crm(_)) {
                         scratch.clear();
-                        let key = traits::contributions(&record, tick, &specs, tz, &mut scratch);
+                        let key = traits::contributions(
+                            &record,
+                            tick,
+                            &specs,
+                            &mut filters,
+                            tz,
+                            &mut scratch,
+                        );
                         if let (Some(key), false) = (key, scratch.is_empty()) {
                             if stateful {
                                 retain_items(

@@ -119,19 +119,83 @@ fn field<'r>(record: &'r Record, path: &[String], tz: chrono_tz::Tz, tick: Time)
     }
 }
 
-/// Whether `record` is an event of `stream` that passes `filter`.
-fn passes(
-    stream: StreamKind,
-    filter: Option<&crate::spec::expr::Expr>,
-    record: &Record,
-    tz: chrono_tz::Tz,
-    tick: Time,
-) -> bool {
-    let on_stream = matches!(
-        (stream, record),
-        (StreamKind::Web, Record::Web(_)) | (StreamKind::Transactions, Record::Txn(_))
-    );
-    on_stream && filter.is_none_or(|f| f.eval_bool(&mut |p| field(record, p, tz, tick)))
+/// The distinct filters of a definition's traits and of their sequences'
+/// steps, so that each event is tested against each filter once: the
+/// shipped definition has twenty traits and five distinct filters
+/// (`event == "view_item"` alone is the filter of eight).
+pub struct Filters {
+    /// The distinct filters.
+    exprs: Vec<crate::spec::expr::Expr>,
+    /// Per trait: its filter's index in `exprs`.
+    of_trait: Vec<Option<usize>>,
+    /// Per trait: its sequence steps' filters' indices.
+    of_steps: Vec<Vec<Option<usize>>>,
+    /// Per filter, for the event being split: not yet tested, or whether
+    /// it passed.
+    memo: Vec<Option<bool>>,
+}
+
+impl Filters {
+    /// The filters of `traits`, told apart by their text.
+    pub fn new(traits: &[TraitSpec]) -> Filters {
+        let mut exprs: Vec<crate::spec::expr::Expr> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        let mut index = |f: Option<&crate::spec::expr::Expr>| {
+            let f = f?;
+            let text = f.to_string();
+            Some(match texts.iter().position(|t| *t == text) {
+                Some(at) => at,
+                None => {
+                    texts.push(text);
+                    exprs.push(f.clone());
+                    exprs.len() - 1
+                }
+            })
+        };
+        let of_trait = traits.iter().map(|t| index(t.filter.as_ref())).collect();
+        let of_steps = traits
+            .iter()
+            .map(|t| match &t.sequence {
+                Some(seq) => seq.steps.iter().map(|(_, f)| index(f.as_ref())).collect(),
+                None => Vec::new(),
+            })
+            .collect();
+        let memo = vec![None; exprs.len()];
+        Filters {
+            exprs,
+            of_trait,
+            of_steps,
+            memo,
+        }
+    }
+
+    /// Whether `record` is an event of `stream` that passes filter `k`
+    /// (`None`: no filter), each filter evaluated once per event (see
+    /// [`Filters::next_event`]).
+    fn passes(
+        &mut self,
+        stream: StreamKind,
+        k: Option<usize>,
+        record: &Record,
+        tz: chrono_tz::Tz,
+        tick: Time,
+    ) -> bool {
+        let on_stream = matches!(
+            (stream, record),
+            (StreamKind::Web, Record::Web(_)) | (StreamKind::Transactions, Record::Txn(_))
+        );
+        let Some(k) = k.filter(|_| on_stream) else {
+            return on_stream;
+        };
+        *self.memo[k].get_or_insert_with(|| {
+            self.exprs[k].eval_bool(&mut |p| field(record, p, tz, tick))
+        })
+    }
+
+    /// Forgets the results of the event before.
+    fn next_event(&mut self) {
+        self.memo.iter_mut().for_each(|m| *m = None);
+    }
 }
 
 /// A numeric field in thousandths, exact for values within
@@ -175,26 +239,34 @@ fn point_value(spec: &TraitSpec, record: &Record, tz: chrono_tz::Tz, tick: Time)
 /// `None` for a record without identifiers (which contributes nothing).
 /// They leave their windows at [`window_end`], and the route lets go of
 /// them at [`trait_hold_end`] ([`crate::dataflow::route`]).
+///
+/// `filters` are those of `traits` ([`Filters::new`]).
 pub fn contributions(
     record: &Record,
     tick: Time,
     traits: &[TraitSpec],
+    filters: &mut Filters,
     tz: chrono_tz::Tz,
     items: &mut Vec<Item>,
 ) -> Option<Id> {
     let key = record.ids().first().map(Ident::id)?;
+    filters.next_event();
     for (index, spec) in traits.iter().enumerate() {
         let i = index as u32;
-        let matched = passes(spec.stream, spec.filter.as_ref(), record, tz, tick);
+        let matched = filters.passes(spec.stream, filters.of_trait[index], record, tz, tick);
         if let Some(seq) = &spec.sequence {
             if matched {
                 items.push(Item::Point(i, (tick, Scalar::Bool(false)), 1));
             }
-            if seq
-                .steps
-                .iter()
-                .any(|(stream, filter)| passes(*stream, filter.as_ref(), record, tz, tick))
-            {
+            let mut step_passes = false;
+            for (step, (stream, _)) in seq.steps.iter().enumerate() {
+                let k = filters.of_steps[index][step];
+                if filters.passes(*stream, k, record, tz, tick) {
+                    step_passes = true;
+                    break;
+                }
+            }
+            if step_passes {
                 items.push(Item::Point(i, (tick, Scalar::Bool(true)), 1));
             }
             continue;
@@ -202,7 +274,7 @@ pub fn contributions(
         if let Window::Session { .. } = spec.window {
             // Every event of the stream marks the session; those the filter
             // keeps carry their value.
-            if passes(spec.stream, None, record, tz, tick) {
+            if filters.passes(spec.stream, None, record, tz, tick) {
                 let value = if matched {
                     point_value(spec, record, tz, tick).unwrap_or(Scalar::Null)
                 } else {
@@ -418,7 +490,10 @@ mod tests {
     /// point))` of `record`.
     fn run(record: &Record, tick: Time) -> (Vec<Contribution>, Vec<PointContribution>) {
         let mut items = Vec::new();
-        let key = contributions(record, tick, &specs(), chrono_tz::UTC, &mut items).unwrap();
+        let specs = specs();
+        let mut filters = Filters::new(&specs);
+        let key =
+            contributions(record, tick, &specs, &mut filters, chrono_tz::UTC, &mut items).unwrap();
         let (mut a, mut p) = (Vec::new(), Vec::new());
         for item in items {
             match item {
