@@ -65,32 +65,67 @@ pub struct Rules {
     /// [..]`); `None` if a condition reads it otherwise (in arithmetic, a
     /// string test, against another value, as `NAME.count`). A change of
     /// its value that turns none of them changes no condition.
-    tests: Vec<Option<Vec<Expr>>>,
+    tests: Vec<Option<Vec<Test>>>,
+}
+
+/// A comparison of one trait's value with constants, as a condition
+/// reads it (see [`Rules::tests`]).
+#[derive(Clone, Debug)]
+enum Test {
+    /// `NAME OP constant` (`true`), or `constant OP NAME` (`false`).
+    Cmp(crate::spec::expr::CmpOp, Scalar, bool),
+    /// `NAME in [..]`.
+    In(Vec<Scalar>),
+}
+
+impl Test {
+    /// The comparison from expression `e` that reads its trait as `name`
+    /// (`Expr::Cmp` with one side a constant, or `Expr::In`).
+    fn of(e: &Expr, name: &Expr) -> Option<Test> {
+        let constant = |c: &Expr| c.eval(&mut |_| ScalarRef::Null).to_scalar();
+        match e {
+            Expr::Cmp(op, a, b) if **a == *name => Some(Test::Cmp(*op, constant(b), true)),
+            Expr::Cmp(op, a, b) if **b == *name => Some(Test::Cmp(*op, constant(a), false)),
+            Expr::In(_, list) => Some(Test::In(list.clone())),
+            _ => None,
+        }
+    }
+
+    /// Whether the comparison holds for value `v`, as
+    /// [`Expr::eval_bool`] decides it.
+    fn holds(&self, v: ScalarRef<'_>) -> bool {
+        use crate::spec::expr::{compare_ref, CmpOp};
+        match self {
+            Test::Cmp(op, c, true) => compare_ref(*op, v, c.borrowed()),
+            Test::Cmp(op, c, false) => compare_ref(*op, c.borrowed(), v),
+            Test::In(list) => list.iter().any(|l| compare_ref(CmpOp::Eq, v, l.borrowed())),
+        }
+    }
 }
 
 /// Adds to `tests` (see [`Rules::tests`]) the comparisons of expression
 /// `e` that read one trait (`index` of a name) against constants, and
 /// marks the traits `e` reads in any other way as read otherwise (`None`).
-fn collect_tests(e: &Expr, index: &dyn Fn(&str) -> Option<usize>, tests: &mut [Option<Vec<Expr>>]) {
+fn collect_tests(e: &Expr, index: &dyn Fn(&str) -> Option<usize>, tests: &mut [Option<Vec<Test>>]) {
     let lone = |x: &Expr| match x {
         Expr::Path(p, _) if p.len() == 1 => index(&p[0]),
         _ => None,
     };
     let tested = match e {
         Expr::Cmp(_, a, b) => match (lone(a), lone(b)) {
-            (Some(i), None) if b.is_constant() => Some(i),
-            (None, Some(i)) if a.is_constant() => Some(i),
+            (Some(i), None) if b.is_constant() => Some((i, &**a)),
+            (None, Some(i)) if a.is_constant() => Some((i, &**b)),
             _ => None,
         },
-        Expr::In(a, _) => lone(a),
+        Expr::In(a, _) => lone(a).map(|i| (i, &**a)),
         _ => None,
     };
     match (tested, e) {
-        (Some(i), _) => {
-            if let Some(list) = &mut tests[i] {
-                list.push(e.clone());
-            }
-        }
+        (Some((i, name)), _) => match (&mut tests[i], Test::of(e, name)) {
+            (Some(list), Some(test)) => list.push(test),
+            (slot, None) => *slot = None,
+            (None, Some(_)) => {}
+        },
         (None, Expr::Not(a)) => collect_tests(a, index, tests),
         (None, Expr::And(es) | Expr::Or(es)) => {
             es.iter().for_each(|e| collect_tests(e, index, tests))
@@ -252,9 +287,9 @@ impl Rules {
     fn may_turn(&self, i: u32, old: &Scalar, new: &Scalar) -> bool {
         match &self.tests[i as usize] {
             None => true,
-            Some(tests) => tests.iter().any(|t| {
-                t.eval_bool(&mut |_| old.borrowed()) != t.eval_bool(&mut |_| new.borrowed())
-            }),
+            Some(tests) => tests
+                .iter()
+                .any(|t| t.holds(old.borrowed()) != t.holds(new.borrowed())),
         }
     }
 
@@ -689,9 +724,22 @@ pub fn evaluate<'s>(
                     if !everything {
                         rules.dirty_into(changed, attributes_changed, woken, &mut dirty);
                     }
+                    // Nothing to evaluate: no segment reads a changed
+                    // value, and no value that changes with time alone
+                    // was touched (its wake-up stands). The memberships
+                    // and the wake-up stay as they were (most window ends
+                    // of counts and sums).
+                    let quiet = !everything
+                        && !dirty.iter().any(|d| *d)
+                        && !touched.iter().any(|i| rules.timed.contains(&(*i as usize)))
+                        && facts.restored_entries.is_empty();
                     let dirty = (!everything).then_some(dirty.as_slice());
                     let wake = if !has_facts {
                         scratch.out.clear();
+                        None
+                    } else if quiet {
+                        scratch.out.clear();
+                        scratch.out.extend_from_slice(&facts.members);
                         None
                     } else {
                         facts.memberships(rules, time, dirty, &mut scratch)

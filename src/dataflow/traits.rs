@@ -187,9 +187,8 @@ impl Filters {
         let Some(k) = k.filter(|_| on_stream) else {
             return on_stream;
         };
-        *self.memo[k].get_or_insert_with(|| {
-            self.exprs[k].eval_bool(&mut |p| field(record, p, tz, tick))
-        })
+        *self.memo[k]
+            .get_or_insert_with(|| self.exprs[k].eval_bool(&mut |p| field(record, p, tz, tick)))
     }
 
     /// Forgets the results of the event before.
@@ -492,8 +491,15 @@ mod tests {
         let mut items = Vec::new();
         let specs = specs();
         let mut filters = Filters::new(&specs);
-        let key =
-            contributions(record, tick, &specs, &mut filters, chrono_tz::UTC, &mut items).unwrap();
+        let key = contributions(
+            record,
+            tick,
+            &specs,
+            &mut filters,
+            chrono_tz::UTC,
+            &mut items,
+        )
+        .unwrap();
         let (mut a, mut p) = (Vec::new(), Vec::new());
         for item in items {
             match item {
