@@ -916,12 +916,6 @@ impl Points {
     fn keys(&self) -> impl DoubleEndedIterator<Item = &(Time, Scalar)> {
         self.0.iter().map(|(k, _)| k)
     }
-
-    /// The points at or after tick `from`, in order.
-    fn from_tick(&self, from: Time) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
-        let at = self.0.partition_point(|((t, _), _)| *t < from);
-        self.0.range(at..).map(|(k, c)| (k, c))
-    }
 }
 
 impl FromIterator<((Time, Scalar), isize)> for Points {
@@ -1352,24 +1346,23 @@ fn current_session(
     max: u64,
     now: Time,
 ) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
-    let mut start = None;
-    if let Some(((last, _), _)) = points.iter().next_back() {
+    let q = &points.0;
+    // The index of the session's first point (none: past the end).
+    let mut start = q.len();
+    if let Some(((last, _), _)) = q.back() {
         if now.saturating_sub(*last) < gap && last.saturating_add(max) > now {
             let mut next = *last;
-            let mut from = *last;
-            for ((t, _), _) in points.iter().rev() {
+            for (back, ((t, _), _)) in q.iter().rev().enumerate() {
                 if next - t >= gap || t.saturating_add(max) <= now {
                     break;
                 }
-                from = *t;
+                start = q.len() - 1 - back;
                 next = *t;
             }
-            start = Some(from);
         }
     }
-    // Nothing is at or after `Time::MAX` (ticks are far below it).
-    points
-        .from_tick(start.unwrap_or(Time::MAX))
+    q.range(start..)
+        .map(|(k, c)| (k, c))
         .filter(|((_, v), _)| *v != Scalar::Null)
 }
 
@@ -1378,16 +1371,21 @@ fn current_session(
 /// (`followed`, looking no further than `now`), or if `t + within <= now`
 /// and none does (not followed).
 fn sequence_count(points: &Points, followed: bool, within: u64, now: Time) -> isize {
+    let q = &points.0;
+    let is_next = |at: usize| q[at].0 .1 == Scalar::Bool(true);
     let mut count = 0;
-    for ((t, v), c) in points.iter() {
+    // The first next event after the current first event's tick: first
+    // events come in time order, so it only moves forward.
+    let mut next_at = 0;
+    for ((t, v), c) in q.iter() {
         if *v != Scalar::Bool(false) {
             continue;
         }
+        while next_at < q.len() && (q[next_at].0 .0 <= *t || !is_next(next_at)) {
+            next_at += 1;
+        }
         let end = t.saturating_add(within);
-        let next = points
-            .from_tick(t + 1)
-            .take_while(|((u, _), _)| *u <= end.min(now))
-            .any(|((_, w), _)| *w == Scalar::Bool(true));
+        let next = next_at < q.len() && q[next_at].0 .0 <= end.min(now);
         let counts = if followed { next } else { end <= now && !next };
         if counts {
             count += c;
