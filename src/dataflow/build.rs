@@ -276,19 +276,9 @@ fn retain_items(
 ) {
     let mut windowed = Vec::new();
     let mut last_end = 0;
-    // Items come in trait order: a trait's end is computed once.
-    let mut last: Option<(u32, Option<Time>)> = None;
+    let mut hold_ends = traits::HoldEnds::new(specs, tick, tz, tick_ms);
     for item in items {
-        let index = item.trait_index();
-        let end = match last {
-            Some((i, end)) if i == index => end,
-            _ => {
-                let end = traits::trait_hold_end(specs, index, tick, tz, tick_ms);
-                last = Some((index, end));
-                end
-            }
-        };
-        match (end, item) {
+        match (hold_ends.of(item.trait_index()), item) {
             (Some(end), item) => {
                 last_end = last_end.max(end);
                 retain::encode_item_into(item, &mut windowed);

@@ -45,7 +45,7 @@ use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use super::retain::RestoredItems;
-use super::traits::{keep_of, trait_hold_end, Item, Keep, PointContribution, Total};
+use super::traits::{keep_of, trait_hold_end, HoldEnds, Item, Keep, PointContribution, Total};
 use super::Time;
 use crate::model::{Id, IdMap, Scalar};
 use crate::spec::TraitSpec;
@@ -231,23 +231,11 @@ pub fn route<'s>(
                                 }
                             }
                             Input::Event(items, r) => {
-                                // Items come in trait order: a trait's
-                                // window end is computed once per event.
-                                let mut last: Option<(u32, Option<Time>)> = None;
+                                let mut hold_ends = HoldEnds::new(&traits, time, tz, tick_ms);
                                 windowed.clear();
                                 for item in items {
                                     let item = if r == 1 { item } else { item.scaled(r) };
-                                    let index = item.trait_index();
-                                    let end = match last {
-                                        Some((i, end)) if i == index => end,
-                                        _ => {
-                                            let end =
-                                                trait_hold_end(&traits, index, time, tz, tick_ms);
-                                            last = Some((index, end));
-                                            end
-                                        }
-                                    };
-                                    match end {
+                                    match hold_ends.of(item.trait_index()) {
                                         Some(end) => {
                                             delta.push(item.clone());
                                             windowed.push((end, item));

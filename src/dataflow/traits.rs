@@ -388,6 +388,45 @@ pub fn trait_hold_end(
         .and_then(|t| hold_end(t, tick, tz, tick_ms))
 }
 
+/// [`trait_hold_end`] of the items of one event at `tick`, each trait's
+/// computed once: an event's items come in trait order
+/// ([`contributions`]), and a trait may give several (an `avg` or a
+/// `share` gives two).
+pub struct HoldEnds<'a> {
+    traits: &'a [TraitSpec],
+    tick: Time,
+    tz: chrono_tz::Tz,
+    tick_ms: u64,
+    /// The last trait asked about, and its end.
+    last: Option<(u32, Option<Time>)>,
+}
+
+impl<'a> HoldEnds<'a> {
+    /// The ends of the items of an event at `tick` (see
+    /// [`trait_hold_end`] for the other arguments).
+    pub fn new(traits: &'a [TraitSpec], tick: Time, tz: chrono_tz::Tz, tick_ms: u64) -> Self {
+        HoldEnds {
+            traits,
+            tick,
+            tz,
+            tick_ms,
+            last: None,
+        }
+    }
+
+    /// The hold end of an item of trait `index` (`None`: lifetime).
+    pub fn of(&mut self, index: u32) -> Option<Time> {
+        match self.last {
+            Some((i, end)) if i == index => end,
+            _ => {
+                let end = trait_hold_end(self.traits, index, self.tick, self.tz, self.tick_ms);
+                self.last = Some((index, end));
+                end
+            }
+        }
+    }
+}
+
 /// Which point of a lifetime trait can still matter, per identifier.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Keep {
