@@ -45,7 +45,7 @@ use timely::dataflow::operators::{Capability, InputCapability};
 use timely::dataflow::Stream;
 
 use super::retain::RestoredItems;
-use super::traits::{keep_of, trait_hold_end, HoldEnds, Item, Keep, PointContribution, Total};
+use super::traits::{keep_of, HoldEnds, Item, Keep, PointContribution, Total};
 use super::Time;
 use crate::model::{Id, IdMap, Scalar};
 use crate::spec::TraitSpec;
@@ -73,8 +73,8 @@ pub struct Routed<'s> {
 /// diff)`, see [`crate::dataflow::retain`]) to the
 /// profiles of their identifiers, as `id_profile` (`((identifier,
 /// profile), time, diff)`) gives them at each time; windowed items leave
-/// at their window end ([`trait_hold_end`] of `traits`, in time zone
-/// `tz`, ticks of `tick_ms`). `clocks` are the sources' clocks and cuts,
+/// at their window end ([`crate::dataflow::traits::trait_hold_end`] of
+/// `traits`, in time zone `tz`, ticks of `tick_ms`). `clocks` are the sources' clocks and cuts,
 /// on every worker: once every input has ended, the window ends that will
 /// never be committed ([`Completion::never_committed`]) are dropped
 /// unprocessed. See the [module documentation](self).
@@ -213,15 +213,16 @@ pub fn route<'s>(
                                 h.add_lifetime(item);
                             }
                             Input::Restored(RestoredItems::Event(tick, items), r) => {
+                                let mut hold_ends = HoldEnds::new(&traits, tick, tz, tick_ms);
+                                windowed.clear();
                                 for item in items {
-                                    let item = item.scaled(r);
-                                    let index = item.trait_index();
-                                    match trait_hold_end(&traits, index, tick, tz, tick_ms) {
+                                    let item = if r == 1 { item } else { item.scaled(r) };
+                                    match hold_ends.of(item.trait_index()) {
                                         // Left its window before this time.
                                         Some(end) if end <= time => {}
                                         Some(end) => {
                                             delta.push(item.clone());
-                                            h.hold_until(end, item, id, &mut ends);
+                                            windowed.push((end, item));
                                         }
                                         None => {
                                             delta.push(item.clone());
@@ -229,6 +230,7 @@ pub fn route<'s>(
                                         }
                                     }
                                 }
+                                h.hold_all(&mut windowed, id, &mut ends);
                             }
                             Input::Event(items, r) => {
                                 let mut hold_ends = HoldEnds::new(&traits, time, tz, tick_ms);
@@ -355,15 +357,6 @@ impl Held {
             .map(|(i, p, c)| Item::Point(*i, p.clone(), *c));
         let windowed = self.windows.values().flatten().cloned();
         totals.chain(points).chain(windowed)
-    }
-
-    /// Holds a windowed item until `end`.
-    fn hold_until(&mut self, end: Time, item: Item, id: Id, ends: &mut WindowEnds<Id>) {
-        let group = self.windows.entry(end).or_insert_with(|| {
-            ends.push(end, id);
-            Vec::new()
-        });
-        group.push(item);
     }
 
     /// Holds an event's windowed items `(end, item)` (drained), one
