@@ -335,7 +335,12 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
     } else {
         let mut t = String::new();
         let records = s.records();
-        t += &format!("segflow run finished in {:.2} s\n", s.elapsed_secs);
+        let ended = if s.stopped {
+            "was stopped after"
+        } else {
+            "finished in"
+        };
+        t += &format!("segflow run {ended} {:.2} s\n", s.elapsed_secs);
         for src in &s.sources {
             t += &format!(
                 "  source {:<14} lines {:>10}  records {:>10}  dead letters {:>6}  late {:>6}",
@@ -345,6 +350,18 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
                 t += &format!("  held {:>6}", src.held);
             }
             t += "\n";
+        }
+        if s.stopped {
+            let cut: Vec<&str> = s
+                .sources
+                .iter()
+                .filter(|src| src.stopped)
+                .map(|src| src.name.as_str())
+                .collect();
+            t += &format!(
+                "  stopped           by a signal before the end of source {}: the outputs hold the times before where reading stopped (a run with the same state directory goes on from there)\n",
+                cut.join(", ")
+            );
         }
         t += &format!("  records read      {records}\n");
         // Late records are dead-lettered, or clamped to the watermark and

@@ -498,7 +498,14 @@ fn sigterm_on_a_live_run_writes_what_was_read_and_exits_0() {
     );
     let mut summary = String::new();
     stdout.read_to_string(&mut summary).unwrap();
-    assert!(summary.contains("segflow run finished"), "{summary}");
+    assert!(
+        summary.contains("segflow run was stopped after"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("stopped           by a signal before the end of source web"),
+        "{summary}"
+    );
     assert_eq!(std::fs::read_to_string(&dead).unwrap().lines().count(), 20);
     let tick = now / 100 * 100;
     let expected: Vec<String> = (0..3)

@@ -789,13 +789,20 @@ fn a_run_stopped_by_sigterm_and_run_again() {
     let started = Instant::now();
     let data = generate_and_run(dir.path(), 30_000, "reference");
     let took = started.elapsed();
+    let all_lines: u64 = ["web", "crm", "transactions"]
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(data.join(format!("{f}.jsonl"))).unwrap();
+            text.lines().count() as u64
+        })
+        .sum();
     for i in 0..3 {
         let name = format!("term{i}");
         let args = run_args(dir.path(), &data, &name);
         let mut child = Command::new(BIN)
             .args(&args)
-            .args(["-w", "2"])
-            .stdout(Stdio::null())
+            .args(["-w", "2", "--json"])
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -810,6 +817,20 @@ fn a_run_stopped_by_sigterm_and_run_again() {
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let (status, err) = wait(&mut child, Instant::now() + Duration::from_secs(120));
         assert!(status.success(), "{err}");
+        // The summary says whether the run was cut short, and which
+        // sources were: a script can tell it from a complete run.
+        let summary: serde_json::Value = serde_json::from_str(err.lines().next().unwrap())
+            .unwrap_or_else(|e| panic!("summary: {e}: {err}"));
+        let sources = summary["sources"].as_array().unwrap();
+        let cut = sources.iter().any(|s| s["stopped"] == true);
+        assert_eq!(summary["stopped"] == true, cut, "{summary}");
+        if cut {
+            let read: u64 = sources.iter().map(|s| s["lines"].as_u64().unwrap()).sum();
+            assert!(
+                read < all_lines,
+                "stopped, yet read all {all_lines} lines: {summary}"
+            );
+        }
         let (status, err) = run_once(dir.path(), &args);
         assert!(status.success(), "{err}");
         assert_same_run(

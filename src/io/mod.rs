@@ -134,6 +134,14 @@ pub enum Control {
     /// input alone (a file range's own clock), not on which worker read it,
     /// so the dead-letter file is the same for any number of workers.
     Dead(DeadLetter, u64),
+    /// A graceful shutdown (SIGTERM, Ctrl-C, or a stop of another process
+    /// of the cluster) ended the source before its input ended: a replayed
+    /// file before its end, or a live input. Reported in the run's summary
+    /// ([`crate::io::sinks::SourceSummary::stopped`]).
+    Stopped {
+        /// Source index.
+        source: u32,
+    },
 }
 
 /// Why a run stopped before its inputs ended.

@@ -175,6 +175,10 @@ pub struct SourceSummary {
     pub held: u64,
     /// Final offset.
     pub offset: u64,
+    /// A graceful shutdown ended this source before its input ended (see
+    /// [`RunSummary::stopped`]).
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// What a run did, as seen by worker 0.
@@ -206,6 +210,14 @@ pub struct RunSummary {
     /// (see [`crate::dataflow::retain`]).
     #[serde(default)]
     pub restored: Option<(u64, u64)>,
+    /// A graceful shutdown (SIGTERM, Ctrl-C, or a stop of another process
+    /// of the cluster) ended some source before its input ended (each is
+    /// marked [`SourceSummary::stopped`]): the outputs hold the diffs of
+    /// the times before where reading stopped, a prefix of those of a run
+    /// that reads everything; a run with the same state directory goes on
+    /// from there. `false` for a run whose inputs all ended.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl RunSummary {
@@ -457,6 +469,10 @@ impl Committer {
                 s.late += late;
             }
             Control::Dead(letter, at) => self.dead(letter, *at),
+            Control::Stopped { source } => {
+                self.summary.sources[*source as usize].stopped = true;
+                self.summary.stopped = true;
+            }
         }
     }
 

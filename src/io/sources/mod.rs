@@ -1098,6 +1098,7 @@ pub fn source<'s>(
                     return;
                 }
                 if let Status::Cut = status {
+                    ctl.push(Control::Stopped { source: def.index });
                     // A replay cut short: what it would still have produced
                     // starts at its capability, so times before it are final
                     // and later ones are not committed (see
@@ -1129,8 +1130,8 @@ pub fn source<'s>(
                             watermark,
                             live: reader.lines.is_live(),
                         });
-                        give(&mut control_out, &held[2], &mut ctl);
                     }
+                    give(&mut control_out, &held[2], &mut ctl);
                     caps = None;
                     return;
                 }
