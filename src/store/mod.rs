@@ -1074,6 +1074,11 @@ pub const BLOCK_CACHE_BYTES: usize = 8 << 20;
 /// The size of a table block (RocksDB's unit of compression and of reads).
 const BLOCK_BYTES: usize = 16 << 10;
 
+/// How many tables a column family's level 0 holds before RocksDB
+/// compacts them into the level below (writes slow down at twice as many
+/// and stop at three times).
+const L0_COMPACTION_TRIGGER: i32 = 16;
+
 /// RocksDB options for the state: memory bounded by
 /// [`MEMTABLE_BUDGET_BYTES`] plus [`BLOCK_CACHE_BYTES`] (indexes and
 /// filters are held in that cache, not beside it), LZ4-compressed tables
@@ -1114,6 +1119,16 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
                 rocksdb::DBCompressionType::Lz4,
             ]);
             cf.set_block_based_table_factory(&table);
+            // Sixteen tables at level 0 before they are compacted, not
+            // RocksDB's four: the state is written at every batch and read
+            // only by point lookups (a Bloom filter per table) and at a
+            // restore, and the retained input is deleted as its windows
+            // close. Compacting a quarter as often saves 13% of the
+            // instructions of a 200k-event replay (compaction was 14% of
+            // them); a lookup checks the Bloom filters of more tables.
+            cf.set_level_zero_file_num_compaction_trigger(L0_COMPACTION_TRIGGER);
+            cf.set_level_zero_slowdown_writes_trigger(2 * L0_COMPACTION_TRIGGER);
+            cf.set_level_zero_stop_writes_trigger(3 * L0_COMPACTION_TRIGGER);
             match *n {
                 "retained_crm" => {
                     cf.set_merge_operator_associative("segflow_latest_crm", latest_crm)
