@@ -7,6 +7,9 @@
 //! this is a "last value" aggregate, it is one of the few places that use
 //! `reduce`.
 //!
+//! Segment traits and GA4 user properties are CRM records too, one per
+//! attribute (see [`crate::model::formats`]).
+//!
 //! A profile's attributes merge the attributes of all its current CRM
 //! records; for the same attribute name the most recently updated record
 //! wins (then the greater `crm_id`).
@@ -46,10 +49,14 @@ pub fn attributes<'s>(
 ) -> Coll<'s, (Id, Attributes)> {
     current
         .flat_map(|(_crm_id, record)| {
+            // A record of a CRM source has its `crm` identifier; one made
+            // from a Segment trait or GA4 user property (`model::formats`)
+            // has the message's identifiers, all in the same profile.
             let key = record
                 .ids
                 .iter()
                 .find(|id| id.kind() == "crm")
+                .or(record.ids.first())
                 .map(Ident::id);
             // Ordered by `updated_ms`, then by `crm_id` (`CrmRecord`'s
             // first field).

@@ -737,13 +737,13 @@ impl Engine {
                     ));
                 }
             }
-            // A replayed file of JSON lines is cut into ranges here, once
+            // A replayed file of lines (not CSV) is cut into ranges here, once
             // per process (one scan of the file), and read by all workers.
             let ranges = match &input {
                 Input::File {
                     path,
                     follow: false,
-                } if s.format == crate::spec::Format::Jsonl => Some(Arc::new(
+                } if s.format != crate::spec::Format::Csv => Some(Arc::new(
                     crate::io::sources::lines::file_ranges(path, self.spec.engine.file_range_bytes)
                         .map_err(|e| io_err("cannot read input", path, e))?,
                 )),

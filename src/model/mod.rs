@@ -16,8 +16,11 @@
 //! * `json` — the allocation-free reader of a JSON line that the JSON
 //!   decoder tries first;
 //! * [`record`] — web events, CRM records and transactions, with their JSON
-//!   and CSV decoders.
+//!   and CSV decoders;
+//! * [`formats`] — the event formats of tracking SDKs (Segment, GA4),
+//!   mapped to those records.
 
+pub mod formats;
 pub mod ident;
 mod json;
 pub mod limits;

@@ -387,7 +387,7 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    fn new(reason: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
         DecodeError {
             reason: reason.into(),
             column: None,
@@ -402,11 +402,11 @@ impl DecodeError {
     }
 }
 
-fn missing(field: &str) -> DecodeError {
+pub(crate) fn missing(field: &str) -> DecodeError {
     DecodeError::new(format!("missing field `{field}`"))
 }
 
-fn expected(field: &str, what: &str, found: &Value) -> DecodeError {
+pub(crate) fn expected(field: &str, what: &str, found: &Value) -> DecodeError {
     DecodeError::new(format!(
         "field `{field}`: expected {what}, found {}",
         json_type(found)
@@ -431,7 +431,7 @@ const MAX_AMOUNT_THOUSANDTHS: u128 = 999_999_999_999_999;
 pub const MAX_QTY: u64 = (1 << 53) - 1;
 
 /// A numeric identifier's text: an integer written with digits only.
-fn id_number(n: &serde_json::Number) -> Result<&str, String> {
+pub(crate) fn id_number(n: &serde_json::Number) -> Result<&str, String> {
     let text = n.as_str();
     if is_integer_literal(text) {
         Ok(text)
@@ -444,7 +444,7 @@ fn id_number(n: &serde_json::Number) -> Result<&str, String> {
 
 /// An amount from its numeral: its value, compared exactly, is at most
 /// [`MAX_AMOUNT`] in magnitude.
-fn amount_value(text: &str) -> Result<f64, String> {
+pub(crate) fn amount_value(text: &str) -> Result<f64, String> {
     let in_range =
         Decimal::parse(text)
             .and_then(|d| d.scaled(3))
@@ -464,7 +464,7 @@ fn amount_value(text: &str) -> Result<f64, String> {
 }
 
 /// An amount given as a string: a numeral (trimmed), else an error.
-fn amount_str(s: &str) -> Result<f64, String> {
+pub(crate) fn amount_str(s: &str) -> Result<f64, String> {
     let t = s.trim();
     match Decimal::parse(t) {
         Some(_) => amount_value(t),
@@ -488,13 +488,13 @@ fn qty_value(d: Decimal, shown: impl FnOnce() -> String) -> Result<u64, String> 
 }
 
 /// A quantity given as a JSON number (its literal text).
-fn qty_number(text: &str) -> Result<u64, String> {
+pub(crate) fn qty_number(text: &str) -> Result<u64, String> {
     let d = Decimal::parse(text).ok_or_else(|| format!("{text} is not a number"))?;
     qty_value(d, || text.to_string())
 }
 
 /// A quantity given as a string: a numeral (trimmed), else an error.
-fn qty_str(s: &str) -> Result<u64, String> {
+pub(crate) fn qty_str(s: &str) -> Result<u64, String> {
     match Decimal::parse(s.trim()) {
         Some(d) => qty_value(d, || format!("string {s:?}")),
         None => Err(format!("expected a number, found string {s:?}")),
@@ -502,7 +502,7 @@ fn qty_str(s: &str) -> Result<u64, String> {
 }
 
 /// Adds an item's quantity to the order's count, up to [`MAX_QTY`].
-fn add_qty(count: u64, qty: u64) -> Result<u64, String> {
+pub(crate) fn add_qty(count: u64, qty: u64) -> Result<u64, String> {
     count
         .checked_add(qty)
         .filter(|&c| c <= MAX_QTY)
@@ -524,20 +524,27 @@ fn deleted_number(text: &str) -> Option<bool> {
     }
 }
 
-type Obj = Map<String, Value>;
+pub(crate) type Obj = Map<String, Value>;
 
 /// A present, non-null value.
-fn get<'a>(o: &'a Obj, key: &str) -> Option<&'a Value> {
+pub(crate) fn get<'a>(o: &'a Obj, key: &str) -> Option<&'a Value> {
     o.get(key).filter(|v| !v.is_null())
 }
 
 fn parse_object(line: &str) -> Result<Obj, DecodeError> {
-    match serde_json::from_str::<Value>(line) {
-        Ok(Value::Object(o)) => Ok(o),
-        Ok(other) => Err(DecodeError::new(format!(
+    match parse_json(line)? {
+        Value::Object(o) => Ok(o),
+        other => Err(DecodeError::new(format!(
             "expected a JSON object, found {}",
             json_type(&other)
         ))),
+    }
+}
+
+/// Parses a line of JSON; the error gives the 1-based character column.
+pub(crate) fn parse_json(line: &str) -> Result<Value, DecodeError> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(v) => Ok(v),
         Err(e) => {
             let text = e.to_string();
             let msg = text
@@ -551,7 +558,7 @@ fn parse_object(line: &str) -> Result<Obj, DecodeError> {
     }
 }
 
-fn req_string(o: &Obj, key: &str) -> Result<String, DecodeError> {
+pub(crate) fn req_string(o: &Obj, key: &str) -> Result<String, DecodeError> {
     match get(o, key) {
         None => Err(missing(key)),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
@@ -593,7 +600,7 @@ fn opt_fields(o: &Obj, key: &str) -> Result<Fields, DecodeError> {
 }
 
 /// The scalar of a field named `name` (for errors: `prefix` + key).
-fn to_scalar(prefix: &str, key: &str, v: &Value) -> Result<Scalar, DecodeError> {
+pub(crate) fn to_scalar(prefix: &str, key: &str, v: &Value) -> Result<Scalar, DecodeError> {
     Scalar::from_json(v).map_err(|e| DecodeError::new(format!("field `{prefix}{key}`: {e}")))
 }
 
@@ -701,7 +708,7 @@ pub fn decode_json_projected(
 
 /// Identifiers are keys of profiles and of the state: one that holds a
 /// control character (`"victim\u0000x"`) is rejected rather than stored.
-fn check_identifiers(record: &Record) -> Result<(), DecodeError> {
+pub(crate) fn check_identifiers(record: &Record) -> Result<(), DecodeError> {
     for id in record.ids() {
         if let Some((at, c)) = id.value.char_indices().find(|(_, c)| c.is_control()) {
             return Err(DecodeError::new(format!(

@@ -17,6 +17,10 @@
 //! path    := ident ("." ident)*
 //! ```
 //!
+//! A path of three or more names is its first name and the field named by
+//! the rest: `properties.address.city` reads the field `address.city` of
+//! `properties` (nested objects of Segment messages are flattened so).
+//!
 //! **Nulls.** A missing field is `null`. Arithmetic with a `null` operand,
 //! a division by zero, or a result that is not a finite number is `null`;
 //! a comparison with `null` is false except `== null` and `!= null`; the
@@ -647,6 +651,17 @@ fn ident<'a>(i: &mut Input<'a>) -> PResult<Option<&'a str>> {
     }
 }
 
+/// A path of three or more names as two: `group.a.b` is the field named
+/// `a.b` of `group` (nested objects of Segment messages are flattened into
+/// dotted names).
+pub(crate) fn fold_path(mut parts: Vec<String>) -> Vec<String> {
+    if parts.len() > 2 {
+        let rest = parts.split_off(1).join(".");
+        parts.push(rest);
+    }
+    parts
+}
+
 fn path(i: &mut Input<'_>) -> PResult<Expr> {
     let start = i.current_token_start();
     let Some(first) = ident(i)? else {
@@ -660,7 +675,7 @@ fn path(i: &mut Input<'_>) -> PResult<Expr> {
         }
     }
     let end = i.previous_token_end();
-    Ok(Expr::Path(parts, Span { start, end }))
+    Ok(Expr::Path(fold_path(parts), Span { start, end }))
 }
 
 fn number(i: &mut Input<'_>) -> PResult<Scalar> {
@@ -1100,7 +1115,8 @@ mod tests {
         assert_eq!(p("null"), Expr::Lit(Scalar::Null));
         assert_eq!(p("  item.price_2 "), path(&["item", "price_2"], 2, 14));
         assert_eq!(p("truely"), path(&["truely"], 0, 6));
-        assert_eq!(p("_x.y.z"), path(&["_x", "y", "z"], 0, 6));
+        // A longer path is a field whose name holds dots.
+        assert_eq!(p("_x.y.z"), path(&["_x", "y.z"], 0, 6));
         let e = err("item.");
         assert_eq!(e.offset, 5);
         let e = err("item.in");

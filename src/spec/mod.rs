@@ -83,6 +83,13 @@ pub enum Format {
     Jsonl,
     /// Comma-separated values with a header line (`"csv"`, crm only).
     Csv,
+    /// Messages of the Segment tracking spec, one message or batch per line
+    /// (`"segment"`, web only; see [`crate::model::formats::segment`]).
+    Segment,
+    /// Google Analytics 4: a Measurement Protocol payload or a BigQuery
+    /// export row per line (`"ga4"`, web only; see
+    /// [`crate::model::formats::ga4`]).
+    Ga4,
 }
 
 pub use crate::time::{LatePolicy, TimeUnit};
@@ -983,19 +990,22 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             Some(f) => match f.get_ref().as_str() {
                 "jsonl" => Format::Jsonl,
                 "csv" if kind == StreamKind::Crm => Format::Csv,
-                "csv" => {
+                "segment" if kind == StreamKind::Web => Format::Segment,
+                "ga4" if kind == StreamKind::Web => Format::Ga4,
+                f_name @ ("csv" | "segment" | "ga4") => {
+                    let wants = if f_name == "csv" { "crm" } else { "web" };
                     return Err(cx.err(
                         f.span().start,
                         format!(
-                        "format \"csv\" is only supported for crm sources; source `{name}` is {}",
+                        "format \"{f_name}\" is only supported for {wants} sources; source `{name}` is {}",
                         kind.as_str()
                     ),
-                    ))
+                    ));
                 }
                 other => {
                     return Err(cx.err(
                         f.span().start,
-                        format!("unknown format `{other}`; expected \"jsonl\" or \"csv\""),
+                        format!("unknown format `{other}`; expected \"jsonl\", \"csv\" (crm), \"segment\" or \"ga4\" (web)"),
                     ))
                 }
             },
@@ -1119,7 +1129,7 @@ fn check_field(stream: StreamKind, path: &[String], identity: &IdentitySpec) -> 
     if nested.contains(&first) {
         if path.len() != 2 {
             return Err(format!(
-                "`{first}` needs exactly one field, e.g. {first}.name (found `{joined}`)"
+                "`{first}` needs a field, e.g. {first}.name (found `{joined}`)"
             ));
         }
     } else if path.len() != 1 {
@@ -1291,6 +1301,7 @@ fn traits(
                         ),
                     ));
                 }
+                let parts = expr::fold_path(parts);
                 check_field(stream, &parts, identity).map_err(|m| cx.err(o.span().start, m))?;
                 Some(parts)
             }
@@ -2014,7 +2025,7 @@ when = "spend > 1000 or a_views in [1, 2]"
             "unknown trait or segment `bad`",
         );
         assert_err(
-            "[segments.hot]\nwhen = '''\nattributes.a.b == 1'''\n",
+            "[segments.hot]\nwhen = '''\nattributes == 1'''\n",
             3,
             1,
             "`attributes` needs one field, e.g. attributes.tier",
@@ -2065,13 +2076,13 @@ when = "spend > 1000 or a_views in [1, 2]"
             &t("event == 1 and item > 1", "web"),
             3,
             26,
-            "`item` needs exactly one field",
+            "`item` needs a field",
         );
-        assert_err(
-            &t("item.a.b > 1", "web"),
-            3,
-            11,
-            "`item` needs exactly one field",
+        // `item.a.b` is the item field `a.b` (a flattened nested object).
+        let spec = ok(&t("item.a.b > 1", "web"));
+        assert_eq!(
+            spec.traits[0].filter.as_ref().unwrap().paths()[0].0,
+            ["item".to_string(), "a.b".to_string()]
         );
         assert_err(&t("event.x == 1", "web"), 3, 11, "`event` has no fields");
         assert_err(

@@ -120,7 +120,7 @@ impl From<Format> for Framing {
     fn from(format: Format) -> Framing {
         match format {
             Format::Csv => Framing::Csv,
-            Format::Jsonl => Framing::Lines,
+            Format::Jsonl | Format::Segment | Format::Ga4 => Framing::Lines,
         }
     }
 }

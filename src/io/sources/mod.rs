@@ -1,7 +1,7 @@
-//! Sources: files (JSON lines, CSV for CRM, optionally followed), TCP
-//! listeners and in-memory lines.
+//! Sources: files (JSON lines, Segment messages, CSV for CRM, optionally
+//! followed), TCP listeners and in-memory lines.
 //!
-//! A file of JSON lines (not followed) is cut into [`FileRange`]s at line
+//! A file of lines (JSON or Segment; not followed) is cut into [`FileRange`]s at line
 //! boundaries (`[engine] file_range_bytes`; the cut depends on the file and
 //! that size only) and read by all workers, range `i` by worker `(source
 //! index + i) mod workers`, each range with its own clock; every line is
@@ -9,7 +9,8 @@
 //! its *owner* (source index modulo the number of workers), which peeks at
 //! each line's time and checks it against the source's watermark in input
 //! order, and sends the line to be decoded on a worker chosen by line
-//! number. Either way "late" is a property of the input, not of the
+//! number (Segment messages and CSV rows are decoded where they are read:
+//! a line may be several records). Either way "late" is a property of the input, not of the
 //! cluster's shape: `-w 1`, `-w 4` and `-n 2` admit the same records. The
 //! records are then exchanged by key to all workers for the rest of the
 //! flow.
@@ -41,10 +42,11 @@ use timely::dataflow::{Scope, Stream};
 use timely::scheduling::SyncActivator;
 
 use crate::io::{Abort, Control, DeadLetter};
+use crate::model::formats::{ga4, segment};
 use crate::model::limits::{check_summed_fields, SummedField};
 use crate::model::{
-    decode_csv_as, decode_json_projected, parse_csv_header, IdentityRules, Projection, Record,
-    RecordKind,
+    decode_csv_as, decode_json_projected, parse_csv_header, DecodeError, IdentityRules, Projection,
+    Record, RecordKind,
 };
 use crate::spec::{Format, TimeUnit};
 use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
@@ -357,10 +359,10 @@ impl Reader {
         waker: Option<SyncActivator>,
     ) -> std::io::Result<Reader> {
         let limit = params.max_line_bytes;
-        // A followed file of JSON lines is one range, from byte 0, with
+        // A followed file of lines (not CSV) is one range, from byte 0, with
         // resume points as a replayed file's ranges have (see `progress`).
         let followed =
-            matches!(def.input, Input::File { follow: true, .. }) && def.format == Format::Jsonl;
+            matches!(def.input, Input::File { follow: true, .. }) && def.format != Format::Csv;
         let mut point = followed
             .then(|| params.resume.as_ref()?.point(&def.name, 0))
             .flatten();
@@ -475,6 +477,9 @@ impl Reader {
         if text.trim().is_empty() {
             return;
         }
+        if matches!(self.def.format, Format::Segment | Format::Ga4) {
+            return self.decode_messages(text, &bytes, line, offset, peer, now_ms, out, ctl);
+        }
         if self.local_decode {
             return self.decode_here(text, &bytes, line, offset, now_ms, out, ctl);
         }
@@ -542,6 +547,7 @@ impl Reader {
                 self.def.time_unit,
                 &self.params.projection,
             ),
+            Format::Segment | Format::Ga4 => unreachable!("decoded by decode_messages above"),
         };
         let record = match decoded {
             Ok(r) => r,
@@ -557,6 +563,70 @@ impl Reader {
         if self.keeps(tick) {
             self.stats.1 += 1;
             out.push((record, tick, 1));
+        }
+    }
+
+    /// Decodes a line of a standard event format (Segment, GA4) where it is
+    /// read: each message (a line may hold several: a batch, a payload's
+    /// events) is offered to the clock at its event time and yields its
+    /// records, or is a dead letter of its own, with the message's text and
+    /// where it is in the line in the reason.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_messages(
+        &mut self,
+        text: &str,
+        bytes: &[u8],
+        line: u64,
+        offset: u64,
+        peer: Option<String>,
+        now_ms: u64,
+        out: &mut Vec<(Record, Time, isize)>,
+        ctl: &mut Vec<Control>,
+    ) {
+        let (rules, unit, projection) = (
+            &self.params.rules,
+            self.def.time_unit,
+            &self.params.projection,
+        );
+        let messages = match self.def.format {
+            Format::Ga4 => ga4::decode(text, rules, projection),
+            _ => segment::decode(text, rules, unit, projection),
+        };
+        let messages = match messages {
+            Ok(m) => m,
+            Err(e) => return self.dead(ctl, line, offset, peer, e.to_string(), bytes),
+        };
+        for m in messages {
+            let raw = m.raw.as_ref().map_or(bytes, |r| r.as_bytes());
+            let summed = &self.params.summed;
+            let decoded = m.decoded.and_then(|d| {
+                for r in &d.records {
+                    check_summed_fields(r, summed).map_err(|reason| {
+                        let at = m
+                            .label
+                            .as_ref()
+                            .map(|l| format!("{l}: "))
+                            .unwrap_or_default();
+                        DecodeError::new(format!("{at}{reason}"))
+                    })?;
+                }
+                Ok(d)
+            });
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(e) => {
+                    self.dead(ctl, line, offset, peer.clone(), e.to_string(), raw);
+                    continue;
+                }
+            };
+            let Some(tick) = self.admit(decoded.ts_ms, now_ms, line, offset, &peer, raw, ctl)
+            else {
+                continue;
+            };
+            if self.keeps(tick) {
+                self.stats.1 += decoded.records.len() as u64;
+                out.extend(decoded.records.into_iter().map(|r| (r, tick, 1)));
+            }
         }
     }
 
