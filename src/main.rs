@@ -84,7 +84,8 @@ enum Command {
 struct RunArgs {
     /// The dataflow definition file (TOML), e.g. dataflows/ecommerce.toml.
     dataflow: PathBuf,
-    /// Input of a declared source: NAME=PATH or NAME=tcp://HOST:PORT (repeatable).
+    /// Input of a declared source: NAME=PATH, NAME=tcp://HOST:PORT or
+    /// NAME=http://HOST:PORT (a Segment HTTP API endpoint) (repeatable).
     #[arg(long = "input", value_name = "NAME=LOCATION")]
     inputs: Vec<String>,
     /// Segment diffs: a file, `-` for stdout, or tcp://HOST:PORT.
@@ -424,7 +425,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut engine = Engine::new(spec);
     for item in &args.inputs {
         let (name, location) = item.split_once('=').ok_or_else(|| {
-            anyhow::anyhow!("--input {item:?}: expected NAME=PATH or NAME=tcp://ADDR")
+            anyhow::anyhow!(
+                "--input {item:?}: expected NAME=PATH, NAME=tcp://ADDR or NAME=http://ADDR"
+            )
         })?;
         engine = engine.input_location(name, location)?;
     }

@@ -241,7 +241,7 @@ fn start(
 fn tell_socket_clients(inputs: &BTreeMap<String, Input>, cut: crate::time::Time, wait_ms: u64) {
     let sockets: Vec<&str> = inputs
         .iter()
-        .filter(|(_, input)| matches!(input, Input::Tcp { .. }))
+        .filter(|(_, input)| input.is_socket())
         .map(|(name, _)| name.as_str())
         .collect();
     if sockets.is_empty() {
@@ -473,7 +473,7 @@ impl Engine {
             if let Some(location) = &s.location {
                 inputs.insert(
                     s.name.clone(),
-                    Input::parse(location, s.follow, s.until_disconnect),
+                    Input::parse(location, s.follow, s.until_disconnect, s.write_key.clone()),
                 );
             }
         }
@@ -527,12 +527,12 @@ impl Engine {
     /// Sets the input of source `name` from a command-line location, keeping
     /// the file's `follow`/`until` settings.
     pub fn input_location(self, name: &str, location: &str) -> Result<Engine, EngineError> {
-        let (follow, until) = self
+        let (follow, until, key) = self
             .spec
             .source(name)
-            .map(|s| (s.follow, s.until_disconnect))
-            .unwrap_or((false, false));
-        self.input(name, Input::parse(location, follow, until))
+            .map(|s| (s.follow, s.until_disconnect, s.write_key.clone()))
+            .unwrap_or((false, false, None));
+        self.input(name, Input::parse(location, follow, until, key))
     }
 
     /// Sets where segment diffs go.
@@ -683,6 +683,7 @@ impl Engine {
                         until_disconnect: true,
                         ..
                     }) => "tcp until disconnect",
+                    Some(Input::Http { .. }) => "http",
                     Some(Input::Memory(_)) => "memory",
                     None => "none",
                 };
@@ -718,10 +719,23 @@ impl Engine {
                         path.display()
                     )))
                 }
-                Input::Tcp { addr, .. } if s.follow => {
+                Input::Tcp { .. } | Input::Http { .. } if s.follow => {
                     return Err(EngineError::SourceSetting(format!(
-                        "source `{}` sets `follow = true`, which applies to file inputs only, but its input is tcp://{addr}: remove `follow` or give a file",
+                        "source `{}` sets `follow = true`, which applies to file inputs only, but its input is {}: remove `follow` or give a file",
+                        s.name,
+                        input.describe()
+                    )))
+                }
+                Input::Http { addr, .. } if s.until_disconnect => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` sets `until = \"disconnect\"`, which applies to tcp:// inputs only, but its input is http://{addr} (an HTTP endpoint runs until the process is stopped): remove `until`",
                         s.name
+                    )))
+                }
+                Input::Http { addr, .. } if s.format != crate::spec::Format::Segment => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` reads http://{addr}, a Segment HTTP API endpoint, so its messages are in the Segment format: set `format = \"segment\"` in [sources.{}]",
+                        s.name, s.name
                     )))
                 }
                 _ => {}

@@ -137,7 +137,7 @@ pub fn input_marks(
                 })?
             }
             Input::Memory(lines) => InputMark::of_lines(lines, u64::MAX),
-            Input::Tcp { .. } => continue,
+            Input::Tcp { .. } | Input::Http { .. } => continue,
         };
         marks.insert(name.clone(), mark);
     }
@@ -259,11 +259,12 @@ pub fn plan(
             return Err(refuse(dir, what.clone()));
         }
         for (name, input) in inputs {
-            if let Input::Tcp { addr, .. } = input {
+            if input.is_socket() {
                 return Err(refuse(
                     dir,
                     format!(
-                        "source `{name}` reads a socket (tcp://{addr}), whose lines cannot be read again, and {}",
+                        "source `{name}` reads a socket ({}), whose lines cannot be read again, and {}",
+                        input.describe(),
                         match processes {
                             1 => "the checkpoint cannot be restored (its inputs grew, or it holds no retained input)",
                             _ => "a cluster reads its inputs again instead of restoring its checkpoint",
@@ -462,9 +463,10 @@ pub fn check_inputs(
             return Err(refuse(
                 dir,
                 match inputs.get(name) {
-                    Some(Input::Tcp { addr, .. }) => format!(
-                        "source `{name}` read {} when the checkpoint was taken, and reads a socket (tcp://{addr}) now",
-                        then.path
+                    Some(input) if input.is_socket() => format!(
+                        "source `{name}` read {} when the checkpoint was taken, and reads a socket ({}) now",
+                        then.path,
+                        input.describe()
                     ),
                     _ => format!("source `{name}` has no input in this run"),
                 },
@@ -488,7 +490,7 @@ pub fn check_inputs(
                             source,
                         })?,
                     Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
-                    Input::Tcp { .. } => String::new(),
+                    Input::Tcp { .. } | Input::Http { .. } => String::new(),
                 };
             if head != then.head {
                 Some(format!(

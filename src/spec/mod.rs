@@ -327,6 +327,9 @@ pub struct SourceSpec {
     pub until_disconnect: bool,
     /// The unit of numeric timestamps (`time_unit`, default by magnitude).
     pub time_unit: TimeUnit,
+    /// For an `http://` input: the write key requests must carry (HTTP
+    /// basic auth user name), if any.
+    pub write_key: Option<String>,
 }
 
 /// The `[output]` table.
@@ -549,6 +552,7 @@ struct RawSource {
     follow: Option<Spanned<bool>>,
     until: Option<Spanned<String>>,
     time_unit: Option<Spanned<String>>,
+    write_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1047,6 +1051,14 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
                 )
             })?,
         };
+        let write_key = match &r.write_key {
+            None => None,
+            Some(k) if k.get_ref().trim().is_empty() => return Err(cx.err(
+                k.span().start,
+                "`write_key` is empty: give the key clients send, or leave it out to accept any",
+            )),
+            Some(k) => Some(k.get_ref().clone()),
+        };
         out.push(SourceSpec {
             name,
             kind,
@@ -1055,6 +1067,7 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             follow,
             until_disconnect,
             time_unit,
+            write_key,
         });
     }
     Ok(out)
@@ -1808,6 +1821,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                     follow: true,
                     until_disconnect: false,
                     time_unit: TimeUnit::Microseconds,
+                    write_key: None,
                 },
                 SourceSpec {
                     name: "crm_file".into(),
@@ -1817,6 +1831,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                     follow: false,
                     until_disconnect: false,
                     time_unit: TimeUnit::Auto,
+                    write_key: None,
                 },
                 SourceSpec {
                     name: "transactions".into(),
@@ -1826,6 +1841,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                     follow: false,
                     until_disconnect: true,
                     time_unit: TimeUnit::Auto,
+                    write_key: None,
                 },
             ]
         );
@@ -1920,6 +1936,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 follow: false,
                 until_disconnect: false,
                 time_unit: TimeUnit::Auto,
+                write_key: None,
             }
         );
         assert_eq!(s.sources[1].name, "web");

@@ -52,6 +52,7 @@ use crate::spec::{Format, TimeUnit};
 use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
 
 pub mod decode;
+pub mod http;
 pub mod lines;
 pub mod progress;
 pub mod tcp;
@@ -78,22 +79,42 @@ pub enum Input {
         /// End when every client that connected has disconnected.
         until_disconnect: bool,
     },
+    /// An HTTP collection endpoint compatible with the Segment HTTP API
+    /// (`http://host:port`; see [`http`]).
+    Http {
+        /// Address to listen on.
+        addr: String,
+        /// The write key requests must carry, if any.
+        write_key: Option<String>,
+    },
     /// Lines held in memory.
     Memory(Arc<Vec<String>>),
 }
 
 impl Input {
-    /// Parses a command-line location: `tcp://ADDR` or a file path.
-    pub fn parse(location: &str, follow: bool, until_disconnect: bool) -> Input {
-        match location.strip_prefix("tcp://") {
-            Some(addr) => Input::Tcp {
+    /// Parses a command-line location: `tcp://ADDR`, `http://ADDR` or a
+    /// file path; `write_key` is for an `http://` input.
+    pub fn parse(
+        location: &str,
+        follow: bool,
+        until_disconnect: bool,
+        write_key: Option<String>,
+    ) -> Input {
+        if let Some(addr) = location.strip_prefix("tcp://") {
+            Input::Tcp {
                 addr: addr.to_string(),
                 until_disconnect,
-            },
-            None => Input::File {
+            }
+        } else if let Some(addr) = location.strip_prefix("http://") {
+            Input::Http {
+                addr: addr.trim_end_matches('/').to_string(),
+                write_key,
+            }
+        } else {
+            Input::File {
                 path: PathBuf::from(location),
                 follow,
-            },
+            }
         }
     }
 
@@ -102,8 +123,15 @@ impl Input {
         match self {
             Input::File { path, .. } => path.display().to_string(),
             Input::Tcp { addr, .. } => format!("tcp://{addr}"),
+            Input::Http { addr, .. } => format!("http://{addr}"),
             Input::Memory(_) => "memory".to_string(),
         }
+    }
+
+    /// Whether the input is a socket (TCP or HTTP): its lines cannot be
+    /// read again; after a restart its clients send again.
+    pub fn is_socket(&self) -> bool {
+        matches!(self, Input::Tcp { .. } | Input::Http { .. })
     }
 }
 
@@ -399,9 +427,15 @@ impl Reader {
                 def.format.into(),
                 waker,
             )?),
+            Input::Http { addr, write_key } => Box::new(http::HttpLines::listen(
+                addr,
+                write_key.clone(),
+                limit,
+                waker,
+            )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
         };
-        let socket = matches!(def.input, Input::Tcp { .. });
+        let socket = def.input.is_socket();
         let mut reader = Reader::new(def, params, lines, false, Time::default());
         if followed {
             reader.range_start = Some(0);
