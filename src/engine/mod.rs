@@ -38,17 +38,24 @@ pub enum Output {
     Stdout,
     /// A TCP peer to connect to (`host:port`).
     Tcp(String),
+    /// A webhook: diffs POSTed as JSON batches to this `http://` or
+    /// `https://` URL (see [`crate::io::sinks::webhook`]; the delivery
+    /// settings are the definition's `[output.webhook]`).
+    Webhook(String),
     /// A function called for every committed diff, in order.
     Callback(DiffCallback),
 }
 
 impl Output {
-    /// Parses a command-line location: `-`, `tcp://ADDR` or a path.
+    /// Parses a command-line location: `-`, `tcp://ADDR`, an `http://` or
+    /// `https://` URL, or a path.
     pub fn parse(location: &str) -> Output {
         if location == "-" {
             Output::Stdout
         } else if let Some(addr) = location.strip_prefix("tcp://") {
             Output::Tcp(addr.to_string())
+        } else if location.starts_with("http://") || location.starts_with("https://") {
+            Output::Webhook(location.to_string())
         } else {
             Output::Path(PathBuf::from(location))
         }
@@ -834,6 +841,7 @@ impl Engine {
                 Output::Path(p) => p.display().to_string(),
                 Output::Stdout => "standard output".to_string(),
                 Output::Tcp(addr) => format!("tcp://{addr}"),
+                Output::Webhook(url) => url.clone(),
                 Output::Callback(_) => "callback".to_string(),
             },
             segments_is_stdout: matches!(self.output, Some(Output::Stdout)),
@@ -937,6 +945,21 @@ impl Engine {
                     .map_err(|e| io_err("cannot connect output to", Path::new(&addr), e))?;
                 stream.set_nodelay(true).ok();
                 SegmentSink::Writer(Box::new(std::io::BufWriter::new(stream)))
+            }
+            Output::Webhook(url) => {
+                let spec = &self.spec.output.webhook;
+                let path = Path::new(&spec.failed);
+                let failed = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| io_err("cannot open the webhook's failed-batch file", path, e))?;
+                SegmentSink::Writer(Box::new(crate::io::sinks::webhook::Webhook::new(
+                    &url,
+                    spec,
+                    failed,
+                    self.shutdown.clone(),
+                )))
             }
             Output::Callback(f) => SegmentSink::Callback(f),
         };

@@ -335,12 +335,51 @@ pub struct SourceSpec {
 /// The `[output]` table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OutputSpec {
-    /// Where segment changes go: a path, `-` or `tcp://addr`.
+    /// Where segment changes go: a path, `-`, `tcp://addr`, or an
+    /// `http://`/`https://` URL (a webhook).
     pub segments: Option<String>,
     /// Where rejected records go.
     pub dead_letter: Option<String>,
     /// Directory for checkpoints.
     pub state_dir: Option<String>,
+    /// How diffs are delivered to a webhook (`[output.webhook]`).
+    pub webhook: WebhookSpec,
+}
+
+/// The `[output.webhook]` table: delivery of segment diffs to an
+/// `http://`/`https://` segment output (see [`crate::io::sinks::webhook`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSpec {
+    /// The file that batches failing permanently are appended to (JSON
+    /// lines); `failed`, default `webhook_failed.jsonl`.
+    pub failed: String,
+    /// The environment variable holding the HMAC-SHA256 signing secret;
+    /// `secret_env`, default `SEGFLOW_WEBHOOK_SECRET`. Unset: requests are
+    /// not signed.
+    pub secret_env: String,
+    /// Attempts per batch before it counts as failed (`max_attempts`,
+    /// default 8, at least 1).
+    pub max_attempts: u32,
+    /// Diffs per request at most (`max_batch`, default 500).
+    pub max_batch: usize,
+    /// How long one attempt may take, milliseconds (`timeout`, default 10 s).
+    pub timeout_ms: u64,
+    /// The wait before the first retry, milliseconds; it doubles with each
+    /// retry up to 30 s (`backoff`, default 500 ms).
+    pub backoff_ms: u64,
+}
+
+impl Default for WebhookSpec {
+    fn default() -> Self {
+        WebhookSpec {
+            failed: "webhook_failed.jsonl".to_string(),
+            secret_env: "SEGFLOW_WEBHOOK_SECRET".to_string(),
+            max_attempts: 8,
+            max_batch: 500,
+            timeout_ms: 10_000,
+            backoff_ms: 500,
+        }
+    }
 }
 
 /// One `[traits.NAME]` table.
@@ -561,6 +600,18 @@ struct RawOutput {
     segments: Option<String>,
     dead_letter: Option<String>,
     state_dir: Option<String>,
+    webhook: Option<RawWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    failed: Option<String>,
+    secret_env: Option<String>,
+    max_attempts: Option<Spanned<i64>>,
+    max_batch: Option<Spanned<i64>>,
+    timeout: Option<Spanned<DurationText>>,
+    backoff: Option<Spanned<DurationText>>,
 }
 
 #[derive(Deserialize)]
@@ -763,11 +814,15 @@ pub fn parse_spec(text: &str, file: &str) -> Result<Spec, SpecError> {
     let engine = engine(&cx, raw.engine)?;
     let identity = identity(&cx, raw.identity)?;
     let sources = sources(&cx, raw.sources)?;
-    let output = raw.output.map_or_else(OutputSpec::default, |o| OutputSpec {
-        segments: o.segments,
-        dead_letter: o.dead_letter,
-        state_dir: o.state_dir,
-    });
+    let output = match raw.output {
+        None => OutputSpec::default(),
+        Some(o) => OutputSpec {
+            segments: o.segments,
+            dead_letter: o.dead_letter,
+            state_dir: o.state_dir,
+            webhook: webhook(&cx, o.webhook)?,
+        },
+    };
     let traits = traits(&cx, raw.traits, &identity)?;
     let segments = segments(&cx, raw.segments, &traits)?;
 
@@ -822,6 +877,44 @@ impl<'de> Deserialize<'de> for DurationText {
 
 fn duration(cx: &Cx<'_>, v: &Spanned<DurationText>) -> Result<u64, SpecError> {
     parse_duration_ms(&v.get_ref().0).map_err(|m| cx.err(v.span().start, m))
+}
+
+fn webhook(cx: &Cx<'_>, raw: Option<RawWebhook>) -> Result<WebhookSpec, SpecError> {
+    let mut w = WebhookSpec::default();
+    let Some(raw) = raw else { return Ok(w) };
+    if let Some(f) = raw.failed {
+        w.failed = f;
+    }
+    if let Some(s) = raw.secret_env {
+        w.secret_env = s;
+    }
+    let positive = |v: &Spanned<i64>, what: &str, max: i64| {
+        let n = *v.get_ref();
+        if (1..=max).contains(&n) {
+            Ok(n)
+        } else {
+            Err(cx.err(
+                v.span().start,
+                format!("`{what}` must be from 1 to {max}, found {n}"),
+            ))
+        }
+    };
+    if let Some(v) = &raw.max_attempts {
+        w.max_attempts = positive(v, "max_attempts", 1000)? as u32;
+    }
+    if let Some(v) = &raw.max_batch {
+        w.max_batch = positive(v, "max_batch", 100_000)? as usize;
+    }
+    if let Some(v) = &raw.timeout {
+        w.timeout_ms = duration(cx, v)?;
+        if w.timeout_ms == 0 {
+            return Err(cx.err(v.span().start, "`timeout` must be greater than 0"));
+        }
+    }
+    if let Some(v) = &raw.backoff {
+        w.backoff_ms = duration(cx, v)?;
+    }
+    Ok(w)
 }
 
 fn engine(cx: &Cx<'_>, raw: Option<RawEngine>) -> Result<EngineSpec, SpecError> {
@@ -1853,6 +1946,7 @@ when = "spend > 1000 or a_views in [1, 2]"
                 segments: Some("-".into()),
                 dead_letter: Some("out/dead.jsonl".into()),
                 state_dir: Some("out/state".into()),
+                webhook: WebhookSpec::default(),
             }
         );
         let names: Vec<_> = s.traits.iter().map(|t| t.name.as_str()).collect();

@@ -33,6 +33,7 @@ use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, RetainedBatch, SinkPositions, StateBatch, StoreOp};
 
 mod state;
+pub mod webhook;
 use crate::time::{Completion, Time};
 pub use state::{ProcessShared, ProcessState};
 
