@@ -164,7 +164,7 @@ struct BenchArgs {
     /// Directory for the data, outputs and state (kept afterwards).
     #[arg(long, value_name = "DIR", default_value = "bench")]
     dir: PathBuf,
-    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, latency, query, memory, resume, restart (memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, segment, http, latency, query, memory, resume, restart (segment runs the shipped dataflow on the web events written as Segment messages; http sends those messages to the shipped dataflow's HTTP collection endpoint from 4 clients, 100 per request, and reports messages/s and request latency; memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
     #[arg(
         long,
         value_delimiter = ',',

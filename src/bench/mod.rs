@@ -26,6 +26,7 @@
 //! run half-way with SIGKILL and times the run that resumes it, checking
 //! that its outputs equal an uninterrupted run's.
 
+pub mod http;
 pub mod latency;
 
 use std::path::{Path, PathBuf};
@@ -127,7 +128,7 @@ pub struct JobResult {
 pub enum BenchError {
     /// A job name that does not exist.
     #[error(
-        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, latency, query, memory, resume, restart"
+        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, segment, http, latency, query, memory, resume, restart"
     )]
     UnknownJob(String),
     /// Generating data, writing a file or starting a run failed.
@@ -663,7 +664,10 @@ fn query_job(
 /// An unknown job, data that cannot be generated, a run that fails.
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
-        if !["latency", "query", "memory", "resume", "restart"].contains(&name.as_str())
+        if ![
+            "latency", "query", "memory", "resume", "restart", "segment", "http",
+        ]
+        .contains(&name.as_str())
             && !JOBS.iter().any(|j| j.name == name)
         {
             return Err(BenchError::UnknownJob(name.clone()));
@@ -726,7 +730,36 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
         "create {}",
         config.dir.join("out").display()
     )))?;
+    if config.jobs.iter().any(|j| j == "segment" || j == "http") {
+        let n = http::write_segment_data(&data).map_err(io_err(format!(
+            "write Segment messages into {}",
+            data.display()
+        )))?;
+        print(serde_json::json!({"data": data.join("web.segment.jsonl").display().to_string(), "segment_messages": n}).to_string());
+    }
     for name in &config.jobs {
+        if name == "http" {
+            for &workers in &config.workers {
+                let mut runs = Vec::new();
+                for _ in 0..config.repeat {
+                    if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                        return Err(BenchError::Interrupted);
+                    }
+                    let r =
+                        http::run(&data, workers, 4, 100).map_err(|reason| BenchError::Run {
+                            job: "http".into(),
+                            workers,
+                            reason,
+                        })?;
+                    runs.push(r);
+                }
+                // The run with the median rate.
+                runs.sort_by(|a, b| a.messages_per_sec.total_cmp(&b.messages_per_sec));
+                let mid = runs.swap_remove(runs.len() / 2);
+                print(serde_json::to_string(&mid).expect("serializes"));
+            }
+            continue;
+        }
         if name == "query" {
             print(query_job(
                 &config.dir,
@@ -805,7 +838,24 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
             }
             continue;
         }
-        let job = JOBS.iter().find(|j| j.name == name).expect("checked above");
+        let segment_job;
+        let job = if name == "segment" {
+            segment_job = Job {
+                name: "segment",
+                // One definition per bench run: leaked for the `'static`
+                // the job table holds.
+                dataflow: Box::leak(http::segment_dataflow().into_boxed_str()),
+                about: "the shipped dataflow on the web events as Segment messages (format = \"segment\"; orders from Order Completed)",
+                inputs: &[
+                    ("web", "web.segment.jsonl"),
+                    ("crm", "crm.jsonl"),
+                    ("transactions", "transactions.none.jsonl"),
+                ],
+            };
+            &segment_job
+        } else {
+            JOBS.iter().find(|j| j.name == name).expect("checked above")
+        };
         let mut results = Vec::new();
         for &workers in &config.workers {
             let result = run_job(job, workers, config.repeat, &config.dir, &data, stop)?;
