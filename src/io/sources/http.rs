@@ -116,32 +116,24 @@ impl HttpLines {
             .route("/v1/{kind}", post(receive))
             .layer(DefaultBodyLimit::max(limit))
             .with_state(shared);
-        let server = std::thread::Builder::new()
-            .name(format!("segflow-http-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!("http source: {e}");
-                            return;
-                        }
-                    };
-                    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!("http source: {e}");
-                    }
-                });
-            })?;
+        let server = super::tcp::spawn_on_runtime(format!("segflow-http-{addr}"), async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("http source: {e}");
+                    return;
+                }
+            };
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!("http source: {e}");
+            }
+        })?;
         Ok(HttpLines {
             rx,
             owed: Vec::new(),

@@ -51,6 +51,21 @@ async fn send(
     }
 }
 
+/// Runs `task` on a single-threaded tokio runtime, on a thread of its own
+/// named `name` (the socket sources' accepting and serving).
+pub(super) fn spawn_on_runtime<F>(name: String, task: F) -> io::Result<std::thread::JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    std::thread::Builder::new().name(name).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(task);
+    })
+}
+
 /// Lines received on a TCP listener.
 pub struct TcpLines {
     rx: mpsc::Receiver<Msg>,
@@ -91,78 +106,70 @@ impl TcpLines {
         listener.set_nonblocking(true)?;
         let (tx, rx) = mpsc::channel(4096);
         let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let runtime = std::thread::Builder::new()
-            .name(format!("segflow-tcp-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!("tcp source: {e}");
-                            return;
-                        }
-                    };
-                    loop {
-                        // Stop accepting when asked, or when the source is
-                        // gone (the sender dropped).
-                        let accepted = tokio::select! {
-                            _ = &mut stop_rx => break,
-                            accepted = listener.accept() => accepted,
-                        };
-                        let Ok((mut stream, peer)) = accepted else {
-                            continue;
-                        };
-                        let tx = tx.clone();
-                        let wake = std::sync::Arc::clone(&wake);
-                        tokio::spawn(async move {
-                            if tx.send(Msg::Connected).await.is_err() {
-                                return;
-                            }
-                            wake();
-                            let peer = Some(peer.to_string());
-                            let mut framer = Framer::new(limit, framing);
-                            let mut buf = vec![0u8; 64 * 1024];
-                            loop {
-                                let n = match stream.read(&mut buf).await {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => n,
-                                };
-                                let mut chunk = &buf[..n];
-                                let mut sent = false;
-                                while !chunk.is_empty() {
-                                    let (used, line) = framer.feed(chunk, &peer);
-                                    chunk = &chunk[used..];
-                                    if let Some(line) = line {
-                                        if send(&tx, Msg::Item(line), &*wake).await.is_err() {
-                                            return;
-                                        }
-                                        sent = true;
-                                    }
-                                }
-                                if sent {
-                                    wake();
-                                }
-                            }
-                            if framer.has_partial() {
-                                let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
-                            }
-                            let _ = tx.send(Msg::Disconnected(peer)).await;
-                            wake();
-                        });
+        let runtime = spawn_on_runtime(format!("segflow-tcp-{addr}"), async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("tcp source: {e}");
+                    return;
+                }
+            };
+            loop {
+                // Stop accepting when asked, or when the source is
+                // gone (the sender dropped).
+                let accepted = tokio::select! {
+                    _ = &mut stop_rx => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut stream, peer)) = accepted else {
+                    continue;
+                };
+                let tx = tx.clone();
+                let wake = std::sync::Arc::clone(&wake);
+                tokio::spawn(async move {
+                    if tx.send(Msg::Connected).await.is_err() {
+                        return;
                     }
-                    drop(listener);
-                    let _ = tx.send(Msg::ListenerClosed).await;
                     wake();
-                    // Let the accepted connections finish their lines.
-                    while !tx.is_closed() {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    let peer = Some(peer.to_string());
+                    let mut framer = Framer::new(limit, framing);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let mut chunk = &buf[..n];
+                        let mut sent = false;
+                        while !chunk.is_empty() {
+                            let (used, line) = framer.feed(chunk, &peer);
+                            chunk = &chunk[used..];
+                            if let Some(line) = line {
+                                if send(&tx, Msg::Item(line), &*wake).await.is_err() {
+                                    return;
+                                }
+                                sent = true;
+                            }
+                        }
+                        if sent {
+                            wake();
+                        }
                     }
+                    if framer.has_partial() {
+                        let _ = tx.send(Msg::Item(framer.finish(&peer))).await;
+                    }
+                    let _ = tx.send(Msg::Disconnected(peer)).await;
+                    wake();
                 });
-            })?;
+            }
+            drop(listener);
+            let _ = tx.send(Msg::ListenerClosed).await;
+            wake();
+            // Let the accepted connections finish their lines.
+            while !tx.is_closed() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })?;
         Ok(TcpLines {
             closed: Vec::new(),
             all_gone_since: None,

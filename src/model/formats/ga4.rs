@@ -555,16 +555,8 @@ fn purchase(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{ids, rules, web};
     use super::*;
-
-    fn rules() -> IdentityRules {
-        IdentityRules::new(
-            ["crm_id", "user_id", "email", "phone", "anonymous_id"]
-                .map(String::from)
-                .to_vec(),
-            "US".into(),
-        )
-    }
 
     fn decode_all(line: &str) -> Vec<Result<Decoded, String>> {
         decode(line, &rules(), &Projection::ALL)
@@ -572,17 +564,6 @@ mod tests {
             .into_iter()
             .map(|m| m.decoded.map_err(|e| e.reason))
             .collect()
-    }
-
-    fn web(r: &Record) -> &WebEvent {
-        match r {
-            Record::Web(w) => w,
-            other => panic!("expected a web event, got {other:?}"),
-        }
-    }
-
-    fn ids(r: &Record) -> Vec<&str> {
-        r.ids().iter().map(|i| i.value.as_str()).collect()
     }
 
     const NOON_US: i64 = 1_772_366_400_000_000;

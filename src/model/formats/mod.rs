@@ -329,3 +329,34 @@ pub(crate) fn profile_records(
         .map(|(name, value, at)| record(format!("{base}{name}"), at, vec![(name, value)]))
         .collect()
 }
+
+/// Helpers of the formats' tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::model::ident::IdentityRules;
+    use crate::model::record::{Record, WebEvent};
+
+    /// The default identity rules (`crm_id`, `user_id`, `email`, `phone`,
+    /// `anonymous_id`; US phone numbers).
+    pub fn rules() -> IdentityRules {
+        IdentityRules::new(
+            ["crm_id", "user_id", "email", "phone", "anonymous_id"]
+                .map(String::from)
+                .to_vec(),
+            "US".into(),
+        )
+    }
+
+    /// The web event a record is (else a panic).
+    pub fn web(r: &Record) -> &WebEvent {
+        match r {
+            Record::Web(w) => w,
+            other => panic!("expected a web event, got {other:?}"),
+        }
+    }
+
+    /// A record's identifiers as text.
+    pub fn ids(r: &Record) -> Vec<&str> {
+        r.ids().iter().map(|i| i.value.as_str()).collect()
+    }
+}

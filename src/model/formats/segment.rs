@@ -498,16 +498,8 @@ fn transaction(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{ids, rules, web};
     use super::*;
-
-    fn rules() -> IdentityRules {
-        IdentityRules::new(
-            ["crm_id", "user_id", "email", "phone", "anonymous_id"]
-                .map(String::from)
-                .to_vec(),
-            "US".into(),
-        )
-    }
 
     fn decode_all(line: &str) -> Vec<Result<Vec<Record>, String>> {
         decode(line, &rules(), TimeUnit::Auto, &Projection::ALL)
@@ -521,17 +513,6 @@ mod tests {
         let mut all = decode_all(line);
         assert_eq!(all.len(), 1);
         all.remove(0).unwrap()
-    }
-
-    fn web(r: &Record) -> &WebEvent {
-        match r {
-            Record::Web(w) => w,
-            other => panic!("expected a web event, got {other:?}"),
-        }
-    }
-
-    fn ids(r: &Record) -> Vec<&str> {
-        r.ids().iter().map(|i| i.value.as_str()).collect()
     }
 
     #[test]
