@@ -25,7 +25,7 @@
 //! | a user property named like an identifier field | that identifier |
 //! | `params.P`, `event_params[].key` P | `properties.P` |
 //! | `items[0]` (params or row) | `item`; `id`, `name`, `brand`, `category` from `item_id`, `item_name`, `item_brand`, `item_category` when absent |
-//! | `device.X`, `user_location.X`, `geo.X`, `traffic_source.X` | `context.device.X`, … |
+//! | `device.X`, `user_location.X`, `geo.X`, `traffic_source.X`, any other field of a payload or row | `context.device.X`, …, `context.NAME` |
 //! | `device.category`; `user_location.country_id`, `geo.country`; `city`; `region_id`, `geo.region` | also `context.device`; `context.country`; `context.city`; `context.region` |
 //! | `page_location`, `page_referrer`, `page_title`, `session_id`/`ga_session_id` params | also `context.url` (and its path as `context.page`), `context.referrer`, `context.title`, `context.session_id` |
 //! | purchase: `transaction_id` (params, or the row's `ecommerce`) | transaction `order_id` |
@@ -140,13 +140,28 @@ fn payload(
     let payload_time = get(o, "timestamp_micros")
         .map(|v| micros("timestamp_micros", v))
         .transpose()?;
-    // What every event shares: the payload's device and location.
+    // What every event shares: the payload's device and location, and its
+    // other fields (consent, ip_override, ...), as context.
     let mut shared = Fields::new();
     for key in ["device", "user_location"] {
         match get(o, key) {
             None => {}
             Some(Value::Object(d)) => flatten("", d, &format!("{key}."), &Keep::All, &mut shared)?,
             Some(v) => return Err(expected(key, "an object", v)),
+        }
+    }
+    for (k, v) in o {
+        match k.as_str() {
+            "events" | "user_properties" | "device" | "user_location" | "timestamp_micros" => {}
+            "client_id" | "app_instance_id" | "user_id" => {}
+            _ => match v {
+                Value::Object(inner) => {
+                    flatten("", inner, &format!("{k}."), &Keep::All, &mut shared)?
+                }
+                v => {
+                    shared.insert(k.clone(), to_scalar("", k, v)?);
+                }
+            },
         }
     }
     let mut messages: Vec<Message> = events
@@ -574,6 +589,7 @@ mod tests {
             r#"{{"client_id":"123.456","user_id":"u1","timestamp_micros":"{NOON_US}",
             "user_properties":{{"tier":{{"value":"gold"}}}},
             "device":{{"category":"mobile"}},"user_location":{{"country_id":"NO","city":"Oslo"}},
+            "consent":{{"ad_user_data":"GRANTED"}},"ip_override":"1.2.3.4",
             "events":[
               {{"name":"view_item","params":{{"currency":"USD","value":120,"session_id":"s1",
                 "page_location":"https://shop.example/p/SKU-1?utm=x","page_referrer":"https://g.co/",
@@ -602,6 +618,11 @@ mod tests {
         assert_eq!(ctx("page"), Some(Scalar::Str("/p/SKU-1".into())));
         assert_eq!(ctx("referrer"), Some(Scalar::Str("https://g.co/".into())));
         assert_eq!(ctx("session_id"), Some(Scalar::Str("s1".into())));
+        assert_eq!(
+            ctx("consent.ad_user_data"),
+            Some(Scalar::Str("GRANTED".into()))
+        );
+        assert_eq!(ctx("ip_override"), Some(Scalar::Str("1.2.3.4".into())));
         assert_eq!(
             w.properties.get("currency"),
             Some(&Scalar::Str("USD".into()))

@@ -173,6 +173,26 @@ const CONTEXT_SHORT: [(&str, &[&str]); 9] = [
     ("session_id", &["sessionId"]),
 ];
 
+/// The fields of a message this format maps; any other is context.
+const MESSAGE_FIELDS: [&str; 16] = [
+    "type",
+    "event",
+    "userId",
+    "anonymousId",
+    "previousId",
+    "groupId",
+    "timestamp",
+    "originalTimestamp",
+    "sentAt",
+    "receivedAt",
+    "properties",
+    "context",
+    "traits",
+    "name",
+    "category",
+    "writeKey",
+];
+
 /// A product's short names.
 const PRODUCT_SHORT: [(&str, &[&str]); 1] = [("id", &["product_id", "sku"])];
 
@@ -380,6 +400,23 @@ fn web_event(
     let mut ctx = Fields::new();
     flatten("context.", context, "", &Keep::All, &mut ctx)?;
     add_short_names(&mut ctx, &CONTEXT_SHORT);
+    // The message's other fields (messageId, integrations, ...) are context
+    // too, unless the context has the name.
+    let mut other = Fields::new();
+    for (k, v) in m {
+        if MESSAGE_FIELDS.contains(&k.as_str()) || ctx.contains_key(k) {
+            continue;
+        }
+        match v {
+            Value::Object(inner) => flatten("", inner, &format!("{k}."), &Keep::All, &mut other)?,
+            v => {
+                other.insert(k.clone(), to_scalar("", k, v)?);
+            }
+        }
+    }
+    for (k, v) in other {
+        ctx.entry(k).or_insert(v);
+    }
     if kind == "page" {
         // Server-side libraries send the page only in its properties.
         for (short, prop) in [
@@ -521,7 +558,8 @@ mod tests {
             r#"{"type":"track","event":"Product Viewed","userId":"u1","anonymousId":"a1",
             "timestamp":"2026-03-02T10:00:00.250Z",
             "properties":{"product_id":"SKU-1","price":120.5,"category":"outdoor","brand":"Acme","dims":{"w":2}},
-            "context":{"device":{"type":"mobile"},"location":{"country":"US"},"page":{"path":"/p/SKU-1","referrer":"https://g.co/"},"sessionId":"s9","ip":"1.2.3.4"}}"#,
+            "context":{"device":{"type":"mobile"},"location":{"country":"US"},"page":{"path":"/p/SKU-1","referrer":"https://g.co/"},"sessionId":"s9","ip":"1.2.3.4"},
+            "messageId":"m-1","integrations":{"All":true}}"#,
         );
         assert_eq!(r.len(), 1);
         let w = web(&r[0]);
@@ -547,6 +585,8 @@ mod tests {
         );
         assert_eq!(path(&["context", "session_id"]), Scalar::Str("s9".into()));
         assert_eq!(path(&["context", "ip"]), Scalar::Str("1.2.3.4".into()));
+        assert_eq!(path(&["context", "messageId"]), Scalar::Str("m-1".into()));
+        assert_eq!(path(&["context", "integrations.All"]), Scalar::Bool(true));
     }
 
     #[test]
