@@ -167,12 +167,28 @@ fn shipped_diffs(
     txn: &[String],
     workers: usize,
 ) -> (Vec<String>, RunSummary) {
+    shipped_diffs_in_ranges(dir, format, web, crm, txn, workers, None)
+}
+
+/// [`shipped_diffs`], the web file read in ranges of `range_bytes`.
+fn shipped_diffs_in_ranges(
+    dir: &Path,
+    format: Format,
+    web: &[String],
+    crm: &[String],
+    txn: &[String],
+    workers: usize,
+    range_bytes: Option<u64>,
+) -> (Vec<String>, RunSummary) {
     let mut spec = load_spec(Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/dataflows/ecommerce.toml"
     )))
     .unwrap();
     spec.output = Default::default();
+    if let Some(b) = range_bytes {
+        spec.engine.file_range_bytes = b;
+    }
     spec.sources
         .iter_mut()
         .find(|s| s.name == "web")
@@ -675,4 +691,43 @@ fn identify_alias_and_group_make_links_and_attributes_and_bad_messages_are_dead_
             (9, 1 + 3 + 2 + 1 + 1 + 2 + 1, 4)
         );
     }
+}
+
+/// A Segment file cut into many ranges (4 KiB), with identify messages
+/// among the tracks (they link identifiers and set the `vip` tier): every
+/// range's first time is read as the reader reads it, so the run neither
+/// fails nor depends on the number of workers. (Lateness is judged per
+/// range, so the diffs are compared between worker counts.)
+#[test]
+fn a_segment_file_in_many_ranges_with_identifies_is_the_same_for_any_worker_count() {
+    let n = native(4_000, 13);
+    let mut lines = Vec::new();
+    for (i, (o, _)) in n.valid.iter().enumerate() {
+        lines.push(to_segment(o, i).to_string());
+        if let (true, Some(user)) = (i % 25 == 0, o.get("user_id")) {
+            let identify = json!({"type":"identify","userId":user,"anonymousId":o["anonymous_id"],
+                "timestamp":o["ts"],"traits":{"tier":"gold"}});
+            lines.push(identify.to_string());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = |w| {
+        shipped_diffs_in_ranges(
+            dir.path(),
+            Format::Segment,
+            &lines,
+            &n.crm,
+            &[],
+            w,
+            Some(4096),
+        )
+    };
+    let (one, summary) = run(1);
+    assert!(summary.sources[0].offset > 40 * 4096, "many ranges");
+    assert!(
+        one.iter().any(|d| d.contains("\"segment\":\"vip\"")),
+        "identify traits make vip"
+    );
+    let (two, _) = run(2);
+    assert_same_diffs(&two, &one, "segment in ranges, -w 2 against -w 1");
 }

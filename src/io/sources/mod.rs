@@ -42,7 +42,7 @@ use timely::dataflow::{Scope, Stream};
 use timely::scheduling::SyncActivator;
 
 use crate::io::{Abort, Control, DeadLetter};
-use crate::model::formats::{ga4, segment};
+use crate::model::formats::{self, ga4, segment};
 use crate::model::limits::{check_summed_fields, SummedField};
 use crate::model::{
     decode_csv_as, decode_json_projected, parse_csv_header, DecodeError, IdentityRules, Projection,
@@ -617,36 +617,13 @@ impl Reader {
         out: &mut Vec<(Record, Time, isize)>,
         ctl: &mut Vec<Control>,
     ) {
-        let (rules, unit, projection) = (
-            &self.params.rules,
-            self.def.time_unit,
-            &self.params.projection,
-        );
-        let messages = match self.def.format {
-            Format::Ga4 => ga4::decode(text, rules, projection),
-            _ => segment::decode(text, rules, unit, projection),
-        };
-        let messages = match messages {
+        let messages = match format_messages(&self.def, &self.params, text) {
             Ok(m) => m,
             Err(e) => return self.dead(ctl, line, offset, peer, e.to_string(), bytes),
         };
         for m in messages {
             let raw = m.raw.as_ref().map_or(bytes, |r| r.as_bytes());
-            let summed = &self.params.summed;
-            let decoded = m.decoded.and_then(|d| {
-                for r in &d.records {
-                    check_summed_fields(r, summed).map_err(|reason| {
-                        let at = m
-                            .label
-                            .as_ref()
-                            .map(|l| format!("{l}: "))
-                            .unwrap_or_default();
-                        DecodeError::new(format!("{at}{reason}"))
-                    })?;
-                }
-                Ok(d)
-            });
-            let decoded = match decoded {
+            let decoded = match m.decoded {
                 Ok(d) => d,
                 Err(e) => {
                     self.dead(ctl, line, offset, peer.clone(), e.to_string(), raw);
@@ -1030,6 +1007,65 @@ pub fn earliest_time_from(
     Ok(least)
 }
 
+/// The messages of a line of a standard event format (Segment, GA4), each
+/// decoded and its summed fields checked, as the reader takes them.
+fn format_messages(
+    def: &SourceDef,
+    params: &ReadParams,
+    text: &str,
+) -> Result<Vec<formats::Message>, DecodeError> {
+    let (rules, projection) = (&params.rules, &params.projection);
+    let mut messages = match def.format {
+        Format::Ga4 => ga4::decode(text, rules, projection)?,
+        _ => segment::decode(text, rules, def.time_unit, projection)?,
+    };
+    for m in &mut messages {
+        let label = &m.label;
+        if let Ok(d) = &m.decoded {
+            let failed = d.records.iter().find_map(|r| {
+                check_summed_fields(r, &params.summed).err().map(|reason| {
+                    let at = label.as_ref().map(|l| format!("{l}: ")).unwrap_or_default();
+                    DecodeError::new(format!("{at}{reason}"))
+                })
+            });
+            if let Some(e) = failed {
+                m.decoded = Err(e);
+            }
+        }
+    }
+    Ok(messages)
+}
+
+/// The event times a reader offers its clock for a line, in order: a JSON
+/// line's decoded time, else its peeked one (as `Reader::decode_here`
+/// reads it); each decoded message of a standard format's line.
+fn line_times(def: &SourceDef, params: &ReadParams, text: &str) -> Vec<i64> {
+    match def.format {
+        Format::Segment | Format::Ga4 => format_messages(def, params, text)
+            .map(|ms| {
+                ms.into_iter()
+                    .filter_map(|m| m.decoded.ok().map(|d| d.ts_ms))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => {
+            let decoded = decode_json_projected(
+                def.kind,
+                text,
+                &params.rules,
+                def.time_unit,
+                &params.projection,
+            );
+            match decoded {
+                Ok(record) => vec![record.ts_ms()],
+                Err(_) => peek_time(def.kind, text, def.time_unit)
+                    .into_iter()
+                    .collect(),
+            }
+        }
+    }
+}
+
 /// The least time a range can produce: the watermark of its clock after
 /// the first line it admits (or the largest time if it admits none).
 fn range_bound(
@@ -1046,19 +1082,7 @@ fn range_bound(
                 let Ok(text) = std::str::from_utf8(&bytes) else {
                     continue;
                 };
-                // As `Reader::decode_here` reads it: the decoded time, else
-                // the peeked one.
-                let time = match decode_json_projected(
-                    def.kind,
-                    text,
-                    &params.rules,
-                    def.time_unit,
-                    &params.projection,
-                ) {
-                    Ok(record) => Some(record.ts_ms()),
-                    Err(_) => peek_time(def.kind, text, def.time_unit),
-                };
-                if let Some(ms) = time {
+                for ms in line_times(def, params, text) {
                     if clock.admit(ms, wall_clock_ms()).time().is_some() {
                         return Ok(clock.watermark());
                     }
