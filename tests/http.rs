@@ -188,6 +188,11 @@ fn sdk_requests_stamped_with_the_wall_clock_become_diffs() {
         let (t3, _) = now();
         let no_event = json!({"userId":"u1","timestamp":t3});
         assert_eq!(post(&addr, "/v1/track", key, &no_event), ok);
+        // A message without a time is at the time it arrived (receivedAt).
+        let (_, before) = now();
+        let no_time = json!({"userId":"u2","traits":{"tier":"gold"}});
+        assert_eq!(post(&addr, "/v1/identify", key, &no_time), ok);
+        let (_, after) = now();
         assert_eq!(post(&addr, "/v1/track", None, &order).0, 401);
         assert_eq!(post(&addr, "/v1/track", Some("nope"), &order).0, 401);
 
@@ -198,13 +203,22 @@ fn sdk_requests_stamped_with_the_wall_clock_become_diffs() {
             diff(ms1, "viewer", "user:u1", 1),
             diff(ms2, "buyer", "user:u1", 1),
         ];
+        let u2 = |l: &String| l.contains("\"profile\":\"user:u2\"");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while lines(&out).len() < expected.len() && Instant::now() < deadline {
+        while lines(&out).len() < expected.len() + 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let (code, err) = stop(child);
         assert_eq!(code, 0, "-w {workers}: {err}");
-        assert_eq!(lines(&out), expected, "-w {workers}");
+        let (theirs, rest): (Vec<String>, Vec<String>) = lines(&out).into_iter().partition(u2);
+        assert_eq!(rest, expected, "-w {workers}");
+        assert_eq!(theirs.len(), 1, "{theirs:?}");
+        let v: Value = serde_json::from_str(&theirs[0]).unwrap();
+        let t = v["time"].as_u64().unwrap();
+        assert!(
+            v["segment"] == "gold" && before / 100 * 100 <= t && t <= after,
+            "{v}"
+        );
         let dead: Vec<Value> = lines(&dir.path().join("dead.jsonl"))
             .iter()
             .map(|l| serde_json::from_str(l).unwrap())

@@ -61,6 +61,7 @@ struct Request {
 
 struct Shared {
     tx: mpsc::Sender<Request>,
+    limit: usize,
     write_key: Option<String>,
     wake: Box<dyn Fn() + Send + Sync>,
 }
@@ -104,6 +105,7 @@ impl HttpLines {
         let (stop, stop_rx) = oneshot::channel::<()>();
         let shared = Arc::new(Shared {
             tx,
+            limit,
             write_key,
             wake: Box::new(move || {
                 if let Some(w) = &waker {
@@ -187,14 +189,28 @@ async fn receive(
     Path(kind): Path<String>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Over the size limit (413), or a body that could not be read.
+        Err(rejection) => {
+            let reason = match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => format!(
+                    "the body is larger than {} bytes, the source's max_line_bytes",
+                    shared.limit
+                ),
+                _ => rejection.body_text(),
+            };
+            return answer(rejection.status(), Some(reason));
+        }
+    };
     let batch = matches!(kind.as_str(), "batch" | "import");
     if !batch && !TYPED.contains(&kind.as_str()) {
         return answer(
             StatusCode::NOT_FOUND,
             Some(format!(
-                "unknown endpoint /v1/{kind}; expected /v1/track, /v1/page, /v1/screen, /v1/identify, /v1/alias, /v1/group or /v1/batch"
+                "unknown endpoint /v1/{kind}; expected /v1/track, /v1/page, /v1/screen, /v1/identify, /v1/alias, /v1/group, /v1/batch or /v1/import"
             )),
         );
     }
@@ -210,14 +226,19 @@ async fn receive(
             )
         }
         Err(e) => {
+            // serde_json's message ends with its own position.
+            let text = e.to_string();
+            let msg = text
+                .rfind(" at line ")
+                .map_or(text.as_str(), |i| &text[..i]);
             return answer(
                 StatusCode::BAD_REQUEST,
                 Some(format!(
-                    "invalid JSON at line {} column {}: {e}",
+                    "invalid JSON at line {} column {}: {msg}",
                     e.line(),
                     e.column()
                 )),
-            )
+            );
         }
     };
     if let Some(key) = &shared.write_key {
@@ -237,6 +258,14 @@ async fn receive(
         }
     }
     message.remove("writeKey");
+    // As Segment's API does: the time the request arrived, which a message
+    // without a time of its own (`timestamp`, `originalTimestamp`,
+    // `sentAt`) is at (for a batch, on the envelope its members fall back
+    // to).
+    if !message.contains_key("receivedAt") {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        message.insert("receivedAt".into(), Value::String(now));
+    }
     if batch {
         if !matches!(message.get("batch"), Some(Value::Array(_))) {
             return answer(
@@ -411,6 +440,10 @@ mod tests {
         );
         let msg: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(msg["type"], "track", "the endpoint's type is added");
+        assert!(
+            msg["receivedAt"].as_str().unwrap().ends_with('Z'),
+            "and the time it arrived"
+        );
         assert_eq!(msg["event"], "Product Viewed");
         assert_eq!(line, 1);
         assert!(peer.unwrap().starts_with("127.0.0.1:"));
@@ -453,7 +486,14 @@ mod tests {
             r#"{{"userId":"u1","timestamp":1,"properties":{{"x":"{}"}}}}"#,
             "a".repeat(300)
         );
-        assert_eq!(post(&addr, "/v1/page", Some("wk"), &big).0, 413);
+        let (s, body) = post(&addr, "/v1/page", Some("wk"), &big);
+        assert_eq!(s, 413);
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["success"], false);
+        assert_eq!(
+            answer["error"],
+            "the body is larger than 256 bytes, the source's max_line_bytes"
+        );
         // The write key may be in the body instead; it is not passed on.
         let a = addr.clone();
         let client = std::thread::spawn(move || {

@@ -40,8 +40,8 @@
 use serde_json::Value;
 
 use super::{
-    add_short_names, amount_of, currency_of, flatten, id_text_of, ids_named_in, make_ids, order,
-    order_items, present, profile_records, Decoded, IdField, Message,
+    add_short_names, amount_of, candidate_text, currency_of, flatten, id_text_of, ids_named_in,
+    make_ids, order, order_items, present, profile_records, Decoded, IdField, Message,
 };
 use crate::model::ident::{Ident, IdentityRules};
 use crate::model::record::{
@@ -130,7 +130,7 @@ fn payload(
         ("app_instance_id", "anonymous_id"),
     ] {
         if let Some(v) = get(o, name) {
-            found.push((name.to_string(), field, id_text_of(name, v)?));
+            found.push((name.to_string(), field, candidate_text(name, v)?));
         }
     }
     if let Some(p) = user_properties {
@@ -282,7 +282,7 @@ fn export_row(
     let mut found: Vec<IdField<'_>> = Vec::new();
     for (name, field) in [("user_id", "user_id"), ("user_pseudo_id", "anonymous_id")] {
         if let Some(v) = get(o, name) {
-            found.push((name.to_string(), field, id_text_of(name, v)?));
+            found.push((name.to_string(), field, candidate_text(name, v)?));
         }
     }
     let user_props: Obj = properties_list

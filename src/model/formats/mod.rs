@@ -174,7 +174,7 @@ pub(crate) fn ids_named_in<'r>(
     for field in &rules.priority {
         if let Some(v) = o.get(field).and_then(value_of).filter(|v| !v.is_null()) {
             let name = format!("{shown}{field}");
-            let text = id_text_of(&name, v)?;
+            let text = candidate_text(&name, v)?;
             out.push((name, field.as_str(), text));
         }
     }
@@ -186,6 +186,16 @@ pub(crate) fn id_text(o: &Obj, key: &str) -> Result<String, DecodeError> {
     match o.get(key).filter(|v| !v.is_null()) {
         None => Err(missing(key)),
         Some(v) => id_text_of(key, v),
+    }
+}
+
+/// A candidate identifier's text: as [`id_text_of`], but an empty string
+/// is kept (as `""`) for [`make_ids`] to skip as a value that does not
+/// normalize, as segflow's own records skip `"anonymous_id": ""`.
+pub(crate) fn candidate_text(name: &str, v: &Value) -> Result<String, DecodeError> {
+    match v {
+        Value::String(s) if s.trim().is_empty() => Ok(String::new()),
+        v => id_text_of(name, v),
     }
 }
 

@@ -50,8 +50,9 @@
 use serde_json::Value;
 
 use super::{
-    add_short_names, amount_of, currency_of, flatten, id_text, id_text_of, ids_named_in, make_ids,
-    order, order_items, present, profile_records, Decoded, IdField, Message,
+    add_short_names, amount_of, candidate_text, currency_of, flatten, id_text, id_text_of,
+    ids_named_in, make_ids, order, order_items, present, profile_records, Decoded, IdField,
+    Message,
 };
 use crate::model::ident::{Ident, IdentityRules};
 use crate::model::record::{
@@ -355,7 +356,7 @@ fn message_ids(
     let mut found: Vec<IdField<'_>> = Vec::new();
     for (name, field) in [("userId", "user_id"), ("anonymousId", "anonymous_id")] {
         if let Some(v) = get(m, name) {
-            found.push((name.to_string(), field, id_text_of(name, v)?));
+            found.push((name.to_string(), field, candidate_text(name, v)?));
         }
     }
     if let Some(t) = traits {
@@ -670,6 +671,19 @@ mod tests {
         let Record::Crm(c) = &r[0] else { panic!() };
         assert!(c.attributes.is_empty());
         assert_eq!(ids(&r[0]), ["user:u1", "anon:a1"]);
+    }
+
+    #[test]
+    fn an_empty_id_is_skipped_when_another_remains() {
+        let r = one(r#"{"type":"page","userId":"u1","anonymousId":"","timestamp":1}"#);
+        assert_eq!(ids(&r[0]), ["user:u1"]);
+        let err = decode_all(r#"{"type":"page","anonymousId":"  ","timestamp":1}"#)
+            .remove(0)
+            .unwrap_err();
+        assert!(
+            err.starts_with("no identifier") && err.contains("anonymousId \"\" does not normalize"),
+            "{err}"
+        );
     }
 
     #[test]
