@@ -88,8 +88,9 @@ struct RunArgs {
     /// NAME=http://HOST:PORT (a Segment HTTP API endpoint) (repeatable).
     #[arg(long = "input", value_name = "NAME=LOCATION")]
     inputs: Vec<String>,
-    /// Segment diffs: a file, `-` for stdout, or tcp://HOST:PORT.
-    #[arg(long, value_name = "PATH|-|tcp://ADDR")]
+    /// Segment diffs: a file, `-` for stdout, tcp://HOST:PORT, or an
+    /// http(s):// URL (a webhook: signed JSON batches, see [output.webhook]).
+    #[arg(long, value_name = "PATH|-|tcp://ADDR|URL")]
     output: Option<String>,
     /// Dead-letter file (JSON lines).
     #[arg(long, value_name = "PATH")]

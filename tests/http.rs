@@ -261,6 +261,26 @@ fn an_http_input_needs_the_segment_format_and_a_free_port() {
         err.contains("set `format = \"segment\"` in [sources.web]"),
         "{err}"
     );
+    // `segflow check` says so too when the definition names the endpoint.
+    let with_path = dir.path().join("check.toml");
+    std::fs::write(
+        &with_path,
+        SPEC.replace(
+            "format = \"segment\"\n",
+            "path = \"http://127.0.0.1:8088\"\n",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", with_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("takes Segment messages: set `format = \"segment\"`"),
+        "{err}"
+    );
     // The port is in use: the run stops with the reason, non-zero.
     std::fs::write(&spec, SPEC).unwrap();
     let out = run(&spec);

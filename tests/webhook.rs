@@ -298,3 +298,40 @@ fn batches_that_fail_for_good_are_in_the_failed_file_and_the_run_ends() {
         failed[0]
     );
 }
+
+#[test]
+fn a_url_that_is_not_a_webhook_is_refused_before_the_run_starts() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |location: &str| -> String {
+        let mut spec = load_spec(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dataflows/ecommerce.toml"
+        )))
+        .unwrap();
+        spec.output = Default::default();
+        spec.output.webhook.failed = dir.path().join("failed.jsonl").display().to_string();
+        let mem = |v: &Vec<String>| Input::Memory(Arc::new(v.clone()));
+        Engine::new(spec)
+            .input("web", mem(&d.web))
+            .unwrap()
+            .input("crm", mem(&d.crm))
+            .unwrap()
+            .input("transactions", mem(&d.txn))
+            .unwrap()
+            .output(Output::parse(location))
+            .run(timely::Config::process(1))
+            .err()
+            .unwrap_or_else(|| panic!("{location} was taken"))
+            .to_string()
+    };
+    assert!(refused("http://127.0.0.1:99999/hook").contains("not a valid webhook URL"));
+    assert!(refused("http://").contains("not a valid webhook URL"));
+    let ftp = dir.path().join("x").display().to_string();
+    assert!(refused(&format!("ftp:/{ftp}")).contains("looks like a URL"));
+    assert!(refused("http:/127.0.0.1/hook").contains("looks like a URL"));
+    assert!(
+        !Path::new("http:").exists(),
+        "no directory made of a mistyped URL"
+    );
+}

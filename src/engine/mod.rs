@@ -54,7 +54,11 @@ impl Output {
             Output::Stdout
         } else if let Some(addr) = location.strip_prefix("tcp://") {
             Output::Tcp(addr.to_string())
-        } else if location.starts_with("http://") || location.starts_with("https://") {
+        } else if ["http://", "https://"].iter().any(|s| {
+            location
+                .get(..s.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(s))
+        }) {
             Output::Webhook(location.to_string())
         } else {
             Output::Path(PathBuf::from(location))
@@ -936,10 +940,27 @@ impl Engine {
             Output::Stdout => {
                 SegmentSink::Writer(Box::new(std::io::BufWriter::new(std::io::stdout())))
             }
-            Output::Path(p) => SegmentSink::Writer(Box::new(std::io::BufWriter::with_capacity(
-                1 << 20,
-                create("cannot create output", &p)?,
-            ))),
+            Output::Path(p) => {
+                // `ftp://…`, `http:/host` (a slash short), `HTTPS:x`: not a
+                // file the user meant.
+                let text = p.to_string_lossy();
+                if let Some((scheme, _)) = text.split_once(':') {
+                    let looks_like_url = !scheme.is_empty()
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+                        && text[scheme.len() + 1..].starts_with('/');
+                    if looks_like_url {
+                        return Err(EngineError::SourceSetting(format!(
+                            "the segment output {text} looks like a URL of an unknown kind: give a file path, -, tcp://HOST:PORT, or an http:// or https:// URL (a webhook)"
+                        )));
+                    }
+                }
+                SegmentSink::Writer(Box::new(std::io::BufWriter::with_capacity(
+                    1 << 20,
+                    create("cannot create output", &p)?,
+                )))
+            }
             Output::Tcp(addr) => {
                 let stream = std::net::TcpStream::connect(&addr)
                     .map_err(|e| io_err("cannot connect output to", Path::new(&addr), e))?;
@@ -947,6 +968,29 @@ impl Engine {
                 SegmentSink::Writer(Box::new(std::io::BufWriter::new(stream)))
             }
             Output::Webhook(url) => {
+                let uri: Result<ureq::http::Uri, _> = url.parse();
+                let valid = uri.as_ref().ok().filter(|u| {
+                    u.host().is_some_and(|h| !h.is_empty())
+                        // (`Uri` drops a port out of range: read it here.)
+                        && u.authority()
+                            .and_then(|a| a.as_str().rsplit_once(':'))
+                            .map(|(_, p)| p)
+                            .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+                            .is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+                        && u.scheme_str().is_some_and(|s| {
+                            s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https")
+                        })
+                });
+                if valid.is_none() {
+                    let why = match &uri {
+                        Err(e) => e.to_string(),
+                        Ok(u) if u.host().is_none_or(str::is_empty) => "no host".to_string(),
+                        Ok(_) => "the port must be from 1 to 65535".to_string(),
+                    };
+                    return Err(EngineError::SourceSetting(format!(
+                        "the segment output {url} is not a valid webhook URL ({why}): give http(s)://HOST[:PORT]/PATH"
+                    )));
+                }
                 let spec = &self.spec.output.webhook;
                 let path = Path::new(&spec.failed);
                 let failed = std::fs::OpenOptions::new()

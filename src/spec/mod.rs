@@ -1108,6 +1108,16 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
             },
         };
         let location = r.path.as_ref().map(|p| p.get_ref().clone());
+        if let Some(p) = &r.path {
+            if p.get_ref().starts_with("http://") && format != Format::Segment {
+                return Err(cx.err(
+                    p.span().start,
+                    format!(
+                        "source `{name}` reads an HTTP endpoint, which takes Segment messages: set `format = \"segment\"` (and `kind = \"web\"`)"
+                    ),
+                ));
+            }
+        }
         // Whether `follow` and `until` fit the input is checked when the
         // input is known (`--input` may replace `path`).
         let follow = r.follow.as_ref().is_some_and(|f| *f.get_ref());

@@ -76,6 +76,9 @@ pub struct Webhook {
     pub delivered: u64,
     /// Batches that failed for good so far.
     pub failures: u64,
+    /// A batch failed while the run was stopping: the receiver is not
+    /// tried again before the run ends.
+    given_up: bool,
 }
 
 impl Webhook {
@@ -113,6 +116,7 @@ impl Webhook {
             pending: Vec::new(),
             delivered: 0,
             failures: 0,
+            given_up: false,
         }
     }
 
@@ -201,7 +205,7 @@ impl Webhook {
     ) -> io::Result<()> {
         self.failures += 1;
         tracing::warn!(
-            "webhook {}: batch {batch_id} of {} diffs failed after {attempts} attempts ({reason}); written to {}",
+            "webhook {}: batch {batch_id} of {} diffs failed after {attempts} attempt(s) ({reason}); written to {}",
             self.url,
             lines.len(),
             self.spec.failed
@@ -270,9 +274,19 @@ impl Write for Webhook {
                 "{{\"batch_id\":\"{batch_id}\",\"diffs\":[{}]}}",
                 String::from_utf8_lossy(&diffs)
             );
-            match self.deliver(&body, &batch_id) {
+            let outcome = if self.given_up {
+                Outcome::Failed(
+                    None,
+                    "not sent: the run was stopping and the receiver had failed".to_string(),
+                    0,
+                )
+            } else {
+                self.deliver(&body, &batch_id)
+            };
+            match outcome {
                 Outcome::Delivered => self.delivered += 1,
                 Outcome::Failed(status, reason, attempts) => {
+                    self.given_up = self.stopping();
                     self.record_failure(chunk, &batch_id, (status, reason, attempts))?
                 }
             }
