@@ -394,6 +394,11 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
         if s.state_batches > 0 {
             t += &format!("  state batches     {}\n", s.state_batches);
         }
+        if let Some((failed, file)) = &s.webhook_failed {
+            t += &format!(
+                "  webhook           {failed} batches failed for good (their diffs are in {file}, not at the receiver)\n"
+            );
+        }
         let rate = if s.elapsed_secs > 0.0 {
             records as f64 / s.elapsed_secs
         } else {

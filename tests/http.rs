@@ -291,3 +291,46 @@ fn an_http_input_needs_the_segment_format_and_a_free_port() {
         "{err}"
     );
 }
+
+/// A live endpoint whose idle advance is long (an hour) still stops at
+/// once on SIGTERM: an idle source looks at the stop request on its own.
+#[test]
+fn sigterm_stops_an_idle_endpoint_at_once_whatever_its_idle_advance() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let spec = dir.path().join("flow.toml");
+    std::fs::write(
+        &spec,
+        SPEC.replace("idle_advance = \"200ms\"", "idle_advance = \"1h\""),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--input",
+            &format!("web=http://{addr}"),
+            "--output",
+            dir.path().join("out.jsonl").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(&addr);
+    let (t, _) = now();
+    let view = json!({"anonymousId":"a1","event":"Product Viewed","timestamp":t});
+    assert_eq!(post(&addr, "/v1/track", Some("wk-test"), &view).0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let (code, err) = stop(child);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        asked.elapsed()
+    );
+}

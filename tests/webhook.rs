@@ -150,7 +150,13 @@ fn data() -> Data {
 
 /// The shipped dataflow on `d` with `output`, `max_batch` diffs per
 /// request, retries after 10 ms; returns the path of the failed file.
-fn run(d: &Data, dir: &Path, output: Output, secret_env: &str, max_attempts: u32) {
+fn run(
+    d: &Data,
+    dir: &Path,
+    output: Output,
+    secret_env: &str,
+    max_attempts: u32,
+) -> segflow::RunSummary {
     let mut spec = load_spec(Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/dataflows/ecommerce.toml"
@@ -173,7 +179,7 @@ fn run(d: &Data, dir: &Path, output: Output, secret_env: &str, max_attempts: u32
         .output(output)
         .dead_letter(dir.join("dead.jsonl"))
         .run(timely::Config::process(2))
-        .unwrap();
+        .unwrap()
 }
 
 /// The diffs of a plain run, in output order.
@@ -250,7 +256,7 @@ fn batches_that_fail_for_good_are_in_the_failed_file_and_the_run_ends() {
     let expected = expected(&d, dir.path());
     // A receiver that always answers 500, tried twice per batch.
     let (url, seen) = receiver("unused", Behaviour::Broken);
-    run(
+    let summary = run(
         &d,
         dir.path(),
         Output::Webhook(url.clone()),
@@ -270,6 +276,14 @@ fn batches_that_fail_for_good_are_in_the_failed_file_and_the_run_ends() {
         .iter()
         .all(|f| f["attempts"] == 2 && f["status"] == 500 && f["url"] == url.as_str()));
     assert_eq!(seen.0.lock().unwrap().requests, 2 * failed.len() as u64);
+    // The summary says how many batches failed, and where they are.
+    assert_eq!(
+        summary.webhook_failed,
+        Some((
+            failed.len() as u64,
+            dir.path().join("failed.jsonl").display().to_string()
+        ))
+    );
     // Nothing listens: connection errors, tried three times, then failed.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

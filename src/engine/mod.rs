@@ -935,6 +935,7 @@ impl Engine {
         };
         let output = self.output.clone().unwrap_or(Output::Discard);
         let labels = self.output_labels();
+        let mut webhook_failures = None;
         let segments = match output {
             Output::Discard => SegmentSink::Discard,
             Output::Stdout => {
@@ -998,12 +999,14 @@ impl Engine {
                     .append(true)
                     .open(path)
                     .map_err(|e| io_err("cannot open the webhook's failed-batch file", path, e))?;
-                SegmentSink::Writer(Box::new(crate::io::sinks::webhook::Webhook::new(
+                let hook = crate::io::sinks::webhook::Webhook::new(
                     &url,
                     spec,
                     failed,
                     self.shutdown.clone(),
-                )))
+                );
+                webhook_failures = Some((Arc::clone(&hook.failures), spec.failed.clone()));
+                SegmentSink::Writer(Box::new(hook))
             }
             Output::Callback(f) => SegmentSink::Callback(f),
         };
@@ -1023,6 +1026,7 @@ impl Engine {
                 resume: None,
                 resume_clamped: None,
                 identities: self.output_identities(),
+                webhook_failures,
             },
             to_empty,
         ))

@@ -123,6 +123,9 @@ pub struct Outputs {
     /// absolute path for a file (so a run from another directory is not
     /// taken for the same output), else as messages do.
     pub identities: (String, String),
+    /// A webhook output's count of batches that failed for good, and its
+    /// failed-batch file, for the summary.
+    pub webhook_failures: Option<(Arc<std::sync::atomic::AtomicU64>, String)>,
 }
 
 /// How messages name the outputs of [`Outputs`].
@@ -219,6 +222,10 @@ pub struct RunSummary {
     /// from there. `false` for a run whose inputs all ended.
     #[serde(default)]
     pub stopped: bool,
+    /// A webhook output: the batches that failed for good (their diffs are
+    /// in the failed-batch file, not at the receiver), and that file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_failed: Option<(u64, String)>,
 }
 
 impl RunSummary {
@@ -583,6 +590,11 @@ impl Committer {
         self.flush_segments();
         self.flush_dead_letters();
         let mut summary = self.summary.clone();
+        summary.webhook_failed = self
+            .outputs
+            .webhook_failures
+            .as_ref()
+            .map(|(n, file)| (n.load(std::sync::atomic::Ordering::SeqCst), file.clone()));
         let count = self.members.len().max(self.segments.len());
         summary.segments = (0..count)
             .map(|i| {

@@ -74,8 +74,8 @@ pub struct Webhook {
     pending: Vec<u8>,
     /// Batches delivered and failed so far.
     pub delivered: u64,
-    /// Batches that failed for good so far.
-    pub failures: u64,
+    /// Batches that failed for good so far (shared with the summary).
+    pub failures: Arc<std::sync::atomic::AtomicU64>,
     /// A batch failed while the run was stopping: the receiver is not
     /// tried again before the run ends.
     given_up: bool,
@@ -115,7 +115,7 @@ impl Webhook {
             shutdown,
             pending: Vec::new(),
             delivered: 0,
-            failures: 0,
+            failures: Arc::default(),
             given_up: false,
         }
     }
@@ -203,7 +203,7 @@ impl Webhook {
         batch_id: &str,
         (status, reason, attempts): (Option<u16>, String, u32),
     ) -> io::Result<()> {
-        self.failures += 1;
+        self.failures.fetch_add(1, Ordering::SeqCst);
         tracing::warn!(
             "webhook {}: batch {batch_id} of {} diffs failed after {attempts} attempt(s) ({reason}); written to {}",
             self.url,

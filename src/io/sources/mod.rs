@@ -845,9 +845,19 @@ impl Reader {
         if !self.lines.wakes_on_input() {
             wait = wait.min(FILE_POLL_MS);
         }
+        if self.params.shutdown.is_some() {
+            // A stop request is noticed here, however long the idle
+            // advance: a live source that nothing wakes would otherwise
+            // sleep through it.
+            wait = wait.min(SHUTDOWN_CHECK_MS);
+        }
         Duration::from_millis(wait.max(1))
     }
 }
+
+/// How often, at the least, an idle live source looks at the shutdown
+/// flag, milliseconds.
+const SHUTDOWN_CHECK_MS: u64 = 200;
 
 /// Sends `data`, if any, at `cap`, and leaves it empty.
 fn give<D: Clone + 'static>(
