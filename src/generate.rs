@@ -1230,3 +1230,96 @@ pub fn generate_dir(cfg: &GenConfig, dir: &Path) -> io::Result<GenStats> {
     txn.into_inner().map_err(|e| e.into_error())?;
     Ok(stats)
 }
+
+/// The Segment message of a generated web event (`None` for a line that
+/// is not one: the generator's malformed lines).
+pub fn segment_message(line: &str) -> Option<serde_json::Value> {
+    use serde_json::{json, Map, Value};
+    let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
+        return None;
+    };
+    let event = o.get("event")?.as_str()?;
+    let mut m = Map::new();
+    m.insert("timestamp".into(), o.get("ts")?.clone());
+    if let Some(u) = o.get("user_id") {
+        m.insert("userId".into(), u.clone());
+    }
+    m.insert("anonymousId".into(), o.get("anonymous_id")?.clone());
+    let c = o.get("context").and_then(Value::as_object)?;
+    let mut context = json!({
+        "device": {"type": c.get("device")},
+        "location": {"country": c.get("country")},
+        "page": {"path": c.get("page"), "referrer": c.get("referrer")},
+        "sessionId": c.get("session_id"),
+    });
+    if let Some(email) = o.get("email") {
+        context["traits"] = json!({ "email": email });
+    }
+    m.insert("context".into(), context);
+    let product = |i: &Value| -> Value {
+        let mut p = Map::new();
+        for (k, v) in i.as_object().into_iter().flatten() {
+            let k = match k.as_str() {
+                "id" => "product_id",
+                "qty" => "quantity",
+                other => other,
+            };
+            p.insert(k.to_string(), v.clone());
+        }
+        Value::Object(p)
+    };
+    let (kind, name, properties) = match event {
+        "page_view" => ("page", None, json!({})),
+        "purchase" => {
+            let items = o.get("items").and_then(Value::as_array)?;
+            (
+                "track",
+                Some("Order Completed"),
+                json!({
+                    "order_id": o.get("order_id"),
+                    "total": o.get("value"),
+                    "currency": o.get("currency"),
+                    "products": items.iter().map(product).collect::<Vec<_>>(),
+                }),
+            )
+        }
+        other => {
+            let mut props = o.get("item").map(product).unwrap_or_else(|| json!({}));
+            if let Some(q) = o.get("qty") {
+                props["quantity"] = q.clone();
+            }
+            let name = match other {
+                "view_item" => "Product Viewed",
+                "add_to_cart" => "Product Added",
+                "begin_checkout" => "Checkout Started",
+                "login" => "Signed In",
+                n => n,
+            };
+            ("track", Some(name), props)
+        }
+    };
+    m.insert("type".into(), kind.into());
+    if let Some(n) = name {
+        m.insert("event".into(), n.into());
+    }
+    m.insert("properties".into(), properties);
+    Some(Value::Object(m))
+}
+
+/// Writes `dir/web.segment.jsonl`: the web events of `dir/web.jsonl` as
+/// Segment messages ([`segment_message`]; its malformed lines left out).
+/// Orders are `Order Completed` messages, so the file stands for
+/// `web.jsonl` and the orders of its purchases: read it without
+/// `transactions.jsonl`. Returns the number of messages.
+pub fn write_segment_web(data: &Path) -> std::io::Result<u64> {
+    let web = std::fs::read_to_string(data.join("web.jsonl"))?;
+    let mut out = String::with_capacity(web.len() * 3 / 2);
+    let mut n = 0;
+    for m in web.lines().filter_map(segment_message) {
+        out.push_str(&m.to_string());
+        out.push('\n');
+        n += 1;
+    }
+    std::fs::write(data.join("web.segment.jsonl"), out)?;
+    Ok(n)
+}

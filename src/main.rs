@@ -88,6 +88,11 @@ struct RunArgs {
     /// NAME=http://HOST:PORT (a Segment HTTP API endpoint) (repeatable).
     #[arg(long = "input", value_name = "NAME=LOCATION")]
     inputs: Vec<String>,
+    /// The record format of a declared source, over its `format`:
+    /// NAME=jsonl|csv|segment|ga4 (repeatable), e.g. --format web=segment
+    /// to run a definition unchanged on a Segment export.
+    #[arg(long = "format", value_name = "NAME=FORMAT")]
+    formats: Vec<String>,
     /// Segment diffs: a file, `-` for stdout, tcp://HOST:PORT, or an
     /// http(s):// URL (a webhook: signed JSON batches, see [output.webhook]).
     #[arg(long, value_name = "PATH|-|tcp://ADDR|URL")]
@@ -152,6 +157,11 @@ struct GenerateArgs {
     #[arg(long, value_name = "DAYS",
           value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..=36_500))]
     days: Option<u64>,
+    /// Also write web.segment.jsonl: the web events as Segment messages
+    /// (orders as Order Completed, so read it without transactions.jsonl),
+    /// for `segflow run ... --format web=segment`.
+    #[arg(long)]
+    segment: bool,
 }
 
 #[derive(Args)]
@@ -418,7 +428,26 @@ fn print_summary(s: &RunSummary, to_stderr: bool, json: bool) {
 const MAX_WORKERS: usize = 1024;
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let spec = load_spec(&args.dataflow)?;
+    let mut spec = load_spec(&args.dataflow)?;
+    for item in &args.formats {
+        let (name, format) = item.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--format {item:?}: expected NAME=FORMAT, e.g. web=segment")
+        })?;
+        let known: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
+        let known = known.join(", ");
+        let source = spec
+            .sources
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--format {item:?}: no source `{name}` in {}; the sources are: {known}",
+                    args.dataflow.display()
+                )
+            })?;
+        source.format = segflow::spec::Format::for_source(format, source.kind, name)
+            .map_err(|e| anyhow::anyhow!("--format {item:?}: {e}"))?;
+    }
     for w in spec.warnings() {
         tracing::warn!("{}: {w}", args.dataflow.display());
     }
@@ -542,10 +571,22 @@ fn main() -> ExitCode {
             let stats = generate_dir(&cfg, &args.out).map_err(|e| {
                 anyhow::anyhow!("cannot write data set to {}: {e}", args.out.display())
             })?;
+            let segment = match args.segment {
+                true => Some(
+                    segflow::generate::write_segment_web(&args.out).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot write {}: {e}",
+                            args.out.join("web.segment.jsonl").display()
+                        )
+                    })?,
+                ),
+                false => None,
+            };
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "{}",
                 serde_json::json!({
+                    "segment_messages": segment,
                     "out": args.out.display().to_string(),
                     "web_events": stats.web_events,
                     "crm_records": stats.crm_records,

@@ -731,3 +731,81 @@ fn a_segment_file_in_many_ranges_with_identifies_is_the_same_for_any_worker_coun
     let (two, _) = run(2);
     assert_same_diffs(&two, &one, "segment in ranges, -w 2 against -w 1");
 }
+
+/// As a newcomer tries it: `segflow generate --segment` writes the web
+/// events as Segment messages, and `segflow run --format web=segment` runs
+/// the shipped definition, unchanged, on them.
+#[test]
+fn the_cli_runs_the_shipped_definition_on_generated_segment_messages() {
+    let bin = env!("CARGO_BIN_EXE_segflow");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(bin)
+        .args([
+            "generate",
+            "--out",
+            data.to_str().unwrap(),
+            "--events",
+            "6000",
+            "--segment",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        summary["segment_messages"].as_u64().unwrap() > 5_900,
+        "{summary}"
+    );
+    let flow = concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml");
+    let run = |format: &str| {
+        std::process::Command::new(bin)
+            .args(["run", flow, "--format", format, "--json"])
+            .args([
+                "--input",
+                &format!("web={}", data.join("web.segment.jsonl").display()),
+            ])
+            .args([
+                "--input",
+                &format!("crm={}", data.join("crm.jsonl").display()),
+            ])
+            .args(["--input", "transactions=/dev/null"])
+            .args(["--output", dir.path().join("out.jsonl").to_str().unwrap()])
+            .args([
+                "--dead-letter",
+                dir.path().join("dead.jsonl").to_str().unwrap(),
+            ])
+            .args([
+                "--state-dir",
+                dir.path().join("state").to_str().unwrap(),
+                "--reset",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = run("web=segment");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let s: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert!(s["diffs_written"].as_u64().unwrap() > 50, "{s}");
+    let diffs = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    assert!(
+        diffs.contains("\"segment\":\"big_spender\"")
+            || diffs.contains("\"segment\":\"champion\"")
+            || diffs.contains("\"segment\":\"lapsed_customer\""),
+        "orders count as transactions"
+    );
+    let bad = run("web=csv");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("format \"csv\" is only supported for crm sources"),
+        "{err}"
+    );
+}

@@ -92,6 +92,29 @@ pub enum Format {
     Ga4,
 }
 
+impl Format {
+    /// The format named `name` (`"jsonl"`, `"csv"`, `"segment"`, `"ga4"`)
+    /// for source `source` of `kind`; the error says which kinds take it.
+    pub fn for_source(name: &str, kind: StreamKind, source: &str) -> Result<Format, String> {
+        match name {
+            "jsonl" => Ok(Format::Jsonl),
+            "csv" if kind == StreamKind::Crm => Ok(Format::Csv),
+            "segment" if kind == StreamKind::Web => Ok(Format::Segment),
+            "ga4" if kind == StreamKind::Web => Ok(Format::Ga4),
+            f @ ("csv" | "segment" | "ga4") => {
+                let wants = if f == "csv" { "crm" } else { "web" };
+                Err(format!(
+                    "format \"{f}\" is only supported for {wants} sources; source `{source}` is {}",
+                    kind.as_str()
+                ))
+            }
+            other => Err(format!(
+                "unknown format `{other}`; expected \"jsonl\", \"csv\" (crm), \"segment\" or \"ga4\" (web)"
+            )),
+        }
+    }
+}
+
 pub use crate::time::{LatePolicy, TimeUnit};
 
 /// How a trait aggregates matching events.
@@ -1084,28 +1107,8 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
         };
         let format = match &r.format {
             None => Format::Jsonl,
-            Some(f) => match f.get_ref().as_str() {
-                "jsonl" => Format::Jsonl,
-                "csv" if kind == StreamKind::Crm => Format::Csv,
-                "segment" if kind == StreamKind::Web => Format::Segment,
-                "ga4" if kind == StreamKind::Web => Format::Ga4,
-                f_name @ ("csv" | "segment" | "ga4") => {
-                    let wants = if f_name == "csv" { "crm" } else { "web" };
-                    return Err(cx.err(
-                        f.span().start,
-                        format!(
-                        "format \"{f_name}\" is only supported for {wants} sources; source `{name}` is {}",
-                        kind.as_str()
-                    ),
-                    ));
-                }
-                other => {
-                    return Err(cx.err(
-                        f.span().start,
-                        format!("unknown format `{other}`; expected \"jsonl\", \"csv\" (crm), \"segment\" or \"ga4\" (web)"),
-                    ))
-                }
-            },
+            Some(f) => Format::for_source(f.get_ref(), kind, &name)
+                .map_err(|m| cx.err(f.span().start, m))?,
         };
         let location = r.path.as_ref().map(|p| p.get_ref().clone());
         if let Some(p) = &r.path {
