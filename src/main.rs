@@ -93,9 +93,10 @@ struct RunArgs {
     /// to run a definition unchanged on a Segment export.
     #[arg(long = "format", value_name = "NAME=FORMAT")]
     formats: Vec<String>,
-    /// Segment diffs: a file, `-` for stdout, tcp://HOST:PORT, or an
-    /// http(s):// URL (a webhook: signed JSON batches, see [output.webhook]).
-    #[arg(long, value_name = "PATH|-|tcp://ADDR|URL")]
+    /// Segment diffs: a file, `-` for stdout, tcp://HOST:PORT,
+    /// kafka://HOST:PORT/TOPIC, or an http(s):// URL (a webhook: signed
+    /// JSON batches, see [output.webhook]).
+    #[arg(long, value_name = "PATH|-|tcp://ADDR|kafka://ADDR/TOPIC|URL")]
     output: Option<String>,
     /// Dead-letter file (JSON lines).
     #[arg(long, value_name = "PATH")]

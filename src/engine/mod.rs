@@ -42,6 +42,14 @@ pub enum Output {
     /// `https://` URL (see [`crate::io::sinks::webhook`]; the delivery
     /// settings are the definition's `[output.webhook]`).
     Webhook(String),
+    /// A Kafka topic: each diff a record keyed by its profile (see
+    /// [`crate::io::sinks::kafka`]).
+    Kafka {
+        /// `host:port[,host:port]`.
+        brokers: String,
+        /// The topic (it must exist).
+        topic: String,
+    },
     /// A function called for every committed diff, in order.
     Callback(DiffCallback),
 }
@@ -60,6 +68,12 @@ impl Output {
                 .is_some_and(|p| p.eq_ignore_ascii_case(s))
         }) {
             Output::Webhook(location.to_string())
+        } else if let Some(rest) = location.strip_prefix("kafka://") {
+            let (brokers, topic) = rest.split_once('/').unwrap_or((rest, ""));
+            Output::Kafka {
+                brokers: brokers.to_string(),
+                topic: topic.trim_end_matches('/').to_string(),
+            }
         } else {
             Output::Path(PathBuf::from(location))
         }
@@ -846,6 +860,7 @@ impl Engine {
                 Output::Stdout => "standard output".to_string(),
                 Output::Tcp(addr) => format!("tcp://{addr}"),
                 Output::Webhook(url) => url.clone(),
+                Output::Kafka { brokers, topic } => format!("kafka://{brokers}/{topic}"),
                 Output::Callback(_) => "callback".to_string(),
             },
             segments_is_stdout: matches!(self.output, Some(Output::Stdout)),
@@ -1007,6 +1022,22 @@ impl Engine {
                 );
                 webhook_failures = Some((Arc::clone(&hook.failures), spec.failed.clone()));
                 SegmentSink::Writer(Box::new(hook))
+            }
+            Output::Kafka { brokers, topic } => {
+                if topic.is_empty() {
+                    return Err(EngineError::SourceSetting(format!(
+                        "the segment output kafka://{brokers} names no topic: give kafka://HOST:PORT/TOPIC"
+                    )));
+                }
+                let sink =
+                    crate::io::sinks::kafka::KafkaSink::connect(&brokers, &topic).map_err(|e| {
+                        io_err(
+                            "cannot open the Kafka output",
+                            Path::new(&format!("kafka://{brokers}/{topic}")),
+                            e,
+                        )
+                    })?;
+                SegmentSink::Writer(Box::new(sink))
             }
             Output::Callback(f) => SegmentSink::Callback(f),
         };

@@ -32,6 +32,7 @@ use crate::model::{Id, IdMap, Scalar};
 use crate::spec::{SegmentSpec, TraitSpec};
 use crate::store::{attributes_json, RetainedBatch, SinkPositions, StateBatch, StoreOp};
 
+pub mod kafka;
 mod state;
 pub mod webhook;
 use crate::time::{Completion, Time};
