@@ -14,35 +14,18 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use segflow::generate::{generate_to, GenConfig};
 use segflow::model::{decode_json, IdentityRules, RecordKind};
 use segflow::spec::{load_spec, parse_spec, Format};
 use segflow::{Engine, Input, Output, RunSummary};
 use serde_json::{json, Map, Value};
 
-/// Generated native lines: web, CRM, transactions.
+mod common;
+
+/// Generated native lines: web and CRM (transactions come from the web
+/// events' purchases here).
 fn generated(events: u64, seed: u64) -> (Vec<String>, Vec<String>) {
-    let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    generate_to(
-        &GenConfig {
-            events,
-            seed,
-            span_days: Some(40),
-            ..GenConfig::default()
-        },
-        &mut w,
-        &mut c,
-        &mut t,
-    )
-    .unwrap();
-    let lines = |b: Vec<u8>| -> Vec<String> {
-        String::from_utf8(b)
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect()
-    };
-    (lines(w), lines(c))
+    let g = common::generated(events, seed, Some(40));
+    (g.web, g.crm)
 }
 
 fn rules() -> IdentityRules {

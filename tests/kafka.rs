@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use segflow::generate::{generate_to, GenConfig};
 use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
 use serde_json::Value;
@@ -124,37 +123,11 @@ impl Broker {
     }
 }
 
-struct Data {
-    web: Vec<String>,
-    crm: Vec<String>,
-    txn: Vec<String>,
-}
+mod common;
+use common::{generated, Generated as Data};
 
 fn data() -> Data {
-    let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    generate_to(
-        &GenConfig {
-            events: 3_000,
-            seed: 9,
-            ..GenConfig::default()
-        },
-        &mut w,
-        &mut c,
-        &mut t,
-    )
-    .unwrap();
-    let lines = |b: Vec<u8>| {
-        String::from_utf8(b)
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect()
-    };
-    Data {
-        web: lines(w),
-        crm: lines(c),
-        txn: lines(t),
-    }
+    generated(3_000, 9, None)
 }
 
 fn engine(d: &Data, dir: &Path) -> Engine {
@@ -269,30 +242,7 @@ fn a_broker_that_is_not_there_or_a_missing_topic_stops_the_run_at_start() {
 /// missing from the topic.
 #[test]
 fn a_broker_that_goes_away_mid_run_stops_the_run_with_the_reason() {
-    let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    generate_to(
-        &GenConfig {
-            events: 40_000,
-            seed: 4,
-            ..GenConfig::default()
-        },
-        &mut w,
-        &mut c,
-        &mut t,
-    )
-    .unwrap();
-    let lines = |b: Vec<u8>| -> Vec<String> {
-        String::from_utf8(b)
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect()
-    };
-    let d = Data {
-        web: lines(w),
-        crm: lines(c),
-        txn: lines(t),
-    };
+    let d = generated(40_000, 4, None);
     let dir = tempfile::tempdir().unwrap();
     let mut b = broker();
     b.create_topic("segments", 3);

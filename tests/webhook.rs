@@ -14,7 +14,6 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::Router;
 use hmac::{Hmac, Mac};
-use segflow::generate::{generate_to, GenConfig};
 use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
 use serde_json::Value;
@@ -115,37 +114,11 @@ fn receiver(secret: &str, behaviour: Behaviour) -> (String, Shared) {
     (url, shared)
 }
 
-struct Data {
-    web: Vec<String>,
-    crm: Vec<String>,
-    txn: Vec<String>,
-}
+mod common;
+use common::{generated, Generated as Data};
 
 fn data() -> Data {
-    let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
-    generate_to(
-        &GenConfig {
-            events: 3_000,
-            seed: 5,
-            ..GenConfig::default()
-        },
-        &mut w,
-        &mut c,
-        &mut t,
-    )
-    .unwrap();
-    let lines = |b: Vec<u8>| {
-        String::from_utf8(b)
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect()
-    };
-    Data {
-        web: lines(w),
-        crm: lines(c),
-        txn: lines(t),
-    }
+    generated(3_000, 5, None)
 }
 
 /// The shipped dataflow on `d` with `output`, `max_batch` diffs per

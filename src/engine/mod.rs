@@ -98,6 +98,11 @@ pub enum EngineError {
     /// `follow` on a TCP listener).
     #[error("{0}")]
     SourceSetting(String),
+    /// The segment output cannot be used as given (a URL of an unknown
+    /// kind, a webhook URL without a host, a Kafka location without a
+    /// topic).
+    #[error("{0}")]
+    OutputSetting(String),
     /// A source has no location.
     #[error("source `{0}` has no input: give `--input {0}=PATH` (or tcp://ADDR), or set `path` in [sources.{0}]")]
     MissingInput(String),
@@ -967,7 +972,7 @@ impl Engine {
                             .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
                         && text[scheme.len() + 1..].starts_with('/');
                     if looks_like_url {
-                        return Err(EngineError::SourceSetting(format!(
+                        return Err(EngineError::OutputSetting(format!(
                             "the segment output {text} looks like a URL of an unknown kind: give a file path, -, tcp://HOST:PORT, or an http:// or https:// URL (a webhook)"
                         )));
                     }
@@ -1003,7 +1008,7 @@ impl Engine {
                         Ok(u) if u.host().is_none_or(str::is_empty) => "no host".to_string(),
                         Ok(_) => "the port must be from 1 to 65535".to_string(),
                     };
-                    return Err(EngineError::SourceSetting(format!(
+                    return Err(EngineError::OutputSetting(format!(
                         "the segment output {url} is not a valid webhook URL ({why}): give http(s)://HOST[:PORT]/PATH"
                     )));
                 }
@@ -1025,7 +1030,7 @@ impl Engine {
             }
             Output::Kafka { brokers, topic } => {
                 if topic.is_empty() {
-                    return Err(EngineError::SourceSetting(format!(
+                    return Err(EngineError::OutputSetting(format!(
                         "the segment output kafka://{brokers} names no topic: give kafka://HOST:PORT/TOPIC"
                     )));
                 }

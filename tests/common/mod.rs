@@ -1,6 +1,48 @@
-//! Helpers shared by the integration tests that start clusters.
+//! Helpers shared by the integration tests: clusters, ports, generated
+//! data. (Each test crate uses some of them.)
+#![allow(dead_code)]
 
 use std::path::Path;
+
+/// A generated data set, as lines.
+pub struct Generated {
+    /// Web events (malformed lines included).
+    pub web: Vec<String>,
+    /// CRM records.
+    pub crm: Vec<String>,
+    /// Transactions.
+    pub txn: Vec<String>,
+}
+
+/// `events` web events of `seed` (with their CRM records and
+/// transactions), spread over `days` if given.
+pub fn generated(events: u64, seed: u64, days: Option<u64>) -> Generated {
+    let (mut w, mut c, mut t) = (Vec::new(), Vec::new(), Vec::new());
+    segflow::generate::generate_to(
+        &segflow::generate::GenConfig {
+            events,
+            seed,
+            span_days: days,
+            ..Default::default()
+        },
+        &mut w,
+        &mut c,
+        &mut t,
+    )
+    .unwrap();
+    let lines = |b: Vec<u8>| -> Vec<String> {
+        String::from_utf8(b)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    Generated {
+        web: lines(w),
+        crm: lines(c),
+        txn: lines(t),
+    }
+}
 
 /// The arguments that make a run process `p` of a two-process cluster
 /// whose hosts are in `hostfile`.

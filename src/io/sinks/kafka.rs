@@ -63,7 +63,7 @@ pub struct KafkaSink {
     topic: String,
     label: String,
     /// Lines written since the last flush.
-    pending: Vec<u8>,
+    pending: super::LineBuffer,
 }
 
 impl KafkaSink {
@@ -108,7 +108,7 @@ impl KafkaSink {
             producer,
             topic: topic.to_string(),
             label,
-            pending: Vec::new(),
+            pending: Default::default(),
         })
     }
 
@@ -136,18 +136,18 @@ impl KafkaSink {
 
 impl Write for KafkaSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.pending.extend_from_slice(buf);
+        self.pending.push(buf);
         Ok(buf.len())
     }
 
     /// Produces every complete line written since the last flush and waits
     /// for the broker's acknowledgements.
     fn flush(&mut self) -> io::Result<()> {
-        let Some(end) = self.pending.iter().rposition(|&b| b == b'\n') else {
+        let pending = self.pending.take_complete();
+        if pending.is_empty() {
             return Ok(());
-        };
-        let pending: Vec<u8> = self.pending.drain(..=end).collect();
-        for line in pending.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        }
+        for line in super::lines_of(&pending) {
             self.produce(line)?;
         }
         self.producer

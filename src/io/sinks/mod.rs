@@ -58,6 +58,34 @@ impl SegmentDiff {
     }
 }
 
+/// The lines written to an output that sends them on at each flush (the
+/// webhook and Kafka outputs).
+#[derive(Default)]
+pub(crate) struct LineBuffer {
+    pending: Vec<u8>,
+}
+
+impl LineBuffer {
+    /// Appends what a `write` got.
+    pub(crate) fn push(&mut self, buf: &[u8]) {
+        self.pending.extend_from_slice(buf);
+    }
+
+    /// Takes out the complete lines written so far (a partial last line
+    /// stays): their bytes, each line ending in `\n`.
+    pub(crate) fn take_complete(&mut self) -> Vec<u8> {
+        match self.pending.iter().rposition(|&b| b == b'\n') {
+            Some(end) => self.pending.drain(..=end).collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// The non-empty lines of `bytes`, without their `\n`.
+pub(crate) fn lines_of(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty())
+}
+
 /// A callback receiving every committed segment diff.
 pub type DiffCallback = Arc<dyn Fn(&SegmentDiff) + Send + Sync>;
 

@@ -71,7 +71,7 @@ pub struct Webhook {
     failed: File,
     shutdown: Option<Arc<AtomicBool>>,
     /// Lines written since the last flush.
-    pending: Vec<u8>,
+    pending: super::LineBuffer,
     /// Batches delivered and failed so far.
     pub delivered: u64,
     /// Batches that failed for good so far (shared with the summary).
@@ -113,7 +113,7 @@ impl Webhook {
             spec: spec.clone(),
             failed,
             shutdown,
-            pending: Vec::new(),
+            pending: Default::default(),
             delivered: 0,
             failures: Arc::default(),
             given_up: false,
@@ -252,20 +252,14 @@ fn join_into(out: &mut Vec<u8>, lines: &[&[u8]]) {
 
 impl Write for Webhook {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.pending.extend_from_slice(buf);
+        self.pending.push(buf);
         Ok(buf.len())
     }
 
     /// Delivers every complete line written since the last flush.
     fn flush(&mut self) -> io::Result<()> {
-        let Some(end) = self.pending.iter().rposition(|&b| b == b'\n') else {
-            return Ok(());
-        };
-        let pending: Vec<u8> = self.pending.drain(..=end).collect();
-        let lines: Vec<&[u8]> = pending
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
+        let pending = self.pending.take_complete();
+        let lines: Vec<&[u8]> = super::lines_of(&pending).collect();
         for chunk in lines.chunks(self.spec.max_batch.max(1)) {
             let mut diffs = Vec::new();
             join_into(&mut diffs, chunk);
