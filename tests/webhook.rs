@@ -36,6 +36,9 @@ enum Behaviour {
     Flaky,
     /// Always 500.
     Broken,
+    /// Always a 301 redirect elsewhere (a POST followed as a GET would
+    /// lose its body).
+    Redirect,
 }
 
 async fn receive(
@@ -49,6 +52,7 @@ async fn receive(
     let n = seen.requests;
     let status = match behaviour {
         Behaviour::Broken => StatusCode::INTERNAL_SERVER_ERROR,
+        Behaviour::Redirect => StatusCode::MOVED_PERMANENTLY,
         Behaviour::Flaky if n == 5 => StatusCode::TOO_MANY_REQUESTS,
         Behaviour::Flaky if n % 3 == 0 => StatusCode::SERVICE_UNAVAILABLE,
         Behaviour::Flaky => {
@@ -85,6 +89,12 @@ async fn receive(
     };
     seen.statuses.push(status.as_u16());
     let mut r = (status, "").into_response();
+    if status == StatusCode::MOVED_PERMANENTLY {
+        r.headers_mut().insert(
+            "location",
+            axum::http::HeaderValue::from_static("http://127.0.0.1:1/elsewhere"),
+        );
+    }
     if status == StatusCode::TOO_MANY_REQUESTS {
         r.headers_mut()
             .insert("retry-after", axum::http::HeaderValue::from_static("1"));
@@ -320,5 +330,42 @@ fn a_url_that_is_not_a_webhook_is_refused_before_the_run_starts() {
     assert!(
         !Path::new("http:").exists(),
         "no directory made of a mistyped URL"
+    );
+}
+
+/// A receiver that redirects: never followed (a POST redirected as a GET
+/// would arrive without its diffs), every batch failed at once with the
+/// redirect's target in the reason.
+#[test]
+fn a_redirect_is_a_final_failure_naming_its_target() {
+    let d = data();
+    let dir = tempfile::tempdir().unwrap();
+    let expected = expected(&d, dir.path());
+    let (url, seen) = receiver("unused", Behaviour::Redirect);
+    run(
+        &d,
+        dir.path(),
+        Output::Webhook(url),
+        "SEGFLOW_TEST_NO_SECRET",
+        5,
+    );
+    let failed: Vec<Value> = std::fs::read_to_string(dir.path().join("failed.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(diffs_of(&failed), expected);
+    assert!(failed
+        .iter()
+        .all(|f| f["attempts"] == 1 && f["status"] == 301));
+    let reason = failed[0]["error"].as_str().unwrap();
+    assert!(
+        reason.contains("redirect to http://127.0.0.1:1/elsewhere"),
+        "{reason}"
+    );
+    assert_eq!(
+        seen.0.lock().unwrap().requests,
+        failed.len() as u64,
+        "never retried"
     );
 }

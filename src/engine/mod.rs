@@ -825,6 +825,12 @@ impl Engine {
         if let Some(p) = &self.dead_letter {
             outputs.push(("the dead-letter output".to_string(), p));
         }
+        if let Some(Output::Webhook(_)) = &self.output {
+            outputs.push((
+                "the webhook's failed-batch file".to_string(),
+                Path::new(&self.spec.output.webhook.failed),
+            ));
+        }
         if let Some(state) = &self.state_dir {
             let state_at = resolved(state);
             for (what, path) in &outputs {

@@ -74,6 +74,8 @@ impl KafkaSink {
         let producer: BaseProducer<Deliveries> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("acks", "all")
+            // Retries keep each partition's order, and do not duplicate.
+            .set("enable.idempotence", "true")
             .set(
                 "message.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),

@@ -72,7 +72,7 @@ pub struct Webhook {
     shutdown: Option<Arc<AtomicBool>>,
     /// Lines written since the last flush.
     pending: super::LineBuffer,
-    /// Batches delivered and failed so far.
+    /// Batches delivered so far.
     pub delivered: u64,
     /// Batches that failed for good so far (shared with the summary).
     pub failures: Arc<std::sync::atomic::AtomicU64>,
@@ -93,6 +93,10 @@ impl Webhook {
     ) -> Webhook {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A redirect of a POST is followed as a GET without the body
+            // (301, 302, 303): never followed, it is a final failure that
+            // names the URL to give instead.
+            .max_redirects(0)
             .timeout_global(Some(Duration::from_millis(spec.timeout_ms)))
             .build()
             .into();
@@ -128,7 +132,7 @@ impl Webhook {
 
     /// One batch, tried until it is delivered or fails for good.
     fn deliver(&self, body: &str, batch_id: &str) -> Outcome {
-        let mut wait = Duration::from_millis(self.spec.backoff_ms);
+        let mut wait = Duration::from_millis(self.spec.backoff_ms).min(MAX_BACKOFF);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -146,7 +150,14 @@ impl Webhook {
             }
             let pause = retry_after.map_or(wait, |a| a.min(MAX_RETRY_AFTER));
             tracing::debug!(attempt, ?status, %reason, "webhook {}: trying again in {pause:?}", self.url);
-            std::thread::sleep(pause);
+            // In slices, so that a stop request ends the wait.
+            let until = std::time::Instant::now() + pause;
+            while std::time::Instant::now() < until {
+                if self.stopping() {
+                    return Outcome::Failed(status, reason, attempt);
+                }
+                std::thread::sleep(Duration::from_millis(50).min(pause));
+            }
             wait = (wait * 2).min(MAX_BACKOFF);
         }
     }
@@ -183,13 +194,24 @@ impl Webhook {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                let text = resp
-                    .body_mut()
-                    .with_config()
-                    .limit(512)
-                    .read_to_string()
-                    .unwrap_or_default();
-                let reason = format!("HTTP {status}: {}", text.trim());
+                // The start of the answer's body (any length, any bytes).
+                let mut head = Vec::new();
+                let _ = std::io::Read::read_to_end(
+                    &mut std::io::Read::take(resp.body_mut().as_reader(), 512),
+                    &mut head,
+                );
+                let mut reason =
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&head).trim());
+                if (300..400).contains(&status) {
+                    let to = resp
+                        .headers()
+                        .get("location")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?");
+                    reason = format!(
+                        "HTTP {status}: a redirect to {to}, which is not followed (a POST redirected may lose its body): give that URL as the output"
+                    );
+                }
                 Ok((status, (reason, retry_after)))
             }
             Err(e) => Err(e.to_string()),

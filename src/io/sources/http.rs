@@ -166,7 +166,10 @@ fn write_key_of(headers: &HeaderMap, body: &serde_json::Map<String, Value>) -> O
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("basic").then_some(rest)
+        })
         .and_then(|b64| {
             base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
@@ -262,7 +265,7 @@ async fn receive(
     // without a time of its own (`timestamp`, `originalTimestamp`,
     // `sentAt`) is at (for a batch, on the envelope its members fall back
     // to).
-    if !message.contains_key("receivedAt") {
+    if message.get("receivedAt").is_none_or(Value::is_null) {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         message.insert("receivedAt".into(), Value::String(now));
     }

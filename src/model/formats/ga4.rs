@@ -203,10 +203,11 @@ fn payload(
                     ts_ms,
                 ));
             }
-            Ok(Decoded {
-                ts_ms,
-                records: profile_records(ts_ms, &ids, attrs),
-            })
+            let records = profile_records(ts_ms, &ids, attrs);
+            for r in &records {
+                check_identifiers(r)?;
+            }
+            Ok(Decoded { ts_ms, records })
         })();
         messages.push(Message::part(
             "user_properties".to_string(),

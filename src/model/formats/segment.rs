@@ -318,7 +318,7 @@ fn event_time(m: &Obj, env: Option<&Obj>, unit: TimeUnit) -> Result<i64, DecodeE
             let env = env?;
             ["sentAt", "receivedAt"]
                 .iter()
-                .find_map(|k| get(env, k).map(|v| (v, format!("{k}` of the batch `"))))
+                .find_map(|k| get(env, k).map(|v| (v, format!("batch.{k}"))))
         });
     let Some((v, name)) = found else {
         return Err(DecodeError::new(
@@ -336,7 +336,7 @@ fn merged_context(m: &Obj, env: Option<&Obj>) -> Result<Obj, DecodeError> {
         Some(v) => Err(expected(name, "an object", v)),
     };
     let mut context = match env {
-        Some(e) => own(e, "context` of the batch `")?.unwrap_or_default(),
+        Some(e) => own(e, "batch.context")?.unwrap_or_default(),
         None => Obj::new(),
     };
     if let Some(c) = own(m, "context")? {
