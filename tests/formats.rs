@@ -792,3 +792,25 @@ fn the_cli_runs_the_shipped_definition_on_generated_segment_messages() {
         "{err}"
     );
 }
+
+/// A late member of a batch is a dead letter whose reason says which
+/// member it is, like its other reasons.
+#[test]
+fn a_late_batch_member_is_named_in_its_reason() {
+    let t = |s: u64| json!(NOON + s * 1000);
+    let lines = [
+        json!({"type":"page","anonymousId":"a1","timestamp":t(60)}),
+        json!({"batch":[
+            {"type":"page","anonymousId":"a2","timestamp":t(61)},
+            {"type":"page","anonymousId":"a3","timestamp":t(0)}
+        ]}),
+    ];
+    let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_segment(dir.path(), &text, 1);
+    assert_eq!(run.dead.len(), 1, "{:?}", run.dead);
+    let reason = run.dead[0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("batch[1]: late: "), "{reason}");
+    let raw: Value = serde_json::from_str(run.dead[0]["raw"].as_str().unwrap()).unwrap();
+    assert_eq!(raw["anonymousId"], "a3");
+}

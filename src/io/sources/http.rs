@@ -363,8 +363,12 @@ impl LineSource for HttpLines {
 
 impl Drop for HttpLines {
     fn drop(&mut self) {
-        // What was handed out was handled; the rest is answered 503 when
-        // the queue closes.
+        // What was handed out was handled, unless the reader is unwinding
+        // from a panic (then it is answered 503, as the rest is when the
+        // queue closes).
+        if std::thread::panicking() {
+            return;
+        }
         for taken in self.owed.drain(..) {
             let _ = taken.send(());
         }

@@ -258,6 +258,9 @@ struct Reader {
     read_to: Option<u64>,
     /// A socket of a restored run: its lines before the cut are late.
     socket_restored: bool,
+    /// Where the message being admitted is in its line (`batch[2]`), for
+    /// the reasons of its dead letters (late, future).
+    message_label: Option<String>,
 }
 
 impl Reader {
@@ -378,6 +381,7 @@ impl Reader {
             late_from: None,
             read_to: None,
             socket_restored: false,
+            message_label: None,
         }
     }
 
@@ -470,6 +474,10 @@ impl Reader {
         raw: &[u8],
     ) {
         self.stats.2 += 1;
+        let reason = match &self.message_label {
+            Some(label) => format!("{label}: {reason}"),
+            None => reason,
+        };
         let letter = DeadLetter::new(
             &self.def.name,
             &self.input_name,
@@ -630,8 +638,10 @@ impl Reader {
                     continue;
                 }
             };
-            let Some(tick) = self.admit(decoded.ts_ms, now_ms, line, offset, &peer, raw, ctl)
-            else {
+            self.message_label = m.label;
+            let admitted = self.admit(decoded.ts_ms, now_ms, line, offset, &peer, raw, ctl);
+            self.message_label = None;
+            let Some(tick) = admitted else {
                 continue;
             };
             if self.keeps(tick) {
