@@ -40,8 +40,9 @@
 use serde_json::Value;
 
 use super::{
-    add_short_names, amount_of, candidate_text, currency_of, flatten, id_text_of, ids_named_in,
-    make_ids, order, order_items, present, profile_records, Decoded, IdField, Message,
+    add_short_names, amount_of, candidate_text, currency_of, flatten, flatten_except, id_text_of,
+    ids_named_in, make_ids, order, order_items, present, profile_records, Decoded, IdField,
+    Message,
 };
 use crate::model::ident::{Ident, IdentityRules};
 use crate::model::record::{
@@ -150,20 +151,23 @@ fn payload(
             Some(v) => return Err(expected(key, "an object", v)),
         }
     }
-    for (k, v) in o {
-        match k.as_str() {
-            "events" | "user_properties" | "device" | "user_location" | "timestamp_micros" => {}
-            "client_id" | "app_instance_id" | "user_id" => {}
-            _ => match v {
-                Value::Object(inner) => {
-                    flatten("", inner, &format!("{k}."), &Keep::All, &mut shared)?
-                }
-                v => {
-                    shared.insert(k.clone(), to_scalar("", k, v)?);
-                }
-            },
-        }
-    }
+    flatten_except(
+        "",
+        o,
+        "",
+        &[
+            "events",
+            "user_properties",
+            "device",
+            "user_location",
+            "timestamp_micros",
+            "client_id",
+            "app_instance_id",
+            "user_id",
+        ],
+        &Keep::All,
+        &mut shared,
+    )?;
     let mut messages: Vec<Message> = events
         .iter()
         .enumerate()
@@ -296,20 +300,23 @@ fn export_row(
     // The row's other fields are its context: device, geo, traffic
     // source, platform, stream, app and privacy information.
     let mut context = Fields::new();
-    for (k, v) in o {
-        match k.as_str() {
-            "event_name" | "event_timestamp" | "event_params" | "user_properties" | "user_id"
-            | "user_pseudo_id" | "items" | "ecommerce" => {}
-            _ => match v {
-                Value::Object(inner) => {
-                    flatten("", inner, &format!("{k}."), &Keep::All, &mut context)?
-                }
-                v => {
-                    context.insert(k.clone(), to_scalar("", k, v)?);
-                }
-            },
-        }
-    }
+    flatten_except(
+        "",
+        o,
+        "",
+        &[
+            "event_name",
+            "event_timestamp",
+            "event_params",
+            "user_properties",
+            "user_id",
+            "user_pseudo_id",
+            "items",
+            "ecommerce",
+        ],
+        &Keep::All,
+        &mut context,
+    )?;
     let ecommerce = match get(o, "ecommerce") {
         None => None,
         Some(Value::Object(e)) => Some(e),
@@ -546,21 +553,12 @@ fn purchase(
         None => (Vec::new(), 0),
         Some(list) => order_items(items_shown, list, "quantity", projection.items, item_fields)?,
     };
-    let rest: Obj = params
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "transaction_id" | "value" | "currency" | "items"
-            )
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let mut properties = Fields::new();
-    flatten(
+    flatten_except(
         params_shown,
-        &rest,
+        params,
         "",
+        &["transaction_id", "value", "currency", "items"],
         &projection.properties,
         &mut properties,
     )?;

@@ -90,7 +90,20 @@ pub(crate) fn flatten(
     keep: &Keep,
     out: &mut Fields,
 ) -> Result<(), DecodeError> {
-    for (k, v) in o {
+    flatten_except(shown, o, key_prefix, &[], keep, out)
+}
+
+/// [`flatten`] without the top-level fields named in `except` (those a
+/// format maps on its own).
+pub(crate) fn flatten_except(
+    shown: &str,
+    o: &Obj,
+    key_prefix: &str,
+    except: &[&str],
+    keep: &Keep,
+    out: &mut Fields,
+) -> Result<(), DecodeError> {
+    for (k, v) in o.iter().filter(|(k, _)| !except.contains(&k.as_str())) {
         let key = format!("{key_prefix}{k}");
         match v {
             Value::Object(inner) => flatten(shown, inner, &format!("{key}."), keep, out)?,

@@ -50,9 +50,9 @@
 use serde_json::Value;
 
 use super::{
-    add_short_names, amount_of, candidate_text, currency_of, flatten, id_text, id_text_of,
-    ids_named_in, make_ids, order, order_items, present, profile_records, Decoded, IdField,
-    Message,
+    add_short_names, amount_of, candidate_text, currency_of, flatten, flatten_except, id_text,
+    id_text_of, ids_named_in, make_ids, order, order_items, present, profile_records, Decoded,
+    IdField, Message,
 };
 use crate::model::ident::{Ident, IdentityRules};
 use crate::model::record::{
@@ -511,21 +511,12 @@ fn transaction(
         )?,
         Some(v) => return Err(expected("properties.products", "an array", v)),
     };
-    let rest: Obj = props
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "order_id" | "total" | "revenue" | "currency" | "products"
-            )
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let mut properties = Fields::new();
-    flatten(
+    flatten_except(
         "properties.",
-        &rest,
+        props,
         "",
+        &["order_id", "total", "revenue", "currency", "products"],
         &projection.properties,
         &mut properties,
     )?;
