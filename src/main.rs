@@ -84,8 +84,10 @@ enum Command {
 struct RunArgs {
     /// The dataflow definition file (TOML), e.g. dataflows/ecommerce.toml.
     dataflow: PathBuf,
-    /// Input of a declared source: NAME=PATH, NAME=tcp://HOST:PORT or
-    /// NAME=http://HOST:PORT (a Segment HTTP API endpoint) (repeatable).
+    /// Input of a declared source: NAME=PATH, NAME=tcp://HOST:PORT,
+    /// NAME=http://HOST:PORT (a Segment HTTP API endpoint) or
+    /// NAME=kafka://HOST:PORT/TOPIC[?group=NAME&until=end] (its partitions
+    /// read by all workers; live unless until=end) (repeatable).
     #[arg(long = "input", value_name = "NAME=LOCATION")]
     inputs: Vec<String>,
     /// The record format of a declared source, over its `format`:
@@ -176,13 +178,18 @@ struct BenchArgs {
     /// Directory for the data, outputs and state (kept afterwards).
     #[arg(long, value_name = "DIR", default_value = "bench")]
     dir: PathBuf,
-    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, segment, http, latency, query, memory, resume, restart (segment runs the shipped dataflow on the web events written as Segment messages; http sends those messages to the shipped dataflow's HTTP collection endpoint from 4 clients, 100 per request, and reports messages/s and request latency; memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, segment, http, kafka, latency, query, memory, resume, restart (segment runs the shipped dataflow on the web events written as Segment messages; http sends those messages to the shipped dataflow's HTTP collection endpoint from 4 clients, 100 per request, and reports messages/s and request latency; kafka (not in the default list; needs --kafka) produces the generated data to topics of a running broker and runs the shipped dataflow on them to their end offsets; memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "ecommerce,visitor_high_intent,latency,query"
     )]
     jobs: Vec<String>,
+    /// A running Kafka-API broker (HOST:PORT) for the kafka job, which
+    /// produces the generated data to new topics there and runs the
+    /// shipped dataflow on them.
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka: Option<String>,
     /// Worker counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
@@ -462,7 +469,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for item in &args.inputs {
         let (name, location) = item.split_once('=').ok_or_else(|| {
             anyhow::anyhow!(
-                "--input {item:?}: expected NAME=PATH, NAME=tcp://ADDR or NAME=http://ADDR"
+                "--input {item:?}: expected NAME=PATH, NAME=tcp://ADDR, NAME=http://ADDR or NAME=kafka://ADDR/TOPIC"
             )
         })?;
         engine = engine.input_location(name, location)?;
@@ -771,6 +778,7 @@ fn main() -> ExitCode {
                 latency_secs: args.latency_secs,
                 query_profiles: args.query_profiles,
                 restart_events: args.restart_events.clone(),
+                kafka: args.kafka.clone(),
                 stop: Some(watch_signals()?),
             };
             segflow::bench::run(&config, &mut |line| print_out(&line))?;

@@ -1,129 +1,30 @@
-//! The Kafka output against a real Kafka-API broker on loopback (tansu,
+//! Kafka in and out, against a real Kafka-API broker on loopback (tansu,
 //! with memory storage; `.ci/test` installs it and sets `SEGFLOW_TANSU`,
-//! each test starts its own on a free port): every diff of the shipped
-//! dataflow is a record keyed by its profile, each profile's diffs in time
-//! order in its partition, with one worker and with two; a broker that is
-//! not there, or a topic that does not exist, stops the run at start.
+//! each test starts its own on a free port).
+//!
+//! Output: every diff of the shipped dataflow is a record keyed by its
+//! profile, each profile's diffs in time order in its partition, with one
+//! worker and with two; a broker that is not there, or a topic that does
+//! not exist, stops the run at start.
+//!
+//! Input: the generated data set produced to topics of several partitions
+//! gives the diffs of its files, byte for byte, with one worker, two, and
+//! two processes; a live run killed mid-topic and started again writes
+//! every diff once; an idle partition does not hold the others back; a
+//! broker that goes away stops the run with the reason.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use segflow::spec::load_spec;
 use segflow::{Engine, Input, Output};
 use serde_json::Value;
 
-/// A tansu broker on a free loopback port, stopped on drop.
-struct Broker {
-    child: Child,
-    addr: String,
-    bin: String,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn broker() -> Broker {
-    let bin = std::env::var("SEGFLOW_TANSU").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/segflow/tools/bin/tansu",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    assert!(
-        Path::new(&bin).exists(),
-        "the tansu Kafka broker is not installed at {bin}: run the tests with .ci/test, which installs it"
-    );
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let url = format!("tcp://{addr}");
-    let child = Command::new(&bin)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker { child, addr, bin }
-}
-
-impl Broker {
-    fn create_topic(&self, topic: &str, partitions: u32) {
-        let status = Command::new(&self.bin)
-            .args([
-                "topic",
-                "create",
-                topic,
-                "--partitions",
-                &partitions.to_string(),
-                "--broker",
-                &format!("tcp://{}", self.addr),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "tansu topic create {topic}");
-    }
-
-    /// Every record of `topic`: `(partition, key, value)`, in offset order
-    /// per partition; waits for `expected` records, then checks that no
-    /// more come.
-    fn consume(&self, topic: &str, partitions: i32, expected: usize) -> Vec<(i32, String, String)> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .set("group.id", "segflow-test")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while out.len() < expected && Instant::now() < deadline {
-            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-                let m = m.unwrap();
-                out.push((
-                    m.partition(),
-                    String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
-                    String::from_utf8(m.payload().unwrap().to_vec()).unwrap(),
-                ));
-            }
-        }
-        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
-            panic!("an extra record: {:?}", m.map(|m| m.offset()));
-        }
-        out
-    }
-}
-
 mod common;
+use common::broker::broker;
 use common::{generated, Generated as Data};
 
 fn data() -> Data {
@@ -271,5 +172,591 @@ fn a_broker_that_goes_away_mid_run_stops_the_run_with_the_reason() {
         started.elapsed() < Duration::from_secs(90),
         "{:?}",
         started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The Kafka source
+
+const BIN: &str = env!("CARGO_BIN_EXE_segflow");
+const ECOMMERCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml");
+
+/// The sources of the shipped dataflow, their files, and the partitions of
+/// their topics.
+const STREAMS: [(&str, &str, i32); 3] = [
+    ("web", "web.jsonl", 3),
+    ("crm", "crm.jsonl", 2),
+    ("transactions", "transactions.jsonl", 1),
+];
+
+/// Writes `d` to files in `dir`, and produces it to topics `{prefix}-web`,
+/// `{prefix}-crm`, `{prefix}-transactions`: line `i` of a file to
+/// partition `i mod n`, in file order. Returns the end offsets.
+fn files_and_topics(
+    b: &common::broker::Broker,
+    d: &Data,
+    dir: &Path,
+    prefix: &str,
+) -> Vec<Vec<i64>> {
+    let mut ends = Vec::new();
+    for ((name, file, partitions), lines) in STREAMS.iter().zip([&d.web, &d.crm, &d.txn]) {
+        std::fs::write(
+            dir.join(file),
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        let topic = format!("{prefix}-{name}");
+        b.create_topic(&topic, *partitions as u32);
+        let records: Vec<(i32, String)> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ((i as i32) % partitions, l.clone()))
+            .collect();
+        b.produce(&topic, &records);
+        // The end offsets (offsets count from 0 in a new topic).
+        ends.push(
+            (0..*partitions)
+                .map(|p| records.iter().filter(|r| r.0 == p).count() as i64)
+                .collect(),
+        );
+    }
+    ends
+}
+
+/// `--input` arguments for the files in `dir`, or for the topics
+/// `{prefix}-*` at `addr` (with `query`).
+fn inputs(dir: &Path, kafka: Option<(&str, &str, &str)>) -> Vec<String> {
+    STREAMS
+        .iter()
+        .flat_map(|(name, file, _)| {
+            let location = match kafka {
+                Some((addr, prefix, query)) => format!("kafka://{addr}/{prefix}-{name}{query}"),
+                None => dir.join(file).display().to_string(),
+            };
+            ["--input".to_string(), format!("{name}={location}")]
+        })
+        .collect()
+}
+
+/// Runs the shipped dataflow with `args` to its end; its diffs, its dead
+/// letters' raw lines (sorted) and its standard output.
+fn run_to_end(dir: &Path, name: &str, args: &[String]) -> (String, Vec<String>, String) {
+    let (out, dead) = (
+        dir.join(format!("{name}.jsonl")),
+        dir.join(format!("{name}.dead.jsonl")),
+    );
+    // In `dir`: the definition's state directory (out/state) is relative.
+    let ran = Command::new(BIN)
+        .current_dir(dir)
+        .arg("run")
+        .arg(ECOMMERCE)
+        .args(args)
+        .arg("--output")
+        .arg(&out)
+        .arg("--dead-letter")
+        .arg(&dead)
+        .arg("--state-dir")
+        .arg(dir.join(format!("{name}.state")))
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    (
+        std::fs::read_to_string(&out).unwrap(),
+        raw_dead(&dead),
+        String::from_utf8_lossy(&ran.stdout).into_owned(),
+    )
+}
+
+/// The raw lines of a dead-letter file, sorted (a topic's dead letters
+/// name their partition and offset, a file's its path and line).
+fn raw_dead(path: &Path) -> Vec<String> {
+    let mut raw: Vec<String> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["raw"].as_str().unwrap().to_string()
+        })
+        .collect();
+    raw.sort();
+    raw
+}
+
+/// The generated data set in topics of 3, 2 and 1 partitions, read to the
+/// end offsets they had at the start (`until=end`), gives the diffs of its
+/// files, byte for byte, and the same dead letters: with one worker, two,
+/// and two processes (each partition is read by one worker, with its own
+/// clock, whatever the cluster's shape).
+#[test]
+fn a_bounded_topic_gives_the_diffs_of_its_files() {
+    // Enough events for a few malformed lines (dead letters).
+    let d = generated(12_000, 9, None);
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker();
+    files_and_topics(&b, &d, dir.path(), "t");
+    let (want, want_dead, _) = run_to_end(dir.path(), "files", &inputs(dir.path(), None));
+    assert!(want.lines().count() > 50, "{want}");
+    assert!(!want_dead.is_empty(), "the generated data has bad lines");
+    let kafka = inputs(dir.path(), Some((&b.addr, "t", "?until=end")));
+    for workers in ["1", "2"] {
+        let mut args = kafka.clone();
+        args.extend(["-w".to_string(), workers.to_string()]);
+        let (got, dead, summary) = run_to_end(dir.path(), &format!("kafka-w{workers}"), &args);
+        assert!(
+            got == want,
+            "-w {workers}: the diffs differ from the files'"
+        );
+        assert_eq!(dead, want_dead, "-w {workers}: dead letters");
+        assert!(summary.contains("records read"), "{summary}");
+    }
+    // Two processes, each reading its workers' partitions.
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|p| {
+            let out = dir.path().join(format!("cluster{p}.jsonl"));
+            let mut cmd = Command::new(BIN);
+            cmd.current_dir(dir.path())
+                .arg("run")
+                .arg(ECOMMERCE)
+                .args(&kafka)
+                .args(common::cluster_args(p, &hostfile));
+            cmd.arg("--state-dir")
+                .arg(dir.path().join(format!("cluster{p}.state")));
+            if p == 0 {
+                cmd.arg("--output")
+                    .arg(&out)
+                    .arg("--dead-letter")
+                    .arg(dir.path().join("cluster.dead.jsonl"));
+            }
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let got = std::fs::read_to_string(dir.path().join("cluster0.jsonl")).unwrap();
+    assert!(
+        got == want,
+        "two processes: the diffs differ from the files'"
+    );
+    assert_eq!(
+        raw_dead(&dir.path().join("cluster.dead.jsonl")),
+        want_dead,
+        "two processes: dead letters"
+    );
+}
+
+/// A child `segflow run`, killed if the test ends (or fails) while it runs.
+struct Running(Option<Child>);
+
+impl Running {
+    /// `segflow run ARGS` in `dir` (a definition's relative paths are
+    /// there).
+    fn start(dir: &Path, args: &[String]) -> Running {
+        Running(Some(
+            Command::new(BIN)
+                .current_dir(dir)
+                .arg("run")
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    fn kill(mut self) {
+        let mut child = self.0.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Stops it with SIGTERM; its exit status and output (30 s at most).
+    fn terminate(mut self) -> std::process::Output {
+        let child = self.0.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_exit(child, 30)
+    }
+
+    fn exited(&mut self) -> bool {
+        self.0.as_mut().unwrap().try_wait().unwrap().is_some()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits up to `secs` for `child` to exit; its status and output.
+fn wait_exit(mut child: Child, secs: u64) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run did not end in {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The checkpoint's resume offsets, per source and partition.
+fn checkpointed(state: &Path) -> BTreeMap<String, BTreeMap<u64, u64>> {
+    segflow::store::StateParts::open_read_only(state)
+        .ok()
+        .and_then(|p| p.checkpoint().ok().flatten())
+        .and_then(|c| c.retained)
+        .map(|r| {
+            r.points
+                .into_iter()
+                .map(|(name, points)| {
+                    (
+                        name,
+                        points.into_iter().map(|p| (p.start, p.offset)).collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A live run over topics that hold the generated data set is killed
+/// (SIGKILL) in the middle of the web topic and started again: it resumes
+/// each partition at its checkpoint's offset, and its diff file ends with
+/// every diff of the files once (up to the data's last time; a live run
+/// then goes on with the wall clock), and nothing twice.
+#[test]
+fn a_live_topic_killed_mid_way_and_restarted_writes_every_diff_once() {
+    let d = generated(150_000, 11, None);
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker();
+    let ends = files_and_topics(&b, &d, dir.path(), "live");
+    let (want, _, _) = run_to_end(dir.path(), "files", &inputs(dir.path(), None));
+    let last_time = want
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["time"]
+                .as_u64()
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    let state = dir.path().join("state");
+    let out = dir.path().join("live.jsonl");
+    let mut args = vec![ECOMMERCE.to_string()];
+    args.extend(inputs(
+        dir.path(),
+        Some((&b.addr, "live", "?group=segflow-test")),
+    ));
+    args.extend(
+        [
+            "--output",
+            out.to_str().unwrap(),
+            "--dead-letter",
+            dir.path().join("live.dead.jsonl").to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let web_total: u64 = ends[0].iter().sum::<i64>() as u64;
+    let first = Running::start(dir.path(), &args);
+    // A checkpoint in the middle of the web topic.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = checkpointed(&state);
+        let read: u64 = now.get("web").map_or(0, |p| p.values().sum());
+        if read > 0 {
+            assert!(
+                read < web_total,
+                "the whole topic was read before the kill: use more data"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint with web offsets in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill();
+    let mut second = Running::start(dir.path(), &args);
+    // Every partition of every topic read and checkpointed.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let now = checkpointed(&state);
+        let done = STREAMS.iter().zip(&ends).all(|((name, _, _), end)| {
+            now.get(*name).is_some_and(|points| {
+                end.iter()
+                    .enumerate()
+                    .all(|(p, e)| points.get(&(p as u64)) == Some(&(*e as u64)))
+            })
+        });
+        if done {
+            break;
+        }
+        assert!(!second.exited(), "the restarted run ended");
+        assert!(
+            Instant::now() < deadline,
+            "not every offset checkpointed in 180 s: {now:?} of {ends:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The group's offsets follow the checkpoint within a second or so.
+    std::thread::sleep(Duration::from_secs(3));
+    let ended = second.terminate();
+    let stdout = String::from_utf8_lossy(&ended.stdout);
+    assert!(
+        ended.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    assert!(stdout.contains("restored"), "{stdout}");
+    let got = std::fs::read_to_string(&out).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for line in got.lines() {
+        assert!(seen.insert(line), "written twice: {line}");
+    }
+    let upto: String = got
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["time"]
+                .as_u64()
+                .unwrap()
+                <= last_time
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        upto == want,
+        "the diffs up to {last_time} differ from the files' ({} and {} lines)",
+        upto.lines().count(),
+        want.lines().count()
+    );
+    // The group holds the checkpoint's offsets, for lag tools.
+    assert_eq!(
+        b.committed("segflow-test", "live-web", 3),
+        ends[0],
+        "offsets committed to the group"
+    );
+}
+
+/// A live definition that counts views: a profile is `seen` at its first.
+const LIVE_COUNTS: &str = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "1s"
+idle_advance = "200ms"
+
+[sources.web]
+kind = "web"
+path = "LOCATION"
+
+[traits.views_total]
+stream = "web"
+filter = 'event == "view_item"'
+
+[segments.seen]
+when = "views_total >= 1"
+"#;
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn view(anon: &str) -> String {
+    format!(
+        "{{\"event\":\"view_item\",\"ts\":{},\"anonymous_id\":\"{anon}\"}}",
+        wall_ms()
+    )
+}
+
+/// Waits up to `secs` for `path` to hold a line that contains `what`.
+fn wait_for_line(path: &Path, what: &str, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(what)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn live_definition(dir: &Path, location: &str) -> PathBuf {
+    let spec = dir.join("live.toml");
+    std::fs::write(&spec, LIVE_COUNTS.replace("LOCATION", location)).unwrap();
+    spec
+}
+
+/// Events stamped with the wall clock go to one partition of three; the
+/// others stay empty. The empty partitions are idle (their watermarks
+/// follow the wall clock), so they do not hold the diffs back: each
+/// visitor's entry is written within seconds, at -w 1 and -w 2. A pause,
+/// then a second partition: the same.
+#[test]
+fn an_idle_partition_does_not_hold_the_others_back() {
+    let b = broker();
+    for workers in ["1", "2"] {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = format!("idle-w{workers}");
+        b.create_topic(&topic, 3);
+        let spec = live_definition(dir.path(), &format!("kafka://{}/{topic}", b.addr));
+        let out = dir.path().join("out.jsonl");
+        let run = Running::start(
+            dir.path(),
+            &[
+                spec.display().to_string(),
+                "--output".into(),
+                out.display().to_string(),
+                "-w".into(),
+                workers.into(),
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        b.produce(&topic, &[(1, view("v1"))]);
+        assert!(
+            wait_for_line(&out, "anon:v1", 15),
+            "-w {workers}: v1's entry not written in 15 s"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        b.produce(&topic, &[(2, view("v2")), (1, view("v3"))]);
+        assert!(
+            wait_for_line(&out, "anon:v2", 15),
+            "-w {workers}: v2's entry not written in 15 s"
+        );
+        assert!(
+            wait_for_line(&out, "anon:v3", 15),
+            "-w {workers}: v3's entry not written in 15 s"
+        );
+        let ended = run.terminate();
+        assert!(
+            ended.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ended.stderr)
+        );
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(text.lines().count(), 3, "one entry each: {text}");
+    }
+}
+
+/// The broker goes away while a live topic is read: the run ends non-zero
+/// with the reason within the broker timeout (30 s) and a little, never
+/// hangs, never exits 0.
+#[test]
+fn a_broker_that_goes_away_stops_a_reading_run() {
+    let mut b = broker();
+    b.create_topic("gone", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = live_definition(dir.path(), &format!("kafka://{}/gone", b.addr));
+    let run = Running::start(
+        dir.path(),
+        &[
+            spec.display().to_string(),
+            "--output".into(),
+            dir.path().join("out.jsonl").display().to_string(),
+        ],
+    );
+    b.produce("gone", &[(0, view("v1"))]);
+    assert!(wait_for_line(&dir.path().join("out.jsonl"), "anon:v1", 15));
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    let started = Instant::now();
+    let child = {
+        let mut run = run;
+        run.0.take().unwrap()
+    };
+    let ended = wait_exit(child, 120);
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(
+        !ended.status.success(),
+        "exit 0 without its broker: {stderr}"
+    );
+    assert!(stderr.contains("has not answered"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// What cannot be read is refused when the run starts, with the reason:
+/// no broker, no topic, a location with an unknown parameter, a CSV
+/// source on a topic.
+#[test]
+fn unreadable_topics_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker();
+    let run = |location: &str, extra: &[&str]| {
+        let spec = live_definition(dir.path(), location);
+        let out = Command::new(BIN)
+            .current_dir(dir.path())
+            .arg("run")
+            .arg(&spec)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{location}: exit 0");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let closed = format!("127.0.0.1:{}", common::free_port());
+    let started = Instant::now();
+    let err = run(&format!("kafka://{closed}/web"), &[]);
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let err = run(&format!("kafka://{}/no-such-topic", b.addr), &[]);
+    assert!(
+        err.contains("no-such-topic") && err.contains("create it"),
+        "{err}"
+    );
+    let err = run(&format!("kafka://{}/web?from=latest", b.addr), &[]);
+    assert!(err.contains("unknown parameter `from=latest`"), "{err}");
+    // A CSV source (CRM) on a topic.
+    let spec = live_definition(dir.path(), &format!("kafka://{}/web", b.addr));
+    let text = std::fs::read_to_string(&spec).unwrap()
+        + &format!(
+            "\n[sources.crm]\nkind = \"crm\"\nformat = \"csv\"\npath = \"kafka://{}/crm\"\n",
+            b.addr
+        );
+    std::fs::write(&spec, text).unwrap();
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .arg("run")
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a CSV row"),
+        "{err}"
     );
 }

@@ -27,6 +27,7 @@
 //! that its outputs equal an uninterrupted run's.
 
 pub mod http;
+pub mod kafka;
 pub mod latency;
 
 use std::path::{Path, PathBuf};
@@ -91,6 +92,8 @@ pub struct BenchConfig {
     /// people to draw visitors from per three events (about a third of
     /// the events' count in profiles).
     pub restart_events: Vec<u64>,
+    /// A running Kafka-API broker (`host:port`) for the `kafka` job.
+    pub kafka: Option<String>,
     /// Set (by SIGTERM or Ctrl-C) to stop: the running child is stopped
     /// and the bench ends with [`BenchError::Interrupted`].
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -128,7 +131,7 @@ pub struct JobResult {
 pub enum BenchError {
     /// A job name that does not exist.
     #[error(
-        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, segment, http, latency, query, memory, resume, restart"
+        "unknown job `{0}`; the jobs are: ecommerce, visitor_high_intent, segment, http, kafka, latency, query, memory, resume, restart"
     )]
     UnknownJob(String),
     /// Generating data, writing a file or starting a run failed.
@@ -307,7 +310,11 @@ fn run_args(
     }
     for (source, file) in job.inputs {
         args.push("--input".into());
-        args.push(format!("{source}={}", data.join(file).display()));
+        if file.starts_with("kafka://") {
+            args.push(format!("{source}={file}"));
+        } else {
+            args.push(format!("{source}={}", data.join(file).display()));
+        }
     }
     args
 }
@@ -665,7 +672,7 @@ fn query_job(
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
         if ![
-            "latency", "query", "memory", "resume", "restart", "segment", "http",
+            "latency", "query", "memory", "resume", "restart", "segment", "http", "kafka",
         ]
         .contains(&name.as_str())
             && !JOBS.iter().any(|j| j.name == name)
@@ -838,8 +845,37 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
             }
             continue;
         }
-        let segment_job;
-        let job = if name == "segment" {
+        let (segment_job, kafka_job);
+        let job = if name == "kafka" {
+            let brokers = config.kafka.as_deref().ok_or_else(|| BenchError::Run {
+                job: "kafka".into(),
+                workers: 0,
+                reason: "the kafka job reads a running Kafka-API broker: give --kafka HOST:PORT (for instance tansu: tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/)".into(),
+            })?;
+            let failed = |reason: String| BenchError::Run {
+                job: "kafka".into(),
+                workers: 0,
+                reason,
+            };
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let prefix = format!("segflow-bench-{stamp}");
+            let (locations, rate) = kafka::produce(brokers, &data, &prefix).map_err(failed)?;
+            print(serde_json::json!({"job": "kafka", "produced_records_per_sec": rate, "topics": locations.iter().map(|(_, l)| l.clone()).collect::<Vec<_>>()}).to_string());
+            let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+            let inputs: Vec<(&'static str, &'static str)> = locations
+                .into_iter()
+                .map(|(s, l)| (leak(s), leak(l)))
+                .collect();
+            kafka_job = Job {
+                name: "kafka",
+                dataflow: JOBS[0].dataflow,
+                about: "the shipped dataflow reading the generated data from Kafka topics (4, 2 and 1 partitions) to their end offsets",
+                inputs: Box::leak(inputs.into_boxed_slice()),
+            };
+            &kafka_job
+        } else if name == "segment" {
             segment_job = Job {
                 name: "segment",
                 // One definition per bench run: leaked for the `'static`

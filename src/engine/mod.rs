@@ -714,6 +714,7 @@ impl Engine {
                         ..
                     }) => "tcp until disconnect",
                     Some(Input::Http { .. }) => "http",
+                    Some(Input::Kafka(_)) => "kafka",
                     Some(Input::Memory(_)) => "memory",
                     None => "none",
                 };
@@ -749,7 +750,7 @@ impl Engine {
                         path.display()
                     )))
                 }
-                Input::Tcp { .. } | Input::Http { .. } if s.follow => {
+                Input::Tcp { .. } | Input::Http { .. } | Input::Kafka(_) if s.follow => {
                     return Err(EngineError::SourceSetting(format!(
                         "source `{}` sets `follow = true`, which applies to file inputs only, but its input is {}: remove `follow` or give a file",
                         s.name,
@@ -760,6 +761,28 @@ impl Engine {
                     return Err(EngineError::SourceSetting(format!(
                         "source `{}` sets `until = \"disconnect\"`, which applies to tcp:// inputs only, but its input is http://{addr} (an HTTP endpoint runs until the process is stopped): remove `until`",
                         s.name
+                    )))
+                }
+                Input::Kafka(k) if k.problem.is_some() => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` reads {}, which is not a Kafka input segflow can read: {}",
+                        s.name,
+                        k.describe(),
+                        k.problem.as_deref().unwrap_or_default()
+                    )))
+                }
+                Input::Kafka(k) if s.until_disconnect => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` sets `until = \"disconnect\"`, which applies to tcp:// inputs only, but its input is {}: remove `until` (a Kafka source ends with `?until=end` in its location, or runs until the process is stopped)",
+                        s.name,
+                        k.describe()
+                    )))
+                }
+                Input::Kafka(k) if s.format == crate::spec::Format::Csv => {
+                    return Err(EngineError::SourceSetting(format!(
+                        "source `{}` is CSV, and its input is the Kafka topic {}: a record of a topic is not a CSV row with a header; send JSON lines (format = \"jsonl\") to the topic",
+                        s.name,
+                        k.describe()
                     )))
                 }
                 Input::Http { addr, .. } if s.format != crate::spec::Format::Segment => {

@@ -137,7 +137,9 @@ pub fn input_marks(
                 })?
             }
             Input::Memory(lines) => InputMark::of_lines(lines, u64::MAX),
-            Input::Tcp { .. } | Input::Http { .. } => continue,
+            // A topic is not marked: each partition's records are where the
+            // checkpoint's points say (see `io::sources::kafka`).
+            Input::Tcp { .. } | Input::Http { .. } | Input::Kafka(_) => continue,
         };
         marks.insert(name.clone(), mark);
     }
@@ -463,6 +465,11 @@ pub fn check_inputs(
             return Err(refuse(
                 dir,
                 match inputs.get(name) {
+                    Some(input @ Input::Kafka(_)) => format!(
+                        "source `{name}` read {} when the checkpoint was taken, and reads the Kafka topic {} now",
+                        then.path,
+                        input.describe()
+                    ),
                     Some(input) if input.is_socket() => format!(
                         "source `{name}` read {} when the checkpoint was taken, and reads a socket ({}) now",
                         then.path,
@@ -490,7 +497,7 @@ pub fn check_inputs(
                             source,
                         })?,
                     Input::Memory(lines) => InputMark::of_lines(lines, then.len).head,
-                    Input::Tcp { .. } | Input::Http { .. } => String::new(),
+                    Input::Tcp { .. } | Input::Http { .. } | Input::Kafka(_) => String::new(),
                 };
             if head != then.head {
                 Some(format!(

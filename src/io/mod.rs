@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+pub mod kafka;
 pub mod sinks;
 pub mod sources;
 

@@ -68,3 +68,186 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A real Kafka-API broker on loopback.
+pub mod broker {
+    //! A real Kafka-API broker for the tests: tansu, with memory storage
+    //! (`.ci/test` installs it and sets `SEGFLOW_TANSU`); each test starts its
+    //! own on a free loopback port.
+
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+
+    /// A tansu broker on a free loopback port, stopped on drop.
+    pub struct Broker {
+        /// The broker's process.
+        pub child: Child,
+        /// `127.0.0.1:PORT`.
+        pub addr: String,
+        bin: String,
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    pub fn broker() -> Broker {
+        let bin = std::env::var("SEGFLOW_TANSU").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/segflow/tools/bin/tansu",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        assert!(
+            Path::new(&bin).exists(),
+            "the tansu Kafka broker is not installed at {bin}: run the tests with .ci/test, which installs it"
+        );
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let url = format!("tcp://{addr}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Broker { child, addr, bin }
+    }
+
+    impl Broker {
+        pub fn create_topic(&self, topic: &str, partitions: u32) {
+            let status = Command::new(&self.bin)
+                .args([
+                    "topic",
+                    "create",
+                    topic,
+                    "--partitions",
+                    &partitions.to_string(),
+                    "--broker",
+                    &format!("tcp://{}", self.addr),
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "tansu topic create {topic}");
+        }
+
+        /// Every record of `topic`: `(partition, key, value)`, in offset order
+        /// per partition; waits for `expected` records, then checks that no
+        /// more come.
+        pub fn consume(
+            &self,
+            topic: &str,
+            partitions: i32,
+            expected: usize,
+        ) -> Vec<(i32, String, String)> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &self.addr)
+                .set("group.id", "segflow-test")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)
+                    .unwrap();
+            }
+            consumer.assign(&tpl).unwrap();
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while out.len() < expected && Instant::now() < deadline {
+                if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                    let m = m.unwrap();
+                    out.push((
+                        m.partition(),
+                        String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
+                        String::from_utf8(m.payload().unwrap().to_vec()).unwrap(),
+                    ));
+                }
+            }
+            if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+                panic!("an extra record: {:?}", m.map(|m| m.offset()));
+            }
+            out
+        }
+    }
+
+    impl Broker {
+        /// Produces `records` (`(partition, value)`) to `topic`, in order, and
+        /// waits until the broker has them all.
+        pub fn produce(&self, topic: &str, records: &[(i32, String)]) {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &self.addr)
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .create()
+                .unwrap();
+            for (partition, value) in records {
+                let mut record = BaseRecord::<(), str>::to(topic)
+                    .partition(*partition)
+                    .payload(value.as_str());
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, r)) => {
+                            record = r;
+                            producer.poll(Duration::from_millis(20));
+                        }
+                    }
+                }
+            }
+            producer.flush(Duration::from_secs(60)).unwrap();
+            assert_eq!(producer.in_flight_count(), 0, "every record produced");
+        }
+
+        /// The offsets group `group` committed for each of `partitions`
+        /// partitions of `topic` (-1 for none).
+        pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &self.addr)
+                .set("group.id", group)
+                .create()
+                .unwrap();
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition(topic, p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .unwrap();
+            (0..partitions)
+                .map(
+                    |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        _ => -1,
+                    },
+                )
+                .collect()
+        }
+    }
+}

@@ -36,7 +36,7 @@ use super::SegmentDiff;
 /// How long a record may take to be acknowledged, retries included.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the broker has to answer when the run starts.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::io::kafka::CONNECT_TIMEOUT;
 
 /// Notes the first record that could not be delivered.
 #[derive(Default)]
@@ -83,29 +83,7 @@ impl KafkaSink {
             .set("linger.ms", "5")
             .create_with_context(Deliveries::default())
             .map_err(|e| io::Error::other(format!("{label}: {e}")))?;
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
-            .map_err(|e| {
-                io::Error::other(format!(
-                    "the Kafka broker at {brokers} did not answer within {} s ({e}): is it running, and is the address right?",
-                    CONNECT_TIMEOUT.as_secs()
-                ))
-            })?;
-        match metadata.topics().iter().find(|t| t.name() == topic) {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {}
-            Some(t) => {
-                return Err(io::Error::other(format!(
-                    "topic {topic} is not usable on the Kafka broker at {brokers} ({:?}): create it first, e.g. kafka-topics.sh --create --topic {topic} --bootstrap-server {brokers}",
-                    t.error().map(RDKafkaErrorCode::from)
-                )))
-            }
-            None => {
-                return Err(io::Error::other(format!(
-                    "topic {topic} does not exist on the Kafka broker at {brokers}: create it first"
-                )))
-            }
-        }
+        crate::io::kafka::topic_partitions(producer.client(), brokers, topic)?;
         Ok(KafkaSink {
             producer,
             topic: topic.to_string(),

@@ -315,8 +315,9 @@ struct Committer {
     /// ([`Control::Ended`]): lines appended later are at or after it, so
     /// the outputs' bounds never pass it.
     ended: Option<Time>,
-    /// How many sources read their input to its end ([`Control::Ended`]).
-    sources_ended: usize,
+    /// The sources that read their input to its end ([`Control::Ended`];
+    /// a file's last range, each partition of a bounded Kafka topic).
+    sources_ended: std::collections::BTreeSet<u32>,
     /// Whether a replayed source was cut short ([`Control::Cut`]): its
     /// dead letters from the cut on are written again by the next run.
     replay_cut: bool,
@@ -481,9 +482,9 @@ impl Committer {
             // Source clocks and cuts reach the shared commit rule (see
             // `commit`).
             Control::Clock { .. } | Control::Cut { .. } => {}
-            Control::Ended { watermark, .. } => {
+            Control::Ended { watermark, source } => {
                 self.ended = Some(self.ended.map_or(*watermark, |e| e.min(*watermark)));
-                self.sources_ended += 1;
+                self.sources_ended.insert(*source);
             }
             Control::Offset { source, offset } => {
                 let s = &mut self.summary.sources[*source as usize];
@@ -737,7 +738,7 @@ pub fn commit<'s>(
             ..Default::default()
         },
         ended: None,
-        sources_ended: 0,
+        sources_ended: Default::default(),
         replay_cut: false,
         last_dead: None,
         restored_before: shared.restored_before,
@@ -1016,7 +1017,7 @@ pub fn commit<'s>(
                     // watermark at which one ended is final, even for
                     // inputs that grow later. The last checkpoint says so,
                     // and a run over longer inputs writes only what follows.
-                    let every = c.sources_ended == c.summary.sources.len();
+                    let every = c.sources_ended.len() == c.summary.sources.len();
                     if let (true, None, Some(bound)) = (every, completion.cut(), c.ended) {
                         c.advance_segments(bound);
                         c.advance_dead_letters(bound);

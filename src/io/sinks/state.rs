@@ -634,7 +634,18 @@ impl ProcessState {
             if let Some((&last, _)) = ready.last_key_value() {
                 g.checkpoint.time = last;
             }
-            if !ready.is_empty() || retained_due {
+            // A live input's clock moves without new records: its times
+            // complete, and the outputs' bounds with them, while the state
+            // has nothing to write. The checkpoint follows anyway (about
+            // once per flush interval), so that a restart resumes from
+            // where reading stood, not from the last state change.
+            let cut_moves = self.progress.is_some()
+                && g.last_flush.elapsed() >= STATE_FLUSH_INTERVAL
+                && g.written_sinks.as_ref().is_some_and(|s| {
+                    let previous = g.checkpoint.retained.as_ref().map_or(0, |r| r.cut);
+                    g.written.min(s.segments_bound).max(g.cut_floor) > previous
+                });
+            if !ready.is_empty() || retained_due || cut_moves {
                 let mut batch = StateBatch::default();
                 for (_, parts) in ready {
                     for part in parts {

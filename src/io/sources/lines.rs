@@ -84,6 +84,13 @@ pub trait LineSource {
     fn wakes_on_input(&self) -> bool {
         false
     }
+    /// Whether records may be appended to what was read (a followed file,
+    /// a Kafka partition): a resumed reader judges those appended after
+    /// the checkpointed run read as that run would have (see
+    /// [`super::progress::ResumePoint::late_from`]).
+    fn grows(&self) -> bool {
+        self.is_live()
+    }
     /// Where the next line starts, `(byte offset, line number)`, for a
     /// source that can be opened there again (a range of a replayed file);
     /// `None` for the others.

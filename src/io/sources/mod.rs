@@ -53,6 +53,7 @@ use crate::time::{wall_clock_ms, SourceClock, Time, TimeConfig};
 
 pub mod decode;
 pub mod http;
+pub mod kafka;
 pub mod lines;
 pub mod progress;
 pub mod tcp;
@@ -87,13 +88,18 @@ pub enum Input {
         /// The write key requests must carry, if any.
         write_key: Option<String>,
     },
+    /// A Kafka topic (`kafka://HOST:PORT/TOPIC[?group=NAME&until=end]`;
+    /// see [`kafka`]): its partitions read by all workers.
+    Kafka(kafka::KafkaInput),
     /// Lines held in memory.
     Memory(Arc<Vec<String>>),
 }
 
 impl Input {
-    /// Parses a command-line location: `tcp://ADDR`, `http://ADDR` or a
-    /// file path; `write_key` is for an `http://` input.
+    /// Parses a command-line location: `tcp://ADDR`, `http://ADDR`,
+    /// `kafka://HOST:PORT/TOPIC[?..]` or a file path; `write_key` is for an
+    /// `http://` input. (What is wrong with a Kafka location is said when
+    /// the run starts: [`kafka::KafkaInput::problem`].)
     pub fn parse(
         location: &str,
         follow: bool,
@@ -105,6 +111,8 @@ impl Input {
                 addr: addr.to_string(),
                 until_disconnect,
             }
+        } else if let Some(rest) = location.strip_prefix("kafka://") {
+            Input::Kafka(kafka::KafkaInput::parse(rest))
         } else if let Some(addr) = location.strip_prefix("http://") {
             Input::Http {
                 addr: addr.trim_end_matches('/').to_string(),
@@ -124,6 +132,7 @@ impl Input {
             Input::File { path, .. } => path.display().to_string(),
             Input::Tcp { addr, .. } => format!("tcp://{addr}"),
             Input::Http { addr, .. } => format!("http://{addr}"),
+            Input::Kafka(k) => k.describe(),
             Input::Memory(_) => "memory".to_string(),
         }
     }
@@ -299,6 +308,26 @@ impl Reader {
         Ok(reader)
     }
 
+    /// A reader of one partition of a Kafka topic (opened at `point` if
+    /// the run resumed with one): its records are decoded here, and its
+    /// points are recorded under the partition's number, the first one at
+    /// once (where a restart may resume before any record is read).
+    fn open_kafka(def: SourceDef, params: Arc<ReadParams>, lines: kafka::PartitionLines) -> Reader {
+        let partition = lines.partition();
+        let point = params
+            .resume
+            .as_ref()
+            .and_then(|r| r.point(&def.name, partition as u64));
+        let mut reader = Reader::new(def, params, Box::new(lines), true, Time::default());
+        reader.input_name = format!("{} (partition {partition})", reader.input_name);
+        reader.range_start = Some(partition as u64);
+        if let Some(p) = point {
+            reader.continue_from(&p);
+        }
+        reader.record_progress();
+        reader
+    }
+
     /// Continues from `point` (its lines are opened there): the clock and
     /// the range's latest times as they were.
     fn continue_from(&mut self, point: &ResumePoint) {
@@ -306,9 +335,11 @@ impl Reader {
         self.clock = SourceClock::restored(self.params.time, point.clock, live, wall_clock_ms());
         self.max_tick = point.max_tick;
         self.max_dead = point.max_dead;
-        // Only a followed file's (a replayed range is read as it was).
-        self.late_from = point.late_from.filter(|_| live);
-        self.read_to = point.read_to.filter(|_| live);
+        // Only an input that grows (a followed file, a Kafka partition; a
+        // replayed range is read as it was).
+        let grows = self.lines.grows();
+        self.late_from = point.late_from.filter(|_| grows);
+        self.read_to = point.read_to.filter(|_| grows);
     }
 
     /// Notes that the line at `offset` is read next: once it is past what
@@ -438,6 +469,7 @@ impl Reader {
                 waker,
             )?),
             Input::Memory(lines) => Box::new(MemoryLines::new(Arc::clone(lines), limit)),
+            Input::Kafka(_) => unreachable!("a Kafka topic is read by partitions (open_parts)"),
         };
         let socket = def.input.is_socket();
         let mut reader = Reader::new(def, params, lines, false, Time::default());
@@ -848,6 +880,24 @@ impl Reader {
         status
     }
 
+    /// Where a graceful shutdown cuts this reader, whose part's capability
+    /// is at `capability`: the least time not committed (see
+    /// [`Control::Cut`]), or `None` (a live input of a run without state:
+    /// everything read is committed).
+    fn cut_at(&self, capability: Time) -> Option<Time> {
+        if !self.lines.is_live() {
+            Some(capability)
+        } else if self.params.progress.is_some() {
+            // Never before the cut of the checkpoint the run resumed
+            // from: that one holds every earlier time.
+            let now = self.params.time.floor(wall_clock_ms());
+            let cut = self.max_tick.map_or(now, |newest| newest.min(now));
+            Some(cut.max(self.params.restored_before()))
+        } else {
+            None
+        }
+    }
+
     /// When to look at the source again while it has nothing to read.
     fn idle_wakeup(&self) -> Duration {
         let now = wall_clock_ms();
@@ -993,6 +1043,29 @@ fn open_parts(
             part.rest = least;
         }
         return Ok(parts);
+    }
+    if let Input::Kafka(input) = &def.input {
+        let partitions = kafka::open_partitions(
+            input,
+            &def.name,
+            def.index,
+            index,
+            peers,
+            params.resume.as_deref(),
+            params.progress.as_ref(),
+            params.max_line_bytes,
+            waker,
+        )?;
+        return Ok(partitions
+            .into_iter()
+            .map(|lines| Part {
+                reader: Some(Reader::open_kafka(def.clone(), Arc::clone(params), lines)),
+                range: None,
+                bound: Time::default(),
+                rest: Time::default(),
+                last: false,
+            })
+            .collect());
     }
     if index != owner {
         return Ok(VecDeque::new());
@@ -1171,6 +1244,7 @@ pub fn source<'s>(
         let mut raw_batch = Vec::new();
         let mut ctl = Vec::new();
         let mut read_ahead = ReadAhead::default();
+        let concurrent = matches!(def.input, Input::Kafka(_));
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
 
@@ -1179,23 +1253,101 @@ pub fn source<'s>(
                 .shutdown
                 .as_ref()
                 .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
-            if stopping && parts.len() > 1 {
+            if stopping && parts.len() > 1 && !concurrent {
                 parts.truncate(1);
             }
             if parts.is_empty() {
                 return;
             }
             // A replay reads no further while the stages downstream lag
-            // (see `ReadAhead`); a live input is read as it arrives, and a
-            // stop is not held up.
-            let replay = parts
-                .front()
-                .and_then(|p| p.reader.as_ref())
-                .is_none_or(|r| !r.lines.is_live());
+            // (see `ReadAhead`), nor does a Kafka topic (the broker keeps
+            // what is not read yet); a live input is read as it arrives,
+            // and a stop is not held up.
+            let replay = concurrent
+                || parts
+                    .front()
+                    .and_then(|p| p.reader.as_ref())
+                    .is_none_or(|r| !r.lines.is_live());
             if replay && !stopping && read_ahead.full(&downstream, *held[0].time()) {
                 // Looked at again soon; meanwhile the worker runs the
                 // stages, or parks until a peer's progress arrives.
                 activator.activate_after(Duration::from_millis(1));
+                return;
+            }
+            if concurrent {
+                // Every part (a Kafka partition) is read in each
+                // activation, each with its own clock; the capability is
+                // the least of their watermarks.
+                let (mut more, mut wake) = (false, Duration::MAX);
+                let mut i = 0;
+                while i < parts.len() {
+                    let reader = parts[i].reader.as_mut().expect("partitions are open");
+                    let status = reader.step(&mut batch, &mut raw_batch, &mut ctl);
+                    read_ahead.read(batch.iter().map(|(_, t, _)| *t));
+                    give(&mut records_out, &held[0], &mut batch);
+                    give(&mut raw_out, &held[1], &mut raw_batch);
+                    match status {
+                        Status::Failed(reason) => {
+                            give(&mut control_out, &held[2], &mut ctl);
+                            abort.fail(format!(
+                                "source `{name}`: reading {}: {reason}",
+                                reader.input_name
+                            ));
+                            caps = None;
+                            return;
+                        }
+                        Status::Cut => {
+                            ctl.push(Control::Stopped { source: def.index });
+                            if let Some(watermark) = reader.cut_at(*held[0].time()) {
+                                ctl.push(Control::Cut {
+                                    source: def.index,
+                                    watermark,
+                                    live: reader.lines.is_live(),
+                                });
+                            }
+                            give(&mut control_out, &held[2], &mut ctl);
+                            parts.remove(i);
+                            continue;
+                        }
+                        Status::Finished => {
+                            // A bounded topic's partition read to its end:
+                            // records appended later are at or after its
+                            // watermark (or late).
+                            ctl.push(Control::Ended {
+                                source: def.index,
+                                watermark: reader.clock.watermark(),
+                            });
+                            give(&mut control_out, &held[2], &mut ctl);
+                            parts.remove(i);
+                            continue;
+                        }
+                        Status::More => more = true,
+                        Status::Draining(wait) => wake = wake.min(wait),
+                        Status::Idle => wake = wake.min(reader.idle_wakeup()),
+                    }
+                    give(&mut control_out, &held[2], &mut ctl);
+                    i += 1;
+                }
+                if parts.is_empty() {
+                    caps = None;
+                    return;
+                }
+                let least = parts
+                    .iter()
+                    .filter_map(|p| p.reader.as_ref())
+                    .map(|r| r.clock.watermark())
+                    .min()
+                    .unwrap_or_default();
+                if least > *held[0].time() {
+                    for cap in held.iter_mut() {
+                        cap.downgrade(&least);
+                    }
+                }
+                if more {
+                    activator.activate();
+                } else {
+                    activator.activate_after(wake.min(Duration::from_secs(1)));
+                }
                 return;
             }
             // Several small ranges may be read in one activation (each
@@ -1261,18 +1413,7 @@ pub fn source<'s>(
                     // of that tick still unread in the socket when the run
                     // stopped are among them. Without state, what was read
                     // is all there is, and all of it is committed.
-                    let cut = if !reader.lines.is_live() {
-                        Some(*held[0].time())
-                    } else if params.progress.is_some() {
-                        // Never before the cut of the checkpoint the run
-                        // resumed from: that one holds every earlier time.
-                        let now = params.time.floor(wall_clock_ms());
-                        let cut = reader.max_tick.map_or(now, |newest| newest.min(now));
-                        Some(cut.max(params.restored_before()))
-                    } else {
-                        None
-                    };
-                    if let Some(watermark) = cut {
+                    if let Some(watermark) = reader.cut_at(*held[0].time()) {
                         ctl.push(Control::Cut {
                             source: def.index,
                             watermark,

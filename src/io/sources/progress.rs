@@ -108,6 +108,9 @@ pub struct Progress {
     /// resumed from: what the runs before it read (see
     /// [`Progress::choose`]).
     restored: HashMap<(u32, u64), (Option<u64>, Option<u64>)>,
+    /// Per range, the offset of the point the latest checkpoint chose
+    /// ([`Progress::checkpointed`]).
+    checkpointed: Mutex<HashMap<(u32, u64), u64>>,
 }
 
 impl Progress {
@@ -132,7 +135,19 @@ impl Progress {
             points: Mutex::new(points),
             restored_cut: resume.map_or(0, |r| r.before),
             restored,
+            checkpointed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The offset at which the latest checkpoint's point of the range of
+    /// source `source` that starts at `start` is (where a restart resumes
+    /// it), if one was chosen.
+    pub fn checkpointed(&self, source: u32, start: u64) -> Option<u64> {
+        self.checkpointed
+            .lock()
+            .ok()?
+            .get(&(source, start))
+            .copied()
     }
 
     /// Records that the reader of the range of source `source` that starts
@@ -231,6 +246,9 @@ impl Progress {
             // a line), the late lines of the run it resumed from stay late.
             let mut chosen = list[0];
             self.read_and_late(&mut chosen, *source, list.make_contiguous(), cut);
+            if let Ok(mut checkpointed) = self.checkpointed.lock() {
+                checkpointed.insert((*source, chosen.start), chosen.offset);
+            }
             out.entry(name).or_default().push(chosen);
         }
         for list in out.values_mut() {

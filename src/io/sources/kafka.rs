@@ -1,0 +1,577 @@
+//! A Kafka topic as a source: `kafka://HOST:PORT[,HOST:PORT]/TOPIC`, with
+//! the optional parameters `group=NAME` and `until=end`.
+//!
+//! # Partitions, workers and clocks
+//!
+//! The topic's partitions (as many as it has when the run starts) are read
+//! by all workers, partition `p` by worker `(source index + p) mod
+//! workers`, each partition with its own [`crate::time::SourceClock`], as
+//! the ranges of a file are: every record is decoded where it is read, and
+//! "late" is judged against its partition's own watermark, so the records
+//! admitted, and the results, do not depend on the number of workers or
+//! processes. A worker reads all its partitions at once (one consumer per
+//! worker and source, one queue per partition), and holds its capability
+//! at the least watermark of its partitions. A live partition that has
+//! nothing to read for `idle_advance` is idle: its watermark follows the
+//! wall clock (see [`crate::time`]), so an idle partition does not hold the
+//! others back (Flink's `withIdleness`).
+//!
+//! # Live or bounded
+//!
+//! By default the source is **live**: it never ends (a signal stops it),
+//! and its clocks run on the wall clock as a followed file's do. With
+//! `until=end` it is **bounded**: each partition is read until the reader
+//! reaches its end (librdkafka's end-of-partition event: the fetch position
+//! is at the partition's high watermark), with a replay's clock, and the
+//! source ends there; a topic that nothing writes to meanwhile gives the
+//! records of a file holding them, partition by partition. (The end is
+//! where reading catches up, not the high watermark listed at the start:
+//! some Kafka-API brokers list a stale one, tansu 0.6 for instance, whose
+//! listed end is one past the first offset of the last batch.)
+//!
+//! # Offsets and checkpoints (exactly once)
+//!
+//! Each partition records resume points as a range of a file does (see
+//! [`super::progress`]): the offset of its next record, with its clock. A
+//! checkpoint holds, per partition, the latest point before which every
+//! record is in its state and every dead letter written; a restarted run
+//! assigns each partition at its point (the start of the partition if it
+//! has none) and drops what it reads again before the checkpoint's cut.
+//! Records that the checkpointed run read with its watermark past the cut,
+//! or did not read at all, with times before the cut, are late in the
+//! resumed run as they were (or would have been) in the first. The state
+//! and the diff file therefore end exactly as those of a run that never
+//! stopped, whatever was killed where. A point whose records the broker no
+//! longer has (its retention deleted them) stops the run with the reason.
+//!
+//! `group=NAME` is the consumer group the source commits its offsets to,
+//! for the lag tools that read them (`kafka-consumer-groups.sh`): with a
+//! state directory, the offsets of the latest checkpoint (what a restart
+//! resumes from), else the offsets read. The group never decides where
+//! reading starts: the checkpoint does, and without one a run reads every
+//! partition from its start (segments need the history). Default group:
+//! `segflow`.
+//!
+//! # Records
+//!
+//! A record's value is one line of the source's format (JSON, Segment, GA4
+//! messages; CSV is refused: its rows need a header); a record without a
+//! value (a tombstone) is skipped, as an empty line is. Dead letters name
+//! the input as `kafka://HOST:PORT/TOPIC (partition P)`, with the record's
+//! offset as `offset` and `offset + 1` as `line`.
+//!
+//! # Failures
+//!
+//! A broker that does not answer when the run starts ([`CONNECT_TIMEOUT`]),
+//! a topic that does not exist, and a broker that stops answering for
+//! [`BROKER_TIMEOUT`] during the run stop the run with the reason.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use timely::scheduling::SyncActivator;
+
+use super::lines::{LineSource, Next};
+use super::progress::{Progress, Resume};
+
+pub use crate::io::kafka::CONNECT_TIMEOUT;
+/// How long the broker may fail to answer during a run before the run
+/// stops.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often, at most, offsets are committed to the group.
+const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// The consumer group offsets are committed to without `group=`.
+pub const DEFAULT_GROUP: &str = "segflow";
+
+/// A Kafka input, as given: `kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=NAME&until=end]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaInput {
+    /// `host:port[,host:port]`.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// The consumer group offsets are committed to.
+    pub group: String,
+    /// `until=end`: read each partition to the end offset it had at the
+    /// start, then end.
+    pub bounded: bool,
+    /// What is wrong with the location, if anything (refused when the run
+    /// starts, with this reason).
+    pub problem: Option<String>,
+}
+
+impl KafkaInput {
+    /// Parses what follows `kafka://`.
+    pub fn parse(rest: &str) -> KafkaInput {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (brokers, topic) = path.split_once('/').unwrap_or((path, ""));
+        let mut input = KafkaInput {
+            brokers: brokers.to_string(),
+            topic: topic.trim_end_matches('/').to_string(),
+            group: DEFAULT_GROUP.to_string(),
+            bounded: false,
+            problem: None,
+        };
+        let mut problems = Vec::new();
+        if input.brokers.is_empty() {
+            problems.push("it names no broker (kafka://HOST:PORT/TOPIC)".to_string());
+        }
+        if input.topic.is_empty() || input.topic.contains('/') {
+            problems.push(format!(
+                "`{}` is not a topic name (kafka://HOST:PORT/TOPIC)",
+                input.topic
+            ));
+        }
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("group", g)) if !g.is_empty() => input.group = g.to_string(),
+                Some(("until", "end")) => input.bounded = true,
+                Some(("until", other)) => problems.push(format!(
+                    "`until={other}`: the only end a Kafka source knows is `until=end` (the end offsets at the start)"
+                )),
+                _ => problems.push(format!(
+                    "unknown parameter `{pair}` (known: group=NAME, until=end)"
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            input.problem = Some(problems.join("; "));
+        }
+        input
+    }
+
+    /// `kafka://HOST:PORT/TOPIC`, how the input is named.
+    pub fn describe(&self) -> String {
+        format!("kafka://{}/{}", self.brokers, self.topic)
+    }
+}
+
+/// One worker's consumer of a topic, shared by its partitions' readers.
+struct Shared {
+    consumer: Arc<BaseConsumer>,
+    input: KafkaInput,
+    /// Messages that reached the consumer's main queue before their
+    /// partition's queue was split off (read before that queue's).
+    strays: HashMap<i32, VecDeque<(i64, Option<Vec<u8>>)>>,
+    /// Since when the broker has reported errors and delivered nothing,
+    /// with the last error.
+    failing: Option<(Instant, String)>,
+    /// Per partition, the offset to commit to the group, and the offset
+    /// last committed.
+    wanted: HashMap<i32, i64>,
+    committed: HashMap<i32, i64>,
+    last_commit: Instant,
+    /// Whether a failed commit was reported (once).
+    commit_warned: bool,
+}
+
+impl Shared {
+    fn healthy(&mut self) {
+        self.failing = None;
+    }
+
+    fn trouble(&mut self, e: &KafkaError) {
+        let text = e.to_string();
+        match &mut self.failing {
+            Some((_, last)) => *last = text,
+            None => self.failing = Some((Instant::now(), text)),
+        }
+    }
+
+    /// Serves the main queue: errors, and messages that reached it before
+    /// their partition's queue was split off.
+    fn serve(&mut self) {
+        while let Some(event) = self.consumer.poll(Duration::ZERO) {
+            match event {
+                Ok(m) => {
+                    let payload = m.payload().map(<[u8]>::to_vec);
+                    self.strays
+                        .entry(m.partition())
+                        .or_default()
+                        .push_back((m.offset(), payload));
+                }
+                Err(e) => {
+                    tracing::debug!("{}: {e}", self.input.describe());
+                    self.trouble(&e);
+                }
+            }
+        }
+    }
+
+    /// Fails once the broker has not answered for [`BROKER_TIMEOUT`] (and
+    /// does not answer a metadata request now).
+    fn check(&mut self) -> io::Result<()> {
+        let Some((since, last)) = &self.failing else {
+            return Ok(());
+        };
+        if since.elapsed() < BROKER_TIMEOUT {
+            return Ok(());
+        }
+        let (since, last) = (*since, last.clone());
+        match self
+            .consumer
+            .fetch_metadata(Some(&self.input.topic), Duration::from_secs(5))
+        {
+            Ok(_) => {
+                self.failing = None;
+                Ok(())
+            }
+            Err(e) => Err(io::Error::other(format!(
+                "the Kafka broker at {} has not answered for {} s ({last}; now: {e}): is it running?",
+                self.input.brokers,
+                since.elapsed().as_secs()
+            ))),
+        }
+    }
+
+    /// Notes that partition `p`'s offset for the group is `offset`, and
+    /// commits the offsets that moved, at most every [`COMMIT_EVERY`]
+    /// (asynchronously: a commit never holds the reader up).
+    fn commit(&mut self, p: i32, offset: i64) {
+        self.wanted.insert(p, offset);
+        if self.last_commit.elapsed() < COMMIT_EVERY {
+            return;
+        }
+        self.last_commit = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &offset) in &self.wanted {
+            if self.committed.get(&p) != Some(&offset) {
+                let _ = tpl.add_partition_offset(&self.input.topic, p, Offset::Offset(offset));
+                self.committed.insert(p, offset);
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            if !std::mem::replace(&mut self.commit_warned, true) {
+                tracing::warn!(
+                    "{}: cannot commit offsets to group {} ({e}); reading goes on (the checkpoint holds the offsets a restart resumes from)",
+                    self.input.describe(),
+                    self.input.group
+                );
+            }
+        }
+    }
+}
+
+/// The records of one partition, as lines.
+pub struct PartitionLines {
+    shared: Rc<RefCell<Shared>>,
+    queue: PartitionQueue<DefaultConsumerContext>,
+    partition: i32,
+    /// The offset of the next record.
+    next: i64,
+    /// A bounded source's partition: it ends where reading reaches the
+    /// partition's end.
+    bounded: bool,
+    ended: bool,
+    max_line_bytes: usize,
+    /// For commits to the group: the checkpoints' points (with state).
+    progress: Option<(Arc<Progress>, u32)>,
+    reads: u32,
+}
+
+impl PartitionLines {
+    /// The partition read.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    fn line(&mut self, offset: i64, payload: Option<Vec<u8>>) -> Next {
+        self.next = offset + 1;
+        let bytes = payload.unwrap_or_default();
+        let (line, offset) = (offset as u64 + 1, offset as u64);
+        if bytes.len() > self.max_line_bytes {
+            return Next::TooLong {
+                line,
+                offset,
+                len: bytes.len() as u64,
+                peer: None,
+            };
+        }
+        Next::Line {
+            bytes,
+            line,
+            offset,
+            peer: None,
+        }
+    }
+
+    /// Commits this partition's offset to the group: the latest
+    /// checkpoint's (with state), else the next to read.
+    fn commit(&mut self) {
+        let offset = match &self.progress {
+            Some((progress, source)) => progress.checkpointed(*source, self.partition as u64),
+            None => Some(self.next as u64),
+        };
+        if let Some(offset) = offset {
+            let p = self.partition;
+            self.shared.borrow_mut().commit(p, offset as i64);
+        }
+    }
+
+    fn fail(&self, e: &KafkaError) -> io::Error {
+        let shared = self.shared.borrow();
+        let (topic, brokers) = (&shared.input.topic, &shared.input.brokers);
+        match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::OffsetOutOfRange) => io::Error::other(format!(
+                "offset {} of partition {} of topic {topic} is no longer on the broker at {brokers} (its retention deleted it): the checkpoint resumes there, and its records are gone; run with --reset to start over from what the topic holds",
+                self.next, self.partition
+            )),
+            _ => io::Error::other(format!(
+                "partition {} of topic {topic} at {brokers}: {e}",
+                self.partition
+            )),
+        }
+    }
+}
+
+impl LineSource for PartitionLines {
+    fn next_line(&mut self) -> io::Result<Next> {
+        if self.ended {
+            return Ok(Next::End);
+        }
+        self.reads = self.reads.wrapping_add(1);
+        if self.reads % 4096 == 0 {
+            self.commit();
+        }
+        let stray = {
+            let mut shared = self.shared.borrow_mut();
+            shared
+                .strays
+                .get_mut(&self.partition)
+                .and_then(VecDeque::pop_front)
+        };
+        if let Some((offset, payload)) = stray {
+            return Ok(self.line(offset, payload));
+        }
+        let polled: Option<Result<BorrowedMessage<'_>, KafkaError>> =
+            self.queue.poll(Duration::ZERO);
+        match polled {
+            Some(Ok(m)) => {
+                let offset = m.offset();
+                let payload = m.payload().map(<[u8]>::to_vec);
+                drop(m);
+                self.shared.borrow_mut().healthy();
+                Ok(self.line(offset, payload))
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                self.shared.borrow_mut().healthy();
+                if self.bounded {
+                    // Caught up with the partition's end.
+                    self.ended = true;
+                    return Ok(Next::End);
+                }
+                Ok(Next::Pending)
+            }
+            Some(Err(e)) => match e.rdkafka_error_code() {
+                Some(
+                    RDKafkaErrorCode::OffsetOutOfRange
+                    | RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed,
+                ) => Err(self.fail(&e)),
+                _ => {
+                    self.shared.borrow_mut().trouble(&e);
+                    Ok(Next::Pending)
+                }
+            },
+            None => {
+                self.commit();
+                let mut shared = self.shared.borrow_mut();
+                shared.serve();
+                shared.check()?;
+                drop(shared);
+                if self
+                    .shared
+                    .borrow()
+                    .strays
+                    .get(&self.partition)
+                    .is_some_and(|s| !s.is_empty())
+                {
+                    return self.next_line();
+                }
+                Ok(Next::Pending)
+            }
+        }
+    }
+
+    fn position(&self) -> u64 {
+        self.next.max(0) as u64
+    }
+
+    fn is_live(&self) -> bool {
+        !self.bounded
+    }
+
+    fn wakes_on_input(&self) -> bool {
+        true
+    }
+
+    fn resume_at(&self) -> Option<(u64, u64)> {
+        let next = self.next.max(0) as u64;
+        Some((next, next + 1))
+    }
+
+    fn grows(&self) -> bool {
+        true
+    }
+}
+
+/// The partitions of `input` that worker `index` of `peers` reads for
+/// source `name` (index `source`): each assigned at its point in `resume`
+/// (else at its start), with one consumer for all; `waker` wakes the
+/// source when one of them has records. Empty if the worker reads none.
+#[allow(clippy::too_many_arguments)]
+pub fn open_partitions(
+    input: &KafkaInput,
+    name: &str,
+    source: u32,
+    index: usize,
+    peers: usize,
+    resume: Option<&Resume>,
+    progress: Option<&Arc<Progress>>,
+    max_line_bytes: usize,
+    waker: SyncActivator,
+) -> io::Result<Vec<PartitionLines>> {
+    if let Some(problem) = &input.problem {
+        return Err(io::Error::other(problem.clone()));
+    }
+    let label = input.describe();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &input.brokers)
+        .set("group.id", &input.group)
+        .set("client.id", format!("segflow-{name}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A point the broker no longer has is an error, never a silent
+        // jump (records the checkpoint does not hold would be lost).
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        // Per partition (each has its own queue): the prefetch held in
+        // memory.
+        .set("queued.max.messages.kbytes", "16384")
+        .create()
+        .map_err(|e| io::Error::other(format!("{label}: {e}")))?;
+    let partitions =
+        crate::io::kafka::topic_partitions(consumer.client(), &input.brokers, &input.topic)?;
+    let owner = source as usize % peers;
+    let mine: Vec<i32> = (0..partitions)
+        .filter(|p| (owner + p) % peers == index)
+        .map(|p| p as i32)
+        .collect();
+    if mine.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut plan = Vec::new();
+    for &p in &mine {
+        let point = resume.and_then(|r| r.point(name, p as u64));
+        let (low, high) = consumer
+            .fetch_watermarks(&input.topic, p, CONNECT_TIMEOUT)
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "{label}: cannot read the offsets of partition {p}: {e}"
+                ))
+            })?;
+        if let Some(point) = point.filter(|pt| (pt.offset as i64) < low) {
+            return Err(io::Error::other(format!(
+                "the checkpoint resumes partition {p} of topic {} at offset {}, and the broker at {} holds it from offset {low} on only (its retention deleted the rest): those records are in neither; run with --reset to start over from what the topic holds",
+                input.topic, point.offset, input.brokers
+            )));
+        }
+        let next = point.map_or(low, |pt| pt.offset as i64);
+        tpl.add_partition_offset(&input.topic, p, Offset::Offset(next))
+            .map_err(|e| io::Error::other(format!("{label}: {e}")))?;
+        // An empty partition of a bounded source has nothing to read.
+        plan.push((p, next, input.bounded && high <= low));
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| io::Error::other(format!("{label}: cannot assign partitions: {e}")))?;
+    let consumer = Arc::new(consumer);
+    let waker = Arc::new(Mutex::new(waker));
+    let mut queues = Vec::new();
+    for &(p, _, _) in &plan {
+        let mut queue = consumer
+            .split_partition_queue(&input.topic, p)
+            .ok_or_else(|| io::Error::other(format!("{label}: no queue for partition {p}")))?;
+        let waker = Arc::clone(&waker);
+        queue.set_nonempty_callback(move || {
+            if let Ok(w) = waker.lock() {
+                let _ = w.activate();
+            }
+        });
+        queues.push(queue);
+    }
+    let shared = Rc::new(RefCell::new(Shared {
+        consumer,
+        input: input.clone(),
+        strays: HashMap::new(),
+        failing: None,
+        wanted: HashMap::new(),
+        committed: HashMap::new(),
+        last_commit: Instant::now(),
+        commit_warned: false,
+    }));
+    // What reached the main queue before the split is read first.
+    shared.borrow_mut().serve();
+    Ok(plan
+        .into_iter()
+        .zip(queues)
+        .map(|((partition, next, empty), queue)| PartitionLines {
+            shared: Rc::clone(&shared),
+            queue,
+            partition,
+            next,
+            bounded: input.bounded,
+            ended: empty,
+            max_line_bytes,
+            progress: progress.map(|p| (Arc::clone(p), source)),
+            reads: 0,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Locations: brokers, topic, group, bound; what is wrong is said.
+    #[test]
+    fn locations_parse_and_say_what_is_wrong() {
+        let k = KafkaInput::parse("127.0.0.1:9092,h2:9093/web?group=g1&until=end");
+        assert_eq!(
+            (k.brokers.as_str(), k.topic.as_str(), k.group.as_str()),
+            ("127.0.0.1:9092,h2:9093", "web", "g1")
+        );
+        assert!(k.bounded && k.problem.is_none());
+        let k = KafkaInput::parse("h:1/web");
+        assert_eq!((k.group.as_str(), k.bounded), (DEFAULT_GROUP, false));
+        assert!(KafkaInput::parse("h:1").problem.unwrap().contains("topic"));
+        assert!(KafkaInput::parse("/web")
+            .problem
+            .unwrap()
+            .contains("broker"));
+        assert!(KafkaInput::parse("h:1/web?until=forever")
+            .problem
+            .unwrap()
+            .contains("until=end"));
+        assert!(KafkaInput::parse("h:1/web?from=latest")
+            .problem
+            .unwrap()
+            .contains("unknown parameter `from=latest`"));
+    }
+}
