@@ -276,6 +276,8 @@ pub struct PartitionLines {
     /// partition's end.
     bounded: bool,
     ended: bool,
+    /// Whether messages of this partition may wait in the shared strays.
+    strays: bool,
     max_line_bytes: usize,
     /// For commits to the group: the checkpoints' points (with state).
     progress: Option<(Arc<Progress>, u32)>,
@@ -346,15 +348,18 @@ impl LineSource for PartitionLines {
         if self.reads % 4096 == 0 {
             self.commit();
         }
-        let stray = {
-            let mut shared = self.shared.borrow_mut();
-            shared
-                .strays
-                .get_mut(&self.partition)
-                .and_then(VecDeque::pop_front)
-        };
-        if let Some((offset, payload)) = stray {
-            return Ok(self.line(offset, payload));
+        if self.strays {
+            let stray = {
+                let mut shared = self.shared.borrow_mut();
+                shared
+                    .strays
+                    .get_mut(&self.partition)
+                    .and_then(VecDeque::pop_front)
+            };
+            match stray {
+                Some((offset, payload)) => return Ok(self.line(offset, payload)),
+                None => self.strays = false,
+            }
         }
         let polled: Option<Result<BorrowedMessage<'_>, KafkaError>> =
             self.queue.poll(Duration::ZERO);
@@ -400,6 +405,7 @@ impl LineSource for PartitionLines {
                     .get(&self.partition)
                     .is_some_and(|s| !s.is_empty())
                 {
+                    self.strays = true;
                     return self.next_line();
                 }
                 Ok(Next::Pending)
@@ -538,6 +544,7 @@ pub fn open_partitions(
             next,
             bounded: input.bounded,
             ended: empty,
+            strays: true,
             max_line_bytes,
             progress: progress.map(|p| (Arc::clone(p), source)),
             reads: 0,

@@ -880,10 +880,39 @@ impl Reader {
         status
     }
 
+    /// The control messages of this reader, stopped by a graceful
+    /// shutdown while its part's capability is at `capability`: that it
+    /// stopped, and where it is cut ([`Reader::cut_at`]).
+    fn stopped(&self, capability: Time, ctl: &mut Vec<Control>) {
+        ctl.push(Control::Stopped {
+            source: self.def.index,
+        });
+        if let Some(watermark) = self.cut_at(capability) {
+            ctl.push(Control::Cut {
+                source: self.def.index,
+                watermark,
+                live: self.lines.is_live(),
+            });
+        }
+    }
+
     /// Where a graceful shutdown cuts this reader, whose part's capability
     /// is at `capability`: the least time not committed (see
     /// [`Control::Cut`]), or `None` (a live input of a run without state:
     /// everything read is committed).
+    ///
+    /// A replay cut short: what it would still have produced starts at its
+    /// capability, so times before it are final and later ones are not
+    /// committed (see `Completion::observe_cut`). A live input of a run
+    /// with state (which a restart resumes): clients may still be sending
+    /// lines of the tick in progress (the wall clock's, or the newest
+    /// line's if earlier), so that tick is not committed. The next run
+    /// reads a followed file's lines (a Kafka partition's records) of it
+    /// again from the resume point, with those appended meanwhile; a
+    /// socket's clients send again from the cut on, and the lines of that
+    /// tick still unread in the socket when the run stopped are among them.
+    /// Without state, what was read is all there is, and all of it is
+    /// committed.
     fn cut_at(&self, capability: Time) -> Option<Time> {
         if !self.lines.is_live() {
             Some(capability)
@@ -1297,14 +1326,7 @@ pub fn source<'s>(
                             return;
                         }
                         Status::Cut => {
-                            ctl.push(Control::Stopped { source: def.index });
-                            if let Some(watermark) = reader.cut_at(*held[0].time()) {
-                                ctl.push(Control::Cut {
-                                    source: def.index,
-                                    watermark,
-                                    live: reader.lines.is_live(),
-                                });
-                            }
+                            reader.stopped(*held[0].time(), &mut ctl);
                             give(&mut control_out, &held[2], &mut ctl);
                             parts.remove(i);
                             continue;
@@ -1398,28 +1420,7 @@ pub fn source<'s>(
                     return;
                 }
                 if let Status::Cut = status {
-                    ctl.push(Control::Stopped { source: def.index });
-                    // A replay cut short: what it would still have produced
-                    // starts at its capability, so times before it are final
-                    // and later ones are not committed (see
-                    // `Completion::observe_cut`). A live input of a run
-                    // with state (which a restart resumes): clients may
-                    // still be sending lines of the tick in progress (the
-                    // wall clock's, or the newest line's if earlier), so
-                    // that tick is not committed. The next run reads a
-                    // followed file's lines of it again from the resume
-                    // point, with those appended meanwhile; a socket's
-                    // clients send again from the cut on, and the lines
-                    // of that tick still unread in the socket when the run
-                    // stopped are among them. Without state, what was read
-                    // is all there is, and all of it is committed.
-                    if let Some(watermark) = reader.cut_at(*held[0].time()) {
-                        ctl.push(Control::Cut {
-                            source: def.index,
-                            watermark,
-                            live: reader.lines.is_live(),
-                        });
-                    }
+                    reader.stopped(*held[0].time(), &mut ctl);
                     give(&mut control_out, &held[2], &mut ctl);
                     caps = None;
                     return;
