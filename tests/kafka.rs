@@ -367,6 +367,78 @@ fn a_bounded_topic_gives_the_diffs_of_its_files() {
     );
 }
 
+/// A bounded topic run to its end with a state directory, then run again
+/// after more records were produced to it: the second run ends with the
+/// diffs of one run over the whole topic (as a grown file's does), not
+/// with the new records dead-lettered as late.
+#[test]
+fn a_bounded_topic_that_grew_is_read_again_as_one_run_over_it() {
+    let d = generated(12_000, 5, None);
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker();
+    files_and_topics(
+        &b,
+        &Data {
+            web: Vec::new(),
+            ..d.clone()
+        },
+        dir.path(),
+        "g",
+    );
+    let (want, want_dead, _) = run_to_end(dir.path(), "whole", &{
+        std::fs::write(
+            dir.path().join("web.jsonl"),
+            d.web.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        inputs(dir.path(), None)
+    });
+    let half = d.web.len() / 2;
+    let web = |lines: &[String], from: usize| -> Vec<(i32, String)> {
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (((i + from) % 3) as i32, l.clone()))
+            .collect()
+    };
+    b.produce("g-web", &web(&d.web[..half], 0));
+    let kafka = inputs(dir.path(), Some((&b.addr, "g", "?until=end")));
+    let state = dir.path().join("grown.state");
+    let run = |name: &str| {
+        let mut args = kafka.clone();
+        args.extend(["--state-dir".to_string(), state.display().to_string()]);
+        let out = dir.path().join("grown.jsonl");
+        let dead = dir.path().join("grown.dead.jsonl");
+        let ran = Command::new(BIN)
+            .current_dir(dir.path())
+            .arg("run")
+            .arg(ECOMMERCE)
+            .args(&args)
+            .arg("--output")
+            .arg(&out)
+            .arg("--dead-letter")
+            .arg(&dead)
+            .output()
+            .unwrap();
+        assert!(
+            ran.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        (std::fs::read_to_string(&out).unwrap(), raw_dead(&dead))
+    };
+    run("first half");
+    b.produce("g-web", &web(&d.web[half..], half));
+    let (got, dead) = run("whole topic");
+    assert!(
+        got == want,
+        "the diffs differ from one run over the whole data ({} and {} lines)",
+        got.lines().count(),
+        want.lines().count()
+    );
+    assert_eq!(dead, want_dead, "dead letters");
+}
+
 /// A child `segflow run`, killed if the test ends (or fails) while it runs.
 struct Running(Option<Child>);
 
@@ -571,7 +643,9 @@ fn a_live_topic_killed_mid_way_and_restarted_writes_every_diff_once() {
 const LIVE_COUNTS: &str = r#"
 [engine]
 tick = "100ms"
-allowed_lateness = "1s"
+# A record is stamped before a new producer connects and sends it, which
+# takes seconds on a loaded test machine.
+allowed_lateness = "5s"
 idle_advance = "200ms"
 
 [sources.web]
@@ -632,12 +706,15 @@ fn an_idle_partition_does_not_hold_the_others_back() {
         b.create_topic(&topic, 3);
         let spec = live_definition(dir.path(), &format!("kafka://{}/{topic}", b.addr));
         let out = dir.path().join("out.jsonl");
+        let dead = dir.path().join("dead.jsonl");
         let run = Running::start(
             dir.path(),
             &[
                 spec.display().to_string(),
                 "--output".into(),
                 out.display().to_string(),
+                "--dead-letter".into(),
+                dead.display().to_string(),
                 "-w".into(),
                 workers.into(),
             ],
@@ -646,17 +723,20 @@ fn an_idle_partition_does_not_hold_the_others_back() {
         b.produce(&topic, &[(1, view("v1"))]);
         assert!(
             wait_for_line(&out, "anon:v1", 15),
-            "-w {workers}: v1's entry not written in 15 s"
+            "-w {workers}: v1's entry not written in 15 s; dead letters: {}",
+            std::fs::read_to_string(&dead).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_secs(2));
         b.produce(&topic, &[(2, view("v2")), (1, view("v3"))]);
         assert!(
             wait_for_line(&out, "anon:v2", 15),
-            "-w {workers}: v2's entry not written in 15 s"
+            "-w {workers}: v2's entry not written in 15 s; dead letters: {}",
+            std::fs::read_to_string(&dead).unwrap_or_default()
         );
         assert!(
             wait_for_line(&out, "anon:v3", 15),
-            "-w {workers}: v3's entry not written in 15 s"
+            "-w {workers}: v3's entry not written in 15 s; dead letters: {}",
+            std::fs::read_to_string(&dead).unwrap_or_default()
         );
         let ended = run.terminate();
         assert!(
@@ -740,6 +820,20 @@ fn unreadable_topics_are_refused_at_start() {
     );
     let err = run(&format!("kafka://{}/web?from=latest", b.addr), &[]);
     assert!(err.contains("unknown parameter `from=latest`"), "{err}");
+    // Reading and writing one topic.
+    let spec = live_definition(dir.path(), &format!("kafka://{}/loop", b.addr));
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .arg("run")
+        .arg(&spec)
+        .args(["--output", &format!("kafka://{}/loop", b.addr)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("read its own diffs back"),
+        "{err}"
+    );
     // A CSV source (CRM) on a topic.
     let spec = live_definition(dir.path(), &format!("kafka://{}/web", b.addr));
     let text = std::fs::read_to_string(&spec).unwrap()

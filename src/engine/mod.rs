@@ -840,6 +840,16 @@ impl Engine {
             if let Input::File { path, .. } = input {
                 files.push((format!("the input of source `{name}`"), path));
             }
+            // A topic that is both read and written would read its own
+            // diffs back (same brokers text and topic: the same topic).
+            if let (Input::Kafka(k), Some(Output::Kafka { brokers, topic })) = (input, &self.output)
+            {
+                if k.topic == *topic && k.brokers == *brokers {
+                    return Err(EngineError::OutputSetting(format!(
+                        "the segment output kafka://{brokers}/{topic} is the topic source `{name}` reads: the run would read its own diffs back; give the output another topic"
+                    )));
+                }
+            }
         }
         let mut outputs: Vec<(String, &Path)> = Vec::new();
         if let Some(Output::Path(p)) = &self.output {

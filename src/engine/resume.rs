@@ -367,7 +367,16 @@ fn restorable(
         .inputs
         .iter()
         .any(|(name, then)| !followed(name) && now.get(name).is_some_and(|m| m.len > then.len));
-    (processes == 1 && retained.cut > 0 && retained.sinks.is_some() && !grown)
+    // A bounded Kafka topic is replayed as a file is, and may have grown
+    // since as a file may; whether it did cannot be told reliably (some
+    // brokers list a stale end offset), so it is always read again from
+    // its start, as a grown file is: the outputs are kept up to where its
+    // partitions ended, and records appended since count as they would in
+    // one run over the whole topic.
+    let bounded_topic = inputs
+        .values()
+        .any(|i| matches!(i, Input::Kafka(k) if k.bounded));
+    (processes == 1 && retained.cut > 0 && retained.sinks.is_some() && !grown && !bounded_topic)
         .then(|| checkpoint.clone())
 }
 

@@ -34,8 +34,10 @@ pub fn topic_partitions<C: ClientContext>(
     match metadata.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
         Some(t) => Err(io::Error::other(format!(
-            "topic {topic} is not usable on the Kafka broker at {brokers} ({:?}): create it first, e.g. kafka-topics.sh --create --topic {topic} --bootstrap-server {brokers}",
-            t.error().map(RDKafkaErrorCode::from)
+            "topic {topic} is not usable on the Kafka broker at {brokers} ({}): create it first, e.g. kafka-topics.sh --create --topic {topic} --bootstrap-server {brokers}",
+            t.error()
+                .map(|e| RDKafkaErrorCode::from(e).to_string())
+                .unwrap_or_else(|| "it has no partitions".into())
         ))),
         None => Err(io::Error::other(format!(
             "topic {topic} does not exist on the Kafka broker at {brokers}: create it first"

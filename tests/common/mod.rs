@@ -5,6 +5,7 @@
 use std::path::Path;
 
 /// A generated data set, as lines.
+#[derive(Clone)]
 pub struct Generated {
     /// Web events (malformed lines included).
     pub web: Vec<String>,

@@ -73,9 +73,11 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -134,10 +136,14 @@ impl KafkaInput {
         }
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("group", g)) if !g.is_empty() => input.group = g.to_string(),
+                Some(("group", "")) => problems.push(
+                    "`group=` names no consumer group (group=NAME; the default is segflow)"
+                        .to_string(),
+                ),
+                Some(("group", g)) => input.group = g.to_string(),
                 Some(("until", "end")) => input.bounded = true,
                 Some(("until", other)) => problems.push(format!(
-                    "`until={other}`: the only end a Kafka source knows is `until=end` (the end offsets at the start)"
+                    "`until={other}`: the only end a Kafka source knows is `until=end` (each partition read until the reader catches up with its end)"
                 )),
                 _ => problems.push(format!(
                     "unknown parameter `{pair}` (known: group=NAME, until=end)"
@@ -156,9 +162,27 @@ impl KafkaInput {
     }
 }
 
+/// The consumer's context: librdkafka's own log lines and error events
+/// (reconnects, "all brokers down", end-of-partition notices) are debug
+/// output; the source judges the broker's health itself and ends the run
+/// with one clear reason ([`BROKER_TIMEOUT`]).
+pub struct Quiet;
+
+impl ClientContext for Quiet {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!("librdkafka {level:?} {fac}: {log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!("librdkafka: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
 /// One worker's consumer of a topic, shared by its partitions' readers.
 struct Shared {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<BaseConsumer<Quiet>>,
     input: KafkaInput,
     /// Messages that reached the consumer's main queue before their
     /// partition's queue was split off (read before that queue's).
@@ -200,6 +224,8 @@ impl Shared {
                         .or_default()
                         .push_back((m.offset(), payload));
                 }
+                // The end of a partition: the broker answers.
+                Err(KafkaError::PartitionEOF(_)) => self.healthy(),
                 Err(e) => {
                     tracing::debug!("{}: {e}", self.input.describe());
                     self.trouble(&e);
@@ -268,7 +294,7 @@ impl Shared {
 /// The records of one partition, as lines.
 pub struct PartitionLines {
     shared: Rc<RefCell<Shared>>,
-    queue: PartitionQueue<DefaultConsumerContext>,
+    queue: PartitionQueue<Quiet>,
     partition: i32,
     /// The offset of the next record.
     next: i64,
@@ -455,7 +481,7 @@ pub fn open_partitions(
         return Err(io::Error::other(problem.clone()));
     }
     let label = input.describe();
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<Quiet> = ClientConfig::new()
         .set("bootstrap.servers", &input.brokers)
         .set("group.id", &input.group)
         .set("client.id", format!("segflow-{name}"))
@@ -469,10 +495,27 @@ pub fn open_partitions(
         // Per partition (each has its own queue): the prefetch held in
         // memory.
         .set("queued.max.messages.kbytes", "16384")
-        .create()
+        // A broker that hangs (accepts, never answers) is reported after
+        // this, not librdkafka's default minute.
+        .set("socket.timeout.ms", "10000")
+        .create_with_context(Quiet)
         .map_err(|e| io::Error::other(format!("{label}: {e}")))?;
     let partitions =
         crate::io::kafka::topic_partitions(consumer.client(), &input.brokers, &input.topic)?;
+    // A checkpoint that read partitions the topic no longer has was taken
+    // on another topic (deleted and created again, with fewer partitions):
+    // its points mean nothing here.
+    if let Some(missing) = resume.and_then(|r| r.points.get(name)).and_then(|points| {
+        points
+            .iter()
+            .map(|p| p.start)
+            .find(|&p| p >= partitions as u64)
+    }) {
+        return Err(io::Error::other(format!(
+            "the checkpoint read partition {missing} of topic {}, which has {partitions} partition(s) now at {}: it is not the topic the checkpoint was taken on (deleted and created again?); run with --reset to start over",
+            input.topic, input.brokers
+        )));
+    }
     let owner = source as usize % peers;
     let mine: Vec<i32> = (0..partitions)
         .filter(|p| (owner + p) % peers == index)
