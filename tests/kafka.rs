@@ -853,4 +853,11 @@ fn unreadable_topics_are_refused_at_start() {
         !out.status.success() && err.contains("not a CSV row"),
         "{err}"
     );
+    // `segflow check` says so too, with where.
+    let out = Command::new(BIN).arg("check").arg(&spec).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a CSV row") && err.contains("live.toml:"),
+        "{err}"
+    );
 }

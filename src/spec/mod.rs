@@ -1112,6 +1112,14 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
         };
         let location = r.path.as_ref().map(|p| p.get_ref().clone());
         if let Some(p) = &r.path {
+            if p.get_ref().starts_with("kafka://") && format == Format::Csv {
+                return Err(cx.err(
+                    p.span().start,
+                    format!(
+                        "source `{name}` is CSV, and reads a Kafka topic: a record of a topic is not a CSV row with a header; send JSON lines (format = \"jsonl\") to the topic"
+                    ),
+                ));
+            }
             if p.get_ref().starts_with("http://") && format != Format::Segment {
                 return Err(cx.err(
                     p.span().start,
@@ -1131,7 +1139,7 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
                     return Err(cx.err(
                         u.span().start,
                         format!(
-                            "unknown `until` value `{}`; expected \"disconnect\"",
+                            "unknown `until` value `{}`; expected \"disconnect\" (tcp sources; a Kafka source ends with `?until=end` in its path)",
                             u.get_ref()
                         ),
                     ));

@@ -1,5 +1,11 @@
 //! Sources: files (JSON lines, Segment messages, CSV for CRM, optionally
-//! followed), TCP listeners and in-memory lines.
+//! followed), TCP listeners, the HTTP collection endpoint, Kafka topics and
+//! in-memory lines.
+//!
+//! A Kafka topic's partitions are spread over all workers as a file's
+//! ranges are, each with its own clock, but a worker reads all of its
+//! partitions at once (they may be live) and holds its capability at their
+//! least watermark (see [`kafka`]).
 //!
 //! A file of lines (JSON or Segment; not followed) is cut into [`FileRange`]s at line
 //! boundaries (`[engine] file_range_bytes`; the cut depends on the file and
