@@ -7,6 +7,7 @@
 //! column.
 
 pub mod expr;
+pub mod location;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -1112,6 +1113,16 @@ fn sources(cx: &Cx<'_>, raw: Option<Named<RawSource>>) -> Result<Vec<SourceSpec>
         };
         let location = r.path.as_ref().map(|p| p.get_ref().clone());
         if let Some(p) = &r.path {
+            if let Some(problem) = p
+                .get_ref()
+                .strip_prefix("kafka://")
+                .and_then(|rest| location::KafkaInput::parse(rest).problem)
+            {
+                return Err(cx.err(
+                    p.span().start,
+                    format!("source `{name}` reads a Kafka topic, and its path is not one segflow can read: {problem}"),
+                ));
+            }
             if p.get_ref().starts_with("kafka://") && format == Format::Csv {
                 return Err(cx.err(
                     p.span().start,

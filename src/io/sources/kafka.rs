@@ -92,75 +92,7 @@ pub use crate::io::kafka::CONNECT_TIMEOUT;
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often, at most, offsets are committed to the group.
 const COMMIT_EVERY: Duration = Duration::from_secs(1);
-/// The consumer group offsets are committed to without `group=`.
-pub const DEFAULT_GROUP: &str = "segflow";
-
-/// A Kafka input, as given: `kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=NAME&until=end]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KafkaInput {
-    /// `host:port[,host:port]`.
-    pub brokers: String,
-    /// The topic.
-    pub topic: String,
-    /// The consumer group offsets are committed to.
-    pub group: String,
-    /// `until=end`: read each partition to the end offset it had at the
-    /// start, then end.
-    pub bounded: bool,
-    /// What is wrong with the location, if anything (refused when the run
-    /// starts, with this reason).
-    pub problem: Option<String>,
-}
-
-impl KafkaInput {
-    /// Parses what follows `kafka://`.
-    pub fn parse(rest: &str) -> KafkaInput {
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (brokers, topic) = path.split_once('/').unwrap_or((path, ""));
-        let mut input = KafkaInput {
-            brokers: brokers.to_string(),
-            topic: topic.trim_end_matches('/').to_string(),
-            group: DEFAULT_GROUP.to_string(),
-            bounded: false,
-            problem: None,
-        };
-        let mut problems = Vec::new();
-        if input.brokers.is_empty() {
-            problems.push("it names no broker (kafka://HOST:PORT/TOPIC)".to_string());
-        }
-        if input.topic.is_empty() || input.topic.contains('/') {
-            problems.push(format!(
-                "`{}` is not a topic name (kafka://HOST:PORT/TOPIC)",
-                input.topic
-            ));
-        }
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("group", "")) => problems.push(
-                    "`group=` names no consumer group (group=NAME; the default is segflow)"
-                        .to_string(),
-                ),
-                Some(("group", g)) => input.group = g.to_string(),
-                Some(("until", "end")) => input.bounded = true,
-                Some(("until", other)) => problems.push(format!(
-                    "`until={other}`: the only end a Kafka source knows is `until=end` (each partition read until the reader catches up with its end)"
-                )),
-                _ => problems.push(format!(
-                    "unknown parameter `{pair}` (known: group=NAME, until=end)"
-                )),
-            }
-        }
-        if !problems.is_empty() {
-            input.problem = Some(problems.join("; "));
-        }
-        input
-    }
-
-    /// `kafka://HOST:PORT/TOPIC`, how the input is named.
-    pub fn describe(&self) -> String {
-        format!("kafka://{}/{}", self.brokers, self.topic)
-    }
-}
+pub use crate::spec::location::{KafkaInput, DEFAULT_GROUP};
 
 /// The consumer's context: librdkafka's own log lines and error events
 /// (reconnects, "all brokers down", end-of-partition notices) are debug
@@ -304,6 +236,9 @@ pub struct PartitionLines {
     ended: bool,
     /// Whether messages of this partition may wait in the shared strays.
     strays: bool,
+    /// Whether the reader is at the partition's end (see
+    /// [`LineSource::may_idle`]).
+    caught_up: bool,
     max_line_bytes: usize,
     /// For commits to the group: the checkpoints' points (with state).
     progress: Option<(Arc<Progress>, u32)>,
@@ -318,6 +253,7 @@ impl PartitionLines {
 
     fn line(&mut self, offset: i64, payload: Option<Vec<u8>>) -> Next {
         self.next = offset + 1;
+        self.caught_up = false;
         let bytes = payload.unwrap_or_default();
         let (line, offset) = (offset as u64 + 1, offset as u64);
         if bytes.len() > self.max_line_bytes {
@@ -399,6 +335,7 @@ impl LineSource for PartitionLines {
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {
                 self.shared.borrow_mut().healthy();
+                self.caught_up = true;
                 if self.bounded {
                     // Caught up with the partition's end.
                     self.ended = true;
@@ -449,6 +386,13 @@ impl LineSource for PartitionLines {
 
     fn wakes_on_input(&self) -> bool {
         true
+    }
+
+    /// Only once the partition has caught up with its end (the broker's
+    /// end-of-partition notice since the last record): a partition with a
+    /// backlog whose next records are still being fetched is not idle.
+    fn may_idle(&self) -> bool {
+        self.caught_up
     }
 
     fn resume_at(&self) -> Option<(u64, u64)> {
@@ -544,8 +488,9 @@ pub fn open_partitions(
         let next = point.map_or(low, |pt| pt.offset as i64);
         tpl.add_partition_offset(&input.topic, p, Offset::Offset(next))
             .map_err(|e| io::Error::other(format!("{label}: {e}")))?;
-        // An empty partition of a bounded source has nothing to read.
-        plan.push((p, next, input.bounded && high <= low));
+        // At the end the broker lists (an empty partition, or a resumed
+        // one read to it): nothing to read, unless more comes.
+        plan.push((p, next, high <= next, high <= low));
     }
     consumer
         .assign(&tpl)
@@ -553,7 +498,7 @@ pub fn open_partitions(
     let consumer = Arc::new(consumer);
     let waker = Arc::new(Mutex::new(waker));
     let mut queues = Vec::new();
-    for &(p, _, _) in &plan {
+    for &(p, ..) in &plan {
         let mut queue = consumer
             .split_partition_queue(&input.topic, p)
             .ok_or_else(|| io::Error::other(format!("{label}: no queue for partition {p}")))?;
@@ -580,48 +525,19 @@ pub fn open_partitions(
     Ok(plan
         .into_iter()
         .zip(queues)
-        .map(|((partition, next, empty), queue)| PartitionLines {
+        .map(|((partition, next, at_end, empty), queue)| PartitionLines {
             shared: Rc::clone(&shared),
             queue,
             partition,
             next,
             bounded: input.bounded,
-            ended: empty,
+            // An empty partition of a bounded source has nothing to read.
+            ended: input.bounded && empty,
             strays: true,
+            caught_up: at_end,
             max_line_bytes,
             progress: progress.map(|p| (Arc::clone(p), source)),
             reads: 0,
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Locations: brokers, topic, group, bound; what is wrong is said.
-    #[test]
-    fn locations_parse_and_say_what_is_wrong() {
-        let k = KafkaInput::parse("127.0.0.1:9092,h2:9093/web?group=g1&until=end");
-        assert_eq!(
-            (k.brokers.as_str(), k.topic.as_str(), k.group.as_str()),
-            ("127.0.0.1:9092,h2:9093", "web", "g1")
-        );
-        assert!(k.bounded && k.problem.is_none());
-        let k = KafkaInput::parse("h:1/web");
-        assert_eq!((k.group.as_str(), k.bounded), (DEFAULT_GROUP, false));
-        assert!(KafkaInput::parse("h:1").problem.unwrap().contains("topic"));
-        assert!(KafkaInput::parse("/web")
-            .problem
-            .unwrap()
-            .contains("broker"));
-        assert!(KafkaInput::parse("h:1/web?until=forever")
-            .problem
-            .unwrap()
-            .contains("until=end"));
-        assert!(KafkaInput::parse("h:1/web?from=latest")
-            .problem
-            .unwrap()
-            .contains("unknown parameter `from=latest`"));
-    }
 }

@@ -84,6 +84,14 @@ pub trait LineSource {
     fn wakes_on_input(&self) -> bool {
         false
     }
+    /// Whether nothing to read now means nothing was sent: a live source
+    /// whose input is behind (a Kafka partition not yet caught up with its
+    /// end, its next records on their way from the broker) must not go
+    /// idle, or its watermark would follow the wall clock past records
+    /// still to come.
+    fn may_idle(&self) -> bool {
+        true
+    }
     /// Whether records may be appended to what was read (a followed file,
     /// a Kafka partition): a resumed reader judges those appended after
     /// the checkpointed run read as that run would have (see

@@ -854,7 +854,7 @@ impl Reader {
         for peer in self.lines.take_closed() {
             self.headers.remove(&peer);
         }
-        if matches!(status, Status::Idle) {
+        if matches!(status, Status::Idle) && self.lines.may_idle() {
             self.clock.idle(now_ms);
         }
         let (lines, records, dead, late, held) = std::mem::take(&mut self.stats);
