@@ -403,33 +403,10 @@ fn a_bounded_topic_that_grew_is_read_again_as_one_run_over_it() {
     };
     b.produce("g-web", &web(&d.web[..half], 0));
     let kafka = inputs(dir.path(), Some((&b.addr, "g", "?until=end")));
-    let state = dir.path().join("grown.state");
-    let run = |name: &str| {
-        let mut args = kafka.clone();
-        args.extend(["--state-dir".to_string(), state.display().to_string()]);
-        let out = dir.path().join("grown.jsonl");
-        let dead = dir.path().join("grown.dead.jsonl");
-        let ran = Command::new(BIN)
-            .current_dir(dir.path())
-            .arg("run")
-            .arg(ECOMMERCE)
-            .args(&args)
-            .arg("--output")
-            .arg(&out)
-            .arg("--dead-letter")
-            .arg(&dead)
-            .output()
-            .unwrap();
-        assert!(
-            ran.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&ran.stderr)
-        );
-        (std::fs::read_to_string(&out).unwrap(), raw_dead(&dead))
-    };
-    run("first half");
+    // Both runs write grown.jsonl, with the state directory grown.state.
+    run_to_end(dir.path(), "grown", &kafka);
     b.produce("g-web", &web(&d.web[half..], half));
-    let (got, dead) = run("whole topic");
+    let (got, dead, _) = run_to_end(dir.path(), "grown", &kafka);
     assert!(
         got == want,
         "the diffs differ from one run over the whole data ({} and {} lines)",
