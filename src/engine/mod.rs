@@ -841,12 +841,15 @@ impl Engine {
                 files.push((format!("the input of source `{name}`"), path));
             }
             // A topic that is both read and written would read its own
-            // diffs back (same brokers text and topic: the same topic).
+            // diffs back. Broker addresses have many spellings (localhost,
+            // 127.0.0.1, a list), so a topic name shared by the input and
+            // the output is refused whatever the brokers.
             if let (Input::Kafka(k), Some(Output::Kafka { brokers, topic })) = (input, &self.output)
             {
-                if k.topic == *topic && k.brokers == *brokers {
+                if k.topic == *topic {
                     return Err(EngineError::OutputSetting(format!(
-                        "the segment output kafka://{brokers}/{topic} is the topic source `{name}` reads: the run would read its own diffs back; give the output another topic"
+                        "the segment output kafka://{brokers}/{topic} has the name of the topic source `{name}` reads ({}): if it is the same topic, the run would read its own diffs back; give the output another topic",
+                        k.describe()
                     )));
                 }
             }
