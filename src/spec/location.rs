@@ -39,17 +39,31 @@ impl KafkaInput {
         if input.brokers.is_empty() {
             problems.push("it names no broker (kafka://HOST:PORT/TOPIC)".to_string());
         }
-        if input.topic.is_empty() || input.topic.contains('/') {
+        // Kafka's own rule for topic names: 1 to 249 of [a-zA-Z0-9._-],
+        // not `.` or `..`.
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        let topic = &input.topic;
+        if topic.is_empty()
+            || topic.len() > 249
+            || !topic.chars().all(legal)
+            || topic == "."
+            || topic == ".."
+        {
             problems.push(format!(
-                "`{}` is not a topic name (kafka://HOST:PORT/TOPIC)",
-                input.topic
+                "`{topic}` is not a topic name (kafka://HOST:PORT/TOPIC; 1 to 249 letters, digits, `.`, `_` or `-`)"
             ));
         }
-        for broker in input.brokers.split(',').filter(|b| !b.is_empty()) {
-            let port = broker.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
-            if !matches!(port, Some(Ok(p)) if p > 0) {
+        for broker in input
+            .brokers
+            .split(',')
+            .filter(|_| !input.brokers.is_empty())
+        {
+            let port = broker
+                .rsplit_once(':')
+                .map(|(host, p)| (host, p.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if p > 0 && !host.is_empty()) {
                 problems.push(format!(
-                    "broker `{broker}` is not HOST:PORT with a port from 1 to 65535"
+                    "broker `{broker}` is not HOST:PORT (a host, and a port from 1 to 65535)"
                 ));
             }
         }
@@ -115,7 +129,14 @@ mod tests {
             .problem
             .unwrap()
             .contains("unknown parameter `from=latest`"));
-        for bad in ["h/web", "h:notaport/web", "h:99999/web", "h:0/web"] {
+        for bad in [
+            "h/web",
+            "h:notaport/web",
+            "h:99999/web",
+            "h:0/web",
+            ":1/web",
+            "h:1,/web",
+        ] {
             assert!(
                 KafkaInput::parse(bad)
                     .problem
@@ -124,6 +145,16 @@ mod tests {
                 "{bad}"
             );
         }
+        for bad in ["h:1/we b", "h:1/..", "h:1/wéb"] {
+            assert!(
+                KafkaInput::parse(bad)
+                    .problem
+                    .unwrap()
+                    .contains("not a topic name"),
+                "{bad}"
+            );
+        }
+        assert!(KafkaInput::parse("h:1/web.events_v-2").problem.is_none());
         assert!(KafkaInput::parse("h:1/web?group=a&group=b")
             .problem
             .unwrap()
