@@ -650,17 +650,10 @@ filter = 'event == "view_item"'
 when = "views_total >= 1"
 "#;
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 fn view(anon: &str) -> String {
     format!(
         "{{\"event\":\"view_item\",\"ts\":{},\"anonymous_id\":\"{anon}\"}}",
-        wall_ms()
+        segflow::time::wall_clock_ms()
     )
 }
 
