@@ -24,6 +24,8 @@
 //! - [`dataflow`]: identity resolution, traits, profiles, segments;
 //! - [`io::sinks`]: the commit stage writing complete timestamps in order;
 //! - [`store`]: RocksDB column families and lookups;
+//! - [`serve`]: the HTTP API of a running engine (profiles, segments,
+//!   content decisions, the diff stream);
 //! - [`generate`]: a seeded, realistic e-commerce data set;
 //! - [`mod@bench`]: `segflow bench`, named jobs measured end to end.
 //!
@@ -64,6 +66,7 @@ pub mod fault;
 pub mod generate;
 pub mod io;
 pub mod model;
+pub mod serve;
 pub mod spec;
 pub mod store;
 pub mod time;

@@ -133,6 +133,17 @@ struct RunArgs {
     /// other (e.g. "30s", "2m") before the run fails naming the silent peers.
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     connect_timeout: String,
+    /// Serve the HTTP API while the run goes on (profiles, segments and
+    /// members, content decisions, the diff stream), on HOST:PORT
+    /// (127.0.0.1:8080 if no address is given). A replay keeps serving its
+    /// final state after its inputs end, until SIGTERM or Ctrl-C. Every
+    /// endpoint but /healthz needs the bearer token: SEGFLOW_API_TOKEN,
+    /// --http-token-file, or one generated and printed at start.
+    #[arg(long, value_name = "HOST:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    http: Option<String>,
+    /// The API's bearer token: the first line of FILE.
+    #[arg(long, value_name = "FILE", requires = "http")]
+    http_token_file: Option<PathBuf>,
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -465,7 +476,41 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "{workers} workers per process is more than the {MAX_WORKERS} segflow allows (each is a thread with its own buffers); use at most the number of cores"
     );
     let config = timely_config(&args, workers)?;
+    let served = match &args.http {
+        None => None,
+        Some(addr) => {
+            anyhow::ensure!(
+                args.processes == 1,
+                "--http serves one process's run; this cluster has {} processes, whose profiles are in each process's part of the state. Serve a run of one process (-w N for more workers), or read the state after the run with `segflow query`",
+                args.processes
+            );
+            let (token, origin) =
+                segflow::serve::api_token(args.http_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+            let live = segflow::serve::Live::new(Arc::new(spec.clone()));
+            let config = segflow::serve::ServeConfig {
+                addr: addr.clone(),
+                token: token.clone(),
+            };
+            let server = segflow::serve::Server::start(&config, Arc::clone(&live))?;
+            let at = server.local_addr();
+            if !at.ip().is_loopback() {
+                tracing::warn!(
+                    "the API listens on {at}, which is not a loopback address: anyone who can reach it and holds the token can read profiles"
+                );
+            }
+            match origin {
+                segflow::serve::TokenOrigin::Generated => eprintln!(
+                    "segflow: serving the API on http://{at} (bearer token, generated for this run: {token}; set SEGFLOW_API_TOKEN or --http-token-file to choose it)"
+                ),
+                _ => eprintln!("segflow: serving the API on http://{at}"),
+            }
+            Some((server, live))
+        }
+    };
     let mut engine = Engine::new(spec);
+    if let Some((_, live)) = &served {
+        engine = engine.serve(Arc::clone(live));
+    }
     for item in &args.inputs {
         let (name, location) = item.split_once('=').ok_or_else(|| {
             anyhow::anyhow!(
@@ -493,7 +538,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
         .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;
     let engine = engine
-        .shutdown_on(shutdown)
+        .shutdown_on(Arc::clone(&shutdown))
         .connect_timeout(std::time::Duration::from_millis(connect_timeout));
     let summary = match engine.run(config) {
         Ok(summary) => summary,
@@ -503,6 +548,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if args.process == 0 {
         print_summary(&summary, to_stderr, args.json);
+    }
+    if let Some((server, _)) = served {
+        if !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!(
+                "segflow: the run has ended; serving its final state on http://{} until SIGTERM or Ctrl-C",
+                server.local_addr()
+            );
+            while !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        drop(server);
     }
     Ok(())
 }

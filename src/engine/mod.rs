@@ -493,6 +493,7 @@ pub struct Engine {
     connect_timeout: std::time::Duration,
     reset: bool,
     definition_file: Option<PathBuf>,
+    live: Option<Arc<crate::serve::Live>>,
 }
 
 impl Engine {
@@ -520,6 +521,7 @@ impl Engine {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             reset: false,
             definition_file: None,
+            live: None,
         }
     }
 
@@ -612,6 +614,16 @@ impl Engine {
     /// not watch: its processes would apply an edit at different times.
     pub fn definition_file(mut self, path: impl Into<PathBuf>) -> Engine {
         self.definition_file = Some(path.into());
+        self
+    }
+
+    /// Feeds `live` for serving (see [`crate::serve`]): the committed
+    /// segment diffs, the clocks and counters, and the state directory's
+    /// part of process 0 for profile lookups. A cluster of several
+    /// processes is refused at [`Engine::run`]: the profiles the other
+    /// processes own are in their parts of the state.
+    pub fn serve(mut self, live: Arc<crate::serve::Live>) -> Engine {
+        self.live = Some(live);
         self
     }
 
@@ -1105,6 +1117,7 @@ impl Engine {
                 resume_clamped: None,
                 identities: self.output_identities(),
                 webhook_failures,
+                live: None,
             },
             to_empty,
         ))
@@ -1150,6 +1163,11 @@ impl Engine {
             timely::CommunicationConfig::Process(threads) => (0, 1, *threads),
             _ => (0, 1, 1),
         };
+        if self.live.is_some() && processes > 1 {
+            return Err(EngineError::OutputSetting(format!(
+                "--http serves one process's run; this cluster has {processes} processes, whose profiles are in each process's part of the state. Serve a run of one process (-w N for more workers), or read the state after the run with `segflow query`"
+            )));
+        }
         // Inputs are checked, this process's part of the state directory
         // locked and emptied (first: a second run on the same directory
         // destroys nothing) and, on process 0, the outputs opened, all
@@ -1269,8 +1287,20 @@ impl Engine {
             fingerprint_parts: resume::fingerprint_parts(&self.spec),
             inputs: marks,
         };
-        let (outputs, state, restored) =
+        let (mut outputs, state, restored) =
             start(outputs, state, resume, origin, workers, processes, progress)?;
+        if let (Some(live), Some(outputs)) = (&self.live, outputs.as_mut()) {
+            // Process 0 serves: its outputs' diffs, and its part of the
+            // state (the whole state of a single process).
+            match &state {
+                Some(state) => {
+                    let (store, readable) = state.readable();
+                    live.attach_state(store, readable);
+                }
+                None => live.without_state(),
+            }
+            outputs.live = Some(Arc::clone(live));
+        }
         if let Some(r) = &restored {
             tell_socket_clients(&self.inputs, r.cut, params.time.restored_socket_wait_ms());
         }
@@ -1316,6 +1346,7 @@ impl Engine {
                     self.spec.clone(),
                     text,
                     std::time::Duration::from_millis(500),
+                    self.live.clone(),
                 )),
                 Err(e) => {
                     tracing::warn!(

@@ -19,8 +19,17 @@ struct Watched {
 }
 
 /// A [`Reload`] watching `path`, whose definition `running` (read from
-/// `text`) the run started with. The file is looked at every `every`.
-pub fn watch(path: PathBuf, running: Spec, text: String, every: Duration) -> Reload {
+/// `text`) the run started with. The file is looked at every `every`. A
+/// run that serves its API (`live`) also takes edits of content slots
+/// and segment descriptions (they change no result): the API answers with
+/// them from the next request.
+pub fn watch(
+    path: PathBuf,
+    running: Spec,
+    text: String,
+    every: Duration,
+    live: Option<Arc<crate::serve::Live>>,
+) -> Reload {
     let watched = Mutex::new(Watched {
         applied: running,
         seen: text,
@@ -85,7 +94,28 @@ pub fn watch(path: PathBuf, running: Spec, text: String, every: Duration) -> Rel
             );
             return None;
         }
+        if let Some(live) = &live {
+            let described = |spec: &Spec| -> Vec<(String, Option<String>)> {
+                spec.segments
+                    .iter()
+                    .map(|s| (s.name.clone(), s.description.clone()))
+                    .collect()
+            };
+            if new.content != w.applied.content || described(&new) != described(&w.applied) {
+                live.set_spec(Arc::new(new.clone()));
+                if new.content != w.applied.content {
+                    let names: Vec<&str> = new.content.iter().map(|c| c.name.as_str()).collect();
+                    tracing::warn!(
+                        "{label} changed its content slots: the API decides with them from now on (slots: {})",
+                        names.join(", ")
+                    );
+                }
+            }
+        }
         if ours.get("segments") == theirs.get("segments") {
+            if live.is_some() {
+                w.applied = new;
+            }
             return None;
         }
         let names =

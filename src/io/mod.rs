@@ -75,6 +75,10 @@ pub enum Control {
         source: u32,
         /// Tick in milliseconds.
         tick: u64,
+        /// The largest tick of a record the source admitted (not moved by
+        /// an idle live source's watermark), ms; what the API calls
+        /// `read_until` (see [`crate::serve`]).
+        admitted: Option<u64>,
     },
     /// A graceful shutdown ended a source before its input ended, at this
     /// watermark: only earlier times are committed. For a replayed source

@@ -6,6 +6,7 @@
 //! [`SpecError`] pointing at the offending value with a 1-based line and
 //! column.
 
+pub mod content;
 pub mod expr;
 pub mod location;
 
@@ -471,6 +472,9 @@ pub struct Spec {
     pub traits: Vec<TraitSpec>,
     /// Segments, in file order.
     pub segments: Vec<SegmentSpec>,
+    /// Content slots (`[content.SLOT]`), in file order: what
+    /// `/v1/decide` chooses from (see [`content`]).
+    pub content: Vec<content::ContentSlot>,
 }
 
 impl Spec {
@@ -581,6 +585,7 @@ struct RawFile {
     output: Option<RawOutput>,
     traits: Option<Named<RawTrait>>,
     segments: Option<Named<RawSegment>>,
+    content: Option<Named<content::RawSlot>>,
 }
 
 #[derive(Deserialize)]
@@ -849,6 +854,7 @@ pub fn parse_spec(text: &str, file: &str) -> Result<Spec, SpecError> {
     };
     let traits = traits(&cx, raw.traits, &identity)?;
     let segments = segments(&cx, raw.segments, &traits)?;
+    let content = content::slots(&cx, raw.content, &traits, &segments)?;
 
     Ok(Spec {
         file: file.to_string(),
@@ -858,6 +864,7 @@ pub fn parse_spec(text: &str, file: &str) -> Result<Spec, SpecError> {
         output,
         traits,
         segments,
+        content,
     })
 }
 
@@ -1633,15 +1640,6 @@ fn segments(
         ));
     }
     let segment_names: Vec<String> = entries.iter().map(|(k, _)| k.get_ref().clone()).collect();
-    let declared = if traits.is_empty() {
-        "(none)".to_string()
-    } else {
-        traits
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let mut out = Vec::new();
     // For each segment, the segments its condition reads, with where
     // (the TOML string's start and the path's offset inside it).
@@ -1669,61 +1667,7 @@ fn segments(
             ));
         };
         let when = parse_in_file(cx, w)?;
-        let mut read = Vec::new();
-        for (p, span) in when.paths() {
-            // Where the path is in the file, worked out only for an error
-            // (it walks the string from its start).
-            let at = || cx.string_offset(w.span().start, span.start);
-            let t = traits.iter().find(|t| t.name == p[0]);
-            if p[0] == "attributes" {
-                if p.len() != 2 {
-                    return Err(cx.err(at(), "`attributes` needs one field, e.g. attributes.tier"));
-                }
-            } else if let Some(s) = segment_names.iter().position(|s| *s == p[0]) {
-                if p.len() != 1 {
-                    return Err(cx.err(
-                        at(),
-                        format!("`{}` is a segment (true or false) and has no fields", p[0]),
-                    ));
-                }
-                read.push((s, w.span().start, span.start));
-            } else if let Some(t) = t {
-                let ok = match p.len() {
-                    1 => true,
-                    2 => t.aggregate == Aggregate::MostFrequent && p[1] == "count",
-                    _ => false,
-                };
-                if !ok {
-                    return Err(cx.err(
-                        at(),
-                        format!(
-                            "`{}`: a trait has no fields{}",
-                            p.join("."),
-                            if t.aggregate == Aggregate::MostFrequent {
-                                format!(" but `{}.count` (how often its value occurs)", t.name)
-                            } else {
-                                String::new()
-                            }
-                        ),
-                    ));
-                }
-            } else {
-                let known = traits
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .chain(segment_names.iter().map(String::as_str))
-                    .chain(["attributes"]);
-                let segments_declared = segment_names.join(", ");
-                return Err(cx.err(
-                    at(),
-                    format!(
-                        "unknown trait or segment `{}`{}; declared traits: {declared}; segments: {segments_declared}",
-                        p.join("."),
-                        did_you_mean(&p[0], known)
-                    ),
-                ));
-            }
-        }
+        let read = condition_reads(cx, w, &when, traits, &segment_names)?;
         check_recency_use(cx, w, &when, traits)?;
         let min_dwell_ms = match &r.min_dwell {
             None => None,
@@ -1779,6 +1723,85 @@ fn segments(
         }
     }
     Ok(out)
+}
+
+/// Checks that every path of `when` (the condition in the file's string
+/// `w`) names a trait (or a most frequent value's `.count`), one of
+/// `segment_names` or `attributes.FIELD`, with a "did you mean" hint
+/// otherwise; returns the segments it reads, each as (segment index, the
+/// string's start, the path's offset inside it).
+fn condition_reads(
+    cx: &Cx<'_>,
+    w: &Spanned<String>,
+    when: &Expr,
+    traits: &[TraitSpec],
+    segment_names: &[String],
+) -> Result<Vec<(usize, usize, usize)>, SpecError> {
+    let declared = if traits.is_empty() {
+        "(none)".to_string()
+    } else {
+        traits
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut read = Vec::new();
+    for (p, span) in when.paths() {
+        // Where the path is in the file, worked out only for an error
+        // (it walks the string from its start).
+        let at = || cx.string_offset(w.span().start, span.start);
+        let t = traits.iter().find(|t| t.name == p[0]);
+        if p[0] == "attributes" {
+            if p.len() != 2 {
+                return Err(cx.err(at(), "`attributes` needs one field, e.g. attributes.tier"));
+            }
+        } else if let Some(s) = segment_names.iter().position(|s| *s == p[0]) {
+            if p.len() != 1 {
+                return Err(cx.err(
+                    at(),
+                    format!("`{}` is a segment (true or false) and has no fields", p[0]),
+                ));
+            }
+            read.push((s, w.span().start, span.start));
+        } else if let Some(t) = t {
+            let ok = match p.len() {
+                1 => true,
+                2 => t.aggregate == Aggregate::MostFrequent && p[1] == "count",
+                _ => false,
+            };
+            if !ok {
+                return Err(cx.err(
+                    at(),
+                    format!(
+                        "`{}`: a trait has no fields{}",
+                        p.join("."),
+                        if t.aggregate == Aggregate::MostFrequent {
+                            format!(" but `{}.count` (how often its value occurs)", t.name)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
+        } else {
+            let known = traits
+                .iter()
+                .map(|t| t.name.as_str())
+                .chain(segment_names.iter().map(String::as_str))
+                .chain(["attributes"]);
+            let segments_declared = segment_names.join(", ");
+            return Err(cx.err(
+                at(),
+                format!(
+                    "unknown trait or segment `{}`{}; declared traits: {declared}; segments: {segments_declared}",
+                    p.join("."),
+                    did_you_mean(&p[0], known)
+                ),
+            ));
+        }
+    }
+    Ok(read)
 }
 
 /// A recency trait (`since_first`, `since_last`) changes with time alone,

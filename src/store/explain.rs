@@ -229,6 +229,29 @@ impl Values<'_> {
     }
 }
 
+/// The value of condition `e` for the profile of `view` as the state
+/// holds it (recencies measured at the state's time, `now`: `None` takes
+/// the checkpoint's), and each path it read with its value, in the
+/// condition's order, each once. Missing traits read as conditions do
+/// (counts and sums 0, others null); segments are true or false.
+pub fn evaluate(
+    spec: &Spec,
+    view: &ProfileView,
+    e: &Expr,
+    now: Option<u64>,
+) -> (bool, Vec<(String, serde_json::Value)>) {
+    let now = now.or_else(|| view.as_of.as_ref().map(|c| c.time));
+    let values = Values { spec, view, now };
+    let mut read: Vec<(String, serde_json::Value)> = Vec::new();
+    for (p, _) in e.paths() {
+        let name = p.join(".");
+        if !read.iter().any(|(n, _)| *n == name) {
+            read.push((name, values.lookup(p).to_json()));
+        }
+    }
+    (values.eval(e).truthy(), read)
+}
+
 /// Writes `e`, its value and, for a comparison, the values it read, at
 /// `depth`; `and`, `or` and `not` show each operand beneath.
 fn explain_expr(out: &mut String, values: &Values<'_>, e: &Expr, depth: usize) {

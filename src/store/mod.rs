@@ -1548,10 +1548,15 @@ impl Store {
         Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    fn scan(&self, cf: &str, profile: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn scan(
+        &self,
+        snap: &rocksdb::Snapshot<'_>,
+        cf: &str,
+        profile: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = key2(profile, "");
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
+        let iter = snap.iterator_cf(
             self.cf(cf),
             IteratorMode::From(&prefix, rocksdb::Direction::Forward),
         );
@@ -1579,25 +1584,27 @@ impl Store {
     }
 
     /// Everything about one profile id.
+    /// The reads see one snapshot: a run writing meanwhile changes none of
+    /// the view's parts (each write is one completed frontier advance).
     pub fn view(&self, profile: &str) -> Result<ProfileView, StoreError> {
+        let snap = self.db.snapshot();
         let identifiers = self
-            .scan("profile_ids", profile)?
+            .scan(&snap, "profile_ids", profile)?
             .into_iter()
             .map(|(k, _)| k)
             .collect();
         let mut traits = BTreeMap::new();
-        for (name, v) in self.scan("traits", profile)? {
+        for (name, v) in self.scan(&snap, "traits", profile)? {
             let value =
                 serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt("traits".into()))?;
             traits.insert(name, value);
         }
         let segments = self
-            .scan("segments", profile)?
+            .scan(&snap, "segments", profile)?
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        let attributes = match self
-            .db
+        let attributes = match snap
             .get_cf(self.cf("attributes"), profile)
             .map_err(|e| self.err(e))?
         {
@@ -1605,13 +1612,23 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("attributes".into()))?,
             None => Default::default(),
         };
+        let as_of = match snap
+            .get_cf(self.cf("checkpoint"), b"checkpoint")
+            .map_err(|e| self.err(e))?
+        {
+            None => None,
+            Some(bytes) => Some(
+                serde_json::from_slice(&bytes)
+                    .map_err(|_| StoreError::Corrupt("checkpoint".into()))?,
+            ),
+        };
         Ok(ProfileView {
             profile: profile.to_string(),
             identifiers,
             attributes,
             traits,
             segments,
-            as_of: self.checkpoint()?,
+            as_of,
         })
     }
 }

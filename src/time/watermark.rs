@@ -212,6 +212,11 @@ impl SourceClock {
         self.max_tick.max(idle)
     }
 
+    /// The largest tick of a record admitted so far (`None` before any).
+    pub fn admitted(&self) -> Option<Time> {
+        self.max_tick
+    }
+
     /// Notes that the source read something at `now_ms` (any line, even one
     /// that is dead-lettered): it is not idle.
     pub fn activity(&mut self, now_ms: u64) {

@@ -155,6 +155,9 @@ pub struct Outputs {
     /// A webhook output's count of batches that failed for good, and its
     /// failed-batch file, for the summary.
     pub webhook_failures: Option<(Arc<std::sync::atomic::AtomicU64>, String)>,
+    /// The API's shared state, fed with every committed time's diffs,
+    /// the clocks and the counters (see [`crate::serve`]).
+    pub live: Option<Arc<crate::serve::Live>>,
 }
 
 /// How messages name the outputs of [`Outputs`].
@@ -533,6 +536,28 @@ impl Committer {
             .as_ref()
             .is_none_or(|r| time >= r.segments_bound);
         if !written && time < self.restored_before {
+            if let Some(live) = self.outputs.live.clone() {
+                // The API's memberships are rebuilt from these too.
+                let mut restored = Vec::new();
+                for (update, diff) in &updates {
+                    if let StateUpdate::Segment(seg, profile) = update {
+                        let profile = match ProcessShared::name(names, profile) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                self.abort.fail(e);
+                                return Err(());
+                            }
+                        };
+                        restored.push(SegmentDiff {
+                            time,
+                            segment: self.segment_name(*seg),
+                            profile,
+                            diff: *diff as i64,
+                        });
+                    }
+                }
+                live.apply(restored, false);
+            }
             for (update, diff) in &updates {
                 match update {
                     StateUpdate::Segment(seg, _) => {
@@ -597,6 +622,9 @@ impl Committer {
                 self.summary.times_committed += 1;
             }
             self.summary.last_time = Some(time);
+        }
+        if let Some(live) = &self.outputs.live {
+            live.apply(diffs, written);
         }
         Ok(ops)
     }
@@ -835,9 +863,13 @@ pub fn commit<'s>(
                 for (_, item) in data.drain(..) {
                     offsets_moved |= matches!(item, Control::Offset { .. });
                     match (item, committer.as_mut()) {
-                        (Control::Clock { tick, .. }, _) => {
+                        (Control::Clock { tick, admitted, .. }, c) => {
                             if let Ok(mut c) = shared.completion.lock() {
                                 c.observe(tick);
+                            }
+                            let live = c.and_then(|c| c.outputs.live.as_ref());
+                            if let (Some(live), Some(admitted)) = (live, admitted) {
+                                live.observe_admitted(admitted);
                             }
                         }
                         (Control::Cut { watermark, live, .. }, c) => {
@@ -918,6 +950,13 @@ pub fn commit<'s>(
                     c.advance_segments(horizon.min(c.ended.unwrap_or(Time::MAX)));
                     let dead = c.written_positions.dead_bound;
                     c.advance_written(horizon, dead);
+                }
+                if let Some(live) = &c.outputs.live {
+                    live.advance(
+                        completion.horizon(frontier),
+                        c.summary.profiles,
+                        &c.summary.sources,
+                    );
                 }
             }
             while let Some((&time, _)) = local_pending.first_key_value() {
@@ -1049,6 +1088,10 @@ pub fn commit<'s>(
                         }
                     }
                     *result.borrow_mut() = Some(c.finish());
+                    if let Some(live) = &c.outputs.live {
+                        live.advance(Time::MAX, c.summary.profiles, &c.summary.sources);
+                        live.finish();
+                    }
                 }
             }
         }

@@ -117,6 +117,9 @@ enum Job {
         batch: StateBatch,
         retained: Vec<RetainedBatch>,
         checkpoint: Box<Checkpoint>,
+        /// Every change of a time before this is in the store once this
+        /// job is done (see [`StateWriter::readable`]).
+        through: Time,
     },
     /// Flushes the memtables ([`Store::flush`]).
     Flush,
@@ -141,6 +144,13 @@ pub struct StateWriter {
     /// store no longer takes writes, if it has stopped
     /// ([`Store::stopped_by_background_error`]).
     stopped_store: Option<StoppedStoreProbe>,
+    /// Every change of a time before this is in the store, readable by
+    /// lookups (the API's profiles): raised by the writer thread after
+    /// each write, and by [`ProcessState::deposit`] when time moves with
+    /// nothing to write and no write is queued.
+    readable: Arc<AtomicU64>,
+    /// Jobs queued and not yet done.
+    queued: Arc<AtomicU64>,
 }
 
 /// See [`StateWriter::stopped_store`].
@@ -165,22 +175,28 @@ impl StateWriter {
     fn start(store: Arc<Store>, label: String) -> StateWriter {
         let probed = Arc::clone(&store);
         let probe: StoppedStoreProbe = Box::new(move || probed.stopped_by_background_error());
+        let readable: Arc<AtomicU64> = Arc::default();
+        let raised = Arc::clone(&readable);
         let mut writer = StateWriter::start_with(label, WRITE_STALL_LIMIT, move |job| match job {
             Job::Write {
                 batch,
                 retained,
                 checkpoint,
+                through,
             } => {
                 let mut all = RetainedBatch::default();
                 for part in retained {
                     all.absorb(part);
                 }
-                store.write_retained(batch, all, &checkpoint)
+                store.write_retained(batch, all, &checkpoint)?;
+                raised.fetch_max(through, Ordering::SeqCst);
+                Ok(())
             }
             Job::Flush => store.flush(),
             Job::Sync(_) => Ok(()),
         });
         writer.stopped_store = Some(probe);
+        writer.readable = readable;
         writer
     }
 
@@ -197,6 +213,8 @@ impl StateWriter {
         let failed = Arc::clone(&failure);
         let busy_since: Arc<Mutex<Option<Instant>>> = Arc::default();
         let busy = Arc::clone(&busy_since);
+        let queued: Arc<AtomicU64> = Arc::default();
+        let in_queue = Arc::clone(&queued);
         let part = label.clone();
         let thread = std::thread::Builder::new()
             .name("segflow-state-writer".into())
@@ -205,16 +223,21 @@ impl StateWriter {
                     let stopped = failed.lock().map_or(true, |f| f.error.is_some());
                     let job = match job {
                         Job::Sync(done) => {
+                            in_queue.fetch_sub(1, Ordering::SeqCst);
                             let _ = done.send(());
                             continue;
                         }
-                        _ if stopped => continue,
+                        _ if stopped => {
+                            in_queue.fetch_sub(1, Ordering::SeqCst);
+                            continue;
+                        }
                         job => job,
                     };
                     if let Ok(mut b) = busy.lock() {
                         *b = Some(Instant::now());
                     }
                     let result = work(job);
+                    in_queue.fetch_sub(1, Ordering::SeqCst);
                     if let Ok(mut b) = busy.lock() {
                         *b = None;
                     }
@@ -234,6 +257,8 @@ impl StateWriter {
                 busy_since,
                 stall_limit,
                 stopped_store: None,
+                readable: Arc::default(),
+                queued,
             },
             Err(e) => StateWriter {
                 // No thread: every write fails with the reason (for `label`).
@@ -246,6 +271,8 @@ impl StateWriter {
                 busy_since,
                 stall_limit,
                 stopped_store: None,
+                readable: Arc::default(),
+                queued,
             },
         }
     }
@@ -304,14 +331,19 @@ impl StateWriter {
         };
         let mut job = job;
         loop {
+            // Counted before it is sent: the writer may be done with it
+            // before `try_send` returns.
+            self.queued.fetch_add(1, Ordering::SeqCst);
             match jobs.try_send(job) {
                 Ok(()) => return self.check(),
                 Err(mpsc::TrySendError::Full(back)) => {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
                     job = back;
                     self.still_waiting()?;
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(mpsc::TrySendError::Disconnected(_)) => {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
                     self.check()?;
                     return Err(ended());
                 }
@@ -363,8 +395,7 @@ impl Drop for StateWriter {
 
 /// One process's part of the state and its group commit.
 pub struct ProcessState {
-    /// The store, for the tests' reads (the writer thread writes it).
-    #[cfg(test)]
+    /// The store, for lookups (the writer thread writes it).
     store: Arc<Store>,
     /// Declared before the lock: dropped (joined) first.
     writer: StateWriter,
@@ -417,7 +448,6 @@ impl ProcessState {
         let store = Arc::new(store);
         ProcessState {
             writer: StateWriter::start(Arc::clone(&store), label.clone()),
-            #[cfg(test)]
             store,
             _lock: lock,
             label,
@@ -518,6 +548,13 @@ impl ProcessState {
         }
     }
 
+    /// The store this part is written to, for lookups while the run goes
+    /// on (the API's profiles), and the time before which every change is
+    /// in it (see [`StateWriter::readable`]).
+    pub fn readable(&self) -> (Arc<Store>, Arc<AtomicU64>) {
+        (Arc::clone(&self.store), Arc::clone(&self.writer.readable))
+    }
+
     /// Waits until every state batch formed so far is written; the first
     /// failed write's error, if one failed.
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -563,6 +600,7 @@ impl ProcessState {
             batch,
             retained,
             checkpoint: Box::new(g.checkpoint.clone()),
+            through: g.written,
         })
     }
 
@@ -658,6 +696,10 @@ impl ProcessState {
                 self.write(&mut g, batch)?;
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 g.unflushed = true;
+            } else if self.writer.queued.load(Ordering::SeqCst) == 0 {
+                // Nothing to write and nothing queued: the store holds
+                // every change before the new horizon already.
+                self.writer.readable.fetch_max(least, Ordering::SeqCst);
             }
         }
         let finished = least == Time::MAX;

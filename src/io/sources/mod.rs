@@ -245,7 +245,7 @@ struct Reader {
     /// with the reason instead of being read against the wrong columns.
     headers: std::collections::HashMap<Option<String>, Result<Vec<String>, String>>,
     clock: SourceClock,
-    reported_clock: Option<Time>,
+    reported_clock: (Option<Time>, Option<Time>),
     stats: (u64, u64, u64, u64, u64),
     /// Decode every line here, in one pass (a [`FileRange`] of a file read
     /// by several workers), instead of peeking at its time and sending it to
@@ -408,7 +408,7 @@ impl Reader {
             input_name,
             headers: Default::default(),
             clock,
-            reported_clock: None,
+            reported_clock: (None, None),
             stats: (0, 0, 0, 0, 0),
             local_decode,
             floor,
@@ -873,12 +873,13 @@ impl Reader {
             });
         }
         self.record_progress();
-        let clock = self.clock.clock();
+        let clock = (self.clock.clock(), self.clock.admitted());
         if clock != self.reported_clock {
-            if let Some(tick) = clock {
+            if let Some(tick) = clock.0 {
                 ctl.push(Control::Clock {
                     source: self.def.index,
                     tick,
+                    admitted: clock.1,
                 });
             }
             self.reported_clock = clock;

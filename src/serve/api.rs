@@ -1,0 +1,639 @@
+//! The HTTP server: routes, the bearer token, request limits.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, oneshot, Semaphore};
+
+use super::live::{AsOf, Live, LookupError};
+use crate::spec::content::ContentSlot;
+use crate::store::explain::evaluate;
+use crate::store::ProfileView;
+
+/// Requests answered at once; more get `503` with `Retry-After: 1`.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Diff streams open at once; more get `503`.
+pub const MAX_STREAMS: usize = 256;
+
+/// The most members one page holds.
+pub const MAX_PAGE: usize = 10_000;
+
+/// How long one request may take before it is answered `503`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the API is served.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// `HOST:PORT` to listen on (loopback unless said otherwise).
+    pub addr: String,
+    /// The bearer token every endpoint but `/healthz` needs.
+    pub token: String,
+}
+
+/// Where the API token came from (see [`api_token`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenOrigin {
+    /// The `SEGFLOW_API_TOKEN` environment variable.
+    Environment,
+    /// A file (`--http-token-file`).
+    File,
+    /// Generated for this run (print it once).
+    Generated,
+}
+
+/// The API token: the first line of `file` if given (an empty or
+/// unreadable file is an error), else `SEGFLOW_API_TOKEN` if set and not
+/// empty, else 32 random hexadecimal digits (128 bits from the operating
+/// system's generator).
+pub fn api_token(file: Option<&Path>) -> Result<(String, TokenOrigin), String> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("--http-token-file {}: {e}", file.display()))?;
+        let token = text.lines().next().unwrap_or_default().trim().to_string();
+        if token.is_empty() {
+            return Err(format!(
+                "--http-token-file {}: the file is empty; write the token on its first line",
+                file.display()
+            ));
+        }
+        return Ok((token, TokenOrigin::File));
+    }
+    if let Ok(token) = std::env::var("SEGFLOW_API_TOKEN") {
+        let token = token.trim().to_string();
+        if !token.is_empty() {
+            return Ok((token, TokenOrigin::Environment));
+        }
+    }
+    let bytes: [u8; 16] = rand::random();
+    let token = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((token, TokenOrigin::Generated))
+}
+
+struct App {
+    live: Arc<Live>,
+    token: String,
+    in_flight: Semaphore,
+    streams: Arc<Semaphore>,
+}
+
+/// A running API server; dropping it stops it.
+pub struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `config.addr` now (a port in use is an error here, before the
+    /// run starts) and serves `live` on two threads of its own.
+    pub fn start(config: &ServeConfig, live: Arc<Live>) -> std::io::Result<Server> {
+        let listener = std::net::TcpListener::bind(&config.addr).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("--http {}: cannot listen: {e}", config.addr),
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let app = Arc::new(App {
+            live,
+            token: config.token.clone(),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        });
+        let router = router(app);
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("segflow-api")
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("segflow-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("api: {e}");
+                            return;
+                        }
+                    };
+                    let served = axum::serve(listener, router)
+                        .with_graceful_shutdown(async {
+                            let _ = stop_rx.await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!("api: {e}");
+                    }
+                });
+                // Open streams do not hold the process.
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })?;
+        Ok(Server {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address served (with the port chosen for `:0`).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    let guarded = Router::new()
+        .route("/v1/profiles/{identifier}", get(profile))
+        .route("/v1/segments", get(segments))
+        .route("/v1/segments/{name}/members", get(members))
+        .route("/v1/decide", get(decide_many))
+        .route("/v1/decide/{slot}", get(decide_one))
+        .route("/v1/diffs/stream", get(stream))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), guard));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(guarded)
+        .fallback(not_found)
+        .with_state(app)
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see GET /v1/profiles/{identifier}, /v1/segments, /v1/segments/{name}/members, /v1/decide/{slot}?id=, /v1/diffs/stream, /healthz",
+    )
+}
+
+/// A JSON error answer: `{"error": message}`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut r = (status, json_body(&json!({"error": message.into()}))).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn json_body(v: &Value) -> String {
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+fn ok(v: Value) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        json_body(&v),
+    )
+        .into_response()
+}
+
+/// Whether `a` and `b` are equal, in a time that depends only on their
+/// lengths (the token is not guessed byte by byte from answer times).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token of a request: `Authorization: Bearer T`, or for the diff
+/// stream `?access_token=T`.
+fn presented<'a>(headers: &'a HeaderMap, uri: &'a axum::http::Uri) -> Option<String> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, token) = v.trim().split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    if uri.path() == "/v1/diffs/stream" {
+        let query = uri.query()?;
+        return serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+            .ok()?
+            .into_iter()
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v);
+    }
+    None
+}
+
+/// The bearer token, then a place among the requests in flight, then the
+/// request with a time limit.
+async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    match presented(request.headers(), request.uri()) {
+        Some(t) if same(t.as_bytes(), app.token.as_bytes()) => {}
+        given => {
+            let why = if given.is_some() {
+                "the bearer token is wrong"
+            } else {
+                "this endpoint needs `Authorization: Bearer TOKEN` (the token segflow printed at start, SEGFLOW_API_TOKEN or --http-token-file)"
+            };
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"segflow\""),
+            );
+            return r;
+        }
+    }
+    let Ok(_permit) = app.in_flight.try_acquire() else {
+        return busy("too many requests in flight");
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => busy("the request took too long"),
+    }
+}
+
+fn busy(why: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+fn as_of_json(a: &AsOf) -> Value {
+    serde_json::to_value(a).unwrap_or(Value::Null)
+}
+
+/// The profile of `identifier`, or the answer to give instead.
+fn lookup(app: &App, identifier: &str) -> Result<Option<(ProfileView, AsOf)>, Response> {
+    let ids = app.live.identifiers(identifier);
+    if ids.is_empty() {
+        let kinds = app.live.rules().kinds().join(", ");
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{identifier:?} is not an identifier: use KIND:VALUE with a kind among {kinds} (e.g. email:ann@example.com), or a bare value"
+            ),
+        ));
+    }
+    match app.live.profile(&ids) {
+        Ok(found) => Ok(found),
+        Err(LookupError::Starting) => Err(busy(
+            "the run is opening its state; try again in a moment",
+        )),
+        Err(LookupError::NoState) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this run writes no state, so profiles cannot be looked up: run it with --state-dir (or [output] state_dir)",
+        )),
+        Err(LookupError::Store(e)) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the state: {e}"),
+        )),
+    }
+}
+
+/// A profile as the API shows it: a recency trait (`since_first`,
+/// `since_last`) is the time in ms from its event to `as_of` (as
+/// conditions read it), not the event's time the state keeps.
+fn profile_json(spec: &crate::spec::Spec, view: &ProfileView, as_of: &AsOf) -> Value {
+    let mut traits = view.traits.clone();
+    for t in spec.traits.iter().filter(|t| t.aggregate.is_recency()) {
+        if let (Some(at), Some(now)) = (traits.get(&t.name).and_then(Value::as_f64), as_of.time) {
+            traits.insert(t.name.clone(), json!((now as f64 - at).max(0.0)));
+        }
+    }
+    json!({
+        "profile": view.profile,
+        "identifiers": view.identifiers,
+        "attributes": view.attributes,
+        "traits": traits,
+        "segments": view.segments,
+        "as_of": as_of_json(as_of),
+    })
+}
+
+async fn profile(State(app): State<Arc<App>>, UrlPath(identifier): UrlPath<String>) -> Response {
+    match lookup(&app, &identifier) {
+        Ok(Some((view, as_of))) => ok(profile_json(&app.live.spec(), &view, &as_of)),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no profile has the identifier {identifier:?}"),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn segments(State(app): State<Arc<App>>) -> Response {
+    let list: Vec<Value> = app
+        .live
+        .segment_sizes()
+        .into_iter()
+        .map(|(name, description, size)| json!({"name": name, "description": description, "size": size}))
+        .collect();
+    ok(json!({"segments": list, "as_of": as_of_json(&app.live.segments_as_of())}))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    cursor: Option<String>,
+    limit: Option<String>,
+}
+
+async fn members(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    let limit = match page.limit.as_deref().map(str::parse::<usize>) {
+        None => 100,
+        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("`limit` must be a number from 1 to {MAX_PAGE}"),
+            )
+        }
+    };
+    let as_of = app.live.segments_as_of();
+    match app.live.members(&name, page.cursor.as_deref(), limit) {
+        Some((members, size)) => {
+            let next = (members.len() == limit).then(|| members.last().cloned()).flatten();
+            ok(json!({
+                "segment": name,
+                "size": size,
+                "members": members,
+                "next_cursor": next,
+                "as_of": as_of_json(&as_of),
+            }))
+        }
+        None => {
+            let spec = app.live.spec();
+            let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
+            error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no segment `{name}`{}; the segments are: {}",
+                    crate::spec::nearest(&name, names.iter().copied())
+                        .map(|n| format!(" (did you mean `{n}`?)"))
+                        .unwrap_or_default(),
+                    names.join(", ")
+                ),
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DecideQuery {
+    id: Option<String>,
+    slots: Option<String>,
+}
+
+/// The variant of `slot` for the profile `view` (an empty profile for an
+/// unknown visitor) and why: the first variant whose condition holds, with
+/// the values it read, or the default with the variants that did not.
+fn decide(spec: &crate::spec::Spec, slot: &ContentSlot, view: &ProfileView, now: Option<u64>) -> Value {
+    let mut passed = Vec::new();
+    for (rank, v) in slot.variants.iter().enumerate() {
+        let (holds, read) = evaluate(spec, view, &v.when, now);
+        let values: serde_json::Map<String, Value> = read.into_iter().collect();
+        if holds {
+            return json!({
+                "variant": v.name,
+                "content": v.content,
+                "why": {"rule": rank + 1, "when": v.when.to_string(), "values": values, "not_matched": passed},
+            });
+        }
+        passed.push(json!({"variant": v.name, "when": v.when.to_string(), "values": values}));
+    }
+    json!({
+        "variant": slot.default.name,
+        "content": slot.default.content,
+        "why": {"rule": "default", "not_matched": passed},
+    })
+}
+
+/// The slots named, or a 404 naming the known ones.
+fn slots<'s>(spec: &'s crate::spec::Spec, names: &[&str]) -> Result<Vec<&'s ContentSlot>, Response> {
+    let mut out = Vec::new();
+    for name in names {
+        match spec.content.iter().find(|s| s.name == *name) {
+            Some(s) => out.push(s),
+            None => {
+                let known: Vec<&str> = spec.content.iter().map(|s| s.name.as_str()).collect();
+                return Err(error(
+                    StatusCode::NOT_FOUND,
+                    if known.is_empty() {
+                        format!("no content slot `{name}`: {} declares none (add a [content.{name}] table)", spec.file)
+                    } else {
+                        format!(
+                            "no content slot `{name}`{}; the slots are: {}",
+                            crate::spec::nearest(name, known.iter().copied())
+                                .map(|n| format!(" (did you mean `{n}`?)"))
+                                .unwrap_or_default(),
+                            known.join(", ")
+                        )
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The decisions for `names` for the visitor `id`.
+fn decisions(app: &App, names: &[&str], id: Option<&str>) -> Result<(Value, Vec<Value>), Response> {
+    let spec = app.live.spec();
+    let slots = slots(&spec, names)?;
+    let Some(id) = id.filter(|i| !i.trim().is_empty()) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "give the visitor's identifier: ?id=KIND:VALUE (e.g. anon:COOKIE or email:ann@example.com)",
+        ));
+    };
+    let (view, as_of, known) = match lookup(app, id)? {
+        Some((view, as_of)) => (view, as_of, true),
+        // An unknown visitor gets what an empty profile gets.
+        None => (ProfileView::default(), app.live.segments_as_of(), false),
+    };
+    let decided = slots
+        .iter()
+        .map(|slot| {
+            let mut d = decide(&spec, slot, &view, as_of.time);
+            d["slot"] = json!(slot.name);
+            d
+        })
+        .collect();
+    let head = json!({
+        "profile": known.then_some(view.profile.clone()),
+        "as_of": as_of_json(&as_of),
+    });
+    Ok((head, decided))
+}
+
+async fn decide_one(
+    State(app): State<Arc<App>>,
+    UrlPath(slot): UrlPath<String>,
+    Query(q): Query<DecideQuery>,
+) -> Response {
+    match decisions(&app, &[slot.as_str()], q.id.as_deref()) {
+        Ok((mut head, mut decided)) => {
+            let d = decided.pop().unwrap_or(Value::Null);
+            if let (Some(h), Value::Object(d)) = (head.as_object_mut(), d) {
+                for (k, v) in d {
+                    h.insert(k, v);
+                }
+            }
+            ok(head)
+        }
+        Err(r) => r,
+    }
+}
+
+async fn decide_many(State(app): State<Arc<App>>, Query(q): Query<DecideQuery>) -> Response {
+    let Some(list) = q.slots.as_deref().filter(|s| !s.trim().is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name the slots: /v1/decide?slots=hero,sidebar&id=IDENTIFIER (or /v1/decide/SLOT?id=)",
+        );
+    };
+    let names: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    match decisions(&app, &names, q.id.as_deref()) {
+        Ok((mut head, decided)) => {
+            let by_slot: serde_json::Map<String, Value> = decided
+                .into_iter()
+                .map(|d| (d["slot"].as_str().unwrap_or_default().to_string(), d))
+                .collect();
+            head["decisions"] = Value::Object(by_slot);
+            ok(head)
+        }
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    segment: Option<String>,
+    profile: Option<String>,
+    id: Option<String>,
+    #[allow(dead_code)]
+    access_token: Option<String>,
+}
+
+/// What a subscriber wants to see.
+struct Filter {
+    segments: Option<Vec<String>>,
+    profile: Option<String>,
+    /// Identifiers whose current profile is followed.
+    ids: Vec<crate::model::Ident>,
+}
+
+async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Response {
+    let Ok(permit) = Arc::clone(&app.streams).try_acquire_owned() else {
+        return busy("too many diff streams open");
+    };
+    let segments = q.segment.as_deref().map(|s| {
+        s.split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect::<Vec<_>>()
+    });
+    if let Some(list) = &segments {
+        let spec = app.live.spec();
+        if let Some(unknown) = list.iter().find(|n| !spec.segments.iter().any(|s| &s.name == *n)) {
+            let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no segment `{unknown}`; the segments are: {}", names.join(", ")),
+            );
+        }
+    }
+    let ids = match q.id.as_deref() {
+        Some(id) => {
+            let ids = app.live.identifiers(id);
+            if ids.is_empty() {
+                return error(StatusCode::BAD_REQUEST, format!("{id:?} is not an identifier"));
+            }
+            ids
+        }
+        None => Vec::new(),
+    };
+    let filter = Filter {
+        segments,
+        profile: q.profile,
+        ids,
+    };
+    let rx = app.live.subscribe();
+    let live = Arc::clone(&app.live);
+    let events = futures_util::stream::unfold(
+        (rx, filter, live, permit, std::collections::VecDeque::<Event>::new()),
+        |(mut rx, filter, live, permit, mut queue)| async move {
+            loop {
+                if let Some(e) = queue.pop_front() {
+                    return Some((Ok::<Event, Infallible>(e), (rx, filter, live, permit, queue)));
+                }
+                match rx.recv().await {
+                    Ok(diffs) => {
+                        // The profile of a followed identifier, as of now
+                        // (a merge moves it).
+                        let followed = if filter.ids.is_empty() {
+                            None
+                        } else {
+                            match live.profile(&filter.ids) {
+                                Ok(Some((view, _))) => Some(view.profile),
+                                _ => Some(String::new()),
+                            }
+                        };
+                        for d in diffs.iter() {
+                            let wanted = filter
+                                .segments
+                                .as_ref()
+                                .is_none_or(|s| s.iter().any(|x| *x == d.segment))
+                                && filter.profile.as_ref().is_none_or(|p| *p == d.profile)
+                                && followed.as_ref().is_none_or(|p| *p == d.profile);
+                            if wanted {
+                                queue.push_back(Event::default().event("diff").data(d.to_line()));
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        queue.push_back(
+                            Event::default()
+                                .event("lagged")
+                                .data(json!({"skipped_times": n}).to_string()),
+                        );
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    );
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}

@@ -1,0 +1,326 @@
+//! What the API serves from: the state the commit stage writes, and the
+//! segment memberships it commits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::io::sinks::{SegmentDiff, SourceSummary};
+use crate::model::{Ident, IdentityRules};
+use crate::spec::Spec;
+use crate::store::{ProfileView, Store, StoreError};
+use crate::time::Time;
+
+/// How many committed times of diffs the stream buffers for a slow
+/// subscriber before it skips some (and says so, `event: lagged`).
+pub const STREAM_BUFFER: usize = 4096;
+
+/// How fresh an answer is (see the [module documentation](super)).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AsOf {
+    /// Every event at or before this time (ms since the epoch) is in the
+    /// answer; `None` before the run has completed any time.
+    pub time: Option<u64>,
+    /// The end (ms) of the latest tick the sources have admitted.
+    pub read_until: Option<u64>,
+    /// Whether `time` has reached `read_until`: the answer holds every
+    /// event read so far.
+    pub complete: bool,
+    /// The wall clock minus `time`, in ms.
+    pub lag_ms: Option<i64>,
+    /// Whether the run has ended (a finished replay keeps serving its
+    /// final state).
+    pub ended: bool,
+}
+
+/// Where profiles are read from.
+enum StateLink {
+    /// The run has not opened its state yet.
+    Starting,
+    /// The run writes no state.
+    Without,
+    /// The run's store, and the time before which every change is in it.
+    Open(Arc<Store>, Arc<AtomicU64>),
+}
+
+/// Why a profile cannot be read.
+#[derive(Debug)]
+pub enum LookupError {
+    /// The run has not opened its state yet (try again shortly).
+    Starting,
+    /// The run writes no state.
+    NoState,
+    /// Reading the store failed.
+    Store(StoreError),
+}
+
+/// The run's committed memberships and clocks.
+#[derive(Default)]
+struct Index {
+    /// Segment -> its members' profile ids.
+    members: BTreeMap<String, BTreeSet<String>>,
+    /// Every time before this is committed (`None`: none yet).
+    committed_before: Option<Time>,
+    /// The largest tick a source has admitted.
+    read_until: Option<Time>,
+    /// Profiles at the committed time.
+    profiles: i64,
+    /// Per-source counters.
+    sources: Vec<SourceSummary>,
+}
+
+/// The state a running engine shares with its API: fed by the commit
+/// stage (worker 0's committed diffs and clocks, process 0's RocksDB
+/// part), read by the HTTP handlers. Create one with [`Live::new`], give it
+/// to [`crate::Engine::serve`], and serve it with [`super::Server::start`].
+pub struct Live {
+    spec: RwLock<Arc<Spec>>,
+    rules: IdentityRules,
+    state: RwLock<StateLink>,
+    index: RwLock<Index>,
+    diffs: broadcast::Sender<Arc<Vec<SegmentDiff>>>,
+    ended: AtomicBool,
+}
+
+impl Live {
+    /// Shared state for serving a run of `spec`.
+    pub fn new(spec: Arc<Spec>) -> Arc<Live> {
+        let rules = IdentityRules::new(
+            spec.identity.priority.clone(),
+            spec.engine.default_region.clone(),
+        );
+        let (diffs, _) = broadcast::channel(STREAM_BUFFER);
+        Arc::new(Live {
+            spec: RwLock::new(spec),
+            rules,
+            state: RwLock::new(StateLink::Starting),
+            index: RwLock::new(Index::default()),
+            diffs,
+            ended: AtomicBool::new(false),
+        })
+    }
+
+    /// The definition served (its segments' descriptions, its content
+    /// slots).
+    pub fn spec(&self) -> Arc<Spec> {
+        self.spec
+            .read()
+            .map(|s| Arc::clone(&s))
+            .unwrap_or_else(|e| Arc::clone(&e.into_inner()))
+    }
+
+    /// Replaces the definition served (a reloaded file: new content slots
+    /// and segment descriptions apply to the next request).
+    pub fn set_spec(&self, spec: Arc<Spec>) {
+        if let Ok(mut s) = self.spec.write() {
+            *s = spec;
+        }
+    }
+
+    /// The identity rules identifiers are read with.
+    pub fn rules(&self) -> &IdentityRules {
+        &self.rules
+    }
+
+    /// Attaches the run's state (process 0's part) and the time before
+    /// which every change is in it (see
+    /// [`crate::io::sinks::ProcessState::readable`]).
+    pub fn attach_state(&self, store: Arc<Store>, readable: Arc<AtomicU64>) {
+        if let Ok(mut s) = self.state.write() {
+            *s = StateLink::Open(store, readable);
+        }
+    }
+
+    /// The run has started without state: profiles cannot be looked up.
+    pub fn without_state(&self) {
+        if let Ok(mut s) = self.state.write() {
+            *s = StateLink::Without;
+        }
+    }
+
+    /// A source admitted a record at `tick`.
+    pub fn observe_admitted(&self, tick: Time) {
+        if let Ok(mut i) = self.index.write() {
+            i.read_until = Some(i.read_until.map_or(tick, |r| r.max(tick)));
+        }
+    }
+
+    /// The consolidated diffs of one committed time: memberships change;
+    /// `fresh` diffs (not those a resumed run recomputes for times its
+    /// outputs hold already) go to the stream's subscribers.
+    pub fn apply(&self, diffs: Vec<SegmentDiff>, fresh: bool) {
+        if diffs.is_empty() {
+            return;
+        }
+        if let Ok(mut i) = self.index.write() {
+            for d in &diffs {
+                let members = i.members.entry(d.segment.clone()).or_default();
+                if d.diff > 0 {
+                    members.insert(d.profile.clone());
+                } else {
+                    members.remove(&d.profile);
+                }
+            }
+        }
+        if fresh {
+            // No subscriber is not an error.
+            let _ = self.diffs.send(Arc::new(diffs));
+        }
+    }
+
+    /// Every time before `horizon` is committed; the run has `profiles`
+    /// profiles and these per-source counters.
+    pub fn advance(&self, horizon: Time, profiles: i64, sources: &[SourceSummary]) {
+        if let Ok(mut i) = self.index.write() {
+            i.committed_before = Some(i.committed_before.map_or(horizon, |c| c.max(horizon)));
+            i.profiles = profiles;
+            if i.sources.as_slice() != sources {
+                i.sources = sources.to_vec();
+            }
+        }
+    }
+
+    /// The run has ended: what is served is final.
+    pub fn finish(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// A receiver of the diffs committed from now on, one message per
+    /// committed time.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Vec<SegmentDiff>>> {
+        self.diffs.subscribe()
+    }
+
+    /// The freshness of answers read from what is complete before
+    /// `before` (a time bound, `Time::MAX` once everything is).
+    fn as_of(&self, before: Option<Time>) -> AsOf {
+        let tick = self.spec().engine.tick_ms.max(1);
+        let (read_until, committed) = self
+            .index
+            .read()
+            .map(|i| (i.read_until, i.committed_before))
+            .unwrap_or_default();
+        // The end of the latest admitted tick.
+        let read_end = read_until.map(|t| t.saturating_add(tick - 1));
+        let before = match (before, committed) {
+            (Some(b), Some(c)) => Some(b.min(c)),
+            (b, c) => b.or(c),
+        };
+        let time = match (before, read_end) {
+            (None | Some(0), _) => None,
+            (Some(b), Some(end)) => Some((b - 1).min(end)),
+            (Some(Time::MAX), None) => None,
+            (Some(b), None) => Some(b - 1),
+        };
+        AsOf {
+            time,
+            read_until: read_end,
+            complete: match (time, read_end) {
+                (Some(t), Some(end)) => t >= end,
+                (_, None) => true,
+                (None, Some(_)) => false,
+            },
+            lag_ms: time.map(|t| crate::time::wall_clock_ms() as i64 - t as i64),
+            ended: self.ended.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The freshness of the segment sizes and members.
+    pub fn segments_as_of(&self) -> AsOf {
+        self.as_of(None)
+    }
+
+    /// The identifiers `query` may mean (`KIND:VALUE`, normalized, or
+    /// every reading of a bare value), see [`IdentityRules::parse_query`].
+    pub fn identifiers(&self, query: &str) -> Vec<Ident> {
+        self.rules.parse_query(query)
+    }
+
+    /// The profile of the first of `ids` the state knows, with the
+    /// freshness of what was read; `Ok(None)` for an unknown identifier.
+    pub fn profile(&self, ids: &[Ident]) -> Result<Option<(ProfileView, AsOf)>, LookupError> {
+        let (store, readable) = match self.state.read().as_deref() {
+            Ok(StateLink::Open(store, readable)) => (Arc::clone(store), Arc::clone(readable)),
+            Ok(StateLink::Starting) => return Err(LookupError::Starting),
+            _ => return Err(LookupError::NoState),
+        };
+        // Read before the lookup: the view holds at least what was
+        // written before this bound.
+        let before = readable.load(Ordering::SeqCst);
+        // An identifier whose profile merged into another between the
+        // two reads is looked up again.
+        for _ in 0..3 {
+            let Some(view) = store.lookup(ids).map_err(LookupError::Store)? else {
+                return Ok(None);
+            };
+            if view.identifiers.is_empty() {
+                continue;
+            }
+            let as_of = self.as_of(Some(before));
+            return Ok(Some((view, as_of)));
+        }
+        Ok(None)
+    }
+
+    /// Each segment of the definition (then any a reload added) with its
+    /// size.
+    pub fn segment_sizes(&self) -> Vec<(String, Option<String>, usize)> {
+        let spec = self.spec();
+        let Ok(i) = self.index.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Option<String>, usize)> = spec
+            .segments
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.description.clone(),
+                    i.members.get(&s.name).map_or(0, BTreeSet::len),
+                )
+            })
+            .collect();
+        for (name, members) in &i.members {
+            if !out.iter().any(|(n, _, _)| n == name) && !members.is_empty() {
+                out.push((name.clone(), None, members.len()));
+            }
+        }
+        out
+    }
+
+    /// Up to `limit` members of `segment` after `cursor` (a profile id),
+    /// in profile-id order, and the segment's size; `None` for a segment
+    /// neither the definition nor the diffs know.
+    pub fn members(
+        &self,
+        segment: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Option<(Vec<String>, usize)> {
+        let known = self.spec().segments.iter().any(|s| s.name == segment);
+        let i = self.index.read().ok()?;
+        let Some(members) = i.members.get(segment) else {
+            return known.then(|| (Vec::new(), 0));
+        };
+        let page = match cursor {
+            Some(c) => members
+                .range::<str, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => members.iter().take(limit).cloned().collect(),
+        };
+        Some((page, members.len()))
+    }
+
+    /// Profiles and per-source counters as committed.
+    pub fn counters(&self) -> (i64, Vec<SourceSummary>) {
+        self.index
+            .read()
+            .map(|i| (i.profiles, i.sources.clone()))
+            .unwrap_or_default()
+    }
+}

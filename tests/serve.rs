@@ -1,0 +1,604 @@
+//! The HTTP API of a running engine (`segflow run … --http`), used the way
+//! pages and tools use it: a real HTTP client against the binary.
+//!
+//! Every answer is checked against an independent sequential model: the
+//! memberships are the sum of the diffs the run wrote (the output
+//! contract), the profiles are what `segflow query` reads from the same
+//! state, and a decision is the first variant whose condition holds over
+//! those memberships. Runs with `-w 1` and `-w 2` must answer alike.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-0123";
+
+/// The content slots the tests add to the shipped definition; their
+/// conditions read segments only, so the model decides from memberships.
+const CONTENT: &str = r#"
+[content.hero]
+description = "Home page banner"
+[[content.hero.variants]]
+name = "vip_offer"
+when = 'vip'
+content = { headline = "Welcome back" }
+[[content.hero.variants]]
+name = "outdoor"
+when = 'outdoor_enthusiast or outdoor_affinity'
+content = { headline = "New tents", image = "/img/tents.jpg" }
+[content.hero.default]
+name = "generic"
+content = { headline = "Sale" }
+
+[content.strip]
+[[content.strip.variants]]
+name = "comeback"
+when = 'lapsed_customer and not vip'
+content = "We miss you"
+[content.strip.default]
+content = "Bestsellers"
+"#;
+
+/// A `segflow run` child whose stderr lines are collected as they come.
+struct Served {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    base: String,
+}
+
+impl Served {
+    /// Starts `segflow run ARGS --http 127.0.0.1:0` in `dir` with the test
+    /// token, and waits for the address it serves on.
+    fn start(dir: &Path, args: &[&str]) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_segflow"))
+            .current_dir(dir)
+            .arg("run")
+            .args(args)
+            .args(["--http", "127.0.0.1:0"])
+            .env("SEGFLOW_API_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for _ in BufReader::new(stdout).lines() {}
+        });
+        let mut served = Served {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            base: String::new(),
+        };
+        let line = served.wait_line("serving the API on http://", 60);
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        served.base = format!("http://{addr}");
+        served
+    }
+
+    /// Waits for a stderr line containing `text`.
+    fn wait_line(&mut self, text: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        if let Some(l) = self.seen.iter().find(|l| l.contains(text)) {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {text:?} within {secs} s; stderr so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().unwrap()
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child().id() as i32;
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child().try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// GET `path` with `token` (none: no header): status, headers' `WWW-Authenticate`, body as JSON (or text as a JSON string).
+fn get_as(base: &str, path: &str, token: Option<&str>) -> (u16, Option<String>, Value) {
+    let mut req = agent().get(format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req.call().unwrap();
+    let status = resp.status().as_u16();
+    let auth = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = resp.body_mut().read_to_string().unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, auth, body)
+}
+
+fn get(base: &str, path: &str) -> (u16, Value) {
+    let (s, _, b) = get_as(base, path, Some(TOKEN));
+    (s, b)
+}
+
+/// The model: memberships at the end, the sum of the written diffs.
+fn memberships(diffs: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut sum: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for line in diffs.lines() {
+        let d: Value = serde_json::from_str(line).unwrap();
+        *sum.entry((
+            d["segment"].as_str().unwrap().to_string(),
+            d["profile"].as_str().unwrap().to_string(),
+        ))
+        .or_default() += d["diff"].as_i64().unwrap();
+    }
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for ((segment, profile), n) in sum {
+        assert!(n == 0 || n == 1, "{segment} {profile}: sum {n}");
+        if n == 1 {
+            out.entry(segment).or_default().insert(profile);
+        }
+    }
+    out
+}
+
+/// The model's decision for a profile in `segments`.
+fn expected_hero(segments: &BTreeSet<&str>) -> &'static str {
+    if segments.contains("vip") {
+        "vip_offer"
+    } else if segments.contains("outdoor_enthusiast") || segments.contains("outdoor_affinity") {
+        "outdoor"
+    } else {
+        "generic"
+    }
+}
+
+fn expected_strip(segments: &BTreeSet<&str>) -> &'static str {
+    if segments.contains("lapsed_customer") && !segments.contains("vip") {
+        "comeback"
+    } else {
+        "default"
+    }
+}
+
+/// Writes generated data and the shipped definition with [`CONTENT`] into
+/// `dir`.
+fn replay_dir(dir: &Path) {
+    let g = common::generated(3000, 7, None);
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/web.jsonl"), g.web.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("data/crm.jsonl"), g.crm.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("data/transactions.jsonl"), g.txn.join("\n") + "\n").unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"))
+            .unwrap();
+    std::fs::write(dir.join("ecommerce.toml"), shipped + CONTENT).unwrap();
+}
+
+/// Everything a replay serves, read through the API: sizes, members
+/// (paged), each member's profile and decisions.
+fn served_answers(dir: &Path, workers: &str) -> BTreeMap<String, Value> {
+    let mut run = Served::start(dir, &["ecommerce.toml", "-w", workers, "--reset"]);
+    run.wait_line("serving its final state", 120);
+    let base = run.base.clone();
+    let diffs = std::fs::read_to_string(dir.join("out/segments.jsonl")).unwrap();
+    let model = memberships(&diffs);
+    assert!(model.len() >= 5, "the data set should fill several segments");
+    let mut answers = BTreeMap::new();
+
+    // Sizes and members, page by page, equal the model.
+    let (status, segments) = get(&base, "/v1/segments");
+    assert_eq!(status, 200, "{segments}");
+    assert_eq!(segments["as_of"]["complete"], true);
+    assert_eq!(segments["as_of"]["ended"], true);
+    let mut profiles: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for s in segments["segments"].as_array().unwrap() {
+        let name = s["name"].as_str().unwrap();
+        let want = model.get(name).cloned().unwrap_or_default();
+        assert_eq!(s["size"].as_u64().unwrap() as usize, want.len(), "{name}");
+        let mut got = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/segments/{name}/members?limit=7");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={}", urlencode(c)));
+            }
+            let (status, page) = get(&base, &path);
+            assert_eq!(status, 200, "{page}");
+            assert_eq!(page["size"].as_u64().unwrap() as usize, want.len());
+            got.extend(
+                page["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.as_str().unwrap().to_string()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(got, want.iter().cloned().collect::<Vec<_>>(), "members of {name}");
+        for p in &want {
+            profiles.entry(p.clone()).or_default();
+        }
+        answers.insert(format!("segment {name}"), s.clone());
+    }
+    for (segment, members) in &model {
+        for p in members {
+            profiles.get_mut(p).unwrap().insert(segment.as_str());
+        }
+    }
+    // Profiles: each member's, by its profile id and by another of its
+    // identifiers, equals `segflow query` on the same state, and its
+    // segments the model's; decisions follow the model.
+    for (i, (p, segs)) in profiles.iter().enumerate().filter(|(i, _)| i % 5 == 0) {
+        let (status, view) = get(&base, &format!("/v1/profiles/{}", urlencode(p)));
+        assert_eq!(status, 200, "{p}: {view}");
+        assert_eq!(view["profile"], p.as_str());
+        let got: BTreeSet<&str> = view["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert_eq!(&got, segs, "segments of {p}");
+        let query = Command::new(env!("CARGO_BIN_EXE_segflow"))
+            .current_dir(dir)
+            .args(["query", "--state-dir", "out/state", p])
+            .output()
+            .unwrap();
+        assert!(query.status.success(), "{}", String::from_utf8_lossy(&query.stderr));
+        let queried: Value = serde_json::from_slice(&query.stdout).unwrap();
+        for field in ["identifiers", "attributes", "segments"] {
+            assert_eq!(view[field], queried[field], "{field} of {p}");
+        }
+        // Another identifier finds the same profile.
+        let other = view["identifiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .find(|id| *id != p.as_str());
+        if let Some(other) = other {
+            let (status, again) = get(&base, &format!("/v1/profiles/{}", urlencode(other)));
+            assert_eq!(status, 200);
+            assert_eq!(again["profile"], p.as_str(), "{other} belongs to {p}");
+        }
+        let (status, hero) = get(&base, &format!("/v1/decide/hero?id={}", urlencode(p)));
+        assert_eq!(status, 200, "{hero}");
+        assert_eq!(hero["variant"], expected_hero(segs), "hero for {p} in {segs:?}: {hero}");
+        assert_eq!(hero["profile"], p.as_str());
+        let (status, both) = get(&base, &format!("/v1/decide?slots=hero,strip&id={}", urlencode(p)));
+        assert_eq!(status, 200, "{both}");
+        assert_eq!(both["decisions"]["hero"]["variant"], expected_hero(segs));
+        assert_eq!(both["decisions"]["strip"]["variant"], expected_strip(segs), "{both}");
+        // The wall clock's lag is not part of the answer's content.
+        let mut view = view;
+        view["as_of"]["lag_ms"] = Value::Null;
+        answers.insert(format!("profile {p}"), view);
+        answers.insert(format!("decide {p}"), both["decisions"].clone());
+        let _ = i;
+    }
+    assert!(
+        answers.keys().filter(|k| k.starts_with("profile")).count() >= 10,
+        "too few profiles checked"
+    );
+    let status = run.stop();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    answers
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A finished replay serves its final state: sizes, members, profiles and
+/// decisions equal the model, alike for one and two workers.
+#[test]
+fn a_replay_serves_what_its_diffs_say_for_any_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let one = served_answers(dir.path(), "1");
+    let two = served_answers(dir.path(), "2");
+    assert_eq!(one.len(), two.len());
+    for ((k1, a), (k2, b)) in one.iter().zip(&two) {
+        assert_eq!(k1, k2);
+        assert_eq!(a, b, "{k1}: -w 1 and -w 2 differ");
+    }
+}
+
+/// Every failure a client can cause gets its status and a reason.
+#[test]
+fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let mut run = Served::start(dir.path(), &["ecommerce.toml", "--reset"]);
+    run.wait_line("serving its final state", 120);
+    let base = run.base.clone();
+    // /healthz needs no token; everything else does.
+    let (status, _, body) = get_as(&base, "/healthz", None);
+    assert_eq!((status, body), (200, Value::String("ok\n".into())));
+    for path in [
+        "/v1/segments",
+        "/v1/segments/vip/members",
+        "/v1/profiles/crm:C000001",
+        "/v1/decide/hero?id=anon:x",
+        "/v1/decide?slots=hero&id=anon:x",
+        "/v1/diffs/stream",
+    ] {
+        let (status, auth, body) = get_as(&base, path, None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(auth.as_deref(), Some("Bearer realm=\"segflow\""), "{path}");
+        assert!(body["error"].as_str().unwrap().contains("Authorization: Bearer"), "{body}");
+        let (status, _, body) = get_as(&base, path, Some("wrong-token-0123"));
+        assert_eq!(status, 401, "{path}");
+        assert!(body["error"].as_str().unwrap().contains("wrong"), "{body}");
+    }
+    let cases: [(&str, u16, &str); 9] = [
+        ("/v1/segments/vipp/members", 404, "did you mean `vip`?"),
+        ("/v1/segments/vip/members?limit=0", 400, "`limit` must be"),
+        ("/v1/segments/vip/members?limit=x", 400, "`limit` must be"),
+        ("/v1/profiles/anon:nobody-at-all", 404, "no profile has the identifier"),
+        ("/v1/profiles/email:not-an-email", 400, "is not an identifier"),
+        ("/v1/decide/heroo?id=anon:x", 404, "did you mean `hero`?"),
+        ("/v1/decide/hero", 400, "give the visitor's identifier"),
+        ("/v1/decide?id=anon:x", 400, "name the slots"),
+        ("/v2/nothing", 404, "no such endpoint"),
+    ];
+    for (path, want, text) in cases {
+        let (status, body) = get(&base, path);
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains(text),
+            "{path}: {body}"
+        );
+    }
+    // An unknown visitor gets what an empty profile gets.
+    let (status, body) = get(&base, "/v1/decide?slots=hero,strip&id=anon:first-visit");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["profile"], Value::Null);
+    assert_eq!(body["decisions"]["hero"]["variant"], "generic");
+    assert_eq!(body["decisions"]["hero"]["content"]["headline"], "Sale");
+    assert_eq!(body["decisions"]["strip"]["variant"], "default");
+    assert_eq!(body["decisions"]["hero"]["why"]["rule"], "default");
+    let status = run.stop();
+    assert!(status.success());
+}
+
+/// The API cannot start: the run fails at once with the reason, before
+/// reading anything.
+#[test]
+fn a_port_in_use_a_bad_token_file_or_a_cluster_fail_the_run_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let empty = dir.path().join("token");
+    std::fs::write(&empty, "\n").unwrap();
+    let empty = empty.to_str().unwrap().to_string();
+    let cases: [(Vec<&str>, &str); 3] = [
+        (vec!["--http", &addr], "cannot listen"),
+        (vec!["--http", "127.0.0.1:0", "--http-token-file", &empty], "the file is empty"),
+        (vec!["--http", "127.0.0.1:0", "-n", "2", "-p", "0"], "--http serves one process"),
+    ];
+    for (args, text) in cases {
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_segflow"))
+            .current_dir(dir.path())
+            .args(["run", "ecommerce.toml", "--reset"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(text), "{args:?}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{args:?} took long");
+        assert!(!dir.path().join("out/segments.jsonl").exists() || text != "cannot listen");
+    }
+}
+
+/// Tick 100 ms, lateness 200 ms: a live web source on TCP.
+const LIVE: &str = r#"
+[engine]
+tick = "100ms"
+allowed_lateness = "200ms"
+idle_advance = "200ms"
+
+[sources.web]
+kind = "web"
+
+[traits.views]
+stream = "web"
+filter = 'event == "view_item"'
+
+[segments.viewer]
+when = "views >= 2"
+
+[content.banner]
+[[content.banner.variants]]
+name = "fan"
+when = 'viewer'
+content = "for fans"
+[content.banner.default]
+content = "hello"
+
+[output]
+state_dir = "state"
+"#;
+
+fn wall_ms() -> u64 {
+    segflow::time::wall_clock_ms()
+}
+
+/// Polls `path` until `ok` holds for the answer; the answer and how long
+/// it took.
+fn poll(base: &str, path: &str, secs: u64, ok: impl Fn(u16, &Value) -> bool) -> (Value, Duration) {
+    let started = Instant::now();
+    loop {
+        let (status, body) = get(base, path);
+        if ok(status, &body) {
+            return (body, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(secs),
+            "{path}: still {status} {body} after {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A client sends events stamped with the wall clock, pausing between
+/// them: a lookup sees each one as soon as its time is complete, the
+/// decision changes with the segment, and the diff stream (opened before,
+/// filtered to the visitor) carries the entry.
+#[test]
+fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
+    let web = common::free_port();
+    let run = Served::start(
+        dir.path(),
+        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--output", "diffs.jsonl"],
+    );
+    let base = run.base.clone();
+    // Before any event: unknown visitor, default content.
+    // (503 while the run opens its state.)
+    let (body, _) = poll(&base, "/v1/profiles/anon:v1", 30, |s, _| s != 503);
+    assert_eq!(body["error"], "no profile has the identifier \"anon:v1\"");
+    // The stream, filtered to the visitor's identifier, opened first
+    // (with the token as a query parameter, as a browser's EventSource).
+    let stream_url = format!("{base}/v1/diffs/stream?id=anon:v1&access_token={TOKEN}");
+    let (events_tx, events) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let resp = agent().get(&stream_url).call().unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let reader = BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data:") {
+                if events_tx.send(data.trim().to_string()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // Another visitor's diffs must not reach this stream.
+    let mut client = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", web)) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let send = |client: &mut std::net::TcpStream, anon: &str| -> u64 {
+        let ts = wall_ms();
+        writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"{anon}"}}"#).unwrap();
+        client.flush().unwrap();
+        ts
+    };
+    let first = send(&mut client, "v1");
+    let (view, _) = poll(&base, "/v1/profiles/anon:v1", 20, |s, _| s == 200);
+    assert_eq!(view["traits"]["views"], 1, "{view}");
+    assert!(view["as_of"]["time"].as_u64().unwrap() >= first, "{view}");
+    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
+    assert_eq!(d["variant"], "default", "{d}");
+    // A pause longer than idle_advance, then the second view and
+    // another visitor's three.
+    std::thread::sleep(Duration::from_millis(700));
+    for _ in 0..3 {
+        send(&mut client, "v2");
+    }
+    let second = send(&mut client, "v1");
+    let (view, took) = poll(&base, "/v1/profiles/anon:v1", 20, |s, b| {
+        s == 200 && b["traits"]["views"] == 2
+    });
+    assert!(view["segments"].as_array().unwrap().iter().any(|s| s == "viewer"), "{view}");
+    assert!(view["as_of"]["time"].as_u64().unwrap() >= second);
+    eprintln!("the second view was served {} ms after it was sent", took.as_millis());
+    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
+    assert_eq!(d["variant"], "fan", "{d}");
+    assert_eq!(d["content"], "for fans");
+    // The stream carried v1's entry, and nothing of v2's.
+    let entry = events.recv_timeout(Duration::from_secs(20)).expect("the entry on the stream");
+    let entry: Value = serde_json::from_str(&entry).unwrap();
+    assert_eq!(entry["profile"], "anon:v1");
+    assert_eq!(entry["segment"], "viewer");
+    assert_eq!(entry["diff"], 1);
+    assert!(events.recv_timeout(Duration::from_millis(500)).is_err(), "only v1's diffs");
+    // Idle: the answer becomes complete (every event read is in it).
+    let (segments, _) = poll(&base, "/v1/segments", 20, |_, b| b["as_of"]["complete"] == true);
+    assert_eq!(segments["segments"][0]["size"], 2, "{segments}");
+    assert_eq!(segments["as_of"]["ended"], false);
+    drop(client);
+    let status = run.stop();
+    assert!(status.success(), "{status}");
+    // The stream ends with the run.
+}
