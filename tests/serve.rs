@@ -394,6 +394,7 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         "/v1/decide/hero?id=anon:x",
         "/v1/decide?slots=hero&id=anon:x",
         "/v1/diffs/stream",
+        "/metrics",
     ] {
         let (status, auth, body) = get_as(&base, path, None);
         assert_eq!(status, 401, "{path}: {body}");
@@ -597,6 +598,33 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let (segments, _) = poll(&base, "/v1/segments", 20, |_, b| b["as_of"]["complete"] == true);
     assert_eq!(segments["segments"][0]["size"], 2, "{segments}");
     assert_eq!(segments["as_of"]["ended"], false);
+    // The metrics say what happened, in the Prometheus text format.
+    let (status, metrics) = get(&base, "/metrics");
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap().to_string();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value(r#"segflow_source_records_total{source="web"}"#), 5.0);
+    assert_eq!(value(r#"segflow_source_lines_total{source="web"}"#), 5.0);
+    assert_eq!(value(r#"segflow_source_dead_letters_total{source="web"}"#), 0.0);
+    assert_eq!(value(r#"segflow_segment_members{segment="viewer"}"#), 2.0);
+    assert_eq!(value("segflow_diffs_total"), 2.0);
+    assert_eq!(value("segflow_profiles"), 2.0);
+    assert!(value("segflow_commit_lag_seconds") < 60.0, "{metrics}");
+    assert!(value("segflow_commit_delay_seconds_count") >= 1.0, "{metrics}");
+    assert!(
+        value(r#"segflow_api_request_duration_seconds_count{endpoint="/v1/profiles/{identifier}"}"#) >= 3.0,
+        "{metrics}"
+    );
     drop(client);
     let status = run.stop();
     assert!(status.success(), "{status}");

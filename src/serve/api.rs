@@ -181,6 +181,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/decide", get(decide_many))
         .route("/v1/decide/{slot}", get(decide_one))
         .route("/v1/diffs/stream", get(stream))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&app), guard));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -272,10 +273,33 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
     let Ok(_permit) = app.in_flight.try_acquire() else {
         return busy("too many requests in flight");
     };
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+    let endpoint = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
+    let answer = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(r) => r,
         Err(_) => busy("the request took too long"),
-    }
+    };
+    // A stream's time is its opening.
+    app.live
+        .metrics()
+        .api_request(&endpoint, started.elapsed().as_secs_f64());
+    answer
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.live.render_metrics(),
+    )
+        .into_response()
 }
 
 fn busy(why: &str) -> Response {

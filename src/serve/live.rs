@@ -14,6 +14,8 @@ use crate::spec::Spec;
 use crate::store::{ProfileView, Store, StoreError};
 use crate::time::Time;
 
+use super::metrics::Metrics;
+
 /// How many committed times of diffs the stream buffers for a slow
 /// subscriber before it skips some (and says so, `event: lagged`).
 pub const STREAM_BUFFER: usize = 4096;
@@ -70,6 +72,8 @@ struct Index {
     profiles: i64,
     /// Per-source counters.
     sources: Vec<SourceSummary>,
+    /// Per source (by index), its clock (see [`crate::io::Control::Clock`]).
+    clocks: Vec<Option<Time>>,
 }
 
 /// The state a running engine shares with its API: fed by the commit
@@ -83,6 +87,7 @@ pub struct Live {
     index: RwLock<Index>,
     diffs: broadcast::Sender<Arc<Vec<SegmentDiff>>>,
     ended: AtomicBool,
+    metrics: Metrics,
 }
 
 impl Live {
@@ -100,6 +105,7 @@ impl Live {
             index: RwLock::new(Index::default()),
             diffs,
             ended: AtomicBool::new(false),
+            metrics: Metrics::new(),
         })
     }
 
@@ -141,11 +147,54 @@ impl Live {
         }
     }
 
-    /// A source admitted a record at `tick`.
-    pub fn observe_admitted(&self, tick: Time) {
+    /// Source `source`'s clock is `tick`, and the largest tick of a
+    /// record it admitted `admitted` (see [`crate::io::Control::Clock`]).
+    pub fn observe_clock(&self, source: u32, tick: Time, admitted: Option<Time>) {
         if let Ok(mut i) = self.index.write() {
-            i.read_until = Some(i.read_until.map_or(tick, |r| r.max(tick)));
+            if let Some(admitted) = admitted {
+                i.read_until = Some(i.read_until.map_or(admitted, |r| r.max(admitted)));
+            }
+            let s = source as usize;
+            if i.clocks.len() <= s {
+                i.clocks.resize(s + 1, None);
+            }
+            i.clocks[s] = Some(i.clocks[s].map_or(tick, |c| c.max(tick)));
         }
+    }
+
+    /// The run's metrics, for the API's own.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The metrics in the Prometheus text format, as of now.
+    pub fn render_metrics(&self) -> String {
+        let sizes: Vec<(String, usize)> = self
+            .segment_sizes()
+            .into_iter()
+            .map(|(name, _, size)| (name, size))
+            .collect();
+        let committed = self.segments_as_of().time.map(|t| t + 1);
+        let (profiles, sources) = self
+            .index
+            .read()
+            .map(|i| {
+                let sources = i
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .map(|(n, s)| (s.clone(), i.clocks.get(n).copied().flatten()))
+                    .collect::<Vec<_>>();
+                (i.profiles, sources)
+            })
+            .unwrap_or_default();
+        self.metrics.render(
+            crate::time::wall_clock_ms(),
+            &sources,
+            committed,
+            profiles,
+            &sizes,
+        )
     }
 
     /// The consolidated diffs of one committed time: memberships change;
@@ -166,6 +215,13 @@ impl Live {
             }
         }
         if fresh {
+            self.metrics.diffs(diffs.len() as u64);
+            let tick = self.spec().engine.tick_ms;
+            let end = diffs[0].time.saturating_add(tick);
+            let delay_ms = crate::time::wall_clock_ms() as i64 - end as i64;
+            if delay_ms < 86_400_000 {
+                self.metrics.commit_delay(delay_ms.max(0) as f64 / 1000.0);
+            }
             // No subscriber is not an error.
             let _ = self.diffs.send(Arc::new(diffs));
         }

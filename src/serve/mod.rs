@@ -10,6 +10,7 @@
 //! | `GET /v1/segments/{name}/members?limit=N&cursor=C` | members in profile-id order, `limit` (default 100, at most 10 000) at a time, `next_cursor` for the next page |
 //! | `GET /v1/decide/{slot}?id=IDENTIFIER` | the content variant chosen for the profile (see [`crate::spec::content`]) and why |
 //! | `GET /v1/decide?slots=a,b&id=IDENTIFIER` | several slots in one call, for a page render |
+//! | `GET /metrics` | the run's metrics in the Prometheus text format (see [`metrics`]) |
 //! | `GET /v1/diffs/stream?segment=a,b&profile=P&id=IDENTIFIER` | segment diffs as server-sent events (`event: diff`, one diff line as data), as they are committed, optionally only some segments, one profile, or the profile of an identifier |
 //!
 //! Every endpoint but `/healthz` needs `Authorization: Bearer TOKEN` (the
@@ -38,6 +39,7 @@
 
 mod api;
 mod live;
+pub mod metrics;
 
 pub use api::{api_token, Server, ServeConfig, TokenOrigin};
 pub use live::{AsOf, Live, LookupError};

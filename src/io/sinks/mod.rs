@@ -863,13 +863,19 @@ pub fn commit<'s>(
                 for (_, item) in data.drain(..) {
                     offsets_moved |= matches!(item, Control::Offset { .. });
                     match (item, committer.as_mut()) {
-                        (Control::Clock { tick, admitted, .. }, c) => {
+                        (
+                            Control::Clock {
+                                source,
+                                tick,
+                                admitted,
+                            },
+                            c,
+                        ) => {
                             if let Ok(mut c) = shared.completion.lock() {
                                 c.observe(tick);
                             }
-                            let live = c.and_then(|c| c.outputs.live.as_ref());
-                            if let (Some(live), Some(admitted)) = (live, admitted) {
-                                live.observe_admitted(admitted);
+                            if let Some(live) = c.and_then(|c| c.outputs.live.as_ref()) {
+                                live.observe_clock(source, tick, admitted);
                             }
                         }
                         (Control::Cut { watermark, live, .. }, c) => {
