@@ -630,3 +630,127 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     assert!(status.success(), "{status}");
     // The stream ends with the run.
 }
+
+/// Headless Chromium from Debian (`.ci/test` installs it): `SEGFLOW_CHROMIUM`
+/// or `chromium` on the path.
+fn chromium() -> String {
+    let bin = std::env::var("SEGFLOW_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let found = Command::new(&bin).arg("--version").output();
+    assert!(
+        found.as_ref().is_ok_and(|o| o.status.success()),
+        "no headless browser: install Debian's chromium (`apt-get install chromium`; .ci/test does) or set SEGFLOW_CHROMIUM"
+    );
+    bin
+}
+
+/// Chromium, headless, on `url` with `args` (flags as the machine's
+/// closed network needs them), its standard output.
+fn browse(url: &str, args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1280,1000",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The colours of the dashboard's charts (its `COLORS`), and how many
+/// of them cover at least 50 pixels of the screenshot at `path`.
+fn chart_colours(path: &Path) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1280, 1000), "screenshot size");
+    let channels = info.color_type.samples();
+    let palette: Vec<[u8; 3]> = [
+        0x2563eb, 0xdc2626, 0x16a34a, 0xd97706, 0x7c3aed, 0x0891b2, 0xdb2777, 0x65a30d, 0xea580c,
+        0x4f46e5, 0x0d9488, 0x9333ea,
+    ]
+    .iter()
+    .map(|c: &u32| [(c >> 16) as u8, (c >> 8) as u8, *c as u8])
+    .collect();
+    let mut counts = vec![0usize; palette.len()];
+    for px in buf[..info.buffer_size()].chunks(channels) {
+        if let Some(i) = palette.iter().position(|p| p[..] == px[..3]) {
+            counts[i] += 1;
+        }
+    }
+    counts.iter().filter(|&&n| n >= 50).count()
+}
+
+/// The dashboard in a real headless browser: with the token it shows
+/// every segment's size as the API gives it, draws the charts (a
+/// screenshot holds the charts' colours), and loads nothing from
+/// elsewhere; with a wrong token it asks for one.
+#[test]
+fn the_dashboard_renders_the_run_in_a_headless_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let mut run = Served::start(dir.path(), &["ecommerce.toml", "--reset"]);
+    run.wait_line("serving its final state", 120);
+    let base = run.base.clone();
+    let (_, segments) = get(&base, "/v1/segments");
+    let sizes: BTreeMap<String, u64> = segments["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap().to_string(), s["size"].as_u64().unwrap()))
+        .collect();
+    assert!(sizes.values().filter(|&&n| n > 0).count() >= 5);
+    // The page itself needs no token, and loads nothing from elsewhere.
+    let (status, _, page) = get_as(&base, "/", None);
+    assert_eq!(status, 200);
+    let page = page.as_str().unwrap();
+    assert!(page.contains("<title>segflow</title>"));
+    for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!page.contains(external), "the page loads {external}");
+    }
+
+    let url = format!("{base}/#token={TOKEN}&stream=off");
+    let dom = browse(&url, &["--dump-dom"]);
+    let shown: BTreeMap<String, u64> = dom
+        .split("data-segment=\"")
+        .skip(1)
+        .map(|rest| {
+            let name = rest.split('"').next().unwrap().to_string();
+            let size = rest.split("data-size=\"").nth(1).unwrap().split('"').next().unwrap();
+            (name, size.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(shown, sizes, "the dashboard's segment table");
+    assert!(dom.contains("id=\"login\" hidden"), "the login form is hidden");
+    assert!(dom.contains("· complete · run ended"), "the status line");
+
+    let shot = std::env::temp_dir().join(format!("segflow-dashboard-{}.png", std::process::id()));
+    browse(&url, &[&format!("--screenshot={}", shot.display())]);
+    let colours = chart_colours(&shot);
+    assert!(colours >= 8, "{} shows {colours} chart colours; expected the segment lines", shot.display());
+    let _ = std::fs::remove_file(&shot);
+
+    // A wrong token: the page asks for one, and draws no chart.
+    let wrong = format!("{base}/#token=wrong-token&stream=off");
+    let dom = browse(&wrong, &["--dump-dom"]);
+    assert!(dom.contains("That token was refused."), "{dom}");
+    assert!(dom.contains("id=\"board\" hidden"), "the board is hidden");
+    browse(&wrong, &[&format!("--screenshot={}", shot.display())]);
+    assert!(chart_colours(&shot) <= 1, "charts drawn without the token");
+    let _ = std::fs::remove_file(&shot);
+    assert!(run.stop().success());
+}

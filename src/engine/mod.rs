@@ -1294,8 +1294,8 @@ impl Engine {
             // state (the whole state of a single process).
             match &state {
                 Some(state) => {
-                    let (store, readable) = state.readable();
-                    live.attach_state(store, readable);
+                    let (store, readable, lock) = state.readable();
+                    live.attach_state(store, readable, lock);
                 }
                 None => live.without_state(),
             }

@@ -182,9 +182,11 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/decide/{slot}", get(decide_one))
         .route("/v1/diffs/stream", get(stream))
         .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&app), guard));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/", get(dashboard))
         .merge(guarded)
         .fallback(not_found)
         .with_state(app)
@@ -193,7 +195,7 @@ fn router(app: Arc<App>) -> Router {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint; see GET /v1/profiles/{identifier}, /v1/segments, /v1/segments/{name}/members, /v1/decide/{slot}?id=, /v1/diffs/stream, /healthz",
+        "no such endpoint; see GET /v1/profiles/{identifier}, /v1/segments, /v1/segments/{name}/members, /v1/decide/{slot}?id=, /v1/diffs/stream, /v1/status, /metrics, /healthz, and the dashboard at /",
     )
 }
 
@@ -288,6 +290,59 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
         .metrics()
         .api_request(&endpoint, started.elapsed().as_secs_f64());
     answer
+}
+
+/// The dashboard: one page with its script and styles inline (no
+/// external asset); it asks for the token and reads `/v1/status` and the
+/// diff stream.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // The page loads nothing from elsewhere, and nothing may frame it.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+/// The run at a glance, for the dashboard: freshness, profiles, diffs,
+/// segment sizes, and each source's counters and clock.
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let as_of = app.live.segments_as_of();
+    let (profiles, sources) = app.live.counters_with_clocks();
+    let now = crate::time::wall_clock_ms() as i64;
+    let sources: Vec<Value> = sources
+        .into_iter()
+        .map(|(s, clock)| {
+            json!({
+                "name": s.name, "lines": s.lines, "records": s.records,
+                "dead_letters": s.dead_letters, "late": s.late,
+                "clock": clock, "clock_lag_ms": clock.map(|c| now - c as i64),
+            })
+        })
+        .collect();
+    let segments: Vec<Value> = app
+        .live
+        .segment_sizes()
+        .into_iter()
+        .map(|(name, description, size)| json!({"name": name, "description": description, "size": size}))
+        .collect();
+    ok(json!({
+        "as_of": as_of_json(&as_of),
+        "profiles": profiles,
+        "diffs": app.live.metrics().diffs_total(),
+        "segments": segments,
+        "sources": sources,
+    }))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use crate::io::sinks::{SegmentDiff, SourceSummary};
 use crate::model::{Ident, IdentityRules};
 use crate::spec::Spec;
-use crate::store::{ProfileView, Store, StoreError};
+use crate::store::{ProfileView, StateLock, Store, StoreError};
 use crate::time::Time;
 
 use super::metrics::Metrics;
@@ -44,8 +44,13 @@ enum StateLink {
     Starting,
     /// The run writes no state.
     Without,
-    /// The run's store, and the time before which every change is in it.
-    Open(Arc<Store>, Arc<AtomicU64>),
+    /// The run's store, the time before which every change is in it, and
+    /// the directory's lock (held while the API reads the store).
+    Open {
+        store: Arc<Store>,
+        readable: Arc<AtomicU64>,
+        _lock: Arc<StateLock>,
+    },
 }
 
 /// Why a profile cannot be read.
@@ -131,12 +136,16 @@ impl Live {
         &self.rules
     }
 
-    /// Attaches the run's state (process 0's part) and the time before
-    /// which every change is in it (see
+    /// Attaches the run's state (process 0's part), the time before
+    /// which every change is in it and the directory's lock (see
     /// [`crate::io::sinks::ProcessState::readable`]).
-    pub fn attach_state(&self, store: Arc<Store>, readable: Arc<AtomicU64>) {
+    pub fn attach_state(&self, store: Arc<Store>, readable: Arc<AtomicU64>, lock: Arc<StateLock>) {
         if let Ok(mut s) = self.state.write() {
-            *s = StateLink::Open(store, readable);
+            *s = StateLink::Open {
+                store,
+                readable,
+                _lock: lock,
+            };
         }
     }
 
@@ -175,19 +184,7 @@ impl Live {
             .map(|(name, _, size)| (name, size))
             .collect();
         let committed = self.segments_as_of().time.map(|t| t + 1);
-        let (profiles, sources) = self
-            .index
-            .read()
-            .map(|i| {
-                let sources = i
-                    .sources
-                    .iter()
-                    .enumerate()
-                    .map(|(n, s)| (s.clone(), i.clocks.get(n).copied().flatten()))
-                    .collect::<Vec<_>>();
-                (i.profiles, sources)
-            })
-            .unwrap_or_default();
+        let (profiles, sources) = self.counters_with_clocks();
         self.metrics.render(
             crate::time::wall_clock_ms(),
             &sources,
@@ -299,7 +296,9 @@ impl Live {
     /// freshness of what was read; `Ok(None)` for an unknown identifier.
     pub fn profile(&self, ids: &[Ident]) -> Result<Option<(ProfileView, AsOf)>, LookupError> {
         let (store, readable) = match self.state.read().as_deref() {
-            Ok(StateLink::Open(store, readable)) => (Arc::clone(store), Arc::clone(readable)),
+            Ok(StateLink::Open {
+                store, readable, ..
+            }) => (Arc::clone(store), Arc::clone(readable)),
             Ok(StateLink::Starting) => return Err(LookupError::Starting),
             _ => return Err(LookupError::NoState),
         };
@@ -372,11 +371,20 @@ impl Live {
         Some((page, members.len()))
     }
 
-    /// Profiles and per-source counters as committed.
-    pub fn counters(&self) -> (i64, Vec<SourceSummary>) {
+    /// Profiles, and each source's counters with its clock (see
+    /// [`Live::observe_clock`]).
+    pub fn counters_with_clocks(&self) -> (i64, Vec<(SourceSummary, Option<Time>)>) {
         self.index
             .read()
-            .map(|i| (i.profiles, i.sources.clone()))
+            .map(|i| {
+                let sources = i
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .map(|(n, s)| (s.clone(), i.clocks.get(n).copied().flatten()))
+                    .collect();
+                (i.profiles, sources)
+            })
             .unwrap_or_default()
     }
 }

@@ -167,6 +167,11 @@ impl Metrics {
         self.diffs.inc_by(n);
     }
 
+    /// Segment diffs committed so far.
+    pub fn diffs_total(&self) -> u64 {
+        self.diffs.get()
+    }
+
     /// A live time committed `delay_s` seconds after its tick ended.
     pub fn commit_delay(&self, delay_s: f64) {
         self.commit_delay.observe(delay_s);

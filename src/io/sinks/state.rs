@@ -399,7 +399,7 @@ pub struct ProcessState {
     store: Arc<Store>,
     /// Declared before the lock: dropped (joined) first.
     writer: StateWriter,
-    _lock: StateLock,
+    lock: Arc<StateLock>,
     /// How messages name the part (its directory).
     pub label: String,
     group: Mutex<Group>,
@@ -449,7 +449,7 @@ impl ProcessState {
         ProcessState {
             writer: StateWriter::start(Arc::clone(&store), label.clone()),
             store,
-            _lock: lock,
+            lock: Arc::new(lock),
             label,
             group: Mutex::new(Group {
                 horizons: vec![0; workers],
@@ -551,8 +551,14 @@ impl ProcessState {
     /// The store this part is written to, for lookups while the run goes
     /// on (the API's profiles), and the time before which every change is
     /// in it (see [`StateWriter::readable`]).
-    pub fn readable(&self) -> (Arc<Store>, Arc<AtomicU64>) {
-        (Arc::clone(&self.store), Arc::clone(&self.writer.readable))
+    /// The directory's lock comes along: whoever still reads the store
+    /// after the run (a replay that goes on serving) keeps it locked.
+    pub fn readable(&self) -> (Arc<Store>, Arc<AtomicU64>, Arc<StateLock>) {
+        (
+            Arc::clone(&self.store),
+            Arc::clone(&self.writer.readable),
+            Arc::clone(&self.lock),
+        )
     }
 
     /// Waits until every state batch formed so far is written; the first
