@@ -189,7 +189,7 @@ struct BenchArgs {
     /// Directory for the data, outputs and state (kept afterwards).
     #[arg(long, value_name = "DIR", default_value = "bench")]
     dir: PathBuf,
-    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, segment, http, kafka, latency, query, memory, resume, restart (segment runs the shipped dataflow on the web events written as Segment messages; http sends those messages to the shipped dataflow's HTTP collection endpoint from 4 clients, 100 per request, and reports messages/s and request latency; kafka (not in the default list; needs --kafka) produces the generated data to topics of a running broker and runs the shipped dataflow on them to their end offsets; memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
+    /// Jobs to run, comma-separated: ecommerce, visitor_high_intent, segment, http, kafka, api, latency, query, memory, resume, restart (api (not in the default list) feeds the shipped dataflow live events over TCP at the first of --api-rates and sends its API profile lookups and content decisions at the second, for --latency-secs, and reports their latency percentiles; segment runs the shipped dataflow on the web events written as Segment messages; http sends those messages to the shipped dataflow's HTTP collection endpoint from 4 clients, 100 per request, and reports messages/s and request latency; kafka (not in the default list; needs --kafka) produces the generated data to topics of a running broker and runs the shipped dataflow on them to their end offsets; memory, resume and restart are not in the default list: memory runs both dataflow jobs again on a data set an eighth of the size, and reports the RSS each additional profile costs; resume kills the ecommerce run half-way with SIGKILL and times the run that resumes it; restart times the ecommerce run started again on its finished checkpoint, for data sets of --restart-events).
     #[arg(
         long,
         value_delimiter = ',',
@@ -201,6 +201,11 @@ struct BenchArgs {
     /// shipped dataflow on them.
     #[arg(long, value_name = "HOST:PORT")]
     kafka: Option<String>,
+    /// The api job's load: events per second fed to the engine (live,
+    /// stamped with the wall clock) and requests per second to its API
+    /// (profile lookups and content decisions, half each).
+    #[arg(long, value_name = "EVENTS,REQUESTS", value_delimiter = ',', default_value = "100000,5000")]
+    api_rates: Vec<u64>,
     /// Worker counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
@@ -836,6 +841,10 @@ fn main() -> ExitCode {
                 query_profiles: args.query_profiles,
                 restart_events: args.restart_events.clone(),
                 kafka: args.kafka.clone(),
+                api_rates: match args.api_rates[..] {
+                    [ingest, requests] if ingest > 0 && requests > 0 => (ingest, requests),
+                    _ => anyhow::bail!("--api-rates: expected EVENTS,REQUESTS per second, both above 0, e.g. 100000,5000"),
+                },
                 stop: Some(watch_signals()?),
             };
             segflow::bench::run(&config, &mut |line| print_out(&line))?;
@@ -846,8 +855,13 @@ fn main() -> ExitCode {
             for w in spec.warnings() {
                 eprintln!("warning: {}: {w}", dataflow.display());
             }
+            let slots = match spec.content.len() {
+                0 => String::new(),
+                1 => ", 1 content slot".to_string(),
+                n => format!(", {n} content slots"),
+            };
             println!(
-                "{}: ok: {} sources, {} traits, {} segments",
+                "{}: ok: {} sources, {} traits, {} segments{slots}",
                 dataflow.display(),
                 spec.sources.len(),
                 spec.traits.len(),

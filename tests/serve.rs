@@ -754,3 +754,103 @@ fn the_dashboard_renders_the_run_in_a_headless_browser() {
     let _ = std::fs::remove_file(&shot);
     assert!(run.stop().success());
 }
+
+/// `examples/shop`: a page rendered on each request from segflow's
+/// decisions for the visitor's cookie; the block changes once the
+/// visitor's events make them a `viewer`; `/events` passes the visitor's
+/// diffs on; the page still renders when segflow is gone.
+#[test]
+fn the_shop_example_personalizes_its_page_from_the_running_engine() {
+    // Built by `cargo test --all-targets` (as .ci/test runs it).
+    let exe = std::env::current_exe().unwrap();
+    let shop_bin = exe.parent().unwrap().parent().unwrap().join("examples/shop");
+    assert!(
+        shop_bin.exists(),
+        "{} is missing: build it with `cargo build --example shop` (cargo test --all-targets does)",
+        shop_bin.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
+    let web = common::free_port();
+    let run = Served::start(
+        dir.path(),
+        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--output", "diffs.jsonl"],
+    );
+    let base = run.base.clone();
+    poll(&base, "/v1/profiles/anon:shopper", 30, |s, _| s != 503);
+    let mut shop = Command::new(&shop_bin)
+        .args(["--segflow", &base, "--listen", "127.0.0.1:0", "--slots", "banner"])
+        .env("SEGFLOW_API_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(shop.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let shop_url = first.trim().strip_prefix("shop on ").expect("the shop's address").to_string();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _shop = Kill(shop);
+    let page = |cookie: Option<&str>| -> (u16, Option<String>, String) {
+        let mut req = agent().get(&shop_url);
+        if let Some(c) = cookie {
+            req = req.header("Cookie", c);
+        }
+        let mut r = req.call().unwrap();
+        let cookie = r.headers().get("set-cookie").map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), cookie, r.body_mut().read_to_string().unwrap())
+    };
+    // A new visitor gets a cookie and the default block.
+    let (status, set, html) = page(None);
+    assert_eq!(status, 200);
+    assert!(set.unwrap().starts_with("visitor="));
+    assert!(html.contains(r#"data-segflow-slot="banner" data-variant="default""#), "{html}");
+    assert!(html.contains("hello"));
+    // The visitor's diff stream, through the shop (no token in the browser).
+    let events_url = format!("{shop_url}/events");
+    let (tx, events) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let resp = agent().get(&events_url).header("Cookie", "visitor=shopper").call().unwrap();
+        for line in BufReader::new(resp.into_body().into_reader()).lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data:") {
+                let _ = tx.send(data.trim().to_string());
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", web)).unwrap();
+    for _ in 0..2 {
+        let ts = wall_ms();
+        writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"shopper"}}"#).unwrap();
+    }
+    client.flush().unwrap();
+    let started = Instant::now();
+    loop {
+        let (_, _, html) = page(Some("visitor=shopper"));
+        if html.contains(r#"data-variant="fan""#) {
+            assert!(html.contains("for fans"), "{html}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the block never changed: {html}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let entry: Value = serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
+    assert_eq!((entry["profile"].as_str(), entry["segment"].as_str()), (Some("anon:shopper"), Some("viewer")));
+    // The snippet is served; the blocks endpoint gives the decisions.
+    let mut r = agent().get(format!("{shop_url}/live-block.js")).call().unwrap();
+    assert!(r.body_mut().read_to_string().unwrap().contains("EventSource"));
+    let mut r = agent().get(format!("{shop_url}/blocks?slots=banner")).header("Cookie", "visitor=shopper").call().unwrap();
+    let blocks: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(blocks["decisions"]["banner"]["variant"], "fan");
+    // segflow gone: the page still renders, with the fallback.
+    drop(client);
+    assert!(run.stop().success());
+    let (status, _, html) = page(Some("visitor=shopper"));
+    assert_eq!(status, 200);
+    assert!(html.contains(r#"data-variant="fallback""#), "{html}");
+}

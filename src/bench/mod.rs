@@ -26,6 +26,7 @@
 //! run half-way with SIGKILL and times the run that resumes it, checking
 //! that its outputs equal an uninterrupted run's.
 
+pub mod api;
 pub mod http;
 pub mod kafka;
 pub mod latency;
@@ -94,6 +95,9 @@ pub struct BenchConfig {
     pub restart_events: Vec<u64>,
     /// A running Kafka-API broker (`host:port`) for the `kafka` job.
     pub kafka: Option<String>,
+    /// The `api` job's events per second fed to the engine, and requests
+    /// per second sent to its API.
+    pub api_rates: (u64, u64),
     /// Set (by SIGTERM or Ctrl-C) to stop: the running child is stopped
     /// and the bench ends with [`BenchError::Interrupted`].
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -672,7 +676,7 @@ fn query_job(
 pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), BenchError> {
     for name in &config.jobs {
         if ![
-            "latency", "query", "memory", "resume", "restart", "segment", "http", "kafka",
+            "latency", "query", "memory", "resume", "restart", "segment", "http", "kafka", "api",
         ]
         .contains(&name.as_str())
             && !JOBS.iter().any(|j| j.name == name)
@@ -828,6 +832,33 @@ pub fn run(config: &BenchConfig, print: &mut dyn FnMut(String)) -> Result<(), Be
                     &data,
                     stop,
                 )?);
+            }
+            continue;
+        }
+        if name == "api" {
+            for &workers in &config.workers {
+                let mut runs = Vec::new();
+                for _ in 0..config.repeat {
+                    if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                        return Err(BenchError::Interrupted);
+                    }
+                    let (ingest, requests) = config.api_rates;
+                    let state = config.dir.join("out").join("api.state");
+                    let r = api::run(&state, workers, ingest, requests, config.latency_secs, 3)
+                        .map_err(|reason| BenchError::Run {
+                            job: "api".into(),
+                            workers,
+                            reason,
+                        })?;
+                    print(serde_json::to_string(&r).expect("serializes"));
+                    runs.push(r);
+                }
+                // The run with the median p99 of profile lookups.
+                runs.sort_by(|a, b| a.profiles_p99_ms.total_cmp(&b.profiles_p99_ms));
+                let mid = runs.swap_remove(runs.len() / 2);
+                let mut line = serde_json::to_value(&mid).expect("serializes");
+                line["median_of"] = config.repeat.into();
+                print(line.to_string());
             }
             continue;
         }

@@ -678,11 +678,20 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                 }
                 match rx.recv().await {
                     Ok(diffs) => {
-                        // The profile of a followed identifier, as of now
-                        // (a merge moves it).
+                        // The profile of a followed identifier as of the
+                        // diffs' time (a merge moves it): the diffs are
+                        // sent as their time is committed, the state is
+                        // written right after; wait for it (briefly).
                         let followed = if filter.ids.is_empty() {
                             None
                         } else {
+                            let time = diffs.first().map_or(0, |d| d.time);
+                            let waiting = tokio::time::Instant::now();
+                            while !live.state_holds(time)
+                                && waiting.elapsed() < Duration::from_secs(2)
+                            {
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
                             match live.profile(&filter.ids) {
                                 Ok(Some((view, _))) => Some(view.profile),
                                 _ => Some(String::new()),

@@ -320,6 +320,16 @@ impl Live {
         Ok(None)
     }
 
+    /// Whether the state holds every change of `time` (the profile
+    /// lookups see it); `true` for a run without state.
+    pub fn state_holds(&self, time: Time) -> bool {
+        match self.state.read().as_deref() {
+            Ok(StateLink::Open { readable, .. }) => readable.load(Ordering::SeqCst) > time,
+            Ok(StateLink::Starting) => false,
+            _ => true,
+        }
+    }
+
     /// Each segment of the definition (then any a reload added) with its
     /// size.
     pub fn segment_sizes(&self) -> Vec<(String, Option<String>, usize)> {

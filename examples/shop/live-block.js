@@ -1,0 +1,38 @@
+// segflow live block: re-renders a content block when the visitor's
+// segments change, without a page reload.
+//
+// <div data-segflow-slot="home_hero">…server-rendered content…</div>
+// <script src="/live-block.js"></script>
+//
+// The page's own server proxies two things (so the API token never reaches
+// the browser): `/events`, the visitor's segment diffs (segflow's
+// `/v1/diffs/stream?id=…`, server-sent events), and `/blocks`, the visitor's
+// current decisions (segflow's `/v1/decide?slots=…&id=…`).
+(function () {
+  "use strict";
+  const blocks = Array.from(document.querySelectorAll("[data-segflow-slot]"));
+  if (!blocks.length || !window.EventSource) return;
+  const slots = blocks.map(b => b.dataset.segflowSlot).join(",");
+  let pending = null;
+
+  function render(block, decision) {
+    const c = decision.content || {};
+    block.dataset.variant = decision.variant;
+    const h = block.querySelector("[data-field=headline], [data-field=text]");
+    if (h) h.textContent = c.headline || c.text || "";
+    const a = block.querySelector("a[data-field=link]");
+    if (a && c.link) { a.href = c.link; a.textContent = c.cta || c.link; }
+  }
+
+  async function refresh() {
+    pending = null;
+    const r = await fetch("/blocks?slots=" + encodeURIComponent(slots), {cache: "no-store"});
+    if (!r.ok) return;
+    const answer = await r.json();
+    blocks.forEach(b => { const d = answer.decisions[b.dataset.segflowSlot]; if (d) render(b, d); });
+  }
+
+  const events = new EventSource("/events");
+  // Several diffs of one commit come together: one refresh for them.
+  events.addEventListener("diff", () => { if (!pending) pending = setTimeout(refresh, 50); });
+})();

@@ -1,0 +1,285 @@
+//! The API under load while the engine ingests (`segflow bench`'s `api`
+//! job).
+//!
+//! The shipped dataflow (with a `hero` content slot) runs in this process
+//! with state, its web source on TCP and the API on loopback. A feeder
+//! sends `view_item` events stamped with the wall clock at `ingest` events
+//! per second over one connection (visitors drawn round-robin from a pool
+//! of [`VISITORS`], items at random), so traits, windows and segments work
+//! as in production. After a warm-up (every visitor seen), client threads
+//! send `GET /v1/profiles/anon:V` and `GET /v1/decide/hero?id=anon:V`,
+//! alternately, at `requests` per second in all, on a fixed schedule (open
+//! loop): a request's latency runs from the moment it was due, not from
+//! when a late client got round to it, so a stall is counted in full
+//! (no coordinated omission). The job reports each endpoint's latency
+//! percentiles, the rates reached (events admitted per second, answers
+//! per second) and how far the committed state trailed the wall clock at
+//! the end.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::serve::{Live, ServeConfig, Server};
+use crate::{Engine, Input, Output};
+
+/// Distinct visitors the feeder draws from.
+pub const VISITORS: u64 = 50_000;
+
+/// Client threads sending the requests.
+pub const CLIENTS: usize = 4;
+
+/// One run of the `api` job.
+#[derive(Debug, serde::Serialize)]
+pub struct ApiResult {
+    /// Always `"api"`.
+    pub job: &'static str,
+    /// Worker threads of the engine.
+    pub workers: usize,
+    /// Events per second the feeder was asked to send.
+    pub ingest_target: u64,
+    /// Events the engine admitted per second while requests were measured.
+    pub ingested_per_sec: f64,
+    /// Requests per second asked for.
+    pub requests_target: u64,
+    /// Answers per second received while measured.
+    pub requests_per_sec: f64,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Answers other than 200 (a visitor not seen yet: 404).
+    pub not_ok: u64,
+    /// `GET /v1/profiles/{identifier}` latency percentiles, ms.
+    pub profiles_p50_ms: f64,
+    /// See [`ApiResult::profiles_p50_ms`].
+    pub profiles_p99_ms: f64,
+    /// See [`ApiResult::profiles_p50_ms`].
+    pub profiles_p999_ms: f64,
+    /// `GET /v1/decide/{slot}` latency percentiles, ms.
+    pub decide_p50_ms: f64,
+    /// See [`ApiResult::decide_p50_ms`].
+    pub decide_p99_ms: f64,
+    /// See [`ApiResult::decide_p50_ms`].
+    pub decide_p999_ms: f64,
+    /// The wall clock minus the committed time at the end, seconds.
+    pub commit_lag_s: f64,
+}
+
+const HERO: &str = r#"
+[content.hero]
+[[content.hero.variants]]
+name = "vip"
+when = 'vip'
+content = "Welcome back"
+[[content.hero.variants]]
+name = "outdoor"
+when = 'outdoor_enthusiast or outdoor_affinity'
+content = "New tents"
+[[content.hero.variants]]
+name = "bargains"
+when = 'bargain_hunter and not big_spender'
+content = "Deals"
+[content.hero.default]
+content = "Hello"
+"#;
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One run: `ingest` events/s and `requests` requests/s for `secs`
+/// measured seconds, after `warmup` seconds, on `workers` workers, with
+/// the state in `state_dir` (replaced).
+///
+/// # Errors
+///
+/// The engine or the API fails, a socket fails.
+pub fn run(
+    state_dir: &std::path::Path,
+    workers: usize,
+    ingest: u64,
+    requests: u64,
+    secs: u64,
+    warmup: u64,
+) -> Result<ApiResult, String> {
+    let text = format!("{}{HERO}", include_str!("../../dataflows/ecommerce.toml"));
+    let mut spec = crate::spec::parse_spec(&text, "bench-api.toml").map_err(|e| e.to_string())?;
+    spec.output = Default::default();
+    let live = Live::new(Arc::new(spec.clone()));
+    let server = Server::start(
+        &ServeConfig {
+            addr: "127.0.0.1:0".into(),
+            token: "bench".into(),
+        },
+        Arc::clone(&live),
+    )
+    .map_err(|e| e.to_string())?;
+    let api = format!("http://{}", server.local_addr());
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let engine = Engine::new(spec)
+        .input(
+            "web",
+            Input::Tcp {
+                addr: addr.clone(),
+                until_disconnect: false,
+            },
+        )
+        .and_then(|e| e.input("crm", Input::Memory(Arc::new(Vec::new()))))
+        .and_then(|e| e.input("transactions", Input::Memory(Arc::new(Vec::new()))))
+        .map_err(|e| e.to_string())?
+        .output(Output::Discard)
+        .state_dir(state_dir)
+        .reset(true)
+        .serve(Arc::clone(&live))
+        .shutdown_on(Arc::clone(&stop));
+    let running = std::thread::spawn(move || engine.run(timely::Config::process(workers)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut socket = loop {
+        match TcpStream::connect(&addr) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline && !running.is_finished() => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(match running.join() {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("the web source {addr} did not start: {e}"),
+                });
+            }
+        }
+    };
+    // The feeder: `ingest` events a second, in slices of a millisecond.
+    let feeding = Arc::new(AtomicBool::new(true));
+    let feeder = {
+        let feeding = Arc::clone(&feeding);
+        std::thread::spawn(move || -> Result<(), String> {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let mut seed = 0x2545_F491_4F6C_DD1Du64;
+            let categories = ["outdoor", "books", "fashion", "home", "toys", "beauty"];
+            let mut buf = Vec::with_capacity(64 << 10);
+            while feeding.load(Ordering::SeqCst) {
+                let due = (started.elapsed().as_secs_f64() * ingest as f64) as u64;
+                if due <= sent {
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                }
+                let ts = crate::time::wall_clock_ms();
+                buf.clear();
+                for i in sent..due.min(sent + 10_000) {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let visitor = i % VISITORS;
+                    let price = 5 + seed % 600;
+                    let category = categories[(seed >> 20) as usize % categories.len()];
+                    let _ = writeln!(
+                        buf,
+                        r#"{{"event":"view_item","ts":{ts},"anonymous_id":"v{visitor}","item":{{"id":"i{}","price":{price},"category":"{category}"}},"context":{{"session_id":"s{visitor}","device":"mobile"}}}}"#,
+                        seed % 5000
+                    );
+                }
+                sent = due.min(sent + 10_000);
+                socket.write_all(&buf).map_err(|e| format!("feeding the web source: {e}"))?;
+            }
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(warmup));
+    let records = |live: &Live| -> u64 { live.counters_with_clocks().1.iter().map(|(s, _)| s.records).sum() };
+    let before = records(&live);
+    // The clients: request k is due at k / requests seconds.
+    let latencies: Arc<Mutex<(Vec<f64>, Vec<f64>, u64)>> = Arc::default();
+    let started = Instant::now();
+    let total = requests * secs;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (latencies, api) = (Arc::clone(&latencies), api.clone());
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(10)))
+                    .build()
+                    .into();
+                let (mut profiles, mut decide, mut not_ok) = (Vec::new(), Vec::new(), 0u64);
+                for k in (c as u64..total).step_by(CLIENTS) {
+                    let due = started + Duration::from_secs_f64(k as f64 / requests as f64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let visitor = (k * 7919) % VISITORS;
+                    let url = if k % 2 == 0 {
+                        format!("{api}/v1/profiles/anon:v{visitor}")
+                    } else {
+                        format!("{api}/v1/decide/hero?id=anon:v{visitor}")
+                    };
+                    let answer = agent
+                        .get(&url)
+                        .header("Authorization", "Bearer bench")
+                        .call()
+                        .and_then(|mut r| {
+                            let status = r.status().as_u16();
+                            r.body_mut().read_to_vec().map(|_| status)
+                        });
+                    let ms = due.elapsed().as_secs_f64() * 1e3;
+                    if !matches!(answer, Ok(200)) {
+                        not_ok += 1;
+                    }
+                    if k % 2 == 0 {
+                        profiles.push(ms);
+                    } else {
+                        decide.push(ms);
+                    }
+                }
+                let mut l = latencies.lock().expect("latencies");
+                l.0.extend(profiles);
+                l.1.extend(decide);
+                l.2 += not_ok;
+            })
+        })
+        .collect();
+    for c in clients {
+        let _ = c.join();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = records(&live);
+    let commit_lag_s = live.segments_as_of().lag_ms.unwrap_or(i64::MAX) as f64 / 1000.0;
+    feeding.store(false, Ordering::SeqCst);
+    let fed = feeder.join().map_err(|_| "the feeder panicked".to_string())?;
+    stop.store(true, Ordering::SeqCst);
+    running
+        .join()
+        .map_err(|_| "the engine panicked".to_string())?
+        .map_err(|e| e.to_string())?;
+    fed?;
+    drop(server);
+    let (mut profiles, mut decide, not_ok) = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    profiles.sort_by(|a, b| a.total_cmp(b));
+    decide.sort_by(|a, b| a.total_cmp(b));
+    Ok(ApiResult {
+        job: "api",
+        workers,
+        ingest_target: ingest,
+        ingested_per_sec: (after - before) as f64 / seconds,
+        requests_target: requests,
+        requests_per_sec: (profiles.len() + decide.len()) as f64 / seconds,
+        seconds,
+        not_ok,
+        profiles_p50_ms: pct(&profiles, 0.5),
+        profiles_p99_ms: pct(&profiles, 0.99),
+        profiles_p999_ms: pct(&profiles, 0.999),
+        decide_p50_ms: pct(&decide, 0.5),
+        decide_p99_ms: pct(&decide, 0.99),
+        decide_p999_ms: pct(&decide, 0.999),
+        commit_lag_s,
+    })
+}
