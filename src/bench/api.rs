@@ -1,7 +1,8 @@
 //! The API under load while the engine ingests (`segflow bench`'s `api`
 //! job).
 //!
-//! The shipped dataflow (with a `hero` content slot) runs in this process
+//! The shipped dataflow (with a `hero` content slot, a tick of 100 ms and
+//! 200 ms of allowed lateness, as a live page wants) runs in this process
 //! with state, its web source on TCP and the API on loopback. A feeder
 //! sends `view_item` events stamped with the wall clock at `ingest` events
 //! per second over one connection (visitors drawn round-robin from a pool
@@ -106,7 +107,13 @@ pub fn run(
     secs: u64,
     warmup: u64,
 ) -> Result<ApiResult, String> {
-    let text = format!("{}{HERO}", include_str!("../../dataflows/ecommerce.toml"));
+    // Live pages want fresh answers: a tick of 100 ms and 200 ms of
+    // lateness, not the shipped 1 s and 5 minutes (made for replays).
+    let shipped = include_str!("../../dataflows/ecommerce.toml")
+        .replace("tick = \"1s\"", "tick = \"100ms\"")
+        .replace("allowed_lateness = \"5m\"", "allowed_lateness = \"200ms\"")
+        .replace("idle_advance = \"1s\"", "idle_advance = \"200ms\"");
+    let text = format!("{shipped}{HERO}");
     let mut spec = crate::spec::parse_spec(&text, "bench-api.toml").map_err(|e| e.to_string())?;
     spec.output = Default::default();
     let live = Live::new(Arc::new(spec.clone()));

@@ -305,19 +305,9 @@ impl Live {
         // Read before the lookup: the view holds at least what was
         // written before this bound.
         let before = readable.load(Ordering::SeqCst);
-        // An identifier whose profile merged into another between the
-        // two reads is looked up again.
-        for _ in 0..3 {
-            let Some(view) = store.lookup(ids).map_err(LookupError::Store)? else {
-                return Ok(None);
-            };
-            if view.identifiers.is_empty() {
-                continue;
-            }
-            let as_of = self.as_of(Some(before));
-            return Ok(Some((view, as_of)));
-        }
-        Ok(None)
+        // One snapshot: the link and the profile agree.
+        let found = store.lookup_current(ids).map_err(LookupError::Store)?;
+        Ok(found.map(|view| (view, self.as_of(Some(before)))))
     }
 
     /// Whether the state holds every change of `time` (the profile

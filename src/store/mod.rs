@@ -1057,6 +1057,33 @@ fn key2(a: &str, b: &str) -> Vec<u8> {
     k
 }
 
+/// The length of the `key2(a, "")` prefix that starts `key`: 4 bytes of
+/// length, then `a`.
+fn owner_prefix_len(key: &[u8]) -> Option<usize> {
+    let len: [u8; 4] = key.get(..4)?.try_into().ok()?;
+    let end = 4 + u32::from_be_bytes(len) as usize;
+    (end <= key.len()).then_some(end)
+}
+
+/// The prefix extractor of the column families keyed by profile
+/// (`key2(profile, ..)`): the profile's part of the key, so that RocksDB
+/// keeps a Bloom filter of profiles per table and a profile's scan skips
+/// every table without it (a live run's state has many small tables).
+fn owner_prefix(key: &[u8]) -> &[u8] {
+    match owner_prefix_len(key) {
+        Some(end) => &key[..end],
+        None => key,
+    }
+}
+
+fn has_owner_prefix(key: &[u8]) -> bool {
+    owner_prefix_len(key).is_some()
+}
+
+/// The column families whose keys are `key2(profile, ..)`, scanned by
+/// profile.
+const BY_PROFILE: [&str; 3] = ["profile_ids", "traits", "segments"];
+
 /// The most memory all column families' memtables (RocksDB's write
 /// buffers) may take together: 16 MiB. When the total reaches it, RocksDB
 /// flushes the largest memtable to disk. Without a total, each of the
@@ -1119,6 +1146,13 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
                 rocksdb::DBCompressionType::Lz4,
             ]);
             cf.set_block_based_table_factory(&table);
+            if BY_PROFILE.contains(n) {
+                cf.set_prefix_extractor(rocksdb::SliceTransform::create(
+                    "segflow_profile_prefix",
+                    owner_prefix,
+                    Some(has_owner_prefix),
+                ));
+            }
             // Sixteen tables at level 0 before they are compacted, not
             // RocksDB's four: the state is written at every batch and read
             // only by point lookups (a Bloom filter per table) and at a
@@ -1556,8 +1590,12 @@ impl Store {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = key2(profile, "");
         let mut out = Vec::new();
-        let iter = snap.iterator_cf(
+        // Only tables whose prefix filter may hold the profile are read.
+        let mut read = rocksdb::ReadOptions::default();
+        read.set_prefix_same_as_start(true);
+        let iter = snap.iterator_cf_opt(
             self.cf(cf),
+            read,
             IteratorMode::From(&prefix, rocksdb::Direction::Forward),
         );
         for item in iter {
@@ -1583,24 +1621,51 @@ impl Store {
         Ok(None)
     }
 
+    /// Everything about the profile of the first of `ids` that is known,
+    /// read in one snapshot (the identifier's link and the profile's facts
+    /// agree even while a run writes), without the checkpoint (`as_of` is
+    /// `None`): the API's lookup, which says how fresh it is itself.
+    pub fn lookup_current(&self, ids: &[Ident]) -> Result<Option<ProfileView>, StoreError> {
+        let snap = self.db.snapshot();
+        for id in ids {
+            let linked = snap
+                .get_cf(self.cf("id_profile"), id.as_str())
+                .map_err(|e| self.err(e))?;
+            if let Some(profile) = linked {
+                let profile = String::from_utf8_lossy(&profile).into_owned();
+                return self.view_in(&snap, &profile, false).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
     /// Everything about one profile id.
     /// The reads see one snapshot: a run writing meanwhile changes none of
     /// the view's parts (each write is one completed frontier advance).
     pub fn view(&self, profile: &str) -> Result<ProfileView, StoreError> {
-        let snap = self.db.snapshot();
+        self.view_in(&self.db.snapshot(), profile, true)
+    }
+
+    /// [`Store::view`] in `snap`, with the checkpoint if `checkpoint`.
+    fn view_in(
+        &self,
+        snap: &rocksdb::Snapshot<'_>,
+        profile: &str,
+        checkpoint: bool,
+    ) -> Result<ProfileView, StoreError> {
         let identifiers = self
-            .scan(&snap, "profile_ids", profile)?
+            .scan(snap, "profile_ids", profile)?
             .into_iter()
             .map(|(k, _)| k)
             .collect();
         let mut traits = BTreeMap::new();
-        for (name, v) in self.scan(&snap, "traits", profile)? {
+        for (name, v) in self.scan(snap, "traits", profile)? {
             let value =
                 serde_json::from_slice(&v).map_err(|_| StoreError::Corrupt("traits".into()))?;
             traits.insert(name, value);
         }
         let segments = self
-            .scan(&snap, "segments", profile)?
+            .scan(snap, "segments", profile)?
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -1612,10 +1677,13 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("attributes".into()))?,
             None => Default::default(),
         };
-        let as_of = match snap
-            .get_cf(self.cf("checkpoint"), b"checkpoint")
-            .map_err(|e| self.err(e))?
-        {
+        let stored = match checkpoint {
+            true => snap
+                .get_cf(self.cf("checkpoint"), b"checkpoint")
+                .map_err(|e| self.err(e))?,
+            false => None,
+        };
+        let as_of = match stored {
             None => None,
             Some(bytes) => Some(
                 serde_json::from_slice(&bytes)
