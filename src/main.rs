@@ -144,6 +144,20 @@ struct RunArgs {
     /// The API's bearer token: the first line of FILE.
     #[arg(long, value_name = "FILE", requires = "http")]
     http_token_file: Option<PathBuf>,
+    /// Audience exports: every --export-every, and once when the run ends,
+    /// write each segment's members (with their identifiers) and the
+    /// entries and exits since the export before to DIR/SEGMENT/.
+    #[arg(long, value_name = "DIR")]
+    export: Option<PathBuf>,
+    /// How often to export (e.g. "15m", "1h", "1d").
+    #[arg(long, value_name = "DURATION", default_value = "1h", requires = "export")]
+    export_every: String,
+    /// The segments to export, comma-separated (default: all).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', requires = "export")]
+    export_segments: Vec<String>,
+    /// The exports' format: csv or jsonl.
+    #[arg(long, value_name = "FORMAT", default_value = "csv", requires = "export")]
+    export_format: String,
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
     help: Option<bool>,
@@ -481,17 +495,47 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "{workers} workers per process is more than the {MAX_WORKERS} segflow allows (each is a thread with its own buffers); use at most the number of cores"
     );
     let config = timely_config(&args, workers)?;
-    let served = match &args.http {
-        None => None,
-        Some(addr) => {
+    let live = match (&args.http, &args.export) {
+        (None, None) => None,
+        _ => {
             anyhow::ensure!(
                 args.processes == 1,
-                "--http serves one process's run; this cluster has {} processes, whose profiles are in each process's part of the state. Serve a run of one process (-w N for more workers), or read the state after the run with `segflow query`",
+                "--http and --export serve one process's run; this cluster has {} processes, whose profiles are in each process's part of the state. Serve a run of one process (-w N for more workers), or read the state after the run with `segflow query`",
                 args.processes
             );
+            Some(segflow::serve::Live::new(Arc::new(spec.clone())))
+        }
+    };
+    let export_plan = match &args.export {
+        None => None,
+        Some(dir) => {
+            let every = segflow::spec::parse_duration_ms(&args.export_every)
+                .map_err(|e| anyhow::anyhow!("--export-every: {e}"))?;
+            anyhow::ensure!(every >= 1000, "--export-every: at least 1s");
+            let format = segflow::serve::export::ExportFormat::parse(&args.export_format)
+                .map_err(|e| anyhow::anyhow!("--export-format: {e}"))?;
+            for name in &args.export_segments {
+                if !spec.segments.iter().any(|s| &s.name == name) {
+                    let known: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
+                    anyhow::bail!(
+                        "--export-segments: no segment `{name}` in {}{}; the segments are: {}",
+                        args.dataflow.display(),
+                        segflow::spec::nearest(name, known.iter().copied())
+                            .map(|n| format!(" (did you mean `{n}`?)"))
+                            .unwrap_or_default(),
+                        known.join(", ")
+                    );
+                }
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("--export {}: {e}", dir.display()))?;
+            Some((dir.clone(), std::time::Duration::from_millis(every), format))
+        }
+    };
+    let served = match (&args.http, &live) {
+        (Some(addr), Some(live)) => {
             let (token, origin) =
                 segflow::serve::api_token(args.http_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-            let live = segflow::serve::Live::new(Arc::new(spec.clone()));
             let config = segflow::serve::ServeConfig {
                 addr: addr.clone(),
                 token: token.clone(),
@@ -509,11 +553,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
                 _ => eprintln!("segflow: serving the API on http://{at}"),
             }
-            Some((server, live))
+            Some(server)
         }
+        _ => None,
     };
     let mut engine = Engine::new(spec);
-    if let Some((_, live)) = &served {
+    if let Some(live) = &live {
         engine = engine.serve(Arc::clone(live));
     }
     for item in &args.inputs {
@@ -545,6 +590,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let engine = engine
         .shutdown_on(Arc::clone(&shutdown))
         .connect_timeout(std::time::Duration::from_millis(connect_timeout));
+    let schedule = match (&export_plan, &live) {
+        (Some((dir, every, format)), Some(live)) => Some(segflow::serve::export::Schedule::start(
+            Arc::clone(live),
+            dir.clone(),
+            *every,
+            args.export_segments.clone(),
+            *format,
+            Arc::clone(&shutdown),
+        )?),
+        _ => None,
+    };
     let summary = match engine.run(config) {
         Ok(summary) => summary,
         // `segflow run .. --output - | head`: the reader has what it wanted.
@@ -554,7 +610,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.process == 0 {
         print_summary(&summary, to_stderr, args.json);
     }
-    if let Some((server, _)) = served {
+    if let Some(schedule) = schedule {
+        // The final state, exported once more; a failed export fails the
+        // run (it may have stopped it).
+        schedule
+            .finish()
+            .map_err(|e| anyhow::anyhow!("audience export: {e}"))?;
+    }
+    if let Some(server) = served {
         if !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
             eprintln!(
                 "segflow: the run has ended; serving its final state on http://{} until SIGTERM or Ctrl-C",

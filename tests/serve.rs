@@ -449,7 +449,7 @@ fn a_port_in_use_a_bad_token_file_or_a_cluster_fail_the_run_with_the_reason() {
     let cases: [(Vec<&str>, &str); 3] = [
         (vec!["--http", &addr], "cannot listen"),
         (vec!["--http", "127.0.0.1:0", "--http-token-file", &empty], "the file is empty"),
-        (vec!["--http", "127.0.0.1:0", "-n", "2", "-p", "0"], "--http serves one process"),
+        (vec!["--http", "127.0.0.1:0", "-n", "2", "-p", "0"], "serve one process's run"),
     ];
     for (args, text) in cases {
         let started = Instant::now();
@@ -823,7 +823,7 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    let mut client = std::net::TcpStream::connect(("127.0.0.1", web)).unwrap();
+    let mut client = connect(web);
     for _ in 0..2 {
         let ts = wall_ms();
         writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"shopper"}}"#).unwrap();
@@ -853,4 +853,237 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     let (status, _, html) = page(Some("visitor=shopper"));
     assert_eq!(status, 200);
     assert!(html.contains(r#"data-variant="fallback""#), "{html}");
+}
+
+/// Reads an export answer: status, the `X-Segflow-As-Of` header, body.
+fn get_text(base: &str, path: &str) -> (u16, Option<u64>, String) {
+    let mut r = agent()
+        .get(format!("{base}{path}"))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+        .unwrap();
+    let as_of = r
+        .headers()
+        .get("x-segflow-as-of")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (r.status().as_u16(), as_of, r.body_mut().read_to_string().unwrap())
+}
+
+/// CSV export rows: `profile` -> the other columns.
+fn csv_rows(text: &str) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    let header = r.headers().unwrap().iter().map(String::from).collect();
+    let rows = r
+        .records()
+        .map(|rec| {
+            let rec = rec.unwrap();
+            (rec[0].to_string(), rec.iter().skip(1).map(String::from).collect())
+        })
+        .collect();
+    (header, rows)
+}
+
+/// Audience exports of a finished replay: on request (members as CSV and
+/// JSON lines with their identifiers, changes since a time) and to files
+/// when the run ends, all equal to the model over the diffs.
+#[test]
+fn audience_exports_list_the_members_with_their_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let mut run = Served::start(
+        dir.path(),
+        &["ecommerce.toml", "--reset", "--export", "exports", "--export-segments", "vip,frequent_visitor"],
+    );
+    run.wait_line("serving its final state", 120);
+    let base = run.base.clone();
+    let model = memberships(&std::fs::read_to_string(dir.path().join("out/segments.jsonl")).unwrap());
+    for segment in ["vip", "frequent_visitor"] {
+        let want: Vec<String> = model[segment].iter().cloned().collect();
+        let (status, as_of, text) = get_text(&base, &format!("/v1/segments/{segment}/export"));
+        assert_eq!(status, 200, "{text}");
+        let (header, rows) = csv_rows(&text);
+        assert_eq!(header, ["profile", "crm", "user", "email", "phone", "anon"]);
+        assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), want, "{segment}");
+        // Each row's identifiers are the profile's.
+        for (profile, columns) in rows.iter().take(5) {
+            let (_, view) = get(&base, &format!("/v1/profiles/{}", urlencode(profile)));
+            let mut ids: Vec<String> = ["crm", "user", "email", "phone", "anon"]
+                .iter()
+                .zip(columns)
+                .flat_map(|(kind, values)| {
+                    values
+                        .split('|')
+                        .filter(|v| !v.is_empty())
+                        .map(move |v| format!("{kind}:{v}"))
+                })
+                .collect();
+            ids.sort();
+            let mut theirs: Vec<String> = view["identifiers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            theirs.sort();
+            assert_eq!(ids, theirs, "{profile}");
+        }
+        let (_, _, jsonl) = get_text(&base, &format!("/v1/segments/{segment}/export?format=jsonl"));
+        let profiles: Vec<String> = jsonl
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["profile"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(profiles, want);
+        // A fresh run keeps every change: since 0, every member entered;
+        // since the export's time, nothing.
+        let (status, _, changes) = get_text(&base, &format!("/v1/segments/{segment}/export?since=0"));
+        assert_eq!(status, 200);
+        let (header, rows) = csv_rows(&changes);
+        assert_eq!(&header[..2], ["profile", "change"]);
+        assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), want);
+        assert!(rows.values().all(|c| c[0] == "entered"));
+        let (_, _, none) = get_text(&base, &format!("/v1/segments/{segment}/export?since={}", as_of.unwrap()));
+        assert_eq!(csv_rows(&none).1.len(), 0, "{none}");
+        // The files written when the run ended.
+        let seg_dir = dir.path().join("exports").join(segment);
+        let members = std::fs::read_dir(&seg_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("members-"))
+            .expect("a members file");
+        assert_eq!(members, format!("members-{}.csv", as_of.unwrap()));
+        let (_, rows) = csv_rows(&std::fs::read_to_string(seg_dir.join(&members)).unwrap());
+        assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), want);
+        let changes = std::fs::read_to_string(seg_dir.join(members.replace("members-", "changes-"))).unwrap();
+        assert_eq!(csv_rows(&changes).1.len(), want.len());
+    }
+    assert!(!dir.path().join("exports/high_intent").exists(), "only the segments asked for");
+    for (path, want, text) in [
+        ("/v1/segments/vip/export?format=xml", 400, "expected csv or jsonl"),
+        ("/v1/segments/vip/export?since=yesterday", 400, "`since` must be"),
+        ("/v1/segments/nope/export", 404, "no segment `nope`"),
+    ] {
+        let (status, body) = get(&base, path);
+        assert_eq!(status, want, "{path}");
+        assert!(body["error"].as_str().unwrap().contains(text), "{path}: {body}");
+    }
+    assert!(run.stop().success());
+}
+
+/// Scheduled exports of a live run: a visitor enters, then leaves when
+/// its window ends; each export's changes say so. A directory that cannot
+/// be written stops the run, non-zero, with the reason.
+#[test]
+fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
+    let spec = LIVE
+        .replace("[traits.views]\nstream = \"web\"", "[traits.views]\nwindow = \"2s\"\nstream = \"web\"");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), &spec).unwrap();
+    let web = common::free_port();
+    let run = Served::start(
+        dir.path(),
+        &[
+            "live.toml",
+            "--input",
+            &format!("web=tcp://127.0.0.1:{web}"),
+            "--output",
+            "diffs.jsonl",
+            "--export",
+            "exports",
+            "--export-every",
+            "1s",
+            "--export-format",
+            "jsonl",
+        ],
+    );
+    let base = run.base.clone();
+    poll(&base, "/v1/profiles/anon:x", 30, |s, _| s != 503);
+    let mut client = connect(web);
+    for _ in 0..2 {
+        let ts = wall_ms();
+        writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"leaver"}}"#).unwrap();
+    }
+    client.flush().unwrap();
+    let seg_dir = dir.path().join("exports/viewer");
+    // Every changes file, in time order: "entered" then, once the window
+    // has passed, "exited".
+    let changes = |dir: &Path| -> Vec<(String, String)> {
+        let mut files: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let t = name.strip_prefix("changes-")?.strip_suffix(".jsonl")?.parse().ok()?;
+                        Some((t, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|(_, p)| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        let v: Value = serde_json::from_str(l).unwrap();
+                        (v["profile"].as_str().unwrap().to_string(), v["change"].as_str().unwrap().to_string())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    loop {
+        let seen = changes(&seg_dir);
+        if seen.len() >= 2 {
+            assert_eq!(
+                seen,
+                [("anon:leaver".to_string(), "entered".to_string()), ("anon:leaver".to_string(), "exited".to_string())]
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "changes so far: {seen:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(client);
+    assert!(run.stop().success());
+
+    // A segment directory that is a file: the first export fails the run.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), &spec).unwrap();
+    std::fs::create_dir_all(dir.path().join("exports")).unwrap();
+    std::fs::write(dir.path().join("exports/viewer"), "in the way").unwrap();
+    let web = common::free_port();
+    let mut run = Served::start(
+        dir.path(),
+        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--export", "exports", "--export-every", "1s"],
+    );
+    let mut client = connect(web);
+    writeln!(client, r#"{{"event":"view_item","ts":{},"anonymous_id":"a"}}"#, wall_ms()).unwrap();
+    let line = run.wait_line("audience export", 60);
+    assert!(line.contains("exports/viewer"), "{line}");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = run.child().try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the run did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "a failed export must fail the run");
+}
+
+/// A connection to the TCP source on `port`, once it listens (within 30 s).
+fn connect(port: u16) -> std::net::TcpStream {
+    let started = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(30), "port {port}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }

@@ -178,6 +178,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/profiles/{identifier}", get(profile))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{name}/members", get(members))
+        .route("/v1/segments/{name}/export", get(export))
         .route("/v1/decide", get(decide_many))
         .route("/v1/decide/{slot}", get(decide_one))
         .route("/v1/diffs/stream", get(stream))
@@ -485,6 +486,90 @@ async fn members(
             )
         }
     }
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    format: Option<String>,
+    since: Option<String>,
+}
+
+/// A segment's members with their identifiers, or its entries and exits
+/// after `since`, as CSV or JSON lines (see [`super::export`]); the
+/// `X-Segflow-As-Of` header gives the time to ask the next changes from.
+async fn export(
+    State(app): State<Arc<App>>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<ExportQuery>,
+) -> Response {
+    use super::export::{changes_since, members, write_rows, ChangesError, ExportFormat};
+    let format = match ExportFormat::parse(q.format.as_deref().unwrap_or("csv")) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let since = match q.since.as_deref().map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`since` must be a time in ms since the epoch (the X-Segflow-As-Of of an export before)",
+            )
+        }
+    };
+    let live = Arc::clone(&app.live);
+    let segment = name.clone();
+    let answer = tokio::task::spawn_blocking(move || match since {
+        None => members(&live, &segment).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Some(t) => changes_since(&live, &segment, t).map_err(|e| match e {
+            ChangesError::NotKept(after) => (
+                StatusCode::GONE,
+                format!(
+                    "the changes since {t} are no longer all kept (they are from {after} on): export the members, and ask the changes since its X-Segflow-As-Of from then on"
+                ),
+            ),
+            ChangesError::State(e) => (StatusCode::INTERNAL_SERVER_ERROR, e),
+        }),
+    })
+    .await;
+    let (rows, as_of) = match answer {
+        Ok(Ok(Some(found))) => found,
+        Ok(Ok(None)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no segment `{name}`; see GET /v1/segments"),
+            )
+        }
+        Ok(Err((status, e))) => return error(status, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let kinds = app.live.rules().kinds();
+    let mut body = Vec::new();
+    if let Err(e) = write_rows(&mut body, format, &kinds, &rows, since.is_some()) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let mut r = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, format.media_type()),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response();
+    if let Some(t) = as_of.time.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
+        r.headers_mut().insert("x-segflow-as-of", t);
+    }
+    let disposition = format!(
+        "attachment; filename=\"{name}-{}{}.{}\"",
+        if since.is_some() { "changes-" } else { "" },
+        as_of.time.unwrap_or(0),
+        format.extension()
+    );
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
 }
 
 #[derive(Deserialize)]

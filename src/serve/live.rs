@@ -79,7 +79,20 @@ struct Index {
     sources: Vec<SourceSummary>,
     /// Per source (by index), its clock (see [`crate::io::Control::Clock`]).
     clocks: Vec<Option<Time>>,
+    /// Per segment, the committed diffs `(time, profile, diff)` of the
+    /// times after `changes_after`, for exports of the changes since a
+    /// time (at most [`CHANGES_KEPT`] per segment).
+    changes: BTreeMap<String, std::collections::VecDeque<(Time, String, i64)>>,
+    /// Per segment, the changes of every time after this are kept.
+    changes_after: BTreeMap<String, Time>,
+    /// Diffs of times up to this were not seen as they were committed (a
+    /// resumed run's): their changes are not kept.
+    unlogged_until: Time,
 }
+
+/// The most changes kept per segment for exports of the changes since a
+/// time; older ones are dropped (asking for them is answered 410).
+pub const CHANGES_KEPT: usize = 1_000_000;
 
 /// The state a running engine shares with its API: fed by the commit
 /// stage (worker 0's committed diffs and clocks, process 0's RocksDB
@@ -209,6 +222,19 @@ impl Live {
                 } else {
                     members.remove(&d.profile);
                 }
+                if fresh {
+                    let log = i.changes.entry(d.segment.clone()).or_default();
+                    log.push_back((d.time, d.profile.clone(), d.diff));
+                    if log.len() > CHANGES_KEPT {
+                        if let Some((t, _, _)) = log.pop_front() {
+                            // Changes at `t` are no longer all kept.
+                            let after = i.changes_after.entry(d.segment.clone()).or_default();
+                            *after = (*after).max(t);
+                        }
+                    }
+                } else {
+                    i.unlogged_until = i.unlogged_until.max(d.time);
+                }
             }
         }
         if fresh {
@@ -262,11 +288,13 @@ impl Live {
             (Some(b), Some(c)) => Some(b.min(c)),
             (b, c) => b.or(c),
         };
+        // A finished run has completed every time: it is as of the end of
+        // its data. A live run's committed time moves on with the wall
+        // clock (window ends) past the newest record's tick.
         let time = match (before, read_end) {
             (None | Some(0), _) => None,
-            (Some(b), Some(end)) => Some((b - 1).min(end)),
-            (Some(Time::MAX), None) => None,
-            (Some(b), None) => Some(b - 1),
+            (Some(Time::MAX), end) => end,
+            (Some(b), _) => Some(b - 1),
         };
         AsOf {
             time,
@@ -369,6 +397,50 @@ impl Live {
             None => members.iter().take(limit).cloned().collect(),
         };
         Some((page, members.len()))
+    }
+
+    /// The identifiers of `profile` (`kind:value`), from the state; none
+    /// for a run without state.
+    pub fn identifiers_of(&self, profile: &str) -> Result<Vec<String>, LookupError> {
+        match self.state.read().as_deref() {
+            Ok(StateLink::Open { store, .. }) => store.identifiers(profile).map_err(LookupError::Store),
+            Ok(StateLink::Starting) => Err(LookupError::Starting),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The profiles whose membership of `segment` changed at a time after
+    /// `since` (ms): `true` entered, `false` exited (one that entered and
+    /// left again is not listed), in profile-id order. `Ok(None)` for an
+    /// unknown segment; `Err(t)` if the changes after `since` are not all
+    /// kept, `t` being the earliest `since` that may be asked.
+    pub fn changes_since(&self, segment: &str, since: Time) -> Result<Option<Vec<(String, bool)>>, Time> {
+        let known = self.spec().segments.iter().any(|s| s.name == segment);
+        let Ok(i) = self.index.read() else {
+            return Ok(None);
+        };
+        if !known && !i.members.contains_key(segment) {
+            return Ok(None);
+        }
+        let after = i.changes_after.get(segment).copied().unwrap_or(0).max(i.unlogged_until);
+        if since < after {
+            return Err(after);
+        }
+        let mut net: BTreeMap<&str, i64> = BTreeMap::new();
+        if let Some(log) = i.changes.get(segment) {
+            for (t, profile, diff) in log.iter().rev() {
+                if *t <= since {
+                    break;
+                }
+                *net.entry(profile.as_str()).or_default() += diff;
+            }
+        }
+        Ok(Some(
+            net.into_iter()
+                .filter(|(_, n)| *n != 0)
+                .map(|(p, n)| (p.to_string(), n > 0))
+                .collect(),
+        ))
     }
 
     /// Profiles, and each source's counters with its clock (see

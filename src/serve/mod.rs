@@ -10,6 +10,7 @@
 //! | `GET /v1/segments/{name}/members?limit=N&cursor=C` | members in profile-id order, `limit` (default 100, at most 10 000) at a time, `next_cursor` for the next page |
 //! | `GET /v1/decide/{slot}?id=IDENTIFIER` | the content variant chosen for the profile (see [`crate::spec::content`]) and why |
 //! | `GET /v1/decide?slots=a,b&id=IDENTIFIER` | several slots in one call, for a page render |
+//! | `GET /v1/segments/{name}/export?format=csv\|jsonl&since=T` | the members with their identifiers, or the entries and exits after `T` (see [`export`]) |
 //! | `GET /metrics` | the run's metrics in the Prometheus text format (see [`metrics`]) |
 //! | `GET /v1/diffs/stream?segment=a,b&profile=P&id=IDENTIFIER` | segment diffs as server-sent events (`event: diff`, one diff line as data), as they are committed, optionally only some segments, one profile, or the profile of an identifier |
 //!
@@ -38,6 +39,7 @@
 //! segment diffs (the run's output), which are final when written.
 
 mod api;
+pub mod export;
 mod live;
 pub mod metrics;
 

@@ -1639,6 +1639,17 @@ impl Store {
         Ok(None)
     }
 
+    /// The identifiers of one profile (`kind:value`, sorted; none for a
+    /// profile that merged into another).
+    pub fn identifiers(&self, profile: &str) -> Result<Vec<String>, StoreError> {
+        let snap = self.db.snapshot();
+        Ok(self
+            .scan(&snap, "profile_ids", profile)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
     /// Everything about one profile id.
     /// The reads see one snapshot: a run writing meanwhile changes none of
     /// the view's parts (each write is one completed frontier advance).

@@ -1,0 +1,409 @@
+//! Audience exports: a segment's members, with their identifiers, as CSV
+//! or JSON lines, for the tools that take audience lists (ad platforms,
+//! e-mail tools), on request (`GET /v1/segments/{name}/export`) and on a
+//! schedule to files (`--export DIR --export-every 1h`), each with the
+//! entries and exits since the export before.
+//!
+//! **Members** (CSV): a header `profile,KIND,KIND,...` with the identifier
+//! kinds of the definition in priority order (`crm,user,email,phone,anon`
+//! for the shipped one), then one row per member in profile-id order;
+//! several identifiers of one kind are joined with `|`. JSON lines:
+//! `{"profile":"user:u4","identifiers":["email:..","user:u4"]}`.
+//!
+//! **Changes**: one row per profile whose membership differs from the
+//! export before, `profile,change,KIND,...` with `change` = `entered` or
+//! `exited` (an exited profile's identifiers are those it has now; a
+//! profile that merged away has none). JSON lines:
+//! `{"profile":..,"change":"entered","identifiers":[..]}`.
+//!
+//! Scheduled exports write, per segment, `DIR/SEGMENT/members-T.csv`
+//! and `DIR/SEGMENT/changes-T.csv` (`T`: the `as_of` time in ms; `.jsonl`
+//! for JSON lines), each written to a temporary file, synced, then
+//! renamed: a reader never sees half a file. The changes are against the
+//! newest members file already in the directory, so they span restarts; the
+//! first export's changes are every member entering. A failed write (a
+//! full disk) stops the run with the reason.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::live::{AsOf, Live};
+
+/// How an export is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// CSV with a header.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl ExportFormat {
+    /// `csv` or `jsonl` (also `json`, `ndjson`); an error names the two.
+    pub fn parse(s: &str) -> Result<ExportFormat, String> {
+        match s {
+            "csv" => Ok(ExportFormat::Csv),
+            "jsonl" | "json" | "ndjson" => Ok(ExportFormat::Jsonl),
+            other => Err(format!("unknown export format `{other}`: expected csv or jsonl")),
+        }
+    }
+
+    /// The file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ExportFormat::Csv => "csv",
+            ExportFormat::Jsonl => "jsonl",
+        }
+    }
+
+    /// The media type of an answer.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            ExportFormat::Csv => "text/csv; charset=utf-8",
+            ExportFormat::Jsonl => "application/x-ndjson",
+        }
+    }
+}
+
+/// A profile in an export: its id, its identifiers, and for a change
+/// whether it entered (`Some(true)`) or exited (`Some(false)`).
+pub struct Row {
+    /// The profile id.
+    pub profile: String,
+    /// Its identifiers (`kind:value`), sorted.
+    pub identifiers: Vec<String>,
+    /// For a change: entered or exited.
+    pub entered: Option<bool>,
+}
+
+/// Writes `rows` as `format`, with identifier columns for `kinds` (CSV).
+pub fn write_rows(
+    out: &mut dyn Write,
+    format: ExportFormat,
+    kinds: &[&str],
+    rows: &[Row],
+    changes: bool,
+) -> std::io::Result<()> {
+    match format {
+        ExportFormat::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            let mut header = vec!["profile"];
+            if changes {
+                header.push("change");
+            }
+            header.extend(kinds.iter().copied());
+            w.write_record(&header)?;
+            for r in rows {
+                let mut record = vec![r.profile.clone()];
+                if let Some(entered) = r.entered {
+                    record.push(if entered { "entered" } else { "exited" }.to_string());
+                }
+                for kind in kinds {
+                    let prefix = format!("{kind}:");
+                    let values: Vec<&str> = r
+                        .identifiers
+                        .iter()
+                        .filter_map(|i| i.strip_prefix(&prefix))
+                        .collect();
+                    record.push(values.join("|"));
+                }
+                w.write_record(&record)?;
+            }
+            w.flush()
+        }
+        ExportFormat::Jsonl => {
+            for r in rows {
+                let mut v = serde_json::json!({"profile": r.profile, "identifiers": r.identifiers});
+                if let Some(entered) = r.entered {
+                    v["change"] = if entered { "entered" } else { "exited" }.into();
+                }
+                writeln!(out, "{v}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The members of `segment` now with their identifiers, and how fresh
+/// they are; `None` for an unknown segment.
+pub fn members(live: &Live, segment: &str) -> Result<Option<(Vec<Row>, AsOf)>, String> {
+    let as_of = live.segments_as_of();
+    let Some((profiles, _)) = live.members(segment, None, usize::MAX) else {
+        return Ok(None);
+    };
+    let rows = rows(live, profiles, None)?;
+    Ok(Some((rows, as_of)))
+}
+
+/// Rows for `profiles`, with their identifiers from the state (none for a
+/// run without state).
+fn rows(live: &Live, profiles: Vec<String>, entered: Option<bool>) -> Result<Vec<Row>, String> {
+    profiles
+        .into_iter()
+        .map(|profile| {
+            let identifiers = live.identifiers_of(&profile).map_err(|e| format!("reading the state: {e:?}"))?;
+            Ok(Row {
+                profile,
+                identifiers,
+                entered,
+            })
+        })
+        .collect()
+}
+
+/// The entries and exits of `segment` after `since` (ms) up to now: each
+/// profile whose membership changed, once; `Err` with the oldest time that
+/// may be asked if the changes since then are not kept.
+pub fn changes_since(live: &Live, segment: &str, since: u64) -> Result<Option<(Vec<Row>, AsOf)>, ChangesError> {
+    let as_of = live.segments_as_of();
+    let Some(changed) = live.changes_since(segment, since).map_err(ChangesError::NotKept)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for (profile, entered) in changed {
+        let identifiers = live
+            .identifiers_of(&profile)
+            .map_err(|e| ChangesError::State(format!("{e:?}")))?;
+        out.push(Row {
+            profile,
+            identifiers,
+            entered: Some(entered),
+        });
+    }
+    Ok(Some((out, as_of)))
+}
+
+/// Why the changes since a time cannot be given.
+#[derive(Debug)]
+pub enum ChangesError {
+    /// They are not kept: the earliest `since` that may be asked.
+    NotKept(u64),
+    /// Reading the state failed.
+    State(String),
+}
+
+/// Writes `text` to `path` through a temporary file in the same
+/// directory, synced before it is renamed.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The newest `members-T.EXT` in `dir` and its profiles.
+fn previous_members(dir: &Path, format: ExportFormat) -> std::io::Result<Option<BTreeSet<String>>> {
+    let ext = format!(".{}", format.extension());
+    let newest = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let t: u64 = name.strip_prefix("members-")?.strip_suffix(&ext)?.parse().ok()?;
+                Some((t, e.path()))
+            })
+            .max(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let Some((_, path)) = newest else { return Ok(None) };
+    let text = std::fs::read_to_string(&path)?;
+    let profiles = match format {
+        ExportFormat::Csv => {
+            let mut r = csv::Reader::from_reader(text.as_bytes());
+            r.records()
+                .filter_map(|r| r.ok())
+                .filter_map(|r| r.get(0).map(String::from))
+                .collect()
+        }
+        ExportFormat::Jsonl => text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["profile"].as_str().map(String::from))
+            .collect(),
+    };
+    Ok(Some(profiles))
+}
+
+/// What one scheduled export wrote for one segment.
+#[derive(Debug)]
+pub struct Exported {
+    /// The segment.
+    pub segment: String,
+    /// The members file.
+    pub members_file: PathBuf,
+    /// Members.
+    pub members: usize,
+    /// Profiles that entered and exited since the export before.
+    pub entered: usize,
+    /// See [`Exported::entered`].
+    pub exited: usize,
+}
+
+/// Exports `segments` (all if empty) into `dir` now (see the module
+/// documentation); nothing is written before any time is committed.
+pub fn export_once(
+    live: &Live,
+    dir: &Path,
+    segments: &[String],
+    format: ExportFormat,
+) -> Result<Vec<Exported>, String> {
+    let spec = live.spec();
+    let names: Vec<String> = if segments.is_empty() {
+        spec.segments.iter().map(|s| s.name.clone()).collect()
+    } else {
+        segments.to_vec()
+    };
+    let kinds_owned: Vec<String> = live.rules().kinds().into_iter().map(String::from).collect();
+    let kinds: Vec<&str> = kinds_owned.iter().map(String::as_str).collect();
+    let mut done = Vec::new();
+    for name in names {
+        let Some((rows, as_of)) = members(live, &name)? else {
+            return Err(format!("--export-segments: no segment `{name}`"));
+        };
+        let Some(time) = as_of.time else { continue };
+        let seg_dir = dir.join(&name);
+        std::fs::create_dir_all(&seg_dir).map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+        let before = previous_members(&seg_dir, format)
+            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?
+            .unwrap_or_default();
+        let now: BTreeSet<String> = rows.iter().map(|r| r.profile.clone()).collect();
+        let ext = format.extension();
+        let members_file = seg_dir.join(format!("members-{time}.{ext}"));
+        if members_file.exists() {
+            continue; // nothing was committed since the export before
+        }
+        let entered: Vec<String> = now.difference(&before).cloned().collect();
+        let exited: Vec<String> = before.difference(&now).cloned().collect();
+        let mut changes = Vec::new();
+        for r in &rows {
+            if !before.contains(&r.profile) {
+                changes.push(Row {
+                    profile: r.profile.clone(),
+                    identifiers: r.identifiers.clone(),
+                    entered: Some(true),
+                });
+            }
+        }
+        changes.extend(rows_of_exits(live, exited.clone())?);
+        changes.sort_by(|a, b| a.profile.cmp(&b.profile));
+        let mut bytes = Vec::new();
+        write_rows(&mut bytes, format, &kinds, &rows, false).map_err(|e| e.to_string())?;
+        let mut change_bytes = Vec::new();
+        write_rows(&mut change_bytes, format, &kinds, &changes, true).map_err(|e| e.to_string())?;
+        // The changes first: a members file always has its changes.
+        let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
+        write_atomically(&changes_file, &change_bytes)
+            .map_err(|e| format!("export {}: {e}", changes_file.display()))?;
+        write_atomically(&members_file, &bytes)
+            .map_err(|e| format!("export {}: {e}", members_file.display()))?;
+        done.push(Exported {
+            segment: name,
+            members_file,
+            members: rows.len(),
+            entered: entered.len(),
+            exited: exited.len(),
+        });
+    }
+    Ok(done)
+}
+
+fn rows_of_exits(live: &Live, exited: Vec<String>) -> Result<Vec<Row>, String> {
+    rows(live, exited, Some(false))
+}
+
+/// Scheduled exports (`--export DIR --export-every D`): a thread that
+/// exports every `every` while the run goes on, once more when it ends
+/// ([`Schedule::finish`]), and stops the run through `shutdown` with the
+/// reason kept in [`Schedule::failure`] when a write fails.
+pub struct Schedule {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Why an export failed, if one did.
+    pub failure: Arc<Mutex<Option<String>>>,
+    live: Arc<Live>,
+    dir: PathBuf,
+    segments: Vec<String>,
+    format: ExportFormat,
+}
+
+impl Schedule {
+    /// Starts exporting `segments` of `live` (all if empty) into `dir`
+    /// every `every`.
+    pub fn start(
+        live: Arc<Live>,
+        dir: PathBuf,
+        every: Duration,
+        segments: Vec<String>,
+        format: ExportFormat,
+        shutdown: Arc<AtomicBool>,
+    ) -> std::io::Result<Schedule> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let thread = {
+            let (stop, failure, live, dir, segments) =
+                (Arc::clone(&stop), Arc::clone(&failure), Arc::clone(&live), dir.clone(), segments.clone());
+            std::thread::Builder::new().name("segflow-export".into()).spawn(move || {
+                let mut next = Instant::now() + every;
+                while !stop.load(Ordering::SeqCst) {
+                    if Instant::now() < next {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    next += every;
+                    if let Err(e) = export_once(&live, &dir, &segments, format).map(log) {
+                        if let Ok(mut f) = failure.lock() {
+                            f.get_or_insert(e);
+                        }
+                        shutdown.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            })?
+        };
+        Ok(Schedule {
+            stop,
+            thread: Some(thread),
+            failure,
+            live,
+            dir,
+            segments,
+            format,
+        })
+    }
+
+    /// Stops the schedule and exports once more (the run's final state);
+    /// the first failure, if any.
+    pub fn finish(mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(e) = self.failure.lock().ok().and_then(|f| f.clone()) {
+            return Err(e);
+        }
+        export_once(&self.live, &self.dir, &self.segments, self.format).map(log)
+    }
+}
+
+fn log(done: Vec<Exported>) {
+    for e in done {
+        tracing::info!(
+            segment = e.segment,
+            members = e.members,
+            entered = e.entered,
+            exited = e.exited,
+            file = %e.members_file.display(),
+            "exported"
+        );
+    }
+}
