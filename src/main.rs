@@ -557,10 +557,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let mut engine = Engine::new(spec);
-    if let Some(live) = &live {
-        engine = engine.serve(Arc::clone(live));
-    }
+    let mut engine = Engine::new(spec.clone());
+    let mut live = live;
     for item in &args.inputs {
         let (name, location) = item.split_once('=').ok_or_else(|| {
             anyhow::anyhow!(
@@ -583,6 +581,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.state_dir {
         engine = engine.state_dir(d);
     }
+    // A replay on a terminal shows its progress (not with --json, nor on
+    // processes other than 0, nor when stderr is not a terminal).
+    use std::io::IsTerminal;
+    let progress_total = engine
+        .replay_bytes()
+        .filter(|_| args.process == 0 && !args.json && std::io::stderr().is_terminal());
+    if progress_total.is_some() && live.is_none() {
+        live = Some(segflow::serve::Live::counters_only(Arc::new(spec)));
+    }
+    if let Some(live) = &live {
+        engine = engine.serve(Arc::clone(live));
+    }
     engine = engine.reset(args.reset).definition_file(&args.dataflow);
     let shutdown = watch_signals()?;
     let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
@@ -601,7 +611,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    let summary = match engine.run(config) {
+    let bar = match (progress_total, &live) {
+        (Some(total), Some(live)) => Some(progress_bar(total, Arc::clone(live))),
+        _ => None,
+    };
+    let result = engine.run(config);
+    if let Some((bar, stop, thread)) = bar {
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = thread.join();
+        bar.finish_and_clear();
+    }
+    let summary = match result {
         Ok(summary) => summary,
         // `segflow run .. --output - | head`: the reader has what it wanted.
         Err(segflow::EngineError::OutputClosed) => return Ok(()),
@@ -630,6 +650,42 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         drop(server);
     }
     Ok(())
+}
+
+/// A progress bar of a replay of `total` bytes, fed from `live`'s
+/// counters every 100 ms until the returned flag is set: bytes read, the
+/// records admitted per second, the ETA.
+fn progress_bar(
+    total: u64,
+    live: Arc<segflow::serve::Live>,
+) -> (
+    indicatif::ProgressBar,
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {msg} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (shown, stopped) = (bar.clone(), Arc::clone(&stop));
+    let thread = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            let (_, sources) = live.counters_with_clocks();
+            let bytes: u64 = sources.iter().map(|(s, _)| s.bytes).sum();
+            let records: u64 = sources.iter().map(|(s, _)| s.records).sum();
+            shown.set_position(bytes.min(total));
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            shown.set_message(format!("{:.0} records/s", records as f64 / secs));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    (bar, stop, thread)
 }
 
 /// SIGTERM or Ctrl-C: the returned flag is set, so the run ends its inputs,

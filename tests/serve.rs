@@ -58,12 +58,18 @@ impl Served {
     /// Starts `segflow run ARGS --http 127.0.0.1:0` in `dir` with the test
     /// token, and waits for the address it serves on.
     fn start(dir: &Path, args: &[&str]) -> Served {
+        Served::start_with(dir, args, &[])
+    }
+
+    /// [`Served::start`] with environment variables `env`.
+    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_segflow"))
             .current_dir(dir)
             .arg("run")
             .args(args)
             .args(["--http", "127.0.0.1:0"])
             .env("SEGFLOW_API_TOKEN", TOKEN)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1086,4 +1092,66 @@ fn connect(port: u16) -> std::net::TcpStream {
             }
         }
     }
+}
+
+/// The access log (`SEGFLOW_LOG=segflow::api=debug`) names each request's
+/// route, status and time, and the visitor only by a pseudonym: the same
+/// one for the same identifier, never the identifier itself.
+#[test]
+fn the_access_log_pseudonymizes_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let mut run = Served::start_with(
+        dir.path(),
+        &["ecommerce.toml", "--reset"],
+        &[("SEGFLOW_LOG", "segflow::api=debug")],
+    );
+    run.wait_line("serving its final state", 120);
+    let base = run.base.clone();
+    let (_, members) = get(&base, "/v1/segments/vip/members?limit=1");
+    let profile = members["members"][0].as_str().unwrap().to_string();
+    get(&base, &format!("/v1/profiles/{}", urlencode(&profile)));
+    get(&base, &format!("/v1/decide/home_hero?id={}", urlencode(&profile)));
+    let first = run.wait_line("endpoint=\"/v1/profiles/{identifier}\"", 20);
+    let second = run.wait_line("endpoint=\"/v1/decide/{slot}\"", 20);
+    let pseudonym = |line: &str| {
+        line.split("visitor=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
+    };
+    assert!(pseudonym(&first).starts_with("id#"), "{first}");
+    assert_eq!(pseudonym(&first), pseudonym(&second), "one visitor, one pseudonym");
+    assert!(first.contains("status=200"), "{first}");
+    let value = profile.split_once(':').unwrap().1;
+    for line in &run.seen {
+        assert!(!line.contains(value), "an identifier in the log: {line}");
+    }
+    assert!(run.stop().success());
+}
+
+/// A replay on a terminal shows a progress bar (bytes, records/s, ETA)
+/// and then the summary; piped, it shows none (its stderr is for logs).
+#[test]
+fn a_replay_on_a_terminal_shows_its_progress_then_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let bin = env!("CARGO_BIN_EXE_segflow");
+    // `script` (util-linux) runs the command on a pseudo-terminal.
+    let typed = Command::new("script")
+        .current_dir(dir.path())
+        .args(["-qec", &format!("{bin} run ecommerce.toml --reset"), "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs a command on a terminal");
+    let text = String::from_utf8_lossy(&typed.stdout);
+    assert!(typed.status.success(), "{text}");
+    assert!(text.contains("records/s ETA"), "no progress bar on a terminal:\n{text}");
+    assert!(text.contains("/"), "{text}");
+    assert!(text.contains("throughput"), "no summary after the bar:\n{text}");
+    let piped = Command::new(bin)
+        .current_dir(dir.path())
+        .args(["run", "ecommerce.toml", "--reset"])
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    let all = format!("{}{}", String::from_utf8_lossy(&piped.stdout), String::from_utf8_lossy(&piped.stderr));
+    assert!(!all.contains("ETA"), "a progress bar without a terminal:\n{all}");
+    assert!(all.contains("throughput"));
 }

@@ -567,6 +567,25 @@ impl Engine {
         self.input(name, Input::parse(location, follow, until, key))
     }
 
+    /// The bytes a replay reads: the sizes of its inputs, if every input
+    /// is read to its end (files not followed, in-memory lines); `None` for
+    /// a run with a live input (a followed file, a socket, a topic), or an
+    /// input that cannot be looked at.
+    pub fn replay_bytes(&self) -> Option<u64> {
+        let mut total = 0;
+        for input in self.inputs.values() {
+            total += match input {
+                Input::File {
+                    path,
+                    follow: false,
+                } => std::fs::metadata(path).ok()?.len(),
+                Input::Memory(lines) => lines.iter().map(|l| l.len() as u64 + 1).sum(),
+                _ => return None,
+            };
+        }
+        Some(total)
+    }
+
     /// Sets where segment diffs go.
     pub fn output(mut self, output: Output) -> Engine {
         self.output = Some(output);

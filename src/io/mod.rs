@@ -129,6 +129,8 @@ pub enum Control {
         dead: u64,
         /// Records older than the watermark.
         late: u64,
+        /// Bytes of input consumed (files; lines for sockets).
+        bytes: u64,
         /// Records dropped as held by the checkpoint a run restored (times
         /// before its cut).
         held: u64,

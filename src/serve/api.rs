@@ -281,16 +281,59 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
+    let visitor = visitor_of(&endpoint, request.uri()).map(|id| pseudonym(&app.token, &id));
     let started = std::time::Instant::now();
     let answer = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(r) => r,
         Err(_) => busy("the request took too long"),
     };
     // A stream's time is its opening.
-    app.live
-        .metrics()
-        .api_request(&endpoint, started.elapsed().as_secs_f64());
+    let secs = started.elapsed().as_secs_f64();
+    app.live.metrics().api_request(&endpoint, secs);
+    tracing::debug!(
+        target: "segflow::api",
+        endpoint,
+        status = answer.status().as_u16(),
+        micros = (secs * 1e6) as u64,
+        visitor = visitor.as_deref().unwrap_or("-"),
+        "request"
+    );
     answer
+}
+
+/// The identifier a request is about: the path's for a profile, `id=`
+/// for a decision or a stream.
+fn visitor_of(endpoint: &str, uri: &axum::http::Uri) -> Option<String> {
+    if endpoint == "/v1/profiles/{identifier}" {
+        let last = uri.path().rsplit('/').next()?;
+        return percent_decode(last);
+    }
+    serde_urlencoded::from_str::<Vec<(String, String)>>(uri.query()?)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == "id" || k == "profile")
+        .map(|(_, v)| v)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("v={s}"))
+        .ok()?
+        .pop()
+        .map(|(_, v)| v)
+}
+
+/// How the access log names an identifier: `id#` and 12 hexadecimal
+/// digits of its HMAC-SHA256 keyed with the API token. The same visitor
+/// has the same pseudonym in every line (and across restarts with the
+/// same token), and the identifier cannot be read back without the token.
+pub fn pseudonym(token: &str, identifier: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(token.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(identifier.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("id#{hex}")
 }
 
 /// The dashboard: one page with its script and styles inline (no

@@ -106,6 +106,9 @@ pub struct Live {
     diffs: broadcast::Sender<Arc<Vec<SegmentDiff>>>,
     ended: AtomicBool,
     metrics: Metrics,
+    /// Whether memberships and changes are kept (serving, exports), or
+    /// only counters (a progress bar).
+    members_kept: bool,
 }
 
 impl Live {
@@ -124,7 +127,18 @@ impl Live {
             diffs,
             ended: AtomicBool::new(false),
             metrics: Metrics::new(),
+            members_kept: true,
         })
+    }
+
+    /// Shared state that keeps only the counters and clocks (for a
+    /// progress bar): no memberships, no changes, no stream.
+    pub fn counters_only(spec: Arc<Spec>) -> Arc<Live> {
+        let mut live = Live::new(spec);
+        if let Some(l) = Arc::get_mut(&mut live) {
+            l.members_kept = false;
+        }
+        live
     }
 
     /// The definition served (its segments' descriptions, its content
@@ -212,6 +226,12 @@ impl Live {
     /// outputs hold already) go to the stream's subscribers.
     pub fn apply(&self, diffs: Vec<SegmentDiff>, fresh: bool) {
         if diffs.is_empty() {
+            return;
+        }
+        if !self.members_kept {
+            if fresh {
+                self.metrics.diffs(diffs.len() as u64);
+            }
             return;
         }
         if let Ok(mut i) = self.index.write() {

@@ -211,6 +211,10 @@ pub struct SourceSummary {
     pub held: u64,
     /// Final offset.
     pub offset: u64,
+    /// Bytes of input consumed (files; lines for sockets), by all readers
+    /// together.
+    #[serde(default)]
+    pub bytes: u64,
     /// A graceful shutdown ended this source before its input ended (see
     /// [`RunSummary::stopped`]).
     #[serde(default)]
@@ -501,8 +505,10 @@ impl Committer {
                 dead,
                 late,
                 held,
+                bytes,
             } => {
                 let s = &mut self.summary.sources[*source as usize];
+                s.bytes += bytes;
                 s.held += held;
                 s.lines += lines;
                 s.records += records;

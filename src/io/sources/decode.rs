@@ -142,6 +142,7 @@ pub fn decode_stage<'s>(
                     dead,
                     late: 0,
                     held: 0,
+                    bytes: 0,
                 });
                 if !decoded.is_empty() {
                     records_out

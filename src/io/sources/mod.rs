@@ -246,6 +246,9 @@ struct Reader {
     headers: std::collections::HashMap<Option<String>, Result<Vec<String>, String>>,
     clock: SourceClock,
     reported_clock: (Option<Time>, Option<Time>),
+    /// The input's position at the last [`Control::Stats`]: the bytes
+    /// consumed since are reported with the next.
+    reported_position: u64,
     stats: (u64, u64, u64, u64, u64),
     /// Decode every line here, in one pass (a [`FileRange`] of a file read
     /// by several workers), instead of peeking at its time and sending it to
@@ -401,6 +404,7 @@ impl Reader {
     ) -> Reader {
         let input_name = def.input.describe();
         let clock = SourceClock::new(params.time, lines.is_live(), wall_clock_ms());
+        let reported_position = lines.position();
         Reader {
             def,
             params,
@@ -409,6 +413,7 @@ impl Reader {
             headers: Default::default(),
             clock,
             reported_clock: (None, None),
+            reported_position,
             stats: (0, 0, 0, 0, 0),
             local_decode,
             floor,
@@ -859,6 +864,7 @@ impl Reader {
         }
         let (lines, records, dead, late, held) = std::mem::take(&mut self.stats);
         if lines + records + dead + late + held > 0 {
+            let position = self.lines.position();
             ctl.push(Control::Stats {
                 source: self.def.index,
                 lines,
@@ -866,7 +872,9 @@ impl Reader {
                 dead,
                 late,
                 held,
+                bytes: position.saturating_sub(self.reported_position),
             });
+            self.reported_position = position;
             ctl.push(Control::Offset {
                 source: self.def.index,
                 offset: self.lines.position(),
