@@ -4,6 +4,8 @@
 //! clock, with pauses, and the diffs, dead letters and answers are checked;
 //! SIGTERM ends the run with exit 0. With one worker and with two.
 
+mod common;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
@@ -47,13 +49,7 @@ when = 'attributes.tier == "gold"'
 when = "spend >= 100"
 "#;
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
+use common::http_agent as agent;
 
 /// POSTs `body` to `path` as a Segment library does (basic auth with the
 /// write key as user name); `(status, body)`.

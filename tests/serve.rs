@@ -158,13 +158,7 @@ impl Drop for Served {
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
+use common::http_agent as agent;
 
 /// GET `path` with `token` (none: no header): status, headers' `WWW-Authenticate`, body as JSON (or text as a JSON string).
 fn get_as(base: &str, path: &str, token: Option<&str>) -> (u16, Option<String>, Value) {
@@ -1154,4 +1148,40 @@ fn a_replay_on_a_terminal_shows_its_progress_then_the_summary() {
     let all = format!("{}{}", String::from_utf8_lossy(&piped.stdout), String::from_utf8_lossy(&piped.stderr));
     assert!(!all.contains("ETA"), "a progress bar without a terminal:\n{all}");
     assert!(all.contains("throughput"));
+}
+
+/// A content slot edited in the definition file of a running engine: the
+/// next decision uses it (no restart); a file that does not validate is
+/// refused and the old slots stay.
+#[test]
+fn an_edited_content_slot_applies_to_the_running_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("live.toml");
+    std::fs::write(&file, LIVE).unwrap();
+    let web = common::free_port();
+    let mut run = Served::start(
+        dir.path(),
+        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--output", "diffs.jsonl"],
+    );
+    let base = run.base.clone();
+    let _client = connect(web);
+    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:someone", 30, |s, _| s == 200);
+    assert_eq!(d["content"], "hello");
+    // A new default and a new slot.
+    let edited = LIVE
+        .replace("[content.banner.default]\ncontent = \"hello\"", "[content.banner.default]\ncontent = \"welcome back\"")
+        + "\n[content.footer]\n[content.footer.default]\ncontent = \"bye\"\n";
+    assert_ne!(edited, LIVE);
+    std::fs::write(&file, &edited).unwrap();
+    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:someone", 20, |_, b| b["content"] == "welcome back");
+    assert_eq!(d["variant"], "default");
+    let (status, footer) = get(&base, "/v1/decide/footer?id=anon:someone");
+    assert_eq!((status, footer["content"].as_str()), (200, Some("bye")));
+    run.wait_line("changed its content slots", 10);
+    // A broken file: refused, the slots stay.
+    std::fs::write(&file, edited.replace("when = 'viewer'", "when = 'viewerr'")).unwrap();
+    run.wait_line("the new definition is refused", 20);
+    let (_, d) = get(&base, "/v1/decide/banner?id=anon:someone");
+    assert_eq!(d["content"], "welcome back");
+    assert!(run.stop().success());
 }

@@ -61,6 +61,16 @@ pub fn cluster_args(p: usize, hostfile: &Path) -> Vec<String> {
     .collect()
 }
 
+/// An HTTP client that returns every status as an answer (not an error),
+/// with a 30 s limit per request.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
