@@ -1185,3 +1185,30 @@ fn an_edited_content_slot_applies_to_the_running_api() {
     assert_eq!(d["content"], "welcome back");
     assert!(run.stop().success());
 }
+
+/// A client that sends half its headers and stops (slowloris) has its
+/// connection closed after the header timeout; others are answered
+/// meanwhile.
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
+    let web = common::free_port();
+    let run = Served::start(dir.path(), &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}")]);
+    let addr = run.base.strip_prefix("http://").unwrap().to_string();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+    let started = Instant::now();
+    // Meanwhile the API answers.
+    let (status, _, _) = get_as(&run.base, "/healthz", None);
+    assert_eq!(status, 200);
+    let mut buf = [0u8; 256];
+    let n = slow.read(&mut buf).expect("the connection is closed, not left open");
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(20), "closed after {took:?}");
+    assert!(run.stop().success());
+}

@@ -33,6 +33,14 @@ pub const MAX_PAGE: usize = 10_000;
 /// How long one request may take before it is answered `503`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections open at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+/// How long a client may take to send a request's headers (on a new
+/// connection, or a kept-alive one that is reused) before its connection
+/// is closed: a client that trickles bytes does not hold a connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the API is served.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -131,14 +139,7 @@ impl Server {
                             return;
                         }
                     };
-                    let served = axum::serve(listener, router)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!("api: {e}");
-                    }
+                    accept(listener, router, stop_rx).await;
                 });
                 // Open streams do not hold the process.
                 runtime.shutdown_timeout(Duration::from_millis(100));
@@ -170,6 +171,48 @@ impl Drop for Server {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+/// Serves connections from `listener` until `stop`: at most
+/// [`MAX_CONNECTIONS`] at once, each closed if a request's headers take
+/// longer than [`HEADER_READ_TIMEOUT`].
+async fn accept(listener: tokio::net::TcpListener, router: Router, stop: oneshot::Receiver<()>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of descriptors, a connection reset before it was
+                // taken: go on.
+                Err(e) => {
+                    tracing::debug!("api: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            tracing::warn!("api: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!("api: connection: {e}");
+            }
+            drop(permit);
+        });
     }
 }
 
