@@ -63,13 +63,20 @@ impl Served {
 
     /// [`Served::start`] with environment variables `env`.
     fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_segflow"))
-            .current_dir(dir)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_segflow"));
+        cmd.current_dir(dir)
             .arg("run")
             .args(args)
             .args(["--http", "127.0.0.1:0"])
+            .envs(env.iter().copied());
+        Served::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `segflow run … --http 127.0.0.1:0`, perhaps through
+    /// a shell) with the test token; see [`Served::start`].
+    fn spawn(mut cmd: Command) -> Served {
+        let mut child = cmd
             .env("SEGFLOW_API_TOKEN", TOKEN)
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1210,5 +1217,49 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(20), "closed after {took:?}");
+    assert!(run.stop().success());
+}
+
+/// Clients that open many connections and never finish a request cannot
+/// starve a live run of file descriptors (its state writes need them): the
+/// API takes at most half of what the open-file limit leaves above a
+/// reserve, and cuts idle ones off; the run goes on and answers afterwards.
+#[test]
+fn idle_connections_do_not_starve_the_engine_of_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
+    let web = common::free_port();
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(dir.path()).args([
+        "-c",
+        &format!(
+            "ulimit -n 700 && exec {} run live.toml --input web=tcp://127.0.0.1:{web} --http 127.0.0.1:0",
+            env!("CARGO_BIN_EXE_segflow")
+        ),
+    ]);
+    let mut run = Served::spawn(cmd);
+    let addr = run.base.strip_prefix("http://").unwrap().to_string();
+    let mut client = connect(web);
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(mut s) => {
+                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n");
+                idle.push(s);
+            }
+            Err(_) => break,
+        }
+    }
+    // Events keep the state writer busy meanwhile.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        writeln!(client, r#"{{"event":"view_item","ts":{},"anonymous_id":"busy"}}"#, wall_ms()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(run.child().try_wait().unwrap().is_none(), "the run ended: {:?}", run.seen);
+    }
+    let (view, _) = poll(&run.base, "/v1/profiles/anon:busy", 20, |s, _| s == 200);
+    assert!(view["traits"]["views"].as_u64().unwrap() > 100, "{view}");
+    drop(idle);
+    drop(client);
     assert!(run.stop().success());
 }

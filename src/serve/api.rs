@@ -33,8 +33,44 @@ pub const MAX_PAGE: usize = 10_000;
 /// How long one request may take before it is answered `503`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections open at once; more are closed as they come.
+/// Connections open at once, at most; more are closed as they come. Fewer
+/// when the process may open few files (see [`connection_limit`]).
 pub const MAX_CONNECTIONS: usize = 2048;
+
+/// File descriptors kept for the engine (RocksDB's tables and logs, inputs,
+/// outputs, the cluster) whatever clients do.
+pub const RESERVED_FILES: u64 = 512;
+
+/// How many connections the API takes at once: the soft limit of open
+/// files is first raised to the hard limit (as servers do), then half of
+/// what is left above [`RESERVED_FILES`] may be connections (at least 16,
+/// at most [`MAX_CONNECTIONS`]). Idle clients cannot then starve the
+/// engine of file descriptors (a state write that cannot open a file
+/// fails the run).
+pub fn connection_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer for getrlimit/setrlimit.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 16;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    };
+    let spare = soft.saturating_sub(RESERVED_FILES) / 2;
+    (spare.min(MAX_CONNECTIONS as u64) as usize).max(16)
+}
 
 /// How long a client may take to send a request's headers (on a new
 /// connection, or a kept-alive one that is reused) before its connection
@@ -181,7 +217,8 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: oneshot
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let most = connection_limit();
+    let connections = Arc::new(Semaphore::new(most));
     let mut stop = std::pin::pin!(stop);
     loop {
         let (stream, _) = tokio::select! {
@@ -198,7 +235,7 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: oneshot
             _ = &mut stop => return,
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            tracing::warn!("api: {MAX_CONNECTIONS} connections open; closing a new one");
+            tracing::warn!("api: {most} connections open (the most it takes); closing a new one");
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
