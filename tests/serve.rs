@@ -601,6 +601,22 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     assert_eq!(entry["segment"], "viewer");
     assert_eq!(entry["diff"], 1);
     assert!(events.recv_timeout(Duration::from_millis(500)).is_err(), "only v1's diffs");
+    // v1 logs in: anon:v1 merges into user:u1. The stream follows the
+    // identifier to its new profile and still carries the old one's exit,
+    // so the diffs it carried add up to v1's memberships.
+    let ts = wall_ms();
+    writeln!(client, r#"{{"event":"login","ts":{ts},"anonymous_id":"v1","user_id":"u1"}}"#).unwrap();
+    client.flush().unwrap();
+    let mut moved: Vec<(String, i64)> = (0..2)
+        .map(|_| {
+            let d: Value = serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).expect("the merge's diffs")).unwrap();
+            (d["profile"].as_str().unwrap().to_string(), d["diff"].as_i64().unwrap())
+        })
+        .collect();
+    moved.sort();
+    assert_eq!(moved, [("anon:v1".to_string(), -1), ("user:u1".to_string(), 1)]);
+    let (view, _) = poll(&base, "/v1/profiles/anon:v1", 10, |_, b| b["profile"] == "user:u1");
+    assert!(view["identifiers"].as_array().unwrap().iter().any(|i| i == "anon:v1"));
     // Idle: the answer becomes complete (every event read is in it).
     let (segments, _) = poll(&base, "/v1/segments", 20, |_, b| b["as_of"]["complete"] == true);
     assert_eq!(segments["segments"][0]["size"], 2, "{segments}");
@@ -620,11 +636,11 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value(r#"segflow_source_records_total{source="web"}"#), 5.0);
-    assert_eq!(value(r#"segflow_source_lines_total{source="web"}"#), 5.0);
+    assert_eq!(value(r#"segflow_source_records_total{source="web"}"#), 6.0);
+    assert_eq!(value(r#"segflow_source_lines_total{source="web"}"#), 6.0);
     assert_eq!(value(r#"segflow_source_dead_letters_total{source="web"}"#), 0.0);
     assert_eq!(value(r#"segflow_segment_members{segment="viewer"}"#), 2.0);
-    assert_eq!(value("segflow_diffs_total"), 2.0);
+    assert_eq!(value("segflow_diffs_total"), 4.0);
     assert_eq!(value("segflow_profiles"), 2.0);
     assert!(value("segflow_commit_lag_seconds") < 60.0, "{metrics}");
     assert!(value("segflow_commit_delay_seconds_count") >= 1.0, "{metrics}");

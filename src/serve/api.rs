@@ -838,6 +838,11 @@ struct Filter {
     profile: Option<String>,
     /// Identifiers whose current profile is followed.
     ids: Vec<crate::model::Ident>,
+    /// Every profile the identifiers have belonged to since the stream
+    /// opened: a merge moves them to another profile, and the old one's
+    /// exits must still reach the subscriber (the sum of the diffs it got
+    /// is then the membership of the profiles it followed).
+    followed: std::collections::BTreeSet<String>,
 }
 
 async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Response {
@@ -870,16 +875,23 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         }
         None => Vec::new(),
     };
+    let mut followed = std::collections::BTreeSet::new();
+    if !ids.is_empty() {
+        if let Ok(Some((view, _))) = app.live.profile(&ids) {
+            followed.insert(view.profile);
+        }
+    }
     let filter = Filter {
         segments,
         profile: q.profile,
         ids,
+        followed,
     };
     let rx = app.live.subscribe();
     let live = Arc::clone(&app.live);
     let events = futures_util::stream::unfold(
         (rx, filter, live, permit, std::collections::VecDeque::<Event>::new()),
-        |(mut rx, filter, live, permit, mut queue)| async move {
+        |(mut rx, mut filter, live, permit, mut queue)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
                     return Some((Ok::<Event, Infallible>(e), (rx, filter, live, permit, queue)));
@@ -900,10 +912,10 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                             {
                                 tokio::time::sleep(Duration::from_millis(2)).await;
                             }
-                            match live.profile(&filter.ids) {
-                                Ok(Some((view, _))) => Some(view.profile),
-                                _ => Some(String::new()),
+                            if let Ok(Some((view, _))) = live.profile(&filter.ids) {
+                                filter.followed.insert(view.profile);
                             }
+                            Some(())
                         };
                         for d in diffs.iter() {
                             let wanted = filter
@@ -911,7 +923,7 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                                 .as_ref()
                                 .is_none_or(|s| s.iter().any(|x| *x == d.segment))
                                 && filter.profile.as_ref().is_none_or(|p| *p == d.profile)
-                                && followed.as_ref().is_none_or(|p| *p == d.profile);
+                                && followed.is_none_or(|()| filter.followed.contains(&d.profile));
                             if wanted {
                                 queue.push_back(Event::default().event("diff").data(d.to_line()));
                             }
