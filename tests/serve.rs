@@ -1069,6 +1069,12 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
         assert!(started.elapsed() < Duration::from_secs(30), "changes so far: {seen:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Unchanged audiences write nothing more, though time moves on.
+    let files = || std::fs::read_dir(&seg_dir).unwrap().count();
+    let before = files();
+    assert!(before <= 6, "{before} files for at most 3 different audiences");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(files(), before, "new files for an unchanged audience");
     drop(client);
     assert!(run.stop().success());
 

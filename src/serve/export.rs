@@ -21,8 +21,10 @@
 //! for JSON lines), each written to a temporary file, synced, then
 //! renamed: a reader never sees half a file. The changes are against the
 //! newest members file already in the directory, so they span restarts; the
-//! first export's changes are every member entering. A failed write (a
-//! full disk) stops the run with the reason.
+//! first export's changes are every member entering. Every segment of
+//! one export is as of one time; a segment whose members are those of the
+//! export before gets no new files. A failed write (a full disk) stops the
+//! run with the reason.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -266,11 +268,15 @@ pub fn export_once(
     let kinds_owned: Vec<String> = live.rules().kinds().into_iter().map(String::from).collect();
     let kinds: Vec<&str> = kinds_owned.iter().map(String::as_str).collect();
     let mut done = Vec::new();
-    for name in names {
-        let Some((rows, as_of)) = members(live, &name)? else {
-            return Err(format!("--export-segments: no segment `{name}`"));
-        };
-        let Some(time) = as_of.time else { continue };
+    // Every segment as of one time.
+    let (all, as_of) = live
+        .members_at_once(&names)
+        .map_err(|name| format!("--export-segments: no segment `{name}`"))?;
+    let Some(time) = as_of.time else {
+        return Ok(done);
+    };
+    for (name, profiles) in names.into_iter().zip(all) {
+        let rows = rows(live, profiles, None)?;
         let seg_dir = dir.join(&name);
         std::fs::create_dir_all(&seg_dir).map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
         let before = previous_members(&seg_dir, format)
@@ -284,6 +290,9 @@ pub fn export_once(
         }
         let entered: Vec<String> = now.difference(&before).cloned().collect();
         let exited: Vec<String> = before.difference(&now).cloned().collect();
+        if entered.is_empty() && exited.is_empty() && has_members_file(&seg_dir, format) {
+            continue; // the same members as the export before
+        }
         let mut changes = Vec::new();
         for r in &rows {
             if !before.contains(&r.profile) {
@@ -315,6 +324,17 @@ pub fn export_once(
         });
     }
     Ok(done)
+}
+
+/// Whether `dir` holds a members file of `format` already.
+fn has_members_file(dir: &Path, format: ExportFormat) -> bool {
+    let ext = format!(".{}", format.extension());
+    std::fs::read_dir(dir).is_ok_and(|d| {
+        d.filter_map(|e| e.ok()).any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("members-") && name.ends_with(&ext)
+        })
+    })
 }
 
 fn rows_of_exits(live: &Live, exited: Vec<String>) -> Result<Vec<Row>, String> {

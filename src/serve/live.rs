@@ -296,12 +296,18 @@ impl Live {
     /// The freshness of answers read from what is complete before
     /// `before` (a time bound, `Time::MAX` once everything is).
     fn as_of(&self, before: Option<Time>) -> AsOf {
-        let tick = self.spec().engine.tick_ms.max(1);
         let (read_until, committed) = self
             .index
             .read()
             .map(|i| (i.read_until, i.committed_before))
             .unwrap_or_default();
+        self.as_of_at(read_until, committed, before)
+    }
+
+    /// [`Live::as_of`] from the index's clocks (`read_until`,
+    /// `committed_before`).
+    fn as_of_at(&self, read_until: Option<Time>, committed: Option<Time>, before: Option<Time>) -> AsOf {
+        let tick = self.spec().engine.tick_ms.max(1);
         // The end of the latest admitted tick.
         let read_end = read_until.map(|t| t.saturating_add(tick - 1));
         let before = match (before, committed) {
@@ -461,6 +467,24 @@ impl Live {
                 .map(|(p, n)| (p.to_string(), n > 0))
                 .collect(),
         ))
+    }
+
+    /// The members of each of `segments` (in profile-id order) read at one
+    /// moment, with that moment's freshness: an export of several
+    /// segments is of one time. `None` if a segment is unknown (its name).
+    pub fn members_at_once(&self, segments: &[String]) -> Result<(Vec<Vec<String>>, AsOf), String> {
+        let spec = self.spec();
+        let i = self.index.read().map_err(|_| "the index is poisoned".to_string())?;
+        let mut out = Vec::new();
+        for name in segments {
+            match i.members.get(name) {
+                Some(m) => out.push(m.iter().cloned().collect()),
+                None if spec.segments.iter().any(|s| &s.name == name) => out.push(Vec::new()),
+                None => return Err(name.clone()),
+            }
+        }
+        let as_of = self.as_of_at(i.read_until, i.committed_before, None);
+        Ok((out, as_of))
     }
 
     /// Profiles, and each source's counters with its clock (see
