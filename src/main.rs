@@ -643,8 +643,29 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 "segflow: the run has ended; serving its final state on http://{} until SIGTERM or Ctrl-C",
                 server.local_addr()
             );
+            // Content slots edited from now on still apply.
+            let label = args.dataflow.display().to_string();
+            let mut seen = std::fs::read_to_string(&args.dataflow).ok();
+            let mut looked = std::time::Instant::now();
             while !shutdown.load(std::sync::atomic::Ordering::SeqCst) {
                 std::thread::sleep(std::time::Duration::from_millis(50));
+                if looked.elapsed() < std::time::Duration::from_millis(500) {
+                    continue;
+                }
+                looked = std::time::Instant::now();
+                let now = std::fs::read_to_string(&args.dataflow).ok();
+                if now.is_none() || now == seen {
+                    continue;
+                }
+                seen = now;
+                let text = seen.as_deref().unwrap_or_default();
+                match live.as_ref().map(|l| l.apply_edit_after_end(text, &label)) {
+                    Some(Ok(true)) => tracing::warn!(
+                        "{label} changed its content slots or descriptions: the API answers with them from now on"
+                    ),
+                    Some(Err(e)) => tracing::warn!("{label} changed, but the edit is refused: {e}"),
+                    _ => {}
+                }
             }
         }
         drop(server);

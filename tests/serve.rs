@@ -1285,3 +1285,31 @@ fn idle_connections_do_not_starve_the_engine_of_files() {
     drop(client);
     assert!(run.stop().success());
 }
+
+/// A finished replay that goes on serving takes content edits too (its
+/// results cannot change any more, so edits of anything else are refused
+/// with the reason).
+#[test]
+fn content_edits_apply_after_a_replay_has_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let mut run = Served::start(dir.path(), &["ecommerce.toml", "--reset"]);
+    run.wait_line("serving its final state", 120);
+    let base = run.base.clone();
+    let (_, d) = get(&base, "/v1/decide/home_hero?id=anon:first-visit");
+    assert_eq!(d["content"]["headline"], "Welcome to the shop");
+    let file = dir.path().join("ecommerce.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("Welcome to the shop", "Welcome, edited")).unwrap();
+    poll(&base, "/v1/decide/home_hero?id=anon:first-visit", 20, |_, b| {
+        b["content"]["headline"] == "Welcome, edited"
+    });
+    run.wait_line("changed its content slots or descriptions", 10);
+    // A trait edit cannot apply to a finished run.
+    std::fs::write(&file, text.replace("window = \"30m\"", "window = \"31m\"")).unwrap();
+    let refused = run.wait_line("the edit is refused", 20);
+    assert!(refused.contains("traits"), "{refused}");
+    let (_, d) = get(&base, "/v1/decide/home_hero?id=anon:first-visit");
+    assert_eq!(d["content"]["headline"], "Welcome, edited");
+    assert!(run.stop().success());
+}

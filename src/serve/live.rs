@@ -158,6 +158,33 @@ impl Live {
         }
     }
 
+    /// A definition file edited after the run has ended (a finished
+    /// replay that goes on serving): its content slots and segment
+    /// descriptions apply at once if nothing else changed; `Ok(false)` if
+    /// they are the same; an error (for the log) if the file does not
+    /// validate or changes what the run computed (that needs a new run).
+    pub fn apply_edit_after_end(&self, text: &str, label: &str) -> Result<bool, String> {
+        let new = crate::spec::parse_spec(text, label).map_err(|e| e.to_string())?;
+        let old = self.spec();
+        let ours = crate::engine::resume::fingerprint_parts(&old);
+        let theirs = crate::engine::resume::fingerprint_parts(&new);
+        let differ = crate::engine::resume::differing_parts(&ours, &theirs);
+        if !differ.is_empty() {
+            return Err(format!(
+                "it changes the {} of the ended run: only content slots and segment descriptions apply to its final state (run again to apply the rest)",
+                differ.join(" and ")
+            ));
+        }
+        let described = |s: &Spec| -> Vec<(String, Option<String>)> {
+            s.segments.iter().map(|x| (x.name.clone(), x.description.clone())).collect()
+        };
+        if new.content == old.content && described(&new) == described(&old) {
+            return Ok(false);
+        }
+        self.set_spec(Arc::new(new));
+        Ok(true)
+    }
+
     /// The identity rules identifiers are read with.
     pub fn rules(&self) -> &IdentityRules {
         &self.rules
