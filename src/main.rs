@@ -536,6 +536,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (Some(addr), Some(live)) => {
             let (token, origin) =
                 segflow::serve::api_token(args.http_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+            if origin == segflow::serve::TokenOrigin::Generated
+                && std::env::var("SEGFLOW_API_TOKEN").is_ok_and(|t| t.trim().is_empty())
+            {
+                eprintln!("segflow: warning: SEGFLOW_API_TOKEN is set but empty; a token is generated instead");
+            }
             let config = segflow::serve::ServeConfig {
                 addr: addr.clone(),
                 token: token.clone(),

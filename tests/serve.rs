@@ -411,12 +411,15 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         assert_eq!(status, 401, "{path}");
         assert!(body["error"].as_str().unwrap().contains("wrong"), "{body}");
     }
-    let cases: [(&str, u16, &str); 9] = [
+    let cases: [(&str, u16, &str); 12] = [
         ("/v1/segments/vipp/members", 404, "did you mean `vip`?"),
         ("/v1/segments/vip/members?limit=0", 400, "`limit` must be"),
         ("/v1/segments/vip/members?limit=x", 400, "`limit` must be"),
         ("/v1/profiles/anon:nobody-at-all", 404, "no profile has the identifier"),
-        ("/v1/profiles/email:not-an-email", 400, "is not an identifier"),
+        ("/v1/profiles/email:not-an-email", 400, "is not a valid email identifier"),
+        ("/v1/profiles/email:", 400, "has no value after `email:`"),
+        ("/v1/segments/vip/members?limit=1&limit=2", 400, "duplicate field"),
+        ("/v1/profiles/user:%FF", 400, "UTF-8"),
         ("/v1/decide/heroo?id=anon:x", 404, "did you mean `hero`?"),
         ("/v1/decide/hero", 400, "give the visitor's identifier"),
         ("/v1/decide?id=anon:x", 400, "name the slots"),
@@ -704,7 +707,8 @@ fn chart_colours(path: &Path) -> usize {
     let channels = info.color_type.samples();
     let palette: Vec<[u8; 3]> = [
         0x2563eb, 0xdc2626, 0x16a34a, 0xd97706, 0x7c3aed, 0x0891b2, 0xdb2777, 0x65a30d, 0xea580c,
-        0x4f46e5, 0x0d9488, 0x9333ea,
+        0x4f46e5, 0x0d9488, 0x9333ea, 0x1e3a8a, 0x7f1d1d, 0x14532d, 0x78350f, 0x4c1d95, 0x164e63,
+        0x831843, 0x365314,
     ]
     .iter()
     .map(|c: &u32| [(c >> 16) as u8, (c >> 8) as u8, *c as u8])

@@ -276,7 +276,7 @@ fn router(app: Arc<App>) -> Router {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint; see GET /v1/profiles/{identifier}, /v1/segments, /v1/segments/{name}/members, /v1/decide/{slot}?id=, /v1/diffs/stream, /v1/status, /metrics, /healthz, and the dashboard at /",
+        "no such endpoint; see GET /v1/profiles/{identifier} (URL-encoded: a / in it is %2F), /v1/segments, /v1/segments/{name}/members, /v1/segments/{name}/export, /v1/decide/{slot}?id=, /v1/decide?slots=a,b&id=, /v1/diffs/stream, /v1/status, /metrics, /healthz, and the dashboard at /",
     )
 }
 
@@ -364,7 +364,7 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
     let visitor = visitor_of(&endpoint, request.uri()).map(|id| pseudonym(&app.token, &id));
     let started = std::time::Instant::now();
     let answer = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
-        Ok(r) => r,
+        Ok(r) => as_json_error(r).await,
         Err(_) => busy("the request took too long"),
     };
     // A stream's time is its opening.
@@ -379,6 +379,25 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
         "request"
     );
     answer
+}
+
+/// A client error that axum's extractors answered in plain text (a query
+/// string that does not parse, a path that is not UTF-8) in the API's
+/// JSON shape, `{"error": ...}`; other answers as they are.
+async fn as_json_error(r: Response) -> Response {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if !r.status().is_client_error() || json {
+        return r;
+    }
+    let status = r.status();
+    let text = match axum::body::to_bytes(r.into_body(), 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
+    error(status, text)
 }
 
 /// The identifier a request is about: the path's for a profile, `id=`
@@ -496,13 +515,22 @@ fn as_of_json(a: &AsOf) -> Value {
 fn lookup(app: &App, identifier: &str) -> Result<Option<(ProfileView, AsOf)>, Response> {
     let ids = app.live.identifiers(identifier);
     if ids.is_empty() {
-        let kinds = app.live.rules().kinds().join(", ");
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            format!(
+        let rules = app.live.rules();
+        let kinds = rules.kinds().join(", ");
+        let known = identifier
+            .split_once(':')
+            .filter(|(kind, _)| rules.is_kind(kind.trim()))
+            .map(|(kind, value)| (kind.trim(), value.trim()));
+        let why = match known {
+            Some((kind, "")) => format!("{identifier:?} has no value after `{kind}:`"),
+            Some((kind, value)) => format!(
+                "{value:?} is not a valid {kind} identifier (it does not normalize: an e-mail needs an @, a phone number must parse for the region)"
+            ),
+            None => format!(
                 "{identifier:?} is not an identifier: use KIND:VALUE with a kind among {kinds} (e.g. email:ann@example.com), or a bare value"
             ),
-        ));
+        };
+        return Err(error(StatusCode::BAD_REQUEST, why));
     }
     match app.live.profile(&ids) {
         Ok(found) => Ok(found),
@@ -527,9 +555,10 @@ fn profile_json(spec: &crate::spec::Spec, view: &ProfileView, as_of: &AsOf) -> V
     let mut traits = view.traits.clone();
     for t in spec.traits.iter().filter(|t| t.aggregate.is_recency()) {
         if let (Some(at), Some(now)) = (traits.get(&t.name).and_then(Value::as_f64), as_of.time) {
-            traits.insert(t.name.clone(), json!((now as f64 - at).max(0.0)));
+            traits.insert(t.name.clone(), json!((now as f64 - at).max(0.0) as u64));
         }
     }
+    let traits: serde_json::Map<String, Value> = traits.into_iter().map(|(k, v)| (k, tidy(v))).collect();
     json!({
         "profile": view.profile,
         "identifiers": view.identifiers,
@@ -708,7 +737,8 @@ fn decide(spec: &crate::spec::Spec, slot: &ContentSlot, view: &ProfileView, now:
     let mut passed = Vec::new();
     for (rank, v) in slot.variants.iter().enumerate() {
         let (holds, read) = evaluate(spec, view, &v.when, now);
-        let values: serde_json::Map<String, Value> = read.into_iter().collect();
+        let values: serde_json::Map<String, Value> =
+            read.into_iter().map(|(k, v)| (k, tidy(v))).collect();
         if holds {
             return json!({
                 "variant": v.name,
@@ -723,6 +753,15 @@ fn decide(spec: &crate::spec::Spec, slot: &ContentSlot, view: &ProfileView, now:
         "content": slot.default.content,
         "why": {"rule": "default", "not_matched": passed},
     })
+}
+
+/// A whole number as an integer (`3`, not `3.0`); other values as they
+/// are.
+fn tidy(v: Value) -> Value {
+    match v.as_f64() {
+        Some(f) if v.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => json!(f as i64),
+        _ => v,
+    }
 }
 
 /// The slots named, or a 404 naming the known ones.
