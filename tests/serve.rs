@@ -880,6 +880,9 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     let (status, _, html) = page(Some("visitor=shopper"));
     assert_eq!(status, 200);
     assert!(html.contains(r#"data-variant="fallback""#), "{html}");
+    assert!(html.contains("Welcome to the shop"), "the fallback has content: {html}");
+    let r = agent().get(format!("{shop_url}/events")).header("Cookie", "visitor=shopper").call().unwrap();
+    assert_eq!(r.status().as_u16(), 503, "no stream from segflow: the page tries again later");
 }
 
 /// Reads an export answer: status, the `X-Segflow-As-Of` header, body.

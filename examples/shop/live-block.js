@@ -32,7 +32,15 @@
     blocks.forEach(b => { const d = answer.decisions[b.dataset.segflowSlot]; if (d) render(b, d); });
   }
 
-  const events = new EventSource("/events");
-  // Several diffs of one commit come together: one refresh for them.
-  events.addEventListener("diff", () => { if (!pending) pending = setTimeout(refresh, 50); });
+  function listen() {
+    const events = new EventSource("/events");
+    // Several diffs of one commit come together: one refresh for them.
+    events.addEventListener("diff", () => { if (!pending) pending = setTimeout(refresh, 50); });
+    // The shop answers 503 while segflow is away: a browser does not try a
+    // failed EventSource again by itself, so this does, every 15 s.
+    events.onerror = () => {
+      if (events.readyState === EventSource.CLOSED) setTimeout(listen, 15000);
+    };
+  }
+  listen();
 })();

@@ -159,9 +159,11 @@ fn escape(s: &str) -> String {
 
 /// One block's HTML: the headline (or text) and the link of its content.
 fn block(slot: &str, decision: Option<&Value>) -> String {
+    // What every visitor gets when segflow cannot be asked.
+    let fallback = serde_json::json!({"headline": "Welcome to the shop", "cta": "Browse bestsellers", "link": "/bestsellers"});
     let (variant, content) = match decision {
         Some(d) => (d["variant"].as_str().unwrap_or("none"), &d["content"]),
-        None => ("fallback", &Value::Null),
+        None => ("fallback", &fallback),
     };
     let text = match content {
         Value::String(s) => s.as_str(),
@@ -214,16 +216,30 @@ async fn blocks(State(shop): State<Shop>, headers: HeaderMap, Query(q): Query<Sl
 }
 
 /// The visitor's diff stream, passed on line by line (server-sent events).
+/// Each open page holds one of segflow's streams (it takes 256 at once): a
+/// busy shop would rather hold one stream and fan it out to its pages.
+/// When segflow does not answer, the page gets a 503 and its snippet
+/// tries again later.
 async fn events(State(shop): State<Shop>, headers: HeaderMap) -> Response {
     let (visitor, _) = visitor(&headers);
     let url = format!("{}/v1/diffs/stream?id=anon:{visitor}", shop.segflow);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let (opened_tx, opened) = tokio::sync::oneshot::channel::<bool>();
     let token = shop.token.clone();
     std::thread::spawn(move || {
-        // The stream lives as long as the browser listens: no overall timeout.
+        // The stream lives as long as the browser listens: no overall
+        // timeout (segflow sends a comment line every 5 s, so a page that
+        // went away is noticed within 5 s).
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let Ok(resp) = agent.get(&url).header("Authorization", &format!("Bearer {token}")).call() else {
-            return;
+        let resp = match agent.get(&url).header("Authorization", &format!("Bearer {token}")).call() {
+            Ok(r) if r.status() == 200 => {
+                let _ = opened_tx.send(true);
+                r
+            }
+            _ => {
+                let _ = opened_tx.send(false);
+                return;
+            }
         };
         for line in std::io::BufReader::new(resp.into_body().into_reader()).lines() {
             let Ok(mut line) = line else { return };
@@ -233,6 +249,14 @@ async fn events(State(shop): State<Shop>, headers: HeaderMap) -> Response {
             }
         }
     });
+    if !opened.await.unwrap_or(false) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "15")],
+            "segflow's diff stream is not available",
+        )
+            .into_response();
+    }
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
     });

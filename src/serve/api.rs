@@ -981,6 +981,8 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         },
     );
     Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        // A comment line every 5 s: proxies keep the stream open, and a
+        // relay (examples/shop) notices a visitor gone within 5 s.
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
         .into_response()
 }
