@@ -893,7 +893,11 @@ mod tests {
         if let Ok(mut f) = writer.failure.lock() {
             f.abort = Some(Arc::clone(&abort));
         }
-        writer.send(Job::Flush).unwrap();
+        // The writer may have failed the job before `send` returns, which
+        // then reports it already.
+        if let Err(e) = writer.send(Job::Flush) {
+            assert!(e.to_string().contains("disk on fire"), "{e}");
+        }
         let err = writer.sync().expect_err("the failed write is reported");
         assert!(err.to_string().contains("disk on fire"), "{err}");
         assert!(abort.is_stopped(), "the run is stopped at once");
