@@ -548,20 +548,26 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     // The stream, filtered to the visitor's identifier, opened first
     // (with the token as a query parameter, as a browser's EventSource).
     let stream_url = format!("{base}/v1/diffs/stream?id=anon:v1&access_token={TOKEN}");
-    let (events_tx, events) = mpsc::channel::<String>();
+    // Each message as (event type, data).
+    let (events_tx, events) = mpsc::channel::<(String, Value)>();
     std::thread::spawn(move || {
         let resp = agent().get(&stream_url).call().unwrap();
         assert_eq!(resp.status().as_u16(), 200);
         let reader = BufReader::new(resp.into_body().into_reader());
+        let mut kind = String::new();
         for line in reader.lines() {
             let Ok(line) = line else { break };
-            if let Some(data) = line.strip_prefix("data:") {
-                if events_tx.send(data.trim().to_string()).is_err() {
+            if let Some(k) = line.strip_prefix("event:") {
+                kind = k.trim().to_string();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                let data = serde_json::from_str(data.trim()).unwrap();
+                if events_tx.send((kind.clone(), data)).is_err() {
                     break;
                 }
             }
         }
     });
+    let next = |what: &str| -> (String, Value) { events.recv_timeout(Duration::from_secs(20)).expect(what) };
     // Another visitor's diffs must not reach this stream.
     let mut client = loop {
         match std::net::TcpStream::connect(("127.0.0.1", web)) {
@@ -597,29 +603,40 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
     assert_eq!(d["variant"], "fan", "{d}");
     assert_eq!(d["content"], "for fans");
-    // The stream carried v1's entry, and nothing of v2's.
-    let entry = events.recv_timeout(Duration::from_secs(20)).expect("the entry on the stream");
-    let entry: Value = serde_json::from_str(&entry).unwrap();
+    // The stream carried v1's entry, then announced v1's profile (known
+    // from then on) with its segments, and nothing of v2's.
+    let (kind, entry) = next("the entry on the stream");
+    assert_eq!(kind, "diff");
     assert_eq!(entry["profile"], "anon:v1");
     assert_eq!(entry["segment"], "viewer");
     assert_eq!(entry["diff"], 1);
+    let (kind, profile) = next("the profile event");
+    assert_eq!(kind, "profile", "{profile}");
+    assert_eq!(profile["profile"], "anon:v1");
+    assert_eq!(profile["segments"], serde_json::json!(["viewer"]));
     assert!(events.recv_timeout(Duration::from_millis(500)).is_err(), "only v1's diffs");
-    // v1 logs in: anon:v1 merges into user:u1. The stream follows the
-    // identifier to its new profile and still carries the old one's exit,
-    // so the diffs it carried add up to v1's memberships.
+    // user:u2 already exists, in `viewer`; v1 logs in as u2: anon:v1
+    // merges into user:u2. The stream carries the old profile's exit,
+    // then announces the identifier's new profile with all of its
+    // segments (those it had before the merge too).
     let ts = wall_ms();
-    writeln!(client, r#"{{"event":"login","ts":{ts},"anonymous_id":"v1","user_id":"u1"}}"#).unwrap();
+    for _ in 0..2 {
+        writeln!(client, r#"{{"event":"view_item","ts":{ts},"user_id":"u2"}}"#).unwrap();
+    }
     client.flush().unwrap();
-    let mut moved: Vec<(String, i64)> = (0..2)
-        .map(|_| {
-            let d: Value = serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).expect("the merge's diffs")).unwrap();
-            (d["profile"].as_str().unwrap().to_string(), d["diff"].as_i64().unwrap())
-        })
-        .collect();
-    moved.sort();
-    assert_eq!(moved, [("anon:v1".to_string(), -1), ("user:u1".to_string(), 1)]);
-    let (view, _) = poll(&base, "/v1/profiles/anon:v1", 10, |_, b| b["profile"] == "user:u1");
+    poll(&base, "/v1/profiles/user:u2", 10, |_, b| b["segments"] == serde_json::json!(["viewer"]));
+    let ts = wall_ms();
+    writeln!(client, r#"{{"event":"login","ts":{ts},"anonymous_id":"v1","user_id":"u2"}}"#).unwrap();
+    client.flush().unwrap();
+    let (kind, exit) = next("the old profile's exit");
+    assert_eq!((kind.as_str(), &exit["profile"], &exit["diff"]), ("diff", &serde_json::json!("anon:v1"), &serde_json::json!(-1)));
+    let (kind, moved) = next("the new profile");
+    assert_eq!(kind, "profile", "{moved}");
+    assert_eq!(moved["profile"], "user:u2");
+    assert_eq!(moved["segments"], serde_json::json!(["viewer"]));
+    let (view, _) = poll(&base, "/v1/profiles/anon:v1", 10, |_, b| b["profile"] == "user:u2");
     assert!(view["identifiers"].as_array().unwrap().iter().any(|i| i == "anon:v1"));
+    assert_eq!(view["segments"], moved["segments"]);
     // Idle: the answer becomes complete (every event read is in it).
     let (segments, _) = poll(&base, "/v1/segments", 20, |_, b| b["as_of"]["complete"] == true);
     assert_eq!(segments["segments"][0]["size"], 2, "{segments}");
@@ -639,11 +656,11 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value(r#"segflow_source_records_total{source="web"}"#), 6.0);
-    assert_eq!(value(r#"segflow_source_lines_total{source="web"}"#), 6.0);
+    assert_eq!(value(r#"segflow_source_records_total{source="web"}"#), 8.0);
+    assert_eq!(value(r#"segflow_source_lines_total{source="web"}"#), 8.0);
     assert_eq!(value(r#"segflow_source_dead_letters_total{source="web"}"#), 0.0);
     assert_eq!(value(r#"segflow_segment_members{segment="viewer"}"#), 2.0);
-    assert_eq!(value("segflow_diffs_total"), 4.0);
+    assert_eq!(value("segflow_diffs_total"), 4.0, "v1 and v2 enter, u2 enters, v1 merges away");
     assert_eq!(value("segflow_profiles"), 2.0);
     assert!(value("segflow_commit_lag_seconds") < 60.0, "{metrics}");
     assert!(value("segflow_commit_delay_seconds_count") >= 1.0, "{metrics}");

@@ -882,6 +882,23 @@ struct Filter {
     /// exits must still reach the subscriber (the sum of the diffs it got
     /// is then the membership of the profiles it followed).
     followed: std::collections::BTreeSet<String>,
+    /// The identifiers' profile as last announced (`event: profile`).
+    current: Option<String>,
+}
+
+/// `event: profile`: the profile an identifier belongs to and its
+/// segments (those the stream is filtered to) as of `time`: sent when an
+/// `?id=` stream opens and whenever a merge or split moves the identifier
+/// to another profile; the diffs after it apply to it.
+fn profile_event(view: &ProfileView, segments: Option<&Vec<String>>, time: Option<u64>) -> Event {
+    let list: Vec<&String> = view
+        .segments
+        .iter()
+        .filter(|s| segments.is_none_or(|f| f.contains(s)))
+        .collect();
+    Event::default()
+        .event("profile")
+        .data(json!({"time": time, "profile": view.profile, "segments": list}).to_string())
 }
 
 async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Response {
@@ -915,21 +932,34 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         None => Vec::new(),
     };
     let mut followed = std::collections::BTreeSet::new();
+    let mut first = std::collections::VecDeque::<Event>::new();
+    let mut current = None;
     if !ids.is_empty() {
-        if let Ok(Some((view, _))) = app.live.profile(&ids) {
-            followed.insert(view.profile);
+        if let Ok(Some((view, as_of))) = app.live.profile(&ids) {
+            first.push_back(profile_event(&view, segments.as_ref(), as_of.time));
+            followed.insert(view.profile.clone());
+            current = Some(view.profile);
         }
     }
+    // A profile id is a canonical identifier: written as data are.
+    let profile = q.profile.map(|p| {
+        app.live
+            .identifiers(&p)
+            .into_iter()
+            .next()
+            .map_or(p, |id| id.as_str().to_string())
+    });
     let filter = Filter {
         segments,
-        profile: q.profile,
+        profile,
         ids,
         followed,
+        current,
     };
     let rx = app.live.subscribe();
     let live = Arc::clone(&app.live);
     let events = futures_util::stream::unfold(
-        (rx, filter, live, permit, std::collections::VecDeque::<Event>::new()),
+        (rx, filter, live, permit, first),
         |(mut rx, mut filter, live, permit, mut queue)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
@@ -951,21 +981,32 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                             {
                                 tokio::time::sleep(Duration::from_millis(2)).await;
                             }
-                            if let Ok(Some((view, _))) = live.profile(&filter.ids) {
-                                filter.followed.insert(view.profile);
+                            match live.profile(&filter.ids) {
+                                Ok(Some((view, _))) => {
+                                    filter.followed.insert(view.profile.clone());
+                                    Some(view)
+                                }
+                                _ => None,
                             }
-                            Some(())
                         };
+                        let moved = followed
+                            .as_ref()
+                            .filter(|v| filter.current.as_ref() != Some(&v.profile));
+                        let time = diffs.first().map(|d| d.time);
                         for d in diffs.iter() {
                             let wanted = filter
                                 .segments
                                 .as_ref()
                                 .is_none_or(|s| s.iter().any(|x| *x == d.segment))
                                 && filter.profile.as_ref().is_none_or(|p| *p == d.profile)
-                                && followed.is_none_or(|()| filter.followed.contains(&d.profile));
+                                && (filter.ids.is_empty() || filter.followed.contains(&d.profile));
                             if wanted {
                                 queue.push_back(Event::default().event("diff").data(d.to_line()));
                             }
+                        }
+                        if let Some(view) = moved {
+                            queue.push_back(profile_event(view, filter.segments.as_ref(), time));
+                            filter.current = Some(view.profile.clone());
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {

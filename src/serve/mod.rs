@@ -12,7 +12,7 @@
 //! | `GET /v1/decide?slots=a,b&id=IDENTIFIER` | several slots in one call, for a page render |
 //! | `GET /v1/segments/{name}/export?format=csv\|jsonl&since=T` | the members with their identifiers, or the entries and exits after `T` (see [`export`]) |
 //! | `GET /metrics` | the run's metrics in the Prometheus text format (see [`metrics`]) |
-//! | `GET /v1/diffs/stream?segment=a,b&profile=P&id=IDENTIFIER` | segment diffs as server-sent events (`event: diff`, one diff line as data), as they are committed, optionally only some segments, one profile, or the profile of an identifier |
+//! | `GET /v1/diffs/stream?segment=a,b&profile=P&id=IDENTIFIER` | segment diffs as server-sent events (`event: diff`, one diff line as data), as they are committed, optionally only some segments, one profile, or the profile of an identifier (then `event: profile` announces its profile and segments, at the start and when a merge moves it) |
 //!
 //! Every endpoint but `/healthz` needs `Authorization: Bearer TOKEN` (the
 //! stream also takes `?access_token=TOKEN`, RFC 6750 §2.3, because a
