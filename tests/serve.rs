@@ -411,7 +411,8 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         assert_eq!(status, 401, "{path}");
         assert!(body["error"].as_str().unwrap().contains("wrong"), "{body}");
     }
-    let cases: [(&str, u16, &str); 12] = [
+    let cases: [(&str, u16, &str); 13] = [
+        ("/v1/segments/vip/export?since=99999999999999", 400, "is after the time the API is as of"),
         ("/v1/segments/vipp/members", 404, "did you mean `vip`?"),
         ("/v1/segments/vip/members?limit=0", 400, "`limit` must be"),
         ("/v1/segments/vip/members?limit=x", 400, "`limit` must be"),
@@ -433,6 +434,13 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
             "{path}: {body}"
         );
     }
+    let mut r = agent()
+        .post(format!("{base}/v1/segments"))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .send("")
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert!(r.body_mut().read_to_string().unwrap().contains("the API answers GET only"));
     // An unknown visitor gets what an empty profile gets.
     let (status, body) = get(&base, "/v1/decide?slots=hero,strip&id=anon:first-visit");
     assert_eq!(status, 200, "{body}");

@@ -16,8 +16,10 @@
   let pending = null;
 
   function render(block, decision) {
-    const c = decision.content || {};
+    const raw = decision.content;
+    const c = typeof raw === "string" ? {headline: raw} : (raw || {});
     block.dataset.variant = decision.variant;
+    block.hidden = !(c.headline || c.text || c.link);
     const h = block.querySelector("[data-field=headline], [data-field=text]");
     if (h) h.textContent = c.headline || c.text || "";
     const a = block.querySelector("a[data-field=link]");
@@ -35,7 +37,10 @@
   function listen() {
     const events = new EventSource("/events");
     // Several diffs of one commit come together: one refresh for them.
-    events.addEventListener("diff", () => { if (!pending) pending = setTimeout(refresh, 50); });
+    const later = () => { if (!pending) pending = setTimeout(refresh, 50); };
+    events.addEventListener("diff", later);
+    // A merge moved the visitor to another profile.
+    events.addEventListener("profile", later);
     // The shop answers 503 while segflow is away: a browser does not try a
     // failed EventSource again by itself, so this does, every 15 s.
     events.onerror = () => {

@@ -157,10 +157,14 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// One block's HTML: the headline (or text) and the link of its content.
-fn block(slot: &str, decision: Option<&Value>) -> String {
-    // What every visitor gets when segflow cannot be asked.
-    let fallback = serde_json::json!({"headline": "Welcome to the shop", "cta": "Browse bestsellers", "link": "/bestsellers"});
+/// One block's HTML: the headline (or text) and the link of its content;
+/// hidden when there is nothing to show. When segflow cannot be asked,
+/// the first block (`main`) shows a generic welcome, the others nothing.
+fn block(slot: &str, decision: Option<&Value>, main: bool) -> String {
+    let fallback = match main {
+        true => serde_json::json!({"headline": "Welcome to the shop", "cta": "Browse bestsellers", "link": "/bestsellers"}),
+        false => Value::Null,
+    };
     let (variant, content) = match decision {
         Some(d) => (d["variant"].as_str().unwrap_or("none"), &d["content"]),
         None => ("fallback", &fallback),
@@ -171,8 +175,9 @@ fn block(slot: &str, decision: Option<&Value>) -> String {
     };
     let link = content["link"].as_str().unwrap_or("");
     let cta = content["cta"].as_str().unwrap_or(link);
+    let hidden = if text.is_empty() && link.is_empty() { " hidden" } else { "" };
     format!(
-        "<section class=\"block\" data-segflow-slot=\"{slot}\" data-variant=\"{variant}\"><h2 data-field=\"headline\">{}</h2><a data-field=\"link\" href=\"{}\">{}</a></section>",
+        "<section class=\"block\" data-segflow-slot=\"{slot}\" data-variant=\"{variant}\"{hidden}><h2 data-field=\"headline\">{}</h2><a data-field=\"link\" href=\"{}\">{}</a></section>",
         escape(text),
         escape(link),
         escape(cta)
@@ -185,7 +190,8 @@ async fn page(State(shop): State<Shop>, headers: HeaderMap) -> Response {
     let blocks: String = shop
         .slots
         .iter()
-        .map(|s| block(s, decided.as_ref().map(|d| &d["decisions"][s.as_str()])))
+        .enumerate()
+        .map(|(i, s)| block(s, decided.as_ref().map(|d| &d["decisions"][s.as_str()]), i == 0))
         .collect();
     let html = format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>The shop</title>

@@ -218,7 +218,9 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: oneshot
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
     let most = connection_limit();
+    tracing::info!("api: takes up to {most} connections at once");
     let connections = Arc::new(Semaphore::new(most));
+    let mut warned: Option<std::time::Instant> = None;
     let mut stop = std::pin::pin!(stop);
     loop {
         let (stream, _) = tokio::select! {
@@ -235,7 +237,13 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: oneshot
             _ = &mut stop => return,
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            tracing::warn!("api: {most} connections open (the most it takes); closing a new one");
+            // Said once a minute, not for every connection closed.
+            if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(60)) {
+                tracing::warn!(
+                    "api: {most} connections open (the most it takes, from the open-file limit); closing new ones"
+                );
+                warned = Some(std::time::Instant::now());
+            }
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
@@ -397,6 +405,11 @@ async fn as_json_error(r: Response) -> Response {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(_) => String::new(),
     };
+    let text = match (status, text.is_empty()) {
+        (StatusCode::METHOD_NOT_ALLOWED, true) => "the API answers GET only".to_string(),
+        (_, true) => status.canonical_reason().unwrap_or("bad request").to_string(),
+        _ => text,
+    };
     error(status, text)
 }
 
@@ -511,26 +524,30 @@ fn as_of_json(a: &AsOf) -> Value {
     serde_json::to_value(a).unwrap_or(Value::Null)
 }
 
+/// Why `identifier` is not one (see [`crate::model::IdentityRules::parse_query`]).
+fn not_an_identifier(live: &Live, identifier: &str) -> String {
+    let rules = live.rules();
+    let kinds = rules.kinds().join(", ");
+    let known = identifier
+        .split_once(':')
+        .filter(|(kind, _)| rules.is_kind(kind.trim()))
+        .map(|(kind, value)| (kind.trim(), value.trim()));
+    match known {
+        Some((kind, "")) => format!("{identifier:?} has no value after `{kind}:`"),
+        Some((kind, value)) => format!(
+            "{value:?} is not a valid {kind} identifier (it does not normalize: an e-mail needs an @, a phone number must parse for the region)"
+        ),
+        None => format!(
+            "{identifier:?} is not an identifier: use KIND:VALUE with a kind among {kinds} (e.g. email:ann@example.com), or a bare value"
+        ),
+    }
+}
+
 /// The profile of `identifier`, or the answer to give instead.
 fn lookup(app: &App, identifier: &str) -> Result<Option<(ProfileView, AsOf)>, Response> {
     let ids = app.live.identifiers(identifier);
     if ids.is_empty() {
-        let rules = app.live.rules();
-        let kinds = rules.kinds().join(", ");
-        let known = identifier
-            .split_once(':')
-            .filter(|(kind, _)| rules.is_kind(kind.trim()))
-            .map(|(kind, value)| (kind.trim(), value.trim()));
-        let why = match known {
-            Some((kind, "")) => format!("{identifier:?} has no value after `{kind}:`"),
-            Some((kind, value)) => format!(
-                "{value:?} is not a valid {kind} identifier (it does not normalize: an e-mail needs an @, a phone number must parse for the region)"
-            ),
-            None => format!(
-                "{identifier:?} is not an identifier: use KIND:VALUE with a kind among {kinds} (e.g. email:ann@example.com), or a bare value"
-            ),
-        };
-        return Err(error(StatusCode::BAD_REQUEST, why));
+        return Err(error(StatusCode::BAD_REQUEST, not_an_identifier(&app.live, identifier)));
     }
     match app.live.profile(&ids) {
         Ok(found) => Ok(found),
@@ -669,6 +686,15 @@ async fn export(
             )
         }
     };
+    let now = app.live.segments_as_of().time;
+    if let (Some(t), Some(now)) = (since, now) {
+        if t > now {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("`since` ({t}) is after the time the API is as of ({now}): give the X-Segflow-As-Of of an export before"),
+            );
+        }
+    }
     let live = Arc::clone(&app.live);
     let segment = name.clone();
     let answer = tokio::task::spawn_blocking(move || match since {
@@ -925,7 +951,7 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         Some(id) => {
             let ids = app.live.identifiers(id);
             if ids.is_empty() {
-                return error(StatusCode::BAD_REQUEST, format!("{id:?} is not an identifier"));
+                return error(StatusCode::BAD_REQUEST, not_an_identifier(&app.live, id));
             }
             ids
         }

@@ -106,12 +106,13 @@ pub fn write_rows(
                 }
                 for kind in kinds {
                     let prefix = format!("{kind}:");
-                    let values: Vec<&str> = r
+                    let values: Vec<String> = r
                         .identifiers
                         .iter()
                         .filter_map(|i| i.strip_prefix(&prefix))
+                        .map(escape_value)
                         .collect();
-                    record.push(values.join("|"));
+                    record.push(spreadsheet_safe(values.join("|")));
                 }
                 w.write_record(&record)?;
             }
@@ -127,6 +128,26 @@ pub fn write_rows(
             }
             Ok(())
         }
+    }
+}
+
+/// An identifier's value in a CSV cell of several: `\` and `|` escaped
+/// with a `\` (so `x|y` is one value, `x\|y`, not two).
+fn escape_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('|', "\\|")
+}
+
+/// A cell that a spreadsheet would take for a formula (it starts with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'`, as
+/// OWASP's advice on CSV injection says: identifiers come from the data,
+/// and exports go to spreadsheets and ad tools. A signed number (an E.164
+/// phone number, `+13125712327`) is no formula and stays as it is.
+fn spreadsheet_safe(cell: String) -> String {
+    let number = |rest: &str| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit());
+    match cell.chars().next() {
+        Some('+' | '-') if number(&cell[1..]) => cell,
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}"),
+        _ => cell,
     }
 }
 
@@ -147,7 +168,10 @@ fn rows(live: &Live, profiles: Vec<String>, entered: Option<bool>) -> Result<Vec
     profiles
         .into_iter()
         .map(|profile| {
-            let identifiers = live.identifiers_of(&profile).map_err(|e| format!("reading the state: {e:?}"))?;
+            let identifiers = with_own_id(
+                live.identifiers_of(&profile).map_err(|e| format!("reading the state: {e:?}"))?,
+                &profile,
+            );
             Ok(Row {
                 profile,
                 identifiers,
@@ -167,9 +191,11 @@ pub fn changes_since(live: &Live, segment: &str, since: u64) -> Result<Option<(V
     };
     let mut out = Vec::new();
     for (profile, entered) in changed {
-        let identifiers = live
-            .identifiers_of(&profile)
-            .map_err(|e| ChangesError::State(format!("{e:?}")))?;
+        let identifiers = with_own_id(
+            live.identifiers_of(&profile)
+                .map_err(|e| ChangesError::State(format!("{e:?}")))?,
+            &profile,
+        );
         out.push(Row {
             profile,
             identifiers,
@@ -177,6 +203,17 @@ pub fn changes_since(live: &Live, segment: &str, since: u64) -> Result<Option<(V
         });
     }
     Ok(Some((out, as_of)))
+}
+
+/// A profile's identifiers, or, for one that merged into another (it has
+/// none left), its id, which is its canonical identifier: an exit row
+/// still says which cookie or e-mail left.
+fn with_own_id(identifiers: Vec<String>, profile: &str) -> Vec<String> {
+    if identifiers.is_empty() {
+        vec![profile.to_string()]
+    } else {
+        identifiers
+    }
 }
 
 /// Why the changes since a time cannot be given.
@@ -425,5 +462,37 @@ fn log(done: Vec<Exported>) {
             file = %e.members_file.display(),
             "exported"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Identifiers from the data cannot become spreadsheet formulas, nor
+    /// be split or merged by the `|` between values.
+    #[test]
+    fn csv_cells_are_safe_and_unambiguous() {
+        let rows = [Row {
+            profile: "user:=HYPERLINK(\"http://evil\",\"a,b\")".into(),
+            identifiers: vec![
+                "user:=HYPERLINK(\"http://evil\",\"a,b\")".into(),
+                "anon:w".into(),
+                "anon:x|y".into(),
+                "anon:back\\slash".into(),
+                "phone:+13125712327".into(),
+                "email:@home@example.com".into(),
+            ],
+            entered: None,
+        }];
+        let mut out = Vec::new();
+        write_rows(&mut out, ExportFormat::Csv, &["user", "email", "phone", "anon"], &rows, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let row = r.records().next().unwrap().unwrap();
+        assert_eq!(&row[1], "'=HYPERLINK(\"http://evil\",\"a,b\")");
+        assert_eq!(&row[2], "'@home@example.com");
+        assert_eq!(&row[3], "+13125712327");
+        assert_eq!(&row[4], "w|x\\|y|back\\\\slash");
     }
 }
