@@ -150,13 +150,23 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     export: Option<PathBuf>,
     /// How often to export (e.g. "15m", "1h", "1d").
-    #[arg(long, value_name = "DURATION", default_value = "1h", requires = "export")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1h",
+        requires = "export"
+    )]
     export_every: String,
     /// The segments to export, comma-separated (default: all).
     #[arg(long, value_name = "NAMES", value_delimiter = ',', requires = "export")]
     export_segments: Vec<String>,
     /// The exports' format: csv or jsonl.
-    #[arg(long, value_name = "FORMAT", default_value = "csv", requires = "export")]
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        default_value = "csv",
+        requires = "export"
+    )]
     export_format: String,
     /// Print help.
     #[arg(long = "help", action = ArgAction::Help)]
@@ -218,7 +228,12 @@ struct BenchArgs {
     /// The api job's load: events per second fed to the engine (live,
     /// stamped with the wall clock) and requests per second to its API
     /// (profile lookups and content decisions, half each).
-    #[arg(long, value_name = "EVENTS,REQUESTS", value_delimiter = ',', default_value = "100000,5000")]
+    #[arg(
+        long,
+        value_name = "EVENTS,REQUESTS",
+        value_delimiter = ',',
+        default_value = "100000,5000"
+    )]
     api_rates: Vec<u64>,
     /// Worker counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
@@ -534,8 +549,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let served = match (&args.http, &live) {
         (Some(addr), Some(live)) => {
-            let (token, origin) =
-                segflow::serve::api_token(args.http_token_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+            let (token, origin) = segflow::serve::api_token(args.http_token_file.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?;
             if origin == segflow::serve::TokenOrigin::Generated
                 && std::env::var("SEGFLOW_API_TOKEN").is_ok_and(|t| t.trim().is_empty())
             {
@@ -689,7 +704,10 @@ fn progress_bar(
     Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
 ) {
-    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} {elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {msg} ETA {eta}",

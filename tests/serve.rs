@@ -92,9 +92,7 @@ impl Served {
             }
         });
         let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for _ in BufReader::new(stdout).lines() {}
-        });
+        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
         let mut served = Served {
             child: Some(child),
             lines,
@@ -237,9 +235,11 @@ fn replay_dir(dir: &Path) {
     std::fs::write(dir.join("data/web.jsonl"), g.web.join("\n") + "\n").unwrap();
     std::fs::write(dir.join("data/crm.jsonl"), g.crm.join("\n") + "\n").unwrap();
     std::fs::write(dir.join("data/transactions.jsonl"), g.txn.join("\n") + "\n").unwrap();
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dataflows/ecommerce.toml"))
-            .unwrap();
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dataflows/ecommerce.toml"
+    ))
+    .unwrap();
     std::fs::write(dir.join("ecommerce.toml"), shipped + CONTENT).unwrap();
 }
 
@@ -251,7 +251,10 @@ fn served_answers(dir: &Path, workers: &str) -> BTreeMap<String, Value> {
     let base = run.base.clone();
     let diffs = std::fs::read_to_string(dir.join("out/segments.jsonl")).unwrap();
     let model = memberships(&diffs);
-    assert!(model.len() >= 5, "the data set should fill several segments");
+    assert!(
+        model.len() >= 5,
+        "the data set should fill several segments"
+    );
     let mut answers = BTreeMap::new();
 
     // Sizes and members, page by page, equal the model.
@@ -286,7 +289,11 @@ fn served_answers(dir: &Path, workers: &str) -> BTreeMap<String, Value> {
                 None => break,
             }
         }
-        assert_eq!(got, want.iter().cloned().collect::<Vec<_>>(), "members of {name}");
+        assert_eq!(
+            got,
+            want.iter().cloned().collect::<Vec<_>>(),
+            "members of {name}"
+        );
         for p in &want {
             profiles.entry(p.clone()).or_default();
         }
@@ -316,7 +323,11 @@ fn served_answers(dir: &Path, workers: &str) -> BTreeMap<String, Value> {
             .args(["query", "--state-dir", "out/state", p])
             .output()
             .unwrap();
-        assert!(query.status.success(), "{}", String::from_utf8_lossy(&query.stderr));
+        assert!(
+            query.status.success(),
+            "{}",
+            String::from_utf8_lossy(&query.stderr)
+        );
         let queried: Value = serde_json::from_slice(&query.stdout).unwrap();
         for field in ["identifiers", "attributes", "segments"] {
             assert_eq!(view[field], queried[field], "{field} of {p}");
@@ -335,12 +346,23 @@ fn served_answers(dir: &Path, workers: &str) -> BTreeMap<String, Value> {
         }
         let (status, hero) = get(&base, &format!("/v1/decide/hero?id={}", urlencode(p)));
         assert_eq!(status, 200, "{hero}");
-        assert_eq!(hero["variant"], expected_hero(segs), "hero for {p} in {segs:?}: {hero}");
+        assert_eq!(
+            hero["variant"],
+            expected_hero(segs),
+            "hero for {p} in {segs:?}: {hero}"
+        );
         assert_eq!(hero["profile"], p.as_str());
-        let (status, both) = get(&base, &format!("/v1/decide?slots=hero,strip&id={}", urlencode(p)));
+        let (status, both) = get(
+            &base,
+            &format!("/v1/decide?slots=hero,strip&id={}", urlencode(p)),
+        );
         assert_eq!(status, 200, "{both}");
         assert_eq!(both["decisions"]["hero"]["variant"], expected_hero(segs));
-        assert_eq!(both["decisions"]["strip"]["variant"], expected_strip(segs), "{both}");
+        assert_eq!(
+            both["decisions"]["strip"]["variant"],
+            expected_strip(segs),
+            "{both}"
+        );
         // The wall clock's lag is not part of the answer's content.
         let mut view = view;
         view["as_of"]["lag_ms"] = Value::Null;
@@ -406,20 +428,42 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         let (status, auth, body) = get_as(&base, path, None);
         assert_eq!(status, 401, "{path}: {body}");
         assert_eq!(auth.as_deref(), Some("Bearer realm=\"segflow\""), "{path}");
-        assert!(body["error"].as_str().unwrap().contains("Authorization: Bearer"), "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer"),
+            "{body}"
+        );
         let (status, _, body) = get_as(&base, path, Some("wrong-token-0123"));
         assert_eq!(status, 401, "{path}");
         assert!(body["error"].as_str().unwrap().contains("wrong"), "{body}");
     }
     let cases: [(&str, u16, &str); 13] = [
-        ("/v1/segments/vip/export?since=99999999999999", 400, "is after the time the API is as of"),
+        (
+            "/v1/segments/vip/export?since=99999999999999",
+            400,
+            "is after the time the API is as of",
+        ),
         ("/v1/segments/vipp/members", 404, "did you mean `vip`?"),
         ("/v1/segments/vip/members?limit=0", 400, "`limit` must be"),
         ("/v1/segments/vip/members?limit=x", 400, "`limit` must be"),
-        ("/v1/profiles/anon:nobody-at-all", 404, "no profile has the identifier"),
-        ("/v1/profiles/email:not-an-email", 400, "is not a valid email identifier"),
+        (
+            "/v1/profiles/anon:nobody-at-all",
+            404,
+            "no profile has the identifier",
+        ),
+        (
+            "/v1/profiles/email:not-an-email",
+            400,
+            "is not a valid email identifier",
+        ),
         ("/v1/profiles/email:", 400, "has no value after `email:`"),
-        ("/v1/segments/vip/members?limit=1&limit=2", 400, "duplicate field"),
+        (
+            "/v1/segments/vip/members?limit=1&limit=2",
+            400,
+            "duplicate field",
+        ),
         ("/v1/profiles/user:%FF", 400, "UTF-8"),
         ("/v1/decide/heroo?id=anon:x", 404, "did you mean `hero`?"),
         ("/v1/decide/hero", 400, "give the visitor's identifier"),
@@ -440,7 +484,11 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         .send("")
         .unwrap();
     assert_eq!(r.status().as_u16(), 405);
-    assert!(r.body_mut().read_to_string().unwrap().contains("the API answers GET only"));
+    assert!(r
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+        .contains("the API answers GET only"));
     // An unknown visitor gets what an empty profile gets.
     let (status, body) = get(&base, "/v1/decide?slots=hero,strip&id=anon:first-visit");
     assert_eq!(status, 200, "{body}");
@@ -466,8 +514,14 @@ fn a_port_in_use_a_bad_token_file_or_a_cluster_fail_the_run_with_the_reason() {
     let empty = empty.to_str().unwrap().to_string();
     let cases: [(Vec<&str>, &str); 3] = [
         (vec!["--http", &addr], "cannot listen"),
-        (vec!["--http", "127.0.0.1:0", "--http-token-file", &empty], "the file is empty"),
-        (vec!["--http", "127.0.0.1:0", "-n", "2", "-p", "0"], "serve one process's run"),
+        (
+            vec!["--http", "127.0.0.1:0", "--http-token-file", &empty],
+            "the file is empty",
+        ),
+        (
+            vec!["--http", "127.0.0.1:0", "-n", "2", "-p", "0"],
+            "serve one process's run",
+        ),
     ];
     for (args, text) in cases {
         let started = Instant::now();
@@ -480,7 +534,10 @@ fn a_port_in_use_a_bad_token_file_or_a_cluster_fail_the_run_with_the_reason() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(text), "{args:?}: {stderr}");
-        assert!(started.elapsed() < Duration::from_secs(30), "{args:?} took long");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{args:?} took long"
+        );
         assert!(!dir.path().join("out/segments.jsonl").exists() || text != "cannot listen");
     }
 }
@@ -546,7 +603,13 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let web = common::free_port();
     let run = Served::start(
         dir.path(),
-        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--output", "diffs.jsonl"],
+        &[
+            "live.toml",
+            "--input",
+            &format!("web=tcp://127.0.0.1:{web}"),
+            "--output",
+            "diffs.jsonl",
+        ],
     );
     let base = run.base.clone();
     // Before any event: unknown visitor, default content.
@@ -575,7 +638,9 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
             }
         }
     });
-    let next = |what: &str| -> (String, Value) { events.recv_timeout(Duration::from_secs(20)).expect(what) };
+    let next = |what: &str| -> (String, Value) {
+        events.recv_timeout(Duration::from_secs(20)).expect(what)
+    };
     // Another visitor's diffs must not reach this stream.
     let mut client = loop {
         match std::net::TcpStream::connect(("127.0.0.1", web)) {
@@ -585,7 +650,11 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     };
     let send = |client: &mut std::net::TcpStream, anon: &str| -> u64 {
         let ts = wall_ms();
-        writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"{anon}"}}"#).unwrap();
+        writeln!(
+            client,
+            r#"{{"event":"view_item","ts":{ts},"anonymous_id":"{anon}"}}"#
+        )
+        .unwrap();
         client.flush().unwrap();
         ts
     };
@@ -605,9 +674,19 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let (view, took) = poll(&base, "/v1/profiles/anon:v1", 20, |s, b| {
         s == 200 && b["traits"]["views"] == 2
     });
-    assert!(view["segments"].as_array().unwrap().iter().any(|s| s == "viewer"), "{view}");
+    assert!(
+        view["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "viewer"),
+        "{view}"
+    );
     assert!(view["as_of"]["time"].as_u64().unwrap() >= second);
-    eprintln!("the second view was served {} ms after it was sent", took.as_millis());
+    eprintln!(
+        "the second view was served {} ms after it was sent",
+        took.as_millis()
+    );
     let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
     assert_eq!(d["variant"], "fan", "{d}");
     assert_eq!(d["content"], "for fans");
@@ -622,31 +701,59 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     assert_eq!(kind, "profile", "{profile}");
     assert_eq!(profile["profile"], "anon:v1");
     assert_eq!(profile["segments"], serde_json::json!(["viewer"]));
-    assert!(events.recv_timeout(Duration::from_millis(500)).is_err(), "only v1's diffs");
+    assert!(
+        events.recv_timeout(Duration::from_millis(500)).is_err(),
+        "only v1's diffs"
+    );
     // user:u2 already exists, in `viewer`; v1 logs in as u2: anon:v1
     // merges into user:u2. The stream carries the old profile's exit,
     // then announces the identifier's new profile with all of its
     // segments (those it had before the merge too).
     let ts = wall_ms();
     for _ in 0..2 {
-        writeln!(client, r#"{{"event":"view_item","ts":{ts},"user_id":"u2"}}"#).unwrap();
+        writeln!(
+            client,
+            r#"{{"event":"view_item","ts":{ts},"user_id":"u2"}}"#
+        )
+        .unwrap();
     }
     client.flush().unwrap();
-    poll(&base, "/v1/profiles/user:u2", 10, |_, b| b["segments"] == serde_json::json!(["viewer"]));
+    poll(&base, "/v1/profiles/user:u2", 10, |_, b| {
+        b["segments"] == serde_json::json!(["viewer"])
+    });
     let ts = wall_ms();
-    writeln!(client, r#"{{"event":"login","ts":{ts},"anonymous_id":"v1","user_id":"u2"}}"#).unwrap();
+    writeln!(
+        client,
+        r#"{{"event":"login","ts":{ts},"anonymous_id":"v1","user_id":"u2"}}"#
+    )
+    .unwrap();
     client.flush().unwrap();
     let (kind, exit) = next("the old profile's exit");
-    assert_eq!((kind.as_str(), &exit["profile"], &exit["diff"]), ("diff", &serde_json::json!("anon:v1"), &serde_json::json!(-1)));
+    assert_eq!(
+        (kind.as_str(), &exit["profile"], &exit["diff"]),
+        (
+            "diff",
+            &serde_json::json!("anon:v1"),
+            &serde_json::json!(-1)
+        )
+    );
     let (kind, moved) = next("the new profile");
     assert_eq!(kind, "profile", "{moved}");
     assert_eq!(moved["profile"], "user:u2");
     assert_eq!(moved["segments"], serde_json::json!(["viewer"]));
-    let (view, _) = poll(&base, "/v1/profiles/anon:v1", 10, |_, b| b["profile"] == "user:u2");
-    assert!(view["identifiers"].as_array().unwrap().iter().any(|i| i == "anon:v1"));
+    let (view, _) = poll(&base, "/v1/profiles/anon:v1", 10, |_, b| {
+        b["profile"] == "user:u2"
+    });
+    assert!(view["identifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i == "anon:v1"));
     assert_eq!(view["segments"], moved["segments"]);
     // Idle: the answer becomes complete (every event read is in it).
-    let (segments, _) = poll(&base, "/v1/segments", 20, |_, b| b["as_of"]["complete"] == true);
+    let (segments, _) = poll(&base, "/v1/segments", 20, |_, b| {
+        b["as_of"]["complete"] == true
+    });
     assert_eq!(segments["segments"][0]["size"], 2, "{segments}");
     assert_eq!(segments["as_of"]["ended"], false);
     // The metrics say what happened, in the Prometheus text format.
@@ -666,14 +773,26 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     };
     assert_eq!(value(r#"segflow_source_records_total{source="web"}"#), 8.0);
     assert_eq!(value(r#"segflow_source_lines_total{source="web"}"#), 8.0);
-    assert_eq!(value(r#"segflow_source_dead_letters_total{source="web"}"#), 0.0);
+    assert_eq!(
+        value(r#"segflow_source_dead_letters_total{source="web"}"#),
+        0.0
+    );
     assert_eq!(value(r#"segflow_segment_members{segment="viewer"}"#), 2.0);
-    assert_eq!(value("segflow_diffs_total"), 4.0, "v1 and v2 enter, u2 enters, v1 merges away");
+    assert_eq!(
+        value("segflow_diffs_total"),
+        4.0,
+        "v1 and v2 enter, u2 enters, v1 merges away"
+    );
     assert_eq!(value("segflow_profiles"), 2.0);
     assert!(value("segflow_commit_lag_seconds") < 60.0, "{metrics}");
-    assert!(value("segflow_commit_delay_seconds_count") >= 1.0, "{metrics}");
     assert!(
-        value(r#"segflow_api_request_duration_seconds_count{endpoint="/v1/profiles/{identifier}"}"#) >= 3.0,
+        value("segflow_commit_delay_seconds_count") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value(
+            r#"segflow_api_request_duration_seconds_count{endpoint="/v1/profiles/{identifier}"}"#
+        ) >= 3.0,
         "{metrics}"
     );
     drop(client);
@@ -717,7 +836,11 @@ fn browse(url: &str, args: &[&str]) -> String {
         .arg(url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -763,7 +886,12 @@ fn the_dashboard_renders_the_run_in_a_headless_browser() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["name"].as_str().unwrap().to_string(), s["size"].as_u64().unwrap()))
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["size"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert!(sizes.values().filter(|&&n| n > 0).count() >= 5);
     // The page itself needs no token, and loads nothing from elsewhere.
@@ -782,18 +910,31 @@ fn the_dashboard_renders_the_run_in_a_headless_browser() {
         .skip(1)
         .map(|rest| {
             let name = rest.split('"').next().unwrap().to_string();
-            let size = rest.split("data-size=\"").nth(1).unwrap().split('"').next().unwrap();
+            let size = rest
+                .split("data-size=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
             (name, size.parse().unwrap())
         })
         .collect();
     assert_eq!(shown, sizes, "the dashboard's segment table");
-    assert!(dom.contains("id=\"login\" hidden"), "the login form is hidden");
+    assert!(
+        dom.contains("id=\"login\" hidden"),
+        "the login form is hidden"
+    );
     assert!(dom.contains("· complete · run ended"), "the status line");
 
     let shot = std::env::temp_dir().join(format!("segflow-dashboard-{}.png", std::process::id()));
     browse(&url, &[&format!("--screenshot={}", shot.display())]);
     let colours = chart_colours(&shot);
-    assert!(colours >= 8, "{} shows {colours} chart colours; expected the segment lines", shot.display());
+    assert!(
+        colours >= 8,
+        "{} shows {colours} chart colours; expected the segment lines",
+        shot.display()
+    );
     let _ = std::fs::remove_file(&shot);
 
     // A wrong token: the page asks for one, and draws no chart.
@@ -815,7 +956,12 @@ fn the_dashboard_renders_the_run_in_a_headless_browser() {
 fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     // Built by `cargo test --all-targets` (as .ci/test runs it).
     let exe = std::env::current_exe().unwrap();
-    let shop_bin = exe.parent().unwrap().parent().unwrap().join("examples/shop");
+    let shop_bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/shop");
     assert!(
         shop_bin.exists(),
         "{} is missing: build it with `cargo build --example shop` (cargo test --all-targets does)",
@@ -826,19 +972,38 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     let web = common::free_port();
     let run = Served::start(
         dir.path(),
-        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--output", "diffs.jsonl"],
+        &[
+            "live.toml",
+            "--input",
+            &format!("web=tcp://127.0.0.1:{web}"),
+            "--output",
+            "diffs.jsonl",
+        ],
     );
     let base = run.base.clone();
     poll(&base, "/v1/profiles/anon:shopper", 30, |s, _| s != 503);
     let mut shop = Command::new(&shop_bin)
-        .args(["--segflow", &base, "--listen", "127.0.0.1:0", "--slots", "banner"])
+        .args([
+            "--segflow",
+            &base,
+            "--listen",
+            "127.0.0.1:0",
+            "--slots",
+            "banner",
+        ])
         .env("SEGFLOW_API_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(shop.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let shop_url = first.trim().strip_prefix("shop on ").expect("the shop's address").to_string();
+    BufReader::new(shop.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let shop_url = first
+        .trim()
+        .strip_prefix("shop on ")
+        .expect("the shop's address")
+        .to_string();
     struct Kill(Child);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -853,20 +1018,34 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
             req = req.header("Cookie", c);
         }
         let mut r = req.call().unwrap();
-        let cookie = r.headers().get("set-cookie").map(|v| v.to_str().unwrap().to_string());
-        (r.status().as_u16(), cookie, r.body_mut().read_to_string().unwrap())
+        let cookie = r
+            .headers()
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().to_string());
+        (
+            r.status().as_u16(),
+            cookie,
+            r.body_mut().read_to_string().unwrap(),
+        )
     };
     // A new visitor gets a cookie and the default block.
     let (status, set, html) = page(None);
     assert_eq!(status, 200);
     assert!(set.unwrap().starts_with("visitor="));
-    assert!(html.contains(r#"data-segflow-slot="banner" data-variant="default""#), "{html}");
+    assert!(
+        html.contains(r#"data-segflow-slot="banner" data-variant="default""#),
+        "{html}"
+    );
     assert!(html.contains("hello"));
     // The visitor's diff stream, through the shop (no token in the browser).
     let events_url = format!("{shop_url}/events");
     let (tx, events) = mpsc::channel::<String>();
     std::thread::spawn(move || {
-        let resp = agent().get(&events_url).header("Cookie", "visitor=shopper").call().unwrap();
+        let resp = agent()
+            .get(&events_url)
+            .header("Cookie", "visitor=shopper")
+            .call()
+            .unwrap();
         for line in BufReader::new(resp.into_body().into_reader()).lines() {
             let Ok(line) = line else { break };
             if let Some(data) = line.strip_prefix("data:") {
@@ -878,7 +1057,11 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     let mut client = connect(web);
     for _ in 0..2 {
         let ts = wall_ms();
-        writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"shopper"}}"#).unwrap();
+        writeln!(
+            client,
+            r#"{{"event":"view_item","ts":{ts},"anonymous_id":"shopper"}}"#
+        )
+        .unwrap();
     }
     client.flush().unwrap();
     let started = Instant::now();
@@ -888,15 +1071,33 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
             assert!(html.contains("for fans"), "{html}");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "the block never changed: {html}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the block never changed: {html}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let entry: Value = serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
-    assert_eq!((entry["profile"].as_str(), entry["segment"].as_str()), (Some("anon:shopper"), Some("viewer")));
+    let entry: Value =
+        serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
+    assert_eq!(
+        (entry["profile"].as_str(), entry["segment"].as_str()),
+        (Some("anon:shopper"), Some("viewer"))
+    );
     // The snippet is served; the blocks endpoint gives the decisions.
-    let mut r = agent().get(format!("{shop_url}/live-block.js")).call().unwrap();
-    assert!(r.body_mut().read_to_string().unwrap().contains("EventSource"));
-    let mut r = agent().get(format!("{shop_url}/blocks?slots=banner")).header("Cookie", "visitor=shopper").call().unwrap();
+    let mut r = agent()
+        .get(format!("{shop_url}/live-block.js"))
+        .call()
+        .unwrap();
+    assert!(r
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+        .contains("EventSource"));
+    let mut r = agent()
+        .get(format!("{shop_url}/blocks?slots=banner"))
+        .header("Cookie", "visitor=shopper")
+        .call()
+        .unwrap();
     let blocks: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
     assert_eq!(blocks["decisions"]["banner"]["variant"], "fan");
     // segflow gone: the page still renders, with the fallback.
@@ -905,9 +1106,20 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     let (status, _, html) = page(Some("visitor=shopper"));
     assert_eq!(status, 200);
     assert!(html.contains(r#"data-variant="fallback""#), "{html}");
-    assert!(html.contains("Welcome to the shop"), "the fallback has content: {html}");
-    let r = agent().get(format!("{shop_url}/events")).header("Cookie", "visitor=shopper").call().unwrap();
-    assert_eq!(r.status().as_u16(), 503, "no stream from segflow: the page tries again later");
+    assert!(
+        html.contains("Welcome to the shop"),
+        "the fallback has content: {html}"
+    );
+    let r = agent()
+        .get(format!("{shop_url}/events"))
+        .header("Cookie", "visitor=shopper")
+        .call()
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        503,
+        "no stream from segflow: the page tries again later"
+    );
 }
 
 /// Reads an export answer: status, the `X-Segflow-As-Of` header, body.
@@ -921,7 +1133,11 @@ fn get_text(base: &str, path: &str) -> (u16, Option<u64>, String) {
         .headers()
         .get("x-segflow-as-of")
         .map(|v| v.to_str().unwrap().parse().unwrap());
-    (r.status().as_u16(), as_of, r.body_mut().read_to_string().unwrap())
+    (
+        r.status().as_u16(),
+        as_of,
+        r.body_mut().read_to_string().unwrap(),
+    )
 }
 
 /// CSV export rows: `profile` -> the other columns.
@@ -932,7 +1148,10 @@ fn csv_rows(text: &str) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
         .records()
         .map(|rec| {
             let rec = rec.unwrap();
-            (rec[0].to_string(), rec.iter().skip(1).map(String::from).collect())
+            (
+                rec[0].to_string(),
+                rec.iter().skip(1).map(String::from).collect(),
+            )
         })
         .collect();
     (header, rows)
@@ -947,11 +1166,19 @@ fn audience_exports_list_the_members_with_their_identifiers() {
     replay_dir(dir.path());
     let mut run = Served::start(
         dir.path(),
-        &["ecommerce.toml", "--reset", "--export", "exports", "--export-segments", "vip,frequent_visitor"],
+        &[
+            "ecommerce.toml",
+            "--reset",
+            "--export",
+            "exports",
+            "--export-segments",
+            "vip,frequent_visitor",
+        ],
     );
     run.wait_line("serving its final state", 120);
     let base = run.base.clone();
-    let model = memberships(&std::fs::read_to_string(dir.path().join("out/segments.jsonl")).unwrap());
+    let model =
+        memberships(&std::fs::read_to_string(dir.path().join("out/segments.jsonl")).unwrap());
     for segment in ["vip", "frequent_visitor"] {
         let want: Vec<String> = model[segment].iter().cloned().collect();
         let (status, as_of, text) = get_text(&base, &format!("/v1/segments/{segment}/export"));
@@ -982,21 +1209,33 @@ fn audience_exports_list_the_members_with_their_identifiers() {
             theirs.sort();
             assert_eq!(ids, theirs, "{profile}");
         }
-        let (_, _, jsonl) = get_text(&base, &format!("/v1/segments/{segment}/export?format=jsonl"));
+        let (_, _, jsonl) = get_text(
+            &base,
+            &format!("/v1/segments/{segment}/export?format=jsonl"),
+        );
         let profiles: Vec<String> = jsonl
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["profile"].as_str().unwrap().to_string())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["profile"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         assert_eq!(profiles, want);
         // A fresh run keeps every change: since 0, every member entered;
         // since the export's time, nothing.
-        let (status, _, changes) = get_text(&base, &format!("/v1/segments/{segment}/export?since=0"));
+        let (status, _, changes) =
+            get_text(&base, &format!("/v1/segments/{segment}/export?since=0"));
         assert_eq!(status, 200);
         let (header, rows) = csv_rows(&changes);
         assert_eq!(&header[..2], ["profile", "change"]);
         assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), want);
         assert!(rows.values().all(|c| c[0] == "entered"));
-        let (_, _, none) = get_text(&base, &format!("/v1/segments/{segment}/export?since={}", as_of.unwrap()));
+        let (_, _, none) = get_text(
+            &base,
+            &format!("/v1/segments/{segment}/export?since={}", as_of.unwrap()),
+        );
         assert_eq!(csv_rows(&none).1.len(), 0, "{none}");
         // The files written when the run ended.
         let seg_dir = dir.path().join("exports").join(segment);
@@ -1008,18 +1247,33 @@ fn audience_exports_list_the_members_with_their_identifiers() {
         assert_eq!(members, format!("members-{}.csv", as_of.unwrap()));
         let (_, rows) = csv_rows(&std::fs::read_to_string(seg_dir.join(&members)).unwrap());
         assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), want);
-        let changes = std::fs::read_to_string(seg_dir.join(members.replace("members-", "changes-"))).unwrap();
+        let changes =
+            std::fs::read_to_string(seg_dir.join(members.replace("members-", "changes-"))).unwrap();
         assert_eq!(csv_rows(&changes).1.len(), want.len());
     }
-    assert!(!dir.path().join("exports/high_intent").exists(), "only the segments asked for");
+    assert!(
+        !dir.path().join("exports/high_intent").exists(),
+        "only the segments asked for"
+    );
     for (path, want, text) in [
-        ("/v1/segments/vip/export?format=xml", 400, "expected csv or jsonl"),
-        ("/v1/segments/vip/export?since=yesterday", 400, "`since` must be"),
+        (
+            "/v1/segments/vip/export?format=xml",
+            400,
+            "expected csv or jsonl",
+        ),
+        (
+            "/v1/segments/vip/export?since=yesterday",
+            400,
+            "`since` must be",
+        ),
         ("/v1/segments/nope/export", 404, "no segment `nope`"),
     ] {
         let (status, body) = get(&base, path);
         assert_eq!(status, want, "{path}");
-        assert!(body["error"].as_str().unwrap().contains(text), "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(text),
+            "{path}: {body}"
+        );
     }
     assert!(run.stop().success());
 }
@@ -1029,8 +1283,10 @@ fn audience_exports_list_the_members_with_their_identifiers() {
 /// be written stops the run, non-zero, with the reason.
 #[test]
 fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
-    let spec = LIVE
-        .replace("[traits.views]\nstream = \"web\"", "[traits.views]\nwindow = \"2s\"\nstream = \"web\"");
+    let spec = LIVE.replace(
+        "[traits.views]\nstream = \"web\"",
+        "[traits.views]\nwindow = \"2s\"\nstream = \"web\"",
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("live.toml"), &spec).unwrap();
     let web = common::free_port();
@@ -1055,7 +1311,11 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
     let mut client = connect(web);
     for _ in 0..2 {
         let ts = wall_ms();
-        writeln!(client, r#"{{"event":"view_item","ts":{ts},"anonymous_id":"leaver"}}"#).unwrap();
+        writeln!(
+            client,
+            r#"{{"event":"view_item","ts":{ts},"anonymous_id":"leaver"}}"#
+        )
+        .unwrap();
     }
     client.flush().unwrap();
     let seg_dir = dir.path().join("exports/viewer");
@@ -1067,7 +1327,11 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
                 d.filter_map(|e| e.ok())
                     .filter_map(|e| {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        let t = name.strip_prefix("changes-")?.strip_suffix(".jsonl")?.parse().ok()?;
+                        let t = name
+                            .strip_prefix("changes-")?
+                            .strip_suffix(".jsonl")?
+                            .parse()
+                            .ok()?;
                         Some((t, e.path()))
                     })
                     .collect()
@@ -1082,7 +1346,10 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
                     .lines()
                     .map(|l| {
                         let v: Value = serde_json::from_str(l).unwrap();
-                        (v["profile"].as_str().unwrap().to_string(), v["change"].as_str().unwrap().to_string())
+                        (
+                            v["profile"].as_str().unwrap().to_string(),
+                            v["change"].as_str().unwrap().to_string(),
+                        )
                     })
                     .collect::<Vec<_>>()
             })
@@ -1094,17 +1361,26 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
         if seen.len() >= 2 {
             assert_eq!(
                 seen,
-                [("anon:leaver".to_string(), "entered".to_string()), ("anon:leaver".to_string(), "exited".to_string())]
+                [
+                    ("anon:leaver".to_string(), "entered".to_string()),
+                    ("anon:leaver".to_string(), "exited".to_string())
+                ]
             );
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "changes so far: {seen:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "changes so far: {seen:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Unchanged audiences write nothing more, though time moves on.
     let files = || std::fs::read_dir(&seg_dir).unwrap().count();
     let before = files();
-    assert!(before <= 6, "{before} files for at most 3 different audiences");
+    assert!(
+        before <= 6,
+        "{before} files for at most 3 different audiences"
+    );
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(files(), before, "new files for an unchanged audience");
     drop(client);
@@ -1118,10 +1394,23 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
     let web = common::free_port();
     let mut run = Served::start(
         dir.path(),
-        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--export", "exports", "--export-every", "1s"],
+        &[
+            "live.toml",
+            "--input",
+            &format!("web=tcp://127.0.0.1:{web}"),
+            "--export",
+            "exports",
+            "--export-every",
+            "1s",
+        ],
     );
     let mut client = connect(web);
-    writeln!(client, r#"{{"event":"view_item","ts":{},"anonymous_id":"a"}}"#, wall_ms()).unwrap();
+    writeln!(
+        client,
+        r#"{{"event":"view_item","ts":{},"anonymous_id":"a"}}"#,
+        wall_ms()
+    )
+    .unwrap();
     let line = run.wait_line("audience export", 60);
     assert!(line.contains("exports/viewer"), "{line}");
     let started = Instant::now();
@@ -1129,7 +1418,10 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
         if let Some(s) = run.child().try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "the run did not end");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the run did not end"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success(), "a failed export must fail the run");
@@ -1142,7 +1434,10 @@ fn connect(port: u16) -> std::net::TcpStream {
         match std::net::TcpStream::connect(("127.0.0.1", port)) {
             Ok(s) => return s,
             Err(e) => {
-                assert!(started.elapsed() < Duration::from_secs(30), "port {port}: {e}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "port {port}: {e}"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -1166,14 +1461,28 @@ fn the_access_log_pseudonymizes_identifiers() {
     let (_, members) = get(&base, "/v1/segments/vip/members?limit=1");
     let profile = members["members"][0].as_str().unwrap().to_string();
     get(&base, &format!("/v1/profiles/{}", urlencode(&profile)));
-    get(&base, &format!("/v1/decide/home_hero?id={}", urlencode(&profile)));
+    get(
+        &base,
+        &format!("/v1/decide/home_hero?id={}", urlencode(&profile)),
+    );
     let first = run.wait_line("endpoint=\"/v1/profiles/{identifier}\"", 20);
     let second = run.wait_line("endpoint=\"/v1/decide/{slot}\"", 20);
     let pseudonym = |line: &str| {
-        line.split("visitor=").nth(1).unwrap().split_whitespace().next().unwrap().trim_matches('"').to_string()
+        line.split("visitor=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
     };
     assert!(pseudonym(&first).starts_with("id#"), "{first}");
-    assert_eq!(pseudonym(&first), pseudonym(&second), "one visitor, one pseudonym");
+    assert_eq!(
+        pseudonym(&first),
+        pseudonym(&second),
+        "one visitor, one pseudonym"
+    );
     assert!(first.contains("status=200"), "{first}");
     let value = profile.split_once(':').unwrap().1;
     for line in &run.seen {
@@ -1192,22 +1501,39 @@ fn a_replay_on_a_terminal_shows_its_progress_then_the_summary() {
     // `script` (util-linux) runs the command on a pseudo-terminal.
     let typed = Command::new("script")
         .current_dir(dir.path())
-        .args(["-qec", &format!("{bin} run ecommerce.toml --reset"), "/dev/null"])
+        .args([
+            "-qec",
+            &format!("{bin} run ecommerce.toml --reset"),
+            "/dev/null",
+        ])
         .output()
         .expect("script (util-linux) runs a command on a terminal");
     let text = String::from_utf8_lossy(&typed.stdout);
     assert!(typed.status.success(), "{text}");
-    assert!(text.contains("records/s ETA"), "no progress bar on a terminal:\n{text}");
+    assert!(
+        text.contains("records/s ETA"),
+        "no progress bar on a terminal:\n{text}"
+    );
     assert!(text.contains("/"), "{text}");
-    assert!(text.contains("throughput"), "no summary after the bar:\n{text}");
+    assert!(
+        text.contains("throughput"),
+        "no summary after the bar:\n{text}"
+    );
     let piped = Command::new(bin)
         .current_dir(dir.path())
         .args(["run", "ecommerce.toml", "--reset"])
         .output()
         .unwrap();
     assert!(piped.status.success());
-    let all = format!("{}{}", String::from_utf8_lossy(&piped.stdout), String::from_utf8_lossy(&piped.stderr));
-    assert!(!all.contains("ETA"), "a progress bar without a terminal:\n{all}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&piped.stdout),
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert!(
+        !all.contains("ETA"),
+        "a progress bar without a terminal:\n{all}"
+    );
     assert!(all.contains("throughput"));
 }
 
@@ -1222,19 +1548,30 @@ fn an_edited_content_slot_applies_to_the_running_api() {
     let web = common::free_port();
     let mut run = Served::start(
         dir.path(),
-        &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}"), "--output", "diffs.jsonl"],
+        &[
+            "live.toml",
+            "--input",
+            &format!("web=tcp://127.0.0.1:{web}"),
+            "--output",
+            "diffs.jsonl",
+        ],
     );
     let base = run.base.clone();
     let _client = connect(web);
-    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:someone", 30, |s, _| s == 200);
+    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:someone", 30, |s, _| {
+        s == 200
+    });
     assert_eq!(d["content"], "hello");
     // A new default and a new slot.
-    let edited = LIVE
-        .replace("[content.banner.default]\ncontent = \"hello\"", "[content.banner.default]\ncontent = \"welcome back\"")
-        + "\n[content.footer]\n[content.footer.default]\ncontent = \"bye\"\n";
+    let edited = LIVE.replace(
+        "[content.banner.default]\ncontent = \"hello\"",
+        "[content.banner.default]\ncontent = \"welcome back\"",
+    ) + "\n[content.footer]\n[content.footer.default]\ncontent = \"bye\"\n";
     assert_ne!(edited, LIVE);
     std::fs::write(&file, &edited).unwrap();
-    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:someone", 20, |_, b| b["content"] == "welcome back");
+    let (d, _) = poll(&base, "/v1/decide/banner?id=anon:someone", 20, |_, b| {
+        b["content"] == "welcome back"
+    });
     assert_eq!(d["variant"], "default");
     let (status, footer) = get(&base, "/v1/decide/footer?id=anon:someone");
     assert_eq!((status, footer["content"].as_str()), (200, Some("bye")));
@@ -1256,21 +1593,35 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
     let web = common::free_port();
-    let run = Served::start(dir.path(), &["live.toml", "--input", &format!("web=tcp://127.0.0.1:{web}")]);
+    let run = Served::start(
+        dir.path(),
+        &[
+            "live.toml",
+            "--input",
+            &format!("web=tcp://127.0.0.1:{web}"),
+        ],
+    );
     let addr = run.base.strip_prefix("http://").unwrap().to_string();
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(25)))
+        .unwrap();
     let started = Instant::now();
     // Meanwhile the API answers.
     let (status, _, _) = get_as(&run.base, "/healthz", None);
     assert_eq!(status, 200);
     let mut buf = [0u8; 256];
-    let n = slow.read(&mut buf).expect("the connection is closed, not left open");
+    let n = slow
+        .read(&mut buf)
+        .expect("the connection is closed, not left open");
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(20), "closed after {took:?}");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(20),
+        "closed after {took:?}"
+    );
     assert!(run.stop().success());
 }
 
@@ -1307,9 +1658,18 @@ fn idle_connections_do_not_starve_the_engine_of_files() {
     // Events keep the state writer busy meanwhile.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(12) {
-        writeln!(client, r#"{{"event":"view_item","ts":{},"anonymous_id":"busy"}}"#, wall_ms()).unwrap();
+        writeln!(
+            client,
+            r#"{{"event":"view_item","ts":{},"anonymous_id":"busy"}}"#,
+            wall_ms()
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        assert!(run.child().try_wait().unwrap().is_none(), "the run ended: {:?}", run.seen);
+        assert!(
+            run.child().try_wait().unwrap().is_none(),
+            "the run ended: {:?}",
+            run.seen
+        );
     }
     let (view, _) = poll(&run.base, "/v1/profiles/anon:busy", 20, |s, _| s == 200);
     assert!(view["traits"]["views"].as_u64().unwrap() > 100, "{view}");
@@ -1332,10 +1692,17 @@ fn content_edits_apply_after_a_replay_has_ended() {
     assert_eq!(d["content"]["headline"], "Welcome to the shop");
     let file = dir.path().join("ecommerce.toml");
     let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, text.replace("Welcome to the shop", "Welcome, edited")).unwrap();
-    poll(&base, "/v1/decide/home_hero?id=anon:first-visit", 20, |_, b| {
-        b["content"]["headline"] == "Welcome, edited"
-    });
+    std::fs::write(
+        &file,
+        text.replace("Welcome to the shop", "Welcome, edited"),
+    )
+    .unwrap();
+    poll(
+        &base,
+        "/v1/decide/home_hero?id=anon:first-visit",
+        20,
+        |_, b| b["content"]["headline"] == "Welcome, edited",
+    );
     run.wait_line("changed its content slots or descriptions", 10);
     // A trait edit cannot apply to a finished run.
     std::fs::write(&file, text.replace("window = \"30m\"", "window = \"31m\"")).unwrap();

@@ -71,7 +71,11 @@ fn main() {
     let shop = Shop {
         segflow,
         token,
-        slots: slots.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        slots: slots
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         agent: ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_millis(500)))
@@ -82,7 +86,10 @@ fn main() {
         .route("/", get(page))
         .route("/blocks", get(blocks))
         .route("/events", get(events))
-        .route("/live-block.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], SNIPPET) }))
+        .route(
+            "/live-block.js",
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], SNIPPET) }),
+        )
         .with_state(shop);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -133,7 +140,11 @@ async fn decide(shop: &Shop, slots: &str, visitor: &str) -> Option<Value> {
     );
     let (agent, token) = (shop.agent.clone(), shop.token.clone());
     tokio::task::spawn_blocking(move || {
-        let mut r = agent.get(&url).header("Authorization", &format!("Bearer {token}")).call().ok()?;
+        let mut r = agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .ok()?;
         if r.status() != 200 {
             return None;
         }
@@ -147,14 +158,19 @@ async fn decide(shop: &Shop, slots: &str, visitor: &str) -> Option<Value> {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b',' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b',' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// One block's HTML: the headline (or text) and the link of its content;
@@ -162,7 +178,9 @@ fn escape(s: &str) -> String {
 /// the first block (`main`) shows a generic welcome, the others nothing.
 fn block(slot: &str, decision: Option<&Value>, main: bool) -> String {
     let fallback = match main {
-        true => serde_json::json!({"headline": "Welcome to the shop", "cta": "Browse bestsellers", "link": "/bestsellers"}),
+        true => {
+            serde_json::json!({"headline": "Welcome to the shop", "cta": "Browse bestsellers", "link": "/bestsellers"})
+        }
         false => Value::Null,
     };
     let (variant, content) = match decision {
@@ -175,7 +193,11 @@ fn block(slot: &str, decision: Option<&Value>, main: bool) -> String {
     };
     let link = content["link"].as_str().unwrap_or("");
     let cta = content["cta"].as_str().unwrap_or(link);
-    let hidden = if text.is_empty() && link.is_empty() { " hidden" } else { "" };
+    let hidden = if text.is_empty() && link.is_empty() {
+        " hidden"
+    } else {
+        ""
+    };
     format!(
         "<section class=\"block\" data-segflow-slot=\"{slot}\" data-variant=\"{variant}\"{hidden}><h2 data-field=\"headline\">{}</h2><a data-field=\"link\" href=\"{}\">{}</a></section>",
         escape(text),
@@ -191,14 +213,25 @@ async fn page(State(shop): State<Shop>, headers: HeaderMap) -> Response {
         .slots
         .iter()
         .enumerate()
-        .map(|(i, s)| block(s, decided.as_ref().map(|d| &d["decisions"][s.as_str()]), i == 0))
+        .map(|(i, s)| {
+            block(
+                s,
+                decided.as_ref().map(|d| &d["decisions"][s.as_str()]),
+                i == 0,
+            )
+        })
         .collect();
     let html = format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>The shop</title>
 <style>body{{font:16px system-ui,sans-serif;max-width:50rem;margin:2rem auto}}.block{{border:1px solid #ddd;border-radius:8px;padding:1rem;margin:1rem 0}}</style></head>
 <body><h1>The shop</h1><p>visitor <code>anon:{visitor}</code></p>{blocks}<script src="/live-block.js"></script></body></html>"#
     );
-    let mut r = (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
+    let mut r = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response();
     if new {
         if let Ok(v) = format!("visitor={visitor}; Path=/; SameSite=Lax; HttpOnly").parse() {
             r.headers_mut().insert(header::SET_COOKIE, v);
@@ -236,8 +269,15 @@ async fn events(State(shop): State<Shop>, headers: HeaderMap) -> Response {
         // The stream lives as long as the browser listens: no overall
         // timeout (segflow sends a comment line every 5 s, so a page that
         // went away is noticed within 5 s).
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let resp = match agent.get(&url).header("Authorization", &format!("Bearer {token}")).call() {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let resp = match agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+        {
             Ok(r) if r.status() == 200 => {
                 let _ = opened_tx.send(true);
                 r
@@ -267,7 +307,10 @@ async fn events(State(shop): State<Shop>, headers: HeaderMap) -> Response {
         rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
     });
     (
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-store")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
         Body::from_stream(stream),
     )
         .into_response()

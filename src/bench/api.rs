@@ -196,13 +196,21 @@ pub fn run(
                     );
                 }
                 sent = due.min(sent + 10_000);
-                socket.write_all(&buf).map_err(|e| format!("feeding the web source: {e}"))?;
+                socket
+                    .write_all(&buf)
+                    .map_err(|e| format!("feeding the web source: {e}"))?;
             }
             Ok(())
         })
     };
     std::thread::sleep(Duration::from_secs(warmup));
-    let records = |live: &Live| -> u64 { live.counters_with_clocks().1.iter().map(|(s, _)| s.records).sum() };
+    let records = |live: &Live| -> u64 {
+        live.counters_with_clocks()
+            .1
+            .iter()
+            .map(|(s, _)| s.records)
+            .sum()
+    };
     let before = records(&live);
     // The clients: request k is due at k / requests seconds.
     let latencies: Arc<Mutex<(Vec<f64>, Vec<f64>, u64)>> = Arc::default();
@@ -261,7 +269,9 @@ pub fn run(
     let after = records(&live);
     let commit_lag_s = live.segments_as_of().lag_ms.unwrap_or(i64::MAX) as f64 / 1000.0;
     feeding.store(false, Ordering::SeqCst);
-    let fed = feeder.join().map_err(|_| "the feeder panicked".to_string())?;
+    let fed = feeder
+        .join()
+        .map_err(|_| "the feeder panicked".to_string())?;
     stop.store(true, Ordering::SeqCst);
     running
         .join()
@@ -269,7 +279,8 @@ pub fn run(
         .map_err(|e| e.to_string())?;
     fed?;
     drop(server);
-    let (mut profiles, mut decide, not_ok) = std::mem::take(&mut *latencies.lock().expect("latencies"));
+    let (mut profiles, mut decide, not_ok) =
+        std::mem::take(&mut *latencies.lock().expect("latencies"));
     profiles.sort_by(|a, b| a.total_cmp(b));
     decide.sort_by(|a, b| a.total_cmp(b));
     Ok(ApiResult {

@@ -253,7 +253,10 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, stop: oneshot
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!("api: connection: {e}");
             }
             drop(permit);
@@ -325,7 +328,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// The token of a request: `Authorization: Bearer T`, or for the diff
 /// stream `?access_token=T`.
 fn presented<'a>(headers: &'a HeaderMap, uri: &'a axum::http::Uri) -> Option<String> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let (scheme, token) = v.trim().split_once(' ')?;
         return scheme
             .eq_ignore_ascii_case("bearer")
@@ -407,7 +413,10 @@ async fn as_json_error(r: Response) -> Response {
     };
     let text = match (status, text.is_empty()) {
         (StatusCode::METHOD_NOT_ALLOWED, true) => "the API answers GET only".to_string(),
-        (_, true) => status.canonical_reason().unwrap_or("bad request").to_string(),
+        (_, true) => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_string(),
         _ => text,
     };
     error(status, text)
@@ -547,7 +556,10 @@ fn not_an_identifier(live: &Live, identifier: &str) -> String {
 fn lookup(app: &App, identifier: &str) -> Result<Option<(ProfileView, AsOf)>, Response> {
     let ids = app.live.identifiers(identifier);
     if ids.is_empty() {
-        return Err(error(StatusCode::BAD_REQUEST, not_an_identifier(&app.live, identifier)));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            not_an_identifier(&app.live, identifier),
+        ));
     }
     match app.live.profile(&ids) {
         Ok(found) => Ok(found),
@@ -575,7 +587,8 @@ fn profile_json(spec: &crate::spec::Spec, view: &ProfileView, as_of: &AsOf) -> V
             traits.insert(t.name.clone(), json!((now as f64 - at).max(0.0) as u64));
         }
     }
-    let traits: serde_json::Map<String, Value> = traits.into_iter().map(|(k, v)| (k, tidy(v))).collect();
+    let traits: serde_json::Map<String, Value> =
+        traits.into_iter().map(|(k, v)| (k, tidy(v))).collect();
     json!({
         "profile": view.profile,
         "identifiers": view.identifiers,
@@ -631,7 +644,9 @@ async fn members(
     let as_of = app.live.segments_as_of();
     match app.live.members(&name, page.cursor.as_deref(), limit) {
         Some((members, size)) => {
-            let next = (members.len() == limit).then(|| members.last().cloned()).flatten();
+            let next = (members.len() == limit)
+                .then(|| members.last().cloned())
+                .flatten();
             ok(json!({
                 "segment": name,
                 "size": size,
@@ -735,7 +750,10 @@ async fn export(
         body,
     )
         .into_response();
-    if let Some(t) = as_of.time.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
+    if let Some(t) = as_of
+        .time
+        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
+    {
         r.headers_mut().insert("x-segflow-as-of", t);
     }
     let disposition = format!(
@@ -759,7 +777,12 @@ struct DecideQuery {
 /// The variant of `slot` for the profile `view` (an empty profile for an
 /// unknown visitor) and why: the first variant whose condition holds, with
 /// the values it read, or the default with the variants that did not.
-fn decide(spec: &crate::spec::Spec, slot: &ContentSlot, view: &ProfileView, now: Option<u64>) -> Value {
+fn decide(
+    spec: &crate::spec::Spec,
+    slot: &ContentSlot,
+    view: &ProfileView,
+    now: Option<u64>,
+) -> Value {
     let mut passed = Vec::new();
     for (rank, v) in slot.variants.iter().enumerate() {
         let (holds, read) = evaluate(spec, view, &v.when, now);
@@ -791,7 +814,10 @@ fn tidy(v: Value) -> Value {
 }
 
 /// The slots named, or a 404 naming the known ones.
-fn slots<'s>(spec: &'s crate::spec::Spec, names: &[&str]) -> Result<Vec<&'s ContentSlot>, Response> {
+fn slots<'s>(
+    spec: &'s crate::spec::Spec,
+    names: &[&str],
+) -> Result<Vec<&'s ContentSlot>, Response> {
     let mut out = Vec::new();
     for name in names {
         match spec.content.iter().find(|s| s.name == *name) {
@@ -874,7 +900,11 @@ async fn decide_many(State(app): State<Arc<App>>, Query(q): Query<DecideQuery>) 
             "name the slots: /v1/decide?slots=hero,sidebar&id=IDENTIFIER (or /v1/decide/SLOT?id=)",
         );
     };
-    let names: Vec<&str> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let names: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     match decisions(&app, &names, q.id.as_deref()) {
         Ok((mut head, decided)) => {
             let by_slot: serde_json::Map<String, Value> = decided
@@ -939,11 +969,17 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
     });
     if let Some(list) = &segments {
         let spec = app.live.spec();
-        if let Some(unknown) = list.iter().find(|n| !spec.segments.iter().any(|s| &s.name == *n)) {
+        if let Some(unknown) = list
+            .iter()
+            .find(|n| !spec.segments.iter().any(|s| &s.name == *n))
+        {
             let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
             return error(
                 StatusCode::NOT_FOUND,
-                format!("no segment `{unknown}`; the segments are: {}", names.join(", ")),
+                format!(
+                    "no segment `{unknown}`; the segments are: {}",
+                    names.join(", ")
+                ),
             );
         }
     }
@@ -989,7 +1025,10 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         |(mut rx, mut filter, live, permit, mut queue)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
-                    return Some((Ok::<Event, Infallible>(e), (rx, filter, live, permit, queue)));
+                    return Some((
+                        Ok::<Event, Infallible>(e),
+                        (rx, filter, live, permit, queue),
+                    ));
                 }
                 match rx.recv().await {
                     Ok(diffs) => {
@@ -1023,7 +1062,7 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                             let wanted = filter
                                 .segments
                                 .as_ref()
-                                .is_none_or(|s| s.iter().any(|x| *x == d.segment))
+                                .is_none_or(|s| s.contains(&d.segment))
                                 && filter.profile.as_ref().is_none_or(|p| *p == d.profile)
                                 && (filter.ids.is_empty() || filter.followed.contains(&d.profile));
                             if wanted {

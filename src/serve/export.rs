@@ -50,7 +50,9 @@ impl ExportFormat {
         match s {
             "csv" => Ok(ExportFormat::Csv),
             "jsonl" | "json" | "ndjson" => Ok(ExportFormat::Jsonl),
-            other => Err(format!("unknown export format `{other}`: expected csv or jsonl")),
+            other => Err(format!(
+                "unknown export format `{other}`: expected csv or jsonl"
+            )),
         }
     }
 
@@ -169,7 +171,8 @@ fn rows(live: &Live, profiles: Vec<String>, entered: Option<bool>) -> Result<Vec
         .into_iter()
         .map(|profile| {
             let identifiers = with_own_id(
-                live.identifiers_of(&profile).map_err(|e| format!("reading the state: {e:?}"))?,
+                live.identifiers_of(&profile)
+                    .map_err(|e| format!("reading the state: {e:?}"))?,
                 &profile,
             );
             Ok(Row {
@@ -184,9 +187,16 @@ fn rows(live: &Live, profiles: Vec<String>, entered: Option<bool>) -> Result<Vec
 /// The entries and exits of `segment` after `since` (ms) up to now: each
 /// profile whose membership changed, once; `Err` with the oldest time that
 /// may be asked if the changes since then are not kept.
-pub fn changes_since(live: &Live, segment: &str, since: u64) -> Result<Option<(Vec<Row>, AsOf)>, ChangesError> {
+pub fn changes_since(
+    live: &Live,
+    segment: &str,
+    since: u64,
+) -> Result<Option<(Vec<Row>, AsOf)>, ChangesError> {
     let as_of = live.segments_as_of();
-    let Some(changed) = live.changes_since(segment, since).map_err(ChangesError::NotKept)? else {
+    let Some(changed) = live
+        .changes_since(segment, since)
+        .map_err(ChangesError::NotKept)?
+    else {
         return Ok(None);
     };
     let mut out = Vec::new();
@@ -247,14 +257,20 @@ fn previous_members(dir: &Path, format: ExportFormat) -> std::io::Result<Option<
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let t: u64 = name.strip_prefix("members-")?.strip_suffix(&ext)?.parse().ok()?;
+                let t: u64 = name
+                    .strip_prefix("members-")?
+                    .strip_suffix(&ext)?
+                    .parse()
+                    .ok()?;
                 Some((t, e.path()))
             })
             .max(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    let Some((_, path)) = newest else { return Ok(None) };
+    let Some((_, path)) = newest else {
+        return Ok(None);
+    };
     let text = std::fs::read_to_string(&path)?;
     let profiles = match format {
         ExportFormat::Csv => {
@@ -315,7 +331,8 @@ pub fn export_once(
     for (name, profiles) in names.into_iter().zip(all) {
         let rows = rows(live, profiles, None)?;
         let seg_dir = dir.join(&name);
-        std::fs::create_dir_all(&seg_dir).map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+        std::fs::create_dir_all(&seg_dir)
+            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
         let before = previous_members(&seg_dir, format)
             .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?
             .unwrap_or_default();
@@ -407,25 +424,32 @@ impl Schedule {
         let stop = Arc::new(AtomicBool::new(false));
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let thread = {
-            let (stop, failure, live, dir, segments) =
-                (Arc::clone(&stop), Arc::clone(&failure), Arc::clone(&live), dir.clone(), segments.clone());
-            std::thread::Builder::new().name("segflow-export".into()).spawn(move || {
-                let mut next = Instant::now() + every;
-                while !stop.load(Ordering::SeqCst) {
-                    if Instant::now() < next {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                    next += every;
-                    if let Err(e) = export_once(&live, &dir, &segments, format).map(log) {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e);
+            let (stop, failure, live, dir, segments) = (
+                Arc::clone(&stop),
+                Arc::clone(&failure),
+                Arc::clone(&live),
+                dir.clone(),
+                segments.clone(),
+            );
+            std::thread::Builder::new()
+                .name("segflow-export".into())
+                .spawn(move || {
+                    let mut next = Instant::now() + every;
+                    while !stop.load(Ordering::SeqCst) {
+                        if Instant::now() < next {
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
                         }
-                        shutdown.store(true, Ordering::SeqCst);
-                        return;
+                        next += every;
+                        if let Err(e) = export_once(&live, &dir, &segments, format).map(log) {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            shutdown.store(true, Ordering::SeqCst);
+                            return;
+                        }
                     }
-                }
-            })?
+                })?
         };
         Ok(Schedule {
             stop,
@@ -486,7 +510,14 @@ mod tests {
             entered: None,
         }];
         let mut out = Vec::new();
-        write_rows(&mut out, ExportFormat::Csv, &["user", "email", "phone", "anon"], &rows, false).unwrap();
+        write_rows(
+            &mut out,
+            ExportFormat::Csv,
+            &["user", "email", "phone", "anon"],
+            &rows,
+            false,
+        )
+        .unwrap();
         let text = String::from_utf8(out).unwrap();
         let mut r = csv::Reader::from_reader(text.as_bytes());
         let row = r.records().next().unwrap().unwrap();

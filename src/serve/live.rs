@@ -176,7 +176,10 @@ impl Live {
             ));
         }
         let described = |s: &Spec| -> Vec<(String, Option<String>)> {
-            s.segments.iter().map(|x| (x.name.clone(), x.description.clone())).collect()
+            s.segments
+                .iter()
+                .map(|x| (x.name.clone(), x.description.clone()))
+                .collect()
         };
         if new.content == old.content && described(&new) == described(&old) {
             return Ok(false);
@@ -333,7 +336,12 @@ impl Live {
 
     /// [`Live::as_of`] from the index's clocks (`read_until`,
     /// `committed_before`).
-    fn as_of_at(&self, read_until: Option<Time>, committed: Option<Time>, before: Option<Time>) -> AsOf {
+    fn as_of_at(
+        &self,
+        read_until: Option<Time>,
+        committed: Option<Time>,
+        before: Option<Time>,
+    ) -> AsOf {
         let tick = self.spec().engine.tick_ms.max(1);
         // The end of the latest admitted tick.
         let read_end = read_until.map(|t| t.saturating_add(tick - 1));
@@ -456,7 +464,9 @@ impl Live {
     /// for a run without state.
     pub fn identifiers_of(&self, profile: &str) -> Result<Vec<String>, LookupError> {
         match self.state.read().as_deref() {
-            Ok(StateLink::Open { store, .. }) => store.identifiers(profile).map_err(LookupError::Store),
+            Ok(StateLink::Open { store, .. }) => {
+                store.identifiers(profile).map_err(LookupError::Store)
+            }
             Ok(StateLink::Starting) => Err(LookupError::Starting),
             _ => Ok(Vec::new()),
         }
@@ -467,7 +477,11 @@ impl Live {
     /// left again is not listed), in profile-id order. `Ok(None)` for an
     /// unknown segment; `Err(t)` if the changes after `since` are not all
     /// kept, `t` being the earliest `since` that may be asked.
-    pub fn changes_since(&self, segment: &str, since: Time) -> Result<Option<Vec<(String, bool)>>, Time> {
+    pub fn changes_since(
+        &self,
+        segment: &str,
+        since: Time,
+    ) -> Result<Option<Vec<(String, bool)>>, Time> {
         let known = self.spec().segments.iter().any(|s| s.name == segment);
         let Ok(i) = self.index.read() else {
             return Ok(None);
@@ -475,7 +489,12 @@ impl Live {
         if !known && !i.members.contains_key(segment) {
             return Ok(None);
         }
-        let after = i.changes_after.get(segment).copied().unwrap_or(0).max(i.unlogged_until);
+        let after = i
+            .changes_after
+            .get(segment)
+            .copied()
+            .unwrap_or(0)
+            .max(i.unlogged_until);
         if since < after {
             return Err(after);
         }
@@ -501,7 +520,10 @@ impl Live {
     /// segments is of one time. `None` if a segment is unknown (its name).
     pub fn members_at_once(&self, segments: &[String]) -> Result<(Vec<Vec<String>>, AsOf), String> {
         let spec = self.spec();
-        let i = self.index.read().map_err(|_| "the index is poisoned".to_string())?;
+        let i = self
+            .index
+            .read()
+            .map_err(|_| "the index is poisoned".to_string())?;
         let mut out = Vec::new();
         for name in segments {
             match i.members.get(name) {

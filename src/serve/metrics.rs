@@ -143,11 +143,7 @@ impl Metrics {
             "Wall clock at a live time's commit minus the end of its tick",
             m.commit_delay.clone(),
         );
-        registry.register(
-            "segflow_diffs",
-            "Segment diffs committed",
-            m.diffs.clone(),
-        );
+        registry.register("segflow_diffs", "Segment diffs committed", m.diffs.clone());
         registry.register("segflow_profiles", "Profiles", m.profiles.clone());
         registry.register(
             "segflow_segment_members",

@@ -43,5 +43,5 @@ pub mod export;
 mod live;
 pub mod metrics;
 
-pub use api::{api_token, Server, ServeConfig, TokenOrigin};
+pub use api::{api_token, ServeConfig, Server, TokenOrigin};
 pub use live::{AsOf, Live, LookupError};

@@ -134,7 +134,10 @@ pub(super) fn slots(
                 if !is_name(n.get_ref()) {
                     return Err(cx.err(
                         n.span().start,
-                        format!("invalid variant name `{}`: names must match [a-z_][a-z0-9_]*", n.get_ref()),
+                        format!(
+                            "invalid variant name `{}`: names must match [a-z_][a-z0-9_]*",
+                            n.get_ref()
+                        ),
                     ));
                 }
                 n.into_inner()
