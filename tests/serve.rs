@@ -598,19 +598,7 @@ fn poll(base: &str, path: &str, secs: u64, ok: impl Fn(u16, &Value) -> bool) -> 
 /// filtered to the visitor) carries the entry.
 #[test]
 fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
-    let web = common::free_port();
-    let run = Served::start(
-        dir.path(),
-        &[
-            "live.toml",
-            "--input",
-            &format!("web=tcp://127.0.0.1:{web}"),
-            "--output",
-            "diffs.jsonl",
-        ],
-    );
+    let (_dir, run, web) = start_live(LIVE, &["--output", "diffs.jsonl"]);
     let base = run.base.clone();
     // Before any event: unknown visitor, default content.
     // (503 while the run opens its state.)
@@ -967,19 +955,7 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
         "{} is missing: build it with `cargo build --example shop` (cargo test --all-targets does)",
         shop_bin.display()
     );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
-    let web = common::free_port();
-    let run = Served::start(
-        dir.path(),
-        &[
-            "live.toml",
-            "--input",
-            &format!("web=tcp://127.0.0.1:{web}"),
-            "--output",
-            "diffs.jsonl",
-        ],
-    );
+    let (_dir, run, web) = start_live(LIVE, &["--output", "diffs.jsonl"]);
     let base = run.base.clone();
     poll(&base, "/v1/profiles/anon:shopper", 30, |s, _| s != 503);
     let mut shop = Command::new(&shop_bin)
@@ -1287,15 +1263,9 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
         "[traits.views]\nstream = \"web\"",
         "[traits.views]\nwindow = \"2s\"\nstream = \"web\"",
     );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("live.toml"), &spec).unwrap();
-    let web = common::free_port();
-    let run = Served::start(
-        dir.path(),
+    let (dir, run, web) = start_live(
+        &spec,
         &[
-            "live.toml",
-            "--input",
-            &format!("web=tcp://127.0.0.1:{web}"),
             "--output",
             "diffs.jsonl",
             "--export",
@@ -1590,17 +1560,7 @@ fn an_edited_content_slot_applies_to_the_running_api() {
 #[test]
 fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
-    let web = common::free_port();
-    let run = Served::start(
-        dir.path(),
-        &[
-            "live.toml",
-            "--input",
-            &format!("web=tcp://127.0.0.1:{web}"),
-        ],
-    );
+    let (_dir, run, _) = start_live(LIVE, &[]);
     let addr = run.base.strip_prefix("http://").unwrap().to_string();
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -1711,4 +1671,18 @@ fn content_edits_apply_after_a_replay_has_ended() {
     let (_, d) = get(&base, "/v1/decide/home_hero?id=anon:first-visit");
     assert_eq!(d["content"]["headline"], "Welcome, edited");
     assert!(run.stop().success());
+}
+
+/// A live run of `spec` (written as live.toml into a new directory) with
+/// its web source on TCP and the arguments `extra`: the directory, the
+/// run, the web source's port.
+fn start_live(spec: &str, extra: &[&str]) -> (tempfile::TempDir, Served, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), spec).unwrap();
+    let web = common::free_port();
+    let input = format!("web=tcp://127.0.0.1:{web}");
+    let mut args = vec!["live.toml", "--input", &input];
+    args.extend_from_slice(extra);
+    let run = Served::start(dir.path(), &args);
+    (dir, run, web)
 }
