@@ -535,9 +535,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     anyhow::bail!(
                         "--export-segments: no segment `{name}` in {}{}; the segments are: {}",
                         args.dataflow.display(),
-                        segflow::spec::nearest(name, known.iter().copied())
-                            .map(|n| format!(" (did you mean `{n}`?)"))
-                            .unwrap_or_default(),
+                        segflow::spec::did_you_mean(name, known.iter().copied()),
                         known.join(", ")
                     );
                 }

@@ -18,7 +18,6 @@
 //! the end.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -126,10 +125,7 @@ pub fn run(
     )
     .map_err(|e| e.to_string())?;
     let api = format!("http://{}", server.local_addr());
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .to_string();
+    let addr = super::loopback_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let engine = Engine::new(spec)
         .input(
@@ -148,22 +144,7 @@ pub fn run(
         .serve(Arc::clone(&live))
         .shutdown_on(Arc::clone(&stop));
     let running = std::thread::spawn(move || engine.run(timely::Config::process(workers)));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut socket = loop {
-        match TcpStream::connect(&addr) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline && !running.is_finished() => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => {
-                stop.store(true, Ordering::SeqCst);
-                return Err(match running.join() {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("the web source {addr} did not start: {e}"),
-                });
-            }
-        }
-    };
+    let (mut socket, running) = super::connect_to_run(&addr, "the web source", running, &stop)?;
     // The feeder: `ingest` events a second, in slices of a millisecond.
     let feeding = Arc::new(AtomicBool::new(true));
     let feeder = {

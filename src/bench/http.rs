@@ -85,10 +85,7 @@ pub fn run(
         .lines()
         .map(String::from)
         .collect();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .to_string();
+    let addr = super::loopback_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let engine = Engine::new(spec)
         .input(
@@ -112,18 +109,7 @@ pub fn run(
         .output(Output::Discard)
         .shutdown_on(Arc::clone(&stop));
     let running = std::thread::spawn(move || engine.run(timely::Config::process(workers)));
-    // The endpoint listens once the dataflow is built.
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if Instant::now() > deadline || running.is_finished() {
-            stop.store(true, Ordering::SeqCst);
-            return Err(match running.join() {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("the endpoint {addr} did not start within 30 s"),
-            });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let (_, running) = super::connect_to_run(&addr, "the endpoint", running, &stop)?;
     let bodies: Vec<String> = messages
         .chunks(batch.max(1))
         .map(|c| format!("{{\"batch\":[{}]}}", c.join(",")))

@@ -38,6 +38,46 @@ use serde::Serialize;
 
 use crate::io::sinks::RunSummary;
 
+/// A loopback address (`127.0.0.1:PORT`) that was free a moment ago, for
+/// an input of an engine run in this process.
+fn loopback_addr() -> Result<String, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// An engine run in a thread of this process.
+type Running = std::thread::JoinHandle<Result<RunSummary, crate::EngineError>>;
+
+/// A connection to `addr`, which the engine run `running` listens on once
+/// its dataflow is built, within 30 s. Otherwise the run is stopped
+/// (`stop`) and the error is the run's, or that `addr` (`what`) did not
+/// start.
+fn connect_to_run(
+    addr: &str,
+    what: &str,
+    running: Running,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(std::net::TcpStream, Running), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => return Ok((s, running)),
+            Err(_) if std::time::Instant::now() < deadline && !running.is_finished() => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(match running.join() {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("{what} {addr} did not start within 30 s: {e}"),
+                });
+            }
+        }
+    }
+}
+
 /// A job: a dataflow definition run over some of the generated files.
 pub struct Job {
     /// The job's name, as given to `--jobs`.

@@ -655,21 +655,23 @@ async fn members(
                 "as_of": as_of_json(&as_of),
             }))
         }
-        None => {
-            let spec = app.live.spec();
-            let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
-            error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no segment `{name}`{}; the segments are: {}",
-                    crate::spec::nearest(&name, names.iter().copied())
-                        .map(|n| format!(" (did you mean `{n}`?)"))
-                        .unwrap_or_default(),
-                    names.join(", ")
-                ),
-            )
-        }
+        None => unknown_segment(&app.live, &name),
     }
+}
+
+/// A 404 for a segment the definition does not declare, with the nearest
+/// name and the declared ones.
+fn unknown_segment(live: &Live, name: &str) -> Response {
+    let spec = live.spec();
+    let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no segment `{name}`{}; the segments are: {}",
+            crate::spec::did_you_mean(name, names.iter().copied()),
+            names.join(", ")
+        ),
+    )
 }
 
 #[derive(Deserialize)]
@@ -727,12 +729,7 @@ async fn export(
     .await;
     let (rows, as_of) = match answer {
         Ok(Ok(Some(found))) => found,
-        Ok(Ok(None)) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("no segment `{name}`; see GET /v1/segments"),
-            )
-        }
+        Ok(Ok(None)) => return unknown_segment(&app.live, &name),
         Ok(Err((status, e))) => return error(status, e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
@@ -831,9 +828,7 @@ fn slots<'s>(
                     } else {
                         format!(
                             "no content slot `{name}`{}; the slots are: {}",
-                            crate::spec::nearest(name, known.iter().copied())
-                                .map(|n| format!(" (did you mean `{n}`?)"))
-                                .unwrap_or_default(),
+                            crate::spec::did_you_mean(name, known.iter().copied()),
                             known.join(", ")
                         )
                     },
@@ -973,14 +968,7 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
             .iter()
             .find(|n| !spec.segments.iter().any(|s| &s.name == *n))
         {
-            let names: Vec<&str> = spec.segments.iter().map(|s| s.name.as_str()).collect();
-            return error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no segment `{unknown}`; the segments are: {}",
-                    names.join(", ")
-                ),
-            );
+            return unknown_segment(&app.live, unknown);
         }
     }
     let ids = match q.id.as_deref() {

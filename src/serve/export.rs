@@ -156,11 +156,10 @@ fn spreadsheet_safe(cell: String) -> String {
 /// The members of `segment` now with their identifiers, and how fresh
 /// they are; `None` for an unknown segment.
 pub fn members(live: &Live, segment: &str) -> Result<Option<(Vec<Row>, AsOf)>, String> {
-    let as_of = live.segments_as_of();
-    let Some((profiles, _)) = live.members(segment, None, usize::MAX) else {
+    let Ok((mut all, as_of)) = live.members_at_once(&[segment.to_string()]) else {
         return Ok(None);
     };
-    let rows = rows(live, profiles, None)?;
+    let rows = rows(live, all.pop().unwrap_or_default(), None)?;
     Ok(Some((rows, as_of)))
 }
 
@@ -329,38 +328,43 @@ pub fn export_once(
         return Ok(done);
     };
     for (name, profiles) in names.into_iter().zip(all) {
-        let rows = rows(live, profiles, None)?;
         let seg_dir = dir.join(&name);
         std::fs::create_dir_all(&seg_dir)
             .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
-        let before = previous_members(&seg_dir, format)
-            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?
-            .unwrap_or_default();
-        let now: BTreeSet<String> = rows.iter().map(|r| r.profile.clone()).collect();
         let ext = format.extension();
         let members_file = seg_dir.join(format!("members-{time}.{ext}"));
         if members_file.exists() {
             continue; // nothing was committed since the export before
         }
-        let entered: Vec<String> = now.difference(&before).cloned().collect();
-        let exited: Vec<String> = before.difference(&now).cloned().collect();
-        if entered.is_empty() && exited.is_empty() && has_members_file(&seg_dir, format) {
+        let previous = previous_members(&seg_dir, format)
+            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+        let before = previous.clone().unwrap_or_default();
+        let now: BTreeSet<&str> = profiles.iter().map(String::as_str).collect();
+        let exited: Vec<String> = before
+            .iter()
+            .filter(|p| !now.contains(p.as_str()))
+            .cloned()
+            .collect();
+        let entered = profiles.iter().filter(|p| !before.contains(*p)).count();
+        if entered == 0 && exited.is_empty() && previous.is_some() {
             continue; // the same members as the export before
         }
-        let mut changes = Vec::new();
-        for r in &rows {
-            if !before.contains(&r.profile) {
-                changes.push(Row {
-                    profile: r.profile.clone(),
-                    identifiers: r.identifiers.clone(),
-                    entered: Some(true),
-                });
-            }
-        }
-        changes.extend(rows_of_exits(live, exited.clone())?);
+        // Only now the identifiers are read (for members and changes).
+        let listed = rows(live, profiles, None)?;
+        let mut changes: Vec<Row> = listed
+            .iter()
+            .filter(|r| !before.contains(&r.profile))
+            .map(|r| Row {
+                profile: r.profile.clone(),
+                identifiers: r.identifiers.clone(),
+                entered: Some(true),
+            })
+            .collect();
+        let exits = exited.len();
+        changes.extend(rows(live, exited, Some(false))?);
         changes.sort_by(|a, b| a.profile.cmp(&b.profile));
         let mut bytes = Vec::new();
-        write_rows(&mut bytes, format, &kinds, &rows, false).map_err(|e| e.to_string())?;
+        write_rows(&mut bytes, format, &kinds, &listed, false).map_err(|e| e.to_string())?;
         let mut change_bytes = Vec::new();
         write_rows(&mut change_bytes, format, &kinds, &changes, true).map_err(|e| e.to_string())?;
         // The changes first: a members file always has its changes.
@@ -372,27 +376,12 @@ pub fn export_once(
         done.push(Exported {
             segment: name,
             members_file,
-            members: rows.len(),
-            entered: entered.len(),
-            exited: exited.len(),
+            members: listed.len(),
+            entered,
+            exited: exits,
         });
     }
     Ok(done)
-}
-
-/// Whether `dir` holds a members file of `format` already.
-fn has_members_file(dir: &Path, format: ExportFormat) -> bool {
-    let ext = format!(".{}", format.extension());
-    std::fs::read_dir(dir).is_ok_and(|d| {
-        d.filter_map(|e| e.ok()).any(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with("members-") && name.ends_with(&ext)
-        })
-    })
-}
-
-fn rows_of_exits(live: &Live, exited: Vec<String>) -> Result<Vec<Row>, String> {
-    rows(live, exited, Some(false))
 }
 
 /// Scheduled exports (`--export DIR --export-every D`): a thread that
