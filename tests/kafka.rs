@@ -198,6 +198,19 @@ fn files_and_topics(
     dir: &Path,
     prefix: &str,
 ) -> Vec<Vec<i64>> {
+    files_and_topics_batched(b, d, dir, prefix, true)
+}
+
+/// As [`files_and_topics`]; `batched: false` produces one record per batch
+/// (see [`common::broker::Broker::produce_one_per_batch`]: for a run killed
+/// at any offset and resumed there).
+fn files_and_topics_batched(
+    b: &common::broker::Broker,
+    d: &Data,
+    dir: &Path,
+    prefix: &str,
+    batched: bool,
+) -> Vec<Vec<i64>> {
     let mut ends = Vec::new();
     for ((name, file, partitions), lines) in STREAMS.iter().zip([&d.web, &d.crm, &d.txn]) {
         std::fs::write(
@@ -212,7 +225,11 @@ fn files_and_topics(
             .enumerate()
             .map(|(i, l)| ((i as i32) % partitions, l.clone()))
             .collect();
-        b.produce(&topic, &records);
+        if batched {
+            b.produce(&topic, &records);
+        } else {
+            b.produce_one_per_batch(&topic, &records);
+        }
         // The end offsets (offsets count from 0 in a new topic).
         ends.push(
             (0..*partitions)
@@ -417,62 +434,91 @@ fn a_bounded_topic_that_grew_is_read_again_as_one_run_over_it() {
 }
 
 /// A child `segflow run`, killed if the test ends (or fails) while it runs.
-struct Running(Option<Child>);
+/// Its stdout and stderr go to files in its directory, not to pipes: a run
+/// that writes more than a pipe holds while nobody reads would block on
+/// the write and look like a stalled engine.
+struct Running {
+    child: Option<Child>,
+    stdout: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+}
 
 impl Running {
     /// `segflow run ARGS` in `dir` (a definition's relative paths are
     /// there).
     fn start(dir: &Path, args: &[String]) -> Running {
-        Running(Some(
-            Command::new(BIN)
-                .current_dir(dir)
-                .arg("run")
-                .args(args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        ))
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stdout = dir.join(format!("run-{n}.stdout"));
+        let stderr = dir.join(format!("run-{n}.stderr"));
+        let child = Command::new(BIN)
+            .current_dir(dir)
+            .arg("run")
+            .args(args)
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Running {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
     }
 
     fn kill(mut self) {
-        let mut child = self.0.take().unwrap();
+        let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
     /// Stops it with SIGTERM; its exit status and output (30 s at most).
-    fn terminate(mut self) -> std::process::Output {
-        let child = self.0.take().unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_exit(child, 30)
+    fn terminate(self) -> std::process::Output {
+        let pid = self.child.as_ref().unwrap().id();
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        self.wait(30)
+    }
+
+    /// Waits up to `secs` for it to exit; its status and output.
+    fn wait(mut self, secs: u64) -> std::process::Output {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the run did not end in {secs} s: {}", self.stderr_so_far());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        std::process::Output {
+            status,
+            stdout: std::fs::read(&self.stdout).unwrap_or_default(),
+            stderr: std::fs::read(&self.stderr).unwrap_or_default(),
+        }
+    }
+
+    /// What it wrote to stderr so far (for a failure's message).
+    fn stderr_so_far(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     fn exited(&mut self) -> bool {
-        self.0.as_mut().unwrap().try_wait().unwrap().is_some()
+        self.child.as_mut().unwrap().try_wait().unwrap().is_some()
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
+        if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
-}
-
-/// Waits up to `secs` for `child` to exit; its status and output.
-fn wait_exit(mut child: Child, secs: u64) -> std::process::Output {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the run did not end in {secs} s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// The checkpoint's resume offsets, per source and partition.
@@ -506,7 +552,7 @@ fn a_live_topic_killed_mid_way_and_restarted_writes_every_diff_once() {
     let d = generated(150_000, 11, None);
     let dir = tempfile::tempdir().unwrap();
     let b = broker();
-    let ends = files_and_topics(&b, &d, dir.path(), "live");
+    let ends = files_and_topics_batched(&b, &d, dir.path(), "live", false);
     let (want, _, _) = run_to_end(dir.path(), "files", &inputs(dir.path(), None));
     let last_time = want
         .lines()
@@ -519,7 +565,19 @@ fn a_live_topic_killed_mid_way_and_restarted_writes_every_diff_once() {
         .unwrap();
     let state = dir.path().join("state");
     let out = dir.path().join("live.jsonl");
-    let mut args = vec![ECOMMERCE.to_string()];
+    // The shipped dataflow with a 10 ms idle advance: a partition taken
+    // for idle while it still had records to read (its watermark then
+    // follows the wall clock) would lose them as late at once, not only
+    // when a fetch happens to take a second.
+    let spec = dir.path().join("ecommerce.toml");
+    let text = std::fs::read_to_string(ECOMMERCE).unwrap();
+    assert!(text.contains("idle_advance = \"1s\""));
+    std::fs::write(
+        &spec,
+        text.replace("idle_advance = \"1s\"", "idle_advance = \"10ms\""),
+    )
+    .unwrap();
+    let mut args = vec![spec.display().to_string()];
     args.extend(inputs(
         dir.path(),
         Some((&b.addr, "live", "?group=segflow-test")),
@@ -583,10 +641,15 @@ fn a_live_topic_killed_mid_way_and_restarted_writes_every_diff_once() {
         if done {
             break;
         }
-        assert!(!second.exited(), "the restarted run ended");
+        assert!(
+            !second.exited(),
+            "the restarted run ended: {}",
+            second.stderr_so_far()
+        );
         assert!(
             Instant::now() < deadline,
-            "not every offset checkpointed in 180 s: {now:?} of {ends:?}"
+            "not every offset checkpointed in 180 s: {now:?} of {ends:?}; the run's stderr:\n{}",
+            second.stderr_so_far()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -773,11 +836,7 @@ fn a_broker_that_goes_away_stops_a_reading_run() {
     let _ = b.child.kill();
     let _ = b.child.wait();
     let started = Instant::now();
-    let child = {
-        let mut run = run;
-        run.0.take().unwrap()
-    };
-    let ended = wait_exit(child, 120);
+    let ended = run.wait(120);
     let stderr = String::from_utf8_lossy(&ended.stderr);
     assert!(
         !ended.status.success(),
