@@ -249,7 +249,11 @@ pub mod broker {
         /// get the rest of that batch. A test that kills a run at any offset
         /// produces this way, so that every offset starts a batch.
         pub fn produce_one_per_batch(&self, topic: &str, records: &[(i32, String)]) {
-            self.produce_with(topic, records, &[("linger.ms", "0"), ("batch.num.messages", "1")]);
+            self.produce_with(
+                topic,
+                records,
+                &[("linger.ms", "0"), ("batch.num.messages", "1")],
+            );
         }
 
         /// The offsets group `group` committed for each of `partitions`
