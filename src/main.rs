@@ -138,7 +138,9 @@ struct RunArgs {
     /// (127.0.0.1:8080 if no address is given). A replay keeps serving its
     /// final state after its inputs end, until SIGTERM or Ctrl-C. Every
     /// endpoint but /healthz needs the bearer token: SEGFLOW_API_TOKEN,
-    /// --http-token-file, or one generated and printed at start.
+    /// --http-token-file, or one generated and printed at start. In a
+    /// cluster, process 0 serves the whole run (the other processes'
+    /// parts of the state must be on its machine).
     #[arg(long, value_name = "HOST:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
     http: Option<String>,
     /// The API's bearer token: the first line of FILE.
@@ -512,14 +514,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = timely_config(&args, workers)?;
     let live = match (&args.http, &args.export) {
         (None, None) => None,
-        _ => {
-            anyhow::ensure!(
-                args.processes == 1,
-                "--http and --export serve one process's run; this cluster has {} processes, whose profiles are in each process's part of the state. Serve a run of one process (-w N for more workers), or read the state after the run with `segflow query`",
-                args.processes
+        // Process 0 serves and exports the whole cluster's run (every
+        // worker's diffs come to it, and it follows the other processes'
+        // parts of the state); the others run the same command.
+        _ if args.process > 0 => {
+            eprintln!(
+                "segflow: process {} does not serve: process 0 serves the cluster's API and exports",
+                args.process
             );
-            Some(segflow::serve::Live::new(Arc::new(spec.clone())))
+            None
         }
+        _ => Some(segflow::serve::Live::new(Arc::new(spec.clone()))),
     };
     let export_plan = match &args.export {
         None => None,

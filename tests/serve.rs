@@ -244,10 +244,56 @@ fn replay_dir(dir: &Path) {
 }
 
 /// Everything a replay serves, read through the API: sizes, members
-/// (paged), each member's profile and decisions.
-fn served_answers(dir: &Path, workers: &str) -> BTreeMap<String, Value> {
-    let mut run = Served::start(dir, &["ecommerce.toml", "-w", workers, "--reset"]);
+/// (paged), each member's profile and decisions. `workers` as `-w`; with
+/// `processes: 2` a cluster of two processes on this machine, process 0
+/// serving.
+fn served_answers(dir: &Path, workers: &str, processes: usize) -> BTreeMap<String, Value> {
+    let mut args = vec![
+        "ecommerce.toml".to_string(),
+        "-w".into(),
+        workers.into(),
+        "--reset".into(),
+    ];
+    let mut peer = None;
+    if processes == 2 {
+        let hostfile = dir.join("hosts");
+        std::fs::write(
+            &hostfile,
+            format!(
+                "127.0.0.1:{}\n127.0.0.1:{}\n",
+                common::free_port(),
+                common::free_port()
+            ),
+        )
+        .unwrap();
+        // Process 1 runs the same command (its --http is process 0's).
+        peer = Some(
+            Command::new(env!("CARGO_BIN_EXE_segflow"))
+                .current_dir(dir)
+                .arg("run")
+                .args(&args)
+                .args(common::cluster_args(1, &hostfile))
+                .args(["--http", "127.0.0.1:0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        args.extend(common::cluster_args(0, &hostfile));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Served::start(dir, &args);
     run.wait_line("serving its final state", 120);
+    if let Some(peer) = peer {
+        // Process 1 ends with the run (process 0 goes on serving).
+        let out = peer.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "process 1: {stderr}");
+        assert!(
+            stderr.contains("process 1 does not serve"),
+            "process 1: {stderr}"
+        );
+    }
     let base = run.base.clone();
     let diffs = std::fs::read_to_string(dir.join("out/segments.jsonl")).unwrap();
     let model = memberships(&diffs);
@@ -391,17 +437,23 @@ fn urlencode(s: &str) -> String {
 }
 
 /// A finished replay serves its final state: sizes, members, profiles and
-/// decisions equal the model, alike for one and two workers.
+/// decisions equal the model, alike for one and two workers and for a
+/// cluster of two processes (process 0 serves every process's profiles).
 #[test]
 fn a_replay_serves_what_its_diffs_say_for_any_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     replay_dir(dir.path());
-    let one = served_answers(dir.path(), "1");
-    let two = served_answers(dir.path(), "2");
-    assert_eq!(one.len(), two.len());
-    for ((k1, a), (k2, b)) in one.iter().zip(&two) {
-        assert_eq!(k1, k2);
-        assert_eq!(a, b, "{k1}: -w 1 and -w 2 differ");
+    let one = served_answers(dir.path(), "1", 1);
+    for (workers, processes) in [("2", 1), ("1", 2)] {
+        let other = served_answers(dir.path(), workers, processes);
+        assert_eq!(one.len(), other.len());
+        for ((k1, a), (k2, b)) in one.iter().zip(&other) {
+            assert_eq!(k1, k2);
+            assert_eq!(
+                a, b,
+                "{k1}: -w 1 and -w {workers} with {processes} processes differ"
+            );
+        }
     }
 }
 
@@ -504,7 +556,7 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
 /// The API cannot start: the run fails at once with the reason, before
 /// reading anything.
 #[test]
-fn a_port_in_use_a_bad_token_file_or_a_cluster_fail_the_run_with_the_reason() {
+fn a_port_in_use_or_a_bad_token_file_fail_the_run_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     replay_dir(dir.path());
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -512,15 +564,11 @@ fn a_port_in_use_a_bad_token_file_or_a_cluster_fail_the_run_with_the_reason() {
     let empty = dir.path().join("token");
     std::fs::write(&empty, "\n").unwrap();
     let empty = empty.to_str().unwrap().to_string();
-    let cases: [(Vec<&str>, &str); 3] = [
+    let cases: [(Vec<&str>, &str); 2] = [
         (vec!["--http", &addr], "cannot listen"),
         (
             vec!["--http", "127.0.0.1:0", "--http-token-file", &empty],
             "the file is empty",
-        ),
-        (
-            vec!["--http", "127.0.0.1:0", "-n", "2", "-p", "0"],
-            "serve one process's run",
         ),
     ];
     for (args, text) in cases {
@@ -590,6 +638,104 @@ fn poll(base: &str, path: &str, secs: u64, ok: impl Fn(u16, &Value) -> bool) -> 
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A live cluster of two processes on this machine reads a followed file
+/// that a client appends to with wall-clock timestamps, pausing between
+/// rounds: process 0's API finds every visitor's profile as soon as its
+/// time is complete, those process 1 owns (in its part of the state) as
+/// well as its own, and the decision follows.
+#[test]
+fn a_live_cluster_serves_every_process_s_profiles_from_process_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = LIVE.replace(
+        "[sources.web]\nkind = \"web\"\n",
+        "[sources.web]\nkind = \"web\"\npath = \"web.jsonl\"\nfollow = true\n",
+    );
+    assert!(spec.contains("follow = true"));
+    std::fs::write(dir.path().join("live.toml"), spec).unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(&web, "").unwrap();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let mut peer = Command::new(env!("CARGO_BIN_EXE_segflow"))
+        .current_dir(dir.path())
+        .args(["run", "live.toml", "--reset"])
+        .args(common::cluster_args(1, &hostfile))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut args = vec!["live.toml".to_string(), "--reset".into()];
+    args.extend(common::cluster_args(0, &hostfile));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = Served::start(dir.path(), &args);
+    let base = run.base.clone();
+    let visitors: Vec<String> = (0..12).map(|v| format!("cv{v}")).collect();
+    let append = |round: usize| {
+        let ts = wall_ms();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&web).unwrap();
+        for v in &visitors {
+            writeln!(
+                f,
+                r#"{{"event":"view_item","ts":{ts},"anonymous_id":"{v}","n":{round}}}"#
+            )
+            .unwrap();
+        }
+    };
+    for round in 1..=2u64 {
+        append(round as usize);
+        for v in &visitors {
+            let (view, _) = poll(&base, &format!("/v1/profiles/anon:{v}"), 30, |s, b| {
+                s == 200 && b["traits"]["views"] == round
+            });
+            assert_eq!(view["profile"], format!("anon:{v}"));
+            let (d, _) = poll(
+                &base,
+                &format!("/v1/decide/banner?id=anon:{v}"),
+                5,
+                |s, _| s == 200,
+            );
+            let want = if round == 2 { "fan" } else { "default" };
+            assert_eq!(d["variant"], want, "{v} after {round} views: {d}");
+        }
+        // A pause longer than idle_advance between the rounds.
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    let status = run.stop();
+    assert!(status.success(), "process 0: {status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "process 1 did not stop with process 0"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Both parts hold some of the visitors' traits: the lookups above
+    // read process 1's part as well as process 0's.
+    let owned = |part: &str| -> usize {
+        let store = segflow::store::Store::open_read_only(&dir.path().join(part)).unwrap();
+        visitors
+            .iter()
+            .filter(|v| {
+                store
+                    .view(&format!("anon:{v}"))
+                    .is_ok_and(|view| !view.traits.is_empty())
+            })
+            .count()
+    };
+    let (mine, theirs) = (owned("state"), owned("state-process1"));
+    assert_eq!(mine + theirs, visitors.len(), "{mine} + {theirs}");
+    assert!(mine > 0 && theirs > 0, "{mine} and {theirs}");
 }
 
 /// A client sends events stamped with the wall clock, pausing between

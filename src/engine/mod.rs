@@ -637,10 +637,13 @@ impl Engine {
     }
 
     /// Feeds `live` for serving (see [`crate::serve`]): the committed
-    /// segment diffs, the clocks and counters, and the state directory's
-    /// part of process 0 for profile lookups. A cluster of several
-    /// processes is refused at [`Engine::run`]: the profiles the other
-    /// processes own are in their parts of the state.
+    /// segment diffs, the clocks and counters, and the state for profile
+    /// lookups. In a cluster, give it to process 0 only (another process
+    /// is refused at [`Engine::run`]): process 0 receives every worker's
+    /// diffs and follows the other processes' parts of the state
+    /// ([`crate::store::FollowedPart`]), which must be on its machine
+    /// (a lookup that needs a part that is not answers 503 with the
+    /// reason).
     pub fn serve(mut self, live: Arc<crate::serve::Live>) -> Engine {
         self.live = Some(live);
         self
@@ -1182,9 +1185,11 @@ impl Engine {
             timely::CommunicationConfig::Process(threads) => (0, 1, *threads),
             _ => (0, 1, 1),
         };
-        if self.live.is_some() && processes > 1 {
+        // Process 0 serves the whole cluster (every worker's diffs come to
+        // it, and it follows the other processes' parts of the state).
+        if self.live.is_some() && process > 0 {
             return Err(EngineError::OutputSetting(format!(
-                "--http serves one process's run; this cluster has {processes} processes, whose profiles are in each process's part of the state. Serve a run of one process (-w N for more workers), or read the state after the run with `segflow query`"
+                "process {process} of the cluster is given an API to serve, but process 0 serves the whole cluster's run: give Engine::serve to process 0 only"
             )));
         }
         // Inputs are checked, this process's part of the state directory
@@ -1306,17 +1311,22 @@ impl Engine {
             fingerprint_parts: resume::fingerprint_parts(&self.spec),
             inputs: marks,
         };
+        let run = origin.run.clone();
         let (mut outputs, state, restored) =
             start(outputs, state, resume, origin, workers, processes, progress)?;
         if let (Some(live), Some(outputs)) = (&self.live, outputs.as_mut()) {
-            // Process 0 serves: its outputs' diffs, and its part of the
-            // state (the whole state of a single process).
-            match &state {
-                Some(state) => {
+            // Process 0 serves: its outputs' diffs (every worker's), its
+            // part of the state (the whole state of a single process) and,
+            // in a cluster, the other processes' parts, followed.
+            match (&state, &self.state_dir) {
+                (Some(state), Some(dir)) => {
                     let (store, readable, lock) = state.readable();
-                    live.attach_state(store, readable, lock);
+                    let peers = (1..processes)
+                        .map(|p| crate::store::FollowedPart::new(dir, p, &run))
+                        .collect();
+                    live.attach_state(store, readable, lock, peers);
                 }
-                None => live.without_state(),
+                _ => live.without_state(),
             }
             outputs.live = Some(Arc::clone(live));
         }

@@ -570,6 +570,9 @@ fn lookup(app: &App, identifier: &str) -> Result<Option<(ProfileView, AsOf)>, Re
             StatusCode::SERVICE_UNAVAILABLE,
             "this run writes no state, so profiles cannot be looked up: run it with --state-dir (or [output] state_dir)",
         )),
+        Err(LookupError::Store(e @ crate::store::StoreError::PartUnavailable { .. })) => {
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+        }
         Err(LookupError::Store(e)) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reading the state: {e}"),

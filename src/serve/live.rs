@@ -11,10 +11,15 @@ use tokio::sync::broadcast;
 use crate::io::sinks::{SegmentDiff, SourceSummary};
 use crate::model::{Ident, IdentityRules};
 use crate::spec::Spec;
-use crate::store::{ProfileView, StateLock, Store, StoreError};
+use crate::store::{FollowedPart, ProfileView, StateLock, Store, StoreError};
 use crate::time::Time;
 
 use super::metrics::Metrics;
+
+/// How stale the other processes' parts of a cluster's state may be when
+/// a profile is read: older, they catch up with their processes' writes
+/// first (a few file reads). Within the answer's 10 ms freshness budget.
+pub const PEER_FRESHNESS: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How many committed times of diffs the stream buffers for a slow
 /// subscriber before it skips some (and says so, `event: lagged`).
@@ -44,12 +49,14 @@ enum StateLink {
     Starting,
     /// The run writes no state.
     Without,
-    /// The run's store, the time before which every change is in it, and
-    /// the directory's lock (held while the API reads the store).
+    /// The run's store (process 0's part), the time before which every
+    /// change is in it, the directory's lock (held while the API reads the
+    /// store), and in a cluster the other processes' parts.
     Open {
         store: Arc<Store>,
         readable: Arc<AtomicU64>,
         _lock: Arc<StateLock>,
+        peers: Arc<Vec<FollowedPart>>,
     },
 }
 
@@ -195,15 +202,55 @@ impl Live {
 
     /// Attaches the run's state (process 0's part), the time before
     /// which every change is in it and the directory's lock (see
-    /// [`crate::io::sinks::ProcessState::readable`]).
-    pub fn attach_state(&self, store: Arc<Store>, readable: Arc<AtomicU64>, lock: Arc<StateLock>) {
+    /// [`crate::io::sinks::ProcessState::readable`]), and in a cluster the
+    /// other processes' parts (followed; none for a single process).
+    pub fn attach_state(
+        &self,
+        store: Arc<Store>,
+        readable: Arc<AtomicU64>,
+        lock: Arc<StateLock>,
+        peers: Vec<FollowedPart>,
+    ) {
         if let Ok(mut s) = self.state.write() {
             *s = StateLink::Open {
                 store,
                 readable,
                 _lock: lock,
+                peers: Arc::new(peers),
             };
         }
+    }
+
+    /// Calls `read` with the parts of the state (process 0's first, then
+    /// the other processes', caught up within [`PEER_FRESHNESS`] and not
+    /// catching up while `read` runs) and the time before which every
+    /// change is in process 0's part (the others' hold the same times but
+    /// for the last one's changes their processes may still be writing,
+    /// see [`FollowedPart`]). The bound is read before the parts: what is
+    /// read holds at least what it says.
+    fn with_parts<R>(
+        &self,
+        read: impl FnOnce(&[&Store], Time) -> Result<R, StoreError>,
+    ) -> Result<R, LookupError> {
+        let (store, readable, peers) = match self.state.read().as_deref() {
+            Ok(StateLink::Open {
+                store,
+                readable,
+                peers,
+                ..
+            }) => (Arc::clone(store), Arc::clone(readable), Arc::clone(peers)),
+            Ok(StateLink::Starting) => return Err(LookupError::Starting),
+            _ => return Err(LookupError::NoState),
+        };
+        let before = readable.load(Ordering::SeqCst);
+        let followed = peers
+            .iter()
+            .map(|peer| peer.current(PEER_FRESHNESS))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LookupError::Store)?;
+        let mut parts: Vec<&Store> = vec![&store];
+        parts.extend(followed.iter().map(|f| &**f));
+        read(&parts, before).map_err(LookupError::Store)
     }
 
     /// The run has started without state: profiles cannot be looked up.
@@ -384,28 +431,20 @@ impl Live {
     /// The profile of the first of `ids` the state knows, with the
     /// freshness of what was read; `Ok(None)` for an unknown identifier.
     pub fn profile(&self, ids: &[Ident]) -> Result<Option<(ProfileView, AsOf)>, LookupError> {
-        let (store, readable) = match self.state.read().as_deref() {
-            Ok(StateLink::Open {
-                store, readable, ..
-            }) => (Arc::clone(store), Arc::clone(readable)),
-            Ok(StateLink::Starting) => return Err(LookupError::Starting),
-            _ => return Err(LookupError::NoState),
-        };
-        // Read before the lookup: the view holds at least what was
-        // written before this bound.
-        let before = readable.load(Ordering::SeqCst);
-        // One snapshot: the link and the profile agree.
-        let found = store.lookup_current(ids).map_err(LookupError::Store)?;
+        // One snapshot per part: the link and the profile agree.
+        let (found, before) = self.with_parts(|parts, before| {
+            crate::store::lookup_current_in(parts, ids).map(|found| (found, before))
+        })?;
         Ok(found.map(|view| (view, self.as_of(Some(before)))))
     }
 
     /// Whether the state holds every change of `time` (the profile
     /// lookups see it); `true` for a run without state.
     pub fn state_holds(&self, time: Time) -> bool {
-        match self.state.read().as_deref() {
-            Ok(StateLink::Open { readable, .. }) => readable.load(Ordering::SeqCst) > time,
-            Ok(StateLink::Starting) => false,
-            _ => true,
+        match self.with_parts(|_, before| Ok(before)) {
+            Ok(before) => before > time,
+            Err(LookupError::NoState) => true,
+            Err(_) => false,
         }
     }
 
@@ -463,12 +502,9 @@ impl Live {
     /// The identifiers of `profile` (`kind:value`), from the state; none
     /// for a run without state.
     pub fn identifiers_of(&self, profile: &str) -> Result<Vec<String>, LookupError> {
-        match self.state.read().as_deref() {
-            Ok(StateLink::Open { store, .. }) => {
-                store.identifiers(profile).map_err(LookupError::Store)
-            }
-            Ok(StateLink::Starting) => Err(LookupError::Starting),
-            _ => Ok(Vec::new()),
+        match self.with_parts(|parts, _| crate::store::identifiers_in(parts, profile)) {
+            Err(LookupError::NoState) => Ok(Vec::new()),
+            other => other,
         }
     }
 

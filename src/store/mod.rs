@@ -131,6 +131,15 @@ pub enum StoreError {
         /// The format it holds.
         version: u32,
     },
+    /// Another process's part of a running cluster's state cannot be read
+    /// here (see [`FollowedPart`]).
+    #[error("state directory {dir}: {what}")]
+    PartUnavailable {
+        /// The part's directory.
+        dir: String,
+        /// Why, and what to do.
+        what: String,
+    },
     /// `segflow query` on a directory without state.
     #[error("no segflow state in {dir} (it does not exist or is empty): give the --state-dir of a segflow run")]
     NoState {
@@ -1029,6 +1038,42 @@ pub struct ProfileView {
 pub struct Store {
     db: DB,
     dir: String,
+    /// A secondary instance ([`FollowedPart`]): it has no snapshots, and
+    /// changes only when it catches up.
+    secondary: bool,
+}
+
+/// What one lookup reads a part at: a snapshot of a part being written,
+/// or a secondary instance as it is (it changes only when it catches up,
+/// which [`FollowedPart`] keeps from happening during a read).
+enum ReadAt<'a> {
+    Snapshot(rocksdb::Snapshot<'a>),
+    Current(&'a DB),
+}
+
+impl ReadAt<'_> {
+    fn get_cf(
+        &self,
+        cf: &rocksdb::ColumnFamily,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Vec<u8>>, rocksdb::Error> {
+        match self {
+            ReadAt::Snapshot(s) => s.get_cf(cf, key),
+            ReadAt::Current(db) => db.get_cf(cf, key),
+        }
+    }
+
+    fn iterator_cf_opt<'b>(
+        &'b self,
+        cf: &rocksdb::ColumnFamily,
+        read: rocksdb::ReadOptions,
+        mode: IteratorMode<'_>,
+    ) -> rocksdb::DBIteratorWithThreadMode<'b, DB> {
+        match self {
+            ReadAt::Snapshot(s) => s.iterator_cf_opt(cf, read, mode),
+            ReadAt::Current(db) => db.iterator_cf_opt(cf, read, mode),
+        }
+    }
 }
 
 /// The bytes an unprivileged process may still write on the file system
@@ -1201,7 +1246,11 @@ impl Store {
             dir: name.clone(),
             source,
         })?;
-        Ok(Store { db, dir: name })
+        Ok(Store {
+            db,
+            dir: name,
+            secondary: false,
+        })
     }
 
     /// Opens an empty store in `dir`, whose [`StateLock`] the caller holds,
@@ -1262,7 +1311,19 @@ impl Store {
                 source,
             }
         })?;
-        Ok(Store { db, dir: name })
+        Ok(Store {
+            db,
+            dir: name,
+            secondary: false,
+        })
+    }
+
+    /// What a read of several keys looks at (see [`ReadAt`]).
+    fn read_at(&self) -> ReadAt<'_> {
+        match self.secondary {
+            true => ReadAt::Current(&self.db),
+            false => ReadAt::Snapshot(self.db.snapshot()),
+        }
     }
 
     fn err(&self, source: rocksdb::Error) -> StoreError {
@@ -1584,7 +1645,7 @@ impl Store {
 
     fn scan(
         &self,
-        snap: &rocksdb::Snapshot<'_>,
+        snap: &ReadAt<'_>,
         cf: &str,
         profile: &str,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -1626,25 +1687,14 @@ impl Store {
     /// agree even while a run writes), without the checkpoint (`as_of` is
     /// `None`): the API's lookup, which says how fresh it is itself.
     pub fn lookup_current(&self, ids: &[Ident]) -> Result<Option<ProfileView>, StoreError> {
-        let snap = self.db.snapshot();
-        for id in ids {
-            let linked = snap
-                .get_cf(self.cf("id_profile"), id.as_str())
-                .map_err(|e| self.err(e))?;
-            if let Some(profile) = linked {
-                let profile = String::from_utf8_lossy(&profile).into_owned();
-                return self.view_in(&snap, &profile, false).map(Some);
-            }
-        }
-        Ok(None)
+        lookup_current_in(&[self], ids)
     }
 
     /// The identifiers of one profile (`kind:value`, sorted; none for a
     /// profile that merged into another).
     pub fn identifiers(&self, profile: &str) -> Result<Vec<String>, StoreError> {
-        let snap = self.db.snapshot();
         Ok(self
-            .scan(&snap, "profile_ids", profile)?
+            .scan(&self.read_at(), "profile_ids", profile)?
             .into_iter()
             .map(|(k, _)| k)
             .collect())
@@ -1654,13 +1704,13 @@ impl Store {
     /// The reads see one snapshot: a run writing meanwhile changes none of
     /// the view's parts (each write is one completed frontier advance).
     pub fn view(&self, profile: &str) -> Result<ProfileView, StoreError> {
-        self.view_in(&self.db.snapshot(), profile, true)
+        self.view_in(&self.read_at(), profile, true)
     }
 
     /// [`Store::view`] in `snap`, with the checkpoint if `checkpoint`.
     fn view_in(
         &self,
-        snap: &rocksdb::Snapshot<'_>,
+        snap: &ReadAt<'_>,
         profile: &str,
         checkpoint: bool,
     ) -> Result<ProfileView, StoreError> {
@@ -1804,31 +1854,243 @@ impl StateParts {
     /// Everything about one profile id, merged over the parts; `as_of` is
     /// process 0's checkpoint at the latest time any part has written.
     pub fn view(&self, profile: &str) -> Result<ProfileView, StoreError> {
-        let mut merged = ProfileView {
-            profile: profile.to_string(),
-            ..Default::default()
-        };
-        for part in &self.parts {
-            let view = part.view(profile)?;
-            merged.identifiers.extend(view.identifiers);
-            merged.traits.extend(view.traits);
-            merged.segments.extend(view.segments);
-            if merged.attributes.is_empty() {
-                merged.attributes = view.attributes;
-            }
-            merged.as_of = match (merged.as_of.take(), view.as_of) {
-                (Some(mut first), Some(other)) => {
-                    first.time = first.time.max(other.time);
-                    Some(first)
-                }
-                (first, other) => first.or(other),
-            };
+        let views = self
+            .parts
+            .iter()
+            .map(|part| part.view(profile))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(merge_views(profile, views))
+    }
+}
+
+/// One profile's views from several parts of a cluster's state, merged:
+/// identifiers, traits and memberships are each in the part of the process
+/// that owns them; `as_of` is the first part's checkpoint at the latest
+/// time any part has written.
+fn merge_views(profile: &str, views: Vec<ProfileView>) -> ProfileView {
+    let mut merged = ProfileView {
+        profile: profile.to_string(),
+        ..Default::default()
+    };
+    for view in views {
+        merged.identifiers.extend(view.identifiers);
+        merged.traits.extend(view.traits);
+        merged.segments.extend(view.segments);
+        if merged.attributes.is_empty() {
+            merged.attributes = view.attributes;
         }
-        merged.identifiers.sort();
-        merged.identifiers.dedup();
-        merged.segments.sort();
-        merged.segments.dedup();
-        Ok(merged)
+        merged.as_of = match (merged.as_of.take(), view.as_of) {
+            (Some(mut first), Some(other)) => {
+                first.time = first.time.max(other.time);
+                Some(first)
+            }
+            (first, other) => first.or(other),
+        };
+    }
+    merged.identifiers.sort();
+    merged.identifiers.dedup();
+    merged.segments.sort();
+    merged.segments.dedup();
+    merged
+}
+
+/// The profile of the first of `ids` that one of `parts` knows, merged
+/// over the parts (see [`merge_views`]), each part read in one snapshot
+/// taken before any read, without the checkpoint (`as_of` is `None`): the
+/// API's lookup, in a single process's state (one part) or a cluster's.
+pub fn lookup_current_in(
+    parts: &[&Store],
+    ids: &[Ident],
+) -> Result<Option<ProfileView>, StoreError> {
+    let snaps: Vec<_> = parts.iter().map(|p| p.read_at()).collect();
+    for id in ids {
+        for (part, snap) in parts.iter().zip(&snaps) {
+            let linked = snap
+                .get_cf(part.cf("id_profile"), id.as_str())
+                .map_err(|e| part.err(e))?;
+            if let Some(profile) = linked {
+                let profile = String::from_utf8_lossy(&profile).into_owned();
+                let views = parts
+                    .iter()
+                    .zip(&snaps)
+                    .map(|(part, snap)| part.view_in(snap, &profile, false))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Some(merge_views(&profile, views)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The identifiers of one profile (`kind:value`, sorted) over `parts`.
+pub fn identifiers_in(parts: &[&Store], profile: &str) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for part in parts {
+        out.extend(part.identifiers(profile)?);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Another process's part of a running cluster's state, followed by
+/// process 0 for its API: opened as a RocksDB secondary instance of the
+/// part's directory (on this machine: the processes share a state
+/// directory's location, see [`part_dir`]) and caught up with what its
+/// process has written (its write-ahead log) when asked and the last
+/// catch-up is older than the freshness asked for.
+///
+/// Every process completes the same times together (the cluster's
+/// frontier), and each writes its changes of a completed time within
+/// milliseconds: a part caught up now holds what process 0's part holds,
+/// but for the changes of the last completed time that its process may
+/// still be writing.
+pub struct FollowedPart {
+    primary: std::path::PathBuf,
+    process: usize,
+    run: String,
+    /// The secondary instance's own directory (its log), removed on drop.
+    secondary: std::path::PathBuf,
+    open: std::sync::RwLock<Option<(std::sync::Arc<Store>, std::time::Instant)>>,
+}
+
+/// A read of a [`FollowedPart`]: the part does not catch up while it is
+/// held.
+pub struct FollowedRead<'a>(
+    std::sync::RwLockReadGuard<'a, Option<(std::sync::Arc<Store>, std::time::Instant)>>,
+);
+
+impl std::ops::Deref for FollowedRead<'_> {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        // `FollowedPart::current` returns only an opened part.
+        &self.0.as_ref().expect("an opened part").0
+    }
+}
+
+impl FollowedPart {
+    /// Process `process`'s part of the state in `dir` ([`part_dir`]) of
+    /// run `run` (opened at the first [`FollowedPart::current`]).
+    pub fn new(dir: &Path, process: usize, run: &str) -> FollowedPart {
+        let secondary = std::env::temp_dir().join(format!(
+            "segflow-{}-part{process}-{}",
+            std::process::id(),
+            new_run_id()
+        ));
+        FollowedPart {
+            primary: part_dir(dir, process),
+            process,
+            run: run.to_string(),
+            secondary,
+            open: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// The part's store, caught up with its process's writes if the last
+    /// catch-up is older than `fresh`; it does not catch up again while
+    /// the returned read is held (a lookup's reads agree).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::PartUnavailable`]: the part is not on this machine (a
+    /// cluster of several machines keeps each part where its process
+    /// runs), or still holds another run's state (its process has not
+    /// replaced it yet); or RocksDB fails. The next call tries again.
+    pub fn current(&self, fresh: std::time::Duration) -> Result<FollowedRead<'_>, StoreError> {
+        let poisoned = || StoreError::Write("a followed part's lock is poisoned".into());
+        {
+            let read = self.open.read().map_err(|_| poisoned())?;
+            if read.as_ref().is_some_and(|(_, at)| at.elapsed() < fresh) {
+                return Ok(FollowedRead(read));
+            }
+        }
+        {
+            let mut open = self.open.write().map_err(|_| poisoned())?;
+            let stale = open.as_ref().is_none_or(|(_, at)| at.elapsed() >= fresh);
+            if let (Some((store, at)), true) = (open.as_mut(), stale) {
+                match store.db.try_catch_up_with_primary() {
+                    Ok(()) => *at = std::time::Instant::now(),
+                    // Its process replaced the part (a reset): open it
+                    // again.
+                    Err(_) => *open = None,
+                }
+            }
+            if open.is_none() {
+                let store = std::sync::Arc::new(self.open_secondary()?);
+                *open = Some((store, std::time::Instant::now()));
+            }
+            if let Some((store, _)) = open.as_ref() {
+                self.check_run(store)?;
+            }
+        }
+        let read = self.open.read().map_err(|_| poisoned())?;
+        match read.is_some() {
+            true => Ok(FollowedRead(read)),
+            false => Err(self.unavailable("process {p}'s part of the state was closed")),
+        }
+    }
+
+    /// A part without a checkpoint is this run's, new (a cluster's run
+    /// replaces every part at its start); one with another run's
+    /// checkpoint is not replaced yet.
+    fn check_run(&self, store: &Store) -> Result<(), StoreError> {
+        match store.checkpoint()? {
+            Some(c) if c.run != self.run => Err(self.unavailable(
+                "holds the state of another run (process {p} has not replaced it yet: try again in a moment)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn unavailable(&self, what: &str) -> StoreError {
+        StoreError::PartUnavailable {
+            dir: self.primary.display().to_string(),
+            what: format!(
+                "{} (process 0 serves the whole cluster's profiles by reading every process's part of the state, which must be on its machine)",
+                what.replace("{p}", &self.process.to_string())
+            ),
+        }
+    }
+
+    fn open_secondary(&self) -> Result<Store, StoreError> {
+        let name = self.primary.display().to_string();
+        if !matches!(inspect(&self.primary)?, Found::Ours) {
+            return Err(self.unavailable(
+                "process {p}'s part of the state is not on this machine, or not created yet",
+            ));
+        }
+        std::fs::create_dir_all(&self.secondary).map_err(|source| StoreError::Io {
+            dir: self.secondary.display().to_string(),
+            source,
+        })?;
+        let (mut opts, mut cfs) = rocks_options();
+        opts.create_if_missing(false);
+        opts.create_missing_column_families(false);
+        // A secondary instance keeps every table file open.
+        opts.set_max_open_files(-1);
+        if let Ok(existing) = DB::list_cf(&opts, &self.primary) {
+            cfs.retain(|cf| existing.iter().any(|e| e == cf.name()));
+        }
+        let db = DB::open_cf_descriptors_as_secondary(&opts, &self.primary, &self.secondary, cfs)
+            .map_err(|source| StoreError::Rocks {
+            dir: name.clone(),
+            source,
+        })?;
+        Ok(Store {
+            db,
+            dir: name,
+            secondary: true,
+        })
+    }
+}
+
+impl Drop for FollowedPart {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.write() {
+            *open = None;
+        }
+        let _ = std::fs::remove_dir_all(&self.secondary);
     }
 }
 
