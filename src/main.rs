@@ -146,6 +146,12 @@ struct RunArgs {
     /// The API's bearer token: the first line of FILE.
     #[arg(long, value_name = "FILE", requires = "http")]
     http_token_file: Option<PathBuf>,
+    /// The CPU priority (nice, 0-19) of the engine's threads relative to
+    /// the API's: on a machine short of cores, page requests are answered
+    /// first and ingestion takes the delay (the commit lag in /metrics and
+    /// in every answer's as_of shows it). Default: 10 with --http, else 0.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=19))]
+    engine_nice: Option<i32>,
     /// Audience exports: every --export-every, and once when the run ends,
     /// write each segment's members (with their identifiers) and the
     /// entries and exits since the export before to DIR/SEGMENT/.
@@ -580,7 +586,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let mut engine = Engine::new(spec.clone());
+    let mut engine =
+        Engine::new(spec.clone()).nice(args.engine_nice.unwrap_or(if served.is_some() {
+            10
+        } else {
+            0
+        }));
     let mut live = live;
     for item in &args.inputs {
         let (name, location) = item.split_once('=').ok_or_else(|| {

@@ -7,13 +7,14 @@
 //! sends `view_item` events stamped with the wall clock at `ingest` events
 //! per second over one connection (visitors drawn round-robin from a pool
 //! of [`VISITORS`], items at random), so traits, windows and segments work
-//! as in production. After a warm-up, client threads send `GET
-//! /v1/profiles/anon:V` and `GET /v1/decide/hero?id=anon:V`, alternately,
-//! at `requests` per second in all, on a fixed schedule (open loop): a
-//! request's latency runs from the moment it was due, not from when a late
-//! client got round to it, so a stall is counted in full (no coordinated
-//! omission). They ask for visitors whose events were sent at least a
-//! second before (known profiles, not 404s). The job reports each
+//! as in production. After a warm-up, a load generator (hyper's HTTP/1
+//! client, [`CONNECTIONS`] keep-alive connections driven from one thread)
+//! sends `GET /v1/profiles/anon:V` and `GET /v1/decide/hero?id=anon:V`,
+//! alternately, at `requests` per second in all, on a fixed schedule (open
+//! loop): a request's latency runs from the moment it was due, not from
+//! when a connection got round to it, so a stall is counted in full (no
+//! coordinated omission). They ask for visitors whose events were sent at
+//! least a second before (known profiles, not 404s). The job reports each
 //! endpoint's latency percentiles, the rates reached (events admitted per
 //! second, answers per second) and how far the committed state trailed the
 //! wall clock at the end.
@@ -29,8 +30,9 @@ use crate::{Engine, Input, Output};
 /// Distinct visitors the feeder draws from.
 pub const VISITORS: u64 = 50_000;
 
-/// Client threads sending the requests.
-pub const CLIENTS: usize = 4;
+/// Connections the requests are sent over (HTTP/1.1 keep-alive, one
+/// request at a time each, as a page server's pool).
+pub const CONNECTIONS: usize = 32;
 
 /// One run of the `api` job.
 #[derive(Debug, serde::Serialize)]
@@ -66,6 +68,11 @@ pub struct ApiResult {
     pub decide_p999_ms: f64,
     /// The wall clock minus the committed time at the end, seconds.
     pub commit_lag_s: f64,
+    /// Whether the load generator and the feeder ran at real-time priority
+    /// (`SCHED_FIFO`, when the process may: root or `CAP_SYS_NICE`), as
+    /// clients on other machines would be: their own scheduling delays
+    /// on the cores the engine uses are then not counted as the API's.
+    pub generator_realtime: bool,
 }
 
 const HERO: &str = r#"
@@ -126,7 +133,6 @@ pub fn run(
         Arc::clone(&live),
     )
     .map_err(|e| e.to_string())?;
-    let api = format!("http://{}", server.local_addr());
     let addr = super::loopback_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let engine = Engine::new(spec)
@@ -144,6 +150,7 @@ pub fn run(
         .state_dir(state_dir)
         .reset(true)
         .serve(Arc::clone(&live))
+        .nice(10)
         .shutdown_on(Arc::clone(&stop));
     let running = std::thread::spawn(move || engine.run(timely::Config::process(workers)));
     let (mut socket, running) = super::connect_to_run(&addr, "the web source", running, &stop)?;
@@ -154,6 +161,7 @@ pub fn run(
     let feeder = {
         let (feeding, fed) = (Arc::clone(&feeding), Arc::clone(&fed));
         std::thread::spawn(move || -> Result<(), String> {
+            realtime_this_thread();
             let started = Instant::now();
             let mut sent = 0u64;
             let mut seed = 0x2545_F491_4F6C_DD1Du64;
@@ -206,64 +214,9 @@ pub fn run(
         .saturating_sub(ingest)
         .clamp(1, VISITORS);
     // The clients: request k is due at k / requests seconds.
-    let latencies: Arc<Mutex<(Vec<f64>, Vec<f64>, u64)>> = Arc::default();
     let started = Instant::now();
-    let total = requests * secs;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (latencies, api) = (Arc::clone(&latencies), api.clone());
-            std::thread::spawn(move || {
-                // Timeouts per phase, none for resolving: with an overall
-                // timeout ureq resolves on a new thread per request (its
-                // DefaultResolver), 2 500 thread starts a second that the
-                // engine's threads paid for in page-table contention.
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_connect(Some(Duration::from_secs(10)))
-                    .timeout_recv_response(Some(Duration::from_secs(10)))
-                    .timeout_recv_body(Some(Duration::from_secs(10)))
-                    .build()
-                    .into();
-                let (mut profiles, mut decide, mut not_ok) = (Vec::new(), Vec::new(), 0u64);
-                for k in (c as u64..total).step_by(CLIENTS) {
-                    let due = started + Duration::from_secs_f64(k as f64 / requests as f64);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let visitor = (k * 7919) % known;
-                    let url = if k % 2 == 0 {
-                        format!("{api}/v1/profiles/anon:v{visitor}")
-                    } else {
-                        format!("{api}/v1/decide/hero?id=anon:v{visitor}")
-                    };
-                    let answer = agent
-                        .get(&url)
-                        .header("Authorization", "Bearer bench")
-                        .call()
-                        .and_then(|mut r| {
-                            let status = r.status().as_u16();
-                            r.body_mut().read_to_vec().map(|_| status)
-                        });
-                    let ms = due.elapsed().as_secs_f64() * 1e3;
-                    if !matches!(answer, Ok(200)) {
-                        not_ok += 1;
-                    }
-                    if k % 2 == 0 {
-                        profiles.push(ms);
-                    } else {
-                        decide.push(ms);
-                    }
-                }
-                let mut l = latencies.lock().expect("latencies");
-                l.0.extend(profiles);
-                l.1.extend(decide);
-                l.2 += not_ok;
-            })
-        })
-        .collect();
-    for c in clients {
-        let _ = c.join();
-    }
+    let (mut profiles, mut decide, not_ok) =
+        open_loop(&server.local_addr(), requests, secs, known, started)?;
     let seconds = started.elapsed().as_secs_f64();
     let after = records(&live);
     let commit_lag_s = live.segments_as_of().lag_ms.unwrap_or(i64::MAX) as f64 / 1000.0;
@@ -278,8 +231,6 @@ pub fn run(
         .map_err(|e| e.to_string())?;
     fed?;
     drop(server);
-    let (mut profiles, mut decide, not_ok) =
-        std::mem::take(&mut *latencies.lock().expect("latencies"));
     profiles.sort_by(|a, b| a.total_cmp(b));
     decide.sort_by(|a, b| a.total_cmp(b));
     Ok(ApiResult {
@@ -298,5 +249,142 @@ pub fn run(
         decide_p99_ms: pct(&decide, 0.99),
         decide_p999_ms: pct(&decide, 0.999),
         commit_lag_s,
+        generator_realtime: realtime_this_thread_allowed(),
     })
+}
+
+/// Profile and decision latencies (ms), and the answers other than 200.
+type Latencies = (Vec<f64>, Vec<f64>, u64);
+
+/// Sends `requests` a second for `secs` seconds to the API at `addr`, open
+/// loop: request `k` is due at `started + k / requests` s and its latency
+/// runs from then (a stall counts in full, no coordinated omission). The
+/// requests go over [`CONNECTIONS`] keep-alive connections driven from one
+/// thread; each takes the next request due when it is free, so a slow
+/// answer holds up only what waits for a free connection. A second thread
+/// releases each request when it is due (a thread's sleep is precise to
+/// about 0.1 ms; tokio's timer to 1 ms, which would count as latency). Even `k` asks
+/// for a profile, odd `k` for a decision, for visitor `k * 7919 mod
+/// known`. Returns both latency lists (ms) and the answers other than 200.
+fn open_loop(
+    addr: &std::net::SocketAddr,
+    requests: u64,
+    secs: u64,
+    known: u64,
+    started: Instant,
+) -> Result<Latencies, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("the load generator's runtime: {e}"))?;
+    let total = requests * secs;
+    let due_at = move |k: u64| started + Duration::from_secs_f64(k as f64 / requests as f64);
+    // The requests due, released on time by the pacer thread.
+    let (release, released) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let pacer = std::thread::spawn(move || {
+        realtime_this_thread();
+        for k in 0..total {
+            if let Some(wait) = due_at(k).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if release.send(k).is_err() {
+                break;
+            }
+        }
+    });
+    let released = Arc::new(tokio::sync::Mutex::new(released));
+    let latencies: Arc<Mutex<Latencies>> = Arc::default();
+    let addr = *addr;
+    let generator = std::thread::spawn({
+        let latencies = Arc::clone(&latencies);
+        move || {
+            realtime_this_thread();
+            runtime.block_on(async {
+                let mut tasks = Vec::new();
+                for _ in 0..CONNECTIONS {
+                    let (released, latencies) = (Arc::clone(&released), Arc::clone(&latencies));
+                    tasks.push(tokio::spawn(async move {
+                        let stream = tokio::net::TcpStream::connect(addr)
+                            .await
+                            .map_err(|e| format!("connecting to the API: {e}"))?;
+                        let _ = stream.set_nodelay(true);
+                        let (mut sender, conn) = hyper::client::conn::http1::handshake(
+                            hyper_util::rt::TokioIo::new(stream),
+                        )
+                        .await
+                        .map_err(|e| format!("connecting to the API: {e}"))?;
+                        tokio::spawn(conn);
+                        let (mut profiles, mut decide, mut not_ok) = (Vec::new(), Vec::new(), 0u64);
+                        loop {
+                            let Some(k) = released.lock().await.recv().await else {
+                                break;
+                            };
+                            let due = due_at(k);
+                            let visitor = (k * 7919) % known;
+                            let path = if k % 2 == 0 {
+                                format!("/v1/profiles/anon:v{visitor}")
+                            } else {
+                                format!("/v1/decide/hero?id=anon:v{visitor}")
+                            };
+                            let request = hyper::Request::get(path)
+                                .header("host", addr.to_string())
+                                .header("authorization", "Bearer bench")
+                                .body(Empty::<Bytes>::new())
+                                .map_err(|e| e.to_string())?;
+                            let answer = sender
+                                .send_request(request)
+                                .await
+                                .map_err(|e| format!("a request to the API: {e}"))?;
+                            let ok = answer.status() == 200;
+                            answer
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_err(|e| format!("an answer of the API: {e}"))?;
+                            let ms = due.elapsed().as_secs_f64() * 1e3;
+                            not_ok += u64::from(!ok);
+                            match k % 2 {
+                                0 => profiles.push(ms),
+                                _ => decide.push(ms),
+                            }
+                        }
+                        let mut l = latencies.lock().map_err(|_| "latencies".to_string())?;
+                        l.0.extend(profiles);
+                        l.1.extend(decide);
+                        l.2 += not_ok;
+                        Ok::<(), String>(())
+                    }));
+                }
+                for t in tasks {
+                    t.await.map_err(|e| e.to_string())??;
+                }
+                Ok::<(), String>(())
+            })
+        }
+    });
+    let generated = generator
+        .join()
+        .map_err(|_| "the load generator panicked".to_string());
+    let _ = pacer.join();
+    generated??;
+    let taken = std::mem::take(&mut *latencies.lock().map_err(|_| "latencies".to_string())?);
+    Ok(taken)
+}
+
+/// Puts the calling thread at real-time priority (`SCHED_FIFO` 10) if
+/// the process may; whether it did.
+fn realtime_this_thread() -> bool {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: `param` outlives the call; 0 is the calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+}
+
+/// Whether [`realtime_this_thread`] succeeds here (tried on a short-lived
+/// thread).
+fn realtime_this_thread_allowed() -> bool {
+    std::thread::spawn(realtime_this_thread)
+        .join()
+        .unwrap_or(false)
 }

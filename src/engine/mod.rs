@@ -158,6 +158,24 @@ struct Origin {
     inputs: BTreeMap<String, crate::store::InputMark>,
 }
 
+/// Adds `nice` to the calling thread's nice value (Linux: a thread's own,
+/// inherited by the threads it starts); logs a failure.
+fn lower_this_thread(nice: i32) {
+    // SAFETY: `gettid` and `getpriority`/`setpriority` on the calling
+    // thread's id take no pointers.
+    let failed = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (now + nice).min(19)) != 0
+    };
+    if failed {
+        tracing::warn!(
+            "cannot lower the engine's CPU priority: {}; it runs at the API's",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The outputs and state a run starts with: its outputs (process 0),
 /// its part of the state directory, and the retained input it restores
 /// (if it resumes a single process's checkpoint).
@@ -494,6 +512,7 @@ pub struct Engine {
     reset: bool,
     definition_file: Option<PathBuf>,
     live: Option<Arc<crate::serve::Live>>,
+    nice: i32,
 }
 
 impl Engine {
@@ -522,6 +541,7 @@ impl Engine {
             reset: false,
             definition_file: None,
             live: None,
+            nice: 0,
         }
     }
 
@@ -605,6 +625,21 @@ impl Engine {
     /// tick or `idle_advance`).
     pub fn shutdown_on(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Engine {
         self.shutdown = Some(flag);
+        self
+    }
+
+    /// Runs the engine's threads at CPU priority `nice` (0 to 19, added to
+    /// the calling thread's; see `setpriority(2)`): the thread that calls
+    /// [`Engine::run`], and every thread the run starts after it (the
+    /// workers, the readers, the state writer, RocksDB's background
+    /// threads) inherits it. Threads started before, such as an API
+    /// server's, keep theirs: on a machine short of cores they are
+    /// scheduled first, and the engine takes the delay (its commit lag
+    /// grows) rather than the answers. The calling thread keeps the lower
+    /// priority after the run (an unprivileged process cannot raise it
+    /// back). A priority that cannot be set is logged and the run goes on.
+    pub fn nice(mut self, nice: i32) -> Engine {
+        self.nice = nice.clamp(0, 19);
         self
     }
 
@@ -1165,6 +1200,9 @@ impl Engine {
     /// worker 0's summary (on other processes of a cluster, an empty one).
     pub fn run(self, mut config: timely::Config) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
+        if self.nice > 0 {
+            lower_this_thread(self.nice);
+        }
         crate::model::normalize::load_phone_metadata_in_background();
         let peers = match &config.communication {
             timely::CommunicationConfig::Cluster {

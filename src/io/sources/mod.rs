@@ -36,7 +36,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
@@ -1289,8 +1289,24 @@ pub fn source<'s>(
         let mut ctl = Vec::new();
         let mut read_ahead = ReadAhead::default();
         let concurrent = matches!(def.input, Input::Kafka(_));
+        let batch_interval = live_batch_interval(params.time.tick_ms);
+        // When the last read of a live input ended with nothing left to
+        // read (`None` while it drains a backlog).
+        let mut caught_up_at: Option<Instant> = None;
         move |_frontiers| {
             let Some(held) = caps.as_mut() else { return };
+            // A live input caught up is read again at most every batch
+            // interval: its reader thread wakes the source for every
+            // write a client makes, and each read that passes a few
+            // records on costs a round of progress tracking through every
+            // stage of the dataflow.
+            if let Some(at) = caught_up_at {
+                let since = at.elapsed();
+                if since < batch_interval {
+                    activator.activate_after(batch_interval - since);
+                    return;
+                }
+            }
 
             // Graceful shutdown: the ranges not read yet are not read.
             let stopping = params
@@ -1474,6 +1490,15 @@ pub fn source<'s>(
                     cap.downgrade(&least);
                 }
             }
+            let live = parts
+                .front()
+                .and_then(|p| p.reader.as_ref())
+                .is_some_and(|r| r.lines.is_live());
+            caught_up_at = match status {
+                Status::More | Status::Finished => None,
+                _ if live && !stopping => Some(Instant::now()),
+                _ => None,
+            };
             match status {
                 Status::More | Status::Finished => activator.activate(),
                 Status::Draining(wait) => activator.activate_after(wait),
@@ -1490,6 +1515,18 @@ pub fn source<'s>(
     let (decoded, decode_control) = decode_stage(raw, &decode_def, decode_params);
     (records.concat(decoded), control.concat(decode_control))
 }
+
+/// How long a live input that has caught up waits before it is read
+/// again (Flink's buffer timeout, `execution.buffer-timeout`, plays the
+/// same part): a tenth of the tick, at most [`LIVE_BATCH_MAX`], none for a
+/// tick under 10 ms. Records wait at most this long more before they
+/// enter the dataflow; a backlog is read without waiting.
+pub fn live_batch_interval(tick_ms: u64) -> Duration {
+    Duration::from_millis(tick_ms / 10).min(LIVE_BATCH_MAX)
+}
+
+/// The longest [`live_batch_interval`].
+pub const LIVE_BATCH_MAX: Duration = Duration::from_millis(5);
 
 #[cfg(test)]
 mod tests {
