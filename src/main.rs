@@ -587,7 +587,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let mut engine =
-        Engine::new(spec.clone()).nice(args.engine_nice.unwrap_or(if served.is_some() {
+        // Every process of a cluster alike (they may share cores).
+        Engine::new(spec.clone()).nice(args.engine_nice.unwrap_or(if args.http.is_some() {
             10
         } else {
             0

@@ -143,16 +143,6 @@ fn shipped_with(dir: &Path, name: &str, from: &str, to: &str) -> PathBuf {
     path
 }
 
-fn hostfile(dir: &Path) -> PathBuf {
-    let hostfile = dir.join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
-    )
-    .unwrap();
-    hostfile
-}
-
 #[test]
 fn worker_and_process_counts_give_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,7 +160,7 @@ fn worker_and_process_counts_give_identical_outputs() {
     assert!(one == two, "-w 1 and -w 2 differ");
 
     // Two processes on localhost.
-    let hostfile = hostfile(dir.path());
+    let hostfile = common::hostfile(dir.path());
     let out = dir.path().join("n2.jsonl");
     let mut children = Vec::new();
     for p in ["0", "1"] {
@@ -539,7 +529,7 @@ fn a_missing_cluster_peer_is_named_after_the_connect_timeout() {
 fn a_failure_in_one_process_ends_the_whole_cluster_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = generate(dir.path(), 6000, 5);
-    let hostfile = hostfile(dir.path());
+    let hostfile = common::hostfile(dir.path());
     let mut children = Vec::new();
     for p in ["0", "1"] {
         let mut args = run_args(
@@ -604,7 +594,7 @@ fn processes_that_disagree_on_their_configuration_refuse_to_start() {
         )
     };
     // Different -w.
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = base(p);
         a.extend(["-w".to_string(), (p + 1).to_string()]);
@@ -627,7 +617,7 @@ fn processes_that_disagree_on_their_configuration_refuse_to_start() {
     );
     // A different definition (one threshold changed).
     let changed = shipped_with(dir.path(), "changed.toml", ">= 3", ">= 4");
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = base(p);
         if p == 1 {
@@ -653,7 +643,7 @@ fn processes_that_disagree_on_their_configuration_refuse_to_start() {
         "state_dir = \"out/state\"",
         "",
     );
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = base(p);
         if p == 1 {
@@ -681,7 +671,7 @@ fn a_process_that_cannot_start_stops_its_peers_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = generate(dir.path(), 200, 3);
     let data = data.to_str().unwrap().to_string();
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let started = std::time::Instant::now();
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = run_args(
@@ -734,7 +724,7 @@ fn sigterm_to_any_process_ends_the_whole_cluster_gracefully() {
         "[sources.web]",
         "[sources.web]\nfollow = true",
     );
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let data_s = data.to_str().unwrap().to_string();
     let children = start_pair(dir.path(), &hosts, |p| {
         let mut a = run_args(
@@ -845,7 +835,7 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
         a.extend(["-w".to_string(), workers.to_string()]);
         ok(Command::new(BIN).args(&a).output().unwrap());
     }
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     // Both processes are given the same state directory: process 0 writes
     // its part there, process 1 beside it (`n2p0.state-process1`).
     let children = start_pair(dir.path(), &hosts, |p| {
@@ -946,7 +936,7 @@ fn files_read_in_ranges_give_identical_outputs_for_any_cluster_shape() {
 fn sigterm_while_waiting_for_the_cluster_stops_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = generate(dir.path(), 100, 2);
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let mut a = run_args(
         data.to_str().unwrap(),
         dir.path().join("o.jsonl").to_str().unwrap(),
@@ -1131,7 +1121,7 @@ fn a_cluster_that_fails_to_start_keeps_the_previous_outputs_and_state() {
     };
     let before = query();
 
-    let hosts = hostfile(dir.path());
+    let hosts = common::hostfile(dir.path());
     let mut args = run_args(
         data.to_str().unwrap(),
         out.to_str().unwrap(),

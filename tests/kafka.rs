@@ -331,16 +331,7 @@ fn a_bounded_topic_gives_the_diffs_of_its_files() {
         assert!(summary.contains("records read"), "{summary}");
     }
     // Two processes, each reading its workers' partitions.
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!(
-            "127.0.0.1:{}\n127.0.0.1:{}\n",
-            common::free_port(),
-            common::free_port()
-        ),
-    )
-    .unwrap();
+    let hostfile = common::hostfile(dir.path());
     let children: Vec<_> = (0..2)
         .map(|p| {
             let out = dir.path().join(format!("cluster{p}.jsonl"));

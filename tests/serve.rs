@@ -256,16 +256,7 @@ fn served_answers(dir: &Path, workers: &str, processes: usize) -> BTreeMap<Strin
     ];
     let mut peer = None;
     if processes == 2 {
-        let hostfile = dir.join("hosts");
-        std::fs::write(
-            &hostfile,
-            format!(
-                "127.0.0.1:{}\n127.0.0.1:{}\n",
-                common::free_port(),
-                common::free_port()
-            ),
-        )
-        .unwrap();
+        let hostfile = common::hostfile(dir);
         // Process 1 runs the same command (its --http is process 0's).
         peer = Some(
             Command::new(env!("CARGO_BIN_EXE_segflow"))
@@ -656,16 +647,7 @@ fn a_live_cluster_serves_every_process_s_profiles_from_process_0() {
     std::fs::write(dir.path().join("live.toml"), spec).unwrap();
     let web = dir.path().join("web.jsonl");
     std::fs::write(&web, "").unwrap();
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(
-        &hostfile,
-        format!(
-            "127.0.0.1:{}\n127.0.0.1:{}\n",
-            common::free_port(),
-            common::free_port()
-        ),
-    )
-    .unwrap();
+    let hostfile = common::hostfile(dir.path());
     let mut peer = Command::new(env!("CARGO_BIN_EXE_segflow"))
         .current_dir(dir.path())
         .args(["run", "live.toml", "--reset"])

@@ -45,6 +45,18 @@ pub fn generated(events: u64, seed: u64, days: Option<u64>) -> Generated {
     }
 }
 
+/// A hostfile in `dir` for a two-process cluster on loopback (two free
+/// ports); its path.
+pub fn hostfile(dir: &Path) -> std::path::PathBuf {
+    let hostfile = dir.join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    hostfile
+}
+
 /// The arguments that make a run process `p` of a two-process cluster
 /// whose hosts are in `hostfile`.
 pub fn cluster_args(p: usize, hostfile: &Path) -> Vec<String> {
