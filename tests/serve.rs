@@ -631,6 +631,69 @@ fn poll(base: &str, path: &str, secs: u64, ok: impl Fn(u16, &Value) -> bool) -> 
     }
 }
 
+/// A cluster whose process 1 keeps its part of the state where process 0
+/// cannot read it (another state directory, as on another machine): the
+/// run and its segment answers go on; what needs a profile (lookups,
+/// decisions, exports with identifiers, a stream following an identifier)
+/// answers 503 with the reason, never a wrong 404 or a silent stream.
+#[test]
+fn a_cluster_part_process_0_cannot_read_is_a_503_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    let hostfile = common::hostfile(dir.path());
+    let peer = Command::new(env!("CARGO_BIN_EXE_segflow"))
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "ecommerce.toml",
+            "--reset",
+            "--state-dir",
+            "elsewhere",
+        ])
+        .args(common::cluster_args(1, &hostfile))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut args = vec!["ecommerce.toml".to_string(), "--reset".into()];
+    args.extend(common::cluster_args(0, &hostfile));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut run = Served::start(dir.path(), &args);
+    run.wait_line("serving its final state", 120);
+    let out = peer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base = run.base.clone();
+    let diffs = std::fs::read_to_string(dir.path().join("out/segments.jsonl")).unwrap();
+    let model = memberships(&diffs);
+    let (segment, members) = model.iter().find(|(_, m)| !m.is_empty()).unwrap();
+    let member = members.iter().next().unwrap();
+    // Segments come from the diffs, which every process sends to 0.
+    let (status, body) = get(&base, "/v1/segments");
+    assert_eq!(status, 200, "{body}");
+    for path in [
+        format!("/v1/profiles/{}", urlencode(member)),
+        "/v1/profiles/anon:never-seen".to_string(),
+        format!("/v1/decide/hero?id={}", urlencode(member)),
+        format!("/v1/segments/{segment}/export"),
+        format!("/v1/segments/{segment}/export?since=0&format=jsonl"),
+        format!("/v1/diffs/stream?id={}", urlencode(member)),
+    ] {
+        let (status, _, body) = get_as(&base, &path, Some(TOKEN));
+        assert_eq!(status, 503, "{path}: {body}");
+        let reason = body["error"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("state-process1") && reason.contains("not on this machine"),
+            "{path}: {reason}"
+        );
+    }
+    run.wait_line("the API cannot read every profile", 5);
+    assert!(run.stop().success());
+}
+
 /// A live cluster of two processes on this machine reads a followed file
 /// that a client appends to with wall-clock timestamps, pausing between
 /// rounds: process 0's API finds every visitor's profile as soon as its

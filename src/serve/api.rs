@@ -561,22 +561,20 @@ fn lookup(app: &App, identifier: &str) -> Result<Option<(ProfileView, AsOf)>, Re
             not_an_identifier(&app.live, identifier),
         ));
     }
-    match app.live.profile(&ids) {
-        Ok(found) => Ok(found),
-        Err(LookupError::Starting) => Err(busy(
-            "the run is opening its state; try again in a moment",
-        )),
-        Err(LookupError::NoState) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this run writes no state, so profiles cannot be looked up: run it with --state-dir (or [output] state_dir)",
-        )),
-        Err(LookupError::Store(e @ crate::store::StoreError::PartUnavailable { .. })) => {
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+    app.live.profile(&ids).map_err(lookup_failure)
+}
+
+/// The answer for a state that cannot be read: 503 while the run opens
+/// it (try again), without state, or with a cluster's part that is not
+/// readable here (with the reason); 500 for a failed read.
+fn lookup_failure(e: LookupError) -> Response {
+    match e {
+        LookupError::Starting => busy(&e.to_string()),
+        LookupError::NoState
+        | LookupError::Store(crate::store::StoreError::PartUnavailable { .. }) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
-        Err(LookupError::Store(e)) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the state: {e}"),
-        )),
+        LookupError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -718,22 +716,22 @@ async fn export(
     let live = Arc::clone(&app.live);
     let segment = name.clone();
     let answer = tokio::task::spawn_blocking(move || match since {
-        None => members(&live, &segment).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e)),
+        None => members(&live, &segment).map_err(lookup_failure),
         Some(t) => changes_since(&live, &segment, t).map_err(|e| match e {
-            ChangesError::NotKept(after) => (
+            ChangesError::NotKept(after) => error(
                 StatusCode::GONE,
                 format!(
                     "the changes since {t} are no longer all kept (they are from {after} on): export the members, and ask the changes since its X-Segflow-As-Of from then on"
                 ),
             ),
-            ChangesError::State(e) => (StatusCode::INTERNAL_SERVER_ERROR, e),
+            ChangesError::State(e) => lookup_failure(e),
         }),
     })
     .await;
     let (rows, as_of) = match answer {
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return unknown_segment(&app.live, &name),
-        Ok(Err((status, e))) => return error(status, e),
+        Ok(Err(answer)) => return answer,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let kinds = app.live.rules().kinds();
@@ -988,10 +986,16 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
     let mut first = std::collections::VecDeque::<Event>::new();
     let mut current = None;
     if !ids.is_empty() {
-        if let Ok(Some((view, as_of))) = app.live.profile(&ids) {
-            first.push_back(profile_event(&view, segments.as_ref(), as_of.time));
-            followed.insert(view.profile.clone());
-            current = Some(view.profile);
+        // Following an identifier needs its profile now: a state that
+        // cannot be read is said at once, not met with a silent stream.
+        match app.live.profile(&ids) {
+            Ok(Some((view, as_of))) => {
+                first.push_back(profile_event(&view, segments.as_ref(), as_of.time));
+                followed.insert(view.profile.clone());
+                current = Some(view.profile);
+            }
+            Ok(None) => {}
+            Err(e) => return lookup_failure(e),
         }
     }
     // A profile id is a canonical identifier: written as data are.

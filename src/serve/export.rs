@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::live::{AsOf, Live};
+use super::live::{AsOf, Live, LookupError};
 
 /// How an export is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,7 +155,7 @@ fn spreadsheet_safe(cell: String) -> String {
 
 /// The members of `segment` now with their identifiers, and how fresh
 /// they are; `None` for an unknown segment.
-pub fn members(live: &Live, segment: &str) -> Result<Option<(Vec<Row>, AsOf)>, String> {
+pub fn members(live: &Live, segment: &str) -> Result<Option<(Vec<Row>, AsOf)>, LookupError> {
     let Ok((mut all, as_of)) = live.members_at_once(&[segment.to_string()]) else {
         return Ok(None);
     };
@@ -165,15 +165,15 @@ pub fn members(live: &Live, segment: &str) -> Result<Option<(Vec<Row>, AsOf)>, S
 
 /// Rows for `profiles`, with their identifiers from the state (none for a
 /// run without state).
-fn rows(live: &Live, profiles: Vec<String>, entered: Option<bool>) -> Result<Vec<Row>, String> {
+fn rows(
+    live: &Live,
+    profiles: Vec<String>,
+    entered: Option<bool>,
+) -> Result<Vec<Row>, LookupError> {
     profiles
         .into_iter()
         .map(|profile| {
-            let identifiers = with_own_id(
-                live.identifiers_of(&profile)
-                    .map_err(|e| format!("reading the state: {e:?}"))?,
-                &profile,
-            );
+            let identifiers = with_own_id(live.identifiers_of(&profile)?, &profile);
             Ok(Row {
                 profile,
                 identifiers,
@@ -201,8 +201,7 @@ pub fn changes_since(
     let mut out = Vec::new();
     for (profile, entered) in changed {
         let identifiers = with_own_id(
-            live.identifiers_of(&profile)
-                .map_err(|e| ChangesError::State(format!("{e:?}")))?,
+            live.identifiers_of(&profile).map_err(ChangesError::State)?,
             &profile,
         );
         out.push(Row {
@@ -231,7 +230,7 @@ pub enum ChangesError {
     /// They are not kept: the earliest `since` that may be asked.
     NotKept(u64),
     /// Reading the state failed.
-    State(String),
+    State(LookupError),
 }
 
 /// Writes `text` to `path` through a temporary file in the same
@@ -350,7 +349,7 @@ pub fn export_once(
             continue; // the same members as the export before
         }
         // Only now the identifiers are read (for members and changes).
-        let listed = rows(live, profiles, None)?;
+        let listed = rows(live, profiles, None).map_err(|e| e.to_string())?;
         let mut changes: Vec<Row> = listed
             .iter()
             .filter(|r| !before.contains(&r.profile))
@@ -361,7 +360,7 @@ pub fn export_once(
             })
             .collect();
         let exits = exited.len();
-        changes.extend(rows(live, exited, Some(false))?);
+        changes.extend(rows(live, exited, Some(false)).map_err(|e| e.to_string())?);
         changes.sort_by(|a, b| a.profile.cmp(&b.profile));
         let mut bytes = Vec::new();
         write_rows(&mut bytes, format, &kinds, &listed, false).map_err(|e| e.to_string())?;

@@ -61,13 +61,18 @@ enum StateLink {
 }
 
 /// Why a profile cannot be read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LookupError {
     /// The run has not opened its state yet (try again shortly).
+    #[error("the run is opening its state; try again in a moment")]
     Starting,
     /// The run writes no state.
+    #[error("this run writes no state, so profiles cannot be looked up: run it with --state-dir (or [output] state_dir)")]
     NoState,
-    /// Reading the store failed.
+    /// Reading the store failed (in a cluster, perhaps because another
+    /// process's part is not readable here:
+    /// [`StoreError::PartUnavailable`]).
+    #[error("reading the state: {0}")]
     Store(StoreError),
 }
 

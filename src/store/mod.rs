@@ -1952,6 +1952,8 @@ pub struct FollowedPart {
     /// The secondary instance's own directory (its log), removed on drop.
     secondary: std::path::PathBuf,
     open: std::sync::RwLock<Option<(std::sync::Arc<Store>, std::time::Instant)>>,
+    /// Whether an unreadable part was logged.
+    warned: std::sync::atomic::AtomicBool,
 }
 
 /// A read of a [`FollowedPart`]: the part does not catch up while it is
@@ -1984,6 +1986,7 @@ impl FollowedPart {
             run: run.to_string(),
             secondary,
             open: std::sync::RwLock::new(None),
+            warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -2037,20 +2040,26 @@ impl FollowedPart {
     fn check_run(&self, store: &Store) -> Result<(), StoreError> {
         match store.checkpoint()? {
             Some(c) if c.run != self.run => Err(self.unavailable(
-                "holds the state of another run (process {p} has not replaced it yet: try again in a moment)",
+                "holds the state of another run: process {p} has not replaced it yet (at its start), or writes this run's part elsewhere (another state directory or machine)",
             )),
             _ => Ok(()),
         }
     }
 
+    /// The error for a part that cannot be read; logged as a warning the
+    /// first time (the run goes on, its lookups answer 503).
     fn unavailable(&self, what: &str) -> StoreError {
-        StoreError::PartUnavailable {
+        let e = StoreError::PartUnavailable {
             dir: self.primary.display().to_string(),
             what: format!(
-                "{} (process 0 serves the whole cluster's profiles by reading every process's part of the state, which must be on its machine)",
+                "{} (process 0 serves the whole cluster's profiles by reading every process's part of the state, which must be on its machine: run the processes with the same state directory on one machine, or on a shared file system)",
                 what.replace("{p}", &self.process.to_string())
             ),
+        };
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!("the API cannot read every profile: {e}");
         }
+        e
     }
 
     fn open_secondary(&self) -> Result<Store, StoreError> {
