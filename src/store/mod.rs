@@ -1157,6 +1157,21 @@ const L0_COMPACTION_TRIGGER: i32 = 16;
 /// below the first level, blocks of [`BLOCK_BYTES`],
 /// and a 10-bit Bloom filter per key for the point lookups of `segflow
 /// query`. Returns the database options and each column family's.
+/// [`rocks_options`] for a store that exists (read-only or secondary):
+/// nothing is created, and the retained input's families only if it has
+/// them (state written before the retained input has none).
+fn existing_store_options(dir: &Path) -> (Options, Vec<ColumnFamilyDescriptor>) {
+    let (mut opts, mut cfs) = rocks_options();
+    opts.create_if_missing(false);
+    opts.create_missing_column_families(false);
+    if let Ok(existing) = DB::list_cf(&opts, dir) {
+        cfs.retain(|cf| {
+            !RETAINED_CFS.contains(&cf.name()) || existing.iter().any(|e| e == cf.name())
+        });
+    }
+    (opts, cfs)
+}
+
 fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     let mut table = rocksdb::BlockBasedOptions::default();
@@ -1296,15 +1311,7 @@ impl Store {
             Found::Older(version) => return Err(StoreError::OlderFormat { dir: name, version }),
             Found::Ours => {}
         }
-        let (mut opts, mut cfs) = rocks_options();
-        opts.create_if_missing(false);
-        opts.create_missing_column_families(false);
-        // State written before the retained input has no such families.
-        if let Ok(existing) = DB::list_cf(&opts, dir) {
-            cfs.retain(|cf| {
-                !RETAINED_CFS.contains(&cf.name()) || existing.iter().any(|e| e == cf.name())
-            });
-        }
+        let (opts, cfs) = existing_store_options(dir);
         let db = DB::open_cf_descriptors_read_only(&opts, dir, cfs, false).map_err(|source| {
             StoreError::Rocks {
                 dir: name.clone(),
@@ -2073,14 +2080,9 @@ impl FollowedPart {
             dir: self.secondary.display().to_string(),
             source,
         })?;
-        let (mut opts, mut cfs) = rocks_options();
-        opts.create_if_missing(false);
-        opts.create_missing_column_families(false);
+        let (mut opts, cfs) = existing_store_options(&self.primary);
         // A secondary instance keeps every table file open.
         opts.set_max_open_files(-1);
-        if let Ok(existing) = DB::list_cf(&opts, &self.primary) {
-            cfs.retain(|cf| existing.iter().any(|e| e == cf.name()));
-        }
         let db = DB::open_cf_descriptors_as_secondary(&opts, &self.primary, &self.secondary, cfs)
             .map_err(|source| StoreError::Rocks {
             dir: name.clone(),
