@@ -248,32 +248,14 @@ fn replay_dir(dir: &Path) {
 /// `processes: 2` a cluster of two processes on this machine, process 0
 /// serving.
 fn served_answers(dir: &Path, workers: &str, processes: usize) -> BTreeMap<String, Value> {
-    let mut args = vec![
-        "ecommerce.toml".to_string(),
-        "-w".into(),
-        workers.into(),
-        "--reset".into(),
-    ];
-    let mut peer = None;
-    if processes == 2 {
-        let hostfile = common::hostfile(dir);
+    let args = ["ecommerce.toml", "-w", workers, "--reset"];
+    let (mut run, peer) = if processes == 2 {
         // Process 1 runs the same command (its --http is process 0's).
-        peer = Some(
-            Command::new(env!("CARGO_BIN_EXE_segflow"))
-                .current_dir(dir)
-                .arg("run")
-                .args(&args)
-                .args(common::cluster_args(1, &hostfile))
-                .args(["--http", "127.0.0.1:0"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        args.extend(common::cluster_args(0, &hostfile));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Served::start(dir, &args);
+        let (run, peer) = start_cluster(dir, &args, &["--http", "127.0.0.1:0"], Stdio::piped());
+        (run, Some(peer))
+    } else {
+        (Served::start(dir, &args), None)
+    };
     run.wait_line("serving its final state", 120);
     if let Some(peer) = peer {
         // Process 1 ends with the run (process 0 goes on serving).
@@ -640,25 +622,12 @@ fn poll(base: &str, path: &str, secs: u64, ok: impl Fn(u16, &Value) -> bool) -> 
 fn a_cluster_part_process_0_cannot_read_is_a_503_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     replay_dir(dir.path());
-    let hostfile = common::hostfile(dir.path());
-    let peer = Command::new(env!("CARGO_BIN_EXE_segflow"))
-        .current_dir(dir.path())
-        .args([
-            "run",
-            "ecommerce.toml",
-            "--reset",
-            "--state-dir",
-            "elsewhere",
-        ])
-        .args(common::cluster_args(1, &hostfile))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut args = vec!["ecommerce.toml".to_string(), "--reset".into()];
-    args.extend(common::cluster_args(0, &hostfile));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut run = Served::start(dir.path(), &args);
+    let (mut run, peer) = start_cluster(
+        dir.path(),
+        &["ecommerce.toml", "--reset"],
+        &["--state-dir", "elsewhere"],
+        Stdio::piped(),
+    );
     run.wait_line("serving its final state", 120);
     let out = peer.wait_with_output().unwrap();
     assert!(
@@ -710,19 +679,7 @@ fn a_live_cluster_serves_every_process_s_profiles_from_process_0() {
     std::fs::write(dir.path().join("live.toml"), spec).unwrap();
     let web = dir.path().join("web.jsonl");
     std::fs::write(&web, "").unwrap();
-    let hostfile = common::hostfile(dir.path());
-    let mut peer = Command::new(env!("CARGO_BIN_EXE_segflow"))
-        .current_dir(dir.path())
-        .args(["run", "live.toml", "--reset"])
-        .args(common::cluster_args(1, &hostfile))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut args = vec!["live.toml".to_string(), "--reset".into()];
-    args.extend(common::cluster_args(0, &hostfile));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = Served::start(dir.path(), &args);
+    let (run, mut peer) = start_cluster(dir.path(), &["live.toml", "--reset"], &[], Stdio::null());
     let base = run.base.clone();
     let visitors: Vec<String> = (0..12).map(|v| format!("cv{v}")).collect();
     let append = |round: usize| {
@@ -1862,6 +1819,33 @@ fn content_edits_apply_after_a_replay_has_ended() {
     let (_, d) = get(&base, "/v1/decide/home_hero?id=anon:first-visit");
     assert_eq!(d["content"]["headline"], "Welcome, edited");
     assert!(run.stop().success());
+}
+
+/// Starts a two-process cluster on this machine, each process running
+/// `segflow run ARGS`: process 1 with `peer_args` added (its stdout
+/// discarded, its stderr to `peer_stderr`), and process 0, which serves
+/// (see [`Served::start`]).
+fn start_cluster(
+    dir: &Path,
+    args: &[&str],
+    peer_args: &[&str],
+    peer_stderr: Stdio,
+) -> (Served, std::process::Child) {
+    let hostfile = common::hostfile(dir);
+    let peer = Command::new(env!("CARGO_BIN_EXE_segflow"))
+        .current_dir(dir)
+        .arg("run")
+        .args(args)
+        .args(common::cluster_args(1, &hostfile))
+        .args(peer_args)
+        .stdout(Stdio::null())
+        .stderr(peer_stderr)
+        .spawn()
+        .unwrap();
+    let mut own: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    own.extend(common::cluster_args(0, &hostfile));
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    (Served::start(dir, &own), peer)
 }
 
 /// A live run of `spec` (written as live.toml into a new directory) with

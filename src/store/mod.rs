@@ -1157,21 +1157,6 @@ const L0_COMPACTION_TRIGGER: i32 = 16;
 /// below the first level, blocks of [`BLOCK_BYTES`],
 /// and a 10-bit Bloom filter per key for the point lookups of `segflow
 /// query`. Returns the database options and each column family's.
-/// [`rocks_options`] for a store that exists (read-only or secondary):
-/// nothing is created, and the retained input's families only if it has
-/// them (state written before the retained input has none).
-fn existing_store_options(dir: &Path) -> (Options, Vec<ColumnFamilyDescriptor>) {
-    let (mut opts, mut cfs) = rocks_options();
-    opts.create_if_missing(false);
-    opts.create_missing_column_families(false);
-    if let Ok(existing) = DB::list_cf(&opts, dir) {
-        cfs.retain(|cf| {
-            !RETAINED_CFS.contains(&cf.name()) || existing.iter().any(|e| e == cf.name())
-        });
-    }
-    (opts, cfs)
-}
-
 fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     let mut table = rocksdb::BlockBasedOptions::default();
@@ -1248,6 +1233,21 @@ fn rocks_options() -> (Options, Vec<ColumnFamilyDescriptor>) {
             ColumnFamilyDescriptor::new(*n, cf)
         })
         .collect();
+    (opts, cfs)
+}
+
+/// [`rocks_options`] for a store that exists (read-only or secondary):
+/// nothing is created, and the retained input's families only if it has
+/// them (state written before the retained input has none).
+fn existing_store_options(dir: &Path) -> (Options, Vec<ColumnFamilyDescriptor>) {
+    let (mut opts, mut cfs) = rocks_options();
+    opts.create_if_missing(false);
+    opts.create_missing_column_families(false);
+    if let Ok(existing) = DB::list_cf(&opts, dir) {
+        cfs.retain(|cf| {
+            !RETAINED_CFS.contains(&cf.name()) || existing.iter().any(|e| e == cf.name())
+        });
+    }
     (opts, cfs)
 }
 
