@@ -662,15 +662,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(segflow::EngineError::OutputClosed) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    if args.process == 0 {
-        print_summary(&summary, to_stderr, args.json);
-    }
     if let Some(schedule) = schedule {
         // The final state, exported once more; a failed export fails the
-        // run (it may have stopped it).
+        // run (it may have stopped it), with no summary that says it
+        // finished.
         schedule
             .finish()
             .map_err(|e| anyhow::anyhow!("audience export: {e}"))?;
+    }
+    if args.process == 0 {
+        print_summary(&summary, to_stderr, args.json);
     }
     if let Some(server) = served {
         if !shutdown.load(std::sync::atomic::Ordering::SeqCst) {

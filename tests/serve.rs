@@ -826,17 +826,22 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
     assert_eq!(d["variant"], "fan", "{d}");
     assert_eq!(d["content"], "for fans");
-    // The stream carried v1's entry, then announced v1's profile (known
-    // from then on) with its segments, and nothing of v2's.
+    // The stream announced v1's profile when it first had one (its
+    // segments just before: none), then carried its entry, and nothing
+    // of v2's.
+    let (kind, profile) = next("the profile event");
+    assert_eq!(kind, "profile", "{profile}");
+    assert_eq!(profile["profile"], "anon:v1");
+    assert_eq!(profile["segments"], serde_json::json!([]));
     let (kind, entry) = next("the entry on the stream");
     assert_eq!(kind, "diff");
     assert_eq!(entry["profile"], "anon:v1");
     assert_eq!(entry["segment"], "viewer");
     assert_eq!(entry["diff"], 1);
-    let (kind, profile) = next("the profile event");
-    assert_eq!(kind, "profile", "{profile}");
-    assert_eq!(profile["profile"], "anon:v1");
-    assert_eq!(profile["segments"], serde_json::json!(["viewer"]));
+    assert!(
+        profile["time"].as_u64().unwrap() < entry["time"].as_u64().unwrap(),
+        "the announcement is as of before the entry: {profile} {entry}"
+    );
     assert!(
         events.recv_timeout(Duration::from_millis(500)).is_err(),
         "only v1's diffs"
@@ -1201,8 +1206,15 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let entry: Value =
-        serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
+    // The visitor's profile, announced when it first had one (no
+    // segments before its first event), then its entry.
+    let mut next = || -> Value {
+        serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap()
+    };
+    let announced = next();
+    assert_eq!(announced["profile"], "anon:shopper", "{announced}");
+    assert_eq!(announced["segments"], serde_json::json!([]), "{announced}");
+    let entry = next();
     assert_eq!(
         (entry["profile"].as_str(), entry["segment"].as_str()),
         (Some("anon:shopper"), Some("viewer"))
@@ -1543,6 +1555,53 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success(), "a failed export must fail the run");
+}
+
+/// A replay's final export that fails fails the run, with the reason and
+/// no summary saying the run finished (a newcomer saw "finished in", then
+/// the error).
+#[test]
+fn a_failed_final_export_fails_a_replay_without_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    replay_dir(dir.path());
+    std::fs::create_dir_all(dir.path().join("exports")).unwrap();
+    std::fs::write(dir.path().join("exports/vip"), "in the way").unwrap();
+    for json in [false, true] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_segflow"));
+        cmd.current_dir(dir.path())
+            .args(["run", "ecommerce.toml", "--reset", "--export", "exports"])
+            .args(["--export-every", "1h", "--export-segments", "vip"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the run did not end"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(!out.status.success(), "exit 0 after a failed export: {stderr}");
+        assert!(
+            stderr.contains("audience export") && stderr.contains("exports/vip"),
+            "the reason names the export and its path: {stderr}"
+        );
+        assert!(
+            !stdout.contains("elapsed_secs")
+                && !stderr.contains("finished in")
+                && !stdout.contains("finished in"),
+            "a summary of a run that failed: {stdout} {stderr}"
+        );
+    }
 }
 
 /// A connection to the TCP source on `port`, once it listens (within 30 s).

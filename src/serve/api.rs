@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot, Semaphore};
 
 use super::live::{AsOf, Live, LookupError};
+use crate::io::sinks::SegmentDiff;
 use crate::spec::content::ContentSlot;
 use crate::store::explain::evaluate;
 use crate::store::ProfileView;
@@ -936,21 +937,29 @@ struct Filter {
     followed: std::collections::BTreeSet<String>,
     /// The identifiers' profile as last announced (`event: profile`).
     current: Option<String>,
+    /// The diffs of this time and before are in the first `event:
+    /// profile` already (the stream subscribed before reading it).
+    announced_through: Option<u64>,
 }
 
 /// `event: profile`: the profile an identifier belongs to and its
-/// segments (those the stream is filtered to) as of `time`: sent when an
-/// `?id=` stream opens and whenever a merge or split moves the identifier
-/// to another profile; the diffs after it apply to it.
-fn profile_event(view: &ProfileView, segments: Option<&Vec<String>>, time: Option<u64>) -> Event {
-    let list: Vec<&String> = view
-        .segments
+/// segments (those of `in_segments`, the stream's filter) as of `time`
+/// (ms, inclusive): sent when an `?id=` stream opens and whenever the
+/// identifier first has a profile or a merge or split moves it to another,
+/// before the diffs of that profile that follow it.
+fn profile_event(
+    profile: &str,
+    segments: &[String],
+    in_segments: Option<&Vec<String>>,
+    time: Option<u64>,
+) -> Event {
+    let list: Vec<&String> = segments
         .iter()
-        .filter(|s| segments.is_none_or(|f| f.contains(s)))
+        .filter(|s| in_segments.is_none_or(|f| f.contains(s)))
         .collect();
     Event::default()
         .event("profile")
-        .data(json!({"time": time, "profile": view.profile, "segments": list}).to_string())
+        .data(json!({"time": time, "profile": profile, "segments": list}).to_string())
 }
 
 async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Response {
@@ -985,12 +994,18 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
     let mut followed = std::collections::BTreeSet::new();
     let mut first = std::collections::VecDeque::<Event>::new();
     let mut current = None;
+    let mut announced_through = None;
+    // Subscribed before the first announcement is read: no diff falls
+    // between the two (those it holds already are skipped).
+    let rx = app.live.subscribe();
     if !ids.is_empty() {
         // Following an identifier needs its profile now: a state that
         // cannot be read is said at once, not met with a silent stream.
         match app.live.profile(&ids) {
-            Ok(Some((view, as_of))) => {
-                first.push_back(profile_event(&view, segments.as_ref(), as_of.time));
+            Ok(Some((view, _))) => {
+                let (now, through) = app.live.segments_of(&view.profile);
+                first.push_back(profile_event(&view.profile, &now, segments.as_ref(), through));
+                announced_through = through;
                 followed.insert(view.profile.clone());
                 current = Some(view.profile);
             }
@@ -1012,8 +1027,8 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         ids,
         followed,
         current,
+        announced_through,
     };
-    let rx = app.live.subscribe();
     let live = Arc::clone(&app.live);
     let events = futures_util::stream::unfold(
         (rx, filter, live, permit, first),
@@ -1026,6 +1041,10 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                     ));
                 }
                 match rx.recv().await {
+                    Ok(diffs)
+                        if filter
+                            .announced_through
+                            .is_some_and(|a| diffs.first().is_some_and(|d| d.time <= a)) => {}
                     Ok(diffs) => {
                         // The profile of a followed identifier as of the
                         // diffs' time (a merge moves it): the diffs are
@@ -1051,23 +1070,49 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                         };
                         let moved = followed
                             .as_ref()
-                            .filter(|v| filter.current.as_ref() != Some(&v.profile));
-                        let time = diffs.first().map(|d| d.time);
-                        for d in diffs.iter() {
-                            let wanted = filter
+                            .filter(|v| filter.current.as_ref() != Some(&v.profile))
+                            .map(|v| v.profile.as_str());
+                        let wanted = |d: &&SegmentDiff| {
+                            filter
                                 .segments
                                 .as_ref()
                                 .is_none_or(|s| s.contains(&d.segment))
                                 && filter.profile.as_ref().is_none_or(|p| *p == d.profile)
-                                && (filter.ids.is_empty() || filter.followed.contains(&d.profile));
-                            if wanted {
-                                queue.push_back(Event::default().event("diff").data(d.to_line()));
-                            }
+                                && (filter.ids.is_empty() || filter.followed.contains(&d.profile))
+                        };
+                        let diff = |d: &SegmentDiff| Event::default().event("diff").data(d.to_line());
+                        // The profiles followed before (a merge's exits),
+                        // then the identifier's new profile as it was
+                        // before this time, then its diffs of this time.
+                        let (before, after): (Vec<&SegmentDiff>, Vec<&SegmentDiff>) = diffs
+                            .iter()
+                            .filter(wanted)
+                            .partition(|d| moved != Some(d.profile.as_str()));
+                        queue.extend(before.into_iter().map(diff));
+                        if let (Some(profile), Some(time)) = (moved, diffs.first().map(|d| d.time)) {
+                            let was = live.segments_before(profile, time).unwrap_or_else(|| {
+                                // Older changes are no longer kept: the
+                                // segments now, less this time's diffs.
+                                let (mut now, _) = live.segments_of(profile);
+                                for d in diffs.iter().filter(|d| d.profile == profile) {
+                                    if d.diff > 0 {
+                                        now.retain(|s| *s != d.segment);
+                                    } else if !now.contains(&d.segment) {
+                                        now.push(d.segment.clone());
+                                    }
+                                }
+                                now.sort();
+                                now
+                            });
+                            queue.push_back(profile_event(
+                                profile,
+                                &was,
+                                filter.segments.as_ref(),
+                                time.checked_sub(1),
+                            ));
+                            filter.current = Some(profile.to_string());
                         }
-                        if let Some(view) = moved {
-                            queue.push_back(profile_event(view, filter.segments.as_ref(), time));
-                            filter.current = Some(view.profile.clone());
-                        }
+                        queue.extend(after.into_iter().map(diff));
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         queue.push_back(

@@ -100,6 +100,8 @@ struct Index {
     /// Diffs of times up to this were not seen as they were committed (a
     /// resumed run's): their changes are not kept.
     unlogged_until: Time,
+    /// The latest time whose diffs are in `members`.
+    applied_through: Option<Time>,
 }
 
 /// The most changes kept per segment for exports of the changes since a
@@ -317,6 +319,7 @@ impl Live {
             return;
         }
         if let Ok(mut i) = self.index.write() {
+            i.applied_through = i.applied_through.max(diffs.iter().map(|d| d.time).max());
             for d in &diffs {
                 let members = i.members.entry(d.segment.clone()).or_default();
                 if d.diff > 0 {
@@ -554,6 +557,54 @@ impl Live {
                 .map(|(p, n)| (p.to_string(), n > 0))
                 .collect(),
         ))
+    }
+
+    /// The segments `profile` is in, and the latest time whose diffs they
+    /// hold (`None`: no diffs yet): a stream that subscribed before asking
+    /// skips the diffs of that time and before.
+    pub fn segments_of(&self, profile: &str) -> (Vec<String>, Option<Time>) {
+        let Ok(i) = self.index.read() else {
+            return (Vec::new(), None);
+        };
+        let segments = i
+            .members
+            .iter()
+            .filter(|(_, m)| m.contains(profile))
+            .map(|(s, _)| s.clone())
+            .collect();
+        (segments, i.applied_through)
+    }
+
+    /// The segments `profile` was in just before `time` (before the diffs
+    /// of `time` and later): its segments now, less the logged changes of
+    /// those times. `None` if those changes are not all kept.
+    pub fn segments_before(&self, profile: &str, time: Time) -> Option<Vec<String>> {
+        let i = self.index.read().ok()?;
+        if i.unlogged_until >= time {
+            return None;
+        }
+        let mut out = Vec::new();
+        let names: BTreeSet<&String> = i.members.keys().chain(i.changes.keys()).collect();
+        for name in names {
+            if i.changes_after.get(name).is_some_and(|a| *a >= time) {
+                return None;
+            }
+            let now = i.members.get(name).is_some_and(|m| m.contains(profile));
+            let since: i64 = i.changes.get(name).map_or(0, |log| {
+                log.iter()
+                    .rev()
+                    .take_while(|(t, _, _)| *t >= time)
+                    .filter(|(_, p, _)| p == profile)
+                    .map(|(_, _, d)| d)
+                    .sum()
+            });
+            // A member now that entered since was not one before; one that
+            // left since was.
+            if (now && since <= 0) || (!now && since < 0) {
+                out.push(name.clone());
+            }
+        }
+        Some(out)
     }
 
     /// The members of each of `segments` (in profile-id order) read at one
