@@ -470,6 +470,12 @@ pub fn evaluate<'s>(
         let mut held: Option<[Capability<Time>; 3]> = None;
         let mut state: IdMap<ProfileFacts> = IdMap::default();
         let mut scratch = Scratch::default();
+        // The trait values changed in this activation: the last value of
+        // each (profile, trait) and its time, in the order first changed,
+        // and where each is in that list.
+        let mut changed_values: Vec<((Id, u32), Time, Scalar)> = Vec::new();
+        let mut changed_at: std::collections::HashMap<(Id, u32), usize, foldhash::fast::RandomState> =
+            Default::default();
         // The segments to evaluate again (a buffer reused).
         let mut dirty: Vec<bool> = Vec::new();
         let mut completion = crate::time::Completion::default();
@@ -746,9 +752,17 @@ pub fn evaluate<'s>(
                     };
                     let now = &scratch.out;
                     for (i, new) in scratch.shown.drain(..) {
-                        values.give((((p, i), new.clone()), time, 1));
                         if !rules.traits[(i & !COUNT_OF) as usize].is_abelian() {
-                            facts.show(i, new);
+                            facts.show(i, new.clone());
+                        }
+                        match changed_at.entry((p, i)) {
+                            std::collections::hash_map::Entry::Occupied(at) => {
+                                changed_values[*at.get()] = ((p, i), time, new);
+                            }
+                            std::collections::hash_map::Entry::Vacant(at) => {
+                                at.insert(changed_values.len());
+                                changed_values.push(((p, i), time, new));
+                            }
                         }
                     }
                     let name = |s: u32| rules.segments[s as usize].name.clone();
@@ -789,6 +803,16 @@ pub fn evaluate<'s>(
                 for (w, p) in wakes {
                     pending.entry(w).or_default().push((p, Change::Wake));
                 }
+            }
+            // A trait's values go to the state once per activation, the
+            // last one at its time: the capabilities held since before
+            // the first of these times are downgraded only below, so the
+            // commit stage's frontier passes all of them at once and no
+            // state batch can end between them (the earlier values would
+            // be overwritten in the same batch anyway).
+            changed_at.clear();
+            for (key, time, value) in changed_values.drain(..) {
+                values.give(((key, value), time, 1));
             }
             drop((values, members, entries));
             match pending.first_key_value() {
