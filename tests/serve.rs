@@ -798,6 +798,12 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let (view, _) = poll(&base, "/v1/profiles/anon:v1", 20, |s, _| s == 200);
     assert_eq!(view["traits"]["views"], 1, "{view}");
     assert!(view["as_of"]["time"].as_u64().unwrap() >= first, "{view}");
+    // The first view makes v1's profile and no diff: the stream announces
+    // the profile anyway (in no segment yet), with no other event.
+    let (kind, profile) = next("the profile event");
+    assert_eq!(kind, "profile", "{profile}");
+    assert_eq!(profile["profile"], "anon:v1");
+    assert_eq!(profile["segments"], serde_json::json!([]));
     let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
     assert_eq!(d["variant"], "default", "{d}");
     // A pause longer than idle_advance, then the second view and
@@ -826,13 +832,7 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let (d, _) = poll(&base, "/v1/decide/banner?id=anon:v1", 5, |s, _| s == 200);
     assert_eq!(d["variant"], "fan", "{d}");
     assert_eq!(d["content"], "for fans");
-    // The stream announced v1's profile when it first had one (its
-    // segments just before: none), then carried its entry, and nothing
-    // of v2's.
-    let (kind, profile) = next("the profile event");
-    assert_eq!(kind, "profile", "{profile}");
-    assert_eq!(profile["profile"], "anon:v1");
-    assert_eq!(profile["segments"], serde_json::json!([]));
+    // Then the stream carried v1's entry, and nothing of v2's.
     let (kind, entry) = next("the entry on the stream");
     assert_eq!(kind, "diff");
     assert_eq!(entry["profile"], "anon:v1");
@@ -1208,7 +1208,7 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
     }
     // The visitor's profile, announced when it first had one (no
     // segments before its first event), then its entry.
-    let mut next = || -> Value {
+    let next = || -> Value {
         serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap()
     };
     let announced = next();
@@ -1602,6 +1602,27 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
             "a summary of a run that failed: {stdout} {stderr}"
         );
     }
+    // A directory where the members file goes is in the way too (it was
+    // taken for the file of an export before, and skipped).
+    let run = |exports: &str| {
+        Command::new(env!("CARGO_BIN_EXE_segflow"))
+            .current_dir(dir.path())
+            .args(["run", "ecommerce.toml", "--reset", "--export", exports])
+            .args(["--export-every", "1h", "--export-segments", "vip"])
+            .output()
+            .unwrap()
+    };
+    assert!(run("good").status.success());
+    let name = std::fs::read_dir(dir.path().join("good/vip"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with("members-"))
+        .expect("a members file");
+    std::fs::create_dir_all(dir.path().join("blocked/vip").join(&name).join("x")).unwrap();
+    let out = run("blocked");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0 with a directory in the way");
+    assert!(stderr.contains(&name) && stderr.contains("in the way"), "{stderr}");
 }
 
 /// A connection to the TCP source on `port`, once it listens (within 30 s).

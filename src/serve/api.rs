@@ -25,6 +25,11 @@ use crate::store::ProfileView;
 /// Requests answered at once; more get `503` with `Retry-After: 1`.
 pub const MAX_IN_FLIGHT: usize = 1024;
 
+/// How often an `?id=` diff stream looks the identifier's profile up
+/// between diffs (a first profile or a merge with no diff of its own is
+/// announced within this).
+const IDENTITY_POLL: Duration = Duration::from_millis(250);
+
 /// Diff streams open at once; more get `503`.
 pub const MAX_STREAMS: usize = 256;
 
@@ -1030,17 +1035,48 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         announced_through,
     };
     let live = Arc::clone(&app.live);
+    // How often a followed identifier's profile is looked at between
+    // diffs: a first profile, or a merge that changes no membership, has
+    // no diff of its own to carry its announcement.
+    let mut poll = tokio::time::interval(IDENTITY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let events = futures_util::stream::unfold(
-        (rx, filter, live, permit, first),
-        |(mut rx, mut filter, live, permit, mut queue)| async move {
+        (rx, filter, live, permit, first, poll),
+        |(mut rx, mut filter, live, permit, mut queue, mut poll)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
                     return Some((
                         Ok::<Event, Infallible>(e),
-                        (rx, filter, live, permit, queue),
+                        (rx, filter, live, permit, queue, poll),
                     ));
                 }
-                match rx.recv().await {
+                let received = tokio::select! {
+                    // Diffs first: a time's diffs are sent before its state
+                    // is written, so a profile the lookup finds has had
+                    // its diffs queued already.
+                    biased;
+                    received = rx.recv() => received,
+                    _ = poll.tick(), if !filter.ids.is_empty() => {
+                        if let Ok(Some((view, _))) = live.profile(&filter.ids) {
+                            if filter.current.as_ref() != Some(&view.profile) {
+                                // Its segments as of the committed time;
+                                // the diffs up to it are in them.
+                                let (now, through) = live.segments_of(&view.profile);
+                                queue.push_back(profile_event(
+                                    &view.profile,
+                                    &now,
+                                    filter.segments.as_ref(),
+                                    through,
+                                ));
+                                filter.followed.insert(view.profile.clone());
+                                filter.current = Some(view.profile);
+                                filter.announced_through = filter.announced_through.max(through);
+                            }
+                        }
+                        continue;
+                    }
+                };
+                match received {
                     Ok(diffs)
                         if filter
                             .announced_through

@@ -332,8 +332,14 @@ pub fn export_once(
             .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
         let ext = format.extension();
         let members_file = seg_dir.join(format!("members-{time}.{ext}"));
-        if members_file.exists() {
+        if members_file.is_file() {
             continue; // nothing was committed since the export before
+        }
+        if members_file.exists() {
+            return Err(format!(
+                "export {}: something other than a file is in the way; move it",
+                members_file.display()
+            ));
         }
         let previous = previous_members(&seg_dir, format)
             .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;

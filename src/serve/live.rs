@@ -559,9 +559,10 @@ impl Live {
         ))
     }
 
-    /// The segments `profile` is in, and the latest time whose diffs they
-    /// hold (`None`: no diffs yet): a stream that subscribed before asking
-    /// skips the diffs of that time and before.
+    /// The segments `profile` is in, and the time they are as of: the
+    /// latest time whose diffs they hold or the last committed time,
+    /// whichever is later (`None`: nothing committed yet). A stream that
+    /// subscribed before asking skips the diffs of that time and before.
     pub fn segments_of(&self, profile: &str) -> (Vec<String>, Option<Time>) {
         let Ok(i) = self.index.read() else {
             return (Vec::new(), None);
@@ -572,7 +573,8 @@ impl Live {
             .filter(|(_, m)| m.contains(profile))
             .map(|(s, _)| s.clone())
             .collect();
-        (segments, i.applied_through)
+        let committed = i.committed_before.and_then(|c| c.checked_sub(1));
+        (segments, i.applied_through.max(committed))
     }
 
     /// The segments `profile` was in just before `time` (before the diffs
