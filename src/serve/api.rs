@@ -942,9 +942,22 @@ struct Filter {
     followed: std::collections::BTreeSet<String>,
     /// The identifiers' profile as last announced (`event: profile`).
     current: Option<String>,
-    /// The diffs of this time and before are in the first `event:
-    /// profile` already (the stream subscribed before reading it).
+    /// The diffs of this time and before are in an `event: profile`
+    /// already (the stream subscribed before reading it).
     announced_through: Option<u64>,
+}
+
+impl Filter {
+    /// Announces `profile` as the identifiers' profile with its committed
+    /// segments (`event: profile`); the diffs up to their time are in it.
+    fn announce(&mut self, live: &Live, profile: String) -> Event {
+        let (now, through) = live.segments_of(&profile);
+        let event = profile_event(&profile, &now, self.segments.as_ref(), through);
+        self.announced_through = self.announced_through.max(through);
+        self.followed.insert(profile.clone());
+        self.current = Some(profile);
+        event
+    }
 }
 
 /// `event: profile`: the profile an identifier belongs to and its
@@ -996,28 +1009,19 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         }
         None => Vec::new(),
     };
-    let mut followed = std::collections::BTreeSet::new();
-    let mut first = std::collections::VecDeque::<Event>::new();
-    let mut current = None;
-    let mut announced_through = None;
     // Subscribed before the first announcement is read: no diff falls
     // between the two (those it holds already are skipped).
     let rx = app.live.subscribe();
-    if !ids.is_empty() {
-        // Following an identifier needs its profile now: a state that
-        // cannot be read is said at once, not met with a silent stream.
+    // Following an identifier needs its profile now: a state that cannot
+    // be read is said at once, not met with a silent stream.
+    let known = if ids.is_empty() {
+        None
+    } else {
         match app.live.profile(&ids) {
-            Ok(Some((view, _))) => {
-                let (now, through) = app.live.segments_of(&view.profile);
-                first.push_back(profile_event(&view.profile, &now, segments.as_ref(), through));
-                announced_through = through;
-                followed.insert(view.profile.clone());
-                current = Some(view.profile);
-            }
-            Ok(None) => {}
+            Ok(found) => found.map(|(view, _)| view.profile),
             Err(e) => return lookup_failure(e),
         }
-    }
+    };
     // A profile id is a canonical identifier: written as data are.
     let profile = q.profile.map(|p| {
         app.live
@@ -1026,14 +1030,18 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
             .next()
             .map_or(p, |id| id.as_str().to_string())
     });
-    let filter = Filter {
+    let mut filter = Filter {
         segments,
         profile,
         ids,
-        followed,
-        current,
-        announced_through,
+        followed: Default::default(),
+        current: None,
+        announced_through: None,
     };
+    let first: std::collections::VecDeque<Event> = known
+        .map(|p| filter.announce(&app.live, p))
+        .into_iter()
+        .collect();
     let live = Arc::clone(&app.live);
     // How often a followed identifier's profile is looked at between
     // diffs: a first profile, or a merge that changes no membership, has
@@ -1059,18 +1067,7 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                     _ = poll.tick(), if !filter.ids.is_empty() => {
                         if let Ok(Some((view, _))) = live.profile(&filter.ids) {
                             if filter.current.as_ref() != Some(&view.profile) {
-                                // Its segments as of the committed time;
-                                // the diffs up to it are in them.
-                                let (now, through) = live.segments_of(&view.profile);
-                                queue.push_back(profile_event(
-                                    &view.profile,
-                                    &now,
-                                    filter.segments.as_ref(),
-                                    through,
-                                ));
-                                filter.followed.insert(view.profile.clone());
-                                filter.current = Some(view.profile);
-                                filter.announced_through = filter.announced_through.max(through);
+                                queue.push_back(filter.announce(&live, view.profile));
                             }
                         }
                         continue;
@@ -1126,20 +1123,7 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                             .partition(|d| moved != Some(d.profile.as_str()));
                         queue.extend(before.into_iter().map(diff));
                         if let (Some(profile), Some(time)) = (moved, diffs.first().map(|d| d.time)) {
-                            let was = live.segments_before(profile, time).unwrap_or_else(|| {
-                                // Older changes are no longer kept: the
-                                // segments now, less this time's diffs.
-                                let (mut now, _) = live.segments_of(profile);
-                                for d in diffs.iter().filter(|d| d.profile == profile) {
-                                    if d.diff > 0 {
-                                        now.retain(|s| *s != d.segment);
-                                    } else if !now.contains(&d.segment) {
-                                        now.push(d.segment.clone());
-                                    }
-                                }
-                                now.sort();
-                                now
-                            });
+                            let was = live.segments_before(profile, time, &diffs);
                             queue.push_back(profile_event(
                                 profile,
                                 &was,

@@ -577,36 +577,44 @@ impl Live {
         (segments, i.applied_through.max(committed))
     }
 
-    /// The segments `profile` was in just before `time` (before the diffs
-    /// of `time` and later): its segments now, less the logged changes of
-    /// those times. `None` if those changes are not all kept.
-    pub fn segments_before(&self, profile: &str, time: Time) -> Option<Vec<String>> {
-        let i = self.index.read().ok()?;
-        if i.unlogged_until >= time {
-            return None;
-        }
+    /// The segments `profile` was in just before `time`: its segments
+    /// now, less the logged changes of `time` and later. Where those are
+    /// no longer all kept, less the diffs of `time` alone (`at_time`, the
+    /// diffs committed at `time`), which is exact unless later times
+    /// changed the profile too.
+    pub fn segments_before(&self, profile: &str, time: Time, at_time: &[SegmentDiff]) -> Vec<String> {
+        let Ok(i) = self.index.read() else {
+            return Vec::new();
+        };
+        let kept = i.unlogged_until < time
+            && !i.changes_after.values().any(|a| *a >= time);
         let mut out = Vec::new();
         let names: BTreeSet<&String> = i.members.keys().chain(i.changes.keys()).collect();
         for name in names {
-            if i.changes_after.get(name).is_some_and(|a| *a >= time) {
-                return None;
-            }
             let now = i.members.get(name).is_some_and(|m| m.contains(profile));
-            let since: i64 = i.changes.get(name).map_or(0, |log| {
-                log.iter()
-                    .rev()
-                    .take_while(|(t, _, _)| *t >= time)
-                    .filter(|(_, p, _)| p == profile)
-                    .map(|(_, _, d)| d)
+            let since: i64 = if kept {
+                i.changes.get(name).map_or(0, |log| {
+                    log.iter()
+                        .rev()
+                        .take_while(|(t, _, _)| *t >= time)
+                        .filter(|(_, p, _)| p == profile)
+                        .map(|(_, _, d)| d)
+                        .sum()
+                })
+            } else {
+                at_time
+                    .iter()
+                    .filter(|d| d.profile == profile && d.segment == **name)
+                    .map(|d| d.diff)
                     .sum()
-            });
+            };
             // A member now that entered since was not one before; one that
             // left since was.
             if (now && since <= 0) || (!now && since < 0) {
                 out.push(name.clone());
             }
         }
-        Some(out)
+        out
     }
 
     /// The members of each of `segments` (in profile-id order) read at one
