@@ -1590,7 +1590,10 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
         );
-        assert!(!out.status.success(), "exit 0 after a failed export: {stderr}");
+        assert!(
+            !out.status.success(),
+            "exit 0 after a failed export: {stderr}"
+        );
         assert!(
             stderr.contains("audience export") && stderr.contains("exports/vip"),
             "the reason names the export and its path: {stderr}"
@@ -1622,7 +1625,10 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
     let out = run("blocked");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "exit 0 with a directory in the way");
-    assert!(stderr.contains(&name) && stderr.contains("in the way"), "{stderr}");
+    assert!(
+        stderr.contains(&name) && stderr.contains("in the way"),
+        "{stderr}"
+    );
 }
 
 /// A connection to the TCP source on `port`, once it listens (within 30 s).

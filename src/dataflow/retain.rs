@@ -92,20 +92,35 @@ pub struct Restored {
     pub dwell_entries: Vec<(Id, String, Time)>,
 }
 
-/// Appends the encoding of `item` to `out`: its bincode, so that two
+/// The encoding of retained items: bincode with variable-length integers
+/// (bincode 1's `DefaultOptions`: a value under 251 takes one byte, so a
+/// count of 1 under a trait index takes three bytes in all, where
+/// bincode's fixed-width default took 24). An event's items are most of
+/// what a run writes to its state, so their size is the state writer's,
+/// the flushes' and the compactions' work.
+fn item_codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().allow_trailing_bytes()
+}
+
+/// Appends the encoding of `item` to `out` ([`item_codec`]), so that two
 /// encodings appended are the encoding of both lists (the
 /// `retained_events` column family holds an event's items so, see
 /// [`crate::store`]).
 pub fn encode_item_into(item: &Item, out: &mut Vec<u8>) {
-    bincode::serialize_into(out, item).expect("an item serializes");
+    use bincode::Options;
+    item_codec()
+        .serialize_into(out, item)
+        .expect("an item serializes");
 }
 
 /// Items encoded by [`encode_item_into`], read back; `None` if the bytes
 /// are not such an encoding.
 pub fn decode_items(mut bytes: &[u8]) -> Option<Vec<Item>> {
+    use bincode::Options;
     let mut out = Vec::new();
     while !bytes.is_empty() {
-        out.push(bincode::deserialize_from(&mut bytes).ok()?);
+        out.push(item_codec().deserialize_from(&mut bytes).ok()?);
     }
     Some(out)
 }
@@ -247,5 +262,47 @@ pub fn restore<'s>(scope: Scope<'s, Time>, restored: Option<Restored>) -> Restor
         sets,
         traits,
         dwell_entries,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataflow::traits::SECOND;
+    use crate::model::Scalar;
+
+    #[test]
+    fn items_appended_read_back_as_the_list() {
+        let items = vec![
+            Item::Amount(0, 1),
+            Item::Amount(7 | SECOND, -123_456_789_012_345_678_901_234),
+            Item::Amount(3, i128::MAX),
+            Item::Point(2, (1_764_000_000_000, Scalar::Str("outdoor".into())), 1),
+            Item::Point(5, (0, Scalar::Num(49.99)), -3),
+            Item::Point(9, (42, Scalar::Null), 2),
+            Item::Point(11, (u64::MAX, Scalar::Bool(true)), isize::MIN),
+        ];
+        let mut bytes = Vec::new();
+        for item in &items {
+            encode_item_into(item, &mut bytes);
+        }
+        assert_eq!(decode_items(&bytes), Some(items));
+        // A list cut inside an item is not an encoding.
+        assert_eq!(decode_items(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode_items(&[]), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_count_takes_three_bytes() {
+        // The variant, the trait index and the count: one byte each.
+        let mut bytes = Vec::new();
+        encode_item_into(&Item::Amount(4, 1), &mut bytes);
+        assert_eq!(bytes.len(), 3);
+        // A point of a value-only trait (tick 0) and its count of 1: the
+        // variant, the index, the tick, the scalar's variant and 8 bytes
+        // of the number, the count.
+        bytes.clear();
+        encode_item_into(&Item::Point(4, (0, Scalar::Num(12.5)), 1), &mut bytes);
+        assert_eq!(bytes.len(), 13);
     }
 }

@@ -474,8 +474,11 @@ pub fn evaluate<'s>(
         // each (profile, trait) and its time, in the order first changed,
         // and where each is in that list.
         let mut changed_values: Vec<((Id, u32), Time, Scalar)> = Vec::new();
-        let mut changed_at: std::collections::HashMap<(Id, u32), usize, foldhash::fast::RandomState> =
-            Default::default();
+        let mut changed_at: std::collections::HashMap<
+            (Id, u32),
+            usize,
+            foldhash::fast::RandomState,
+        > = Default::default();
         // The segments to evaluate again (a buffer reused).
         let mut dirty: Vec<bool> = Vec::new();
         let mut completion = crate::time::Completion::default();

@@ -1113,7 +1113,8 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                                 && filter.profile.as_ref().is_none_or(|p| *p == d.profile)
                                 && (filter.ids.is_empty() || filter.followed.contains(&d.profile))
                         };
-                        let diff = |d: &SegmentDiff| Event::default().event("diff").data(d.to_line());
+                        let diff =
+                            |d: &SegmentDiff| Event::default().event("diff").data(d.to_line());
                         // The profiles followed before (a merge's exits),
                         // then the identifier's new profile as it was
                         // before this time, then its diffs of this time.
@@ -1122,7 +1123,8 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                             .filter(wanted)
                             .partition(|d| moved != Some(d.profile.as_str()));
                         queue.extend(before.into_iter().map(diff));
-                        if let (Some(profile), Some(time)) = (moved, diffs.first().map(|d| d.time)) {
+                        if let (Some(profile), Some(time)) = (moved, diffs.first().map(|d| d.time))
+                        {
                             let was = live.segments_before(profile, time, &diffs);
                             queue.push_back(profile_event(
                                 profile,

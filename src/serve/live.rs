@@ -582,12 +582,16 @@ impl Live {
     /// no longer all kept, less the diffs of `time` alone (`at_time`, the
     /// diffs committed at `time`), which is exact unless later times
     /// changed the profile too.
-    pub fn segments_before(&self, profile: &str, time: Time, at_time: &[SegmentDiff]) -> Vec<String> {
+    pub fn segments_before(
+        &self,
+        profile: &str,
+        time: Time,
+        at_time: &[SegmentDiff],
+    ) -> Vec<String> {
         let Ok(i) = self.index.read() else {
             return Vec::new();
         };
-        let kept = i.unlogged_until < time
-            && !i.changes_after.values().any(|a| *a >= time);
+        let kept = i.unlogged_until < time && !i.changes_after.values().any(|a| *a >= time);
         let mut out = Vec::new();
         let names: BTreeSet<&String> = i.members.keys().chain(i.changes.keys()).collect();
         for name in names {

@@ -26,7 +26,7 @@
 //! | `retained_sets`   | identifier keys, 16 bytes each        | empty                            |
 //! | `retained_names`  | identifier key                        | `kind:value`                     |
 //! | `retained_totals` | identifier key, slot (u32 BE)         | i128 LE (added)                  |
-//! | `retained_events` | last window end (u64 BE), tick (u64 BE), identifier key | the event's windowed trait items, bincode, one after another (appended) |
+//! | `retained_events` | last window end (u64 BE), tick (u64 BE), identifier key | the event's windowed trait items, bincode with variable-length integers, one after another (appended) |
 //! | `retained_points` | identifier key, trait (u32 BE), tick (u64 BE), value (bincode) | i64 LE count (added; zero ones dropped by compactions) |
 //! | `retained_held`   | identifier key, trait (u32 BE)        | the point held: tick (u64 BE), value (bincode) (replaced) |
 //! | `retained_dwell`  | profile key, segment name (UTF-8)     | when it entered the segment (u64 BE; removed when it leaves) |
@@ -190,7 +190,7 @@ impl StoreError {
 /// version (`segflow-state 1`).
 pub const MARKER_FILE: &str = "SEGFLOW_STATE";
 /// The state format this version writes and reads.
-pub const STATE_FORMAT: u32 = 2;
+pub const STATE_FORMAT: u32 = 3;
 /// The file whose exclusive lock a run holds for its whole length.
 pub const LOCK_FILE: &str = "segflow.lock";
 
@@ -2546,29 +2546,36 @@ mod tests {
             "{e}"
         );
 
-        // State of an earlier format: refused with the way out, and
+        // State of every earlier format: refused with the way out, and
         // replaced by a reset (it is segflow's own).
-        let older = tempfile::tempdir().unwrap();
-        std::fs::write(older.path().join(MARKER_FILE), "segflow-state 1\n").unwrap();
-        std::fs::write(older.path().join("CURRENT"), "MANIFEST-000001\n").unwrap();
-        let e = Store::open_read_only(older.path())
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            e.contains("earlier segflow version (format 1") && e.contains("--reset"),
-            "{e}"
-        );
-        let e = StateLock::take(older.path()).err().unwrap().to_string();
-        assert!(e.contains("--reset"), "{e}");
-        assert!(!older.path().join(LOCK_FILE).exists(), "refused untouched");
-        let lock = StateLock::take_to_reset(older.path()).unwrap();
-        drop(Store::create_fresh(older.path(), &lock).unwrap());
-        drop(lock);
-        assert!(
-            Store::open_read_only(older.path()).is_ok(),
-            "replaced by a reset"
-        );
+        for version in 1..STATE_FORMAT {
+            let older = tempfile::tempdir().unwrap();
+            std::fs::write(
+                older.path().join(MARKER_FILE),
+                format!("segflow-state {version}\n"),
+            )
+            .unwrap();
+            std::fs::write(older.path().join("CURRENT"), "MANIFEST-000001\n").unwrap();
+            let e = Store::open_read_only(older.path())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains(&format!("earlier segflow version (format {version}"))
+                    && e.contains("--reset"),
+                "{e}"
+            );
+            let e = StateLock::take(older.path()).err().unwrap().to_string();
+            assert!(e.contains("--reset"), "{e}");
+            assert!(!older.path().join(LOCK_FILE).exists(), "refused untouched");
+            let lock = StateLock::take_to_reset(older.path()).unwrap();
+            drop(Store::create_fresh(older.path(), &lock).unwrap());
+            drop(lock);
+            assert!(
+                Store::open_read_only(older.path()).is_ok(),
+                "replaced by a reset"
+            );
+        }
 
         // A file, a dangling symbolic link.
         let file = dir.path().join("a-file");
