@@ -589,8 +589,17 @@ impl StateBatch {
     /// Adds the changes of `later` (of later times) after those staged:
     /// where both change a key, `later`'s change stays.
     pub fn absorb(&mut self, later: StateBatch) {
-        self.bytes.extend(later.bytes);
-        self.values.extend(later.values);
+        // The first batch absorbed is taken as it is, not rehashed.
+        if self.bytes.is_empty() {
+            self.bytes = later.bytes;
+        } else {
+            self.bytes.extend(later.bytes);
+        }
+        if self.values.is_empty() {
+            self.values = later.values;
+        } else {
+            self.values.extend(later.values);
+        }
     }
 
     /// Stages the value of trait `index` of the profile with key
@@ -606,7 +615,10 @@ impl StateBatch {
     /// [`COUNT_OF`] set is the count of a most frequent value, kept as
     /// `NAME.count`). The error is an internal one (a key without a name).
     pub fn name_traits(&mut self, names: &IdMap<String>, traits: &[String]) -> Result<(), String> {
-        for ((profile, index), value) in std::mem::take(&mut self.values) {
+        let values = std::mem::take(&mut self.values);
+        self.bytes.reserve(values.len());
+        let mut count_name = String::new();
+        for ((profile, index), value) in values {
             let profile = names.get(&profile).ok_or_else(|| {
                 format!(
                     "internal error: no name for identifier key {:032x}",
@@ -618,7 +630,10 @@ impl StateBatch {
                 .ok_or_else(|| format!("internal error: no trait {index}"))?;
             let insert = value != Scalar::Null;
             if index & COUNT_OF != 0 {
-                self.trait_value(profile, &format!("{name}.count"), &value, insert);
+                count_name.clear();
+                count_name.push_str(name);
+                count_name.push_str(".count");
+                self.trait_value(profile, &count_name, &value, insert);
             } else {
                 self.trait_value(profile, name, &value, insert);
             }
@@ -673,7 +688,7 @@ impl StateBatch {
             // as Rust writes them: the shortest text that reads back the
             // same, never an exponent).
             let text = match value {
-                Scalar::Num(n) if n.is_finite() => n.to_string(),
+                Scalar::Num(n) if n.is_finite() => number_text(*n),
                 Scalar::Bool(b) => b.to_string(),
                 Scalar::Str(s) => serde_json::to_string(s).expect("a string serializes"),
                 _ => "null".to_string(),
@@ -1100,6 +1115,20 @@ fn key2(a: &str, b: &str) -> Vec<u8> {
     k.extend_from_slice(a.as_bytes());
     k.extend_from_slice(b.as_bytes());
     k
+}
+
+/// A finite number as JSON text, as Rust's `Display` writes it (the
+/// shortest text that reads back the same, never an exponent): a whole
+/// number below 2^53 through the integer formatter, which gives the same
+/// digits several times faster (counts and most sums are whole), the
+/// rest, and `-0`, through `Display`.
+fn number_text(n: f64) -> String {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if n.fract() == 0.0 && n.abs() < EXACT && !(n == 0.0 && n.is_sign_negative()) {
+        (n as i64).to_string()
+    } else {
+        n.to_string()
+    }
 }
 
 /// The length of the `key2(a, "")` prefix that starts `key`: 4 bytes of
@@ -2496,6 +2525,34 @@ mod tests {
     /// A second run on a held directory is refused; a directory holding
     /// another program's data (a RocksDB database without segflow's marker,
     /// or any other file) or state of an unknown format is never touched.
+    #[test]
+    fn numbers_are_written_as_display_writes_them() {
+        let cases = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            3.0,
+            12.5,
+            -7.25,
+            0.1,
+            1e15,
+            9_007_199_254_740_991.0,
+            9_007_199_254_740_992.0,
+            -9_007_199_254_740_993.0,
+            1e21,
+            123_456_789.0,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+        ];
+        for n in cases {
+            assert_eq!(number_text(n), n.to_string(), "{n:?}");
+        }
+        // Whole numbers are the integer formatter's digits.
+        assert_eq!(number_text(42.0), "42");
+        assert_eq!(number_text(-0.0), "-0");
+    }
+
     #[test]
     fn segflow_destroys_nothing_it_did_not_create() {
         let dir = tempfile::tempdir().unwrap();
