@@ -777,6 +777,36 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     let next = |what: &str| -> (String, Value) {
         events.recv_timeout(Duration::from_secs(20)).expect(what)
     };
+    // No profile has the identifier yet: the stream says so at once (and
+    // is open from then on), rather than staying silent.
+    let (kind, none) = next("the announcement of no profile");
+    assert_eq!(kind, "profile", "{none}");
+    assert_eq!(none["profile"], Value::Null, "{none}");
+    assert_eq!(none["segments"], serde_json::json!([]), "{none}");
+    let note = none["note"].as_str().unwrap();
+    assert!(
+        note.contains("no profile has the identifier \"anon:v1\" yet"),
+        "{note}"
+    );
+    // A prefix that is not a kind: the note says how it was read.
+    let other = agent()
+        .get(&format!(
+            "{base}/v1/diffs/stream?id=nokind:x&access_token={TOKEN}"
+        ))
+        .call()
+        .unwrap();
+    let data = BufReader::new(other.into_body().into_reader())
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("data:").map(str::to_string))
+        .unwrap();
+    let none: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(none["profile"], Value::Null, "{none}");
+    let note = none["note"].as_str().unwrap();
+    assert!(
+        note.contains("\"nokind\" is not an identifier kind") && note.contains("anon:nokind:x"),
+        "{note}"
+    );
     // Another visitor's diffs must not reach this stream.
     let mut client = loop {
         match std::net::TcpStream::connect(("127.0.0.1", web)) {
@@ -1182,7 +1212,10 @@ fn the_shop_example_personalizes_its_page_from_the_running_engine() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The stream opens saying that no profile has the visitor yet.
+    let opened: Value =
+        serde_json::from_str(&events.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
+    assert_eq!(opened["profile"], Value::Null, "{opened}");
     let mut client = connect(web);
     for _ in 0..2 {
         let ts = wall_ms();
@@ -1505,14 +1538,41 @@ fn scheduled_exports_carry_the_entries_and_exits_since_the_one_before() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Unchanged audiences write nothing more, though time moves on.
-    let files = || std::fs::read_dir(&seg_dir).unwrap().count();
-    let before = files();
+    // Counted once the export that wrote the exit is complete (its
+    // changes file comes before its members file; temporary files are
+    // not counted).
+    let files = || -> (usize, usize) {
+        let names: Vec<String> = std::fs::read_dir(&seg_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".jsonl"))
+            .collect();
+        let members = names.iter().filter(|n| n.starts_with("members-")).count();
+        (members, names.len() - members)
+    };
+    let settled = Instant::now();
+    let before = loop {
+        let (members, changes) = files();
+        if members == changes {
+            break members + changes;
+        }
+        assert!(
+            settled.elapsed() < Duration::from_secs(10),
+            "{members} members files for {changes} changes files"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         before <= 6,
         "{before} files for at most 3 different audiences"
     );
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(files(), before, "new files for an unchanged audience");
+    let (members, changes) = files();
+    assert_eq!(
+        members + changes,
+        before,
+        "new files for an unchanged audience"
+    );
     drop(client);
     assert!(run.stop().success());
 

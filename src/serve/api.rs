@@ -980,6 +980,33 @@ fn profile_event(
         .data(json!({"time": time, "profile": profile, "segments": list}).to_string())
 }
 
+/// `event: profile` with `"profile": null` for an `?id=` stream whose
+/// identifier no profile has when it opens (an identifier not seen yet is
+/// followed all the same: its first profile is announced when it has
+/// one), with a `note` saying so and how the query was read (a `KIND:`
+/// prefix that is not a kind makes the whole a bare value).
+fn no_profile_event(live: &Live, query: &str, ids: &[crate::model::Ident]) -> Event {
+    let rules = live.rules();
+    let read_as: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+    let mut note = format!(
+        "no profile has the identifier {query:?} yet (read as {}); the stream follows it and announces its profile when it has one",
+        read_as.join(", ")
+    );
+    if let Some((kind, _)) = query.split_once(':') {
+        if !rules.is_kind(kind.trim()) {
+            note.push_str(&format!(
+                "; {:?} is not an identifier kind (kinds: {}), so the whole was read as a bare value",
+                kind.trim(),
+                rules.kinds().join(", ")
+            ));
+        }
+    }
+    Event::default().event("profile").data(
+        json!({"time": live.segments_as_of().time, "profile": null, "segments": [], "note": note})
+            .to_string(),
+    )
+}
+
 async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Response {
     let Ok(permit) = Arc::clone(&app.streams).try_acquire_owned() else {
         return busy("too many diff streams open");
@@ -1038,10 +1065,13 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         current: None,
         announced_through: None,
     };
-    let first: std::collections::VecDeque<Event> = known
-        .map(|p| filter.announce(&app.live, p))
-        .into_iter()
-        .collect();
+    let first: std::collections::VecDeque<Event> = match (known, q.id.as_deref()) {
+        (Some(p), _) => [filter.announce(&app.live, p)].into(),
+        // Said at once, not met with a silent stream: the identifier has
+        // no profile (yet), and how it was read.
+        (None, Some(query)) => [no_profile_event(&app.live, query, &filter.ids)].into(),
+        (None, None) => Default::default(),
+    };
     let live = Arc::clone(&app.live);
     // How often a followed identifier's profile is looked at between
     // diffs: a first profile, or a merge that changes no membership, has
