@@ -1671,7 +1671,8 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
         Command::new(env!("CARGO_BIN_EXE_segflow"))
             .current_dir(dir.path())
             .args(["run", "ecommerce.toml", "--reset", "--export", exports])
-            .args(["--export-every", "1h", "--export-segments", "vip"])
+            .args(["--export-every", "1h"])
+            .args(["--export-segments", "big_spender,vip"])
             .output()
             .unwrap()
     };
@@ -1687,6 +1688,19 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
     assert!(!out.status.success(), "exit 0 with a directory in the way");
     assert!(
         stderr.contains(&name) && stderr.contains("in the way"),
+        "{stderr}"
+    );
+    // All or nothing: the segment exported before the one that failed
+    // keeps no file of that export (the error says which were removed).
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("blocked/big_spender"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?} left by a failed export");
+    assert!(
+        stderr.contains("removed") && stderr.contains("big_spender"),
         "{stderr}"
     );
 }

@@ -326,64 +326,90 @@ pub fn export_once(
     let Some(time) = as_of.time else {
         return Ok(done);
     };
-    for (name, profiles) in names.into_iter().zip(all) {
-        let seg_dir = dir.join(&name);
-        std::fs::create_dir_all(&seg_dir)
-            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
-        let ext = format.extension();
-        let members_file = seg_dir.join(format!("members-{time}.{ext}"));
-        if members_file.is_file() {
-            continue; // nothing was committed since the export before
+    let mut written: Vec<PathBuf> = Vec::new();
+    let each = || -> Result<(), String> {
+        for (name, profiles) in names.into_iter().zip(all) {
+            let seg_dir = dir.join(&name);
+            std::fs::create_dir_all(&seg_dir)
+                .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+            let ext = format.extension();
+            let members_file = seg_dir.join(format!("members-{time}.{ext}"));
+            if members_file.is_file() {
+                continue; // nothing was committed since the export before
+            }
+            if members_file.exists() {
+                return Err(format!(
+                    "export {}: something other than a file is in the way; move it",
+                    members_file.display()
+                ));
+            }
+            let previous = previous_members(&seg_dir, format)
+                .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+            let before = previous.clone().unwrap_or_default();
+            let now: BTreeSet<&str> = profiles.iter().map(String::as_str).collect();
+            let exited: Vec<String> = before
+                .iter()
+                .filter(|p| !now.contains(p.as_str()))
+                .cloned()
+                .collect();
+            let entered = profiles.iter().filter(|p| !before.contains(*p)).count();
+            if entered == 0 && exited.is_empty() && previous.is_some() {
+                continue; // the same members as the export before
+            }
+            // Only now the identifiers are read (for members and changes).
+            let listed = rows(live, profiles, None).map_err(|e| e.to_string())?;
+            let mut changes: Vec<Row> = listed
+                .iter()
+                .filter(|r| !before.contains(&r.profile))
+                .map(|r| Row {
+                    profile: r.profile.clone(),
+                    identifiers: r.identifiers.clone(),
+                    entered: Some(true),
+                })
+                .collect();
+            let exits = exited.len();
+            changes.extend(rows(live, exited, Some(false)).map_err(|e| e.to_string())?);
+            changes.sort_by(|a, b| a.profile.cmp(&b.profile));
+            let mut bytes = Vec::new();
+            write_rows(&mut bytes, format, &kinds, &listed, false).map_err(|e| e.to_string())?;
+            let mut change_bytes = Vec::new();
+            write_rows(&mut change_bytes, format, &kinds, &changes, true)
+                .map_err(|e| e.to_string())?;
+            // The changes first: a members file always has its changes.
+            let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
+            write_atomically(&changes_file, &change_bytes)
+                .map_err(|e| format!("export {}: {e}", changes_file.display()))?;
+            written.push(changes_file);
+            write_atomically(&members_file, &bytes)
+                .map_err(|e| format!("export {}: {e}", members_file.display()))?;
+            written.push(members_file.clone());
+            done.push(Exported {
+                segment: name,
+                members_file,
+                members: listed.len(),
+                entered,
+                exited: exits,
+            });
         }
-        if members_file.exists() {
-            return Err(format!(
-                "export {}: something other than a file is in the way; move it",
-                members_file.display()
-            ));
+        Ok(())
+    };
+    if let Err(e) = each() {
+        // All or nothing: the files this export wrote for the segments
+        // before the one that failed are removed, so that the newest
+        // complete export stays the one the next is compared with, and no
+        // changes file is left without its members file.
+        let mut removed = Vec::new();
+        for path in &written {
+            if std::fs::remove_file(path).is_ok() {
+                removed.push(path.display().to_string());
+            }
         }
-        let previous = previous_members(&seg_dir, format)
-            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
-        let before = previous.clone().unwrap_or_default();
-        let now: BTreeSet<&str> = profiles.iter().map(String::as_str).collect();
-        let exited: Vec<String> = before
-            .iter()
-            .filter(|p| !now.contains(p.as_str()))
-            .cloned()
-            .collect();
-        let entered = profiles.iter().filter(|p| !before.contains(*p)).count();
-        if entered == 0 && exited.is_empty() && previous.is_some() {
-            continue; // the same members as the export before
-        }
-        // Only now the identifiers are read (for members and changes).
-        let listed = rows(live, profiles, None).map_err(|e| e.to_string())?;
-        let mut changes: Vec<Row> = listed
-            .iter()
-            .filter(|r| !before.contains(&r.profile))
-            .map(|r| Row {
-                profile: r.profile.clone(),
-                identifiers: r.identifiers.clone(),
-                entered: Some(true),
-            })
-            .collect();
-        let exits = exited.len();
-        changes.extend(rows(live, exited, Some(false)).map_err(|e| e.to_string())?);
-        changes.sort_by(|a, b| a.profile.cmp(&b.profile));
-        let mut bytes = Vec::new();
-        write_rows(&mut bytes, format, &kinds, &listed, false).map_err(|e| e.to_string())?;
-        let mut change_bytes = Vec::new();
-        write_rows(&mut change_bytes, format, &kinds, &changes, true).map_err(|e| e.to_string())?;
-        // The changes first: a members file always has its changes.
-        let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
-        write_atomically(&changes_file, &change_bytes)
-            .map_err(|e| format!("export {}: {e}", changes_file.display()))?;
-        write_atomically(&members_file, &bytes)
-            .map_err(|e| format!("export {}: {e}", members_file.display()))?;
-        done.push(Exported {
-            segment: name,
-            members_file,
-            members: listed.len(),
-            entered,
-            exited: exits,
+        return Err(match removed.is_empty() {
+            true => e,
+            false => format!(
+                "{e} (the files this export had written are removed: {})",
+                removed.join(", ")
+            ),
         });
     }
     Ok(done)
