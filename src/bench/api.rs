@@ -66,6 +66,19 @@ pub struct ApiResult {
     pub decide_p99_ms: f64,
     /// See [`ApiResult::decide_p50_ms`].
     pub decide_p999_ms: f64,
+    /// The API's own time for the profile requests measured (from its
+    /// latency histogram, `segflow_api_request_duration_seconds`: from
+    /// taking a request to its answer), median and 99th percentile, ms:
+    /// the upper bound of the bucket they fall in (buckets double from
+    /// 0.05 ms; infinite past the last). The client's latency beyond this
+    /// is waiting: for a free connection, for a core, in the network.
+    pub profiles_handler_p50_ms_at_most: f64,
+    /// See [`ApiResult::profiles_handler_p50_ms_at_most`].
+    pub profiles_handler_p99_ms_at_most: f64,
+    /// The same for the decisions.
+    pub decide_handler_p50_ms_at_most: f64,
+    /// See [`ApiResult::decide_handler_p50_ms_at_most`].
+    pub decide_handler_p99_ms_at_most: f64,
     /// The wall clock minus the committed time at the end, seconds.
     pub commit_lag_s: f64,
     /// Whether the load generator and the feeder ran at real-time priority
@@ -206,6 +219,7 @@ pub fn run(
             .sum()
     };
     let before = records(&live);
+    let metrics_before = live.render_metrics();
     // The requests ask for visitors whose events were sent a second or
     // more ago (committed by now: tick + lateness are 0.3 s), so that
     // they are answered from a profile, not with a cheap 404.
@@ -219,6 +233,10 @@ pub fn run(
         open_loop(&server.local_addr(), requests, secs, known, started)?;
     let seconds = started.elapsed().as_secs_f64();
     let after = records(&live);
+    let metrics_after = live.render_metrics();
+    let handler = |endpoint: &str, q: f64| {
+        handler_quantile(&metrics_before, &metrics_after, endpoint, q).unwrap_or(f64::NAN)
+    };
     let commit_lag_s = live.segments_as_of().lag_ms.unwrap_or(i64::MAX) as f64 / 1000.0;
     feeding.store(false, Ordering::SeqCst);
     let fed = feeder
@@ -248,9 +266,64 @@ pub fn run(
         decide_p50_ms: pct(&decide, 0.5),
         decide_p99_ms: pct(&decide, 0.99),
         decide_p999_ms: pct(&decide, 0.999),
+        profiles_handler_p50_ms_at_most: handler(PROFILES, 0.5),
+        profiles_handler_p99_ms_at_most: handler(PROFILES, 0.99),
+        decide_handler_p50_ms_at_most: handler(DECIDE, 0.5),
+        decide_handler_p99_ms_at_most: handler(DECIDE, 0.99),
         commit_lag_s,
         generator_realtime: realtime_this_thread_allowed(),
     })
+}
+
+/// The endpoints as the API's metrics name them (their routes).
+const PROFILES: &str = "/v1/profiles/{identifier}";
+/// See [`PROFILES`].
+const DECIDE: &str = "/v1/decide/{slot}";
+
+/// The `q` quantile (0..=1) of the API's own time for `endpoint`'s
+/// requests between two renderings of the metrics (Prometheus text,
+/// [`Live::render_metrics`]), ms: the upper bound (`le`) of the first
+/// bucket of `segflow_api_request_duration_seconds` whose count since
+/// `before` reaches `q` of the requests, infinite for the `+Inf` bucket;
+/// `None` without requests.
+fn handler_quantile(before: &str, after: &str, endpoint: &str, q: f64) -> Option<f64> {
+    // (le in seconds, cumulative count) of the endpoint's buckets.
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        let mut out: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("segflow_api_request_duration_seconds_bucket{")?;
+                let (labels, count) = rest.split_once("} ")?;
+                let label = |name: &str| {
+                    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+                    let end = labels[start..].find('"')? + start;
+                    Some(&labels[start..end])
+                };
+                if label("endpoint")? != endpoint {
+                    return None;
+                }
+                let le = match label("le")? {
+                    "+Inf" => f64::INFINITY,
+                    v => v.parse().ok()?,
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    };
+    let (then, now) = (buckets(before), buckets(after));
+    let since = |le: f64| {
+        let at = |b: &[(f64, f64)]| b.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, c)| *c);
+        at(&now) - at(&then)
+    };
+    let total = since(f64::INFINITY);
+    if total <= 0.0 {
+        return None;
+    }
+    now.iter()
+        .find(|(le, _)| since(*le) >= q * total)
+        .map(|(le, _)| le * 1e3)
 }
 
 /// Profile and decision latencies (ms), and the answers other than 200.
@@ -387,4 +460,37 @@ fn realtime_this_thread_allowed() -> bool {
     std::thread::spawn(realtime_this_thread)
         .join()
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_quantiles_come_from_the_buckets_counted_between_two_renderings() {
+        let text = |counts: [u64; 4], other: u64| {
+            let les = ["0.0001", "0.0002", "0.0004", "+Inf"];
+            let mut t = String::from("# TYPE segflow_api_request_duration_seconds histogram\n");
+            for (le, c) in les.iter().zip(counts) {
+                t.push_str(&format!(
+                    "segflow_api_request_duration_seconds_bucket{{le=\"{le}\",endpoint=\"/v1/profiles/{{identifier}}\"}} {c}\n"
+                ));
+                t.push_str(&format!(
+                    "segflow_api_request_duration_seconds_bucket{{le=\"{le}\",endpoint=\"/v1/decide/{{slot}}\"}} {other}\n"
+                ));
+            }
+            t
+        };
+        // Before: 10 requests, all under 0.1 ms. Since: 100 more, 50 under
+        // 0.1 ms, 45 in (0.1, 0.2], 4 in (0.2, 0.4], 1 beyond.
+        let before = text([10, 10, 10, 10], 7);
+        let after = text([60, 105, 109, 110], 7);
+        let q = |q| handler_quantile(&before, &after, PROFILES, q);
+        assert_eq!(q(0.5), Some(0.1));
+        assert_eq!(q(0.51), Some(0.2));
+        assert_eq!(q(0.99), Some(0.4));
+        assert_eq!(q(1.0), Some(f64::INFINITY));
+        // No request of the other endpoint since.
+        assert_eq!(handler_quantile(&before, &after, DECIDE, 0.5), None);
+    }
 }
