@@ -569,7 +569,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     );
                 }
             }
-            std::fs::create_dir_all(dir)
+            segflow::serve::export::create_export_dir(dir)
                 .map_err(|e| anyhow::anyhow!("--export {}: {e}", dir.display()))?;
             Some((dir.clone(), std::time::Duration::from_millis(every), format))
         }

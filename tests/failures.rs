@@ -635,6 +635,18 @@ fn outputs_that_are_the_same_file_as_an_input_or_each_other_are_refused() {
         "{err}"
     );
     assert!(!same.exists(), "nothing is created");
+    // A device that keeps nothing may take several outputs: the usual way
+    // to throw them away.
+    let (code, err) = finish(
+        run_web(
+            &spec,
+            &web_s,
+            "1",
+            &["--output", "/dev/null", "--dead-letter", "/dev/null"],
+        ),
+        30,
+    );
+    assert_eq!(code, 0, "{err}");
 
     // An output inside the state directory (which does not exist yet, or
     // is reached through `..`): refused before anything is created.

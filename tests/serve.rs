@@ -464,7 +464,7 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         assert_eq!(status, 401, "{path}");
         assert!(body["error"].as_str().unwrap().contains("wrong"), "{body}");
     }
-    let cases: [(&str, u16, &str); 13] = [
+    let cases: [(&str, u16, &str); 16] = [
         (
             "/v1/segments/vip/export?since=99999999999999",
             400,
@@ -493,6 +493,9 @@ fn requests_without_the_token_or_with_bad_parameters_are_refused_with_reasons() 
         ("/v1/decide/heroo?id=anon:x", 404, "did you mean `hero`?"),
         ("/v1/decide/hero", 400, "give the visitor's identifier"),
         ("/v1/decide?id=anon:x", 400, "name the slots"),
+        ("/v1/diffs/stream?segment=", 400, "names no segment"),
+        ("/v1/diffs/stream?segment=,", 400, "names no segment"),
+        ("/v1/diffs/stream?profile=", 400, "names no profile"),
         ("/v2/nothing", 404, "no such endpoint"),
     ];
     for (path, want, text) in cases {
@@ -1659,6 +1662,10 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
             "the reason names the export and its path: {stderr}"
         );
         assert!(
+            stderr.contains("is a file, not a directory"),
+            "the reason says what is in the way: {stderr}"
+        );
+        assert!(
             !stdout.contains("elapsed_secs")
                 && !stderr.contains("finished in")
                 && !stdout.contains("finished in"),
@@ -1699,6 +1706,13 @@ fn a_failed_final_export_fails_a_replay_without_a_summary() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?} left by a failed export");
+    // Nor a temporary file where the write failed.
+    let tmp: Vec<String> = std::fs::read_dir(dir.path().join("blocked/vip"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?} left by a failed export");
     assert!(
         stderr.contains("removed") && stderr.contains("big_spender"),
         "{stderr}"

@@ -335,10 +335,15 @@ fn resolved(path: &Path) -> PathBuf {
 
 /// A file's identity: its device and inode if it exists, else where it
 /// would be ([`resolved`]: so `out/../out/x` and `out/x` are the same file
-/// before either exists).
+/// before either exists). `None` for a character device (`/dev/null`,
+/// a terminal): several outputs may share one, as nothing written there
+/// is kept to be overwritten.
 fn file_identity(path: &Path) -> Option<(u64, u64, PathBuf)> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if let Ok(meta) = std::fs::metadata(path) {
+        if meta.file_type().is_char_device() {
+            return None;
+        }
         return Some((meta.dev(), meta.ino(), PathBuf::new()));
     }
     Some((0, 0, resolved(path)))

@@ -1017,6 +1017,18 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
             .filter(|x| !x.is_empty())
             .collect::<Vec<_>>()
     });
+    if segments.as_ref().is_some_and(Vec::is_empty) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "?segment= names no segment: give one or more, comma-separated, or leave it out for all",
+        );
+    }
+    if q.profile.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "?profile= names no profile: give a profile id (its canonical identifier, KIND:VALUE), or leave it out",
+        );
+    }
     if let Some(list) = &segments {
         let spec = app.live.spec();
         if let Some(unknown) = list

@@ -235,16 +235,45 @@ pub enum ChangesError {
 
 /// Writes `text` to `path` through a temporary file in the same
 /// directory, synced before it is renamed.
+/// A failed write leaves no temporary file behind.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Creates `dir` (and its parents), saying so plainly when a file is
+/// where it or one of its parents goes.
+///
+/// # Errors
+///
+/// The directory cannot be created: the reason, with the path.
+pub fn create_export_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        let blocked = dir
+            .ancestors()
+            .find(|a| a.exists() && !a.is_dir())
+            .map(Path::to_path_buf);
+        match blocked {
+            Some(file) => format!(
+                "export directory {}: {} is a file, not a directory; move it",
+                dir.display(),
+                file.display()
+            ),
+            None => format!("export directory {}: {e}", dir.display()),
+        }
+    })
 }
 
 /// The newest `members-T.EXT` in `dir` and its profiles.
@@ -330,18 +359,20 @@ pub fn export_once(
     let each = || -> Result<(), String> {
         for (name, profiles) in names.into_iter().zip(all) {
             let seg_dir = dir.join(&name);
-            std::fs::create_dir_all(&seg_dir)
-                .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+            create_export_dir(&seg_dir)?;
             let ext = format.extension();
             let members_file = seg_dir.join(format!("members-{time}.{ext}"));
             if members_file.is_file() {
                 continue; // nothing was committed since the export before
             }
-            if members_file.exists() {
-                return Err(format!(
-                    "export {}: something other than a file is in the way; move it",
-                    members_file.display()
-                ));
+            let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
+            for file in [&members_file, &changes_file] {
+                if file.exists() && !file.is_file() {
+                    return Err(format!(
+                        "export {}: something other than a file is in the way; move it",
+                        file.display()
+                    ));
+                }
             }
             let previous = previous_members(&seg_dir, format)
                 .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
@@ -376,7 +407,6 @@ pub fn export_once(
             write_rows(&mut change_bytes, format, &kinds, &changes, true)
                 .map_err(|e| e.to_string())?;
             // The changes first: a members file always has its changes.
-            let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
             write_atomically(&changes_file, &change_bytes)
                 .map_err(|e| format!("export {}: {e}", changes_file.display()))?;
             written.push(changes_file);
@@ -512,6 +542,39 @@ fn log(done: Vec<Exported>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails (here: a directory where the file goes) leaves
+    /// no temporary file behind; one that succeeds leaves only the file.
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = dir.path().join("changes-1.csv");
+        std::fs::create_dir(&blocked).unwrap();
+        assert!(write_atomically(&blocked, b"rows\n").is_err());
+        let ok = dir.path().join("members-1.csv");
+        write_atomically(&ok, b"rows\n").unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["changes-1.csv", "members-1.csv"]);
+        assert_eq!(std::fs::read(&ok).unwrap(), b"rows\n");
+    }
+
+    /// A file where the export directory (or one of its parents) goes is
+    /// named as such.
+    #[test]
+    fn a_file_in_the_way_of_an_export_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vip"), "x").unwrap();
+        let e = create_export_dir(&dir.path().join("vip")).unwrap_err();
+        assert!(e.contains("vip is a file, not a directory"), "{e}");
+        let e = create_export_dir(&dir.path().join("vip/below")).unwrap_err();
+        assert!(e.contains("vip is a file, not a directory"), "{e}");
+        create_export_dir(&dir.path().join("a/b")).unwrap();
+        assert!(dir.path().join("a/b").is_dir());
+    }
 
     /// Identifiers from the data cannot become spreadsheet formulas, nor
     /// be split or merged by the `|` between values.
