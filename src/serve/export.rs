@@ -233,9 +233,9 @@ pub enum ChangesError {
     State(LookupError),
 }
 
-/// Writes `text` to `path` through a temporary file in the same
-/// directory, synced before it is renamed.
-/// A failed write leaves no temporary file behind.
+/// Writes `bytes` to `path` through a temporary file in the same
+/// directory, synced before it is renamed. A failed write leaves no
+/// temporary file behind.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
