@@ -355,94 +355,130 @@ pub fn export_once(
     let Some(time) = as_of.time else {
         return Ok(done);
     };
+    // All or nothing: when a segment fails, the files this export wrote
+    // for the segments before it are removed, so that the newest complete
+    // export stays the one the next is compared with, and no changes file
+    // is left without its members file.
     let mut written: Vec<PathBuf> = Vec::new();
-    let each = || -> Result<(), String> {
-        for (name, profiles) in names.into_iter().zip(all) {
-            let seg_dir = dir.join(&name);
-            create_export_dir(&seg_dir)?;
-            let ext = format.extension();
-            let members_file = seg_dir.join(format!("members-{time}.{ext}"));
-            if members_file.is_file() {
-                continue; // nothing was committed since the export before
-            }
-            let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
-            for file in [&members_file, &changes_file] {
-                if file.exists() && !file.is_file() {
-                    return Err(format!(
-                        "export {}: something other than a file is in the way; move it",
-                        file.display()
-                    ));
-                }
-            }
-            let previous = previous_members(&seg_dir, format)
-                .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
-            let before = previous.clone().unwrap_or_default();
-            let now: BTreeSet<&str> = profiles.iter().map(String::as_str).collect();
-            let exited: Vec<String> = before
-                .iter()
-                .filter(|p| !now.contains(p.as_str()))
-                .cloned()
-                .collect();
-            let entered = profiles.iter().filter(|p| !before.contains(*p)).count();
-            if entered == 0 && exited.is_empty() && previous.is_some() {
-                continue; // the same members as the export before
-            }
-            // Only now the identifiers are read (for members and changes).
-            let listed = rows(live, profiles, None).map_err(|e| e.to_string())?;
-            let mut changes: Vec<Row> = listed
-                .iter()
-                .filter(|r| !before.contains(&r.profile))
-                .map(|r| Row {
-                    profile: r.profile.clone(),
-                    identifiers: r.identifiers.clone(),
-                    entered: Some(true),
-                })
-                .collect();
-            let exits = exited.len();
-            changes.extend(rows(live, exited, Some(false)).map_err(|e| e.to_string())?);
-            changes.sort_by(|a, b| a.profile.cmp(&b.profile));
-            let mut bytes = Vec::new();
-            write_rows(&mut bytes, format, &kinds, &listed, false).map_err(|e| e.to_string())?;
-            let mut change_bytes = Vec::new();
-            write_rows(&mut change_bytes, format, &kinds, &changes, true)
-                .map_err(|e| e.to_string())?;
-            // The changes first: a members file always has its changes.
-            write_atomically(&changes_file, &change_bytes)
-                .map_err(|e| format!("export {}: {e}", changes_file.display()))?;
-            written.push(changes_file);
-            write_atomically(&members_file, &bytes)
-                .map_err(|e| format!("export {}: {e}", members_file.display()))?;
-            written.push(members_file.clone());
-            done.push(Exported {
-                segment: name,
-                members_file,
-                members: listed.len(),
-                entered,
-                exited: exits,
-            });
-        }
-        Ok(())
+    let segment = Segment {
+        live,
+        format,
+        kinds: &kinds,
+        time,
     };
-    if let Err(e) = each() {
-        // All or nothing: the files this export wrote for the segments
-        // before the one that failed are removed, so that the newest
-        // complete export stays the one the next is compared with, and no
-        // changes file is left without its members file.
-        let mut removed = Vec::new();
-        for path in &written {
-            if std::fs::remove_file(path).is_ok() {
-                removed.push(path.display().to_string());
+    for (name, profiles) in names.into_iter().zip(all) {
+        let seg_dir = dir.join(&name);
+        match segment.export(&seg_dir, name, profiles, &mut written) {
+            Ok(Some(exported)) => done.push(exported),
+            Ok(None) => {}
+            Err(e) => {
+                let removed: Vec<String> = written
+                    .iter()
+                    .filter(|path| std::fs::remove_file(path).is_ok())
+                    .map(|path| path.display().to_string())
+                    .collect();
+                return Err(match removed.is_empty() {
+                    true => e,
+                    false => format!(
+                        "{e} (the files this export had written are removed: {})",
+                        removed.join(", ")
+                    ),
+                });
             }
         }
-        return Err(match removed.is_empty() {
-            true => e,
-            false => format!(
-                "{e} (the files this export had written are removed: {})",
-                removed.join(", ")
-            ),
-        });
     }
     Ok(done)
+}
+
+/// What one export of one segment needs besides the segment.
+struct Segment<'a> {
+    live: &'a Live,
+    format: ExportFormat,
+    /// The identifier kinds, the columns of the rows.
+    kinds: &'a [&'a str],
+    /// The export's `as_of` time (ms), in the file names.
+    time: u64,
+}
+
+impl Segment<'_> {
+    /// Exports segment `name` (its members `profiles`) into `seg_dir`: its
+    /// changes file, then its members file, each added to `written` once
+    /// it is. `None` when nothing is written (no time committed since the
+    /// export before, or the same members).
+    fn export(
+        &self,
+        seg_dir: &Path,
+        name: String,
+        profiles: Vec<String>,
+        written: &mut Vec<PathBuf>,
+    ) -> Result<Option<Exported>, String> {
+        let Segment {
+            live,
+            format,
+            kinds,
+            time,
+        } = *self;
+        create_export_dir(seg_dir)?;
+        let ext = format.extension();
+        let members_file = seg_dir.join(format!("members-{time}.{ext}"));
+        if members_file.is_file() {
+            return Ok(None); // nothing was committed since the export before
+        }
+        let changes_file = seg_dir.join(format!("changes-{time}.{ext}"));
+        for file in [&members_file, &changes_file] {
+            if file.exists() && !file.is_file() {
+                return Err(format!(
+                    "export {}: something other than a file is in the way; move it",
+                    file.display()
+                ));
+            }
+        }
+        let previous = previous_members(seg_dir, format)
+            .map_err(|e| format!("export directory {}: {e}", seg_dir.display()))?;
+        let before = previous.clone().unwrap_or_default();
+        let now: BTreeSet<&str> = profiles.iter().map(String::as_str).collect();
+        let exited: Vec<String> = before
+            .iter()
+            .filter(|p| !now.contains(p.as_str()))
+            .cloned()
+            .collect();
+        let entered = profiles.iter().filter(|p| !before.contains(*p)).count();
+        if entered == 0 && exited.is_empty() && previous.is_some() {
+            return Ok(None); // the same members as the export before
+        }
+        // Only now the identifiers are read (for members and changes).
+        let listed = rows(live, profiles, None).map_err(|e| e.to_string())?;
+        let mut changes: Vec<Row> = listed
+            .iter()
+            .filter(|r| !before.contains(&r.profile))
+            .map(|r| Row {
+                profile: r.profile.clone(),
+                identifiers: r.identifiers.clone(),
+                entered: Some(true),
+            })
+            .collect();
+        let exits = exited.len();
+        changes.extend(rows(live, exited, Some(false)).map_err(|e| e.to_string())?);
+        changes.sort_by(|a, b| a.profile.cmp(&b.profile));
+        let mut bytes = Vec::new();
+        write_rows(&mut bytes, format, kinds, &listed, false).map_err(|e| e.to_string())?;
+        let mut change_bytes = Vec::new();
+        write_rows(&mut change_bytes, format, kinds, &changes, true).map_err(|e| e.to_string())?;
+        // The changes first: a members file always has its changes.
+        write_atomically(&changes_file, &change_bytes)
+            .map_err(|e| format!("export {}: {e}", changes_file.display()))?;
+        written.push(changes_file);
+        write_atomically(&members_file, &bytes)
+            .map_err(|e| format!("export {}: {e}", members_file.display()))?;
+        written.push(members_file.clone());
+        Ok(Some(Exported {
+            segment: name,
+            members_file,
+            members: listed.len(),
+            entered,
+            exited: exits,
+        }))
+    }
 }
 
 /// Scheduled exports (`--export DIR --export-every D`): a thread that
