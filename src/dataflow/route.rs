@@ -362,17 +362,18 @@ impl Held {
     /// Holds an event's windowed items `(end, item)` (drained), one
     /// lookup per distinct end.
     fn hold_all(&mut self, items: &mut Vec<(Time, Item)>, id: Id, ends: &mut WindowEnds<Id>) {
-        items.sort_by_key(|(end, _)| *end);
-        let mut items = items.drain(..).peekable();
-        while let Some((end, item)) = items.next() {
+        // Latest end first (stable: an end's items keep their order), so
+        // that each end's run is drained from the back.
+        items.sort_by_key(|(end, _)| std::cmp::Reverse(*end));
+        while let Some(&(end, _)) = items.last() {
+            let start = items.partition_point(|(e, _)| *e > end);
             let group = self.windows.entry(end).or_insert_with(|| {
                 ends.push(end, id);
                 Vec::new()
             });
-            group.push(item);
-            while let Some((_, item)) = items.next_if(|(e, _)| *e == end) {
-                group.push(item);
-            }
+            // One allocation for the run (a window end usually holds
+            // several traits' items of the same event).
+            group.extend(items.drain(start..).map(|(_, item)| item));
         }
     }
 

@@ -1435,7 +1435,12 @@ fn fold<'a>(
     let mut last: Option<(Time, &Scalar)> = None;
     let mut least: Option<&Scalar> = None;
     let mut greatest: Option<&Scalar> = None;
-    // Only distinct and most frequent values need the values apart.
+    // Only what the aggregate reads is computed (a session's count scans
+    // every point of the session at each evaluation): the sum for sums
+    // and averages, the extremes for min and max, the values apart for
+    // distinct and most frequent values.
+    let sum_needed = matches!(aggregate, Aggregate::Sum | Aggregate::Avg);
+    let extremes_needed = matches!(aggregate, Aggregate::Min | Aggregate::Max);
     let by_value_needed = matches!(aggregate, Aggregate::Distinct | Aggregate::MostFrequent);
     let mut by_value: BTreeMap<&Scalar, isize> = BTreeMap::new();
     for (t, v, c) in points {
@@ -1443,16 +1448,20 @@ fn fold<'a>(
             continue;
         }
         n += c;
-        sum += num(v) * c as f64;
+        if sum_needed {
+            sum += num(v) * c as f64;
+        }
         if first.is_none() {
             first = Some((t, v));
         }
         last = Some((t, v));
-        if least.is_none_or(|l| v < l) {
-            least = Some(v);
-        }
-        if greatest.is_none_or(|g| v > g) {
-            greatest = Some(v);
+        if extremes_needed {
+            if least.is_none_or(|l| v < l) {
+                least = Some(v);
+            }
+            if greatest.is_none_or(|g| v > g) {
+                greatest = Some(v);
+            }
         }
         if by_value_needed {
             *by_value.entry(v).or_default() += c;
