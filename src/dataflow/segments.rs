@@ -344,6 +344,29 @@ struct Scratch {
     member: Vec<bool>,
     /// The memberships computed, sorted by segment.
     out: Vec<(u32, Time)>,
+    /// The profile's current sessions at the time it is evaluated.
+    sessions: SessionStarts,
+}
+
+/// Where each session trait's current session starts (the index of its
+/// first point, see [`session_start`]) in the points of the profile being
+/// evaluated, at the time it is evaluated: found once for the trait's
+/// value and its wake-up (the walk back through a long session was a
+/// fifth of the profile stage's point values). Cleared before each
+/// profile's evaluation, after its changes are applied.
+#[derive(Default)]
+struct SessionStarts(Vec<(u32, usize)>);
+
+impl SessionStarts {
+    /// The start of trait `i`'s current session in `points` at `now`.
+    fn of(&mut self, i: u32, points: &Points, gap: u64, max: u64, now: Time) -> usize {
+        if let Some(&(_, start)) = self.0.iter().find(|(t, _)| *t == i) {
+            return start;
+        }
+        let start = session_start(points, gap, max, now);
+        self.0.push((i, start));
+        start
+    }
 }
 
 /// The segments after a reload: `old` in their order (a changed one takes
@@ -623,6 +646,7 @@ pub fn evaluate<'s>(
                         known,
                         changed,
                         shown,
+                        sessions,
                         ..
                     } = &mut scratch;
                     touched.clear();
@@ -672,6 +696,7 @@ pub fn evaluate<'s>(
                         }
                     }
                     facts.tidy();
+                    sessions.0.clear();
                     touched.sort_unstable();
                     touched.dedup();
                     // The touched traits' values now, as conditions see
@@ -689,12 +714,12 @@ pub fn evaluate<'s>(
                         } else if spec.is_abelian() {
                             (abelian_value(spec, i, &facts.totals), None)
                         } else {
-                            facts.point_value(spec, i, time)
+                            facts.point_value(spec, i, time, sessions)
                         };
                         let new = if !has_facts {
                             Scalar::Null
                         } else if spec.aggregate.is_recency() {
-                            stored(facts.state_value(spec, i, time))
+                            stored(facts.state_value(spec, i, time, sessions))
                         } else {
                             stored(value.clone())
                         };
@@ -914,6 +939,15 @@ impl Points {
             q.push_front((point, c));
             return;
         }
+        // Points leave their windows oldest first: a retraction is
+        // usually of the front one.
+        if let Some(front) = q.front_mut().filter(|(k, _)| *k == point) {
+            front.1 += c;
+            if front.1 == 0 {
+                q.pop_front();
+            }
+            return;
+        }
         match q.binary_search_by(|(k, _)| k.cmp(&point)) {
             Ok(at) => {
                 q[at].1 += c;
@@ -1086,7 +1120,13 @@ impl ProfileFacts {
 
     /// The value of point trait `i` at `now` as conditions see it, and the
     /// count of a most frequent value.
-    fn point_value(&self, spec: &TraitSpec, i: u32, now: Time) -> (Scalar, Option<f64>) {
+    fn point_value(
+        &self,
+        spec: &TraitSpec,
+        i: u32,
+        now: Time,
+        sessions: &mut SessionStarts,
+    ) -> (Scalar, Option<f64>) {
         let Some(points) = self.points(i) else {
             return (empty_value(spec.aggregate), None);
         };
@@ -1097,7 +1137,8 @@ impl ProfileFacts {
             );
         }
         if let Window::Session { gap, max } = spec.window {
-            let session = current_session(points, gap, max, now);
+            let start = sessions.of(i, points, gap, max, now);
+            let session = session_from(points, start);
             return fold(spec.aggregate, session.map(|((t, v), c)| (*t, v, *c)), now);
         }
         match spec.aggregate {
@@ -1161,7 +1202,13 @@ impl ProfileFacts {
 
     /// The value of point trait `i` as the state holds it: that of
     /// conditions, but a recency's is the time of its event.
-    fn state_value(&self, spec: &TraitSpec, i: u32, now: Time) -> Scalar {
+    fn state_value(
+        &self,
+        spec: &TraitSpec,
+        i: u32,
+        now: Time,
+        sessions: &mut SessionStarts,
+    ) -> Scalar {
         let keys = || self.points(i).map(|p| p.keys());
         match spec.aggregate {
             Aggregate::SinceFirst => keys()
@@ -1170,7 +1217,7 @@ impl ProfileFacts {
             Aggregate::SinceLast => keys()
                 .and_then(|mut k| k.next_back().map(|(t, _)| Scalar::Num(*t as f64)))
                 .unwrap_or(Scalar::Null),
-            _ => self.point_value(spec, i, now).0,
+            _ => self.point_value(spec, i, now, sessions).0,
         }
     }
 
@@ -1194,6 +1241,7 @@ impl ProfileFacts {
             counts,
             member,
             out,
+            sessions,
             ..
         } = scratch;
         // The values the segments evaluated again read (the others stay
@@ -1225,7 +1273,7 @@ impl ProfileFacts {
             let (v, c) = if spec.is_abelian() {
                 (abelian_value(spec, i as u32, &self.totals), None)
             } else {
-                self.point_value(spec, i as u32, now)
+                self.point_value(spec, i as u32, now, sessions)
             };
             values[i] = v;
             counts[i] = c;
@@ -1330,7 +1378,8 @@ impl ProfileFacts {
                     soon(last.saturating_add(gap));
                 }
                 // The session's oldest counted point leaves the window.
-                if let Some(((first, _), _)) = current_session(points, gap, max, now).next() {
+                let start = sessions.of(i as u32, points, gap, max, now);
+                if let Some(((first, _), _)) = session_from(points, start).next() {
                     soon(first.saturating_add(max));
                 }
             } else if matches!(spec.aggregate, Aggregate::SinceFirst | Aggregate::SinceLast) {
@@ -1362,19 +1411,27 @@ fn empty_value(aggregate: Aggregate) -> Scalar {
     }
 }
 
-/// The points of the current session at `now` whose value is not null:
-/// the latest run of points in the window (`tick + max > now`) whose
-/// successive ticks are less than `gap` apart, if its last is less than
-/// `gap` before `now`. (Points that left the window may still be held: the
-/// route releases them later, see [`crate::dataflow::traits::hold_end`].)
+/// The points of the current session at `now` whose value is not null
+/// (see [`session_start`]).
+#[cfg(test)]
 fn current_session(
     points: &Points,
     gap: u64,
     max: u64,
     now: Time,
 ) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
+    session_from(points, session_start(points, gap, max, now))
+}
+
+/// The index in `points` of the first point of the current session at
+/// `now` (`points.len()`: no session): the latest run of points in the
+/// window (`tick + max > now`) whose successive ticks are less than `gap`
+/// apart, if its last is less than `gap` before `now`. (Points that left
+/// the window may still be held: the route releases them later, see
+/// [`crate::dataflow::traits::hold_end`].) Its points that count are
+/// those [`session_from`] gives.
+fn session_start(points: &Points, gap: u64, max: u64, now: Time) -> usize {
     let q = &points.0;
-    // The index of the session's first point (none: past the end).
     let mut start = q.len();
     if let Some(((last, _), _)) = q.back() {
         if now.saturating_sub(*last) < gap && last.saturating_add(max) > now {
@@ -1388,7 +1445,14 @@ fn current_session(
             }
         }
     }
-    q.range(start..)
+    start
+}
+
+/// The points from index `start` on whose value is not null.
+fn session_from(points: &Points, start: usize) -> impl Iterator<Item = (&(Time, Scalar), &isize)> {
+    points
+        .0
+        .range(start..)
         .map(|(k, c)| (k, c))
         .filter(|((_, v), _)| *v != Scalar::Null)
 }
@@ -1500,6 +1564,37 @@ mod tests {
 
     fn pts(list: &[(Time, Scalar, isize)]) -> Points {
         list.iter().map(|(t, v, c)| ((*t, v.clone()), *c)).collect()
+    }
+
+    #[test]
+    fn points_keep_their_order_and_counts_whichever_end_changes() {
+        let n = |x: f64| Scalar::Num(x);
+        let mut p = pts(&[(5, n(1.0), 2), (7, n(1.0), 1), (9, n(2.0), 1)]);
+        // The front point, partly then wholly retracted.
+        p.add((5, n(1.0)), -1);
+        assert_eq!(p, pts(&[(5, n(1.0), 1), (7, n(1.0), 1), (9, n(2.0), 1)]));
+        p.add((5, n(1.0)), -1);
+        assert_eq!(p, pts(&[(7, n(1.0), 1), (9, n(2.0), 1)]));
+        // Same tick, other value: before the front, then in the middle.
+        p.add((7, n(0.5)), 1);
+        p.add((8, n(3.0)), 1);
+        p.add((9, n(2.0)), -1);
+        let keys: Vec<_> = p.keys().cloned().collect();
+        assert_eq!(keys, vec![(7, n(0.5)), (7, n(1.0)), (8, n(3.0))]);
+    }
+
+    #[test]
+    fn a_session_start_is_found_once_per_trait_and_cleared_with_the_profile() {
+        let p = pts(&[(10, Scalar::Null, 1), (30, Scalar::Null, 1), (32, Scalar::Num(1.0), 1)]);
+        let mut starts = SessionStarts::default();
+        assert_eq!(starts.of(3, &p, 10, 1_000, 35), 1);
+        // Another profile's points under the same trait: the memo answers
+        // until it is cleared.
+        let other = pts(&[(34, Scalar::Num(1.0), 1)]);
+        assert_eq!(starts.of(3, &other, 10, 1_000, 35), 1);
+        starts.0.clear();
+        assert_eq!(starts.of(3, &other, 10, 1_000, 35), 0);
+        assert_eq!(session_from(&other, 0).count(), 1);
     }
 
     #[test]
