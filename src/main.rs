@@ -674,11 +674,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = thread.join();
         bar.finish_and_clear();
     }
+    // Open diff streams end with the run's error as their last event
+    // (`event: end`) when it fails.
+    let failed = |e: anyhow::Error| {
+        if let Some(live) = &live {
+            live.end_streams(segflow::serve::StreamEnd {
+                failed: true,
+                reason: format!("the run failed: {e:#}"),
+            });
+        }
+        e
+    };
     let summary = match result {
         Ok(summary) => summary,
         // `segflow run .. --output - | head`: the reader has what it wanted.
         Err(segflow::EngineError::OutputClosed) => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(failed(e.into())),
     };
     if let Some(schedule) = schedule {
         // The final state, exported once more; a failed export fails the
@@ -686,7 +697,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // finished.
         schedule
             .finish()
-            .map_err(|e| anyhow::anyhow!("audience export: {e}"))?;
+            .map_err(|e| failed(anyhow::anyhow!("audience export: {e}")))?;
     }
     if args.process == 0 {
         print_summary(&summary, to_stderr, args.json);
@@ -721,6 +732,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     _ => {}
                 }
             }
+        }
+        if let Some(live) = &live {
+            live.end_streams(segflow::serve::StreamEnd {
+                failed: false,
+                reason: "the engine was stopped (SIGTERM or Ctrl-C)".into(),
+            });
         }
         drop(server);
     }

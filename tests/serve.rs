@@ -595,6 +595,110 @@ content = "hello"
 state_dir = "state"
 "#;
 
+/// Opens the diff stream at `url` (on a thread of its own) and gives each
+/// of its messages as (event type, data); the channel closes when the
+/// stream does.
+fn open_stream(url: String) -> mpsc::Receiver<(String, Value)> {
+    let (events_tx, events) = mpsc::channel::<(String, Value)>();
+    std::thread::spawn(move || {
+        let resp = agent().get(&url).call().unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let reader = BufReader::new(resp.into_body().into_reader());
+        let mut kind = String::new();
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if let Some(k) = line.strip_prefix("event:") {
+                kind = k.trim().to_string();
+            } else if let Some(data) = line.strip_prefix("data:") {
+                let data = serde_json::from_str(data.trim()).unwrap();
+                if events_tx.send((kind.clone(), data)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    events
+}
+
+/// The messages of a stream until it closes (within `secs`).
+fn until_closed(events: &mpsc::Receiver<(String, Value)>, secs: u64) -> Vec<(String, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(e) => got.push(e),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return got,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the stream did not close within {secs} s; got {got:?}")
+            }
+        }
+    }
+}
+
+/// A run that fails (here a scheduled export with a file in its way) or is
+/// stopped ends its open diff streams with `event: end` and the reason,
+/// rather than cutting them without a word.
+#[test]
+fn open_streams_end_with_the_reason_when_the_run_fails_or_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("live.toml"), LIVE).unwrap();
+    std::fs::create_dir_all(dir.path().join("exports")).unwrap();
+    std::fs::write(dir.path().join("exports/viewer"), "in the way").unwrap();
+    let input = format!("web=tcp://127.0.0.1:{}", common::free_port());
+    // The first scheduled export comes 4 s after the start: the stream is
+    // open by then.
+    let mut run = Served::start(
+        dir.path(),
+        &[
+            "live.toml",
+            "--input",
+            &input,
+            "--export",
+            "exports",
+            "--export-every",
+            "4s",
+            "--export-segments",
+            "viewer",
+        ],
+    );
+    let events = open_stream(format!(
+        "{}/v1/diffs/stream?access_token={TOKEN}",
+        run.base
+    ));
+    let got = until_closed(&events, 60);
+    let (kind, end) = got.last().expect("an event before the stream closed");
+    assert_eq!(kind, "end", "{got:?}");
+    assert_eq!(end["failed"], true, "{end}");
+    let reason = end["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the run failed")
+            && reason.contains("audience export")
+            && reason.contains("is a file, not a directory"),
+        "{reason}"
+    );
+    let status = run.child().wait().unwrap();
+    assert!(!status.success(), "exit 0 after a failed export");
+
+    // Stopped: SIGTERM while a stream is open.
+    let (_dir, run, _) = start_live(LIVE, &[]);
+    let events = open_stream(format!(
+        "{}/v1/diffs/stream?access_token={TOKEN}",
+        run.base
+    ));
+    // Time for the stream to open (its request is on another thread).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(run.stop().success());
+    let got = until_closed(&events, 30);
+    let (kind, end) = got.last().expect("an event before the stream closed");
+    assert_eq!(kind, "end", "{got:?}");
+    assert_eq!(end["failed"], false, "{end}");
+    assert!(
+        end["reason"].as_str().unwrap().contains("SIGTERM"),
+        "{end}"
+    );
+}
+
 fn wall_ms() -> u64 {
     segflow::time::wall_clock_ms()
 }
@@ -758,25 +862,7 @@ fn a_live_lookup_sees_a_just_sent_event_and_the_stream_carries_the_entry() {
     // The stream, filtered to the visitor's identifier, opened first
     // (with the token as a query parameter, as a browser's EventSource).
     let stream_url = format!("{base}/v1/diffs/stream?id=anon:v1&access_token={TOKEN}");
-    // Each message as (event type, data).
-    let (events_tx, events) = mpsc::channel::<(String, Value)>();
-    std::thread::spawn(move || {
-        let resp = agent().get(&stream_url).call().unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let reader = BufReader::new(resp.into_body().into_reader());
-        let mut kind = String::new();
-        for line in reader.lines() {
-            let Ok(line) = line else { break };
-            if let Some(k) = line.strip_prefix("event:") {
-                kind = k.trim().to_string();
-            } else if let Some(data) = line.strip_prefix("data:") {
-                let data = serde_json::from_str(data.trim()).unwrap();
-                if events_tx.send((kind.clone(), data)).is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let events = open_stream(stream_url);
     let next = |what: &str| -> (String, Value) {
         events.recv_timeout(Duration::from_secs(20)).expect(what)
     };

@@ -41,6 +41,9 @@
     events.addEventListener("diff", later);
     // A merge moved the visitor to another profile.
     events.addEventListener("profile", later);
+    // segflow stopped serving (its last event says why): listen again
+    // later, for when it is back.
+    events.addEventListener("end", () => { events.close(); setTimeout(listen, 15000); });
     // The shop answers 503 while segflow is away: a browser does not try a
     // failed EventSource again by itself, so this does, every 15 s.
     events.onerror = () => {

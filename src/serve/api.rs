@@ -141,6 +141,9 @@ struct App {
 /// A running API server; dropping it stops it.
 pub struct Server {
     addr: std::net::SocketAddr,
+    live: Arc<Live>,
+    /// The diff streams' permits: all free once every stream has closed.
+    streams: Arc<Semaphore>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -157,11 +160,12 @@ impl Server {
         })?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let streams = Arc::new(Semaphore::new(MAX_STREAMS));
         let app = Arc::new(App {
-            live,
+            live: Arc::clone(&live),
             token: config.token.clone(),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
-            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            streams: Arc::clone(&streams),
         });
         let router = router(app);
         let (stop, stop_rx) = oneshot::channel::<()>();
@@ -188,6 +192,8 @@ impl Server {
             })?;
         Ok(Server {
             addr,
+            live,
+            streams,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -200,7 +206,20 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Ends the open diff streams with `event: end` (the reason given to
+    /// [`Live::end_streams`] before, or that the engine stopped serving),
+    /// waits up to a second for them to send it, then stops serving.
     fn drop(&mut self) {
+        self.live.end_streams(crate::serve::StreamEnd {
+            failed: false,
+            reason: "the engine stopped serving".into(),
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while self.streams.available_permits() < MAX_STREAMS
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -960,6 +979,14 @@ impl Filter {
     }
 }
 
+/// `event: end`: the stream's last event, `{"failed", "reason"}`: the
+/// engine stops serving (the run failed, or was stopped).
+fn end_event(why: &crate::serve::StreamEnd) -> Event {
+    Event::default()
+        .event("end")
+        .data(serde_json::to_string(why).unwrap_or_default())
+}
+
 /// `event: profile`: the profile an identifier belongs to and its
 /// segments (those of `in_segments`, the stream's filter) as of `time`
 /// (ms, inclusive): sent when an `?id=` stream opens and whenever the
@@ -1077,13 +1104,21 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
         current: None,
         announced_through: None,
     };
-    let first: std::collections::VecDeque<Event> = match (known, q.id.as_deref()) {
+    let mut first: std::collections::VecDeque<Event> = match (known, q.id.as_deref()) {
         (Some(p), _) => [filter.announce(&app.live, p)].into(),
         // Said at once, not met with a silent stream: the identifier has
         // no profile (yet), and how it was read.
         (None, Some(query)) => [no_profile_event(&app.live, query, &filter.ids)].into(),
         (None, None) => Default::default(),
     };
+    // Why the stream ends, once the engine stops serving: said in a last
+    // event, after the diffs already committed.
+    let mut end = app.live.streams_end();
+    let mut closing = false;
+    if let Some(why) = end.borrow_and_update().clone() {
+        first.push_back(end_event(&why));
+        closing = true;
+    }
     let live = Arc::clone(&app.live);
     // How often a followed identifier's profile is looked at between
     // diffs: a first profile, or a merge that changes no membership, has
@@ -1091,14 +1126,17 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
     let mut poll = tokio::time::interval(IDENTITY_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let events = futures_util::stream::unfold(
-        (rx, filter, live, permit, first, poll),
-        |(mut rx, mut filter, live, permit, mut queue, mut poll)| async move {
+        (rx, filter, live, permit, first, poll, end, closing),
+        |(mut rx, mut filter, live, permit, mut queue, mut poll, mut end, mut closing)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
                     return Some((
                         Ok::<Event, Infallible>(e),
-                        (rx, filter, live, permit, queue, poll),
+                        (rx, filter, live, permit, queue, poll, end, closing),
                     ));
+                }
+                if closing {
+                    return None;
                 }
                 let received = tokio::select! {
                     // Diffs first: a time's diffs are sent before its state
@@ -1106,6 +1144,17 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                     // its diffs queued already.
                     biased;
                     received = rx.recv() => received,
+                    changed = end.changed() => {
+                        // Without a reason (the engine's state is gone),
+                        // the stream just ends.
+                        if changed.is_ok() {
+                            if let Some(why) = end.borrow_and_update().clone() {
+                                queue.push_back(end_event(&why));
+                            }
+                        }
+                        closing = true;
+                        continue;
+                    }
                     _ = poll.tick(), if !filter.ids.is_empty() => {
                         if let Ok(Some((view, _))) = live.profile(&filter.ids) {
                             if filter.current.as_ref() != Some(&view.profile) {

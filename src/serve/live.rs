@@ -104,6 +104,17 @@ struct Index {
     applied_through: Option<Time>,
 }
 
+/// Why the diff streams end: the data of their last event, `event: end`
+/// (`{"failed": bool, "reason": "..."}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StreamEnd {
+    /// Whether the run failed (its exit is not 0); `false` when it was
+    /// stopped (SIGTERM, Ctrl-C) or the process ends otherwise.
+    pub failed: bool,
+    /// What happened, for people: the run's error when it failed.
+    pub reason: String,
+}
+
 /// The most changes kept per segment for exports of the changes since a
 /// time; older ones are dropped (asking for them is answered 410).
 pub const CHANGES_KEPT: usize = 1_000_000;
@@ -119,6 +130,8 @@ pub struct Live {
     index: RwLock<Index>,
     diffs: broadcast::Sender<Arc<Vec<SegmentDiff>>>,
     ended: AtomicBool,
+    /// Why the diff streams end, once the engine stops serving.
+    streams_end: tokio::sync::watch::Sender<Option<StreamEnd>>,
     metrics: Metrics,
     /// Whether memberships and changes are kept (serving, exports), or
     /// only counters (a progress bar).
@@ -140,6 +153,7 @@ impl Live {
             index: RwLock::new(Index::default()),
             diffs,
             ended: AtomicBool::new(false),
+            streams_end: tokio::sync::watch::channel(None).0,
             metrics: Metrics::new(),
             members_kept: true,
         })
@@ -370,6 +384,24 @@ impl Live {
     /// The run has ended: what is served is final.
     pub fn finish(&self) {
         self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends every open diff stream with `event: end` and `end` (why):
+    /// the engine stops serving. The first call's reason stands.
+    pub fn end_streams(&self, end: StreamEnd) {
+        self.streams_end.send_if_modified(|now| {
+            if now.is_some() {
+                return false;
+            }
+            *now = Some(end);
+            true
+        });
+    }
+
+    /// Why the diff streams end (`None` while they go on): watched by each
+    /// stream.
+    pub fn streams_end(&self) -> tokio::sync::watch::Receiver<Option<StreamEnd>> {
+        self.streams_end.subscribe()
     }
 
     /// A receiver of the diffs committed from now on, one message per

@@ -44,4 +44,4 @@ mod live;
 pub mod metrics;
 
 pub use api::{api_token, ServeConfig, Server, TokenOrigin};
-pub use live::{AsOf, Live, LookupError};
+pub use live::{AsOf, Live, LookupError, StreamEnd};
