@@ -604,6 +604,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // Once the API serves, a run that fails ends the open diff streams
+    // with its error as their last event (`event: end`).
+    let failed = {
+        let live = served.as_ref().and(live.clone());
+        move |e: anyhow::Error| {
+            if let Some(live) = &live {
+                live.end_streams(segflow::serve::StreamEnd {
+                    failed: true,
+                    reason: format!("the run failed: {e:#}"),
+                });
+            }
+            e
+        }
+    };
     let mut engine =
         // Every process of a cluster alike (they may share cores).
         Engine::new(spec.clone()).nice(args.engine_nice.unwrap_or(if args.http.is_some() {
@@ -614,11 +628,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut live = live;
     for item in &args.inputs {
         let (name, location) = item.split_once('=').ok_or_else(|| {
-            anyhow::anyhow!(
+            failed(anyhow::anyhow!(
                 "--input {item:?}: expected NAME=PATH, NAME=tcp://ADDR, NAME=http://ADDR or NAME=kafka://ADDR/TOPIC"
-            )
+            ))
         })?;
-        engine = engine.input_location(name, location)?;
+        engine = engine
+            .input_location(name, location)
+            .map_err(|e| failed(e.into()))?;
     }
     let mut to_stderr = false;
     if let Some(o) = &args.output {
@@ -647,9 +663,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         engine = engine.serve(Arc::clone(live));
     }
     engine = engine.reset(args.reset).definition_file(&args.dataflow);
-    let shutdown = watch_signals()?;
+    let shutdown = watch_signals().map_err(&failed)?;
     let connect_timeout = segflow::spec::parse_duration_ms(&args.connect_timeout)
-        .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;
+        .map_err(|e| failed(anyhow::anyhow!("--connect-timeout: {e}")))?;
     let engine = engine
         .shutdown_on(Arc::clone(&shutdown))
         .connect_timeout(std::time::Duration::from_millis(connect_timeout));
@@ -661,7 +677,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             args.export_segments.clone(),
             *format,
             Arc::clone(&shutdown),
-        )?),
+        )
+        .map_err(|e| failed(e.into()))?),
         _ => None,
     };
     let bar = match (progress_total, &live) {
@@ -674,17 +691,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = thread.join();
         bar.finish_and_clear();
     }
-    // Open diff streams end with the run's error as their last event
-    // (`event: end`) when it fails.
-    let failed = |e: anyhow::Error| {
-        if let Some(live) = &live {
-            live.end_streams(segflow::serve::StreamEnd {
-                failed: true,
-                reason: format!("the run failed: {e:#}"),
-            });
-        }
-        e
-    };
     let summary = match result {
         Ok(summary) => summary,
         // `segflow run .. --output - | head`: the reader has what it wanted.

@@ -662,10 +662,17 @@ fn open_streams_end_with_the_reason_when_the_run_fails_or_is_stopped() {
             "viewer",
         ],
     );
+    // An `?id=` stream says at once that it is open (`event: profile`),
+    // once the state can be read.
+    poll(&run.base, "/v1/profiles/anon:nobody", 30, |s, _| s != 503);
     let events = open_stream(format!(
-        "{}/v1/diffs/stream?access_token={TOKEN}",
+        "{}/v1/diffs/stream?id=anon:nobody&access_token={TOKEN}",
         run.base
     ));
+    let (kind, _) = events
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream's first event");
+    assert_eq!(kind, "profile");
     let got = until_closed(&events, 60);
     let (kind, end) = got.last().expect("an event before the stream closed");
     assert_eq!(kind, "end", "{got:?}");
@@ -682,12 +689,17 @@ fn open_streams_end_with_the_reason_when_the_run_fails_or_is_stopped() {
 
     // Stopped: SIGTERM while a stream is open.
     let (_dir, run, _) = start_live(LIVE, &[]);
+    // An `?id=` stream says at once that it is open (`event: profile`),
+    // once the state can be read.
+    poll(&run.base, "/v1/profiles/anon:nobody", 30, |s, _| s != 503);
     let events = open_stream(format!(
-        "{}/v1/diffs/stream?access_token={TOKEN}",
+        "{}/v1/diffs/stream?id=anon:nobody&access_token={TOKEN}",
         run.base
     ));
-    // Time for the stream to open (its request is on another thread).
-    std::thread::sleep(Duration::from_millis(500));
+    let (kind, _) = events
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream's first event");
+    assert_eq!(kind, "profile");
     assert!(run.stop().success());
     let got = until_closed(&events, 30);
     let (kind, end) = got.last().expect("an event before the stream closed");

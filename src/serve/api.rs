@@ -1144,13 +1144,11 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                     // its diffs queued already.
                     biased;
                     received = rx.recv() => received,
-                    changed = end.changed() => {
-                        // Without a reason (the engine's state is gone),
-                        // the stream just ends.
-                        if changed.is_ok() {
-                            if let Some(why) = end.borrow_and_update().clone() {
-                                queue.push_back(end_event(&why));
-                            }
+                    _ = end.changed() => {
+                        // (The sender lives in `live`, which the stream
+                        // holds: it is never dropped first.)
+                        if let Some(why) = end.borrow_and_update().clone() {
+                            queue.push_back(end_event(&why));
                         }
                         closing = true;
                         continue;
@@ -1179,8 +1177,11 @@ async fn stream(State(app): State<Arc<App>>, Query(q): Query<StreamQuery>) -> Re
                         } else {
                             let time = diffs.first().map_or(0, |d| d.time);
                             let waiting = tokio::time::Instant::now();
+                            // Not past the engine's stop (the server waits
+                            // a second for streams to end).
                             while !live.state_holds(time)
                                 && waiting.elapsed() < Duration::from_secs(2)
+                                && end.borrow().is_none()
                             {
                                 tokio::time::sleep(Duration::from_millis(2)).await;
                             }
