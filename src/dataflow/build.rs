@@ -274,7 +274,9 @@ fn retain_items(
     tick_ms: u64,
     out: &mut impl FnMut((Retained, Time, isize)),
 ) {
-    let mut windowed = Vec::new();
+    // About 3 bytes for an amount's item, more for a point's value:
+    // reserved once, not grown byte by byte as the encoder writes.
+    let mut windowed = Vec::with_capacity(8 * items.len());
     let mut last_end = 0;
     let mut hold_ends = traits::HoldEnds::new(specs, tick, tz, tick_ms);
     for item in items {
