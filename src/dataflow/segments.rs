@@ -1028,6 +1028,19 @@ fn upsert<V>(slice: &mut Box<[(u32, V)]>, key: u32, new: impl FnOnce() -> V) -> 
     &mut slice[at].1
 }
 
+/// [`upsert`] on a sorted vector (several insertions, then one boxed
+/// slice of the right size).
+fn upsert_vec<V>(v: &mut Vec<(u32, V)>, key: u32, new: impl FnOnce() -> V) -> &mut V {
+    let at = match v.binary_search_by_key(&key, |(k, _)| *k) {
+        Ok(at) => at,
+        Err(at) => {
+            v.insert(at, (key, new()));
+            at
+        }
+    };
+    &mut v[at].1
+}
+
 /// Removes the entries of a boxed slice that `keep` rejects.
 fn retain<T>(slice: &mut Box<[T]>, keep: impl FnMut(&T) -> bool) {
     let mut v = std::mem::take(slice).into_vec();
@@ -1040,16 +1053,23 @@ impl ProfileFacts {
         match change {
             Change::Exists(r) => self.exists += r,
             Change::Items(items, r) => {
+                // As vectors while the items apply: a new profile gains
+                // many slots at once, each of which would reallocate the
+                // boxed slice.
+                let mut totals = std::mem::take(&mut self.totals).into_vec();
+                let mut points = std::mem::take(&mut self.points).into_vec();
                 for item in items {
                     match item {
                         Item::Amount(slot, change) => {
-                            *upsert(&mut self.totals, slot, || 0) += change * r as Total
+                            *upsert_vec(&mut totals, slot, || 0) += change * r as Total
                         }
                         Item::Point(index, point, c) => {
-                            upsert(&mut self.points, index, Points::new).add(point, c * r);
+                            upsert_vec(&mut points, index, Points::new).add(point, c * r);
                         }
                     }
                 }
+                self.totals = totals.into_boxed_slice();
+                self.points = points.into_boxed_slice();
             }
             Change::Attrs(a, r) => match self.attrs.iter_mut().find(|(x, _)| *x == a) {
                 Some((_, count)) => *count += r,
